@@ -1,0 +1,441 @@
+//! Pipeline configuration (`ward.toml`): where the warehouse is, the
+//! measurement period, and the sources to load.
+//!
+//! Relative paths are resolved against the directory of the config file.
+//! Unknown keys and bad values are [`WardError::Config`] errors naming the
+//! file, line, column and key.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use chrono::NaiveDate;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::error::{Result, WardError};
+
+/// A checked pipeline configuration.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// The config file this was read from.
+    pub path: PathBuf,
+    /// Root of the warehouse (`staging/`, `rejects/`, `state/`, ...).
+    pub warehouse: PathBuf,
+    /// The measurement period measures are computed for, when set.
+    pub measurement_period: Option<Period>,
+    /// Dates after this day are rejected as being in the future; `None`
+    /// means the day the run starts.
+    pub as_of: Option<NaiveDate>,
+    /// The providers to load, in config order.
+    pub sources: Vec<SourceConfig>,
+}
+
+/// An inclusive range of days.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Period {
+    pub start: NaiveDate,
+    pub end: NaiveDate,
+}
+
+/// The formats a source can be delivered in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceFormat {
+    /// Delimited text in the provider's own layout, described by a mapping.
+    Csv,
+}
+
+/// One provider's extract.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// Provider name: lowercase letters, digits, `_` and `-`; used in paths.
+    pub name: String,
+    pub format: SourceFormat,
+    /// Absolute glob of the input files (a directory means every file in it).
+    pub pattern: String,
+    /// Absolute path of the mapping file (CSV sources).
+    pub mapping: PathBuf,
+}
+
+impl SourceConfig {
+    /// The input files of this source, sorted; an error when none match.
+    pub fn input_files(&self) -> Result<Vec<PathBuf>> {
+        let paths = glob::glob(&self.pattern).map_err(|e| WardError::NoInput {
+            source_name: self.name.clone(),
+            pattern: format!("{} ({e})", self.pattern),
+        })?;
+        let mut files = Vec::new();
+        for entry in paths {
+            let path = entry
+                .map_err(|e| WardError::io("cannot read", e.path().to_path_buf(), e.into()))?;
+            if path.is_file() {
+                files.push(path);
+            }
+        }
+        files.sort();
+        if files.is_empty() {
+            return Err(WardError::NoInput {
+                source_name: self.name.clone(),
+                pattern: self.pattern.clone(),
+            });
+        }
+        Ok(files)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    warehouse: Spanned<String>,
+    measurement_period: Option<Spanned<RawPeriod>>,
+    #[serde(default)]
+    ingest: RawIngest,
+    sources: Option<Spanned<Vec<RawSource>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeriod {
+    #[serde(deserialize_with = "de_date")]
+    start: NaiveDate,
+    #[serde(deserialize_with = "de_date")]
+    end: NaiveDate,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawIngest {
+    #[serde(default, deserialize_with = "de_opt_date")]
+    as_of: Option<NaiveDate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: Spanned<String>,
+    format: SourceFormat,
+    path: Spanned<String>,
+    mapping: Option<Spanned<String>>,
+}
+
+impl PipelineConfig {
+    /// Reads and checks a pipeline config file.
+    pub fn load(path: &Path) -> Result<PipelineConfig> {
+        let (raw, text): (RawConfig, String) = load_toml(path)?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let err = |span: Range<usize>, key: &str, message: String| {
+            config_error(path, &text, Some(span), Some(key), message)
+        };
+
+        let measurement_period = match raw.measurement_period {
+            Some(p) => {
+                let span = p.span();
+                let p = p.into_inner();
+                if p.start > p.end {
+                    return Err(err(span, "measurement_period", "start is after end".into()));
+                }
+                Some(Period {
+                    start: p.start,
+                    end: p.end,
+                })
+            }
+            None => None,
+        };
+
+        let raw_sources = match raw.sources {
+            Some(s) if !s.get_ref().is_empty() => s.into_inner(),
+            other => {
+                let span = other.map(|s| s.span());
+                return Err(config_error(
+                    path,
+                    &text,
+                    span,
+                    Some("sources"),
+                    "at least one [[sources]] entry is required".into(),
+                ));
+            }
+        };
+        let mut sources: Vec<SourceConfig> = Vec::new();
+        for s in raw_sources {
+            let name = s.name.get_ref().clone();
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+            {
+                return Err(err(
+                    s.name.span(),
+                    "sources.name",
+                    "source names use only a-z, 0-9, '_' and '-' (they name directories)".into(),
+                ));
+            }
+            if sources.iter().any(|o| o.name == name) {
+                return Err(err(
+                    s.name.span(),
+                    "sources.name",
+                    format!("duplicate source name '{name}'"),
+                ));
+            }
+            let mapping = match (s.format, &s.mapping) {
+                (SourceFormat::Csv, Some(m)) => base.join(m.get_ref()),
+                (SourceFormat::Csv, None) => {
+                    return Err(err(
+                        s.name.span(),
+                        "sources.mapping",
+                        format!("source '{name}' has format csv and needs a mapping file"),
+                    ));
+                }
+            };
+            let mut pattern = base.join(s.path.get_ref());
+            if pattern.is_dir() {
+                pattern = pattern.join("*");
+            }
+            sources.push(SourceConfig {
+                name,
+                format: s.format,
+                pattern: pattern.to_string_lossy().into_owned(),
+                mapping,
+            });
+        }
+
+        Ok(PipelineConfig {
+            path: path.to_path_buf(),
+            warehouse: base.join(raw.warehouse.get_ref()),
+            measurement_period,
+            as_of: raw.ingest.as_of,
+            sources,
+        })
+    }
+}
+
+/// Reads a TOML file into `T`, turning parse and type errors into
+/// [`WardError::Config`] with line, column and key. Returns the text as well,
+/// so callers can locate semantic errors found later.
+pub(crate) fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<(T, String)> {
+    let bytes = std::fs::read(path).map_err(|e| WardError::io("cannot read", path, e))?;
+    let text = String::from_utf8(bytes).map_err(|e| WardError::Config {
+        path: path.to_path_buf(),
+        line: None,
+        column: None,
+        key: None,
+        message: format!("not valid UTF-8 (byte {})", e.utf8_error().valid_up_to()),
+    })?;
+    match toml::from_str::<T>(&text) {
+        Ok(v) => Ok((v, text)),
+        Err(e) => {
+            let key = e.span().and_then(|s| key_at(&text, s));
+            Err(config_error(
+                path,
+                &text,
+                e.span(),
+                key.as_deref(),
+                e.message().trim().to_string(),
+            ))
+        }
+    }
+}
+
+/// Builds a config error located at `span` (a byte range of `text`).
+pub(crate) fn config_error(
+    path: &Path,
+    text: &str,
+    span: Option<Range<usize>>,
+    key: Option<&str>,
+    message: String,
+) -> WardError {
+    let (line, column) = match span {
+        Some(s) => {
+            let (l, c) = line_col(text, s.start);
+            (Some(l), Some(c))
+        }
+        None => (None, None),
+    };
+    WardError::Config {
+        path: path.to_path_buf(),
+        line,
+        column,
+        key: key.map(str::to_string),
+        message,
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text.as_bytes()[..offset];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |p| p + 1);
+    (line, offset - line_start + 1)
+}
+
+/// The bare key that a span points at, if it points at one.
+fn key_at(text: &str, span: Range<usize>) -> Option<String> {
+    let s = text.get(span)?.trim().trim_matches('"');
+    let is_key = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    is_key.then(|| s.to_string())
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DateValue {
+    Native(toml::value::Datetime),
+    Text(String),
+}
+
+fn to_date<E: serde::de::Error>(v: DateValue) -> std::result::Result<NaiveDate, E> {
+    let text = match v {
+        DateValue::Native(d) => match (d.date, d.time) {
+            (Some(date), None) => {
+                return NaiveDate::from_ymd_opt(
+                    date.year as i32,
+                    date.month as u32,
+                    date.day as u32,
+                )
+                .ok_or_else(|| E::custom("invalid date"));
+            }
+            _ => return Err(E::custom("expected a date (YYYY-MM-DD) without time")),
+        },
+        DateValue::Text(s) => s,
+    };
+    NaiveDate::parse_from_str(&text, "%Y-%m-%d")
+        .map_err(|_| E::custom(format!("'{text}' is not a date (YYYY-MM-DD)")))
+}
+
+fn de_date<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<NaiveDate, D::Error> {
+    to_date(DateValue::deserialize(d)?)
+}
+
+fn de_opt_date<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<NaiveDate>, D::Error> {
+    Option::<DateValue>::deserialize(d)?
+        .map(to_date)
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const GOOD: &str = r#"
+warehouse = "wh"
+measurement_period = { start = 2025-01-01, end = "2025-12-31" }
+
+[ingest]
+as_of = 2026-01-15
+
+[[sources]]
+name = "clinic"
+format = "csv"
+path = "data/*.csv"
+mapping = "map.toml"
+"#;
+
+    #[test]
+    fn loads_and_resolves_paths_against_the_config_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "ward.toml", GOOD);
+        let c = PipelineConfig::load(&p).unwrap();
+        assert_eq!(c.warehouse, dir.path().join("wh"));
+        assert_eq!(
+            c.measurement_period.unwrap().end,
+            NaiveDate::from_ymd_opt(2025, 12, 31).unwrap()
+        );
+        assert_eq!(c.as_of, NaiveDate::from_ymd_opt(2026, 1, 15));
+        assert_eq!(c.sources[0].mapping, dir.path().join("map.toml"));
+        assert!(c.sources[0].pattern.ends_with("data/*.csv"));
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "ward.toml",
+            &GOOD.replace("format = \"csv\"", "format = \"csv\"\nfromat = 1"),
+        );
+        let e = PipelineConfig::load(&p).unwrap_err();
+        match &e {
+            WardError::Config {
+                line, key, message, ..
+            } => {
+                assert_eq!(*line, Some(11), "{e}");
+                assert_eq!(key.as_deref(), Some("fromat"));
+                assert!(message.contains("unknown field"), "{message}");
+            }
+            other => panic!("unexpected {other}"),
+        }
+        assert!(e.to_string().contains("ward.toml:11:"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_located() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, line, needle) in [
+            (GOOD.replace("\"csv\"", "\"xls\""), 10, "unknown variant"),
+            (
+                GOOD.replace("2025-12-31", "2024-12-31"),
+                3,
+                "start is after end",
+            ),
+            (GOOD.replace("\"clinic\"", "\"Clinic A\""), 9, "a-z"),
+            (
+                GOOD.replace("as_of = 2026-01-15", "as_of = \"15/01/2026\""),
+                6,
+                "not a date",
+            ),
+            ("warehouse = \"wh\"\n[[sources]\n".to_string(), 2, ""),
+        ] {
+            let p = write(dir.path(), "ward.toml", &text);
+            match PipelineConfig::load(&p).unwrap_err() {
+                WardError::Config {
+                    line: l, message, ..
+                } => {
+                    assert_eq!(l, Some(line), "{message}");
+                    assert!(message.contains(needle), "{message}");
+                }
+                other => panic!("unexpected {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn missing_sources_and_mapping_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "ward.toml", "warehouse = \"wh\"\n");
+        assert!(PipelineConfig::load(&p).unwrap_err().is_config_error());
+        let p = write(
+            dir.path(),
+            "ward.toml",
+            &GOOD.replace("mapping = \"map.toml\"", ""),
+        );
+        let e = PipelineConfig::load(&p).unwrap_err();
+        assert!(e.to_string().contains("needs a mapping"), "{e}");
+    }
+
+    #[test]
+    fn glob_matching_nothing_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "ward.toml", GOOD);
+        let c = PipelineConfig::load(&p).unwrap();
+        let e = c.sources[0].input_files().unwrap_err();
+        assert!(matches!(e, WardError::NoInput { .. }));
+        assert!(e.to_string().contains("clinic"), "{e}");
+    }
+}

@@ -1,0 +1,638 @@
+//! The ingest stage: provider extracts → validated, normalized staging
+//! Parquet, with a reject row for every refused record.
+//!
+//! Files are processed in parallel (rayon), patient files first, because
+//! facts are checked against the source's accepted patients (unknown patient,
+//! dates before birth). Each input file becomes one batch; the ingest state
+//! remembers which file content produced which batch, so a re-run loads only
+//! new or changed files and a changed file replaces its own batch.
+
+pub mod csv;
+pub mod normalize;
+pub mod rows;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::NaiveDate;
+use datafusion::arrow::array::{
+    Array, Date32Array, RecordBatch, StringArray, StringBuilder, UInt64Builder,
+};
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use indicatif::ProgressBar;
+use rayon::prelude::*;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::config::{PipelineConfig, SourceConfig};
+use crate::error::{Result, WardError};
+use crate::mapping::{CsvMapping, FileMapping};
+use crate::schema::{Table, rejects_schema};
+use crate::warehouse::{FileState, IngestState, Warehouse};
+use rows::{RejectRow, RowContext};
+
+/// How ingest runs.
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    /// Dates after this day are rejected as `future_date`.
+    pub today: NaiveDate,
+    /// Check every file against its mapping and report, writing nothing.
+    pub dry_run: bool,
+}
+
+/// What happened to one input file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileStatus {
+    /// Read, mapped and (unless a dry run) published.
+    Loaded,
+    /// Same content, mapping and patients as already loaded: nothing to do.
+    Unchanged,
+    /// Same content as another file of the source that is already loaded.
+    Duplicate,
+    /// No entry of the source's mapping matches the file name.
+    Unmapped,
+    /// The file could not be loaded as a whole (see `detail`).
+    Failed,
+}
+
+/// The outcome of one input file.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileReport {
+    pub source: String,
+    /// Path relative to the source's folder.
+    pub file: String,
+    pub table: Option<&'static str>,
+    pub status: FileStatus,
+    /// Why a file failed, or which file it duplicates.
+    pub detail: Option<String>,
+    pub rows_read: u64,
+    pub rows_accepted: u64,
+    pub rows_rejected: u64,
+    /// Rejected rows per rule (first failing rule of each row).
+    pub rejects_by_rule: BTreeMap<String, u64>,
+}
+
+/// A whole source that could not be read (e.g. its glob matched nothing).
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceFailure {
+    pub source: String,
+    pub message: String,
+}
+
+/// The outcome of an ingest run.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct IngestReport {
+    pub files: Vec<FileReport>,
+    pub source_failures: Vec<SourceFailure>,
+    /// Files left by an interrupted run and removed at start.
+    pub orphans_removed: usize,
+}
+
+impl IngestReport {
+    /// Messages of everything that failed, files and sources.
+    pub fn failures(&self) -> Vec<String> {
+        self.source_failures
+            .iter()
+            .map(|f| f.message.clone())
+            .chain(
+                self.files
+                    .iter()
+                    .filter(|f| f.status == FileStatus::Failed)
+                    .map(|f| f.detail.clone().unwrap_or_default()),
+            )
+            .collect()
+    }
+
+    /// Turns failures into an error, for callers that must fail the run.
+    pub fn into_result(self) -> Result<IngestReport> {
+        let failures = self.failures();
+        match failures.first() {
+            None => Ok(self),
+            Some(first) => Err(WardError::FilesFailed {
+                failed: failures.len(),
+                total: self.files.len() + self.source_failures.len(),
+                first: first.clone(),
+            }),
+        }
+    }
+}
+
+/// One input file and what to do with it.
+struct Input<'a> {
+    source: &'a SourceConfig,
+    mapping: &'a CsvMapping,
+    entry: &'a FileMapping,
+    path: PathBuf,
+    rel: String,
+    sha256: String,
+}
+
+/// A file mapped in this run.
+struct Loaded {
+    batch: RecordBatch,
+    rejects: Vec<RejectRow>,
+    read: u64,
+}
+
+/// Runs ingest for every source of `config`.
+pub fn ingest(
+    config: &PipelineConfig,
+    opts: &IngestOptions,
+    progress: &ProgressBar,
+) -> Result<IngestReport> {
+    let wh = Warehouse::new(&config.warehouse);
+    let mut report = IngestReport::default();
+    let mut state = if opts.dry_run {
+        IngestState::default()
+    } else {
+        wh.load_state()?
+    };
+    if !opts.dry_run {
+        report.orphans_removed = wh.remove_unlisted(&state)?;
+        if report.orphans_removed > 0 {
+            tracing::warn!(
+                files = report.orphans_removed,
+                "removed files left by an interrupted run"
+            );
+        }
+    }
+
+    let mappings: Vec<CsvMapping> = config
+        .sources
+        .iter()
+        .map(|s| CsvMapping::load(&s.mapping))
+        .collect::<Result<_>>()?;
+
+    // Hash every input file of every source.
+    let mut candidates = Vec::new();
+    for (source, mapping) in config.sources.iter().zip(&mappings) {
+        match source.input_files() {
+            Ok(files) => candidates.extend(files.into_iter().map(|p| (source, mapping, p))),
+            Err(e) => {
+                tracing::error!(source = %source.name, "{e}");
+                report.source_failures.push(SourceFailure {
+                    source: source.name.clone(),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    let hashed: Vec<_> = candidates
+        .into_par_iter()
+        .map(|(source, mapping, path)| {
+            let sha = sha256_file(&path);
+            (source, mapping, path, sha)
+        })
+        .collect();
+
+    // Classify: unmapped, duplicate delivery, or a file to consider.
+    let mut inputs: Vec<Input> = Vec::new();
+    for (source, mapping, path, sha) in hashed {
+        let rel = relative_name(source, &path);
+        let file_report =
+            |status, detail: Option<String>, table: Option<&'static str>| FileReport {
+                source: source.name.clone(),
+                file: rel.clone(),
+                table,
+                status,
+                detail,
+                rows_read: 0,
+                rows_accepted: 0,
+                rows_rejected: 0,
+                rejects_by_rule: BTreeMap::new(),
+            };
+        let sha = match sha {
+            Ok(s) => s,
+            Err(e) => {
+                report
+                    .files
+                    .push(file_report(FileStatus::Failed, Some(e.to_string()), None));
+                continue;
+            }
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Some(entry) = mapping.entry_for(&name) else {
+            tracing::warn!(source = %source.name, file = %rel, "no mapping entry matches this file; skipped");
+            report
+                .files
+                .push(file_report(FileStatus::Unmapped, None, None));
+            continue;
+        };
+        let known = state.sources.get(&source.name);
+        let twin = known
+            .into_iter()
+            .flatten()
+            .find(|(other, f)| **other != rel && f.sha256 == sha)
+            .map(|(other, _)| other.clone())
+            .or_else(|| {
+                inputs
+                    .iter()
+                    .find(|i| i.source.name == source.name && i.sha256 == sha)
+                    .map(|i| i.rel.clone())
+            });
+        if let Some(twin) = twin {
+            tracing::info!(source = %source.name, file = %rel, same_as = %twin, "same content as a loaded file; skipped");
+            report.files.push(file_report(
+                FileStatus::Duplicate,
+                Some(format!("same content as {twin}")),
+                Some(entry.table.name()),
+            ));
+            continue;
+        }
+        inputs.push(Input {
+            source,
+            mapping,
+            entry,
+            path,
+            rel,
+            sha256: sha,
+        });
+    }
+
+    let needs_load = |state: &IngestState, input: &Input, fingerprint: Option<&String>| {
+        opts.dry_run
+            || state
+                .sources
+                .get(&input.source.name)
+                .and_then(|files| files.get(&input.rel))
+                .is_none_or(|f| {
+                    f.sha256 != input.sha256
+                        || f.mapping_sha256 != input.mapping.hash
+                        || f.patients_fingerprint.as_ref() != fingerprint
+                })
+    };
+    let (patient_inputs, fact_inputs): (Vec<&Input>, Vec<&Input>) =
+        inputs.iter().partition(|i| i.entry.table == Table::Patient);
+    let to_load: Vec<&Input> = patient_inputs
+        .iter()
+        .copied()
+        .filter(|i| needs_load(&state, i, None))
+        .collect();
+    progress.set_length(to_load.len() as u64);
+
+    // Phase 1: patients.
+    let ctx_today = opts.today;
+    let patient_results = load_all(&to_load, ctx_today, &HashMap::new(), progress);
+
+    // Patient lookups and fingerprints per source.
+    let mut lookups: HashMap<String, HashMap<String, NaiveDate>> = HashMap::new();
+    let mut fingerprints: HashMap<String, String> = HashMap::new();
+    for source in &config.sources {
+        let mut files: BTreeMap<String, String> = state
+            .sources
+            .get(&source.name)
+            .into_iter()
+            .flatten()
+            .filter(|(_, f)| f.table == Table::Patient.name())
+            .map(|(rel, f)| (rel.clone(), f.sha256.clone()))
+            .collect();
+        let mut lookup = HashMap::new();
+        let fresh: Vec<_> = patient_results
+            .iter()
+            .filter(|(i, _)| i.source.name == source.name)
+            .collect();
+        if !opts.dry_run {
+            // Unchanged (or failed-to-reload) patient files: their birth dates come from staging.
+            for (rel, f) in state.sources.get(&source.name).into_iter().flatten() {
+                if f.table == Table::Patient.name()
+                    && !fresh.iter().any(|(i, r)| i.rel == *rel && r.is_ok())
+                {
+                    for out in f.outputs.iter().filter(|o| o.starts_with("staging/")) {
+                        read_birth_dates(&wh.root().join(out), &mut lookup)?;
+                    }
+                }
+            }
+        }
+        for (input, result) in &fresh {
+            if let Ok(loaded) = result {
+                files.insert(input.rel.clone(), input.sha256.clone());
+                add_birth_dates(&loaded.batch, &mut lookup);
+            }
+        }
+        if !files.is_empty() {
+            let mut h = Sha256::new();
+            for (rel, sha) in &files {
+                h.update(rel.as_bytes());
+                h.update([0]);
+                h.update(sha.as_bytes());
+                h.update([0]);
+            }
+            fingerprints.insert(source.name.clone(), hex::encode(h.finalize()));
+            lookups.insert(source.name.clone(), lookup);
+        }
+    }
+
+    // Phase 2: facts, checked against the patients.
+    let fact_load: Vec<&Input> = fact_inputs
+        .iter()
+        .copied()
+        .filter(|i| needs_load(&state, i, fingerprints.get(&i.source.name)))
+        .collect();
+    progress.set_length((to_load.len() + fact_load.len()) as u64);
+    let fact_results = load_all(&fact_load, ctx_today, &lookups, progress);
+
+    // Report and publish.
+    let loaded_names: Vec<(&str, &str)> = to_load
+        .iter()
+        .chain(&fact_load)
+        .map(|i| (i.source.name.as_str(), i.rel.as_str()))
+        .collect();
+    for input in &inputs {
+        if !loaded_names.contains(&(input.source.name.as_str(), input.rel.as_str())) {
+            let f = &state.sources[&input.source.name][&input.rel];
+            tracing::debug!(source = %input.source.name, file = %input.rel, "unchanged");
+            report.files.push(FileReport {
+                source: input.source.name.clone(),
+                file: input.rel.clone(),
+                table: Some(input.entry.table.name()),
+                status: FileStatus::Unchanged,
+                detail: None,
+                rows_read: f.rows_read,
+                rows_accepted: f.rows_accepted,
+                rows_rejected: f.rows_rejected,
+                rejects_by_rule: BTreeMap::new(),
+            });
+        }
+    }
+    let mut superseded = std::mem::take(&mut state.superseded);
+    for (input, result) in patient_results.into_iter().chain(fact_results) {
+        let fingerprint = (input.entry.table != Table::Patient)
+            .then(|| fingerprints.get(&input.source.name).cloned())
+            .flatten();
+        let mut file_report = FileReport {
+            source: input.source.name.clone(),
+            file: input.rel.clone(),
+            table: Some(input.entry.table.name()),
+            status: FileStatus::Loaded,
+            detail: None,
+            rows_read: 0,
+            rows_accepted: 0,
+            rows_rejected: 0,
+            rejects_by_rule: BTreeMap::new(),
+        };
+        match result {
+            Err(e) => {
+                tracing::error!(source = %input.source.name, file = %input.rel, "{e}");
+                file_report.status = FileStatus::Failed;
+                file_report.detail = Some(e.to_string());
+            }
+            Ok(loaded) => {
+                file_report.rows_read = loaded.read;
+                file_report.rows_accepted = loaded.batch.num_rows() as u64;
+                file_report.rows_rejected = loaded.rejects.len() as u64;
+                for r in &loaded.rejects {
+                    *file_report
+                        .rejects_by_rule
+                        .entry(r.rule.to_string())
+                        .or_default() += 1;
+                }
+                tracing::info!(
+                    source = %input.source.name,
+                    file = %input.rel,
+                    table = input.entry.table.name(),
+                    read = loaded.read,
+                    accepted = file_report.rows_accepted,
+                    rejected = file_report.rows_rejected,
+                    "mapped"
+                );
+                if !opts.dry_run {
+                    let new = publish(&wh, input, &loaded, fingerprint)?;
+                    let files = state.sources.entry(input.source.name.clone()).or_default();
+                    if let Some(old) = files.insert(input.rel.clone(), new) {
+                        let current = &files[&input.rel].outputs;
+                        superseded.extend(old.outputs.into_iter().filter(|o| !current.contains(o)));
+                    }
+                }
+            }
+        }
+        report.files.push(file_report);
+    }
+    if !opts.dry_run && (!loaded_names.is_empty() || !superseded.is_empty()) {
+        wh.save_state(&state)?;
+        wh.remove(&superseded)?;
+    }
+    report
+        .files
+        .sort_by(|a, b| (&a.source, &a.file).cmp(&(&b.source, &b.file)));
+    Ok(report)
+}
+
+/// Maps a set of files in parallel.
+fn load_all<'a>(
+    inputs: &[&'a Input<'a>],
+    today: NaiveDate,
+    lookups: &HashMap<String, HashMap<String, NaiveDate>>,
+    progress: &ProgressBar,
+) -> Vec<(&'a Input<'a>, Result<Loaded>)> {
+    inputs
+        .par_iter()
+        .map(|input| {
+            let result = load_file(input, today, lookups.get(&input.source.name));
+            progress.inc(1);
+            (*input, result)
+        })
+        .collect()
+}
+
+fn load_file(
+    input: &Input,
+    today: NaiveDate,
+    patients: Option<&HashMap<String, NaiveDate>>,
+) -> Result<Loaded> {
+    let bytes =
+        std::fs::read(&input.path).map_err(|e| WardError::io("cannot read", &input.path, e))?;
+    let text = csv::read(&input.path, &bytes, input.mapping)?;
+    drop(bytes);
+    let unused: Vec<&str> = text
+        .header
+        .iter()
+        .map(String::as_str)
+        .filter(|h| !input.entry.columns().any(|c| c == *h))
+        .collect();
+    if !unused.is_empty() {
+        tracing::debug!(file = %input.rel, columns = %unused.join(", "), "columns not used by the mapping");
+    }
+    let ctx = RowContext {
+        path: &input.path,
+        source: &input.source.name,
+        file: &input.rel,
+        today,
+        patients: if input.entry.table == Table::Patient {
+            None
+        } else {
+            patients
+        },
+    };
+    let mapped = rows::map_rows(&text, input.entry, &ctx)?;
+    let read = text.records();
+    let (accepted, rejected) = (mapped.batch.num_rows() as u64, mapped.rejects.len() as u64);
+    if accepted + rejected != read {
+        return Err(WardError::Extract {
+            path: input.path.clone(),
+            line: None,
+            message: format!(
+                "counts do not reconcile: read {read}, accepted {accepted}, rejected {rejected}"
+            ),
+        });
+    }
+    Ok(Loaded {
+        batch: mapped.batch,
+        rejects: mapped.rejects,
+        read,
+    })
+}
+
+/// Writes a loaded file's batch and rejects; returns its new state entry.
+fn publish(
+    wh: &Warehouse,
+    input: &Input,
+    loaded: &Loaded,
+    fingerprint: Option<String>,
+) -> Result<FileState> {
+    let mut h = Sha256::new();
+    for part in [
+        input.rel.as_str(),
+        input.sha256.as_str(),
+        input.mapping.hash.as_str(),
+        fingerprint.as_deref().unwrap_or(""),
+    ] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    let batch_id = hex::encode(&h.finalize()[..8]);
+    let table = input.entry.table;
+    let mut outputs = Vec::new();
+    if loaded.batch.num_rows() > 0 {
+        let path = wh
+            .staging_dir(table, &input.source.name)
+            .join(format!("{batch_id}.parquet"));
+        wh.write_parquet(&path, table.schema(), std::slice::from_ref(&loaded.batch))?;
+        outputs.push(wh.relative(&path));
+    }
+    if !loaded.rejects.is_empty() {
+        let path = wh
+            .rejects_dir(&input.source.name)
+            .join(format!("{batch_id}.parquet"));
+        let batch = rejects_batch(
+            &input.source.name,
+            &input.rel,
+            table,
+            &loaded.rejects,
+            &path,
+        )?;
+        wh.write_parquet(&path, rejects_schema(), &[batch])?;
+        outputs.push(wh.relative(&path));
+    }
+    Ok(FileState {
+        sha256: input.sha256.clone(),
+        mapping_sha256: input.mapping.hash.clone(),
+        patients_fingerprint: fingerprint,
+        table: table.name().to_string(),
+        batch_id,
+        outputs,
+        rows_read: loaded.read,
+        rows_accepted: loaded.batch.num_rows() as u64,
+        rows_rejected: loaded.rejects.len() as u64,
+        loaded_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    })
+}
+
+fn rejects_batch(
+    source: &str,
+    file: &str,
+    table: Table,
+    rejects: &[RejectRow],
+    path: &Path,
+) -> Result<RecordBatch> {
+    let n = rejects.len();
+    let constant = |v: &str| Arc::new(StringArray::from(vec![v; n])) as Arc<dyn Array>;
+    let strings = |f: &dyn Fn(&RejectRow) -> Option<&str>| {
+        let mut b = StringBuilder::with_capacity(n, n * 16);
+        rejects.iter().for_each(|r| b.append_option(f(r)));
+        Arc::new(b.finish()) as Arc<dyn Array>
+    };
+    let mut lines = UInt64Builder::with_capacity(n);
+    rejects.iter().for_each(|r| lines.append_value(r.line));
+    RecordBatch::try_new(
+        rejects_schema(),
+        vec![
+            constant(source),
+            constant(file),
+            Arc::new(lines.finish()),
+            constant(table.name()),
+            strings(&|r| r.column.as_deref()),
+            strings(&|r| Some(r.rule)),
+            strings(&|r| Some(&r.message)),
+            strings(&|r| Some(&r.errors)),
+            strings(&|r| Some(&r.raw)),
+        ],
+    )
+    .map_err(|e| WardError::Data {
+        context: "building rejects",
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn add_birth_dates(batch: &RecordBatch, lookup: &mut HashMap<String, NaiveDate>) {
+    let (Some(ids), Some(births)) = (
+        batch
+            .column_by_name("source_patient_id")
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>()),
+        batch
+            .column_by_name("birth_date")
+            .and_then(|c| c.as_any().downcast_ref::<Date32Array>()),
+    ) else {
+        return;
+    };
+    for i in 0..batch.num_rows() {
+        if let Some(b) = births.value_as_date(i) {
+            lookup.insert(ids.value(i).to_string(), b);
+        }
+    }
+}
+
+fn read_birth_dates(path: &Path, lookup: &mut HashMap<String, NaiveDate>) -> Result<()> {
+    let data_err = |message: String| WardError::Data {
+        context: "reading staged patients",
+        path: path.to_path_buf(),
+        message,
+    };
+    let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| data_err(e.to_string()))?;
+    for batch in reader {
+        add_birth_dates(&batch.map_err(|e| data_err(e.to_string()))?, lookup);
+    }
+    Ok(())
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut file, &mut h).map_err(|e| WardError::io("cannot read", path, e))?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// A file's path relative to the fixed (glob-free) part of its source's pattern.
+fn relative_name(source: &SourceConfig, path: &Path) -> String {
+    let base: PathBuf = Path::new(&source.pattern)
+        .components()
+        .take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '[']))
+        .collect();
+    let base = if base == Path::new(&source.pattern) {
+        base.parent().map(Path::to_path_buf).unwrap_or_default()
+    } else {
+        base
+    };
+    path.strip_prefix(&base)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .replace('\\', "/")
+}

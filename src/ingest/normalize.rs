@@ -1,0 +1,668 @@
+//! Parsing and normalization of single values: dates, code systems and codes,
+//! units and lab values, demographics vocabularies.
+//!
+//! Functions return `Err(rule)` with a stable rule name (see the README's
+//! list of reject rules); callers add file, line and column.
+
+use chrono::{NaiveDate, NaiveDateTime, NaiveTime};
+
+/// Short name of a code system given a short name, a common spelling or a
+/// FHIR system URI; `None` when unknown.
+pub fn code_system(raw: &str) -> Option<&'static str> {
+    let s = raw.trim().trim_end_matches('/').to_ascii_lowercase();
+    Some(match s.as_str() {
+        "loinc" | "http://loinc.org" | "lnc" => "loinc",
+        "snomed" | "snomedct" | "snomed-ct" | "snomed ct" | "sct" | "http://snomed.info/sct" => {
+            "snomed"
+        }
+        "icd10cm" | "icd-10-cm" | "icd10" | "icd-10" | "http://hl7.org/fhir/sid/icd-10-cm" => {
+            "icd10cm"
+        }
+        "icd9cm" | "icd-9-cm" | "icd9" | "icd-9" | "http://hl7.org/fhir/sid/icd-9-cm" => "icd9cm",
+        "icd10pcs" | "icd-10-pcs" | "http://www.cms.gov/medicare/coding/icd10" => "icd10pcs",
+        "rxnorm" | "http://www.nlm.nih.gov/research/umls/rxnorm" => "rxnorm",
+        "ndc" | "http://hl7.org/fhir/sid/ndc" => "ndc",
+        "cpt" | "cpt-4" | "http://www.ama-assn.org/go/cpt" => "cpt",
+        "hcpcs"
+        | "urn:oid:2.16.840.1.113883.6.285"
+        | "http://www.cms.gov/medicare/coding/hcpcsreleasecodesets" => "hcpcs",
+        "cvx" | "http://hl7.org/fhir/sid/cvx" => "cvx",
+        "local" => "local",
+        _ => return None,
+    })
+}
+
+/// Checks and normalizes a code of a code system. ICD-10-CM codes are
+/// upper-cased and dotted after the third character (`E119` → `E11.9`), as in
+/// the eCQM value sets.
+pub fn code(system: &str, raw: &str) -> Result<String, &'static str> {
+    let c = raw.trim();
+    let ok = |valid: bool, code: String| {
+        if valid {
+            Ok(code)
+        } else {
+            Err("malformed_code")
+        }
+    };
+    match system {
+        "icd10cm" => {
+            let u = c.to_ascii_uppercase().replace('.', "");
+            let b = u.as_bytes();
+            let valid = (3..=7).contains(&b.len())
+                && b[0].is_ascii_uppercase()
+                && b[0] != b'U'
+                && b[1].is_ascii_digit()
+                && b[2].is_ascii_alphanumeric()
+                && b[3..].iter().all(u8::is_ascii_alphanumeric);
+            let dotted = if u.len() > 3 {
+                format!("{}.{}", &u[..3], &u[3..])
+            } else {
+                u
+            };
+            ok(valid, dotted)
+        }
+        "loinc" => ok(loinc_valid(c), c.to_string()),
+        "snomed" => ok(
+            (6..=18).contains(&c.len())
+                && c.bytes().all(|b| b.is_ascii_digit())
+                && !c.starts_with('0')
+                && verhoeff_valid(c),
+            c.to_string(),
+        ),
+        "rxnorm" | "cvx" => ok(
+            !c.is_empty() && c.len() <= 10 && c.bytes().all(|b| b.is_ascii_digit()),
+            c.to_string(),
+        ),
+        "cpt" => {
+            let b = c.as_bytes();
+            ok(
+                b.len() == 5
+                    && b[..4].iter().all(u8::is_ascii_digit)
+                    && b[4].is_ascii_alphanumeric(),
+                c.to_ascii_uppercase(),
+            )
+        }
+        "hcpcs" => {
+            let u = c.to_ascii_uppercase();
+            let b = u.as_bytes();
+            ok(
+                b.len() == 5 && b[0].is_ascii_uppercase() && b[1..].iter().all(u8::is_ascii_digit),
+                u,
+            )
+        }
+        "ndc" => {
+            let digits = c.bytes().filter(u8::is_ascii_digit).count();
+            ok(
+                (10..=11).contains(&digits) && c.bytes().all(|b| b.is_ascii_digit() || b == b'-'),
+                c.to_string(),
+            )
+        }
+        "icd10pcs" => {
+            let u = c.to_ascii_uppercase();
+            ok(
+                u.len() == 7 && u.bytes().all(|b| b.is_ascii_alphanumeric()),
+                u,
+            )
+        }
+        "icd9cm" => {
+            let u = c.to_ascii_uppercase();
+            let head = u.split('.').next().unwrap_or("");
+            let valid = !u.is_empty()
+                && u.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')
+                && (3..=4).contains(&head.len());
+            ok(valid, u)
+        }
+        _ => ok(!c.is_empty(), c.to_string()),
+    }
+}
+
+/// A LOINC code: `NNNNN-C` where `C` is the Mod 10 check digit of `NNNNN`.
+pub fn loinc_valid(code: &str) -> bool {
+    let Some((num, check)) = code.split_once('-') else {
+        return false;
+    };
+    if num.is_empty()
+        || num.len() > 7
+        || check.len() != 1
+        || !num.bytes().all(|b| b.is_ascii_digit())
+    {
+        return false;
+    }
+    let Some(check) = check.chars().next().and_then(|c| c.to_digit(10)) else {
+        return false;
+    };
+    // Luhn (Mod 10): double every other digit from the right, starting with the rightmost.
+    let sum: u32 = num
+        .bytes()
+        .rev()
+        .enumerate()
+        .map(|(i, b)| {
+            let d = u32::from(b - b'0');
+            if i % 2 == 0 {
+                let x = d * 2;
+                x / 10 + x % 10
+            } else {
+                d
+            }
+        })
+        .sum();
+    (10 - sum % 10) % 10 == check
+}
+
+/// Verhoeff check digit, used by SNOMED CT identifiers.
+pub fn verhoeff_valid(digits: &str) -> bool {
+    const D: [[u8; 10]; 10] = [
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+        [1, 2, 3, 4, 0, 6, 7, 8, 9, 5],
+        [2, 3, 4, 0, 1, 7, 8, 9, 5, 6],
+        [3, 4, 0, 1, 2, 8, 9, 5, 6, 7],
+        [4, 0, 1, 2, 3, 9, 5, 6, 7, 8],
+        [5, 9, 8, 7, 6, 0, 4, 3, 2, 1],
+        [6, 5, 9, 8, 7, 1, 0, 4, 3, 2],
+        [7, 6, 5, 9, 8, 2, 1, 0, 4, 3],
+        [8, 7, 6, 5, 9, 3, 2, 1, 0, 4],
+        [9, 8, 7, 6, 5, 4, 3, 2, 1, 0],
+    ];
+    const P: [[u8; 10]; 8] = [
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+        [1, 5, 7, 6, 2, 8, 3, 0, 9, 4],
+        [5, 8, 0, 3, 7, 9, 6, 1, 4, 2],
+        [8, 9, 1, 6, 0, 4, 3, 5, 2, 7],
+        [9, 4, 5, 3, 1, 2, 6, 8, 7, 0],
+        [4, 2, 8, 6, 5, 7, 3, 9, 0, 1],
+        [2, 7, 9, 3, 8, 0, 6, 4, 1, 5],
+        [7, 0, 4, 6, 9, 1, 3, 2, 5, 8],
+    ];
+    let mut c = 0u8;
+    for (i, b) in digits.bytes().rev().enumerate() {
+        if !b.is_ascii_digit() {
+            return false;
+        }
+        c = D[c as usize][P[i % 8][(b - b'0') as usize] as usize];
+    }
+    c == 0
+}
+
+/// `female | male | other | unknown`.
+pub fn sex(raw: &str) -> Option<&'static str> {
+    Some(match raw.trim().to_ascii_lowercase().as_str() {
+        "f" | "female" | "w" | "woman" => "female",
+        "m" | "male" | "man" => "male",
+        "o" | "other" | "x" | "nonbinary" | "non-binary" => "other",
+        "u" | "unk" | "unknown" | "" | "not stated" => "unknown",
+        _ => return None,
+    })
+}
+
+/// `ambulatory | emergency | inpatient | virtual | other`; accepts the
+/// canonical names and HL7 v3 ActCode encounter codes.
+pub fn encounter_class(raw: &str) -> Option<&'static str> {
+    Some(match raw.trim().to_ascii_lowercase().as_str() {
+        "ambulatory" | "amb" | "outpatient" | "office" => "ambulatory",
+        "emergency" | "emer" | "er" | "ed" => "emergency",
+        "inpatient" | "imp" | "acute" | "nonac" | "inpatient encounter" => "inpatient",
+        "virtual" | "vr" | "telehealth" => "virtual",
+        "other" | "hh" | "home" | "fld" | "ss" | "obsenc" | "prenc" => "other",
+        _ => return None,
+    })
+}
+
+/// OMB race category: `american_indian_or_alaska_native | asian |
+/// black_or_african_american | native_hawaiian_or_other_pacific_islander |
+/// white | other | unknown`. Accepts CDC race codes and common spellings.
+pub fn race(raw: &str) -> Option<&'static str> {
+    Some(
+        match raw
+            .trim()
+            .to_ascii_lowercase()
+            .replace(['-', '_'], " ")
+            .as_str()
+        {
+            "white" | "caucasian" | "2106 3" => "white",
+            "black" | "black or african american" | "african american" | "2054 5" => {
+                "black_or_african_american"
+            }
+            "asian" | "2028 9" => "asian",
+            "native" | "american indian" | "american indian or alaska native" | "1002 5" => {
+                "american_indian_or_alaska_native"
+            }
+            "hawaiian"
+            | "pacific islander"
+            | "native hawaiian or other pacific islander"
+            | "2076 8" => "native_hawaiian_or_other_pacific_islander",
+            "other" | "2131 1" | "multiple" | "two or more races" => "other",
+            "unknown" | "unk" | "asked but unknown" | "declined" | "" => "unknown",
+            _ => return None,
+        },
+    )
+}
+
+/// `hispanic_or_latino | not_hispanic_or_latino | unknown`.
+pub fn ethnicity(raw: &str) -> Option<&'static str> {
+    Some(
+        match raw
+            .trim()
+            .to_ascii_lowercase()
+            .replace(['-', '_'], " ")
+            .as_str()
+        {
+            "hispanic" | "hispanic or latino" | "latino" | "2135 2" | "y" | "yes" => {
+                "hispanic_or_latino"
+            }
+            "nonhispanic"
+            | "non hispanic"
+            | "not hispanic"
+            | "not hispanic or latino"
+            | "2186 5"
+            | "n"
+            | "no" => "not_hispanic_or_latino",
+            "unknown" | "unk" | "declined" | "" => "unknown",
+            _ => return None,
+        },
+    )
+}
+
+const STATES: [(&str, &str); 56] = [
+    ("AL", "alabama"),
+    ("AK", "alaska"),
+    ("AZ", "arizona"),
+    ("AR", "arkansas"),
+    ("CA", "california"),
+    ("CO", "colorado"),
+    ("CT", "connecticut"),
+    ("DE", "delaware"),
+    ("DC", "district of columbia"),
+    ("FL", "florida"),
+    ("GA", "georgia"),
+    ("HI", "hawaii"),
+    ("ID", "idaho"),
+    ("IL", "illinois"),
+    ("IN", "indiana"),
+    ("IA", "iowa"),
+    ("KS", "kansas"),
+    ("KY", "kentucky"),
+    ("LA", "louisiana"),
+    ("ME", "maine"),
+    ("MD", "maryland"),
+    ("MA", "massachusetts"),
+    ("MI", "michigan"),
+    ("MN", "minnesota"),
+    ("MS", "mississippi"),
+    ("MO", "missouri"),
+    ("MT", "montana"),
+    ("NE", "nebraska"),
+    ("NV", "nevada"),
+    ("NH", "new hampshire"),
+    ("NJ", "new jersey"),
+    ("NM", "new mexico"),
+    ("NY", "new york"),
+    ("NC", "north carolina"),
+    ("ND", "north dakota"),
+    ("OH", "ohio"),
+    ("OK", "oklahoma"),
+    ("OR", "oregon"),
+    ("PA", "pennsylvania"),
+    ("RI", "rhode island"),
+    ("SC", "south carolina"),
+    ("SD", "south dakota"),
+    ("TN", "tennessee"),
+    ("TX", "texas"),
+    ("UT", "utah"),
+    ("VT", "vermont"),
+    ("VA", "virginia"),
+    ("WA", "washington"),
+    ("WV", "west virginia"),
+    ("WI", "wisconsin"),
+    ("WY", "wyoming"),
+    ("PR", "puerto rico"),
+    ("GU", "guam"),
+    ("VI", "virgin islands"),
+    ("AS", "american samoa"),
+    ("MP", "northern mariana islands"),
+];
+
+/// Two-letter USPS code of a US state or territory, given its code or name.
+pub fn state(raw: &str) -> Option<&'static str> {
+    let s = raw.trim();
+    STATES
+        .iter()
+        .find(|(code, name)| s.eq_ignore_ascii_case(code) || s.eq_ignore_ascii_case(name))
+        .map(|(code, _)| *code)
+}
+
+/// US ZIP codes become their first 5 digits (`12345-6789` → `12345`; a
+/// 4-digit ZIP that lost its leading zero in a spreadsheet is padded);
+/// anything else is kept as written, upper-cased.
+pub fn postal_code(raw: &str) -> String {
+    let s = raw.trim();
+    let digits: String = s.chars().filter(char::is_ascii_digit).collect();
+    let us_shaped = s
+        .chars()
+        .all(|c| c.is_ascii_digit() || c == '-' || c == ' ');
+    match (us_shaped, digits.len()) {
+        (true, 5) | (true, 9) => digits[..5].to_string(),
+        (true, 4) if !s.contains('-') => format!("0{digits}"),
+        _ => s.to_ascii_uppercase(),
+    }
+}
+
+/// Canonical UCUM spelling of common unit variants.
+pub fn unit(raw: &str) -> String {
+    let s = raw.trim();
+    match s.to_ascii_lowercase().as_str() {
+        "mmhg" | "mm hg" | "mm[hg]" => "mm[Hg]".into(),
+        "mg/dl" => "mg/dL".into(),
+        "mmol/l" => "mmol/L".into(),
+        "mmol/mol" => "mmol/mol".into(),
+        "%" | "percent" | "pct" => "%".into(),
+        "kg" => "kg".into(),
+        "cm" => "cm".into(),
+        "kg/m2" | "kg/m^2" => "kg/m2".into(),
+        _ => s.to_string(),
+    }
+}
+
+/// Lower-case token with spaces as `-` (`Entered in Error` → `entered-in-error`).
+pub fn token(raw: &str) -> String {
+    raw.trim()
+        .to_lowercase()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+/// LOINC codes of HbA1c results (reported in % or, IFCC, in mmol/mol).
+pub const HBA1C_CODES: [&str; 6] = [
+    "4548-4", "17856-6", "4549-2", "59261-8", "62388-4", "71875-9",
+];
+/// LOINC codes of glucose concentration results.
+pub const GLUCOSE_CODES: [&str; 8] = [
+    "2345-7", "2339-0", "1558-6", "41653-7", "2340-8", "15074-8", "14749-6", "14771-0",
+];
+/// LOINC code of systolic blood pressure.
+pub const SYSTOLIC: &str = "8480-6";
+/// LOINC code of diastolic blood pressure.
+pub const DIASTOLIC: &str = "8462-4";
+
+/// mg/dL per mmol/L of glucose (molar mass 180.16 g/mol).
+pub const GLUCOSE_MG_PER_MMOL: f64 = 18.016;
+
+/// Why a lab value was refused: rule and a message without the value.
+pub type ValueError = (&'static str, String);
+
+/// Converts a LOINC-coded result to Ward's canonical unit and checks that it
+/// is plausible: HbA1c in % (IFCC mmol/mol converted by the master equation
+/// NGSP = 0.09148 × IFCC + 2.152), glucose in mg/dL, blood pressure in mm[Hg].
+pub fn lab_value(
+    code: &str,
+    value: f64,
+    unit: Option<&str>,
+) -> Result<(f64, Option<String>), ValueError> {
+    let unit = unit.map(self::unit);
+    let unit_ref = unit.as_deref();
+    let bad_unit = |expected: &str| {
+        (
+            "unsupported_unit",
+            format!(
+                "unit {:?} not convertible to {expected}",
+                unit_ref.unwrap_or("")
+            ),
+        )
+    };
+    let check = |v: f64, lo: f64, hi: f64, u: &str| {
+        if (lo..=hi).contains(&v) {
+            Ok((v, Some(u.to_string())))
+        } else {
+            Err(("implausible_value", format!("outside {lo}–{hi} {u}")))
+        }
+    };
+    if HBA1C_CODES.contains(&code) {
+        let pct = match unit_ref {
+            None | Some("%") => value,
+            Some("mmol/mol") => 0.09148 * value + 2.152,
+            _ => return Err(bad_unit("%")),
+        };
+        return check((pct * 100.0).round() / 100.0, 3.0, 20.0, "%");
+    }
+    if GLUCOSE_CODES.contains(&code) {
+        let mgdl = match unit_ref {
+            None | Some("mg/dL") => value,
+            Some("mmol/L") => value * GLUCOSE_MG_PER_MMOL,
+            _ => return Err(bad_unit("mg/dL")),
+        };
+        return check((mgdl * 10.0).round() / 10.0, 10.0, 2000.0, "mg/dL");
+    }
+    if code == SYSTOLIC || code == DIASTOLIC {
+        if !matches!(unit_ref, None | Some("mm[Hg]")) {
+            return Err(bad_unit("mm[Hg]"));
+        }
+        let (lo, hi) = if code == SYSTOLIC {
+            (50.0, 300.0)
+        } else {
+            (20.0, 200.0)
+        };
+        return check(value, lo, hi, "mm[Hg]");
+    }
+    Ok((value, unit))
+}
+
+/// Parses a number; accepts a leading `+` and surrounding spaces.
+pub fn number(raw: &str) -> Option<f64> {
+    let v: f64 = raw.trim().trim_start_matches('+').parse().ok()?;
+    v.is_finite().then_some(v)
+}
+
+/// Parses a date with the first matching format. `iso` accepts
+/// `YYYY-MM-DD`, optionally followed by a time (which is ignored).
+pub fn date(raw: &str, formats: &[String]) -> Option<NaiveDate> {
+    let s = raw.trim();
+    formats.iter().find_map(|f| {
+        if f == "iso" {
+            let head = s.get(..10)?;
+            let rest = &s[10..];
+            if !(rest.is_empty() || rest.starts_with('T') || rest.starts_with(' ')) {
+                return None;
+            }
+            NaiveDate::parse_from_str(head, "%Y-%m-%d").ok()
+        } else {
+            NaiveDate::parse_from_str(s, f)
+                .ok()
+                .or_else(|| NaiveDateTime::parse_from_str(s, f).ok().map(|dt| dt.date()))
+        }
+    })
+}
+
+/// Parses a date-time with the first matching format, keeping the wall-clock
+/// time as written (a UTC offset is dropped). `iso` accepts
+/// `YYYY-MM-DD[(T| )HH:MM[:SS[.f]]][Z|±HH:MM]`; a date alone means midnight.
+pub fn timestamp(raw: &str, formats: &[String]) -> Option<NaiveDateTime> {
+    let s = raw.trim();
+    formats.iter().find_map(|f| {
+        if f == "iso" {
+            if s.len() == 10 {
+                return NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                    .ok()
+                    .map(|d| d.and_time(NaiveTime::MIN));
+            }
+            if let Ok(dt) = chrono::DateTime::parse_from_rfc3339(s) {
+                return Some(dt.naive_local());
+            }
+            let body = s.trim_end_matches('Z');
+            let body = match body.get(19..) {
+                Some(tail) if tail.starts_with('+') || tail.starts_with('-') => &body[..19],
+                _ => body,
+            };
+            [
+                "%Y-%m-%dT%H:%M:%S%.f",
+                "%Y-%m-%d %H:%M:%S%.f",
+                "%Y-%m-%dT%H:%M",
+                "%Y-%m-%d %H:%M",
+            ]
+            .iter()
+            .find_map(|p| NaiveDateTime::parse_from_str(body, p).ok())
+        } else {
+            NaiveDateTime::parse_from_str(s, f).ok().or_else(|| {
+                NaiveDate::parse_from_str(s, f)
+                    .ok()
+                    .map(|d| d.and_time(NaiveTime::MIN))
+            })
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loinc_check_digits() {
+        for good in [
+            "4548-4", "8480-6", "8462-4", "2345-7", "59261-8", "17856-6", "8302-2", "72514-3",
+        ] {
+            assert!(loinc_valid(good), "{good}");
+        }
+        for bad in [
+            "4548-5", "8480-0", "4548", "ABCD-1", "-4", "4548-44", "QALY",
+        ] {
+            assert!(!loinc_valid(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn snomed_verhoeff() {
+        for good in [
+            "44054006",
+            "38341003",
+            "73211009",
+            "410620009",
+            "359817006",
+            "430193006",
+        ] {
+            assert_eq!(code("snomed", good), Ok(good.to_string()), "{good}");
+        }
+        for bad in ["44054007", "38341004", "12", "4405400A"] {
+            assert_eq!(code("snomed", bad), Err("malformed_code"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn icd10cm_is_dotted_and_checked() {
+        assert_eq!(code("icd10cm", "e119"), Ok("E11.9".into()));
+        assert_eq!(code("icd10cm", "E11.65"), Ok("E11.65".into()));
+        assert_eq!(code("icd10cm", "I10"), Ok("I10".into()));
+        assert_eq!(code("icd10cm", "O24.410"), Ok("O24.410".into()));
+        for bad in ["11.9", "E1", "U07.1", "E11.99999", "E1-1"] {
+            assert_eq!(code("icd10cm", bad), Err("malformed_code"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn other_code_systems() {
+        assert!(code("rxnorm", "860975").is_ok());
+        assert!(code("rxnorm", "86O975").is_err());
+        assert_eq!(code("cpt", "3044f"), Ok("3044F".into()));
+        assert!(code("cpt", "304").is_err());
+        assert_eq!(code("hcpcs", "g0438"), Ok("G0438".into()));
+        assert!(code("ndc", "0002-8215-01").is_ok());
+        assert_eq!(code("local", "QALY"), Ok("QALY".into()));
+        assert_eq!(code_system("http://loinc.org"), Some("loinc"));
+        assert_eq!(code_system("SNOMED-CT"), Some("snomed"));
+        assert_eq!(
+            code_system("urn:oid:2.16.840.1.113883.6.285"),
+            Some("hcpcs")
+        );
+        assert_eq!(code_system("ICD-11"), None);
+    }
+
+    #[test]
+    fn hba1c_ifcc_to_ngsp() {
+        // 53 mmol/mol is the well-known equivalent of 7.0 %.
+        let (v, u) = lab_value("59261-8", 53.0, Some("mmol/mol")).unwrap();
+        assert!((v - 7.0).abs() < 0.01, "{v}");
+        assert_eq!(u.as_deref(), Some("%"));
+        assert_eq!(lab_value("4548-4", 7.4, Some("%")).unwrap().0, 7.4);
+        assert_eq!(
+            lab_value("4548-4", 25.0, Some("%")).unwrap_err().0,
+            "implausible_value"
+        );
+        assert_eq!(
+            lab_value("4548-4", 2.0, None).unwrap_err().0,
+            "implausible_value"
+        );
+        assert_eq!(
+            lab_value("4548-4", 7.0, Some("g/dL")).unwrap_err().0,
+            "unsupported_unit"
+        );
+    }
+
+    #[test]
+    fn glucose_and_blood_pressure() {
+        let (v, u) = lab_value("2345-7", 7.0, Some("mmol/l")).unwrap();
+        assert!((v - 126.1).abs() < 0.05, "{v}");
+        assert_eq!(u.as_deref(), Some("mg/dL"));
+        assert_eq!(
+            lab_value("8480-6", 120.0, Some("mmHg"))
+                .unwrap()
+                .1
+                .as_deref(),
+            Some("mm[Hg]")
+        );
+        assert_eq!(
+            lab_value("8480-6", 400.0, Some("mmHg")).unwrap_err().0,
+            "implausible_value"
+        );
+        assert_eq!(
+            lab_value("8480-6", 49.0, None).unwrap_err().0,
+            "implausible_value"
+        );
+        assert_eq!(lab_value("8302-2", 180.0, Some("cm")).unwrap().0, 180.0);
+    }
+
+    #[test]
+    fn dates_and_times() {
+        let iso = vec!["iso".to_string()];
+        let us = vec!["%m/%d/%Y".to_string()];
+        let d = NaiveDate::from_ymd_opt(2021, 8, 23).unwrap();
+        assert_eq!(date("2021-08-23", &iso), Some(d));
+        assert_eq!(date("2021-08-23T03:26:50Z", &iso), Some(d));
+        assert_eq!(date("08/23/2021", &us), Some(d));
+        assert_eq!(date("23/08/2021", &us), None);
+        assert_eq!(date("2021-02-30", &iso), None);
+        assert_eq!(date("2021-08-2", &iso), None);
+        let t = d.and_hms_opt(3, 26, 50).unwrap();
+        assert_eq!(timestamp("2021-08-23T03:26:50Z", &iso), Some(t));
+        assert_eq!(timestamp("2021-08-23T03:26:50-05:00", &iso), Some(t));
+        assert_eq!(timestamp("2021-08-23 03:26:50", &iso), Some(t));
+        assert_eq!(
+            timestamp("2021-08-23", &iso),
+            Some(d.and_hms_opt(0, 0, 0).unwrap())
+        );
+        assert_eq!(
+            timestamp("08/23/2021 03:26", &["%m/%d/%Y %H:%M".to_string()]),
+            Some(d.and_hms_opt(3, 26, 0).unwrap())
+        );
+        assert_eq!(
+            timestamp("08/23/2021", &["%m/%d/%Y".to_string()]),
+            Some(d.and_hms_opt(0, 0, 0).unwrap())
+        );
+        assert_eq!(timestamp("yesterday", &iso), None);
+    }
+
+    #[test]
+    fn demographics() {
+        assert_eq!(sex(" F "), Some("female"));
+        assert_eq!(sex("Z"), None);
+        assert_eq!(encounter_class("EMER"), Some("emergency"));
+        assert_eq!(race("2106-3"), Some("white"));
+        assert_eq!(ethnicity("nonhispanic"), Some("not_hispanic_or_latino"));
+        assert_eq!(state("California"), Some("CA"));
+        assert_eq!(state("ma"), Some("MA"));
+        assert_eq!(postal_code("02134-1234"), "02134");
+        assert_eq!(postal_code("2134"), "02134");
+        assert_eq!(postal_code("k1a 0b1"), "K1A 0B1");
+        assert_eq!(token(" Entered in  Error"), "entered-in-error");
+        assert_eq!(number("+7.5 "), Some(7.5));
+        assert_eq!(number("7,5"), None);
+        assert_eq!(number("NaN"), None);
+    }
+}

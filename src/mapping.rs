@@ -1,0 +1,563 @@
+//! CSV mappings: per-provider TOML files that say, without code, how each of
+//! the provider's files becomes rows of a canonical table.
+//!
+//! ```toml
+//! [csv]
+//! delimiter = ","
+//! date_format = "%m/%d/%Y"          # default "iso"
+//! datetime_format = "%m/%d/%Y %H:%M" # default "iso"
+//!
+//! [[files]]
+//! match = "patients*.csv"            # glob on the file name
+//! table = "patient"
+//! [files.fields]
+//! source_patient_id = "PatientID"    # a column of the file
+//! birth_date = { column = "DOB", format = "%Y%m%d" }
+//! sex = { column = "Sex", map = { "1" = "male", "2" = "female" }, default = "unknown" }
+//! code_system = { value = "loinc" }  # a constant
+//! ```
+//!
+//! The README's mapping reference documents every key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+use crate::config::{config_error, load_toml};
+use crate::error::Result;
+#[cfg(test)]
+use crate::error::WardError;
+use crate::ingest::normalize;
+use crate::schema::{Kind, Table};
+
+/// Character encoding of a provider's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encoding {
+    /// UTF-8 (a leading byte-order mark is ignored). Rows with invalid bytes
+    /// are rejected (`invalid_utf8`).
+    #[default]
+    #[serde(alias = "utf8")]
+    Utf8,
+    /// ISO-8859-1 / Latin-1: every byte is one character.
+    #[serde(alias = "iso-8859-1")]
+    Latin1,
+}
+
+/// A checked CSV mapping.
+#[derive(Debug, Clone)]
+pub struct CsvMapping {
+    pub path: PathBuf,
+    /// SHA-256 of the mapping file: a changed mapping reloads its files.
+    pub hash: String,
+    pub delimiter: u8,
+    pub quote: u8,
+    pub encoding: Encoding,
+    pub files: Vec<FileMapping>,
+}
+
+/// How one kind of file maps to a table.
+#[derive(Debug, Clone)]
+pub struct FileMapping {
+    /// The glob as written, e.g. `labs_*.csv`.
+    pub pattern: String,
+    matcher: glob::Pattern,
+    pub table: Table,
+    /// Target column → how to fill it, in the table's column order.
+    pub fields: Vec<(&'static str, FieldSpec)>,
+    /// Observation only: a result column read as `value_num` when it is a
+    /// number and as `value_text` otherwise.
+    pub value: Option<FieldSpec>,
+    /// Further codings of the row besides `code_system`/`code`.
+    pub codings: Vec<CodingSpec>,
+    /// Formats tried in order for date columns (`iso` or chrono strftime).
+    pub date_formats: Vec<String>,
+    /// Formats tried in order for timestamp columns.
+    pub datetime_formats: Vec<String>,
+}
+
+impl FileMapping {
+    /// Whether this entry handles a file with this name.
+    pub fn matches(&self, file_name: &str) -> bool {
+        self.matcher.matches(file_name)
+    }
+
+    /// The file columns this entry reads (to check them against the header).
+    pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.fields
+            .iter()
+            .map(|(_, f)| f)
+            .chain(self.value.iter())
+            .filter_map(|f| match &f.source {
+                ValueSource::Column(c) => Some(c.as_str()),
+                ValueSource::Constant(_) => None,
+            })
+            .chain(self.codings.iter().map(|c| c.column.as_str()))
+    }
+}
+
+/// Where a field's raw value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValueSource {
+    /// A column of the file, by header name.
+    Column(String),
+    /// The same value on every row.
+    Constant(String),
+}
+
+/// How one canonical column is filled.
+#[derive(Debug, Clone)]
+pub struct FieldSpec {
+    pub source: ValueSource,
+    /// Date/time formats for this field, overriding the file's.
+    pub formats: Option<Vec<String>>,
+    /// Raw value → canonical value (matched after trimming).
+    pub map: Option<BTreeMap<String, String>>,
+    /// Used when the cell is empty, or (with `map`) holds an unlisted value.
+    pub default: Option<String>,
+}
+
+/// An extra coding read from a column, with a fixed system.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodingSpec {
+    pub system: String,
+    pub column: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMapping {
+    #[serde(default)]
+    csv: RawCsv,
+    files: Spanned<Vec<RawFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCsv {
+    #[serde(default = "comma")]
+    delimiter: Spanned<String>,
+    #[serde(default = "dquote")]
+    quote: Spanned<String>,
+    #[serde(default)]
+    encoding: Encoding,
+    #[serde(default)]
+    date_format: Option<Formats>,
+    #[serde(default)]
+    datetime_format: Option<Formats>,
+}
+
+impl Default for RawCsv {
+    fn default() -> Self {
+        RawCsv {
+            delimiter: comma(),
+            quote: dquote(),
+            encoding: Encoding::Utf8,
+            date_format: None,
+            datetime_format: None,
+        }
+    }
+}
+
+fn comma() -> Spanned<String> {
+    Spanned::new(0..0, ",".into())
+}
+fn dquote() -> Spanned<String> {
+    Spanned::new(0..0, "\"".into())
+}
+
+/// One format or a list of formats tried in order.
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+enum Formats {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Formats {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Formats::One(s) => vec![s],
+            Formats::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(rename = "match")]
+    pattern: Spanned<String>,
+    table: Spanned<String>,
+    fields: BTreeMap<Spanned<String>, RawField>,
+    #[serde(default)]
+    codings: Vec<Spanned<CodingSpec>>,
+    #[serde(default)]
+    date_format: Option<Formats>,
+    #[serde(default)]
+    datetime_format: Option<Formats>,
+}
+
+/// A field written either as a column name or as a table.
+struct RawField(DetailedField);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetailedField {
+    column: Option<String>,
+    value: Option<String>,
+    format: Option<Formats>,
+    map: Option<BTreeMap<String, String>>,
+    default: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for RawField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawField;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a column name or a table { column | value, format, map, default }")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<RawField, E> {
+                Ok(RawField(DetailedField {
+                    column: Some(v.to_string()),
+                    value: None,
+                    format: None,
+                    map: None,
+                    default: None,
+                }))
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> std::result::Result<RawField, A::Error> {
+                DetailedField::deserialize(de::value::MapAccessDeserializer::new(map)).map(RawField)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl CsvMapping {
+    /// Reads and checks a mapping file.
+    pub fn load(path: &Path) -> Result<CsvMapping> {
+        let (raw, text): (RawMapping, String) = load_toml(path)?;
+        let err = |span: std::ops::Range<usize>, key: &str, message: String| {
+            config_error(path, &text, Some(span), Some(key), message)
+        };
+        let single_byte = |s: &Spanned<String>, key: &str| -> Result<u8> {
+            match s.get_ref().as_bytes() {
+                [b] if b.is_ascii() => Ok(*b),
+                _ => Err(err(
+                    s.span(),
+                    key,
+                    "must be exactly one ASCII character".into(),
+                )),
+            }
+        };
+        let delimiter = single_byte(&raw.csv.delimiter, "delimiter")?;
+        let quote = single_byte(&raw.csv.quote, "quote")?;
+        let default_dates = raw
+            .csv
+            .date_format
+            .map_or_else(|| vec!["iso".to_string()], Formats::into_vec);
+        let default_times = raw
+            .csv
+            .datetime_format
+            .map_or_else(|| vec!["iso".to_string()], Formats::into_vec);
+
+        let files_span = raw.files.span();
+        let raw_files = raw.files.into_inner();
+        if raw_files.is_empty() {
+            return Err(err(
+                files_span,
+                "files",
+                "at least one [[files]] entry is required".into(),
+            ));
+        }
+        let mut files = Vec::with_capacity(raw_files.len());
+        for f in raw_files {
+            let table = Table::from_name(f.table.get_ref()).ok_or_else(|| {
+                err(
+                    f.table.span(),
+                    "table",
+                    format!(
+                        "unknown table '{}'; expected one of: {}",
+                        f.table.get_ref(),
+                        Table::ALL.map(Table::name).join(", ")
+                    ),
+                )
+            })?;
+            let matcher = glob::Pattern::new(f.pattern.get_ref())
+                .map_err(|e| err(f.pattern.span(), "match", format!("bad glob: {e}")))?;
+            let date_formats = f
+                .date_format
+                .map_or_else(|| default_dates.clone(), Formats::into_vec);
+            let datetime_formats = f
+                .datetime_format
+                .map_or_else(|| default_times.clone(), Formats::into_vec);
+            for fmt in date_formats.iter().chain(&datetime_formats) {
+                check_format(fmt).map_err(|m| err(f.pattern.span(), "date_format", m))?;
+            }
+
+            let mut fields: Vec<(&'static str, FieldSpec)> = Vec::new();
+            let mut value = None;
+            for (key, RawField(d)) in f.fields {
+                let name = key.get_ref().as_str();
+                let bad = |m: String| err(key.span(), name, m);
+                let source = match (d.column, d.value) {
+                    (Some(c), None) => ValueSource::Column(c),
+                    (None, Some(v)) => ValueSource::Constant(v),
+                    _ => return Err(bad("give exactly one of 'column' or 'value'".into())),
+                };
+                let formats = d.format.map(Formats::into_vec);
+                for fmt in formats.iter().flatten() {
+                    check_format(fmt).map_err(&bad)?;
+                }
+                let spec = FieldSpec {
+                    source,
+                    formats,
+                    map: d.map,
+                    default: d.default,
+                };
+                if name == "value" && table == Table::Observation {
+                    value = Some(spec);
+                    continue;
+                }
+                let column = table.column(name).filter(|c| c.mappable).ok_or_else(|| {
+                    bad(format!(
+                        "'{name}' is not a column of table '{}'; columns: {}",
+                        table.name(),
+                        mappable_names(table)
+                    ))
+                })?;
+                if spec.formats.is_some() && !matches!(column.kind, Kind::Date | Kind::Timestamp) {
+                    return Err(bad("'format' applies to date and time columns only".into()));
+                }
+                if column.kind == Kind::Codings {
+                    return Err(bad("fill 'codings' with [[files.codings]] entries".into()));
+                }
+                fields.push((column.name, spec));
+            }
+            if value.is_some()
+                && fields
+                    .iter()
+                    .any(|(n, _)| *n == "value_num" || *n == "value_text")
+            {
+                return Err(err(
+                    f.pattern.span(),
+                    "value",
+                    "'value' fills value_num and value_text; do not map them as well".into(),
+                ));
+            }
+            let mut codings = Vec::new();
+            for c in f.codings {
+                if normalize::code_system(&c.get_ref().system).is_none() {
+                    return Err(err(
+                        c.span(),
+                        "codings.system",
+                        format!("unknown code system '{}'", c.get_ref().system),
+                    ));
+                }
+                codings.push(c.into_inner());
+            }
+            let order = |n: &str| table.columns().iter().position(|c| c.name == n);
+            fields.sort_by_key(|(n, _)| order(n));
+            for col in table.columns().iter().filter(|c| c.required && c.mappable) {
+                let filled = fields.iter().any(|(n, _)| *n == col.name)
+                    || (col.name == "code_system" && !codings.is_empty());
+                if !filled {
+                    return Err(err(
+                        f.table.span(),
+                        col.name,
+                        format!(
+                            "files matching '{}' map to '{}' but do not fill its required column '{}'",
+                            f.pattern.get_ref(),
+                            table.name(),
+                            col.name
+                        ),
+                    ));
+                }
+            }
+            files.push(FileMapping {
+                pattern: f.pattern.into_inner(),
+                matcher,
+                table,
+                fields,
+                value,
+                codings,
+                date_formats,
+                datetime_formats,
+            });
+        }
+
+        Ok(CsvMapping {
+            path: path.to_path_buf(),
+            hash: hex::encode(Sha256::digest(text.as_bytes())),
+            delimiter,
+            quote,
+            encoding: raw.csv.encoding,
+            files,
+        })
+    }
+
+    /// The first file entry whose `match` glob accepts this file name.
+    pub fn entry_for(&self, file_name: &str) -> Option<&FileMapping> {
+        self.files.iter().find(|f| f.matches(file_name))
+    }
+}
+
+fn mappable_names(table: Table) -> String {
+    let mut names: Vec<&str> = table
+        .columns()
+        .iter()
+        .filter(|c| c.mappable && c.kind != Kind::Codings)
+        .map(|c| c.name)
+        .collect();
+    if table == Table::Observation {
+        names.push("value");
+    }
+    names.join(", ")
+}
+
+/// Checks that a date/time format is `iso` or a valid chrono format string.
+fn check_format(fmt: &str) -> std::result::Result<(), String> {
+    if fmt == "iso" {
+        return Ok(());
+    }
+    use chrono::format::{Item, StrftimeItems};
+    if StrftimeItems::new(fmt).any(|i| matches!(i, Item::Error)) {
+        return Err(format!("'{fmt}' is not a valid date/time format"));
+    }
+    if !fmt.contains('%') {
+        return Err(format!("'{fmt}' has no % directive"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[csv]
+delimiter = "|"
+date_format = ["%m/%d/%Y", "iso"]
+
+[[files]]
+match = "pat*.csv"
+table = "patient"
+[files.fields]
+source_patient_id = "ID"
+birth_date = { column = "DOB", format = "%Y%m%d" }
+sex = { column = "Sex", map = { "1" = "male", "2" = "female" }, default = "unknown" }
+
+[[files]]
+match = "labs*.csv"
+table = "observation"
+codings = [{ system = "snomed", column = "SCT" }]
+[files.fields]
+source_patient_id = "ID"
+code = "LOINC"
+code_system = { value = "loinc" }
+value = "Result"
+effective_time = "When"
+"#;
+
+    fn load(text: &str) -> Result<CsvMapping> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.toml");
+        std::fs::write(&p, text).unwrap();
+        CsvMapping::load(&p)
+    }
+
+    #[test]
+    fn loads_a_mapping() {
+        let m = load(GOOD).unwrap();
+        assert_eq!(m.delimiter, b'|');
+        let pat = m.entry_for("patients_2025.csv").unwrap();
+        assert_eq!(pat.table, Table::Patient);
+        assert_eq!(pat.date_formats, vec!["%m/%d/%Y", "iso"]);
+        let (name, dob) = &pat.fields[1];
+        assert_eq!(*name, "birth_date");
+        assert_eq!(dob.formats.as_deref(), Some(&["%Y%m%d".to_string()][..]));
+        let labs = m.entry_for("labs.csv").unwrap();
+        assert!(labs.value.is_some());
+        assert_eq!(
+            labs.columns().collect::<Vec<_>>(),
+            ["ID", "LOINC", "When", "Result", "SCT"]
+        );
+        assert!(m.entry_for("claims.csv").is_none());
+        assert_eq!(m.hash.len(), 64);
+    }
+
+    #[test]
+    fn mistakes_are_located() {
+        for (text, key, needle) in [
+            (
+                GOOD.replace("code = \"LOINC\"", "kode = \"LOINC\""),
+                "kode",
+                "not a column",
+            ),
+            (
+                GOOD.replace("table = \"patient\"", "table = \"patients\""),
+                "table",
+                "unknown table",
+            ),
+            (
+                GOOD.replace("delimiter = \"|\"", "delimiter = \"||\""),
+                "delimiter",
+                "one ASCII",
+            ),
+            (
+                GOOD.replace("format = \"%Y%m%d\"", "format = \"%Q\""),
+                "birth_date",
+                "valid",
+            ),
+            (
+                GOOD.replace("system = \"snomed\"", "system = \"snowmed\""),
+                "codings.system",
+                "unknown code system",
+            ),
+            (
+                GOOD.replace("effective_time = \"When\"", ""),
+                "effective_time",
+                "required",
+            ),
+            (
+                GOOD.replace(
+                    "source_patient_id = \"ID\"\nbirth",
+                    "source_patient_id = { column = \"ID\", value = \"x\" }\nbirth",
+                ),
+                "source_patient_id",
+                "exactly one",
+            ),
+        ] {
+            match load(&text).unwrap_err() {
+                WardError::Config {
+                    key: k,
+                    message,
+                    line,
+                    ..
+                } => {
+                    assert_eq!(k.as_deref(), Some(key), "{message}");
+                    assert!(message.contains(needle), "{message}");
+                    assert!(line.is_some());
+                }
+                other => panic!("unexpected {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_field_option_is_rejected() {
+        let e = load(&GOOD.replace("default = \"unknown\"", "defualt = \"unknown\"")).unwrap_err();
+        assert!(e.to_string().contains("defualt"), "{e}");
+    }
+}

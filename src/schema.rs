@@ -1,0 +1,413 @@
+//! The canonical model: one Arrow schema per table, defined once here.
+//!
+//! Every table starts with `source` (the provider's name) and ends with the
+//! lineage columns `source_file` and `source_line`, so that any row in the
+//! warehouse can be traced back to the line of the extract it came from.
+//! Coded facts carry their primary coding in `code_system`/`code` and *all*
+//! their codings (the primary one included) in `codings`, a list of
+//! `{system, code}` structs, so a value set can match any of them.
+//!
+//! Times are `Timestamp(Microsecond, None)`: the wall-clock time as the
+//! provider recorded it (a UTC offset, when present, is dropped), because
+//! measures reason about the calendar day of care at the provider.
+
+use std::sync::{Arc, LazyLock};
+
+use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+
+/// What a column holds: its Arrow type and how ingest parses and normalizes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// An identifier, kept verbatim (trimmed).
+    Id,
+    /// Free text, kept verbatim (trimmed).
+    Text,
+    /// A calendar date (`Date32`).
+    Date,
+    /// A date and time without zone (`Timestamp(µs)`).
+    Timestamp,
+    /// A number (`Float64`).
+    Float,
+    /// `female | male | other | unknown`.
+    Sex,
+    /// `ambulatory | emergency | inpatient | virtual | other`.
+    EncounterClass,
+    /// OMB race category (see [`crate::ingest::normalize`]).
+    Race,
+    /// OMB ethnicity category.
+    Ethnicity,
+    /// US state or territory as its two-letter USPS code.
+    State,
+    /// Postal code; US ZIP codes reduced to their 5 digits.
+    PostalCode,
+    /// Short code-system name (`loinc`, `snomed`, `icd10cm`, ...).
+    CodeSystem,
+    /// A code of the row's `code_system`, checked and normalized against it.
+    Code,
+    /// A UCUM unit.
+    Unit,
+    /// A lowercase status or category token (`active`, `final`, ...).
+    Token,
+    /// All codings of the row: `List<Struct<system, code>>`.
+    Codings,
+    /// Line number in the source file (`UInt64`).
+    Line,
+}
+
+impl Kind {
+    /// The Arrow type that stores this kind.
+    pub fn data_type(self) -> DataType {
+        match self {
+            Kind::Date => DataType::Date32,
+            Kind::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
+            Kind::Float => DataType::Float64,
+            Kind::Line => DataType::UInt64,
+            Kind::Codings => DataType::List(Arc::new(Field::new(
+                "item",
+                DataType::Struct(coding_fields()),
+                true,
+            ))),
+            _ => DataType::Utf8,
+        }
+    }
+}
+
+/// The fields of one coding: `system` (short name) and `code`.
+pub fn coding_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("system", DataType::Utf8, false),
+        Field::new("code", DataType::Utf8, false),
+    ])
+}
+
+/// One column of a canonical table.
+#[derive(Debug, Clone, Copy)]
+pub struct Column {
+    pub name: &'static str,
+    pub kind: Kind,
+    /// A row without a value here is rejected (`required` rule).
+    pub required: bool,
+    /// Whether a mapping may fill it (lineage columns are filled by Ward).
+    pub mappable: bool,
+}
+
+const fn col(name: &'static str, kind: Kind) -> Column {
+    Column {
+        name,
+        kind,
+        required: false,
+        mappable: true,
+    }
+}
+
+const fn req(name: &'static str, kind: Kind) -> Column {
+    Column {
+        name,
+        kind,
+        required: true,
+        mappable: true,
+    }
+}
+
+const SOURCE: Column = Column {
+    name: "source",
+    kind: Kind::Id,
+    required: true,
+    mappable: false,
+};
+const SOURCE_FILE: Column = Column {
+    name: "source_file",
+    kind: Kind::Text,
+    required: true,
+    mappable: false,
+};
+const SOURCE_LINE: Column = Column {
+    name: "source_line",
+    kind: Kind::Line,
+    required: true,
+    mappable: false,
+};
+
+/// The canonical tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    Patient,
+    Encounter,
+    Condition,
+    Observation,
+    Medication,
+    Procedure,
+}
+
+impl Table {
+    /// All tables, patients first (facts are validated against patients).
+    pub const ALL: [Table; 6] = [
+        Table::Patient,
+        Table::Encounter,
+        Table::Condition,
+        Table::Observation,
+        Table::Medication,
+        Table::Procedure,
+    ];
+
+    /// The table's snake_case name, as used in paths and SQL.
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Patient => "patient",
+            Table::Encounter => "encounter",
+            Table::Condition => "condition",
+            Table::Observation => "observation",
+            Table::Medication => "medication",
+            Table::Procedure => "procedure",
+        }
+    }
+
+    /// Parses a table name.
+    pub fn from_name(name: &str) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// The table's columns in schema order.
+    pub fn columns(self) -> &'static [Column] {
+        match self {
+            Table::Patient => &PATIENT,
+            Table::Encounter => &ENCOUNTER,
+            Table::Condition => &CONDITION,
+            Table::Observation => &OBSERVATION,
+            Table::Medication => &MEDICATION,
+            Table::Procedure => &PROCEDURE,
+        }
+    }
+
+    /// Looks a column up by name.
+    pub fn column(self, name: &str) -> Option<&'static Column> {
+        self.columns().iter().find(|c| c.name == name)
+    }
+
+    /// The date or time columns that must not precede the patient's birth.
+    pub fn event_columns(self) -> &'static [&'static str] {
+        match self {
+            Table::Patient => &["deceased_date"],
+            Table::Encounter => &["start_time", "end_time"],
+            Table::Condition => &["onset_date", "abatement_date", "recorded_date"],
+            Table::Observation => &["effective_time"],
+            Table::Medication => &["start_date", "end_date"],
+            Table::Procedure => &["performed_time", "performed_end_time"],
+        }
+    }
+
+    /// The start and end columns of the fact's period, when it has one.
+    pub fn period_columns(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Table::Patient | Table::Observation => None,
+            Table::Encounter => Some(("start_time", "end_time")),
+            Table::Condition => Some(("onset_date", "abatement_date")),
+            Table::Medication => Some(("start_date", "end_date")),
+            Table::Procedure => Some(("performed_time", "performed_end_time")),
+        }
+    }
+
+    /// The table's Arrow schema.
+    pub fn schema(self) -> SchemaRef {
+        static SCHEMAS: LazyLock<Vec<SchemaRef>> = LazyLock::new(|| {
+            Table::ALL
+                .iter()
+                .map(|t| {
+                    Arc::new(Schema::new(
+                        t.columns()
+                            .iter()
+                            .map(|c| Field::new(c.name, c.kind.data_type(), !c.required))
+                            .collect::<Vec<_>>(),
+                    ))
+                })
+                .collect()
+        });
+        SCHEMAS[self as usize].clone()
+    }
+}
+
+const PATIENT: [Column; 20] = [
+    SOURCE,
+    req("source_patient_id", Kind::Id),
+    col("mrn", Kind::Id),
+    col("given_name", Kind::Text),
+    col("family_name", Kind::Text),
+    req("birth_date", Kind::Date),
+    req("sex", Kind::Sex),
+    col("race", Kind::Race),
+    col("ethnicity", Kind::Ethnicity),
+    col("address_line", Kind::Text),
+    col("city", Kind::Text),
+    col("state", Kind::State),
+    col("postal_code", Kind::PostalCode),
+    col("phone", Kind::Text),
+    col("email", Kind::Text),
+    col("ssn", Kind::Text),
+    col("deceased_date", Kind::Date),
+    col("payer", Kind::Text),
+    SOURCE_FILE,
+    SOURCE_LINE,
+];
+
+const ENCOUNTER: [Column; 14] = [
+    SOURCE,
+    req("source_encounter_id", Kind::Id),
+    req("source_patient_id", Kind::Id),
+    req("encounter_class", Kind::EncounterClass),
+    col("status", Kind::Token),
+    col("code_system", Kind::CodeSystem),
+    col("code", Kind::Code),
+    col("codings", Kind::Codings),
+    req("start_time", Kind::Timestamp),
+    col("end_time", Kind::Timestamp),
+    col("discharge_disposition", Kind::Token),
+    col("facility", Kind::Text),
+    SOURCE_FILE,
+    SOURCE_LINE,
+];
+
+const CONDITION: [Column; 16] = [
+    SOURCE,
+    col("source_condition_id", Kind::Id),
+    req("source_patient_id", Kind::Id),
+    col("source_encounter_id", Kind::Id),
+    col("category", Kind::Token),
+    col("clinical_status", Kind::Token),
+    col("verification_status", Kind::Token),
+    req("code_system", Kind::CodeSystem),
+    req("code", Kind::Code),
+    col("codings", Kind::Codings),
+    req("onset_date", Kind::Date),
+    col("abatement_date", Kind::Date),
+    col("recorded_date", Kind::Date),
+    col("description", Kind::Text),
+    SOURCE_FILE,
+    SOURCE_LINE,
+];
+
+const OBSERVATION: [Column; 19] = [
+    SOURCE,
+    col("source_observation_id", Kind::Id),
+    req("source_patient_id", Kind::Id),
+    col("source_encounter_id", Kind::Id),
+    col("status", Kind::Token),
+    col("category", Kind::Token),
+    req("code_system", Kind::CodeSystem),
+    req("code", Kind::Code),
+    col("codings", Kind::Codings),
+    col("value_num", Kind::Float),
+    col("unit", Kind::Unit),
+    col("value_text", Kind::Text),
+    col("value_code_system", Kind::CodeSystem),
+    col("value_code", Kind::Id),
+    req("effective_time", Kind::Timestamp),
+    col("description", Kind::Text),
+    col("panel_id", Kind::Id),
+    SOURCE_FILE,
+    SOURCE_LINE,
+];
+
+const MEDICATION: [Column; 15] = [
+    SOURCE,
+    col("source_medication_id", Kind::Id),
+    req("source_patient_id", Kind::Id),
+    col("source_encounter_id", Kind::Id),
+    col("status", Kind::Token),
+    col("intent", Kind::Token),
+    req("code_system", Kind::CodeSystem),
+    req("code", Kind::Code),
+    col("codings", Kind::Codings),
+    req("start_date", Kind::Date),
+    col("end_date", Kind::Date),
+    col("description", Kind::Text),
+    col("resource_type", Kind::Token),
+    SOURCE_FILE,
+    SOURCE_LINE,
+];
+
+const PROCEDURE: [Column; 13] = [
+    SOURCE,
+    col("source_procedure_id", Kind::Id),
+    req("source_patient_id", Kind::Id),
+    col("source_encounter_id", Kind::Id),
+    col("status", Kind::Token),
+    req("code_system", Kind::CodeSystem),
+    req("code", Kind::Code),
+    col("codings", Kind::Codings),
+    req("performed_time", Kind::Timestamp),
+    col("performed_end_time", Kind::Timestamp),
+    col("description", Kind::Text),
+    SOURCE_FILE,
+    SOURCE_LINE,
+];
+
+/// Schema of `rejects/<source>/…parquet`: one row per rejected source record.
+/// `rule`/`column`/`message` describe the first failure, `errors` lists all of
+/// them (`column: rule` separated by `; `), `raw` holds the record's fields as
+/// a JSON object keyed by header name (or the raw line when it could not be
+/// split into fields).
+pub fn rejects_schema() -> SchemaRef {
+    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+        Arc::new(Schema::new(vec![
+            Field::new("source", DataType::Utf8, false),
+            Field::new("source_file", DataType::Utf8, false),
+            Field::new("line", DataType::UInt64, false),
+            Field::new("table", DataType::Utf8, false),
+            Field::new("column", DataType::Utf8, true),
+            Field::new("rule", DataType::Utf8, false),
+            Field::new("message", DataType::Utf8, false),
+            Field::new("errors", DataType::Utf8, false),
+            Field::new("raw", DataType::Utf8, false),
+        ]))
+    });
+    SCHEMA.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_table_has_lineage_and_unique_columns() {
+        for t in Table::ALL {
+            let schema = t.schema();
+            assert_eq!(schema.field(0).name(), "source", "{}", t.name());
+            let n = schema.fields().len();
+            assert_eq!(schema.field(n - 2).name(), "source_file");
+            assert_eq!(schema.field(n - 1).name(), "source_line");
+            let mut names: Vec<_> = t.columns().iter().map(|c| c.name).collect();
+            names.sort();
+            names.dedup();
+            assert_eq!(names.len(), n, "duplicate column in {}", t.name());
+            assert_eq!(Table::from_name(t.name()), Some(t));
+            for e in t.event_columns() {
+                let c = t.column(e).expect("event column exists");
+                assert!(matches!(c.kind, Kind::Date | Kind::Timestamp));
+            }
+        }
+    }
+
+    #[test]
+    fn coded_tables_carry_all_codings() {
+        for t in &Table::ALL[1..] {
+            let f = t.schema().field_with_name("codings").unwrap().clone();
+            match f.data_type() {
+                DataType::List(item) => match item.data_type() {
+                    DataType::Struct(fields) => {
+                        assert_eq!(fields.len(), 2);
+                        assert_eq!(fields[0].name(), "system");
+                    }
+                    other => panic!("unexpected {other}"),
+                },
+                other => panic!("unexpected {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn required_columns_are_not_nullable() {
+        let s = Table::Observation.schema();
+        assert!(!s.field_with_name("effective_time").unwrap().is_nullable());
+        assert!(s.field_with_name("value_num").unwrap().is_nullable());
+    }
+}

@@ -1,0 +1,326 @@
+//! The warehouse on disk: its layout, atomic publication of files, and the
+//! ingest state that makes re-runs idempotent.
+//!
+//! ```text
+//! <warehouse>/staging/<table>/source=<name>/<batch>.parquet   accepted rows
+//! <warehouse>/rejects/<name>/<batch>.parquet                  rejected rows with reasons
+//! <warehouse>/state/ingest.json                               which input produced which batch
+//! <warehouse>/.tmp/                                           files being written
+//! ```
+//!
+//! Every file is written under `.tmp/` and renamed into place, so a reader
+//! never sees a half-written file; the state file is replaced the same way,
+//! after the batches it lists, and batches it no longer lists are removed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::basic::{Compression, ZstdLevel};
+use datafusion::parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, WardError};
+use crate::schema::Table;
+
+/// Version of the ingest state format and of ingest's rules: bumping it
+/// reloads every file on the next run.
+pub const INGEST_VERSION: u32 = 1;
+
+/// Paths and file operations of one warehouse.
+#[derive(Debug, Clone)]
+pub struct Warehouse {
+    root: PathBuf,
+}
+
+impl Warehouse {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Warehouse { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `staging/<table>/source=<source>` (hive-style, so query engines see a
+    /// `source` partition column).
+    pub fn staging_dir(&self, table: Table, source: &str) -> PathBuf {
+        self.root
+            .join("staging")
+            .join(table.name())
+            .join(format!("source={source}"))
+    }
+
+    /// `staging/<table>`: every source's batches of one table.
+    pub fn staging_table_dir(&self, table: Table) -> PathBuf {
+        self.root.join("staging").join(table.name())
+    }
+
+    /// `rejects/<source>`.
+    pub fn rejects_dir(&self, source: &str) -> PathBuf {
+        self.root.join("rejects").join(source)
+    }
+
+    /// The ingest state file.
+    pub fn state_path(&self) -> PathBuf {
+        self.root.join("state").join("ingest.json")
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join(".tmp")
+    }
+
+    /// Path of a warehouse file relative to the root, as stored in the state.
+    pub fn relative(&self, path: &Path) -> String {
+        path.strip_prefix(&self.root)
+            .unwrap_or(path)
+            .to_string_lossy()
+            .replace('\\', "/")
+    }
+
+    /// Writes record batches as one zstd Parquet file, atomically.
+    pub fn write_parquet(
+        &self,
+        path: &Path,
+        schema: SchemaRef,
+        batches: &[RecordBatch],
+    ) -> Result<()> {
+        let data_err = |message: String| WardError::Data {
+            context: "writing parquet",
+            path: path.to_path_buf(),
+            message,
+        };
+        self.publish(path, |file| {
+            let props = WriterProperties::builder()
+                .set_compression(Compression::ZSTD(
+                    ZstdLevel::try_new(3).expect("valid zstd level"),
+                ))
+                .set_created_by(format!("ward {}", env!("CARGO_PKG_VERSION")))
+                .build();
+            let mut writer = ArrowWriter::try_new(file, schema, Some(props))
+                .map_err(|e| data_err(e.to_string()))?;
+            for b in batches {
+                writer.write(b).map_err(|e| data_err(e.to_string()))?;
+            }
+            writer.close().map_err(|e| data_err(e.to_string()))?;
+            Ok(())
+        })
+    }
+
+    /// Writes a file under `.tmp/`, syncs it and renames it to `path`.
+    fn publish(&self, path: &Path, write: impl FnOnce(&mut fs::File) -> Result<()>) -> Result<()> {
+        let tmp_dir = self.tmp_dir();
+        fs::create_dir_all(&tmp_dir).map_err(|e| WardError::io("cannot create", &tmp_dir, e))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = tmp_dir.join(format!("{}-{name}", std::process::id()));
+        let mut file =
+            fs::File::create(&tmp).map_err(|e| WardError::io("cannot create", &tmp, e))?;
+        write(&mut file)?;
+        file.sync_all()
+            .map_err(|e| WardError::io("cannot sync", &tmp, e))?;
+        drop(file);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(|e| WardError::io("cannot create", parent, e))?;
+        }
+        fs::rename(&tmp, path).map_err(|e| WardError::io("cannot publish", path, e))
+    }
+
+    /// Reads the ingest state; an absent file is an empty state.
+    pub fn load_state(&self) -> Result<IngestState> {
+        let path = self.state_path();
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(IngestState::default()),
+            Err(e) => return Err(WardError::io("cannot read", &path, e)),
+        };
+        let state: IngestState = serde_json::from_str(&text).map_err(|e| WardError::State {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if state.version != INGEST_VERSION {
+            // Rules changed: forget everything so that every file is reloaded.
+            return Ok(IngestState {
+                superseded: state.all_outputs(),
+                ..IngestState::default()
+            });
+        }
+        Ok(state)
+    }
+
+    /// Replaces the ingest state atomically.
+    pub fn save_state(&self, state: &IngestState) -> Result<()> {
+        let path = self.state_path();
+        let json = serde_json::to_vec_pretty(state).expect("state serializes");
+        self.publish(&path, |f| {
+            f.write_all(&json)
+                .map_err(|e| WardError::io("cannot write", &path, e))
+        })
+    }
+
+    /// Removes what a crashed run may have left: temporary files, and Parquet
+    /// files under `staging/` and `rejects/` that the state does not list.
+    /// Returns how many files were removed.
+    pub fn remove_unlisted(&self, state: &IngestState) -> Result<usize> {
+        let listed: BTreeSet<String> = state.all_outputs().into_iter().collect();
+        let mut removed = 0;
+        let tmp = self.tmp_dir();
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(|e| WardError::io("cannot remove", &tmp, e))?;
+        }
+        for top in ["staging", "rejects"] {
+            for file in parquet_files(&self.root.join(top))? {
+                if !listed.contains(&self.relative(&file)) {
+                    fs::remove_file(&file).map_err(|e| WardError::io("cannot remove", &file, e))?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Deletes warehouse files by relative path, ignoring ones already gone.
+    pub fn remove(&self, relative: &[String]) -> Result<()> {
+        for r in relative {
+            let p = self.root.join(r);
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(WardError::io("cannot remove", &p, e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// All `*.parquet` files under a directory, recursively, sorted.
+pub fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    if !dir.exists() {
+        return Ok(out);
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).map_err(|e| WardError::io("cannot list", &d, e))? {
+            let entry = entry.map_err(|e| WardError::io("cannot list", &d, e))?;
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// What has been loaded into staging, per source and input file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IngestState {
+    pub version: u32,
+    pub sources: BTreeMap<String, BTreeMap<String, FileState>>,
+    /// Outputs of a state from an older version, to delete once replaced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub superseded: Vec<String>,
+}
+
+impl Default for IngestState {
+    fn default() -> Self {
+        IngestState {
+            version: INGEST_VERSION,
+            sources: BTreeMap::new(),
+            superseded: Vec::new(),
+        }
+    }
+}
+
+impl IngestState {
+    /// Every warehouse file the state lists (relative paths).
+    pub fn all_outputs(&self) -> Vec<String> {
+        self.sources
+            .values()
+            .flat_map(|files| files.values())
+            .flat_map(|f| f.outputs.iter().cloned())
+            .collect()
+    }
+}
+
+/// One input file's load: what it was, what it produced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileState {
+    pub sha256: String,
+    pub mapping_sha256: String,
+    /// For fact files: fingerprint of the source's patient files the rows
+    /// were checked against; when it changes the file is checked again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patients_fingerprint: Option<String>,
+    pub table: String,
+    pub batch_id: String,
+    /// Warehouse-relative paths of the Parquet files written.
+    pub outputs: Vec<String>,
+    pub rows_read: u64,
+    pub rows_accepted: u64,
+    pub rows_rejected: u64,
+    /// When it was loaded (UTC, RFC 3339).
+    pub loaded_at: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Int32Array, RecordBatch};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+
+    #[test]
+    fn parquet_is_published_atomically_and_unlisted_files_are_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let wh = Warehouse::new(dir.path());
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int32, false)]));
+        let batch =
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(Int32Array::from(vec![1, 2]))])
+                .unwrap();
+        let path = wh.staging_dir(Table::Patient, "a").join("b1.parquet");
+        wh.write_parquet(&path, schema, &[batch]).unwrap();
+        assert!(path.exists());
+        assert!(
+            fs::read_dir(dir.path().join(".tmp"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+
+        let mut state = IngestState::default();
+        assert_eq!(wh.remove_unlisted(&state).unwrap(), 1);
+        assert!(!path.exists());
+
+        let path2 = wh.rejects_dir("a").join("b2.parquet");
+        fs::create_dir_all(path2.parent().unwrap()).unwrap();
+        fs::write(&path2, b"x").unwrap();
+        state.sources.entry("a".into()).or_default().insert(
+            "f.csv".into(),
+            FileState {
+                sha256: "s".into(),
+                mapping_sha256: "m".into(),
+                patients_fingerprint: None,
+                table: "patient".into(),
+                batch_id: "b2".into(),
+                outputs: vec![wh.relative(&path2)],
+                rows_read: 1,
+                rows_accepted: 0,
+                rows_rejected: 1,
+                loaded_at: "t".into(),
+            },
+        );
+        assert_eq!(wh.remove_unlisted(&state).unwrap(), 0);
+        wh.save_state(&state).unwrap();
+        assert_eq!(wh.load_state().unwrap(), state);
+    }
+}

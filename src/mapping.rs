@@ -119,6 +119,9 @@ pub struct FieldSpec {
     pub map: Option<BTreeMap<String, String>>,
     /// Used when the cell is empty, or (with `map`) holds an unlisted value.
     pub default: Option<String>,
+    /// With `map`: values the map does not list pass through unchanged
+    /// (instead of taking `default` or being rejected as `unmapped_value`).
+    pub keep_unmapped: bool,
 }
 
 /// An extra coding read from a column, with a fixed system.
@@ -214,6 +217,8 @@ struct DetailedField {
     format: Option<Formats>,
     map: Option<BTreeMap<String, String>>,
     default: Option<String>,
+    #[serde(default)]
+    keep_unmapped: bool,
 }
 
 impl<'de> Deserialize<'de> for RawField {
@@ -222,7 +227,7 @@ impl<'de> Deserialize<'de> for RawField {
         impl<'de> Visitor<'de> for V {
             type Value = RawField;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a column name or a table { column | value, format, map, default }")
+                f.write_str("a column name or a table { column | value, format, map, default, keep_unmapped }")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<RawField, E> {
                 Ok(RawField(DetailedField {
@@ -231,6 +236,7 @@ impl<'de> Deserialize<'de> for RawField {
                     format: None,
                     map: None,
                     default: None,
+                    keep_unmapped: false,
                 }))
             }
             fn visit_map<A: MapAccess<'de>>(
@@ -320,11 +326,17 @@ impl CsvMapping {
                 for fmt in formats.iter().flatten() {
                     check_format(fmt).map_err(&bad)?;
                 }
+                if d.keep_unmapped && (d.map.is_none() || d.default.is_some()) {
+                    return Err(bad(
+                        "'keep_unmapped' needs a 'map' and excludes 'default'".into()
+                    ));
+                }
                 let spec = FieldSpec {
                     source,
                     formats,
                     map: d.map,
                     default: d.default,
+                    keep_unmapped: d.keep_unmapped,
                 };
                 if name == "value" && table == Table::Observation {
                     value = Some(spec);

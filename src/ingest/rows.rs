@@ -280,6 +280,7 @@ fn resolve<'x>(
         (_, None) => spec.default.as_deref(),
         (Some(map), Some(v)) => match map.get(v) {
             Some(m) => Some(m.as_str()),
+            None if spec.keep_unmapped => Some(v),
             None => Some(spec.default.as_deref().ok_or(())?),
         },
         (None, Some(v)) => Some(v),

@@ -1,0 +1,237 @@
+//! The `ward` binary: exit codes, summary, logs.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn ward(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ward"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn run_on_the_sample_succeeds_and_prints_a_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    let out = ward(dir.path(), &["--config", config.to_str().unwrap(), "run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for source in [
+        "northside_clinic",
+        "lakeside_endo",
+        "st_marys_hospital",
+        "total",
+    ] {
+        assert!(stdout.contains(source), "{stdout}");
+    }
+    assert!(
+        stdout.contains("rejects by rule:") && stdout.contains("duplicate_row 1"),
+        "{stdout}"
+    );
+    assert!(dir.path().join("wh/state/ingest.json").is_file());
+
+    // The second run loads nothing and still succeeds.
+    let again = ward(dir.path(), &["--config", config.to_str().unwrap(), "run"]);
+    assert_eq!(again.status.code(), Some(0));
+    assert!(!text(&again.stdout).contains("rejects by rule:"));
+}
+
+#[test]
+fn ward_toml_in_the_working_directory_is_the_default_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    let cwd = config.parent().unwrap();
+    let out = ward(cwd, &["-q", "ingest"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).is_empty(), "-q prints no summary");
+    assert!(dir.path().join("wh/staging/patient").is_dir());
+}
+
+#[test]
+fn validate_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    let out = ward(
+        dir.path(),
+        &["--config", config.to_str().unwrap(), "validate"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("nothing written"));
+    assert!(text(&out.stdout).contains("rejects by rule:"));
+    assert!(!dir.path().join("wh").exists());
+}
+
+#[test]
+fn malformed_config_exits_2_naming_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ward.toml");
+    fs::write(&config, "warehouse = \"wh\"\n[[sources]\nname = 1\n").unwrap();
+    let out = ward(dir.path(), &["--config", config.to_str().unwrap(), "run"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("ward.toml:2:"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let mapping_error = copy_sample(dir.path());
+    let m = dir.path().join("sample_data/mappings/emr_a.toml");
+    let bad = fs::read_to_string(&m)
+        .unwrap()
+        .replace("mrn = \"MRN\"", "mrm = \"MRN\"");
+    fs::write(&m, bad).unwrap();
+    let out = ward(
+        dir.path(),
+        &["--config", mapping_error.to_str().unwrap(), "run"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("emr_a.toml:") && stderr.contains("'mrm'"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_input_exits_3_and_names_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    fs::remove_dir_all(dir.path().join("sample_data/lakeside_endo")).unwrap();
+    let out = ward(dir.path(), &["--config", config.to_str().unwrap(), "run"]);
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("source 'lakeside_endo': no input file matches"),
+        "{stderr}"
+    );
+    // The other providers were still loaded.
+    assert!(
+        dir.path()
+            .join("wh/staging/patient/source=northside_clinic")
+            .is_dir()
+    );
+}
+
+#[test]
+fn json_logs_carry_no_patient_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    let out = ward(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "-vv",
+            "--log-format",
+            "json",
+            "run",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = text(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines.len() > 18, "one line per file at least");
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v.get("level").is_some() && v.get("message").is_some(),
+            "{line}"
+        );
+    }
+
+    // Identifying values of every sample patient: none may appear in any output.
+    let mut identifiers = Vec::new();
+    for (file, columns) in [
+        (
+            "northside_clinic/patients.csv",
+            &[
+                "FirstName",
+                "LastName",
+                "DOB",
+                "SSN",
+                "Phone",
+                "Email",
+                "MRN",
+                "Street",
+            ][..],
+        ),
+        (
+            "lakeside_endo/patients.csv",
+            &[
+                "FirstName",
+                "LastName",
+                "DOB",
+                "Phone",
+                "Email",
+                "MRN",
+                "Street",
+            ][..],
+        ),
+        (
+            "st_marys_hospital/pat_demo.csv",
+            &[
+                "PAT_FIRST",
+                "PAT_LAST",
+                "BIRTH_DT",
+                "PHONE_NO",
+                "MRN_NO",
+                "ADDR1",
+            ][..],
+        ),
+    ] {
+        let path = dir.path().join("sample_data").join(file);
+        let delimiter = if file.starts_with("st_marys") {
+            b'|'
+        } else {
+            b','
+        };
+        let bytes = fs::read(&path).unwrap();
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+        let mut r = csv::ReaderBuilder::new()
+            .delimiter(delimiter)
+            .from_reader(bytes);
+        let header = r.headers().unwrap().clone();
+        for rec in r.records() {
+            let rec = rec.unwrap();
+            for c in columns {
+                let i = header.iter().position(|h| h == *c).unwrap();
+                if rec[i].len() >= 4 {
+                    identifiers.push(rec[i].to_string());
+                }
+            }
+        }
+    }
+    assert!(identifiers.len() > 200);
+    let all = format!("{}{}", text(&out.stdout), stderr);
+    for id in &identifiers {
+        assert!(
+            !all.contains(id.as_str()),
+            "a patient value appears in the output"
+        );
+    }
+}
+
+#[test]
+fn help_lists_the_commands() {
+    let out = ward(Path::new("."), &["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = text(&out.stdout);
+    for cmd in ["run", "ingest", "validate", "--config", "--log-format"] {
+        assert!(help.contains(cmd), "{help}");
+    }
+    let bad = ward(Path::new("."), &["frobnicate"]);
+    assert_eq!(bad.status.code(), Some(2));
+}

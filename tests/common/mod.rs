@@ -1,0 +1,153 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use chrono::NaiveDate;
+use datafusion::arrow::array::{Array, RecordBatch, StringArray, UInt64Array};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::DataType;
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use indicatif::ProgressBar;
+use sha2::{Digest, Sha256};
+use ward::ingest::{IngestOptions, IngestReport, ingest};
+use ward::{PipelineConfig, Result};
+
+pub const SAMPLE_TODAY: (i32, u32, u32) = (2026, 1, 31);
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Copies `sample_data/` into `dir` with the warehouse inside `dir`;
+/// returns the config path.
+pub fn copy_sample(dir: &Path) -> PathBuf {
+    copy_dir(&repo().join("sample_data"), &dir.join("sample_data"));
+    let config = dir.join("sample_data").join("ward.toml");
+    let text = fs::read_to_string(&config).unwrap();
+    fs::write(
+        &config,
+        text.replace("warehouse = \"../warehouse\"", "warehouse = \"../wh\""),
+    )
+    .unwrap();
+    config
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+pub fn today() -> NaiveDate {
+    NaiveDate::from_ymd_opt(SAMPLE_TODAY.0, SAMPLE_TODAY.1, SAMPLE_TODAY.2).unwrap()
+}
+
+pub fn run_ingest(config: &Path) -> Result<IngestReport> {
+    let config = PipelineConfig::load(config)?;
+    ingest(
+        &config,
+        &IngestOptions {
+            today: today(),
+            dry_run: false,
+        },
+        &ProgressBar::hidden(),
+    )
+}
+
+/// Reads every Parquet file under `dir` (recursively).
+pub fn read_dir_batches(dir: &Path) -> Vec<RecordBatch> {
+    ward::warehouse::parquet_files(dir)
+        .unwrap()
+        .into_iter()
+        .flat_map(|p| {
+            ParquetRecordBatchReaderBuilder::try_new(fs::File::open(p).unwrap())
+                .unwrap()
+                .build()
+                .unwrap()
+                .map(|b| b.unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+pub fn rows(batches: &[RecordBatch]) -> usize {
+    batches.iter().map(RecordBatch::num_rows).sum()
+}
+
+/// Values of a string column over all batches (None for nulls).
+pub fn strings(batches: &[RecordBatch], column: &str) -> Vec<Option<String>> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let col = b
+                .column_by_name(column)
+                .unwrap_or_else(|| panic!("no column {column}"));
+            // DataFusion reads strings as Utf8View; Ward writes Utf8.
+            let col = cast(col, &DataType::Utf8).unwrap();
+            let a = col.as_any().downcast_ref::<StringArray>().unwrap().clone();
+            (0..a.len())
+                .map(move |i| (!a.is_null(i)).then(|| a.value(i).to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+pub fn u64s(batches: &[RecordBatch], column: &str) -> Vec<u64> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let a = b
+                .column_by_name(column)
+                .unwrap()
+                .as_any()
+                .downcast_ref::<UInt64Array>()
+                .unwrap()
+                .clone();
+            (0..a.len()).map(move |i| a.value(i)).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// (source, file, line, rule) of every reject in the warehouse, sorted.
+pub fn reject_keys(wh: &Path) -> Vec<(String, String, u64, String)> {
+    let b = read_dir_batches(&wh.join("rejects"));
+    let mut keys: Vec<_> = strings(&b, "source")
+        .into_iter()
+        .zip(strings(&b, "source_file"))
+        .zip(u64s(&b, "line"))
+        .zip(strings(&b, "rule"))
+        .map(|(((s, f), l), r)| (s.unwrap(), f.unwrap(), l, r.unwrap()))
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// Every file under `dir` with the SHA-256 of its content.
+pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(
+                    p.clone(),
+                    hex::encode(Sha256::digest(fs::read(&p).unwrap())),
+                );
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,540 @@
+//! Ingest on real files: the bundled sample, bad input of every kind,
+//! idempotence, replacement, and Synthea's CSV export from ../shared/data.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::*;
+use datafusion::arrow::array::{Array, Float64Array};
+use ward::ingest::FileStatus;
+use ward::schema::Table;
+
+/// The deliberately bad rows of sample_data/ (see sample_data/README.md).
+const PLANTED: [(&str, &str, u64, &str); 12] = [
+    ("lakeside_endo", "problems.csv", 16, "required"),
+    ("northside_clinic", "patients.csv", 18, "unparseable_date"),
+    ("northside_clinic", "results.csv", 99, "implausible_value"),
+    ("northside_clinic", "results.csv", 100, "unknown_patient"),
+    ("northside_clinic", "results.csv", 101, "malformed_code"),
+    ("northside_clinic", "results.csv", 102, "duplicate_row"),
+    ("northside_clinic", "results.csv", 103, "future_date"),
+    ("northside_clinic", "results.csv", 104, "unparseable_number"),
+    ("st_marys_hospital", "dx.csv", 27, "malformed_code"),
+    ("st_marys_hospital", "enc.csv", 20, "before_birth"),
+    ("st_marys_hospital", "lab.csv", 53, "implausible_value"),
+    ("st_marys_hospital", "lab.csv", 54, "wrong_field_count"),
+];
+
+#[test]
+fn sample_loads_every_provider_and_rejects_exactly_the_planted_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    let report = run_ingest(&config).unwrap();
+    assert!(report.failures().is_empty(), "{:?}", report.failures());
+    assert_eq!(report.files.len(), 18);
+    assert!(report.files.iter().all(|f| f.status == FileStatus::Loaded));
+
+    let wh = dir.path().join("wh");
+    let expected: Vec<_> = PLANTED
+        .iter()
+        .map(|(s, f, l, r)| (s.to_string(), f.to_string(), *l, r.to_string()))
+        .collect();
+    assert_eq!(reject_keys(&wh), expected);
+
+    // Reconciliation: per file and against what is on disk.
+    for f in &report.files {
+        assert_eq!(
+            f.rows_read,
+            f.rows_accepted + f.rows_rejected,
+            "{}/{}",
+            f.source,
+            f.file
+        );
+    }
+    let accepted: u64 = report.files.iter().map(|f| f.rows_accepted).sum();
+    let rejected: u64 = report.files.iter().map(|f| f.rows_rejected).sum();
+    let staged: usize = Table::ALL
+        .iter()
+        .map(|t| rows(&read_dir_batches(&wh.join("staging").join(t.name()))))
+        .sum();
+    assert_eq!(staged as u64, accepted);
+    assert_eq!(
+        rows(&read_dir_batches(&wh.join("rejects"))) as u64,
+        rejected
+    );
+
+    // Every provider has patients and observations in staging.
+    for source in ["northside_clinic", "lakeside_endo", "st_marys_hospital"] {
+        for table in [Table::Patient, Table::Observation] {
+            let d = wh
+                .join("staging")
+                .join(table.name())
+                .join(format!("source={source}"));
+            assert!(rows(&read_dir_batches(&d)) > 0, "{source} {}", table.name());
+        }
+    }
+}
+
+#[test]
+fn sample_values_are_normalized() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    run_ingest(&config).unwrap();
+    let obs = read_dir_batches(&dir.path().join("wh/staging/observation"));
+    let codes = strings(&obs, "code");
+    let units = strings(&obs, "unit");
+    let sources = strings(&obs, "source");
+    let values: Vec<Option<f64>> = obs
+        .iter()
+        .flat_map(|b| {
+            let a = b
+                .column_by_name("value_num")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Float64Array>()
+                .unwrap()
+                .clone();
+            (0..a.len())
+                .map(move |i| (!a.is_null(i)).then(|| a.value(i)))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut ifcc = 0;
+    for i in 0..codes.len() {
+        match codes[i].as_deref() {
+            // The hospital reports HbA1c in mmol/mol; staging holds %.
+            Some("59261-8") => {
+                ifcc += 1;
+                assert_eq!(units[i].as_deref(), Some("%"));
+                let v = values[i].unwrap();
+                assert!((3.0..=20.0).contains(&v) && v < 12.0, "{v}");
+            }
+            Some("4548-4") => assert_eq!(units[i].as_deref(), Some("%")),
+            Some("8480-6") | Some("8462-4") => assert_eq!(units[i].as_deref(), Some("mm[Hg]")),
+            // 7.2 mmol/L glucose at the clinic → 129.7 mg/dL.
+            Some("2345-7") => {
+                assert_eq!(units[i].as_deref(), Some("mg/dL"));
+                assert!((values[i].unwrap() - 129.7).abs() < 0.05);
+            }
+            other => panic!("unexpected code {other:?}"),
+        }
+        assert!(sources[i].is_some());
+    }
+    assert!(ifcc > 0);
+
+    let pats = read_dir_batches(&dir.path().join("wh/staging/patient"));
+    for s in strings(&pats, "sex") {
+        assert!(matches!(s.as_deref(), Some("female" | "male")), "{s:?}");
+    }
+    for z in strings(&pats, "postal_code").into_iter().flatten() {
+        assert_eq!(z.len(), 5, "{z}");
+    }
+    let race = strings(&pats, "race");
+    assert!(
+        race.iter()
+            .any(|r| r.as_deref() == Some("black_or_african_american"))
+    );
+    // Hospital diagnoses: ICD-10-CM dotted, and the SNOMED column as a second coding.
+    let cond = read_dir_batches(
+        &dir.path()
+            .join("wh/staging/condition/source=st_marys_hospital"),
+    );
+    let codes = strings(&cond, "code");
+    assert!(codes.iter().any(|c| c.as_deref() == Some("E11.9")));
+    assert!(!codes.iter().any(|c| c.as_deref() == Some("E119")));
+    let codings = cond[0]
+        .column_by_name("codings")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<datafusion::arrow::array::ListArray>()
+        .unwrap()
+        .value(0);
+    assert_eq!(codings.len(), 2, "ICD-10-CM and SNOMED CT");
+}
+
+#[test]
+fn second_run_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    run_ingest(&config).unwrap();
+    let before = snapshot(&dir.path().join("wh"));
+    let report = run_ingest(&config).unwrap();
+    assert!(
+        report
+            .files
+            .iter()
+            .all(|f| f.status == FileStatus::Unchanged),
+        "{:?}",
+        report.files
+    );
+    assert_eq!(snapshot(&dir.path().join("wh")), before);
+}
+
+#[test]
+fn changed_file_replaces_its_own_batch_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    run_ingest(&config).unwrap();
+    let wh = dir.path().join("wh");
+    let before = snapshot(&wh);
+
+    // Correct the clinic's results: drop the planted bad rows (lines 99-104).
+    let results = dir.path().join("sample_data/northside_clinic/results.csv");
+    let text = fs::read_to_string(&results).unwrap();
+    let kept: Vec<&str> = text.lines().take(98).collect();
+    fs::write(&results, kept.join("\n") + "\n").unwrap();
+
+    let report = run_ingest(&config).unwrap();
+    let loaded: Vec<_> = report
+        .files
+        .iter()
+        .filter(|f| f.status == FileStatus::Loaded)
+        .collect();
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(
+        (
+            loaded[0].file.as_str(),
+            loaded[0].rows_read,
+            loaded[0].rows_rejected
+        ),
+        ("results.csv", 97, 0)
+    );
+
+    let obs = read_dir_batches(&wh.join("staging/observation/source=northside_clinic"));
+    assert_eq!(rows(&obs), 97);
+    assert!(!reject_keys(&wh).iter().any(|k| k.1 == "results.csv"));
+    let after = snapshot(&wh);
+    // Every other batch is byte-for-byte what it was.
+    let changed: Vec<_> = before
+        .iter()
+        .filter(|(p, h)| after.get(*p) != Some(h))
+        .map(|(p, _)| p.strip_prefix(&wh).unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        changed.iter().all(|p| p.contains("source=northside_clinic")
+            && p.starts_with("staging/observation")
+            || p.starts_with("rejects/northside_clinic")
+            || p == "state/ingest.json"),
+        "{changed:?}"
+    );
+}
+
+#[test]
+fn removed_patient_rechecks_that_sources_facts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    run_ingest(&config).unwrap();
+    let patients = dir.path().join("sample_data/lakeside_endo/patients.csv");
+    let text = fs::read_to_string(&patients).unwrap();
+    let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("LE0001,")).collect();
+    fs::write(&patients, kept.join("\n") + "\n").unwrap();
+
+    let report = run_ingest(&config).unwrap();
+    // The endo's patient file and all its fact files are checked again; other sources are not.
+    for f in &report.files {
+        let expect = if f.source == "lakeside_endo" {
+            FileStatus::Loaded
+        } else {
+            FileStatus::Unchanged
+        };
+        assert_eq!(f.status, expect, "{}/{}", f.source, f.file);
+    }
+    let orphans = reject_keys(&dir.path().join("wh"))
+        .into_iter()
+        .filter(|k| k.0 == "lakeside_endo" && k.3 == "unknown_patient")
+        .count();
+    assert!(orphans > 5, "facts of LE0001 are now rejected: {orphans}");
+}
+
+#[test]
+fn redelivered_file_under_a_new_name_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    run_ingest(&config).unwrap();
+    let d = dir.path().join("sample_data/northside_clinic");
+    fs::copy(d.join("visits.csv"), d.join("visits_resent.csv")).unwrap();
+    let before = snapshot(&dir.path().join("wh"));
+    let report = run_ingest(&config).unwrap();
+    let resent = report
+        .files
+        .iter()
+        .find(|f| f.file == "visits_resent.csv")
+        .unwrap();
+    assert_eq!(resent.status, FileStatus::Duplicate);
+    assert_eq!(resent.detail.as_deref(), Some("same content as visits.csv"));
+    assert_eq!(snapshot(&dir.path().join("wh")), before);
+}
+
+#[test]
+fn leftovers_of_an_interrupted_run_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    run_ingest(&config).unwrap();
+    let wh = dir.path().join("wh");
+    let before = snapshot(&wh);
+    let stray = wh.join("staging/patient/source=lakeside_endo/deadbeef.parquet");
+    fs::write(&stray, b"half a file").unwrap();
+    fs::create_dir_all(wh.join(".tmp")).unwrap();
+    fs::write(wh.join(".tmp/123-x.parquet"), b"partial").unwrap();
+    let report = run_ingest(&config).unwrap();
+    assert_eq!(report.orphans_removed, 1);
+    assert!(!stray.exists());
+    assert_eq!(snapshot(&wh), before);
+}
+
+#[test]
+fn staging_is_queryable_with_datafusion() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    run_ingest(&config).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ctx = datafusion::prelude::SessionContext::new();
+        let path = dir.path().join("wh/staging/observation/");
+        ctx.register_parquet("observation", path.to_str().unwrap(), Default::default())
+            .await
+            .unwrap();
+        let df = ctx
+            .sql("SELECT source, count(*) AS n FROM (SELECT source, unnest(codings) AS coding FROM observation) \
+                  WHERE coding['system'] = 'loinc' GROUP BY source ORDER BY source")
+            .await
+            .unwrap();
+        let batches = df.collect().await.unwrap();
+        assert_eq!(
+            strings(&batches, "source"),
+            ["lakeside_endo", "northside_clinic", "st_marys_hospital"].map(|s| Some(s.to_string()))
+        );
+    });
+}
+
+/// A source of one table (patient) with one file per bad-input case.
+fn bad_input_source(dir: &Path) -> std::path::PathBuf {
+    let data = dir.join("data");
+    fs::create_dir_all(&data).unwrap();
+    let h = "id,dob,sex,name\n";
+    let files: [(&str, &[u8]); 10] = [
+        ("empty.csv", b""),
+        ("header_only.csv", h.as_bytes()),
+        ("bom_crlf_quoted.csv", b"\xEF\xBB\xBFid,dob,sex,name\r\nb1,2000-01-01,F,Ann\r\nb2,2000-01-02,M,\"Two\r\nLines\"\r\nb3,2000-01-03,F,Eve\r\n"),
+        ("truncated.csv", b"id,dob,sex,name\nt1,2000-01-01,F,Ann\nt2,2000-01-0"),
+        ("not_utf8.csv", b"id,dob,sex,name\nu1,2000-01-01,F,Jos\xe9\nu2,2000-01-01,F,Ann\n"),
+        ("extra_columns.csv", b"id,dob,sex,name,shoe_size\ne1,2000-01-01,F,Ann,38\n"),
+        ("missing_column.csv", b"id,dob,sex\nm1,2000-01-01,F\n"),
+        ("too_many_fields.csv", b"id,dob,sex,name\nx1,2000-01-01,F,Ann,surplus\nx2,2000-01-01,F,Ann\n"),
+        ("too_few_fields.csv", b"id,dob,sex,name\ny1,2000-01-01\ny2,2000-01-01,F,Ann\n"),
+        ("bad_values.csv", b"id,dob,sex,name\nv1,2000-13-01,F,Ann\nv2,2999-01-01,F,Ann\nv3,2000-01-01,Q,Ann\n,2000-01-01,F,Ann\n"),
+    ];
+    for (name, bytes) in files {
+        fs::write(data.join(name), bytes).unwrap();
+    }
+    fs::write(
+        dir.join("m.toml"),
+        "[[files]]\nmatch = \"*.csv\"\ntable = \"patient\"\n[files.fields]\nsource_patient_id = \"id\"\nbirth_date = \"dob\"\nsex = \"sex\"\ngiven_name = \"name\"\n",
+    )
+    .unwrap();
+    let config = dir.join("ward.toml");
+    fs::write(
+        &config,
+        "warehouse = \"wh\"\n[[sources]]\nname = \"bad\"\nformat = \"csv\"\npath = \"data\"\nmapping = \"m.toml\"\n\n\
+         [[sources]]\nname = \"gone\"\nformat = \"csv\"\npath = \"nowhere/*.csv\"\nmapping = \"m.toml\"\n",
+    )
+    .unwrap();
+    config
+}
+
+#[test]
+fn bad_input_gets_a_reject_or_an_error_naming_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = bad_input_source(dir.path());
+    let report = run_ingest(&config).unwrap();
+    let file = |name: &str| {
+        report
+            .files
+            .iter()
+            .find(|f| f.file == name)
+            .unwrap_or_else(|| panic!("{name}"))
+    };
+
+    // The glob that matches nothing fails its source, named.
+    assert_eq!(report.source_failures.len(), 1);
+    assert!(report.source_failures[0].message.contains("'gone'"));
+    assert!(report.source_failures[0].message.contains("nowhere/*.csv"));
+
+    let empty = file("empty.csv");
+    assert_eq!(empty.status, FileStatus::Failed);
+    assert!(
+        empty
+            .detail
+            .as_deref()
+            .unwrap()
+            .contains("empty.csv: file is empty"),
+        "{:?}",
+        empty.detail
+    );
+    let missing = file("missing_column.csv");
+    assert_eq!(missing.status, FileStatus::Failed);
+    let detail = missing.detail.as_deref().unwrap();
+    assert!(
+        detail.contains("missing_column.csv:1") && detail.contains("'name'"),
+        "{detail}"
+    );
+
+    assert_eq!(
+        (
+            file("header_only.csv").status,
+            file("header_only.csv").rows_read
+        ),
+        (FileStatus::Loaded, 0)
+    );
+    assert_eq!(
+        (
+            file("extra_columns.csv").rows_accepted,
+            file("extra_columns.csv").rows_rejected
+        ),
+        (1, 0)
+    );
+    assert_eq!(
+        (
+            file("bom_crlf_quoted.csv").rows_accepted,
+            file("bom_crlf_quoted.csv").rows_rejected
+        ),
+        (3, 0)
+    );
+
+    let wh = dir.path().join("wh");
+    let keys: Vec<(String, u64, String)> = reject_keys(&wh)
+        .into_iter()
+        .map(|k| (k.1, k.2, k.3))
+        .collect();
+    let expect = [
+        ("bad_values.csv", 2, "unparseable_date"),
+        ("bad_values.csv", 3, "future_date"),
+        ("bad_values.csv", 4, "invalid_value"),
+        ("bad_values.csv", 5, "required"),
+        ("not_utf8.csv", 2, "invalid_utf8"),
+        ("too_few_fields.csv", 2, "wrong_field_count"),
+        ("too_many_fields.csv", 2, "wrong_field_count"),
+        ("truncated.csv", 3, "truncated_record"),
+    ]
+    .map(|(f, l, r)| (f.to_string(), l, r.to_string()));
+    assert_eq!(keys, expect);
+
+    // Line numbers of accepted rows survive BOM, CRLF and a quoted newline.
+    let pats = read_dir_batches(&wh.join("staging/patient/source=bad"));
+    let ids = strings(&pats, "source_patient_id");
+    let lines = u64s(&pats, "source_line");
+    let line_of = |id: &str| lines[ids.iter().position(|i| i.as_deref() == Some(id)).unwrap()];
+    assert_eq!((line_of("b1"), line_of("b2"), line_of("b3")), (2, 3, 5));
+    let names = strings(&pats, "given_name");
+    assert!(names.contains(&Some("Two\r\nLines".to_string())));
+
+    // Nothing lost: every data record is accepted or rejected.
+    for f in report
+        .files
+        .iter()
+        .filter(|f| f.status == FileStatus::Loaded)
+    {
+        assert_eq!(f.rows_read, f.rows_accepted + f.rows_rejected, "{}", f.file);
+    }
+    assert!(report.into_result().is_err());
+}
+
+/// Synthea's CSV export (../shared/data/synthea_csv_2022): every patient,
+/// encounter, condition, observation, medication and procedure loads; the
+/// only rejects are exact duplicate rows, each identical to an accepted one.
+#[test]
+fn synthea_csv_export_loads_completely() {
+    let shared = repo().join("../shared/data/synthea_csv_2022");
+    if !shared.is_dir() {
+        eprintln!("skipped: {} is absent", shared.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ward.toml");
+    fs::write(
+        &config,
+        format!(
+            "warehouse = \"wh\"\n[[sources]]\nname = \"synthea\"\nformat = \"csv\"\npath = \"{}/*.csv\"\nmapping = \"{}\"\n",
+            shared.display(),
+            repo().join("sample_data/mappings/synthea_csv.toml").display()
+        ),
+    )
+    .unwrap();
+    let report = run_ingest(&config).unwrap();
+    assert!(report.failures().is_empty(), "{:?}", report.failures());
+    let loaded: Vec<_> = report
+        .files
+        .iter()
+        .filter(|f| f.status == FileStatus::Loaded)
+        .collect();
+    assert_eq!(loaded.len(), 6);
+    assert_eq!(
+        report
+            .files
+            .iter()
+            .filter(|f| f.status == FileStatus::Unmapped)
+            .count(),
+        11
+    );
+
+    for f in &loaded {
+        // Independent count of the file's records.
+        let records = csv::Reader::from_path(shared.join(&f.file))
+            .unwrap()
+            .records()
+            .count() as u64;
+        assert_eq!(f.rows_read, records, "{}", f.file);
+        assert_eq!(f.rows_read, f.rows_accepted + f.rows_rejected, "{}", f.file);
+        assert!(
+            f.rejects_by_rule.keys().all(|r| r == "duplicate_row"),
+            "{}: {:?}",
+            f.file,
+            f.rejects_by_rule
+        );
+        if matches!(
+            f.file.as_str(),
+            "patients.csv" | "encounters.csv" | "conditions.csv" | "medications.csv"
+        ) {
+            assert_eq!(f.rows_rejected, 0, "{}", f.file);
+        }
+    }
+    let wh = dir.path().join("wh");
+    let pats = read_dir_batches(&wh.join("staging/patient"));
+    assert_eq!(rows(&pats), 59);
+    let mut ids = strings(&pats, "source_patient_id");
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 59);
+
+    // Each duplicate names an earlier line of its file, and that line was accepted.
+    let rejects = read_dir_batches(&wh.join("rejects"));
+    let messages = strings(&rejects, "message");
+    let files = strings(&rejects, "source_file");
+    let staged_lines = |table: &str| -> std::collections::HashSet<u64> {
+        u64s(
+            &read_dir_batches(&wh.join("staging").join(table)),
+            "source_line",
+        )
+        .into_iter()
+        .collect()
+    };
+    let (procedures, observations) = (staged_lines("procedure"), staged_lines("observation"));
+    for (m, f) in messages.iter().zip(&files) {
+        let first: u64 = m
+            .as_deref()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let lines = if f.as_deref() == Some("procedures.csv") {
+            &procedures
+        } else {
+            &observations
+        };
+        assert!(lines.contains(&first), "{f:?} line {first}");
+    }
+}

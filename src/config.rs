@@ -216,7 +216,13 @@ impl PipelineConfig {
 /// [`WardError::Config`] with line, column and key. Returns the text as well,
 /// so callers can locate semantic errors found later.
 pub(crate) fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<(T, String)> {
-    let bytes = std::fs::read(path).map_err(|e| WardError::io("cannot read", path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| WardError::Config {
+        path: path.to_path_buf(),
+        line: None,
+        column: None,
+        key: None,
+        message: format!("cannot read: {e}"),
+    })?;
     let text = String::from_utf8(bytes).map_err(|e| WardError::Config {
         path: path.to_path_buf(),
         line: None,

@@ -105,6 +105,28 @@ fn malformed_config_exits_2_naming_file_and_line() {
 }
 
 #[test]
+fn missing_config_or_mapping_file_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ward(dir.path(), &["--config", "nope.toml", "run"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("nope.toml: cannot read"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let config = copy_sample(dir.path());
+    fs::remove_file(dir.path().join("sample_data/mappings/hospital_b.toml")).unwrap();
+    let out = ward(dir.path(), &["--config", config.to_str().unwrap(), "run"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("hospital_b.toml: cannot read"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
 fn missing_input_exits_3_and_names_the_source() {
     let dir = tempfile::tempdir().unwrap();
     let config = copy_sample(dir.path());

@@ -14,6 +14,7 @@ pub mod error;
 pub mod ingest;
 pub mod mapping;
 pub mod schema;
+pub mod synth;
 pub mod warehouse;
 
 pub use config::PipelineConfig;

@@ -52,6 +52,27 @@ enum Command {
     Ingest,
     /// Check every extract against its mapping and report; write nothing.
     Validate,
+    /// Generate a synthetic multi-provider population with ground truth.
+    Synth {
+        /// Number of persons.
+        #[arg(long, default_value_t = 1000)]
+        patients: u64,
+        /// Number of providers (clinics, hospitals and endocrinology practices in turn).
+        #[arg(long, default_value_t = 3)]
+        providers: usize,
+        /// Random seed: the same options give the same files.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output directory (provider folders, mappings, ward.toml, truth.csv, ...).
+        #[arg(long)]
+        out: PathBuf,
+        /// Share of rows written deliberately bad (each listed in expected_rejects.csv).
+        #[arg(long, default_value_t = 0.002)]
+        bad_rate: f64,
+        /// Calendar year of the measurement period.
+        #[arg(long, default_value_t = 2025)]
+        year: i32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -75,6 +96,38 @@ fn main() -> ExitCode {
 }
 
 fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Synth {
+        patients,
+        providers,
+        seed,
+        out,
+        bad_rate,
+        year,
+    } = &cli.command
+    {
+        let opts = ward::synth::SynthOptions {
+            patients: *patients,
+            providers: *providers,
+            seed: *seed,
+            out: out.clone(),
+            bad_rate: *bad_rate,
+            year: *year,
+        };
+        let progress = progress_bar(cli.quiet, "synth", "persons");
+        let report = ward::synth::synth(&opts, &progress)?;
+        progress.finish_and_clear();
+        if !cli.quiet {
+            println!(
+                "synth: {} persons, {} provider records, {} rows ({} deliberately bad) in {}",
+                report.persons,
+                report.source_patients,
+                report.rows,
+                report.expected_rejects,
+                out.display()
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let config_path = resolve_config(cli.config.as_deref())?;
     tracing::info!(config = %config_path.display(), "configuration");
     let config = PipelineConfig::load(&config_path)?;
@@ -84,10 +137,10 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| chrono::Local::now().date_naive()),
         dry_run: matches!(cli.command, Command::Validate),
     };
-    let progress = progress_bar(cli.quiet);
+    let progress = progress_bar(cli.quiet, "ingest", "files");
     let report = match cli.command {
         Command::Run => ward::run(&config, &opts, &progress)?,
-        Command::Ingest | Command::Validate => ward::ingest::ingest(&config, &opts, &progress)?,
+        _ => ward::ingest::ingest(&config, &opts, &progress)?,
     };
     progress.finish_and_clear();
     if !cli.quiet {
@@ -153,15 +206,17 @@ fn init_logging(cli: &Cli) {
 }
 
 /// A progress bar on an interactive terminal; hidden otherwise (cron, CI, pipes).
-fn progress_bar(quiet: bool) -> ProgressBar {
+fn progress_bar(quiet: bool, stage: &str, unit: &str) -> ProgressBar {
     if quiet || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} ingest [{bar:30}] {pos}/{len} files {elapsed}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {stage} [{{bar:30}}] {{pos}}/{{len}} {unit} {{elapsed}}"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar
 }

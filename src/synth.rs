@@ -1,0 +1,1406 @@
+//! `ward synth`: a synthetic multi-provider population with ground truth.
+//!
+//! Persons are drawn independently (one ChaCha RNG per person, seeded from
+//! the run seed and the person's index), so the output depends only on the
+//! options, not on thread scheduling. Blocks of persons are generated in
+//! parallel and written in order, so memory stays bounded by the window of
+//! blocks in flight, not by the population size.
+//!
+//! Each person is seen by 1–4 providers; each provider writes the person in
+//! its own layout (the sample mappings EMR-A and HIS-B) with its own ids and
+//! its own noise (nicknames, typos, swapped day/month, missing SSN, moved
+//! address, married-name change; twins share birth date, family name and
+//! address). A configurable share of rows is deliberately bad, each with a
+//! known rule, listed in `expected_rejects.csv`, so tests know exactly what
+//! ingest must reject.
+//!
+//! Output: one folder per provider, `mappings/`, `ward.toml`, `truth.csv`
+//! ((source, source_patient_id) → person_id), `persons.csv` (the true
+//! attributes of each person) and `expected_rejects.csv`.
+
+use std::fs;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use chrono::{Datelike, Duration, NaiveDate};
+use indicatif::ProgressBar;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::error::{Result, WardError};
+
+/// The sample mappings, embedded so that `ward synth` works anywhere.
+pub const EMR_A_MAPPING: &str = include_str!("../sample_data/mappings/emr_a.toml");
+/// See [`EMR_A_MAPPING`].
+pub const HIS_B_MAPPING: &str = include_str!("../sample_data/mappings/hospital_b.toml");
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct SynthOptions {
+    pub patients: u64,
+    pub providers: usize,
+    pub seed: u64,
+    pub out: PathBuf,
+    /// Share of rows written deliberately bad (0 to 0.5).
+    pub bad_rate: f64,
+    /// The calendar year of the measurement period; data spans it and the
+    /// year before.
+    pub year: i32,
+}
+
+/// What was generated.
+#[derive(Debug, Clone, Default)]
+pub struct SynthReport {
+    pub persons: u64,
+    /// (source, source_patient_id) records, i.e. rows of `truth.csv`.
+    pub source_patients: u64,
+    /// Data rows written, bad ones included.
+    pub rows: u64,
+    pub expected_rejects: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Clinic,
+    Hospital,
+    Endo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Comma CSV, US dates, HbA1c in %.
+    EmrA,
+    /// Pipe CSV with BOM and CRLF, ISO dates, HbA1c in mmol/mol.
+    HisB,
+}
+
+/// File (table) slots of a provider, in write order.
+const PATIENTS: usize = 0;
+const ENCOUNTERS: usize = 1;
+const CONDITIONS: usize = 2;
+const OBSERVATIONS: usize = 3;
+const MEDICATIONS: usize = 4;
+const PROCEDURES: usize = 5;
+
+impl Layout {
+    fn files(self) -> [&'static str; 6] {
+        match self {
+            Layout::EmrA => [
+                "patients.csv",
+                "visits.csv",
+                "problems.csv",
+                "results.csv",
+                "medications.csv",
+                "procedures.csv",
+            ],
+            Layout::HisB => [
+                "pat_demo.csv",
+                "enc.csv",
+                "dx.csv",
+                "lab.csv",
+                "med.csv",
+                "proc.csv",
+            ],
+        }
+    }
+    fn headers(self) -> [&'static str; 6] {
+        match self {
+            Layout::EmrA => [
+                "PatientID,MRN,FirstName,LastName,DOB,Sex,Race,Ethnicity,Street,City,State,Zip,Phone,Email,SSN,Insurance",
+                "VisitID,PatientID,VisitDate,VisitType,CPT,Status",
+                "PatientID,VisitID,ICD10,Description,OnsetDate,ResolvedDate,Status",
+                "ResultID,PatientID,VisitID,ResultDate,LOINC,TestName,Result,Units",
+                "PatientID,RxNorm,DrugName,StartDate,StopDate,Status",
+                "PatientID,VisitID,ProcDate,CPT,Description",
+            ],
+            Layout::HisB => [
+                "PAT_ID|MRN_NO|PAT_FIRST|PAT_LAST|BIRTH_DT|GENDER_CD|RACE_CD|ETHNIC_CD|ADDR1|CITY|ST|ZIP|PHONE_NO",
+                "ENC_ID|PAT_ID|ADMIT_TS|DISCH_TS|ENC_TYPE|DISCH_DISP",
+                "PAT_ID|ENC_ID|DX_CODE|SNOMED_CD|DX_DT",
+                "PAT_ID|ENC_ID|COLLECT_TS|LOINC_CD|RESULT_VAL|RESULT_UNIT",
+                "PAT_ID|ENC_ID|RXCUI|MED_NAME|START_DT|END_DT|ORDER_STATUS",
+                "PAT_ID|ENC_ID|PROC_TS|CODE_TYPE|PROC_CODE",
+            ],
+        }
+    }
+    fn delimiter(self) -> u8 {
+        match self {
+            Layout::EmrA => b',',
+            Layout::HisB => b'|',
+        }
+    }
+    fn line_end(self) -> &'static [u8] {
+        match self {
+            Layout::EmrA => b"\n",
+            Layout::HisB => b"\r\n",
+        }
+    }
+    fn mapping_file(self) -> &'static str {
+        match self {
+            Layout::EmrA => "emr_a.toml",
+            Layout::HisB => "hospital_b.toml",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Provider {
+    name: String,
+    kind: Kind,
+    layout: Layout,
+    /// Two-letter id prefix, unique per provider.
+    prefix: String,
+}
+
+fn providers(k: usize) -> Vec<Provider> {
+    const CLINICS: [&str; 5] = [
+        "northside_clinic",
+        "riverside_clinic",
+        "hillcrest_clinic",
+        "oakwood_clinic",
+        "harbor_clinic",
+    ];
+    const HOSPITALS: [&str; 3] = ["st_marys_hospital", "general_hospital", "mercy_hospital"];
+    const ENDOS: [&str; 2] = ["lakeside_endo", "valley_endo"];
+    let (mut c, mut h, mut e) = (0, 0, 0);
+    (0..k)
+        .map(|i| {
+            let kind = [Kind::Clinic, Kind::Hospital, Kind::Endo][i % 3];
+            let (list, n): (&[&str], &mut usize) = match kind {
+                Kind::Clinic => (&CLINICS, &mut c),
+                Kind::Hospital => (&HOSPITALS, &mut h),
+                Kind::Endo => (&ENDOS, &mut e),
+            };
+            let name = match list.get(*n) {
+                Some(name) => name.to_string(),
+                None => format!("{}_{}", list[*n % list.len()], *n / list.len() + 1),
+            };
+            *n += 1;
+            let layout = if kind == Kind::Hospital {
+                Layout::HisB
+            } else {
+                Layout::EmrA
+            };
+            let prefix = format!(
+                "{}{}",
+                (b'A' + (i / 26) as u8) as char,
+                (b'A' + (i % 26) as u8) as char
+            );
+            Provider {
+                name,
+                kind,
+                layout,
+                prefix,
+            }
+        })
+        .collect()
+}
+
+const FEMALE: [&str; 24] = [
+    "Mary",
+    "Patricia",
+    "Jennifer",
+    "Linda",
+    "Elizabeth",
+    "Barbara",
+    "Susan",
+    "Jessica",
+    "Sarah",
+    "Karen",
+    "Nancy",
+    "Lisa",
+    "Margaret",
+    "Sandra",
+    "Ashley",
+    "Emily",
+    "Donna",
+    "Michelle",
+    "Maria",
+    "Rosa",
+    "Mei",
+    "Aisha",
+    "Fatima",
+    "Guadalupe",
+];
+const MALE: [&str; 24] = [
+    "James",
+    "Robert",
+    "John",
+    "Michael",
+    "David",
+    "William",
+    "Richard",
+    "Joseph",
+    "Thomas",
+    "Charles",
+    "Christopher",
+    "Daniel",
+    "Matthew",
+    "Anthony",
+    "Mark",
+    "Steven",
+    "Andrew",
+    "Joshua",
+    "Jose",
+    "Luis",
+    "Wei",
+    "Mohammed",
+    "Kwame",
+    "Hiroshi",
+];
+const NICKNAMES: [(&str, &str); 16] = [
+    ("Elizabeth", "Liz"),
+    ("Margaret", "Peggy"),
+    ("Patricia", "Pat"),
+    ("Jennifer", "Jen"),
+    ("Susan", "Sue"),
+    ("Robert", "Bob"),
+    ("William", "Bill"),
+    ("Richard", "Dick"),
+    ("Joseph", "Joe"),
+    ("Thomas", "Tom"),
+    ("Michael", "Mike"),
+    ("James", "Jim"),
+    ("Charles", "Chuck"),
+    ("Christopher", "Chris"),
+    ("Daniel", "Dan"),
+    ("Anthony", "Tony"),
+];
+const SURNAMES: [&str; 40] = [
+    "Smith",
+    "Johnson",
+    "Williams",
+    "Brown",
+    "Jones",
+    "Garcia",
+    "Miller",
+    "Davis",
+    "Rodriguez",
+    "Martinez",
+    "Hernandez",
+    "Lopez",
+    "Gonzalez",
+    "Wilson",
+    "Anderson",
+    "Thomas",
+    "Taylor",
+    "Moore",
+    "Jackson",
+    "Martin",
+    "Lee",
+    "Perez",
+    "Thompson",
+    "White",
+    "Harris",
+    "Sanchez",
+    "Clark",
+    "Ramirez",
+    "Lewis",
+    "Robinson",
+    "Nguyen",
+    "Kim",
+    "Patel",
+    "Okafor",
+    "Walker",
+    "Young",
+    "Allen",
+    "King",
+    "Wright",
+    "Scott",
+];
+const STREETS: [&str; 12] = [
+    "Oak",
+    "Maple",
+    "Pine",
+    "Cedar",
+    "Elm",
+    "Washington",
+    "Lake",
+    "Hill",
+    "Park",
+    "Main",
+    "Church",
+    "River",
+];
+const SUFFIXES: [&str; 4] = ["St", "Ave", "Rd", "Ln"];
+/// (city, state, ZIP3) spread over several states.
+const PLACES: [(&str, &str, &str); 14] = [
+    ("Springfield", "MA", "011"),
+    ("Worcester", "MA", "016"),
+    ("Hartford", "CT", "061"),
+    ("Albany", "NY", "122"),
+    ("Buffalo", "NY", "142"),
+    ("Philadelphia", "PA", "191"),
+    ("Baltimore", "MD", "212"),
+    ("Atlanta", "GA", "303"),
+    ("Memphis", "TN", "381"),
+    ("Chicago", "IL", "606"),
+    ("Houston", "TX", "770"),
+    ("Denver", "CO", "802"),
+    ("Phoenix", "AZ", "850"),
+    ("Fresno", "CA", "937"),
+];
+/// (race token written by EMR-A, CDC code written by HIS-B, cumulative share).
+const RACES: [(&str, &str, f64); 6] = [
+    ("White", "2106-3", 0.62),
+    ("Black", "2054-5", 0.75),
+    ("Asian", "2028-9", 0.81),
+    ("American Indian", "1002-5", 0.82),
+    ("Pacific Islander", "2076-8", 0.83),
+    ("Other", "2131-1", 1.0),
+];
+
+/// The true attributes of one person.
+#[derive(Debug, Clone)]
+struct Person {
+    id: u64,
+    female: bool,
+    given: &'static str,
+    family: String,
+    birth: NaiveDate,
+    race: usize,
+    hispanic: bool,
+    street: String,
+    place: usize,
+    zip: String,
+    phone: String,
+    ssn: String,
+    diabetic: bool,
+    hypertensive: bool,
+    /// Mean HbA1c (%) of a diabetic.
+    a1c_mean: f64,
+    /// A diabetic without any HbA1c test in the measurement period.
+    untested: bool,
+    eye_exam: bool,
+}
+
+fn rng_for(seed: u64, person: u64, stream: u64) -> ChaCha8Rng {
+    let mut r = ChaCha8Rng::seed_from_u64(seed ^ person.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    r.set_stream(stream);
+    r
+}
+
+fn normal(r: &mut impl Rng, mean: f64, sd: f64) -> f64 {
+    // Box–Muller.
+    let u1: f64 = r.random_range(f64::EPSILON..1.0);
+    let u2: f64 = r.random();
+    mean + sd * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+fn pick<T: Copy>(r: &mut impl Rng, items: &[T]) -> T {
+    items[r.random_range(0..items.len())]
+}
+
+/// Birth date, family name and address: shared by twins.
+fn household(seed: u64, p: u64, year: i32) -> (NaiveDate, String, String, usize, String) {
+    let mut r = rng_for(seed, p, 1);
+    let age = match r.random::<f64>() {
+        x if x < 0.22 => r.random_range(0..18),
+        x if x < 0.60 => r.random_range(18..45),
+        x if x < 0.85 => r.random_range(45..65),
+        _ => r.random_range(65..95),
+    };
+    let end = NaiveDate::from_ymd_opt(year, 12, 31).expect("valid date");
+    let birth = end - Duration::days(age * 365 + r.random_range(0..365));
+    let family = pick(&mut r, &SURNAMES).to_string();
+    let street = format!(
+        "{} {} {}",
+        r.random_range(1..9999),
+        pick(&mut r, &STREETS),
+        pick(&mut r, &SUFFIXES)
+    );
+    let place = r.random_range(0..PLACES.len());
+    let zip = format!("{}{:02}", PLACES[place].2, r.random_range(1..99));
+    (birth, family, street, place, zip)
+}
+
+fn person(seed: u64, p: u64, year: i32) -> Person {
+    // Every 200th person is the twin of the one before.
+    let twin = p % 200 == 1;
+    let (birth, family, street, place, zip) = household(seed, if twin { p - 1 } else { p }, year);
+    let mut r = rng_for(seed, p, 2);
+    let female = r.random_bool(0.5);
+    let given = if female {
+        pick(&mut r, &FEMALE)
+    } else {
+        pick(&mut r, &MALE)
+    };
+    let age = year - birth.year();
+    let u: f64 = r.random();
+    let race = RACES
+        .iter()
+        .position(|(_, _, cum)| u < *cum)
+        .unwrap_or(RACES.len() - 1);
+    let (p_dm, p_htn) = match age {
+        ..18 => (0.003, 0.01),
+        18..45 => (0.04, 0.12),
+        45..65 => (0.14, 0.35),
+        _ => (0.24, 0.60),
+    };
+    let diabetic = r.random_bool(p_dm);
+    Person {
+        id: p,
+        female,
+        given,
+        family,
+        birth,
+        race,
+        hispanic: r.random_bool(0.19),
+        street,
+        place,
+        zip,
+        phone: format!(
+            "{}-555-{:04}",
+            r.random_range(201..989),
+            r.random_range(0..10000)
+        ),
+        ssn: format!(
+            "9{:02}-{:02}-{:04}",
+            r.random_range(0..100),
+            r.random_range(1..100),
+            r.random_range(1..10000)
+        ),
+        diabetic,
+        hypertensive: r.random_bool(p_htn),
+        a1c_mean: normal(&mut r, 7.5, 1.45).clamp(5.2, 14.0),
+        untested: diabetic && r.random_bool(0.10),
+        eye_exam: diabetic && r.random_bool(0.55),
+    }
+}
+
+/// One row to write, possibly deliberately bad.
+struct Row {
+    fields: Vec<String>,
+    /// The rule ingest must reject it with.
+    reject: Option<&'static str>,
+}
+
+fn row(fields: Vec<String>) -> Row {
+    Row {
+        fields,
+        reject: None,
+    }
+}
+
+/// Encodes a row as CSV with the layout's delimiter and line end.
+fn encode(out: &mut Vec<u8>, fields: &[String], layout: Layout) -> u64 {
+    let d = layout.delimiter();
+    let mut lines = 1;
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(d);
+        }
+        if f.bytes()
+            .any(|b| b == d || b == b'"' || b == b'\n' || b == b'\r')
+        {
+            out.push(b'"');
+            out.extend_from_slice(f.replace('"', "\"\"").as_bytes());
+            out.push(b'"');
+            lines += f.bytes().filter(|b| *b == b'\n').count() as u64;
+        } else {
+            out.extend_from_slice(f.as_bytes());
+        }
+    }
+    out.extend_from_slice(layout.line_end());
+    lines
+}
+
+/// Rows generated for one block of persons: per provider, per file.
+struct Block {
+    rows: Vec<[Vec<Row>; 6]>,
+    truth: Vec<(usize, String, u64)>,
+    persons: Vec<Person>,
+}
+
+struct Ctx<'a> {
+    opts: &'a SynthOptions,
+    providers: &'a [Provider],
+}
+
+impl Ctx<'_> {
+    fn date(&self, d: NaiveDate, layout: Layout) -> String {
+        match layout {
+            Layout::EmrA => d.format("%m/%d/%Y").to_string(),
+            Layout::HisB => d.format("%Y-%m-%d").to_string(),
+        }
+    }
+    fn time(&self, d: NaiveDate, minutes: i64, layout: Layout) -> String {
+        let t = d.and_hms_opt(0, 0, 0).expect("midnight") + Duration::minutes(minutes);
+        match layout {
+            Layout::EmrA => t.format("%m/%d/%Y %H:%M").to_string(),
+            Layout::HisB => t.format("%Y-%m-%dT%H:%M:%S").to_string(),
+        }
+    }
+}
+
+fn block(ctx: &Ctx, start: u64, end: u64) -> Block {
+    let k = ctx.providers.len();
+    let mut b = Block {
+        rows: (0..k).map(|_| Default::default()).collect(),
+        truth: Vec::new(),
+        persons: Vec::with_capacity((end - start) as usize),
+    };
+    for p in start..end {
+        let person = person(ctx.opts.seed, p, ctx.opts.year);
+        let mut r = rng_for(ctx.opts.seed, p, 3);
+        // 1–4 providers, distinct; endocrinology only for diabetics.
+        let wanted = match r.random::<f64>() {
+            x if x < 0.55 => 1,
+            x if x < 0.85 => 2,
+            x if x < 0.97 => 3,
+            _ => 4,
+        }
+        .min(k);
+        let mut chosen: Vec<usize> = Vec::with_capacity(wanted);
+        for _ in 0..wanted * 8 {
+            if chosen.len() == wanted {
+                break;
+            }
+            let i = r.random_range(0..k);
+            if chosen.contains(&i)
+                || (ctx.providers[i].kind == Kind::Endo && !person.diabetic && k > 1)
+            {
+                continue;
+            }
+            chosen.push(i);
+        }
+        if chosen.is_empty() {
+            chosen.push(r.random_range(0..k));
+        }
+        for pi in chosen {
+            let spid = person_records(ctx, &person, pi, &mut r, &mut b.rows[pi]);
+            b.truth.push((pi, spid, p));
+        }
+        b.persons.push(person);
+    }
+    b
+}
+
+/// Writes one person's records at one provider; returns the provider's patient id.
+fn person_records(
+    ctx: &Ctx,
+    p: &Person,
+    pi: usize,
+    r: &mut ChaCha8Rng,
+    files: &mut [Vec<Row>; 6],
+) -> String {
+    let prov = &ctx.providers[pi];
+    let layout = prov.layout;
+    let year = ctx.opts.year;
+    let spid = format!("{}{:07}", prov.prefix, p.id + 1);
+
+    // ---- demographics with this provider's noise
+    let mut given = p.given.to_string();
+    if r.random_bool(0.08)
+        && let Some((_, nick)) = NICKNAMES.iter().find(|(full, _)| *full == p.given)
+    {
+        given = nick.to_string();
+    } else if r.random_bool(0.02) {
+        given = typo(r, &given);
+    }
+    let mut family = p.family.clone();
+    let age = year - p.birth.year();
+    if p.female && (20..60).contains(&age) && r.random_bool(0.05) {
+        family = pick(r, &SURNAMES).to_string(); // married-name change
+    } else if r.random_bool(0.04) {
+        family = typo(r, &family);
+    }
+    let mut birth = p.birth;
+    // (Only for people born before the data window: a swap must not move a
+    // birth after one of their visits.)
+    if r.random_bool(0.015)
+        && birth.year() < year - 1
+        && birth.day() <= 12
+        && birth.day() != birth.month()
+        && let Some(swapped) = NaiveDate::from_ymd_opt(birth.year(), birth.day(), birth.month())
+    {
+        birth = swapped;
+    }
+    let (mut street, mut place, mut zip) = (p.street.clone(), p.place, p.zip.clone());
+    if r.random_bool(0.10) {
+        street = format!(
+            "{} {} {}",
+            r.random_range(1..9999),
+            pick(r, &STREETS),
+            pick(r, &SUFFIXES)
+        );
+        place = r.random_range(0..PLACES.len());
+        zip = format!("{}{:02}", PLACES[place].2, r.random_range(1..99));
+    }
+    let (city, state, _) = PLACES[place];
+    let phone = if r.random_bool(0.2) {
+        String::new()
+    } else {
+        p.phone.clone()
+    };
+    let mrn = format!("{}{}", &prov.prefix[..1], 100_000 + p.id * 7 % 900_000);
+    let patient_fields = match layout {
+        Layout::EmrA => vec![
+            spid.clone(),
+            mrn,
+            given.clone(),
+            family.clone(),
+            ctx.date(birth, layout),
+            if p.female { "F" } else { "M" }.into(),
+            RACES[p.race].0.into(),
+            if p.hispanic {
+                "Hispanic"
+            } else {
+                "Not Hispanic"
+            }
+            .into(),
+            street,
+            city.into(),
+            state.into(),
+            zip,
+            phone,
+            if r.random_bool(0.4) {
+                String::new()
+            } else {
+                format!(
+                    "{}.{}{}@example.org",
+                    given.to_lowercase(),
+                    family.to_lowercase(),
+                    p.id % 100
+                )
+            },
+            if r.random_bool(0.35) {
+                String::new()
+            } else {
+                p.ssn.clone()
+            },
+            if age >= 65 {
+                "Medicare"
+            } else if r.random_bool(0.2) {
+                "Medicaid"
+            } else {
+                "Commercial"
+            }
+            .into(),
+        ],
+        Layout::HisB => vec![
+            spid.clone(),
+            mrn,
+            given.to_uppercase(),
+            family.to_uppercase(),
+            birth.format("%Y%m%d").to_string(),
+            if p.female { "2" } else { "1" }.into(),
+            RACES[p.race].1.into(),
+            if p.hispanic { "2135-2" } else { "2186-5" }.into(),
+            street.to_uppercase(),
+            city.to_uppercase(),
+            state.into(),
+            format!("{zip}-{:04}", r.random_range(0..10000)),
+            phone.replace('-', ""),
+        ],
+    };
+    let mut patient = row(patient_fields);
+    let patient_rule = maybe_bad_patient(ctx, r, &mut patient, layout);
+    files[PATIENTS].push(patient);
+    if patient_rule == Some("duplicate_row") {
+        let first = &files[PATIENTS][files[PATIENTS].len() - 1];
+        let copy = Row {
+            fields: first.fields.clone(),
+            reject: Some("duplicate_row"),
+        };
+        files[PATIENTS].last_mut().expect("just pushed").reject = None;
+        files[PATIENTS].push(copy);
+    }
+    // A patient row that is rejected takes all the person's facts here with it.
+    let orphaned = matches!(patient_rule, Some(rule) if rule != "duplicate_row");
+
+    // ---- visits and what happens at them
+    let first_day = NaiveDate::from_ymd_opt(year - 1, 1, 1)
+        .expect("valid date")
+        .max(p.birth + Duration::days(1));
+    let last_day = NaiveDate::from_ymd_opt(year, 12, 31).expect("valid date");
+    let span = (last_day - first_day).num_days().max(1);
+    let visits = match prov.kind {
+        Kind::Clinic => r.random_range(1..=4),
+        Kind::Endo => r.random_range(2..=4),
+        Kind::Hospital => r.random_range(1..=2),
+    };
+    let mut facts: [Vec<Row>; 6] = Default::default();
+    let mut day_of_first_a1c_in_period = None;
+    for v in 0..visits {
+        let mut day = first_day + Duration::days(r.random_range(0..=span));
+        if p.untested && day.year() == year {
+            day = NaiveDate::from_ymd_opt(year - 1, day.month(), day.day().min(28))
+                .expect("valid")
+                .max(first_day);
+        }
+        let start_min = r.random_range(7 * 60..18 * 60);
+        let eid = format!("{}E{:08}{}", prov.prefix, p.id + 1, v);
+        let class = match prov.kind {
+            Kind::Hospital => pick(r, &["EMER", "EMER", "IMP", "AMB"]),
+            _ => "AMB",
+        };
+        facts[ENCOUNTERS].push(row(match layout {
+            Layout::EmrA => vec![
+                eid.clone(),
+                spid.clone(),
+                ctx.time(day, start_min, layout),
+                if r.random_bool(0.1) {
+                    "Telehealth"
+                } else {
+                    "Office Visit"
+                }
+                .into(),
+                pick(r, &["99213", "99214", "99203", "99396"]).into(),
+                "completed".into(),
+            ],
+            Layout::HisB => {
+                let stay = if class == "IMP" {
+                    r.random_range(1440..7200)
+                } else {
+                    r.random_range(60..600)
+                };
+                vec![
+                    eid.clone(),
+                    spid.clone(),
+                    ctx.time(day, start_min, layout),
+                    ctx.time(day, start_min + stay, layout),
+                    class.into(),
+                    pick(r, &["home", "home", "skilled-nursing", "hospice"]).into(),
+                ]
+            }
+        }));
+        let at = ctx.time(day, start_min + 20, layout);
+        let obs = |code: &str, name: &str, value: String, unit: &str, facts: &mut [Vec<Row>; 6]| {
+            let n = facts[OBSERVATIONS].len();
+            facts[OBSERVATIONS].push(row(match layout {
+                Layout::EmrA => vec![
+                    format!("{eid}R{n}"),
+                    spid.clone(),
+                    eid.clone(),
+                    at.clone(),
+                    code.into(),
+                    name.into(),
+                    value,
+                    unit.into(),
+                ],
+                Layout::HisB => vec![
+                    spid.clone(),
+                    eid.clone(),
+                    at.clone(),
+                    code.into(),
+                    value,
+                    unit.into(),
+                ],
+            }));
+        };
+        let adult = day.year() - p.birth.year() >= 18;
+        let bp_prob = if prov.kind == Kind::Hospital {
+            1.0
+        } else {
+            0.9
+        };
+        if adult && r.random_bool(bp_prob) {
+            let (s, d) = if p.hypertensive {
+                (normal(r, 138.0, 14.0), normal(r, 86.0, 9.0))
+            } else {
+                (normal(r, 118.0, 10.0), normal(r, 76.0, 7.0))
+            };
+            let unit = if layout == Layout::EmrA {
+                "mmHg"
+            } else {
+                "mm[Hg]"
+            };
+            obs(
+                "8480-6",
+                "Systolic blood pressure",
+                format!("{}", s.round().clamp(80.0, 240.0)),
+                unit,
+                &mut facts,
+            );
+            obs(
+                "8462-4",
+                "Diastolic blood pressure",
+                format!("{}", d.round().clamp(40.0, 140.0)),
+                unit,
+                &mut facts,
+            );
+        }
+        let a1c_prob = match (p.diabetic, prov.kind) {
+            (true, Kind::Endo) => 0.9,
+            (true, Kind::Clinic) => 0.6,
+            (true, Kind::Hospital) => 0.4,
+            (false, _) if adult => 0.08,
+            _ => 0.0,
+        };
+        if r.random_bool(a1c_prob) {
+            let pct = if p.diabetic {
+                normal(r, p.a1c_mean, 0.4)
+            } else {
+                normal(r, 5.4, 0.35)
+            }
+            .clamp(4.0, 15.0);
+            if day.year() == year {
+                day_of_first_a1c_in_period.get_or_insert(day);
+            }
+            match layout {
+                Layout::EmrA => obs(
+                    "4548-4",
+                    "Hemoglobin A1c",
+                    format!("{:.1}", pct),
+                    "%",
+                    &mut facts,
+                ),
+                Layout::HisB => obs(
+                    "59261-8",
+                    "Hemoglobin A1c IFCC",
+                    format!("{:.0}", (pct - 2.152) / 0.09148),
+                    "mmol/mol",
+                    &mut facts,
+                ),
+            }
+        }
+        if v == 0 {
+            let diagnose = |code: &str,
+                            icd_hisb: &str,
+                            snomed: &str,
+                            name: &str,
+                            years_before: i64,
+                            r: &mut ChaCha8Rng,
+                            facts: &mut [Vec<Row>; 6]| {
+                let onset = (day - Duration::days(r.random_range(0..=years_before * 365)))
+                    .max(p.birth + Duration::days(1));
+                let mut description = name.to_string();
+                if r.random_bool(0.01) {
+                    description.push_str("\nfollow-up advised");
+                }
+                facts[CONDITIONS].push(row(match layout {
+                    Layout::EmrA => vec![
+                        spid.clone(),
+                        eid.clone(),
+                        code.into(),
+                        description,
+                        ctx.date(onset, layout),
+                        String::new(),
+                        "active".into(),
+                    ],
+                    Layout::HisB => vec![
+                        spid.clone(),
+                        eid.clone(),
+                        icd_hisb.into(),
+                        snomed.into(),
+                        onset.format("%Y-%m-%d").to_string(),
+                    ],
+                }));
+            };
+            if p.diabetic && r.random_bool(0.92) {
+                let (icd, undotted) = pick(
+                    r,
+                    &[
+                        ("E11.9", "E119"),
+                        ("E11.65", "E1165"),
+                        ("E11.9", "E119"),
+                        ("E10.9", "E109"),
+                    ],
+                );
+                let snomed = if icd.starts_with("E10") {
+                    "46635009"
+                } else {
+                    "44054006"
+                };
+                diagnose(
+                    icd,
+                    undotted,
+                    snomed,
+                    "Diabetes mellitus",
+                    10,
+                    r,
+                    &mut facts,
+                );
+            }
+            if p.hypertensive && r.random_bool(0.9) {
+                diagnose(
+                    "I10",
+                    "I10",
+                    "38341003",
+                    "Essential hypertension",
+                    15,
+                    r,
+                    &mut facts,
+                );
+            }
+            let med = |code: &str, name: &str, r: &mut ChaCha8Rng, facts: &mut [Vec<Row>; 6]| {
+                let start = (day - Duration::days(r.random_range(0..1500)))
+                    .max(p.birth + Duration::days(1));
+                facts[MEDICATIONS].push(row(match layout {
+                    Layout::EmrA => vec![
+                        spid.clone(),
+                        code.into(),
+                        name.into(),
+                        ctx.date(start, layout),
+                        String::new(),
+                        "active".into(),
+                    ],
+                    Layout::HisB => vec![
+                        spid.clone(),
+                        eid.clone(),
+                        code.into(),
+                        name.into(),
+                        start.format("%Y-%m-%d").to_string(),
+                        String::new(),
+                        "active".into(),
+                    ],
+                }));
+            };
+            if p.diabetic && r.random_bool(0.7) {
+                med(
+                    "860975",
+                    "metformin 500 MG Extended Release Oral Tablet",
+                    r,
+                    &mut facts,
+                );
+            }
+            if p.diabetic && r.random_bool(0.2) {
+                med(
+                    "311041",
+                    "insulin glargine 100 UNT/ML Injectable Solution",
+                    r,
+                    &mut facts,
+                );
+            }
+            if p.hypertensive && r.random_bool(0.6) {
+                med("314076", "lisinopril 10 MG Oral Tablet", r, &mut facts);
+            }
+        }
+    }
+    if p.eye_exam && prov.kind != Kind::Hospital {
+        let day = NaiveDate::from_ymd_opt(year, r.random_range(1..=12), r.random_range(1..=28))
+            .expect("valid date");
+        let (code, name) = pick(
+            r,
+            &[
+                ("2022F", "Dilated retinal eye exam, interpreted"),
+                ("92014", "Ophthalmological services, established patient"),
+            ],
+        );
+        facts[PROCEDURES].push(row(vec![
+            spid.clone(),
+            String::new(),
+            ctx.date(day, layout),
+            code.into(),
+            name.into(),
+        ]));
+    }
+
+    for (slot, rows) in facts.into_iter().enumerate().skip(1) {
+        for mut fact in rows {
+            if orphaned {
+                fact.reject = Some("unknown_patient");
+                files[slot].push(fact);
+                continue;
+            }
+            let rule = maybe_bad_fact(ctx, r, &mut fact, slot, layout);
+            let duplicate = rule == Some("duplicate_row");
+            if duplicate {
+                fact.reject = None;
+            }
+            let copy = duplicate.then(|| Row {
+                fields: fact.fields.clone(),
+                reject: Some("duplicate_row"),
+            });
+            files[slot].push(fact);
+            files[slot].extend(copy);
+        }
+    }
+    spid
+}
+
+fn typo(r: &mut impl Rng, s: &str) -> String {
+    let mut chars: Vec<char> = s.chars().collect();
+    if chars.len() < 3 {
+        return s.to_string();
+    }
+    let i = r.random_range(1..chars.len() - 1);
+    match r.random_range(0..3) {
+        0 => chars.swap(i, i + 1),
+        1 => {
+            chars.remove(i);
+        }
+        _ => chars[i] = (b'a' + r.random_range(0..26u8)) as char,
+    }
+    chars.into_iter().collect()
+}
+
+/// Maybe corrupts a patient row; returns the rule it must be rejected with.
+fn maybe_bad_patient(
+    ctx: &Ctx,
+    r: &mut impl Rng,
+    row: &mut Row,
+    layout: Layout,
+) -> Option<&'static str> {
+    if !r.random_bool(ctx.opts.bad_rate) {
+        return None;
+    }
+    let rule = pick(
+        r,
+        &[
+            "unparseable_date",
+            "future_date",
+            "wrong_field_count",
+            "duplicate_row",
+            "required",
+        ],
+    );
+    match rule {
+        "unparseable_date" => row.fields[4] = "31/31/1970".into(),
+        "future_date" => {
+            row.fields[4] = if layout == Layout::EmrA {
+                "01/01/2099".into()
+            } else {
+                "20990101".into()
+            }
+        }
+        "wrong_field_count" => row.fields.push("surplus".into()),
+        "required" => row.fields[0] = String::new(),
+        _ => {}
+    }
+    row.reject = Some(rule);
+    Some(rule)
+}
+
+/// Maybe corrupts a fact row; returns the rule it must be rejected with.
+fn maybe_bad_fact(
+    ctx: &Ctx,
+    r: &mut impl Rng,
+    row: &mut Row,
+    slot: usize,
+    layout: Layout,
+) -> Option<&'static str> {
+    if !r.random_bool(ctx.opts.bad_rate) {
+        return None;
+    }
+    // Column of the patient id, the main date, and the code, per layout and file.
+    let (pid, date, code): (usize, usize, Option<usize>) = match (layout, slot) {
+        (Layout::EmrA, ENCOUNTERS) => (1, 2, None),
+        (Layout::EmrA, CONDITIONS) => (0, 4, Some(2)),
+        (Layout::EmrA, OBSERVATIONS) => (1, 3, Some(4)),
+        (Layout::EmrA, MEDICATIONS) => (0, 3, Some(1)),
+        (Layout::EmrA, PROCEDURES) => (0, 2, Some(3)),
+        (Layout::HisB, ENCOUNTERS) => (1, 2, None),
+        (Layout::HisB, CONDITIONS) => (0, 4, Some(2)),
+        (Layout::HisB, OBSERVATIONS) => (0, 2, Some(3)),
+        (Layout::HisB, MEDICATIONS) => (0, 4, Some(2)),
+        (Layout::HisB, PROCEDURES) => (0, 2, Some(4)),
+        _ => unreachable!("fact slots only"),
+    };
+    let mut rules = vec![
+        "unparseable_date",
+        "future_date",
+        "before_birth",
+        "duplicate_row",
+        "unknown_patient",
+        "wrong_field_count",
+    ];
+    if code.is_some() && !(layout == Layout::HisB && slot == PROCEDURES) {
+        rules.extend(["malformed_code", "required"]);
+    }
+    let value_col = match (layout, slot) {
+        (Layout::EmrA, OBSERVATIONS) => Some(6),
+        (Layout::HisB, OBSERVATIONS) => Some(4),
+        _ => None,
+    };
+    if value_col.is_some() {
+        rules.push("implausible_value");
+        if layout == Layout::EmrA {
+            rules.push("unparseable_number");
+        }
+    }
+    let rule = pick(r, &rules);
+    let date_only = matches!(
+        (layout, slot),
+        (Layout::EmrA, CONDITIONS | MEDICATIONS | PROCEDURES)
+            | (Layout::HisB, CONDITIONS | MEDICATIONS)
+    );
+    let fmt = |d: NaiveDate| -> String {
+        match (layout, date_only) {
+            (Layout::EmrA, true) => d.format("%m/%d/%Y").to_string(),
+            (Layout::EmrA, false) => d.format("%m/%d/%Y 10:00").to_string(),
+            (Layout::HisB, true) => d.format("%Y-%m-%d").to_string(),
+            (Layout::HisB, false) => d.format("%Y-%m-%dT10:00:00").to_string(),
+        }
+    };
+    match rule {
+        "unparseable_date" => row.fields[date] = "2025-31-31x".into(),
+        "future_date" => {
+            row.fields[date] = fmt(NaiveDate::from_ymd_opt(2099, 1, 1).expect("valid"))
+        }
+        "before_birth" => {
+            row.fields[date] = fmt(NaiveDate::from_ymd_opt(1901, 1, 1).expect("valid"));
+            if layout == Layout::HisB && slot == ENCOUNTERS {
+                row.fields[3] = fmt(NaiveDate::from_ymd_opt(1901, 1, 2).expect("valid"));
+            }
+        }
+        "unknown_patient" => row.fields[pid] = format!("ZZ{}", r.random_range(0..u32::MAX)),
+        "wrong_field_count" => row.fields.push("surplus".into()),
+        "malformed_code" => {
+            let c = code.expect("coded file");
+            row.fields[c] = if slot == OBSERVATIONS {
+                "4548-3".into()
+            } else {
+                "X".into()
+            };
+        }
+        "required" => {
+            let c = code.expect("coded file");
+            row.fields[c] = String::new();
+            if layout == Layout::HisB && slot == CONDITIONS {
+                row.fields[3] = String::new(); // the SNOMED coding would stand in for it
+            }
+        }
+        "implausible_value" => {
+            let v = value_col.expect("observation");
+            let c = code.expect("coded");
+            row.fields[v] = match row.fields[c].as_str() {
+                "8480-6" => "400".into(),
+                "8462-4" => "250".into(),
+                "59261-8" => "300".into(),
+                _ => "25.0".into(),
+            };
+        }
+        "unparseable_number" => row.fields[value_col.expect("observation")] = "n/a".into(),
+        _ => {}
+    }
+    row.reject = Some(rule);
+    Some(rule)
+}
+
+/// One open output file.
+struct Out {
+    writer: BufWriter<fs::File>,
+    /// The line the next record starts on.
+    line: u64,
+    name: String,
+}
+
+/// Generates the population described by `opts` under `opts.out`.
+pub fn synth(opts: &SynthOptions, progress: &ProgressBar) -> Result<SynthReport> {
+    if opts.providers == 0 || opts.patients == 0 || !(0.0..=0.5).contains(&opts.bad_rate) {
+        return Err(WardError::Config {
+            path: opts.out.clone(),
+            line: None,
+            column: None,
+            key: None,
+            message: "synth needs patients ≥ 1, providers ≥ 1 and 0 ≤ bad-rate ≤ 0.5".into(),
+        });
+    }
+    let providers = providers(opts.providers);
+    let out = &opts.out;
+    let io = |action: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |e| WardError::io(action, path, e)
+    };
+    fs::create_dir_all(out.join("mappings")).map_err(io("cannot create", out))?;
+    for (name, text) in [
+        ("emr_a.toml", EMR_A_MAPPING),
+        ("hospital_b.toml", HIS_B_MAPPING),
+    ] {
+        let p = out.join("mappings").join(name);
+        fs::write(&p, text).map_err(io("cannot write", &p))?;
+    }
+    let mut config = format!(
+        "# Generated by: ward synth --patients {} --providers {} --seed {} --bad-rate {} --year {}\n\
+         warehouse = \"../warehouse\"\nmeasurement_period = {{ start = {y}-01-01, end = {y}-12-31 }}\n\n\
+         [ingest]\nas_of = {}-01-31\n",
+        opts.patients,
+        opts.providers,
+        opts.seed,
+        opts.bad_rate,
+        opts.year,
+        opts.year + 1,
+        y = opts.year
+    );
+    let mut outs: Vec<Vec<Out>> = Vec::new();
+    for prov in &providers {
+        config.push_str(&format!(
+            "\n[[sources]]\nname = \"{}\"\nformat = \"csv\"\npath = \"{}/*.csv\"\nmapping = \"mappings/{}\"\n",
+            prov.name,
+            prov.name,
+            prov.layout.mapping_file()
+        ));
+        let dir = out.join(&prov.name);
+        fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        let mut files = Vec::new();
+        for (name, header) in prov.layout.files().iter().zip(prov.layout.headers()) {
+            let path = dir.join(name);
+            let mut writer = BufWriter::with_capacity(
+                1 << 20,
+                fs::File::create(&path).map_err(io("cannot create", &path))?,
+            );
+            if prov.layout == Layout::HisB {
+                writer
+                    .write_all(b"\xEF\xBB\xBF")
+                    .map_err(io("cannot write", &path))?;
+            }
+            writer
+                .write_all(header.as_bytes())
+                .map_err(io("cannot write", &path))?;
+            writer
+                .write_all(prov.layout.line_end())
+                .map_err(io("cannot write", &path))?;
+            files.push(Out {
+                writer,
+                line: 2,
+                name: name.to_string(),
+            });
+        }
+        outs.push(files);
+    }
+    let config_path = out.join("ward.toml");
+    fs::write(&config_path, config).map_err(io("cannot write", &config_path))?;
+
+    let write_csv = |path: &Path, header: &str| -> Result<BufWriter<fs::File>> {
+        let mut w = BufWriter::new(fs::File::create(path).map_err(io("cannot create", path))?);
+        writeln!(w, "{header}").map_err(io("cannot write", path))?;
+        Ok(w)
+    };
+    let truth_path = out.join("truth.csv");
+    let persons_path = out.join("persons.csv");
+    let rejects_path = out.join("expected_rejects.csv");
+    let mut truth = write_csv(&truth_path, "source,source_patient_id,person_id")?;
+    let mut persons = write_csv(
+        &persons_path,
+        "person_id,sex,birth_date,diabetic,hypertensive,untested_in_period,eye_exam_in_period",
+    )?;
+    let mut rejects = write_csv(&rejects_path, "source,source_file,line,rule")?;
+
+    const BLOCK: u64 = 2048;
+    const WINDOW: u64 = 32;
+    let ctx = Ctx {
+        opts,
+        providers: &providers,
+    };
+    let mut report = SynthReport {
+        persons: opts.patients,
+        ..Default::default()
+    };
+    progress.set_length(opts.patients);
+    let blocks = opts.patients.div_ceil(BLOCK);
+    let mut buf = Vec::new();
+    for window in (0..blocks).step_by(WINDOW as usize) {
+        let generated: Vec<Block> = (window..(window + WINDOW).min(blocks))
+            .into_par_iter()
+            .map(|b| block(&ctx, b * BLOCK, ((b + 1) * BLOCK).min(opts.patients)))
+            .collect();
+        for b in generated {
+            for (pi, files) in b.rows.into_iter().enumerate() {
+                let layout = providers[pi].layout;
+                for (slot, rows) in files.into_iter().enumerate() {
+                    let o = &mut outs[pi][slot];
+                    buf.clear();
+                    for row in rows {
+                        if let Some(rule) = row.reject {
+                            writeln!(
+                                rejects,
+                                "{},{},{},{rule}",
+                                providers[pi].name, o.name, o.line
+                            )
+                            .map_err(io("cannot write", &rejects_path))?;
+                            report.expected_rejects += 1;
+                        }
+                        o.line += encode(&mut buf, &row.fields, layout);
+                        report.rows += 1;
+                    }
+                    o.writer.write_all(&buf).map_err(io("cannot write", out))?;
+                }
+            }
+            for (pi, spid, person) in &b.truth {
+                writeln!(truth, "{},{spid},{person}", providers[*pi].name)
+                    .map_err(io("cannot write", &truth_path))?;
+            }
+            report.source_patients += b.truth.len() as u64;
+            for p in &b.persons {
+                writeln!(
+                    persons,
+                    "{},{},{},{},{},{},{}",
+                    p.id,
+                    if p.female { "female" } else { "male" },
+                    p.birth,
+                    p.diabetic,
+                    p.hypertensive,
+                    p.untested,
+                    p.eye_exam
+                )
+                .map_err(io("cannot write", &persons_path))?;
+            }
+            progress.inc(b.persons.len() as u64);
+        }
+    }
+    for o in outs.iter_mut().flatten() {
+        o.writer.flush().map_err(io("cannot write", out))?;
+    }
+    for (w, p) in [
+        (&mut truth, &truth_path),
+        (&mut persons, &persons_path),
+        (&mut rejects, &rejects_path),
+    ] {
+        w.flush().map_err(io("cannot write", p))?;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn persons_are_deterministic_and_twins_share_a_household() {
+        let a = person(7, 400, 2025);
+        let b = person(7, 400, 2025);
+        assert_eq!((a.given, &a.family, a.birth), (b.given, &b.family, b.birth));
+        let twin = person(7, 401, 2025);
+        assert_eq!(
+            (twin.birth, &twin.family, &twin.street),
+            (a.birth, &a.family, &a.street)
+        );
+        let other = person(8, 400, 2025);
+        assert!((other.given, other.birth) != (a.given, a.birth));
+    }
+
+    #[test]
+    fn prevalence_is_realistic() {
+        let people: Vec<Person> = (0..20_000).map(|p| person(1, p, 2025)).collect();
+        let adults: Vec<&Person> = people
+            .iter()
+            .filter(|p| 2025 - p.birth.year() >= 18)
+            .collect();
+        let dm = adults.iter().filter(|p| p.diabetic).count() as f64 / adults.len() as f64;
+        assert!((0.09..0.14).contains(&dm), "adult diabetes prevalence {dm}");
+        let old = adults.iter().filter(|p| 2025 - p.birth.year() >= 65);
+        let (n, d) = old.fold((0, 0), |(n, d), p| (n + 1, d + p.diabetic as usize));
+        assert!(d as f64 / n as f64 > dm, "prevalence rises with age");
+        let diabetics: Vec<&&Person> = adults.iter().filter(|p| p.diabetic).collect();
+        let poor =
+            diabetics.iter().filter(|p| p.a1c_mean > 9.0).count() as f64 / diabetics.len() as f64;
+        assert!((0.10..0.22).contains(&poor), "share above 9%: {poor}");
+    }
+
+    #[test]
+    fn csv_encoding_quotes_and_counts_lines() {
+        let mut out = Vec::new();
+        let n = encode(
+            &mut out,
+            &["a".into(), "b,c".into(), "x\ny".into()],
+            Layout::EmrA,
+        );
+        assert_eq!(
+            (String::from_utf8(out).unwrap(), n),
+            ("a,\"b,c\",\"x\ny\"\n".to_string(), 2)
+        );
+    }
+
+    #[test]
+    fn provider_names_are_unique() {
+        let p = providers(12);
+        let mut names: Vec<_> = p.iter().map(|p| p.name.clone()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), 12);
+        assert_eq!(p[1].layout, Layout::HisB);
+    }
+}

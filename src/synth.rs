@@ -29,6 +29,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::error::{Result, WardError};
+use crate::ingest::normalize;
 
 /// The sample mappings, embedded so that `ward synth` works anywhere.
 pub const EMR_A_MAPPING: &str = include_str!("../sample_data/mappings/emr_a.toml");
@@ -856,6 +857,25 @@ fn person_records(
                 ),
             }
         }
+        if p.diabetic && r.random_bool(0.3) {
+            let mg_dl = normal(r, 8.0 * normalize::GLUCOSE_MG_PER_MMOL, 40.0).clamp(60.0, 450.0);
+            match layout {
+                Layout::EmrA => obs(
+                    "2345-7",
+                    "Glucose",
+                    format!("{mg_dl:.0}"),
+                    "mg/dL",
+                    &mut facts,
+                ),
+                Layout::HisB => obs(
+                    "2345-7",
+                    "Glucose",
+                    format!("{:.1}", mg_dl / normalize::GLUCOSE_MG_PER_MMOL),
+                    "mmol/L",
+                    &mut facts,
+                ),
+            }
+        }
         if v == 0 {
             let diagnose = |code: &str,
                             icd_hisb: &str,
@@ -867,7 +887,7 @@ fn person_records(
                 let onset = (day - Duration::days(r.random_range(0..=years_before * 365)))
                     .max(p.birth + Duration::days(1));
                 let mut description = name.to_string();
-                if r.random_bool(0.01) {
+                if r.random_bool(0.03) {
                     description.push_str("\nfollow-up advised");
                 }
                 facts[CONDITIONS].push(row(match layout {
@@ -1160,6 +1180,7 @@ fn maybe_bad_fact(
                 "8480-6" => "400".into(),
                 "8462-4" => "250".into(),
                 "59261-8" => "300".into(),
+                "2345-7" => "5000".into(),
                 _ => "25.0".into(),
             };
         }

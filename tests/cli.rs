@@ -37,7 +37,7 @@ fn run_on_the_sample_succeeds_and_prints_a_summary() {
         assert!(stdout.contains(source), "{stdout}");
     }
     assert!(
-        stdout.contains("rejects by rule:") && stdout.contains("duplicate_row 1"),
+        stdout.contains("rejects by rule:") && stdout.contains("unknown_patient"),
         "{stdout}"
     );
     assert!(dir.path().join("wh/state/ingest.json").is_file());

@@ -19,7 +19,14 @@ fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("gen");
     synth(
-        &SynthOptions { patients: 40_000, providers: 1, seed: 1, out: out.clone(), bad_rate: 0.0, year: 2025 },
+        &SynthOptions {
+            patients: 40_000,
+            providers: 1,
+            seed: 1,
+            out: out.clone(),
+            bad_rate: 0.0,
+            year: 2025,
+        },
         &ProgressBar::hidden(),
     )
     .unwrap();

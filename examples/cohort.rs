@@ -10,7 +10,9 @@ use datafusion::prelude::{ParquetReadOptions, SessionContext};
 #[tokio::main]
 async fn main() -> datafusion::error::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let warehouse = args.get(1).expect("usage: cohort WAREHOUSE [START END_EXCLUSIVE]");
+    let warehouse = args
+        .get(1)
+        .expect("usage: cohort WAREHOUSE [START END_EXCLUSIVE]");
     let start = args.get(2).map_or("2025-01-01", String::as_str);
     let end = args.get(3).map_or("2026-01-01", String::as_str);
     let sql = include_str!("../benches/cohort.sql")
@@ -20,11 +22,15 @@ async fn main() -> datafusion::error::Result<()> {
     let ctx = SessionContext::new();
     for table in ["condition", "observation"] {
         let dir = format!("{warehouse}/staging/{table}/");
-        ctx.register_parquet(table, &dir, ParquetReadOptions::default()).await?;
+        ctx.register_parquet(table, &dir, ParquetReadOptions::default())
+            .await?;
     }
     let batches = ctx.sql(&sql).await?.collect().await?;
     let secs = t.elapsed().as_secs_f64();
-    println!("{}", datafusion::arrow::util::pretty::pretty_format_batches(&batches)?);
+    println!(
+        "{}",
+        datafusion::arrow::util::pretty::pretty_format_batches(&batches)?
+    );
     println!("query_seconds {secs:.3}");
     Ok(())
 }

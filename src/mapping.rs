@@ -31,7 +31,7 @@ use crate::config::{config_error, load_toml};
 use crate::error::Result;
 #[cfg(test)]
 use crate::error::WardError;
-use crate::ingest::normalize;
+use crate::ingest::normalize::{self, DateFormat};
 use crate::schema::{Kind, Table};
 
 /// Character encoding of a provider's files.
@@ -75,9 +75,9 @@ pub struct FileMapping {
     /// Further codings of the row besides `code_system`/`code`.
     pub codings: Vec<CodingSpec>,
     /// Formats tried in order for date columns (`iso` or chrono strftime).
-    pub date_formats: Vec<String>,
+    pub date_formats: Vec<DateFormat>,
     /// Formats tried in order for timestamp columns.
-    pub datetime_formats: Vec<String>,
+    pub datetime_formats: Vec<DateFormat>,
 }
 
 impl FileMapping {
@@ -114,7 +114,7 @@ pub enum ValueSource {
 pub struct FieldSpec {
     pub source: ValueSource,
     /// Date/time formats for this field, overriding the file's.
-    pub formats: Option<Vec<String>>,
+    pub formats: Option<Vec<DateFormat>>,
     /// Raw value → canonical value (matched after trimming).
     pub map: Option<BTreeMap<String, String>>,
     /// Used when the cell is empty, or (with `map`) holds an unlisted value.
@@ -302,15 +302,22 @@ impl CsvMapping {
             })?;
             let matcher = glob::Pattern::new(f.pattern.get_ref())
                 .map_err(|e| err(f.pattern.span(), "match", format!("bad glob: {e}")))?;
-            let date_formats = f
-                .date_format
-                .map_or_else(|| default_dates.clone(), Formats::into_vec);
-            let datetime_formats = f
-                .datetime_format
-                .map_or_else(|| default_times.clone(), Formats::into_vec);
-            for fmt in date_formats.iter().chain(&datetime_formats) {
-                check_format(fmt).map_err(|m| err(f.pattern.span(), "date_format", m))?;
-            }
+            let prepare = |formats: Vec<String>| -> Result<Vec<DateFormat>> {
+                formats
+                    .iter()
+                    .map(|t| {
+                        DateFormat::new(t).map_err(|m| err(f.pattern.span(), "date_format", m))
+                    })
+                    .collect()
+            };
+            let date_formats = prepare(
+                f.date_format
+                    .map_or_else(|| default_dates.clone(), Formats::into_vec),
+            )?;
+            let datetime_formats = prepare(
+                f.datetime_format
+                    .map_or_else(|| default_times.clone(), Formats::into_vec),
+            )?;
 
             let mut fields: Vec<(&'static str, FieldSpec)> = Vec::new();
             let mut value = None;
@@ -322,10 +329,15 @@ impl CsvMapping {
                     (None, Some(v)) => ValueSource::Constant(v),
                     _ => return Err(bad("give exactly one of 'column' or 'value'".into())),
                 };
-                let formats = d.format.map(Formats::into_vec);
-                for fmt in formats.iter().flatten() {
-                    check_format(fmt).map_err(&bad)?;
-                }
+                let formats = match d.format {
+                    Some(f) => Some(
+                        f.into_vec()
+                            .iter()
+                            .map(|t| DateFormat::new(t).map_err(&bad))
+                            .collect::<Result<Vec<_>>>()?,
+                    ),
+                    None => None,
+                };
                 if d.keep_unmapped && (d.map.is_none() || d.default.is_some()) {
                     return Err(bad(
                         "'keep_unmapped' needs a 'map' and excludes 'default'".into()
@@ -438,21 +450,6 @@ fn mappable_names(table: Table) -> String {
     names.join(", ")
 }
 
-/// Checks that a date/time format is `iso` or a valid chrono format string.
-fn check_format(fmt: &str) -> std::result::Result<(), String> {
-    if fmt == "iso" {
-        return Ok(());
-    }
-    use chrono::format::{Item, StrftimeItems};
-    if StrftimeItems::new(fmt).any(|i| matches!(i, Item::Error)) {
-        return Err(format!("'{fmt}' is not a valid date/time format"));
-    }
-    if !fmt.contains('%') {
-        return Err(format!("'{fmt}' has no % directive"));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,10 +492,16 @@ effective_time = "When"
         assert_eq!(m.delimiter, b'|');
         let pat = m.entry_for("patients_2025.csv").unwrap();
         assert_eq!(pat.table, Table::Patient);
-        assert_eq!(pat.date_formats, vec!["%m/%d/%Y", "iso"]);
+        let texts = |f: &[DateFormat]| {
+            f.iter()
+                .map(DateFormat::as_str)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(texts(&pat.date_formats), "%m/%d/%Y iso");
         let (name, dob) = &pat.fields[1];
         assert_eq!(*name, "birth_date");
-        assert_eq!(dob.formats.as_deref(), Some(&["%Y%m%d".to_string()][..]));
+        assert_eq!(texts(dob.formats.as_deref().unwrap()), "%Y%m%d");
         let labs = m.entry_for("labs.csv").unwrap();
         assert!(labs.value.is_some());
         assert_eq!(

@@ -45,6 +45,22 @@ impl TextTable {
         (self.lines.len() + self.rejects.len()) as u64
     }
 
+    /// Every column as a vector of cells (`None` when empty), for fast
+    /// random access while mapping.
+    pub fn text_columns(&self) -> Vec<Vec<Option<&str>>> {
+        self.frame
+            .columns()
+            .iter()
+            .map(|c| match c.str() {
+                Ok(ca) => ca
+                    .iter()
+                    .map(|v| v.filter(|s| !s.trim().is_empty()))
+                    .collect(),
+                Err(_) => vec![None; self.frame.height()],
+            })
+            .collect()
+    }
+
     /// The text of column `col` at row `row` (`None` when empty).
     pub fn cell(&self, col: usize, row: usize) -> Option<&str> {
         self.frame.columns()[col]

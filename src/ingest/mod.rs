@@ -131,9 +131,15 @@ struct Input<'a> {
 
 /// A file mapped in this run.
 struct Loaded {
-    batch: RecordBatch,
+    batches: Vec<RecordBatch>,
     rejects: Vec<RejectRow>,
     read: u64,
+}
+
+impl Loaded {
+    fn accepted(&self) -> u64 {
+        self.batches.iter().map(|b| b.num_rows() as u64).sum()
+    }
 }
 
 /// Runs ingest for every source of `config`.
@@ -311,7 +317,10 @@ pub fn ingest(
         for (input, result) in &fresh {
             if let Ok(loaded) = result {
                 files.insert(input.rel.clone(), input.sha256.clone());
-                add_birth_dates(&loaded.batch, &mut lookup);
+                loaded
+                    .batches
+                    .iter()
+                    .for_each(|b| add_birth_dates(b, &mut lookup));
             }
         }
         if !files.is_empty() {
@@ -383,7 +392,7 @@ pub fn ingest(
             }
             Ok(loaded) => {
                 file_report.rows_read = loaded.read;
-                file_report.rows_accepted = loaded.batch.num_rows() as u64;
+                file_report.rows_accepted = loaded.accepted();
                 file_report.rows_rejected = loaded.rejects.len() as u64;
                 for r in &loaded.rejects {
                     *file_report
@@ -470,7 +479,7 @@ fn load_file(
     };
     let mapped = rows::map_rows(&text, input.entry, &ctx)?;
     let read = text.records();
-    let (accepted, rejected) = (mapped.batch.num_rows() as u64, mapped.rejects.len() as u64);
+    let (accepted, rejected) = (mapped.accepted() as u64, mapped.rejects.len() as u64);
     if accepted + rejected != read {
         return Err(WardError::Extract {
             path: input.path.clone(),
@@ -481,7 +490,7 @@ fn load_file(
         });
     }
     Ok(Loaded {
-        batch: mapped.batch,
+        batches: mapped.batches,
         rejects: mapped.rejects,
         read,
     })
@@ -507,11 +516,11 @@ fn publish(
     let batch_id = hex::encode(&h.finalize()[..8]);
     let table = input.entry.table;
     let mut outputs = Vec::new();
-    if loaded.batch.num_rows() > 0 {
+    if loaded.accepted() > 0 {
         let path = wh
             .staging_dir(table, &input.source.name)
             .join(format!("{batch_id}.parquet"));
-        wh.write_parquet(&path, table.schema(), std::slice::from_ref(&loaded.batch))?;
+        wh.write_parquet(&path, table.schema(), &loaded.batches)?;
         outputs.push(wh.relative(&path));
     }
     if !loaded.rejects.is_empty() {
@@ -536,7 +545,7 @@ fn publish(
         batch_id,
         outputs,
         rows_read: loaded.read,
-        rows_accepted: loaded.batch.num_rows() as u64,
+        rows_accepted: loaded.accepted(),
         rows_rejected: loaded.rejects.len() as u64,
         loaded_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     })

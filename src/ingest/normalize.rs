@@ -4,6 +4,9 @@
 //! Functions return `Err(rule)` with a stable rule name (see the README's
 //! list of reject rules); callers add file, line and column.
 
+use std::borrow::Cow;
+
+use chrono::format::{Item, Parsed, StrftimeItems};
 use chrono::{NaiveDate, NaiveDateTime, NaiveTime};
 
 /// Short name of a code system given a short name, a common spelling or a
@@ -34,10 +37,17 @@ pub fn code_system(raw: &str) -> Option<&'static str> {
 
 /// Checks and normalizes a code of a code system. ICD-10-CM codes are
 /// upper-cased and dotted after the third character (`E119` → `E11.9`), as in
-/// the eCQM value sets.
-pub fn code(system: &str, raw: &str) -> Result<String, &'static str> {
+/// the eCQM value sets. Borrows the input when it needs no change.
+pub fn code<'a>(system: &str, raw: &'a str) -> Result<Cow<'a, str>, &'static str> {
     let c = raw.trim();
-    let ok = |valid: bool, code: String| {
+    let upper = |c: &'a str| -> Cow<'a, str> {
+        if c.bytes().any(|b| b.is_ascii_lowercase()) {
+            Cow::Owned(c.to_ascii_uppercase())
+        } else {
+            Cow::Borrowed(c)
+        }
+    };
+    let ok = |valid: bool, code: Cow<'a, str>| {
         if valid {
             Ok(code)
         } else {
@@ -46,7 +56,11 @@ pub fn code(system: &str, raw: &str) -> Result<String, &'static str> {
     };
     match system {
         "icd10cm" => {
-            let u = c.to_ascii_uppercase().replace('.', "");
+            let u: String = c
+                .bytes()
+                .filter(|b| *b != b'.')
+                .map(|b| b.to_ascii_uppercase() as char)
+                .collect();
             let b = u.as_bytes();
             let valid = (3..=7).contains(&b.len())
                 && b[0].is_ascii_uppercase()
@@ -59,19 +73,26 @@ pub fn code(system: &str, raw: &str) -> Result<String, &'static str> {
             } else {
                 u
             };
-            ok(valid, dotted)
+            ok(
+                valid,
+                if dotted == c {
+                    Cow::Borrowed(c)
+                } else {
+                    Cow::Owned(dotted)
+                },
+            )
         }
-        "loinc" => ok(loinc_valid(c), c.to_string()),
+        "loinc" => ok(loinc_valid(c), Cow::Borrowed(c)),
         "snomed" => ok(
             (6..=18).contains(&c.len())
                 && c.bytes().all(|b| b.is_ascii_digit())
                 && !c.starts_with('0')
                 && verhoeff_valid(c),
-            c.to_string(),
+            Cow::Borrowed(c),
         ),
         "rxnorm" | "cvx" => ok(
             !c.is_empty() && c.len() <= 10 && c.bytes().all(|b| b.is_ascii_digit()),
-            c.to_string(),
+            Cow::Borrowed(c),
         ),
         "cpt" => {
             let b = c.as_bytes();
@@ -79,40 +100,35 @@ pub fn code(system: &str, raw: &str) -> Result<String, &'static str> {
                 b.len() == 5
                     && b[..4].iter().all(u8::is_ascii_digit)
                     && b[4].is_ascii_alphanumeric(),
-                c.to_ascii_uppercase(),
+                upper(c),
             )
         }
         "hcpcs" => {
-            let u = c.to_ascii_uppercase();
-            let b = u.as_bytes();
+            let b = c.as_bytes();
             ok(
-                b.len() == 5 && b[0].is_ascii_uppercase() && b[1..].iter().all(u8::is_ascii_digit),
-                u,
+                b.len() == 5 && b[0].is_ascii_alphabetic() && b[1..].iter().all(u8::is_ascii_digit),
+                upper(c),
             )
         }
         "ndc" => {
             let digits = c.bytes().filter(u8::is_ascii_digit).count();
             ok(
                 (10..=11).contains(&digits) && c.bytes().all(|b| b.is_ascii_digit() || b == b'-'),
-                c.to_string(),
+                Cow::Borrowed(c),
             )
         }
-        "icd10pcs" => {
-            let u = c.to_ascii_uppercase();
-            ok(
-                u.len() == 7 && u.bytes().all(|b| b.is_ascii_alphanumeric()),
-                u,
-            )
-        }
+        "icd10pcs" => ok(
+            c.len() == 7 && c.bytes().all(|b| b.is_ascii_alphanumeric()),
+            upper(c),
+        ),
         "icd9cm" => {
-            let u = c.to_ascii_uppercase();
-            let head = u.split('.').next().unwrap_or("");
-            let valid = !u.is_empty()
-                && u.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')
+            let head = c.split('.').next().unwrap_or("");
+            let valid = !c.is_empty()
+                && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')
                 && (3..=4).contains(&head.len());
-            ok(valid, u)
+            ok(valid, upper(c))
         }
-        _ => ok(!c.is_empty(), c.to_string()),
+        _ => ok(!c.is_empty(), Cow::Borrowed(c)),
     }
 }
 
@@ -346,29 +362,40 @@ pub fn postal_code(raw: &str) -> String {
     }
 }
 
-/// Canonical UCUM spelling of common unit variants.
-pub fn unit(raw: &str) -> String {
+/// Canonical UCUM spelling of common unit variants (others unchanged).
+pub fn unit(raw: &str) -> &str {
+    const UNITS: [(&str, &str); 9] = [
+        ("mmhg", "mm[Hg]"),
+        ("mm hg", "mm[Hg]"),
+        ("mm[hg]", "mm[Hg]"),
+        ("mg/dl", "mg/dL"),
+        ("mmol/l", "mmol/L"),
+        ("mmol/mol", "mmol/mol"),
+        ("percent", "%"),
+        ("pct", "%"),
+        ("kg/m^2", "kg/m2"),
+    ];
     let s = raw.trim();
-    match s.to_ascii_lowercase().as_str() {
-        "mmhg" | "mm hg" | "mm[hg]" => "mm[Hg]".into(),
-        "mg/dl" => "mg/dL".into(),
-        "mmol/l" => "mmol/L".into(),
-        "mmol/mol" => "mmol/mol".into(),
-        "%" | "percent" | "pct" => "%".into(),
-        "kg" => "kg".into(),
-        "cm" => "cm".into(),
-        "kg/m2" | "kg/m^2" => "kg/m2".into(),
-        _ => s.to_string(),
-    }
+    UNITS
+        .iter()
+        .find(|(k, _)| s.eq_ignore_ascii_case(k))
+        .map_or(s, |(_, v)| v)
 }
 
 /// Lower-case token with spaces as `-` (`Entered in Error` → `entered-in-error`).
-pub fn token(raw: &str) -> String {
-    raw.trim()
-        .to_lowercase()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join("-")
+pub fn token(raw: &str) -> Cow<'_, str> {
+    let s = raw.trim();
+    if s.bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(
+        s.to_lowercase()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join("-"),
+    )
 }
 
 /// LOINC codes of HbA1c results (reported in % or, IFCC, in mmol/mol).
@@ -393,13 +420,13 @@ pub type ValueError = (&'static str, String);
 /// Converts a LOINC-coded result to Ward's canonical unit and checks that it
 /// is plausible: HbA1c in % (IFCC mmol/mol converted by the master equation
 /// NGSP = 0.09148 × IFCC + 2.152), glucose in mg/dL, blood pressure in mm[Hg].
+/// Returns the value and, for a test it knows, the canonical unit.
 pub fn lab_value(
     code: &str,
     value: f64,
     unit: Option<&str>,
-) -> Result<(f64, Option<String>), ValueError> {
-    let unit = unit.map(self::unit);
-    let unit_ref = unit.as_deref();
+) -> Result<(f64, Option<&'static str>), ValueError> {
+    let unit_ref = unit.map(self::unit);
     let bad_unit = |expected: &str| {
         (
             "unsupported_unit",
@@ -409,9 +436,9 @@ pub fn lab_value(
             ),
         )
     };
-    let check = |v: f64, lo: f64, hi: f64, u: &str| {
+    let check = |v: f64, lo: f64, hi: f64, u: &'static str| {
         if (lo..=hi).contains(&v) {
-            Ok((v, Some(u.to_string())))
+            Ok((v, Some(u)))
         } else {
             Err(("implausible_value", format!("outside {lo}–{hi} {u}")))
         }
@@ -443,7 +470,7 @@ pub fn lab_value(
         };
         return check(value, lo, hi, "mm[Hg]");
     }
-    Ok((value, unit))
+    Ok((value, None))
 }
 
 /// Parses a number; accepts a leading `+` and surrounding spaces.
@@ -452,12 +479,53 @@ pub fn number(raw: &str) -> Option<f64> {
     v.is_finite().then_some(v)
 }
 
+/// A date or date-time format: `iso`, or a chrono `strftime` pattern parsed
+/// once, not on every value.
+#[derive(Debug, Clone)]
+pub struct DateFormat {
+    text: String,
+    items: Option<Vec<Item<'static>>>,
+}
+
+impl DateFormat {
+    /// Checks and prepares a format; the error says why it is not valid.
+    pub fn new(text: &str) -> Result<DateFormat, String> {
+        if text == "iso" {
+            return Ok(DateFormat {
+                text: text.into(),
+                items: None,
+            });
+        }
+        if !text.contains('%') {
+            return Err(format!("'{text}' has no % directive"));
+        }
+        let items = StrftimeItems::new(text)
+            .parse_to_owned()
+            .map_err(|_| format!("'{text}' is not a valid date/time format"))?;
+        Ok(DateFormat {
+            text: text.into(),
+            items: Some(items),
+        })
+    }
+
+    /// The format as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    fn parse(&self, s: &str) -> Option<Parsed> {
+        let mut parsed = Parsed::new();
+        chrono::format::parse(&mut parsed, s, self.items.as_ref()?.iter()).ok()?;
+        Some(parsed)
+    }
+}
+
 /// Parses a date with the first matching format. `iso` accepts
 /// `YYYY-MM-DD`, optionally followed by a time (which is ignored).
-pub fn date(raw: &str, formats: &[String]) -> Option<NaiveDate> {
+pub fn date(raw: &str, formats: &[DateFormat]) -> Option<NaiveDate> {
     let s = raw.trim();
     formats.iter().find_map(|f| {
-        if f == "iso" {
+        if f.items.is_none() {
             let head = s.get(..10)?;
             let rest = &s[10..];
             if !(rest.is_empty() || rest.starts_with('T') || rest.starts_with(' ')) {
@@ -465,9 +533,7 @@ pub fn date(raw: &str, formats: &[String]) -> Option<NaiveDate> {
             }
             NaiveDate::parse_from_str(head, "%Y-%m-%d").ok()
         } else {
-            NaiveDate::parse_from_str(s, f)
-                .ok()
-                .or_else(|| NaiveDateTime::parse_from_str(s, f).ok().map(|dt| dt.date()))
+            f.parse(s)?.to_naive_date().ok()
         }
     })
 }
@@ -475,10 +541,10 @@ pub fn date(raw: &str, formats: &[String]) -> Option<NaiveDate> {
 /// Parses a date-time with the first matching format, keeping the wall-clock
 /// time as written (a UTC offset is dropped). `iso` accepts
 /// `YYYY-MM-DD[(T| )HH:MM[:SS[.f]]][Z|±HH:MM]`; a date alone means midnight.
-pub fn timestamp(raw: &str, formats: &[String]) -> Option<NaiveDateTime> {
+pub fn timestamp(raw: &str, formats: &[DateFormat]) -> Option<NaiveDateTime> {
     let s = raw.trim();
     formats.iter().find_map(|f| {
-        if f == "iso" {
+        if f.items.is_none() {
             if s.len() == 10 {
                 return NaiveDate::parse_from_str(s, "%Y-%m-%d")
                     .ok()
@@ -501,8 +567,10 @@ pub fn timestamp(raw: &str, formats: &[String]) -> Option<NaiveDateTime> {
             .iter()
             .find_map(|p| NaiveDateTime::parse_from_str(body, p).ok())
         } else {
-            NaiveDateTime::parse_from_str(s, f).ok().or_else(|| {
-                NaiveDate::parse_from_str(s, f)
+            let parsed = f.parse(s)?;
+            parsed.to_naive_datetime_with_offset(0).ok().or_else(|| {
+                parsed
+                    .to_naive_date()
                     .ok()
                     .map(|d| d.and_time(NaiveTime::MIN))
             })
@@ -538,7 +606,7 @@ mod tests {
             "359817006",
             "430193006",
         ] {
-            assert_eq!(code("snomed", good), Ok(good.to_string()), "{good}");
+            assert_eq!(code("snomed", good), Ok(good.into()), "{good}");
         }
         for bad in ["44054007", "38341004", "12", "4405400A"] {
             assert_eq!(code("snomed", bad), Err("malformed_code"), "{bad}");
@@ -579,7 +647,7 @@ mod tests {
         // 53 mmol/mol is the well-known equivalent of 7.0 %.
         let (v, u) = lab_value("59261-8", 53.0, Some("mmol/mol")).unwrap();
         assert!((v - 7.0).abs() < 0.01, "{v}");
-        assert_eq!(u.as_deref(), Some("%"));
+        assert_eq!(u, Some("%"));
         assert_eq!(lab_value("4548-4", 7.4, Some("%")).unwrap().0, 7.4);
         assert_eq!(
             lab_value("4548-4", 25.0, Some("%")).unwrap_err().0,
@@ -599,12 +667,9 @@ mod tests {
     fn glucose_and_blood_pressure() {
         let (v, u) = lab_value("2345-7", 7.0, Some("mmol/l")).unwrap();
         assert!((v - 126.1).abs() < 0.05, "{v}");
-        assert_eq!(u.as_deref(), Some("mg/dL"));
+        assert_eq!(u, Some("mg/dL"));
         assert_eq!(
-            lab_value("8480-6", 120.0, Some("mmHg"))
-                .unwrap()
-                .1
-                .as_deref(),
+            lab_value("8480-6", 120.0, Some("mmHg")).unwrap().1,
             Some("mm[Hg]")
         );
         assert_eq!(
@@ -615,13 +680,18 @@ mod tests {
             lab_value("8480-6", 49.0, None).unwrap_err().0,
             "implausible_value"
         );
-        assert_eq!(lab_value("8302-2", 180.0, Some("cm")).unwrap().0, 180.0);
+        assert_eq!(
+            lab_value("8302-2", 180.0, Some("cm")).unwrap(),
+            (180.0, None)
+        );
+        assert_eq!(unit(" MMHG "), "mm[Hg]");
+        assert_eq!(unit("{score}"), "{score}");
     }
 
     #[test]
     fn dates_and_times() {
-        let iso = vec!["iso".to_string()];
-        let us = vec!["%m/%d/%Y".to_string()];
+        let f = |s: &str| vec![DateFormat::new(s).unwrap()];
+        let (iso, us) = (f("iso"), f("%m/%d/%Y"));
         let d = NaiveDate::from_ymd_opt(2021, 8, 23).unwrap();
         assert_eq!(date("2021-08-23", &iso), Some(d));
         assert_eq!(date("2021-08-23T03:26:50Z", &iso), Some(d));
@@ -638,14 +708,17 @@ mod tests {
             Some(d.and_hms_opt(0, 0, 0).unwrap())
         );
         assert_eq!(
-            timestamp("08/23/2021 03:26", &["%m/%d/%Y %H:%M".to_string()]),
+            timestamp("08/23/2021 03:26", &f("%m/%d/%Y %H:%M")),
             Some(d.and_hms_opt(3, 26, 0).unwrap())
         );
         assert_eq!(
-            timestamp("08/23/2021", &["%m/%d/%Y".to_string()]),
+            timestamp("08/23/2021", &us),
             Some(d.and_hms_opt(0, 0, 0).unwrap())
         );
         assert_eq!(timestamp("yesterday", &iso), None);
+        assert_eq!(date("08/23/2021 03:26", &f("%m/%d/%Y %H:%M")), Some(d));
+        assert_eq!(date("08/23/2021 junk", &us), None);
+        assert!(DateFormat::new("%Q").is_err() && DateFormat::new("YYYY").is_err());
     }
 
     #[test]
@@ -661,6 +734,7 @@ mod tests {
         assert_eq!(postal_code("2134"), "02134");
         assert_eq!(postal_code("k1a 0b1"), "K1A 0B1");
         assert_eq!(token(" Entered in  Error"), "entered-in-error");
+        assert!(matches!(token("final"), Cow::Borrowed("final")));
         assert_eq!(number("+7.5 "), Some(7.5));
         assert_eq!(number("7,5"), None);
         assert_eq!(number("NaN"), None);

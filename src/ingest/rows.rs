@@ -1,24 +1,34 @@
 //! Turning an extract's text rows into canonical rows: apply the mapping,
-//! cast, normalize, validate, and build the Arrow batch of accepted rows plus
+//! cast, normalize, validate, and build Arrow batches of accepted rows plus
 //! one reject per refused row.
+//!
+//! Rows are mapped in parallel chunks; each chunk appends accepted rows
+//! straight into its own Arrow builders, so nothing row-shaped is kept for
+//! the whole file, and values that need no change are borrowed from the
+//! text columns rather than copied.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::path::Path;
-use std::sync::Arc;
 
 use chrono::{NaiveDate, NaiveDateTime};
 use datafusion::arrow::array::{
-    ArrayRef, Date32Builder, Float64Builder, ListBuilder, RecordBatch, StringBuilder,
+    ArrayBuilder, ArrayRef, Date32Builder, Float64Builder, ListBuilder, RecordBatch, StringBuilder,
     StructBuilder, TimestampMicrosecondBuilder, UInt64Builder,
 };
 use datafusion::arrow::datatypes::DataType;
 use rayon::prelude::*;
 
 use super::csv::TextTable;
-use super::normalize;
+use super::normalize::{self, DateFormat};
 use crate::error::{Result, WardError};
 use crate::mapping::{FieldSpec, FileMapping, ValueSource};
 use crate::schema::{Kind, Table, coding_fields};
+
+/// Rows mapped per parallel chunk (and per output record batch).
+const CHUNK: usize = 16 * 1024;
 
 /// What a file's rows are checked against.
 pub struct RowContext<'a> {
@@ -52,21 +62,28 @@ pub struct RejectRow {
 
 /// The outcome of mapping one file.
 pub struct MappedFile {
-    pub batch: RecordBatch,
+    /// Accepted rows, in file order (one batch per chunk).
+    pub batches: Vec<RecordBatch>,
     pub rejects: Vec<RejectRow>,
 }
 
+impl MappedFile {
+    /// Number of accepted rows.
+    pub fn accepted(&self) -> usize {
+        self.batches.iter().map(RecordBatch::num_rows).sum()
+    }
+}
+
 #[derive(Debug, Clone)]
-enum Cell {
+enum Cell<'a> {
     Null,
-    Str(String),
+    Str(Cow<'a, str>),
     Date(NaiveDate),
     Ts(NaiveDateTime),
     F64(f64),
-    Codings(Vec<(String, String)>),
 }
 
-impl Cell {
+impl Cell<'_> {
     fn str(&self) -> Option<&str> {
         match self {
             Cell::Str(s) => Some(s),
@@ -80,10 +97,17 @@ impl Cell {
             _ => None,
         }
     }
+    fn time(&self) -> Option<NaiveDateTime> {
+        match self {
+            Cell::Ts(t) => Some(*t),
+            Cell::Date(d) => d.and_hms_opt(0, 0, 0),
+            _ => None,
+        }
+    }
 }
 
-struct Violation {
-    column: String,
+struct Violation<'a> {
+    column: &'a str,
     rule: &'static str,
     message: String,
 }
@@ -100,7 +124,21 @@ struct FieldPlan<'a> {
     spec: &'a FieldSpec,
     input: Input<'a>,
     label: &'a str,
-    formats: &'a [String],
+    formats: &'a [DateFormat],
+}
+
+/// Where each canonical column of the table sits (schema index).
+struct Columns {
+    patient_id: usize,
+    birth_date: Option<usize>,
+    code_system: Option<usize>,
+    code: Option<usize>,
+    codings: Option<usize>,
+    value_num: Option<usize>,
+    value_text: Option<usize>,
+    unit: Option<usize>,
+    events: Vec<(usize, &'static str)>,
+    period: Option<(usize, usize)>,
 }
 
 struct Plan<'a> {
@@ -108,30 +146,14 @@ struct Plan<'a> {
     fields: Vec<FieldPlan<'a>>,
     value: Option<FieldPlan<'a>>,
     codings: Vec<(&'static str, usize, &'a str)>,
-}
-
-impl Plan<'_> {
-    fn index(&self, name: &str) -> usize {
-        self.table
-            .columns()
-            .iter()
-            .position(|c| c.name == name)
-            .expect("column of the table")
-    }
-    fn label(&self, target: usize) -> String {
-        self.fields
-            .iter()
-            .chain(self.value.iter())
-            .find(|f| f.target == target)
-            .map_or_else(
-                || self.table.columns()[target].name.to_string(),
-                |f| f.label.to_string(),
-            )
-    }
+    at: Columns,
+    /// Label (file column, or canonical column for constants) per schema index.
+    labels: Vec<&'a str>,
 }
 
 fn plan<'a>(text: &TextTable, fm: &'a FileMapping, ctx: &RowContext) -> Result<Plan<'a>> {
     let table = fm.table;
+    let columns = table.columns();
     let find = |name: &str, target: &str| -> Result<usize> {
         text.header.iter().position(|h| h == name).ok_or_else(|| WardError::Extract {
             path: ctx.path.to_path_buf(),
@@ -144,7 +166,7 @@ fn plan<'a>(text: &TextTable, fm: &'a FileMapping, ctx: &RowContext) -> Result<P
     };
     let field = |target: &'static str, spec: &'a FieldSpec| -> Result<FieldPlan<'a>> {
         let index = table.columns().iter().position(|c| c.name == target);
-        let kind = index.map_or(Kind::Text, |i| table.columns()[i].kind);
+        let kind = index.map_or(Kind::Text, |i| columns[i].kind);
         let (input, label) = match &spec.source {
             ValueSource::Column(c) => (Input::Column(find(c, target)?), c.as_str()),
             ValueSource::Constant(v) => (Input::Constant(v.as_str()), target),
@@ -178,11 +200,39 @@ fn plan<'a>(text: &TextTable, fm: &'a FileMapping, ctx: &RowContext) -> Result<P
             normalize::code_system(&c.system).expect("checked when the mapping was loaded");
         codings.push((system, find(&c.column, "codings")?, c.column.as_str()));
     }
+    let ix = |name: &str| columns.iter().position(|c| c.name == name);
+    let mut labels: Vec<&'a str> = columns.iter().map(|c| c.name).collect();
+    for f in &fields {
+        labels[f.target] = f.label;
+    }
+    if let (Some(v), Some(i)) = (&value, ix("value_num")) {
+        labels[i] = v.label;
+    }
+    let at = Columns {
+        patient_id: ix("source_patient_id").expect("every table has source_patient_id"),
+        birth_date: ix("birth_date"),
+        code_system: ix("code_system"),
+        code: ix("code"),
+        codings: columns.iter().position(|c| c.kind == Kind::Codings),
+        value_num: ix("value_num"),
+        value_text: ix("value_text"),
+        unit: ix("unit"),
+        events: table
+            .event_columns()
+            .iter()
+            .map(|n| (ix(n).expect("event column"), *n))
+            .collect(),
+        period: table
+            .period_columns()
+            .map(|(s, e)| (ix(s).expect("period start"), ix(e).expect("period end"))),
+    };
     Ok(Plan {
         table,
         fields,
         value,
         codings,
+        at,
+        labels,
     })
 }
 
@@ -190,45 +240,57 @@ fn plan<'a>(text: &TextTable, fm: &'a FileMapping, ctx: &RowContext) -> Result<P
 /// fail any rule become rejects (structural rejects of the reader included).
 pub fn map_rows(text: &TextTable, fm: &FileMapping, ctx: &RowContext) -> Result<MappedFile> {
     let plan = plan(text, fm, ctx)?;
+    let cols = text.text_columns();
+    let duplicate_of = duplicates(&cols, &text.lines);
     let n = text.lines.len();
 
-    // Exact duplicates: a record identical to an earlier one in the file.
-    let mut first_seen: HashMap<Vec<Option<&str>>, u64> = HashMap::with_capacity(n);
-    let duplicate_of: Vec<Option<u64>> = (0..n)
-        .map(|row| {
-            let key: Vec<Option<&str>> =
-                (0..text.header.len()).map(|c| text.cell(c, row)).collect();
-            match first_seen.entry(key) {
-                std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(text.lines[row]);
-                    None
+    let chunks: Vec<(Vec<RecordBatch>, Vec<RejectRow>)> = (0..n)
+        .step_by(CHUNK)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|start| {
+            let end = (start + CHUNK).min(n);
+            let mut out = Builders::new(plan.table, end - start);
+            let mut rejects = Vec::new();
+            let mut cells = vec![Cell::Null; plan.table.columns().len()];
+            let mut codings = Vec::new();
+            let mut violations = Vec::new();
+            for row in start..end {
+                violations.clear();
+                if let Some(first) = duplicate_of[row] {
+                    violations.push(Violation {
+                        column: "*",
+                        rule: "duplicate_row",
+                        message: format!("exact duplicate of line {first}"),
+                    });
+                }
+                map_row(
+                    &cols,
+                    row,
+                    &plan,
+                    ctx,
+                    &mut cells,
+                    &mut codings,
+                    &mut violations,
+                );
+                if violations.is_empty() {
+                    out.append(ctx, text.lines[row], &cells, &codings);
+                } else {
+                    rejects.push(reject_row(text, row, &violations));
                 }
             }
+            let batch = out.finish(plan.table, ctx)?;
+            Ok((
+                vec![batch]
+                    .into_iter()
+                    .filter(|b| b.num_rows() > 0)
+                    .collect(),
+                rejects,
+            ))
         })
-        .collect();
+        .collect::<Result<_>>()?;
 
-    let outcomes: Vec<std::result::Result<Vec<Cell>, Vec<Violation>>> = (0..n)
-        .into_par_iter()
-        .map(|row| {
-            let mut violations = Vec::new();
-            if let Some(first) = duplicate_of[row] {
-                violations.push(Violation {
-                    column: "*".into(),
-                    rule: "duplicate_row",
-                    message: format!("exact duplicate of line {first}"),
-                });
-            }
-            let cells = map_row(text, row, &plan, ctx, &mut violations);
-            if violations.is_empty() {
-                Ok(cells)
-            } else {
-                Err(violations)
-            }
-        })
-        .collect();
-
-    let mut accepted: Vec<(u64, Vec<Cell>)> = Vec::with_capacity(n);
+    let mut batches = Vec::new();
     let mut rejects: Vec<RejectRow> = text
         .rejects
         .iter()
@@ -241,40 +303,80 @@ pub fn map_rows(text: &TextTable, fm: &FileMapping, ctx: &RowContext) -> Result<
             raw: r.raw.clone(),
         })
         .collect();
-    for (row, outcome) in outcomes.into_iter().enumerate() {
-        match outcome {
-            Ok(cells) => accepted.push((text.lines[row], cells)),
-            Err(v) => rejects.push(RejectRow {
-                line: text.lines[row],
-                column: Some(v[0].column.clone()).filter(|c| c != "*"),
-                rule: v[0].rule,
-                message: v[0].message.clone(),
-                errors: v
-                    .iter()
-                    .map(|v| format!("{}: {}", v.column, v.rule))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-                raw: raw_json(text, row),
-            }),
-        }
+    for (b, r) in chunks {
+        batches.extend(b);
+        rejects.extend(r);
     }
     rejects.sort_by_key(|r| r.line);
-    let batch = build_batch(plan.table, ctx, &accepted)?;
-    Ok(MappedFile { batch, rejects })
+    Ok(MappedFile { batches, rejects })
 }
 
-fn raw_of<'x>(text: &'x TextTable, row: usize, input: Input<'x>) -> Option<&'x str> {
+fn reject_row(text: &TextTable, row: usize, v: &[Violation]) -> RejectRow {
+    RejectRow {
+        line: text.lines[row],
+        column: Some(v[0].column.to_string()).filter(|c| c != "*"),
+        rule: v[0].rule,
+        message: v[0].message.clone(),
+        errors: v
+            .iter()
+            .map(|v| format!("{}: {}", v.column, v.rule))
+            .collect::<Vec<_>>()
+            .join("; "),
+        raw: raw_json(text, row),
+    }
+}
+
+/// For each row, the line of an earlier identical row, if any. Rows are
+/// hashed in parallel; equal hashes are confirmed by comparing the fields,
+/// so a hash collision can never reject a row.
+fn duplicates(cols: &[Vec<Option<&str>>], lines: &[u64]) -> Vec<Option<u64>> {
+    let n = lines.len();
+    let state = ahash::RandomState::with_seeds(0x5741_5244, 1, 2, 3);
+    let hashes: Vec<u64> = (0..n)
+        .into_par_iter()
+        .map(|row| {
+            let mut h = state.build_hasher();
+            cols.iter().for_each(|c| c[row].hash(&mut h));
+            h.finish()
+        })
+        .collect();
+    let same = |a: usize, b: usize| cols.iter().all(|c| c[a] == c[b]);
+    let mut first: HashMap<u64, usize, ahash::RandomState> =
+        HashMap::with_capacity_and_hasher(n, state.clone());
+    let mut collided: HashMap<u64, Vec<usize>> = HashMap::new();
+    (0..n)
+        .map(|row| match first.entry(hashes[row]) {
+            Entry::Vacant(v) => {
+                v.insert(row);
+                None
+            }
+            Entry::Occupied(o) if same(*o.get(), row) => Some(lines[*o.get()]),
+            Entry::Occupied(_) => {
+                let others = collided.entry(hashes[row]).or_default();
+                match others.iter().find(|&&o| same(o, row)) {
+                    Some(&o) => Some(lines[o]),
+                    None => {
+                        others.push(row);
+                        None
+                    }
+                }
+            }
+        })
+        .collect()
+}
+
+fn raw_of<'a>(cols: &[Vec<Option<&'a str>>], row: usize, input: Input<'a>) -> Option<&'a str> {
     match input {
-        Input::Column(c) => text.cell(c, row),
+        Input::Column(c) => cols[c][row],
         Input::Constant(v) => Some(v),
     }
 }
 
 /// Applies `map` and `default` to a raw cell.
-fn resolve<'x>(
-    spec: &'x FieldSpec,
-    raw: Option<&'x str>,
-) -> std::result::Result<Option<&'x str>, ()> {
+fn resolve<'a>(
+    spec: &'a FieldSpec,
+    raw: Option<&'a str>,
+) -> std::result::Result<Option<&'a str>, ()> {
     let raw = raw.map(str::trim).filter(|s| !s.is_empty());
     let out = match (&spec.map, raw) {
         (_, None) => spec.default.as_deref(),
@@ -288,62 +390,78 @@ fn resolve<'x>(
     Ok(out.map(str::trim).filter(|s| !s.is_empty()))
 }
 
-fn map_row(
-    text: &TextTable,
+type ParseResult<'a> = std::result::Result<Cell<'a>, (&'static str, String)>;
+
+fn vocab<'a>(v: Option<&'static str>, target: &str, expected: &str) -> ParseResult<'a> {
+    v.map(|s| Cell::Str(Cow::Borrowed(s))).ok_or((
+        "invalid_value",
+        format!("{target}: not recognised (expected {expected}); add a 'map' to the mapping"),
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn map_row<'a>(
+    cols: &[Vec<Option<&'a str>>],
     row: usize,
-    plan: &Plan,
+    plan: &Plan<'a>,
     ctx: &RowContext,
-    violations: &mut Vec<Violation>,
-) -> Vec<Cell> {
+    cells: &mut [Cell<'a>],
+    codings: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    violations: &mut Vec<Violation<'a>>,
+) {
     let table = plan.table;
     let columns = table.columns();
-    let mut cells = vec![Cell::Null; columns.len()];
-    let mut failed = vec![false; columns.len()];
+    let at = &plan.at;
+    cells.iter_mut().for_each(|c| *c = Cell::Null);
+    codings.clear();
+    let mut failed = 0u64; // bit i: column i already has a violation
     let fail =
-        |violations: &mut Vec<Violation>, column: &str, rule: &'static str, message: String| {
+        |violations: &mut Vec<Violation<'a>>, failed: &mut u64, target: usize, rule, message| {
             violations.push(Violation {
-                column: column.to_string(),
+                column: plan.labels.get(target).copied().unwrap_or("*"),
                 rule,
                 message,
             });
+            if target < 64 {
+                *failed |= 1 << target;
+            }
         };
 
     for f in &plan.fields {
         let target = columns[f.target].name;
-        let value = match resolve(f.spec, raw_of(text, row, f.input)) {
+        let value = match resolve(f.spec, raw_of(cols, row, f.input)) {
             Ok(v) => v,
             Err(()) => {
-                fail(
-                    violations,
-                    f.label,
-                    "unmapped_value",
-                    format!(
-                        "{target}: value is not listed in the mapping's map and there is no default"
-                    ),
+                let message = format!(
+                    "{target}: value is not listed in the mapping's map and there is no default"
                 );
-                failed[f.target] = true;
+                fail(violations, &mut failed, f.target, "unmapped_value", message);
                 continue;
             }
         };
         let Some(v) = value else {
             if f.kind == Kind::Sex {
-                cells[f.target] = Cell::Str("unknown".into());
+                cells[f.target] = Cell::Str(Cow::Borrowed("unknown"));
             }
             continue;
         };
-        let parsed = match f.kind {
-            Kind::Id | Kind::Text => Ok(Cell::Str(v.to_string())),
-            Kind::Date => normalize::date(v, f.formats).map(Cell::Date).ok_or((
+        let unparseable_date = || {
+            (
                 "unparseable_date",
-                format!("{target}: does not match {}", f.formats.join(" or ")),
-            )),
-            Kind::Timestamp => normalize::timestamp(v, f.formats).map(Cell::Ts).ok_or((
-                "unparseable_date",
-                format!("{target}: does not match {}", f.formats.join(" or ")),
-            )),
+                format!("{target}: does not match {}", formats_text(f.formats)),
+            )
+        };
+        let parsed: ParseResult<'a> = match f.kind {
+            Kind::Id | Kind::Text => Ok(Cell::Str(Cow::Borrowed(v))),
+            Kind::Date => normalize::date(v, f.formats)
+                .map(Cell::Date)
+                .ok_or_else(unparseable_date),
+            Kind::Timestamp => normalize::timestamp(v, f.formats)
+                .map(Cell::Ts)
+                .ok_or_else(unparseable_date),
             Kind::Float => normalize::number(v)
                 .map(Cell::F64)
-                .ok_or(("unparseable_number", format!("{target}: not a number"))),
+                .ok_or_else(|| ("unparseable_number", format!("{target}: not a number"))),
             Kind::Sex => vocab(normalize::sex(v), target, "female, male, other, unknown"),
             Kind::EncounterClass => vocab(
                 normalize::encounter_class(v),
@@ -353,212 +471,185 @@ fn map_row(
             Kind::Race => vocab(normalize::race(v), target, "an OMB race category"),
             Kind::Ethnicity => vocab(normalize::ethnicity(v), target, "an OMB ethnicity category"),
             Kind::State => Ok(Cell::Str(
-                normalize::state(v).map_or_else(|| v.to_string(), str::to_string),
+                normalize::state(v).map_or(Cow::Borrowed(v), Cow::Borrowed),
             )),
-            Kind::PostalCode => Ok(Cell::Str(normalize::postal_code(v))),
+            Kind::PostalCode => Ok(Cell::Str(Cow::Owned(normalize::postal_code(v)))),
             Kind::CodeSystem => normalize::code_system(v)
-                .map(|s| Cell::Str(s.to_string()))
-                .ok_or((
-                    "unknown_code_system",
-                    format!("{target}: not a known code system"),
-                )),
+                .map(|s| Cell::Str(Cow::Borrowed(s)))
+                .ok_or_else(|| {
+                    (
+                        "unknown_code_system",
+                        format!("{target}: not a known code system"),
+                    )
+                }),
             Kind::Code => {
                 let system_col = if target == "value_code" {
                     "value_code_system"
                 } else {
                     "code_system"
                 };
-                match cells[plan.index(system_col)].str() {
+                let system_ix = columns.iter().position(|c| c.name == system_col);
+                match system_ix.and_then(|i| cells[i].str()) {
                     Some(system) => normalize::code(system, v)
                         .map(Cell::Str)
                         .map_err(|rule| (rule, format!("{target}: not a valid {system} code"))),
                     // The code system failed or is missing: reported there.
-                    None => Ok(Cell::Str(v.to_string())),
+                    None => Ok(Cell::Str(Cow::Borrowed(v))),
                 }
             }
-            Kind::Unit => Ok(Cell::Str(normalize::unit(v))),
+            Kind::Unit => Ok(Cell::Str(Cow::Borrowed(normalize::unit(v)))),
             Kind::Token => Ok(Cell::Str(normalize::token(v))),
             Kind::Codings | Kind::Line => unreachable!("not mappable"),
         };
         match parsed {
             Ok(cell) => cells[f.target] = cell,
-            Err((rule, message)) => {
-                fail(violations, f.label, rule, message);
-                failed[f.target] = true;
-            }
+            Err((rule, message)) => fail(violations, &mut failed, f.target, rule, message),
         }
     }
 
     // Observation `value`: a number when it parses, text otherwise.
-    if let Some(f) = &plan.value
-        && let Ok(Some(v)) = resolve(f.spec, raw_of(text, row, f.input))
+    if let (Some(f), Some(num), Some(text)) = (&plan.value, at.value_num, at.value_text)
+        && let Ok(Some(v)) = resolve(f.spec, raw_of(cols, row, f.input))
     {
         match normalize::number(v) {
-            Some(x) => cells[plan.index("value_num")] = Cell::F64(x),
-            None => cells[plan.index("value_text")] = Cell::Str(v.to_string()),
+            Some(x) => cells[num] = Cell::F64(x),
+            None => cells[text] = Cell::Str(Cow::Borrowed(v)),
         }
     }
 
     // All codings: the primary one, then the mapping's extra columns.
-    if let Some(codings_ix) = columns.iter().position(|c| c.kind == Kind::Codings) {
-        let mut codings = Vec::new();
-        if let (Some(s), Some(c)) = (
-            cells[plan.index("code_system")].str(),
-            cells[plan.index("code")].str(),
-        ) {
-            codings.push((s.to_string(), c.to_string()));
+    if let (Some(_), Some(system_ix), Some(code_ix)) = (at.codings, at.code_system, at.code) {
+        if let (Cell::Str(s), Cell::Str(c)) = (&cells[system_ix], &cells[code_ix]) {
+            codings.push((s.clone(), c.clone()));
         }
         for (system, col, label) in &plan.codings {
-            if let Some(raw) = text.cell(*col, row) {
+            if let Some(raw) = cols[*col][row] {
                 match normalize::code(system, raw) {
-                    Ok(code) => codings.push((system.to_string(), code)),
-                    Err(rule) => fail(
-                        violations,
-                        label,
+                    Ok(code) => codings.push((Cow::Borrowed(*system), code)),
+                    Err(rule) => violations.push(Violation {
+                        column: label,
                         rule,
-                        format!("codings: not a valid {system} code"),
-                    ),
+                        message: format!("codings: not a valid {system} code"),
+                    }),
                 }
             }
         }
-        let code_ix = plan.index("code");
-        if cells[code_ix].str().is_none() && !failed[code_ix] && columns[code_ix].required {
+        let code_failed = failed & (1 << code_ix) != 0;
+        if cells[code_ix].str().is_none() && !code_failed && columns[code_ix].required {
             // A row coded only by extra codings: the first one is primary.
             if let Some((s, c)) = codings.first() {
-                cells[plan.index("code_system")] = Cell::Str(s.clone());
+                cells[system_ix] = Cell::Str(s.clone());
                 cells[code_ix] = Cell::Str(c.clone());
             }
         }
-        cells[codings_ix] = Cell::Codings(codings);
     }
 
     // Lab values in canonical units, within plausible ranges.
-    if table == Table::Observation
-        && let Cell::F64(v) = cells[plan.index("value_num")]
-        && cells[plan.index("code_system")].str() == Some("loinc")
-        && let Some(code) = cells[plan.index("code")].str()
+    if let (Some(num), Some(unit_ix), Some(system_ix), Some(code_ix)) =
+        (at.value_num, at.unit, at.code_system, at.code)
+        && let Cell::F64(v) = cells[num]
+        && cells[system_ix].str() == Some("loinc")
+        && let Some(code) = cells[code_ix].str()
     {
-        let unit_ix = plan.index("unit");
         match normalize::lab_value(code, v, cells[unit_ix].str()) {
             Ok((value, unit)) => {
-                cells[plan.index("value_num")] = Cell::F64(value);
+                cells[num] = Cell::F64(value);
                 if let Some(u) = unit {
-                    cells[unit_ix] = Cell::Str(u);
+                    cells[unit_ix] = Cell::Str(Cow::Borrowed(u));
                 }
             }
-            Err((rule, message)) => {
-                let ix = plan.index("value_num");
-                let label = plan
-                    .value
-                    .as_ref()
-                    .map_or_else(|| plan.label(ix), |f| f.label.to_string());
-                fail(violations, &label, rule, format!("value_num: {message}"));
-            }
+            Err((rule, message)) => fail(
+                violations,
+                &mut failed,
+                num,
+                rule,
+                format!("value_num: {message}"),
+            ),
         }
     }
 
     // Required values.
     for (i, c) in columns.iter().enumerate() {
-        if c.required && c.mappable && !failed[i] && matches!(cells[i], Cell::Null) {
-            fail(
-                violations,
-                &plan.label(i),
-                "required",
-                format!("{}: required value is missing", c.name),
-            );
+        if c.required && c.mappable && failed & (1 << i) == 0 && matches!(cells[i], Cell::Null) {
+            let message = format!("{}: required value is missing", c.name);
+            fail(violations, &mut failed, i, "required", message);
         }
     }
 
     // Dates: not in the future, not before birth, ends not before starts.
-    let birth = if table == Table::Patient {
-        let b = cells[plan.index("birth_date")].day();
-        if let Some(b) = b {
-            if b > ctx.today {
-                fail(
-                    violations,
-                    &plan.label(plan.index("birth_date")),
-                    "future_date",
-                    format!("birth_date: after {}", ctx.today),
-                );
-            } else if b < NaiveDate::from_ymd_opt(1900, 1, 1).expect("valid date") {
-                fail(
-                    violations,
-                    &plan.label(plan.index("birth_date")),
-                    "implausible_value",
-                    "birth_date: before 1900".into(),
-                );
+    let birth = match at.birth_date {
+        Some(b) => {
+            let day = cells[b].day();
+            if let Some(d) = day {
+                if d > ctx.today {
+                    fail(
+                        violations,
+                        &mut failed,
+                        b,
+                        "future_date",
+                        format!("birth_date: after {}", ctx.today),
+                    );
+                } else if d < NaiveDate::from_ymd_opt(1900, 1, 1).expect("valid date") {
+                    fail(
+                        violations,
+                        &mut failed,
+                        b,
+                        "implausible_value",
+                        "birth_date: before 1900".into(),
+                    );
+                }
             }
+            day
         }
-        b
-    } else {
-        match (ctx.patients, cells[plan.index("source_patient_id")].str()) {
+        None => match (ctx.patients, cells[at.patient_id].str()) {
             (Some(patients), Some(id)) => match patients.get(id) {
                 Some(b) => Some(*b),
                 None => {
+                    let message =
+                        "source_patient_id: no accepted patient of this source has this id".into();
                     fail(
                         violations,
-                        &plan.label(plan.index("source_patient_id")),
+                        &mut failed,
+                        at.patient_id,
                         "unknown_patient",
-                        "source_patient_id: no accepted patient of this source has this id".into(),
+                        message,
                     );
                     None
                 }
             },
             _ => None,
-        }
+        },
     };
-    for name in table.event_columns() {
-        let i = plan.index(name);
+    for &(i, name) in &at.events {
         let Some(day) = cells[i].day() else { continue };
         if day > ctx.today {
             fail(
                 violations,
-                &plan.label(i),
+                &mut failed,
+                i,
                 "future_date",
                 format!("{name}: after {}", ctx.today),
             );
         } else if birth.is_some_and(|b| day < b) {
-            fail(
-                violations,
-                &plan.label(i),
-                "before_birth",
-                format!("{name}: before the patient's birth date"),
-            );
+            let message = format!("{name}: before the patient's birth date");
+            fail(violations, &mut failed, i, "before_birth", message);
         }
     }
-    if let Some((start, end)) = table.period_columns() {
-        let (s, e) = (plan.index(start), plan.index(end));
-        if let (Some(a), Some(b)) = (cell_time(&cells[s]), cell_time(&cells[e]))
-            && b < a
-        {
-            fail(
-                violations,
-                &plan.label(e),
-                "end_before_start",
-                format!("{end}: before {start}"),
-            );
-        }
-    }
-    cells
-}
-
-fn cell_time(c: &Cell) -> Option<NaiveDateTime> {
-    match c {
-        Cell::Ts(t) => Some(*t),
-        Cell::Date(d) => d.and_hms_opt(0, 0, 0),
-        _ => None,
+    if let Some((s, e)) = at.period
+        && let (Some(a), Some(b)) = (cells[s].time(), cells[e].time())
+        && b < a
+    {
+        let message = format!("{}: before {}", columns[e].name, columns[s].name);
+        fail(violations, &mut failed, e, "end_before_start", message);
     }
 }
 
-fn vocab(
-    v: Option<&'static str>,
-    target: &str,
-    expected: &str,
-) -> std::result::Result<Cell, (&'static str, String)> {
-    v.map(|s| Cell::Str(s.to_string())).ok_or((
-        "invalid_value",
-        format!("{target}: not recognised (expected {expected}); add a 'map' to the mapping"),
-    ))
+fn formats_text(formats: &[DateFormat]) -> String {
+    formats
+        .iter()
+        .map(DateFormat::as_str)
+        .collect::<Vec<_>>()
+        .join(" or ")
 }
 
 /// The record as a JSON object keyed by header name.
@@ -574,83 +665,93 @@ fn raw_json(text: &TextTable, row: usize) -> String {
     serde_json::Value::Object(obj).to_string()
 }
 
-fn build_batch(table: Table, ctx: &RowContext, rows: &[(u64, Vec<Cell>)]) -> Result<RecordBatch> {
-    let schema = table.schema();
-    let n = rows.len();
-    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid date");
-    let mut arrays: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
-    for (i, col) in table.columns().iter().enumerate() {
-        let array: ArrayRef = match (col.name, col.kind.data_type()) {
-            ("source", _) => Arc::new(
-                std::iter::repeat_n(Some(ctx.source), n)
-                    .collect::<datafusion::arrow::array::StringArray>(),
-            ),
-            ("source_file", _) => Arc::new(
-                std::iter::repeat_n(Some(ctx.file), n)
-                    .collect::<datafusion::arrow::array::StringArray>(),
-            ),
-            ("source_line", _) => {
-                let mut b = UInt64Builder::with_capacity(n);
-                rows.iter().for_each(|(line, _)| b.append_value(*line));
-                Arc::new(b.finish())
-            }
-            (_, DataType::Utf8) => {
-                let mut b = StringBuilder::with_capacity(n, n * 8);
-                rows.iter().for_each(|(_, c)| b.append_option(c[i].str()));
-                Arc::new(b.finish())
-            }
-            (_, DataType::Date32) => {
-                let mut b = Date32Builder::with_capacity(n);
-                for (_, c) in rows {
-                    b.append_option(c[i].day().map(|d| (d - epoch).num_days() as i32));
-                }
-                Arc::new(b.finish())
-            }
-            (_, DataType::Timestamp(..)) => {
-                let mut b = TimestampMicrosecondBuilder::with_capacity(n);
-                for (_, c) in rows {
-                    b.append_option(cell_time(&c[i]).map(|t| t.and_utc().timestamp_micros()));
-                }
-                Arc::new(b.finish())
-            }
-            (_, DataType::Float64) => {
-                let mut b = Float64Builder::with_capacity(n);
-                for (_, c) in rows {
-                    b.append_option(match c[i] {
-                        Cell::F64(v) => Some(v),
-                        _ => None,
-                    });
-                }
-                Arc::new(b.finish())
-            }
-            (_, DataType::List(_)) => {
-                let mut b = ListBuilder::new(StructBuilder::from_fields(coding_fields(), n));
-                for (_, c) in rows {
-                    if let Cell::Codings(list) = &c[i] {
-                        let values = b.values();
-                        for (system, code) in list {
-                            values
-                                .field_builder::<StringBuilder>(0)
-                                .expect("system field")
-                                .append_value(system);
-                            values
-                                .field_builder::<StringBuilder>(1)
-                                .expect("code field")
-                                .append_value(code);
-                            values.append(true);
+/// Typed Arrow builders for one chunk of one table.
+struct Builders(Vec<Box<dyn ArrayBuilder>>);
+
+impl Builders {
+    fn new(table: Table, capacity: usize) -> Builders {
+        Builders(
+            table
+                .columns()
+                .iter()
+                .map(|c| -> Box<dyn ArrayBuilder> {
+                    match c.kind.data_type() {
+                        DataType::Utf8 => {
+                            Box::new(StringBuilder::with_capacity(capacity, capacity * 8))
                         }
+                        DataType::Date32 => Box::new(Date32Builder::with_capacity(capacity)),
+                        DataType::Timestamp(..) => {
+                            Box::new(TimestampMicrosecondBuilder::with_capacity(capacity))
+                        }
+                        DataType::Float64 => Box::new(Float64Builder::with_capacity(capacity)),
+                        DataType::UInt64 => Box::new(UInt64Builder::with_capacity(capacity)),
+                        DataType::List(_) => Box::new(ListBuilder::new(
+                            StructBuilder::from_fields(coding_fields(), capacity),
+                        )),
+                        other => unreachable!("no builder for {other}"),
                     }
-                    b.append(true);
-                }
-                Arc::new(b.finish())
-            }
-            (name, other) => unreachable!("column {name} of type {other} has no builder"),
-        };
-        arrays.push(array);
+                })
+                .collect(),
+        )
     }
-    RecordBatch::try_new(schema, arrays).map_err(|e| WardError::Data {
-        context: "building canonical rows",
-        path: ctx.path.to_path_buf(),
-        message: e.to_string(),
-    })
+
+    fn append(
+        &mut self,
+        ctx: &RowContext,
+        line: u64,
+        cells: &[Cell],
+        codings: &[(Cow<str>, Cow<str>)],
+    ) {
+        let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid date");
+        let n = self.0.len();
+        for (i, b) in self.0.iter_mut().enumerate() {
+            let any = b.as_any_mut();
+            if i == 0 {
+                downcast::<StringBuilder>(any).append_value(ctx.source);
+            } else if i == n - 2 {
+                downcast::<StringBuilder>(any).append_value(ctx.file);
+            } else if i == n - 1 {
+                downcast::<UInt64Builder>(any).append_value(line);
+            } else if let Some(b) = any.downcast_mut::<StringBuilder>() {
+                b.append_option(cells[i].str());
+            } else if let Some(b) = any.downcast_mut::<Date32Builder>() {
+                b.append_option(cells[i].day().map(|d| (d - epoch).num_days() as i32));
+            } else if let Some(b) = any.downcast_mut::<TimestampMicrosecondBuilder>() {
+                b.append_option(cells[i].time().map(|t| t.and_utc().timestamp_micros()));
+            } else if let Some(b) = any.downcast_mut::<Float64Builder>() {
+                b.append_option(match cells[i] {
+                    Cell::F64(v) => Some(v),
+                    _ => None,
+                });
+            } else {
+                let b = downcast::<ListBuilder<StructBuilder>>(any);
+                let values = b.values();
+                for (system, code) in codings {
+                    values
+                        .field_builder::<StringBuilder>(0)
+                        .expect("system field")
+                        .append_value(system);
+                    values
+                        .field_builder::<StringBuilder>(1)
+                        .expect("code field")
+                        .append_value(code);
+                    values.append(true);
+                }
+                b.append(true);
+            }
+        }
+    }
+
+    fn finish(self, table: Table, ctx: &RowContext) -> Result<RecordBatch> {
+        let arrays: Vec<ArrayRef> = self.0.into_iter().map(|mut b| b.finish()).collect();
+        RecordBatch::try_new(table.schema(), arrays).map_err(|e| WardError::Data {
+            context: "building canonical rows",
+            path: ctx.path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+}
+
+fn downcast<T: 'static>(any: &mut dyn std::any::Any) -> &mut T {
+    any.downcast_mut::<T>().expect("builder matches the schema")
 }

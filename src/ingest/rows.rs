@@ -255,9 +255,9 @@ pub fn map_rows(text: &TextTable, fm: &FileMapping, ctx: &RowContext) -> Result<
             let mut cells = vec![Cell::Null; plan.table.columns().len()];
             let mut codings = Vec::new();
             let mut violations = Vec::new();
-            for row in start..end {
+            for (row, duplicate) in duplicate_of.iter().enumerate().take(end).skip(start) {
                 violations.clear();
-                if let Some(first) = duplicate_of[row] {
+                if let Some(first) = duplicate {
                     violations.push(Violation {
                         column: "*",
                         rule: "duplicate_row",

@@ -184,10 +184,11 @@ impl Table {
         self.columns().iter().find(|c| c.name == name)
     }
 
-    /// The date or time columns that must not precede the patient's birth.
+    /// The date or time columns that must not lie in the future nor precede
+    /// the patient's birth.
     pub fn event_columns(self) -> &'static [&'static str] {
         match self {
-            Table::Patient => &["deceased_date"],
+            Table::Patient => &["birth_date", "deceased_date"],
             Table::Encounter => &["start_time", "end_time"],
             Table::Condition => &["onset_date", "abatement_date", "recorded_date"],
             Table::Observation => &["effective_time"],

@@ -905,7 +905,7 @@ fn person_records(
                         eid.clone(),
                         icd_hisb.into(),
                         snomed.into(),
-                        onset.format("%Y-%m-%d").to_string(),
+                        ctx.date(onset, layout),
                     ],
                 }));
             };
@@ -962,7 +962,7 @@ fn person_records(
                         eid.clone(),
                         code.into(),
                         name.into(),
-                        start.format("%Y-%m-%d").to_string(),
+                        ctx.date(start, layout),
                         String::new(),
                         "active".into(),
                     ],

@@ -580,24 +580,14 @@ fn map_row<'a>(
     let birth = match at.birth_date {
         Some(b) => {
             let day = cells[b].day();
-            if let Some(d) = day {
-                if d > ctx.today {
-                    fail(
-                        violations,
-                        &mut failed,
-                        b,
-                        "future_date",
-                        format!("birth_date: after {}", ctx.today),
-                    );
-                } else if d < NaiveDate::from_ymd_opt(1900, 1, 1).expect("valid date") {
-                    fail(
-                        violations,
-                        &mut failed,
-                        b,
-                        "implausible_value",
-                        "birth_date: before 1900".into(),
-                    );
-                }
+            if day.is_some_and(|d| d < NaiveDate::from_ymd_opt(1900, 1, 1).expect("valid date")) {
+                fail(
+                    violations,
+                    &mut failed,
+                    b,
+                    "implausible_value",
+                    "birth_date: before 1900".into(),
+                );
             }
             day
         }

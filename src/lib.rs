@@ -15,6 +15,7 @@ pub mod ingest;
 pub mod mapping;
 pub mod schema;
 pub mod synth;
+pub mod valuesets;
 pub mod warehouse;
 
 pub use config::PipelineConfig;

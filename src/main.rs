@@ -52,6 +52,11 @@ enum Command {
     Ingest,
     /// Check every extract against its mapping and report; write nothing.
     Validate,
+    /// Value sets: convert FHIR ValueSet resources into queries/valuesets/.
+    Valuesets {
+        #[command(subcommand)]
+        action: ValuesetsAction,
+    },
     /// Generate a synthetic multi-provider population with ground truth.
     Synth {
         /// Number of persons.
@@ -72,6 +77,19 @@ enum Command {
         /// Calendar year of the measurement period.
         #[arg(long, default_value_t = 2025)]
         year: i32,
+    },
+}
+
+#[derive(Subcommand)]
+enum ValuesetsAction {
+    /// Convert ValueSet JSON (files, directories, Bundles) into one CSV per value set.
+    Convert {
+        /// Output directory.
+        #[arg(long, default_value = "queries/valuesets")]
+        out: PathBuf,
+        /// ValueSet files or directories (searched recursively for *.json).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
     },
 }
 
@@ -124,6 +142,28 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
                 report.rows,
                 report.expected_rejects,
                 out.display()
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Command::Valuesets {
+        action: ValuesetsAction::Convert { out, inputs },
+    } = &cli.command
+    {
+        let report = ward::valuesets::convert(inputs, out)?;
+        for (oid, kept, dropped) in &report.superseded {
+            tracing::info!(valueset = %oid, kept = %kept, dropped = %dropped, "value set read twice; newer version kept");
+        }
+        for oid in &report.not_expanded {
+            tracing::warn!(valueset = %oid, "no expansion and no enumerated concepts: not converted");
+        }
+        if !cli.quiet {
+            let codes: usize = report.written.iter().map(|v| v.codes.len()).sum();
+            println!(
+                "valuesets: {} value sets, {codes} codes written to {}; {} not converted (no expansion)",
+                report.written.len(),
+                out.display(),
+                report.not_expanded.len()
             );
         }
         return Ok(ExitCode::SUCCESS);

@@ -364,6 +364,26 @@ pub fn rejects_schema() -> SchemaRef {
     SCHEMA.clone()
 }
 
+/// Schema of the value-set table (`queries/valuesets/*.csv`): all text, so
+/// that codes such as `44054006` or `0DJ08ZZ` are never read as numbers.
+pub fn valueset_code_schema() -> SchemaRef {
+    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+        Arc::new(Schema::new(
+            [
+                "valueset",
+                "name",
+                "version",
+                "code_system",
+                "code",
+                "display",
+            ]
+            .map(|n| Field::new(n, DataType::Utf8, n == "display"))
+            .to_vec(),
+        ))
+    });
+    SCHEMA.clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

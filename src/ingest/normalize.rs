@@ -30,6 +30,14 @@ pub fn code_system(raw: &str) -> Option<&'static str> {
         | "urn:oid:2.16.840.1.113883.6.285"
         | "http://www.cms.gov/medicare/coding/hcpcsreleasecodesets" => "hcpcs",
         "cvx" | "http://hl7.org/fhir/sid/cvx" => "cvx",
+        "http://www.nlm.nih.gov/research/umls/hcpcs" => "hcpcs",
+        "sopt" | "https://nahdo.org/sopt" => "sopt",
+        "cdcrec" | "urn:oid:2.16.840.1.113883.6.238" => "cdcrec",
+        "actcode" | "http://terminology.hl7.org/codesystem/v3-actcode" => "actcode",
+        "administrative_gender"
+        | "http://terminology.hl7.org/codesystem/v3-administrativegender" => {
+            "administrative_gender"
+        }
         "local" => "local",
         _ => return None,
     })

@@ -44,6 +44,10 @@ pub struct Period {
 pub enum SourceFormat {
     /// Delimited text in the provider's own layout, described by a mapping.
     Csv,
+    /// FHIR R4 bulk export: `<Type>*.ndjson`, one resource per line.
+    FhirNdjson,
+    /// FHIR R4 Bundles (transaction, collection, searchset), one per `.json` file.
+    FhirBundle,
 }
 
 /// One provider's extract.
@@ -54,8 +58,8 @@ pub struct SourceConfig {
     pub format: SourceFormat,
     /// Absolute glob of the input files (a directory means every file in it).
     pub pattern: String,
-    /// Absolute path of the mapping file (CSV sources).
-    pub mapping: PathBuf,
+    /// Absolute path of the mapping file (CSV sources only).
+    pub mapping: Option<PathBuf>,
 }
 
 impl SourceConfig {
@@ -181,7 +185,7 @@ impl PipelineConfig {
                 ));
             }
             let mapping = match (s.format, &s.mapping) {
-                (SourceFormat::Csv, Some(m)) => base.join(m.get_ref()),
+                (SourceFormat::Csv, Some(m)) => Some(base.join(m.get_ref())),
                 (SourceFormat::Csv, None) => {
                     return Err(err(
                         s.name.span(),
@@ -189,10 +193,22 @@ impl PipelineConfig {
                         format!("source '{name}' has format csv and needs a mapping file"),
                     ));
                 }
+                (_, Some(m)) => {
+                    return Err(err(
+                        m.span(),
+                        "sources.mapping",
+                        format!("source '{name}' is FHIR, which needs no mapping"),
+                    ));
+                }
+                (_, None) => None,
             };
             let mut pattern = base.join(s.path.get_ref());
             if pattern.is_dir() {
-                pattern = pattern.join("*");
+                pattern = pattern.join(match s.format {
+                    SourceFormat::Csv => "*",
+                    SourceFormat::FhirNdjson => "*.ndjson",
+                    SourceFormat::FhirBundle => "*.json",
+                });
             }
             sources.push(SourceConfig {
                 name,
@@ -364,7 +380,7 @@ mapping = "map.toml"
             NaiveDate::from_ymd_opt(2025, 12, 31).unwrap()
         );
         assert_eq!(c.as_of, NaiveDate::from_ymd_opt(2026, 1, 15));
-        assert_eq!(c.sources[0].mapping, dir.path().join("map.toml"));
+        assert_eq!(c.sources[0].mapping, Some(dir.path().join("map.toml")));
         assert!(c.sources[0].pattern.ends_with("data/*.csv"));
     }
 

@@ -268,15 +268,16 @@ fn print_summary(report: &IngestReport, dry_run: bool) {
         "files",
         "loaded",
         "unchanged",
-        "skipped",
+        "ignored",
         "failed",
-        "rows read",
+        "records read",
         "accepted",
         "rejected",
+        "skipped",
     ]);
     let mut sources: Vec<&str> = report.files.iter().map(|f| f.source.as_str()).collect();
     sources.dedup();
-    let mut totals = [0u64; 8];
+    let mut totals = [0u64; 9];
     for source in sources {
         let files: Vec<_> = report.files.iter().filter(|f| f.source == source).collect();
         let count =
@@ -294,6 +295,7 @@ fn print_summary(report: &IngestReport, dry_run: bool) {
             loaded.iter().map(|f| f.rows_read).sum(),
             loaded.iter().map(|f| f.rows_accepted).sum(),
             loaded.iter().map(|f| f.rows_rejected).sum(),
+            loaded.iter().map(|f| f.rows_skipped).sum(),
         ];
         totals.iter_mut().zip(row).for_each(|(t, v)| *t += v);
         let mut cells = vec![source.to_string()];
@@ -308,7 +310,10 @@ fn print_summary(report: &IngestReport, dry_run: bool) {
     } else {
         "this run"
     };
-    println!("ingest, {verb}; row counts are for files loaded in this run");
+    println!(
+        "ingest, {verb}; record counts are for files loaded in this run \
+         (ignored: unmapped or duplicate files; skipped: FHIR resource types Ward does not load)"
+    );
     println!("{table}");
     let mut rules = std::collections::BTreeMap::<&str, u64>::new();
     for f in &report.files {

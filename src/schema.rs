@@ -52,6 +52,8 @@ pub enum Kind {
     Codings,
     /// Line number in the source file (`UInt64`).
     Line,
+    /// `true | false` (`Boolean`).
+    Bool,
 }
 
 impl Kind {
@@ -62,6 +64,7 @@ impl Kind {
             Kind::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
             Kind::Float => DataType::Float64,
             Kind::Line => DataType::UInt64,
+            Kind::Bool => DataType::Boolean,
             Kind::Codings => DataType::List(Arc::new(Field::new(
                 "item",
                 DataType::Struct(coding_fields()),
@@ -137,17 +140,23 @@ pub enum Table {
     Observation,
     Medication,
     Procedure,
+    ServiceRequest,
+    Device,
+    Coverage,
 }
 
 impl Table {
     /// All tables, patients first (facts are validated against patients).
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 9] = [
         Table::Patient,
         Table::Encounter,
         Table::Condition,
         Table::Observation,
         Table::Medication,
         Table::Procedure,
+        Table::ServiceRequest,
+        Table::Device,
+        Table::Coverage,
     ];
 
     /// The table's snake_case name, as used in paths and SQL.
@@ -159,6 +168,9 @@ impl Table {
             Table::Observation => "observation",
             Table::Medication => "medication",
             Table::Procedure => "procedure",
+            Table::ServiceRequest => "service_request",
+            Table::Device => "device",
+            Table::Coverage => "coverage",
         }
     }
 
@@ -176,6 +188,9 @@ impl Table {
             Table::Observation => &OBSERVATION,
             Table::Medication => &MEDICATION,
             Table::Procedure => &PROCEDURE,
+            Table::ServiceRequest => &SERVICE_REQUEST,
+            Table::Device => &DEVICE,
+            Table::Coverage => &COVERAGE,
         }
     }
 
@@ -194,13 +209,18 @@ impl Table {
             Table::Observation => &["effective_time"],
             Table::Medication => &["start_date", "end_date"],
             Table::Procedure => &["performed_time", "performed_end_time"],
+            Table::ServiceRequest => &["authored_time"],
+            Table::Device => &["event_time"],
+            Table::Coverage => &[],
         }
     }
 
     /// The start and end columns of the fact's period, when it has one.
     pub fn period_columns(self) -> Option<(&'static str, &'static str)> {
         match self {
-            Table::Patient | Table::Observation => None,
+            Table::Patient | Table::Observation | Table::Device => None,
+            Table::ServiceRequest => Some(("occurrence_start", "occurrence_end")),
+            Table::Coverage => Some(("start_date", "end_date")),
             Table::Encounter => Some(("start_time", "end_time")),
             Table::Condition => Some(("onset_date", "abatement_date")),
             Table::Medication => Some(("start_date", "end_date")),
@@ -308,7 +328,7 @@ const OBSERVATION: [Column; 19] = [
     SOURCE_LINE,
 ];
 
-const MEDICATION: [Column; 15] = [
+const MEDICATION: [Column; 16] = [
     SOURCE,
     col("source_medication_id", Kind::Id),
     req("source_patient_id", Kind::Id),
@@ -322,6 +342,7 @@ const MEDICATION: [Column; 15] = [
     col("end_date", Kind::Date),
     col("description", Kind::Text),
     col("resource_type", Kind::Token),
+    col("do_not_perform", Kind::Bool),
     SOURCE_FILE,
     SOURCE_LINE,
 ];
@@ -338,6 +359,56 @@ const PROCEDURE: [Column; 13] = [
     req("performed_time", Kind::Timestamp),
     col("performed_end_time", Kind::Timestamp),
     col("description", Kind::Text),
+    SOURCE_FILE,
+    SOURCE_LINE,
+];
+
+const SERVICE_REQUEST: [Column; 16] = [
+    SOURCE,
+    col("source_service_request_id", Kind::Id),
+    req("source_patient_id", Kind::Id),
+    col("source_encounter_id", Kind::Id),
+    col("status", Kind::Token),
+    col("intent", Kind::Token),
+    col("do_not_perform", Kind::Bool),
+    col("category", Kind::Token),
+    req("code_system", Kind::CodeSystem),
+    req("code", Kind::Code),
+    col("codings", Kind::Codings),
+    req("authored_time", Kind::Timestamp),
+    col("occurrence_start", Kind::Timestamp),
+    col("occurrence_end", Kind::Timestamp),
+    SOURCE_FILE,
+    SOURCE_LINE,
+];
+
+/// DeviceRequest and DeviceUseStatement (see `resource_type`).
+const DEVICE: [Column; 13] = [
+    SOURCE,
+    col("source_device_id", Kind::Id),
+    req("source_patient_id", Kind::Id),
+    col("resource_type", Kind::Token),
+    col("status", Kind::Token),
+    col("intent", Kind::Token),
+    col("do_not_perform", Kind::Bool),
+    req("code_system", Kind::CodeSystem),
+    req("code", Kind::Code),
+    col("codings", Kind::Codings),
+    req("event_time", Kind::Timestamp),
+    SOURCE_FILE,
+    SOURCE_LINE,
+];
+
+const COVERAGE: [Column; 11] = [
+    SOURCE,
+    col("source_coverage_id", Kind::Id),
+    req("source_patient_id", Kind::Id),
+    col("status", Kind::Token),
+    col("payer_type_system", Kind::CodeSystem),
+    col("payer_type_code", Kind::Id),
+    col("start_date", Kind::Date),
+    col("end_date", Kind::Date),
+    col("payor", Kind::Text),
     SOURCE_FILE,
     SOURCE_LINE,
 ];
@@ -410,7 +481,7 @@ mod tests {
 
     #[test]
     fn coded_tables_carry_all_codings() {
-        for t in &Table::ALL[1..] {
+        for t in Table::ALL.iter().filter(|t| t.column("code").is_some()) {
             let f = t.schema().field_with_name("codings").unwrap().clone();
             match f.data_type() {
                 DataType::List(item) => match item.data_type() {

@@ -29,7 +29,7 @@ use crate::schema::Table;
 
 /// Version of the ingest state format and of ingest's rules: bumping it
 /// reloads every file on the next run.
-pub const INGEST_VERSION: u32 = 1;
+pub const INGEST_VERSION: u32 = 2;
 
 /// Paths and file operations of one warehouse.
 #[derive(Debug, Clone)]
@@ -268,6 +268,9 @@ pub struct FileState {
     pub rows_read: u64,
     pub rows_accepted: u64,
     pub rows_rejected: u64,
+    /// FHIR resources of types Ward does not load.
+    #[serde(default)]
+    pub rows_skipped: u64,
     /// When it was loaded (UTC, RFC 3339).
     pub loaded_at: String,
 }
@@ -316,6 +319,7 @@ mod tests {
                 rows_read: 1,
                 rows_accepted: 0,
                 rows_rejected: 1,
+                rows_skipped: 0,
                 loaded_at: "t".into(),
             },
         );

@@ -8,6 +8,7 @@
 //! new or changed files and a changed file replaces its own batch.
 
 pub mod csv;
+pub mod fhir;
 pub mod normalize;
 pub mod rows;
 
@@ -25,7 +26,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::config::{PipelineConfig, SourceConfig};
+use crate::config::{PipelineConfig, SourceConfig, SourceFormat};
 use crate::error::{Result, WardError};
 use crate::mapping::{CsvMapping, FileMapping};
 use crate::schema::{Table, rejects_schema};
@@ -70,6 +71,8 @@ pub struct FileReport {
     pub rows_read: u64,
     pub rows_accepted: u64,
     pub rows_rejected: u64,
+    /// FHIR resources of types Ward does not load.
+    pub rows_skipped: u64,
     /// Rejected rows per rule (first failing rule of each row).
     pub rejects_by_rule: BTreeMap<String, u64>,
 }
@@ -119,27 +122,73 @@ impl IngestReport {
     }
 }
 
+/// How a file is read.
+#[derive(Clone, Copy)]
+enum FileKind<'a> {
+    Csv(&'a CsvMapping, &'a FileMapping),
+    Ndjson,
+    Bundle,
+}
+
+/// Version of the FHIR flattening rules, standing in for a mapping hash.
+const FHIR_RULES: &str = "fhir-r4-1";
+
 /// One input file and what to do with it.
 struct Input<'a> {
     source: &'a SourceConfig,
-    mapping: &'a CsvMapping,
-    entry: &'a FileMapping,
+    kind: FileKind<'a>,
     path: PathBuf,
     rel: String,
     sha256: String,
 }
 
-/// A file mapped in this run.
-struct Loaded {
-    batches: Vec<RecordBatch>,
-    rejects: Vec<RejectRow>,
-    read: u64,
+impl Input<'_> {
+    /// Whether the file is loaded before the source's fact files: patient
+    /// files, and Bundles (self-contained: facts checked against their own patients).
+    fn first_phase(&self) -> bool {
+        match self.kind {
+            FileKind::Csv(_, e) => e.table == Table::Patient,
+            FileKind::Ndjson => ndjson_is_patients(&self.path),
+            FileKind::Bundle => true,
+        }
+    }
+
+    /// What the state records as the file's table.
+    fn table(&self) -> &'static str {
+        match self.kind {
+            FileKind::Csv(_, e) => e.table.name(),
+            FileKind::Ndjson if ndjson_is_patients(&self.path) => Table::Patient.name(),
+            FileKind::Ndjson => "fhir-ndjson",
+            FileKind::Bundle => "fhir-bundle",
+        }
+    }
+
+    /// The rules the file was mapped with: the mapping's hash, or FHIR's.
+    fn rules_hash(&self) -> &str {
+        match self.kind {
+            FileKind::Csv(m, _) => &m.hash,
+            _ => FHIR_RULES,
+        }
+    }
 }
 
-impl Loaded {
-    fn accepted(&self) -> u64 {
-        self.batches.iter().map(|b| b.num_rows() as u64).sum()
-    }
+/// NDJSON files named `Patient*.ndjson` hold the source's patients.
+fn ndjson_is_patients(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("Patient"))
+}
+
+/// A file mapped in this run.
+struct Loaded {
+    /// Accepted rows per table.
+    tables: Vec<(Table, Vec<RecordBatch>)>,
+    rejects: Vec<RejectRow>,
+    /// Records read: CSV rows, NDJSON lines, Bundle entries.
+    read: u64,
+    /// Records accepted (a FHIR resource may fill several rows).
+    accepted: u64,
+    /// FHIR resources of types Ward does not load.
+    skipped: u64,
 }
 
 /// Runs ingest for every source of `config`.
@@ -165,17 +214,19 @@ pub fn ingest(
         }
     }
 
-    let mappings: Vec<CsvMapping> = config
+    let mappings: Vec<Option<CsvMapping>> = config
         .sources
         .iter()
-        .map(|s| CsvMapping::load(&s.mapping))
+        .map(|s| s.mapping.as_deref().map(CsvMapping::load).transpose())
         .collect::<Result<_>>()?;
 
     // Hash every input file of every source.
     let mut candidates = Vec::new();
     for (source, mapping) in config.sources.iter().zip(&mappings) {
         match source.input_files() {
-            Ok(files) => candidates.extend(files.into_iter().map(|p| (source, mapping, p))),
+            Ok(files) => {
+                candidates.extend(files.into_iter().map(|p| (source, mapping.as_ref(), p)))
+            }
             Err(e) => {
                 tracing::error!(source = %source.name, "{e}");
                 report.source_failures.push(SourceFailure {
@@ -207,6 +258,7 @@ pub fn ingest(
                 rows_read: 0,
                 rows_accepted: 0,
                 rows_rejected: 0,
+                rows_skipped: 0,
                 rejects_by_rule: BTreeMap::new(),
             };
         let sha = match sha {
@@ -222,12 +274,20 @@ pub fn ingest(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let Some(entry) = mapping.entry_for(&name) else {
-            tracing::warn!(source = %source.name, file = %rel, "no mapping entry matches this file; skipped");
-            report
-                .files
-                .push(file_report(FileStatus::Unmapped, None, None));
-            continue;
+        let kind = match (source.format, mapping) {
+            (SourceFormat::Csv, Some(mapping)) => match mapping.entry_for(&name) {
+                Some(entry) => FileKind::Csv(mapping, entry),
+                None => {
+                    tracing::warn!(source = %source.name, file = %rel, "no mapping entry matches this file; skipped");
+                    report
+                        .files
+                        .push(file_report(FileStatus::Unmapped, None, None));
+                    continue;
+                }
+            },
+            (SourceFormat::FhirNdjson, _) => FileKind::Ndjson,
+            (SourceFormat::FhirBundle, _) => FileKind::Bundle,
+            (SourceFormat::Csv, None) => unreachable!("config requires a mapping for csv"),
         };
         let known = state.sources.get(&source.name);
         let twin = known
@@ -246,14 +306,13 @@ pub fn ingest(
             report.files.push(file_report(
                 FileStatus::Duplicate,
                 Some(format!("same content as {twin}")),
-                Some(entry.table.name()),
+                None,
             ));
             continue;
         }
         inputs.push(Input {
             source,
-            mapping,
-            entry,
+            kind,
             path,
             rel,
             sha256: sha,
@@ -268,12 +327,12 @@ pub fn ingest(
                 .and_then(|files| files.get(&input.rel))
                 .is_none_or(|f| {
                     f.sha256 != input.sha256
-                        || f.mapping_sha256 != input.mapping.hash
+                        || f.mapping_sha256 != input.rules_hash()
                         || f.patients_fingerprint.as_ref() != fingerprint
                 })
     };
     let (patient_inputs, fact_inputs): (Vec<&Input>, Vec<&Input>) =
-        inputs.iter().partition(|i| i.entry.table == Table::Patient);
+        inputs.iter().partition(|i| i.first_phase());
     let to_load: Vec<&Input> = patient_inputs
         .iter()
         .copied()
@@ -315,12 +374,13 @@ pub fn ingest(
             }
         }
         for (input, result) in &fresh {
-            if let Ok(loaded) = result {
+            if let Ok(loaded) = result
+                && input.table() == Table::Patient.name()
+            {
                 files.insert(input.rel.clone(), input.sha256.clone());
-                loaded
-                    .batches
-                    .iter()
-                    .for_each(|b| add_birth_dates(b, &mut lookup));
+                for (_, batches) in &loaded.tables {
+                    batches.iter().for_each(|b| add_birth_dates(b, &mut lookup));
+                }
             }
         }
         if !files.is_empty() {
@@ -358,30 +418,32 @@ pub fn ingest(
             report.files.push(FileReport {
                 source: input.source.name.clone(),
                 file: input.rel.clone(),
-                table: Some(input.entry.table.name()),
+                table: Some(input.table()),
                 status: FileStatus::Unchanged,
                 detail: None,
                 rows_read: f.rows_read,
                 rows_accepted: f.rows_accepted,
                 rows_rejected: f.rows_rejected,
+                rows_skipped: f.rows_skipped,
                 rejects_by_rule: BTreeMap::new(),
             });
         }
     }
     let mut superseded = std::mem::take(&mut state.superseded);
     for (input, result) in patient_results.into_iter().chain(fact_results) {
-        let fingerprint = (input.entry.table != Table::Patient)
+        let fingerprint = (!input.first_phase())
             .then(|| fingerprints.get(&input.source.name).cloned())
             .flatten();
         let mut file_report = FileReport {
             source: input.source.name.clone(),
             file: input.rel.clone(),
-            table: Some(input.entry.table.name()),
+            table: Some(input.table()),
             status: FileStatus::Loaded,
             detail: None,
             rows_read: 0,
             rows_accepted: 0,
             rows_rejected: 0,
+            rows_skipped: 0,
             rejects_by_rule: BTreeMap::new(),
         };
         match result {
@@ -392,8 +454,9 @@ pub fn ingest(
             }
             Ok(loaded) => {
                 file_report.rows_read = loaded.read;
-                file_report.rows_accepted = loaded.accepted();
+                file_report.rows_accepted = loaded.accepted;
                 file_report.rows_rejected = loaded.rejects.len() as u64;
+                file_report.rows_skipped = loaded.skipped;
                 for r in &loaded.rejects {
                     *file_report
                         .rejects_by_rule
@@ -403,7 +466,7 @@ pub fn ingest(
                 tracing::info!(
                     source = %input.source.name,
                     file = %input.rel,
-                    table = input.entry.table.name(),
+                    table = input.table(),
                     read = loaded.read,
                     accepted = file_report.rows_accepted,
                     rejected = file_report.rows_rejected,
@@ -455,48 +518,86 @@ fn load_file(
 ) -> Result<Loaded> {
     let bytes =
         std::fs::read(&input.path).map_err(|e| WardError::io("cannot read", &input.path, e))?;
-    let text = csv::read(&input.path, &bytes, input.mapping)?;
-    drop(bytes);
-    let unused: Vec<&str> = text
-        .header
-        .iter()
-        .map(String::as_str)
-        .filter(|h| !input.entry.columns().any(|c| c == *h))
-        .collect();
-    if !unused.is_empty() {
-        tracing::debug!(file = %input.rel, columns = %unused.join(", "), "columns not used by the mapping");
-    }
-    let ctx = RowContext {
+    let mut ctx = RowContext {
         path: &input.path,
         source: &input.source.name,
         file: &input.rel,
         today,
-        patients: if input.entry.table == Table::Patient {
-            None
-        } else {
-            patients
-        },
+        patients: None,
     };
-    let mapped = rows::map_rows(&text, input.entry, &ctx)?;
-    let read = text.records();
-    let (accepted, rejected) = (mapped.accepted() as u64, mapped.rejects.len() as u64);
-    if accepted + rejected != read {
+    let loaded = match input.kind {
+        FileKind::Csv(mapping, entry) => {
+            let text = csv::read(&input.path, &bytes, mapping)?;
+            drop(bytes);
+            let unused: Vec<&str> = text
+                .header
+                .iter()
+                .map(String::as_str)
+                .filter(|h| !entry.columns().any(|c| c == *h))
+                .collect();
+            if !unused.is_empty() {
+                tracing::debug!(file = %input.rel, columns = %unused.join(", "), "columns not used by the mapping");
+            }
+            if entry.table != Table::Patient {
+                ctx.patients = patients;
+            }
+            let mapped = rows::map_rows(&text, entry, &ctx)?;
+            Loaded {
+                accepted: mapped.accepted() as u64,
+                tables: vec![(entry.table, mapped.batches)],
+                rejects: mapped.rejects,
+                read: text.records(),
+                skipped: 0,
+            }
+        }
+        FileKind::Ndjson | FileKind::Bundle => {
+            let check = match input.kind {
+                FileKind::Bundle => fhir::PatientCheck::Own,
+                _ if ndjson_is_patients(&input.path) => fhir::PatientCheck::Off,
+                _ => patients.map_or(fhir::PatientCheck::Off, fhir::PatientCheck::Against),
+            };
+            let bundle = matches!(input.kind, FileKind::Bundle);
+            let f = fhir::load(&input.path, &bytes, bundle, &ctx, check)?;
+            // Resources accepted: distinct lines (entries) among accepted rows.
+            let mut lines = std::collections::BTreeSet::new();
+            for (_, batches) in &f.tables {
+                for b in batches {
+                    if let Some(l) = b.column_by_name("source_line").and_then(|c| {
+                        c.as_any()
+                            .downcast_ref::<datafusion::arrow::array::UInt64Array>()
+                    }) {
+                        lines.extend(l.values().iter().copied());
+                    }
+                }
+            }
+            Loaded {
+                accepted: lines.len() as u64,
+                skipped: f.skipped_total(),
+                read: f.read,
+                tables: f.tables,
+                rejects: f.rejects,
+            }
+        }
+    };
+    let (read, accepted, rejected, skipped) = (
+        loaded.read,
+        loaded.accepted,
+        loaded.rejects.len() as u64,
+        loaded.skipped,
+    );
+    if accepted + rejected + skipped != read {
         return Err(WardError::Extract {
             path: input.path.clone(),
             line: None,
             message: format!(
-                "counts do not reconcile: read {read}, accepted {accepted}, rejected {rejected}"
+                "counts do not reconcile: read {read}, accepted {accepted}, rejected {rejected}, skipped {skipped}"
             ),
         });
     }
-    Ok(Loaded {
-        batches: mapped.batches,
-        rejects: mapped.rejects,
-        read,
-    })
+    Ok(loaded)
 }
 
-/// Writes a loaded file's batch and rejects; returns its new state entry.
+/// Writes a loaded file's batches and rejects; returns its new state entry.
 fn publish(
     wh: &Warehouse,
     input: &Input,
@@ -507,20 +608,22 @@ fn publish(
     for part in [
         input.rel.as_str(),
         input.sha256.as_str(),
-        input.mapping.hash.as_str(),
+        input.rules_hash(),
         fingerprint.as_deref().unwrap_or(""),
     ] {
         h.update(part.as_bytes());
         h.update([0]);
     }
     let batch_id = hex::encode(&h.finalize()[..8]);
-    let table = input.entry.table;
     let mut outputs = Vec::new();
-    if loaded.accepted() > 0 {
+    for (table, batches) in &loaded.tables {
+        if batches.iter().all(|b| b.num_rows() == 0) {
+            continue;
+        }
         let path = wh
-            .staging_dir(table, &input.source.name)
+            .staging_dir(*table, &input.source.name)
             .join(format!("{batch_id}.parquet"));
-        wh.write_parquet(&path, table.schema(), &loaded.batches)?;
+        wh.write_parquet(&path, table.schema(), batches)?;
         outputs.push(wh.relative(&path));
     }
     if !loaded.rejects.is_empty() {
@@ -530,7 +633,7 @@ fn publish(
         let batch = rejects_batch(
             &input.source.name,
             &input.rel,
-            table,
+            input.table(),
             &loaded.rejects,
             &path,
         )?;
@@ -539,14 +642,15 @@ fn publish(
     }
     Ok(FileState {
         sha256: input.sha256.clone(),
-        mapping_sha256: input.mapping.hash.clone(),
+        mapping_sha256: input.rules_hash().to_string(),
         patients_fingerprint: fingerprint,
-        table: table.name().to_string(),
+        table: input.table().to_string(),
         batch_id,
         outputs,
         rows_read: loaded.read,
-        rows_accepted: loaded.accepted(),
+        rows_accepted: loaded.accepted,
         rows_rejected: loaded.rejects.len() as u64,
+        rows_skipped: loaded.skipped,
         loaded_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     })
 }
@@ -554,7 +658,7 @@ fn publish(
 fn rejects_batch(
     source: &str,
     file: &str,
-    table: Table,
+    table: &str,
     rejects: &[RejectRow],
     path: &Path,
 ) -> Result<RecordBatch> {
@@ -573,7 +677,7 @@ fn rejects_batch(
             constant(source),
             constant(file),
             Arc::new(lines.finish()),
-            constant(table.name()),
+            constant(table),
             strings(&|r| r.column.as_deref()),
             strings(&|r| Some(r.rule)),
             strings(&|r| Some(&r.message)),
@@ -588,7 +692,7 @@ fn rejects_batch(
     })
 }
 
-fn add_birth_dates(batch: &RecordBatch, lookup: &mut HashMap<String, NaiveDate>) {
+pub(crate) fn add_birth_dates(batch: &RecordBatch, lookup: &mut HashMap<String, NaiveDate>) {
     let (Some(ids), Some(births)) = (
         batch
             .column_by_name("source_patient_id")

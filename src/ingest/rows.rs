@@ -15,13 +15,13 @@ use std::path::Path;
 
 use chrono::{NaiveDate, NaiveDateTime};
 use datafusion::arrow::array::{
-    ArrayBuilder, ArrayRef, Date32Builder, Float64Builder, ListBuilder, RecordBatch, StringBuilder,
-    StructBuilder, TimestampMicrosecondBuilder, UInt64Builder,
+    ArrayBuilder, ArrayRef, BooleanBuilder, Date32Builder, Float64Builder, ListBuilder,
+    RecordBatch, StringBuilder, StructBuilder, TimestampMicrosecondBuilder, UInt64Builder,
 };
 use datafusion::arrow::datatypes::DataType;
 use rayon::prelude::*;
 
-use super::csv::TextTable;
+use super::csv::{StructuralReject, TextTable};
 use super::normalize::{self, DateFormat};
 use crate::error::{Result, WardError};
 use crate::mapping::{FieldSpec, FileMapping, ValueSource};
@@ -81,6 +81,7 @@ enum Cell<'a> {
     Date(NaiveDate),
     Ts(NaiveDateTime),
     F64(f64),
+    Bool(bool),
 }
 
 impl Cell<'_> {
@@ -141,7 +142,7 @@ struct Columns {
     period: Option<(usize, usize)>,
 }
 
-struct Plan<'a> {
+pub(crate) struct Plan<'a> {
     table: Table,
     fields: Vec<FieldPlan<'a>>,
     value: Option<FieldPlan<'a>>,
@@ -200,6 +201,16 @@ fn plan<'a>(text: &TextTable, fm: &'a FileMapping, ctx: &RowContext) -> Result<P
             normalize::code_system(&c.system).expect("checked when the mapping was loaded");
         codings.push((system, find(&c.column, "codings")?, c.column.as_str()));
     }
+    Ok(finish_plan(table, fields, value, codings))
+}
+
+fn finish_plan<'a>(
+    table: Table,
+    fields: Vec<FieldPlan<'a>>,
+    value: Option<FieldPlan<'a>>,
+    codings: Vec<(&'static str, usize, &'a str)>,
+) -> Plan<'a> {
+    let columns = table.columns();
     let ix = |name: &str| columns.iter().position(|c| c.name == name);
     let mut labels: Vec<&'a str> = columns.iter().map(|c| c.name).collect();
     for f in &fields {
@@ -226,23 +237,76 @@ fn plan<'a>(text: &TextTable, fm: &'a FileMapping, ctx: &RowContext) -> Result<P
             .period_columns()
             .map(|(s, e)| (ix(s).expect("period start"), ix(e).expect("period end"))),
     };
-    Ok(Plan {
+    Plan {
         table,
         fields,
         value,
         codings,
         at,
         labels,
-    })
+    }
+}
+
+/// Text rows to map, whatever they were read from.
+pub(crate) struct RowInput<'a> {
+    /// One vector of cells per input column (`None` when empty).
+    pub cols: Vec<Vec<Option<&'a str>>>,
+    /// The line (or entry index) each row came from.
+    pub lines: &'a [u64],
+    /// Per row, codings beyond the mapped ones: (system as written, code).
+    pub extra_codings: Option<&'a [Vec<(String, String)>]>,
+    /// The raw record of a row, for its reject.
+    pub raw: &'a (dyn Fn(usize) -> String + Sync),
+    /// Records refused before mapping.
+    pub structural: &'a [StructuralReject],
 }
 
 /// Maps, validates and converts every well-formed row of `text`; rows that
 /// fail any rule become rejects (structural rejects of the reader included).
 pub fn map_rows(text: &TextTable, fm: &FileMapping, ctx: &RowContext) -> Result<MappedFile> {
     let plan = plan(text, fm, ctx)?;
-    let cols = text.text_columns();
-    let duplicate_of = duplicates(&cols, &text.lines);
-    let n = text.lines.len();
+    let raw = |row: usize| raw_json(text, row);
+    let input = RowInput {
+        cols: text.text_columns(),
+        lines: &text.lines,
+        extra_codings: None,
+        raw: &raw,
+        structural: &text.rejects,
+    };
+    map_input(&input, &plan, ctx)
+}
+
+/// A plan for input whose columns are the table's own columns, in schema
+/// order, each filled verbatim (FHIR): `specs` and `labels` have one entry
+/// per table column.
+pub(crate) fn canonical_plan<'a>(
+    table: Table,
+    specs: &'a [FieldSpec],
+    labels: &'a [&'a str],
+    formats: &'a [DateFormat],
+) -> Plan<'a> {
+    let columns = table.columns();
+    let fields = columns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.mappable && c.kind != Kind::Codings)
+        .map(|(i, c)| FieldPlan {
+            target: i,
+            kind: c.kind,
+            spec: &specs[i],
+            input: Input::Column(i),
+            label: labels[i],
+            formats,
+        })
+        .collect();
+    finish_plan(table, fields, None, Vec::new())
+}
+
+/// Maps every row of `input` with `plan`; see [`map_rows`].
+pub(crate) fn map_input(input: &RowInput, plan: &Plan, ctx: &RowContext) -> Result<MappedFile> {
+    let cols = &input.cols;
+    let duplicate_of = duplicates(cols, input.lines);
+    let n = input.lines.len();
 
     let chunks: Vec<(Vec<RecordBatch>, Vec<RejectRow>)> = (0..n)
         .step_by(CHUNK)
@@ -264,19 +328,21 @@ pub fn map_rows(text: &TextTable, fm: &FileMapping, ctx: &RowContext) -> Result<
                         message: format!("exact duplicate of line {first}"),
                     });
                 }
+                let extra = input.extra_codings.map(|e| e[row].as_slice());
                 map_row(
-                    &cols,
+                    cols,
                     row,
-                    &plan,
+                    plan,
                     ctx,
+                    extra,
                     &mut cells,
                     &mut codings,
                     &mut violations,
                 );
                 if violations.is_empty() {
-                    out.append(ctx, text.lines[row], &cells, &codings);
+                    out.append(ctx, input.lines[row], &cells, &codings);
                 } else {
-                    rejects.push(reject_row(text, row, &violations));
+                    rejects.push(reject_row(input, row, &violations));
                 }
             }
             let batch = out.finish(plan.table, ctx)?;
@@ -291,8 +357,8 @@ pub fn map_rows(text: &TextTable, fm: &FileMapping, ctx: &RowContext) -> Result<
         .collect::<Result<_>>()?;
 
     let mut batches = Vec::new();
-    let mut rejects: Vec<RejectRow> = text
-        .rejects
+    let mut rejects: Vec<RejectRow> = input
+        .structural
         .iter()
         .map(|r| RejectRow {
             line: r.line,
@@ -311,9 +377,9 @@ pub fn map_rows(text: &TextTable, fm: &FileMapping, ctx: &RowContext) -> Result<
     Ok(MappedFile { batches, rejects })
 }
 
-fn reject_row(text: &TextTable, row: usize, v: &[Violation]) -> RejectRow {
+fn reject_row(input: &RowInput, row: usize, v: &[Violation]) -> RejectRow {
     RejectRow {
-        line: text.lines[row],
+        line: input.lines[row],
         column: Some(v[0].column.to_string()).filter(|c| c != "*"),
         rule: v[0].rule,
         message: v[0].message.clone(),
@@ -322,7 +388,7 @@ fn reject_row(text: &TextTable, row: usize, v: &[Violation]) -> RejectRow {
             .map(|v| format!("{}: {}", v.column, v.rule))
             .collect::<Vec<_>>()
             .join("; "),
-        raw: raw_json(text, row),
+        raw: (input.raw)(row),
     }
 }
 
@@ -405,6 +471,7 @@ fn map_row<'a>(
     row: usize,
     plan: &Plan<'a>,
     ctx: &RowContext,
+    extra: Option<&'a [(String, String)]>,
     cells: &mut [Cell<'a>],
     codings: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>,
     violations: &mut Vec<Violation<'a>>,
@@ -499,6 +566,11 @@ fn map_row<'a>(
             }
             Kind::Unit => Ok(Cell::Str(Cow::Borrowed(normalize::unit(v)))),
             Kind::Token => Ok(Cell::Str(normalize::token(v))),
+            Kind::Bool => match v.to_ascii_lowercase().as_str() {
+                "true" | "yes" | "y" | "1" => Ok(Cell::Bool(true)),
+                "false" | "no" | "n" | "0" => Ok(Cell::Bool(false)),
+                _ => Err(("invalid_value", format!("{target}: not true or false"))),
+            },
             Kind::Codings | Kind::Line => unreachable!("not mappable"),
         };
         match parsed {
@@ -531,6 +603,22 @@ fn map_row<'a>(
                         rule,
                         message: format!("codings: not a valid {system} code"),
                     }),
+                }
+            }
+        }
+        for (system, code) in extra.into_iter().flatten() {
+            match normalize::code_system(system) {
+                Some(short) => match normalize::code(short, code) {
+                    Ok(code) => codings.push((Cow::Borrowed(short), code)),
+                    Err(rule) => violations.push(Violation {
+                        column: "codings",
+                        rule,
+                        message: format!("codings: not a valid {short} code"),
+                    }),
+                },
+                // A system Ward does not know: kept as written, not checked.
+                None => {
+                    codings.push((Cow::Borrowed(system.as_str()), Cow::Borrowed(code.as_str())))
                 }
             }
         }
@@ -674,6 +762,7 @@ impl Builders {
                             Box::new(TimestampMicrosecondBuilder::with_capacity(capacity))
                         }
                         DataType::Float64 => Box::new(Float64Builder::with_capacity(capacity)),
+                        DataType::Boolean => Box::new(BooleanBuilder::with_capacity(capacity)),
                         DataType::UInt64 => Box::new(UInt64Builder::with_capacity(capacity)),
                         DataType::List(_) => Box::new(ListBuilder::new(
                             StructBuilder::from_fields(coding_fields(), capacity),
@@ -708,6 +797,11 @@ impl Builders {
                 b.append_option(cells[i].day().map(|d| (d - epoch).num_days() as i32));
             } else if let Some(b) = any.downcast_mut::<TimestampMicrosecondBuilder>() {
                 b.append_option(cells[i].time().map(|t| t.and_utc().timestamp_micros()));
+            } else if let Some(b) = any.downcast_mut::<BooleanBuilder>() {
+                b.append_option(match cells[i] {
+                    Cell::Bool(v) => Some(v),
+                    _ => None,
+                });
             } else if let Some(b) = any.downcast_mut::<Float64Builder>() {
                 b.append_option(match cells[i] {
                     Cell::F64(v) => Some(v),

@@ -1,0 +1,783 @@
+//! FHIR R4 ingest: bulk-export NDJSON (one resource per line) and Bundles
+//! (transaction, collection, searchset) into the canonical tables.
+//!
+//! Each resource is flattened into text values for its table's canonical
+//! columns (every coding of every CodeableConcept kept), then mapped and
+//! validated exactly like a CSV row (`rows::map_input`), so dates, codes,
+//! units and plausibility follow the same rules. A resource is the unit of
+//! acceptance: an Observation panel becomes one row per component plus the
+//! panel row, and if any of them fails, the whole resource is rejected.
+//! Resource types Ward does not load are counted as skipped.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+use chrono::NaiveDate;
+use datafusion::arrow::array::{BooleanArray, RecordBatch, UInt64Array};
+use datafusion::arrow::compute::filter_record_batch;
+use rayon::prelude::*;
+use serde_json::Value;
+
+use super::normalize::DateFormat;
+use super::rows::{self, MappedFile, RejectRow, RowContext, RowInput};
+use crate::error::{Result, WardError};
+use crate::mapping::{FieldSpec, ValueSource};
+use crate::schema::Table;
+
+/// NDJSON lines parsed per parallel chunk: memory follows the chunk, not the file.
+const NDJSON_CHUNK: usize = 20_000;
+
+/// The rows one FHIR file produced.
+pub struct FhirFile {
+    /// Accepted rows per table.
+    pub tables: Vec<(Table, Vec<RecordBatch>)>,
+    /// One per rejected resource (or unreadable line).
+    pub rejects: Vec<RejectRow>,
+    /// Resources (NDJSON lines, Bundle entries) read.
+    pub read: u64,
+    /// Resources of types Ward does not load, per type.
+    pub skipped: BTreeMap<String, u64>,
+}
+
+impl FhirFile {
+    /// Resources skipped in all.
+    pub fn skipped_total(&self) -> u64 {
+        self.skipped.values().sum()
+    }
+}
+
+/// Flattened rows of one table, before mapping.
+#[derive(Default)]
+struct TableRows {
+    values: Vec<Vec<Option<String>>>,
+    codings: Vec<Vec<(String, String)>>,
+    lines: Vec<u64>,
+    raw: Vec<usize>,
+}
+
+/// Everything read from a file before mapping.
+#[derive(Default)]
+struct Flat {
+    tables: BTreeMap<Table, TableRows>,
+    /// Raw resource JSON, indexed by `TableRows::raw`.
+    raw: Vec<String>,
+    rejects: Vec<RejectRow>,
+    skipped: BTreeMap<String, u64>,
+    read: u64,
+}
+
+/// One resource flattened into rows of a table.
+struct Row {
+    table: Table,
+    values: Vec<Option<String>>,
+    codings: Vec<(String, String)>,
+}
+
+impl Row {
+    fn new(table: Table) -> Row {
+        Row {
+            table,
+            values: vec![None; table.columns().len()],
+            codings: Vec::new(),
+        }
+    }
+    fn set(&mut self, column: &str, value: Option<String>) {
+        let i = self
+            .table
+            .columns()
+            .iter()
+            .position(|c| c.name == column)
+            .unwrap_or_else(|| panic!("{} has no column {column}", self.table.name()));
+        self.values[i] = value;
+    }
+    /// Sets `code_system`/`code` from the first coding of a known system
+    /// (else the first coding) and keeps the others as further codings.
+    fn set_code(&mut self, codings: Vec<(String, String)>) {
+        let primary = codings
+            .iter()
+            .position(|(s, _)| super::normalize::code_system(s).is_some())
+            .or(if codings.is_empty() { None } else { Some(0) });
+        if let Some(p) = primary {
+            let mut codings = codings;
+            let (s, c) = codings.remove(p);
+            self.set("code_system", Some(s));
+            self.set("code", Some(c));
+            self.codings = codings;
+        }
+    }
+}
+
+/// Why a resource could not be flattened.
+struct Refusal {
+    path: &'static str,
+    rule: &'static str,
+    message: String,
+}
+
+fn refuse(path: &'static str, rule: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        path,
+        rule,
+        message: message.into(),
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Every (system, code) of a CodeableConcept, or of a list of them.
+fn codings(v: &Value) -> Vec<(String, String)> {
+    let one = |cc: &Value| -> Vec<(String, String)> {
+        cc["coding"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| Some((c["system"].as_str()?.to_string(), text(&c["code"])?)))
+            .collect()
+    };
+    match v {
+        Value::Array(list) => list.iter().flat_map(one).collect(),
+        _ => one(v),
+    }
+}
+
+fn first_code(v: &Value) -> Option<String> {
+    codings(v).into_iter().next().map(|(_, c)| c)
+}
+
+/// `<base>DateTime`, `<base>Period.start`, `<base>Instant` or `<base>Date`.
+fn choice_time(r: &Value, base: &str) -> (Option<String>, Option<String>) {
+    for suffix in ["DateTime", "Instant", "Date"] {
+        if let Some(t) = text(&r[format!("{base}{suffix}")]) {
+            return (Some(t), None);
+        }
+    }
+    let p = &r[format!("{base}Period")];
+    (text(&p["start"]), text(&p["end"]))
+}
+
+/// Resolves a Reference to the referenced resource's id: `urn:uuid:` via
+/// the Bundle's fullUrls, `Type/id` (also inside an absolute URL) directly.
+fn reference(
+    v: &Value,
+    urls: &HashMap<String, String>,
+) -> std::result::Result<Option<String>, String> {
+    let Some(r) = v["reference"].as_str() else {
+        return Ok(None);
+    };
+    if let Some(id) = urls.get(r) {
+        return Ok(Some(id.clone()));
+    }
+    if r.starts_with("urn:") {
+        return Err(format!("{r} is not an entry of this Bundle"));
+    }
+    let parts: Vec<&str> = r.split('/').collect();
+    let id = match parts.iter().position(|p| *p == "_history") {
+        Some(h) if h >= 1 => parts[h - 1],
+        _ => parts.last().copied().unwrap_or(""),
+    };
+    Ok(Some(id.to_string()).filter(|s| !s.is_empty()))
+}
+
+fn subject(
+    r: &Value,
+    urls: &HashMap<String, String>,
+    field: &'static str,
+) -> std::result::Result<String, Refusal> {
+    match reference(&r[field], urls) {
+        Ok(Some(id)) => Ok(id),
+        Ok(None) => Err(refuse(
+            field,
+            "missing_subject",
+            format!("{field}: no patient reference"),
+        )),
+        Err(m) => Err(refuse(
+            field,
+            "unresolved_reference",
+            format!("{field}: {m}"),
+        )),
+    }
+}
+
+fn extension<'a>(r: &'a Value, url: &str) -> Option<&'a Value> {
+    r["extension"].as_array()?.iter().find(|e| e["url"] == url)
+}
+
+/// doNotPerform as an element (R4 requests) or as the R5 modifier extension.
+fn do_not_perform(r: &Value) -> Option<String> {
+    text(&r["doNotPerform"]).or_else(|| {
+        r["modifierExtension"]
+            .as_array()?
+            .iter()
+            .find(|e| {
+                e["url"]
+                    .as_str()
+                    .is_some_and(|u| u.ends_with("doNotPerform"))
+            })
+            .and_then(|e| text(&e["valueBoolean"]))
+    })
+}
+
+/// Flattens one resource; `Ok(None)` for types Ward does not load.
+fn flatten(
+    r: &Value,
+    urls: &HashMap<String, String>,
+    medications: &HashMap<String, Vec<(String, String)>>,
+) -> std::result::Result<Option<Vec<Row>>, Refusal> {
+    let Some(rtype) = r["resourceType"].as_str() else {
+        return Err(refuse(
+            "resourceType",
+            "missing_resource_type",
+            "resourceType: missing",
+        ));
+    };
+    let id = text(&r["id"]);
+    let encounter = reference(&r["encounter"], urls).ok().flatten();
+    let mut rows = Vec::new();
+    match rtype {
+        "Patient" => {
+            let mut p = Row::new(Table::Patient);
+            p.set("source_patient_id", id);
+            let ids = r["identifier"].as_array().cloned().unwrap_or_default();
+            let ident = |pred: &dyn Fn(&Value) -> bool| {
+                ids.iter().find(|i| pred(i)).and_then(|i| text(&i["value"]))
+            };
+            p.set(
+                "mrn",
+                ident(&|i| first_code(&i["type"]).as_deref() == Some("MR")),
+            );
+            p.set(
+                "ssn",
+                ident(&|i| {
+                    i["system"] == "http://hl7.org/fhir/sid/us-ssn"
+                        || first_code(&i["type"]).as_deref() == Some("SS")
+                }),
+            );
+            let names = r["name"].as_array().cloned().unwrap_or_default();
+            let name = names
+                .iter()
+                .find(|n| n["use"] == "official")
+                .or(names.first());
+            if let Some(n) = name {
+                p.set("given_name", text(&n["given"][0]));
+                p.set("family_name", text(&n["family"]));
+            }
+            p.set("birth_date", text(&r["birthDate"]));
+            p.set("sex", text(&r["gender"]));
+            let omb = |url: &str| {
+                extension(r, url)?["extension"]
+                    .as_array()?
+                    .iter()
+                    .find(|e| e["url"] == "ombCategory")
+                    .and_then(|e| text(&e["valueCoding"]["code"]))
+            };
+            p.set(
+                "race",
+                omb("http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"),
+            );
+            p.set(
+                "ethnicity",
+                omb("http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"),
+            );
+            let address = &r["address"][0];
+            p.set("address_line", text(&address["line"][0]));
+            p.set("city", text(&address["city"]));
+            p.set("state", text(&address["state"]));
+            p.set("postal_code", text(&address["postalCode"]));
+            let telecom = |system: &str| {
+                r["telecom"]
+                    .as_array()?
+                    .iter()
+                    .find(|t| t["system"] == system)
+                    .and_then(|t| text(&t["value"]))
+            };
+            p.set("phone", telecom("phone"));
+            p.set("email", telecom("email"));
+            p.set("deceased_date", text(&r["deceasedDateTime"]));
+            rows.push(p);
+        }
+        "Encounter" => {
+            let mut e = Row::new(Table::Encounter);
+            e.set("source_encounter_id", id);
+            e.set("source_patient_id", Some(subject(r, urls, "subject")?));
+            e.set("encounter_class", text(&r["class"]["code"]));
+            e.set("status", text(&r["status"]));
+            e.set_code(codings(&r["type"]));
+            e.set("start_time", text(&r["period"]["start"]));
+            e.set("end_time", text(&r["period"]["end"]));
+            e.set(
+                "discharge_disposition",
+                first_code(&r["hospitalization"]["dischargeDisposition"]),
+            );
+            e.set(
+                "facility",
+                text(&r["serviceProvider"]["display"])
+                    .or_else(|| text(&r["serviceProvider"]["reference"])),
+            );
+            rows.push(e);
+        }
+        "Condition" => {
+            let mut c = Row::new(Table::Condition);
+            c.set("source_condition_id", id);
+            c.set("source_patient_id", Some(subject(r, urls, "subject")?));
+            c.set("source_encounter_id", encounter);
+            c.set("category", first_code(&r["category"]));
+            c.set("clinical_status", first_code(&r["clinicalStatus"]));
+            c.set("verification_status", first_code(&r["verificationStatus"]));
+            c.set_code(codings(&r["code"]));
+            let (onset, _) = choice_time(r, "onset");
+            let recorded = text(&r["recordedDate"]);
+            c.set("onset_date", onset.or_else(|| recorded.clone()));
+            let (abatement, abatement_end) = choice_time(r, "abatement");
+            c.set("abatement_date", abatement_end.or(abatement));
+            c.set("recorded_date", recorded);
+            c.set("description", text(&r["code"]["text"]));
+            rows.push(c);
+        }
+        "Observation" => {
+            let patient = subject(r, urls, "subject")?;
+            let (effective, _) = choice_time(r, "effective");
+            let effective = effective.or_else(|| text(&r["issued"]));
+            let base = |codes: Vec<(String, String)>, value_of: &Value| {
+                let mut o = Row::new(Table::Observation);
+                o.set("source_observation_id", id.clone());
+                o.set("source_patient_id", Some(patient.clone()));
+                o.set("source_encounter_id", encounter.clone());
+                o.set("status", text(&r["status"]));
+                o.set("category", first_code(&r["category"]));
+                o.set_code(codes);
+                o.set("effective_time", effective.clone());
+                o.set("description", text(&r["code"]["text"]));
+                let q = &value_of["valueQuantity"];
+                o.set(
+                    "value_num",
+                    text(&q["value"]).or_else(|| text(&value_of["valueInteger"])),
+                );
+                o.set("unit", text(&q["unit"]).or_else(|| text(&q["code"])));
+                o.set(
+                    "value_text",
+                    text(&value_of["valueString"]).or_else(|| text(&value_of["valueBoolean"])),
+                );
+                if let Some((s, c)) = codings(&value_of["valueCodeableConcept"])
+                    .into_iter()
+                    .next()
+                {
+                    o.set("value_code_system", Some(s));
+                    o.set("value_code", Some(c));
+                }
+                o
+            };
+            rows.push(base(codings(&r["code"]), r));
+            for component in r["component"].as_array().into_iter().flatten() {
+                let mut o = base(codings(&component["code"]), component);
+                o.set("panel_id", id.clone());
+                o.set("description", text(&component["code"]["text"]));
+                rows.push(o);
+            }
+        }
+        "MedicationRequest" | "MedicationStatement" | "MedicationAdministration" => {
+            let mut m = Row::new(Table::Medication);
+            m.set("source_medication_id", id);
+            m.set("source_patient_id", Some(subject(r, urls, "subject")?));
+            m.set(
+                "source_encounter_id",
+                encounter.or_else(|| reference(&r["context"], urls).ok().flatten()),
+            );
+            m.set("status", text(&r["status"]));
+            m.set("intent", text(&r["intent"]));
+            m.set("do_not_perform", do_not_perform(r));
+            let med_ref = &r["medicationReference"];
+            let codes = match reference(med_ref, urls) {
+                Ok(Some(med)) => medications
+                    .get(&med)
+                    .or_else(|| {
+                        med_ref["reference"]
+                            .as_str()
+                            .and_then(|u| medications.get(u))
+                    })
+                    .cloned()
+                    .unwrap_or_default(),
+                _ => codings(&r["medicationCodeableConcept"]),
+            };
+            m.set_code(codes);
+            m.set("description", text(&r["medicationCodeableConcept"]["text"]));
+            let (start, end) = if rtype == "MedicationRequest" {
+                (
+                    text(&r["authoredOn"]),
+                    text(&r["dispenseRequest"]["validityPeriod"]["end"]),
+                )
+            } else {
+                choice_time(r, "effective")
+            };
+            m.set("start_date", start);
+            m.set("end_date", end);
+            m.set("resource_type", Some(rtype.to_ascii_lowercase()));
+            rows.push(m);
+        }
+        "Procedure" => {
+            let mut p = Row::new(Table::Procedure);
+            p.set("source_procedure_id", id);
+            p.set("source_patient_id", Some(subject(r, urls, "subject")?));
+            p.set("source_encounter_id", encounter);
+            p.set("status", text(&r["status"]));
+            p.set_code(codings(&r["code"]));
+            let (start, end) = choice_time(r, "performed");
+            p.set("performed_time", start);
+            p.set("performed_end_time", end);
+            p.set("description", text(&r["code"]["text"]));
+            rows.push(p);
+        }
+        "ServiceRequest" => {
+            let mut s = Row::new(Table::ServiceRequest);
+            s.set("source_service_request_id", id);
+            s.set("source_patient_id", Some(subject(r, urls, "subject")?));
+            s.set("source_encounter_id", encounter);
+            s.set("status", text(&r["status"]));
+            s.set("intent", text(&r["intent"]));
+            s.set("do_not_perform", do_not_perform(r));
+            s.set("category", first_code(&r["category"]));
+            s.set_code(codings(&r["code"]));
+            s.set("authored_time", text(&r["authoredOn"]));
+            let (start, end) = choice_time(r, "occurrence");
+            s.set("occurrence_start", start);
+            s.set("occurrence_end", end);
+            rows.push(s);
+        }
+        "DeviceRequest" | "DeviceUseStatement" => {
+            let mut d = Row::new(Table::Device);
+            d.set("source_device_id", id);
+            d.set("source_patient_id", Some(subject(r, urls, "subject")?));
+            d.set("resource_type", Some(rtype.to_ascii_lowercase()));
+            d.set("status", text(&r["status"]));
+            d.set("intent", text(&r["intent"]));
+            d.set("do_not_perform", do_not_perform(r));
+            d.set_code(
+                codings(&r["codeCodeableConcept"])
+                    .into_iter()
+                    .chain(codings(&r["code"]))
+                    .collect(),
+            );
+            let (timing, _) = choice_time(r, "timing");
+            d.set(
+                "event_time",
+                text(&r["authoredOn"])
+                    .or(timing)
+                    .or_else(|| text(&r["recordedOn"])),
+            );
+            rows.push(d);
+        }
+        "Coverage" => {
+            let mut c = Row::new(Table::Coverage);
+            c.set("source_coverage_id", id);
+            c.set("source_patient_id", Some(subject(r, urls, "beneficiary")?));
+            c.set("status", text(&r["status"]));
+            if let Some((s, code)) = codings(&r["type"]).into_iter().next() {
+                c.set("payer_type_system", Some(s));
+                c.set("payer_type_code", Some(code));
+            }
+            c.set("start_date", text(&r["period"]["start"]));
+            c.set("end_date", text(&r["period"]["end"]));
+            c.set(
+                "payor",
+                text(&r["payor"][0]["display"]).or_else(|| text(&r["payor"][0]["reference"])),
+            );
+            rows.push(c);
+        }
+        _ => return Ok(None),
+    }
+    Ok(Some(rows))
+}
+
+impl Flat {
+    fn add(
+        &mut self,
+        line: u64,
+        r: &Value,
+        urls: &HashMap<String, String>,
+        meds: &HashMap<String, Vec<(String, String)>>,
+    ) {
+        self.read += 1;
+        match flatten(r, urls, meds) {
+            Ok(None) => {
+                let t = r["resourceType"].as_str().unwrap_or("?").to_string();
+                *self.skipped.entry(t).or_default() += 1;
+            }
+            Ok(Some(rows)) => {
+                self.raw.push(r.to_string());
+                let raw = self.raw.len() - 1;
+                for row in rows {
+                    let t = self.tables.entry(row.table).or_default();
+                    t.values.push(row.values);
+                    t.codings.push(row.codings);
+                    t.lines.push(line);
+                    t.raw.push(raw);
+                }
+            }
+            Err(refusal) => self.reject(
+                line,
+                Some(refusal.path),
+                refusal.rule,
+                refusal.message,
+                r.to_string(),
+            ),
+        }
+    }
+
+    fn reject(
+        &mut self,
+        line: u64,
+        column: Option<&str>,
+        rule: &'static str,
+        message: String,
+        raw: String,
+    ) {
+        self.rejects.push(RejectRow {
+            line,
+            column: column.map(str::to_string),
+            rule,
+            errors: format!("{}: {rule}", column.unwrap_or("*")),
+            message,
+            raw,
+        });
+    }
+}
+
+/// Medication resources of a file, by id, for medicationReference.
+fn medications<'a>(
+    resources: impl Iterator<Item = (&'a Value, Option<&'a str>)>,
+) -> HashMap<String, Vec<(String, String)>> {
+    let mut out = HashMap::new();
+    for (r, full_url) in resources {
+        if r["resourceType"] == "Medication" {
+            let codes = codings(&r["code"]);
+            if let Some(id) = text(&r["id"]) {
+                out.insert(id, codes.clone());
+            }
+            if let Some(u) = full_url {
+                out.insert(u.to_string(), codes);
+            }
+        }
+    }
+    out
+}
+
+/// Reads a Bundle file. Entries are numbered from 1 in place of lines.
+fn read_bundle(path: &Path, bytes: &[u8]) -> Result<Flat> {
+    let bundle: Value = serde_json::from_slice(bytes).map_err(|e| WardError::Extract {
+        path: path.to_path_buf(),
+        line: Some(e.line() as u64),
+        message: format!("not JSON: {e}"),
+    })?;
+    if bundle["resourceType"] != "Bundle" {
+        return Err(WardError::Extract {
+            path: path.to_path_buf(),
+            line: None,
+            message: "not a FHIR Bundle (resourceType is not \"Bundle\")".into(),
+        });
+    }
+    let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
+    let mut urls = HashMap::new();
+    for e in &entries {
+        let r = &e["resource"];
+        if let (Some(full), Some(t)) = (e["fullUrl"].as_str(), r["resourceType"].as_str()) {
+            let id = text(&r["id"])
+                .unwrap_or_else(|| full.rsplit(':').next().unwrap_or(full).to_string());
+            urls.insert(full.to_string(), id.clone());
+            urls.insert(format!("{t}/{id}"), id);
+        }
+    }
+    let meds = medications(
+        entries
+            .iter()
+            .map(|e| (&e["resource"], e["fullUrl"].as_str())),
+    );
+    let mut flat = Flat::default();
+    for (i, e) in entries.iter().enumerate() {
+        let r = &e["resource"];
+        let mut r = r.clone();
+        if r["id"].is_null()
+            && let Some(id) = e["fullUrl"].as_str().and_then(|u| urls.get(u))
+        {
+            r["id"] = Value::String(id.clone());
+        }
+        flat.add(i as u64 + 1, &r, &urls, &meds);
+    }
+    Ok(flat)
+}
+
+/// Reads an NDJSON file in chunks of lines parsed in parallel.
+fn read_ndjson(bytes: &[u8]) -> Flat {
+    let lines: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
+    let mut flat = Flat::default();
+    let no_urls = HashMap::new();
+    for (c, chunk) in lines.chunks(NDJSON_CHUNK).enumerate() {
+        let parsed: Vec<(u64, std::result::Result<Value, String>)> = chunk
+            .par_iter()
+            .enumerate()
+            .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
+            .map(|(i, l)| {
+                let line = (c * NDJSON_CHUNK + i + 1) as u64;
+                (
+                    line,
+                    serde_json::from_slice::<Value>(l).map_err(|e| e.to_string()),
+                )
+            })
+            .collect();
+        let meds = medications(
+            parsed
+                .iter()
+                .filter_map(|(_, r)| r.as_ref().ok().map(|r| (r, None))),
+        );
+        for (line, r) in parsed {
+            match r {
+                Ok(r) => flat.add(line, &r, &no_urls, &meds),
+                Err(e) => {
+                    flat.read += 1;
+                    let raw = String::from_utf8_lossy(lines[line as usize - 1])
+                        .chars()
+                        .take(2000)
+                        .collect();
+                    flat.reject(
+                        line,
+                        None,
+                        "not_json",
+                        format!("not a JSON resource: {e}"),
+                        raw,
+                    );
+                }
+            }
+        }
+    }
+    flat
+}
+
+/// FHIR paths shown as the "column" of rejects, per canonical column.
+fn fhir_label(column: &'static str) -> &'static str {
+    match column {
+        "source_patient_id" => "subject",
+        "birth_date" => "birthDate",
+        "sex" => "gender",
+        "encounter_class" => "class",
+        "start_time" | "end_time" => "period",
+        "code" | "code_system" => "code",
+        "onset_date" => "onset[x]",
+        "abatement_date" => "abatement[x]",
+        "effective_time" => "effective[x]",
+        "value_num" | "unit" => "valueQuantity",
+        "start_date" | "end_date" => "authoredOn|effective[x]|period",
+        "performed_time" | "performed_end_time" => "performed[x]",
+        "authored_time" => "authoredOn",
+        "event_time" => "authoredOn|timing[x]",
+        other => other,
+    }
+}
+
+/// Which patients a file's facts must belong to (`unknown_patient`).
+#[derive(Clone, Copy)]
+pub enum PatientCheck<'a> {
+    /// The source's accepted patients (NDJSON facts).
+    Against(&'a HashMap<String, NaiveDate>),
+    /// The file's own accepted patients (a Bundle is self-contained).
+    Own,
+    /// No check (patient files, or a source without patients).
+    Off,
+}
+
+/// Maps one FHIR file (an NDJSON export file or a Bundle).
+pub fn load(
+    path: &Path,
+    bytes: &[u8],
+    bundle: bool,
+    ctx: &RowContext,
+    check: PatientCheck,
+) -> Result<FhirFile> {
+    let mut flat = if bundle {
+        read_bundle(path, bytes)?
+    } else {
+        read_ndjson(bytes)
+    };
+    let formats = [DateFormat::new("iso").expect("iso")];
+    let mut out = FhirFile {
+        tables: Vec::new(),
+        rejects: std::mem::take(&mut flat.rejects),
+        read: flat.read,
+        skipped: std::mem::take(&mut flat.skipped),
+    };
+    let mut own_patients: HashMap<String, NaiveDate> = HashMap::new();
+    let raw = &flat.raw;
+    for (table, rows) in std::mem::take(&mut flat.tables) {
+        let columns = table.columns();
+        let specs: Vec<FieldSpec> = columns
+            .iter()
+            .map(|c| FieldSpec {
+                source: ValueSource::Column(c.name.to_string()),
+                formats: None,
+                map: None,
+                default: None,
+                keep_unmapped: false,
+            })
+            .collect();
+        let labels: Vec<&str> = columns.iter().map(|c| fhir_label(c.name)).collect();
+        let plan = rows::canonical_plan(table, &specs, &labels, &formats);
+        let cols: Vec<Vec<Option<&str>>> = (0..columns.len())
+            .map(|i| rows.values.iter().map(|v| v[i].as_deref()).collect())
+            .collect();
+        let raw_of = |row: usize| raw[rows.raw[row]].clone();
+        let input = RowInput {
+            cols,
+            lines: &rows.lines,
+            extra_codings: Some(&rows.codings),
+            raw: &raw_of,
+            structural: &[],
+        };
+        let lookup = match (table, check) {
+            (Table::Patient, _) | (_, PatientCheck::Off) => None,
+            (_, PatientCheck::Against(p)) => Some(p),
+            (_, PatientCheck::Own) => Some(&own_patients),
+        };
+        let row_ctx = RowContext {
+            path: ctx.path,
+            source: ctx.source,
+            file: ctx.file,
+            today: ctx.today,
+            patients: lookup,
+        };
+        let MappedFile { batches, rejects } = rows::map_input(&input, &plan, &row_ctx)?;
+        // A resource is accepted whole or not at all.
+        let rejected: BTreeSet<u64> = rejects.iter().map(|r| r.line).collect();
+        let mut kept = Vec::new();
+        for b in batches {
+            let lines = b
+                .column_by_name("source_line")
+                .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
+                .expect("lineage column");
+            let keep: BooleanArray = lines
+                .iter()
+                .map(|l| Some(!l.is_some_and(|l| rejected.contains(&l))))
+                .collect();
+            let b = filter_record_batch(&b, &keep).map_err(|e| WardError::Data {
+                context: "dropping rows of rejected resources",
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            if table == Table::Patient {
+                super::add_birth_dates(&b, &mut own_patients);
+            }
+            if b.num_rows() > 0 {
+                kept.push(b);
+            }
+        }
+        let mut seen = BTreeSet::new();
+        out.rejects
+            .extend(rejects.into_iter().filter(|r| seen.insert(r.line)));
+        out.tables.push((table, kept));
+    }
+    out.rejects.sort_by_key(|r| r.line);
+    Ok(out)
+}

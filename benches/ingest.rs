@@ -1,8 +1,10 @@
-//! Criterion micro-benchmarks of ingest's hot path on one generated EMR-A
-//! results file: the structural pass + Polars text read, and the row mapping
-//! (cast, normalize, validate, build Arrow).
+//! Criterion micro-benchmarks of ingest's hot paths: on one generated EMR-A
+//! results file, the structural pass + Polars text read and the row mapping
+//! (cast, normalize, validate, build Arrow); and FHIR NDJSON parsing +
+//! flattening + mapping on the Observations of the shared Synthea bundles
+//! (skipped with a message when ../shared/data is absent).
 //!
-//! `cargo bench --bench ingest`
+//! `cargo bench --bench ingest` (set RAYON_NUM_THREADS=1 for per-core figures)
 
 use std::hint::black_box;
 use std::path::Path;
@@ -11,6 +13,7 @@ use chrono::NaiveDate;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use indicatif::ProgressBar;
 use ward::ingest::csv;
+use ward::ingest::fhir::{self, PatientCheck};
 use ward::ingest::rows::{RowContext, map_rows};
 use ward::mapping::CsvMapping;
 use ward::synth::{SynthOptions, synth};
@@ -55,5 +58,46 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// The Observations of the shared Synthea bundles as one NDJSON file, with
+/// subjects as `Patient/<id>` (as in a bulk export).
+fn synthea_observations_ndjson() -> Option<Vec<u8>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/synthea_fhir_bundles");
+    let mut out = Vec::new();
+    for f in std::fs::read_dir(dir).ok()? {
+        let b: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(f.ok()?.path()).ok()?).ok()?;
+        for e in b["entry"].as_array()? {
+            let mut r = e["resource"].clone();
+            if r["resourceType"] == "Observation" {
+                r["subject"] = serde_json::json!({"reference": "Patient/p"});
+                out.extend_from_slice(r.to_string().as_bytes());
+                out.push(b'\n');
+            }
+        }
+    }
+    Some(out)
+}
+
+fn bench_fhir(c: &mut Criterion) {
+    let Some(bytes) = synthea_observations_ndjson() else {
+        eprintln!("fhir benchmark skipped: ../shared/data/synthea_fhir_bundles is absent");
+        return;
+    };
+    let ctx = RowContext {
+        path: Path::new("Observation.ndjson"),
+        source: "bench",
+        file: "Observation.ndjson",
+        today: NaiveDate::from_ymd_opt(2030, 1, 1).unwrap(),
+        patients: None,
+    };
+    let mut g = c.benchmark_group("ingest_fhir_ndjson");
+    g.throughput(Throughput::Bytes(bytes.len() as u64));
+    g.sample_size(10);
+    g.bench_function("Observation.ndjson: parse, flatten, map", |b| {
+        b.iter(|| fhir::load(ctx.path, black_box(&bytes), false, &ctx, PatientCheck::Off).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_fhir);
 criterion_main!(benches);

@@ -94,7 +94,9 @@ fn bench_fhir(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(bytes.len() as u64));
     g.sample_size(10);
     g.bench_function("Observation.ndjson: parse, flatten, map", |b| {
-        b.iter(|| fhir::load(ctx.path, black_box(&bytes), false, &ctx, PatientCheck::Off).unwrap())
+        b.iter(|| {
+            fhir::load_ndjson(ctx.path, black_box(&bytes[..]), &ctx, PatientCheck::Off).unwrap()
+        })
     });
     g.finish();
 }

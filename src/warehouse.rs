@@ -271,6 +271,9 @@ pub struct FileState {
     /// FHIR resources of types Ward does not load.
     #[serde(default)]
     pub rows_skipped: u64,
+    /// Skipped FHIR resources per resource type.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub skipped_by_type: BTreeMap<String, u64>,
     /// When it was loaded (UTC, RFC 3339).
     pub loaded_at: String,
 }
@@ -320,6 +323,7 @@ mod tests {
                 rows_accepted: 0,
                 rows_rejected: 1,
                 rows_skipped: 0,
+                skipped_by_type: BTreeMap::new(),
                 loaded_at: "t".into(),
             },
         );

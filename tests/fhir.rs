@@ -236,6 +236,10 @@ this is not json
         .unwrap()
         .value(0);
     assert!(dnp);
+    assert_eq!(
+        obs.skipped_by_type,
+        BTreeMap::from([("Claim".to_string(), 1)])
+    );
     // Reconciliation for every loaded file.
     for f in report
         .files
@@ -417,4 +421,61 @@ fn cms165_test_deck_bundles_load_without_rejects() {
             "{table}: {resources_by:?}"
         );
     }
+}
+
+#[test]
+fn ward_run_loads_a_config_mixing_csv_and_fhir_providers() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    let nd = dir.path().join("fhir_export");
+    fs::create_dir_all(&nd).unwrap();
+    fs::write(
+        nd.join("Patient.ndjson"),
+        "{\"resourceType\":\"Patient\",\"id\":\"f1\",\"gender\":\"female\",\"birthDate\":\"1970-05-06\"}\n",
+    )
+    .unwrap();
+    fs::write(
+        nd.join("Observation.ndjson"),
+        "{\"resourceType\":\"Observation\",\"id\":\"a1\",\"status\":\"final\",\"subject\":{\"reference\":\"Patient/f1\"},\
+          \"effectiveDateTime\":\"2025-06-01\",\"code\":{\"coding\":[{\"system\":\"http://loinc.org\",\"code\":\"59261-8\"}]},\
+          \"valueQuantity\":{\"value\":64,\"unit\":\"mmol/mol\"}}\n",
+    )
+    .unwrap();
+    let mut text = fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[[sources]]\nname = \"fhir_lab\"\nformat = \"fhir-ndjson\"\npath = \"{}\"\n",
+        nd.display()
+    ));
+    fs::write(&config, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ward"))
+        .args(["--config", config.to_str().unwrap(), "run"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("fhir_lab") && stdout.contains("northside_clinic"),
+        "{stdout}"
+    );
+    let o = read_dir_batches(&dir.path().join("wh/staging/observation/source=fhir_lab"));
+    assert_eq!(strings(&o, "unit"), [Some("%".to_string())]);
+    let v = o[0]
+        .column_by_name("value_num")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<datafusion::arrow::array::Float64Array>()
+        .unwrap()
+        .value(0);
+    assert!((v - 8.0).abs() < 0.01, "64 mmol/mol is 8.0 %: {v}");
+    assert!(
+        rows(&read_dir_batches(
+            &dir.path()
+                .join("wh/staging/observation/source=northside_clinic")
+        )) > 0
+    );
 }

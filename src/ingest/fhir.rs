@@ -10,6 +10,7 @@
 //! Resource types Ward does not load are counted as skipped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::BufRead;
 use std::path::Path;
 
 use chrono::NaiveDate;
@@ -28,6 +29,7 @@ use crate::schema::Table;
 const NDJSON_CHUNK: usize = 20_000;
 
 /// The rows one FHIR file produced.
+#[derive(Default)]
 pub struct FhirFile {
     /// Accepted rows per table.
     pub tables: Vec<(Table, Vec<RecordBatch>)>,
@@ -495,10 +497,12 @@ fn flatten(
 }
 
 impl Flat {
+    /// Adds one resource; `raw` is its text, kept for a reject.
     fn add(
         &mut self,
         line: u64,
         r: &Value,
+        raw: impl FnOnce() -> String,
         urls: &HashMap<String, String>,
         meds: &HashMap<String, Vec<(String, String)>>,
     ) {
@@ -509,7 +513,7 @@ impl Flat {
                 *self.skipped.entry(t).or_default() += 1;
             }
             Ok(Some(rows)) => {
-                self.raw.push(r.to_string());
+                self.raw.push(raw());
                 let raw = self.raw.len() - 1;
                 for row in rows {
                     let t = self.tables.entry(row.table).or_default();
@@ -524,7 +528,7 @@ impl Flat {
                 Some(refusal.path),
                 refusal.rule,
                 refusal.message,
-                r.to_string(),
+                raw(),
             ),
         }
     }
@@ -606,51 +610,38 @@ fn read_bundle(path: &Path, bytes: &[u8]) -> Result<Flat> {
         {
             r["id"] = Value::String(id.clone());
         }
-        flat.add(i as u64 + 1, &r, &urls, &meds);
+        flat.add(i as u64 + 1, &r, || r.to_string(), &urls, &meds);
     }
     Ok(flat)
 }
 
-/// Reads an NDJSON file in chunks of lines parsed in parallel.
-fn read_ndjson(bytes: &[u8]) -> Flat {
-    let lines: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
-    let mut flat = Flat::default();
+/// Parses and flattens one chunk of NDJSON lines (line number, bytes) in parallel.
+fn flatten_ndjson(chunk: &[(u64, Vec<u8>)]) -> Flat {
+    let parsed: Vec<std::result::Result<Value, String>> = chunk
+        .par_iter()
+        .map(|(_, l)| serde_json::from_slice::<Value>(l).map_err(|e| e.to_string()))
+        .collect();
+    let meds = medications(
+        parsed
+            .iter()
+            .filter_map(|r| r.as_ref().ok().map(|r| (r, None))),
+    );
     let no_urls = HashMap::new();
-    for (c, chunk) in lines.chunks(NDJSON_CHUNK).enumerate() {
-        let parsed: Vec<(u64, std::result::Result<Value, String>)> = chunk
-            .par_iter()
-            .enumerate()
-            .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
-            .map(|(i, l)| {
-                let line = (c * NDJSON_CHUNK + i + 1) as u64;
-                (
-                    line,
-                    serde_json::from_slice::<Value>(l).map_err(|e| e.to_string()),
-                )
-            })
-            .collect();
-        let meds = medications(
-            parsed
-                .iter()
-                .filter_map(|(_, r)| r.as_ref().ok().map(|r| (r, None))),
-        );
-        for (line, r) in parsed {
-            match r {
-                Ok(r) => flat.add(line, &r, &no_urls, &meds),
-                Err(e) => {
-                    flat.read += 1;
-                    let raw = String::from_utf8_lossy(lines[line as usize - 1])
-                        .chars()
-                        .take(2000)
-                        .collect();
-                    flat.reject(
-                        line,
-                        None,
-                        "not_json",
-                        format!("not a JSON resource: {e}"),
-                        raw,
-                    );
-                }
+    let mut flat = Flat::default();
+    for ((line, bytes), r) in chunk.iter().zip(parsed) {
+        let raw = || String::from_utf8_lossy(bytes).into_owned();
+        match r {
+            Ok(r) => flat.add(*line, &r, raw, &no_urls, &meds),
+            Err(e) => {
+                flat.read += 1;
+                let raw: String = raw().chars().take(2000).collect();
+                flat.reject(
+                    *line,
+                    None,
+                    "not_json",
+                    format!("not a JSON resource: {e}"),
+                    raw,
+                );
             }
         }
     }
@@ -689,26 +680,86 @@ pub enum PatientCheck<'a> {
     Off,
 }
 
-/// Maps one FHIR file (an NDJSON export file or a Bundle).
-pub fn load(
+/// Maps one Bundle file; its facts are checked against its own patients.
+pub fn load_bundle(path: &Path, bytes: &[u8], ctx: &RowContext) -> Result<FhirFile> {
+    let flat = read_bundle(path, bytes)?;
+    let mut out = FhirFile::default();
+    let mut tables = BTreeMap::new();
+    map_flat(path, flat, ctx, PatientCheck::Own, &mut out, &mut tables)?;
+    out.finish(tables);
+    Ok(out)
+}
+
+/// Maps one NDJSON export file, reading, parsing and mapping it in chunks of
+/// lines, so memory follows the chunk and the (compact) output, not the file.
+pub fn load_ndjson(
     path: &Path,
-    bytes: &[u8],
-    bundle: bool,
+    reader: impl BufRead,
     ctx: &RowContext,
     check: PatientCheck,
 ) -> Result<FhirFile> {
-    let mut flat = if bundle {
-        read_bundle(path, bytes)?
-    } else {
-        read_ndjson(bytes)
-    };
+    load_ndjson_in_chunks(path, reader, ctx, check, NDJSON_CHUNK)
+}
+
+fn load_ndjson_in_chunks(
+    path: &Path,
+    reader: impl BufRead,
+    ctx: &RowContext,
+    check: PatientCheck,
+    chunk_lines: usize,
+) -> Result<FhirFile> {
+    let mut out = FhirFile::default();
+    let mut tables = BTreeMap::new();
+    let mut lines = reader.split(b'\n');
+    let mut line = 0u64;
+    loop {
+        let mut chunk = Vec::with_capacity(chunk_lines);
+        while chunk.len() < chunk_lines {
+            let Some(next) = lines.next() else { break };
+            line += 1;
+            let bytes = next.map_err(|e| WardError::io("cannot read", path, e))?;
+            if !bytes.iter().all(u8::is_ascii_whitespace) {
+                chunk.push((line, bytes));
+            }
+        }
+        if chunk.is_empty() {
+            break;
+        }
+        map_flat(
+            path,
+            flatten_ndjson(&chunk),
+            ctx,
+            check,
+            &mut out,
+            &mut tables,
+        )?;
+    }
+    out.finish(tables);
+    Ok(out)
+}
+
+impl FhirFile {
+    fn finish(&mut self, tables: BTreeMap<Table, Vec<RecordBatch>>) {
+        self.tables = tables.into_iter().collect();
+        self.rejects.sort_by_key(|r| r.line);
+    }
+}
+
+/// Maps flattened resources into `out`; accepted rows go to `tables`.
+fn map_flat(
+    path: &Path,
+    mut flat: Flat,
+    ctx: &RowContext,
+    check: PatientCheck,
+    out: &mut FhirFile,
+    tables: &mut BTreeMap<Table, Vec<RecordBatch>>,
+) -> Result<()> {
     let formats = [DateFormat::new("iso").expect("iso")];
-    let mut out = FhirFile {
-        tables: Vec::new(),
-        rejects: std::mem::take(&mut flat.rejects),
-        read: flat.read,
-        skipped: std::mem::take(&mut flat.skipped),
-    };
+    out.rejects.append(&mut flat.rejects);
+    out.read += flat.read;
+    for (t, n) in std::mem::take(&mut flat.skipped) {
+        *out.skipped.entry(t).or_default() += n;
+    }
     let mut own_patients: HashMap<String, NaiveDate> = HashMap::new();
     let raw = &flat.raw;
     for (table, rows) in std::mem::take(&mut flat.tables) {
@@ -776,8 +827,49 @@ pub fn load(
         let mut seen = BTreeSet::new();
         out.rejects
             .extend(rejects.into_iter().filter(|r| seen.insert(r.line)));
-        out.tables.push((table, kept));
+        tables.entry(table).or_default().extend(kept);
     }
-    out.rejects.sort_by_key(|r| r.line);
-    Ok(out)
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_boundaries_do_not_change_the_result() {
+        let ndjson = br#"{"resourceType":"Patient","id":"p1","gender":"male","birthDate":"1950-01-01"}
+{"resourceType":"Observation","id":"o1","subject":{"reference":"Patient/p1"},"effectiveDateTime":"2025-01-01","code":{"coding":[{"system":"http://loinc.org","code":"85354-9"}]},"component":[{"code":{"coding":[{"system":"http://loinc.org","code":"8480-6"}]},"valueQuantity":{"value":120,"unit":"mmHg"}}]}
+not json
+
+{"resourceType":"Claim","id":"c1"}
+{"resourceType":"Observation","id":"o2","subject":{"reference":"Patient/p1"},"effectiveDateTime":"2025-01-02","code":{"coding":[{"system":"http://loinc.org","code":"4548-4"}]},"valueQuantity":{"value":7.2,"unit":"%"}}
+"#;
+        let ctx = RowContext {
+            path: Path::new("All.ndjson"),
+            source: "s",
+            file: "All.ndjson",
+            today: NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
+            patients: None,
+        };
+        let summary = |chunk: usize| {
+            let f = load_ndjson_in_chunks(ctx.path, &ndjson[..], &ctx, PatientCheck::Off, chunk)
+                .unwrap();
+            let rows: Vec<(Table, usize)> = f
+                .tables
+                .iter()
+                .map(|(t, b)| (*t, b.iter().map(RecordBatch::num_rows).sum()))
+                .collect();
+            let rejects: Vec<(u64, &str)> = f.rejects.iter().map(|r| (r.line, r.rule)).collect();
+            (f.read, f.skipped.clone(), rows, format!("{rejects:?}"))
+        };
+        let whole = summary(100);
+        assert_eq!(whole.0, 5);
+        assert_eq!(whole.1, BTreeMap::from([("Claim".to_string(), 1)]));
+        assert_eq!(whole.2, [(Table::Patient, 1), (Table::Observation, 3)]);
+        assert_eq!(whole.3, r#"[(3, "not_json")]"#);
+        for chunk in [1, 2, 3] {
+            assert_eq!(summary(chunk), whole, "chunks of {chunk} lines");
+        }
+    }
 }

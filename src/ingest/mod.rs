@@ -73,6 +73,8 @@ pub struct FileReport {
     pub rows_rejected: u64,
     /// FHIR resources of types Ward does not load.
     pub rows_skipped: u64,
+    /// Skipped FHIR resources per resource type.
+    pub skipped_by_type: BTreeMap<String, u64>,
     /// Rejected rows per rule (first failing rule of each row).
     pub rejects_by_rule: BTreeMap<String, u64>,
 }
@@ -187,8 +189,14 @@ struct Loaded {
     read: u64,
     /// Records accepted (a FHIR resource may fill several rows).
     accepted: u64,
-    /// FHIR resources of types Ward does not load.
-    skipped: u64,
+    /// FHIR resources of types Ward does not load, per type.
+    skipped: BTreeMap<String, u64>,
+}
+
+impl Loaded {
+    fn skipped_total(&self) -> u64 {
+        self.skipped.values().sum()
+    }
 }
 
 /// Runs ingest for every source of `config`.
@@ -259,6 +267,7 @@ pub fn ingest(
                 rows_accepted: 0,
                 rows_rejected: 0,
                 rows_skipped: 0,
+                skipped_by_type: BTreeMap::new(),
                 rejects_by_rule: BTreeMap::new(),
             };
         let sha = match sha {
@@ -425,6 +434,7 @@ pub fn ingest(
                 rows_accepted: f.rows_accepted,
                 rows_rejected: f.rows_rejected,
                 rows_skipped: f.rows_skipped,
+                skipped_by_type: f.skipped_by_type.clone(),
                 rejects_by_rule: BTreeMap::new(),
             });
         }
@@ -444,6 +454,7 @@ pub fn ingest(
             rows_accepted: 0,
             rows_rejected: 0,
             rows_skipped: 0,
+            skipped_by_type: BTreeMap::new(),
             rejects_by_rule: BTreeMap::new(),
         };
         match result {
@@ -456,7 +467,8 @@ pub fn ingest(
                 file_report.rows_read = loaded.read;
                 file_report.rows_accepted = loaded.accepted;
                 file_report.rows_rejected = loaded.rejects.len() as u64;
-                file_report.rows_skipped = loaded.skipped;
+                file_report.rows_skipped = loaded.skipped_total();
+                file_report.skipped_by_type = loaded.skipped.clone();
                 for r in &loaded.rejects {
                     *file_report
                         .rejects_by_rule
@@ -516,8 +528,8 @@ fn load_file(
     today: NaiveDate,
     patients: Option<&HashMap<String, NaiveDate>>,
 ) -> Result<Loaded> {
-    let bytes =
-        std::fs::read(&input.path).map_err(|e| WardError::io("cannot read", &input.path, e))?;
+    let read =
+        || std::fs::read(&input.path).map_err(|e| WardError::io("cannot read", &input.path, e));
     let mut ctx = RowContext {
         path: &input.path,
         source: &input.source.name,
@@ -527,8 +539,7 @@ fn load_file(
     };
     let loaded = match input.kind {
         FileKind::Csv(mapping, entry) => {
-            let text = csv::read(&input.path, &bytes, mapping)?;
-            drop(bytes);
+            let text = csv::read(&input.path, &read()?, mapping)?;
             let unused: Vec<&str> = text
                 .header
                 .iter()
@@ -547,17 +558,27 @@ fn load_file(
                 tables: vec![(entry.table, mapped.batches)],
                 rejects: mapped.rejects,
                 read: text.records(),
-                skipped: 0,
+                skipped: BTreeMap::new(),
             }
         }
         FileKind::Ndjson | FileKind::Bundle => {
-            let check = match input.kind {
-                FileKind::Bundle => fhir::PatientCheck::Own,
-                _ if ndjson_is_patients(&input.path) => fhir::PatientCheck::Off,
-                _ => patients.map_or(fhir::PatientCheck::Off, fhir::PatientCheck::Against),
+            let f = if let FileKind::Bundle = input.kind {
+                fhir::load_bundle(&input.path, &read()?, &ctx)?
+            } else {
+                let check = if ndjson_is_patients(&input.path) {
+                    fhir::PatientCheck::Off
+                } else {
+                    patients.map_or(fhir::PatientCheck::Off, fhir::PatientCheck::Against)
+                };
+                let file = std::fs::File::open(&input.path)
+                    .map_err(|e| WardError::io("cannot open", &input.path, e))?;
+                fhir::load_ndjson(
+                    &input.path,
+                    std::io::BufReader::with_capacity(1 << 20, file),
+                    &ctx,
+                    check,
+                )?
             };
-            let bundle = matches!(input.kind, FileKind::Bundle);
-            let f = fhir::load(&input.path, &bytes, bundle, &ctx, check)?;
             // Resources accepted: distinct lines (entries) among accepted rows.
             let mut lines = std::collections::BTreeSet::new();
             for (_, batches) in &f.tables {
@@ -572,7 +593,7 @@ fn load_file(
             }
             Loaded {
                 accepted: lines.len() as u64,
-                skipped: f.skipped_total(),
+                skipped: f.skipped,
                 read: f.read,
                 tables: f.tables,
                 rejects: f.rejects,
@@ -583,7 +604,7 @@ fn load_file(
         loaded.read,
         loaded.accepted,
         loaded.rejects.len() as u64,
-        loaded.skipped,
+        loaded.skipped_total(),
     );
     if accepted + rejected + skipped != read {
         return Err(WardError::Extract {
@@ -650,7 +671,8 @@ fn publish(
         rows_read: loaded.read,
         rows_accepted: loaded.accepted,
         rows_rejected: loaded.rejects.len() as u64,
-        rows_skipped: loaded.skipped,
+        rows_skipped: loaded.skipped_total(),
+        skipped_by_type: loaded.skipped.clone(),
         loaded_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     })
 }

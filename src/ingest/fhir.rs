@@ -226,6 +226,13 @@ fn do_not_perform(r: &Value) -> Option<String> {
     })
 }
 
+/// A resource's rows; `Ok(None)` for types Ward does not load.
+type Flattened = std::result::Result<Option<Vec<Row>>, Refusal>;
+
+fn resource_type(r: &Value) -> &str {
+    r["resourceType"].as_str().unwrap_or("?")
+}
+
 /// Flattens one resource; `Ok(None)` for types Ward does not load.
 fn flatten(
     r: &Value,
@@ -506,11 +513,21 @@ impl Flat {
         urls: &HashMap<String, String>,
         meds: &HashMap<String, Vec<(String, String)>>,
     ) {
+        self.push(line, resource_type(r), flatten(r, urls, meds), raw);
+    }
+
+    /// Adds one flattened resource.
+    fn push(
+        &mut self,
+        line: u64,
+        resource_type: &str,
+        flattened: Flattened,
+        raw: impl FnOnce() -> String,
+    ) {
         self.read += 1;
-        match flatten(r, urls, meds) {
+        match flattened {
             Ok(None) => {
-                let t = r["resourceType"].as_str().unwrap_or("?").to_string();
-                *self.skipped.entry(t).or_default() += 1;
+                *self.skipped.entry(resource_type.to_string()).or_default() += 1;
             }
             Ok(Some(rows)) => {
                 self.raw.push(raw());
@@ -627,12 +644,16 @@ fn flatten_ndjson(chunk: &[(u64, Vec<u8>)]) -> Flat {
             .filter_map(|r| r.as_ref().ok().map(|r| (r, None))),
     );
     let no_urls = HashMap::new();
+    let flattened: Vec<Option<Flattened>> = parsed
+        .par_iter()
+        .map(|r| r.as_ref().ok().map(|r| flatten(r, &no_urls, &meds)))
+        .collect();
     let mut flat = Flat::default();
-    for ((line, bytes), r) in chunk.iter().zip(parsed) {
+    for (((line, bytes), r), f) in chunk.iter().zip(&parsed).zip(flattened) {
         let raw = || String::from_utf8_lossy(bytes).into_owned();
-        match r {
-            Ok(r) => flat.add(*line, &r, raw, &no_urls, &meds),
-            Err(e) => {
+        match (r, f) {
+            (Ok(r), Some(f)) => flat.push(*line, resource_type(r), f, raw),
+            (Err(e), _) => {
                 flat.read += 1;
                 let raw: String = raw().chars().take(2000).collect();
                 flat.reject(
@@ -643,6 +664,7 @@ fn flatten_ndjson(chunk: &[(u64, Vec<u8>)]) -> Flat {
                     raw,
                 );
             }
+            (Ok(_), None) => unreachable!("every parsed resource is flattened"),
         }
     }
     flat

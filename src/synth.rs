@@ -66,6 +66,8 @@ enum Kind {
     Clinic,
     Hospital,
     Endo,
+    /// A reference laboratory: patients and lab results only.
+    Lab,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +76,8 @@ enum Layout {
     EmrA,
     /// Pipe CSV with BOM and CRLF, ISO dates, HbA1c in mmol/mol.
     HisB,
+    /// FHIR bulk export: Patient.ndjson and Observation.ndjson.
+    FhirNdjson,
 }
 
 /// File (table) slots of a provider, in write order.
@@ -95,6 +99,7 @@ impl Layout {
                 "medications.csv",
                 "procedures.csv",
             ],
+            Layout::FhirNdjson => ["Patient.ndjson", "", "", "Observation.ndjson", "", ""],
             Layout::HisB => [
                 "pat_demo.csv",
                 "enc.csv",
@@ -107,6 +112,7 @@ impl Layout {
     }
     fn headers(self) -> [&'static str; 6] {
         match self {
+            Layout::FhirNdjson => [""; 6],
             Layout::EmrA => [
                 "PatientID,MRN,FirstName,LastName,DOB,Sex,Race,Ethnicity,Street,City,State,Zip,Phone,Email,SSN,Insurance",
                 "VisitID,PatientID,VisitDate,VisitType,CPT,Status",
@@ -127,20 +133,25 @@ impl Layout {
     }
     fn delimiter(self) -> u8 {
         match self {
-            Layout::EmrA => b',',
+            Layout::EmrA | Layout::FhirNdjson => b',',
             Layout::HisB => b'|',
         }
     }
     fn line_end(self) -> &'static [u8] {
         match self {
-            Layout::EmrA => b"\n",
+            Layout::EmrA | Layout::FhirNdjson => b"\n",
             Layout::HisB => b"\r\n",
         }
     }
-    fn mapping_file(self) -> &'static str {
+    /// The source entry of the generated ward.toml.
+    fn source_config(self, name: &str) -> String {
+        let csv = |mapping: &str| {
+            format!("format = \"csv\"\npath = \"{name}/*.csv\"\nmapping = \"mappings/{mapping}\"\n")
+        };
         match self {
-            Layout::EmrA => "emr_a.toml",
-            Layout::HisB => "hospital_b.toml",
+            Layout::EmrA => csv("emr_a.toml"),
+            Layout::HisB => csv("hospital_b.toml"),
+            Layout::FhirNdjson => format!("format = \"fhir-ndjson\"\npath = \"{name}\"\n"),
         }
     }
 }
@@ -164,24 +175,26 @@ fn providers(k: usize) -> Vec<Provider> {
     ];
     const HOSPITALS: [&str; 3] = ["st_marys_hospital", "general_hospital", "mercy_hospital"];
     const ENDOS: [&str; 2] = ["lakeside_endo", "valley_endo"];
-    let (mut c, mut h, mut e) = (0, 0, 0);
+    const LABS: [&str; 2] = ["regional_lab", "metro_lab"];
+    let (mut c, mut h, mut e, mut l) = (0, 0, 0, 0);
     (0..k)
         .map(|i| {
-            let kind = [Kind::Clinic, Kind::Hospital, Kind::Endo][i % 3];
+            let kind = [Kind::Clinic, Kind::Hospital, Kind::Endo, Kind::Lab][i % 4];
             let (list, n): (&[&str], &mut usize) = match kind {
                 Kind::Clinic => (&CLINICS, &mut c),
                 Kind::Hospital => (&HOSPITALS, &mut h),
                 Kind::Endo => (&ENDOS, &mut e),
+                Kind::Lab => (&LABS, &mut l),
             };
             let name = match list.get(*n) {
                 Some(name) => name.to_string(),
                 None => format!("{}_{}", list[*n % list.len()], *n / list.len() + 1),
             };
             *n += 1;
-            let layout = if kind == Kind::Hospital {
-                Layout::HisB
-            } else {
-                Layout::EmrA
+            let layout = match kind {
+                Kind::Hospital => Layout::HisB,
+                Kind::Lab => Layout::FhirNdjson,
+                Kind::Clinic | Kind::Endo => Layout::EmrA,
             };
             let prefix = format!(
                 "{}{}",
@@ -486,6 +499,12 @@ fn row(fields: Vec<String>) -> Row {
 
 /// Encodes a row as CSV with the layout's delimiter and line end.
 fn encode(out: &mut Vec<u8>, fields: &[String], layout: Layout) -> u64 {
+    if layout == Layout::FhirNdjson {
+        // One resource (or one deliberately broken line) per line.
+        out.extend_from_slice(fields[0].as_bytes());
+        out.push(b'\n');
+        return 1;
+    }
     let d = layout.delimiter();
     let mut lines = 1;
     for (i, f) in fields.iter().enumerate() {
@@ -523,14 +542,14 @@ impl Ctx<'_> {
     fn date(&self, d: NaiveDate, layout: Layout) -> String {
         match layout {
             Layout::EmrA => d.format("%m/%d/%Y").to_string(),
-            Layout::HisB => d.format("%Y-%m-%d").to_string(),
+            Layout::HisB | Layout::FhirNdjson => d.format("%Y-%m-%d").to_string(),
         }
     }
     fn time(&self, d: NaiveDate, minutes: i64, layout: Layout) -> String {
         let t = d.and_hms_opt(0, 0, 0).expect("midnight") + Duration::minutes(minutes);
         match layout {
             Layout::EmrA => t.format("%m/%d/%Y %H:%M").to_string(),
-            Layout::HisB => t.format("%Y-%m-%dT%H:%M:%S").to_string(),
+            Layout::HisB | Layout::FhirNdjson => t.format("%Y-%m-%dT%H:%M:%S").to_string(),
         }
     }
 }
@@ -570,7 +589,11 @@ fn block(ctx: &Ctx, start: u64, end: u64) -> Block {
             chosen.push(r.random_range(0..k));
         }
         for pi in chosen {
-            let spid = person_records(ctx, &person, pi, &mut r, &mut b.rows[pi]);
+            let spid = if ctx.providers[pi].layout == Layout::FhirNdjson {
+                lab_records(ctx, &person, pi, &mut r, &mut b.rows[pi])
+            } else {
+                person_records(ctx, &person, pi, &mut r, &mut b.rows[pi])
+            };
             b.truth.push((pi, spid, p));
         }
         b.persons.push(person);
@@ -578,7 +601,8 @@ fn block(ctx: &Ctx, start: u64, end: u64) -> Block {
     b
 }
 
-/// Writes one person's records at one provider; returns the provider's patient id.
+/// Writes one person's records at one CSV provider (FHIR laboratories go
+/// through `lab_records`); returns the provider's patient id.
 fn person_records(
     ctx: &Ctx,
     p: &Person,
@@ -680,7 +704,7 @@ fn person_records(
             }
             .into(),
         ],
-        Layout::HisB => vec![
+        Layout::HisB | Layout::FhirNdjson => vec![
             spid.clone(),
             mrn,
             given.to_uppercase(),
@@ -721,6 +745,7 @@ fn person_records(
         Kind::Clinic => r.random_range(1..=4),
         Kind::Endo => r.random_range(2..=4),
         Kind::Hospital => r.random_range(1..=2),
+        Kind::Lab => unreachable!("laboratories are written by lab_records"),
     };
     let mut facts: [Vec<Row>; 6] = Default::default();
     let mut day_of_first_a1c_in_period = None;
@@ -751,7 +776,7 @@ fn person_records(
                 pick(r, &["99213", "99214", "99203", "99396"]).into(),
                 "completed".into(),
             ],
-            Layout::HisB => {
+            Layout::HisB | Layout::FhirNdjson => {
                 let stay = if class == "IMP" {
                     r.random_range(1440..7200)
                 } else {
@@ -781,7 +806,7 @@ fn person_records(
                     value,
                     unit.into(),
                 ],
-                Layout::HisB => vec![
+                Layout::HisB | Layout::FhirNdjson => vec![
                     spid.clone(),
                     eid.clone(),
                     at.clone(),
@@ -848,7 +873,7 @@ fn person_records(
                     "%",
                     &mut facts,
                 ),
-                Layout::HisB => obs(
+                Layout::HisB | Layout::FhirNdjson => obs(
                     "59261-8",
                     "Hemoglobin A1c IFCC",
                     format!("{:.0}", (pct - 2.152) / 0.09148),
@@ -867,7 +892,7 @@ fn person_records(
                     "mg/dL",
                     &mut facts,
                 ),
-                Layout::HisB => obs(
+                Layout::HisB | Layout::FhirNdjson => obs(
                     "2345-7",
                     "Glucose",
                     format!("{:.1}", mg_dl / normalize::GLUCOSE_MG_PER_MMOL),
@@ -900,7 +925,7 @@ fn person_records(
                         String::new(),
                         "active".into(),
                     ],
-                    Layout::HisB => vec![
+                    Layout::HisB | Layout::FhirNdjson => vec![
                         spid.clone(),
                         eid.clone(),
                         icd_hisb.into(),
@@ -957,7 +982,7 @@ fn person_records(
                         String::new(),
                         "active".into(),
                     ],
-                    Layout::HisB => vec![
+                    Layout::HisB | Layout::FhirNdjson => vec![
                         spid.clone(),
                         eid.clone(),
                         code.into(),
@@ -1027,6 +1052,168 @@ fn person_records(
             files[slot].push(fact);
             files[slot].extend(copy);
         }
+    }
+    spid
+}
+
+/// A reference laboratory's records of one person, as FHIR NDJSON lines:
+/// the Patient and HbA1c / glucose Observations. Returns the patient id.
+fn lab_records(
+    ctx: &Ctx,
+    p: &Person,
+    pi: usize,
+    r: &mut ChaCha8Rng,
+    files: &mut [Vec<Row>; 6],
+) -> String {
+    use serde_json::json;
+    let prov = &ctx.providers[pi];
+    let year = ctx.opts.year;
+    let spid = format!("{}{:07}", prov.prefix, p.id + 1);
+    let (city, state, _) = PLACES[p.place];
+    let mut patient = json!({
+        "resourceType": "Patient",
+        "id": spid,
+        "identifier": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]},
+                        "value": format!("L{}", 500_000 + p.id)}],
+        "name": [{"use": "official", "family": p.family, "given": [p.given]}],
+        "gender": if p.female { "female" } else { "male" },
+        "birthDate": p.birth.to_string(),
+        "address": [{"line": [p.street], "city": city, "state": state, "postalCode": p.zip}],
+        "extension": [
+            {"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
+             "extension": [{"url": "ombCategory", "valueCoding": {"system": "urn:oid:2.16.840.1.113883.6.238", "code": RACES[p.race].1}}]},
+            {"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity",
+             "extension": [{"url": "ombCategory", "valueCoding": {"system": "urn:oid:2.16.840.1.113883.6.238",
+                                                                  "code": if p.hispanic { "2135-2" } else { "2186-5" }}}]}
+        ]
+    });
+    let mut patient_rule = None;
+    if r.random_bool(ctx.opts.bad_rate) {
+        let rule = pick(r, &["unparseable_date", "required", "duplicate_row"]);
+        match rule {
+            "unparseable_date" => patient["birthDate"] = json!("1970-13-45"),
+            "required" => patient
+                .as_object_mut()
+                .expect("object")
+                .remove("birthDate")
+                .map(drop)
+                .unwrap_or(()),
+            _ => {}
+        }
+        patient_rule = Some(rule);
+    }
+    let line = patient.to_string();
+    match patient_rule {
+        Some("duplicate_row") => {
+            files[PATIENTS].push(row(vec![line.clone()]));
+            files[PATIENTS].push(Row {
+                fields: vec![line],
+                reject: Some("duplicate_row"),
+            });
+        }
+        rule => files[PATIENTS].push(Row {
+            fields: vec![line],
+            reject: rule,
+        }),
+    }
+    let orphaned = matches!(patient_rule, Some(rule) if rule != "duplicate_row");
+
+    let adult = year - p.birth.year() >= 18;
+    let tests = match (p.diabetic, adult) {
+        (true, _) => r.random_range(1..=3),
+        (false, true) if r.random_bool(0.1) => 1,
+        _ => 0,
+    };
+    let first_day = NaiveDate::from_ymd_opt(year - 1, 1, 1)
+        .expect("valid date")
+        .max(p.birth + Duration::days(1));
+    let last_day = NaiveDate::from_ymd_opt(if p.untested { year - 1 } else { year }, 12, 31)
+        .expect("valid date");
+    for n in 0..tests {
+        if last_day <= first_day {
+            break;
+        }
+        let day = first_day + Duration::days(r.random_range(0..(last_day - first_day).num_days()));
+        let glucose = p.diabetic && r.random_bool(0.3);
+        let (code, value, unit) = if glucose {
+            (
+                "2345-7",
+                format!(
+                    "{:.0}",
+                    normal(r, 8.0 * normalize::GLUCOSE_MG_PER_MMOL, 40.0).clamp(60.0, 450.0)
+                ),
+                "mg/dL",
+            )
+        } else {
+            let pct = if p.diabetic {
+                normal(r, p.a1c_mean, 0.4)
+            } else {
+                normal(r, 5.4, 0.35)
+            }
+            .clamp(4.0, 15.0);
+            ("4548-4", format!("{pct:.1}"), "%")
+        };
+        let mut obs = json!({
+            "resourceType": "Observation",
+            "id": format!("{spid}-o{n}"),
+            "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+            "subject": {"reference": format!("Patient/{spid}")},
+            "effectiveDateTime": format!("{day}T08:{:02}:00Z", r.random_range(0..60)),
+            "valueQuantity": {"value": value.parse::<f64>().expect("number"), "unit": unit, "system": "http://unitsofmeasure.org"}
+        });
+        if orphaned {
+            files[OBSERVATIONS].push(Row {
+                fields: vec![obs.to_string()],
+                reject: Some("unknown_patient"),
+            });
+            continue;
+        }
+        let mut rule = None;
+        if r.random_bool(ctx.opts.bad_rate) {
+            let chosen = pick(
+                r,
+                &[
+                    "not_json",
+                    "missing_subject",
+                    "unknown_patient",
+                    "unparseable_date",
+                    "implausible_value",
+                    "malformed_code",
+                    "duplicate_row",
+                ],
+            );
+            match chosen {
+                "missing_subject" => drop(obs.as_object_mut().expect("object").remove("subject")),
+                "unknown_patient" => {
+                    obs["subject"]["reference"] =
+                        json!(format!("Patient/ZZ{}", r.random_range(0..u32::MAX)))
+                }
+                "unparseable_date" => obs["effectiveDateTime"] = json!(format!("{}-31-31", year)),
+                "implausible_value" => {
+                    obs["valueQuantity"]["value"] = json!(if glucose { 5000.0 } else { 25.0 })
+                }
+                "malformed_code" => {
+                    obs["code"]["coding"][0]["code"] =
+                        json!(if glucose { "2345-6" } else { "4548-3" })
+                }
+                _ => {}
+            }
+            rule = Some(chosen);
+        }
+        let text = if rule == Some("not_json") {
+            format!("{{\"resourceType\": \"Observation\", \"id\": \"{spid}-o{n}\"")
+        } else {
+            obs.to_string()
+        };
+        if rule == Some("duplicate_row") {
+            files[OBSERVATIONS].push(row(vec![text.clone()]));
+        }
+        files[OBSERVATIONS].push(Row {
+            fields: vec![text],
+            reject: rule,
+        });
     }
     spid
 }
@@ -1102,11 +1289,11 @@ fn maybe_bad_fact(
         (Layout::EmrA, OBSERVATIONS) => (1, 3, Some(4)),
         (Layout::EmrA, MEDICATIONS) => (0, 3, Some(1)),
         (Layout::EmrA, PROCEDURES) => (0, 2, Some(3)),
-        (Layout::HisB, ENCOUNTERS) => (1, 2, None),
-        (Layout::HisB, CONDITIONS) => (0, 4, Some(2)),
-        (Layout::HisB, OBSERVATIONS) => (0, 2, Some(3)),
-        (Layout::HisB, MEDICATIONS) => (0, 4, Some(2)),
-        (Layout::HisB, PROCEDURES) => (0, 2, Some(4)),
+        (Layout::HisB | Layout::FhirNdjson, ENCOUNTERS) => (1, 2, None),
+        (Layout::HisB | Layout::FhirNdjson, CONDITIONS) => (0, 4, Some(2)),
+        (Layout::HisB | Layout::FhirNdjson, OBSERVATIONS) => (0, 2, Some(3)),
+        (Layout::HisB | Layout::FhirNdjson, MEDICATIONS) => (0, 4, Some(2)),
+        (Layout::HisB | Layout::FhirNdjson, PROCEDURES) => (0, 2, Some(4)),
         _ => unreachable!("fact slots only"),
     };
     let mut rules = vec![
@@ -1122,7 +1309,7 @@ fn maybe_bad_fact(
     }
     let value_col = match (layout, slot) {
         (Layout::EmrA, OBSERVATIONS) => Some(6),
-        (Layout::HisB, OBSERVATIONS) => Some(4),
+        (Layout::HisB | Layout::FhirNdjson, OBSERVATIONS) => Some(4),
         _ => None,
     };
     if value_col.is_some() {
@@ -1135,14 +1322,14 @@ fn maybe_bad_fact(
     let date_only = matches!(
         (layout, slot),
         (Layout::EmrA, CONDITIONS | MEDICATIONS | PROCEDURES)
-            | (Layout::HisB, CONDITIONS | MEDICATIONS)
+            | (Layout::HisB | Layout::FhirNdjson, CONDITIONS | MEDICATIONS)
     );
     let fmt = |d: NaiveDate| -> String {
         match (layout, date_only) {
             (Layout::EmrA, true) => d.format("%m/%d/%Y").to_string(),
             (Layout::EmrA, false) => d.format("%m/%d/%Y 10:00").to_string(),
-            (Layout::HisB, true) => d.format("%Y-%m-%d").to_string(),
-            (Layout::HisB, false) => d.format("%Y-%m-%dT10:00:00").to_string(),
+            (Layout::HisB | Layout::FhirNdjson, true) => d.format("%Y-%m-%d").to_string(),
+            (Layout::HisB | Layout::FhirNdjson, false) => d.format("%Y-%m-%dT10:00:00").to_string(),
         }
     };
     match rule {
@@ -1236,18 +1423,21 @@ pub fn synth(opts: &SynthOptions, progress: &ProgressBar) -> Result<SynthReport>
         opts.year + 1,
         y = opts.year
     );
-    let mut outs: Vec<Vec<Out>> = Vec::new();
+    let mut outs: Vec<Vec<Option<Out>>> = Vec::new();
     for prov in &providers {
         config.push_str(&format!(
-            "\n[[sources]]\nname = \"{}\"\nformat = \"csv\"\npath = \"{}/*.csv\"\nmapping = \"mappings/{}\"\n",
+            "\n[[sources]]\nname = \"{}\"\n{}",
             prov.name,
-            prov.name,
-            prov.layout.mapping_file()
+            prov.layout.source_config(&prov.name)
         ));
         let dir = out.join(&prov.name);
         fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
         let mut files = Vec::new();
         for (name, header) in prov.layout.files().iter().zip(prov.layout.headers()) {
+            if name.is_empty() {
+                files.push(None);
+                continue;
+            }
             let path = dir.join(name);
             let mut writer = BufWriter::with_capacity(
                 1 << 20,
@@ -1258,17 +1448,19 @@ pub fn synth(opts: &SynthOptions, progress: &ProgressBar) -> Result<SynthReport>
                     .write_all(b"\xEF\xBB\xBF")
                     .map_err(io("cannot write", &path))?;
             }
-            writer
-                .write_all(header.as_bytes())
-                .map_err(io("cannot write", &path))?;
-            writer
-                .write_all(prov.layout.line_end())
-                .map_err(io("cannot write", &path))?;
-            files.push(Out {
+            if !header.is_empty() {
+                writer
+                    .write_all(header.as_bytes())
+                    .map_err(io("cannot write", &path))?;
+                writer
+                    .write_all(prov.layout.line_end())
+                    .map_err(io("cannot write", &path))?;
+            }
+            files.push(Some(Out {
                 writer,
-                line: 2,
+                line: if header.is_empty() { 1 } else { 2 },
                 name: name.to_string(),
-            });
+            }));
         }
         outs.push(files);
     }
@@ -1312,7 +1504,12 @@ pub fn synth(opts: &SynthOptions, progress: &ProgressBar) -> Result<SynthReport>
             for (pi, files) in b.rows.into_iter().enumerate() {
                 let layout = providers[pi].layout;
                 for (slot, rows) in files.into_iter().enumerate() {
-                    let o = &mut outs[pi][slot];
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let o = outs[pi][slot]
+                        .as_mut()
+                        .expect("rows only for the layout's files");
                     buf.clear();
                     for row in rows {
                         if let Some(rule) = row.reject {
@@ -1352,7 +1549,7 @@ pub fn synth(opts: &SynthOptions, progress: &ProgressBar) -> Result<SynthReport>
             progress.inc(b.persons.len() as u64);
         }
     }
-    for o in outs.iter_mut().flatten() {
+    for o in outs.iter_mut().flatten().flatten() {
         o.writer.flush().map_err(io("cannot write", out))?;
     }
     for (w, p) in [

@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use crate::error::{Result, WardError};
 use crate::ingest::normalize;
+use crate::schema::valueset_code_schema;
 
 /// One value set, ready to write.
 #[derive(Debug, Clone, PartialEq)]
@@ -106,18 +107,12 @@ pub fn convert(inputs: &[PathBuf], out: &Path) -> Result<ConvertReport> {
         }
     }
     fs::create_dir_all(out).map_err(|e| WardError::io("cannot create", out, e))?;
+    let schema = valueset_code_schema();
+    let header: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     for vs in sets.values() {
         let path = out.join(format!("{}.csv", vs.oid));
         let mut w = csv::Writer::from_path(&path).map_err(|e| csv_error(&path, e))?;
-        w.write_record([
-            "valueset",
-            "name",
-            "version",
-            "code_system",
-            "code",
-            "display",
-        ])
-        .map_err(|e| csv_error(&path, e))?;
+        w.write_record(&header).map_err(|e| csv_error(&path, e))?;
         for (system, code, display) in &vs.codes {
             w.write_record([&vs.oid, &vs.name, &vs.version, system, code, display])
                 .map_err(|e| csv_error(&path, e))?;

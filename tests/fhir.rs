@@ -218,14 +218,7 @@ this is not json
     let c = read_dir_batches(&wh.join("staging/condition/source=bu"));
     assert_eq!(strings(&c, "source_patient_id"), [Some("aaa".into())]);
     assert_eq!(strings(&c, "code"), [Some("E11.9".into())]);
-    let codings = c[0]
-        .column_by_name("codings")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<datafusion::arrow::array::ListArray>()
-        .unwrap()
-        .value(0);
-    assert_eq!(codings.len(), 3);
+    assert_eq!(list_len(&c[0], "codings", 0), 3);
     let m = read_dir_batches(&wh.join("staging/medication/source=bu"));
     assert_eq!(strings(&m, "code"), [Some("860975".into())]);
     let dnp = m[0]
@@ -340,19 +333,7 @@ fn synthea_bulk_ndjson_and_bundles_match_an_independent_count() {
     let o = read_dir_batches(&wh.join("staging/observation/source=bundles"));
     let ids = strings(&o, "source_patient_id");
     let codes = strings(&o, "code");
-    let values: Vec<f64> = o
-        .iter()
-        .flat_map(|b| {
-            let a = b
-                .column_by_name("value_num")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<datafusion::arrow::array::Float64Array>()
-                .unwrap()
-                .clone();
-            (0..a.len()).map(move |i| a.value(i)).collect::<Vec<_>>()
-        })
-        .collect();
+    let values = f64s(&o, "value_num");
     let times: Vec<i64> = o
         .iter()
         .flat_map(|b| {
@@ -375,7 +356,7 @@ fn synthea_bulk_ndjson_and_bundles_match_an_independent_count() {
                 .unwrap()
                 .date_naive()
                 .to_string();
-            (day, format!("{:.2}", values[i]))
+            (day, format!("{:.2}", values[i].unwrap()))
         })
         .collect();
     got.sort();
@@ -464,13 +445,7 @@ fn ward_run_loads_a_config_mixing_csv_and_fhir_providers() {
     );
     let o = read_dir_batches(&dir.path().join("wh/staging/observation/source=fhir_lab"));
     assert_eq!(strings(&o, "unit"), [Some("%".to_string())]);
-    let v = o[0]
-        .column_by_name("value_num")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<datafusion::arrow::array::Float64Array>()
-        .unwrap()
-        .value(0);
+    let v = f64s(&o, "value_num")[0].unwrap();
     assert!((v - 8.0).abs() < 0.01, "64 mmol/mol is 8.0 %: {v}");
     assert!(
         rows(&read_dir_batches(

@@ -7,7 +7,6 @@ use std::fs;
 use std::path::Path;
 
 use common::*;
-use datafusion::arrow::array::{Array, Float64Array};
 use ward::ingest::FileStatus;
 use ward::schema::Table;
 
@@ -87,21 +86,7 @@ fn sample_values_are_normalized() {
     let codes = strings(&obs, "code");
     let units = strings(&obs, "unit");
     let sources = strings(&obs, "source");
-    let values: Vec<Option<f64>> = obs
-        .iter()
-        .flat_map(|b| {
-            let a = b
-                .column_by_name("value_num")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<Float64Array>()
-                .unwrap()
-                .clone();
-            (0..a.len())
-                .map(move |i| (!a.is_null(i)).then(|| a.value(i)))
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let values = f64s(&obs, "value_num");
     let mut ifcc = 0;
     for i in 0..codes.len() {
         match codes[i].as_deref() {
@@ -152,14 +137,11 @@ fn sample_values_are_normalized() {
         c.as_deref()
             .is_some_and(|c| c.starts_with('E') && !c.contains('.'))
     }));
-    let codings = cond[0]
-        .column_by_name("codings")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<datafusion::arrow::array::ListArray>()
-        .unwrap()
-        .value(0);
-    assert_eq!(codings.len(), 2, "ICD-10-CM and SNOMED CT");
+    assert_eq!(
+        list_len(&cond[0], "codings", 0),
+        2,
+        "ICD-10-CM and SNOMED CT"
+    );
 }
 
 #[test]

@@ -6,7 +6,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use chrono::NaiveDate;
-use datafusion::arrow::array::{Array, RecordBatch, StringArray, UInt64Array};
+use datafusion::arrow::array::{
+    Array, Float64Array, ListArray, RecordBatch, StringArray, UInt64Array,
+};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -150,4 +152,35 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
         }
     }
     out
+}
+
+/// Values of a Float64 column over all batches (None for nulls).
+pub fn f64s(batches: &[RecordBatch], column: &str) -> Vec<Option<f64>> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let a = b
+                .column_by_name(column)
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Float64Array>()
+                .unwrap()
+                .clone();
+            (0..a.len())
+                .map(move |i| (!a.is_null(i)).then(|| a.value(i)))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Number of items in a list column at one row of a batch.
+pub fn list_len(batch: &RecordBatch, column: &str, row: usize) -> usize {
+    batch
+        .column_by_name(column)
+        .unwrap()
+        .as_any()
+        .downcast_ref::<ListArray>()
+        .unwrap()
+        .value(row)
+        .len()
 }

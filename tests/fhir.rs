@@ -202,6 +202,13 @@ this is not json
     .collect();
     assert_eq!(got, expected);
 
+    // Messages name elements and rules, never values (the resource is in `raw`).
+    for m in strings(&b, "message").into_iter().flatten() {
+        assert!(
+            !m.contains("zzz") && !m.contains("nobody") && !m.contains("March"),
+            "{m}"
+        );
+    }
     // The blood-pressure panel: the panel row and one row per component.
     let o = read_dir_batches(&wh.join("staging/observation/source=nd"));
     assert_eq!(

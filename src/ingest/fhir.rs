@@ -177,7 +177,7 @@ fn reference(
         return Ok(Some(id.clone()));
     }
     if r.starts_with("urn:") {
-        return Err(format!("{r} is not an entry of this Bundle"));
+        return Err("the reference is not an entry of this Bundle".into());
     }
     let parts: Vec<&str> = r.split('/').collect();
     let id = match parts.iter().position(|p| *p == "_history") {

@@ -56,14 +56,6 @@ pub enum WardError {
     /// The warehouse state (manifest) is unreadable or inconsistent.
     #[error("warehouse state {}: {message}", path.display())]
     State { path: PathBuf, message: String },
-
-    /// One or more files of a run failed; the run's other work was published.
-    #[error("{failed} of {total} input files failed; first: {first}")]
-    FilesFailed {
-        failed: usize,
-        total: usize,
-        first: String,
-    },
 }
 
 impl WardError {

@@ -55,11 +55,6 @@ impl Warehouse {
             .join(format!("source={source}"))
     }
 
-    /// `staging/<table>`: every source's batches of one table.
-    pub fn staging_table_dir(&self, table: Table) -> PathBuf {
-        self.root.join("staging").join(table.name())
-    }
-
     /// `rejects/<source>`.
     pub fn rejects_dir(&self, source: &str) -> PathBuf {
         self.root.join("rejects").join(source)

@@ -62,6 +62,7 @@ impl TextTable {
     }
 
     /// The text of column `col` at row `row` (`None` when empty).
+    #[cfg(test)]
     pub fn cell(&self, col: usize, row: usize) -> Option<&str> {
         self.frame.columns()[col]
             .str()

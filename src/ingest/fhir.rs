@@ -41,13 +41,6 @@ pub struct FhirFile {
     pub skipped: BTreeMap<String, u64>,
 }
 
-impl FhirFile {
-    /// Resources skipped in all.
-    pub fn skipped_total(&self) -> u64 {
-        self.skipped.values().sum()
-    }
-}
-
 /// Flattened rows of one table, before mapping.
 #[derive(Default)]
 struct TableRows {

@@ -109,19 +109,6 @@ impl IngestReport {
             )
             .collect()
     }
-
-    /// Turns failures into an error, for callers that must fail the run.
-    pub fn into_result(self) -> Result<IngestReport> {
-        let failures = self.failures();
-        match failures.first() {
-            None => Ok(self),
-            Some(first) => Err(WardError::FilesFailed {
-                failed: failures.len(),
-                total: self.files.len() + self.source_failures.len(),
-                first: first.clone(),
-            }),
-        }
-    }
 }
 
 /// How a file is read.

@@ -50,7 +50,7 @@ enum Command {
     Run,
     /// Load new and changed extracts into staging.
     Ingest,
-    /// Check every extract against its mapping and report; write nothing.
+    /// Check every extract (against its mapping, or the FHIR rules) and report; write nothing.
     Validate,
     /// Value sets: convert FHIR ValueSet resources into queries/valuesets/.
     Valuesets {

@@ -77,7 +77,7 @@ def main():
     print(f"\n### {time.strftime('%Y-%m-%d')} — {args.patients:,} persons, {args.providers} providers (commit {commit})\n")
     print(f"Machine: {os.cpu_count()} cores ({cpu}), {mem} GiB RAM, {platform.system()} {platform.release()}; "
           f"duckdb {duckdb.__version__}, polars {polars.__version__}, python {platform.python_version()}.")
-    print(f"Extracts: {size_mb(data):.0f} MB CSV; staging: {size_mb(wh / 'staging'):.0f} MB Parquet.\n")
+    print(f"Extracts: {size_mb(data):.0f} MB (CSV and FHIR NDJSON); staging: {size_mb(wh / 'staging'):.0f} MB Parquet.\n")
     print("| stage | wall s | CPU s | CPU/wall | peak RSS MB | query s (in-process) |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -6,11 +6,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use chrono::NaiveDate;
-use datafusion::arrow::array::{
-    Array, Float64Array, ListArray, RecordBatch, StringArray, UInt64Array,
-};
+use datafusion::arrow::array::{Array, AsArray, ListArray, RecordBatch, StringArray};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::datatypes::{ArrowPrimitiveType, DataType, Float64Type, UInt64Type};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use indicatif::ProgressBar;
 use sha2::{Digest, Sha256};
@@ -104,20 +102,37 @@ pub fn strings(batches: &[RecordBatch], column: &str) -> Vec<Option<String>> {
         .collect()
 }
 
-pub fn u64s(batches: &[RecordBatch], column: &str) -> Vec<u64> {
+/// Values of a primitive column over all batches (None for nulls).
+pub fn primitives<T: ArrowPrimitiveType>(
+    batches: &[RecordBatch],
+    column: &str,
+) -> Vec<Option<T::Native>> {
     batches
         .iter()
         .flat_map(|b| {
             let a = b
                 .column_by_name(column)
                 .unwrap()
-                .as_any()
-                .downcast_ref::<UInt64Array>()
-                .unwrap()
+                .as_primitive::<T>()
                 .clone();
-            (0..a.len()).map(move |i| a.value(i)).collect::<Vec<_>>()
+            (0..a.len())
+                .map(move |i| (!a.is_null(i)).then(|| a.value(i)))
+                .collect::<Vec<_>>()
         })
         .collect()
+}
+
+/// Values of a non-null UInt64 column (line numbers).
+pub fn u64s(batches: &[RecordBatch], column: &str) -> Vec<u64> {
+    primitives::<UInt64Type>(batches, column)
+        .into_iter()
+        .map(Option::unwrap)
+        .collect()
+}
+
+/// Values of a Float64 column (None for nulls).
+pub fn f64s(batches: &[RecordBatch], column: &str) -> Vec<Option<f64>> {
+    primitives::<Float64Type>(batches, column)
 }
 
 /// (source, file, line, rule) of every reject in the warehouse, sorted.
@@ -152,25 +167,6 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
         }
     }
     out
-}
-
-/// Values of a Float64 column over all batches (None for nulls).
-pub fn f64s(batches: &[RecordBatch], column: &str) -> Vec<Option<f64>> {
-    batches
-        .iter()
-        .flat_map(|b| {
-            let a = b
-                .column_by_name(column)
-                .unwrap()
-                .as_any()
-                .downcast_ref::<Float64Array>()
-                .unwrap()
-                .clone();
-            (0..a.len())
-                .map(move |i| (!a.is_null(i)).then(|| a.value(i)))
-                .collect::<Vec<_>>()
-        })
-        .collect()
 }
 
 /// Number of items in a list column at one row of a batch.

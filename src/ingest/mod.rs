@@ -12,7 +12,7 @@ pub mod fhir;
 pub mod normalize;
 pub mod rows;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -337,8 +337,7 @@ pub fn ingest(
     progress.set_length(to_load.len() as u64);
 
     // Phase 1: patients.
-    let ctx_today = opts.today;
-    let patient_results = load_all(&to_load, ctx_today, &HashMap::new(), progress);
+    let patient_results = load_all(&to_load, opts.today, &HashMap::new(), progress);
 
     // Patient lookups and fingerprints per source.
     let mut lookups: HashMap<String, HashMap<String, NaiveDate>> = HashMap::new();
@@ -399,10 +398,10 @@ pub fn ingest(
         .filter(|i| needs_load(&state, i, fingerprints.get(&i.source.name)))
         .collect();
     progress.set_length((to_load.len() + fact_load.len()) as u64);
-    let fact_results = load_all(&fact_load, ctx_today, &lookups, progress);
+    let fact_results = load_all(&fact_load, opts.today, &lookups, progress);
 
     // Report and publish.
-    let loaded_names: Vec<(&str, &str)> = to_load
+    let loaded_names: HashSet<(&str, &str)> = to_load
         .iter()
         .chain(&fact_load)
         .map(|i| (i.source.name.as_str(), i.rel.as_str()))

@@ -134,6 +134,7 @@ struct Columns {
     birth_date: Option<usize>,
     code_system: Option<usize>,
     code: Option<usize>,
+    value_code_system: Option<usize>,
     codings: Option<usize>,
     value_num: Option<usize>,
     value_text: Option<usize>,
@@ -224,6 +225,7 @@ fn finish_plan<'a>(
         birth_date: ix("birth_date"),
         code_system: ix("code_system"),
         code: ix("code"),
+        value_code_system: ix("value_code_system"),
         codings: columns.iter().position(|c| c.kind == Kind::Codings),
         value_num: ix("value_num"),
         value_text: ix("value_text"),
@@ -550,12 +552,11 @@ fn map_row<'a>(
                     )
                 }),
             Kind::Code => {
-                let system_col = if target == "value_code" {
-                    "value_code_system"
+                let system_ix = if target == "value_code" {
+                    at.value_code_system
                 } else {
-                    "code_system"
+                    at.code_system
                 };
-                let system_ix = columns.iter().position(|c| c.name == system_col);
                 match system_ix.and_then(|i| cells[i].str()) {
                     Some(system) => normalize::code(system, v)
                         .map(Cell::Str)

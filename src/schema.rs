@@ -218,7 +218,8 @@ impl Table {
     /// The start and end columns of the fact's period, when it has one.
     pub fn period_columns(self) -> Option<(&'static str, &'static str)> {
         match self {
-            Table::Patient | Table::Observation | Table::Device => None,
+            Table::Patient | Table::Device => None,
+            Table::Observation => Some(("effective_time", "effective_end")),
             Table::ServiceRequest => Some(("occurrence_start", "occurrence_end")),
             Table::Coverage => Some(("start_date", "end_date")),
             Table::Encounter => Some(("start_time", "end_time")),
@@ -306,7 +307,7 @@ const CONDITION: [Column; 16] = [
     SOURCE_LINE,
 ];
 
-const OBSERVATION: [Column; 19] = [
+const OBSERVATION: [Column; 20] = [
     SOURCE,
     col("source_observation_id", Kind::Id),
     req("source_patient_id", Kind::Id),
@@ -322,6 +323,7 @@ const OBSERVATION: [Column; 19] = [
     col("value_code_system", Kind::CodeSystem),
     col("value_code", Kind::Id),
     req("effective_time", Kind::Timestamp),
+    col("effective_end", Kind::Timestamp),
     col("description", Kind::Text),
     col("panel_id", Kind::Id),
     SOURCE_FILE,

@@ -119,7 +119,7 @@ impl Layout {
                 "PatientID,VisitID,ICD10,Description,OnsetDate,ResolvedDate,Status",
                 "ResultID,PatientID,VisitID,ResultDate,LOINC,TestName,Result,Units",
                 "PatientID,RxNorm,DrugName,StartDate,StopDate,Status",
-                "PatientID,VisitID,ProcDate,CPT,Description",
+                "PatientID,VisitID,ProcDate,CodeSystem,Code,Description",
             ],
             Layout::HisB => [
                 "PAT_ID|MRN_NO|PAT_FIRST|PAT_LAST|BIRTH_DT|GENDER_CD|RACE_CD|ETHNIC_CD|ADDR1|CITY|ST|ZIP|PHONE_NO",
@@ -1017,17 +1017,22 @@ fn person_records(
     if p.eye_exam && prov.kind != Kind::Hospital {
         let day = NaiveDate::from_ymd_opt(year, r.random_range(1..=12), r.random_range(1..=28))
             .expect("valid date");
-        let (code, name) = pick(
+        // Coded as EMRs code the exam itself (SNOMED CT, in the eCQM "Retinal
+        // or Dilated Eye Exam" value set), sometimes with the CPT II report code.
+        let (system, code, name) = pick(
             r,
             &[
-                ("2022F", "Dilated retinal eye exam, interpreted"),
-                ("92014", "Ophthalmological services, established patient"),
+                ("SNOMED", "722161008", "Diabetic retinal eye exam"),
+                ("SNOMED", "314971001", "Camera fundoscopy"),
+                ("SNOMED", "410453006", "Binocular indirect ophthalmoscopy"),
+                ("CPT", "2022F", "Dilated retinal eye exam, interpreted"),
             ],
         );
         facts[PROCEDURES].push(row(vec![
             spid.clone(),
             String::new(),
             ctx.date(day, layout),
+            system.into(),
             code.into(),
             name.into(),
         ]));
@@ -1288,7 +1293,7 @@ fn maybe_bad_fact(
         (Layout::EmrA, CONDITIONS) => (0, 4, Some(2)),
         (Layout::EmrA, OBSERVATIONS) => (1, 3, Some(4)),
         (Layout::EmrA, MEDICATIONS) => (0, 3, Some(1)),
-        (Layout::EmrA, PROCEDURES) => (0, 2, Some(3)),
+        (Layout::EmrA, PROCEDURES) => (0, 2, Some(4)),
         (Layout::HisB | Layout::FhirNdjson, ENCOUNTERS) => (1, 2, None),
         (Layout::HisB | Layout::FhirNdjson, CONDITIONS) => (0, 4, Some(2)),
         (Layout::HisB | Layout::FhirNdjson, OBSERVATIONS) => (0, 2, Some(3)),

@@ -29,7 +29,7 @@ use crate::schema::Table;
 
 /// Version of the ingest state format and of ingest's rules: bumping it
 /// reloads every file on the next run.
-pub const INGEST_VERSION: u32 = 2;
+pub const INGEST_VERSION: u32 = 3;
 
 /// Paths and file operations of one warehouse.
 #[derive(Debug, Clone)]

@@ -157,6 +157,43 @@ fn choice_time(r: &Value, base: &str) -> (Option<String>, Option<String>) {
     (text(&p["start"]), text(&p["end"]))
 }
 
+/// The period a MedicationRequest covers, as the eCQM
+/// CumulativeMedicationDuration library computes it: it starts at the dosage
+/// bounds' start, else authoredOn, else the dispense validity start; it ends
+/// after the days supplied (expected supply duration times one plus the
+/// refills), else at the bounds' end, else it is unknown (`None`).
+fn medication_request_period(r: &Value) -> (Option<String>, Option<String>) {
+    let bounds = &r["dosageInstruction"][0]["timing"]["repeat"]["boundsPeriod"];
+    let dispense = &r["dispenseRequest"];
+    let start = text(&bounds["start"])
+        .or_else(|| text(&r["authoredOn"]))
+        .or_else(|| text(&dispense["validityPeriod"]["start"]));
+    let supply = &dispense["expectedSupplyDuration"];
+    let days_per_unit = match supply["code"].as_str().or(supply["unit"].as_str()) {
+        Some("d" | "day" | "days") => Some(1.0),
+        Some("wk" | "week" | "weeks") => Some(7.0),
+        Some("mo" | "month" | "months") => Some(30.0),
+        Some("a" | "year" | "years") => Some(365.0),
+        _ => None,
+    };
+    let refills = dispense["numberOfRepeatsAllowed"].as_f64().unwrap_or(0.0);
+    let days = supply["value"]
+        .as_f64()
+        .zip(days_per_unit)
+        .map(|(v, per)| v * per * (1.0 + refills));
+    let first_day = start
+        .as_deref()
+        .and_then(|s| s.get(..10))
+        .and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok());
+    let end = match (first_day, days) {
+        (Some(first), Some(days)) if days >= 1.0 => {
+            Some((first + chrono::Duration::days(days as i64 - 1)).to_string())
+        }
+        _ => text(&bounds["end"]),
+    };
+    (start, end)
+}
+
 /// Resolves a Reference to the referenced resource's id: `urn:uuid:` via
 /// the Bundle's fullUrls, `Type/id` (also inside an absolute URL) directly.
 fn reference(
@@ -344,7 +381,7 @@ fn flatten(
         }
         "Observation" => {
             let patient = subject(r, urls, "subject")?;
-            let (effective, _) = choice_time(r, "effective");
+            let (effective, effective_end) = choice_time(r, "effective");
             let effective = effective.or_else(|| text(&r["issued"]));
             let base = |codes: Vec<(String, String)>, value_of: &Value| {
                 let mut o = Row::new(Table::Observation);
@@ -355,6 +392,7 @@ fn flatten(
                 o.set("category", first_code(&r["category"]));
                 o.set_code(codes);
                 o.set("effective_time", effective.clone());
+                o.set("effective_end", effective_end.clone());
                 o.set("description", text(&r["code"]["text"]));
                 let q = &value_of["valueQuantity"];
                 o.set(
@@ -410,10 +448,7 @@ fn flatten(
             m.set_code(codes);
             m.set("description", text(&r["medicationCodeableConcept"]["text"]));
             let (start, end) = if rtype == "MedicationRequest" {
-                (
-                    text(&r["authoredOn"]),
-                    text(&r["dispenseRequest"]["validityPeriod"]["end"]),
-                )
+                medication_request_period(r)
             } else {
                 choice_time(r, "effective")
             };
@@ -674,9 +709,11 @@ fn fhir_label(column: &'static str) -> &'static str {
         "code" | "code_system" => "code",
         "onset_date" => "onset[x]",
         "abatement_date" => "abatement[x]",
-        "effective_time" => "effective[x]",
+        "effective_time" | "effective_end" => "effective[x]",
         "value_num" | "unit" => "valueQuantity",
-        "start_date" | "end_date" => "authoredOn|effective[x]|period",
+        "start_date" | "end_date" => {
+            "authoredOn|dosageInstruction|dispenseRequest|effective[x]|period"
+        }
         "performed_time" | "performed_end_time" => "performed[x]",
         "authored_time" => "authoredOn",
         "event_time" => "authoredOn|timing[x]",
@@ -886,5 +923,33 @@ not json
         for chunk in [1, 2, 3] {
             assert_eq!(summary(chunk), whole, "chunks of {chunk} lines");
         }
+    }
+
+    #[test]
+    fn medication_request_period_follows_cumulative_medication_duration() {
+        let period = |v: Value| medication_request_period(&v);
+        let days = serde_json::json!({"authoredOn": "2026-12-30T00:00:00.000+00:00",
+            "dispenseRequest": {"expectedSupplyDuration": {"value": 90, "code": "d"}}});
+        assert_eq!(
+            period(days),
+            (
+                Some("2026-12-30T00:00:00.000+00:00".into()),
+                Some("2027-03-29".into())
+            )
+        );
+        let refills = serde_json::json!({"authoredOn": "2025-01-01",
+            "dispenseRequest": {"numberOfRepeatsAllowed": 2,
+                                "expectedSupplyDuration": {"value": 1, "unit": "week"}}});
+        assert_eq!(period(refills).1.as_deref(), Some("2025-01-21"));
+        let bounds = serde_json::json!({"authoredOn": "2025-01-01",
+            "dosageInstruction": [{"timing": {"repeat": {"boundsPeriod": {"start": "2025-02-01", "end": "2025-03-01"}}}}]});
+        assert_eq!(
+            period(bounds),
+            (Some("2025-02-01".into()), Some("2025-03-01".into()))
+        );
+        // Nothing to compute a duration from: the end is unknown.
+        let bare = serde_json::json!({"authoredOn": "2025-01-01",
+            "dispenseRequest": {"validityPeriod": {"end": "2025-12-31"}}});
+        assert_eq!(period(bare), (Some("2025-01-01".into()), None));
     }
 }

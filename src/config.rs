@@ -27,6 +27,9 @@ pub struct PipelineConfig {
     /// Dates after this day are rejected as being in the future; `None`
     /// means the day the run starts.
     pub as_of: Option<NaiveDate>,
+    /// Directory of measure SQL, metadata and value sets (`queries = ...`);
+    /// `None` lets the caller choose (the binary uses the bundled `queries/`).
+    pub queries: Option<PathBuf>,
     /// The providers to load, in config order.
     pub sources: Vec<SourceConfig>,
 }
@@ -93,6 +96,7 @@ impl SourceConfig {
 struct RawConfig {
     warehouse: Spanned<String>,
     measurement_period: Option<Spanned<RawPeriod>>,
+    queries: Option<String>,
     #[serde(default)]
     ingest: RawIngest,
     sources: Option<Spanned<Vec<RawSource>>>,
@@ -223,6 +227,7 @@ impl PipelineConfig {
             warehouse: base.join(raw.warehouse.get_ref()),
             measurement_period,
             as_of: raw.ingest.as_of,
+            queries: raw.queries.map(|q| base.join(q)),
             sources,
         })
     }

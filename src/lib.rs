@@ -4,7 +4,8 @@
 //! mapping) are read, mapped to the canonical model ([`schema`]), validated
 //! and normalized by [`ingest`], and published as Parquet in the
 //! [`warehouse`]. Rows that fail a rule are kept as rejects with file, line,
-//! column and rule; read = accepted + rejected for every file.
+//! column and rule; read = accepted + rejected for every file. [`measure`]
+//! runs the SQL measures of `queries/` over the warehouse with DataFusion.
 //!
 //! The library never prints, exits or reads the environment; it logs through
 //! `tracing`. The `ward` binary is a thin layer over [`run`] and friends.
@@ -13,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod ingest;
 pub mod mapping;
+pub mod measure;
 pub mod schema;
 pub mod synth;
 pub mod valuesets;
@@ -22,14 +24,31 @@ pub use config::PipelineConfig;
 pub use error::{Result, WardError};
 pub use ingest::{IngestOptions, IngestReport};
 
-/// Runs every stage that exists, in order: today, ingest.
+/// What `ward run` did: the ingest report and the measures' results.
+#[derive(Debug)]
+pub struct RunReport {
+    pub ingest: IngestReport,
+    pub measures: Vec<measure::MeasureResult>,
+}
+
+/// Runs every stage that exists, in order: ingest, then every measure of
+/// `queries` for `period`, written to `marts/measure_patient/`.
 ///
-/// Returns the report even when some files failed (the rest is published);
-/// use [`IngestReport::failures`] to decide whether the run failed.
+/// Returns the report even when some files failed (the rest is published
+/// and measured); use [`IngestReport::failures`] to decide whether the run
+/// failed.
 pub fn run(
     config: &PipelineConfig,
     opts: &IngestOptions,
+    queries: &std::path::Path,
+    period: config::Period,
     progress: &indicatif::ProgressBar,
-) -> Result<IngestReport> {
-    ingest::ingest(config, opts, progress)
+) -> Result<RunReport> {
+    let ingest = ingest::ingest(config, opts, progress)?;
+    let defs = measure::catalog(queries)?;
+    let warehouse = warehouse::Warehouse::new(&config.warehouse);
+    let all: Vec<&measure::MeasureDef> = defs.iter().collect();
+    let measures = measure::run(&warehouse, queries, &all, period)?;
+    measure::write_marts(&warehouse, &measures)?;
+    Ok(RunReport { ingest, measures })
 }

@@ -16,6 +16,8 @@ use ward::{IngestOptions, PipelineConfig, WardError};
 const EXIT_CONFIG: u8 = 2;
 /// Exit code of a run that failed (some input could not be loaded).
 const EXIT_FAILED: u8 = 3;
+/// Exit code of a conformance check with a mismatching test case.
+const EXIT_MISMATCH: u8 = 1;
 
 /// Ward: provider extracts in, validated Parquet warehouse and population
 /// health measures out.
@@ -46,12 +48,41 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run every stage (the nightly job): today, ingest.
-    Run,
+    /// Run every stage (the nightly job): ingest, then every measure.
+    Run {
+        #[command(flatten)]
+        period: PeriodArgs,
+    },
     /// Load new and changed extracts into staging.
     Ingest,
     /// Check every extract (against its mapping, or the FHIR rules) and report; write nothing.
     Validate,
+    /// Run measures over the warehouse and write marts/measure_patient/.
+    Measure {
+        /// Measure id (repeatable); default: every measure.
+        #[arg(long = "measure", value_name = "ID")]
+        measures: Vec<String>,
+        #[command(flatten)]
+        period: PeriodArgs,
+    },
+    /// Measures: list the measures of queries/measures/.
+    Measures {
+        #[command(subcommand)]
+        action: MeasuresAction,
+    },
+    /// Check a measure against an eCQM test deck (one folder per case with a
+    /// Bundle and its expected MeasureReport); exits 1 on any mismatch.
+    Conformance {
+        /// The deck directory (e.g. ../shared/data/ecqm/CMS165/tests).
+        #[arg(long)]
+        deck: PathBuf,
+        /// Measure id.
+        #[arg(long)]
+        measure: String,
+        /// Scratch warehouse (emptied first). Default: a temporary directory.
+        #[arg(long)]
+        scratch: Option<PathBuf>,
+    },
     /// Value sets: convert FHIR ValueSet resources into queries/valuesets/.
     Valuesets {
         #[command(subcommand)]
@@ -78,6 +109,23 @@ enum Command {
         #[arg(long, default_value_t = 2025)]
         year: i32,
     },
+}
+
+/// The measurement period; default: the config's, else the previous calendar year.
+#[derive(clap::Args, Clone, Copy)]
+struct PeriodArgs {
+    /// First day of the measurement period (YYYY-MM-DD).
+    #[arg(long, requires = "period_end")]
+    period_start: Option<chrono::NaiveDate>,
+    /// Last day of the measurement period (YYYY-MM-DD).
+    #[arg(long, requires = "period_start")]
+    period_end: Option<chrono::NaiveDate>,
+}
+
+#[derive(Subcommand)]
+enum MeasuresAction {
+    /// One line per measure: id, title, version, improvement direction.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -168,23 +216,106 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::Conformance {
+        deck,
+        measure,
+        scratch,
+    } = &cli.command
+    {
+        let queries = resolve_queries(None);
+        let defs = ward::measure::catalog(&queries)?;
+        let def = ward::measure::select(&defs, std::slice::from_ref(measure))?[0];
+        let temp;
+        let scratch = match scratch {
+            Some(s) => s.clone(),
+            None => {
+                temp = tempfile::tempdir().context("creating a scratch directory")?;
+                temp.path().join("conformance")
+            }
+        };
+        let outcome = ward::measure::conformance::run(deck, def, &queries, &scratch)?;
+        print_conformance(&outcome, cli.quiet);
+        return Ok(if outcome.failures() == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(EXIT_MISMATCH)
+        });
+    }
+    if let Command::Measures {
+        action: MeasuresAction::List,
+    } = &cli.command
+    {
+        let configured = match &cli.config {
+            Some(path) => PipelineConfig::load(path)?.queries,
+            None => None,
+        };
+        let defs = ward::measure::catalog(&resolve_queries(configured.as_deref()))?;
+        print_measure_list(&defs);
+        return Ok(ExitCode::SUCCESS);
+    }
     let config_path = resolve_config(cli.config.as_deref())?;
     tracing::info!(config = %config_path.display(), "configuration");
     let config = PipelineConfig::load(&config_path)?;
+    let queries = resolve_queries(config.queries.as_deref());
+    let today = config
+        .as_of
+        .unwrap_or_else(|| chrono::Local::now().date_naive());
+    let period = |args: &PeriodArgs| -> anyhow::Result<ward::config::Period> {
+        let p = match (
+            args.period_start,
+            args.period_end,
+            config.measurement_period,
+        ) {
+            (Some(start), Some(end), _) => ward::config::Period { start, end },
+            (_, _, Some(p)) => p,
+            _ => {
+                let year = chrono::Datelike::year(&today) - 1;
+                ward::config::Period {
+                    start: chrono::NaiveDate::from_ymd_opt(year, 1, 1).expect("valid date"),
+                    end: chrono::NaiveDate::from_ymd_opt(year, 12, 31).expect("valid date"),
+                }
+            }
+        };
+        anyhow::ensure!(
+            p.start <= p.end,
+            "the measurement period starts after it ends"
+        );
+        Ok(p)
+    };
+    if let Command::Measure {
+        measures,
+        period: p,
+    } = &cli.command
+    {
+        let period = period(p)?;
+        let defs = ward::measure::catalog(&queries)?;
+        let chosen = ward::measure::select(&defs, measures)?;
+        let warehouse = ward::warehouse::Warehouse::new(&config.warehouse);
+        let results = ward::measure::run(&warehouse, &queries, &chosen, period)?;
+        ward::measure::write_marts(&warehouse, &results)?;
+        if !cli.quiet {
+            print_measures(&results);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let opts = IngestOptions {
-        today: config
-            .as_of
-            .unwrap_or_else(|| chrono::Local::now().date_naive()),
+        today,
         dry_run: matches!(cli.command, Command::Validate),
     };
     let progress = progress_bar(cli.quiet, "ingest", "files");
-    let report = match cli.command {
-        Command::Run => ward::run(&config, &opts, &progress)?,
-        _ => ward::ingest::ingest(&config, &opts, &progress)?,
+    let (report, measures) = match &cli.command {
+        Command::Run { period: p } => {
+            let run = ward::run(&config, &opts, &queries, period(p)?, &progress)?;
+            (run.ingest, Some(run.measures))
+        }
+        _ => (ward::ingest::ingest(&config, &opts, &progress)?, None),
     };
     progress.finish_and_clear();
     if !cli.quiet {
         print_summary(&report, opts.dry_run);
+        if let Some(m) = &measures {
+            print_measures(m);
+        }
     }
     let failures = report.failures();
     if failures.is_empty() {
@@ -223,6 +354,132 @@ fn resolve_config(given: Option<&Path>) -> anyhow::Result<PathBuf> {
         message: "no --config given, no ./ward.toml and no bundled sample config".into(),
     })
     .context("finding the configuration")
+}
+
+/// The queries directory: the config's `queries`, else `./queries`, else the
+/// bundled one.
+fn resolve_queries(configured: Option<&Path>) -> PathBuf {
+    if let Some(q) = configured {
+        return q.to_path_buf();
+    }
+    let local = PathBuf::from("queries");
+    if local.join("measures").is_dir() {
+        return local;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("queries")
+}
+
+fn print_measure_list(defs: &[ward::measure::MeasureDef]) {
+    let mut table = TextTable::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_header(vec!["id", "title", "version", "better", "steward"]);
+    for d in defs {
+        table.add_row(vec![
+            d.id.clone(),
+            d.title.clone(),
+            d.version.clone().unwrap_or_default(),
+            match d.improvement {
+                ward::measure::Improvement::Increase => "higher".into(),
+                ward::measure::Improvement::Decrease => "lower".to_string(),
+            },
+            d.steward.clone(),
+        ]);
+    }
+    println!("{table}");
+}
+
+fn print_measures(results: &[ward::measure::MeasureResult]) {
+    let Some(first) = results.first() else {
+        return;
+    };
+    println!(
+        "measures, period {} to {}; rate = numerator / (denominator - exclusions - exceptions)",
+        first.period.start, first.period.end
+    );
+    let mut table = TextTable::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "measure",
+        "initial pop.",
+        "denominator",
+        "exclusions",
+        "exceptions",
+        "numerator",
+        "rate",
+        "better",
+    ]);
+    for r in results {
+        let c = &r.counts;
+        table.add_row(vec![
+            r.def.id.clone(),
+            c.initial_population.to_string(),
+            c.denominator.to_string(),
+            c.denominator_exclusion.to_string(),
+            c.denominator_exception.to_string(),
+            c.numerator.to_string(),
+            c.rate()
+                .map_or_else(|| "-".into(), |x| format!("{:.1}%", x * 100.0)),
+            match r.def.improvement {
+                ward::measure::Improvement::Increase => "higher".into(),
+                ward::measure::Improvement::Decrease => "lower".into(),
+            },
+        ]);
+    }
+    println!("{table}");
+    for r in results.iter().filter(|r| !r.categories.is_empty()) {
+        let list: Vec<String> = r
+            .categories
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        println!(
+            "{} by {}: {}",
+            r.def.id,
+            r.def.category.as_deref().unwrap_or(""),
+            list.join(", ")
+        );
+    }
+}
+
+fn print_conformance(outcome: &ward::measure::conformance::Conformance, quiet: bool) {
+    let failures = outcome.failures();
+    if !quiet {
+        let mut table = TextTable::new();
+        table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+            "case",
+            "result",
+            "expected (IP/DEN/DENEX/DENEXCEP/NUM)",
+            "computed",
+            "rejected resources",
+        ]);
+        let counts = |m: &std::collections::BTreeMap<String, u64>| {
+            ward::measure::POPULATIONS
+                .iter()
+                .map(|p| m.get(*p).map_or("-".into(), u64::to_string))
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        for c in &outcome.cases {
+            table.add_row(vec![
+                c.name.clone(),
+                if c.passed() { "pass" } else { "FAIL" }.into(),
+                counts(&c.expected),
+                counts(&c.actual),
+                c.rejects
+                    .iter()
+                    .map(|(r, n)| format!("{r} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ]);
+        }
+        println!("{table}");
+    }
+    println!(
+        "conformance {}: {} of {} cases pass",
+        outcome.measure,
+        outcome.cases.len() - failures,
+        outcome.cases.len()
+    );
 }
 
 fn init_logging(cli: &Cli) {

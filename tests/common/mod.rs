@@ -102,6 +102,16 @@ pub fn strings(batches: &[RecordBatch], column: &str) -> Vec<Option<String>> {
         .collect()
 }
 
+/// Reads one Parquet file.
+pub fn read_parquet(path: &Path) -> Vec<RecordBatch> {
+    ParquetRecordBatchReaderBuilder::try_new(fs::File::open(path).unwrap())
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect()
+}
+
 /// Values of a primitive column over all batches (None for nulls).
 pub fn primitives<T: ArrowPrimitiveType>(
     batches: &[RecordBatch],

@@ -1,0 +1,147 @@
+-- Shared eCQM criteria, as views of person_id (one row per person who meets
+-- them) for the session's measurement period. They follow the QI-Core
+-- libraries the 2025 eCQMs use (Status, Hospice, PalliativeCare,
+-- AdvancedIllnessandFrailty), at day precision.
+--
+-- Ward conventions for data that FHIR would carry but CSV extracts often do
+-- not: a missing status counts as the "done" status (finished / final /
+-- completed / active), a missing end time makes a period a single moment,
+-- a missing category or verification status does not exclude a fact.
+
+-- Encounters that took place, with their days.
+CREATE VIEW encounter_done AS
+SELECT *, CAST(start_time AS DATE) AS start_day,
+       CAST(coalesce(end_time, start_time) AS DATE) AS end_day
+FROM encounter_vs
+WHERE coalesce(status, 'finished') = 'finished';
+
+-- Diagnoses that are not refuted or entered in error (Status.verified()).
+CREATE VIEW condition_verified AS
+SELECT * FROM condition_vs
+WHERE verification_status IS NULL
+   OR verification_status IN ('confirmed', 'unconfirmed', 'provisional', 'differential');
+
+-- Observations with a final result (assessments, laboratory tests, exams),
+-- with the day their effective time ends ("effective.latest()").
+CREATE VIEW observation_final AS
+SELECT *, CAST(effective_time AS DATE) AS start_day,
+       CAST(coalesce(effective_end, effective_time) AS DATE) AS end_day
+FROM observation_coding
+WHERE coalesce(status, 'final') IN ('final', 'amended', 'corrected');
+
+CREATE VIEW procedure_done AS
+SELECT *, CAST(performed_time AS DATE) AS start_day,
+       CAST(coalesce(performed_end_time, performed_time) AS DATE) AS end_day
+FROM procedure_vs
+WHERE coalesce(status, 'completed') = 'completed';
+
+-- Hospice care in any part of the period (Hospice."Has Hospice Services").
+CREATE VIEW hospice_person AS
+SELECT e.person_id FROM encounter_done e CROSS JOIN period p
+WHERE e.valueset = '2.16.840.1.113883.3.666.5.307'            -- Encounter Inpatient
+  AND e.discharge_disposition IN ('428361000124107', '428371000124100') -- discharged for hospice care
+  AND e.end_time IS NOT NULL AND CAST(e.end_time AS DATE) BETWEEN p.start_date AND p.end_date
+UNION
+SELECT e.person_id FROM encounter_done e CROSS JOIN period p
+WHERE e.valueset = '2.16.840.1.113883.3.464.1003.1003'        -- Hospice Encounter
+  AND e.start_day <= p.end_date AND e.end_day >= p.start_date
+UNION
+SELECT o.person_id FROM observation_final o CROSS JOIN period p
+WHERE o.coding_system = 'loinc' AND o.coding_code = '45755-6'  -- Hospice care [MDS]
+  AND o.value_code = '373066001'                               -- Yes
+  AND o.start_day <= p.end_date AND o.end_day >= p.start_date
+UNION
+SELECT s.person_id FROM service_request_vs s CROSS JOIN period p
+WHERE s.valueset = '2.16.840.1.113883.3.526.3.1584'            -- Hospice Care Ambulatory
+  AND coalesce(s.status, 'active') IN ('active', 'completed')
+  AND coalesce(s.intent, 'order') IN ('order', 'original-order', 'reflex-order', 'filler-order', 'instance-order')
+  AND s.do_not_perform IS NOT TRUE
+  AND s.authored_time >= p.start_ts AND s.authored_time < p.end_ts
+UNION
+SELECT r.person_id FROM procedure_done r CROSS JOIN period p
+WHERE r.valueset = '2.16.840.1.113883.3.526.3.1584'            -- Hospice Care Ambulatory
+  AND r.start_day <= p.end_date AND r.end_day >= p.start_date
+UNION
+SELECT c.person_id FROM condition_verified c CROSS JOIN period p
+WHERE c.valueset = '2.16.840.1.113883.3.464.1003.1165'         -- Hospice Diagnosis
+  AND c.prevalence_start <= p.end_date AND c.prevalence_end >= p.start_date;
+
+-- Palliative care in any part of the period (PalliativeCare).
+CREATE VIEW palliative_person AS
+SELECT o.person_id FROM observation_final o CROSS JOIN period p
+WHERE o.coding_system = 'loinc' AND o.coding_code = '71007-9'  -- FACIT-Pal
+  AND o.start_day <= p.end_date AND o.end_day >= p.start_date
+UNION
+SELECT c.person_id FROM condition_verified c CROSS JOIN period p
+WHERE c.valueset = '2.16.840.1.113883.3.464.1003.1167'         -- Palliative Care Diagnosis
+  AND c.prevalence_start <= p.end_date AND c.prevalence_end >= p.start_date
+UNION
+SELECT e.person_id FROM encounter_done e CROSS JOIN period p
+WHERE e.valueset = '2.16.840.1.113883.3.464.1003.101.12.1090'  -- Palliative Care Encounter
+  AND e.start_day <= p.end_date AND e.end_day >= p.start_date
+UNION
+SELECT r.person_id FROM procedure_done r CROSS JOIN period p
+WHERE r.valueset = '2.16.840.1.113883.3.464.1003.198.12.1135'  -- Palliative Care Intervention
+  AND r.start_day <= p.end_date AND r.end_day >= p.start_date;
+
+-- An indication of frailty in any part of the period
+-- (AdvancedIllnessandFrailty."Has Criteria Indicating Frailty").
+CREATE VIEW frailty_person AS
+SELECT d.person_id FROM device_vs d CROSS JOIN period p
+WHERE d.valueset = '2.16.840.1.113883.3.464.1003.118.12.1300'  -- Frailty Device (ordered)
+  AND coalesce(d.resource_type, 'devicerequest') = 'devicerequest'
+  AND coalesce(d.status, 'active') IN ('active', 'completed')
+  AND coalesce(d.intent, 'order') IN ('order', 'original-order', 'reflex-order', 'filler-order', 'instance-order')
+  AND d.do_not_perform IS NOT TRUE
+  AND d.event_time >= p.start_ts AND d.event_time < p.end_ts
+UNION
+SELECT o.person_id FROM observation_final o
+JOIN valueset_code v ON v.valueset = '2.16.840.1.113883.3.464.1003.118.12.1300'
+  AND v.code_system = o.value_code_system AND v.code = o.value_code
+CROSS JOIN period p
+WHERE o.coding_system = 'loinc' AND o.coding_code = '98181-1'  -- Medical equipment used
+  AND o.end_day BETWEEN p.start_date AND p.end_date
+UNION
+SELECT c.person_id FROM condition_verified c CROSS JOIN period p
+WHERE c.valueset = '2.16.840.1.113883.3.464.1003.113.12.1074'  -- Frailty Diagnosis
+  AND c.prevalence_start <= p.end_date AND c.prevalence_end >= p.start_date
+UNION
+SELECT e.person_id FROM encounter_done e CROSS JOIN period p
+WHERE e.valueset = '2.16.840.1.113883.3.464.1003.101.12.1088'  -- Frailty Encounter
+  AND e.start_day <= p.end_date AND e.end_day >= p.start_date
+UNION
+SELECT o.person_id FROM observation_vs o CROSS JOIN period p
+WHERE o.valueset = '2.16.840.1.113883.3.464.1003.113.12.1075'  -- Frailty Symptom
+  AND coalesce(o.status, 'final') IN ('preliminary', 'final', 'amended', 'corrected')
+  AND CAST(o.effective_time AS DATE) <= p.end_date
+  AND CAST(coalesce(o.effective_end, o.effective_time) AS DATE) >= p.start_date;
+
+-- Advanced illness diagnosed in the period or the year before.
+CREATE VIEW advanced_illness_person AS
+SELECT c.person_id FROM condition_verified c CROSS JOIN period p
+WHERE c.valueset = '2.16.840.1.113883.3.464.1003.110.12.1082'  -- Advanced Illness
+  AND c.prevalence_start BETWEEN CAST(p.start_date - INTERVAL '1 year' AS DATE) AND p.end_date;
+
+-- Dementia medication active in the period or the year before. A request
+-- whose duration is unknown counts for its first day.
+CREATE VIEW dementia_medication_person AS
+SELECT m.person_id FROM medication_vs m CROSS JOIN period p
+WHERE m.valueset = '2.16.840.1.113883.3.464.1003.196.12.1510'  -- Dementia Medications
+  AND coalesce(m.resource_type, 'medicationrequest') = 'medicationrequest'
+  AND coalesce(m.status, 'active') = 'active'
+  AND coalesce(m.intent, 'order') IN ('order', 'original-order', 'reflex-order', 'filler-order', 'instance-order')
+  AND m.do_not_perform IS NOT TRUE
+  AND m.start_date <= p.end_date
+  AND coalesce(m.end_date, m.start_date) >= CAST(p.start_date - INTERVAL '1 year' AS DATE);
+
+-- Living long term in a nursing home: the most recent housing-status
+-- assessment on or before the end of the period says so.
+CREATE VIEW nursing_home_person AS
+SELECT person_id FROM (
+  SELECT o.person_id, o.value_code,
+         row_number() OVER (PARTITION BY o.person_id
+                            ORDER BY o.end_day DESC, o.effective_time DESC, o.source_file, o.source_line DESC) AS k
+  FROM observation_final o CROSS JOIN period p
+  WHERE o.coding_system = 'loinc' AND o.coding_code = '71802-3'  -- Housing status
+    AND o.end_day <= p.end_date
+) WHERE k = 1 AND value_code = '160734000';                     -- Lives in nursing home

@@ -1,0 +1,302 @@
+//! Conformance against an eCQM test deck (a MADiE export): one folder per
+//! test case holding a FHIR Bundle of the patient's record and the expected
+//! individual MeasureReport. Every case is loaded through the normal FHIR
+//! ingest into a scratch warehouse (the patient ids keep cases apart), the
+//! measure runs once per distinct reporting period, and every population
+//! count of every case is compared.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use chrono::NaiveDate;
+use serde_json::Value;
+
+use super::{MeasureDef, POPULATIONS};
+use crate::config::{Period, PipelineConfig, SourceConfig, SourceFormat};
+use crate::error::{Result, WardError};
+use crate::ingest::{self, FileStatus, IngestOptions};
+use crate::warehouse::Warehouse;
+
+/// One test case's outcome.
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    /// The case's name from the deck's README (or its folder name).
+    pub name: String,
+    pub folder: String,
+    pub period: Period,
+    /// Expected and computed count per population column name.
+    pub expected: BTreeMap<String, u64>,
+    pub actual: BTreeMap<String, u64>,
+    /// Rejected resources of the case's bundle, by rule (they may explain a
+    /// failure).
+    pub rejects: BTreeMap<String, u64>,
+}
+
+impl CaseResult {
+    pub fn passed(&self) -> bool {
+        self.expected
+            .iter()
+            .all(|(p, n)| self.actual.get(p).copied().unwrap_or(0) == *n)
+    }
+}
+
+/// The deck's outcome.
+#[derive(Debug, Clone)]
+pub struct Conformance {
+    pub measure: String,
+    pub cases: Vec<CaseResult>,
+}
+
+impl Conformance {
+    pub fn failures(&self) -> usize {
+        self.cases.iter().filter(|c| !c.passed()).count()
+    }
+}
+
+struct Case {
+    folder: String,
+    bundle: PathBuf,
+    patient: String,
+    period: Period,
+    expected: BTreeMap<String, u64>,
+    description: Option<String>,
+}
+
+/// Runs `def` against every case of `deck`, using `scratch` as the
+/// warehouse (it is emptied first).
+pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Result<Conformance> {
+    let cases = read_deck(deck)?;
+    let names = case_names(deck);
+    if scratch.exists() {
+        fs::remove_dir_all(scratch).map_err(|e| WardError::io("cannot empty", scratch, e))?;
+    }
+    let input = scratch.join("input");
+    fs::create_dir_all(&input).map_err(|e| WardError::io("cannot create", &input, e))?;
+    for case in &cases {
+        let to = input.join(format!("{}.json", case.folder));
+        fs::copy(&case.bundle, &to).map_err(|e| WardError::io("cannot copy", &case.bundle, e))?;
+    }
+    let config = PipelineConfig {
+        path: scratch.join("conformance.toml"),
+        warehouse: scratch.join("warehouse"),
+        measurement_period: None,
+        as_of: None,
+        queries: Some(queries.to_path_buf()),
+        sources: vec![SourceConfig {
+            name: "deck".into(),
+            format: SourceFormat::FhirBundle,
+            pattern: input.join("*.json").to_string_lossy().into_owned(),
+            mapping: None,
+        }],
+    };
+    // Test decks are dated around their measurement period, often in the
+    // future: no date is "future" here.
+    let opts = IngestOptions {
+        today: NaiveDate::from_ymd_opt(9999, 12, 31).expect("valid date"),
+        dry_run: false,
+    };
+    let report = ingest::ingest(&config, &opts, &indicatif::ProgressBar::hidden())?;
+    let mut rejects: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for f in &report.files {
+        if f.status == FileStatus::Failed {
+            return Err(WardError::Data {
+                context: "loading a test case",
+                path: input.join(&f.file),
+                message: f.detail.clone().unwrap_or_default(),
+            });
+        }
+        let folder = f.file.trim_end_matches(".json").to_string();
+        rejects.insert(folder, f.rejects_by_rule.clone());
+    }
+
+    let warehouse = Warehouse::new(&config.warehouse);
+    let periods: BTreeSet<(NaiveDate, NaiveDate)> = cases
+        .iter()
+        .map(|c| (c.period.start, c.period.end))
+        .collect();
+    let mut results = Vec::new();
+    for (start, end) in periods {
+        let period = Period { start, end };
+        let outcome = super::run(&warehouse, queries, &[def], period)?;
+        let members = outcome[0].memberships();
+        for case in cases.iter().filter(|c| c.period == period) {
+            let flags = members
+                .get(&format!("deck/{}", case.patient))
+                .copied()
+                .unwrap_or_default();
+            let actual = POPULATIONS
+                .iter()
+                .zip(flags)
+                .map(|(p, f)| (p.to_string(), u64::from(f)))
+                .collect();
+            results.push(CaseResult {
+                name: names
+                    .get(&case.folder)
+                    .cloned()
+                    .or_else(|| case.description.clone())
+                    .unwrap_or_else(|| case.folder.clone()),
+                folder: case.folder.clone(),
+                period,
+                expected: case.expected.clone(),
+                actual,
+                rejects: rejects.remove(&case.folder).unwrap_or_default(),
+            });
+        }
+    }
+    results.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Conformance {
+        measure: def.id.clone(),
+        cases: results,
+    })
+}
+
+/// Case folder → name, from the deck's `README.txt`
+/// (`Case # 12 - <uuid> = <name>`).
+fn case_names(deck: &Path) -> BTreeMap<String, String> {
+    let text = fs::read_to_string(deck.join("README.txt")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("Case #")?;
+            let (_, rest) = rest.split_once(" - ")?;
+            let (id, name) = rest.split_once(" = ")?;
+            Some((id.trim().to_string(), name.trim().to_string()))
+        })
+        .collect()
+}
+
+fn read_deck(deck: &Path) -> Result<Vec<Case>> {
+    let entries = fs::read_dir(deck).map_err(|e| WardError::io("cannot read", deck, e))?;
+    let mut folders: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    folders.sort();
+    let mut cases = Vec::new();
+    for folder in folders {
+        if let Some(case) = read_case(&folder)? {
+            cases.push(case);
+        }
+    }
+    if cases.is_empty() {
+        return Err(WardError::Config {
+            path: deck.to_path_buf(),
+            line: None,
+            column: None,
+            key: Some("--deck".into()),
+            message: "no test case found (expected one folder per case holding a Bundle \
+                      with the expected MeasureReport)"
+                .into(),
+        });
+    }
+    Ok(cases)
+}
+
+/// Reads a case folder: the Bundle and the expected MeasureReport (inside
+/// the Bundle or beside it). `None` when the folder holds no Bundle.
+fn read_case(folder: &Path) -> Result<Option<Case>> {
+    let bad = |path: &Path, message: String| WardError::Data {
+        context: "reading a test case",
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut files: Vec<PathBuf> = fs::read_dir(folder)
+        .map_err(|e| WardError::io("cannot read", folder, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    let mut bundle = None;
+    let mut reports = Vec::new();
+    for file in files {
+        let bytes = fs::read(&file).map_err(|e| WardError::io("cannot read", &file, e))?;
+        let json: Value =
+            serde_json::from_slice(&bytes).map_err(|e| bad(&file, format!("not JSON: {e}")))?;
+        match json["resourceType"].as_str() {
+            Some("Bundle") => {
+                for e in json["entry"].as_array().into_iter().flatten() {
+                    if e["resource"]["resourceType"] == "MeasureReport" {
+                        reports.push(e["resource"].clone());
+                    }
+                }
+                if bundle.is_some() {
+                    return Err(bad(folder, "more than one Bundle in a case folder".into()));
+                }
+                bundle = Some((file, json));
+            }
+            Some("MeasureReport") => reports.push(json),
+            _ => {}
+        }
+    }
+    let Some((bundle, json)) = bundle else {
+        return Ok(None);
+    };
+    let report = reports
+        .into_iter()
+        .next()
+        .ok_or_else(|| bad(folder, "no expected MeasureReport".into()))?;
+    let patient = json["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["resource"]["resourceType"] == "Patient")
+        .and_then(|e| e["resource"]["id"].as_str())
+        .ok_or_else(|| bad(&bundle, "the Bundle has no Patient with an id".into()))?
+        .to_string();
+    let date = |key: &str| {
+        report["period"][key]
+            .as_str()
+            .and_then(|s| s.get(..10))
+            .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
+            .ok_or_else(|| bad(&bundle, format!("MeasureReport.period.{key} is not a date")))
+    };
+    let period = Period {
+        start: date("start")?,
+        end: date("end")?,
+    };
+    let groups = report["group"].as_array().map_or(0, Vec::len);
+    if groups != 1 {
+        return Err(bad(
+            &bundle,
+            format!("the MeasureReport has {groups} groups; Ward measures have one"),
+        ));
+    }
+    let mut expected = BTreeMap::new();
+    for p in report["group"][0]["population"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let code = p["code"]["coding"][0]["code"].as_str().unwrap_or_default();
+        let column = code.replace('-', "_");
+        if !POPULATIONS.contains(&column.as_str()) {
+            return Err(bad(
+                &bundle,
+                format!("population '{code}' is not supported"),
+            ));
+        }
+        expected.insert(column, p["count"].as_u64().unwrap_or(0));
+    }
+    let description = report["extension"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| {
+            e["url"]
+                .as_str()
+                .is_some_and(|u| u.ends_with("cqfm-testCaseDescription"))
+        })
+        .and_then(|e| e["valueMarkdown"].as_str())
+        .map(str::to_string);
+    Ok(Some(Case {
+        folder: folder
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        bundle,
+        patient,
+        period,
+        expected,
+        description,
+    }))
+}

@@ -1,0 +1,423 @@
+//! Measures: SQL files in `queries/measures/` run by DataFusion over the
+//! warehouse for a measurement period, one Parquet file of per-person
+//! results each under `marts/measure_patient/`.
+//!
+//! A measure is `<name>.toml` (metadata, [`MeasureDef`]) beside `<name>.sql`.
+//! The query sees the tables described in [`session`] and returns one row per
+//! person of the initial population with the boolean criteria
+//! `initial_population`, `denominator`, `denominator_exclusion`, `numerator`
+//! and optionally `denominator_exception`, plus any detail columns. Ward then
+//! applies proportion scoring once, here, for every measure: a person is in
+//! the denominator only if in the initial population, excluded only if in the
+//! denominator, in the numerator only if in the denominator and not excluded,
+//! and excepted only if in the denominator, not excluded and not in the
+//! numerator. Criteria are NULL-safe (NULL is false).
+
+pub mod conformance;
+mod session;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::prelude::SessionContext;
+use serde::Deserialize;
+
+use crate::config::{Period, load_toml};
+use crate::error::{Result, WardError};
+use crate::warehouse::Warehouse;
+
+pub use session::PREVALENCE_END;
+
+/// The population criteria columns, in report order.
+pub const POPULATIONS: [&str; 5] = [
+    "initial_population",
+    "denominator",
+    "denominator_exclusion",
+    "denominator_exception",
+    "numerator",
+];
+
+/// Whether a higher or a lower rate is better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Improvement {
+    Increase,
+    Decrease,
+}
+
+/// A measure's metadata (`queries/measures/<name>.toml`).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeasureDef {
+    /// Short id used on the command line and in file names (`CMS122`).
+    pub id: String,
+    pub title: String,
+    /// eCQM identifier and version, when the measure is one.
+    #[serde(default)]
+    pub cms_id: Option<String>,
+    #[serde(default)]
+    pub version: Option<String>,
+    pub steward: String,
+    /// `proportion` (the only scoring Ward computes today).
+    pub scoring: String,
+    /// `increase`: higher is better; `decrease`: an inverse measure.
+    pub improvement: Improvement,
+    pub description: String,
+    /// Canonical URL of the published measure (matches MeasureReport.measure).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// A detail column whose values are counted among denominator members
+    /// after exclusions (e.g. control bands).
+    #[serde(default)]
+    pub category: Option<String>,
+    /// The SQL file, beside the metadata.
+    #[serde(skip)]
+    pub sql: PathBuf,
+}
+
+/// Reads every measure of `queries/measures/`, sorted by id.
+pub fn catalog(queries: &Path) -> Result<Vec<MeasureDef>> {
+    let dir = queries.join("measures");
+    let entries = std::fs::read_dir(&dir).map_err(|e| WardError::io("cannot read", &dir, e))?;
+    let mut defs = Vec::new();
+    for entry in entries {
+        let path = entry
+            .map_err(|e| WardError::io("cannot read", &dir, e))?
+            .path();
+        if path.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        let (mut def, _): (MeasureDef, String) = load_toml(&path)?;
+        def.sql = path.with_extension("sql");
+        if !def.sql.is_file() {
+            return Err(config(&path, format!("{} not found", def.sql.display())));
+        }
+        if def.scoring != "proportion" {
+            return Err(config(
+                &path,
+                format!(
+                    "scoring '{}' is not supported (proportion only)",
+                    def.scoring
+                ),
+            ));
+        }
+        if defs.iter().any(|d: &MeasureDef| d.id == def.id) {
+            return Err(config(&path, format!("duplicate measure id '{}'", def.id)));
+        }
+        defs.push(def);
+    }
+    defs.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(defs)
+}
+
+fn config(path: &Path, message: String) -> WardError {
+    WardError::Config {
+        path: path.to_path_buf(),
+        line: None,
+        column: None,
+        key: None,
+        message,
+    }
+}
+
+/// Picks measures by id (case-insensitive); all when `ids` is empty.
+pub fn select<'a>(defs: &'a [MeasureDef], ids: &[String]) -> Result<Vec<&'a MeasureDef>> {
+    if ids.is_empty() {
+        return Ok(defs.iter().collect());
+    }
+    ids.iter()
+        .map(|id| {
+            defs.iter()
+                .find(|d| d.id.eq_ignore_ascii_case(id))
+                .ok_or_else(|| WardError::Config {
+                    path: PathBuf::from("queries/measures"),
+                    line: None,
+                    column: None,
+                    key: Some("--measure".into()),
+                    message: format!(
+                        "unknown measure '{id}' (known: {})",
+                        defs.iter()
+                            .map(|d| d.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                })
+        })
+        .collect()
+}
+
+/// Population counts of one measure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub initial_population: u64,
+    pub denominator: u64,
+    pub denominator_exclusion: u64,
+    pub denominator_exception: u64,
+    pub numerator: u64,
+}
+
+impl Counts {
+    /// Numerator over the denominator less exclusions and exceptions.
+    pub fn rate(&self) -> Option<f64> {
+        let d = self.denominator - self.denominator_exclusion - self.denominator_exception;
+        (d > 0).then(|| self.numerator as f64 / d as f64)
+    }
+
+    /// The count of a population by its column name.
+    pub fn get(&self, population: &str) -> Option<u64> {
+        Some(match population {
+            "initial_population" => self.initial_population,
+            "denominator" => self.denominator,
+            "denominator_exclusion" => self.denominator_exclusion,
+            "denominator_exception" => self.denominator_exception,
+            "numerator" => self.numerator,
+            _ => return None,
+        })
+    }
+}
+
+/// One measure's outcome.
+#[derive(Debug, Clone)]
+pub struct MeasureResult {
+    pub def: MeasureDef,
+    pub period: Period,
+    pub counts: Counts,
+    /// Counts per value of the measure's category column (denominator
+    /// members after exclusions and exceptions), when it has one.
+    pub categories: BTreeMap<String, u64>,
+    /// The per-person rows (scored), as written to the mart, and their schema.
+    pub rows: Vec<RecordBatch>,
+    pub schema: SchemaRef,
+}
+
+impl MeasureResult {
+    /// Person ids and their scored populations, for tests and the harness.
+    pub fn memberships(&self) -> BTreeMap<String, [bool; 5]> {
+        let mut out = BTreeMap::new();
+        for b in &self.rows {
+            let ids = b.column_by_name("person_id").expect("scored rows");
+            let ids = ids.as_string::<i32>();
+            let flags: Vec<_> = POPULATIONS
+                .iter()
+                .map(|p| {
+                    b.column_by_name(p)
+                        .expect("scored rows")
+                        .as_boolean()
+                        .clone()
+                })
+                .collect();
+            for i in 0..b.num_rows() {
+                let mut f = [false; 5];
+                for (k, col) in flags.iter().enumerate() {
+                    f[k] = col.value(i);
+                }
+                out.insert(ids.value(i).to_string(), f);
+            }
+        }
+        out
+    }
+}
+
+/// Runs measures for a period (nothing is written; see [`write_marts`]).
+pub fn run(
+    warehouse: &Warehouse,
+    queries: &Path,
+    defs: &[&MeasureDef],
+    period: Period,
+) -> Result<Vec<MeasureResult>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(rayon::current_num_threads().max(1))
+        .enable_all()
+        .build()
+        .map_err(|e| WardError::io("cannot start the query runtime", queries, e))?;
+    runtime.block_on(async {
+        let ctx = session::session(warehouse, queries, period).await?;
+        let mut results = Vec::new();
+        for def in defs {
+            results.push(run_one(&ctx, def, period).await?);
+        }
+        Ok(results)
+    })
+}
+
+/// Writes each result to `marts/measure_patient/<id>.parquet` (atomically,
+/// replacing the previous run's file) and returns the paths.
+pub fn write_marts(warehouse: &Warehouse, results: &[MeasureResult]) -> Result<Vec<PathBuf>> {
+    let dir = warehouse.root().join("marts").join("measure_patient");
+    results
+        .iter()
+        .map(|r| {
+            let path = dir.join(format!("{}.parquet", r.def.id));
+            warehouse.write_parquet(&path, r.schema.clone(), &r.rows)?;
+            Ok(path)
+        })
+        .collect()
+}
+
+async fn run_one(ctx: &SessionContext, def: &MeasureDef, period: Period) -> Result<MeasureResult> {
+    let err = |message: String| WardError::Data {
+        context: "running measure",
+        path: def.sql.clone(),
+        message,
+    };
+    let sql =
+        std::fs::read_to_string(&def.sql).map_err(|e| WardError::io("cannot read", &def.sql, e))?;
+    let raw = ctx.sql(&sql).await.map_err(|e| err(e.to_string()))?;
+    let schema = raw.schema().as_arrow().clone();
+    for required in POPULATIONS
+        .iter()
+        .filter(|p| **p != "denominator_exception")
+    {
+        if schema.field_with_name(required).is_err() {
+            return Err(err(format!("the query returns no column '{required}'")));
+        }
+    }
+    if schema.field_with_name("person_id").is_err() {
+        return Err(err("the query returns no column 'person_id'".into()));
+    }
+    let view: String = format!("measure_raw_{}", def.id)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    ctx.register_table(view.as_str(), raw.into_view())
+        .map_err(|e| err(e.to_string()))?;
+    let flag = |c: &str| format!("coalesce(CAST(\"{c}\" AS BOOLEAN), false)");
+    let exception = if schema.field_with_name("denominator_exception").is_ok() {
+        flag("denominator_exception")
+    } else {
+        "false".into()
+    };
+    let details: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .filter(|n| *n != "person_id" && !POPULATIONS.contains(n))
+        .map(|n| format!(", \"{n}\""))
+        .collect();
+    let scored = format!(
+        "WITH c AS (SELECT CAST(person_id AS VARCHAR) AS person_id, {ip} AS ip, {den} AS den, \
+           {denex} AS denex, {exception} AS denexcep, {num} AS num{details} \
+           FROM {view} WHERE {ip}) \
+         SELECT '{id}' AS measure_id, p.start_date AS period_start, p.end_date AS period_end, \
+           c.person_id, \
+           ip AS initial_population, \
+           den AS denominator, \
+           den AND denex AS denominator_exclusion, \
+           den AND NOT denex AND NOT num AND denexcep AS denominator_exception, \
+           den AND NOT denex AND num AS numerator{details} \
+         FROM c CROSS JOIN period p ORDER BY c.person_id",
+        ip = flag("initial_population"),
+        den = flag("denominator"),
+        denex = flag("denominator_exclusion"),
+        num = flag("numerator"),
+        details = details.concat(),
+        id = def.id.replace('\'', "''"),
+    );
+    let df = ctx.sql(&scored).await.map_err(|e| err(e.to_string()))?;
+    let schema = plain_schema(df.schema().as_arrow());
+    let rows = df.collect().await.map_err(|e| err(e.to_string()))?;
+    let rows: Vec<RecordBatch> = rows
+        .into_iter()
+        .filter(|b| b.num_rows() > 0)
+        .map(|b| plain_strings(&b, &schema))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    let mut result = MeasureResult {
+        def: def.clone(),
+        period,
+        counts: Counts::default(),
+        categories: BTreeMap::new(),
+        rows,
+        schema,
+    };
+    let memberships = result.memberships();
+    let rows_out: usize = result.rows.iter().map(|b| b.num_rows()).sum();
+    if memberships.len() != rows_out {
+        return Err(err(format!(
+            "the query returns {} rows for {} persons: one row per person is required",
+            rows_out,
+            memberships.len()
+        )));
+    }
+    for f in memberships.values() {
+        let c = &mut result.counts;
+        c.initial_population += u64::from(f[0]);
+        c.denominator += u64::from(f[1]);
+        c.denominator_exclusion += u64::from(f[2]);
+        c.denominator_exception += u64::from(f[3]);
+        c.numerator += u64::from(f[4]);
+    }
+    if let Some(column) = &def.category {
+        result.categories = categories(&result.rows, column).map_err(err)?;
+    }
+    Ok(result)
+}
+
+/// Counts the values of `column` among scored rows in the denominator and
+/// neither excluded nor excepted (NULL counts as `(none)`).
+fn categories(
+    rows: &[RecordBatch],
+    column: &str,
+) -> std::result::Result<BTreeMap<String, u64>, String> {
+    let mut out = BTreeMap::new();
+    for b in rows {
+        let values = b
+            .column_by_name(column)
+            .ok_or_else(|| format!("category column '{column}' is not returned by the query"))?;
+        let values =
+            datafusion::arrow::compute::cast(values, &DataType::Utf8).map_err(|e| e.to_string())?;
+        let values = values.as_string::<i32>();
+        let flag = |name: &str| b.column_by_name(name).expect("scored").as_boolean().clone();
+        let (den, ex, exc) = (
+            flag("denominator"),
+            flag("denominator_exclusion"),
+            flag("denominator_exception"),
+        );
+        for i in 0..b.num_rows() {
+            if den.value(i) && !ex.value(i) && !exc.value(i) {
+                let v = if values.is_null(i) {
+                    "(none)".to_string()
+                } else {
+                    values.value(i).to_string()
+                };
+                *out.entry(v).or_default() += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// DataFusion hands strings out as Utf8View; marts store plain Utf8 so
+/// every Parquet reader understands them.
+fn plain_schema(schema: &datafusion::arrow::datatypes::Schema) -> SchemaRef {
+    let fields: Vec<_> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Utf8View | DataType::LargeUtf8 => {
+                Arc::new(f.as_ref().clone().with_data_type(DataType::Utf8))
+            }
+            _ => f.clone(),
+        })
+        .collect();
+    Arc::new(datafusion::arrow::datatypes::Schema::new(fields))
+}
+
+fn plain_strings(b: &RecordBatch, schema: &SchemaRef) -> datafusion::error::Result<RecordBatch> {
+    let columns = b
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| datafusion::arrow::compute::cast(c, f.data_type()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}

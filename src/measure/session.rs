@@ -1,0 +1,278 @@
+//! The DataFusion session measures run in: warehouse tables, value sets, the
+//! measurement period and helper functions, all registered under fixed names
+//! so that measure SQL never names a file or a date.
+//!
+//! Tables and views a measure can use:
+//! - `patient`, `encounter`, `condition`, `observation`, `medication`,
+//!   `procedure`, `service_request`, `device`, `coverage`: the canonical
+//!   tables with a leading `person_id` (until linkage exists:
+//!   `<source>/<source_patient_id>`). `condition` adds `prevalence_start` and
+//!   `prevalence_end` (see [`PREVALENCE_END`]).
+//! - `<table>_coding` for every coded table: one row per coding of a fact
+//!   (`coding_system`, `coding_code`), to match single codes in any coding.
+//! - `<table>_vs`: the rows of `<table>_coding` whose coding is in a value
+//!   set (column `valueset`, an OID). A fact appears once per matching
+//!   coding, so test membership with `EXISTS`/`MIN`/`MAX`, never `COUNT(*)`.
+//! - `valueset_code`: the value-set files of `queries/valuesets/`.
+//! - `period`: one row, `start_date`, `end_date` (DATE, inclusive) and
+//!   `start_ts`, `end_ts` (TIMESTAMP; `end_ts` is the first instant after the
+//!   period, so `t >= start_ts AND t < end_ts` is "during day of").
+//! - `age_years(birth_date, at_date)`: completed years, as CQL's AgeInYearsAt.
+//! - the views of `queries/lib/*.sql` (shared criteria such as hospice care).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::{Datelike, NaiveDate};
+use datafusion::arrow::array::{Array, ArrayRef, Date32Array, Int32Array, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use datafusion::datasource::MemTable;
+use datafusion::datasource::file_format::csv::CsvFormat;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::ListingOptions;
+use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::DFParser;
+
+use crate::config::Period;
+use crate::error::{Result, WardError};
+use crate::schema::{self, Table};
+use crate::warehouse::{Warehouse, parquet_files};
+
+/// The end of a condition's prevalence interval at day precision, following the
+/// eCQM `prevalenceInterval()`: an active, recurrent or relapsed condition
+/// (or one without a clinical status, as in most CSV extracts) lasts until
+/// its abatement or indefinitely; any other lasts until its abatement, and
+/// without one its end is unknown (`NULL`), so it overlaps nothing.
+pub const PREVALENCE_END: &str = "\
+CASE WHEN clinical_status IS NULL OR clinical_status IN ('active', 'recurrence', 'relapse') \
+THEN coalesce(abatement_date, DATE '9999-12-31') ELSE abatement_date END";
+
+/// Builds the session for one measurement period.
+pub(crate) async fn session(
+    warehouse: &Warehouse,
+    queries: &Path,
+    period: Period,
+) -> Result<SessionContext> {
+    let config = SessionConfig::new()
+        .with_information_schema(true)
+        .with_target_partitions(rayon::current_num_threads().max(1));
+    let ctx = SessionContext::new_with_config(config);
+    let err = |context: &'static str, path: &Path, e: datafusion::error::DataFusionError| {
+        WardError::Data {
+            context,
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    };
+
+    for table in Table::ALL {
+        let dir = warehouse.root().join("staging").join(table.name());
+        let raw = format!("staging_{}", table.name());
+        if parquet_files(&dir)?.is_empty() {
+            let empty = MemTable::try_new(table.schema(), vec![vec![]])
+                .map_err(|e| err("registering table", &dir, e))?;
+            ctx.register_table(raw.as_str(), Arc::new(empty))
+                .map_err(|e| err("registering table", &dir, e))?;
+        } else {
+            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+                .with_file_extension(".parquet");
+            ctx.register_listing_table(
+                raw.as_str(),
+                format!("{}/", dir.display()),
+                options,
+                Some(table.schema()),
+                None,
+            )
+            .await
+            .map_err(|e| err("registering table", &dir, e))?;
+        }
+    }
+
+    let valuesets = queries.join("valuesets");
+    if !valuesets.is_dir() {
+        return Err(WardError::Config {
+            path: valuesets,
+            line: None,
+            column: None,
+            key: None,
+            message: "value-set directory not found (queries/valuesets)".into(),
+        });
+    }
+    let csv = ListingOptions::new(Arc::new(CsvFormat::default().with_has_header(true)))
+        .with_file_extension(".csv");
+    ctx.register_listing_table(
+        "valueset_code",
+        format!("{}/", valuesets.display()),
+        csv,
+        Some(schema::valueset_code_schema()),
+        None,
+    )
+    .await
+    .map_err(|e| err("registering value sets", &valuesets, e))?;
+
+    ctx.register_table("period", Arc::new(period_table(period)?))
+        .map_err(|e| err("registering period", queries, e))?;
+    ctx.register_udf(age_years_udf());
+
+    let mut views = Vec::new();
+    for table in Table::ALL {
+        let name = table.name();
+        let extra = if table == Table::Condition {
+            format!(", onset_date AS prevalence_start, {PREVALENCE_END} AS prevalence_end")
+        } else {
+            String::new()
+        };
+        views.push(format!(
+            "CREATE VIEW {name} AS SELECT concat(source, '/', source_patient_id) AS person_id, *{extra} FROM staging_{name}"
+        ));
+        if table.column("codings").is_some() {
+            views.push(format!(
+                "CREATE VIEW {name}_coding AS \
+                 SELECT *, coding_['system'] AS coding_system, coding_['code'] AS coding_code \
+                 FROM (SELECT *, unnest(codings) AS coding_ FROM {name})"
+            ));
+            views.push(format!(
+                "CREATE VIEW {name}_vs AS \
+                 SELECT f.*, v.valueset FROM {name}_coding f JOIN valueset_code v \
+                 ON v.code_system = f.coding_system AND v.code = f.coding_code"
+            ));
+        }
+    }
+    for view in views {
+        execute(&ctx, &view, queries).await?;
+    }
+
+    let lib = queries.join("lib");
+    if lib.is_dir() {
+        let mut files: Vec<_> = std::fs::read_dir(&lib)
+            .map_err(|e| WardError::io("cannot read", &lib, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+            .collect();
+        files.sort();
+        for file in files {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| WardError::io("cannot read", &file, e))?;
+            execute(&ctx, &text, &file).await?;
+        }
+    }
+    Ok(ctx)
+}
+
+/// Runs every statement of `sql` (views of a library file), failing with the
+/// file's name.
+async fn execute(ctx: &SessionContext, sql: &str, file: &Path) -> Result<()> {
+    let err = |message: String| WardError::Data {
+        context: "running SQL",
+        path: file.to_path_buf(),
+        message,
+    };
+    let statements = DFParser::parse_sql(sql).map_err(|e| err(e.to_string()))?;
+    for statement in statements {
+        let plan = ctx
+            .state()
+            .statement_to_plan(statement)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        ctx.execute_logical_plan(plan)
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .collect()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn period_table(period: Period) -> Result<MemTable> {
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, None);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("start_date", DataType::Date32, false),
+        Field::new("end_date", DataType::Date32, false),
+        Field::new("start_ts", ts.clone(), false),
+        Field::new("end_ts", ts, false),
+    ]));
+    let day = |d: NaiveDate| (d - NaiveDate::default()).num_days() as i32;
+    let micros = |d: NaiveDate| i64::from(day(d)) * 86_400_000_000;
+    let after = period.end.succ_opt().unwrap_or(period.end);
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Date32Array::from(vec![day(period.start)])),
+        Arc::new(Date32Array::from(vec![day(period.end)])),
+        Arc::new(datafusion::arrow::array::TimestampMicrosecondArray::from(
+            vec![micros(period.start)],
+        )),
+        Arc::new(datafusion::arrow::array::TimestampMicrosecondArray::from(
+            vec![micros(after)],
+        )),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| WardError::Data {
+        context: "building the period table",
+        path: Default::default(),
+        message: e.to_string(),
+    })?;
+    MemTable::try_new(schema, vec![vec![batch]]).map_err(|e| WardError::Data {
+        context: "building the period table",
+        path: Default::default(),
+        message: e.to_string(),
+    })
+}
+
+/// Completed years between two dates (CQL `AgeInYearsAt`); NULL if either is.
+pub(crate) fn age_years(birth: NaiveDate, at: NaiveDate) -> i32 {
+    let mut years = at.year() - birth.year();
+    if (at.month(), at.day()) < (birth.month(), birth.day()) {
+        years -= 1;
+    }
+    years
+}
+
+fn age_years_udf() -> datafusion::logical_expr::ScalarUDF {
+    create_udf(
+        "age_years",
+        vec![DataType::Date32, DataType::Date32],
+        DataType::Int32,
+        Volatility::Immutable,
+        Arc::new(|args: &[ColumnarValue]| {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let as_dates = |a: &ArrayRef| {
+                a.as_any()
+                    .downcast_ref::<Date32Array>()
+                    .cloned()
+                    .ok_or_else(|| {
+                        datafusion::error::DataFusionError::Execution(
+                            "age_years expects two DATE arguments".into(),
+                        )
+                    })
+            };
+            let (birth, at) = (as_dates(&arrays[0])?, as_dates(&arrays[1])?);
+            let out: Int32Array = (0..birth.len())
+                .map(|i| {
+                    if birth.is_null(i) || at.is_null(i) {
+                        None
+                    } else {
+                        Some(age_years(birth.value_as_date(i)?, at.value_as_date(i)?))
+                    }
+                })
+                .collect();
+            Ok(ColumnarValue::Array(Arc::new(out)))
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> NaiveDate {
+        NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap()
+    }
+
+    #[test]
+    fn age_counts_completed_years() {
+        assert_eq!(age_years(d("2000-12-31"), d("2025-12-31")), 25);
+        assert_eq!(age_years(d("2001-01-01"), d("2025-12-31")), 24);
+        assert_eq!(age_years(d("2000-02-29"), d("2025-02-28")), 24);
+        assert_eq!(age_years(d("2000-02-29"), d("2025-03-01")), 25);
+    }
+}

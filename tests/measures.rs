@@ -1,0 +1,649 @@
+//! Measures: the engine's contract (scoring, errors), hand-written test
+//! patients for CMS122 and CMS131 in the layout of an eCQM test deck (each
+//! case's expected populations written from the measure specification, not
+//! from Ward's output), the official CMS165 deck, and the measures on the
+//! bundled sample.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use chrono::NaiveDate;
+use serde_json::{Value, json};
+use ward::config::Period;
+use ward::measure::{self, conformance};
+use ward::warehouse::Warehouse;
+
+use common::*;
+
+const CPT: &str = "http://www.ama-assn.org/go/cpt";
+const HCPCS: &str = "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets";
+const SNOMED: &str = "http://snomed.info/sct";
+const ICD10: &str = "http://hl7.org/fhir/sid/icd-10-cm";
+const LOINC: &str = "http://loinc.org";
+const RXNORM: &str = "http://www.nlm.nih.gov/research/umls/rxnorm";
+
+fn queries() -> PathBuf {
+    repo().join("queries")
+}
+
+fn period_2025() -> Period {
+    Period {
+        start: NaiveDate::from_ymd_opt(2025, 1, 1).unwrap(),
+        end: NaiveDate::from_ymd_opt(2025, 12, 31).unwrap(),
+    }
+}
+
+fn concept(system: &str, code: &str) -> Value {
+    json!({"coding": [{"system": system, "code": code}]})
+}
+
+/// One test patient: a Patient, its resources and the expected populations.
+struct Case {
+    name: String,
+    id: String,
+    resources: Vec<Value>,
+    /// initial population, denominator exclusion, numerator
+    expected: (u64, u64, u64),
+}
+
+impl Case {
+    fn new(name: &str, birth: &str) -> Case {
+        let id = format!(
+            "p{:08x}",
+            name.bytes()
+                .fold(7u32, |h, b| h.wrapping_mul(31) ^ u32::from(b))
+        );
+        Case {
+            name: name.into(),
+            id: id.clone(),
+            resources: vec![
+                json!({"resourceType": "Patient", "id": id, "gender": "female", "birthDate": birth}),
+            ],
+            expected: (0, 0, 0),
+        }
+    }
+
+    fn with(mut self, mut resource: Value) -> Case {
+        let n = self.resources.len();
+        resource["id"] = json!(format!("{}-{n}", self.id));
+        resource["subject"] = json!({"reference": format!("Patient/{}", self.id)});
+        self.resources.push(resource);
+        self
+    }
+
+    fn encounter(self, system: &str, code: &str, start: &str, end: &str, status: &str) -> Case {
+        self.with(json!({"resourceType": "Encounter", "status": status,
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+            "type": [concept(system, code)], "period": {"start": start, "end": end}}))
+    }
+
+    /// A finished office visit in the period (CPT 99213).
+    fn office_visit(self) -> Case {
+        self.encounter(
+            CPT,
+            "99213",
+            "2025-03-10T09:00:00",
+            "2025-03-10T09:30:00",
+            "finished",
+        )
+    }
+
+    fn condition(self, system: &str, code: &str, onset: &str, extra: Value) -> Case {
+        let mut c = json!({"resourceType": "Condition",
+            "category": [concept("http://terminology.hl7.org/CodeSystem/condition-category", "encounter-diagnosis")],
+            "clinicalStatus": concept("http://terminology.hl7.org/CodeSystem/condition-clinical", "active"),
+            "code": concept(system, code), "onsetDateTime": onset});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        self.with(c)
+    }
+
+    /// Type 2 diabetes (E11.9), active since 2019.
+    fn diabetes(self) -> Case {
+        self.condition(ICD10, "E11.9", "2019-05-01", json!({}))
+    }
+
+    fn observation(self, code: Value, effective: &str, extra: Value) -> Case {
+        let mut o = json!({"resourceType": "Observation", "status": "final",
+            "code": code, "effectiveDateTime": effective});
+        for (k, v) in extra.as_object().unwrap() {
+            o[k] = v.clone();
+        }
+        self.with(o)
+    }
+
+    fn hba1c(self, loinc: &str, value: Option<f64>, effective: &str, status: &str) -> Case {
+        let extra = match value {
+            Some(v) => {
+                json!({"status": status, "valueQuantity": {"value": v, "unit": "%", "system": "http://unitsofmeasure.org", "code": "%"}})
+            }
+            None => json!({"status": status}),
+        };
+        self.observation(concept(LOINC, loinc), effective, extra)
+    }
+
+    fn expect(mut self, ip: u64, denex: u64, num: u64) -> Case {
+        self.expected = (ip, denex, num);
+        self
+    }
+}
+
+/// Writes cases as an eCQM test deck: one folder per case holding a Bundle
+/// with the expected individual MeasureReport, and README.txt naming them.
+fn write_deck(dir: &Path, measure_url: &str, cases: &[Case]) {
+    let mut readme = String::from("Test cases\n");
+    for (i, case) in cases.iter().enumerate() {
+        let folder = dir.join(&case.id);
+        fs::create_dir_all(&folder).unwrap();
+        let (ip, denex, num) = case.expected;
+        let population = |code: &str, count: u64| json!({"code": concept("http://terminology.hl7.org/CodeSystem/measure-population", code), "count": count});
+        let report = json!({"resourceType": "MeasureReport", "status": "complete", "type": "individual",
+            "measure": measure_url, "period": {"start": "2025-01-01", "end": "2025-12-31"},
+            "group": [{"population": [
+                population("initial-population", ip),
+                population("denominator", ip),
+                population("denominator-exclusion", denex),
+                population("numerator", num)]}]});
+        let entries: Vec<Value> = case
+            .resources
+            .iter()
+            .chain(std::iter::once(&report))
+            .map(|r| json!({"fullUrl": format!("http://example.org/{}/{}", r["resourceType"].as_str().unwrap(), r["id"].as_str().unwrap_or("report")), "resource": r}))
+            .collect();
+        let bundle = json!({"resourceType": "Bundle", "type": "collection", "entry": entries});
+        fs::write(
+            folder.join("bundle.json"),
+            serde_json::to_vec_pretty(&bundle).unwrap(),
+        )
+        .unwrap();
+        readme.push_str(&format!("Case # {} - {} = {}\n", i + 1, case.id, case.name));
+    }
+    fs::write(dir.join("README.txt"), readme).unwrap();
+}
+
+fn check_deck(measure_id: &str, cases: Vec<Case>) {
+    let names: std::collections::BTreeSet<_> = cases.iter().map(|c| c.id.clone()).collect();
+    assert_eq!(names.len(), cases.len(), "case names must be distinct");
+    let tmp = tempfile::tempdir().unwrap();
+    let deck = tmp.path().join("deck");
+    write_deck(&deck, "urn:test", &cases);
+    let defs = measure::catalog(&queries()).unwrap();
+    let def = measure::select(&defs, &[measure_id.into()]).unwrap()[0];
+    let outcome = conformance::run(&deck, def, &queries(), &tmp.path().join("scratch")).unwrap();
+    assert_eq!(outcome.cases.len(), cases.len());
+    let failed: Vec<String> = outcome
+        .cases
+        .iter()
+        .filter(|c| !c.passed())
+        .map(|c| {
+            format!(
+                "{}: expected {:?}, computed {:?}, rejects {:?}",
+                c.name, c.expected, c.actual, c.rejects
+            )
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{measure_id} cases failed:\n{}",
+        failed.join("\n")
+    );
+    for c in &outcome.cases {
+        assert!(
+            c.rejects.is_empty(),
+            "{}: resources rejected {:?}",
+            c.name,
+            c.rejects
+        );
+    }
+}
+
+#[test]
+fn cms122_hand_written_patients() {
+    let a1c = |name: &str| Case::new(name, "1970-06-15").office_visit().diabetes();
+    let old = |name: &str| Case::new(name, "1955-03-01").office_visit().diabetes();
+    let cases = vec![
+        // Initial population: age at the end of the period, visit, diagnosis.
+        Case::new("IPFail Age17", "2008-01-01").office_visit().diabetes().expect(0, 0, 0),
+        Case::new("IPPass Age18OnLastDay", "2007-12-31").office_visit().diabetes().expect(1, 0, 1),
+        Case::new("IPPass Age75", "1950-01-01").office_visit().diabetes().expect(1, 0, 1),
+        Case::new("IPFail Age76OnLastDay", "1949-12-31").office_visit().diabetes().expect(0, 0, 0),
+        Case::new("IPFail OnlyEmergencyVisit", "1970-06-15")
+            .encounter(CPT, "99283", "2025-03-10T09:00:00", "2025-03-10T12:00:00", "finished")
+            .diabetes()
+            .expect(0, 0, 0),
+        Case::new("IPFail VisitCancelled", "1970-06-15")
+            .encounter(CPT, "99213", "2025-03-10T09:00:00", "2025-03-10T09:30:00", "cancelled")
+            .diabetes()
+            .expect(0, 0, 0),
+        Case::new("IPFail VisitBeforePeriod", "1970-06-15")
+            .encounter(CPT, "99213", "2024-12-31T09:00:00", "2024-12-31T09:30:00", "finished")
+            .diabetes()
+            .expect(0, 0, 0),
+        Case::new("IPPass NutritionTherapyVisit", "1970-06-15")
+            .encounter(CPT, "97802", "2025-05-01T09:00:00", "2025-05-01T09:30:00", "finished")
+            .diabetes()
+            .expect(1, 0, 1),
+        Case::new("IPFail DiabetesRefuted", "1970-06-15")
+            .office_visit()
+            .condition(ICD10, "E11.9", "2019-05-01", json!({"verificationStatus": concept("http://terminology.hl7.org/CodeSystem/condition-ver-status", "refuted")}))
+            .expect(0, 0, 0),
+        Case::new("IPFail DiabetesResolvedBeforePeriod", "1970-06-15")
+            .office_visit()
+            .condition(ICD10, "E11.9", "2019-05-01", json!({
+                "clinicalStatus": concept("http://terminology.hl7.org/CodeSystem/condition-clinical", "resolved"),
+                "abatementDateTime": "2024-06-01"}))
+            .expect(0, 0, 0),
+        Case::new("IPFail DiabetesOnProblemListOnly", "1970-06-15")
+            .office_visit()
+            .condition(ICD10, "E11.9", "2019-05-01", json!({"category": [concept("http://terminology.hl7.org/CodeSystem/condition-category", "problem-list-item")]}))
+            .expect(0, 0, 0),
+        // Numerator: the most recent assessment in the period.
+        a1c("NUMERPass HbA1c9.1").hba1c("4548-4", Some(9.1), "2025-06-01", "final").expect(1, 0, 1),
+        a1c("NUMERFail HbA1c9.0").hba1c("4548-4", Some(9.0), "2025-06-01", "final").expect(1, 0, 0),
+        a1c("NUMERPass HbA1cWithoutResult").hba1c("4548-4", None, "2025-06-01", "final").expect(1, 0, 1),
+        a1c("NUMERPass GMI9.5").hba1c("97506-0", Some(9.5), "2025-06-01", "final").expect(1, 0, 1),
+        a1c("NUMERFail GMI7.0").hba1c("97506-0", Some(7.0), "2025-06-01", "final").expect(1, 0, 0),
+        a1c("NUMERFail TwoOnLastDayLowest8.5")
+            .hba1c("4548-4", Some(9.5), "2025-11-03T08:00:00", "final")
+            .hba1c("4548-4", Some(8.5), "2025-11-03T15:00:00", "final")
+            .expect(1, 0, 0),
+        a1c("NUMERPass LastDayHigherThanEarlier")
+            .hba1c("4548-4", Some(7.0), "2025-02-01", "final")
+            .hba1c("4548-4", Some(9.4), "2025-10-01", "final")
+            .expect(1, 0, 1),
+        a1c("NUMERFail LaterResultControlled")
+            .hba1c("4548-4", Some(9.4), "2025-02-01", "final")
+            .hba1c("4548-4", Some(7.0), "2025-10-01", "final")
+            .expect(1, 0, 0),
+        a1c("NUMERPass ResultDayBeforePeriod").hba1c("4548-4", Some(6.0), "2024-12-31T23:00:00", "final").expect(1, 0, 1),
+        a1c("NUMERPass ResultDayAfterPeriod").hba1c("4548-4", Some(6.0), "2026-01-01T00:30:00", "final").expect(1, 0, 1),
+        a1c("NUMERFail ResultLastDayOfPeriod").hba1c("4548-4", Some(6.0), "2025-12-31T23:30:00", "final").expect(1, 0, 0),
+        a1c("NUMERPass OnlyPreliminaryResult").hba1c("4548-4", Some(6.0), "2025-06-01", "preliminary").expect(1, 0, 1),
+        a1c("NUMERPass NoAssessment").expect(1, 0, 1),
+        // Exclusions.
+        a1c("DENEXPass HospiceEncounter")
+            .encounter(HCPCS, "G9473", "2025-08-01T09:00:00", "2025-08-01T10:00:00", "finished")
+            .expect(1, 1, 0),
+        a1c("DENEXPass DischargedToHospice")
+            .with(json!({"resourceType": "Encounter", "status": "finished",
+                "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"},
+                "type": [concept(SNOMED, "32485007")],
+                "period": {"start": "2025-09-01T09:00:00", "end": "2025-09-05T10:00:00"},
+                "hospitalization": {"dischargeDisposition": concept(SNOMED, "428361000124107")}}))
+            .expect(1, 1, 0),
+        a1c("DENEXPass HospiceAssessmentYes")
+            .observation(concept(LOINC, "45755-6"), "2025-04-01", json!({"valueCodeableConcept": concept(SNOMED, "373066001")}))
+            .expect(1, 1, 0),
+        a1c("DENEXFail HospiceAssessmentNo")
+            .observation(concept(LOINC, "45755-6"), "2025-04-01", json!({"valueCodeableConcept": concept(SNOMED, "373067005")}))
+            .expect(1, 0, 1),
+        a1c("DENEXPass PalliativeCareEncounter")
+            .encounter(HCPCS, "M1017", "2025-08-01T09:00:00", "2025-08-01T10:00:00", "finished")
+            .expect(1, 1, 0),
+        old("DENEXPass Age70InNursingHome")
+            .observation(concept(LOINC, "71802-3"), "2025-02-01", json!({"valueCodeableConcept": concept(SNOMED, "160734000")}))
+            .expect(1, 1, 0),
+        Case::new("DENEXFail Age60InNursingHome", "1965-03-01")
+            .office_visit()
+            .diabetes()
+            .observation(concept(LOINC, "71802-3"), "2025-02-01", json!({"valueCodeableConcept": concept(SNOMED, "160734000")}))
+            .expect(1, 0, 1),
+        old("DENEXFail Age70LeftNursingHome")
+            .observation(concept(LOINC, "71802-3"), "2025-02-01", json!({"valueCodeableConcept": concept(SNOMED, "160734000")}))
+            .observation(concept(LOINC, "71802-3"), "2025-07-01", json!({"valueCodeableConcept": concept(SNOMED, "32911000")}))
+            .expect(1, 0, 1),
+        old("DENEXPass Age70FrailtyDeviceAndAdvancedIllness")
+            .with(json!({"resourceType": "DeviceRequest", "status": "active", "intent": "order",
+                "codeCodeableConcept": concept(SNOMED, "1255320005"), "authoredOn": "2025-05-01"}))
+            .condition(ICD10, "G30.9", "2024-03-01", json!({}))
+            .expect(1, 1, 0),
+        old("DENEXFail Age70FrailtyDeviceNotToBeDone")
+            .with(json!({"resourceType": "DeviceRequest", "status": "active", "intent": "order", "doNotPerform": true,
+                "codeCodeableConcept": concept(SNOMED, "1255320005"), "authoredOn": "2025-05-01"}))
+            .condition(ICD10, "G30.9", "2024-03-01", json!({}))
+            .expect(1, 0, 1),
+        old("DENEXPass Age70FrailtyDiagnosisAndDementiaMedication")
+            .condition(ICD10, "L89.000", "2025-01-15", json!({}))
+            .with(json!({"resourceType": "MedicationRequest", "status": "active", "intent": "order",
+                "medicationCodeableConcept": concept(RXNORM, "1100184"), "authoredOn": "2024-11-01",
+                "dispenseRequest": {"expectedSupplyDuration": {"value": 90, "unit": "days", "code": "d"}}}))
+            .expect(1, 1, 0),
+        old("DENEXFail Age70FrailtyOnly").condition(ICD10, "L89.000", "2025-01-15", json!({})).expect(1, 0, 1),
+        old("DENEXFail Age70AdvancedIllnessThreeYearsAgo")
+            .condition(ICD10, "L89.000", "2025-01-15", json!({}))
+            .condition(ICD10, "G30.9", "2022-03-01", json!({}))
+            .expect(1, 0, 1),
+    ];
+    check_deck("CMS122", cases);
+}
+
+#[test]
+fn cms131_hand_written_patients() {
+    let exam = |c: Case, date: &str| {
+        c.observation(concept(SNOMED, "252779009"), date, json!({"category": [concept("http://terminology.hl7.org/CodeSystem/observation-category", "exam")]}))
+    };
+    let dm = |name: &str| Case::new(name, "1970-06-15").office_visit().diabetes();
+    let retinopathy = |c: Case| c.condition(ICD10, "E11.319", "2023-01-10", json!({}));
+    let cases = vec![
+        Case::new("IPFail Age76", "1949-06-01").office_visit().diabetes().expect(0, 0, 0),
+        Case::new("IPFail NoDiabetes", "1970-06-15").office_visit().expect(0, 0, 0),
+        Case::new("IPPass OphthalmologicalServicesVisit", "1970-06-15")
+            .encounter(CPT, "92012", "2025-04-01T09:00:00", "2025-04-01T09:40:00", "finished")
+            .diabetes()
+            .expect(1, 0, 0),
+        Case::new("IPPass ProblemListDiabetes", "1970-06-15")
+            .office_visit()
+            .condition(ICD10, "E11.9", "2019-05-01", json!({"category": [concept("http://terminology.hl7.org/CodeSystem/condition-category", "problem-list-item")]}))
+            .expect(1, 0, 0),
+        exam(dm("NUMERPass ExamInPeriod"), "2025-07-01").expect(1, 0, 1),
+        exam(dm("NUMERPass NoRetinopathyExamYearBefore"), "2024-03-01").expect(1, 0, 1),
+        exam(dm("NUMERFail NoRetinopathyExamTwoYearsBefore"), "2023-12-31").expect(1, 0, 0),
+        exam(retinopathy(dm("NUMERPass RetinopathyExamInPeriod")), "2025-07-01").expect(1, 0, 1),
+        exam(retinopathy(dm("NUMERFail RetinopathyExamYearBefore")), "2024-03-01").expect(1, 0, 0),
+        exam(dm("NUMERFail ExamAfterPeriod"), "2026-01-02").expect(1, 0, 0),
+        dm("NUMERFail NoExam").expect(1, 0, 0),
+        dm("NUMERFail ExamNotAnExamCategory")
+            .observation(concept(SNOMED, "252779009"), "2025-07-01", json!({"category": [concept("http://terminology.hl7.org/CodeSystem/observation-category", "laboratory")]}))
+            .expect(1, 0, 0),
+        dm("NUMERPass ExamRecordedAsProcedure")
+            .with(json!({"resourceType": "Procedure", "status": "completed", "code": concept(SNOMED, "722161008"), "performedDateTime": "2025-09-09"}))
+            .expect(1, 0, 1),
+        exam(dm("DENEXPass Hospice"), "2025-07-01")
+            .encounter(HCPCS, "G9473", "2025-08-01T09:00:00", "2025-08-01T10:00:00", "finished")
+            .expect(1, 1, 0),
+    ];
+    check_deck("CMS131", cases);
+}
+
+#[test]
+fn cms165_official_test_deck_passes() {
+    let deck = repo().join("../shared/data/ecqm/CMS165/tests");
+    if !deck.is_dir() {
+        eprintln!("skipped: {} is absent", deck.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let defs = measure::catalog(&queries()).unwrap();
+    let def = measure::select(&defs, &["cms165".into()]).unwrap()[0];
+    let outcome = conformance::run(&deck, def, &queries(), tmp.path()).unwrap();
+    assert_eq!(outcome.cases.len(), 68, "the deck has 68 cases");
+    let failed: Vec<_> = outcome
+        .cases
+        .iter()
+        .filter(|c| !c.passed())
+        .map(|c| &c.name)
+        .collect();
+    assert!(failed.is_empty(), "failing cases: {failed:?}");
+    // Every population the deck covers is exercised, not only zeros.
+    for population in ["initial_population", "denominator_exclusion", "numerator"] {
+        assert!(
+            outcome
+                .cases
+                .iter()
+                .any(|c| c.expected.get(population) == Some(&1))
+        );
+        assert!(
+            outcome
+                .cases
+                .iter()
+                .any(|c| c.expected.get(population) == Some(&0))
+        );
+    }
+}
+
+/// The harness notices a broken measure: without its palliative-care
+/// exclusion, exactly the deck's palliative-care cases fail.
+#[test]
+fn conformance_detects_a_broken_measure() {
+    let deck = repo().join("../shared/data/ecqm/CMS165/tests");
+    if !deck.is_dir() {
+        eprintln!("skipped: {} is absent", deck.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let broken = tmp.path().join("queries");
+    copy_dir(&queries(), &broken);
+    let sql = broken.join("measures/cms165.sql");
+    let text = fs::read_to_string(&sql).unwrap();
+    assert!(text.contains("OR f.palliative"));
+    fs::write(&sql, text.replace("OR f.palliative", "")).unwrap();
+    let defs = measure::catalog(&broken).unwrap();
+    let def = measure::select(&defs, &["CMS165".into()]).unwrap()[0];
+    let outcome = conformance::run(&deck, def, &broken, &tmp.path().join("scratch")).unwrap();
+    let failed: Vec<&str> = outcome
+        .cases
+        .iter()
+        .filter(|c| !c.passed())
+        .map(|c| c.name.as_str())
+        .collect();
+    assert!(!failed.is_empty());
+    assert!(
+        failed.iter().all(|n| n.contains("Palliative")),
+        "{failed:?}"
+    );
+}
+
+/// A toy measure over literal rows: proportion scoring is applied once, by
+/// Ward, whatever the query says.
+#[test]
+fn scoring_cascades_populations_and_treats_null_as_false() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("queries");
+    copy_dir(&queries().join("valuesets"), &q.join("valuesets"));
+    fs::create_dir_all(q.join("measures")).unwrap();
+    fs::write(
+        q.join("measures/toy.toml"),
+        "id = \"TOY\"\ntitle = \"Toy\"\nsteward = \"test\"\nscoring = \"proportion\"\nimprovement = \"increase\"\ndescription = \"toy\"\n",
+    )
+    .unwrap();
+    // person, ip, den, denex, denexcep, num
+    fs::write(
+        q.join("measures/toy.sql"),
+        "SELECT * FROM (VALUES \
+           ('a', true, true, false, false, true), \
+           ('b', true, true, true, false, true), \
+           ('c', true, false, true, true, true), \
+           ('d', true, true, false, true, true), \
+           ('e', true, true, false, true, false), \
+           ('f', true, true, NULL, NULL, NULL), \
+           ('g', false, true, false, false, true)) \
+         AS t(person_id, initial_population, denominator, denominator_exclusion, denominator_exception, numerator)",
+    )
+    .unwrap();
+    let defs = measure::catalog(&q).unwrap();
+    let wh = Warehouse::new(tmp.path().join("wh"));
+    let results = measure::run(&wh, &q, &[&defs[0]], period_2025()).unwrap();
+    let m = results[0].memberships();
+    // ip, den, denex, denexcep, num
+    assert_eq!(m["a"], [true, true, false, false, true]);
+    assert_eq!(
+        m["b"],
+        [true, true, true, false, false],
+        "excluded: not in numerator"
+    );
+    assert_eq!(
+        m["c"],
+        [true, false, false, false, false],
+        "not in denominator: nothing else"
+    );
+    assert_eq!(
+        m["d"],
+        [true, true, false, false, true],
+        "numerator wins over exception"
+    );
+    assert_eq!(m["e"], [true, true, false, true, false]);
+    assert_eq!(m["f"], [true, true, false, false, false], "NULL is false");
+    assert!(
+        !m.contains_key("g"),
+        "outside the initial population: no row"
+    );
+    let c = results[0].counts;
+    assert_eq!(
+        (
+            c.initial_population,
+            c.denominator,
+            c.denominator_exclusion,
+            c.denominator_exception,
+            c.numerator
+        ),
+        (6, 5, 1, 1, 2)
+    );
+    assert_eq!(c.rate(), Some(2.0 / 3.0));
+
+    // Broken queries fail with the file named.
+    fs::write(
+        q.join("measures/toy.sql"),
+        "SELECT 'a' AS person_id, true AS initial_population",
+    )
+    .unwrap();
+    let err = measure::run(&wh, &q, &[&defs[0]], period_2025())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("toy.sql") && err.contains("'denominator'"),
+        "{err}"
+    );
+    fs::write(
+        q.join("measures/toy.sql"),
+        "SELECT * FROM (VALUES ('a', true, true, false, true), ('a', true, true, false, false)) \
+         AS t(person_id, initial_population, denominator, denominator_exclusion, numerator)",
+    )
+    .unwrap();
+    let err = measure::run(&wh, &q, &[&defs[0]], period_2025())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("one row per person"), "{err}");
+    fs::write(q.join("measures/toy.sql"), "SELEC nothing").unwrap();
+    let err = measure::run(&wh, &q, &[&defs[0]], period_2025())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("toy.sql"), "{err}");
+}
+
+#[test]
+fn catalog_reports_bad_metadata_with_its_location() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("queries");
+    fs::create_dir_all(q.join("measures")).unwrap();
+    let meta = "id = \"X\"\ntitle = \"X\"\nsteward = \"s\"\nscoring = \"proportion\"\nimprovement = \"increase\"\ndescription = \"d\"\n";
+    fs::write(
+        q.join("measures/x.toml"),
+        format!("{meta}colour = \"red\"\n"),
+    )
+    .unwrap();
+    fs::write(q.join("measures/x.sql"), "SELECT 1").unwrap();
+    let err = measure::catalog(&q).unwrap_err();
+    assert!(err.is_config_error());
+    assert!(err.to_string().contains("x.toml:7"), "{err}");
+    fs::write(
+        q.join("measures/x.toml"),
+        meta.replace("increase", "sideways"),
+    )
+    .unwrap();
+    assert!(
+        measure::catalog(&q)
+            .unwrap_err()
+            .to_string()
+            .contains("x.toml:5")
+    );
+    fs::write(q.join("measures/x.toml"), meta).unwrap();
+    fs::remove_file(q.join("measures/x.sql")).unwrap();
+    assert!(
+        measure::catalog(&q)
+            .unwrap_err()
+            .to_string()
+            .contains("x.sql not found")
+    );
+    fs::write(q.join("measures/x.sql"), "SELECT 1").unwrap();
+    let defs = measure::catalog(&q).unwrap();
+    let err = measure::select(&defs, &["CMS999".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unknown measure 'CMS999'") && err.contains("known: X"),
+        "{err}"
+    );
+}
+
+/// `run` on the sample: ingest, then every measure, one mart per measure
+/// whose rows are the measure's initial population; a re-run rewrites the
+/// same results.
+#[test]
+fn run_on_the_sample_writes_every_measure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config_path = copy_sample(tmp.path());
+    let config = ward::PipelineConfig::load(&config_path).unwrap();
+    let opts = ward::IngestOptions {
+        today: today(),
+        dry_run: false,
+    };
+    let period = config.measurement_period.unwrap();
+    let first = ward::run(
+        &config,
+        &opts,
+        &queries(),
+        period,
+        &indicatif::ProgressBar::hidden(),
+    )
+    .unwrap();
+    let defs = measure::catalog(&queries()).unwrap();
+    assert_eq!(first.measures.len(), defs.len());
+    let marts = tmp.path().join("wh/marts/measure_patient");
+    for r in &first.measures {
+        let batches = read_parquet(&marts.join(format!("{}.parquet", r.def.id)));
+        assert_eq!(
+            rows(&batches) as u64,
+            r.counts.initial_population,
+            "{}",
+            r.def.id
+        );
+        assert!(
+            r.counts.initial_population > 0,
+            "{} has an empty population on the sample",
+            r.def.id
+        );
+        let ids = strings(&batches, "measure_id");
+        assert!(ids.iter().all(|i| i.as_deref() == Some(r.def.id.as_str())));
+    }
+    // CMS122's numerator reasons agree with its detail columns.
+    let cms122 = read_parquet(&marts.join("CMS122.parquet"));
+    let num = strings(&cms122, "numerator_reason");
+    let pct = f64s(&cms122, "last_result_pct");
+    let ages = primitives::<datafusion::arrow::datatypes::Int32Type>(&cms122, "age");
+    for ((reason, pct), age) in num.iter().zip(&pct).zip(&ages) {
+        assert!((18..=75).contains(&age.unwrap()));
+        match reason.as_deref() {
+            Some("most_recent_above_9") => assert!(pct.unwrap() > 9.0),
+            Some("no_assessment_in_period") => assert!(pct.is_none()),
+            None => assert!(pct.unwrap() <= 9.0),
+            other => panic!("unexpected reason {other:?}"),
+        }
+    }
+    let control = first
+        .measures
+        .iter()
+        .find(|r| r.def.id == "DM-CONTROL")
+        .unwrap();
+    assert_eq!(
+        control.categories.values().sum::<u64>(),
+        control.counts.denominator
+    );
+
+    let before = snapshot(&marts);
+    let second = ward::run(
+        &config,
+        &opts,
+        &queries(),
+        period,
+        &indicatif::ProgressBar::hidden(),
+    )
+    .unwrap();
+    assert_eq!(
+        first.measures.iter().map(|r| r.counts).collect::<Vec<_>>(),
+        second.measures.iter().map(|r| r.counts).collect::<Vec<_>>()
+    );
+    assert_eq!(before, snapshot(&marts), "marts are rewritten identically");
+}

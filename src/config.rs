@@ -30,6 +30,8 @@ pub struct PipelineConfig {
     /// Directory of measure SQL, metadata and value sets (`queries = ...`);
     /// `None` lets the caller choose (the binary uses the bundled `queries/`).
     pub queries: Option<PathBuf>,
+    /// Linkage settings (`[link]`).
+    pub link: crate::link::LinkOptions,
     /// The providers to load, in config order.
     pub sources: Vec<SourceConfig>,
 }
@@ -99,6 +101,7 @@ struct RawConfig {
     queries: Option<String>,
     #[serde(default)]
     ingest: RawIngest,
+    link: Option<Spanned<RawLink>>,
     sources: Option<Spanned<Vec<RawSource>>>,
 }
 
@@ -109,6 +112,14 @@ struct RawPeriod {
     start: NaiveDate,
     #[serde(deserialize_with = "de_date")]
     end: NaiveDate,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLink {
+    threshold: Option<f64>,
+    u_pairs: Option<usize>,
+    seed: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -222,12 +233,31 @@ impl PipelineConfig {
             });
         }
 
+        let mut link = crate::link::LinkOptions::default();
+        if let Some(l) = raw.link {
+            let span = l.span();
+            let l = l.into_inner();
+            if let Some(t) = l.threshold {
+                if !(0.5..1.0).contains(&t) {
+                    return Err(err(
+                        span,
+                        "link.threshold",
+                        "the match probability threshold must be at least 0.5 and below 1".into(),
+                    ));
+                }
+                link.threshold = t;
+            }
+            link.u_pairs = l.u_pairs.unwrap_or(link.u_pairs);
+            link.seed = l.seed.unwrap_or(link.seed);
+        }
+
         Ok(PipelineConfig {
             path: path.to_path_buf(),
             warehouse: base.join(raw.warehouse.get_ref()),
             measurement_period,
             as_of: raw.ingest.as_of,
             queries: raw.queries.map(|q| base.join(q)),
+            link,
             sources,
         })
     }

@@ -11,8 +11,10 @@
 //! `tracing`. The `ward` binary is a thin layer over [`run`] and friends.
 
 pub mod config;
+mod engine;
 pub mod error;
 pub mod ingest;
+pub mod link;
 pub mod mapping;
 pub mod measure;
 pub mod schema;
@@ -24,15 +26,19 @@ pub use config::PipelineConfig;
 pub use error::{Result, WardError};
 pub use ingest::{IngestOptions, IngestReport};
 
-/// What `ward run` did: the ingest report and the measures' results.
+/// What `ward run` did: the ingest report, linkage, the core tables built
+/// and the measures' results.
 #[derive(Debug)]
 pub struct RunReport {
     pub ingest: IngestReport,
+    pub link: link::LinkReport,
+    pub core: link::build::BuildReport,
     pub measures: Vec<measure::MeasureResult>,
 }
 
-/// Runs every stage that exists, in order: ingest, then every measure of
-/// `queries` for `period`, written to `marts/measure_patient/`.
+/// Runs every stage that exists, in order: ingest, linkage and the core
+/// tables, then every measure of `queries` for `period`, written to
+/// `marts/measure_patient/`.
 ///
 /// Returns the report even when some files failed (the rest is published
 /// and measured); use [`IngestReport::failures`] to decide whether the run
@@ -47,8 +53,15 @@ pub fn run(
     let ingest = ingest::ingest(config, opts, progress)?;
     let defs = measure::catalog(queries)?;
     let warehouse = warehouse::Warehouse::new(&config.warehouse);
+    let linkage = link::link(&warehouse, &config.link)?;
+    let core = link::build::build(&warehouse)?;
     let all: Vec<&measure::MeasureDef> = defs.iter().collect();
     let measures = measure::run(&warehouse, queries, &all, period)?;
     measure::write_marts(&warehouse, &measures)?;
-    Ok(RunReport { ingest, measures })
+    Ok(RunReport {
+        ingest,
+        link: linkage.report,
+        core,
+        measures,
+    })
 }

@@ -57,6 +57,14 @@ enum Command {
     Ingest,
     /// Check every extract (against its mapping, or the FHIR rules) and report; write nothing.
     Validate,
+    /// Link patient records across providers into persons, then build the
+    /// core tables (core/person_link, core/person, core/<table>).
+    Link {
+        /// Ground truth (source,source_patient_id,person_id) to score the
+        /// linkage against: pairwise precision, recall, F1.
+        #[arg(long, value_name = "TRUTH.csv")]
+        evaluate: Option<PathBuf>,
+    },
     /// Run measures over the warehouse and write marts/measure_patient/.
     Measure {
         /// Measure id (repeatable); default: every measure.
@@ -282,6 +290,32 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         );
         Ok(p)
     };
+    if let Command::Link { evaluate } = &cli.command {
+        let warehouse = ward::warehouse::Warehouse::new(&config.warehouse);
+        let linkage = ward::link::link(&warehouse, &config.link)?;
+        let core = ward::link::build::build(&warehouse)?;
+        if !cli.quiet {
+            print_link(&linkage.report, &core);
+        }
+        if let Some(truth) = evaluate {
+            let e = ward::link::evaluate(&linkage.links, truth)?;
+            println!(
+                "evaluation against {}: precision {:.4}, recall {:.4}, F1 {:.4} \
+                 ({} true pairs, {} predicted, {} correct; {} true persons, {} predicted, over {} records)",
+                truth.display(),
+                e.precision,
+                e.recall,
+                e.f1,
+                e.true_pairs,
+                e.predicted_pairs,
+                e.true_positive_pairs,
+                e.true_persons,
+                e.predicted_persons,
+                e.records
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Command::Measure {
         measures,
         period: p,
@@ -303,18 +337,19 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         dry_run: matches!(cli.command, Command::Validate),
     };
     let progress = progress_bar(cli.quiet, "ingest", "files");
-    let (report, measures) = match &cli.command {
+    let (report, run) = match &cli.command {
         Command::Run { period: p } => {
             let run = ward::run(&config, &opts, &queries, period(p)?, &progress)?;
-            (run.ingest, Some(run.measures))
+            (run.ingest.clone(), Some(run))
         }
         _ => (ward::ingest::ingest(&config, &opts, &progress)?, None),
     };
     progress.finish_and_clear();
     if !cli.quiet {
         print_summary(&report, opts.dry_run);
-        if let Some(m) = &measures {
-            print_measures(m);
+        if let Some(run) = &run {
+            print_link(&run.link, &run.core);
+            print_measures(&run.measures);
         }
     }
     let failures = report.failures();
@@ -367,6 +402,32 @@ fn resolve_queries(configured: Option<&Path>) -> PathBuf {
         return local;
     }
     Path::new(env!("CARGO_MANIFEST_DIR")).join("queries")
+}
+
+fn print_link(report: &ward::link::LinkReport, core: &ward::link::build::BuildReport) {
+    let rules: Vec<String> = report
+        .pairs_by_rule
+        .iter()
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect();
+    println!(
+        "link: {} patient records -> {} persons ({} seen by more than one provider); \
+         {} candidate pairs ({}), {} above the threshold, {} vetoed (given names differ), \
+         {} merges refused (same source on both sides)",
+        report.records,
+        report.persons,
+        report.linked_persons,
+        report.candidate_pairs,
+        rules.join(", "),
+        report.accepted_pairs + report.vetoed_pairs,
+        report.vetoed_pairs,
+        report.refused_merges
+    );
+    let tables: Vec<String> = core
+        .iter()
+        .map(|(t, n)| format!("{} {n}", t.name()))
+        .collect();
+    println!("core rows: {}", tables.join(", "));
 }
 
 fn print_measure_list(defs: &[ward::measure::MeasureDef]) {

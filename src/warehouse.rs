@@ -108,23 +108,36 @@ impl Warehouse {
 
     /// Writes a file under `.tmp/`, syncs it and renames it to `path`.
     fn publish(&self, path: &Path, write: impl FnOnce(&mut fs::File) -> Result<()>) -> Result<()> {
+        let tmp = self.tmp_path(path);
+        let mut file =
+            fs::File::create(&tmp).map_err(|e| WardError::io("cannot create", &tmp, e))?;
+        write(&mut file)?;
+        drop(file);
+        self.publish_file(&tmp, path)
+    }
+
+    /// A path under `.tmp/` (created) to write the future `path` to; see
+    /// [`Warehouse::publish_file`].
+    pub fn tmp_path(&self, path: &Path) -> PathBuf {
         let tmp_dir = self.tmp_dir();
-        fs::create_dir_all(&tmp_dir).map_err(|e| WardError::io("cannot create", &tmp_dir, e))?;
+        // A failure to create it surfaces when the file is created.
+        let _ = fs::create_dir_all(&tmp_dir);
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let tmp = tmp_dir.join(format!("{}-{name}", std::process::id()));
-        let mut file =
-            fs::File::create(&tmp).map_err(|e| WardError::io("cannot create", &tmp, e))?;
-        write(&mut file)?;
-        file.sync_all()
-            .map_err(|e| WardError::io("cannot sync", &tmp, e))?;
-        drop(file);
+        tmp_dir.join(format!("{}-{name}", std::process::id()))
+    }
+
+    /// Syncs a file written under `.tmp/` and renames it to `path`.
+    pub fn publish_file(&self, tmp: &Path, path: &Path) -> Result<()> {
+        fs::File::open(tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| WardError::io("cannot sync", tmp, e))?;
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).map_err(|e| WardError::io("cannot create", parent, e))?;
         }
-        fs::rename(&tmp, path).map_err(|e| WardError::io("cannot publish", path, e))
+        fs::rename(tmp, path).map_err(|e| WardError::io("cannot publish", path, e))
     }
 
     /// Reads the ingest state; an absent file is an empty state.

@@ -83,6 +83,7 @@ pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Res
         measurement_period: None,
         as_of: None,
         queries: Some(queries.to_path_buf()),
+        link: Default::default(),
         sources: vec![SourceConfig {
             name: "deck".into(),
             format: SourceFormat::FhirBundle,

@@ -228,12 +228,7 @@ pub fn run(
     defs: &[&MeasureDef],
     period: Period,
 ) -> Result<Vec<MeasureResult>> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(rayon::current_num_threads().max(1))
-        .enable_all()
-        .build()
-        .map_err(|e| WardError::io("cannot start the query runtime", queries, e))?;
-    runtime.block_on(async {
+    crate::engine::block_on(async {
         let ctx = session::session(warehouse, queries, period).await?;
         let mut results = Vec::new();
         for def in defs {

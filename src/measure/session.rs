@@ -3,11 +3,13 @@
 //! so that measure SQL never names a file or a date.
 //!
 //! Tables and views a measure can use:
-//! - `patient`, `encounter`, `condition`, `observation`, `medication`,
-//!   `procedure`, `service_request`, `device`, `coverage`: the canonical
-//!   tables with a leading `person_id` (until linkage exists:
-//!   `<source>/<source_patient_id>`). `condition` adds `prevalence_start` and
-//!   `prevalence_end` (see [`PREVALENCE_END`]).
+//! - `encounter`, `condition`, `observation`, `medication`, `procedure`,
+//!   `service_request`, `device`, `coverage`: the core fact tables when
+//!   linkage has run (with `person_id` and `reported_by`), else the staged
+//!   rows with `person_id` = `<source>/<source_patient_id>`. `condition`
+//!   adds `prevalence_start` and `prevalence_end` (see [`PREVALENCE_END`]).
+//! - `patient`: one row per person: `core/person` when linkage has run,
+//!   else the staged patient rows with that `person_id`.
 //! - `<table>_coding` for every coded table: one row per coding of a fact
 //!   (`coding_system`, `coding_code`), to match single codes in any coding.
 //! - `<table>_vs`: the rows of `<table>_coding` whose coding is in a value
@@ -28,7 +30,6 @@ use datafusion::arrow::array::{Array, ArrayRef, Date32Array, Int32Array, RecordB
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::csv::CsvFormat;
-use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::ListingOptions;
 use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -37,7 +38,7 @@ use datafusion::sql::parser::DFParser;
 use crate::config::Period;
 use crate::error::{Result, WardError};
 use crate::schema::{self, Table};
-use crate::warehouse::{Warehouse, parquet_files};
+use crate::warehouse::Warehouse;
 
 /// The end of a condition's prevalence interval at day precision, following the
 /// eCQM `prevalenceInterval()`: an active, recurrent or relapsed condition
@@ -66,26 +67,26 @@ pub(crate) async fn session(
         }
     };
 
-    for table in Table::ALL {
-        let dir = warehouse.root().join("staging").join(table.name());
-        let raw = format!("staging_{}", table.name());
-        if parquet_files(&dir)?.is_empty() {
-            let empty = MemTable::try_new(table.schema(), vec![vec![]])
-                .map_err(|e| err("registering table", &dir, e))?;
-            ctx.register_table(raw.as_str(), Arc::new(empty))
-                .map_err(|e| err("registering table", &dir, e))?;
-        } else {
-            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-                .with_file_extension(".parquet");
-            ctx.register_listing_table(
-                raw.as_str(),
-                format!("{}/", dir.display()),
-                options,
-                Some(table.schema()),
-                None,
+    crate::engine::register_staging(&ctx, warehouse).await?;
+    let core = warehouse.root().join("core");
+    let linked = core.join("person.parquet").is_file();
+    if linked {
+        crate::engine::register_parquet(
+            &ctx,
+            "core_person",
+            &core.join("person.parquet"),
+            crate::link::person_schema(),
+        )
+        .await?;
+        for table in Table::ALL.into_iter().filter(|t| *t != Table::Patient) {
+            let path = core.join(format!("{}.parquet", table.name()));
+            ctx.register_parquet(
+                format!("core_{}", table.name()),
+                path.display().to_string(),
+                datafusion::prelude::ParquetReadOptions::default(),
             )
             .await
-            .map_err(|e| err("registering table", &dir, e))?;
+            .map_err(|e| err("registering table", &path, e))?;
         }
     }
 
@@ -123,9 +124,13 @@ pub(crate) async fn session(
         } else {
             String::new()
         };
-        views.push(format!(
-            "CREATE VIEW {name} AS SELECT concat(source, '/', source_patient_id) AS person_id, *{extra} FROM staging_{name}"
-        ));
+        views.push(match (linked, table) {
+            (true, Table::Patient) => "CREATE VIEW patient AS SELECT * FROM core_person".into(),
+            (true, _) => format!("CREATE VIEW {name} AS SELECT *{extra} FROM core_{name}"),
+            (false, _) => format!(
+                "CREATE VIEW {name} AS SELECT concat(source, '/', source_patient_id) AS person_id, *{extra} FROM staging_{name}"
+            ),
+        });
         if table.column("codings").is_some() {
             views.push(format!(
                 "CREATE VIEW {name}_coding AS \

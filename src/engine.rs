@@ -1,0 +1,91 @@
+//! Shared DataFusion plumbing: a runtime to block on, the staging tables,
+//! and collecting a query with errors that say what failed.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::datasource::MemTable;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::ListingOptions;
+use datafusion::prelude::SessionContext;
+
+use crate::error::{Result, WardError};
+use crate::schema::Table;
+use crate::warehouse::{Warehouse, parquet_files};
+
+/// Runs a future on a multi-threaded runtime sized like rayon's pool.
+pub(crate) fn block_on<T>(future: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(rayon::current_num_threads().max(1))
+        .enable_all()
+        .build()
+        .map_err(|e| WardError::io("cannot start the query runtime", "tokio", e))?
+        .block_on(future)
+}
+
+/// Registers every canonical table's staging directory as
+/// `staging_<table>` (an empty table when nothing is staged).
+pub(crate) async fn register_staging(ctx: &SessionContext, warehouse: &Warehouse) -> Result<()> {
+    for table in Table::ALL {
+        let dir = warehouse.root().join("staging").join(table.name());
+        register_parquet(
+            ctx,
+            &format!("staging_{}", table.name()),
+            &dir,
+            table.schema(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Registers the Parquet files under `path` (a directory, or one file) as
+/// `name` with `schema`; an empty table when there are none.
+pub(crate) async fn register_parquet(
+    ctx: &SessionContext,
+    name: &str,
+    path: &std::path::Path,
+    schema: datafusion::arrow::datatypes::SchemaRef,
+) -> Result<()> {
+    let err = |e: datafusion::error::DataFusionError| WardError::Data {
+        context: "registering a table",
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let files = if path.is_file() {
+        vec![path.to_path_buf()]
+    } else {
+        parquet_files(path)?
+    };
+    if files.is_empty() {
+        let empty = MemTable::try_new(schema, vec![vec![]]).map_err(err)?;
+        ctx.register_table(name, Arc::new(empty)).map_err(err)?;
+        return Ok(());
+    }
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let location = if path.is_file() {
+        path.display().to_string()
+    } else {
+        format!("{}/", path.display())
+    };
+    ctx.register_listing_table(name, location, options, Some(schema), None)
+        .await
+        .map_err(err)
+}
+
+/// Runs `sql` and collects its batches.
+pub(crate) async fn collect(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
+    let err = |e: datafusion::error::DataFusionError| WardError::Data {
+        context: "running a query",
+        path: Default::default(),
+        message: e.to_string(),
+    };
+    ctx.sql(sql)
+        .await
+        .map_err(err)?
+        .collect()
+        .await
+        .map_err(err)
+}

@@ -1,0 +1,699 @@
+//! Linkage: which source patient records are the same person.
+//!
+//! 1. Standardize demographics ([`standardize`]).
+//! 2. Block: candidate pairs from several rules, unioned, computed as
+//!    DataFusion self-joins (so the same plan can run distributed).
+//! 3. Compare each pair field by field and weigh it with a Fellegi–Sunter
+//!    model fitted without labels ([`model`]).
+//! 4. Cluster pairs above the threshold, strongest first, never merging two
+//!    clusters that already hold a record of the same source (a provider
+//!    lists a person once), so one bad link cannot chain unrelated people.
+//! 5. Write `core/person_link` and `core/person`; [`build`] then writes the
+//!    core fact tables with `person_id`.
+
+pub mod build;
+pub mod model;
+pub mod standardize;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::NaiveDate;
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, Date32Array, Float64Array, ListBuilder, RecordBatch, StringArray,
+    StringBuilder, UInt32Array,
+};
+use datafusion::arrow::datatypes::{DataType, Date32Type, Field, Schema, SchemaRef};
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Result, WardError};
+use crate::warehouse::Warehouse;
+use model::{Model, Rec};
+
+/// Linkage settings (`[link]` in the config).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkOptions {
+    /// Minimum match probability of a pair to link it.
+    pub threshold: f64,
+    /// Random record pairs used to estimate u probabilities.
+    pub u_pairs: usize,
+    /// Seed of the random pairs (linkage is deterministic for one seed).
+    pub seed: u64,
+}
+
+impl Default for LinkOptions {
+    fn default() -> Self {
+        LinkOptions {
+            threshold: 0.9,
+            u_pairs: 1_000_000,
+            seed: 1,
+        }
+    }
+}
+
+/// What linkage did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LinkReport {
+    pub records: u64,
+    pub candidate_pairs: u64,
+    /// Candidate pairs per blocking rule (a pair counts for the first rule
+    /// that found it).
+    pub pairs_by_rule: BTreeMap<String, u64>,
+    /// Pairs at or above the threshold, linked unless vetoed.
+    pub accepted_pairs: u64,
+    /// Pairs above the threshold refused because their given names
+    /// disagree entirely with no SSN or e-mail agreeing (twins, siblings).
+    pub vetoed_pairs: u64,
+    /// Accepted pairs not applied because both clusters already held a
+    /// record of the same source.
+    pub refused_merges: u64,
+    pub persons: u64,
+    /// Persons with records at more than one source.
+    pub linked_persons: u64,
+    pub em_iterations: usize,
+    /// Estimated share of matches among candidate pairs.
+    pub prior: f64,
+}
+
+/// One source patient record's person.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PersonLink {
+    pub source: String,
+    pub source_patient_id: String,
+    pub person_id: String,
+    /// Weight of the link that joined the record to its person (none for a
+    /// person's first record).
+    pub match_weight: Option<f64>,
+    /// Blocking rule that found that link.
+    pub rule: Option<String>,
+}
+
+/// Record → person assignment.
+#[derive(Debug, Clone)]
+pub struct Linkage {
+    pub report: LinkReport,
+    /// One per staged patient record, in (source, id) order.
+    pub links: Vec<PersonLink>,
+}
+
+const BLOCKING_RULES: [(&str, &str); 6] = [
+    (
+        "birth_date+family_initial",
+        "a.dob = b.dob AND a.family_initial = b.family_initial",
+    ),
+    (
+        "birth_date+given_initial",
+        "a.dob = b.dob AND a.given_initial = b.given_initial",
+    ),
+    ("ssn", "a.ssn = b.ssn"),
+    ("phone", "a.phone = b.phone"),
+    ("email", "a.email = b.email"),
+    (
+        "given+family_soundex+birth_year",
+        "a.given = b.given AND a.family_soundex = b.family_soundex AND a.birth_year = b.birth_year",
+    ),
+];
+
+/// Links the staged patient records and writes `core/person_link.parquet`
+/// and `core/person.parquet`.
+pub fn link(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Linkage> {
+    let (raw, recs) = crate::engine::block_on(async {
+        let ctx = SessionContext::new();
+        crate::engine::register_staging(&ctx, warehouse).await?;
+        let raw = crate::engine::collect(
+            &ctx,
+            "SELECT source, source_patient_id, given_name, family_name, birth_date, sex, race, \
+             ethnicity, address_line, state, postal_code, phone, email, ssn, deceased_date \
+             FROM staging_patient ORDER BY source, source_patient_id",
+        )
+        .await?;
+        Ok((raw.clone(), records(&raw)))
+    })?;
+    let pairs = block(&recs)?;
+    let mut report = LinkReport {
+        records: recs.len() as u64,
+        candidate_pairs: pairs.len() as u64,
+        ..LinkReport::default()
+    };
+    for (_, _, rule) in &pairs {
+        *report
+            .pairs_by_rule
+            .entry(BLOCKING_RULES[*rule as usize].0.to_string())
+            .or_default() += 1;
+    }
+    // EM sessions: every candidate pair that agrees on the birth date, and
+    // every one that agrees on the names (whichever rule found it first).
+    let session = |agree: &dyn Fn(&Rec, &Rec) -> bool| -> Vec<(u32, u32)> {
+        pairs
+            .iter()
+            .filter(|p| agree(&recs[p.0 as usize], &recs[p.1 as usize]))
+            .map(|p| (p.0, p.1))
+            .collect()
+    };
+    let same_birth = |a: &Rec, b: &Rec| a.birth.is_some() && a.birth == b.birth;
+    let same_names = |a: &Rec, b: &Rec| {
+        a.given.is_some()
+            && a.given == b.given
+            && a.family.as_deref().and_then(standardize::soundex)
+                == b.family.as_deref().and_then(standardize::soundex)
+            && a.birth.map(|d| chrono::Datelike::year(&d))
+                == b.birth.map(|d| chrono::Datelike::year(&d))
+    };
+    let model = Model::fit(
+        &recs,
+        &session(&same_birth),
+        &session(&same_names),
+        opts.u_pairs,
+        opts.seed,
+    );
+    for (f, (name, _)) in model::FIELDS.iter().enumerate() {
+        tracing::debug!(field = name, m = ?model.m[f], u = ?model.u[f], "linkage model");
+    }
+    report.em_iterations = model.iterations;
+    report.prior = model.prior;
+    let above: Vec<(f64, u32, u32, u8, bool)> = pairs
+        .par_iter()
+        .filter_map(|&(a, b, rule)| {
+            let (x, y) = (&recs[a as usize], &recs[b as usize]);
+            let w = model.weight(x, y);
+            (model::probability(w) >= opts.threshold).then(|| (w, a, b, rule, twin_like(x, y)))
+        })
+        .collect();
+    report.vetoed_pairs = above.iter().filter(|p| p.4).count() as u64;
+    let mut scored: Vec<(f64, u32, u32, u8)> = above
+        .into_iter()
+        .filter(|p| !p.4)
+        .map(|(w, a, b, rule, _)| (w, a, b, rule))
+        .collect();
+    report.accepted_pairs = scored.len() as u64;
+    scored.sort_by(|x, y| y.0.total_cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
+
+    // Union–find over records; each root knows its sources.
+    let n = recs.len();
+    let mut parent: Vec<u32> = (0..n as u32).collect();
+    let source_ids: HashMap<&str, u16> = {
+        let names: BTreeSet<&str> = recs.iter().map(|r| r.source.as_str()).collect();
+        names
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| (s, i as u16))
+            .collect()
+    };
+    let mut sources: Vec<BTreeSet<u16>> = recs
+        .iter()
+        .map(|r| BTreeSet::from([source_ids[r.source.as_str()]]))
+        .collect();
+    let mut joined_by: Vec<Option<(f64, u8)>> = vec![None; n];
+    fn find(parent: &mut [u32], mut x: u32) -> u32 {
+        while parent[x as usize] != x {
+            parent[x as usize] = parent[parent[x as usize] as usize];
+            x = parent[x as usize];
+        }
+        x
+    }
+    for &(w, a, b, rule) in &scored {
+        let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
+        if ra == rb {
+            continue;
+        }
+        if !sources[ra as usize].is_disjoint(&sources[rb as usize]) {
+            report.refused_merges += 1;
+            continue;
+        }
+        let (keep, gone) = if ra < rb { (ra, rb) } else { (rb, ra) };
+        parent[gone as usize] = keep;
+        let moved = std::mem::take(&mut sources[gone as usize]);
+        sources[keep as usize].extend(moved);
+        for r in [a, b] {
+            joined_by[r as usize].get_or_insert((w, rule));
+        }
+    }
+    // Person id: a hash of the cluster's first record (records are sorted
+    // by source and id), stable while that record stays.
+    let mut first_of_root: HashMap<u32, usize> = HashMap::new();
+    for i in 0..n {
+        let root = find(&mut parent, i as u32);
+        first_of_root.entry(root).or_insert(i);
+    }
+    let mut links = Vec::with_capacity(n);
+    let mut members: HashMap<u32, usize> = HashMap::new();
+    for (i, r) in recs.iter().enumerate() {
+        let root = find(&mut parent, i as u32);
+        *members.entry(root).or_default() += 1;
+        let first = &recs[first_of_root[&root]];
+        let digest = Sha256::digest(format!("{}/{}", first.source, first.source_patient_id));
+        let person = format!("P{}", &hex::encode(digest)[..16]);
+        let (w, rule) = match joined_by[i] {
+            Some((w, rule)) => (Some(w), Some(BLOCKING_RULES[rule as usize].0.to_string())),
+            None => (None, None),
+        };
+        links.push(PersonLink {
+            source: r.source.clone(),
+            source_patient_id: r.source_patient_id.clone(),
+            person_id: person,
+            match_weight: w,
+            rule,
+        });
+    }
+    report.persons = members.len() as u64;
+    report.linked_persons = members.values().filter(|&&m| m > 1).count() as u64;
+
+    write_outputs(warehouse, &raw, &links)?;
+    Ok(Linkage { report, links })
+}
+
+/// Household members look alike: twins share family name, birth date,
+/// address and phone, and Fellegi–Sunter adds those agreements up as if they
+/// were independent. A pair whose given names disagree entirely (not a
+/// nickname, not a typo) is therefore never linked unless an identifier of
+/// the person itself (SSN or e-mail) agrees.
+fn twin_like(a: &Rec, b: &Rec) -> bool {
+    let levels = model::compare(a, b);
+    levels[0] == Some(0) && levels[6] != Some(1) && levels[7] != Some(2)
+}
+
+/// Standardized records from the staged patient rows (same order).
+fn records(batches: &[RecordBatch]) -> Vec<Rec> {
+    let mut out = Vec::new();
+    for b in batches {
+        let text = |name: &str| {
+            let c = datafusion::arrow::compute::cast(
+                b.column_by_name(name).expect("selected"),
+                &DataType::Utf8,
+            )
+            .expect("castable to text");
+            c.as_string::<i32>().clone()
+        };
+        let (source, spid, given, family, sex) = (
+            text("source"),
+            text("source_patient_id"),
+            text("given_name"),
+            text("family_name"),
+            text("sex"),
+        );
+        let (address, zip, phone, email, ssn) = (
+            text("address_line"),
+            text("postal_code"),
+            text("phone"),
+            text("email"),
+            text("ssn"),
+        );
+        let birth = b
+            .column_by_name("birth_date")
+            .expect("selected")
+            .as_primitive::<Date32Type>()
+            .clone();
+        fn get(a: &StringArray, i: usize) -> Option<&str> {
+            (!a.is_null(i)).then(|| a.value(i))
+        }
+        for i in 0..b.num_rows() {
+            out.push(Rec {
+                source: source.value(i).to_string(),
+                source_patient_id: spid.value(i).to_string(),
+                given: standardize::given(get(&given, i)),
+                family: standardize::name(get(&family, i)),
+                birth: (!birth.is_null(i))
+                    .then(|| birth.value_as_date(i))
+                    .flatten(),
+                sex: get(&sex, i).filter(|s| *s != "unknown").map(str::to_string),
+                zip: standardize::zip(get(&zip, i)),
+                phone: standardize::phone(get(&phone, i)),
+                email: standardize::email(get(&email, i)),
+                ssn: standardize::ssn(get(&ssn, i)),
+                address: standardize::address(get(&address, i)),
+            });
+        }
+    }
+    out
+}
+
+/// Candidate pairs `(a, b, rule)` with `a < b`, from every blocking rule,
+/// computed by DataFusion.
+fn block(recs: &[Rec]) -> Result<Vec<(u32, u32, u8)>> {
+    let initial = |s: &Option<String>| s.as_ref().and_then(|v| v.get(..1)).map(str::to_string);
+    let str_col = |f: &dyn Fn(&Rec) -> Option<String>| -> ArrayRef {
+        Arc::new(recs.iter().map(f).collect::<StringArray>())
+    };
+    let epoch = NaiveDate::default();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("rid", DataType::UInt32, false),
+        Field::new("dob", DataType::Date32, true),
+        Field::new("birth_year", DataType::Utf8, true),
+        Field::new("given", DataType::Utf8, true),
+        Field::new("given_initial", DataType::Utf8, true),
+        Field::new("family_initial", DataType::Utf8, true),
+        Field::new("family_soundex", DataType::Utf8, true),
+        Field::new("ssn", DataType::Utf8, true),
+        Field::new("phone", DataType::Utf8, true),
+        Field::new("email", DataType::Utf8, true),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(UInt32Array::from_iter_values(0..recs.len() as u32)),
+        Arc::new(
+            recs.iter()
+                .map(|r| r.birth.map(|d| (d - epoch).num_days() as i32))
+                .collect::<Date32Array>(),
+        ),
+        str_col(&|r| r.birth.map(|d| chrono::Datelike::year(&d).to_string())),
+        str_col(&|r| r.given.clone()),
+        str_col(&|r| initial(&r.given)),
+        str_col(&|r| initial(&r.family)),
+        str_col(&|r| r.family.as_deref().and_then(standardize::soundex)),
+        str_col(&|r| r.ssn.clone()),
+        str_col(&|r| r.phone.clone()),
+        str_col(&|r| r.email.clone()),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(engine_error)?;
+    let sql = BLOCKING_RULES
+        .iter()
+        .enumerate()
+        .map(|(i, (_, on))| {
+            format!(
+                "SELECT a.rid AS l, b.rid AS r, CAST({i} AS TINYINT UNSIGNED) AS rule \
+                 FROM link_rec a JOIN link_rec b ON {on} WHERE a.rid < b.rid"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    let sql = format!("SELECT l, r, min(rule) AS rule FROM ({sql}) GROUP BY l, r");
+    let batches = crate::engine::block_on(async {
+        let ctx = SessionContext::new();
+        let table = MemTable::try_new(schema, vec![vec![batch]]).map_err(engine_error)?;
+        ctx.register_table("link_rec", Arc::new(table))
+            .map_err(engine_error)?;
+        crate::engine::collect(&ctx, &sql).await
+    })?;
+    let mut pairs = Vec::new();
+    for b in &batches {
+        let (l, r, rule) = (
+            b.column(0)
+                .as_primitive::<datafusion::arrow::datatypes::UInt32Type>(),
+            b.column(1)
+                .as_primitive::<datafusion::arrow::datatypes::UInt32Type>(),
+            b.column(2)
+                .as_primitive::<datafusion::arrow::datatypes::UInt8Type>(),
+        );
+        for i in 0..b.num_rows() {
+            pairs.push((l.value(i), r.value(i), rule.value(i)));
+        }
+    }
+    pairs.sort_unstable();
+    Ok(pairs)
+}
+
+fn engine_error(e: impl std::fmt::Display) -> WardError {
+    WardError::Data {
+        context: "linking patient records",
+        path: Default::default(),
+        message: e.to_string(),
+    }
+}
+
+/// Schema of `core/person_link.parquet`.
+pub fn person_link_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("source", DataType::Utf8, false),
+        Field::new("source_patient_id", DataType::Utf8, false),
+        Field::new("person_id", DataType::Utf8, false),
+        Field::new("match_weight", DataType::Float64, true),
+        Field::new("rule", DataType::Utf8, true),
+    ]))
+}
+
+fn write_outputs(warehouse: &Warehouse, raw: &[RecordBatch], links: &[PersonLink]) -> Result<()> {
+    let schema = person_link_schema();
+    let col = |f: fn(&PersonLink) -> Option<&str>| -> ArrayRef {
+        Arc::new(links.iter().map(f).collect::<StringArray>())
+    };
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            col(|l| Some(&l.source)),
+            col(|l| Some(&l.source_patient_id)),
+            col(|l| Some(&l.person_id)),
+            Arc::new(
+                links
+                    .iter()
+                    .map(|l| l.match_weight)
+                    .collect::<Float64Array>(),
+            ),
+            col(|l| l.rule.as_deref()),
+        ],
+    )
+    .map_err(engine_error)?;
+    let core = warehouse.root().join("core");
+    warehouse.write_parquet(&core.join("person_link.parquet"), schema, &[batch])?;
+    let person = person_table(raw, links)?;
+    warehouse.write_parquet(&core.join("person.parquet"), person.schema(), &[person])
+}
+
+/// Schema of `core/person.parquet`: one row per person with the most
+/// frequent value of each demographic among the person's records (ties: the
+/// first record in source order) and the list of sources.
+pub fn person_schema() -> SchemaRef {
+    let text = |n: &str| Field::new(n, DataType::Utf8, true);
+    Arc::new(Schema::new(vec![
+        Field::new("person_id", DataType::Utf8, false),
+        text("given_name"),
+        text("family_name"),
+        Field::new("birth_date", DataType::Date32, true),
+        text("sex"),
+        text("race"),
+        text("ethnicity"),
+        text("state"),
+        text("postal_code"),
+        Field::new("deceased_date", DataType::Date32, true),
+        Field::new(
+            "sources",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            false,
+        ),
+        Field::new("records", DataType::UInt32, false),
+    ]))
+}
+
+fn person_table(raw: &[RecordBatch], links: &[PersonLink]) -> Result<RecordBatch> {
+    const TEXT: [&str; 7] = [
+        "given_name",
+        "family_name",
+        "sex",
+        "race",
+        "ethnicity",
+        "state",
+        "postal_code",
+    ];
+    const DATES: [&str; 2] = ["birth_date", "deceased_date"];
+    /// A person's values per column, in record order, and sources.
+    #[derive(Default)]
+    struct Values<'a> {
+        text: Vec<Vec<Option<String>>>,
+        dates: Vec<Vec<Option<i32>>>,
+        sources: BTreeSet<&'a str>,
+        records: u32,
+    }
+    let mut persons: BTreeMap<&str, Values> = BTreeMap::new();
+    let mut k = 0;
+    for b in raw {
+        let texts: Vec<StringArray> = TEXT
+            .iter()
+            .map(|c| {
+                let a = datafusion::arrow::compute::cast(
+                    b.column_by_name(c).expect("selected"),
+                    &DataType::Utf8,
+                )
+                .expect("castable");
+                a.as_string::<i32>().clone()
+            })
+            .collect();
+        let dates: Vec<Date32Array> = DATES
+            .iter()
+            .map(|c| {
+                b.column_by_name(c)
+                    .expect("selected")
+                    .as_primitive::<Date32Type>()
+                    .clone()
+            })
+            .collect();
+        for i in 0..b.num_rows() {
+            let link = &links[k];
+            k += 1;
+            let e = persons
+                .entry(link.person_id.as_str())
+                .or_insert_with(|| Values {
+                    text: vec![Vec::new(); TEXT.len()],
+                    dates: vec![Vec::new(); DATES.len()],
+                    ..Values::default()
+                });
+            for (c, a) in texts.iter().enumerate() {
+                e.text[c].push((!a.is_null(i)).then(|| a.value(i).to_string()));
+            }
+            for (c, a) in dates.iter().enumerate() {
+                e.dates[c].push((!a.is_null(i)).then(|| a.value(i)));
+            }
+            e.sources.insert(link.source.as_str());
+            e.records += 1;
+        }
+    }
+    fn most_frequent<T: Ord + Clone>(values: &[Option<T>]) -> Option<T> {
+        let mut counts: BTreeMap<&T, (usize, usize)> = BTreeMap::new();
+        for (pos, v) in values.iter().enumerate() {
+            if let Some(v) = v {
+                let e = counts.entry(v).or_insert((0, pos));
+                e.0 += 1;
+            }
+        }
+        counts
+            .into_iter()
+            .max_by(|a, b| a.1.0.cmp(&b.1.0).then(b.1.1.cmp(&a.1.1)))
+            .map(|(v, _)| v.clone())
+    }
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(
+        persons.keys().map(|k| Some(*k)).collect::<StringArray>(),
+    )];
+    let text = |c: usize| -> ArrayRef {
+        Arc::new(
+            persons
+                .values()
+                .map(|p| most_frequent(&p.text[c]))
+                .collect::<StringArray>(),
+        )
+    };
+    let date = |c: usize| -> ArrayRef {
+        Arc::new(
+            persons
+                .values()
+                .map(|p| most_frequent(&p.dates[c]))
+                .collect::<Date32Array>(),
+        )
+    };
+    columns.extend([
+        text(0),
+        text(1),
+        date(0),
+        text(2),
+        text(3),
+        text(4),
+        text(5),
+        text(6),
+        date(1),
+    ]);
+    let mut sources = ListBuilder::new(StringBuilder::new());
+    for p in persons.values() {
+        for s in &p.sources {
+            sources.values().append_value(s);
+        }
+        sources.append(true);
+    }
+    columns.push(Arc::new(sources.finish()));
+    columns.push(Arc::new(
+        persons.values().map(|p| p.records).collect::<UInt32Array>(),
+    ));
+    RecordBatch::try_new(person_schema(), columns).map_err(engine_error)
+}
+
+/// Pairwise quality of a linkage against ground truth.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Evaluation {
+    pub records: u64,
+    pub true_pairs: u64,
+    pub predicted_pairs: u64,
+    pub true_positive_pairs: u64,
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    pub true_persons: u64,
+    pub predicted_persons: u64,
+}
+
+/// Compares `links` with a truth file (`source,source_patient_id,person_id`
+/// per line, with a header; the generator's `truth.csv`). Records absent
+/// from either side are left out.
+pub fn evaluate(links: &[PersonLink], truth: &Path) -> Result<Evaluation> {
+    let mut reader = csv::Reader::from_path(truth).map_err(|e| WardError::Config {
+        path: truth.to_path_buf(),
+        line: None,
+        column: None,
+        key: None,
+        message: format!("cannot read the truth file: {e}"),
+    })?;
+    let mut true_id: HashMap<(String, String), String> = HashMap::new();
+    for (i, row) in reader.records().enumerate() {
+        let row = row.map_err(|e| WardError::Extract {
+            path: truth.to_path_buf(),
+            line: Some(i as u64 + 2),
+            message: e.to_string(),
+        })?;
+        if row.len() < 3 {
+            return Err(WardError::Extract {
+                path: truth.to_path_buf(),
+                line: Some(i as u64 + 2),
+                message: "expected source,source_patient_id,person_id".into(),
+            });
+        }
+        true_id.insert((row[0].to_string(), row[1].to_string()), row[2].to_string());
+    }
+    let pairs = |n: u64| n * n.saturating_sub(1) / 2;
+    let mut by_true: HashMap<&str, u64> = HashMap::new();
+    let mut by_pred: HashMap<&str, u64> = HashMap::new();
+    let mut by_both: HashMap<(&str, &str), u64> = HashMap::new();
+    let mut records = 0;
+    for l in links {
+        let Some(t) = true_id.get(&(l.source.clone(), l.source_patient_id.clone())) else {
+            continue;
+        };
+        records += 1;
+        *by_true.entry(t).or_default() += 1;
+        *by_pred.entry(&l.person_id).or_default() += 1;
+        *by_both.entry((t, &l.person_id)).or_default() += 1;
+    }
+    let true_pairs: u64 = by_true.values().map(|&n| pairs(n)).sum();
+    let predicted_pairs: u64 = by_pred.values().map(|&n| pairs(n)).sum();
+    let tp: u64 = by_both.values().map(|&n| pairs(n)).sum();
+    let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
+    let (precision, recall) = (ratio(tp, predicted_pairs), ratio(tp, true_pairs));
+    Ok(Evaluation {
+        records,
+        true_pairs,
+        predicted_pairs,
+        true_positive_pairs: tp,
+        precision,
+        recall,
+        f1: if precision + recall > 0.0 {
+            2.0 * precision * recall / (precision + recall)
+        } else {
+            0.0
+        },
+        true_persons: by_true.len() as u64,
+        predicted_persons: by_pred.len() as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twins_are_vetoed_unless_a_personal_identifier_agrees() {
+        let rec = |given: &str, ssn: Option<&str>| Rec {
+            given: Some(given.into()),
+            family: Some("jackson".into()),
+            birth: NaiveDate::from_ymd_opt(1977, 7, 20),
+            address: Some("8461 maple st".into()),
+            ssn: ssn.map(str::to_string),
+            ..Rec::default()
+        };
+        assert!(twin_like(&rec("jessica", None), &rec("aisha", None)));
+        assert!(
+            !twin_like(&rec("jessica", None), &rec("jesica", None)),
+            "a typo"
+        );
+        assert!(!twin_like(
+            &rec("jessica", Some("123456780")),
+            &rec("aisha", Some("123456780"))
+        ));
+    }
+}

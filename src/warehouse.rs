@@ -129,6 +129,24 @@ impl Warehouse {
         tmp_dir.join(format!("{}-{name}", std::process::id()))
     }
 
+    /// Replaces the directory `dir` by `tmp` (written under `.tmp/`): the old
+    /// directory is moved aside, the new one renamed into place, the old
+    /// one removed.
+    pub fn publish_dir(&self, tmp: &Path, dir: &Path) -> Result<()> {
+        if let Some(parent) = dir.parent() {
+            fs::create_dir_all(parent).map_err(|e| WardError::io("cannot create", parent, e))?;
+        }
+        let old = tmp.with_extension("old");
+        if dir.exists() {
+            fs::rename(dir, &old).map_err(|e| WardError::io("cannot move aside", dir, e))?;
+        }
+        fs::rename(tmp, dir).map_err(|e| WardError::io("cannot publish", dir, e))?;
+        if old.exists() {
+            fs::remove_dir_all(&old).map_err(|e| WardError::io("cannot remove", &old, e))?;
+        }
+        Ok(())
+    }
+
     /// Syncs a file written under `.tmp/` and renames it to `path`.
     pub fn publish_file(&self, tmp: &Path, path: &Path) -> Result<()> {
         fs::File::open(tmp)

@@ -609,7 +609,11 @@ fn run_on_the_sample_writes_every_measure() {
         assert!(ids.iter().all(|i| i.as_deref() == Some(r.def.id.as_str())));
         // Linked persons, not provider records.
         let persons = strings(&batches, "person_id");
-        assert!(persons.iter().all(|p| p.as_deref().is_some_and(|p| p.starts_with('P'))));
+        assert!(
+            persons
+                .iter()
+                .all(|p| p.as_deref().is_some_and(|p| p.starts_with('P')))
+        );
     }
     // CMS122's numerator reasons agree with its detail columns.
     let cms122 = read_parquet(&marts.join("CMS122.parquet"));

@@ -1,4 +1,4 @@
-//! The build stage: core fact tables, `core/<table>.parquet`, each staged
+//! The build stage: core fact tables, `core/<table>/part-*.parquet`, each staged
 //! row with the `person_id` linkage gave its patient and `reported_by`, the
 //! sources that reported it. The same fact reported by several providers
 //! (same person, code, time and value) becomes one row; its other columns
@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use datafusion::dataframe::DataFrameWriteOptions;
-use datafusion::prelude::SessionContext;
+use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::error::{Result, WardError};
 use crate::schema::Table;
@@ -41,7 +41,7 @@ pub type BuildReport = Vec<(Table, u64)>;
 pub fn build(warehouse: &Warehouse) -> Result<BuildReport> {
     let core = warehouse.root().join("core");
     crate::engine::block_on(async {
-        let ctx = SessionContext::new();
+        let ctx = crate::engine::session(SessionConfig::new())?;
         crate::engine::register_staging(&ctx, warehouse).await?;
         crate::engine::register_parquet(
             &ctx,
@@ -52,23 +52,65 @@ pub fn build(warehouse: &Warehouse) -> Result<BuildReport> {
         .await?;
         let mut report = Vec::new();
         for table in Table::ALL.into_iter().filter(|t| *t != Table::Patient) {
-            let sql = build_sql(table);
-            let path = core.join(format!("{}.parquet", table.name()));
-            let rows = write(&ctx, warehouse, &sql, &path).await?;
+            let staged = count(
+                &ctx,
+                &format!("SELECT count(*) FROM staging_{}", table.name()),
+            )
+            .await?;
+            let buckets = staged.div_ceil(ROWS_PER_PART).clamp(1, 256);
+            let dir = core.join(table.name());
+            let tmp = warehouse.tmp_path(&dir);
+            if tmp.exists() {
+                // Left by a run that was killed.
+                std::fs::remove_dir_all(&tmp)
+                    .map_err(|e| WardError::io("cannot remove", &tmp, e))?;
+            }
+            let mut rows = 0;
+            for bucket in 0..buckets {
+                let sql = build_sql(table, buckets, bucket);
+                rows += write(&ctx, &sql, &tmp.join(format!("part-{bucket:05}.parquet"))).await?;
+            }
+            warehouse.publish_dir(&tmp, &dir)?;
+            tracing::info!(
+                table = table.name(),
+                rows,
+                parts = buckets,
+                "core table built"
+            );
             report.push((table, rows));
         }
         Ok(report)
     })
 }
 
+/// Rows of a staged table per part of its core table: persons are split
+/// into buckets so that each part's join, sort and de-duplication holds at
+/// most about this many rows in memory.
+const ROWS_PER_PART: u64 = 500_000;
+
+async fn count(ctx: &SessionContext, sql: &str) -> Result<u64> {
+    let batches = crate::engine::collect(ctx, sql).await?;
+    Ok(batches
+        .first()
+        .and_then(|b| {
+            b.column(0)
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::Int64Array>()
+        })
+        .map_or(0, |a| a.value(0).max(0) as u64))
+}
+
 /// Output order: deterministic, so that a re-run writes identical files.
 const ORDER: &str = "person_id, source, source_file, source_line";
 
-fn build_sql(table: Table) -> String {
+/// The rows of one bucket of persons (by the last two characters of the
+/// person id, a hash) of a core table.
+fn build_sql(table: Table, buckets: u64, bucket: u64) -> String {
     let name = table.name();
     let joined = format!(
         "SELECT l.person_id, f.* FROM staging_{name} f JOIN person_link l \
-         ON l.source = f.source AND l.source_patient_id = f.source_patient_id"
+         ON l.source = f.source AND l.source_patient_id = f.source_patient_id \
+         WHERE (ascii(substr(l.person_id, 16, 1)) * 256 + ascii(substr(l.person_id, 17, 1))) % {buckets} = {bucket}"
     );
     let columns: Vec<&str> = table.columns().iter().map(|c| c.name).collect();
     match fact_key(table) {
@@ -84,50 +126,47 @@ fn build_sql(table: Table) -> String {
             )
         }
         Some(key) => {
-            let group: Vec<String> = std::iter::once("person_id")
+            let partition: Vec<String> = std::iter::once("person_id")
                 .chain(key.iter().copied())
                 .map(|c| format!("\"{c}\""))
                 .collect();
-            let order = "ORDER BY source, source_file, source_line";
-            let select: Vec<String> = columns
+            let partition = partition.join(", ");
+            let list = columns
                 .iter()
-                .map(|c| {
-                    if key.contains(c) {
-                        format!("\"{c}\"")
-                    } else {
-                        format!("first_value(\"{c}\" {order}) AS \"{c}\"")
-                    }
-                })
-                .collect();
+                .map(|c| format!("\"{c}\""))
+                .collect::<Vec<_>>()
+                .join(", ");
+            // The first report of each fact (in source, file, line order)
+            // keeps its columns; every report adds its source.
             format!(
-                "SELECT person_id, {}, array_sort(array_agg(DISTINCT source)) AS reported_by \
-                 FROM ({joined}) j GROUP BY {} ORDER BY {ORDER}",
-                select.join(", "),
-                group.join(", ")
+                "SELECT person_id, {list}, reported_by FROM ( \
+                   SELECT j.*, \
+                     row_number() OVER (PARTITION BY {partition} ORDER BY source, source_file, source_line) AS first_, \
+                     array_sort(array_distinct(array_agg(source) OVER (PARTITION BY {partition}))) AS reported_by \
+                   FROM ({joined}) j) \
+                 WHERE first_ = 1 ORDER BY {ORDER}"
             )
         }
     }
 }
 
-/// Runs `sql` into one Parquet file written aside and renamed into `path`.
-async fn write(ctx: &SessionContext, warehouse: &Warehouse, sql: &str, path: &Path) -> Result<u64> {
+/// Runs `sql` into the Parquet file `path`.
+async fn write(ctx: &SessionContext, sql: &str, path: &Path) -> Result<u64> {
     let err = |e: datafusion::error::DataFusionError| WardError::Data {
         context: "building a core table",
         path: path.to_path_buf(),
         message: e.to_string(),
     };
-    let tmp = warehouse.tmp_path(path);
     let df = ctx.sql(sql).await.map_err(err)?;
     let written = df
         .write_parquet(
-            &tmp.display().to_string(),
+            &path.display().to_string(),
             DataFrameWriteOptions::new().with_single_file_output(true),
             None,
         )
         .await
         .map_err(err)?;
-    warehouse.publish_file(&tmp, path)?;
-    let rows = written
+    Ok(written
         .first()
         .and_then(|b| {
             b.column(0)
@@ -135,6 +174,5 @@ async fn write(ctx: &SessionContext, warehouse: &Warehouse, sql: &str, path: &Pa
                 .downcast_ref::<datafusion::arrow::array::UInt64Array>()
                 .map(|a| a.value(0))
         })
-        .unwrap_or(0);
-    Ok(rows)
+        .unwrap_or(0))
 }

@@ -26,7 +26,7 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::datatypes::{DataType, Date32Type, Field, Schema, SchemaRef};
 use datafusion::datasource::MemTable;
-use datafusion::prelude::SessionContext;
+use datafusion::prelude::SessionConfig;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
@@ -122,7 +122,7 @@ const BLOCKING_RULES: [(&str, &str); 6] = [
 /// and `core/person.parquet`.
 pub fn link(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Linkage> {
     let (raw, recs) = crate::engine::block_on(async {
-        let ctx = SessionContext::new();
+        let ctx = crate::engine::session(SessionConfig::new())?;
         crate::engine::register_staging(&ctx, warehouse).await?;
         let raw = crate::engine::collect(
             &ctx,
@@ -133,7 +133,9 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Linkage> {
         .await?;
         Ok((raw.clone(), records(&raw)))
     })?;
+    tracing::info!(records = recs.len(), "linkage: records standardized");
     let pairs = block(&recs)?;
+    tracing::info!(pairs = pairs.len(), "linkage: candidate pairs blocked");
     let mut report = LinkReport {
         records: recs.len() as u64,
         candidate_pairs: pairs.len() as u64,
@@ -169,6 +171,11 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Linkage> {
         &session(&same_names),
         opts.u_pairs,
         opts.seed,
+    );
+    tracing::info!(
+        prior = model.prior,
+        iterations = model.iterations,
+        "linkage: model fitted"
     );
     for (f, (name, _)) in model::FIELDS.iter().enumerate() {
         tracing::debug!(field = name, m = ?model.m[f], u = ?model.u[f], "linkage model");
@@ -262,6 +269,7 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Linkage> {
     report.persons = members.len() as u64;
     report.linked_persons = members.values().filter(|&&m| m > 1).count() as u64;
 
+    drop((recs, pairs, scored, parent, sources, joined_by));
     write_outputs(warehouse, &raw, &links)?;
     Ok(Linkage { report, links })
 }
@@ -368,41 +376,49 @@ fn block(recs: &[Rec]) -> Result<Vec<(u32, u32, u8)>> {
         str_col(&|r| r.email.clone()),
     ];
     let batch = RecordBatch::try_new(schema.clone(), columns).map_err(engine_error)?;
-    let sql = BLOCKING_RULES
-        .iter()
-        .enumerate()
-        .map(|(i, (_, on))| {
-            format!(
-                "SELECT a.rid AS l, b.rid AS r, CAST({i} AS TINYINT UNSIGNED) AS rule \
-                 FROM link_rec a JOIN link_rec b ON {on} WHERE a.rid < b.rid"
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ");
-    let sql = format!("SELECT l, r, min(rule) AS rule FROM ({sql}) GROUP BY l, r");
-    let batches = crate::engine::block_on(async {
-        let ctx = SessionContext::new();
+    // Each rule's pairs are streamed into (a << 32 | b, rule) keys, then
+    // sorted: a pair found by several rules keeps the first rule.
+    let mut keys: Vec<(u64, u8)> = Vec::new();
+    crate::engine::block_on(async {
+        let ctx = crate::engine::session(SessionConfig::new())?;
         let table = MemTable::try_new(schema, vec![vec![batch]]).map_err(engine_error)?;
         ctx.register_table("link_rec", Arc::new(table))
             .map_err(engine_error)?;
-        crate::engine::collect(&ctx, &sql).await
-    })?;
-    let mut pairs = Vec::new();
-    for b in &batches {
-        let (l, r, rule) = (
-            b.column(0)
-                .as_primitive::<datafusion::arrow::datatypes::UInt32Type>(),
-            b.column(1)
-                .as_primitive::<datafusion::arrow::datatypes::UInt32Type>(),
-            b.column(2)
-                .as_primitive::<datafusion::arrow::datatypes::UInt8Type>(),
-        );
-        for i in 0..b.num_rows() {
-            pairs.push((l.value(i), r.value(i), rule.value(i)));
+        for (i, (_, on)) in BLOCKING_RULES.iter().enumerate() {
+            let sql = format!(
+                "SELECT a.rid AS l, b.rid AS r FROM link_rec a JOIN link_rec b ON {on} WHERE a.rid < b.rid"
+            );
+            let mut stream = ctx
+                .sql(&sql)
+                .await
+                .map_err(engine_error)?
+                .execute_stream()
+                .await
+                .map_err(engine_error)?;
+            while let Some(b) = futures::StreamExt::next(&mut stream).await {
+                let b = b.map_err(engine_error)?;
+                let (l, r) = (
+                    b.column(0)
+                        .as_primitive::<datafusion::arrow::datatypes::UInt32Type>(),
+                    b.column(1)
+                        .as_primitive::<datafusion::arrow::datatypes::UInt32Type>(),
+                );
+                keys.extend(
+                    l.values()
+                        .iter()
+                        .zip(r.values())
+                        .map(|(l, r)| ((u64::from(*l) << 32) | u64::from(*r), i as u8)),
+                );
+            }
         }
-    }
-    pairs.sort_unstable();
-    Ok(pairs)
+        Ok(())
+    })?;
+    keys.par_sort_unstable();
+    keys.dedup_by_key(|k| k.0);
+    Ok(keys
+        .into_iter()
+        .map(|(k, rule)| ((k >> 32) as u32, k as u32, rule))
+        .collect())
 }
 
 fn engine_error(e: impl std::fmt::Display) -> WardError {
@@ -487,111 +503,104 @@ fn person_table(raw: &[RecordBatch], links: &[PersonLink]) -> Result<RecordBatch
         "postal_code",
     ];
     const DATES: [&str; 2] = ["birth_date", "deceased_date"];
-    /// A person's values per column, in record order, and sources.
-    #[derive(Default)]
-    struct Values<'a> {
-        text: Vec<Vec<Option<String>>>,
-        dates: Vec<Vec<Option<i32>>>,
-        sources: BTreeSet<&'a str>,
-        records: u32,
-    }
-    let mut persons: BTreeMap<&str, Values> = BTreeMap::new();
-    let mut k = 0;
-    for b in raw {
-        let texts: Vec<StringArray> = TEXT
-            .iter()
-            .map(|c| {
-                let a = datafusion::arrow::compute::cast(
-                    b.column_by_name(c).expect("selected"),
-                    &DataType::Utf8,
-                )
-                .expect("castable");
-                a.as_string::<i32>().clone()
-            })
-            .collect();
-        let dates: Vec<Date32Array> = DATES
-            .iter()
-            .map(|c| {
-                b.column_by_name(c)
-                    .expect("selected")
-                    .as_primitive::<Date32Type>()
-                    .clone()
-            })
-            .collect();
-        for i in 0..b.num_rows() {
-            let link = &links[k];
-            k += 1;
-            let e = persons
-                .entry(link.person_id.as_str())
-                .or_insert_with(|| Values {
-                    text: vec![Vec::new(); TEXT.len()],
-                    dates: vec![Vec::new(); DATES.len()],
-                    ..Values::default()
-                });
-            for (c, a) in texts.iter().enumerate() {
-                e.text[c].push((!a.is_null(i)).then(|| a.value(i).to_string()));
-            }
-            for (c, a) in dates.iter().enumerate() {
-                e.dates[c].push((!a.is_null(i)).then(|| a.value(i)));
-            }
-            e.sources.insert(link.source.as_str());
-            e.records += 1;
+    let schema = raw.first().map(RecordBatch::schema);
+    let all = match schema {
+        Some(schema) => {
+            datafusion::arrow::compute::concat_batches(&schema, raw).map_err(engine_error)?
         }
-    }
-    fn most_frequent<T: Ord + Clone>(values: &[Option<T>]) -> Option<T> {
-        let mut counts: BTreeMap<&T, (usize, usize)> = BTreeMap::new();
-        for (pos, v) in values.iter().enumerate() {
-            if let Some(v) = v {
-                let e = counts.entry(v).or_insert((0, pos));
-                e.0 += 1;
+        None => return Ok(RecordBatch::new_empty(person_schema())),
+    };
+    let text: Vec<StringArray> = TEXT
+        .iter()
+        .map(|c| {
+            let a = datafusion::arrow::compute::cast(
+                all.column_by_name(c).expect("selected"),
+                &DataType::Utf8,
+            )
+            .map_err(engine_error)?;
+            Ok(a.as_string::<i32>().clone())
+        })
+        .collect::<Result<_>>()?;
+    let dates: Vec<Date32Array> = DATES
+        .iter()
+        .map(|c| {
+            all.column_by_name(c)
+                .expect("selected")
+                .as_primitive::<Date32Type>()
+                .clone()
+        })
+        .collect();
+    // Records grouped by person, in record order within a person.
+    let mut order: Vec<usize> = (0..links.len()).collect();
+    order.sort_by(|a, b| links[*a].person_id.cmp(&links[*b].person_id));
+    /// The most frequent value; ties go to the earliest record.
+    fn most_frequent<T: PartialEq + Copy>(values: impl Iterator<Item = Option<T>>) -> Option<T> {
+        let mut counts: Vec<(T, usize)> = Vec::new();
+        for v in values.flatten() {
+            match counts.iter_mut().find(|(x, _)| *x == v) {
+                Some(c) => c.1 += 1,
+                None => counts.push((v, 1)),
             }
         }
-        counts
-            .into_iter()
-            .max_by(|a, b| a.1.0.cmp(&b.1.0).then(b.1.1.cmp(&a.1.1)))
-            .map(|(v, _)| v.clone())
+        let best = counts.iter().map(|c| c.1).max()?;
+        counts.into_iter().find(|c| c.1 == best).map(|c| c.0)
     }
-    let mut columns: Vec<ArrayRef> = vec![Arc::new(
-        persons.keys().map(|k| Some(*k)).collect::<StringArray>(),
-    )];
-    let text = |c: usize| -> ArrayRef {
-        Arc::new(
-            persons
-                .values()
-                .map(|p| most_frequent(&p.text[c]))
-                .collect::<StringArray>(),
-        )
-    };
-    let date = |c: usize| -> ArrayRef {
-        Arc::new(
-            persons
-                .values()
-                .map(|p| most_frequent(&p.dates[c]))
-                .collect::<Date32Array>(),
-        )
-    };
-    columns.extend([
-        text(0),
-        text(1),
-        date(0),
-        text(2),
-        text(3),
-        text(4),
-        text(5),
-        text(6),
-        date(1),
-    ]);
+    let mut ids = StringBuilder::new();
+    let mut text_out: Vec<StringBuilder> = TEXT.iter().map(|_| StringBuilder::new()).collect();
+    let mut date_out: Vec<Vec<Option<i32>>> = vec![Vec::new(); DATES.len()];
     let mut sources = ListBuilder::new(StringBuilder::new());
-    for p in persons.values() {
-        for s in &p.sources {
+    let mut records = Vec::new();
+    for group in order.chunk_by(|a, b| links[*a].person_id == links[*b].person_id) {
+        ids.append_value(&links[group[0]].person_id);
+        for (c, a) in text.iter().enumerate() {
+            let values = group.iter().map(|&i| (!a.is_null(i)).then(|| a.value(i)));
+            text_out[c].append_option(most_frequent(values));
+        }
+        for (c, a) in dates.iter().enumerate() {
+            let values = group.iter().map(|&i| (!a.is_null(i)).then(|| a.value(i)));
+            date_out[c].push(most_frequent(values));
+        }
+        let set: BTreeSet<&str> = group.iter().map(|&i| links[i].source.as_str()).collect();
+        for s in set {
             sources.values().append_value(s);
         }
         sources.append(true);
+        records.push(group.len() as u32);
     }
-    columns.push(Arc::new(sources.finish()));
-    columns.push(Arc::new(
-        persons.values().map(|p| p.records).collect::<UInt32Array>(),
-    ));
+    let mut text_out = text_out
+        .into_iter()
+        .map(|mut b| Arc::new(b.finish()) as ArrayRef);
+    let mut date_out = date_out
+        .into_iter()
+        .map(|d| Arc::new(Date32Array::from(d)) as ArrayRef);
+    let mut next_text = || text_out.next().expect("seven text columns");
+    let (given, family, sex, race, ethnicity, state, postal) = (
+        next_text(),
+        next_text(),
+        next_text(),
+        next_text(),
+        next_text(),
+        next_text(),
+        next_text(),
+    );
+    let (birth, deceased) = (
+        date_out.next().expect("two dates"),
+        date_out.next().expect("two dates"),
+    );
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(ids.finish()),
+        given,
+        family,
+        birth,
+        sex,
+        race,
+        ethnicity,
+        state,
+        postal,
+        deceased,
+        Arc::new(sources.finish()),
+        Arc::new(UInt32Array::from(records)),
+    ];
     RecordBatch::try_new(person_schema(), columns).map_err(engine_error)
 }
 

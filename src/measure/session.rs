@@ -55,10 +55,7 @@ pub(crate) async fn session(
     queries: &Path,
     period: Period,
 ) -> Result<SessionContext> {
-    let config = SessionConfig::new()
-        .with_information_schema(true)
-        .with_target_partitions(rayon::current_num_threads().max(1));
-    let ctx = SessionContext::new_with_config(config);
+    let ctx = crate::engine::session(SessionConfig::new().with_information_schema(true))?;
     let err = |context: &'static str, path: &Path, e: datafusion::error::DataFusionError| {
         WardError::Data {
             context,
@@ -79,10 +76,10 @@ pub(crate) async fn session(
         )
         .await?;
         for table in Table::ALL.into_iter().filter(|t| *t != Table::Patient) {
-            let path = core.join(format!("{}.parquet", table.name()));
+            let path = core.join(table.name());
             ctx.register_parquet(
                 format!("core_{}", table.name()),
-                path.display().to_string(),
+                format!("{}/", path.display()),
                 datafusion::prelude::ParquetReadOptions::default(),
             )
             .await

@@ -8,7 +8,6 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::ListingOptions;
-use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::error::{Result, WardError};
@@ -25,30 +24,21 @@ pub(crate) fn block_on<T>(future: impl Future<Output = Result<T>>) -> Result<T> 
         .block_on(future)
 }
 
-/// Memory DataFusion may hold for sorts, joins, windows and aggregations;
-/// beyond it, sorts spill to the system's temporary directory, so that the
-/// core tables of a million-person warehouse build in bounded memory.
-pub(crate) const QUERY_MEMORY_LIMIT: usize = 2 << 30;
-
-/// A session with the memory limit and as many partitions as rayon threads.
-pub(crate) fn session(config: SessionConfig) -> Result<SessionContext> {
-    let runtime = RuntimeEnvBuilder::new()
-        .with_memory_limit(QUERY_MEMORY_LIMIT, 1.0)
-        .build_arc()
-        .map_err(|e| WardError::Data {
-            context: "starting the query engine",
-            path: Default::default(),
-            message: e.to_string(),
-        })?;
+/// A session with as many partitions as rayon threads.
+///
+/// No memory pool limit: DataFusion 55's spilling repartition panics under
+/// one ("partition not used yet", apache/datafusion#17334 and follow-ups).
+/// Memory is bounded instead by building core tables in buckets of persons.
+pub(crate) fn session(config: SessionConfig) -> SessionContext {
     let mut config = config.with_target_partitions(rayon::current_num_threads().max(1));
     // The parallel single-file Parquet writer buffers encoded row groups
-    // outside the memory pool; write serially instead.
+    // for the whole file; write serially instead.
     config
         .options_mut()
         .execution
         .parquet
         .allow_single_file_parallelism = false;
-    Ok(SessionContext::new_with_config_rt(config, runtime))
+    SessionContext::new_with_config(config)
 }
 
 /// Registers every canonical table's staging directory as

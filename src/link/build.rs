@@ -41,7 +41,7 @@ pub type BuildReport = Vec<(Table, u64)>;
 pub fn build(warehouse: &Warehouse) -> Result<BuildReport> {
     let core = warehouse.root().join("core");
     crate::engine::block_on(async {
-        let ctx = crate::engine::session(SessionConfig::new())?;
+        let ctx = crate::engine::session(SessionConfig::new());
         crate::engine::register_staging(&ctx, warehouse).await?;
         crate::engine::register_parquet(
             &ctx,

@@ -122,7 +122,7 @@ const BLOCKING_RULES: [(&str, &str); 6] = [
 /// and `core/person.parquet`.
 pub fn link(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Linkage> {
     let (raw, recs) = crate::engine::block_on(async {
-        let ctx = crate::engine::session(SessionConfig::new())?;
+        let ctx = crate::engine::session(SessionConfig::new());
         crate::engine::register_staging(&ctx, warehouse).await?;
         let raw = crate::engine::collect(
             &ctx,
@@ -380,7 +380,7 @@ fn block(recs: &[Rec]) -> Result<Vec<(u32, u32, u8)>> {
     // sorted: a pair found by several rules keeps the first rule.
     let mut keys: Vec<(u64, u8)> = Vec::new();
     crate::engine::block_on(async {
-        let ctx = crate::engine::session(SessionConfig::new())?;
+        let ctx = crate::engine::session(SessionConfig::new());
         let table = MemTable::try_new(schema, vec![vec![batch]]).map_err(engine_error)?;
         ctx.register_table("link_rec", Arc::new(table))
             .map_err(engine_error)?;

@@ -55,7 +55,7 @@ pub(crate) async fn session(
     queries: &Path,
     period: Period,
 ) -> Result<SessionContext> {
-    let ctx = crate::engine::session(SessionConfig::new().with_information_schema(true))?;
+    let ctx = crate::engine::session(SessionConfig::new().with_information_schema(true));
     let err = |context: &'static str, path: &Path, e: datafusion::error::DataFusionError| {
         WardError::Data {
             context,

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Ward's benchmark driver (run by benches/run.sh; not part of CI).
 
-Generates a population with `ward synth`, loads it with `ward run`, and runs
-the cohort workload with Ward (DataFusion), DuckDB and Polars on the same
-staging Parquet, in the same run. Each stage is a separate process measured
+Generates a population with `ward synth`, loads it with `ward ingest`, links
+it with `ward link` (and Splink on the same staged records, both scored
+against the generator's truth), runs every measure of queries/measures with
+`ward measure`, and runs the cohort workload with Ward (DataFusion), DuckDB
+and Polars on the same staging Parquet, in the same run. Each stage is a separate process measured
 with wait4(): wall time, CPU time (user + system) and peak resident memory.
 Prints a Markdown table for benches/RESULTS.md and writes results.json.
 """
@@ -65,7 +67,11 @@ def main():
     py = sys.executable
     rows = [measure("synth", [ward, "-q", "synth", "--patients", args.patients, "--providers", args.providers,
                               "--seed", args.seed, "--out", data], work / "logs")]
-    rows.append(measure("ingest (ward run)", [ward, "-q", "--config", data / "ward.toml", "run"], work / "logs"))
+    rows.append(measure("ingest (ward ingest)", [ward, "-q", "--config", data / "ward.toml", "ingest"], work / "logs"))
+    rows.append(measure("link + core build (ward link)", [ward, "--config", data / "ward.toml", "link",
+                                                         "--evaluate", data / "truth.csv"], work / "logs"))
+    rows.append(measure("link: Splink (DuckDB)", [py, here / "splink_link.py", wh, data / "truth.csv"], work / "logs"))
+    rows.append(measure("measures (ward measure, all)", [ward, "--config", data / "ward.toml", "measure"], work / "logs"))
     rows.append(measure("cohort: ward (DataFusion)", [cohort, wh], work / "logs"))
     rows.append(measure("cohort: DuckDB", [py, here / "duckdb_cohort.py", wh], work / "logs"))
     rows.append(measure("cohort: Polars", [py, here / "polars_cohort.py", wh], work / "logs"))
@@ -83,8 +89,8 @@ def main():
     for r in rows:
         q = f"{r['query_s']:.3f}" if r["query_s"] is not None else ""
         print(f"| {r['stage']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['cpu_s'] / r['wall_s']:.2f} | {r['peak_rss_mb']:.0f} | {q} |")
-    ward_q = rows[2]["query_s"]
-    print(f"\nWard/DuckDB query time: {ward_q / rows[3]['query_s']:.2f}; Ward/Polars: {ward_q / rows[4]['query_s']:.2f}")
+    ward_q = rows[5]["query_s"]
+    print(f"\nWard/DuckDB query time: {ward_q / rows[6]['query_s']:.2f}; Ward/Polars: {ward_q / rows[7]['query_s']:.2f}")
     for r in rows[2:]:
         print(f"\n{r['stage']} result:\n" + "\n".join(r["output"][-8:]))
     (work / "results.json").write_text(json.dumps(rows, indent=2, default=str))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Ward benchmarks, run by hand (not in CI). Builds release binaries, installs
-# DuckDB and Polars into a virtualenv, then runs benches/bench.py.
+# DuckDB, Polars and Splink into a virtualenv, then runs benches/bench.py.
 #   benches/run.sh [--patients N] [--providers K] [--seed S] [--work DIR]
 # Paste the Markdown it prints into benches/RESULTS.md.
 set -euo pipefail
@@ -11,6 +11,7 @@ venv=benches/.venv
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --upgrade pip
-    "$venv/bin/pip" install --quiet duckdb polars
 fi
+"$venv/bin/python" -c "import duckdb, polars, splink, numpy" 2>/dev/null \
+    || "$venv/bin/pip" install --quiet duckdb polars splink numpy
 exec "$venv/bin/python" benches/bench.py --target "$CARGO_TARGET_DIR" "$@"

@@ -145,3 +145,20 @@ SELECT person_id FROM (
   WHERE o.coding_system = 'loinc' AND o.coding_code = '71802-3'  -- Housing status
     AND o.end_day <= p.end_date
 ) WHERE k = 1 AND value_code = '160734000';                     -- Lives in nursing home
+
+-- The exclusion criteria per person, without the age conditions each
+-- measure puts on them.
+CREATE VIEW exclusion_criteria AS
+SELECT pt.person_id,
+       h.person_id IS NOT NULL AS hospice,
+       pc.person_id IS NOT NULL AS palliative,
+       nh.person_id IS NOT NULL AS nursing_home,
+       fr.person_id IS NOT NULL AS frailty,
+       ai.person_id IS NOT NULL OR dm.person_id IS NOT NULL AS advanced_illness_or_dementia_medication
+FROM patient pt
+LEFT JOIN hospice_person h ON h.person_id = pt.person_id
+LEFT JOIN palliative_person pc ON pc.person_id = pt.person_id
+LEFT JOIN nursing_home_person nh ON nh.person_id = pt.person_id
+LEFT JOIN frailty_person fr ON fr.person_id = pt.person_id
+LEFT JOIN advanced_illness_person ai ON ai.person_id = pt.person_id
+LEFT JOIN dementia_medication_person dm ON dm.person_id = pt.person_id;

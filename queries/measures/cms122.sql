@@ -51,21 +51,13 @@ last_assessment AS (   -- the lowest result of the most recent day; a result wit
   GROUP BY person_id, day
 ),
 flags AS (
-  SELECT pe.person_id, pe.age,
-         h.person_id IS NOT NULL AS hospice,
-         pc.person_id IS NOT NULL AS palliative,
-         pe.age >= 66 AND nh.person_id IS NOT NULL AS nursing_home,
-         pe.age >= 66 AND fr.person_id IS NOT NULL
-           AND (ai.person_id IS NOT NULL OR dm.person_id IS NOT NULL) AS frailty
+  SELECT pe.person_id, pe.age, x.hospice, x.palliative,
+         pe.age >= 66 AND x.nursing_home AS nursing_home,
+         pe.age >= 66 AND x.frailty AND x.advanced_illness_or_dementia_medication AS frailty
   FROM person pe
   JOIN diabetes d ON d.person_id = pe.person_id
   JOIN qualifying_encounter qe ON qe.person_id = pe.person_id
-  LEFT JOIN hospice_person h ON h.person_id = pe.person_id
-  LEFT JOIN palliative_person pc ON pc.person_id = pe.person_id
-  LEFT JOIN nursing_home_person nh ON nh.person_id = pe.person_id
-  LEFT JOIN frailty_person fr ON fr.person_id = pe.person_id
-  LEFT JOIN advanced_illness_person ai ON ai.person_id = pe.person_id
-  LEFT JOIN dementia_medication_person dm ON dm.person_id = pe.person_id
+  JOIN exclusion_criteria x ON x.person_id = pe.person_id
   WHERE pe.age BETWEEN 18 AND 75
 )
 SELECT

@@ -86,28 +86,19 @@ last_bp AS (   -- the lowest systolic and diastolic of that day; a reading witho
   GROUP BY q.person_id, d.day
 ),
 flags AS (
-  SELECT pe.person_id, pe.age,
-         h.person_id IS NOT NULL AS hospice,
-         pc.person_id IS NOT NULL AS palliative,
+  SELECT pe.person_id, pe.age, x.hospice, x.palliative,
          rp.person_id IS NOT NULL AS renal_or_pregnancy,
          ep.person_id IS NOT NULL AS esrd_procedure,
          ee.person_id IS NOT NULL AS esrd_encounter,
-         pe.age >= 66 AND nh.person_id IS NOT NULL AS nursing_home,
-         fr.person_id IS NOT NULL
-           AND (pe.age >= 81
-                OR (pe.age >= 66 AND (ai.person_id IS NOT NULL OR dm.person_id IS NOT NULL))) AS frailty
+         pe.age >= 66 AND x.nursing_home AS nursing_home,
+         x.frailty AND (pe.age >= 81 OR (pe.age >= 66 AND x.advanced_illness_or_dementia_medication)) AS frailty
   FROM person pe
   JOIN hypertension ht ON ht.person_id = pe.person_id
   JOIN qualifying_encounter qe ON qe.person_id = pe.person_id
-  LEFT JOIN hospice_person h ON h.person_id = pe.person_id
-  LEFT JOIN palliative_person pc ON pc.person_id = pe.person_id
+  JOIN exclusion_criteria x ON x.person_id = pe.person_id
   LEFT JOIN renal_or_pregnancy rp ON rp.person_id = pe.person_id
   LEFT JOIN esrd_procedure ep ON ep.person_id = pe.person_id
   LEFT JOIN esrd_encounter ee ON ee.person_id = pe.person_id
-  LEFT JOIN nursing_home_person nh ON nh.person_id = pe.person_id
-  LEFT JOIN frailty_person fr ON fr.person_id = pe.person_id
-  LEFT JOIN advanced_illness_person ai ON ai.person_id = pe.person_id
-  LEFT JOIN dementia_medication_person dm ON dm.person_id = pe.person_id
   WHERE pe.age BETWEEN 18 AND 85
 )
 SELECT

@@ -284,10 +284,16 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         };
-        anyhow::ensure!(
-            p.start <= p.end,
-            "the measurement period starts after it ends"
-        );
+        if p.start > p.end {
+            return Err(WardError::Config {
+                path: config_path.clone(),
+                line: None,
+                column: None,
+                key: Some("--period-start".into()),
+                message: "the measurement period starts after it ends".into(),
+            }
+            .into());
+        }
         Ok(p)
     };
     if let Command::Link { evaluate } = &cli.command {

@@ -251,9 +251,154 @@ fn help_lists_the_commands() {
     let out = ward(Path::new("."), &["--help"]);
     assert_eq!(out.status.code(), Some(0));
     let help = text(&out.stdout);
-    for cmd in ["run", "ingest", "validate", "--config", "--log-format"] {
+    for cmd in [
+        "run",
+        "ingest",
+        "validate",
+        "link",
+        "measure",
+        "measures",
+        "conformance",
+        "--config",
+        "--log-format",
+    ] {
         assert!(help.contains(cmd), "{help}");
     }
     let bad = ward(Path::new("."), &["frobnicate"]);
     assert_eq!(bad.status.code(), Some(2));
+}
+
+#[test]
+fn link_evaluates_against_the_truth() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    let cfg = config.to_str().unwrap();
+    assert_eq!(
+        ward(dir.path(), &["--config", cfg, "-q", "ingest"])
+            .status
+            .code(),
+        Some(0)
+    );
+    let truth = config.parent().unwrap().join("truth.csv");
+    let out = ward(
+        dir.path(),
+        &[
+            "--config",
+            cfg,
+            "link",
+            "--evaluate",
+            truth.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("-> 297 persons"), "{stdout}");
+    assert!(
+        stdout.contains("precision 1.0000, recall 1.0000, F1 1.0000"),
+        "{stdout}"
+    );
+    assert!(dir.path().join("wh/core/person_link.parquet").is_file());
+}
+
+#[test]
+fn measure_commands_report_and_refuse_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    let cfg = config.to_str().unwrap();
+    let list = ward(dir.path(), &["measures", "list"]);
+    assert_eq!(list.status.code(), Some(0), "{}", text(&list.stderr));
+    for id in [
+        "CMS122",
+        "CMS131",
+        "CMS165",
+        "DM-PREV",
+        "DM-CONTROL",
+        "DM-UNDX",
+    ] {
+        assert!(text(&list.stdout).contains(id));
+    }
+    let unknown = ward(
+        dir.path(),
+        &["--config", cfg, "measure", "--measure", "CMS999"],
+    );
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(text(&unknown.stderr).contains("unknown measure 'CMS999'"));
+    let half = ward(
+        dir.path(),
+        &["--config", cfg, "measure", "--period-start", "2025-01-01"],
+    );
+    assert_eq!(half.status.code(), Some(2));
+    let backwards = ward(
+        dir.path(),
+        &[
+            "--config",
+            cfg,
+            "measure",
+            "--period-start",
+            "2025-12-31",
+            "--period-end",
+            "2025-01-01",
+        ],
+    );
+    assert_eq!(backwards.status.code(), Some(2));
+    assert!(text(&backwards.stderr).contains("starts after it ends"));
+    let one = ward(
+        dir.path(),
+        &["--config", cfg, "measure", "--measure", "cms165"],
+    );
+    assert_eq!(one.status.code(), Some(0), "{}", text(&one.stderr));
+    assert!(text(&one.stdout).contains("CMS165"));
+    assert!(
+        dir.path()
+            .join("wh/marts/measure_patient/CMS165.parquet")
+            .is_file()
+    );
+}
+
+#[test]
+fn conformance_exits_1_on_a_mismatch_and_2_without_cases() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = dir.path().join("deck/case-1");
+    fs::create_dir_all(&case).unwrap();
+    // A 50-year-old without any visit is not in CMS165's initial population,
+    // but this case says it is.
+    let bundle = serde_json::json!({"resourceType": "Bundle", "type": "collection", "entry": [
+        {"fullUrl": "urn:uuid:p1", "resource": {"resourceType": "Patient", "id": "p1", "gender": "male", "birthDate": "1975-01-01"}},
+        {"resource": {"resourceType": "MeasureReport", "status": "complete", "type": "individual",
+          "period": {"start": "2025-01-01", "end": "2025-12-31"},
+          "group": [{"population": [
+            {"code": {"coding": [{"code": "initial-population"}]}, "count": 1},
+            {"code": {"coding": [{"code": "numerator"}]}, "count": 0}]}]}}]});
+    fs::write(case.join("bundle.json"), bundle.to_string()).unwrap();
+    let deck = dir.path().join("deck");
+    let out = ward(
+        dir.path(),
+        &[
+            "conformance",
+            "--deck",
+            deck.to_str().unwrap(),
+            "--measure",
+            "CMS165",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("FAIL") && stdout.contains("0 of 1 cases pass"),
+        "{stdout}"
+    );
+    let empty = dir.path().join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    let none = ward(
+        dir.path(),
+        &[
+            "conformance",
+            "--deck",
+            empty.to_str().unwrap(),
+            "--measure",
+            "CMS165",
+        ],
+    );
+    assert_eq!(none.status.code(), Some(2));
+    assert!(text(&none.stderr).contains("no test case found"));
 }

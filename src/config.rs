@@ -32,6 +32,9 @@ pub struct PipelineConfig {
     pub queries: Option<PathBuf>,
     /// Linkage settings (`[link]`).
     pub link: crate::link::LinkOptions,
+    /// Published counts from 1 to this minus one are suppressed
+    /// (`[report] min_cell_size`, default 11).
+    pub min_cell_size: u64,
     /// The providers to load, in config order.
     pub sources: Vec<SourceConfig>,
 }
@@ -102,6 +105,7 @@ struct RawConfig {
     #[serde(default)]
     ingest: RawIngest,
     link: Option<Spanned<RawLink>>,
+    report: Option<Spanned<RawReport>>,
     sources: Option<Spanned<Vec<RawSource>>>,
 }
 
@@ -112,6 +116,12 @@ struct RawPeriod {
     start: NaiveDate,
     #[serde(deserialize_with = "de_date")]
     end: NaiveDate,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReport {
+    min_cell_size: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -251,6 +261,21 @@ impl PipelineConfig {
             link.seed = l.seed.unwrap_or(link.seed);
         }
 
+        let mut min_cell_size = 11;
+        if let Some(r) = raw.report {
+            let span = r.span();
+            if let Some(n) = r.into_inner().min_cell_size {
+                if n < 1 {
+                    return Err(err(
+                        span,
+                        "report.min_cell_size",
+                        "must be at least 1".into(),
+                    ));
+                }
+                min_cell_size = n;
+            }
+        }
+
         Ok(PipelineConfig {
             path: path.to_path_buf(),
             warehouse: base.join(raw.warehouse.get_ref()),
@@ -258,6 +283,7 @@ impl PipelineConfig {
             as_of: raw.ingest.as_of,
             queries: raw.queries.map(|q| base.join(q)),
             link,
+            min_cell_size,
             sources,
         })
     }

@@ -17,6 +17,7 @@ pub mod ingest;
 pub mod link;
 pub mod mapping;
 pub mod measure;
+pub mod report;
 pub mod schema;
 pub mod synth;
 pub mod valuesets;
@@ -34,11 +35,14 @@ pub struct RunReport {
     pub link: link::LinkReport,
     pub core: link::build::BuildReport,
     pub measures: Vec<measure::MeasureResult>,
+    /// `reports/<run_id>/`, holding the stratified summary.
+    pub report_dir: std::path::PathBuf,
 }
 
 /// Runs every stage that exists, in order: ingest, linkage and the core
-/// tables, then every measure of `queries` for `period`, written to
-/// `marts/measure_patient/`.
+/// tables, every measure of `queries` for `period` (written to
+/// `marts/measure_patient/`), and the stratified, suppressed summary
+/// (`reports/<run_id>/`).
 ///
 /// Returns the report even when some files failed (the rest is published
 /// and measured); use [`IngestReport::failures`] to decide whether the run
@@ -58,10 +62,15 @@ pub fn run(
     let all: Vec<&measure::MeasureDef> = defs.iter().collect();
     let measures = measure::run(&warehouse, queries, &all, period)?;
     measure::write_marts(&warehouse, &measures)?;
+    let strata = measure::strata(&warehouse, queries, period)?;
+    let cells = report::summarize(&measures, &strata, config.min_cell_size);
+    let run_id = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    let report_dir = report::write(&warehouse, &run_id, &cells)?;
     Ok(RunReport {
         ingest,
         link: linkage.report,
         core,
         measures,
+        report_dir,
     })
 }

@@ -356,6 +356,10 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         if let Some(run) = &run {
             print_link(&run.link, &run.core);
             print_measures(&run.measures);
+            println!(
+                "summary by stratum (small cells suppressed): {}",
+                run.report_dir.display()
+            );
         }
     }
     let failures = report.failures();

@@ -84,6 +84,7 @@ pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Res
         as_of: None,
         queries: Some(queries.to_path_buf()),
         link: Default::default(),
+        min_cell_size: 11,
         sources: vec![SourceConfig {
             name: "deck".into(),
             format: SourceFormat::FhirBundle,

@@ -238,6 +238,19 @@ pub fn run(
     })
 }
 
+/// The `person_strata` view (queries/lib/strata.sql) for a period: one row
+/// per person and provider with the report strata.
+pub fn strata(warehouse: &Warehouse, queries: &Path, period: Period) -> Result<Vec<RecordBatch>> {
+    crate::engine::block_on(async {
+        let ctx = session::session(warehouse, queries, period).await?;
+        crate::engine::collect(
+            &ctx,
+            "SELECT person_id, provider, age_band, sex, race, ethnicity, state, zip3 FROM person_strata",
+        )
+        .await
+    })
+}
+
 /// Writes each result to `marts/measure_patient/<id>.parquet` (atomically,
 /// replacing the previous run's file) and returns the paths.
 pub fn write_marts(warehouse: &Warehouse, results: &[MeasureResult]) -> Result<Vec<PathBuf>> {

@@ -9,7 +9,8 @@
 //!   rows with `person_id` = `<source>/<source_patient_id>`. `condition`
 //!   adds `prevalence_start` and `prevalence_end` (see [`PREVALENCE_END`]).
 //! - `patient`: one row per person: `core/person` when linkage has run,
-//!   else the staged patient rows with that `person_id`.
+//!   else the staged patient rows with that `person_id`; both have
+//!   `sources`, the list of providers that know the person.
 //! - `<table>_coding` for every coded table: one row per coding of a fact
 //!   (`coding_system`, `coding_code`), to match single codes in any coding.
 //! - `<table>_vs`: the rows of `<table>_coding` whose coding is in a value
@@ -124,6 +125,9 @@ pub(crate) async fn session(
         views.push(match (linked, table) {
             (true, Table::Patient) => "CREATE VIEW patient AS SELECT * FROM core_person".into(),
             (true, _) => format!("CREATE VIEW {name} AS SELECT *{extra} FROM core_{name}"),
+            (false, Table::Patient) => "CREATE VIEW patient AS SELECT concat(source, '/', source_patient_id) AS person_id, *, \
+                 make_array(source) AS sources FROM staging_patient"
+                .into(),
             (false, _) => format!(
                 "CREATE VIEW {name} AS SELECT concat(source, '/', source_patient_id) AS person_id, *{extra} FROM staging_{name}"
             ),

@@ -1,0 +1,363 @@
+//! Report summaries: for every measure, population counts, rate and Wilson
+//! 95 % confidence interval, overall and by provider, age band, sex, race,
+//! ethnicity, state and 3-digit ZIP, with small-cell suppression; written
+//! as CSV, JSON and Parquet under `reports/<run_id>/`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Float64Array, RecordBatch, StringArray, UInt64Array,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use serde::Serialize;
+
+use crate::error::{Result, WardError};
+use crate::measure::{Counts, MeasureResult};
+use crate::warehouse::Warehouse;
+
+/// The stratifying dimensions, after `overall`.
+pub const DIMENSIONS: [&str; 7] = [
+    "provider",
+    "age_band",
+    "sex",
+    "race",
+    "ethnicity",
+    "state",
+    "zip3",
+];
+
+/// One row of the summary: a measure in one stratum. Suppressed counts are
+/// `None` with `suppressed` set — never zeroed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cell {
+    pub measure: String,
+    pub dimension: String,
+    pub stratum: String,
+    pub initial_population: Option<u64>,
+    pub denominator: Option<u64>,
+    pub denominator_exclusion: Option<u64>,
+    pub denominator_exception: Option<u64>,
+    pub numerator: Option<u64>,
+    pub rate: Option<f64>,
+    pub ci_low: Option<f64>,
+    pub ci_high: Option<f64>,
+    pub suppressed: bool,
+}
+
+/// Wilson score interval (95 %) of `x` successes in `n` trials.
+pub fn wilson(x: u64, n: u64) -> Option<(f64, f64)> {
+    if n == 0 {
+        return None;
+    }
+    let (x, n, z) = (x as f64, n as f64, 1.959_963_984_540_054);
+    let p = x / n;
+    let z2 = z * z;
+    let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
+    let half = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / (1.0 + z2 / n);
+    Some(((centre - half).max(0.0), (centre + half).min(1.0)))
+}
+
+/// Computes every measure's cells from the scored rows and the persons'
+/// strata (`measure::strata`), then suppresses small cells.
+pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u64) -> Vec<Cell> {
+    // person → (dimension values; providers)
+    let mut by_person: HashMap<String, (Vec<String>, Vec<String>)> = HashMap::new();
+    for b in strata {
+        let col = |name: &str| {
+            let a = datafusion::arrow::compute::cast(
+                b.column_by_name(name).expect("selected"),
+                &DataType::Utf8,
+            )
+            .expect("text");
+            a.as_string::<i32>().clone()
+        };
+        let person = col("person_id");
+        let provider = col("provider");
+        let others: Vec<StringArray> = DIMENSIONS[1..].iter().map(|d| col(d)).collect();
+        for i in 0..b.num_rows() {
+            let e = by_person
+                .entry(person.value(i).to_string())
+                .or_insert_with(|| {
+                    (
+                        others.iter().map(|a| a.value(i).to_string()).collect(),
+                        Vec::new(),
+                    )
+                });
+            if !provider.is_null(i) {
+                e.1.push(provider.value(i).to_string());
+            }
+        }
+    }
+    let mut cells = Vec::new();
+    for r in results {
+        let mut counts: BTreeMap<(usize, String), Counts> = BTreeMap::new();
+        for (person, f) in r.memberships() {
+            let mut add = |dim: usize, stratum: &str| {
+                let c = counts.entry((dim, stratum.to_string())).or_default();
+                c.initial_population += u64::from(f[0]);
+                c.denominator += u64::from(f[1]);
+                c.denominator_exclusion += u64::from(f[2]);
+                c.denominator_exception += u64::from(f[3]);
+                c.numerator += u64::from(f[4]);
+            };
+            add(0, "all");
+            match by_person.get(&person) {
+                Some((values, providers)) => {
+                    for p in providers {
+                        add(1, p);
+                    }
+                    for (k, v) in values.iter().enumerate() {
+                        add(k + 2, v);
+                    }
+                }
+                None => {
+                    for k in 1..=DIMENSIONS.len() {
+                        add(k, "unknown");
+                    }
+                }
+            }
+        }
+        let mut measure_cells: Vec<(usize, Cell)> = counts
+            .into_iter()
+            .map(|((dim, stratum), c)| {
+                let performance = c.denominator - c.denominator_exclusion - c.denominator_exception;
+                let ci = wilson(c.numerator, performance);
+                (
+                    dim,
+                    Cell {
+                        measure: r.def.id.clone(),
+                        dimension: if dim == 0 {
+                            "overall"
+                        } else {
+                            DIMENSIONS[dim - 1]
+                        }
+                        .into(),
+                        stratum,
+                        initial_population: Some(c.initial_population),
+                        denominator: Some(c.denominator),
+                        denominator_exclusion: Some(c.denominator_exclusion),
+                        denominator_exception: Some(c.denominator_exception),
+                        numerator: Some(c.numerator),
+                        rate: c.rate(),
+                        ci_low: ci.map(|c| c.0),
+                        ci_high: ci.map(|c| c.1),
+                        suppressed: false,
+                    },
+                )
+            })
+            .collect();
+        suppress(&mut measure_cells, min_cell);
+        cells.extend(measure_cells.into_iter().map(|(_, c)| c));
+    }
+    cells
+}
+
+/// Small-cell suppression. A cell is suppressed whole when any of its
+/// counts — or the people in the performance denominator outside the
+/// numerator, which subtraction would reveal — is between 1 and
+/// `min_cell - 1`. Complementary suppression: a dimension with exactly one
+/// suppressed stratum also suppresses its next smallest stratum, so that
+/// the suppressed cell cannot be recovered from the overall total.
+pub fn suppress(cells: &mut [(usize, Cell)], min_cell: u64) {
+    let small = |n: u64| n > 0 && n < min_cell;
+    let risky = |c: &Cell| {
+        let (ip, den, ex, exc, num) = (
+            c.initial_population.unwrap_or(0),
+            c.denominator.unwrap_or(0),
+            c.denominator_exclusion.unwrap_or(0),
+            c.denominator_exception.unwrap_or(0),
+            c.numerator.unwrap_or(0),
+        );
+        [ip, den, ex, exc, num, den - ex - exc - num, ip - den]
+            .into_iter()
+            .any(small)
+    };
+    for (_, c) in cells.iter_mut() {
+        c.suppressed = risky(c);
+    }
+    let dims: Vec<usize> = {
+        let mut d: Vec<usize> = cells.iter().map(|(d, _)| *d).filter(|d| *d > 0).collect();
+        d.dedup();
+        d
+    };
+    for dim in dims {
+        let in_dim: Vec<usize> = (0..cells.len()).filter(|&i| cells[i].0 == dim).collect();
+        if in_dim.iter().filter(|&&i| cells[i].1.suppressed).count() == 1
+            && let Some(&next) = in_dim
+                .iter()
+                .filter(|&&i| {
+                    !cells[i].1.suppressed && cells[i].1.initial_population.unwrap_or(0) > 0
+                })
+                .min_by_key(|&&i| (cells[i].1.initial_population, cells[i].1.stratum.clone()))
+        {
+            cells[next].1.suppressed = true;
+        }
+    }
+    for (_, c) in cells.iter_mut() {
+        if c.suppressed {
+            c.initial_population = None;
+            c.denominator = None;
+            c.denominator_exclusion = None;
+            c.denominator_exception = None;
+            c.numerator = None;
+            c.rate = None;
+            c.ci_low = None;
+            c.ci_high = None;
+        }
+    }
+}
+
+/// Schema of `summary.parquet`.
+pub fn summary_schema() -> SchemaRef {
+    let count = |n: &str| Field::new(n, DataType::UInt64, true);
+    let float = |n: &str| Field::new(n, DataType::Float64, true);
+    Arc::new(Schema::new(vec![
+        Field::new("measure", DataType::Utf8, false),
+        Field::new("dimension", DataType::Utf8, false),
+        Field::new("stratum", DataType::Utf8, false),
+        count("initial_population"),
+        count("denominator"),
+        count("denominator_exclusion"),
+        count("denominator_exception"),
+        count("numerator"),
+        float("rate"),
+        float("ci_low"),
+        float("ci_high"),
+        Field::new("suppressed", DataType::Boolean, false),
+    ]))
+}
+
+/// Writes `summary.csv`, `summary.json` and `summary.parquet` under
+/// `reports/<run_id>/`; returns the directory.
+pub fn write(warehouse: &Warehouse, run_id: &str, cells: &[Cell]) -> Result<PathBuf> {
+    let dir = warehouse.root().join("reports").join(run_id);
+    let text = |f: fn(&Cell) -> &str| -> ArrayRef {
+        Arc::new(cells.iter().map(|c| Some(f(c))).collect::<StringArray>())
+    };
+    let count = |f: fn(&Cell) -> Option<u64>| -> ArrayRef {
+        Arc::new(cells.iter().map(f).collect::<UInt64Array>())
+    };
+    let float = |f: fn(&Cell) -> Option<f64>| -> ArrayRef {
+        Arc::new(cells.iter().map(f).collect::<Float64Array>())
+    };
+    let batch = RecordBatch::try_new(
+        summary_schema(),
+        vec![
+            text(|c| &c.measure),
+            text(|c| &c.dimension),
+            text(|c| &c.stratum),
+            count(|c| c.initial_population),
+            count(|c| c.denominator),
+            count(|c| c.denominator_exclusion),
+            count(|c| c.denominator_exception),
+            count(|c| c.numerator),
+            float(|c| c.rate),
+            float(|c| c.ci_low),
+            float(|c| c.ci_high),
+            Arc::new(
+                cells
+                    .iter()
+                    .map(|c| Some(c.suppressed))
+                    .collect::<BooleanArray>(),
+            ),
+        ],
+    )
+    .map_err(|e| WardError::Data {
+        context: "building the summary",
+        path: dir.clone(),
+        message: e.to_string(),
+    })?;
+    warehouse.write_parquet(&dir.join("summary.parquet"), summary_schema(), &[batch])?;
+    let json = serde_json::to_vec_pretty(cells).expect("cells serialize");
+    write_file(warehouse, &dir.join("summary.json"), &json)?;
+    let mut csv = csv::Writer::from_writer(Vec::new());
+    for c in cells {
+        csv.serialize(c).map_err(|e| WardError::Data {
+            context: "writing the summary",
+            path: dir.join("summary.csv"),
+            message: e.to_string(),
+        })?;
+    }
+    let bytes = csv.into_inner().map_err(|e| WardError::Data {
+        context: "writing the summary",
+        path: dir.join("summary.csv"),
+        message: e.to_string(),
+    })?;
+    write_file(warehouse, &dir.join("summary.csv"), &bytes)?;
+    Ok(dir)
+}
+
+fn write_file(warehouse: &Warehouse, path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = warehouse.tmp_path(path);
+    std::fs::write(&tmp, bytes).map_err(|e| WardError::io("cannot write", &tmp, e))?;
+    warehouse.publish_file(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wilson_matches_published_values() {
+        // Newcombe (1998), table I: 81/263 → 0.2553–0.3662.
+        let (lo, hi) = wilson(81, 263).unwrap();
+        assert!(
+            (lo - 0.2553).abs() < 5e-4 && (hi - 0.3662).abs() < 5e-4,
+            "{lo} {hi}"
+        );
+        let (lo, hi) = wilson(0, 10).unwrap();
+        assert!(lo == 0.0 && (hi - 0.2775).abs() < 5e-4, "{hi}");
+        assert_eq!(wilson(3, 0), None);
+    }
+
+    fn cell(stratum: &str, den: u64, num: u64) -> Cell {
+        Cell {
+            measure: "M".into(),
+            dimension: "sex".into(),
+            stratum: stratum.into(),
+            initial_population: Some(den),
+            denominator: Some(den),
+            denominator_exclusion: Some(0),
+            denominator_exception: Some(0),
+            numerator: Some(num),
+            rate: None,
+            ci_low: None,
+            ci_high: None,
+            suppressed: false,
+        }
+    }
+
+    #[test]
+    fn small_cells_and_their_complement_are_suppressed() {
+        let mut cells = vec![
+            (0, cell("all", 120, 60)),
+            (1, cell("female", 100, 50)),
+            (1, cell("male", 15, 5)),
+            (1, cell("other", 5, 5)),
+            (1, cell("unknown", 0, 0)),
+        ];
+        suppress(&mut cells, 11);
+        let flags: Vec<bool> = cells.iter().map(|c| c.1.suppressed).collect();
+        // other: small; male: its numerator is small; female stays.
+        assert_eq!(flags, [false, false, true, true, false]);
+        assert!(cells[2].1.numerator.is_none() && cells[2].1.rate.is_none());
+
+        // One small stratum drags the next smallest with it.
+        let mut cells = vec![
+            (0, cell("all", 140, 70)),
+            (1, cell("a", 100, 50)),
+            (1, cell("b", 35, 17)),
+            (1, cell("c", 5, 3)),
+        ];
+        suppress(&mut cells, 11);
+        let flags: Vec<bool> = cells.iter().map(|c| c.1.suppressed).collect();
+        assert_eq!(flags, [false, false, true, true]);
+        // Complement within a cell: 20 in the denominator, 12 in the numerator
+        // and 8 outside it — suppressed.
+        let mut cells = vec![(1, cell("x", 20, 12))];
+        suppress(&mut cells, 11);
+        assert!(cells[0].1.suppressed);
+    }
+}

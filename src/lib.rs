@@ -37,6 +37,8 @@ pub struct RunReport {
     pub measures: Vec<measure::MeasureResult>,
     /// `reports/<run_id>/`, holding the stratified summary.
     pub report_dir: std::path::PathBuf,
+    /// Care-gap lists, one per provider (identified data, owner-only).
+    pub care_gaps: Vec<std::path::PathBuf>,
 }
 
 /// Runs every stage that exists, in order: ingest, linkage and the core
@@ -66,11 +68,14 @@ pub fn run(
     let cells = report::summarize(&measures, &strata, config.min_cell_size);
     let run_id = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
     let report_dir = report::write(&warehouse, &run_id, &cells)?;
+    let gaps = measure::care_gaps(&warehouse, queries, &measures)?;
+    let care_gaps = report::write_care_gaps(&warehouse, &run_id, &gaps)?;
     Ok(RunReport {
         ingest,
         link: linkage.report,
         core,
         measures,
         report_dir,
+        care_gaps,
     })
 }

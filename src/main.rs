@@ -360,6 +360,11 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
                 "summary by stratum (small cells suppressed): {}",
                 run.report_dir.display()
             );
+            println!(
+                "care-gap lists (identified, owner-only): {} in {}",
+                run.care_gaps.len(),
+                run.report_dir.join("phi").display()
+            );
         }
     }
     let failures = report.failures();

@@ -104,6 +104,66 @@ fn run_writes_a_suppressed_stratified_summary() {
     }
     assert!(hidden.values().all(|&k| k != 1), "{hidden:?}");
 
+    // Care gaps: owner-only files, one per provider; every listed person
+    // needs action, and every person who needs action is listed.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.join("phi")), 0o700);
+        for f in &run.care_gaps {
+            assert_eq!(mode(f), 0o600, "{}", f.display());
+        }
+    }
+    assert_eq!(run.care_gaps.len(), 3, "one list per provider");
+    let link = read_parquet(&config.warehouse.join("core/person_link.parquet"));
+    let person_of: BTreeMap<(String, String), String> = strings(&link, "source")
+        .into_iter()
+        .zip(strings(&link, "source_patient_id"))
+        .zip(strings(&link, "person_id"))
+        .map(|((s, i), p)| ((s.unwrap(), i.unwrap()), p.unwrap()))
+        .collect();
+    let patients = read_dir_batches(&config.warehouse.join("staging/patient"));
+    let mrn_of: BTreeMap<(String, String), Option<String>> = strings(&patients, "source")
+        .into_iter()
+        .zip(strings(&patients, "source_patient_id"))
+        .zip(strings(&patients, "mrn"))
+        .map(|((s, i), m)| ((s.unwrap(), i.unwrap()), m))
+        .collect();
+    let mut listed: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for f in &run.care_gaps {
+        let mut reader = csv::Reader::from_path(f).unwrap();
+        for row in reader.deserialize::<BTreeMap<String, String>>() {
+            let row = row.unwrap();
+            let key = (row["provider"].clone(), row["source_patient_id"].clone());
+            assert_eq!(
+                mrn_of[&key].clone().unwrap_or_default(),
+                row["mrn"],
+                "MRN at that provider"
+            );
+            assert!(!row["given_name"].is_empty() && !row["birth_date"].is_empty());
+            listed
+                .entry(row["measure_id"].clone())
+                .or_default()
+                .insert(person_of[&key].clone());
+        }
+    }
+    for r in &run.measures {
+        let needs: std::collections::BTreeSet<String> = r
+            .memberships()
+            .into_iter()
+            .filter(|(_, f)| match r.def.improvement {
+                ward::measure::Improvement::Decrease => f[4],
+                ward::measure::Improvement::Increase => f[1] && !f[2] && !f[3] && !f[4],
+            })
+            .map(|(p, _)| p)
+            .collect();
+        match r.def.care_gap {
+            Some(_) => assert_eq!(listed.get(&r.def.id), Some(&needs), "{}", r.def.id),
+            None => assert!(!listed.contains_key(&r.def.id)),
+        }
+    }
+
     // The same cells as CSV and JSON.
     let json: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.join("summary.json")).unwrap()).unwrap();

@@ -73,6 +73,15 @@ pub struct MeasureDef {
     /// after exclusions (e.g. control bands).
     #[serde(default)]
     pub category: Option<String>,
+    /// Care gaps: the action a clinic should take for denominator members
+    /// who need it (numerator members of an inverse measure, the others
+    /// not in the numerator); no care-gap list when absent.
+    #[serde(default)]
+    pub care_gap: Option<String>,
+    /// SQL `ORDER BY` over the measure's columns ranking its care gaps,
+    /// most urgent first (default: person id).
+    #[serde(default)]
+    pub care_gap_priority: Option<String>,
     /// The SQL file, beside the metadata.
     #[serde(skip)]
     pub sql: PathBuf,
@@ -248,6 +257,95 @@ pub fn strata(warehouse: &Warehouse, queries: &Path, period: Period) -> Result<V
             "SELECT person_id, provider, age_band, sex, race, ethnicity, state, zip3 FROM person_strata",
         )
         .await
+    })
+}
+
+/// Care gaps of the measures that define them, one row per provider record
+/// of each person who needs action (see [`MeasureDef::care_gap`]), most
+/// urgent first per provider. Identified data: name, birth date, MRN.
+pub fn care_gaps(
+    warehouse: &Warehouse,
+    queries: &Path,
+    results: &[MeasureResult],
+) -> Result<Vec<RecordBatch>> {
+    let Some(first) = results.first() else {
+        return Ok(Vec::new());
+    };
+    crate::engine::block_on(async {
+        let ctx = session::session(warehouse, queries, first.period).await?;
+        let link = warehouse.root().join("core").join("person_link.parquet");
+        crate::engine::register_parquet(
+            &ctx,
+            "person_link",
+            &link,
+            crate::link::person_link_schema(),
+        )
+        .await?;
+        let mut out = Vec::new();
+        for r in results {
+            let (Some(action), true) = (&r.def.care_gap, !r.rows.is_empty()) else {
+                continue;
+            };
+            let mart = format!("gap_{}", out.len());
+            let table =
+                datafusion::datasource::MemTable::try_new(r.schema.clone(), vec![r.rows.clone()])
+                    .map_err(|e| WardError::Data {
+                    context: "care gaps",
+                    path: r.def.sql.clone(),
+                    message: e.to_string(),
+                })?;
+            ctx.register_table(mart.as_str(), Arc::new(table))
+                .map_err(|e| WardError::Data {
+                    context: "care gaps",
+                    path: r.def.sql.clone(),
+                    message: e.to_string(),
+                })?;
+            let gap = match r.def.improvement {
+                Improvement::Decrease => "m.numerator",
+                Improvement::Increase => {
+                    "m.denominator AND NOT m.denominator_exclusion AND NOT m.denominator_exception AND NOT m.numerator"
+                }
+            };
+            let details: Vec<String> = r
+                .schema
+                .fields()
+                .iter()
+                .map(|f| f.name().as_str())
+                .filter(|n| {
+                    !POPULATIONS.contains(n)
+                        && !["measure_id", "period_start", "period_end", "person_id"].contains(n)
+                })
+                .map(|n| format!("'{n}=' || coalesce(CAST(m.\"{n}\" AS VARCHAR), '')"))
+                .collect();
+            let details = if details.is_empty() {
+                "''".to_string()
+            } else {
+                details.join(" || '; ' || ")
+            };
+            let priority = r.def.care_gap_priority.as_deref().unwrap_or("person_id");
+            let sql = format!(
+                "SELECT l.source AS provider, m.measure_id, pt.source_patient_id, pt.mrn, \
+                   pt.given_name, pt.family_name, pt.birth_date, \
+                   '{action}' AS action, {details} AS details, \
+                   array_to_string(array_remove(p.sources, l.source), ';') AS other_providers \
+                 FROM (SELECT *, row_number() OVER (ORDER BY {priority}) AS rank_ FROM {mart}) m \
+                 JOIN person_link l ON l.person_id = m.person_id \
+                 JOIN staging_patient pt ON pt.source = l.source AND pt.source_patient_id = l.source_patient_id \
+                 JOIN patient p ON p.person_id = m.person_id \
+                 WHERE {gap} ORDER BY provider, rank_",
+                action = action.replace('\'', "''"),
+            );
+            out.extend(
+                crate::engine::collect(&ctx, &sql)
+                    .await
+                    .map_err(|e| WardError::Data {
+                        context: "care gaps",
+                        path: r.def.sql.clone(),
+                        message: e.to_string(),
+                    })?,
+            );
+        }
+        Ok(out)
     })
 }
 

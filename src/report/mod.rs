@@ -289,6 +289,94 @@ pub fn write(warehouse: &Warehouse, run_id: &str, cells: &[Cell]) -> Result<Path
     Ok(dir)
 }
 
+/// Writes care gaps (`measure::care_gaps`) as one CSV per provider under
+/// `reports/<run_id>/phi/`, readable by the owner only: they identify
+/// patients. Returns the files written.
+pub fn write_care_gaps(
+    warehouse: &Warehouse,
+    run_id: &str,
+    gaps: &[RecordBatch],
+) -> Result<Vec<PathBuf>> {
+    let dir = warehouse.root().join("reports").join(run_id).join("phi");
+    std::fs::create_dir_all(&dir).map_err(|e| WardError::io("cannot create", &dir, e))?;
+    owner_only(&dir, 0o700)?;
+    let mut by_provider: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
+    let mut header: Vec<String> = Vec::new();
+    for b in gaps {
+        header = b
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let columns: Vec<StringArray> = b
+            .columns()
+            .iter()
+            .map(|c| {
+                let a = datafusion::arrow::compute::cast(c, &DataType::Utf8).map_err(|e| {
+                    WardError::Data {
+                        context: "writing care gaps",
+                        path: dir.clone(),
+                        message: e.to_string(),
+                    }
+                })?;
+                Ok(a.as_string::<i32>().clone())
+            })
+            .collect::<Result<_>>()?;
+        for i in 0..b.num_rows() {
+            let row: Vec<String> = columns
+                .iter()
+                .map(|a| {
+                    if a.is_null(i) {
+                        String::new()
+                    } else {
+                        a.value(i).to_string()
+                    }
+                })
+                .collect();
+            by_provider.entry(row[0].clone()).or_default().push(row);
+        }
+    }
+    let mut written = Vec::new();
+    for (provider, rows) in by_provider {
+        let path = dir.join(format!("care_gaps_{provider}.csv"));
+        let mut csv = csv::Writer::from_writer(Vec::new());
+        let bad = |e: csv::Error| WardError::Data {
+            context: "writing care gaps",
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        csv.write_record(&header).map_err(bad)?;
+        for row in rows {
+            csv.write_record(&row).map_err(bad)?;
+        }
+        let bytes = csv.into_inner().map_err(|e| WardError::Data {
+            context: "writing care gaps",
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let tmp = warehouse.tmp_path(&path);
+        std::fs::write(&tmp, bytes).map_err(|e| WardError::io("cannot write", &tmp, e))?;
+        owner_only(&tmp, 0o600)?;
+        warehouse.publish_file(&tmp, &path)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Restricts a path to its owner (Unix permissions; no-op elsewhere).
+fn owner_only(path: &Path, mode: u32) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| WardError::io("cannot restrict permissions of", path, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (path, mode);
+    Ok(())
+}
+
 fn write_file(warehouse: &Warehouse, path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = warehouse.tmp_path(path);
     std::fs::write(&tmp, bytes).map_err(|e| WardError::io("cannot write", &tmp, e))?;

@@ -29,8 +29,6 @@ use crate::config::{Period, load_toml};
 use crate::error::{Result, WardError};
 use crate::warehouse::Warehouse;
 
-pub use session::PREVALENCE_END;
-
 /// The population criteria columns, in report order.
 pub const POPULATIONS: [&str; 5] = [
     "initial_population",
@@ -173,18 +171,6 @@ impl Counts {
     pub fn rate(&self) -> Option<f64> {
         let d = self.denominator - self.denominator_exclusion - self.denominator_exception;
         (d > 0).then(|| self.numerator as f64 / d as f64)
-    }
-
-    /// The count of a population by its column name.
-    pub fn get(&self, population: &str) -> Option<u64> {
-        Some(match population {
-            "initial_population" => self.initial_population,
-            "denominator" => self.denominator,
-            "denominator_exclusion" => self.denominator_exclusion,
-            "denominator_exception" => self.denominator_exception,
-            "numerator" => self.numerator,
-            _ => return None,
-        })
     }
 }
 

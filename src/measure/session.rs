@@ -46,7 +46,7 @@ use crate::warehouse::Warehouse;
 /// (or one without a clinical status, as in most CSV extracts) lasts until
 /// its abatement or indefinitely; any other lasts until its abatement, and
 /// without one its end is unknown (`NULL`), so it overlaps nothing.
-pub const PREVALENCE_END: &str = "\
+const PREVALENCE_END: &str = "\
 CASE WHEN clinical_status IS NULL OR clinical_status IN ('active', 'recurrence', 'relapse') \
 THEN coalesce(abatement_date, DATE '9999-12-31') ELSE abatement_date END";
 

@@ -92,6 +92,17 @@ pub(crate) async fn register_parquet(
         .map_err(err)
 }
 
+/// Any column as text (`Utf8`), e.g. DataFusion's Utf8View strings or dates.
+pub(crate) fn text(
+    column: &datafusion::arrow::array::ArrayRef,
+) -> std::result::Result<datafusion::arrow::array::StringArray, datafusion::arrow::error::ArrowError>
+{
+    use datafusion::arrow::array::AsArray;
+    let utf8 =
+        datafusion::arrow::compute::cast(column, &datafusion::arrow::datatypes::DataType::Utf8)?;
+    Ok(utf8.as_string::<i32>().clone())
+}
+
 /// Runs `sql` and collects its batches.
 pub(crate) async fn collect(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
     let err = |e: datafusion::error::DataFusionError| WardError::Data {

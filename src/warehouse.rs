@@ -107,7 +107,11 @@ impl Warehouse {
     }
 
     /// Writes a file under `.tmp/`, syncs it and renames it to `path`.
-    fn publish(&self, path: &Path, write: impl FnOnce(&mut fs::File) -> Result<()>) -> Result<()> {
+    pub fn publish(
+        &self,
+        path: &Path,
+        write: impl FnOnce(&mut fs::File) -> Result<()>,
+    ) -> Result<()> {
         let tmp = self.tmp_path(path);
         let mut file =
             fs::File::create(&tmp).map_err(|e| WardError::io("cannot create", &tmp, e))?;

@@ -160,8 +160,7 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Linkage> {
     let same_names = |a: &Rec, b: &Rec| {
         a.given.is_some()
             && a.given == b.given
-            && a.family.as_deref().and_then(standardize::soundex)
-                == b.family.as_deref().and_then(standardize::soundex)
+            && a.family_soundex == b.family_soundex
             && a.birth.map(|d| chrono::Datelike::year(&d))
                 == b.birth.map(|d| chrono::Datelike::year(&d))
     };
@@ -186,8 +185,9 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Linkage> {
         .par_iter()
         .filter_map(|&(a, b, rule)| {
             let (x, y) = (&recs[a as usize], &recs[b as usize]);
-            let w = model.weight(x, y);
-            (model::probability(w) >= opts.threshold).then(|| (w, a, b, rule, twin_like(x, y)))
+            let levels = model::compare(x, y);
+            let w = model.weight(x, &levels);
+            (model::probability(w) >= opts.threshold).then(|| (w, a, b, rule, twin_like(&levels)))
         })
         .collect();
     report.vetoed_pairs = above.iter().filter(|p| p.4).count() as u64;
@@ -279,8 +279,7 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Linkage> {
 /// were independent. A pair whose given names disagree entirely (not a
 /// nickname, not a typo) is therefore never linked unless an identifier of
 /// the person itself (SSN or e-mail) agrees.
-fn twin_like(a: &Rec, b: &Rec) -> bool {
-    let levels = model::compare(a, b);
+fn twin_like(levels: &model::Levels) -> bool {
     levels[0] == Some(0) && levels[6] != Some(1) && levels[7] != Some(2)
 }
 
@@ -289,12 +288,7 @@ fn records(batches: &[RecordBatch]) -> Vec<Rec> {
     let mut out = Vec::new();
     for b in batches {
         let text = |name: &str| {
-            let c = datafusion::arrow::compute::cast(
-                b.column_by_name(name).expect("selected"),
-                &DataType::Utf8,
-            )
-            .expect("castable to text");
-            c.as_string::<i32>().clone()
+            crate::engine::text(b.column_by_name(name).expect("selected")).expect("text columns")
         };
         let (source, spid, given, family, sex) = (
             text("source"),
@@ -319,11 +313,13 @@ fn records(batches: &[RecordBatch]) -> Vec<Rec> {
             (!a.is_null(i)).then(|| a.value(i))
         }
         for i in 0..b.num_rows() {
+            let family_name = standardize::name(get(&family, i));
             out.push(Rec {
                 source: source.value(i).to_string(),
                 source_patient_id: spid.value(i).to_string(),
                 given: standardize::given(get(&given, i)),
-                family: standardize::name(get(&family, i)),
+                family_soundex: family_name.as_deref().and_then(standardize::soundex),
+                family: family_name,
                 birth: (!birth.is_null(i))
                     .then(|| birth.value_as_date(i))
                     .flatten(),
@@ -370,7 +366,7 @@ fn block(recs: &[Rec]) -> Result<Vec<(u32, u32, u8)>> {
         str_col(&|r| r.given.clone()),
         str_col(&|r| initial(&r.given)),
         str_col(&|r| initial(&r.family)),
-        str_col(&|r| r.family.as_deref().and_then(standardize::soundex)),
+        str_col(&|r| r.family_soundex.clone()),
         str_col(&|r| r.ssn.clone()),
         str_col(&|r| r.phone.clone()),
         str_col(&|r| r.email.clone()),
@@ -513,12 +509,7 @@ fn person_table(raw: &[RecordBatch], links: &[PersonLink]) -> Result<RecordBatch
     let text: Vec<StringArray> = TEXT
         .iter()
         .map(|c| {
-            let a = datafusion::arrow::compute::cast(
-                all.column_by_name(c).expect("selected"),
-                &DataType::Utf8,
-            )
-            .map_err(engine_error)?;
-            Ok(a.as_string::<i32>().clone())
+            crate::engine::text(all.column_by_name(c).expect("selected")).map_err(engine_error)
         })
         .collect::<Result<_>>()?;
     let dates: Vec<Date32Array> = DATES
@@ -695,6 +686,7 @@ mod tests {
             ssn: ssn.map(str::to_string),
             ..Rec::default()
         };
+        let twin_like = |a: &Rec, b: &Rec| twin_like(&model::compare(a, b));
         assert!(twin_like(&rec("jessica", None), &rec("aisha", None)));
         assert!(
             !twin_like(&rec("jessica", None), &rec("jesica", None)),

@@ -18,6 +18,8 @@ pub struct Rec {
     pub source_patient_id: String,
     pub given: Option<String>,
     pub family: Option<String>,
+    /// Soundex of `family` (a blocking key).
+    pub family_soundex: Option<String>,
     pub birth: Option<NaiveDate>,
     pub sex: Option<String>,
     pub zip: Option<String>,
@@ -204,10 +206,10 @@ impl Model {
         }
     }
 
-    /// Match weight (log2 Bayes factor plus prior odds) of a pair. An exact
-    /// name match weighs by how rare the name is, not by the average name.
-    pub fn weight(&self, a: &Rec, b: &Rec) -> f64 {
-        let levels = compare(a, b);
+    /// Match weight (log2 Bayes factor plus prior odds) of a pair with its
+    /// comparison levels (`compare(a, b)`). An exact name match weighs by
+    /// how rare the name is, not by the average name.
+    pub fn weight(&self, a: &Rec, levels: &Levels) -> f64 {
         let mut w = (self.prior / (1.0 - self.prior)).log2();
         for (f, level) in levels.iter().enumerate() {
             let Some(k) = *level else { continue };

@@ -268,24 +268,21 @@ pub fn care_gaps(
         )
         .await?;
         let mut out = Vec::new();
-        for r in results {
+        for (n, r) in results.iter().enumerate() {
             let (Some(action), true) = (&r.def.care_gap, !r.rows.is_empty()) else {
                 continue;
             };
-            let mart = format!("gap_{}", out.len());
+            let err = |message: String| WardError::Data {
+                context: "care gaps",
+                path: r.def.sql.clone(),
+                message,
+            };
+            let mart = format!("gap_{n}");
             let table =
                 datafusion::datasource::MemTable::try_new(r.schema.clone(), vec![r.rows.clone()])
-                    .map_err(|e| WardError::Data {
-                    context: "care gaps",
-                    path: r.def.sql.clone(),
-                    message: e.to_string(),
-                })?;
+                    .map_err(|e| err(e.to_string()))?;
             ctx.register_table(mart.as_str(), Arc::new(table))
-                .map_err(|e| WardError::Data {
-                    context: "care gaps",
-                    path: r.def.sql.clone(),
-                    message: e.to_string(),
-                })?;
+                .map_err(|e| err(e.to_string()))?;
             let gap = match r.def.improvement {
                 Improvement::Decrease => "m.numerator",
                 Improvement::Increase => {
@@ -324,11 +321,7 @@ pub fn care_gaps(
             out.extend(
                 crate::engine::collect(&ctx, &sql)
                     .await
-                    .map_err(|e| WardError::Data {
-                        context: "care gaps",
-                        path: r.def.sql.clone(),
-                        message: e.to_string(),
-                    })?,
+                    .map_err(|e| err(e.to_string()))?,
             );
         }
         Ok(out)
@@ -465,9 +458,7 @@ fn categories(
         let values = b
             .column_by_name(column)
             .ok_or_else(|| format!("category column '{column}' is not returned by the query"))?;
-        let values =
-            datafusion::arrow::compute::cast(values, &DataType::Utf8).map_err(|e| e.to_string())?;
-        let values = values.as_string::<i32>();
+        let values = crate::engine::text(values).map_err(|e| e.to_string())?;
         let flag = |name: &str| b.column_by_name(name).expect("scored").as_boolean().clone();
         let (den, ex, exc) = (
             flag("denominator"),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Float64Array, RecordBatch, StringArray, UInt64Array,
+    Array, ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, UInt64Array,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde::Serialize;
@@ -66,12 +66,7 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
     let mut by_person: HashMap<String, (Vec<String>, Vec<String>)> = HashMap::new();
     for b in strata {
         let col = |name: &str| {
-            let a = datafusion::arrow::compute::cast(
-                b.column_by_name(name).expect("selected"),
-                &DataType::Utf8,
-            )
-            .expect("text");
-            a.as_string::<i32>().clone()
+            crate::engine::text(b.column_by_name(name).expect("selected")).expect("text columns")
         };
         let person = col("person_id");
         let provider = col("provider");
@@ -271,7 +266,7 @@ pub fn write(warehouse: &Warehouse, run_id: &str, cells: &[Cell]) -> Result<Path
     })?;
     warehouse.write_parquet(&dir.join("summary.parquet"), summary_schema(), &[batch])?;
     let json = serde_json::to_vec_pretty(cells).expect("cells serialize");
-    write_file(warehouse, &dir.join("summary.json"), &json)?;
+    write_bytes(warehouse, &dir.join("summary.json"), &json)?;
     let mut csv = csv::Writer::from_writer(Vec::new());
     for c in cells {
         csv.serialize(c).map_err(|e| WardError::Data {
@@ -285,7 +280,7 @@ pub fn write(warehouse: &Warehouse, run_id: &str, cells: &[Cell]) -> Result<Path
         path: dir.join("summary.csv"),
         message: e.to_string(),
     })?;
-    write_file(warehouse, &dir.join("summary.csv"), &bytes)?;
+    write_bytes(warehouse, &dir.join("summary.csv"), &bytes)?;
     Ok(dir)
 }
 
@@ -299,7 +294,7 @@ pub fn write_care_gaps(
 ) -> Result<Vec<PathBuf>> {
     let dir = warehouse.root().join("reports").join(run_id).join("phi");
     std::fs::create_dir_all(&dir).map_err(|e| WardError::io("cannot create", &dir, e))?;
-    owner_only(&dir, 0o700)?;
+    owner_only(0o700, &dir, |p| std::fs::set_permissions(&dir, p))?;
     let mut by_provider: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
     let mut header: Vec<String> = Vec::new();
     for b in gaps {
@@ -313,14 +308,11 @@ pub fn write_care_gaps(
             .columns()
             .iter()
             .map(|c| {
-                let a = datafusion::arrow::compute::cast(c, &DataType::Utf8).map_err(|e| {
-                    WardError::Data {
-                        context: "writing care gaps",
-                        path: dir.clone(),
-                        message: e.to_string(),
-                    }
-                })?;
-                Ok(a.as_string::<i32>().clone())
+                crate::engine::text(c).map_err(|e| WardError::Data {
+                    context: "writing care gaps",
+                    path: dir.clone(),
+                    message: e.to_string(),
+                })
             })
             .collect::<Result<_>>()?;
         for i in 0..b.num_rows() {
@@ -355,32 +347,41 @@ pub fn write_care_gaps(
             path: path.clone(),
             message: e.to_string(),
         })?;
-        let tmp = warehouse.tmp_path(&path);
-        std::fs::write(&tmp, bytes).map_err(|e| WardError::io("cannot write", &tmp, e))?;
-        owner_only(&tmp, 0o600)?;
-        warehouse.publish_file(&tmp, &path)?;
+        warehouse.publish(&path, |file| {
+            owner_only(0o600, &path, |p| file.set_permissions(p))?;
+            write_all(file, &bytes, &path)
+        })?;
         written.push(path);
     }
     Ok(written)
 }
 
-/// Restricts a path to its owner (Unix permissions; no-op elsewhere).
-fn owner_only(path: &Path, mode: u32) -> Result<()> {
+/// Restricts a file or directory to its owner with `set` (Unix mode bits;
+/// nothing elsewhere).
+fn owner_only(
+    bits: u32,
+    path: &Path,
+    set: impl FnOnce(std::fs::Permissions) -> std::io::Result<()>,
+) -> Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        set(std::fs::Permissions::from_mode(bits))
             .map_err(|e| WardError::io("cannot restrict permissions of", path, e))?;
     }
     #[cfg(not(unix))]
-    let _ = (path, mode);
+    let _ = (bits, path, set);
     Ok(())
 }
 
-fn write_file(warehouse: &Warehouse, path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = warehouse.tmp_path(path);
-    std::fs::write(&tmp, bytes).map_err(|e| WardError::io("cannot write", &tmp, e))?;
-    warehouse.publish_file(&tmp, path)
+fn write_all(file: &mut std::fs::File, bytes: &[u8], path: &Path) -> Result<()> {
+    use std::io::Write;
+    file.write_all(bytes)
+        .map_err(|e| WardError::io("cannot write", path, e))
+}
+
+fn write_bytes(warehouse: &Warehouse, path: &Path, bytes: &[u8]) -> Result<()> {
+    warehouse.publish(path, |file| write_all(file, bytes, path))
 }
 
 #[cfg(test)]

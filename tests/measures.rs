@@ -576,19 +576,7 @@ fn run_on_the_sample_writes_every_measure() {
     let tmp = tempfile::tempdir().unwrap();
     let config_path = copy_sample(tmp.path());
     let config = ward::PipelineConfig::load(&config_path).unwrap();
-    let opts = ward::IngestOptions {
-        today: today(),
-        dry_run: false,
-    };
-    let period = config.measurement_period.unwrap();
-    let first = ward::run(
-        &config,
-        &opts,
-        &queries(),
-        period,
-        &indicatif::ProgressBar::hidden(),
-    )
-    .unwrap();
+    let first = run_all(&config);
     let defs = measure::catalog(&queries()).unwrap();
     assert_eq!(first.measures.len(), defs.len());
     let marts = tmp.path().join("wh/marts/measure_patient");
@@ -640,14 +628,7 @@ fn run_on_the_sample_writes_every_measure() {
     );
 
     let before = snapshot(&marts);
-    let second = ward::run(
-        &config,
-        &opts,
-        &queries(),
-        period,
-        &indicatif::ProgressBar::hidden(),
-    )
-    .unwrap();
+    let second = run_all(&config);
     assert_eq!(
         first.measures.iter().map(|r| r.counts).collect::<Vec<_>>(),
         second.measures.iter().map(|r| r.counts).collect::<Vec<_>>()

@@ -17,18 +17,7 @@ fn run_writes_a_suppressed_stratified_summary() {
     let tmp = tempfile::tempdir().unwrap();
     let config_path = copy_sample(tmp.path());
     let config = ward::PipelineConfig::load(&config_path).unwrap();
-    let opts = ward::IngestOptions {
-        today: today(),
-        dry_run: false,
-    };
-    let run = ward::run(
-        &config,
-        &opts,
-        &repo().join("queries"),
-        config.measurement_period.unwrap(),
-        &indicatif::ProgressBar::hidden(),
-    )
-    .unwrap();
+    let run = run_all(&config);
     let dir = &run.report_dir;
     let batches = read_parquet(&dir.join("summary.parquet"));
     let n = rows(&batches);

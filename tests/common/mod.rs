@@ -64,6 +64,22 @@ pub fn run_ingest(config: &Path) -> Result<IngestReport> {
     )
 }
 
+/// `ward::run` (every stage) with the sample's day, the bundled queries and
+/// the config's measurement period.
+pub fn run_all(config: &PipelineConfig) -> ward::RunReport {
+    ward::run(
+        config,
+        &IngestOptions {
+            today: today(),
+            dry_run: false,
+        },
+        &repo().join("queries"),
+        config.measurement_period.expect("the sample sets a period"),
+        &ProgressBar::hidden(),
+    )
+    .unwrap()
+}
+
 /// Reads every Parquet file under `dir` (recursively).
 pub fn read_dir_batches(dir: &Path) -> Vec<RecordBatch> {
     ward::warehouse::parquet_files(dir)

@@ -48,7 +48,8 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run every stage (the nightly job): ingest, then every measure.
+    /// Run every stage (the nightly job): ingest, link and core tables, every
+    /// measure, the stratified summary and care-gap lists.
     Run {
         #[command(flatten)]
         period: PeriodArgs,

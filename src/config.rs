@@ -35,6 +35,11 @@ pub struct PipelineConfig {
     /// Published counts from 1 to this minus one are suppressed
     /// (`[report] min_cell_size`, default 11).
     pub min_cell_size: u64,
+    /// Run directories kept under `runs/` (`[runs] keep`, default 7); the
+    /// current run is always kept.
+    pub keep_runs: usize,
+    /// Data-quality gates of `ward run` (`[gates]`).
+    pub gates: crate::runs::Gates,
     /// The providers to load, in config order.
     pub sources: Vec<SourceConfig>,
 }
@@ -68,6 +73,9 @@ pub struct SourceConfig {
     pub pattern: String,
     /// Absolute path of the mapping file (CSV sources only).
     pub mapping: Option<PathBuf>,
+    /// The source delivers every night: a run that loads no new or changed
+    /// file of it fails its delivery gate (`nightly = true`).
+    pub nightly: bool,
 }
 
 impl SourceConfig {
@@ -106,6 +114,8 @@ struct RawConfig {
     ingest: RawIngest,
     link: Option<Spanned<RawLink>>,
     report: Option<Spanned<RawReport>>,
+    runs: Option<Spanned<RawRuns>>,
+    gates: Option<Spanned<RawGates>>,
     sources: Option<Spanned<Vec<RawSource>>>,
 }
 
@@ -122,6 +132,21 @@ struct RawPeriod {
 #[serde(deny_unknown_fields)]
 struct RawReport {
     min_cell_size: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuns {
+    keep: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGates {
+    max_reject_rate: Option<f64>,
+    warn_reject_rate: Option<f64>,
+    max_row_drop: Option<f64>,
+    warn_row_drop: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -146,6 +171,8 @@ struct RawSource {
     format: SourceFormat,
     path: Spanned<String>,
     mapping: Option<Spanned<String>>,
+    #[serde(default)]
+    nightly: bool,
 }
 
 impl PipelineConfig {
@@ -240,6 +267,7 @@ impl PipelineConfig {
                 format: s.format,
                 pattern: pattern.to_string_lossy().into_owned(),
                 mapping,
+                nightly: s.nightly,
             });
         }
 
@@ -276,6 +304,49 @@ impl PipelineConfig {
             }
         }
 
+        let mut keep_runs = 7;
+        if let Some(r) = raw.runs {
+            let span = r.span();
+            if let Some(n) = r.into_inner().keep {
+                if n < 1 {
+                    return Err(err(span, "runs.keep", "must be at least 1".into()));
+                }
+                keep_runs = n;
+            }
+        }
+
+        let mut gates = crate::runs::Gates::default();
+        if let Some(g) = raw.gates {
+            let span = g.span();
+            let g = g.into_inner();
+            for (key, value, slot) in [
+                ("gates.max_reject_rate", g.max_reject_rate, &mut gates.max_reject_rate),
+                ("gates.warn_reject_rate", g.warn_reject_rate, &mut gates.warn_reject_rate),
+                ("gates.max_row_drop", g.max_row_drop, &mut gates.max_row_drop),
+                ("gates.warn_row_drop", g.warn_row_drop, &mut gates.warn_row_drop),
+            ] {
+                if let Some(v) = value {
+                    if !(0.0..=1.0).contains(&v) {
+                        return Err(err(
+                            span.clone(),
+                            key,
+                            "a share between 0 and 1 (0.05 = 5 %)".into(),
+                        ));
+                    }
+                    *slot = v;
+                }
+            }
+            if gates.warn_reject_rate > gates.max_reject_rate
+                || gates.warn_row_drop > gates.max_row_drop
+            {
+                return Err(err(
+                    span,
+                    "gates",
+                    "a warning threshold is above its failure threshold".into(),
+                ));
+            }
+        }
+
         Ok(PipelineConfig {
             path: path.to_path_buf(),
             warehouse: base.join(raw.warehouse.get_ref()),
@@ -284,6 +355,8 @@ impl PipelineConfig {
             queries: raw.queries.map(|q| base.join(q)),
             link,
             min_cell_size,
+            keep_runs,
+            gates,
             sources,
         })
     }

@@ -53,6 +53,17 @@ pub enum WardError {
         message: String,
     },
 
+    /// Another process holds the warehouse lock.
+    #[error("the warehouse is locked by {holder} ({}); wait for it to finish", path.display())]
+    Locked { path: PathBuf, holder: String },
+
+    /// A data-quality gate failed: the run's outputs were not published.
+    #[error("data-quality gate failed, run {run_id} not published: {}", failures.join("; "))]
+    GateFailed {
+        run_id: String,
+        failures: Vec<String>,
+    },
+
     /// The warehouse state (manifest) is unreadable or inconsistent.
     #[error("warehouse state {}: {message}", path.display())]
     State { path: PathBuf, message: String },

@@ -18,6 +18,7 @@ pub mod link;
 pub mod mapping;
 pub mod measure;
 pub mod report;
+pub mod runs;
 pub mod schema;
 pub mod synth;
 pub mod valuesets;
@@ -27,28 +28,36 @@ pub use config::PipelineConfig;
 pub use error::{Result, WardError};
 pub use ingest::{IngestOptions, IngestReport};
 
-/// What `ward run` did: the ingest report, linkage, the core tables built
-/// and the measures' results.
+/// What `ward run` did: the ingest report, linkage, the core tables built,
+/// the measures' results, and the published run.
 #[derive(Debug)]
 pub struct RunReport {
+    pub run_id: String,
+    /// `runs/<run_id>/`, now the current run.
+    pub run_dir: std::path::PathBuf,
+    pub manifest: runs::Manifest,
     pub ingest: IngestReport,
     pub link: link::LinkReport,
     pub core: link::build::BuildReport,
     pub measures: Vec<measure::MeasureResult>,
-    /// `reports/<run_id>/`, holding the stratified summary.
+    /// `reports/<run_id>/` in the run directory, holding the summary.
     pub report_dir: std::path::PathBuf,
     /// Care-gap lists, one per provider (identified data, owner-only).
     pub care_gaps: Vec<std::path::PathBuf>,
 }
 
-/// Runs every stage that exists, in order: ingest, linkage and the core
-/// tables, every measure of `queries` for `period` (written to
-/// `marts/measure_patient/`), and the stratified, suppressed summary
-/// (`reports/<run_id>/`).
+/// The nightly job. Takes the warehouse lock, runs every stage — ingest,
+/// the data-quality gates, linkage and the core tables, every measure of
+/// `queries` for `period` (`marts/measure_patient/`), the stratified,
+/// suppressed summary and the care-gap lists (`reports/<run_id>/`) — into
+/// its own directory `runs/<run_id>/`, writes the manifest and publishes the
+/// run by pointing `runs/CURRENT` at it, then prunes old runs
+/// (`[runs] keep`). See [`runs`] for the layout.
 ///
-/// Returns the report even when some files failed (the rest is published
-/// and measured); use [`IngestReport::failures`] to decide whether the run
-/// failed.
+/// A failed gate ([`WardError::GateFailed`]) or stage error leaves the
+/// current run as it was; the run's manifest records why it failed. Files
+/// that could not be loaded do not stop the run (see
+/// [`IngestReport::failures`]).
 pub fn run(
     config: &PipelineConfig,
     opts: &IngestOptions,
@@ -56,21 +65,211 @@ pub fn run(
     period: config::Period,
     progress: &indicatif::ProgressBar,
 ) -> Result<RunReport> {
-    let ingest = ingest::ingest(config, opts, progress)?;
+    let root = config.warehouse.as_path();
+    let lock = runs::Lock::acquire(root, "ward run")?;
+    let run_id = runs::new_run_id(root);
+    let span = tracing::info_span!("run", run_id = %run_id);
+    let _entered = span.enter();
+    let run_dir = runs::runs_dir(root).join(&run_id);
+    std::fs::create_dir_all(&run_dir).map_err(|e| WardError::io("cannot create", &run_dir, e))?;
+    let mut warnings = Vec::new();
+    if let Some(stale) = &lock.stale {
+        tracing::warn!(holder = %stale, "took over the lock of a process that died");
+        warnings.push(format!("took over the lock of a process that died: {stale}"));
+    }
+    for id in runs::remove_interrupted(root, &run_id)? {
+        tracing::warn!(interrupted = %id, "removed the directory of an interrupted run");
+        warnings.push(format!("run {id} had been interrupted; its directory was removed"));
+    }
+    let previous_dir = runs::current_dir(root)?;
+    let previous = match &previous_dir {
+        Some(dir) => Some(runs::Manifest::load(dir)?),
+        None => None,
+    };
+    let config_bytes =
+        std::fs::read(&config.path).map_err(|e| WardError::io("cannot read", &config.path, e))?;
+    let mut manifest = runs::Manifest {
+        run_id: run_id.clone(),
+        status: runs::RunStatus::Failed,
+        ward_version: env!("CARGO_PKG_VERSION").to_string(),
+        started: runs::now(),
+        finished: String::new(),
+        host: runs::hostname(),
+        pid: std::process::id(),
+        config: runs::ConfigInfo {
+            path: config.path.clone(),
+            sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&config_bytes)),
+        },
+        period: runs::PeriodInfo {
+            start: period.start.to_string(),
+            end: period.end.to_string(),
+        },
+        inputs: Vec::new(),
+        sources: Vec::new(),
+        linkage: None,
+        core: Default::default(),
+        measures: Vec::new(),
+        gates: Vec::new(),
+        stages: Vec::new(),
+        peak_memory_bytes: None,
+        outputs: Vec::new(),
+        phi_outputs: Vec::new(),
+        warnings,
+        error: None,
+    };
+    let outcome = run_stages(
+        config,
+        opts,
+        queries,
+        period,
+        progress,
+        &run_dir,
+        previous.as_ref(),
+        &mut manifest,
+    );
+    manifest.finished = runs::now();
+    manifest.peak_memory_bytes = manifest
+        .stages
+        .iter()
+        .filter_map(|s| s.peak_memory_bytes)
+        .max();
+    let mut report = match outcome {
+        Ok(report) => report,
+        Err(e) => {
+            manifest.error = Some(e.to_string());
+            manifest.outputs = runs::list_outputs(&run_dir).unwrap_or_default();
+            if let Err(write) = manifest.write(&run_dir) {
+                tracing::error!(error = %write, "cannot write the manifest of the failed run");
+            }
+            return Err(e);
+        }
+    };
+    let _publish = tracing::info_span!("stage", stage = "publish").entered();
+    let history = runs::load_history(previous_dir.as_deref())?;
+    runs::write_history(
+        &run_dir,
+        history,
+        runs::HistoryEntry {
+            run_id: run_id.clone(),
+            finished: manifest.finished.clone(),
+            period: manifest.period.clone(),
+            persons: report.link.persons,
+            measures: manifest.measures.clone(),
+        },
+    )?;
+    manifest.status = runs::RunStatus::Complete;
+    manifest.outputs = runs::list_outputs(&run_dir)?;
+    manifest.write(&run_dir)?;
+    tracing::info!("publishing");
+    runs::publish(root, &run_id)?;
+    tracing::info!(run_dir = %run_dir.display(), "run published");
+    for id in runs::prune(root, config.keep_runs)? {
+        tracing::info!(removed = %id, "old run removed ([runs] keep)");
+    }
+    report.manifest = manifest;
+    Ok(report)
+}
+
+/// Times a stage and measures its peak memory, inside a `stage` span (so
+/// every log line of the stage names it).
+fn stage<T>(manifest: &mut runs::Manifest, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let _span = tracing::info_span!("stage", stage = name).entered();
+    runs::reset_peak_memory();
+    let start = std::time::Instant::now();
+    tracing::info!("stage started");
+    let out = f();
+    let seconds = start.elapsed().as_secs_f64();
+    manifest.stages.push(runs::StageInfo {
+        stage: name.to_string(),
+        seconds,
+        peak_memory_bytes: runs::peak_memory(),
+    });
+    tracing::info!(seconds, ok = out.is_ok(), "stage finished");
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_stages(
+    config: &PipelineConfig,
+    opts: &IngestOptions,
+    queries: &std::path::Path,
+    period: config::Period,
+    progress: &indicatif::ProgressBar,
+    run_dir: &std::path::Path,
+    previous: Option<&runs::Manifest>,
+    manifest: &mut runs::Manifest,
+) -> Result<RunReport> {
+    let warehouse = warehouse::Warehouse::new(&config.warehouse).with_output(run_dir);
+    let ingest = stage(manifest, "ingest", || ingest::ingest(config, opts, progress))?;
+    let state = warehouse.load_state()?;
+    manifest.inputs = runs::inputs(&state, &ingest, previous);
+    manifest.sources = runs::source_tables(&manifest.inputs);
+    for failure in ingest.failures() {
+        manifest.warnings.push(failure);
+    }
+    manifest.gates = runs::check_gates(&config.gates, &config.sources, &manifest.sources, previous);
+    for gate in &manifest.gates {
+        match gate.outcome {
+            runs::GateOutcome::Pass => {}
+            runs::GateOutcome::Warn => {
+                tracing::warn!(gate = %gate.gate, source = %gate.source, "{}", gate.message);
+                manifest.warnings.push(gate.message.clone());
+            }
+            runs::GateOutcome::Fail => {
+                tracing::error!(gate = %gate.gate, source = %gate.source, "{}", gate.message)
+            }
+        }
+    }
+    let failed: Vec<String> = manifest
+        .gates
+        .iter()
+        .filter(|g| g.outcome == runs::GateOutcome::Fail)
+        .map(|g| g.message.clone())
+        .collect();
+    if !failed.is_empty() {
+        return Err(WardError::GateFailed {
+            run_id: manifest.run_id.clone(),
+            failures: failed,
+        });
+    }
     let defs = measure::catalog(queries)?;
-    let warehouse = warehouse::Warehouse::new(&config.warehouse);
-    let linkage = link::link(&warehouse, &config.link)?;
-    let core = link::build::build(&warehouse)?;
-    let all: Vec<&measure::MeasureDef> = defs.iter().collect();
-    let measures = measure::run(&warehouse, queries, &all, period)?;
-    measure::write_marts(&warehouse, &measures)?;
-    let strata = measure::strata(&warehouse, queries, period)?;
-    let cells = report::summarize(&measures, &strata, config.min_cell_size);
-    let run_id = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
-    let report_dir = report::write(&warehouse, &run_id, &cells)?;
-    let gaps = measure::care_gaps(&warehouse, queries, &measures)?;
-    let care_gaps = report::write_care_gaps(&warehouse, &run_id, &gaps)?;
+    let linkage = stage(manifest, "link", || link::link(&warehouse, &config.link))?;
+    manifest.linkage = Some(linkage.report.clone());
+    let core = stage(manifest, "build", || link::build::build(&warehouse))?;
+    manifest.core = core
+        .iter()
+        .map(|(t, n)| (t.name().to_string(), *n))
+        .chain([("person".to_string(), linkage.report.persons)])
+        .collect();
+    let measures = stage(manifest, "measures", || {
+        let all: Vec<&measure::MeasureDef> = defs.iter().collect();
+        let measures = measure::run(&warehouse, queries, &all, period)?;
+        measure::write_marts(&warehouse, &measures)?;
+        Ok(measures)
+    })?;
+    manifest.measures = measures.iter().map(runs::MeasureFigures::of).collect();
+    let run_id = manifest.run_id.clone();
+    let (report_dir, care_gaps) = stage(manifest, "report", || {
+        let strata = measure::strata(&warehouse, queries, period)?;
+        let cells = report::summarize(&measures, &strata, config.min_cell_size);
+        let report_dir = report::write(&warehouse, &run_id, &cells)?;
+        let gaps = measure::care_gaps(&warehouse, queries, &measures)?;
+        let care_gaps = report::write_care_gaps(&warehouse, &run_id, &gaps)?;
+        Ok((report_dir, care_gaps))
+    })?;
+    manifest.phi_outputs = care_gaps
+        .iter()
+        .map(|p| {
+            p.strip_prefix(run_dir)
+                .unwrap_or(p)
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
     Ok(RunReport {
+        run_id,
+        run_dir: run_dir.to_path_buf(),
+        manifest: manifest.clone(),
         ingest,
         link: linkage.report,
         core,

@@ -12,12 +12,18 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ward::ingest::{FileStatus, IngestReport};
 use ward::{IngestOptions, PipelineConfig, WardError};
 
+mod logging;
+
 /// Exit code of a usage or configuration error.
 const EXIT_CONFIG: u8 = 2;
 /// Exit code of a run that failed (some input could not be loaded).
 const EXIT_FAILED: u8 = 3;
-/// Exit code of a conformance check with a mismatching test case.
+/// Exit code of a conformance check with a mismatching test case, of a run
+/// stopped by a data-quality gate, and of `ward status` when the latest run
+/// did not publish.
 const EXIT_MISMATCH: u8 = 1;
+/// Exit code when another process holds the warehouse lock (retry later).
+const EXIT_LOCKED: u8 = 4;
 
 /// Ward: provider extracts in, validated Parquet warehouse and population
 /// health measures out.
@@ -74,6 +80,15 @@ enum Command {
         #[command(flatten)]
         period: PeriodArgs,
     },
+    /// List past runs, newest first: status, timings, rows, headline rates.
+    Runs {
+        /// At most this many runs.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// The current published run, the lock, and whether the latest run
+    /// failed and why; exits 1 when the latest run did not publish.
+    Status,
     /// Measures: list the measures of queries/measures/.
     Measures {
         #[command(subcommand)]
@@ -156,15 +171,13 @@ fn main() -> ExitCode {
     match execute(&cli) {
         Ok(code) => code,
         Err(e) => {
-            let config_error = e
-                .downcast_ref::<WardError>()
-                .is_some_and(WardError::is_config_error);
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
-            ExitCode::from(if config_error {
-                EXIT_CONFIG
-            } else {
-                EXIT_FAILED
+            ExitCode::from(match e.downcast_ref::<WardError>() {
+                Some(w) if w.is_config_error() => EXIT_CONFIG,
+                Some(WardError::GateFailed { .. }) => EXIT_MISMATCH,
+                Some(WardError::Locked { .. }) => EXIT_LOCKED,
+                _ => EXIT_FAILED,
             })
         }
     }
@@ -297,6 +310,21 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Ok(p)
     };
+    if let Command::Runs { limit } = &cli.command {
+        print_runs(&ward::runs::list(&config.warehouse)?, *limit);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Command::Status = &cli.command {
+        return status(&config.warehouse);
+    }
+    // Every other command writes to the warehouse: one at a time.
+    let _lock = match &cli.command {
+        Command::Run { .. } | Command::Validate => None, // `run` locks itself
+        _ => Some(ward::runs::Lock::acquire(
+            &config.warehouse,
+            &format!("ward {}", command_name(&cli.command)),
+        )?),
+    };
     if let Command::Link { evaluate } = &cli.command {
         let warehouse = ward::warehouse::Warehouse::new(&config.warehouse);
         let linkage = ward::link::link(&warehouse, &config.link)?;
@@ -366,6 +394,14 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
                 run.care_gaps.len(),
                 run.report_dir.join("phi").display()
             );
+            for w in &run.manifest.warnings {
+                println!("warning: {w}");
+            }
+            println!(
+                "run {} published: {}",
+                run.run_id,
+                run.run_dir.join(ward::runs::MANIFEST).display()
+            );
         }
     }
     let failures = report.failures();
@@ -381,6 +417,131 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         );
         Ok(ExitCode::from(EXIT_FAILED))
     }
+}
+
+fn command_name(command: &Command) -> &'static str {
+    match command {
+        Command::Run { .. } => "run",
+        Command::Ingest => "ingest",
+        Command::Validate => "validate",
+        Command::Link { .. } => "link",
+        Command::Measure { .. } => "measure",
+        Command::Runs { .. } => "runs",
+        Command::Status => "status",
+        Command::Measures { .. } => "measures",
+        Command::Conformance { .. } => "conformance",
+        Command::Valuesets { .. } => "valuesets",
+        Command::Synth { .. } => "synth",
+    }
+}
+
+fn print_runs(runs: &[ward::runs::RunListing], limit: usize) {
+    let mut table = TextTable::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "run", "status", "finished", "seconds", "rows read", "rejected", "persons", "measures",
+        "note",
+    ]);
+    for r in runs.iter().take(limit) {
+        let Some(m) = &r.manifest else {
+            table.add_row(vec![
+                r.run_id.clone(),
+                r.status().into(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                "no manifest: killed, or running now".into(),
+            ]);
+            continue;
+        };
+        let sum = |f: fn(&ward::runs::SourceTable) -> u64| -> u64 { m.sources.iter().map(f).sum() };
+        let seconds: f64 = m.stages.iter().map(|s| s.seconds).sum();
+        let rates: Vec<String> = m
+            .measures
+            .iter()
+            .map(|x| match x.rate {
+                Some(r) => format!("{} {:.1}%", x.id, r * 100.0),
+                None => format!("{} -", x.id),
+            })
+            .collect();
+        let note = match (&m.error, m.warnings.len()) {
+            (Some(e), _) => e.clone(),
+            (None, 0) => String::new(),
+            (None, n) => format!("{n} warning(s)"),
+        };
+        table.add_row(vec![
+            r.run_id.clone(),
+            r.status().into(),
+            m.finished.clone(),
+            format!("{seconds:.1}"),
+            sum(|t| t.rows_read).to_string(),
+            sum(|t| t.rows_rejected).to_string(),
+            m.linkage.as_ref().map(|l| l.persons.to_string()).unwrap_or_default(),
+            rates.join(", "),
+            note,
+        ]);
+    }
+    println!("{table}");
+}
+
+/// `ward status`: exit 0 when the latest run is the current one.
+fn status(warehouse: &Path) -> anyhow::Result<ExitCode> {
+    let runs = ward::runs::list(warehouse)?;
+    let current = runs.iter().find(|r| r.current);
+    match current.and_then(|r| r.manifest.as_ref()) {
+        Some(m) => println!(
+            "current run: {} (finished {}, period {} to {}, {} output files)",
+            m.run_id,
+            m.finished,
+            m.period.start,
+            m.period.end,
+            m.outputs.len()
+        ),
+        None => println!("current run: none published yet"),
+    }
+    match ward::runs::Lock::inspect(warehouse)? {
+        Some((holder, true)) => println!("lock: held by {holder}"),
+        Some((holder, false)) => {
+            println!("lock: free (left by {holder}, which died; the next run takes it over)")
+        }
+        None => println!("lock: free"),
+    }
+    let Some(latest) = runs.first() else {
+        println!("latest run: none");
+        return Ok(ExitCode::from(EXIT_MISMATCH));
+    };
+    if latest.current {
+        println!("latest run: {} published", latest.run_id);
+        return Ok(ExitCode::SUCCESS);
+    }
+    match &latest.manifest {
+        Some(m) => {
+            println!("latest run: {} {}", latest.run_id, latest.status());
+            if let Some(e) = &m.error {
+                println!("  why: {e}");
+            }
+            for g in m
+                .gates
+                .iter()
+                .filter(|g| g.outcome == ward::runs::GateOutcome::Fail)
+            {
+                println!("  gate {}: {}", g.gate, g.message);
+            }
+        }
+        None => {
+            if matches!(ward::runs::Lock::inspect(warehouse)?, Some((_, true))) {
+                println!("latest run: {} running now", latest.run_id);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "latest run: {} interrupted (no manifest); the next run removes it",
+                latest.run_id
+            );
+        }
+    }
+    Ok(ExitCode::from(EXIT_MISMATCH))
 }
 
 fn resolve_config(given: Option<&Path>) -> anyhow::Result<PathBuf> {
@@ -575,7 +736,15 @@ fn init_logging(cli: &Cli) {
         .with_ansi(std::io::stderr().is_terminal());
     match cli.log_format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Json => {
+            use tracing_subscriber::layer::SubscriberExt;
+            let context = logging::RunContext::default();
+            let subscriber = builder
+                .event_format(logging::JsonLines(context.clone()))
+                .finish()
+                .with(context);
+            tracing::subscriber::set_global_default(subscriber).expect("logging set up once");
+        }
     }
 }
 

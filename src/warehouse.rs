@@ -6,6 +6,8 @@
 //! <warehouse>/rejects/<name>/<batch>.parquet                  rejected rows with reasons
 //! <warehouse>/state/ingest.json                               which input produced which batch
 //! <warehouse>/.tmp/                                           files being written
+//! <warehouse>/runs/<run_id>/{core,marts,reports,research}/     a run's outputs (see `runs`)
+//! <warehouse>/runs/CURRENT                                     the last published run
 //! ```
 //!
 //! Every file is written under `.tmp/` and renamed into place, so a reader
@@ -32,18 +34,43 @@ use crate::schema::Table;
 pub const INGEST_VERSION: u32 = 3;
 
 /// Paths and file operations of one warehouse.
+///
+/// Staging, rejects and the ingest state live at the root and are shared by
+/// every run. The derived outputs (`core/`, `marts/`, `reports/`,
+/// `research/`) live under the *output directory*: a run's own directory
+/// (`runs/<run_id>/`, see [`crate::runs`]) for `ward run`, the root itself
+/// (the working copy) for the stage commands and library callers.
 #[derive(Debug, Clone)]
 pub struct Warehouse {
     root: PathBuf,
+    out: PathBuf,
 }
 
 impl Warehouse {
+    /// A warehouse whose outputs are written at its root (the working copy).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Warehouse { root: root.into() }
+        let root = root.into();
+        Warehouse {
+            out: root.clone(),
+            root,
+        }
+    }
+
+    /// The same warehouse with derived outputs written under `out`.
+    pub fn with_output(&self, out: impl Into<PathBuf>) -> Self {
+        Warehouse {
+            root: self.root.clone(),
+            out: out.into(),
+        }
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Where derived outputs go: `core/`, `marts/`, `reports/`, `research/`.
+    pub fn out(&self) -> &Path {
+        &self.out
     }
 
     /// `staging/<table>/source=<source>` (hive-style, so query engines see a

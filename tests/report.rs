@@ -105,7 +105,7 @@ fn run_writes_a_suppressed_stratified_summary() {
         }
     }
     assert_eq!(run.care_gaps.len(), 3, "one list per provider");
-    let link = read_parquet(&config.warehouse.join("core/person_link.parquet"));
+    let link = read_parquet(&run.run_dir.join("core/person_link.parquet"));
     let person_of: BTreeMap<(String, String), String> = strings(&link, "source")
         .into_iter()
         .zip(strings(&link, "source_patient_id"))

@@ -39,7 +39,7 @@ pub type BuildReport = Vec<(Table, u64)>;
 
 /// Writes every core fact table from staging and `core/person_link`.
 pub fn build(warehouse: &Warehouse) -> Result<BuildReport> {
-    let core = warehouse.root().join("core");
+    let core = warehouse.out().join("core");
     crate::engine::block_on(async {
         let ctx = crate::engine::session(SessionConfig::new());
         crate::engine::register_staging(&ctx, warehouse).await?;

@@ -56,7 +56,7 @@ impl Default for LinkOptions {
 }
 
 /// What linkage did.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct LinkReport {
     pub records: u64,
     pub candidate_pairs: u64,
@@ -457,7 +457,7 @@ fn write_outputs(warehouse: &Warehouse, raw: &[RecordBatch], links: &[PersonLink
         ],
     )
     .map_err(engine_error)?;
-    let core = warehouse.root().join("core");
+    let core = warehouse.out().join("core");
     warehouse.write_parquet(&core.join("person_link.parquet"), schema, &[batch])?;
     let person = person_table(raw, links)?;
     warehouse.write_parquet(&core.join("person.parquet"), person.schema(), &[person])

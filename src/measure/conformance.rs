@@ -85,11 +85,14 @@ pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Res
         queries: Some(queries.to_path_buf()),
         link: Default::default(),
         min_cell_size: 11,
+        keep_runs: 1,
+        gates: Default::default(),
         sources: vec![SourceConfig {
             name: "deck".into(),
             format: SourceFormat::FhirBundle,
             pattern: input.join("*.json").to_string_lossy().into_owned(),
             mapping: None,
+            nightly: false,
         }],
     };
     // Test decks are dated around their measurement period, often in the

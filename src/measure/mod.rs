@@ -259,7 +259,7 @@ pub fn care_gaps(
     };
     crate::engine::block_on(async {
         let ctx = session::session(warehouse, queries, first.period).await?;
-        let link = warehouse.root().join("core").join("person_link.parquet");
+        let link = warehouse.out().join("core").join("person_link.parquet");
         crate::engine::register_parquet(
             &ctx,
             "person_link",
@@ -331,7 +331,7 @@ pub fn care_gaps(
 /// Writes each result to `marts/measure_patient/<id>.parquet` (atomically,
 /// replacing the previous run's file) and returns the paths.
 pub fn write_marts(warehouse: &Warehouse, results: &[MeasureResult]) -> Result<Vec<PathBuf>> {
-    let dir = warehouse.root().join("marts").join("measure_patient");
+    let dir = warehouse.out().join("marts").join("measure_patient");
     results
         .iter()
         .map(|r| {

@@ -66,7 +66,7 @@ pub(crate) async fn session(
     };
 
     crate::engine::register_staging(&ctx, warehouse).await?;
-    let core = warehouse.root().join("core");
+    let core = warehouse.out().join("core");
     let linked = core.join("person.parquet").is_file();
     if linked {
         crate::engine::register_parquet(

@@ -227,7 +227,7 @@ pub fn summary_schema() -> SchemaRef {
 /// Writes `summary.csv`, `summary.json` and `summary.parquet` under
 /// `reports/<run_id>/`; returns the directory.
 pub fn write(warehouse: &Warehouse, run_id: &str, cells: &[Cell]) -> Result<PathBuf> {
-    let dir = warehouse.root().join("reports").join(run_id);
+    let dir = warehouse.out().join("reports").join(run_id);
     let text = |f: fn(&Cell) -> &str| -> ArrayRef {
         Arc::new(cells.iter().map(|c| Some(f(c))).collect::<StringArray>())
     };
@@ -292,7 +292,7 @@ pub fn write_care_gaps(
     run_id: &str,
     gaps: &[RecordBatch],
 ) -> Result<Vec<PathBuf>> {
-    let dir = warehouse.root().join("reports").join(run_id).join("phi");
+    let dir = warehouse.out().join("reports").join(run_id).join("phi");
     std::fs::create_dir_all(&dir).map_err(|e| WardError::io("cannot create", &dir, e))?;
     owner_only(0o700, &dir, |p| std::fs::set_permissions(&dir, p))?;
     let mut by_provider: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();

@@ -1,0 +1,396 @@
+//! Nightly operations through the real binary: kill -9 at every stage and
+//! during publication, two runs at once, data-quality gates, `ward runs`
+//! and `ward status`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use common::*;
+use sha2::{Digest, Sha256};
+use ward::PipelineConfig;
+
+fn ward(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ward"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+fn spawn_run(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_ward"))
+        .arg("--config")
+        .arg(config)
+        .args(["--log-format", "json", "run"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn current(warehouse: &Path) -> Option<String> {
+    ward::runs::current(warehouse).unwrap()
+}
+
+/// The invariant readers rely on: the current run, if any, is complete —
+/// its manifest lists every output and every file has the listed hash.
+fn assert_current_is_whole(warehouse: &Path) -> Option<String> {
+    let id = current(warehouse)?;
+    let dir = ward::runs::runs_dir(warehouse).join(&id);
+    let manifest = ward::runs::Manifest::load(&dir).unwrap();
+    assert_eq!(manifest.status, ward::runs::RunStatus::Complete);
+    assert!(!manifest.outputs.is_empty());
+    assert_eq!(
+        ward::runs::list_outputs(&dir).unwrap(),
+        manifest.outputs,
+        "run {id}: files on disk differ from its manifest"
+    );
+    Some(id)
+}
+
+fn summary(warehouse: &Path, id: &str) -> String {
+    let dir = ward::runs::runs_dir(warehouse).join(id).join("reports").join(id);
+    fs::read_to_string(dir.join("summary.csv")).unwrap()
+}
+
+/// Starts `ward run` and kills it with SIGKILL as soon as a JSON log line
+/// contains `marker`; returns whether the marker was seen before the run
+/// ended on its own.
+fn kill_at(config: &Path, marker: &str) -> bool {
+    let mut child = spawn_run(config);
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = false;
+    for line in stderr.lines() {
+        if line.unwrap().contains(marker) {
+            seen = true;
+            child.kill().unwrap(); // SIGKILL
+            break;
+        }
+    }
+    child.wait().unwrap();
+    seen
+}
+
+fn sha256(path: &Path) -> String {
+    hex::encode(Sha256::digest(fs::read(path).unwrap()))
+}
+
+/// Every file under `dir`, relative path -> SHA-256.
+fn tree(dir: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.strip_prefix(dir).unwrap().to_path_buf(), sha256(&p));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn killing_a_run_anywhere_leaves_the_published_run_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = copy_sample(tmp.path());
+    let warehouse = tmp.path().join("wh");
+
+    // Killed during its very first ingest: nothing is published, and the
+    // next run completes from scratch.
+    assert!(kill_at(&config, r#""stage":"ingest""#));
+    assert_eq!(current(&warehouse), None);
+
+    let first = ward(&config, &["run"]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let published = assert_current_is_whole(&warehouse).unwrap();
+    let baseline = summary(&warehouse, &published);
+    let before = tree(&ward::runs::runs_dir(&warehouse).join(&published));
+
+    // A corrected delivery (the last 20 visits withdrawn), so the next
+    // runs have ingest work to be killed in.
+    let encounters = tmp.path().join("sample_data/northside_clinic/visits.csv");
+    let lines: Vec<String> = fs::read_to_string(&encounters)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    fs::write(&encounters, lines[..lines.len() - 20].join("\n") + "\n").unwrap();
+
+    for marker in [
+        r#""stage":"ingest""#,
+        r#""stage":"link""#,
+        r#""stage":"build""#,
+        r#""stage":"measures""#,
+        r#""stage":"report""#,
+        r#""message":"publishing""#,
+    ] {
+        assert!(kill_at(&config, marker), "the run never reached {marker}");
+        let now = assert_current_is_whole(&warehouse);
+        if marker.contains("publishing") {
+            // Killed around the one atomic step: either run, but whole.
+            assert!(now.is_some());
+        } else {
+            assert_eq!(now.as_deref(), Some(published.as_str()), "killed at {marker}");
+            assert_eq!(
+                tree(&ward::runs::runs_dir(&warehouse).join(&published)),
+                before,
+                "the published run changed when a run was killed at {marker}"
+            );
+        }
+        let status = ward(&config, &["status"]);
+        assert!(text(&status.stdout).contains("current run: "));
+    }
+
+    // The next run completes, removes what the killed runs left, and
+    // computes what an uninterrupted run computes on the same inputs.
+    let next = ward(&config, &["run"]);
+    assert!(next.status.success(), "{}", text(&next.stderr));
+    let last = assert_current_is_whole(&warehouse).unwrap();
+    assert_ne!(last, published);
+    for entry in fs::read_dir(ward::runs::runs_dir(&warehouse)).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            assert!(p.join("manifest.json").exists(), "orphan {}", p.display());
+        } else {
+            assert_eq!(p.file_name().unwrap(), "CURRENT", "stray {}", p.display());
+        }
+    }
+    let tmp_files = fs::read_dir(warehouse.join(".tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(tmp_files, 0, "partial files left under .tmp/");
+
+    let fresh = tempfile::tempdir().unwrap();
+    fs::create_dir_all(fresh.path().join("sample_data")).unwrap();
+    copy_dir(&tmp.path().join("sample_data"), &fresh.path().join("sample_data"));
+    let fresh_config = fresh.path().join("sample_data/ward.toml");
+    assert!(ward(&fresh_config, &["run"]).status.success());
+    let fresh_id = current(&fresh.path().join("wh")).unwrap();
+    assert_eq!(
+        summary(&warehouse, &last),
+        summary(&fresh.path().join("wh"), &fresh_id),
+        "a run after interruptions differs from an uninterrupted one"
+    );
+    let manifest = ward::runs::Manifest::load(&ward::runs::runs_dir(&warehouse).join(&last)).unwrap();
+    let delivered = manifest
+        .inputs
+        .iter()
+        .find(|f| f.source == "northside_clinic" && f.file == "visits.csv")
+        .unwrap();
+    assert!(delivered.new, "the corrected file is a new delivery");
+    assert!(manifest.warnings.iter().any(|w| w.contains("interrupted")));
+    // The first run's results, on the first delivery, are still on record.
+    assert_eq!(summary(&warehouse, &published), baseline);
+}
+
+#[test]
+fn two_runs_at_once_exactly_one_proceeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = copy_sample(tmp.path());
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_ward"))
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let outputs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+    let codes: Vec<Option<i32>> = outputs.iter().map(|o| o.status.code()).collect();
+    assert!(
+        codes.contains(&Some(0)) && codes.contains(&Some(4)),
+        "expected one success and one 'locked' (4): {codes:?}"
+    );
+    let refused = outputs.iter().find(|o| o.status.code() == Some(4)).unwrap();
+    let err = text(&refused.stderr);
+    assert!(err.contains("locked by pid "), "{err}");
+    assert!(err.contains("ward run"), "{err}");
+    // One run directory, published.
+    let listing = ward::runs::list(&tmp.path().join("wh")).unwrap();
+    assert_eq!(listing.len(), 1);
+    assert_eq!(listing[0].status(), "current");
+}
+
+#[test]
+fn a_source_with_too_many_rejects_fails_the_gate_and_publishes_nothing_new() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pop");
+    let synth = |bad_rate: f64, out: &Path| {
+        ward::synth::synth(
+            &ward::synth::SynthOptions {
+                patients: 150,
+                providers: 2,
+                seed: 5,
+                out: out.to_path_buf(),
+                bad_rate,
+                year: 2025,
+            },
+            &indicatif::ProgressBar::hidden(),
+        )
+        .unwrap();
+    };
+    synth(0.0, &out);
+    let config = out.join("ward.toml");
+    let warehouse = PipelineConfig::load(&config).unwrap().warehouse;
+    let ok = ward(&config, &["run"]);
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    let published = current(&warehouse).unwrap();
+
+    // The same providers re-deliver with a fifth of their rows broken.
+    let bad = tmp.path().join("bad");
+    synth(0.2, &bad);
+    let manifest = ward::runs::Manifest::load(&ward::runs::runs_dir(&warehouse).join(&published))
+        .unwrap();
+    let source = manifest.sources[0].source.clone();
+    copy_dir(&bad.join(&source), &out.join(&source));
+    let failed = ward(&config, &["run"]);
+    assert_eq!(failed.status.code(), Some(1), "{}", text(&failed.stderr));
+    let err = text(&failed.stderr);
+    assert!(err.contains("data-quality gate failed"), "{err}");
+    assert!(err.contains(&format!("source '{source}'")), "{err}");
+    assert_eq!(current(&warehouse).as_deref(), Some(published.as_str()));
+
+    let runs = ward::runs::list(&warehouse).unwrap();
+    assert_eq!(runs[0].status(), "failed");
+    let m = runs[0].manifest.as_ref().unwrap();
+    assert!(m.error.as_deref().unwrap().contains(&source));
+    assert!(m.gates.iter().any(|g| g.gate == "reject_rate"
+        && g.source == source
+        && g.outcome == ward::runs::GateOutcome::Fail));
+    let status = ward(&config, &["status"]);
+    assert_eq!(status.status.code(), Some(1));
+    let said = text(&status.stdout);
+    assert!(said.contains(&format!("current run: {published}")), "{said}");
+    assert!(said.contains("failed") && said.contains("gate reject_rate"), "{said}");
+    let listed = ward(&config, &["runs"]);
+    assert!(listed.status.success());
+    assert!(text(&listed.stdout).contains("failed"));
+}
+
+#[test]
+fn a_nightly_source_that_delivers_nothing_fails_and_a_drop_in_rows_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = copy_sample(tmp.path());
+    let warehouse = tmp.path().join("wh");
+    let text_ = fs::read_to_string(&config).unwrap();
+    // Northside delivers every night; the sample's hospital rejects ~1.7 %.
+    fs::write(
+        &config,
+        text_.replace(
+            "name = \"northside_clinic\"",
+            "name = \"northside_clinic\"\nnightly = true",
+        ) + "\n[gates]\nwarn_reject_rate = 0.02\nmax_row_drop = 0.1\n",
+    )
+    .unwrap();
+    let first = ward(&config, &["run"]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    // Same files again: nothing new from the nightly source.
+    let again = ward(&config, &["run"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(text(&again.stderr).contains("northside_clinic' is expected nightly"));
+
+    // A delivery with half the visits: more than a 10 % drop.
+    let encounters = tmp.path().join("sample_data/northside_clinic/visits.csv");
+    let lines: Vec<String> = fs::read_to_string(&encounters)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let half = lines[..lines.len() / 2].join("\n") + "\n";
+    fs::write(&encounters, half).unwrap();
+    let dropped = ward(&config, &["run"]);
+    assert_eq!(dropped.status.code(), Some(1));
+    let err = text(&dropped.stderr);
+    assert!(err.contains("source 'northside_clinic'") && err.contains("drop of"), "{err}");
+    // Both failed runs are on record; the first run is still current.
+    let runs = ward::runs::list(&warehouse).unwrap();
+    assert_eq!(
+        runs.iter().map(|r| r.status()).collect::<Vec<_>>(),
+        ["failed", "failed", "current"]
+    );
+}
+
+#[test]
+fn old_runs_are_pruned_and_the_history_keeps_every_published_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config_path = copy_sample(tmp.path());
+    let text_ = fs::read_to_string(&config_path).unwrap();
+    fs::write(&config_path, text_ + "\n[runs]\nkeep = 2\n").unwrap();
+    let config = PipelineConfig::load(&config_path).unwrap();
+    let ids: Vec<String> = (0..3).map(|_| run_all(&config).run_id).collect();
+    let listing = ward::runs::list(&config.warehouse).unwrap();
+    assert_eq!(
+        listing.iter().map(|r| r.run_id.clone()).collect::<Vec<_>>(),
+        [ids[2].clone(), ids[1].clone()]
+    );
+    let current_dir = ward::runs::current_dir(&config.warehouse).unwrap();
+    let history = ward::runs::load_history(current_dir.as_deref()).unwrap();
+    assert_eq!(history.iter().map(|h| h.run_id.clone()).collect::<Vec<_>>(), ids);
+    // The manifest reconciles with the ingest report and lists the PHI.
+    let m = &listing[0].manifest.as_ref().unwrap();
+    let read: u64 = m.sources.iter().map(|t| t.rows_read).sum();
+    let accepted: u64 = m.sources.iter().map(|t| t.rows_accepted).sum();
+    let rejected: u64 = m.sources.iter().map(|t| t.rows_rejected).sum();
+    assert_eq!(read, accepted + rejected);
+    assert!(m.inputs.iter().all(|f| f.sha256.as_ref().is_some_and(|h| h.len() == 64)));
+    assert_eq!(m.phi_outputs.len(), 3);
+    for phi in &m.phi_outputs {
+        assert!(m.outputs.iter().any(|o| &o.path == phi), "{phi} not among outputs");
+    }
+    assert_eq!(
+        m.stages.iter().map(|s| s.stage.as_str()).collect::<Vec<_>>(),
+        ["ingest", "link", "build", "measures", "report"]
+    );
+}
+
+#[test]
+fn json_logs_name_the_run_and_stage_on_every_line_of_a_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = copy_sample(tmp.path());
+    let out = ward(&config, &["--log-format", "json", "run"]);
+    assert!(out.status.success());
+    let id = current(&tmp.path().join("wh")).unwrap();
+    let lines: Vec<serde_json::Value> = text(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let in_run: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l.get("run_id").is_some())
+        .collect();
+    assert!(in_run.len() > 10);
+    // Every line after the configuration line belongs to the run.
+    assert_eq!(in_run.len(), lines.len() - 1, "{lines:#?}");
+    assert!(in_run.iter().all(|l| l["run_id"] == id.as_str()));
+    let stages: std::collections::BTreeSet<&str> =
+        in_run.iter().filter_map(|l| l["stage"].as_str()).collect();
+    for s in ["ingest", "link", "build", "measures", "report", "publish"] {
+        assert!(stages.contains(s), "no line for stage {s}");
+    }
+    // Lines logged by worker threads carry the stage too.
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l["message"] == "mapped")
+            .all(|l| l["stage"] == "ingest")
+    );
+}

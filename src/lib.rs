@@ -39,12 +39,14 @@ pub struct RunReport {
     pub report_dir: std::path::PathBuf,
     /// Care-gap lists, one per provider (identified data, owner-only).
     pub care_gaps: Vec<std::path::PathBuf>,
+    /// FHIR MeasureReports, one per measure (`reports/<run_id>/fhir/`).
+    pub measure_reports: Vec<std::path::PathBuf>,
 }
 
 /// Runs every stage that exists, in order: ingest, linkage and the core
 /// tables, every measure of `queries` for `period` (written to
 /// `marts/measure_patient/`), and the stratified, suppressed summary
-/// (`reports/<run_id>/`).
+/// (`reports/<run_id>/`) with a FHIR MeasureReport per measure.
 ///
 /// Returns the report even when some files failed (the rest is published
 /// and measured); use [`IngestReport::failures`] to decide whether the run
@@ -68,6 +70,8 @@ pub fn run(
     let cells = report::summarize(&measures, &strata, config.min_cell_size);
     let run_id = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
     let report_dir = report::write(&warehouse, &run_id, &cells)?;
+    let measure_reports =
+        report::fhir::write(&warehouse, &run_id, &measures, &cells, chrono::Utc::now())?;
     let gaps = measure::care_gaps(&warehouse, queries, &measures)?;
     let care_gaps = report::write_care_gaps(&warehouse, &run_id, &gaps)?;
     Ok(RunReport {
@@ -77,5 +81,6 @@ pub fn run(
         measures,
         report_dir,
         care_gaps,
+        measure_reports,
     })
 }

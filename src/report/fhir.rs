@@ -199,7 +199,11 @@ pub fn resource_id(measure: &str) -> String {
 /// The MeasureReport of one measure from its summary cells (already
 /// suppressed; see [`super::suppress`]), dated `date`. `measure` is the
 /// measure's canonical URL, or `urn:ward:measure:<id>` when it has none.
-pub fn measure_report(result: &MeasureResult, cells: &[Cell], date: DateTime<Utc>) -> MeasureReport {
+pub fn measure_report(
+    result: &MeasureResult,
+    cells: &[Cell],
+    date: DateTime<Utc>,
+) -> MeasureReport {
     let def = &result.def;
     let mine: Vec<&Cell> = cells.iter().filter(|c| c.measure == def.id).collect();
     let overall = mine.iter().copied().find(|c| c.dimension == "overall");
@@ -274,4 +278,90 @@ pub fn write(
             Ok(path)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn cell(dimension: &str, stratum: &str, count: Option<u64>) -> Cell {
+        Cell {
+            measure: "DM-PREV".into(),
+            dimension: dimension.into(),
+            stratum: stratum.into(),
+            initial_population: count,
+            denominator: count,
+            denominator_exclusion: count.map(|_| 0),
+            denominator_exception: count.map(|_| 0),
+            numerator: count.map(|c| c / 2),
+            rate: count.map(|_| 0.5),
+            ci_low: None,
+            ci_high: None,
+            suppressed: count.is_none(),
+            age_std_rate: None,
+            age_std_ci_low: None,
+            age_std_ci_high: None,
+        }
+    }
+
+    #[test]
+    fn suppressed_counts_are_masked_and_unscored() {
+        let def: crate::measure::MeasureDef = toml::from_str(
+            "id = \"DM-PREV\"\ntitle = \"t\"\nsteward = \"s\"\nscoring = \"proportion\"\n\
+             improvement = \"decrease\"\ndescription = \"d\"\nage_standardize = true",
+        )
+        .unwrap();
+        let period = crate::config::Period {
+            start: chrono::NaiveDate::from_ymd_opt(2025, 1, 1).unwrap(),
+            end: chrono::NaiveDate::from_ymd_opt(2025, 12, 31).unwrap(),
+        };
+        let result = MeasureResult {
+            def,
+            period,
+            counts: Default::default(),
+            categories: Default::default(),
+            rows: Vec::new(),
+            schema: Arc::new(datafusion::arrow::datatypes::Schema::empty()),
+        };
+        let cells = [
+            cell("overall", "all", Some(40)),
+            cell("sex", "female", Some(30)),
+            cell("sex", "male", None),
+        ];
+        let date = DateTime::parse_from_rfc3339("2026-01-31T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let report = measure_report(&result, &cells, date);
+        assert_eq!(report.measure, "urn:ward:measure:DM-PREV");
+        assert_eq!(report.date, "2026-01-31T12:00:00Z");
+        assert_eq!(report.improvement_notation.coding[0].code, "decrease");
+        let group = &report.group[0];
+        assert_eq!(group.population[4].count, Some(20));
+        assert_eq!(group.measure_score, Some(Quantity { value: 0.5 }));
+        let sex = &group.stratifier[DIMENSIONS.iter().position(|d| *d == "sex").unwrap()];
+        assert_eq!(sex.code[0].text.as_deref(), Some("sex"));
+        let male = &sex.stratum[1];
+        assert_eq!(male.value.text.as_deref(), Some("male"));
+        assert!(male.measure_score.is_none());
+        for p in &male.population {
+            assert_eq!(p.count, None);
+            let ext = &p.count_ext.as_ref().unwrap().extension[0];
+            assert_eq!((ext.url, ext.value_code), (DATA_ABSENT_REASON, "masked"));
+        }
+        assert!(
+            sex.stratum[0]
+                .population
+                .iter()
+                .all(|p| p.count_ext.is_none())
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(
+            json["group"][0]["stratifier"][0]["stratum"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+        assert!(json.get("reporter").is_none());
+    }
 }

@@ -98,7 +98,10 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
             }
         }
     }
-    let age_dim = 1 + DIMENSIONS.iter().position(|d| *d == "age_band").expect("age_band");
+    let age_dim = 1 + DIMENSIONS
+        .iter()
+        .position(|d| *d == "age_band")
+        .expect("age_band");
     let mut cells = Vec::new();
     for r in results {
         let mut counts: BTreeMap<(usize, String), Counts> = BTreeMap::new();
@@ -491,7 +494,11 @@ mod tests {
         assert_eq!(flags, [false, false, true, true, false]);
         assert!(cells[2].1.numerator.is_none() && cells[2].1.rate.is_none());
         assert!(cells[2].1.age_std_rate.is_none() && cells[2].1.age_std_ci_high.is_none());
-        assert_eq!(cells[1].1.age_std_rate, Some(0.5), "published stratum keeps it");
+        assert_eq!(
+            cells[1].1.age_std_rate,
+            Some(0.5),
+            "published stratum keeps it"
+        );
 
         // One small stratum drags the next smallest with it.
         let mut cells = vec![

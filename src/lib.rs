@@ -44,12 +44,15 @@ pub struct RunReport {
     pub report_dir: std::path::PathBuf,
     /// Care-gap lists, one per provider (identified data, owner-only).
     pub care_gaps: Vec<std::path::PathBuf>,
+    /// FHIR MeasureReports, one per measure (`reports/<run_id>/fhir/`).
+    pub measure_reports: Vec<std::path::PathBuf>,
 }
 
 /// The nightly job. Takes the warehouse lock, runs every stage — ingest,
 /// the data-quality gates, linkage and the core tables, every measure of
 /// `queries` for `period` (`marts/measure_patient/`), the stratified,
-/// suppressed summary and the care-gap lists (`reports/<run_id>/`) — into
+/// suppressed summary, a FHIR MeasureReport per measure and the care-gap
+/// lists (`reports/<run_id>/`) — into
 /// its own directory `runs/<run_id>/`, writes the manifest and publishes the
 /// run by pointing `runs/CURRENT` at it, then prunes old runs
 /// (`[runs] keep`). See [`runs`] for the layout.
@@ -249,13 +252,15 @@ fn run_stages(
     })?;
     manifest.measures = measures.iter().map(runs::MeasureFigures::of).collect();
     let run_id = manifest.run_id.clone();
-    let (report_dir, care_gaps) = stage(manifest, "report", || {
+    let (report_dir, care_gaps, measure_reports) = stage(manifest, "report", || {
         let strata = measure::strata(&warehouse, queries, period)?;
         let cells = report::summarize(&measures, &strata, config.min_cell_size);
         let report_dir = report::write(&warehouse, &run_id, &cells)?;
+        let measure_reports =
+            report::fhir::write(&warehouse, &run_id, &measures, &cells, chrono::Utc::now())?;
         let gaps = measure::care_gaps(&warehouse, queries, &measures)?;
         let care_gaps = report::write_care_gaps(&warehouse, &run_id, &gaps)?;
-        Ok((report_dir, care_gaps))
+        Ok((report_dir, care_gaps, measure_reports))
     })?;
     manifest.phi_outputs = care_gaps
         .iter()
@@ -276,5 +281,6 @@ fn run_stages(
         measures,
         report_dir,
         care_gaps,
+        measure_reports,
     })
 }

@@ -1,10 +1,11 @@
 -- Report strata per person: one row per provider that knows the person
 -- (a person seen by two providers counts in both providers' strata), with
 -- the age band at the end of the period, sex, race, ethnicity, state and
--- 3-digit ZIP.
+-- 3-digit ZIP. A person without a birth date has age band 'unknown'.
 CREATE VIEW person_strata AS
 SELECT person_id, provider,
        CASE
+         WHEN age IS NULL THEN 'unknown'
          WHEN age < 18 THEN '0-17'
          WHEN age < 45 THEN '18-44'
          WHEN age < 65 THEN '45-64'

@@ -80,6 +80,11 @@ pub struct MeasureDef {
     /// most urgent first (default: person id).
     #[serde(default)]
     pub care_gap_priority: Option<String>,
+    /// Report an age-standardized rate (direct method, 2000 U.S. standard
+    /// population; `report::standard`) beside the crude one, for
+    /// prevalence-type measures compared across regions and strata.
+    #[serde(default)]
+    pub age_standardize: bool,
     /// The SQL file, beside the metadata.
     #[serde(skip)]
     pub sql: PathBuf,

@@ -1,7 +1,12 @@
 //! Report summaries: for every measure, population counts, rate and Wilson
 //! 95 % confidence interval, overall and by provider, age band, sex, race,
 //! ethnicity, state and 3-digit ZIP, with small-cell suppression; written
-//! as CSV, JSON and Parquet under `reports/<run_id>/`.
+//! as CSV, JSON and Parquet under `reports/<run_id>/`. Measures flagged
+//! `age_standardize` also get an age-standardized rate ([`standard`]), and
+//! every measure a FHIR R4 MeasureReport ([`fhir`]).
+
+pub mod fhir;
+pub mod standard;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -44,6 +49,14 @@ pub struct Cell {
     pub ci_low: Option<f64>,
     pub ci_high: Option<f64>,
     pub suppressed: bool,
+    /// Age-standardized rate (direct method, 2000 U.S. standard population;
+    /// [`standard`]) for measures flagged `age_standardize`, in every stratum
+    /// but the age bands themselves; `None` when not computable or
+    /// suppressed.
+    pub age_std_rate: Option<f64>,
+    /// 95 % interval of `age_std_rate` (normal approximation).
+    pub age_std_ci_low: Option<f64>,
+    pub age_std_ci_high: Option<f64>,
 }
 
 /// Wilson score interval (95 %) of `x` successes in `n` trials.
@@ -85,10 +98,22 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
             }
         }
     }
+    let age_dim = 1 + DIMENSIONS
+        .iter()
+        .position(|d| *d == "age_band")
+        .expect("age_band");
     let mut cells = Vec::new();
     for r in results {
         let mut counts: BTreeMap<(usize, String), Counts> = BTreeMap::new();
+        // (dimension, stratum) → age band → performance denominator and numerator.
+        type Bands = BTreeMap<String, standard::BandCount>;
+        let mut by_band: BTreeMap<(usize, String), Bands> = BTreeMap::new();
         for (person, f) in r.memberships() {
+            let band = by_person
+                .get(&person)
+                .map_or("unknown", |(values, _)| values[age_dim - 2].as_str())
+                .to_string();
+            let in_performance = f[1] && !f[2] && !f[3];
             let mut add = |dim: usize, stratum: &str| {
                 let c = counts.entry((dim, stratum.to_string())).or_default();
                 c.initial_population += u64::from(f[0]);
@@ -96,6 +121,15 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
                 c.denominator_exclusion += u64::from(f[2]);
                 c.denominator_exception += u64::from(f[3]);
                 c.numerator += u64::from(f[4]);
+                if r.def.age_standardize && in_performance {
+                    let b = by_band
+                        .entry((dim, stratum.to_string()))
+                        .or_default()
+                        .entry(band.clone())
+                        .or_default();
+                    b.n += 1;
+                    b.x += u64::from(f[4]);
+                }
             };
             add(0, "all");
             match by_person.get(&person) {
@@ -114,11 +148,22 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
                 }
             }
         }
+        let covered = by_band
+            .get(&(0, "all".to_string()))
+            .map(standard::covered_bands)
+            .unwrap_or_default();
         let mut measure_cells: Vec<(usize, Cell)> = counts
             .into_iter()
             .map(|((dim, stratum), c)| {
                 let performance = c.denominator - c.denominator_exclusion - c.denominator_exception;
                 let ci = wilson(c.numerator, performance);
+                let std = if dim == age_dim {
+                    None
+                } else {
+                    by_band
+                        .get(&(dim, stratum.clone()))
+                        .and_then(|b| standard::direct(b, &covered))
+                };
                 (
                     dim,
                     Cell {
@@ -139,6 +184,9 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
                         ci_low: ci.map(|c| c.0),
                         ci_high: ci.map(|c| c.1),
                         suppressed: false,
+                        age_std_rate: std.map(|s| s.rate),
+                        age_std_ci_low: std.map(|s| s.ci_low),
+                        age_std_ci_high: std.map(|s| s.ci_high),
                     },
                 )
             })
@@ -154,7 +202,8 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
 /// numerator, which subtraction would reveal — is between 1 and
 /// `min_cell - 1`. Complementary suppression: a dimension with exactly one
 /// suppressed stratum also suppresses its next smallest stratum, so that
-/// the suppressed cell cannot be recovered from the overall total.
+/// the suppressed cell cannot be recovered from the overall total. A
+/// suppressed cell publishes no age-standardized rate either.
 pub fn suppress(cells: &mut [(usize, Cell)], min_cell: u64) {
     let small = |n: u64| n > 0 && n < min_cell;
     let risky = |c: &Cell| {
@@ -200,6 +249,9 @@ pub fn suppress(cells: &mut [(usize, Cell)], min_cell: u64) {
             c.rate = None;
             c.ci_low = None;
             c.ci_high = None;
+            c.age_std_rate = None;
+            c.age_std_ci_low = None;
+            c.age_std_ci_high = None;
         }
     }
 }
@@ -221,6 +273,9 @@ pub fn summary_schema() -> SchemaRef {
         float("ci_low"),
         float("ci_high"),
         Field::new("suppressed", DataType::Boolean, false),
+        float("age_std_rate"),
+        float("age_std_ci_low"),
+        float("age_std_ci_high"),
     ]))
 }
 
@@ -257,6 +312,9 @@ pub fn write(warehouse: &Warehouse, run_id: &str, cells: &[Cell]) -> Result<Path
                     .map(|c| Some(c.suppressed))
                     .collect::<BooleanArray>(),
             ),
+            float(|c| c.age_std_rate),
+            float(|c| c.age_std_ci_low),
+            float(|c| c.age_std_ci_high),
         ],
     )
     .map_err(|e| WardError::Data {
@@ -415,6 +473,9 @@ mod tests {
             ci_low: None,
             ci_high: None,
             suppressed: false,
+            age_std_rate: Some(0.5),
+            age_std_ci_low: Some(0.4),
+            age_std_ci_high: Some(0.6),
         }
     }
 
@@ -432,6 +493,12 @@ mod tests {
         // other: small; male: its numerator is small; female stays.
         assert_eq!(flags, [false, false, true, true, false]);
         assert!(cells[2].1.numerator.is_none() && cells[2].1.rate.is_none());
+        assert!(cells[2].1.age_std_rate.is_none() && cells[2].1.age_std_ci_high.is_none());
+        assert_eq!(
+            cells[1].1.age_std_rate,
+            Some(0.5),
+            "published stratum keeps it"
+        );
 
         // One small stratum drags the next smallest with it.
         let mut cells = vec![

@@ -1,0 +1,367 @@
+//! FHIR R4 MeasureReport (type `summary`) per measure, built from the
+//! suppressed summary cells: one group with the five population counts and
+//! the measure score, and one stratifier per report dimension. Written as
+//! `reports/<run_id>/fhir/MeasureReport-<id>.json`.
+//!
+//! A suppressed count is not published: the population keeps its code,
+//! loses `count`, and carries the data-absent-reason extension (`masked`) on
+//! the count (`_count`); the stratum's `measureScore` is omitted.
+
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{Cell, DIMENSIONS};
+use crate::error::Result;
+use crate::measure::{Improvement, MeasureResult};
+use crate::warehouse::Warehouse;
+
+/// Code system of the population codes.
+pub const POPULATION_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/measure-population";
+/// Code system of `improvementNotation`.
+pub const IMPROVEMENT_SYSTEM: &str =
+    "http://terminology.hl7.org/CodeSystem/measure-improvement-notation";
+/// The data-absent-reason extension marking a suppressed count.
+pub const DATA_ABSENT_REASON: &str = "http://hl7.org/fhir/StructureDefinition/data-absent-reason";
+
+/// Ward's population columns with their measure-population codes and
+/// displays, in report order.
+const POPULATIONS: [(&str, &str); 5] = [
+    ("initial-population", "Initial Population"),
+    ("denominator", "Denominator"),
+    ("denominator-exclusion", "Denominator Exclusion"),
+    ("denominator-exception", "Denominator Exception"),
+    ("numerator", "Numerator"),
+];
+
+/// A MeasureReport resource (the elements Ward fills).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeasureReport {
+    pub resource_type: &'static str,
+    pub id: String,
+    pub status: &'static str,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub measure: String,
+    pub date: String,
+    pub period: Period,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reporter: Option<Reference>,
+    pub improvement_notation: CodeableConcept,
+    pub group: Vec<Group>,
+}
+
+/// FHIR `Period` (dates).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Period {
+    pub start: String,
+    pub end: String,
+}
+
+/// FHIR `Reference` by display only.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Reference {
+    pub display: String,
+}
+
+/// FHIR `CodeableConcept`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CodeableConcept {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub coding: Vec<Coding>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+/// FHIR `Coding`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Coding {
+    pub system: &'static str,
+    pub code: &'static str,
+    pub display: &'static str,
+}
+
+/// `MeasureReport.group`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Group {
+    pub population: Vec<Population>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measure_score: Option<Quantity>,
+    pub stratifier: Vec<Stratifier>,
+}
+
+/// A population count (group or stratum); `count_ext` marks a masked count.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Population {
+    pub code: CodeableConcept,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    #[serde(rename = "_count", skip_serializing_if = "Option::is_none")]
+    pub count_ext: Option<ElementExtensions>,
+}
+
+/// The extensions of a primitive element (`_count`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ElementExtensions {
+    pub extension: Vec<Extension>,
+}
+
+/// An extension with a `code` value.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Extension {
+    pub url: &'static str,
+    pub value_code: &'static str,
+}
+
+/// A proportion score (0 to 1).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Quantity {
+    pub value: f64,
+}
+
+/// `group.stratifier`: one per report dimension.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stratifier {
+    pub code: Vec<CodeableConcept>,
+    pub stratum: Vec<Stratum>,
+}
+
+/// `group.stratifier.stratum`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stratum {
+    pub value: CodeableConcept,
+    pub population: Vec<Population>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measure_score: Option<Quantity>,
+}
+
+fn text(t: &str) -> CodeableConcept {
+    CodeableConcept {
+        coding: Vec::new(),
+        text: Some(t.to_string()),
+    }
+}
+
+fn populations(cell: Option<&Cell>) -> Vec<Population> {
+    let counts = cell.map_or([None; 5], |c| {
+        [
+            c.initial_population,
+            c.denominator,
+            c.denominator_exclusion,
+            c.denominator_exception,
+            c.numerator,
+        ]
+    });
+    POPULATIONS
+        .iter()
+        .zip(counts)
+        .map(|(&(code, display), count)| Population {
+            code: CodeableConcept {
+                coding: vec![Coding {
+                    system: POPULATION_SYSTEM,
+                    code,
+                    display,
+                }],
+                text: None,
+            },
+            count,
+            count_ext: count.is_none().then(|| ElementExtensions {
+                extension: vec![Extension {
+                    url: DATA_ABSENT_REASON,
+                    value_code: "masked",
+                }],
+            }),
+        })
+        .collect()
+}
+
+/// A FHIR resource id from a measure id (`[A-Za-z0-9\-.]{1,64}`).
+pub fn resource_id(measure: &str) -> String {
+    let id: String = measure
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if id.is_empty() { "measure".into() } else { id }
+}
+
+/// The MeasureReport of one measure from its summary cells (already
+/// suppressed; see [`super::suppress`]), dated `date`. `measure` is the
+/// measure's canonical URL, or `urn:ward:measure:<id>` when it has none.
+pub fn measure_report(
+    result: &MeasureResult,
+    cells: &[Cell],
+    date: DateTime<Utc>,
+) -> MeasureReport {
+    let def = &result.def;
+    let mine: Vec<&Cell> = cells.iter().filter(|c| c.measure == def.id).collect();
+    let overall = mine.iter().copied().find(|c| c.dimension == "overall");
+    let score = |c: &Cell| c.rate.map(|value| Quantity { value });
+    let stratifier = DIMENSIONS
+        .iter()
+        .map(|dim| Stratifier {
+            code: vec![text(dim)],
+            stratum: mine
+                .iter()
+                .filter(|c| c.dimension == *dim)
+                .map(|c| Stratum {
+                    value: text(&c.stratum),
+                    population: populations(Some(c)),
+                    measure_score: score(c),
+                })
+                .collect(),
+        })
+        .collect();
+    let (code, display) = match def.improvement {
+        Improvement::Increase => ("increase", "Increased score indicates improvement"),
+        Improvement::Decrease => ("decrease", "Decreased score indicates improvement"),
+    };
+    MeasureReport {
+        resource_type: "MeasureReport",
+        id: resource_id(&def.id),
+        status: "complete",
+        kind: "summary",
+        measure: def
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("urn:ward:measure:{}", resource_id(&def.id))),
+        date: date.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        period: Period {
+            start: result.period.start.format("%Y-%m-%d").to_string(),
+            end: result.period.end.format("%Y-%m-%d").to_string(),
+        },
+        reporter: None,
+        improvement_notation: CodeableConcept {
+            coding: vec![Coding {
+                system: IMPROVEMENT_SYSTEM,
+                code,
+                display,
+            }],
+            text: None,
+        },
+        group: vec![Group {
+            population: populations(overall),
+            measure_score: overall.and_then(score),
+            stratifier,
+        }],
+    }
+}
+
+/// Writes `reports/<run_id>/fhir/MeasureReport-<id>.json` for every
+/// measure; returns the files written.
+pub fn write(
+    warehouse: &Warehouse,
+    run_id: &str,
+    results: &[MeasureResult],
+    cells: &[Cell],
+    date: DateTime<Utc>,
+) -> Result<Vec<PathBuf>> {
+    let dir = warehouse.root().join("reports").join(run_id).join("fhir");
+    results
+        .iter()
+        .map(|r| {
+            let report = measure_report(r, cells, date);
+            let path = dir.join(format!("MeasureReport-{}.json", report.id));
+            let json = serde_json::to_vec_pretty(&report).expect("reports serialize");
+            super::write_bytes(warehouse, &path, &json)?;
+            Ok(path)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn cell(dimension: &str, stratum: &str, count: Option<u64>) -> Cell {
+        Cell {
+            measure: "DM-PREV".into(),
+            dimension: dimension.into(),
+            stratum: stratum.into(),
+            initial_population: count,
+            denominator: count,
+            denominator_exclusion: count.map(|_| 0),
+            denominator_exception: count.map(|_| 0),
+            numerator: count.map(|c| c / 2),
+            rate: count.map(|_| 0.5),
+            ci_low: None,
+            ci_high: None,
+            suppressed: count.is_none(),
+            age_std_rate: None,
+            age_std_ci_low: None,
+            age_std_ci_high: None,
+        }
+    }
+
+    #[test]
+    fn suppressed_counts_are_masked_and_unscored() {
+        let def: crate::measure::MeasureDef = toml::from_str(
+            "id = \"DM-PREV\"\ntitle = \"t\"\nsteward = \"s\"\nscoring = \"proportion\"\n\
+             improvement = \"decrease\"\ndescription = \"d\"\nage_standardize = true",
+        )
+        .unwrap();
+        let period = crate::config::Period {
+            start: chrono::NaiveDate::from_ymd_opt(2025, 1, 1).unwrap(),
+            end: chrono::NaiveDate::from_ymd_opt(2025, 12, 31).unwrap(),
+        };
+        let result = MeasureResult {
+            def,
+            period,
+            counts: Default::default(),
+            categories: Default::default(),
+            rows: Vec::new(),
+            schema: Arc::new(datafusion::arrow::datatypes::Schema::empty()),
+        };
+        let cells = [
+            cell("overall", "all", Some(40)),
+            cell("sex", "female", Some(30)),
+            cell("sex", "male", None),
+        ];
+        let date = DateTime::parse_from_rfc3339("2026-01-31T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let report = measure_report(&result, &cells, date);
+        assert_eq!(report.measure, "urn:ward:measure:DM-PREV");
+        assert_eq!(report.date, "2026-01-31T12:00:00Z");
+        assert_eq!(report.improvement_notation.coding[0].code, "decrease");
+        let group = &report.group[0];
+        assert_eq!(group.population[4].count, Some(20));
+        assert_eq!(group.measure_score, Some(Quantity { value: 0.5 }));
+        let sex = &group.stratifier[DIMENSIONS.iter().position(|d| *d == "sex").unwrap()];
+        assert_eq!(sex.code[0].text.as_deref(), Some("sex"));
+        let male = &sex.stratum[1];
+        assert_eq!(male.value.text.as_deref(), Some("male"));
+        assert!(male.measure_score.is_none());
+        for p in &male.population {
+            assert_eq!(p.count, None);
+            let ext = &p.count_ext.as_ref().unwrap().extension[0];
+            assert_eq!((ext.url, ext.value_code), (DATA_ABSENT_REASON, "masked"));
+        }
+        assert!(
+            sex.stratum[0]
+                .population
+                .iter()
+                .all(|p| p.count_ext.is_none())
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(
+            json["group"][0]["stratifier"][0]["stratum"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+        assert!(json.get("reporter").is_none());
+    }
+}

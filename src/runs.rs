@@ -937,7 +937,7 @@ mod tests {
                 end: String::new(),
             },
             inputs: Vec::new(),
-            sources: vec![table("b", 1000, 0, 1), table("c", 1000, 0, 1)],
+            sources: vec![table("b", 1100, 0, 1), table("c", 1000, 0, 1)],
             linkage: None,
             core: BTreeMap::new(),
             measures: Vec::new(),
@@ -960,7 +960,7 @@ mod tests {
         assert_eq!(outcome("reject_rate", "b"), Some(GateOutcome::Warn));
         assert_eq!(outcome("reject_rate", "c"), Some(GateOutcome::Pass));
         assert_eq!(outcome("row_drop", "a"), None, "no previous figures for a");
-        assert_eq!(outcome("row_drop", "b"), Some(GateOutcome::Warn)); // 980 vs 1000
+        assert_eq!(outcome("row_drop", "b"), Some(GateOutcome::Warn)); // 980 vs 1100: 11 %
         assert_eq!(outcome("row_drop", "c"), Some(GateOutcome::Fail));
         assert_eq!(outcome("delivery", "a"), None, "a is not expected nightly");
         assert_eq!(outcome("delivery", "b"), Some(GateOutcome::Pass));

@@ -4,14 +4,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
 use common::*;
-use sha2::{Digest, Sha256};
 use ward::PipelineConfig;
 
 fn ward(config: &Path, args: &[&str]) -> Output {
@@ -83,27 +81,6 @@ fn kill_at(config: &Path, marker: &str) -> bool {
     seen
 }
 
-fn sha256(path: &Path) -> String {
-    hex::encode(Sha256::digest(fs::read(path).unwrap()))
-}
-
-/// Every file under `dir`, relative path -> SHA-256.
-fn tree(dir: &Path) -> BTreeMap<PathBuf, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.insert(p.strip_prefix(dir).unwrap().to_path_buf(), sha256(&p));
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn killing_a_run_anywhere_leaves_the_published_run_untouched() {
     let tmp = tempfile::tempdir().unwrap();
@@ -119,7 +96,7 @@ fn killing_a_run_anywhere_leaves_the_published_run_untouched() {
     assert!(first.status.success(), "{}", text(&first.stderr));
     let published = assert_current_is_whole(&warehouse).unwrap();
     let baseline = summary(&warehouse, &published);
-    let before = tree(&ward::runs::runs_dir(&warehouse).join(&published));
+    let before = snapshot(&ward::runs::runs_dir(&warehouse).join(&published));
 
     // A corrected delivery (the last 20 visits withdrawn), so the next
     // runs have ingest work to be killed in.
@@ -147,7 +124,7 @@ fn killing_a_run_anywhere_leaves_the_published_run_untouched() {
         } else {
             assert_eq!(now.as_deref(), Some(published.as_str()), "killed at {marker}");
             assert_eq!(
-                tree(&ward::runs::runs_dir(&warehouse).join(&published)),
+                snapshot(&ward::runs::runs_dir(&warehouse).join(&published)),
                 before,
                 "the published run changed when a run was killed at {marker}"
             );

@@ -175,7 +175,8 @@ pub fn reject_keys(wh: &Path) -> Vec<(String, String, u64, String)> {
     keys
 }
 
-/// Every file under `dir` with the SHA-256 of its content.
+/// Every file under `dir` (path relative to `dir`) with the SHA-256 of its
+/// content.
 pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
     let mut out = BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -186,7 +187,7 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
                 stack.push(p);
             } else {
                 out.insert(
-                    p.clone(),
+                    p.strip_prefix(dir).unwrap().to_path_buf(),
                     hex::encode(Sha256::digest(fs::read(&p).unwrap())),
                 );
             }

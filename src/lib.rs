@@ -39,6 +39,8 @@ pub struct RunReport {
     pub report_dir: std::path::PathBuf,
     /// Care-gap lists, one per provider (identified data, owner-only).
     pub care_gaps: Vec<std::path::PathBuf>,
+    /// `reports/<run_id>/report.html`, the self-contained dashboard.
+    pub report_html: std::path::PathBuf,
 }
 
 /// Runs every stage that exists, in order: ingest, linkage and the core
@@ -68,6 +70,16 @@ pub fn run(
     let cells = report::summarize(&measures, &strata, config.min_cell_size);
     let run_id = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
     let report_dir = report::write(&warehouse, &run_id, &cells)?;
+    let quality = report::html::SourceQuality::from_ingest(&ingest);
+    let html = report::html::HtmlInput::new(
+        &run_id,
+        period,
+        config.min_cell_size,
+        &measures,
+        &cells,
+        &quality,
+    );
+    let report_html = report::html::write(&report_dir, &html)?;
     let gaps = measure::care_gaps(&warehouse, queries, &measures)?;
     let care_gaps = report::write_care_gaps(&warehouse, &run_id, &gaps)?;
     Ok(RunReport {
@@ -77,5 +89,6 @@ pub fn run(
         measures,
         report_dir,
         care_gaps,
+        report_html,
     })
 }

@@ -3,6 +3,8 @@
 //! ethnicity, state and 3-digit ZIP, with small-cell suppression; written
 //! as CSV, JSON and Parquet under `reports/<run_id>/`.
 
+pub mod html;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

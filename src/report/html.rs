@@ -140,7 +140,8 @@ impl SourceQuality {
             q.files_unchanged += u64::from(f.status == FileStatus::Unchanged);
             if f.status == FileStatus::Failed {
                 q.files_failed += 1;
-                q.problems.push(f.detail.clone().unwrap_or_else(|| f.file.clone()));
+                q.problems
+                    .push(f.detail.clone().unwrap_or_else(|| f.file.clone()));
             }
             q.rows_read += f.rows_read;
             q.rows_accepted += f.rows_accepted;
@@ -474,7 +475,7 @@ fn count(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -541,7 +542,7 @@ fn gauge(rate: f64, lo: f64, hi: f64) -> Gauge {
     let (width, x0, x1) = (240.0, 4.0, 236.0);
     Gauge {
         width,
-        height: 22.0,
+        height: 34.0,
         x0,
         x1,
         cx: scale(rate, x0, x1),
@@ -586,7 +587,10 @@ fn dot_chart(index: usize, m: &MeasureResult, overall: Option<&Cell>, cells: &[&
         anchor: format!("providers-{index}"),
         measure: m.def.id.clone(),
         caption: m.def.title.clone(),
-        title: format!("{}: rate by provider with 95% confidence intervals", m.def.id),
+        title: format!(
+            "{}: rate by provider with 95% confidence intervals",
+            m.def.id
+        ),
         desc: format!(
             "{}. One row per provider: the dot is the rate, the whisker its 95% Wilson interval; \
              the dashed line is the overall rate. Suppressed providers are marked, without a value.",
@@ -775,7 +779,7 @@ fn line_chart(index: usize, m: &MeasureResult, points: &[(TrendPoint, bool)]) ->
     // At most about eight labels on the time axis; always the last.
     let every = n.div_ceil(8).max(1);
     let x_ticks = (0..n)
-        .filter(|i| i % every == 0 || *i == n - 1)
+        .filter(|i| i.is_multiple_of(every) || *i == n - 1)
         .map(|i| Tick {
             pos: x(i),
             label: short(&points[i].0.date, 12),
@@ -796,7 +800,12 @@ fn line_chart(index: usize, m: &MeasureResult, points: &[(TrendPoint, bool)]) ->
                 marks.push(LinePoint {
                     x: x(i),
                     y: y(r),
-                    label: format!("{}: {} (95% CI {})", p.date, pct(r), ci_text(p.ci_low, p.ci_high)),
+                    label: format!(
+                        "{}: {} (95% CI {})",
+                        p.date,
+                        pct(r),
+                        ci_text(p.ci_low, p.ci_high)
+                    ),
                 });
             }
             None => gaps.push(x(i)),
@@ -1084,7 +1093,10 @@ mod tests {
                 denominator_exception: 0,
                 numerator: 876_543,
             },
-            categories: categories.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            categories: categories
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
             rows: Vec::new(),
             schema: Arc::new(Schema::empty()),
         }
@@ -1125,13 +1137,16 @@ mod tests {
 
     fn fixture(hostile: &str) -> Fixture {
         let measures = vec![
-            result(def("CTRL", "Control", Some("band")), &[
-                ("<7", 4_242),
-                ("7-8", 7),
-                ("8-9", 3_131),
-                (">9", 2_020),
-                ("untested", 1_517),
-            ]),
+            result(
+                def("CTRL", "Control", Some("band")),
+                &[
+                    ("<7", 4_242),
+                    ("7-8", 7),
+                    ("8-9", 3_131),
+                    (">9", 2_020),
+                    ("untested", 1_517),
+                ],
+            ),
             result(def(hostile, hostile, None), &[]),
             result(def("HIDDEN", "All suppressed", None), &[]),
         ];
@@ -1240,7 +1255,11 @@ mod tests {
             .collect();
         // b is small; c is the smallest non-zero complement; zeros are published.
         assert_eq!(hidden, ["b", "c"]);
-        assert!(suppress_categories(&cats, 11, true).iter().all(|(_, n)| n.is_none()));
+        assert!(
+            suppress_categories(&cats, 11, true)
+                .iter()
+                .all(|(_, n)| n.is_none())
+        );
         // Two small bands hide each other: no complement needed.
         let cats: BTreeMap<String, u64> = [("a", 50), ("b", 3), ("c", 4)]
             .into_iter()
@@ -1261,10 +1280,16 @@ mod tests {
     fn chart_geometry_stays_in_the_view_box() {
         let f = fixture("Other");
         let m = &f.measures[0];
-        let cells: Vec<&Cell> = f.cells.iter().filter(|c| c.dimension == "provider").collect();
+        let cells: Vec<&Cell> = f
+            .cells
+            .iter()
+            .filter(|c| c.dimension == "provider")
+            .collect();
         let c = dot_chart(0, m, Some(&f.cells[0]), &cells);
         for r in c.rows.iter().filter(|r| !r.suppressed) {
-            assert!(c.left <= r.x_low && r.x_low <= r.cx && r.cx <= r.x_high && r.x_high <= c.right);
+            assert!(
+                c.left <= r.x_low && r.x_low <= r.cx && r.cx <= r.x_high && r.x_high <= c.right
+            );
             assert!(r.x_low < r.x_high, "a visible whisker");
             assert!(0.0 < r.y && r.y < c.height);
         }
@@ -1283,23 +1308,24 @@ mod tests {
         assert_eq!(first.label, "<7");
         assert!((first.w - 4_242.0 / total * (b.right - b.left)).abs() < 0.11);
 
-        let points: Vec<(TrendPoint, bool)> = [(0.2, 0.15, 0.25), (0.35, 0.3, 0.4), (0.3, 0.26, 0.34)]
-            .iter()
-            .enumerate()
-            .map(|(i, &(r, lo, hi))| {
-                (
-                    TrendPoint {
-                        run_id: format!("run{i}"),
-                        date: format!("2025-0{}-01", i + 1),
-                        measure: "CTRL".into(),
-                        rate: Some(r),
-                        ci_low: Some(lo),
-                        ci_high: Some(hi),
-                    },
-                    i == 2,
-                )
-            })
-            .collect();
+        let points: Vec<(TrendPoint, bool)> =
+            [(0.2, 0.15, 0.25), (0.35, 0.3, 0.4), (0.3, 0.26, 0.34)]
+                .iter()
+                .enumerate()
+                .map(|(i, &(r, lo, hi))| {
+                    (
+                        TrendPoint {
+                            run_id: format!("run{i}"),
+                            date: format!("2025-0{}-01", i + 1),
+                            measure: "CTRL".into(),
+                            rate: Some(r),
+                            ci_low: Some(lo),
+                            ci_high: Some(hi),
+                        },
+                        i == 2,
+                    )
+                })
+                .collect();
         let l = line_chart(0, m, &points);
         assert_eq!(l.points.len(), 3);
         for p in &l.points {
@@ -1310,7 +1336,14 @@ mod tests {
         assert!(l.points[1].y < l.points[2].y && l.points[2].y < l.points[0].y);
         // The axis covers every interval bound.
         let first_tick: f64 = l.y_ticks[0].label.trim_end_matches('%').parse().unwrap();
-        let last_tick: f64 = l.y_ticks.last().unwrap().label.trim_end_matches('%').parse().unwrap();
+        let last_tick: f64 = l
+            .y_ticks
+            .last()
+            .unwrap()
+            .label
+            .trim_end_matches('%')
+            .parse()
+            .unwrap();
         assert!(first_tick <= 15.0 && last_tick >= 40.0);
         for xy in l.band.split(' ') {
             let (x, y) = xy.split_once(',').unwrap();
@@ -1336,12 +1369,18 @@ mod tests {
                 .split(' ')
                 .map(|v| v.parse().unwrap())
                 .collect();
-            for tag in svg.split('<').filter(|t| t.starts_with("circle") || t.starts_with("rect")) {
+            for tag in svg
+                .split('<')
+                .filter(|t| t.starts_with("circle") || t.starts_with("rect"))
+            {
                 let x = num(tag, "cx").or(num(tag, "x")).unwrap();
                 let y = num(tag, "cy").or(num(tag, "y")).unwrap();
                 let w = num(tag, "width").unwrap_or(0.0);
                 let h = num(tag, "height").unwrap_or(0.0);
-                assert!(x >= 0.0 && x + w <= vb[2] && y >= 0.0 && y + h <= vb[3], "{tag}");
+                assert!(
+                    x >= 0.0 && x + w <= vb[2] && y >= 0.0 && y + h <= vb[3],
+                    "{tag}"
+                );
             }
         }
     }
@@ -1362,9 +1401,16 @@ mod tests {
         }];
         let html = render(&input(&f, &trend)).unwrap();
         assert!(!html.contains("first run on record"));
-        assert_eq!(html.matches("<polyline").count(), 1, "one measure has history");
+        assert_eq!(
+            html.matches("<polyline").count(),
+            1,
+            "one measure has history"
+        );
         // 4249/10917 = 38.9 %: up 3.9 points on a higher-is-better measure.
-        assert!(html.contains("+3.9 pts since 2025-12-31 (better)"), "change shown");
+        assert!(
+            html.contains("+3.9 pts since 2025-12-31 (better)"),
+            "change shown"
+        );
     }
 
     #[test]
@@ -1374,7 +1420,10 @@ mod tests {
         let css = &html[html.find("<style>").unwrap() + 7..html.find("</style>").unwrap()];
         let hash = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(css.as_bytes()));
         assert!(html.contains(&format!("default-src 'none'; style-src 'sha256-{hash}'")));
-        assert!(!html.contains(" style=\""), "style attributes would be refused");
+        assert!(
+            !html.contains(" style=\""),
+            "style attributes would be refused"
+        );
         assert!(!html.contains("<script"));
     }
 
@@ -1409,9 +1458,15 @@ mod tests {
         let q = SourceQuality::from_ingest(&report);
         let names: Vec<&str> = q.iter().map(|q| q.source.as_str()).collect();
         assert_eq!(names, ["a", "b", "c"]);
-        assert_eq!((q[0].files, q[0].files_unchanged, q[0].files_failed), (2, 1, 1));
+        assert_eq!(
+            (q[0].files, q[0].files_unchanged, q[0].files_failed),
+            (2, 1, 1)
+        );
         assert_eq!(q[0].problems.len(), 1);
-        assert_eq!((q[1].rows_read, q[1].rows_accepted, q[1].rows_rejected), (30, 23, 7));
+        assert_eq!(
+            (q[1].rows_read, q[1].rows_accepted, q[1].rows_rejected),
+            (30, 23, 7)
+        );
         assert_eq!(q[1].top_rules, [("y".to_string(), 5), ("x".to_string(), 2)]);
         assert_eq!(q[2].problems, ["no input"]);
     }

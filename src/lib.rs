@@ -46,13 +46,18 @@ pub struct RunReport {
     pub care_gaps: Vec<std::path::PathBuf>,
     /// FHIR MeasureReports, one per measure (`reports/<run_id>/fhir/`).
     pub measure_reports: Vec<std::path::PathBuf>,
+    /// `reports/<run_id>/report.html`, the self-contained dashboard.
+    pub report_html: std::path::PathBuf,
+    /// The published summary: every measure's cells, small cells suppressed.
+    pub summary: Vec<report::Cell>,
 }
 
 /// The nightly job. Takes the warehouse lock, runs every stage — ingest,
 /// the data-quality gates, linkage and the core tables, every measure of
 /// `queries` for `period` (`marts/measure_patient/`), the stratified,
-/// suppressed summary, a FHIR MeasureReport per measure and the care-gap
-/// lists (`reports/<run_id>/`) — into
+/// suppressed summary, the HTML report with trends over the published
+/// runs, a FHIR MeasureReport per measure and the care-gap lists
+/// (`reports/<run_id>/`) — into
 /// its own directory `runs/<run_id>/`, writes the manifest and publishes the
 /// run by pointing `runs/CURRENT` at it, then prunes old runs
 /// (`[runs] keep`). See [`runs`] for the layout.
@@ -89,6 +94,7 @@ pub fn run(
         Some(dir) => Some(runs::Manifest::load(dir)?),
         None => None,
     };
+    let history = runs::load_history(previous_dir.as_deref())?;
     let config_bytes =
         std::fs::read(&config.path).map_err(|e| WardError::io("cannot read", &config.path, e))?;
     let mut manifest = runs::Manifest {
@@ -128,6 +134,7 @@ pub fn run(
         progress,
         &run_dir,
         previous.as_ref(),
+        &history,
         &mut manifest,
     );
     manifest.finished = runs::now();
@@ -148,7 +155,6 @@ pub fn run(
         }
     };
     let _publish = tracing::info_span!("stage", stage = "publish").entered();
-    let history = runs::load_history(previous_dir.as_deref())?;
     runs::write_history(
         &run_dir,
         history,
@@ -157,7 +163,12 @@ pub fn run(
             finished: manifest.finished.clone(),
             period: manifest.period.clone(),
             persons: report.link.persons,
-            measures: manifest.measures.clone(),
+            overall: report
+                .summary
+                .iter()
+                .filter(|c| c.dimension == "overall")
+                .cloned()
+                .collect(),
         },
     )?;
     manifest.status = runs::RunStatus::Complete;
@@ -200,6 +211,7 @@ fn run_stages(
     progress: &indicatif::ProgressBar,
     run_dir: &std::path::Path,
     previous: Option<&runs::Manifest>,
+    history: &[runs::HistoryEntry],
     manifest: &mut runs::Manifest,
 ) -> Result<RunReport> {
     let warehouse = warehouse::Warehouse::new(&config.warehouse).with_output(run_dir);
@@ -252,16 +264,43 @@ fn run_stages(
     })?;
     manifest.measures = measures.iter().map(runs::MeasureFigures::of).collect();
     let run_id = manifest.run_id.clone();
-    let (report_dir, care_gaps, measure_reports) = stage(manifest, "report", || {
-        let strata = measure::strata(&warehouse, queries, period)?;
-        let cells = report::summarize(&measures, &strata, config.min_cell_size);
-        let report_dir = report::write(&warehouse, &run_id, &cells)?;
-        let measure_reports =
-            report::fhir::write(&warehouse, &run_id, &measures, &cells, chrono::Utc::now())?;
-        let gaps = measure::care_gaps(&warehouse, queries, &measures)?;
-        let care_gaps = report::write_care_gaps(&warehouse, &run_id, &gaps)?;
-        Ok((report_dir, care_gaps, measure_reports))
-    })?;
+    let trend = runs::trend(history);
+    let quality = report::html::SourceQuality::from_ingest(&ingest);
+    let metadata = vec![
+        ("config".to_string(), config.path.display().to_string()),
+        ("config SHA-256".to_string(), manifest.config.sha256.clone()),
+        ("host".to_string(), manifest.host.clone()),
+        ("started".to_string(), manifest.started.clone()),
+        (
+            "persons (linked)".to_string(),
+            linkage.report.persons.to_string(),
+        ),
+        ("warnings".to_string(), manifest.warnings.len().to_string()),
+    ];
+    let (summary, report_dir, report_html, measure_reports, care_gaps) =
+        stage(manifest, "report", || {
+            let strata = measure::strata(&warehouse, queries, period)?;
+            let cells = report::summarize(&measures, &strata, config.min_cell_size);
+            let report_dir = report::write(&warehouse, &run_id, &cells)?;
+            let html = report::html::HtmlInput {
+                trend: &trend,
+                metadata: &metadata,
+                ..report::html::HtmlInput::new(
+                    &run_id,
+                    period,
+                    config.min_cell_size,
+                    &measures,
+                    &cells,
+                    &quality,
+                )
+            };
+            let report_html = report::html::write(&report_dir, &html)?;
+            let measure_reports =
+                report::fhir::write(&warehouse, &run_id, &measures, &cells, chrono::Utc::now())?;
+            let gaps = measure::care_gaps(&warehouse, queries, &measures)?;
+            let care_gaps = report::write_care_gaps(&warehouse, &run_id, &gaps)?;
+            Ok((cells, report_dir, report_html, measure_reports, care_gaps))
+        })?;
     manifest.phi_outputs = care_gaps
         .iter()
         .map(|p| {
@@ -282,5 +321,7 @@ fn run_stages(
         report_dir,
         care_gaps,
         measure_reports,
+        report_html,
+        summary,
     })
 }

@@ -389,6 +389,7 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
                 "summary by stratum (small cells suppressed): {}",
                 run.report_dir.display()
             );
+            println!("report (open in a browser): {}", run.report_html.display());
             println!(
                 "care-gap lists (identified, owner-only): {} in {}",
                 run.care_gaps.len(),

@@ -726,7 +726,27 @@ pub struct HistoryEntry {
     pub finished: String,
     pub period: PeriodInfo,
     pub persons: u64,
-    pub measures: Vec<MeasureFigures>,
+    /// Each measure's published overall cell (small counts suppressed:
+    /// the history feeds published trends).
+    pub overall: Vec<crate::report::Cell>,
+}
+
+/// The HTML report's trend points: each measure's published overall rate
+/// in every run of `history`, labelled with the day the run finished.
+pub fn trend(history: &[HistoryEntry]) -> Vec<crate::report::html::TrendPoint> {
+    history
+        .iter()
+        .flat_map(|h| {
+            h.overall.iter().map(|c| crate::report::html::TrendPoint {
+                run_id: h.run_id.clone(),
+                date: h.finished.get(..10).unwrap_or(&h.finished).to_string(),
+                measure: c.measure.clone(),
+                rate: c.rate,
+                ci_low: c.ci_low,
+                ci_high: c.ci_high,
+            })
+        })
+        .collect()
 }
 
 /// At most this many runs are kept in `history.json`.
@@ -983,7 +1003,7 @@ mod tests {
                 end: "2025-12-31".into(),
             },
             persons: 1,
-            measures: Vec::new(),
+            overall: Vec::new(),
         };
         assert!(load_history(None).unwrap().is_empty());
         let h = write_history(dir.path(), Vec::new(), entry("r1")).unwrap();

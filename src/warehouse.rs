@@ -331,6 +331,9 @@ pub struct FileState {
     /// Skipped FHIR resources per resource type.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub skipped_by_type: BTreeMap<String, u64>,
+    /// Rejected rows per rule (states written before this field: empty).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rejects_by_rule: BTreeMap<String, u64>,
     /// When it was loaded (UTC, RFC 3339).
     pub loaded_at: String,
 }
@@ -381,6 +384,7 @@ mod tests {
                 rows_rejected: 1,
                 rows_skipped: 0,
                 skipped_by_type: BTreeMap::new(),
+                rejects_by_rule: BTreeMap::from([("required".into(), 1)]),
                 loaded_at: "t".into(),
             },
         );

@@ -421,7 +421,7 @@ pub fn ingest(
                 rows_rejected: f.rows_rejected,
                 rows_skipped: f.rows_skipped,
                 skipped_by_type: f.skipped_by_type.clone(),
-                rejects_by_rule: BTreeMap::new(),
+                rejects_by_rule: f.rejects_by_rule.clone(),
             });
         }
     }
@@ -659,6 +659,10 @@ fn publish(
         rows_rejected: loaded.rejects.len() as u64,
         rows_skipped: loaded.skipped_total(),
         skipped_by_type: loaded.skipped.clone(),
+        rejects_by_rule: loaded.rejects.iter().fold(BTreeMap::new(), |mut m, r| {
+            *m.entry(r.rule.to_string()).or_default() += 1;
+            m
+        }),
         loaded_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     })
 }

@@ -8,6 +8,8 @@
 pub mod fhir;
 pub mod standard;
 
+pub mod html;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,7 +37,7 @@ pub const DIMENSIONS: [&str; 7] = [
 
 /// One row of the summary: a measure in one stratum. Suppressed counts are
 /// `None` with `suppressed` set — never zeroed.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Cell {
     pub measure: String,
     pub dimension: String,

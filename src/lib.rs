@@ -11,12 +11,14 @@
 //! `tracing`. The `ward` binary is a thin layer over [`run`] and friends.
 
 pub mod config;
+pub mod deid;
 mod engine;
 pub mod error;
 pub mod ingest;
 pub mod link;
 pub mod mapping;
 pub mod measure;
+pub mod query;
 pub mod report;
 pub mod schema;
 pub mod synth;
@@ -39,12 +41,15 @@ pub struct RunReport {
     pub report_dir: std::path::PathBuf,
     /// Care-gap lists, one per provider (identified data, owner-only).
     pub care_gaps: Vec<std::path::PathBuf>,
+    /// The de-identified research tables (`research/`).
+    pub research: deid::DeidReport,
 }
 
 /// Runs every stage that exists, in order: ingest, linkage and the core
 /// tables, every measure of `queries` for `period` (written to
 /// `marts/measure_patient/`), and the stratified, suppressed summary
-/// (`reports/<run_id>/`).
+/// (`reports/<run_id>/`), then the de-identified research tables
+/// (`research/`, with `key` and ages at the end of `period`).
 ///
 /// Returns the report even when some files failed (the rest is published
 /// and measured); use [`IngestReport::failures`] to decide whether the run
@@ -54,6 +59,7 @@ pub fn run(
     opts: &IngestOptions,
     queries: &std::path::Path,
     period: config::Period,
+    key: &deid::DeidKey,
     progress: &indicatif::ProgressBar,
 ) -> Result<RunReport> {
     let ingest = ingest::ingest(config, opts, progress)?;
@@ -70,6 +76,12 @@ pub fn run(
     let report_dir = report::write(&warehouse, &run_id, &cells)?;
     let gaps = measure::care_gaps(&warehouse, queries, &measures)?;
     let care_gaps = report::write_care_gaps(&warehouse, &run_id, &gaps)?;
+    let deid_opts = deid::DeidOptions::from_config(&config.deid, key.clone(), period.end);
+    let research = deid::deid(
+        &warehouse.root().join("core"),
+        &warehouse.root().join("research"),
+        &deid_opts,
+    )?;
     Ok(RunReport {
         ingest,
         link: linkage.report,
@@ -77,5 +89,6 @@ pub fn run(
         measures,
         report_dir,
         care_gaps,
+        research,
     })
 }

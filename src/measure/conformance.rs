@@ -85,6 +85,7 @@ pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Res
         queries: Some(queries.to_path_buf()),
         link: Default::default(),
         min_cell_size: 11,
+        deid: Default::default(),
         sources: vec![SourceConfig {
             name: "deck".into(),
             format: SourceFormat::FhirBundle,

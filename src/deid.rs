@@ -566,7 +566,7 @@ pub fn person_schema(mode: DeidMode) -> SchemaRef {
     let text = |n: &str| Field::new(n, DataType::Utf8, true);
     let date = |n: &str| match mode {
         DeidMode::SafeHarbor => Field::new(format!("{n}_year"), DataType::Int32, true),
-        DeidMode::DateShift => Field::new(n, DataType::Date32, true),
+        DeidMode::DateShift => Field::new(format!("{n}_date"), DataType::Date32, true),
     };
     Arc::new(Schema::new(vec![
         Field::new("research_id", DataType::Utf8, false),

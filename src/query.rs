@@ -298,6 +298,21 @@ fn suppress(out: &mut QueryOutput, columns: &[usize], min: u64) -> Result<()> {
         path: PathBuf::new(),
         message: e.to_string(),
     };
+    // Suppressed counts are NULL: count columns become nullable.
+    let fields: Vec<_> = out
+        .schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let f = f.as_ref().clone();
+            Arc::new(if columns.contains(&i) { f.with_nullable(true) } else { f })
+        })
+        .collect();
+    out.schema = Arc::new(datafusion::arrow::datatypes::Schema::new_with_metadata(
+        fields,
+        out.schema.metadata().clone(),
+    ));
     for batch in &mut out.batches {
         let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
         for &i in columns {
@@ -317,7 +332,7 @@ fn suppress(out: &mut QueryOutput, columns: &[usize], min: u64) -> Result<()> {
             let nulls = datafusion::arrow::array::new_null_array(col.data_type(), col.len());
             cols[i] = zip(&small, &nulls, col).map_err(err)?;
         }
-        *batch = RecordBatch::try_new(batch.schema(), cols).map_err(err)?;
+        *batch = RecordBatch::try_new(out.schema.clone(), cols).map_err(err)?;
     }
     if out.suppressed_cells > 0 {
         tracing::info!(

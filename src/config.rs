@@ -378,10 +378,8 @@ fn deid_config(
         }
         sources.push((e.span(), KeySource::Env(e.get_ref().clone())));
     }
-    if let Some(d) = &raw.demo_key {
-        if *d.get_ref() {
-            sources.push((d.span(), KeySource::Demo));
-        }
+    if let Some(d) = raw.demo_key.as_ref().filter(|d| *d.get_ref()) {
+        sources.push((d.span(), KeySource::Demo));
     }
     if sources.len() > 1 {
         return Err(err(

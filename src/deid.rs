@@ -131,7 +131,8 @@ pub fn resolve_key(cfg: &DeidConfig, env: impl Fn(&str) -> Option<String>) -> Re
         key: Some(key.to_string()),
         message,
     };
-    let short = format!("the key must be at least {MIN_KEY_BYTES} bytes (32 random bytes recommended)");
+    let short =
+        format!("the key must be at least {MIN_KEY_BYTES} bytes (32 random bytes recommended)");
     match &cfg.key {
         KeySource::None => Err(err(
             "deid",
@@ -493,7 +494,10 @@ fn person_rows(batches: &[RecordBatch], path: &Path, opts: &DeidOptions) -> Resu
         );
         let date = |name: &str| -> Result<Date32Array> {
             let a = typed(column(b, name, path)?, &DataType::Date32, name, path)?;
-            Ok(a.as_any().downcast_ref::<Date32Array>().expect("cast").clone())
+            Ok(a.as_any()
+                .downcast_ref::<Date32Array>()
+                .expect("cast")
+                .clone())
         };
         let (birth, deceased) = (date("birth_date")?, date("deceased_date")?);
         let sources = typed(
@@ -509,10 +513,15 @@ fn person_rows(batches: &[RecordBatch], path: &Path, opts: &DeidOptions) -> Resu
             "records",
             path,
         )?;
-        let records = records.as_any().downcast_ref::<UInt32Array>().expect("cast");
+        let records = records
+            .as_any()
+            .downcast_ref::<UInt32Array>()
+            .expect("cast");
         for i in 0..b.num_rows() {
             let person_id = id.value(i).to_string();
-            let born = (!birth.is_null(i)).then(|| birth.value_as_date(i)).flatten();
+            let born = (!birth.is_null(i))
+                .then(|| birth.value_as_date(i))
+                .flatten();
             let age = born
                 .and_then(|d| age_at(d, opts.reference_date))
                 .map(|a| a.min(AGE_CAP));
@@ -655,7 +664,11 @@ fn list_of(
     let mut lengths = Vec::with_capacity(present.len());
     let mut it = values.iter();
     for p in &present {
-        lengths.push(if *p { it.next().map_or(0, |v| v.len()) } else { 0 });
+        lengths.push(if *p {
+            it.next().map_or(0, |v| v.len())
+        } else {
+            0
+        });
     }
     let refs: Vec<&dyn Array> = values.iter().map(|a| a.as_ref()).collect();
     let flat = if refs.is_empty() {
@@ -818,19 +831,16 @@ fn deid_batch(
         let Some(action) = action(c.name, c.kind) else {
             continue;
         };
-        let a = typed(
-            column(b, c.name, path)?,
-            &c.kind.data_type(),
-            c.name,
-            path,
-        )?;
+        let a = typed(column(b, c.name, path)?, &c.kind.data_type(), c.name, path)?;
         columns.push(match (action, opts.mode) {
             (Action::Keep, _) => a,
             (Action::Date, mode) => {
                 let d = a.as_any().downcast_ref::<Date32Array>().expect("cast");
                 match mode {
                     DeidMode::SafeHarbor => Arc::new(
-                        d.iter().map(|v| v.map(year_of_days)).collect::<Int32Array>(),
+                        d.iter()
+                            .map(|v| v.map(year_of_days))
+                            .collect::<Int32Array>(),
                     ),
                     DeidMode::DateShift => Arc::new(
                         d.iter()
@@ -927,7 +937,10 @@ mod tests {
         assert!(shifts.iter().all(|s| *s != 0 && (-365..=365).contains(s)));
         assert!(shifts.iter().any(|s| *s < -300) && shifts.iter().any(|s| *s > 300));
         assert!(DeidKey::new(b"short").is_none());
-        assert!(!format!("{a:?}").contains("0123456789"), "Debug hides the key");
+        assert!(
+            !format!("{a:?}").contains("0123456789"),
+            "Debug hides the key"
+        );
     }
 
     #[test]
@@ -958,7 +971,10 @@ mod tests {
             suppress_small_classes: false,
         };
         let e = resolve_key(&cfg, |_| None).unwrap_err();
-        assert!(e.is_config_error() && e.to_string().contains("key_file"), "{e}");
+        assert!(
+            e.is_config_error() && e.to_string().contains("key_file"),
+            "{e}"
+        );
         cfg.key = KeySource::Env("WARD_KEY".into());
         let e = resolve_key(&cfg, |_| None).unwrap_err();
         assert!(e.to_string().contains("WARD_KEY"), "{e}");

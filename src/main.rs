@@ -486,7 +486,11 @@ fn print_deid(r: &ward::deid::DeidReport) {
         k.persons,
         k.classes_below_k,
         k.records_below_k,
-        if k.suppressed { ", suppressed" } else { " (not suppressed)" }
+        if k.suppressed {
+            ", suppressed"
+        } else {
+            " (not suppressed)"
+        }
     );
 }
 

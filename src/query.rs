@@ -70,8 +70,8 @@ pub fn research_tables(research_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
         });
     }
     let mut out = Vec::new();
-    let entries =
-        std::fs::read_dir(research_dir).map_err(|e| WardError::io("cannot list", research_dir, e))?;
+    let entries = std::fs::read_dir(research_dir)
+        .map_err(|e| WardError::io("cannot list", research_dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| WardError::io("cannot list", research_dir, e))?;
         let path = entry.path();
@@ -81,9 +81,9 @@ pub fn research_tables(research_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
         } else {
             name.strip_suffix(".parquet").map(str::to_string)
         };
-        if let Some(t) = table.filter(|t| {
-            !t.is_empty() && t.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-        }) {
+        if let Some(t) = table
+            .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        {
             out.push((t, path));
         }
     }
@@ -125,7 +125,11 @@ pub fn check(sql: &str, tables: &[String]) -> Result<()> {
     };
     let Statement::Query(query) = statement else {
         let kind = statement.to_string();
-        let kind: String = kind.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        let kind: String = kind
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
         return Err(refused(format!(
             "only SELECT queries are allowed (not {kind} ...)"
         )));
@@ -306,7 +310,11 @@ fn suppress(out: &mut QueryOutput, columns: &[usize], min: u64) -> Result<()> {
         .enumerate()
         .map(|(i, f)| {
             let f = f.as_ref().clone();
-            Arc::new(if columns.contains(&i) { f.with_nullable(true) } else { f })
+            Arc::new(if columns.contains(&i) {
+                f.with_nullable(true)
+            } else {
+                f
+            })
         })
         .collect();
     out.schema = Arc::new(datafusion::arrow::datatypes::Schema::new_with_metadata(
@@ -358,7 +366,11 @@ pub enum OutputFormat {
 }
 
 /// Writes a result in `format` to `w`.
-pub fn write_output<W: Write + Send>(out: &QueryOutput, format: OutputFormat, mut w: W) -> Result<()> {
+pub fn write_output<W: Write + Send>(
+    out: &QueryOutput,
+    format: OutputFormat,
+    mut w: W,
+) -> Result<()> {
     let err = |message: String| WardError::Data {
         context: "writing query output",
         path: PathBuf::new(),

@@ -126,7 +126,11 @@ fn assert_no_leak(wh: &Path, research: &Path) {
         for run in runs {
             let run = std::str::from_utf8(run).unwrap();
             if let Some(v) = long_text.iter().find(|v| run.contains(v.as_str())) {
-                panic!("{} holds an identifying value ({} bytes)", path.display(), v.len());
+                panic!(
+                    "{} holds an identifying value ({} bytes)",
+                    path.display(),
+                    v.len()
+                );
             }
         }
         if path.extension().is_some_and(|e| e == "parquet") {
@@ -149,9 +153,14 @@ fn assert_no_leak(wh: &Path, research: &Path) {
                     .flatten()
                     .all(|r| r.len() == 64 && !ids.contains(r))
             );
-            let distinct: BTreeSet<String> = cells(&batches, &["research_id"]).into_iter().collect();
+            let distinct: BTreeSet<String> =
+                cells(&batches, &["research_id"]).into_iter().collect();
             for cell in &distinct {
-                assert!(!ids.contains(cell), "{}: a cell is an identifying value", path.display());
+                assert!(
+                    !ids.contains(cell),
+                    "{}: a cell is an identifying value",
+                    path.display()
+                );
                 if cell.len() >= 6 && cell.bytes().any(|b| !b.is_ascii_digit() && b != b'.') {
                     assert!(
                         !long.iter().any(|v| cell.contains(v.as_str())),
@@ -230,13 +239,22 @@ fn the_sample_run_publishes_research_tables_without_identifiers() {
         .iter()
         .map(|(size, n)| size.parse::<u64>().unwrap() * n.as_u64().unwrap())
         .sum();
-    assert_eq!(sizes, rows(&persons) as u64, "class sizes add up to the persons");
+    assert_eq!(
+        sizes,
+        rows(&persons) as u64,
+        "class sizes add up to the persons"
+    );
 
     // Pseudonyms: stable for one key, different for another.
     let core = wh.join("core");
     let ids = |key: DeidKey, out: &str| -> BTreeSet<String> {
         let out = dir.path().join(out);
-        deid(&core, &out, &opts(key, DeidMode::SafeHarbor, date(2025, 12, 31))).unwrap();
+        deid(
+            &core,
+            &out,
+            &opts(key, DeidMode::SafeHarbor, date(2025, 12, 31)),
+        )
+        .unwrap();
         let mut ids: BTreeSet<String> =
             strings(&read_parquet(&out.join("person.parquet")), "research_id")
                 .into_iter()
@@ -252,14 +270,26 @@ fn the_sample_run_publishes_research_tables_without_identifiers() {
     let a1 = ids(key("a"), "r1");
     let a2 = ids(key("a"), "r2");
     let b = ids(key("b"), "r3");
-    assert_eq!(a1.len(), rows(&persons), "one id per person, facts use the same");
+    assert_eq!(
+        a1.len(),
+        rows(&persons),
+        "one id per person, facts use the same"
+    );
     assert_eq!(a1, a2);
     assert!(a1.is_disjoint(&b));
-    assert_ne!(deid_json(&dir.path().join("r1"))["key_fingerprint"], fingerprint);
+    assert_ne!(
+        deid_json(&dir.path().join("r1"))["key_fingerprint"],
+        fingerprint
+    );
 
     // Date shift on the real sample: full dates, still no identifier.
     let shifted = dir.path().join("shifted");
-    let r = deid(&core, &shifted, &opts(key("a"), DeidMode::DateShift, date(2025, 12, 31))).unwrap();
+    let r = deid(
+        &core,
+        &shifted,
+        &opts(key("a"), DeidMode::DateShift, date(2025, 12, 31)),
+    )
+    .unwrap();
     assert!(!r.safe_harbor && r.limited_data_set);
     assert_eq!(deid_json(&shifted)["mode"], "date_shift");
     let dob = read_parquet(&shifted.join("person.parquet"));
@@ -291,7 +321,8 @@ fn research_queries(tmp: &Path, research: &Path, persons: i64) {
 
     // min-cell: every count 1..10 becomes NULL, the rest is unchanged; a
     // grouping column of small integers (age) is not a count.
-    let by_age = "SELECT age, count(*) AS n, sum(records) AS records FROM person GROUP BY age ORDER BY age";
+    let by_age =
+        "SELECT age, count(*) AS n, sum(records) AS records FROM person GROUP BY age ORDER BY age";
     let plain = q(by_age, None).unwrap();
     let suppressed = q(by_age, Some(11)).unwrap();
     assert_eq!(
@@ -330,9 +361,15 @@ fn research_queries(tmp: &Path, research: &Path, persons: i64) {
         format!("COPY (SELECT * FROM person) TO '{t}.csv' STORED AS CSV"),
         "SET datafusion.catalog.information_schema = true".into(),
         "SELECT * FROM '/etc/passwd'".into(),
-        format!("SELECT * FROM '{}'", research.join("person.parquet").display()),
+        format!(
+            "SELECT * FROM '{}'",
+            research.join("person.parquet").display()
+        ),
         "SELECT * FROM \"/etc/passwd\"".into(),
-        format!("SELECT * FROM read_parquet('{}')", research.join("person.parquet").display()),
+        format!(
+            "SELECT * FROM read_parquet('{}')",
+            research.join("person.parquet").display()
+        ),
         "SELECT * FROM read_csv('/etc/passwd')".into(),
         "SELECT * FROM generate_series(1, 3)".into(),
         "SELECT * FROM information_schema.tables".into(),
@@ -375,12 +412,21 @@ fn a_generated_population_leaks_nothing() {
     )
     .unwrap();
     let path = out.join("ward.toml");
-    let text = fs::read_to_string(&path).unwrap().replace("../warehouse", "../wh");
+    let text = fs::read_to_string(&path)
+        .unwrap()
+        .replace("../warehouse", "../wh");
     fs::write(&path, text).unwrap();
     let config = PipelineConfig::load(&path).unwrap();
     let run = run_all(&config);
-    assert!(run.research.tables[0].rows_out > 1500, "{:?}", run.research.tables);
-    assert_no_leak(&dir.path().join("wh"), &dir.path().join("wh").join("research"));
+    assert!(
+        run.research.tables[0].rows_out > 1500,
+        "{:?}",
+        run.research.tables
+    );
+    assert_no_leak(
+        &dir.path().join("wh"),
+        &dir.path().join("wh").join("research"),
+    );
 }
 
 // --- hand-built core tables -------------------------------------------------
@@ -453,7 +499,9 @@ fn write_core(core: &Path, persons: &[P], obs: &[(&str, NaiveDate)]) {
         .fields()
         .iter()
         .map(|f| match f.name().as_str() {
-            "person_id" => Arc::new(obs.iter().map(|o| Some(o.0)).collect::<StringArray>()) as ArrayRef,
+            "person_id" => {
+                Arc::new(obs.iter().map(|o| Some(o.0)).collect::<StringArray>()) as ArrayRef
+            }
             "code_system" => Arc::new(StringArray::from(vec!["loinc"; m])),
             "code" => Arc::new(StringArray::from(vec!["4548-4"; m])),
             "value_text" => Arc::new(StringArray::from(vec!["Zebulon says hi"; m])),
@@ -505,12 +553,42 @@ fn age_zip_and_date_rules_on_edge_cases() {
     let dir = tempfile::tempdir().unwrap();
     let core = dir.path().join("core");
     let persons = [
-        P { id: "P89", birth: Some(date(1936, 1, 1)), sex: "female", zip: Some("02139") },
-        P { id: "P90", birth: Some(date(1935, 12, 31)), sex: "female", zip: Some("03601") },
-        P { id: "P95", birth: Some(date(1930, 6, 1)), sex: "male", zip: Some("02139-4307") },
-        P { id: "PLEAP", birth: Some(date(2000, 2, 29)), sex: "male", zip: Some("021") },
-        P { id: "PNOZIP", birth: None, sex: "unknown", zip: None },
-        P { id: "P9", birth: Some(date(1990, 5, 5)), sex: "male", zip: Some("890124444") },
+        P {
+            id: "P89",
+            birth: Some(date(1936, 1, 1)),
+            sex: "female",
+            zip: Some("02139"),
+        },
+        P {
+            id: "P90",
+            birth: Some(date(1935, 12, 31)),
+            sex: "female",
+            zip: Some("03601"),
+        },
+        P {
+            id: "P95",
+            birth: Some(date(1930, 6, 1)),
+            sex: "male",
+            zip: Some("02139-4307"),
+        },
+        P {
+            id: "PLEAP",
+            birth: Some(date(2000, 2, 29)),
+            sex: "male",
+            zip: Some("021"),
+        },
+        P {
+            id: "PNOZIP",
+            birth: None,
+            sex: "unknown",
+            zip: None,
+        },
+        P {
+            id: "P9",
+            birth: Some(date(1990, 5, 5)),
+            sex: "male",
+            zip: Some("890124444"),
+        },
     ];
     let obs = [
         ("P89", date(2025, 3, 1)),
@@ -521,16 +599,42 @@ fn age_zip_and_date_rules_on_edge_cases() {
     write_core(&core, &persons, &obs);
     let k = key("edge");
     let sh = dir.path().join("sh");
-    deid(&core, &sh, &opts(k.clone(), DeidMode::SafeHarbor, date(2025, 12, 31))).unwrap();
+    deid(
+        &core,
+        &sh,
+        &opts(k.clone(), DeidMode::SafeHarbor, date(2025, 12, 31)),
+    )
+    .unwrap();
     let rows = research_persons(&sh);
     let get = |id: &str| rows[&research_id(&k, id)].clone();
-    assert_eq!(get("P89"), (Some(89), Some("80-89".into()), Some(1936), Some("021".into())));
+    assert_eq!(
+        get("P89"),
+        (
+            Some(89),
+            Some("80-89".into()),
+            Some(1936),
+            Some("021".into())
+        )
+    );
     // 90 on the reference day: pooled, birth year removed; restricted ZIP.
-    assert_eq!(get("P90"), (Some(90), Some("90+".into()), None, Some("000".into())));
-    assert_eq!(get("P95"), (Some(90), Some("90+".into()), None, Some("021".into())));
-    assert_eq!(get("PLEAP"), (Some(25), Some("20-29".into()), Some(2000), None));
+    assert_eq!(
+        get("P90"),
+        (Some(90), Some("90+".into()), None, Some("000".into()))
+    );
+    assert_eq!(
+        get("P95"),
+        (Some(90), Some("90+".into()), None, Some("021".into()))
+    );
+    assert_eq!(
+        get("PLEAP"),
+        (Some(25), Some("20-29".into()), Some(2000), None)
+    );
     assert_eq!(get("PNOZIP"), (None, None, None, None));
-    assert_eq!(get("P9").3.as_deref(), Some("000"), "ZIP+4 without dash, restricted 890");
+    assert_eq!(
+        get("P9").3.as_deref(),
+        Some("000"),
+        "ZIP+4 without dash, restricted 890"
+    );
     // Safe Harbor: years only; free text and the person's name are gone.
     let o = read_dir_batches(&sh.join("observation"));
     assert_eq!(
@@ -543,13 +647,26 @@ fn age_zip_and_date_rules_on_edge_cases() {
     // 29 February at a common year's 28 February / 1 March.
     for (reference, age) in [(date(2025, 2, 28), 24), (date(2025, 3, 1), 25)] {
         let out = dir.path().join(format!("leap{age}"));
-        deid(&core, &out, &opts(k.clone(), DeidMode::SafeHarbor, reference)).unwrap();
-        assert_eq!(research_persons(&out)[&research_id(&k, "PLEAP")].0, Some(age));
+        deid(
+            &core,
+            &out,
+            &opts(k.clone(), DeidMode::SafeHarbor, reference),
+        )
+        .unwrap();
+        assert_eq!(
+            research_persons(&out)[&research_id(&k, "PLEAP")].0,
+            Some(age)
+        );
     }
 
     // Date shift: intervals kept within a person, offsets differ between persons.
     let ds = dir.path().join("ds");
-    deid(&core, &ds, &opts(k.clone(), DeidMode::DateShift, date(2025, 12, 31))).unwrap();
+    deid(
+        &core,
+        &ds,
+        &opts(k.clone(), DeidMode::DateShift, date(2025, 12, 31)),
+    )
+    .unwrap();
     let o = read_dir_batches(&ds.join("observation"));
     let ids = strings(&o, "research_id");
     let times = o[0]
@@ -561,7 +678,10 @@ fn age_zip_and_date_rules_on_edge_cases() {
         .clone();
     let mut by_person: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for (i, id) in ids.iter().enumerate() {
-        by_person.entry(id.clone().unwrap()).or_default().push(times.value(i));
+        by_person
+            .entry(id.clone().unwrap())
+            .or_default()
+            .push(times.value(i));
     }
     const DAY: i64 = 86_400_000_000;
     let original = days(date(2025, 3, 1)) as i64 * DAY + 3_600_000_000;
@@ -603,44 +723,117 @@ fn k_anonymity_counts_and_suppression_remove_exactly_the_small_classes() {
     let b = Some(date(1980, 6, 1));
     let persons = [
         // Class A (3): 40-49, female, 021.
-        P { id: "A1", birth: b, sex: "female", zip: Some("02139") },
-        P { id: "A2", birth: b, sex: "female", zip: Some("02140") },
-        P { id: "A3", birth: Some(date(1976, 1, 1)), sex: "female", zip: Some("02111") },
+        P {
+            id: "A1",
+            birth: b,
+            sex: "female",
+            zip: Some("02139"),
+        },
+        P {
+            id: "A2",
+            birth: b,
+            sex: "female",
+            zip: Some("02140"),
+        },
+        P {
+            id: "A3",
+            birth: Some(date(1976, 1, 1)),
+            sex: "female",
+            zip: Some("02111"),
+        },
         // Class B (2): 40-49, male, 021.
-        P { id: "B1", birth: b, sex: "male", zip: Some("02139") },
-        P { id: "B2", birth: b, sex: "male", zip: Some("02139") },
+        P {
+            id: "B1",
+            birth: b,
+            sex: "male",
+            zip: Some("02139"),
+        },
+        P {
+            id: "B2",
+            birth: b,
+            sex: "male",
+            zip: Some("02139"),
+        },
         // Class C (1): 40-49, female, 100.
-        P { id: "C1", birth: b, sex: "female", zip: Some("10001") },
+        P {
+            id: "C1",
+            birth: b,
+            sex: "female",
+            zip: Some("10001"),
+        },
     ];
     let d = date(2025, 5, 5);
-    let obs = [("A1", d), ("A2", d), ("B1", d), ("B1", d), ("B2", d), ("C1", d), ("C1", d)];
+    let obs = [
+        ("A1", d),
+        ("A2", d),
+        ("B1", d),
+        ("B1", d),
+        ("B2", d),
+        ("C1", d),
+        ("C1", d),
+    ];
     write_core(&core, &persons, &obs);
     let k = key("k");
     let mut o = opts(k.clone(), DeidMode::SafeHarbor, date(2025, 12, 31));
     o.k = 3;
     let report = deid(&core, &dir.path().join("r"), &o).unwrap();
     let ka = &report.k_anonymity;
-    assert_eq!((ka.classes, ka.classes_below_k, ka.min_class_size), (3, 2, 1));
-    assert_eq!(ka.size_distribution, BTreeMap::from([(1, 1), (2, 1), (3, 1)]));
-    assert_eq!((ka.persons, ka.persons_below_k, ka.records_below_k), (6, 3, 5));
+    assert_eq!(
+        (ka.classes, ka.classes_below_k, ka.min_class_size),
+        (3, 2, 1)
+    );
+    assert_eq!(
+        ka.size_distribution,
+        BTreeMap::from([(1, 1), (2, 1), (3, 1)])
+    );
+    assert_eq!(
+        (ka.persons, ka.persons_below_k, ka.records_below_k),
+        (6, 3, 5)
+    );
     assert!(!ka.suppressed);
-    assert_eq!(research_persons(&dir.path().join("r")).len(), 6, "nothing removed");
+    assert_eq!(
+        research_persons(&dir.path().join("r")).len(),
+        6,
+        "nothing removed"
+    );
 
     o.suppress_small_classes = true;
     let out = dir.path().join("s");
     let report = deid(&core, &out, &o).unwrap();
-    let expected: BTreeSet<String> = ["A1", "A2", "A3"].iter().map(|p| research_id(&k, p)).collect();
+    let expected: BTreeSet<String> = ["A1", "A2", "A3"]
+        .iter()
+        .map(|p| research_id(&k, p))
+        .collect();
     let kept: BTreeSet<String> = research_persons(&out).into_keys().collect();
     assert_eq!(kept, expected);
-    let facts: BTreeSet<String> = strings(&read_dir_batches(&out.join("observation")), "research_id")
-        .into_iter()
-        .flatten()
-        .collect();
+    let facts: BTreeSet<String> =
+        strings(&read_dir_batches(&out.join("observation")), "research_id")
+            .into_iter()
+            .flatten()
+            .collect();
     assert!(facts.is_subset(&expected) && facts.len() == 2);
-    let t = |name: &str| report.tables.iter().find(|t| t.table == name).unwrap().clone();
-    assert_eq!((t("person").rows_in, t("person").rows_out, t("person").rows_suppressed), (6, 3, 3));
+    let t = |name: &str| {
+        report
+            .tables
+            .iter()
+            .find(|t| t.table == name)
+            .unwrap()
+            .clone()
+    };
     assert_eq!(
-        (t("observation").rows_in, t("observation").rows_out, t("observation").rows_suppressed),
+        (
+            t("person").rows_in,
+            t("person").rows_out,
+            t("person").rows_suppressed
+        ),
+        (6, 3, 3)
+    );
+    assert_eq!(
+        (
+            t("observation").rows_in,
+            t("observation").rows_out,
+            t("observation").rows_suppressed
+        ),
         (7, 2, 5)
     );
     assert!(report.k_anonymity.suppressed);
@@ -654,29 +847,48 @@ fn missing_key_is_a_config_error_and_the_sample_uses_the_demo_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = copy_sample(dir.path());
     let config = PipelineConfig::load(&path).unwrap();
-    assert!(ward::deid::resolve_key(&config.deid, |_| None).unwrap().is_demo());
+    assert!(
+        ward::deid::resolve_key(&config.deid, |_| None)
+            .unwrap()
+            .is_demo()
+    );
 
     let text = fs::read_to_string(&path).unwrap();
     let no_key = text.replace("demo_key = true", "k = 5");
     fs::write(&path, &no_key).unwrap();
     let config = PipelineConfig::load(&path).unwrap();
     let e = ward::deid::resolve_key(&config.deid, |_| None).unwrap_err();
-    assert!(e.is_config_error() && e.to_string().contains("key_file"), "{e}");
+    assert!(
+        e.is_config_error() && e.to_string().contains("key_file"),
+        "{e}"
+    );
 
     let key_file = dir.path().join("sample_data").join("deid.key");
     fs::write(&key_file, "a-secret-key-of-32-bytes-or-more!\n").unwrap();
-    fs::write(&path, text.replace("demo_key = true", "key_file = \"deid.key\"")).unwrap();
+    fs::write(
+        &path,
+        text.replace("demo_key = true", "key_file = \"deid.key\""),
+    )
+    .unwrap();
     let config = PipelineConfig::load(&path).unwrap();
     let from_file = ward::deid::resolve_key(&config.deid, |_| None).unwrap();
     assert!(!from_file.is_demo());
 
-    fs::write(&path, text.replace("demo_key = true", "key_env = \"WARD_TEST_KEY\"")).unwrap();
+    fs::write(
+        &path,
+        text.replace("demo_key = true", "key_env = \"WARD_TEST_KEY\""),
+    )
+    .unwrap();
     let config = PipelineConfig::load(&path).unwrap();
     let from_env = ward::deid::resolve_key(&config.deid, |n| {
         (n == "WARD_TEST_KEY").then(|| "a-secret-key-of-32-bytes-or-more!".into())
     })
     .unwrap();
-    assert_eq!(from_env.fingerprint(), from_file.fingerprint(), "same key, same fingerprint");
+    assert_eq!(
+        from_env.fingerprint(),
+        from_file.fingerprint(),
+        "same key, same fingerprint"
+    );
 
     // Two key sources, an unknown mode, k < 2: located config errors.
     for (bad, key) in [

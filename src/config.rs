@@ -42,6 +42,52 @@ pub struct PipelineConfig {
     pub gates: crate::runs::Gates,
     /// The providers to load, in config order.
     pub sources: Vec<SourceConfig>,
+    /// De-identification settings (`[deid]`).
+    pub deid: DeidConfig,
+}
+
+/// How research data is de-identified (`[deid]`); see [`crate::deid`].
+#[derive(Debug, Clone)]
+pub struct DeidConfig {
+    /// The config file, for errors about the key.
+    pub config_path: PathBuf,
+    /// 1-based line of the `[deid]` key that names the key source, if any.
+    pub key_line: Option<usize>,
+    /// Where the HMAC key comes from.
+    pub key: KeySource,
+    /// Safe Harbor (default) or date shifting.
+    pub mode: crate::deid::DeidMode,
+    /// Minimum equivalence-class size of the k-anonymity report (default 11).
+    pub k: u64,
+    /// Remove persons in classes smaller than `k` from every research table.
+    pub suppress_small_classes: bool,
+}
+
+impl Default for DeidConfig {
+    /// No key, Safe Harbor, k = 11, no suppression.
+    fn default() -> Self {
+        DeidConfig {
+            config_path: PathBuf::new(),
+            key_line: None,
+            key: KeySource::None,
+            mode: crate::deid::DeidMode::SafeHarbor,
+            k: 11,
+            suppress_small_classes: false,
+        }
+    }
+}
+
+/// Where the de-identification key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// Nothing configured: de-identification is refused.
+    None,
+    /// A file (absolute path) holding the key.
+    File(PathBuf),
+    /// An environment variable holding the key.
+    Env(String),
+    /// The bundled, public demo key (sample data only).
+    Demo,
 }
 
 /// An inclusive range of days.
@@ -116,7 +162,19 @@ struct RawConfig {
     report: Option<Spanned<RawReport>>,
     runs: Option<Spanned<RawRuns>>,
     gates: Option<Spanned<RawGates>>,
+    deid: Option<Spanned<RawDeid>>,
     sources: Option<Spanned<Vec<RawSource>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeid {
+    key_file: Option<Spanned<String>>,
+    key_env: Option<Spanned<String>>,
+    demo_key: Option<Spanned<bool>>,
+    mode: Option<crate::deid::DeidMode>,
+    k: Option<Spanned<u64>>,
+    suppress_small_classes: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -320,10 +378,26 @@ impl PipelineConfig {
             let span = g.span();
             let g = g.into_inner();
             for (key, value, slot) in [
-                ("gates.max_reject_rate", g.max_reject_rate, &mut gates.max_reject_rate),
-                ("gates.warn_reject_rate", g.warn_reject_rate, &mut gates.warn_reject_rate),
-                ("gates.max_row_drop", g.max_row_drop, &mut gates.max_row_drop),
-                ("gates.warn_row_drop", g.warn_row_drop, &mut gates.warn_row_drop),
+                (
+                    "gates.max_reject_rate",
+                    g.max_reject_rate,
+                    &mut gates.max_reject_rate,
+                ),
+                (
+                    "gates.warn_reject_rate",
+                    g.warn_reject_rate,
+                    &mut gates.warn_reject_rate,
+                ),
+                (
+                    "gates.max_row_drop",
+                    g.max_row_drop,
+                    &mut gates.max_row_drop,
+                ),
+                (
+                    "gates.warn_row_drop",
+                    g.warn_row_drop,
+                    &mut gates.warn_row_drop,
+                ),
             ] {
                 if let Some(v) = value {
                     if !(0.0..=1.0).contains(&v) {
@@ -346,6 +420,7 @@ impl PipelineConfig {
                 ));
             }
         }
+        let deid = deid_config(path, &text, &base, raw.deid)?;
 
         Ok(PipelineConfig {
             path: path.to_path_buf(),
@@ -358,8 +433,64 @@ impl PipelineConfig {
             keep_runs,
             gates,
             sources,
+            deid,
         })
     }
+}
+
+/// Checks `[deid]`: at most one key source, `k` at least 2.
+fn deid_config(
+    path: &Path,
+    text: &str,
+    base: &Path,
+    raw: Option<Spanned<RawDeid>>,
+) -> Result<DeidConfig> {
+    let mut cfg = DeidConfig {
+        config_path: path.to_path_buf(),
+        ..DeidConfig::default()
+    };
+    let Some(raw) = raw else {
+        return Ok(cfg);
+    };
+    let raw = raw.into_inner();
+    let err = |span: Range<usize>, key: &str, message: &str| {
+        config_error(path, text, Some(span), Some(key), message.to_string())
+    };
+    let mut sources = Vec::new();
+    if let Some(f) = &raw.key_file {
+        sources.push((f.span(), KeySource::File(base.join(f.get_ref()))));
+    }
+    if let Some(e) = &raw.key_env {
+        if e.get_ref().is_empty() {
+            return Err(err(e.span(), "deid.key_env", "names no variable"));
+        }
+        sources.push((e.span(), KeySource::Env(e.get_ref().clone())));
+    }
+    if let Some(d) = raw.demo_key.as_ref().filter(|d| *d.get_ref()) {
+        sources.push((d.span(), KeySource::Demo));
+    }
+    if sources.len() > 1 {
+        return Err(err(
+            sources[1].0.clone(),
+            "deid",
+            "set only one of key_file, key_env and demo_key",
+        ));
+    }
+    if let Some((span, key)) = sources.pop() {
+        cfg.key_line = Some(line_col(text, span.start).0);
+        cfg.key = key;
+    }
+    if let Some(mode) = raw.mode {
+        cfg.mode = mode;
+    }
+    if let Some(k) = raw.k {
+        if *k.get_ref() < 2 {
+            return Err(err(k.span(), "deid.k", "must be at least 2"));
+        }
+        cfg.k = *k.get_ref();
+    }
+    cfg.suppress_small_classes = raw.suppress_small_classes.unwrap_or(false);
+    Ok(cfg)
 }
 
 /// Reads a TOML file into `T`, turning parse and type errors into

@@ -63,6 +63,10 @@ pub enum WardError {
         run_id: String,
         failures: Vec<String>,
     },
+    /// A research query (`ward query`) was refused — not one read-only
+    /// SELECT over the research tables — or is not valid SQL. Nothing ran.
+    #[error("{}: {message}", if *refused { "query refused" } else { "invalid query" })]
+    Query { refused: bool, message: String },
 
     /// The warehouse state (manifest) is unreadable or inconsistent.
     #[error("warehouse state {}: {message}", path.display())]
@@ -80,9 +84,10 @@ impl WardError {
     }
 
     /// Whether this is a usage/configuration problem (exit code 2) rather than
-    /// a failure while running (exit code 3).
+    /// a failure while running (exit code 3); a refused or invalid research
+    /// query is one.
     pub fn is_config_error(&self) -> bool {
-        matches!(self, WardError::Config { .. })
+        matches!(self, WardError::Config { .. } | WardError::Query { .. })
     }
 }
 

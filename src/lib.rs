@@ -11,12 +11,14 @@
 //! `tracing`. The `ward` binary is a thin layer over [`run`] and friends.
 
 pub mod config;
+pub mod deid;
 mod engine;
 pub mod error;
 pub mod ingest;
 pub mod link;
 pub mod mapping;
 pub mod measure;
+pub mod query;
 pub mod report;
 pub mod runs;
 pub mod schema;
@@ -50,6 +52,8 @@ pub struct RunReport {
     pub report_html: std::path::PathBuf,
     /// The published summary: every measure's cells, small cells suppressed.
     pub summary: Vec<report::Cell>,
+    /// The de-identified research tables (`research/` in the run directory).
+    pub research: deid::DeidReport,
 }
 
 /// The nightly job. Takes the warehouse lock, runs every stage — ingest,
@@ -57,7 +61,8 @@ pub struct RunReport {
 /// `queries` for `period` (`marts/measure_patient/`), the stratified,
 /// suppressed summary, the HTML report with trends over the published
 /// runs, a FHIR MeasureReport per measure and the care-gap lists
-/// (`reports/<run_id>/`) — into
+/// (`reports/<run_id>/`), and the de-identified research tables
+/// (`research/`, pseudonyms keyed by `key`, ages at the end of `period`) — into
 /// its own directory `runs/<run_id>/`, writes the manifest and publishes the
 /// run by pointing `runs/CURRENT` at it, then prunes old runs
 /// (`[runs] keep`). See [`runs`] for the layout.
@@ -71,6 +76,7 @@ pub fn run(
     opts: &IngestOptions,
     queries: &std::path::Path,
     period: config::Period,
+    key: &deid::DeidKey,
     progress: &indicatif::ProgressBar,
 ) -> Result<RunReport> {
     let root = config.warehouse.as_path();
@@ -83,11 +89,15 @@ pub fn run(
     let mut warnings = Vec::new();
     if let Some(stale) = &lock.stale {
         tracing::warn!(holder = %stale, "took over the lock of a process that died");
-        warnings.push(format!("took over the lock of a process that died: {stale}"));
+        warnings.push(format!(
+            "took over the lock of a process that died: {stale}"
+        ));
     }
     for id in runs::remove_interrupted(root, &run_id)? {
         tracing::warn!(interrupted = %id, "removed the directory of an interrupted run");
-        warnings.push(format!("run {id} had been interrupted; its directory was removed"));
+        warnings.push(format!(
+            "run {id} had been interrupted; its directory was removed"
+        ));
     }
     let previous_dir = runs::current_dir(root)?;
     let previous = match &previous_dir {
@@ -131,6 +141,7 @@ pub fn run(
         opts,
         queries,
         period,
+        key,
         progress,
         &run_dir,
         previous.as_ref(),
@@ -208,6 +219,7 @@ fn run_stages(
     opts: &IngestOptions,
     queries: &std::path::Path,
     period: config::Period,
+    key: &deid::DeidKey,
     progress: &indicatif::ProgressBar,
     run_dir: &std::path::Path,
     previous: Option<&runs::Manifest>,
@@ -215,7 +227,9 @@ fn run_stages(
     manifest: &mut runs::Manifest,
 ) -> Result<RunReport> {
     let warehouse = warehouse::Warehouse::new(&config.warehouse).with_output(run_dir);
-    let ingest = stage(manifest, "ingest", || ingest::ingest(config, opts, progress))?;
+    let ingest = stage(manifest, "ingest", || {
+        ingest::ingest(config, opts, progress)
+    })?;
     let state = warehouse.load_state()?;
     manifest.inputs = runs::inputs(&state, &ingest, previous);
     manifest.sources = runs::source_tables(&manifest.inputs);
@@ -310,6 +324,10 @@ fn run_stages(
                 .into_owned()
         })
         .collect();
+    let research = stage(manifest, "deid", || {
+        let opts = deid::DeidOptions::from_config(&config.deid, key.clone(), period.end);
+        deid::deid(&run_dir.join("core"), &run_dir.join("research"), &opts)
+    })?;
     Ok(RunReport {
         run_id,
         run_dir: run_dir.to_path_buf(),
@@ -323,5 +341,6 @@ fn run_stages(
         measure_reports,
         report_html,
         summary,
+        research,
     })
 }

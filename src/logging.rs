@@ -43,7 +43,10 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for RunContext {
         let mut fields = Map::new();
         attrs.record(&mut Fields(&mut fields));
         if let (Some(value), Some(span)) = (fields.get(key), ctx.span(id)) {
-            let text = value.as_str().map(str::to_string).unwrap_or(value.to_string());
+            let text = value
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or(value.to_string());
             span.extensions_mut().insert(Tag(text));
         }
     }
@@ -58,7 +61,12 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for RunContext {
 }
 
 impl RunContext {
-    fn set<S: Subscriber + for<'a> LookupSpan<'a>>(&self, id: &Id, ctx: &Context<'_, S>, enter: bool) {
+    fn set<S: Subscriber + for<'a> LookupSpan<'a>>(
+        &self,
+        id: &Id,
+        ctx: &Context<'_, S>,
+        enter: bool,
+    ) {
         let Some(span) = ctx.span(id) else { return };
         let value = span.extensions().get::<Tag>().map(|t| t.0.clone());
         let Some(value) = value else { return };

@@ -47,6 +47,14 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum QueryFormat {
+    Table,
+    Csv,
+    Json,
+    Parquet,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -111,6 +119,31 @@ enum Command {
     Valuesets {
         #[command(subcommand)]
         action: ValuesetsAction,
+    },
+    /// De-identify the core tables into research/ (Safe Harbor unless
+    /// [deid] mode = "date_shift"); ages at the end of the measurement period.
+    Deid {
+        #[command(flatten)]
+        period: PeriodArgs,
+    },
+    /// Run one read-only SQL query over the research tables (nothing else is
+    /// reachable; DDL, DML, COPY, SET and file access are refused, exit 2).
+    Query {
+        /// The SQL query (or --file).
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        sql: Option<String>,
+        /// Read the SQL query from a file.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = QueryFormat::Table)]
+        format: QueryFormat,
+        /// Write the result to a file instead of stdout (required for parquet).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Replace counts from 1 to N-1 (integer COUNT/SUM results) by NULL.
+        #[arg(long, value_name = "N")]
+        min_cell: Option<u64>,
     },
     /// Generate a synthetic multi-provider population with ground truth.
     Synth {
@@ -310,6 +343,16 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Ok(p)
     };
+    if let Command::Query {
+        sql,
+        file,
+        format,
+        out,
+        min_cell,
+    } = &cli.command
+    {
+        return query(&config, &config_path, sql, file, *format, out, *min_cell);
+    }
     if let Command::Runs { limit } = &cli.command {
         print_runs(&ward::runs::list(&config.warehouse)?, *limit);
         return Ok(ExitCode::SUCCESS);
@@ -325,6 +368,17 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
             &format!("ward {}", command_name(&cli.command)),
         )?),
     };
+    if let Command::Deid { period: p } = &cli.command {
+        let period = period(p)?;
+        let key = deid_key(&config)?;
+        let (core, research) = deid_dirs(&config);
+        let opts = ward::deid::DeidOptions::from_config(&config.deid, key, period.end);
+        let report = ward::deid::deid(&core, &research, &opts)?;
+        if !cli.quiet {
+            print_deid(&report);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Command::Link { evaluate } = &cli.command {
         let warehouse = ward::warehouse::Warehouse::new(&config.warehouse);
         let linkage = ward::link::link(&warehouse, &config.link)?;
@@ -374,7 +428,9 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
     let progress = progress_bar(cli.quiet, "ingest", "files");
     let (report, run) = match &cli.command {
         Command::Run { period: p } => {
-            let run = ward::run(&config, &opts, &queries, period(p)?, &progress)?;
+            let period = period(p)?;
+            let key = deid_key(&config)?;
+            let run = ward::run(&config, &opts, &queries, period, &key, &progress)?;
             (run.ingest.clone(), Some(run))
         }
         _ => (ward::ingest::ingest(&config, &opts, &progress)?, None),
@@ -395,6 +451,7 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
                 run.care_gaps.len(),
                 run.report_dir.join("phi").display()
             );
+            print_deid(&run.research);
             for w in &run.manifest.warnings {
                 println!("warning: {w}");
             }
@@ -433,13 +490,22 @@ fn command_name(command: &Command) -> &'static str {
         Command::Conformance { .. } => "conformance",
         Command::Valuesets { .. } => "valuesets",
         Command::Synth { .. } => "synth",
+        Command::Deid { .. } => "deid",
+        Command::Query { .. } => "query",
     }
 }
 
 fn print_runs(runs: &[ward::runs::RunListing], limit: usize) {
     let mut table = TextTable::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
-        "run", "status", "finished", "seconds", "rows read", "rejected", "persons", "measures",
+        "run",
+        "status",
+        "finished",
+        "seconds",
+        "rows read",
+        "rejected",
+        "persons",
+        "measures",
         "note",
     ]);
     for r in runs.iter().take(limit) {
@@ -479,7 +545,10 @@ fn print_runs(runs: &[ward::runs::RunListing], limit: usize) {
             format!("{seconds:.1}"),
             sum(|t| t.rows_read).to_string(),
             sum(|t| t.rows_rejected).to_string(),
-            m.linkage.as_ref().map(|l| l.persons.to_string()).unwrap_or_default(),
+            m.linkage
+                .as_ref()
+                .map(|l| l.persons.to_string())
+                .unwrap_or_default(),
             rates.join(", "),
             note,
         ]);
@@ -543,6 +612,135 @@ fn status(warehouse: &Path) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::from(EXIT_MISMATCH))
+}
+
+/// The core tables `ward deid` reads and the research directory it
+/// writes: the working copy at the warehouse root, like `link` and
+/// `measure` (`ward run` de-identifies into its own run directory).
+fn deid_dirs(config: &PipelineConfig) -> (PathBuf, PathBuf) {
+    (
+        config.warehouse.join("core"),
+        config.warehouse.join("research"),
+    )
+}
+
+/// The research tables `ward query` reads: those of the current published run.
+fn research_dir(config: &PipelineConfig) -> anyhow::Result<PathBuf> {
+    match ward::runs::current_dir(&config.warehouse)? {
+        Some(run) => Ok(run.join("research")),
+        None => anyhow::bail!(
+            "no published run in {}: `ward run` publishes the research tables",
+            config.warehouse.display()
+        ),
+    }
+}
+
+/// The `[deid]` key (the binary reads the environment for `key_env`); warns
+/// loudly about the demo key.
+fn deid_key(config: &PipelineConfig) -> anyhow::Result<ward::deid::DeidKey> {
+    let key = ward::deid::resolve_key(&config.deid, |name| std::env::var(name).ok())?;
+    if key.is_demo() {
+        tracing::warn!(
+            "DE-IDENTIFYING WITH THE PUBLIC DEMO KEY ([deid] demo_key = true): anyone can \
+             recompute these research ids; set [deid] key_file or key_env for real data"
+        );
+    }
+    Ok(key)
+}
+
+fn print_deid(r: &ward::deid::DeidReport) {
+    let mode = if r.safe_harbor {
+        "HIPAA Safe Harbor"
+    } else {
+        "date shift: a LIMITED DATA SET, NOT Safe Harbor"
+    };
+    let k = &r.k_anonymity;
+    let rows: Vec<String> = r
+        .tables
+        .iter()
+        .map(|t| format!("{} {}", t.table, t.rows_out))
+        .collect();
+    println!(
+        "research tables ({mode}): {} ({}); k-anonymity (k = {}): {} of {} persons in {} classes \
+         under k, {} fact rows{}",
+        r.research_dir.display(),
+        rows.join(", "),
+        k.k,
+        k.persons_below_k,
+        k.persons,
+        k.classes_below_k,
+        k.records_below_k,
+        if k.suppressed {
+            ", suppressed"
+        } else {
+            " (not suppressed)"
+        }
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn query(
+    config: &PipelineConfig,
+    config_path: &Path,
+    sql: &Option<String>,
+    file: &Option<PathBuf>,
+    format: QueryFormat,
+    out: &Option<PathBuf>,
+    min_cell: Option<u64>,
+) -> anyhow::Result<ExitCode> {
+    let usage = |key: &str, message: &str| WardError::Config {
+        path: config_path.to_path_buf(),
+        line: None,
+        column: None,
+        key: Some(key.into()),
+        message: message.into(),
+    };
+    let sql = match (sql, file) {
+        (Some(s), _) => s.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| WardError::Config {
+            path: f.clone(),
+            line: None,
+            column: None,
+            key: Some("--file".into()),
+            message: format!("cannot read: {e}"),
+        })?,
+        (None, None) => return Err(usage("SQL", "give a query or --file").into()),
+    };
+    if min_cell == Some(0) {
+        return Err(usage("--min-cell", "must be at least 1").into());
+    }
+    let format = match format {
+        QueryFormat::Table => ward::query::OutputFormat::Table,
+        QueryFormat::Csv => ward::query::OutputFormat::Csv,
+        QueryFormat::Json => ward::query::OutputFormat::Json,
+        QueryFormat::Parquet => ward::query::OutputFormat::Parquet,
+    };
+    if format == ward::query::OutputFormat::Parquet && out.is_none() {
+        return Err(usage("--out", "--format parquet needs --out FILE").into());
+    }
+    let result = ward::query::query(
+        &research_dir(config)?,
+        &sql,
+        &ward::query::QueryOptions { min_cell },
+    )?;
+    match out {
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            ward::query::write_output(&result, format, std::io::BufWriter::new(file))?;
+        }
+        None => ward::query::write_output(&result, format, std::io::stdout())?,
+    }
+    if result.suppressed_cells > 0 {
+        eprintln!(
+            "min-cell {}: {} count(s) under {} replaced by NULL in {}",
+            min_cell.unwrap_or(0),
+            result.suppressed_cells,
+            min_cell.unwrap_or(0),
+            result.count_columns.join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn resolve_config(given: Option<&Path>) -> anyhow::Result<PathBuf> {

@@ -234,7 +234,10 @@ fn run_dirs(warehouse: &Path) -> Result<Vec<(String, PathBuf)>> {
     for entry in entries {
         let entry = entry.map_err(|e| WardError::io("cannot list", &runs, e))?;
         if entry.path().is_dir() {
-            dirs.push((entry.file_name().to_string_lossy().into_owned(), entry.path()));
+            dirs.push((
+                entry.file_name().to_string_lossy().into_owned(),
+                entry.path(),
+            ));
         }
     }
     dirs.sort();
@@ -451,7 +454,9 @@ pub fn list_outputs(run_dir: &Path) -> Result<Vec<OutputFile>> {
     let mut stack = vec![run_dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for entry in fs::read_dir(&dir).map_err(|e| WardError::io("cannot list", &dir, e))? {
-            let path = entry.map_err(|e| WardError::io("cannot list", &dir, e))?.path();
+            let path = entry
+                .map_err(|e| WardError::io("cannot list", &dir, e))?
+                .path();
             if path.is_dir() {
                 stack.push(path);
                 continue;
@@ -464,7 +469,8 @@ pub fn list_outputs(run_dir: &Path) -> Result<Vec<OutputFile>> {
             if rel == MANIFEST {
                 continue;
             }
-            let mut file = fs::File::open(&path).map_err(|e| WardError::io("cannot read", &path, e))?;
+            let mut file =
+                fs::File::open(&path).map_err(|e| WardError::io("cannot read", &path, e))?;
             let mut hasher = sha2::Sha256::new();
             let bytes = std::io::copy(&mut file, &mut hasher)
                 .map_err(|e| WardError::io("cannot read", &path, e))?;
@@ -861,13 +867,21 @@ mod tests {
         assert_eq!(holder.pid, std::process::id());
         match Lock::acquire(dir.path(), "ward run") {
             Err(WardError::Locked { holder, .. }) => {
-                assert!(holder.contains(&format!("pid {}", std::process::id())), "{holder}")
+                assert!(
+                    holder.contains(&format!("pid {}", std::process::id())),
+                    "{holder}"
+                )
             }
             other => panic!("expected Locked, got {other:?}"),
         }
         drop(first);
         assert_eq!(Lock::inspect(dir.path()).unwrap(), None);
-        assert!(Lock::acquire(dir.path(), "ward run").unwrap().stale.is_none());
+        assert!(
+            Lock::acquire(dir.path(), "ward run")
+                .unwrap()
+                .stale
+                .is_none()
+        );
     }
 
     #[test]
@@ -879,8 +893,15 @@ mod tests {
             started: "2026-01-01T00:00:00Z".into(),
             command: "ward run".into(),
         };
-        fs::write(dir.path().join("ward.lock"), serde_json::to_vec(&dead).unwrap()).unwrap();
-        assert_eq!(Lock::inspect(dir.path()).unwrap(), Some((dead.clone(), false)));
+        fs::write(
+            dir.path().join("ward.lock"),
+            serde_json::to_vec(&dead).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            Lock::inspect(dir.path()).unwrap(),
+            Some((dead.clone(), false))
+        );
         let lock = Lock::acquire(dir.path(), "ward run").unwrap();
         assert_eq!(lock.stale, Some(dead));
     }
@@ -903,9 +924,17 @@ mod tests {
         assert_eq!(current(wh).unwrap().as_deref(), Some("r2"));
         // Keep 2: r3 and r4 are newest; r2 stays as the current run.
         assert_eq!(prune(wh, 2).unwrap(), vec!["r1"]);
-        let left: Vec<String> = run_dirs(wh).unwrap().into_iter().map(|(id, _)| id).collect();
+        let left: Vec<String> = run_dirs(wh)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         assert_eq!(left, ["r2", "r3", "r4"]);
-        assert!(!runs_dir(wh).join(format!(".{CURRENT}.{}", std::process::id())).exists());
+        assert!(
+            !runs_dir(wh)
+                .join(format!(".{CURRENT}.{}", std::process::id()))
+                .exists()
+        );
     }
 
     fn table(source: &str, read: u64, rejected: u64, new: u64) -> SourceTable {

@@ -259,6 +259,8 @@ fn help_lists_the_commands() {
         "measure",
         "measures",
         "conformance",
+        "deid",
+        "query",
         "--config",
         "--log-format",
     ] {
@@ -401,4 +403,92 @@ fn conformance_exits_1_on_a_mismatch_and_2_without_cases() {
     );
     assert_eq!(none.status.code(), Some(2));
     assert!(text(&none.stderr).contains("no test case found"));
+}
+
+#[test]
+fn query_writes_every_format_and_refuses_escapes_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    let cfg = config.to_str().unwrap();
+    let run = ward(dir.path(), &["--config", cfg, "run"]);
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run.stderr));
+    assert!(text(&run.stdout).contains("research tables (HIPAA Safe Harbor)"));
+    assert!(
+        text(&run.stderr).contains("PUBLIC DEMO KEY"),
+        "loud demo-key warning"
+    );
+
+    let sql = "SELECT sex, count(*) AS n FROM person GROUP BY sex ORDER BY sex";
+    let q = |args: &[&str]| {
+        let mut all = vec!["-q", "--config", cfg, "query"];
+        all.extend_from_slice(args);
+        ward(dir.path(), &all)
+    };
+    let csv = q(&[sql, "--format", "csv"]);
+    assert_eq!(csv.status.code(), Some(0), "{}", text(&csv.stderr));
+    let csv = text(&csv.stdout);
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "sex,n");
+    let total: u64 = lines[1..]
+        .iter()
+        .map(|l| l.split(',').nth(1).unwrap().parse::<u64>().unwrap())
+        .sum();
+
+    let json = q(&[sql, "--format", "json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(rows.len(), lines.len() - 1);
+    assert_eq!(
+        rows.iter().map(|r| r["n"].as_u64().unwrap()).sum::<u64>(),
+        total
+    );
+
+    let table = q(&[sql]);
+    assert!(text(&table.stdout).contains(&format!("{} row(s)", rows.len())));
+
+    let sql_file = dir.path().join("q.sql");
+    fs::write(&sql_file, sql).unwrap();
+    let parquet = dir.path().join("out.parquet");
+    let p = q(&[
+        "--file",
+        sql_file.to_str().unwrap(),
+        "--format",
+        "parquet",
+        "--out",
+        parquet.to_str().unwrap(),
+    ]);
+    assert_eq!(p.status.code(), Some(0), "{}", text(&p.stderr));
+    assert_eq!(rows_of(&read_parquet(&parquet)), rows.len());
+
+    // min-cell: a threshold above every count suppresses all of them.
+    let suppressed = q(&[sql, "--format", "csv", "--min-cell", "100000"]);
+    assert!(
+        text(&suppressed.stdout)
+            .lines()
+            .skip(1)
+            .all(|l| l.ends_with(','))
+    );
+
+    // Refused: exit 2, a clear message, nothing written.
+    let before = snapshot(dir.path());
+    let target = dir.path().join("leak.csv");
+    for bad in [
+        format!("COPY person TO '{}'", target.display()),
+        "SELECT * FROM '/etc/passwd'".to_string(),
+        "DROP TABLE person".to_string(),
+    ] {
+        let out = q(&[&bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(
+            text(&out.stderr).contains("query refused"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    let no_out = q(&[sql, "--format", "parquet"]);
+    assert_eq!(no_out.status.code(), Some(2));
+    assert_eq!(before, snapshot(dir.path()));
+}
+
+fn rows_of(batches: &[datafusion::arrow::array::RecordBatch]) -> usize {
+    batches.iter().map(|b| b.num_rows()).sum()
 }

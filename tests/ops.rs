@@ -59,7 +59,10 @@ fn assert_current_is_whole(warehouse: &Path) -> Option<String> {
 }
 
 fn summary(warehouse: &Path, id: &str) -> String {
-    let dir = ward::runs::runs_dir(warehouse).join(id).join("reports").join(id);
+    let dir = ward::runs::runs_dir(warehouse)
+        .join(id)
+        .join("reports")
+        .join(id);
     fs::read_to_string(dir.join("summary.csv")).unwrap()
 }
 
@@ -122,7 +125,11 @@ fn killing_a_run_anywhere_leaves_the_published_run_untouched() {
             // Killed around the one atomic step: either run, but whole.
             assert!(now.is_some());
         } else {
-            assert_eq!(now.as_deref(), Some(published.as_str()), "killed at {marker}");
+            assert_eq!(
+                now.as_deref(),
+                Some(published.as_str()),
+                "killed at {marker}"
+            );
             assert_eq!(
                 snapshot(&ward::runs::runs_dir(&warehouse).join(&published)),
                 before,
@@ -154,7 +161,10 @@ fn killing_a_run_anywhere_leaves_the_published_run_untouched() {
 
     let fresh = tempfile::tempdir().unwrap();
     fs::create_dir_all(fresh.path().join("sample_data")).unwrap();
-    copy_dir(&tmp.path().join("sample_data"), &fresh.path().join("sample_data"));
+    copy_dir(
+        &tmp.path().join("sample_data"),
+        &fresh.path().join("sample_data"),
+    );
     let fresh_config = fresh.path().join("sample_data/ward.toml");
     assert!(ward(&fresh_config, &["run"]).status.success());
     let fresh_id = current(&fresh.path().join("wh")).unwrap();
@@ -163,7 +173,8 @@ fn killing_a_run_anywhere_leaves_the_published_run_untouched() {
         summary(&fresh.path().join("wh"), &fresh_id),
         "a run after interruptions differs from an uninterrupted one"
     );
-    let manifest = ward::runs::Manifest::load(&ward::runs::runs_dir(&warehouse).join(&last)).unwrap();
+    let manifest =
+        ward::runs::Manifest::load(&ward::runs::runs_dir(&warehouse).join(&last)).unwrap();
     let delivered = manifest
         .inputs
         .iter()
@@ -235,8 +246,8 @@ fn a_source_with_too_many_rejects_fails_the_gate_and_publishes_nothing_new() {
     // The same providers re-deliver with a fifth of their rows broken.
     let bad = tmp.path().join("bad");
     synth(0.2, &bad);
-    let manifest = ward::runs::Manifest::load(&ward::runs::runs_dir(&warehouse).join(&published))
-        .unwrap();
+    let manifest =
+        ward::runs::Manifest::load(&ward::runs::runs_dir(&warehouse).join(&published)).unwrap();
     let source = manifest.sources[0].source.clone();
     copy_dir(&bad.join(&source), &out.join(&source));
     let failed = ward(&config, &["run"]);
@@ -256,8 +267,14 @@ fn a_source_with_too_many_rejects_fails_the_gate_and_publishes_nothing_new() {
     let status = ward(&config, &["status"]);
     assert_eq!(status.status.code(), Some(1));
     let said = text(&status.stdout);
-    assert!(said.contains(&format!("current run: {published}")), "{said}");
-    assert!(said.contains("failed") && said.contains("gate reject_rate"), "{said}");
+    assert!(
+        said.contains(&format!("current run: {published}")),
+        "{said}"
+    );
+    assert!(
+        said.contains("failed") && said.contains("gate reject_rate"),
+        "{said}"
+    );
     let listed = ward(&config, &["runs"]);
     assert!(listed.status.success());
     assert!(text(&listed.stdout).contains("failed"));
@@ -297,7 +314,10 @@ fn a_nightly_source_that_delivers_nothing_fails_and_a_drop_in_rows_fails() {
     let dropped = ward(&config, &["run"]);
     assert_eq!(dropped.status.code(), Some(1));
     let err = text(&dropped.stderr);
-    assert!(err.contains("source 'northside_clinic'") && err.contains("drop of"), "{err}");
+    assert!(
+        err.contains("source 'northside_clinic'") && err.contains("drop of"),
+        "{err}"
+    );
     // Both failed runs are on record; the first run is still current.
     let runs = ward::runs::list(&warehouse).unwrap();
     assert_eq!(
@@ -321,20 +341,33 @@ fn old_runs_are_pruned_and_the_history_keeps_every_published_run() {
     );
     let current_dir = ward::runs::current_dir(&config.warehouse).unwrap();
     let history = ward::runs::load_history(current_dir.as_deref()).unwrap();
-    assert_eq!(history.iter().map(|h| h.run_id.clone()).collect::<Vec<_>>(), ids);
+    assert_eq!(
+        history.iter().map(|h| h.run_id.clone()).collect::<Vec<_>>(),
+        ids
+    );
     // The manifest reconciles with the ingest report and lists the PHI.
     let m = &listing[0].manifest.as_ref().unwrap();
     let read: u64 = m.sources.iter().map(|t| t.rows_read).sum();
     let accepted: u64 = m.sources.iter().map(|t| t.rows_accepted).sum();
     let rejected: u64 = m.sources.iter().map(|t| t.rows_rejected).sum();
     assert_eq!(read, accepted + rejected);
-    assert!(m.inputs.iter().all(|f| f.sha256.as_ref().is_some_and(|h| h.len() == 64)));
+    assert!(
+        m.inputs
+            .iter()
+            .all(|f| f.sha256.as_ref().is_some_and(|h| h.len() == 64))
+    );
     assert_eq!(m.phi_outputs.len(), 3);
     for phi in &m.phi_outputs {
-        assert!(m.outputs.iter().any(|o| &o.path == phi), "{phi} not among outputs");
+        assert!(
+            m.outputs.iter().any(|o| &o.path == phi),
+            "{phi} not among outputs"
+        );
     }
     assert_eq!(
-        m.stages.iter().map(|s| s.stage.as_str()).collect::<Vec<_>>(),
+        m.stages
+            .iter()
+            .map(|s| s.stage.as_str())
+            .collect::<Vec<_>>(),
         ["ingest", "link", "build", "measures", "report"]
     );
 }
@@ -350,10 +383,8 @@ fn json_logs_name_the_run_and_stage_on_every_line_of_a_run() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
         .collect();
-    let in_run: Vec<&serde_json::Value> = lines
-        .iter()
-        .filter(|l| l.get("run_id").is_some())
-        .collect();
+    let in_run: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l.get("run_id").is_some()).collect();
     assert!(in_run.len() > 10);
     // Every line after the configuration line belongs to the run.
     assert_eq!(in_run.len(), lines.len() - 1, "{lines:#?}");

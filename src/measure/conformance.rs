@@ -87,6 +87,7 @@ pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Res
         min_cell_size: 11,
         keep_runs: 1,
         gates: Default::default(),
+        deid: Default::default(),
         sources: vec![SourceConfig {
             name: "deck".into(),
             format: SourceFormat::FhirBundle,

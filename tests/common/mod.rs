@@ -75,6 +75,7 @@ pub fn run_all(config: &PipelineConfig) -> ward::RunReport {
         },
         &repo().join("queries"),
         config.measurement_period.expect("the sample sets a period"),
+        &ward::deid::resolve_key(&config.deid, |_| None).expect("the sample uses the demo key"),
         &ProgressBar::hidden(),
     )
     .unwrap()

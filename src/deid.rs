@@ -1,0 +1,987 @@
+//! De-identification: the research copy of the core tables (`ward deid`).
+//!
+//! Reads `core/person.parquet` and `core/<table>/part-*.parquet` and writes
+//! `research/person.parquet`, `research/<table>/part-*.parquet` and
+//! `research/deid.json` (what was done, with counts that reconcile). The
+//! research tree is written aside and published as a whole, so readers never
+//! see half of it.
+//!
+//! Columns are chosen by an allow-list over the canonical column kinds
+//! ([`crate::schema::Kind`]): coded content (codes, code systems, units,
+//! statuses, numeric values, booleans, encounter class) is kept; identifiers,
+//! free text, postal codes and lineage are dropped; dates are reduced to
+//! their year ([`DeidMode::SafeHarbor`]) or shifted by a per-person offset
+//! ([`DeidMode::DateShift`], a limited data set, not Safe Harbor). A column
+//! added to the canonical model later is therefore dropped unless its kind
+//! is one of the kept ones.
+//!
+//! Persons get a research id, the hex HMAC-SHA-256 of their person id under
+//! the configured key: stable across runs with one key, unlinkable without
+//! it. Ages are computed at a reference date (the caller passes the end of
+//! the measurement period) and 90 and over are pooled as 90 with their birth
+//! year removed; ZIP codes keep their first three digits, and the three-digit
+//! areas of fewer than 20,000 people become `000`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::{Datelike, NaiveDate};
+use datafusion::arrow::array::{
+    Array, ArrayRef, BooleanArray, Date32Array, Int32Array, ListArray, RecordBatch, StringArray,
+    TimestampMicrosecondArray, UInt32Array,
+};
+use datafusion::arrow::compute::{cast, filter_record_batch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{DeidConfig, KeySource};
+use crate::error::{Result, WardError};
+use crate::schema::{Kind, Table};
+use crate::warehouse::{Warehouse, parquet_files};
+
+/// How dates are de-identified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeidMode {
+    /// HIPAA Safe Harbor: dates reduced to their year.
+    SafeHarbor,
+    /// Full dates shifted by one per-person offset (±1..365 days): keeps
+    /// intervals within a person. A limited data set, NOT Safe Harbor.
+    DateShift,
+}
+
+/// The public key of the bundled sample data. Anyone can recompute its
+/// pseudonyms: never use it for real data.
+pub const DEMO_KEY: &[u8] = b"ward demo key: public, for the bundled sample data only";
+
+/// Keys shorter than this are refused.
+pub const MIN_KEY_BYTES: usize = 16;
+
+/// The secret HMAC key. Its bytes are never logged or printed; `Debug`
+/// shows the fingerprint only.
+#[derive(Clone)]
+pub struct DeidKey {
+    bytes: Vec<u8>,
+    demo: bool,
+}
+
+impl std::fmt::Debug for DeidKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeidKey")
+            .field("fingerprint", &self.fingerprint())
+            .field("demo", &self.demo)
+            .finish()
+    }
+}
+
+impl DeidKey {
+    /// A key from its bytes (surrounding whitespace, e.g. a file's final
+    /// newline, is removed); `None` when shorter than [`MIN_KEY_BYTES`].
+    pub fn new(bytes: &[u8]) -> Option<DeidKey> {
+        let bytes = bytes.trim_ascii();
+        (bytes.len() >= MIN_KEY_BYTES).then(|| DeidKey {
+            bytes: bytes.to_vec(),
+            demo: false,
+        })
+    }
+
+    /// The public demo key ([`DEMO_KEY`]).
+    pub fn demo() -> DeidKey {
+        DeidKey {
+            bytes: DEMO_KEY.to_vec(),
+            demo: true,
+        }
+    }
+
+    /// Whether this is the public demo key (callers must warn loudly).
+    pub fn is_demo(&self) -> bool {
+        self.demo
+    }
+
+    /// First 8 bytes of the key's SHA-256, in hex: tells keys apart in
+    /// `deid.json` without revealing them.
+    pub fn fingerprint(&self) -> String {
+        hex::encode(&Sha256::digest(&self.bytes)[..8])
+    }
+
+    fn mac(&self, domain: &[u8], value: &str) -> [u8; 32] {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.bytes).expect("HMAC takes any key");
+        mac.update(domain);
+        mac.update(value.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+}
+
+/// Finds the configured key: the file of `key_file`, the variable named by
+/// `key_env` (looked up with `env`: the library never reads the
+/// environment itself), or the demo key. No key, an unreadable file, an
+/// unset variable or a key under [`MIN_KEY_BYTES`] bytes is a
+/// [`WardError::Config`] naming the config key.
+pub fn resolve_key(cfg: &DeidConfig, env: impl Fn(&str) -> Option<String>) -> Result<DeidKey> {
+    let err = |key: &str, message: String| WardError::Config {
+        path: cfg.config_path.clone(),
+        line: cfg.key_line,
+        column: None,
+        key: Some(key.to_string()),
+        message,
+    };
+    let short =
+        format!("the key must be at least {MIN_KEY_BYTES} bytes (32 random bytes recommended)");
+    match &cfg.key {
+        KeySource::None => Err(err(
+            "deid",
+            "no de-identification key: set [deid] key_file or key_env (the HMAC key of research ids)"
+                .into(),
+        )),
+        KeySource::File(path) => {
+            let bytes = fs::read(path).map_err(|e| {
+                err(
+                    "deid.key_file",
+                    format!("cannot read the key file {}: {e}", path.display()),
+                )
+            })?;
+            DeidKey::new(&bytes).ok_or_else(|| err("deid.key_file", short))
+        }
+        KeySource::Env(name) => {
+            let value = env(name).ok_or_else(|| {
+                err(
+                    "deid.key_env",
+                    format!("the environment variable {name} is not set"),
+                )
+            })?;
+            DeidKey::new(value.as_bytes()).ok_or_else(|| err("deid.key_env", short))
+        }
+        KeySource::Demo => Ok(DeidKey::demo()),
+    }
+}
+
+/// What [`deid`] does.
+#[derive(Debug, Clone)]
+pub struct DeidOptions {
+    pub key: DeidKey,
+    pub mode: DeidMode,
+    /// Ages are computed at this day (the end of the measurement period).
+    pub reference_date: NaiveDate,
+    /// Minimum size of a quasi-identifier class (default 11).
+    pub k: u64,
+    /// Remove persons of classes under `k` from every research table.
+    pub suppress_small_classes: bool,
+}
+
+impl DeidOptions {
+    /// Options from the `[deid]` config, its resolved key and a reference date.
+    pub fn from_config(cfg: &DeidConfig, key: DeidKey, reference_date: NaiveDate) -> Self {
+        DeidOptions {
+            key,
+            mode: cfg.mode,
+            reference_date,
+            k: cfg.k,
+            suppress_small_classes: cfg.suppress_small_classes,
+        }
+    }
+}
+
+/// Rows of one research table.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TableCounts {
+    pub table: String,
+    /// Rows of the core table.
+    pub rows_in: u64,
+    /// Rows written to the research table.
+    pub rows_out: u64,
+    /// Rows removed by small-class suppression (`rows_in = rows_out + rows_suppressed`).
+    pub rows_suppressed: u64,
+}
+
+/// The k-anonymity report over [`QUASI_IDENTIFIERS`].
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct KAnonymity {
+    pub k: u64,
+    pub quasi_identifiers: Vec<String>,
+    /// Distinct combinations of the quasi-identifiers.
+    pub classes: u64,
+    pub classes_below_k: u64,
+    /// Smallest class size (0 when there are no persons).
+    pub min_class_size: u64,
+    /// Class size → number of classes of that size.
+    pub size_distribution: BTreeMap<u64, u64>,
+    pub persons: u64,
+    /// Persons in classes smaller than `k`.
+    pub persons_below_k: u64,
+    /// Fact rows (all tables but person) of those persons.
+    pub records_below_k: u64,
+    /// Whether those persons were removed from every research table.
+    pub suppressed: bool,
+}
+
+/// What [`deid`] wrote; also written as `research/deid.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeidReport {
+    pub mode: DeidMode,
+    /// Whether the output follows HIPAA Safe Harbor.
+    pub safe_harbor: bool,
+    /// Whether the output is a limited data set (shifted full dates).
+    pub limited_data_set: bool,
+    /// Ages are at this day (ISO 8601).
+    pub reference_date: String,
+    /// See [`DeidKey::fingerprint`].
+    pub key_fingerprint: String,
+    pub demo_key: bool,
+    /// Person first, then the fact tables in canonical order.
+    pub tables: Vec<TableCounts>,
+    pub k_anonymity: KAnonymity,
+    pub ward_version: String,
+    /// The research directory written.
+    #[serde(skip)]
+    pub research_dir: PathBuf,
+}
+
+/// The quasi-identifiers of the k-anonymity report (columns of
+/// `research/person`); a missing value counts as its own value.
+pub const QUASI_IDENTIFIERS: [&str; 5] = ["age_band", "sex", "zip3", "race", "ethnicity"];
+
+/// Ages are pooled from this age on: `age` = 90 means "90 or older".
+pub const AGE_CAP: i32 = 90;
+
+/// Three-digit ZIP areas with fewer than 20,000 people (2000 census, as
+/// listed by HHS for Safe Harbor): published as `000`.
+pub const RESTRICTED_ZIP3: [&str; 17] = [
+    "036", "059", "063", "102", "203", "556", "692", "790", "821", "823", "830", "831", "878",
+    "879", "884", "890", "893",
+];
+
+/// The research id of a person: hex HMAC-SHA-256 of the person id.
+pub fn research_id(key: &DeidKey, person_id: &str) -> String {
+    hex::encode(key.mac(b"ward research id\0", person_id))
+}
+
+/// The person's date shift in days: derived from the key, in -365..=-1 or
+/// 1..=365 (never zero).
+pub fn date_shift_days(key: &DeidKey, person_id: &str) -> i32 {
+    let mac = key.mac(b"ward date shift\0", person_id);
+    let n = (u64::from_le_bytes(mac[..8].try_into().expect("8 bytes")) % 730) as i32;
+    if n < 365 { n - 365 } else { n - 364 }
+}
+
+/// Whole years of age at `reference` (`None` when born after it). A 29
+/// February birthday is reached on 1 March in common years.
+pub fn age_at(birth: NaiveDate, reference: NaiveDate) -> Option<i32> {
+    let mut age = reference.year() - birth.year();
+    if (reference.month(), reference.day()) < (birth.month(), birth.day()) {
+        age -= 1;
+    }
+    (age >= 0).then_some(age)
+}
+
+/// Ten-year age band of a (capped) age: `0-9`, ..., `80-89`, `90+`.
+pub fn age_band(age: i32) -> String {
+    if age >= AGE_CAP {
+        "90+".into()
+    } else {
+        let low = age / 10 * 10;
+        format!("{low}-{}", low + 9)
+    }
+}
+
+/// The Safe Harbor three-digit ZIP of a US postal code (`12345`,
+/// `12345-6789` or `123456789`): its first three digits, or `000` for a
+/// restricted area. Anything else (short, foreign, malformed) is `None`.
+pub fn zip3(postal_code: &str) -> Option<String> {
+    let p = postal_code.trim();
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    let valid = match p.len() {
+        5 | 9 => digits(p),
+        10 => digits(&p[..5]) && p.as_bytes()[5] == b'-' && digits(&p[6..]),
+        _ => false,
+    };
+    if !valid {
+        return None;
+    }
+    let z = &p[..3];
+    Some(if RESTRICTED_ZIP3.contains(&z) {
+        "000".into()
+    } else {
+        z.into()
+    })
+}
+
+/// Writes the research copy of `core_dir` into `research_dir` (replacing
+/// it as a whole) and returns what was done.
+pub fn deid(core_dir: &Path, research_dir: &Path, opts: &DeidOptions) -> Result<DeidReport> {
+    let parent = research_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let scratch = Warehouse::new(&parent);
+    let tmp = scratch.tmp_path(research_dir);
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| WardError::io("cannot remove", &tmp, e))?;
+    }
+    fs::create_dir_all(&tmp).map_err(|e| WardError::io("cannot create", &tmp, e))?;
+
+    // Persons first: their classes decide what is suppressed.
+    let person_path = core_dir.join("person.parquet");
+    let persons = read_all(&person_path)?;
+    let people = person_rows(&persons, &person_path, opts)?;
+    let classes = class_sizes(&people);
+    let small: HashSet<&str> = people
+        .iter()
+        .filter(|p| classes[&p.class] < opts.k)
+        .map(|p| p.person_id.as_str())
+        .collect();
+    let suppress = opts.suppress_small_classes;
+    let kept: Vec<&Person> = people
+        .iter()
+        .filter(|p| !(suppress && small.contains(p.person_id.as_str())))
+        .collect();
+    let person_batch = person_batch(&kept, opts.mode)?;
+    scratch.write_parquet(
+        &tmp.join("person.parquet"),
+        person_batch.schema(),
+        &[person_batch],
+    )?;
+    let mut tables = vec![TableCounts {
+        table: "person".into(),
+        rows_in: people.len() as u64,
+        rows_out: kept.len() as u64,
+        rows_suppressed: (people.len() - kept.len()) as u64,
+    }];
+
+    let ids: HashMap<&str, (&str, i32)> = people
+        .iter()
+        .map(|p| (p.person_id.as_str(), (p.research_id.as_str(), p.shift)))
+        .collect();
+    let mut records_below_k = 0;
+    for table in Table::ALL.into_iter().filter(|t| *t != Table::Patient) {
+        let (counts, below) = deid_table(
+            table,
+            &core_dir.join(table.name()),
+            &tmp.join(table.name()),
+            &scratch,
+            &ids,
+            &small,
+            opts,
+        )?;
+        records_below_k += below;
+        tables.push(counts);
+    }
+
+    let mut size_distribution = BTreeMap::new();
+    for size in classes.values() {
+        *size_distribution.entry(*size).or_insert(0) += 1;
+    }
+    let report = DeidReport {
+        mode: opts.mode,
+        safe_harbor: opts.mode == DeidMode::SafeHarbor,
+        limited_data_set: opts.mode == DeidMode::DateShift,
+        reference_date: opts.reference_date.to_string(),
+        key_fingerprint: opts.key.fingerprint(),
+        demo_key: opts.key.is_demo(),
+        tables,
+        k_anonymity: KAnonymity {
+            k: opts.k,
+            quasi_identifiers: QUASI_IDENTIFIERS.iter().map(|s| s.to_string()).collect(),
+            classes: classes.len() as u64,
+            classes_below_k: classes.values().filter(|s| **s < opts.k).count() as u64,
+            min_class_size: classes.values().copied().min().unwrap_or(0),
+            size_distribution,
+            persons: people.len() as u64,
+            persons_below_k: small.len() as u64,
+            records_below_k,
+            suppressed: suppress,
+        },
+        ward_version: env!("CARGO_PKG_VERSION").into(),
+        research_dir: research_dir.to_path_buf(),
+    };
+    let json_path = tmp.join("deid.json");
+    let json = serde_json::to_vec_pretty(&report).expect("report serializes");
+    scratch.publish(&json_path, |f| {
+        f.write_all(&json)
+            .map_err(|e| WardError::io("cannot write", &json_path, e))
+    })?;
+    scratch.publish_dir(&tmp, research_dir)?;
+    tracing::info!(
+        mode = ?opts.mode,
+        persons = report.tables[0].rows_out,
+        persons_below_k = report.k_anonymity.persons_below_k,
+        suppressed = suppress,
+        dir = %research_dir.display(),
+        "research tables published"
+    );
+    Ok(report)
+}
+
+/// One person's research attributes.
+struct Person {
+    person_id: String,
+    research_id: String,
+    shift: i32,
+    sex: Option<String>,
+    race: Option<String>,
+    ethnicity: Option<String>,
+    state: Option<String>,
+    zip3: Option<String>,
+    age: Option<i32>,
+    age_band: Option<String>,
+    /// Days since the epoch; `None` for 90 and over.
+    birth_date: Option<i32>,
+    deceased_date: Option<i32>,
+    sources: Option<ArrayRef>,
+    records: Option<u32>,
+    /// The quasi-identifier values.
+    class: [Option<String>; 5],
+}
+
+fn read_all(path: &Path) -> Result<Vec<RecordBatch>> {
+    let err = |message: String| WardError::Data {
+        context: "reading a core table",
+        path: path.to_path_buf(),
+        message,
+    };
+    let file = fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
+    ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| err(e.to_string()))?
+        .map(|b| b.map_err(|e| err(e.to_string())))
+        .collect()
+}
+
+fn column<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a ArrayRef> {
+    batch.column_by_name(name).ok_or_else(|| WardError::Data {
+        context: "reading a core table",
+        path: path.to_path_buf(),
+        message: format!("no column '{name}'"),
+    })
+}
+
+fn as_text(a: &ArrayRef, name: &str, path: &Path) -> Result<StringArray> {
+    crate::engine::text(a).map_err(|e| WardError::Data {
+        context: "reading a core table",
+        path: path.to_path_buf(),
+        message: format!("column '{name}': {e}"),
+    })
+}
+
+fn typed(a: &ArrayRef, to: &DataType, name: &str, path: &Path) -> Result<ArrayRef> {
+    cast(a, to).map_err(|e| WardError::Data {
+        context: "reading a core table",
+        path: path.to_path_buf(),
+        message: format!("column '{name}': {e}"),
+    })
+}
+
+fn opt(a: &StringArray, i: usize) -> Option<String> {
+    (!a.is_null(i)).then(|| a.value(i).to_string())
+}
+
+fn person_rows(batches: &[RecordBatch], path: &Path, opts: &DeidOptions) -> Result<Vec<Person>> {
+    let mut out = Vec::new();
+    for b in batches {
+        let t = |name: &str| as_text(column(b, name, path)?, name, path);
+        let (id, sex, race, eth, state, zip) = (
+            t("person_id")?,
+            t("sex")?,
+            t("race")?,
+            t("ethnicity")?,
+            t("state")?,
+            t("postal_code")?,
+        );
+        let date = |name: &str| -> Result<Date32Array> {
+            let a = typed(column(b, name, path)?, &DataType::Date32, name, path)?;
+            Ok(a.as_any()
+                .downcast_ref::<Date32Array>()
+                .expect("cast")
+                .clone())
+        };
+        let (birth, deceased) = (date("birth_date")?, date("deceased_date")?);
+        let sources = typed(
+            column(b, "sources", path)?,
+            &text_list_type(),
+            "sources",
+            path,
+        )?;
+        let sources = sources.as_any().downcast_ref::<ListArray>().expect("cast");
+        let records = typed(
+            column(b, "records", path)?,
+            &DataType::UInt32,
+            "records",
+            path,
+        )?;
+        let records = records
+            .as_any()
+            .downcast_ref::<UInt32Array>()
+            .expect("cast");
+        for i in 0..b.num_rows() {
+            let person_id = id.value(i).to_string();
+            let born = (!birth.is_null(i))
+                .then(|| birth.value_as_date(i))
+                .flatten();
+            let age = born
+                .and_then(|d| age_at(d, opts.reference_date))
+                .map(|a| a.min(AGE_CAP));
+            let band = age.map(age_band);
+            let zip3 = opt(&zip, i).and_then(|z| zip3(&z));
+            let shift = date_shift_days(&opts.key, &person_id);
+            let pooled = age.is_some_and(|a| a >= AGE_CAP);
+            let class = [
+                band.clone(),
+                opt(&sex, i),
+                zip3.clone(),
+                opt(&race, i),
+                opt(&eth, i),
+            ];
+            out.push(Person {
+                research_id: research_id(&opts.key, &person_id),
+                person_id,
+                shift,
+                sex: opt(&sex, i),
+                race: opt(&race, i),
+                ethnicity: opt(&eth, i),
+                state: opt(&state, i),
+                zip3,
+                age,
+                age_band: band,
+                birth_date: (!birth.is_null(i) && !pooled).then(|| birth.value(i)),
+                deceased_date: (!deceased.is_null(i)).then(|| deceased.value(i)),
+                sources: (!sources.is_null(i)).then(|| sources.value(i)),
+                records: (!records.is_null(i)).then(|| records.value(i)),
+                class,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn class_sizes(people: &[Person]) -> HashMap<[Option<String>; 5], u64> {
+    let mut sizes = HashMap::new();
+    for p in people {
+        *sizes.entry(p.class.clone()).or_insert(0) += 1;
+    }
+    sizes
+}
+
+fn text_list_type() -> DataType {
+    DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)))
+}
+
+/// Schema of `research/person.parquet` in `mode`.
+pub fn person_schema(mode: DeidMode) -> SchemaRef {
+    let text = |n: &str| Field::new(n, DataType::Utf8, true);
+    let date = |n: &str| match mode {
+        DeidMode::SafeHarbor => Field::new(format!("{n}_year"), DataType::Int32, true),
+        DeidMode::DateShift => Field::new(format!("{n}_date"), DataType::Date32, true),
+    };
+    Arc::new(Schema::new(vec![
+        Field::new("research_id", DataType::Utf8, false),
+        text("sex"),
+        text("race"),
+        text("ethnicity"),
+        Field::new("age", DataType::Int32, true),
+        text("age_band"),
+        date("birth"),
+        text("state"),
+        text("zip3"),
+        date("deceased"),
+        Field::new("sources", text_list_type(), true),
+        Field::new("records", DataType::UInt32, true),
+    ]))
+}
+
+fn year_of_days(days: i32) -> i32 {
+    (NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch") + chrono::Duration::days(days as i64))
+        .year()
+}
+
+fn person_batch(people: &[&Person], mode: DeidMode) -> Result<RecordBatch> {
+    let text = |f: fn(&Person) -> Option<String>| -> ArrayRef {
+        Arc::new(people.iter().map(|p| f(p)).collect::<StringArray>())
+    };
+    let date = |f: fn(&Person) -> Option<i32>| -> ArrayRef {
+        match mode {
+            DeidMode::SafeHarbor => Arc::new(
+                people
+                    .iter()
+                    .map(|p| f(p).map(year_of_days))
+                    .collect::<Int32Array>(),
+            ),
+            DeidMode::DateShift => Arc::new(
+                people
+                    .iter()
+                    .map(|p| f(p).map(|d| d + p.shift))
+                    .collect::<Date32Array>(),
+            ),
+        }
+    };
+    let sources: Vec<ArrayRef> = people
+        .iter()
+        .filter_map(|p| p.sources.clone())
+        .collect::<Vec<_>>();
+    let sources = list_of(
+        people.iter().map(|p| p.sources.is_some()),
+        &sources,
+        DataType::Utf8,
+    )?;
+    let columns: Vec<ArrayRef> = vec![
+        text(|p| Some(p.research_id.clone())),
+        text(|p| p.sex.clone()),
+        text(|p| p.race.clone()),
+        text(|p| p.ethnicity.clone()),
+        Arc::new(people.iter().map(|p| p.age).collect::<Int32Array>()),
+        text(|p| p.age_band.clone()),
+        date(|p| p.birth_date),
+        text(|p| p.state.clone()),
+        text(|p| p.zip3.clone()),
+        date(|p| p.deceased_date),
+        sources,
+        Arc::new(people.iter().map(|p| p.records).collect::<UInt32Array>()),
+    ];
+    RecordBatch::try_new(person_schema(mode), columns).map_err(|e| WardError::Data {
+        context: "building research/person",
+        path: PathBuf::from("person.parquet"),
+        message: e.to_string(),
+    })
+}
+
+/// A list array from per-row presence and the present rows' values.
+fn list_of(
+    present: impl Iterator<Item = bool>,
+    values: &[ArrayRef],
+    item: DataType,
+) -> Result<ArrayRef> {
+    use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer};
+    let err = |e: datafusion::arrow::error::ArrowError| WardError::Data {
+        context: "building research/person",
+        path: PathBuf::from("person.parquet"),
+        message: e.to_string(),
+    };
+    let present: Vec<bool> = present.collect();
+    let mut lengths = Vec::with_capacity(present.len());
+    let mut it = values.iter();
+    for p in &present {
+        lengths.push(if *p {
+            it.next().map_or(0, |v| v.len())
+        } else {
+            0
+        });
+    }
+    let refs: Vec<&dyn Array> = values.iter().map(|a| a.as_ref()).collect();
+    let flat = if refs.is_empty() {
+        datafusion::arrow::array::new_empty_array(&item)
+    } else {
+        datafusion::arrow::compute::concat(&refs).map_err(err)?
+    };
+    let flat = cast(&flat, &item).map_err(err)?;
+    let list = ListArray::try_new(
+        Arc::new(Field::new("item", item, true)),
+        OffsetBuffer::from_lengths(lengths),
+        flat,
+        Some(NullBuffer::from(present)),
+    )
+    .map_err(err)?;
+    Ok(Arc::new(list))
+}
+
+/// What happens to a fact column.
+enum Action {
+    Keep,
+    Date,
+    Timestamp,
+}
+
+/// Coded columns of kind [`Kind::Id`] that are kept: values of a code
+/// system, not identifiers.
+const CODED_IDS: [&str; 2] = ["value_code", "payer_type_code"];
+
+fn action(name: &str, kind: Kind) -> Option<Action> {
+    match kind {
+        Kind::Sex
+        | Kind::EncounterClass
+        | Kind::Race
+        | Kind::Ethnicity
+        | Kind::State
+        | Kind::CodeSystem
+        | Kind::Code
+        | Kind::Unit
+        | Kind::Token
+        | Kind::Codings
+        | Kind::Bool
+        | Kind::Float => Some(Action::Keep),
+        Kind::Id if CODED_IDS.contains(&name) => Some(Action::Keep),
+        Kind::Date => Some(Action::Date),
+        Kind::Timestamp => Some(Action::Timestamp),
+        // Identifiers, free text, postal codes, lineage.
+        Kind::Id | Kind::Text | Kind::PostalCode | Kind::Line => None,
+    }
+}
+
+/// Schema of `research/<table>` in `mode`: `research_id`, the kept
+/// columns in canonical order (dates as `<name>_year` in Safe Harbor mode),
+/// `reported_by`.
+pub fn table_schema(table: Table, mode: DeidMode) -> SchemaRef {
+    let mut fields = vec![Field::new("research_id", DataType::Utf8, false)];
+    for c in table.columns() {
+        match (action(c.name, c.kind), mode) {
+            (None, _) => {}
+            (Some(Action::Keep), _) | (Some(_), DeidMode::DateShift) => {
+                fields.push(Field::new(c.name, c.kind.data_type(), true))
+            }
+            (Some(_), DeidMode::SafeHarbor) => fields.push(Field::new(
+                format!("{}_year", c.name),
+                DataType::Int32,
+                true,
+            )),
+        }
+    }
+    fields.push(Field::new("reported_by", text_list_type(), true));
+    Arc::new(Schema::new(fields))
+}
+
+/// De-identifies one fact table part by part; returns its counts and the
+/// rows of persons in small classes.
+fn deid_table(
+    table: Table,
+    core: &Path,
+    out: &Path,
+    scratch: &Warehouse,
+    ids: &HashMap<&str, (&str, i32)>,
+    small: &HashSet<&str>,
+    opts: &DeidOptions,
+) -> Result<(TableCounts, u64)> {
+    let schema = table_schema(table, opts.mode);
+    let mut counts = TableCounts {
+        table: table.name().into(),
+        rows_in: 0,
+        rows_out: 0,
+        rows_suppressed: 0,
+    };
+    let mut below = 0;
+    let parts = parquet_files(core)?;
+    if parts.is_empty() {
+        // The table exists (empty) so that queries can name it.
+        scratch.write_parquet(&out.join("part-00000.parquet"), schema.clone(), &[])?;
+    }
+    for (n, part) in parts.iter().enumerate() {
+        let mut batches = Vec::new();
+        for b in read_all(part)? {
+            counts.rows_in += b.num_rows() as u64;
+            let pid = as_text(column(&b, "person_id", part)?, "person_id", part)?;
+            let is_small: BooleanArray = (0..b.num_rows())
+                .map(|i| Some(small.contains(pid.value(i))))
+                .collect();
+            let n_small = is_small.true_count() as u64;
+            below += n_small;
+            let b = if opts.suppress_small_classes && n_small > 0 {
+                counts.rows_suppressed += n_small;
+                let keep = datafusion::arrow::compute::not(&is_small).expect("same length");
+                filter_record_batch(&b, &keep).map_err(|e| WardError::Data {
+                    context: "suppressing small classes",
+                    path: part.clone(),
+                    message: e.to_string(),
+                })?
+            } else {
+                b
+            };
+            batches.push(deid_batch(table, &b, part, &schema, ids, opts)?);
+        }
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        counts.rows_out += rows as u64;
+        scratch.write_parquet(
+            &out.join(format!("part-{n:05}.parquet")),
+            schema.clone(),
+            &batches,
+        )?;
+    }
+    debug_assert_eq!(counts.rows_in, counts.rows_out + counts.rows_suppressed);
+    Ok((counts, below))
+}
+
+fn deid_batch(
+    table: Table,
+    b: &RecordBatch,
+    path: &Path,
+    schema: &SchemaRef,
+    ids: &HashMap<&str, (&str, i32)>,
+    opts: &DeidOptions,
+) -> Result<RecordBatch> {
+    let pid = as_text(column(b, "person_id", path)?, "person_id", path)?;
+    // Facts of a person missing from core/person (should not happen) still
+    // get a keyed id and offset, computed directly.
+    let person: Vec<(String, i32)> = (0..b.num_rows())
+        .map(|i| {
+            let p = pid.value(i);
+            match ids.get(p) {
+                Some((r, s)) => (r.to_string(), *s),
+                None => (research_id(&opts.key, p), date_shift_days(&opts.key, p)),
+            }
+        })
+        .collect();
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(
+        person
+            .iter()
+            .map(|(r, _)| Some(r.as_str()))
+            .collect::<StringArray>(),
+    )];
+    for c in table.columns() {
+        let Some(action) = action(c.name, c.kind) else {
+            continue;
+        };
+        let a = typed(column(b, c.name, path)?, &c.kind.data_type(), c.name, path)?;
+        columns.push(match (action, opts.mode) {
+            (Action::Keep, _) => a,
+            (Action::Date, mode) => {
+                let d = a.as_any().downcast_ref::<Date32Array>().expect("cast");
+                match mode {
+                    DeidMode::SafeHarbor => Arc::new(
+                        d.iter()
+                            .map(|v| v.map(year_of_days))
+                            .collect::<Int32Array>(),
+                    ),
+                    DeidMode::DateShift => Arc::new(
+                        d.iter()
+                            .zip(&person)
+                            .map(|(v, (_, s))| v.map(|v| v + s))
+                            .collect::<Date32Array>(),
+                    ),
+                }
+            }
+            (Action::Timestamp, mode) => {
+                let t = a
+                    .as_any()
+                    .downcast_ref::<TimestampMicrosecondArray>()
+                    .expect("cast");
+                const DAY: i64 = 86_400_000_000;
+                match mode {
+                    DeidMode::SafeHarbor => Arc::new(
+                        t.iter()
+                            .map(|v| v.map(|v| year_of_days(v.div_euclid(DAY) as i32)))
+                            .collect::<Int32Array>(),
+                    ),
+                    DeidMode::DateShift => Arc::new(
+                        t.iter()
+                            .zip(&person)
+                            .map(|(v, (_, s))| v.map(|v| v + *s as i64 * DAY))
+                            .collect::<TimestampMicrosecondArray>(),
+                    ),
+                }
+            }
+        });
+    }
+    columns.push(typed(
+        column(b, "reported_by", path)?,
+        &text_list_type(),
+        "reported_by",
+        path,
+    )?);
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| WardError::Data {
+        context: "building a research table",
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(y: i32, m: u32, day: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(y, m, day).unwrap()
+    }
+
+    #[test]
+    fn ages_at_the_reference_date() {
+        let r = d(2025, 12, 31);
+        assert_eq!(age_at(d(1936, 1, 1), r), Some(89));
+        assert_eq!(age_at(d(1935, 12, 31), r), Some(90), "birthday on the day");
+        assert_eq!(age_at(d(1936, 1, 1), d(2025, 12, 31)), Some(89));
+        // 29 February: one year older on 1 March in a common year.
+        assert_eq!(age_at(d(2000, 2, 29), d(2025, 2, 28)), Some(24));
+        assert_eq!(age_at(d(2000, 2, 29), d(2025, 3, 1)), Some(25));
+        assert_eq!(age_at(d(2000, 2, 29), d(2024, 2, 29)), Some(24));
+        assert_eq!(age_at(d(2026, 1, 1), r), None);
+        assert_eq!(age_band(0), "0-9");
+        assert_eq!(age_band(89), "80-89");
+        assert_eq!(age_band(90), "90+");
+    }
+
+    #[test]
+    fn zip_codes_keep_three_digits_and_restricted_areas_become_000() {
+        assert_eq!(zip3("02139").as_deref(), Some("021"));
+        assert_eq!(zip3("02139-4307").as_deref(), Some("021"));
+        assert_eq!(zip3("021394307").as_deref(), Some("021"));
+        for z in RESTRICTED_ZIP3 {
+            assert_eq!(zip3(&format!("{z}42")).as_deref(), Some("000"), "{z}");
+        }
+        assert_eq!(zip3("03600-1234").as_deref(), Some("000"));
+        for bad in ["", "021", "2139", "02139-43", "K1A 0B1", "0213a"] {
+            assert_eq!(zip3(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn pseudonyms_and_shifts_depend_on_the_key_only() {
+        let a = DeidKey::new(b"0123456789abcdef-a").unwrap();
+        let b = DeidKey::new(b"0123456789abcdef-b").unwrap();
+        assert_eq!(research_id(&a, "P1"), research_id(&a, "P1"));
+        assert_ne!(research_id(&a, "P1"), research_id(&b, "P1"));
+        assert_ne!(research_id(&a, "P1"), research_id(&a, "P2"));
+        assert_eq!(research_id(&a, "P1").len(), 64);
+        let shifts: Vec<i32> = (0..2000)
+            .map(|i| date_shift_days(&a, &format!("P{i}")))
+            .collect();
+        assert!(shifts.iter().all(|s| *s != 0 && (-365..=365).contains(s)));
+        assert!(shifts.iter().any(|s| *s < -300) && shifts.iter().any(|s| *s > 300));
+        assert!(DeidKey::new(b"short").is_none());
+        assert!(
+            !format!("{a:?}").contains("0123456789"),
+            "Debug hides the key"
+        );
+    }
+
+    #[test]
+    fn identifiers_and_free_text_are_never_kept() {
+        for table in Table::ALL.into_iter().filter(|t| *t != Table::Patient) {
+            let schema = table_schema(table, DeidMode::SafeHarbor);
+            for f in schema.fields() {
+                let name = f.name().as_str();
+                assert!(
+                    !name.starts_with("source") && name != "description" && name != "value_text",
+                    "{table:?}.{name}"
+                );
+            }
+        }
+        let person = person_schema(DeidMode::SafeHarbor);
+        assert!(person.field_with_name("birth_year").is_ok());
+        assert!(person.field_with_name("postal_code").is_err());
+    }
+
+    #[test]
+    fn missing_key_is_a_config_error_naming_the_key() {
+        let mut cfg = DeidConfig {
+            config_path: "ward.toml".into(),
+            key_line: Some(7),
+            key: KeySource::None,
+            mode: DeidMode::SafeHarbor,
+            k: 11,
+            suppress_small_classes: false,
+        };
+        let e = resolve_key(&cfg, |_| None).unwrap_err();
+        assert!(
+            e.is_config_error() && e.to_string().contains("key_file"),
+            "{e}"
+        );
+        cfg.key = KeySource::Env("WARD_KEY".into());
+        let e = resolve_key(&cfg, |_| None).unwrap_err();
+        assert!(e.to_string().contains("WARD_KEY"), "{e}");
+        assert!(e.to_string().contains("deid.key_env"), "{e}");
+        let k = resolve_key(&cfg, |n| (n == "WARD_KEY").then(|| "x".repeat(32))).unwrap();
+        assert!(!k.is_demo());
+        cfg.key = KeySource::Demo;
+        assert!(resolve_key(&cfg, |_| None).unwrap().is_demo());
+    }
+}

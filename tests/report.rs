@@ -218,11 +218,9 @@ fn check_age_standardized(
         })
         .unwrap();
     let strata_rows = ward::measure::strata(
-        &ward::warehouse::Warehouse::new(
-            &ward::PipelineConfig::load(&run_config(run))
-                .unwrap()
-                .warehouse,
-        ),
+        // The run's own core tables: runs/<run_id>/ under the warehouse.
+        &ward::warehouse::Warehouse::new(run.run_dir.ancestors().nth(2).unwrap())
+            .with_output(&run.run_dir),
         &repo().join("queries"),
         prev.period,
     )
@@ -260,17 +258,6 @@ fn check_age_standardized(
         let got = std[i].expect("overall DM-PREV is standardized");
         assert!((got - expected).abs() < 1e-12, "{got} vs {expected}");
     }
-}
-
-/// The config path `copy_sample` wrote, from the report directory
-/// (`<tmp>/wh/reports/<run_id>`).
-fn run_config(run: &ward::RunReport) -> std::path::PathBuf {
-    run.report_dir
-        .ancestors()
-        .nth(3)
-        .unwrap()
-        .join("sample_data")
-        .join("ward.toml")
 }
 
 /// One MeasureReport per measure: valid against the typed FHIR model,

@@ -267,7 +267,7 @@ pub fn write(
     cells: &[Cell],
     date: DateTime<Utc>,
 ) -> Result<Vec<PathBuf>> {
-    let dir = warehouse.root().join("reports").join(run_id).join("fhir");
+    let dir = warehouse.out().join("reports").join(run_id).join("fhir");
     results
         .iter()
         .map(|r| {

@@ -107,35 +107,18 @@ pub fn run(
     let history = runs::load_history(previous_dir.as_deref())?;
     let config_bytes =
         std::fs::read(&config.path).map_err(|e| WardError::io("cannot read", &config.path, e))?;
-    let mut manifest = runs::Manifest {
-        run_id: run_id.clone(),
-        status: runs::RunStatus::Failed,
-        ward_version: env!("CARGO_PKG_VERSION").to_string(),
-        started: runs::now(),
-        finished: String::new(),
-        host: runs::hostname(),
-        pid: std::process::id(),
-        config: runs::ConfigInfo {
+    let mut manifest = runs::Manifest::start(
+        &run_id,
+        runs::ConfigInfo {
             path: config.path.clone(),
             sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&config_bytes)),
         },
-        period: runs::PeriodInfo {
+        runs::PeriodInfo {
             start: period.start.to_string(),
             end: period.end.to_string(),
         },
-        inputs: Vec::new(),
-        sources: Vec::new(),
-        linkage: None,
-        core: Default::default(),
-        measures: Vec::new(),
-        gates: Vec::new(),
-        stages: Vec::new(),
-        peak_memory_bytes: None,
-        outputs: Vec::new(),
-        phi_outputs: Vec::new(),
-        warnings,
-        error: None,
-    };
+    );
+    manifest.warnings = warnings;
     let outcome = run_stages(
         config,
         opts,

@@ -326,6 +326,34 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// The manifest of a run starting now on this host: status `failed`
+    /// until the run completes, everything else still empty.
+    pub fn start(run_id: &str, config: ConfigInfo, period: PeriodInfo) -> Manifest {
+        Manifest {
+            run_id: run_id.to_string(),
+            status: RunStatus::Failed,
+            ward_version: env!("CARGO_PKG_VERSION").to_string(),
+            started: now(),
+            finished: String::new(),
+            host: hostname(),
+            pid: std::process::id(),
+            config,
+            period,
+            inputs: Vec::new(),
+            sources: Vec::new(),
+            linkage: None,
+            core: BTreeMap::new(),
+            measures: Vec::new(),
+            gates: Vec::new(),
+            stages: Vec::new(),
+            peak_memory_bytes: None,
+            outputs: Vec::new(),
+            phi_outputs: Vec::new(),
+            warnings: Vec::new(),
+            error: None,
+        }
+    }
+
     /// Reads `runs/<run_id>/manifest.json`.
     pub fn load(run_dir: &Path) -> Result<Manifest> {
         let path = run_dir.join(MANIFEST);
@@ -969,35 +997,18 @@ mod tests {
             table("b", 1000, 20, 1), // 2 %: warn
             table("c", 700, 0, 0),   // clean, but nothing delivered, and 30 % fewer rows
         ];
-        let prev = Manifest {
-            run_id: "r0".into(),
-            status: RunStatus::Complete,
-            ward_version: String::new(),
-            started: String::new(),
-            finished: String::new(),
-            host: String::new(),
-            pid: 0,
-            config: ConfigInfo {
+        let mut prev = Manifest::start(
+            "r0",
+            ConfigInfo {
                 path: PathBuf::new(),
                 sha256: String::new(),
             },
-            period: PeriodInfo {
+            PeriodInfo {
                 start: String::new(),
                 end: String::new(),
             },
-            inputs: Vec::new(),
-            sources: vec![table("b", 1100, 0, 1), table("c", 1000, 0, 1)],
-            linkage: None,
-            core: BTreeMap::new(),
-            measures: Vec::new(),
-            gates: Vec::new(),
-            stages: Vec::new(),
-            peak_memory_bytes: None,
-            outputs: Vec::new(),
-            phi_outputs: Vec::new(),
-            warnings: Vec::new(),
-            error: None,
-        };
+        );
+        prev.sources = vec![table("b", 1100, 0, 1), table("c", 1000, 0, 1)];
         let results = check_gates(&gates, &sources, &tables, Some(&prev));
         let outcome = |gate: &str, source: &str| {
             results

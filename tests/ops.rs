@@ -84,6 +84,13 @@ fn kill_at(config: &Path, marker: &str) -> bool {
     seen
 }
 
+/// Rewrites a delivery with only its first `n` lines.
+fn keep_lines(path: &Path, n: usize) {
+    let text = fs::read_to_string(path).unwrap();
+    let kept: Vec<&str> = text.lines().take(n).collect();
+    fs::write(path, kept.join("\n") + "\n").unwrap();
+}
+
 #[test]
 fn killing_a_run_anywhere_leaves_the_published_run_untouched() {
     let tmp = tempfile::tempdir().unwrap();
@@ -103,13 +110,9 @@ fn killing_a_run_anywhere_leaves_the_published_run_untouched() {
 
     // A corrected delivery (the last 20 visits withdrawn), so the next
     // runs have ingest work to be killed in.
-    let encounters = tmp.path().join("sample_data/northside_clinic/visits.csv");
-    let lines: Vec<String> = fs::read_to_string(&encounters)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
-    fs::write(&encounters, lines[..lines.len() - 20].join("\n") + "\n").unwrap();
+    let visits = tmp.path().join("sample_data/northside_clinic/visits.csv");
+    let lines = fs::read_to_string(&visits).unwrap().lines().count();
+    keep_lines(&visits, lines - 20);
 
     for marker in [
         r#""stage":"ingest""#,
@@ -303,14 +306,9 @@ fn a_nightly_source_that_delivers_nothing_fails_and_a_drop_in_rows_fails() {
     assert!(text(&again.stderr).contains("northside_clinic' is expected nightly"));
 
     // A delivery with half the visits: more than a 10 % drop.
-    let encounters = tmp.path().join("sample_data/northside_clinic/visits.csv");
-    let lines: Vec<String> = fs::read_to_string(&encounters)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
-    let half = lines[..lines.len() / 2].join("\n") + "\n";
-    fs::write(&encounters, half).unwrap();
+    let visits = tmp.path().join("sample_data/northside_clinic/visits.csv");
+    let lines = fs::read_to_string(&visits).unwrap().lines().count();
+    keep_lines(&visits, lines / 2);
     let dropped = ward(&config, &["run"]);
     assert_eq!(dropped.status.code(), Some(1));
     let err = text(&dropped.stderr);

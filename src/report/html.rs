@@ -280,6 +280,9 @@ struct Headline {
     status: &'static str,
     rate: String,
     ci: String,
+    /// Age-standardized rate and interval (2000 US standard), when the
+    /// measure has one and it is published.
+    age_std: Option<(String, String)>,
     counts: Counts,
     gauge: Option<Gauge>,
     change: Option<Change>,
@@ -914,6 +917,12 @@ fn build_view(input: &HtmlInput) -> View {
             status,
             rate: rate.map_or_else(String::new, pct),
             ci: overall.map_or_else(String::new, |c| ci_text(c.ci_low, c.ci_high)),
+            age_std: overall.and_then(|c| {
+                Some((
+                    pct(c.age_std_rate?),
+                    ci_text(c.age_std_ci_low, c.age_std_ci_high),
+                ))
+            }),
             counts: counts(overall),
             gauge: overall.and_then(|c| Some(gauge(c.rate?, c.ci_low?, c.ci_high?))),
             change,
@@ -1387,6 +1396,18 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn age_standardized_rates_are_shown_where_published() {
+        let mut f = fixture("Other");
+        let html = render(&input(&f, &[])).unwrap();
+        assert!(!html.contains("Age-standardized"));
+        f.cells[0].age_std_rate = Some(0.4321);
+        f.cells[0].age_std_ci_low = Some(0.41);
+        f.cells[0].age_std_ci_high = Some(0.45);
+        let html = render(&input(&f, &[])).unwrap();
+        assert!(html.contains("Age-standardized (2000 US standard): 43.2%, 95% CI 41.0–45.0%"));
     }
 
     #[test]

@@ -93,6 +93,13 @@ fn run_writes_a_suppressed_stratified_summary() {
         assert!(stratum[i].is_some());
     }
     assert!(hidden.values().all(|&k| k != 1), "{hidden:?}");
+    // Payer strata from the clinic layout's insurance column, lower-cased.
+    let payers: std::collections::BTreeSet<&str> = (0..n)
+        .filter(|&i| dimension[i].as_deref() == Some("payer"))
+        .map(|i| stratum[i].as_deref().unwrap())
+        .collect();
+    assert!(payers.len() > 2, "{payers:?}");
+    assert!(payers.iter().all(|p| *p == p.to_lowercase()), "{payers:?}");
 
     // Care gaps: owner-only files, one per provider; every listed person
     // needs action, and every person who needs action is listed.
@@ -447,4 +454,22 @@ fn the_typed_model_rejects_reports_missing_required_elements() {
     // so its absence is not a structural error; Ward always writes it
     // (checked on the real reports above).
     assert!(parse(&without("/group/0/population/0", "code")).is_ok());
+}
+
+/// A dimension no extract records is left out rather than published as one
+/// `unknown` stratum: without the clinic layout's insurance column, no
+/// source has a payer.
+#[test]
+fn a_dimension_no_source_records_is_left_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config_path = copy_sample(tmp.path());
+    let mapping = tmp.path().join("sample_data/mappings/emr_a.toml");
+    let text = fs::read_to_string(&mapping).unwrap();
+    assert!(text.contains("payer = \"Insurance\"\n"));
+    fs::write(&mapping, text.replace("payer = \"Insurance\"\n", "")).unwrap();
+    let run = run_all(&ward::PipelineConfig::load(&config_path).unwrap());
+    let dims: std::collections::BTreeSet<&str> =
+        run.summary.iter().map(|c| c.dimension.as_str()).collect();
+    assert!(!dims.contains("payer"), "{dims:?}");
+    assert!(dims.contains("zip3") && dims.contains("provider"));
 }

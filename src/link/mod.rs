@@ -127,8 +127,8 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Linkage> {
         let raw = crate::engine::collect(
             &ctx,
             "SELECT source, source_patient_id, given_name, family_name, birth_date, sex, race, \
-             ethnicity, address_line, state, postal_code, phone, email, ssn, deceased_date \
-             FROM staging_patient ORDER BY source, source_patient_id",
+             ethnicity, address_line, state, postal_code, phone, email, ssn, deceased_date, \
+             payer FROM staging_patient ORDER BY source, source_patient_id",
         )
         .await?;
         Ok((raw.clone(), records(&raw)))
@@ -479,6 +479,7 @@ pub fn person_schema() -> SchemaRef {
         text("state"),
         text("postal_code"),
         Field::new("deceased_date", DataType::Date32, true),
+        text("payer"),
         Field::new(
             "sources",
             DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
@@ -489,7 +490,7 @@ pub fn person_schema() -> SchemaRef {
 }
 
 fn person_table(raw: &[RecordBatch], links: &[PersonLink]) -> Result<RecordBatch> {
-    const TEXT: [&str; 7] = [
+    const TEXT: [&str; 8] = [
         "given_name",
         "family_name",
         "sex",
@@ -497,6 +498,7 @@ fn person_table(raw: &[RecordBatch], links: &[PersonLink]) -> Result<RecordBatch
         "ethnicity",
         "state",
         "postal_code",
+        "payer",
     ];
     const DATES: [&str; 2] = ["birth_date", "deceased_date"];
     let schema = raw.first().map(RecordBatch::schema);
@@ -564,8 +566,9 @@ fn person_table(raw: &[RecordBatch], links: &[PersonLink]) -> Result<RecordBatch
     let mut date_out = date_out
         .into_iter()
         .map(|d| Arc::new(Date32Array::from(d)) as ArrayRef);
-    let mut next_text = || text_out.next().expect("seven text columns");
-    let (given, family, sex, race, ethnicity, state, postal) = (
+    let mut next_text = || text_out.next().expect("eight text columns");
+    let (given, family, sex, race, ethnicity, state, postal, payer) = (
+        next_text(),
         next_text(),
         next_text(),
         next_text(),
@@ -589,6 +592,7 @@ fn person_table(raw: &[RecordBatch], links: &[PersonLink]) -> Result<RecordBatch
         state,
         postal,
         deceased,
+        payer,
         Arc::new(sources.finish()),
         Arc::new(UInt32Array::from(records)),
     ];

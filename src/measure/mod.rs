@@ -245,7 +245,8 @@ pub fn strata(warehouse: &Warehouse, queries: &Path, period: Period) -> Result<V
         let ctx = session::session(warehouse, queries, period).await?;
         crate::engine::collect(
             &ctx,
-            "SELECT person_id, provider, age_band, sex, race, ethnicity, state, zip3 FROM person_strata",
+            "SELECT person_id, provider, age_band, sex, race, ethnicity, state, zip3, payer \
+             FROM person_strata",
         )
         .await
     })

@@ -1,6 +1,6 @@
 //! Report summaries: for every measure, population counts, rate and Wilson
 //! 95 % confidence interval, overall and by provider, age band, sex, race,
-//! ethnicity, state and 3-digit ZIP, with small-cell suppression; written
+//! ethnicity, state, 3-digit ZIP and payer, with small-cell suppression; written
 //! as CSV, JSON and Parquet under `reports/<run_id>/`. Measures flagged
 //! `age_standardize` also get an age-standardized rate ([`standard`]), and
 //! every measure a FHIR R4 MeasureReport ([`fhir`]).
@@ -10,7 +10,7 @@ pub mod standard;
 
 pub mod html;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -25,7 +25,7 @@ use crate::measure::{Counts, MeasureResult};
 use crate::warehouse::Warehouse;
 
 /// The stratifying dimensions, after `overall`.
-pub const DIMENSIONS: [&str; 7] = [
+pub const DIMENSIONS: [&str; 8] = [
     "provider",
     "age_band",
     "sex",
@@ -33,6 +33,7 @@ pub const DIMENSIONS: [&str; 7] = [
     "ethnicity",
     "state",
     "zip3",
+    "payer",
 ];
 
 /// One row of the summary: a measure in one stratum. Suppressed counts are
@@ -193,6 +194,14 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
                 )
             })
             .collect();
+        // A dimension no source records (every stratum `unknown`, e.g. payer
+        // when no extract carries one) says nothing: left out.
+        let recorded: BTreeSet<usize> = measure_cells
+            .iter()
+            .filter(|(_, c)| c.stratum != "unknown")
+            .map(|(dim, _)| *dim)
+            .collect();
+        measure_cells.retain(|(dim, _)| recorded.contains(dim));
         suppress(&mut measure_cells, min_cell);
         cells.extend(measure_cells.into_iter().map(|(_, c)| c));
     }

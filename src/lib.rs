@@ -4,8 +4,14 @@
 //! mapping) are read, mapped to the canonical model ([`schema`]), validated
 //! and normalized by [`ingest`], and published as Parquet in the
 //! [`warehouse`]. Rows that fail a rule are kept as rejects with file, line,
-//! column and rule; read = accepted + rejected for every file. [`measure`]
-//! runs the SQL measures of `queries/` over the warehouse with DataFusion.
+//! column and rule; read = accepted + rejected for every file. [`link`]
+//! links each patient's records across providers into persons and builds
+//! the core tables; [`measure`] runs the SQL measures of `queries/` over
+//! them with DataFusion; [`report`] writes stratified, suppressed summaries,
+//! the HTML report, FHIR MeasureReports and care-gap lists; [`deid`] writes
+//! the de-identified research tables that [`query`] serves. [`run`] is the
+//! nightly job: all of it under a lock, into a run directory published
+//! atomically ([`runs`]).
 //!
 //! The library never prints, exits or reads the environment; it logs through
 //! `tracing`. The `ward` binary is a thin layer over [`run`] and friends.
@@ -86,25 +92,6 @@ pub fn run(
     let _entered = span.enter();
     let run_dir = runs::runs_dir(root).join(&run_id);
     std::fs::create_dir_all(&run_dir).map_err(|e| WardError::io("cannot create", &run_dir, e))?;
-    let mut warnings = Vec::new();
-    if let Some(stale) = &lock.stale {
-        tracing::warn!(holder = %stale, "took over the lock of a process that died");
-        warnings.push(format!(
-            "took over the lock of a process that died: {stale}"
-        ));
-    }
-    for id in runs::remove_interrupted(root, &run_id)? {
-        tracing::warn!(interrupted = %id, "removed the directory of an interrupted run");
-        warnings.push(format!(
-            "run {id} had been interrupted; its directory was removed"
-        ));
-    }
-    let previous_dir = runs::current_dir(root)?;
-    let previous = match &previous_dir {
-        Some(dir) => Some(runs::Manifest::load(dir)?),
-        None => None,
-    };
-    let history = runs::load_history(previous_dir.as_deref())?;
     let config_bytes =
         std::fs::read(&config.path).map_err(|e| WardError::io("cannot read", &config.path, e))?;
     let mut manifest = runs::Manifest::start(
@@ -118,7 +105,24 @@ pub fn run(
             end: period.end.to_string(),
         },
     );
-    manifest.warnings = warnings;
+    if let Some(stale) = &lock.stale {
+        tracing::warn!(holder = %stale, "took over the lock of a process that died");
+        manifest.warnings.push(format!(
+            "took over the lock of a process that died: {stale}"
+        ));
+    }
+    for id in runs::remove_interrupted(root, &run_id)? {
+        tracing::warn!(interrupted = %id, "removed the directory of an interrupted run");
+        manifest.warnings.push(format!(
+            "run {id} had been interrupted; its directory was removed"
+        ));
+    }
+    let previous_dir = runs::current_dir(root)?;
+    let previous = match &previous_dir {
+        Some(dir) => Some(runs::Manifest::load(dir)?),
+        None => None,
+    };
+    let history = runs::load_history(previous_dir.as_deref())?;
     let outcome = run_stages(
         config,
         opts,

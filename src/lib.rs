@@ -117,12 +117,7 @@ pub fn run(
             "run {id} had been interrupted; its directory was removed"
         ));
     }
-    let previous_dir = runs::current_dir(root)?;
-    let previous = match &previous_dir {
-        Some(dir) => Some(runs::Manifest::load(dir)?),
-        None => None,
-    };
-    let history = runs::load_history(previous_dir.as_deref())?;
+    let previous = Previous::load(root)?;
     let outcome = run_stages(
         config,
         opts,
@@ -131,8 +126,7 @@ pub fn run(
         key,
         progress,
         &run_dir,
-        previous.as_ref(),
-        &history,
+        &previous,
         &mut manifest,
     );
     manifest.finished = runs::now();
@@ -155,7 +149,7 @@ pub fn run(
     let _publish = tracing::info_span!("stage", stage = "publish").entered();
     runs::write_history(
         &run_dir,
-        history,
+        previous.history,
         runs::HistoryEntry {
             run_id: run_id.clone(),
             finished: manifest.finished.clone(),
@@ -180,6 +174,31 @@ pub fn run(
     }
     report.manifest = manifest;
     Ok(report)
+}
+
+/// What the current (last published) run left for the next one.
+struct Previous {
+    manifest: Option<runs::Manifest>,
+    history: Vec<runs::HistoryEntry>,
+    /// Its record → person links: persons keep their ids.
+    links: Vec<link::PersonLink>,
+}
+
+impl Previous {
+    fn load(warehouse: &std::path::Path) -> Result<Previous> {
+        let Some(dir) = runs::current_dir(warehouse)? else {
+            return Ok(Previous {
+                manifest: None,
+                history: Vec::new(),
+                links: Vec::new(),
+            });
+        };
+        Ok(Previous {
+            manifest: Some(runs::Manifest::load(&dir)?),
+            history: runs::load_history(Some(&dir))?,
+            links: link::read_person_links(&dir.join("core").join("person_link.parquet"))?,
+        })
+    }
 }
 
 /// Times a stage and measures its peak memory, inside a `stage` span (so
@@ -209,8 +228,7 @@ fn run_stages(
     key: &deid::DeidKey,
     progress: &indicatif::ProgressBar,
     run_dir: &std::path::Path,
-    previous: Option<&runs::Manifest>,
-    history: &[runs::HistoryEntry],
+    previous: &Previous,
     manifest: &mut runs::Manifest,
 ) -> Result<RunReport> {
     let warehouse = warehouse::Warehouse::new(&config.warehouse).with_output(run_dir);
@@ -218,12 +236,17 @@ fn run_stages(
         ingest::ingest(config, opts, progress)
     })?;
     let state = warehouse.load_state()?;
-    manifest.inputs = runs::inputs(&state, &ingest, previous);
+    manifest.inputs = runs::inputs(&state, &ingest, previous.manifest.as_ref());
     manifest.sources = runs::source_tables(&manifest.inputs);
     for failure in ingest.failures() {
         manifest.warnings.push(failure);
     }
-    manifest.gates = runs::check_gates(&config.gates, &config.sources, &manifest.sources, previous);
+    manifest.gates = runs::check_gates(
+        &config.gates,
+        &config.sources,
+        &manifest.sources,
+        previous.manifest.as_ref(),
+    );
     for gate in &manifest.gates {
         match gate.outcome {
             runs::GateOutcome::Pass => {}
@@ -249,7 +272,9 @@ fn run_stages(
         });
     }
     let defs = measure::catalog(queries)?;
-    let linkage = stage(manifest, "link", || link::link(&warehouse, &config.link))?;
+    let linkage = stage(manifest, "link", || {
+        link::link(&warehouse, &config.link, &previous.links)
+    })?;
     manifest.linkage = Some(linkage.report.clone());
     let core = stage(manifest, "build", || link::build::build(&warehouse))?;
     manifest.core = core
@@ -265,7 +290,7 @@ fn run_stages(
     })?;
     manifest.measures = measures.iter().map(runs::MeasureFigures::of).collect();
     let run_id = manifest.run_id.clone();
-    let trend = runs::trend(history);
+    let trend = runs::trend(&previous.history);
     let quality = report::html::SourceQuality::from_ingest(&ingest);
     let metadata = vec![
         ("config".to_string(), config.path.display().to_string()),

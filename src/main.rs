@@ -381,7 +381,10 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
     }
     if let Command::Link { evaluate } = &cli.command {
         let warehouse = ward::warehouse::Warehouse::new(&config.warehouse);
-        let linkage = ward::link::link(&warehouse, &config.link)?;
+        let previous = ward::link::read_person_links(
+            &warehouse.out().join("core").join("person_link.parquet"),
+        )?;
+        let linkage = ward::link::link(&warehouse, &config.link, &previous)?;
         let core = ward::link::build::build(&warehouse)?;
         if !cli.quiet {
             print_link(&linkage.report, &core);
@@ -789,7 +792,7 @@ fn print_link(report: &ward::link::LinkReport, core: &ward::link::build::BuildRe
     println!(
         "link: {} patient records -> {} persons ({} seen by more than one provider); \
          {} candidate pairs ({}), {} above the threshold, {} vetoed (given names differ), \
-         {} merges refused (same source on both sides)",
+         {} merges refused (same source on both sides); {} persons kept their id from the last run",
         report.records,
         report.persons,
         report.linked_persons,
@@ -797,7 +800,8 @@ fn print_link(report: &ward::link::LinkReport, core: &ward::link::build::BuildRe
         rules.join(", "),
         report.accepted_pairs + report.vetoed_pairs,
         report.vetoed_pairs,
-        report.refused_merges
+        report.refused_merges,
+        report.ids_carried_forward
     );
     let tables: Vec<String> = core
         .iter()

@@ -20,7 +20,7 @@ fn linked_sample(dir: &Path) -> (ward::PipelineConfig, link::Linkage) {
     run_ingest(&config_path).unwrap();
     let config = ward::PipelineConfig::load(&config_path).unwrap();
     let wh = Warehouse::new(&config.warehouse);
-    let linkage = link::link(&wh, &config.link).unwrap();
+    let linkage = link::link(&wh, &config.link, &[]).unwrap();
     link::build::build(&wh).unwrap();
     (config, linkage)
 }
@@ -82,7 +82,7 @@ fn linkage_is_deterministic_and_core_tables_are_rebuilt_identically() {
     let core = config.warehouse.join("core");
     let before = snapshot(&core);
     let wh = Warehouse::new(&config.warehouse);
-    link::link(&wh, &config.link).unwrap();
+    link::link(&wh, &config.link, &[]).unwrap();
     link::build::build(&wh).unwrap();
     assert_eq!(before, snapshot(&core));
     // Every staged row of a fact table is in core, or merged into a row
@@ -145,7 +145,7 @@ fn a_fact_reported_by_two_providers_becomes_one() {
     run_ingest(&config_path).unwrap();
     let config = ward::PipelineConfig::load(&config_path).unwrap();
     let wh = Warehouse::new(&config.warehouse);
-    link::link(&wh, &config.link).unwrap();
+    link::link(&wh, &config.link, &[]).unwrap();
     link::build::build(&wh).unwrap();
     let core = read_dir_batches(&config.warehouse.join("core/observation"));
     let ids = strings(&core, "source_observation_id");
@@ -237,4 +237,83 @@ fn config_threshold_is_checked() {
             ..LinkOptions::default()
         }
     );
+}
+
+/// A person keeps their id (and so their research id) from one published
+/// run to the next when the record their id was derived from is withdrawn:
+/// ids are carried forward from the previous run's links.
+#[test]
+fn person_ids_survive_a_withdrawn_first_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config_path = copy_sample(tmp.path());
+    // The withdrawn patient's facts become rejects (unknown_patient): more
+    // than the default gate allows at this size.
+    let text = fs::read_to_string(&config_path).unwrap();
+    fs::write(&config_path, text + "\n[gates]\nmax_reject_rate = 0.2\n").unwrap();
+    let config = ward::PipelineConfig::load(&config_path).unwrap();
+    let first = run_all(&config);
+    let links = |run: &ward::RunReport| -> BTreeMap<(String, String), String> {
+        link::read_person_links(&run.run_dir.join("core/person_link.parquet"))
+            .unwrap()
+            .into_iter()
+            .map(|l| ((l.source, l.source_patient_id), l.person_id))
+            .collect()
+    };
+    let before = links(&first);
+    // A person whose first record (sources sort lakeside_endo first) is at
+    // lakeside_endo and who is also known to northside_clinic.
+    let by_person = clusters(
+        before
+            .iter()
+            .map(|((s, i), p)| (s.clone(), i.clone(), p.clone())),
+    );
+    let cluster = by_person
+        .iter()
+        .find(|c| {
+            c.first().unwrap().0 == "lakeside_endo"
+                && c.iter().any(|(s, _)| s == "northside_clinic")
+        })
+        .expect("the sample has persons seen by the endocrinologist and the clinic");
+    let (_, withdrawn) = cluster.first().unwrap().clone();
+    let (_, kept) = cluster
+        .iter()
+        .find(|(s, _)| s == "northside_clinic")
+        .unwrap()
+        .clone();
+    let patients = tmp.path().join("sample_data/lakeside_endo/patients.csv");
+    let text = fs::read_to_string(&patients).unwrap();
+    let rest: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with(&format!("{withdrawn},")))
+        .collect();
+    assert_eq!(rest.len() + 1, text.lines().count());
+    fs::write(&patients, rest.join("\n") + "\n").unwrap();
+
+    let second = run_all(&config);
+    let after = links(&second);
+    let key = |s: &str, i: &str| (s.to_string(), i.to_string());
+    assert!(!after.contains_key(&key("lakeside_endo", &withdrawn)));
+    assert_eq!(
+        after[&key("northside_clinic", &kept)],
+        before[&key("lakeside_endo", &withdrawn)],
+        "the person's id changed when its first record was withdrawn"
+    );
+    // Every person of the first run who still has a record keeps its id.
+    for (record, person) in &after {
+        if let Some(old) = before.get(record) {
+            assert_eq!(person, old, "{record:?}");
+        }
+    }
+    assert_eq!(second.link.ids_carried_forward, second.link.persons);
+    // The research ids follow.
+    let research_ids = |run: &ward::RunReport| -> BTreeSet<String> {
+        strings(
+            &read_parquet(&run.run_dir.join("research/person.parquet")),
+            "research_id",
+        )
+        .into_iter()
+        .flatten()
+        .collect()
+    };
+    assert!(research_ids(&second).is_subset(&research_ids(&first)));
 }

@@ -74,6 +74,9 @@ pub struct LinkReport {
     pub persons: u64,
     /// Persons with records at more than one source.
     pub linked_persons: u64,
+    /// Persons who kept their id from the previous run's links.
+    #[serde(default)]
+    pub ids_carried_forward: u64,
     pub em_iterations: usize,
     /// Estimated share of matches among candidate pairs.
     pub prior: f64,
@@ -119,8 +122,10 @@ const BLOCKING_RULES: [(&str, &str); 6] = [
 ];
 
 /// Links the staged patient records and writes `core/person_link.parquet`
-/// and `core/person.parquet`.
-pub fn link(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Linkage> {
+/// and `core/person.parquet`. Persons keep their ids from `previous` (the
+/// last run's links, [`read_person_links`]) where their records were
+/// already linked.
+pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) -> Result<Linkage> {
     let (raw, recs) = crate::engine::block_on(async {
         let ctx = crate::engine::session(SessionConfig::new());
         crate::engine::register_staging(&ctx, warehouse).await?;
@@ -239,21 +244,15 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Linkage> {
             joined_by[r as usize].get_or_insert((w, rule));
         }
     }
-    // Person id: a hash of the cluster's first record (records are sorted
-    // by source and id), stable while that record stays.
-    let mut first_of_root: HashMap<u32, usize> = HashMap::new();
-    for i in 0..n {
-        let root = find(&mut parent, i as u32);
-        first_of_root.entry(root).or_insert(i);
-    }
+    // Person ids: carried forward from `previous` where the person's
+    // records were already linked, else a hash of the cluster's first record.
+    let roots: Vec<u32> = (0..n as u32).map(|i| find(&mut parent, i)).collect();
+    let (person_ids, carried) = assign_person_ids(&recs, &roots, previous);
+    report.ids_carried_forward = carried;
     let mut links = Vec::with_capacity(n);
     let mut members: HashMap<u32, usize> = HashMap::new();
     for (i, r) in recs.iter().enumerate() {
-        let root = find(&mut parent, i as u32);
-        *members.entry(root).or_default() += 1;
-        let first = &recs[first_of_root[&root]];
-        let digest = Sha256::digest(format!("{}/{}", first.source, first.source_patient_id));
-        let person = format!("P{}", &hex::encode(digest)[..16]);
+        *members.entry(roots[i]).or_default() += 1;
         let (w, rule) = match joined_by[i] {
             Some((w, rule)) => (Some(w), Some(BLOCKING_RULES[rule as usize].0.to_string())),
             None => (None, None),
@@ -261,7 +260,7 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Linkage> {
         links.push(PersonLink {
             source: r.source.clone(),
             source_patient_id: r.source_patient_id.clone(),
-            person_id: person,
+            person_id: person_ids[&roots[i]].clone(),
             match_weight: w,
             rule,
         });
@@ -272,6 +271,115 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Linkage> {
     drop((recs, pairs, scored, parent, sources, joined_by));
     write_outputs(warehouse, &raw, &links)?;
     Ok(Linkage { report, links })
+}
+
+/// Person ids of the clusters (`roots[i]`: record `i`'s cluster), and how
+/// many clusters kept an id from `previous` (yesterday's links).
+///
+/// Ids are carried forward so that a person keeps one id across nights —
+/// research ids are derived from it — however their records change: each
+/// previous id goes to the cluster holding most of its records (ties: the
+/// cluster whose first record comes first), each cluster takes the previous
+/// id it holds most records of (ties: the smaller id). When a person is split,
+/// the larger part keeps the id; when two are merged, one id survives. A
+/// cluster without a previous id gets `P` + 16 hex digits of the SHA-256 of
+/// its first record (records are in source, id order), never one already
+/// given out.
+fn assign_person_ids(
+    recs: &[Rec],
+    roots: &[u32],
+    previous: &[PersonLink],
+) -> (HashMap<u32, String>, u64) {
+    let before: HashMap<(&str, &str), &str> = previous
+        .iter()
+        .map(|l| {
+            (
+                (l.source.as_str(), l.source_patient_id.as_str()),
+                l.person_id.as_str(),
+            )
+        })
+        .collect();
+    // (cluster, previous id) → records, and each cluster's first record.
+    let mut votes: BTreeMap<(u32, &str), usize> = BTreeMap::new();
+    let mut first: HashMap<u32, usize> = HashMap::new();
+    for (i, r) in recs.iter().enumerate() {
+        first.entry(roots[i]).or_insert(i);
+        if let Some(id) = before.get(&(r.source.as_str(), r.source_patient_id.as_str())) {
+            *votes.entry((roots[i], id)).or_default() += 1;
+        }
+    }
+    let mut candidates: Vec<((u32, &str), usize)> = votes.into_iter().collect();
+    candidates.sort_by(|((ca, ia), na), ((cb, ib), nb)| {
+        nb.cmp(na).then(first[ca].cmp(&first[cb])).then(ia.cmp(ib))
+    });
+    let mut ids: HashMap<u32, String> = HashMap::new();
+    let mut taken: std::collections::HashSet<String> = std::collections::HashSet::new();
+    for ((cluster, id), _) in candidates {
+        if !ids.contains_key(&cluster) && !taken.contains(id) {
+            taken.insert(id.to_string());
+            ids.insert(cluster, id.to_string());
+        }
+    }
+    let carried = ids.len() as u64;
+    let mut fresh: Vec<(usize, u32)> = first
+        .iter()
+        .filter(|(c, _)| !ids.contains_key(c))
+        .map(|(c, i)| (*i, *c))
+        .collect();
+    fresh.sort_unstable();
+    for (i, cluster) in fresh {
+        let mut seed = format!("{}/{}", recs[i].source, recs[i].source_patient_id);
+        let id = loop {
+            let id = format!("P{}", &hex::encode(Sha256::digest(&seed))[..16]);
+            if !taken.contains(&id) {
+                break id;
+            }
+            seed.push('+');
+        };
+        taken.insert(id.clone());
+        ids.insert(cluster, id);
+    }
+    (ids, carried)
+}
+
+/// Reads a `person_link.parquet` (an earlier run's links); an absent file is
+/// no links.
+pub fn read_person_links(path: &Path) -> Result<Vec<PersonLink>> {
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(WardError::io("cannot read", path, e)),
+    };
+    let data_err = |message: String| WardError::Data {
+        context: "reading person links",
+        path: path.to_path_buf(),
+        message,
+    };
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| data_err(e.to_string()))?;
+    let mut links = Vec::new();
+    for batch in reader {
+        let b = batch.map_err(|e| data_err(e.to_string()))?;
+        let col = |name: &str| -> Result<StringArray> {
+            let array = b
+                .column_by_name(name)
+                .ok_or_else(|| data_err(format!("no column {name}")))?;
+            crate::engine::text(array).map_err(|e| data_err(e.to_string()))
+        };
+        let (source, spid, person) = (col("source")?, col("source_patient_id")?, col("person_id")?);
+        for i in 0..b.num_rows() {
+            links.push(PersonLink {
+                source: source.value(i).to_string(),
+                source_patient_id: spid.value(i).to_string(),
+                person_id: person.value(i).to_string(),
+                match_weight: None,
+                rule: None,
+            });
+        }
+    }
+    Ok(links)
 }
 
 /// Household members look alike: twins share family name, birth date,
@@ -679,6 +787,80 @@ pub fn evaluate(links: &[PersonLink], truth: &Path) -> Result<Evaluation> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records `a/1`, `a/2`, ... in (source, id) order, clustered by `roots`;
+    /// `previous` as (record index, person id).
+    fn ids(keys: &[&str], roots: &[u32], previous: &[(usize, &str)]) -> (Vec<String>, u64) {
+        let recs: Vec<Rec> = keys
+            .iter()
+            .map(|k| {
+                let (source, id) = k.split_once('/').unwrap();
+                Rec {
+                    source: source.into(),
+                    source_patient_id: id.into(),
+                    ..Rec::default()
+                }
+            })
+            .collect();
+        let previous: Vec<PersonLink> = previous
+            .iter()
+            .map(|(i, p)| PersonLink {
+                source: recs[*i].source.clone(),
+                source_patient_id: recs[*i].source_patient_id.clone(),
+                person_id: p.to_string(),
+                match_weight: None,
+                rule: None,
+            })
+            .collect();
+        let (by_root, carried) = assign_person_ids(&recs, roots, &previous);
+        (roots.iter().map(|r| by_root[r].clone()).collect(), carried)
+    }
+
+    #[test]
+    fn person_ids_are_carried_forward_through_new_records_splits_and_merges() {
+        let keys = ["a/1", "a/2", "b/1", "b/2", "c/1"];
+        // First night: three persons, ids from their first records.
+        let (first, carried) = ids(&keys[2..], &[0, 1, 2], &[]);
+        assert_eq!(carried, 0);
+        let fresh = |k: &str| format!("P{}", &hex::encode(Sha256::digest(k))[..16]);
+        assert_eq!(first, [fresh("b/1"), fresh("b/2"), fresh("c/1")]);
+        // A record of source `a` (sorting first) joins b/1's person, and a
+        // new person a/2 appears: b/1's person keeps its id.
+        let (second, carried) = ids(
+            &keys,
+            &[0, 1, 0, 3, 4],
+            &[(2, &first[0]), (3, &first[1]), (4, &first[2])],
+        );
+        assert_eq!(carried, 3);
+        assert_eq!(
+            second,
+            [
+                first[0].clone(),
+                fresh("a/2"),
+                first[0].clone(),
+                first[1].clone(),
+                first[2].clone()
+            ]
+        );
+        // b/2 and c/1 merge: one id survives (one record each: the smaller
+        // id wins).
+        let (merged, _) = ids(&keys[2..], &[0, 1, 1], &[(0, "P1"), (1, "P2"), (2, "P3")]);
+        assert_eq!(merged, ["P1", "P2", "P2"]);
+        // A person is split: the larger part keeps the id, the smaller gets
+        // a fresh one that is not the kept id even if its first record is
+        // the one the kept id was derived from.
+        let kept = fresh("a/1");
+        let (split, carried) = ids(
+            &keys[..3],
+            &[0, 1, 1],
+            &[(0, &kept), (1, &kept), (2, &kept)],
+        );
+        assert_eq!(carried, 1);
+        assert_eq!(split[1], kept);
+        assert_eq!(split[2], kept);
+        assert_ne!(split[0], kept);
+        assert!(split[0].starts_with('P') && split[0].len() == 17);
+    }
 
     #[test]
     fn twins_are_vetoed_unless_a_personal_identifier_agrees() {

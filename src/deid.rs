@@ -3,8 +3,9 @@
 //! Reads `core/person.parquet` and `core/<table>/part-*.parquet` and writes
 //! `research/person.parquet`, `research/<table>/part-*.parquet` and
 //! `research/deid.json` (what was done, with counts that reconcile). The
-//! research tree is written aside and published as a whole, so readers never
-//! see half of it.
+//! research tree is written aside and renamed into place whole, never seen
+//! half-written (`ward run` writes it inside a run directory that is not
+//! yet published).
 //!
 //! Columns are chosen by an allow-list over the canonical column kinds
 //! ([`crate::schema::Kind`]): coded content (codes, code systems, units,
@@ -197,6 +198,11 @@ pub struct TableCounts {
     pub rows_out: u64,
     /// Rows removed by small-class suppression (`rows_in = rows_out + rows_suppressed`).
     pub rows_suppressed: u64,
+    /// Values of kept coded columns (codes, tokens, units, states) that did
+    /// not look like a code — longer than 64 characters or with a space —
+    /// and were written as NULL: a mapping that put free text in a coded
+    /// column does not leak it.
+    pub values_withheld: u64,
 }
 
 /// The k-anonymity report over [`QUASI_IDENTIFIERS`].
@@ -351,6 +357,7 @@ pub fn deid(core_dir: &Path, research_dir: &Path, opts: &DeidOptions) -> Result<
         rows_in: people.len() as u64,
         rows_out: kept.len() as u64,
         rows_suppressed: (people.len() - kept.len()) as u64,
+        values_withheld: 0,
     }];
 
     let ids: HashMap<&str, (&str, i32)> = people
@@ -720,6 +727,34 @@ fn action(name: &str, kind: Kind) -> Option<Action> {
     }
 }
 
+/// Kept kinds whose values ingest does not restrict to a vocabulary.
+fn unchecked_text(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Token | Kind::Unit | Kind::State | Kind::Code | Kind::CodeSystem | Kind::Id
+    )
+}
+
+/// `a` (Utf8) with every value that does not look like a code — over 64
+/// characters, or holding whitespace — replaced by NULL; and how many were.
+fn code_shaped(a: &ArrayRef) -> (ArrayRef, u64) {
+    let Some(text) = a.as_any().downcast_ref::<StringArray>() else {
+        return (a.clone(), 0);
+    };
+    let mut nulled = 0;
+    let out: StringArray = text
+        .iter()
+        .map(|v| {
+            v.filter(|v| {
+                let ok = v.len() <= 64 && !v.chars().any(char::is_whitespace);
+                nulled += u64::from(!ok);
+                ok
+            })
+        })
+        .collect();
+    (Arc::new(out), nulled)
+}
+
 /// Schema of `research/<table>` in `mode`: `research_id`, the kept
 /// columns in canonical order (dates as `<name>_year` in Safe Harbor mode),
 /// `reported_by`.
@@ -759,6 +794,7 @@ fn deid_table(
         rows_in: 0,
         rows_out: 0,
         rows_suppressed: 0,
+        values_withheld: 0,
     };
     let mut below = 0;
     let parts = parquet_files(core)?;
@@ -787,7 +823,15 @@ fn deid_table(
             } else {
                 b
             };
-            batches.push(deid_batch(table, &b, part, &schema, ids, opts)?);
+            batches.push(deid_batch(
+                table,
+                &b,
+                part,
+                &schema,
+                ids,
+                opts,
+                &mut counts.values_withheld,
+            )?);
         }
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
         counts.rows_out += rows as u64;
@@ -808,6 +852,7 @@ fn deid_batch(
     schema: &SchemaRef,
     ids: &HashMap<&str, (&str, i32)>,
     opts: &DeidOptions,
+    withheld: &mut u64,
 ) -> Result<RecordBatch> {
     let pid = as_text(column(b, "person_id", path)?, "person_id", path)?;
     // Facts of a person missing from core/person (should not happen) still
@@ -833,6 +878,11 @@ fn deid_batch(
         };
         let a = typed(column(b, c.name, path)?, &c.kind.data_type(), c.name, path)?;
         columns.push(match (action, opts.mode) {
+            (Action::Keep, _) if unchecked_text(c.kind) => {
+                let (kept, nulled) = code_shaped(&a);
+                *withheld += nulled;
+                kept
+            }
             (Action::Keep, _) => a,
             (Action::Date, mode) => {
                 let d = a.as_any().downcast_ref::<Date32Array>().expect("cast");
@@ -888,6 +938,25 @@ fn deid_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coded_columns_keep_only_code_shaped_values() {
+        let a: ArrayRef = Arc::new(StringArray::from(vec![
+            Some("E11.9"),
+            Some("mm[Hg]"),
+            None,
+            Some("called John at home"),
+            Some(&*"x".repeat(65)),
+        ]));
+        let (kept, nulled) = code_shaped(&a);
+        let kept = kept.as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!(nulled, 2);
+        assert_eq!(
+            kept.iter().collect::<Vec<_>>(),
+            [Some("E11.9"), Some("mm[Hg]"), None, None, None]
+        );
+        assert!(unchecked_text(Kind::Unit) && !unchecked_text(Kind::Sex));
+    }
 
     fn d(y: i32, m: u32, day: u32) -> NaiveDate {
         NaiveDate::from_ymd_opt(y, m, day).unwrap()

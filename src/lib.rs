@@ -68,7 +68,7 @@ pub struct RunReport {
 /// suppressed summary, the HTML report with trends over the published
 /// runs, a FHIR MeasureReport per measure and the care-gap lists
 /// (`reports/<run_id>/`), and the de-identified research tables
-/// (`research/`, pseudonyms keyed by `key`, ages at the end of `period`) — into
+/// (`research/`, pseudonyms keyed by `key`, ages at `opts.today`) — into
 /// its own directory `runs/<run_id>/`, writes the manifest and publishes the
 /// run by pointing `runs/CURRENT` at it, then prunes old runs
 /// (`[runs] keep`). See [`runs`] for the layout.
@@ -117,7 +117,7 @@ pub fn run(
             "run {id} had been interrupted; its directory was removed"
         ));
     }
-    let previous = Previous::load(root)?;
+    let previous = Previous::load(root, &mut manifest.warnings)?;
     let outcome = run_stages(
         config,
         opts,
@@ -166,6 +166,7 @@ pub fn run(
     manifest.status = runs::RunStatus::Complete;
     manifest.outputs = runs::list_outputs(&run_dir)?;
     manifest.write(&run_dir)?;
+    runs::sync_tree(&run_dir)?;
     tracing::info!("publishing");
     runs::publish(root, &run_id)?;
     tracing::info!(run_dir = %run_dir.display(), "run published");
@@ -185,19 +186,34 @@ struct Previous {
 }
 
 impl Previous {
-    fn load(warehouse: &std::path::Path) -> Result<Previous> {
-        let Some(dir) = runs::current_dir(warehouse)? else {
-            return Ok(Previous {
-                manifest: None,
-                history: Vec::new(),
-                links: Vec::new(),
-            });
+    /// What the current run left; a part that cannot be read is a warning
+    /// (the run goes on without it) rather than a night that cannot run.
+    fn load(warehouse: &std::path::Path, warnings: &mut Vec<String>) -> Result<Previous> {
+        let mut previous = Previous {
+            manifest: None,
+            history: Vec::new(),
+            links: Vec::new(),
         };
-        Ok(Previous {
-            manifest: Some(runs::Manifest::load(&dir)?),
-            history: runs::load_history(Some(&dir))?,
-            links: link::read_person_links(&dir.join("core").join("person_link.parquet"))?,
-        })
+        let Some(dir) = runs::current_dir(warehouse)? else {
+            return Ok(previous);
+        };
+        let mut warn = |what: &str, e: WardError| {
+            tracing::warn!(error = %e, "the current run's {what} cannot be read; going on without it");
+            warnings.push(format!("the current run's {what} cannot be read: {e}"));
+        };
+        match runs::Manifest::load(&dir) {
+            Ok(m) => previous.manifest = Some(m),
+            Err(e) => warn("manifest (gates compare with nothing)", e),
+        }
+        match runs::load_history(Some(&dir)) {
+            Ok(h) => previous.history = h,
+            Err(e) => warn("history (trends restart)", e),
+        }
+        match link::read_person_links(&dir.join("core").join("person_link.parquet")) {
+            Ok(l) => previous.links = l,
+            Err(e) => warn("person links (person ids start afresh)", e),
+        }
+        Ok(previous)
     }
 }
 
@@ -337,7 +353,9 @@ fn run_stages(
         })
         .collect();
     let research = stage(manifest, "deid", || {
-        let opts = deid::DeidOptions::from_config(&config.deid, key.clone(), period.end);
+        // Ages at the day of the data (no fact is later): someone under 90
+        // then was under 90 at every event whose year is published.
+        let opts = deid::DeidOptions::from_config(&config.deid, key.clone(), opts.today);
         deid::deid(&run_dir.join("core"), &run_dir.join("research"), &opts)
     })?;
     Ok(RunReport {

@@ -120,12 +120,9 @@ enum Command {
         #[command(subcommand)]
         action: ValuesetsAction,
     },
-    /// De-identify the core tables into research/ (Safe Harbor unless
-    /// [deid] mode = "date_shift"); ages at the end of the measurement period.
-    Deid {
-        #[command(flatten)]
-        period: PeriodArgs,
-    },
+    /// De-identify the working copy's core tables into research/ (Safe
+    /// Harbor unless [deid] mode = "date_shift"); ages at the as-of day.
+    Deid,
     /// Run one read-only SQL query over the research tables (nothing else is
     /// reachable; DDL, DML, COPY, SET and file access are refused, exit 2).
     Query {
@@ -368,11 +365,10 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
             &format!("ward {}", command_name(&cli.command)),
         )?),
     };
-    if let Command::Deid { period: p } = &cli.command {
-        let period = period(p)?;
+    if let Command::Deid = &cli.command {
         let key = deid_key(&config)?;
         let (core, research) = deid_dirs(&config);
-        let opts = ward::deid::DeidOptions::from_config(&config.deid, key, period.end);
+        let opts = ward::deid::DeidOptions::from_config(&config.deid, key, today);
         let report = ward::deid::deid(&core, &research, &opts)?;
         if !cli.quiet {
             print_deid(&report);
@@ -493,7 +489,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::Conformance { .. } => "conformance",
         Command::Valuesets { .. } => "valuesets",
         Command::Synth { .. } => "synth",
-        Command::Deid { .. } => "deid",
+        Command::Deid => "deid",
         Command::Query { .. } => "query",
     }
 }
@@ -522,7 +518,9 @@ fn print_runs(runs: &[ward::runs::RunListing], limit: usize) {
                 String::new(),
                 String::new(),
                 String::new(),
-                "no manifest: killed, or running now".into(),
+                r.unreadable
+                    .clone()
+                    .unwrap_or_else(|| "no manifest: killed, or running now".into()),
             ]);
             continue;
         };
@@ -603,6 +601,11 @@ fn status(warehouse: &Path) -> anyhow::Result<ExitCode> {
                 println!("  gate {}: {}", g.gate, g.message);
             }
         }
+        None if latest.unreadable.is_some() => println!(
+            "latest run: {} has an unreadable manifest: {}",
+            latest.run_id,
+            latest.unreadable.as_deref().unwrap_or_default()
+        ),
         None => {
             if matches!(ward::runs::Lock::inspect(warehouse)?, Some((_, true))) {
                 println!("latest run: {} running now", latest.run_id);

@@ -37,7 +37,7 @@ use datafusion::execution::context::SQLOptions;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::{ParquetReadOptions, SessionConfig};
 use datafusion::sql::parser::{DFParserBuilder, Statement as DFStatement};
-use datafusion::sql::sqlparser::ast::{Query, Statement, TableFactor, Visit, Visitor};
+use datafusion::sql::sqlparser::ast::{Query, SetExpr, Statement, TableFactor, Visit, Visitor};
 
 use crate::error::{Result, WardError};
 
@@ -141,6 +141,11 @@ pub fn check(sql: &str, tables: &[String]) -> Result<()> {
     impl Visitor for Check<'_> {
         type Break = String;
         fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<String> {
+            if let SetExpr::Select(select) = q.body.as_ref()
+                && select.into.is_some()
+            {
+                return ControlFlow::Break("SELECT ... INTO is not allowed".into());
+            }
             if let Some(with) = &q.with {
                 self.ctes
                     .extend(with.cte_tables.iter().map(|c| normalize(&c.alias.name)));
@@ -441,11 +446,6 @@ pub fn write_output<W: Write + Send>(
     w.flush().map_err(|e| err(e.to_string()))
 }
 
-/// Total rows of a result.
-pub fn row_count(out: &QueryOutput) -> u64 {
-    out.batches.iter().map(|b| b.num_rows() as u64).sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -487,6 +487,7 @@ mod tests {
             "EXPLAIN SELECT 1",
             "SELECT * FROM datafusion.public.person",
             "SELECT * FROM person p WHERE p.research_id IN (SELECT x FROM '/etc/passwd')",
+            "SELECT * INTO copied FROM person",
             "",
         ] {
             match check(sql, &tables()) {

@@ -11,8 +11,10 @@
 //!
 //! A run writes everything into its own directory; publication is one
 //! `rename` of `runs/CURRENT`, so readers (`ward query`, `ward status`) see
-//! either the previous run or the new one, whole. A run killed at any point
-//! leaves a directory without a manifest, which the next run removes. The
+//! either the previous run or the new one, whole. A run killed before its
+//! manifest is written leaves a directory without one, which the next run
+//! removes; one killed between its manifest and the rename leaves a
+//! complete run that never became current (pruned like any other). The
 //! lock is an advisory `flock` on `ward.lock`: the kernel releases it when
 //! its holder dies (`kill -9` included), so a lock left by a dead process is
 //! taken over, and the takeover is logged.
@@ -96,26 +98,28 @@ impl Lock {
             .truncate(false)
             .open(&path)
             .map_err(|e| WardError::io("cannot open", &path, e))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                // The holder writes its name right after locking: give it a moment.
-                let mut holder = read_holder(&mut file);
-                for _ in 0..20 {
-                    if holder.is_some() {
-                        break;
-                    }
+        // A holder that is just releasing, or `ward status` looking, holds
+        // it for an instant: retry for about a second before giving up.
+        let mut attempts = 0;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(fs::TryLockError::WouldBlock) if attempts < 20 => {
+                    attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(50));
-                    holder = read_holder(&mut file);
                 }
-                return Err(WardError::Locked {
-                    path,
-                    holder: holder
-                        .map(|h| h.to_string())
-                        .unwrap_or_else(|| "a process that has not written its name".into()),
-                });
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(WardError::Locked {
+                        path,
+                        holder: read_holder(&mut file)
+                            .map(|h| h.to_string())
+                            .unwrap_or_else(|| "a process that has not written its name".into()),
+                    });
+                }
+                Err(fs::TryLockError::Error(e)) => {
+                    return Err(WardError::io("cannot lock", path, e));
+                }
             }
-            Err(fs::TryLockError::Error(e)) => return Err(WardError::io("cannot lock", path, e)),
         }
         // Locked: whatever the file still names is a holder that died.
         let stale = read_holder(&mut file);
@@ -138,7 +142,7 @@ impl Lock {
     /// holds it; `None` when no one ever held it or it was released.
     pub fn inspect(warehouse: &Path) -> Result<Option<(LockHolder, bool)>> {
         let path = warehouse.join("ward.lock");
-        let mut file = match fs::OpenOptions::new().read(true).write(true).open(&path) {
+        let mut file = match fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(WardError::io("cannot open", path, e)),
@@ -146,7 +150,9 @@ impl Lock {
         let Some(holder) = read_holder(&mut file) else {
             return Ok(None);
         };
-        let held = match file.try_lock() {
+        // A shared lock, released at once: it fails only while a run holds
+        // the exclusive one (and a run starting meanwhile retries).
+        let held = match file.try_lock_shared() {
             Ok(()) => false,
             Err(fs::TryLockError::WouldBlock) => true,
             Err(fs::TryLockError::Error(e)) => return Err(WardError::io("cannot lock", path, e)),
@@ -206,20 +212,59 @@ pub fn remove_interrupted(warehouse: &Path, keep: &str) -> Result<Vec<String>> {
     if let Ok(entries) = fs::read_dir(&runs) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
             if name.starts_with(&format!(".{CURRENT}.")) {
-                let path = entry.path();
                 fs::remove_file(&path).map_err(|e| WardError::io("cannot remove", &path, e))?;
+            } else if name.starts_with(".trash-") {
+                fs::remove_dir_all(&path).map_err(|e| WardError::io("cannot remove", &path, e))?;
             }
         }
     }
     let mut removed = Vec::new();
     for (id, dir) in run_dirs(warehouse)? {
         if id != keep && !dir.join(MANIFEST).exists() {
-            fs::remove_dir_all(&dir).map_err(|e| WardError::io("cannot remove", &dir, e))?;
+            remove_run(&dir)?;
             removed.push(id);
         }
     }
     Ok(removed)
+}
+
+/// Removes a run directory: renamed to `.trash-<id>` first, so a removal
+/// cut short never leaves something that looks like a run.
+fn remove_run(dir: &Path) -> Result<()> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let trash = dir.with_file_name(format!(".trash-{name}"));
+    fs::rename(dir, &trash).map_err(|e| WardError::io("cannot move aside", dir, e))?;
+    fs::remove_dir_all(&trash).map_err(|e| WardError::io("cannot remove", &trash, e))
+}
+
+/// Syncs every file and directory under `dir` to disk (before a rename
+/// publishes it: after a power loss the pointer must not name a run whose
+/// files are not there).
+pub fn sync_tree(dir: &Path) -> Result<()> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).map_err(|e| WardError::io("cannot list", &d, e))? {
+            let path = entry
+                .map_err(|e| WardError::io("cannot list", &d, e))?
+                .path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                fs::File::open(&path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| WardError::io("cannot sync", &path, e))?;
+            }
+        }
+        fs::File::open(&d)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| WardError::io("cannot sync", &d, e))?;
+    }
+    Ok(())
 }
 
 /// Run directories, oldest first.
@@ -233,7 +278,8 @@ fn run_dirs(warehouse: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut dirs = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| WardError::io("cannot list", &runs, e))?;
-        if entry.path().is_dir() {
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        if entry.path().is_dir() && !hidden {
             dirs.push((
                 entry.file_name().to_string_lossy().into_owned(),
                 entry.path(),
@@ -262,37 +308,55 @@ pub fn publish(warehouse: &Path, run_id: &str) -> Result<()> {
         .map_err(|e| WardError::io("cannot sync", &runs, e))
 }
 
-/// Keeps the newest `keep` run directories (and always the current one),
-/// removing the others; returns the ids removed.
+/// Keeps the newest `keep` published runs (those the current run's history
+/// lists; the current run always) and any run newer than the current one
+/// (a failure to diagnose); removes older runs that never published and
+/// published runs beyond `keep`. Returns the ids removed.
 pub fn prune(warehouse: &Path, keep: usize) -> Result<Vec<String>> {
-    let current = current(warehouse)?;
-    let dirs = run_dirs(warehouse)?;
-    let excess = dirs.len().saturating_sub(keep.max(1));
+    let Some(current) = current(warehouse)? else {
+        return Ok(Vec::new());
+    };
+    let history = load_history(Some(&runs_dir(warehouse).join(&current)))?;
+    let published: std::collections::BTreeSet<&str> =
+        history.iter().map(|h| h.run_id.as_str()).collect();
+    let mut kept = 0;
     let mut removed = Vec::new();
-    for (id, dir) in dirs.into_iter().take(excess) {
-        if Some(&id) == current.as_ref() {
-            continue;
+    for (id, dir) in run_dirs(warehouse)?.into_iter().rev() {
+        let keep_it = if id > current {
+            true
+        } else if id == current || published.contains(id.as_str()) {
+            kept += 1;
+            id == current || kept <= keep.max(1)
+        } else {
+            false
+        };
+        if !keep_it {
+            remove_run(&dir)?;
+            removed.push(id);
         }
-        fs::remove_dir_all(&dir).map_err(|e| WardError::io("cannot remove", &dir, e))?;
-        removed.push(id);
     }
+    removed.reverse();
     Ok(removed)
 }
 
 /// The outcome of a run, as its manifest records it. A complete run is
 /// published by the rename of `runs/CURRENT` that follows its manifest;
 /// `history.json` of the current run lists every run ever published.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     /// Every stage done, every output written.
     Complete,
     /// Stopped by an error or a data-quality gate; outputs not published.
+    #[default]
     Failed,
 }
 
 /// Everything a run read, did and wrote: `runs/<run_id>/manifest.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Fields missing from a manifest (one written by an older Ward) read as
+/// empty.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Manifest {
     pub run_id: String,
     pub status: RunStatus,
@@ -334,23 +398,11 @@ impl Manifest {
             status: RunStatus::Failed,
             ward_version: env!("CARGO_PKG_VERSION").to_string(),
             started: now(),
-            finished: String::new(),
             host: hostname(),
             pid: std::process::id(),
             config,
             period,
-            inputs: Vec::new(),
-            sources: Vec::new(),
-            linkage: None,
-            core: BTreeMap::new(),
-            measures: Vec::new(),
-            gates: Vec::new(),
-            stages: Vec::new(),
-            peak_memory_bytes: None,
-            outputs: Vec::new(),
-            phi_outputs: Vec::new(),
-            warnings: Vec::new(),
-            error: None,
+            ..Manifest::default()
         }
     }
 
@@ -385,13 +437,13 @@ fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<()> {
 }
 
 /// The config a run used.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ConfigInfo {
     pub path: PathBuf,
     pub sha256: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct PeriodInfo {
     pub start: String,
     pub end: String,
@@ -823,8 +875,11 @@ pub struct RunListing {
     pub current: bool,
     /// Published at some point (the current run's history lists it).
     pub published: bool,
-    /// `None`: no manifest (interrupted, or still running).
+    /// `None`: no manifest (interrupted, or still running), or an
+    /// unreadable one (`unreadable`).
     pub manifest: Option<Manifest>,
+    /// Why the manifest could not be read.
+    pub unreadable: Option<String>,
 }
 
 impl RunListing {
@@ -832,6 +887,7 @@ impl RunListing {
     /// before), `failed`, or `incomplete` (killed, or running now).
     pub fn status(&self) -> &'static str {
         match (&self.manifest, self.current, self.published) {
+            (None, _, _) if self.unreadable.is_some() => "unreadable",
             (None, _, _) => "incomplete",
             (Some(_), true, _) => "current",
             (Some(_), false, true) => "published",
@@ -846,17 +902,21 @@ impl RunListing {
 /// Every run directory, newest first.
 pub fn list(warehouse: &Path) -> Result<Vec<RunListing>> {
     let current = current(warehouse)?;
-    let history = load_history(current_dir(warehouse)?.as_deref())?;
+    let history = load_history(current_dir(warehouse)?.as_deref()).unwrap_or_default();
     let published: std::collections::BTreeSet<&str> =
         history.iter().map(|h| h.run_id.as_str()).collect();
     let mut runs = Vec::new();
     for (id, dir) in run_dirs(warehouse)?.into_iter().rev() {
-        let manifest = if dir.join(MANIFEST).exists() {
-            Some(Manifest::load(&dir)?)
+        let (manifest, unreadable) = if dir.join(MANIFEST).exists() {
+            match Manifest::load(&dir) {
+                Ok(m) => (Some(m), None),
+                Err(e) => (None, Some(e.to_string())),
+            }
         } else {
-            None
+            (None, None)
         };
         runs.push(RunListing {
+            unreadable,
             current: Some(&id) == current.as_ref(),
             published: published.contains(id.as_str()),
             run_id: id,
@@ -939,30 +999,44 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let wh = dir.path();
         assert_eq!(current(wh).unwrap(), None);
-        for id in ["r1", "r2", "r3", "r4"] {
+        // r1, r2, r4 published; r3 failed before r4; r5 failed after it.
+        for id in ["r1", "r2", "r3", "r4", "r5"] {
             fs::create_dir_all(runs_dir(wh).join(id)).unwrap();
             fs::write(runs_dir(wh).join(id).join(MANIFEST), "{}").unwrap();
         }
-        fs::create_dir_all(runs_dir(wh).join("r5/core")).unwrap(); // killed
-        publish(wh, "r2").unwrap();
-        fs::write(runs_dir(wh).join(".CURRENT.1"), "r5").unwrap(); // killed while publishing
-        assert_eq!(current(wh).unwrap().as_deref(), Some("r2"));
-        assert_eq!(remove_interrupted(wh, "r6").unwrap(), vec!["r5"]);
+        let entry = |id: &str| HistoryEntry {
+            run_id: id.into(),
+            finished: String::new(),
+            period: PeriodInfo::default(),
+            persons: 0,
+            overall: Vec::new(),
+        };
+        let history = vec![entry("r1"), entry("r2")];
+        write_history(&runs_dir(wh).join("r4"), history, entry("r4")).unwrap();
+        fs::create_dir_all(runs_dir(wh).join("r6/core")).unwrap(); // killed
+        fs::create_dir_all(runs_dir(wh).join(".trash-r0/core")).unwrap(); // removal cut short
+        publish(wh, "r4").unwrap();
+        fs::write(runs_dir(wh).join(".CURRENT.1"), "r6").unwrap(); // killed while publishing
+        assert_eq!(current(wh).unwrap().as_deref(), Some("r4"));
+        assert_eq!(remove_interrupted(wh, "r7").unwrap(), vec!["r6"]);
         assert!(!runs_dir(wh).join(".CURRENT.1").exists());
-        assert_eq!(current(wh).unwrap().as_deref(), Some("r2"));
-        // Keep 2: r3 and r4 are newest; r2 stays as the current run.
-        assert_eq!(prune(wh, 2).unwrap(), vec!["r1"]);
+        assert!(!runs_dir(wh).join(".trash-r0").exists());
+        assert_eq!(current(wh).unwrap().as_deref(), Some("r4"));
+        // Keep 2 published (r4 current, r2); r1 is one too many, r3 never
+        // published; r5 is newer than the current run: kept to diagnose.
+        assert_eq!(prune(wh, 2).unwrap(), vec!["r1", "r3"]);
         let left: Vec<String> = run_dirs(wh)
             .unwrap()
             .into_iter()
             .map(|(id, _)| id)
             .collect();
-        assert_eq!(left, ["r2", "r3", "r4"]);
-        assert!(
-            !runs_dir(wh)
-                .join(format!(".{CURRENT}.{}", std::process::id()))
-                .exists()
-        );
+        assert_eq!(left, ["r2", "r4", "r5"]);
+        let names: Vec<String> = fs::read_dir(runs_dir(wh))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
     }
 
     fn table(source: &str, read: u64, rejected: u64, new: u64) -> SourceTable {

@@ -212,7 +212,8 @@ fn the_sample_run_publishes_research_tables_without_identifiers() {
     assert_eq!(json["mode"], "safe_harbor");
     assert_eq!(json["safe_harbor"], true);
     assert_eq!(json["demo_key"], true);
-    assert_eq!(json["reference_date"], "2025-12-31");
+    // Ages at the sample's as-of day, the latest day any fact can have.
+    assert_eq!(json["reference_date"], "2026-01-31");
     let fingerprint = json["key_fingerprint"].as_str().unwrap();
     assert_eq!(fingerprint, DeidKey::demo().fingerprint());
     let persons = read_parquet(&run.run_dir.join("core").join("person.parquet"));

@@ -222,6 +222,9 @@ pub fn measure_report(
                 })
                 .collect(),
         })
+        // FHIR forbids empty arrays: a dimension left out of the summary
+        // has no stratifier.
+        .filter(|s| !s.stratum.is_empty())
         .collect();
     let (code, display) = match def.improvement {
         Improvement::Increase => ("increase", "Increased score indicates improvement"),

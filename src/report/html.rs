@@ -12,9 +12,8 @@
 //!
 //! Only suppressed data is shown: counts and rates come from the summary
 //! [`Cell`]s (already suppressed); the control-band counts of
-//! [`MeasureResult::categories`] are suppressed here with the summary's
-//! rule (1 to `min_cell_size - 1`, plus the next smallest band when only one
-//! would be hidden). [`MeasureResult::counts`] is never read.
+//! [`MeasureResult::categories`] are all hidden here when any is from 1 to
+//! `min_cell_size - 1`. [`MeasureResult::counts`] is never read.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -633,33 +632,21 @@ fn band_key(label: &str) -> (u8, f64, i8, String) {
     }
 }
 
-/// Suppresses category counts with the summary's rule: a count from 1 to
-/// `min_cell - 1` is hidden, and when exactly one is, the next smallest
-/// non-zero one too (it could be recovered from the published total).
-/// Everything is hidden when the measure's overall cell is.
+/// Suppresses category counts: when any count is from 1 to `min_cell - 1`,
+/// or the measure's overall cell is suppressed, every category is hidden.
+/// Hiding only the small one and a complement is not enough here: the
+/// categories add up to published totals in more than one way (the
+/// performance denominator, and the numerator is a sum of bands — DM-CONTROL's
+/// is `<7` + `7-8`), so a hidden band could be recovered by subtraction.
 fn suppress_categories(
     categories: &BTreeMap<String, u64>,
     min_cell: u64,
     overall_suppressed: bool,
 ) -> Vec<(String, Option<u64>)> {
-    let small = |n: u64| n > 0 && n < min_cell;
-    let mut hidden: Vec<bool> = categories
-        .values()
-        .map(|&n| overall_suppressed || small(n))
-        .collect();
-    if hidden.iter().filter(|h| **h).count() == 1
-        && let Some((i, _)) = categories
-            .iter()
-            .enumerate()
-            .filter(|(i, (_, n))| !hidden[*i] && **n > 0)
-            .min_by_key(|(_, (label, n))| (**n, (*label).clone()))
-    {
-        hidden[i] = true;
-    }
+    let hide = overall_suppressed || categories.values().any(|&n| n > 0 && n < min_cell);
     categories
         .iter()
-        .zip(hidden)
-        .map(|((label, &n), h)| (label.clone(), (!h).then_some(n)))
+        .map(|(label, &n)| (label.clone(), (!hide).then_some(n)))
         .collect()
 }
 
@@ -1255,31 +1242,25 @@ mod tests {
     }
 
     #[test]
-    fn categories_are_suppressed_with_a_complement() {
-        let cats: BTreeMap<String, u64> = [("a", 50), ("b", 3), ("c", 20), ("d", 0), ("e", 40)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-        let got = suppress_categories(&cats, 11, false);
-        let hidden: Vec<&str> = got
-            .iter()
-            .filter(|(_, n)| n.is_none())
-            .map(|(k, _)| k.as_str())
-            .collect();
-        // b is small; c is the smallest non-zero complement; zeros are published.
-        assert_eq!(hidden, ["b", "c"]);
-        assert!(
-            suppress_categories(&cats, 11, true)
-                .iter()
-                .all(|(_, n)| n.is_none())
-        );
-        // Two small bands hide each other: no complement needed.
-        let cats: BTreeMap<String, u64> = [("a", 50), ("b", 3), ("c", 4)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-        let hidden = suppress_categories(&cats, 11, false);
-        assert_eq!(hidden[0].1, Some(50));
+    fn one_small_category_hides_them_all() {
+        let cats = |v: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            v.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+        };
+        let shown = |c: &BTreeMap<String, u64>, overall_suppressed| -> Vec<Option<u64>> {
+            suppress_categories(c, 11, overall_suppressed)
+                .into_iter()
+                .map(|(_, n)| n)
+                .collect()
+        };
+        // Zeros and counts of 11 or more are published...
+        let fine = cats(&[("a", 50), ("b", 0), ("c", 11)]);
+        assert_eq!(shown(&fine, false), [Some(50), Some(0), Some(11)]);
+        // ...unless the overall cell is suppressed.
+        assert_eq!(shown(&fine, true), [None, None, None]);
+        // One band of 3: a complement alone could be undone through the
+        // numerator (a sum of bands), so nothing is published.
+        let small = cats(&[("<7", 41), ("7-8", 4), ("8-9", 20), (">9", 30)]);
+        assert!(shown(&small, false).iter().all(Option::is_none));
     }
 
     #[test]

@@ -163,8 +163,16 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
                 let std = if dim == age_dim {
                     None
                 } else {
+                    // Withheld when an age band of the stratum is small:
+                    // the rate would reveal something about a few people.
+                    let small = |n: u64| n > 0 && n < min_cell;
                     by_band
                         .get(&(dim, stratum.clone()))
+                        .filter(|bands| {
+                            !bands
+                                .values()
+                                .any(|b| small(b.n) || small(b.x) || small(b.n - b.x))
+                        })
                         .and_then(|b| standard::direct(b, &covered))
                 };
                 (

@@ -1220,12 +1220,10 @@ mod tests {
         for hidden in ["987654", "987,654", "876543", "876,543"] {
             assert!(!html.contains(hidden), "{hidden} leaked");
         }
-        // The band of 7 is suppressed, and so is its complement (1,517, the
-        // next smallest), whose share would give it away.
-        for hidden in ["1,517", "1517", "13.9%"] {
+        // The band of 7 is small: every band is hidden, with its share.
+        for hidden in ["1,517", "1517", "13.9%", "4,242", "2,020", "3,131"] {
             assert!(!html.contains(hidden), "{hidden} leaked");
         }
-        assert!(html.contains("4,242") && html.contains("2,020"));
         let row = |label: &str| {
             let start = html
                 .find(&format!("<tr><th scope=\"row\">{label}</th>"))
@@ -1234,7 +1232,7 @@ mod tests {
         };
         assert!(row("7-8").contains("suppressed"));
         assert!(row("untested").contains("suppressed"));
-        assert!(row("&lt;7").contains("4,242"));
+        assert!(row("&lt;7").contains("suppressed"));
         // A suppressed measure is marked on its card, without a rate.
         let card = &html[html.find("id=\"measure-2\"").unwrap()..];
         let card = &card[..card.find("</article>").unwrap()];
@@ -1292,8 +1290,12 @@ mod tests {
         assert!((north.cx - (c.left + 0.4 * (c.right - c.left))).abs() < 0.11);
         assert!(c.right < c.width);
 
-        let b = bar_chart(0, m, 11, Some(&f.cells[0]));
-        let total = 4_242.0 + 7.0 + 3_131.0 + 2_020.0 + 1_517.0;
+        // Bands all published (none small).
+        let mut banded = m.clone();
+        banded.categories.insert("7-8".into(), 70);
+        let b = bar_chart(0, &banded, 11, Some(&f.cells[0]));
+        assert!(b.rows.iter().all(|r| !r.suppressed));
+        let total = 4_242.0 + 70.0 + 3_131.0 + 2_020.0 + 1_517.0;
         for r in &b.rows {
             assert!(r.x >= b.left && r.x + r.w <= b.right + 1e-9);
             assert!(r.bar_y >= 0.0 && r.bar_y + r.bar_h <= b.height);

@@ -14,6 +14,9 @@ use ward::{IngestOptions, PipelineConfig, WardError};
 
 mod logging;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code of a usage or configuration error.
 const EXIT_CONFIG: u8 = 2;
 /// Exit code of a run that failed (some input could not be loaded).

@@ -8,7 +8,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs;
 
-use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::UInt64Type;
 
 use common::*;
@@ -37,13 +36,7 @@ fn run_writes_a_suppressed_stratified_summary() {
     .into_iter()
     .map(|c| (c, primitives::<UInt64Type>(&batches, c)))
     .collect();
-    let suppressed: Vec<bool> = batches
-        .iter()
-        .flat_map(|b| {
-            let a = b.column_by_name("suppressed").unwrap().as_boolean().clone();
-            (0..a.len()).map(move |i| a.value(i)).collect::<Vec<_>>()
-        })
-        .collect();
+    let suppressed = bools(&batches, "suppressed");
     let (rate, lo, hi) = (
         f64s(&batches, "rate"),
         f64s(&batches, "ci_low"),
@@ -196,13 +189,7 @@ fn check_age_standardized(
     let n = rows(batches);
     let measure = strings(batches, "measure");
     let dimension = strings(batches, "dimension");
-    let suppressed: Vec<bool> = batches
-        .iter()
-        .flat_map(|b| {
-            let a = b.column_by_name("suppressed").unwrap().as_boolean().clone();
-            (0..a.len()).map(move |i| a.value(i)).collect::<Vec<_>>()
-        })
-        .collect();
+    let suppressed = bools(batches, "suppressed");
     let (std, lo, hi) = (
         f64s(batches, "age_std_rate"),
         f64s(batches, "age_std_ci_low"),

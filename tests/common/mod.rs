@@ -176,6 +176,17 @@ pub fn reject_keys(wh: &Path) -> Vec<(String, String, u64, String)> {
     keys
 }
 
+/// A non-null boolean column of every batch, in order.
+pub fn bools(batches: &[RecordBatch], column: &str) -> Vec<bool> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let a = b.column_by_name(column).unwrap().as_boolean().clone();
+            (0..a.len()).map(move |i| a.value(i)).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// Every file under `dir` (path relative to `dir`) with the SHA-256 of its
 /// content.
 pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {

@@ -36,7 +36,6 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::compute::{cast, filter_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -44,7 +43,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{DeidConfig, KeySource};
 use crate::error::{Result, WardError};
 use crate::schema::{Kind, Table};
-use crate::warehouse::{Warehouse, parquet_files};
+use crate::warehouse::{Warehouse, parquet_files, read_parquet};
 
 /// How dates are de-identified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -333,7 +332,7 @@ pub fn deid(core_dir: &Path, research_dir: &Path, opts: &DeidOptions) -> Result<
 
     // Persons first: their classes decide what is suppressed.
     let person_path = core_dir.join("person.parquet");
-    let persons = read_all(&person_path)?;
+    let persons = read_parquet(&person_path, "reading a core table")?;
     let people = person_rows(&persons, &person_path, opts)?;
     let classes = class_sizes(&people);
     let small: HashSet<&str> = people
@@ -443,20 +442,6 @@ struct Person {
     records: Option<u32>,
     /// The quasi-identifier values.
     class: [Option<String>; 5],
-}
-
-fn read_all(path: &Path) -> Result<Vec<RecordBatch>> {
-    let err = |message: String| WardError::Data {
-        context: "reading a core table",
-        path: path.to_path_buf(),
-        message,
-    };
-    let file = fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
-    ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.build())
-        .map_err(|e| err(e.to_string()))?
-        .map(|b| b.map_err(|e| err(e.to_string())))
-        .collect()
 }
 
 fn column<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a ArrayRef> {
@@ -804,7 +789,7 @@ fn deid_table(
     }
     for (n, part) in parts.iter().enumerate() {
         let mut batches = Vec::new();
-        for b in read_all(part)? {
+        for b in read_parquet(part, "reading a core table")? {
             counts.rows_in += b.num_rows() as u64;
             let pid = as_text(column(&b, "person_id", part)?, "person_id", part)?;
             let is_small: BooleanArray = (0..b.num_rows())

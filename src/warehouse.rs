@@ -256,6 +256,23 @@ impl Warehouse {
     }
 }
 
+/// Every record batch of one Parquet file; `context` names what is read
+/// in errors ("reading person links").
+pub fn read_parquet(path: &Path, context: &'static str) -> Result<Vec<RecordBatch>> {
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let err = |message: String| WardError::Data {
+        context,
+        path: path.to_path_buf(),
+        message,
+    };
+    let file = fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
+    ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| err(e.to_string()))?
+        .map(|b| b.map_err(|e| err(e.to_string())))
+        .collect()
+}
+
 /// All `*.parquet` files under a directory, recursively, sorted.
 pub fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();

@@ -20,7 +20,6 @@ use chrono::NaiveDate;
 use datafusion::arrow::array::{
     Array, Date32Array, RecordBatch, StringArray, StringBuilder, UInt64Builder,
 };
-use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -723,17 +722,8 @@ pub(crate) fn add_birth_dates(batch: &RecordBatch, lookup: &mut HashMap<String, 
 }
 
 fn read_birth_dates(path: &Path, lookup: &mut HashMap<String, NaiveDate>) -> Result<()> {
-    let data_err = |message: String| WardError::Data {
-        context: "reading staged patients",
-        path: path.to_path_buf(),
-        message,
-    };
-    let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.build())
-        .map_err(|e| data_err(e.to_string()))?;
-    for batch in reader {
-        add_birth_dates(&batch.map_err(|e| data_err(e.to_string()))?, lookup);
+    for batch in crate::warehouse::read_parquet(path, "reading staged patients")? {
+        add_birth_dates(&batch, lookup);
     }
     Ok(())
 }

@@ -345,23 +345,16 @@ fn assign_person_ids(
 /// Reads a `person_link.parquet` (an earlier run's links); an absent file is
 /// no links.
 pub fn read_person_links(path: &Path) -> Result<Vec<PersonLink>> {
-    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(WardError::io("cannot read", path, e)),
-    };
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
     let data_err = |message: String| WardError::Data {
         context: "reading person links",
         path: path.to_path_buf(),
         message,
     };
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.build())
-        .map_err(|e| data_err(e.to_string()))?;
     let mut links = Vec::new();
-    for batch in reader {
-        let b = batch.map_err(|e| data_err(e.to_string()))?;
+    for b in crate::warehouse::read_parquet(path, "reading person links")? {
         let col = |name: &str| -> Result<StringArray> {
             let array = b
                 .column_by_name(name)

@@ -246,25 +246,33 @@ fn remove_run(dir: &Path) -> Result<()> {
 /// publishes it: after a power loss the pointer must not name a run whose
 /// files are not there).
 pub fn sync_tree(dir: &Path) -> Result<()> {
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
+    let (files, dirs) = walk(dir)?;
+    for path in files.iter().chain(&dirs) {
+        fs::File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| WardError::io("cannot sync", path, e))?;
+    }
+    Ok(())
+}
+
+/// The files and the directories (`dir` included) under `dir`.
+fn walk(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let (mut files, mut dirs) = (Vec::new(), vec![dir.to_path_buf()]);
+    let mut next = 0;
+    while let Some(d) = dirs.get(next).cloned() {
+        next += 1;
         for entry in fs::read_dir(&d).map_err(|e| WardError::io("cannot list", &d, e))? {
             let path = entry
                 .map_err(|e| WardError::io("cannot list", &d, e))?
                 .path();
             if path.is_dir() {
-                stack.push(path);
+                dirs.push(path);
             } else {
-                fs::File::open(&path)
-                    .and_then(|f| f.sync_all())
-                    .map_err(|e| WardError::io("cannot sync", &path, e))?;
+                files.push(path);
             }
         }
-        fs::File::open(&d)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| WardError::io("cannot sync", &d, e))?;
     }
-    Ok(())
+    Ok((files, dirs))
 }
 
 /// Run directories, oldest first.
@@ -295,14 +303,7 @@ fn run_dirs(warehouse: &Path) -> Result<Vec<(String, PathBuf)>> {
 pub fn publish(warehouse: &Path, run_id: &str) -> Result<()> {
     let runs = runs_dir(warehouse);
     let tmp = runs.join(format!(".{CURRENT}.{}", std::process::id()));
-    let path = runs.join(CURRENT);
-    fs::File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all(run_id.as_bytes())?;
-            f.sync_all()
-        })
-        .map_err(|e| WardError::io("cannot write", &tmp, e))?;
-    fs::rename(&tmp, &path).map_err(|e| WardError::io("cannot publish", &path, e))?;
+    write_synced(&tmp, &runs.join(CURRENT), run_id.as_bytes())?;
     fs::File::open(&runs)
         .and_then(|d| d.sync_all())
         .map_err(|e| WardError::io("cannot sync", &runs, e))
@@ -425,15 +426,19 @@ impl Manifest {
 }
 
 fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(value).expect("serializable");
-    fs::File::create(&tmp)
+    write_synced(&path.with_extension("json.tmp"), path, &bytes)
+}
+
+/// Writes `bytes` to `tmp`, syncs it and renames it to `path`.
+fn write_synced(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    fs::File::create(tmp)
         .and_then(|mut f| {
-            f.write_all(&bytes)?;
+            f.write_all(bytes)?;
             f.sync_all()
         })
-        .map_err(|e| WardError::io("cannot write", &tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| WardError::io("cannot publish", path, e))
+        .map_err(|e| WardError::io("cannot write", tmp, e))?;
+    fs::rename(tmp, path).map_err(|e| WardError::io("cannot publish", path, e))
 }
 
 /// The config a run used.
@@ -529,37 +534,22 @@ pub struct OutputFile {
 /// Every file under `run_dir` (but the manifest), sorted, with size and
 /// SHA-256.
 pub fn list_outputs(run_dir: &Path) -> Result<Vec<OutputFile>> {
-    use sha2::Digest;
     let mut files = Vec::new();
-    let mut stack = vec![run_dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).map_err(|e| WardError::io("cannot list", &dir, e))? {
-            let path = entry
-                .map_err(|e| WardError::io("cannot list", &dir, e))?
-                .path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            let rel = path
-                .strip_prefix(run_dir)
-                .unwrap_or(&path)
-                .to_string_lossy()
-                .replace('\\', "/");
-            if rel == MANIFEST {
-                continue;
-            }
-            let mut file =
-                fs::File::open(&path).map_err(|e| WardError::io("cannot read", &path, e))?;
-            let mut hasher = sha2::Sha256::new();
-            let bytes = std::io::copy(&mut file, &mut hasher)
-                .map_err(|e| WardError::io("cannot read", &path, e))?;
-            files.push(OutputFile {
-                path: rel,
-                bytes,
-                sha256: hex::encode(hasher.finalize()),
-            });
+    for path in walk(run_dir)?.0 {
+        let rel = path
+            .strip_prefix(run_dir)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .replace('\\', "/");
+        if rel == MANIFEST {
+            continue;
         }
+        let (sha256, bytes) = crate::warehouse::sha256_file(&path)?;
+        files.push(OutputFile {
+            path: rel,
+            bytes,
+            sha256,
+        });
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(files)

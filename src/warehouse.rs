@@ -273,6 +273,16 @@ pub fn read_parquet(path: &Path, context: &'static str) -> Result<Vec<RecordBatc
         .collect()
 }
 
+/// A file's SHA-256 (hex) and size in bytes, read as a stream.
+pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
+    use sha2::Digest;
+    let mut file = fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
+    let mut hasher = sha2::Sha256::new();
+    let bytes =
+        std::io::copy(&mut file, &mut hasher).map_err(|e| WardError::io("cannot read", path, e))?;
+    Ok((hex::encode(hasher.finalize()), bytes))
+}
+
 /// All `*.parquet` files under a directory, recursively, sorted.
 pub fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();

@@ -233,7 +233,7 @@ pub fn ingest(
     let hashed: Vec<_> = candidates
         .into_par_iter()
         .map(|(source, mapping, path)| {
-            let sha = sha256_file(&path);
+            let sha = crate::warehouse::sha256_file(&path).map(|(hash, _)| hash);
             (source, mapping, path, sha)
         })
         .collect();
@@ -726,13 +726,6 @@ fn read_birth_dates(path: &Path, lookup: &mut HashMap<String, NaiveDate>) -> Res
         add_birth_dates(&batch, lookup);
     }
     Ok(())
-}
-
-fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut file, &mut h).map_err(|e| WardError::io("cannot read", path, e))?;
-    Ok(hex::encode(h.finalize()))
 }
 
 /// A file's path relative to the fixed (glob-free) part of its source's pattern.

@@ -643,7 +643,10 @@ fn suppress_categories(
     min_cell: u64,
     overall_suppressed: bool,
 ) -> Vec<(String, Option<u64>)> {
-    let hide = overall_suppressed || categories.values().any(|&n| n > 0 && n < min_cell);
+    let hide = overall_suppressed
+        || categories
+            .values()
+            .any(|&n| super::small_count(n, min_cell));
     categories
         .iter()
         .map(|(label, &n)| (label.clone(), (!hide).then_some(n)))

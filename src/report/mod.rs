@@ -62,6 +62,12 @@ pub struct Cell {
     pub age_std_ci_high: Option<f64>,
 }
 
+/// The small-cell rule: a count from 1 to `min_cell - 1` is not published
+/// (zero is: it reveals no one).
+pub fn small_count(n: u64, min_cell: u64) -> bool {
+    n > 0 && n < min_cell
+}
+
 /// Wilson score interval (95 %) of `x` successes in `n` trials.
 pub fn wilson(x: u64, n: u64) -> Option<(f64, f64)> {
     if n == 0 {
@@ -165,7 +171,7 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
                 } else {
                     // Withheld when an age band of the stratum is small:
                     // the rate would reveal something about a few people.
-                    let small = |n: u64| n > 0 && n < min_cell;
+                    let small = |n: u64| small_count(n, min_cell);
                     by_band
                         .get(&(dim, stratum.clone()))
                         .filter(|bands| {
@@ -224,7 +230,7 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
 /// the suppressed cell cannot be recovered from the overall total. A
 /// suppressed cell publishes no age-standardized rate either.
 pub fn suppress(cells: &mut [(usize, Cell)], min_cell: u64) {
-    let small = |n: u64| n > 0 && n < min_cell;
+    let small = |n: u64| small_count(n, min_cell);
     let risky = |c: &Cell| {
         let (ip, den, ex, exc, num) = (
             c.initial_population.unwrap_or(0),

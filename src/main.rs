@@ -575,7 +575,8 @@ fn status(warehouse: &Path) -> anyhow::Result<ExitCode> {
         ),
         None => println!("current run: none published yet"),
     }
-    match ward::runs::Lock::inspect(warehouse)? {
+    let lock = ward::runs::Lock::inspect(warehouse)?;
+    match &lock {
         Some((holder, true)) => println!("lock: held by {holder}"),
         Some((holder, false)) => {
             println!("lock: free (left by {holder}, which died; the next run takes it over)")
@@ -610,7 +611,7 @@ fn status(warehouse: &Path) -> anyhow::Result<ExitCode> {
             latest.unreadable.as_deref().unwrap_or_default()
         ),
         None => {
-            if matches!(ward::runs::Lock::inspect(warehouse)?, Some((_, true))) {
+            if matches!(lock, Some((_, true))) {
                 println!("latest run: {} running now", latest.run_id);
                 return Ok(ExitCode::SUCCESS);
             }

@@ -225,20 +225,7 @@ fn two_runs_at_once_exactly_one_proceeds() {
 fn a_source_with_too_many_rejects_fails_the_gate_and_publishes_nothing_new() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("pop");
-    let synth = |bad_rate: f64, out: &Path| {
-        ward::synth::synth(
-            &ward::synth::SynthOptions {
-                patients: 150,
-                providers: 2,
-                seed: 5,
-                out: out.to_path_buf(),
-                bad_rate,
-                year: 2025,
-            },
-            &indicatif::ProgressBar::hidden(),
-        )
-        .unwrap();
-    };
+    let synth = |bad_rate: f64, out: &Path| generate(out, 150, 2, 5, bad_rate);
     synth(0.0, &out);
     let config = out.join("ward.toml");
     let warehouse = PipelineConfig::load(&config).unwrap().warehouse;

@@ -18,7 +18,6 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::datatypes::{DataType, Field, Int32Type, Int64Type, Schema};
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
-use indicatif::ProgressBar;
 use ward::deid::{DeidKey, DeidMode, DeidOptions, deid, research_id};
 use ward::query::{QueryOptions, query};
 use ward::schema::Table;
@@ -403,18 +402,7 @@ fn research_queries(tmp: &Path, research: &Path, persons: i64) {
 fn a_generated_population_leaks_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("gen");
-    ward::synth::synth(
-        &ward::synth::SynthOptions {
-            patients: 2000,
-            providers: 3,
-            seed: 8,
-            out: out.clone(),
-            bad_rate: 0.002,
-            year: 2025,
-        },
-        &ProgressBar::hidden(),
-    )
-    .unwrap();
+    generate(&out, 2000, 3, 8, 0.002);
     let path = out.join("ward.toml");
     let text = fs::read_to_string(&path)
         .unwrap()

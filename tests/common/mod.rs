@@ -176,6 +176,23 @@ pub fn reject_keys(wh: &Path) -> Vec<(String, String, u64, String)> {
     keys
 }
 
+/// Generates a synthetic population into `out` (measurement year 2025;
+/// `out/ward.toml` loads it).
+pub fn generate(out: &Path, patients: u64, providers: usize, seed: u64, bad_rate: f64) {
+    ward::synth::synth(
+        &ward::synth::SynthOptions {
+            patients,
+            providers,
+            seed,
+            out: out.to_path_buf(),
+            bad_rate,
+            year: 2025,
+        },
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
+}
+
 /// A non-null boolean column of every batch, in order.
 pub fn bools(batches: &[RecordBatch], column: &str) -> Vec<bool> {
     batches

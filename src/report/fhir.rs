@@ -270,7 +270,7 @@ pub fn write(
     cells: &[Cell],
     date: DateTime<Utc>,
 ) -> Result<Vec<PathBuf>> {
-    let dir = warehouse.out().join("reports").join(run_id).join("fhir");
+    let dir = super::report_dir(warehouse, run_id).join("fhir");
     results
         .iter()
         .map(|r| {

@@ -304,10 +304,17 @@ pub fn summary_schema() -> SchemaRef {
     ]))
 }
 
+/// `reports/<run_id>/` under the warehouse's output directory: where a
+/// run's summary, report.html, MeasureReports (`fhir/`) and care gaps
+/// (`phi/`) go.
+pub fn report_dir(warehouse: &Warehouse, run_id: &str) -> PathBuf {
+    warehouse.out().join("reports").join(run_id)
+}
+
 /// Writes `summary.csv`, `summary.json` and `summary.parquet` under
-/// `reports/<run_id>/`; returns the directory.
+/// [`report_dir`]; returns the directory.
 pub fn write(warehouse: &Warehouse, run_id: &str, cells: &[Cell]) -> Result<PathBuf> {
-    let dir = warehouse.out().join("reports").join(run_id);
+    let dir = report_dir(warehouse, run_id);
     let text = |f: fn(&Cell) -> &str| -> ArrayRef {
         Arc::new(cells.iter().map(|c| Some(f(c))).collect::<StringArray>())
     };
@@ -375,7 +382,7 @@ pub fn write_care_gaps(
     run_id: &str,
     gaps: &[RecordBatch],
 ) -> Result<Vec<PathBuf>> {
-    let dir = warehouse.out().join("reports").join(run_id).join("phi");
+    let dir = report_dir(warehouse, run_id).join("phi");
     std::fs::create_dir_all(&dir).map_err(|e| WardError::io("cannot create", &dir, e))?;
     owner_only(0o700, &dir, |p| std::fs::set_permissions(&dir, p))?;
     let mut by_provider: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();

@@ -17,10 +17,6 @@ fn ward(cwd: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 #[test]
 fn run_on_the_sample_succeeds_and_prints_a_summary() {
     let dir = tempfile::tempdir().unwrap();

@@ -34,10 +34,6 @@ fn spawn_run(config: &Path) -> Child {
         .unwrap()
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 fn current(warehouse: &Path) -> Option<String> {
     ward::runs::current(warehouse).unwrap()
 }

@@ -176,6 +176,11 @@ pub fn reject_keys(wh: &Path) -> Vec<(String, String, u64, String)> {
     keys
 }
 
+/// A process's output as text (lossy).
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 /// Generates a synthetic population into `out` (measurement year 2025;
 /// `out/ward.toml` loads it).
 pub fn generate(out: &Path, patients: u64, providers: usize, seed: u64, bad_rate: f64) {

@@ -231,6 +231,9 @@ impl Model {
     }
 }
 
+/// Pairs per unit of parallel work in [`em`].
+const EM_CHUNK: usize = 8192;
+
 /// Expectation–maximisation of m and the match share over `levels` with u
 /// held fixed; fields in `skip` neither inform the posterior nor get an m
 /// (their initial value is returned).
@@ -253,11 +256,14 @@ fn em(levels: &[Levels], u: &[Vec<f64>], skip: &[usize]) -> (Vec<Vec<f64>>, f64,
     let mut iterations = 0;
     while iterations < 100 && !levels.is_empty() {
         iterations += 1;
-        let (sums, total_p) = levels
-            .par_iter()
-            .fold(
-                || (empty(), 0.0),
-                |(mut acc, tp), l| {
+        // Sums per fixed-size chunk, added in chunk order: the same bits
+        // however rayon schedules the work (a fold/reduce splits by load, so
+        // its float sums, and the match weights written, varied between runs).
+        let parts: Vec<(Vec<Vec<f64>>, f64)> = levels
+            .par_chunks(EM_CHUNK)
+            .map(|chunk| {
+                let (mut acc, mut tp) = (empty(), 0.0);
+                for l in chunk {
                     let (mut lm, mut lu) = (share.ln(), (1.0 - share).ln());
                     for (f, level) in l.iter().enumerate() {
                         if let (Some(k), false) = (level, skip.contains(&f)) {
@@ -271,20 +277,20 @@ fn em(levels: &[Levels], u: &[Vec<f64>], skip: &[usize]) -> (Vec<Vec<f64>>, f64,
                             acc[f][*k as usize] += p;
                         }
                     }
-                    (acc, tp + p)
-                },
-            )
-            .reduce(
-                || (empty(), 0.0),
-                |(mut a, ta), (b, tb)| {
-                    for (x, y) in a.iter_mut().zip(&b) {
-                        for (p, q) in x.iter_mut().zip(y) {
-                            *p += q;
-                        }
-                    }
-                    (a, ta + tb)
-                },
-            );
+                    tp += p;
+                }
+                (acc, tp)
+            })
+            .collect();
+        let (mut sums, mut total_p) = (empty(), 0.0);
+        for (part, tp) in parts {
+            for (x, y) in sums.iter_mut().zip(&part) {
+                for (p, q) in x.iter_mut().zip(y) {
+                    *p += q;
+                }
+            }
+            total_p += tp;
+        }
         let mut change: f64 = 0.0;
         for (f, counts) in sums.iter().enumerate() {
             if skip.contains(&f) {
@@ -374,5 +380,52 @@ mod tests {
         assert_eq!(l[7], Some(1), "transposed digits");
         assert_eq!(l[5], None, "no phone on either side: no evidence");
         assert!(transposed("ab", "ba") && !transposed("abc", "cba"));
+    }
+
+    /// The fitted m and match share are the same bits however many threads
+    /// do the work (they are written as match weights; a re-run must write
+    /// identical files).
+    #[test]
+    fn em_does_not_depend_on_thread_scheduling() {
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) as usize
+        };
+        let levels: Vec<Levels> = (0..40_000)
+            .map(|_| {
+                let mut l: Levels = [None; FIELDS.len()];
+                for (f, (_, n)) in FIELDS.iter().enumerate() {
+                    let r = next();
+                    // Most pairs disagree; some agree fully; some lack a field.
+                    l[f] = match r % 10 {
+                        0 => None,
+                        1..=2 => Some((n - 1) as u8),
+                        _ => Some(((r / 10) % n) as u8),
+                    };
+                }
+                l
+            })
+            .collect();
+        let u: Vec<Vec<f64>> = FIELDS
+            .iter()
+            .map(|(_, n)| vec![1.0 / *n as f64; *n])
+            .collect();
+        let fit = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let (m, share, it) = pool.install(|| em(&levels, &u, &[2]));
+            let bits: Vec<u64> = m.iter().flatten().map(|x| x.to_bits()).collect();
+            (bits, share.to_bits(), it)
+        };
+        let one = fit(1);
+        assert!(one.2 > 1, "EM iterated");
+        for threads in [2, 8] {
+            assert_eq!(fit(threads), one, "{threads} threads");
+        }
     }
 }

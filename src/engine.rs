@@ -8,6 +8,8 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::ListingOptions;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::error::{Result, WardError};
@@ -30,6 +32,32 @@ pub(crate) fn block_on<T>(future: impl Future<Output = Result<T>>) -> Result<T> 
 /// one ("partition not used yet", apache/datafusion#17334 and follow-ups).
 /// Memory is bounded instead by building core tables in buckets of persons.
 pub(crate) fn session(config: SessionConfig) -> SessionContext {
+    SessionContext::new_with_config(tuned(config))
+}
+
+/// A [`session`] whose operators together may hold at most `bytes` of the
+/// memory DataFusion tracks (hash tables, join build sides, sort buffers)
+/// and never spill to disk: a query that needs more fails with DataFusion's
+/// "Resources exhausted" error, naming the largest consumers. Spilling is
+/// off because under a limit DataFusion 55's spilling repartition can panic
+/// or hang (apache/datafusion#17334, #24883); without a disk manager it
+/// returns the error instead.
+pub(crate) fn limited_session(config: SessionConfig, bytes: usize) -> Result<SessionContext> {
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_limit(bytes, 1.0)
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        )
+        .build_arc()
+        .map_err(|e| WardError::Data {
+            context: "starting the query engine",
+            path: Default::default(),
+            message: e.to_string(),
+        })?;
+    Ok(SessionContext::new_with_config_rt(tuned(config), runtime))
+}
+
+fn tuned(config: SessionConfig) -> SessionConfig {
     let mut config = config.with_target_partitions(rayon::current_num_threads().max(1));
     // The parallel single-file Parquet writer buffers encoded row groups
     // for the whole file; write serially instead.
@@ -38,7 +66,7 @@ pub(crate) fn session(config: SessionConfig) -> SessionContext {
         .execution
         .parquet
         .allow_single_file_parallelism = false;
-    SessionContext::new_with_config(config)
+    config
 }
 
 /// Registers every canonical table's staging directory as

@@ -144,6 +144,10 @@ enum Command {
         /// Replace counts from 1 to N-1 (integer COUNT/SUM results) by NULL.
         #[arg(long, value_name = "N")]
         min_cell: Option<u64>,
+        /// Memory the query may use, operators and result together (e.g.
+        /// 512M, 8G); more fails the query. Default: half of physical memory.
+        #[arg(long, value_name = "SIZE", value_parser = ward::query::parse_size)]
+        memory_limit: Option<usize>,
     },
     /// Generate a synthetic multi-provider population with ground truth.
     Synth {
@@ -349,9 +353,14 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         format,
         out,
         min_cell,
+        memory_limit,
     } = &cli.command
     {
-        return query(&config, &config_path, sql, file, *format, out, *min_cell);
+        let opts = ward::query::QueryOptions {
+            min_cell: *min_cell,
+            memory_limit: Some(memory_limit.unwrap_or_else(ward::query::default_memory_limit)),
+        };
+        return query(&config, &config_path, sql, file, *format, out, &opts);
     }
     if let Command::Runs { limit } = &cli.command {
         print_runs(&ward::runs::list(&config.warehouse)?, *limit);
@@ -696,8 +705,9 @@ fn query(
     file: &Option<PathBuf>,
     format: QueryFormat,
     out: &Option<PathBuf>,
-    min_cell: Option<u64>,
+    opts: &ward::query::QueryOptions,
 ) -> anyhow::Result<ExitCode> {
+    let min_cell = opts.min_cell;
     let usage = |key: &str, message: &str| WardError::Config {
         path: config_path.to_path_buf(),
         line: None,
@@ -728,11 +738,7 @@ fn query(
     if format == ward::query::OutputFormat::Parquet && out.is_none() {
         return Err(usage("--out", "--format parquet needs --out FILE").into());
     }
-    let result = ward::query::query(
-        &research_dir(config)?,
-        &sql,
-        &ward::query::QueryOptions { min_cell },
-    )?;
+    let result = ward::query::query(&research_dir(config)?, &sql, opts)?;
     match out {
         Some(path) => {
             let file = std::fs::File::create(path)

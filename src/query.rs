@@ -33,11 +33,14 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Array, ArrayRef, RecordBatch};
 use datafusion::arrow::compute::{cast, kernels::zip::zip};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
+use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::{ParquetReadOptions, SessionConfig};
 use datafusion::sql::parser::{DFParserBuilder, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::{Query, SetExpr, Statement, TableFactor, Visit, Visitor};
+use futures::StreamExt;
 
 use crate::error::{Result, WardError};
 
@@ -47,6 +50,50 @@ pub struct QueryOptions {
     /// Counts from 1 to `min_cell - 1` in count columns become NULL (see
     /// the module documentation).
     pub min_cell: Option<u64>,
+    /// At most this many bytes for the query's operators and its result
+    /// together; more fails the query with an error instead of exhausting
+    /// the host's memory (see [`default_memory_limit`]). `None`: no limit.
+    pub memory_limit: Option<usize>,
+}
+
+/// Half of the machine's physical memory (`/proc/meminfo`), or 4 GiB where
+/// that cannot be read: `ward query`'s default memory limit.
+pub fn default_memory_limit() -> usize {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024 / 2)
+        })
+        .unwrap_or(4 << 30)
+}
+
+/// Parses a size such as `512M`, `4G`, `1.5GiB` or `1000000` (bytes);
+/// units are binary (K = 1024).
+pub fn parse_size(text: &str) -> std::result::Result<usize, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (e.g. 512M, 4G)"))?;
+    let unit = unit.trim().to_ascii_uppercase();
+    let shift = match unit.trim_end_matches("IB").trim_end_matches('B') {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("`{text}`: unknown unit (use K, M, G or T)")),
+    };
+    let bytes = number * (1u64 << shift) as f64;
+    if bytes < 1.0 || !bytes.is_finite() || bytes > usize::MAX as f64 {
+        return Err(format!("`{text}`: out of range"));
+    }
+    Ok(bytes as usize)
 }
 
 /// A query's result.
@@ -213,7 +260,11 @@ pub fn query(research_dir: &Path, sql: &str, opts: &QueryOptions) -> Result<Quer
     let names: Vec<String> = tables.iter().map(|(n, _)| n.clone()).collect();
     check(sql, &names)?;
     crate::engine::block_on(async {
-        let ctx = crate::engine::session(SessionConfig::new().with_information_schema(false));
+        let config = SessionConfig::new().with_information_schema(false);
+        let ctx = match opts.memory_limit {
+            Some(bytes) => crate::engine::limited_session(config, bytes)?,
+            None => crate::engine::session(config),
+        };
         for (name, path) in &tables {
             let location = if path.is_dir() {
                 format!("{}/", path.display())
@@ -241,11 +292,31 @@ pub fn query(research_dir: &Path, sql: &str, opts: &QueryOptions) -> Result<Quer
             })?;
         let plan = df.logical_plan().clone();
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let batches = df.collect().await.map_err(|e| WardError::Data {
+        let run_err = |e: DataFusionError| WardError::Data {
             context: "running a research query",
             path: research_dir.to_path_buf(),
-            message: e.to_string(),
-        })?;
+            message: match (e.find_root(), opts.memory_limit) {
+                (DataFusionError::ResourcesExhausted(_), Some(limit)) => format!(
+                    "the query needs more memory than its limit of {} MiB \
+                     (aggregate, filter or add LIMIT, or raise --memory-limit): {e}",
+                    limit >> 20
+                ),
+                _ => e.to_string(),
+            },
+        };
+        // The result is held in memory too: it counts against the same pool
+        // as the operators, so a huge result fails instead of growing.
+        let result =
+            MemoryConsumer::new("ward query result").register(&ctx.runtime_env().memory_pool);
+        let mut stream = df.execute_stream().await.map_err(run_err)?;
+        let mut batches = Vec::new();
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(run_err)?;
+            result
+                .try_grow(batch.get_array_memory_size())
+                .map_err(run_err)?;
+            batches.push(batch);
+        }
         let count_idx: Vec<usize> = (0..schema.fields().len())
             .filter(|i| schema.field(*i).data_type().is_integer() && is_count(&plan, *i))
             .collect();
@@ -495,5 +566,20 @@ mod tests {
                 other => panic!("{sql}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("4gib"), Ok(4 << 30));
+        assert_eq!(parse_size("1.5GB"), Ok(3 << 29));
+        assert_eq!(parse_size(" 2 T "), Ok(2 << 40));
+        for bad in ["", "G", "4X", "-1G", "0", "0.1", "1..2M"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert!(default_memory_limit() > 0);
     }
 }

@@ -490,6 +490,20 @@ fn query_writes_every_format_and_refuses_escapes_with_exit_2() {
     }
     let no_out = q(&[sql, "--format", "parquet"]);
     assert_eq!(no_out.status.code(), Some(2));
+    // A memory limit too small for the query: exit 3 naming the limit; a
+    // limit that is not a size: exit 2.
+    let starved = q(&[
+        "SELECT a.*, b.* FROM observation a CROSS JOIN observation b",
+        "--memory-limit",
+        "1M",
+    ]);
+    assert_eq!(starved.status.code(), Some(3), "{}", text(&starved.stderr));
+    assert!(
+        text(&starved.stderr).contains("limit of 1 MiB"),
+        "{}",
+        text(&starved.stderr)
+    );
+    assert_eq!(q(&[sql, "--memory-limit", "4X"]).status.code(), Some(2));
     assert_eq!(before, snapshot(dir.path()));
 }
 

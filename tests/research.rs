@@ -303,7 +303,13 @@ fn the_sample_run_publishes_research_tables_without_identifiers() {
 }
 
 fn research_queries(tmp: &Path, research: &Path, persons: i64) {
-    let q = |sql: &str, min: Option<u64>| query(research, sql, &QueryOptions { min_cell: min });
+    let q = |sql: &str, min: Option<u64>| {
+        let opts = QueryOptions {
+            min_cell: min,
+            memory_limit: None,
+        };
+        query(research, sql, &opts)
+    };
     // Analytical SQL: persons by age band add up to all persons.
     let out = q(
         "SELECT age_band, count(*) AS n FROM person GROUP BY age_band ORDER BY age_band",
@@ -346,6 +352,32 @@ fn research_queries(tmp: &Path, research: &Path, persons: i64) {
     assert!(expected_suppressed > 0, "the sample has small age groups");
     assert!(suppressed.suppressed_cells >= expected_suppressed);
     assert_eq!(plain.suppressed_cells, 0);
+
+    // Memory limit: a join whose build side, or a result, is larger than
+    // the limit fails with an error that says so; under a generous limit
+    // the same query answers as without one.
+    let limited = |sql: &str, bytes: usize| {
+        let opts = QueryOptions {
+            min_cell: None,
+            memory_limit: Some(bytes),
+        };
+        query(research, sql, &opts)
+    };
+    let join = "SELECT count(*) AS n FROM observation a JOIN observation b USING (research_id)";
+    let unlimited = primitives::<Int64Type>(&q(join, None).unwrap().batches, "n");
+    let roomy = limited(join, 256 << 20).unwrap();
+    assert_eq!(primitives::<Int64Type>(&roomy.batches, "n"), unlimited);
+    let everything = "SELECT a.*, b.* FROM observation a CROSS JOIN observation b";
+    for (sql, bytes) in [(join, 16 << 10), (everything, 8 << 20)] {
+        match limited(sql, bytes) {
+            Err(e @ WardError::Data { .. }) => {
+                let m = e.to_string();
+                assert!(m.contains("more memory than its limit"), "{sql}: {m}");
+                assert!(m.contains("--memory-limit"), "{m}");
+            }
+            other => panic!("{sql} under {bytes} bytes: {other:?}"),
+        }
+    }
 
     // Escape attempts: refused, nothing created or changed on disk.
     let before = snapshot(tmp);

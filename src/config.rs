@@ -155,7 +155,7 @@ impl SourceConfig {
 struct RawConfig {
     warehouse: Spanned<String>,
     measurement_period: Option<Spanned<RawPeriod>>,
-    queries: Option<String>,
+    queries: Option<Spanned<String>>,
     #[serde(default)]
     ingest: RawIngest,
     link: Option<Spanned<RawLink>>,
@@ -421,13 +421,35 @@ impl PipelineConfig {
             }
         }
         let deid = deid_config(path, &text, &base, raw.deid)?;
+        let warehouse = base.join(raw.warehouse.get_ref());
+        if warehouse.exists() && !warehouse.is_dir() {
+            return Err(err(
+                raw.warehouse.span(),
+                "warehouse",
+                format!("{} exists and is not a directory", warehouse.display()),
+            ));
+        }
+        let queries = match raw.queries {
+            Some(q) => {
+                let dir = base.join(q.get_ref());
+                if !dir.join("measures").is_dir() {
+                    return Err(err(
+                        q.span(),
+                        "queries",
+                        format!("{} has no measures/ directory", dir.display()),
+                    ));
+                }
+                Some(dir)
+            }
+            None => None,
+        };
 
         Ok(PipelineConfig {
             path: path.to_path_buf(),
-            warehouse: base.join(raw.warehouse.get_ref()),
+            warehouse,
             measurement_period,
             as_of: raw.ingest.as_of,
-            queries: raw.queries.map(|q| base.join(q)),
+            queries,
             link,
             min_cell_size,
             keep_runs,

@@ -298,17 +298,18 @@ pub fn age_band(age: i32) -> String {
 /// `12345-6789` or `123456789`): its first three digits, or `000` for a
 /// restricted area. Anything else (short, foreign, malformed) is `None`.
 pub fn zip3(postal_code: &str) -> Option<String> {
-    let p = postal_code.trim();
-    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    let p = postal_code.trim().as_bytes();
+    let digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
     let valid = match p.len() {
         5 | 9 => digits(p),
-        10 => digits(&p[..5]) && p.as_bytes()[5] == b'-' && digits(&p[6..]),
+        10 => digits(&p[..5]) && p[5] == b'-' && digits(&p[6..]),
         _ => false,
     };
     if !valid {
         return None;
     }
-    let z = &p[..3];
+    // Only ASCII digits get here, so the bytes are the text.
+    let z = std::str::from_utf8(&p[..3]).ok()?;
     Some(if RESTRICTED_ZIP3.contains(&z) {
         "000".into()
     } else {

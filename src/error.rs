@@ -68,6 +68,11 @@ pub enum WardError {
     #[error("{}: {message}", if *refused { "query refused" } else { "invalid query" })]
     Query { refused: bool, message: String },
 
+    /// A command cannot do what it was asked as asked: a flag combination,
+    /// or data it would read that is not there (exit code 2).
+    #[error("{message}")]
+    Usage { message: String },
+
     /// The warehouse state (manifest) is unreadable or inconsistent.
     #[error("warehouse state {}: {message}", path.display())]
     State { path: PathBuf, message: String },
@@ -87,7 +92,10 @@ impl WardError {
     /// a failure while running (exit code 3); a refused or invalid research
     /// query is one.
     pub fn is_config_error(&self) -> bool {
-        matches!(self, WardError::Config { .. } | WardError::Query { .. })
+        matches!(
+            self,
+            WardError::Config { .. } | WardError::Query { .. } | WardError::Usage { .. }
+        )
     }
 }
 

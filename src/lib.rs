@@ -25,6 +25,7 @@ pub mod link;
 pub mod mapping;
 pub mod measure;
 pub mod query;
+pub mod reads;
 pub mod report;
 pub mod runs;
 pub mod schema;

@@ -8,6 +8,7 @@
 //! stage process-wide and every line carries them.
 
 use std::fmt;
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Map, Value};
@@ -139,5 +140,65 @@ impl Visit for Fields<'_> {
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.0.insert(field.name().into(), value.into());
+    }
+}
+
+/// A log writer that escapes control characters inside each line (a
+/// newline in a file name would otherwise forge a log line of its own):
+/// `\n`, `\r` and other C0 controls are written as escapes; the line's own
+/// final newline is kept, and so is ESC when `ansi` colours are on.
+pub struct ControlEscaped<W> {
+    inner: W,
+    ansi: bool,
+}
+
+impl<W> ControlEscaped<W> {
+    pub fn new(inner: W, ansi: bool) -> Self {
+        ControlEscaped { inner, ansi }
+    }
+}
+
+impl<W: Write> Write for ControlEscaped<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let body = buf.strip_suffix(b"\n").unwrap_or(buf);
+        let mut out = Vec::with_capacity(buf.len() + 8);
+        for &b in body {
+            match b {
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.push(b),
+                0x1b if self.ansi => out.push(b),
+                0..=0x1f | 0x7f => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+                _ => out.push(b),
+            }
+        }
+        if body.len() < buf.len() {
+            out.push(b'\n');
+        }
+        self.inner.write_all(&out)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_cannot_forge_a_log_line() {
+        let mut out = ControlEscaped::new(Vec::new(), false);
+        out.write_all(b"cannot read a.csv\nERROR forged\r\x1b[31m\x07 \xc3\xa9\n")
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(out.inner).unwrap(),
+            "cannot read a.csv\\nERROR forged\\r\\x1b[31m\\x07 é\n"
+        );
+        let mut colour = ControlEscaped::new(Vec::new(), true);
+        colour.write_all(b"\x1b[31mred\x1b[0m\n").unwrap();
+        assert_eq!(colour.inner, b"\x1b[31mred\x1b[0m\n");
     }
 }

@@ -83,13 +83,25 @@ enum Command {
         #[arg(long, value_name = "TRUTH.csv")]
         evaluate: Option<PathBuf>,
     },
-    /// Run measures over the warehouse and write marts/measure_patient/.
+    /// Run measures and write marts/measure_patient/. Reads the current
+    /// published run's linked core (else the working copy's); never writes
+    /// into a published run.
     Measure {
         /// Measure id (repeatable); default: every measure.
         #[arg(long = "measure", value_name = "ID")]
         measures: Vec<String>,
         #[command(flatten)]
         period: PeriodArgs,
+        /// Measure unlinked staging instead: every provider record counts
+        /// as its own person (numbers differ from a linked run).
+        #[arg(long, conflicts_with = "working_copy")]
+        unlinked: bool,
+        /// Measure the working copy's core (`ward link`) even when a run is published.
+        #[arg(long)]
+        working_copy: bool,
+        /// Write marts/ under DIR instead of the warehouse root (the working copy).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
     /// List past runs, newest first: status, timings, rows, headline rates.
     Runs {
@@ -138,9 +150,13 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = QueryFormat::Table)]
         format: QueryFormat,
-        /// Write the result to a file instead of stdout (required for parquet).
+        /// Write the result to a file instead of stdout (required for
+        /// parquet); never inside the warehouse, never through a symlink.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+        /// Replace the --out file when it exists.
+        #[arg(long, requires = "out")]
+        force: bool,
         /// Replace counts from 1 to N-1 (integer COUNT/SUM results) by NULL.
         #[arg(long, value_name = "N")]
         min_cell: Option<u64>,
@@ -203,6 +219,7 @@ enum ValuesetsAction {
 }
 
 fn main() -> ExitCode {
+    restrict_file_mode();
     let cli = Cli::parse();
     init_logging(&cli);
     match execute(&cli) {
@@ -336,12 +353,10 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
         };
         if p.start > p.end {
-            return Err(WardError::Config {
-                path: config_path.clone(),
-                line: None,
-                column: None,
-                key: Some("--period-start".into()),
-                message: "the measurement period starts after it ends".into(),
+            return Err(WardError::Usage {
+                message: "the measurement period starts after it ends (--period-start, \
+                          --period-end or [measurement_period])"
+                    .into(),
             }
             .into());
         }
@@ -352,6 +367,7 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         file,
         format,
         out,
+        force,
         min_cell,
         memory_limit,
     } = &cli.command
@@ -360,7 +376,7 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
             min_cell: *min_cell,
             memory_limit: Some(memory_limit.unwrap_or_else(ward::query::default_memory_limit)),
         };
-        return query(&config, &config_path, sql, file, *format, out, &opts);
+        return query(&config, sql, file, *format, out, *force, &opts);
     }
     if let Command::Runs { limit } = &cli.command {
         print_runs(&ward::runs::list(&config.warehouse)?, *limit);
@@ -380,6 +396,16 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
     if let Command::Deid = &cli.command {
         let key = deid_key(&config)?;
         let (core, research) = deid_dirs(&config);
+        let (state, warnings) =
+            ward::reads::resolve(&config.warehouse, ward::reads::Choice::WorkingCopy)?;
+        if !cli.quiet {
+            println!(
+                "deid reads: {}; writes: {}",
+                state.describe(),
+                research.display()
+            );
+        }
+        announce_warnings(&warnings);
         let opts = ward::deid::DeidOptions::from_config(&config.deid, key, today);
         let report = ward::deid::deid(&core, &research, &opts)?;
         if !cli.quiet {
@@ -389,6 +415,13 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
     }
     if let Command::Link { evaluate } = &cli.command {
         let warehouse = ward::warehouse::Warehouse::new(&config.warehouse);
+        if !cli.quiet {
+            println!(
+                "link reads: staging ({}); writes: working copy {}",
+                config.warehouse.join("staging").display(),
+                config.warehouse.join("core").display()
+            );
+        }
         let previous = ward::link::read_person_links(
             &warehouse.out().join("core").join("person_link.parquet"),
         )?;
@@ -419,14 +452,38 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
     if let Command::Measure {
         measures,
         period: p,
+        unlinked,
+        working_copy,
+        out,
     } = &cli.command
     {
         let period = period(p)?;
         let defs = ward::measure::catalog(&queries)?;
         let chosen = ward::measure::select(&defs, measures)?;
-        let warehouse = ward::warehouse::Warehouse::new(&config.warehouse);
-        let results = ward::measure::run(&warehouse, &queries, &chosen, period)?;
-        ward::measure::write_marts(&warehouse, &results)?;
+        let choice = match (unlinked, working_copy) {
+            (true, _) => ward::reads::Choice::Unlinked,
+            (_, true) => ward::reads::Choice::WorkingCopy,
+            _ => ward::reads::Choice::Default,
+        };
+        let (state, warnings) = ward::reads::resolve(&config.warehouse, choice)?;
+        let out_dir = out.clone().unwrap_or_else(|| config.warehouse.clone());
+        refuse_inside_runs(&config.warehouse, &out_dir)?;
+        if !cli.quiet {
+            println!(
+                "measure reads: {}; writes: {}",
+                state.describe(),
+                out_dir.join("marts").display()
+            );
+        }
+        announce_warnings(&warnings);
+        let results = ward::measure::run(
+            &state.reader(&config.warehouse),
+            &queries,
+            &chosen,
+            period,
+        )?;
+        let writer = ward::warehouse::Warehouse::new(&config.warehouse).with_output(&out_dir);
+        ward::measure::write_marts(&writer, &results)?;
         if !cli.quiet {
             print_measures(&results);
         }
@@ -436,6 +493,23 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         today,
         dry_run: matches!(cli.command, Command::Validate),
     };
+    if !cli.quiet && matches!(cli.command, Command::Ingest | Command::Validate) {
+        let writes = if opts.dry_run {
+            "nothing".to_string()
+        } else {
+            format!(
+                "{} and {}",
+                config.warehouse.join("staging").display(),
+                config.warehouse.join("rejects").display()
+            )
+        };
+        println!(
+            "{} reads: the extracts of {} source(s) in {}; writes: {writes}",
+            command_name(&cli.command),
+            config.sources.len(),
+            config_path.display()
+        );
+    }
     let progress = progress_bar(cli.quiet, "ingest", "files");
     let (report, run) = match &cli.command {
         Command::Run { period: p } => {
@@ -600,7 +674,14 @@ fn status(warehouse: &Path) -> anyhow::Result<ExitCode> {
         println!("latest run: {} published", latest.run_id);
         return Ok(ExitCode::SUCCESS);
     }
+    let running = matches!(lock, Some((_, true)));
     match &latest.manifest {
+        // Between its manifest and the publishing rename a run is still
+        // running, not failed: no alarm while it holds the lock.
+        Some(m) if running && m.status == ward::runs::RunStatus::Complete => {
+            println!("latest run: {} complete, publishing now", latest.run_id);
+            return Ok(ExitCode::SUCCESS);
+        }
         Some(m) => {
             println!("latest run: {} {}", latest.run_id, latest.status());
             if let Some(e) = &m.error {
@@ -620,7 +701,7 @@ fn status(warehouse: &Path) -> anyhow::Result<ExitCode> {
             latest.unreadable.as_deref().unwrap_or_default()
         ),
         None => {
-            if matches!(lock, Some((_, true))) {
+            if running {
                 println!("latest run: {} running now", latest.run_id);
                 return Ok(ExitCode::SUCCESS);
             }
@@ -636,6 +717,104 @@ fn status(warehouse: &Path) -> anyhow::Result<ExitCode> {
 /// The core tables `ward deid` reads and the research directory it
 /// writes: the working copy at the warehouse root, like `link` and
 /// `measure` (`ward run` de-identifies into its own run directory).
+/// Warnings about the data a stage command reads: to stderr (even with
+/// --quiet) and to the log.
+fn announce_warnings(warnings: &[String]) {
+    for w in warnings {
+        tracing::warn!("{w}");
+        eprintln!("warning: {w}");
+    }
+}
+
+/// Refuses an output directory inside `runs/`: a published run is never
+/// changed after publication.
+fn refuse_inside_runs(warehouse: &Path, out: &Path) -> anyhow::Result<()> {
+    let runs = ward::runs::runs_dir(warehouse);
+    if is_inside(out, &runs) {
+        return Err(WardError::Usage {
+            message: format!(
+                "{} is inside {}: published runs are never written to; choose another --out",
+                out.display(),
+                runs.display()
+            ),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Whether `path` is `dir` or lies under it, after resolving symbolic
+/// links of the longest part of each that exists (a link cannot hide it).
+fn is_inside(path: &Path, dir: &Path) -> bool {
+    let absolute = |p: &Path| {
+        let p = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        // Resolve the longest existing ancestor, so symlinks cannot hide runs/.
+        let mut existing = p.clone();
+        let mut rest = Vec::new();
+        while !existing.exists() {
+            match (existing.file_name(), existing.parent()) {
+                (Some(name), Some(parent)) => {
+                    rest.push(name.to_os_string());
+                    existing = parent.to_path_buf();
+                }
+                _ => break,
+            }
+        }
+        let mut resolved = existing.canonicalize().unwrap_or(existing);
+        resolved.extend(rest.iter().rev());
+        resolved
+    };
+    absolute(path).starts_with(absolute(dir))
+}
+
+/// Opens `ward query --out`: never inside the warehouse (a query must not
+/// replace `runs/CURRENT` or a research table), never through a symbolic
+/// link, and an existing file only with `--force`.
+fn create_query_output(warehouse: &Path, path: &Path, force: bool) -> anyhow::Result<std::fs::File> {
+    check_query_output(warehouse, path, force)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    options
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))
+}
+
+/// The checks of [`create_query_output`], made before the query runs.
+fn check_query_output(warehouse: &Path, path: &Path, force: bool) -> anyhow::Result<()> {
+    let usage = |message: String| anyhow::Error::from(WardError::Usage { message });
+    if is_inside(path, warehouse) {
+        return Err(usage(format!(
+            "--out {} is inside the warehouse {}: query results are written elsewhere",
+            path.display(),
+            warehouse.display()
+        )));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(usage(format!(
+                "--out {} is a symbolic link: give the file itself",
+                path.display()
+            )));
+        }
+        Ok(m) if !m.is_file() => {
+            return Err(usage(format!("--out {} is not a regular file", path.display())));
+        }
+        Ok(_) if !force => {
+            return Err(usage(format!(
+                "--out {} exists: pass --force to replace it",
+                path.display()
+            )));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 fn deid_dirs(config: &PipelineConfig) -> (PathBuf, PathBuf) {
     (
         config.warehouse.join("core"),
@@ -698,32 +877,49 @@ fn print_deid(r: &ward::deid::DeidReport) {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// The text of `ward query --file`: a regular file of at most 1 MiB, read
+/// without quoting any of it in an error.
+fn read_query_file(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let usage = |message: &str| {
+        anyhow::Error::from(WardError::Usage {
+            message: format!("--file {}: {message}", path.display()),
+        })
+    };
+    let meta = std::fs::metadata(path).map_err(|e| usage(&format!("cannot read: {e}")))?;
+    if !meta.is_file() {
+        return Err(usage("not a regular file"));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(|e| usage(&format!("cannot read: {e}")))?
+        .take(1 << 20 | 1)
+        .read_to_string(&mut text)
+        .map_err(|_| usage("not UTF-8 text"))?;
+    if text.len() > 1 << 20 {
+        return Err(usage("larger than 1 MiB: not a query"));
+    }
+    Ok(text)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn query(
     config: &PipelineConfig,
-    config_path: &Path,
     sql: &Option<String>,
     file: &Option<PathBuf>,
     format: QueryFormat,
     out: &Option<PathBuf>,
+    force: bool,
     opts: &ward::query::QueryOptions,
 ) -> anyhow::Result<ExitCode> {
     let min_cell = opts.min_cell;
-    let usage = |key: &str, message: &str| WardError::Config {
-        path: config_path.to_path_buf(),
-        line: None,
-        column: None,
-        key: Some(key.into()),
-        message: message.into(),
+    let from_file = sql.is_none();
+    let usage = |key: &str, message: &str| WardError::Usage {
+        message: format!("{key}: {message}"),
     };
     let sql = match (sql, file) {
         (Some(s), _) => s.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| WardError::Config {
-            path: f.clone(),
-            line: None,
-            column: None,
-            key: Some("--file".into()),
-            message: format!("cannot read: {e}"),
-        })?,
+        (None, Some(f)) => read_query_file(f)?,
         (None, None) => return Err(usage("SQL", "give a query or --file").into()),
     };
     if min_cell == Some(0) {
@@ -738,12 +934,33 @@ fn query(
     if format == ward::query::OutputFormat::Parquet && out.is_none() {
         return Err(usage("--out", "--format parquet needs --out FILE").into());
     }
-    let result = ward::query::query(&research_dir(config)?, &sql, opts)?;
+    if let Some(path) = out {
+        check_query_output(&config.warehouse, path, force)?;
+    }
+    let result = match ward::query::query(&research_dir(config)?, &sql, opts) {
+        // Parser messages quote the text they stopped at: for a file that
+        // is not SQL (`--file /etc/shadow`), only where.
+        Err(WardError::Query {
+            refused: false,
+            message,
+        }) if from_file => {
+            let at = message
+                .find("at Line:")
+                .map(|i| format!(" ({})", &message[i..]))
+                .unwrap_or_default();
+            return Err(WardError::Query {
+                refused: false,
+                message: format!("the --file is not one valid SQL query{at}"),
+            }
+            .into());
+        }
+        other => other?,
+    };
     match out {
         Some(path) => {
-            let file = std::fs::File::create(path)
-                .with_context(|| format!("cannot create {}", path.display()))?;
-            ward::query::write_output(&result, format, std::io::BufWriter::new(file))?;
+            let file = create_query_output(&config.warehouse, path, force)?;
+            ward::query::write_output(&result, format, std::io::BufWriter::new(file))
+                .with_context(|| format!("cannot write {}", path.display()))?;
         }
         None => ward::query::write_output(&result, format, std::io::stdout())?,
     }
@@ -936,6 +1153,18 @@ fn print_conformance(outcome: &ward::measure::conformance::Conformance, quiet: b
     );
 }
 
+/// Every file and directory Ward creates is at most 0640 / 0750 (staging
+/// holds SSNs, rejects raw rows), whatever umask cron or a shell left: the
+/// process's file-creation mask keeps the caller's bits and adds 027.
+fn restrict_file_mode() {
+    #[cfg(unix)]
+    // SAFETY: umask only swaps the process's file-creation mask; it cannot fail.
+    unsafe {
+        let caller = libc::umask(0o027);
+        libc::umask(caller | 0o027);
+    }
+}
+
 fn init_logging(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
     let level = match (cli.quiet, cli.verbose) {
@@ -946,10 +1175,11 @@ fn init_logging(cli: &Cli) {
     };
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("ward={level},warn")));
+    let ansi = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_writer(move || logging::ControlEscaped::new(std::io::stderr(), ansi))
+        .with_ansi(ansi);
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => {
@@ -1043,5 +1273,18 @@ fn print_summary(report: &IngestReport, dry_run: bool) {
     if !rules.is_empty() {
         let list: Vec<String> = rules.iter().map(|(r, n)| format!("{r} {n}")).collect();
         println!("rejects by rule: {}", list.join(", "));
+    }
+    let mut flagged = std::collections::BTreeMap::<&str, u64>::new();
+    for f in &report.files {
+        for (what, n) in &f.values_flagged {
+            *flagged.entry(what).or_default() += n;
+        }
+    }
+    if !flagged.is_empty() {
+        let list: Vec<String> = flagged.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        println!(
+            "values kept as unknown (rows accepted): {}",
+            list.join(", ")
+        );
     }
 }

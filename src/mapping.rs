@@ -259,6 +259,11 @@ impl CsvMapping {
         };
         let single_byte = |s: &Spanned<String>, key: &str| -> Result<u8> {
             match s.get_ref().as_bytes() {
+                [b'\n' | b'\r'] => Err(err(
+                    s.span(),
+                    key,
+                    "cannot be a line break: records are lines".into(),
+                )),
                 [b] if b.is_ascii() => Ok(*b),
                 _ => Err(err(
                     s.span(),
@@ -269,6 +274,13 @@ impl CsvMapping {
         };
         let delimiter = single_byte(&raw.csv.delimiter, "delimiter")?;
         let quote = single_byte(&raw.csv.quote, "quote")?;
+        if quote == delimiter {
+            return Err(err(
+                raw.csv.quote.span(),
+                "quote",
+                "cannot be the delimiter".into(),
+            ));
+        }
         let default_dates = raw
             .csv
             .date_format
@@ -529,6 +541,16 @@ effective_time = "When"
                 GOOD.replace("delimiter = \"|\"", "delimiter = \"||\""),
                 "delimiter",
                 "one ASCII",
+            ),
+            (
+                GOOD.replace("delimiter = \"|\"", "delimiter = \"\\n\""),
+                "delimiter",
+                "line break",
+            ),
+            (
+                GOOD.replace("delimiter = \"|\"", "delimiter = \"\\\"\""),
+                "quote",
+                "cannot be the delimiter",
             ),
             (
                 GOOD.replace("format = \"%Y%m%d\"", "format = \"%Q\""),

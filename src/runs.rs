@@ -310,9 +310,11 @@ pub fn publish(warehouse: &Path, run_id: &str) -> Result<()> {
 }
 
 /// Keeps the newest `keep` published runs (those the current run's history
-/// lists; the current run always) and any run newer than the current one
-/// (a failure to diagnose); removes older runs that never published and
-/// published runs beyond `keep`. Returns the ids removed.
+/// lists; the current run always, and the one before it always, so a
+/// reader still on the previous run never loses it mid-query), the newest
+/// `keep` failed runs (kept for diagnosis) and any run newer than the
+/// current one; removes runs that completed but never published, and
+/// runs beyond those counts. Returns the ids removed.
 pub fn prune(warehouse: &Path, keep: usize) -> Result<Vec<String>> {
     let Some(current) = current(warehouse)? else {
         return Ok(Vec::new());
@@ -320,14 +322,17 @@ pub fn prune(warehouse: &Path, keep: usize) -> Result<Vec<String>> {
     let history = load_history(Some(&runs_dir(warehouse).join(&current)))?;
     let published: std::collections::BTreeSet<&str> =
         history.iter().map(|h| h.run_id.as_str()).collect();
-    let mut kept = 0;
+    let (mut kept, mut kept_failed) = (0, 0);
     let mut removed = Vec::new();
     for (id, dir) in run_dirs(warehouse)?.into_iter().rev() {
         let keep_it = if id > current {
             true
         } else if id == current || published.contains(id.as_str()) {
             kept += 1;
-            id == current || kept <= keep.max(1)
+            kept <= keep.max(2)
+        } else if Manifest::load(&dir).is_ok_and(|m| m.status == RunStatus::Failed) {
+            kept_failed += 1;
+            kept_failed <= keep
         } else {
             false
         };
@@ -470,6 +475,9 @@ pub struct InputFile {
     pub rows_accepted: u64,
     pub rows_rejected: u64,
     pub rows_skipped: u64,
+    /// Values kept as `unknown` or empty, per `column: rule`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub values_flagged: BTreeMap<String, u64>,
     pub detail: Option<String>,
 }
 
@@ -593,6 +601,7 @@ pub fn inputs(
                 rows_accepted: s.rows_accepted,
                 rows_rejected: s.rows_rejected,
                 rows_skipped: s.rows_skipped,
+                values_flagged: s.values_flagged.clone(),
                 detail: None,
             });
         }
@@ -615,6 +624,7 @@ pub fn inputs(
                 rows_accepted: 0,
                 rows_rejected: 0,
                 rows_skipped: 0,
+                values_flagged: BTreeMap::new(),
                 detail: f.detail.clone(),
             });
         }
@@ -1012,15 +1022,31 @@ mod tests {
         assert!(!runs_dir(wh).join(".CURRENT.1").exists());
         assert!(!runs_dir(wh).join(".trash-r0").exists());
         assert_eq!(current(wh).unwrap().as_deref(), Some("r4"));
-        // Keep 2 published (r4 current, r2); r1 is one too many, r3 never
-        // published; r5 is newer than the current run: kept to diagnose.
-        assert_eq!(prune(wh, 2).unwrap(), vec!["r1", "r3"]);
-        let left: Vec<String> = run_dirs(wh)
-            .unwrap()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
-        assert_eq!(left, ["r2", "r4", "r5"]);
+        // Keep 2 published (r4 current, r2); r1 is one too many; r3 failed
+        // (kept for diagnosis); r5 is newer than the current run: kept too.
+        assert_eq!(prune(wh, 2).unwrap(), vec!["r1"]);
+        let left = |wh: &Path| -> Vec<String> {
+            run_dirs(wh)
+                .unwrap()
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect()
+        };
+        assert_eq!(left(wh), ["r2", "r3", "r4", "r5"]);
+        // keep = 1 still keeps the run before the current one (a reader may
+        // hold it) and one failed run; a complete run that never published
+        // is removed.
+        fs::write(
+            runs_dir(wh).join("r2").join(MANIFEST),
+            r#"{"status":"complete"}"#,
+        )
+        .unwrap();
+        fs::create_dir_all(runs_dir(wh).join("r0")).unwrap();
+        fs::write(runs_dir(wh).join("r0").join(MANIFEST), r#"{"status":"complete"}"#).unwrap();
+        fs::create_dir_all(runs_dir(wh).join("r2a")).unwrap();
+        fs::write(runs_dir(wh).join("r2a").join(MANIFEST), "{}").unwrap();
+        assert_eq!(prune(wh, 1).unwrap(), vec!["r0", "r2a"]);
+        assert_eq!(left(wh), ["r2", "r3", "r4", "r5"]);
         let names: Vec<String> = fs::read_dir(runs_dir(wh))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

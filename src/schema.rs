@@ -215,6 +215,14 @@ impl Table {
         }
     }
 
+    /// Whether an event column may lie after the data's as-of day: a
+    /// medication's end is when the supply runs out (often computed from
+    /// the days supplied), planned rather than recorded, so a current long
+    /// prescription ends in the future.
+    pub fn may_be_future(self, column: &str) -> bool {
+        matches!((self, column), (Table::Medication, "end_date"))
+    }
+
     /// The start and end columns of the fact's period, when it has one.
     pub fn period_columns(self) -> Option<(&'static str, &'static str)> {
         match self {

@@ -44,6 +44,8 @@ pub const INGEST_VERSION: u32 = 3;
 pub struct Warehouse {
     root: PathBuf,
     out: PathBuf,
+    /// Readers ignore the linked core tables of `out` and read staging.
+    unlinked: bool,
 }
 
 impl Warehouse {
@@ -53,6 +55,7 @@ impl Warehouse {
         Warehouse {
             out: root.clone(),
             root,
+            unlinked: false,
         }
     }
 
@@ -61,7 +64,23 @@ impl Warehouse {
         Warehouse {
             root: self.root.clone(),
             out: out.into(),
+            unlinked: self.unlinked,
         }
+    }
+
+    /// The same warehouse read as unlinked staging: measures ignore any
+    /// linked core tables and count every provider record as a person
+    /// (see [`crate::reads`]).
+    pub fn unlinked(self) -> Self {
+        Warehouse {
+            unlinked: true,
+            ..self
+        }
+    }
+
+    /// Whether readers use linked core tables (when present under `out`).
+    pub fn reads_core(&self) -> bool {
+        !self.unlinked
     }
 
     pub fn root(&self) -> &Path {
@@ -361,6 +380,9 @@ pub struct FileState {
     /// Rejected rows per rule (states written before this field: empty).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rejects_by_rule: BTreeMap<String, u64>,
+    /// Values kept as `unknown` or empty, per `column: rule`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub values_flagged: BTreeMap<String, u64>,
     /// When it was loaded (UTC, RFC 3339).
     pub loaded_at: String,
 }
@@ -412,6 +434,7 @@ mod tests {
                 rows_skipped: 0,
                 skipped_by_type: BTreeMap::new(),
                 rejects_by_rule: BTreeMap::from([("required".into(), 1)]),
+                values_flagged: BTreeMap::new(),
                 loaded_at: "t".into(),
             },
         );

@@ -3,7 +3,7 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::*;
@@ -348,12 +348,24 @@ fn measure_commands_report_and_refuse_clearly() {
     );
     assert_eq!(backwards.status.code(), Some(2));
     assert!(text(&backwards.stderr).contains("starts after it ends"));
-    let one = ward(
+    // Nothing linked: measuring staging must be asked for, never a fallback.
+    let refused = ward(
         dir.path(),
         &["--config", cfg, "measure", "--measure", "cms165"],
     );
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(text(&refused.stderr).contains("--unlinked"));
+    let one = ward(
+        dir.path(),
+        &["--config", cfg, "measure", "--measure", "cms165", "--unlinked"],
+    );
     assert_eq!(one.status.code(), Some(0), "{}", text(&one.stderr));
-    assert!(text(&one.stdout).contains("CMS165"));
+    let stdout = text(&one.stdout);
+    assert!(
+        stdout.lines().next().unwrap().contains("UNLINKED"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("CMS165"));
     assert!(
         dir.path()
             .join("wh/marts/measure_patient/CMS165.parquet")
@@ -463,6 +475,30 @@ fn query_writes_every_format_and_refuses_escapes_with_exit_2() {
     assert_eq!(p.status.code(), Some(0), "{}", text(&p.stderr));
     assert_eq!(rows_of(&read_parquet(&parquet)), rows.len());
 
+    // --out: an existing file only with --force; never inside the
+    // warehouse, never through a symlink.
+    let again = q(&[sql, "--format", "csv", "--out", parquet.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(text(&again.stderr).contains("--force"));
+    let forced = q(&[sql, "--format", "csv", "--out", parquet.to_str().unwrap(), "--force"]);
+    assert_eq!(forced.status.code(), Some(0), "{}", text(&forced.stderr));
+    assert_eq!(text(&fs::read(&parquet).unwrap()), csv);
+    let current = dir.path().join("wh/runs/CURRENT");
+    let pointer = fs::read(&current).unwrap();
+    let link = dir.path().join("link.csv");
+    std::os::unix::fs::symlink(&current, &link).unwrap();
+    for target in [current.clone(), dir.path().join("wh/research.csv"), link] {
+        let out = q(&[sql, "--format", "csv", "--out", target.to_str().unwrap(), "--force"]);
+        assert_eq!(out.status.code(), Some(2), "{}", target.display());
+    }
+    assert_eq!(fs::read(&current).unwrap(), pointer);
+    // A file that is not SQL: refused without quoting it.
+    let secret = dir.path().join("secret.txt");
+    fs::write(&secret, "hunter2:x:0:0\n").unwrap();
+    let leak = q(&["--file", secret.to_str().unwrap()]);
+    assert_eq!(leak.status.code(), Some(2));
+    assert!(!text(&leak.stderr).contains("hunter2"), "{}", text(&leak.stderr));
+
     // min-cell: a threshold above every count suppresses all of them.
     let suppressed = q(&[sql, "--format", "csv", "--min-cell", "100000"]);
     assert!(
@@ -509,4 +545,173 @@ fn query_writes_every_format_and_refuses_escapes_with_exit_2() {
 
 fn rows_of(batches: &[datafusion::arrow::array::RecordBatch]) -> usize {
     batches.iter().map(|b| b.num_rows()).sum()
+}
+
+/// Every measure's mart, as sorted rows of text, keyed by file name.
+fn marts(dir: &Path) -> std::collections::BTreeMap<String, Vec<String>> {
+    use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+    let mut out = std::collections::BTreeMap::new();
+    for entry in fs::read_dir(dir.join("marts/measure_patient")).unwrap() {
+        let path = entry.unwrap().path();
+        let file = fs::File::open(&path).unwrap();
+        let reader =
+            datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 8192)
+                .unwrap();
+        let mut rows = Vec::new();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let formatters: Vec<_> = batch
+                .columns()
+                .iter()
+                .map(|c| ArrayFormatter::try_new(c.as_ref(), &FormatOptions::default()).unwrap())
+                .collect();
+            for i in 0..batch.num_rows() {
+                let row: Vec<String> = formatters.iter().map(|f| f.value(i).to_string()).collect();
+                rows.push(row.join("|"));
+            }
+        }
+        rows.sort();
+        out.insert(path.file_name().unwrap().to_string_lossy().into_owned(), rows);
+    }
+    out
+}
+
+/// Every file under `dir` with its modification time and length.
+fn tree(dir: &Path) -> Vec<(PathBuf, std::time::SystemTime, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = fs::metadata(&path).unwrap();
+            if meta.is_dir() {
+                stack.push(path);
+            } else {
+                out.push((path, meta.modified().unwrap(), meta.len()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn measure_after_a_run_reads_the_published_run_and_never_writes_into_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    let cfg = config.to_str().unwrap();
+    let run = ward(dir.path(), &["--config", cfg, "-q", "run"]);
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run.stderr));
+    let wh = dir.path().join("wh");
+    let run_id = fs::read_to_string(wh.join("runs/CURRENT")).unwrap();
+    let run_dir = wh.join("runs").join(run_id.trim());
+    let published = tree(&wh.join("runs"));
+
+    let out = ward(dir.path(), &["--config", cfg, "measure"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let first = stdout.lines().next().unwrap();
+    assert!(
+        first.contains(&format!("published run {}", run_id.trim())),
+        "{first}"
+    );
+    assert_eq!(
+        marts(&wh),
+        marts(&run_dir),
+        "measure reproduces the published marts"
+    );
+
+    let unlinked = ward(dir.path(), &["--config", cfg, "measure", "--unlinked", "--out"])
+        .status
+        .code();
+    assert_eq!(unlinked, Some(2), "--out needs a directory");
+    let scratch = dir.path().join("unlinked");
+    let out = ward(
+        dir.path(),
+        &[
+            "--config",
+            cfg,
+            "measure",
+            "--unlinked",
+            "--out",
+            scratch.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).lines().next().unwrap().contains("UNLINKED"));
+    assert_ne!(
+        marts(&scratch),
+        marts(&run_dir),
+        "unlinked staging counts provider records, not persons"
+    );
+
+    let inside = ward(
+        dir.path(),
+        &[
+            "--config",
+            cfg,
+            "measure",
+            "--out",
+            run_dir.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(inside.status.code(), Some(2));
+    assert!(text(&inside.stderr).contains("never written to"));
+    assert_eq!(tree(&wh.join("runs")), published, "runs/ is untouched");
+}
+
+#[test]
+fn warehouse_files_are_never_world_readable_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("umask 000; exec \"$0\" -q --config \"$1\" run")
+        .arg(env!("CARGO_BIN_EXE_ward"))
+        .arg(&config)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let mut stack = vec![dir.path().join("wh")];
+    let mut seen = 0;
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let mode = meta.permissions().mode() & 0o777;
+            assert_eq!(mode & 0o027, 0, "{} is {mode:o}", path.display());
+            seen += 1;
+            if meta.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    assert!(seen > 20, "the run wrote its warehouse");
+}
+
+#[test]
+fn status_is_no_alarm_while_a_complete_run_is_being_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    let wh = dir.path().join("wh");
+    let run_dir = ward::runs::runs_dir(&wh).join("20991231T000000Z");
+    fs::create_dir_all(&run_dir).unwrap();
+    let mut manifest = ward::runs::Manifest::start(
+        "20991231T000000Z",
+        Default::default(),
+        Default::default(),
+    );
+    manifest.status = ward::runs::RunStatus::Complete;
+    manifest.write(&run_dir).unwrap();
+    let status = || ward(dir.path(), &["--config", config.to_str().unwrap(), "status"]);
+    // The run holds the lock between its manifest and the rename: running.
+    let lock = ward::runs::Lock::acquire(&wh, "ward run").unwrap();
+    let out = status();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("publishing now"));
+    // Nobody holds it: a complete run that never published is an alarm.
+    drop(lock);
+    assert_eq!(status().status.code(), Some(1));
 }

@@ -461,3 +461,64 @@ fn ward_run_loads_a_config_mixing_csv_and_fhir_providers() {
         )) > 0
     );
 }
+
+/// Hardening: what unseen FHIR broke — a byte-order mark, the Hispanic
+/// ethnicity code in the race extension, a patient id twice, a current
+/// long prescription whose computed end lies in the future, an absurd
+/// supply and a code with a non-ASCII first letter.
+#[test]
+fn unseen_fhir_shapes_are_loaded_flagged_or_rejected_never_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let nd = dir.path().join("nd");
+    fs::create_dir_all(&nd).unwrap();
+    let race = r#""extension":[{"url":"http://hl7.org/fhir/us/core/StructureDefinition/us-core-race","extension":[{"url":"ombCategory","valueCoding":{"system":"urn:oid:2.16.840.1.113883.6.238","code":"2135-2"}}]}]"#;
+    fs::write(
+        nd.join("Patient.ndjson"),
+        format!(
+            "\u{feff}{{\"resourceType\":\"Patient\",\"id\":\"p1\",\"gender\":\"female\",\"birthDate\":\"1960-02-03\",{race}}}\n\
+             {{\"resourceType\":\"Patient\",\"id\":\"p1\",\"gender\":\"male\",\"birthDate\":\"1970-01-01\"}}\n\
+             {{\"resourceType\":\"Patient\",\"id\":\"p2\",\"gender\":\"female\",\"birthDate\":\"1961-01-01\"}}\n"
+        ),
+    )
+    .unwrap();
+    fs::write(
+        nd.join("MedicationRequest.ndjson"),
+        r#"{"resourceType":"MedicationRequest","id":"m1","status":"active","intent":"order","subject":{"reference":"Patient/p1"},"medicationCodeableConcept":{"coding":[{"system":"http://www.nlm.nih.gov/research/umls/rxnorm","code":"860975"}]},"authoredOn":"2025-12-25","dispenseRequest":{"numberOfRepeatsAllowed":12,"expectedSupplyDuration":{"value":30,"code":"d"}}}
+{"resourceType":"MedicationRequest","id":"m2","status":"active","intent":"order","subject":{"reference":"Patient/p2"},"medicationCodeableConcept":{"coding":[{"system":"http://www.nlm.nih.gov/research/umls/rxnorm","code":"860975"}]},"authoredOn":"2025-12-25","dispenseRequest":{"expectedSupplyDuration":{"value":1e18,"code":"d"}}}
+"#,
+    )
+    .unwrap();
+    fs::write(
+        nd.join("Condition.ndjson"),
+        "{\"resourceType\":\"Condition\",\"id\":\"c1\",\"subject\":{\"reference\":\"Patient/p1\"},\"code\":{\"coding\":[{\"system\":\"http://hl7.org/fhir/sid/icd-10-cm\",\"code\":\"\u{415}11.9\"}]},\"onsetDateTime\":\"2020-01-01\"}\n",
+    )
+    .unwrap();
+    let config = ward::PipelineConfig::load(&config(dir.path(), &[("nd", "fhir-ndjson", &nd)]))
+        .unwrap();
+    let opts = ward::IngestOptions {
+        today: chrono::NaiveDate::from_ymd_opt(2026, 1, 10).unwrap(),
+        dry_run: false,
+    };
+    let report = ward::ingest::ingest(&config, &opts, &indicatif::ProgressBar::hidden()).unwrap();
+    let file = |name: &str| report.files.iter().find(|f| f.file == name).unwrap();
+    let patients = file("Patient.ndjson");
+    assert_eq!((patients.rows_accepted, patients.rows_rejected), (2, 1));
+    assert_eq!(
+        patients.rejects_by_rule,
+        BTreeMap::from([("duplicate_patient_id".to_string(), 1)])
+    );
+    assert_eq!(patients.values_flagged.values().sum::<u64>(), 1, "{:?}", patients.values_flagged);
+    let wh = dir.path().join("wh");
+    let p = read_dir_batches(&wh.join("staging/patient/source=nd"));
+    assert_eq!(strings(&p, "source_patient_id"), [Some("p1".into()), Some("p2".into())]);
+    assert_eq!(strings(&p, "race")[0].as_deref(), Some("unknown"));
+    assert_eq!(strings(&p, "sex")[0].as_deref(), Some("female"), "the first p1 wins");
+    // Both prescriptions load: a planned end after as_of is no future date.
+    let meds = file("MedicationRequest.ndjson");
+    assert_eq!((meds.rows_accepted, meds.rows_rejected), (2, 0), "{:?}", meds.rejects_by_rule);
+    let conditions = file("Condition.ndjson");
+    assert_eq!(
+        conditions.rejects_by_rule,
+        BTreeMap::from([("malformed_code".to_string(), 1)])
+    );
+}

@@ -346,7 +346,7 @@ fn bad_input_source(dir: &Path) -> std::path::PathBuf {
     let data = dir.join("data");
     fs::create_dir_all(&data).unwrap();
     let h = "id,dob,sex,name\n";
-    let files: [(&str, &[u8]); 10] = [
+    let files: [(&str, &[u8]); 13] = [
         ("empty.csv", b""),
         ("header_only.csv", h.as_bytes()),
         ("bom_crlf_quoted.csv", b"\xEF\xBB\xBFid,dob,sex,name\r\nb1,2000-01-01,F,Ann\r\nb2,2000-01-02,M,\"Two\r\nLines\"\r\nb3,2000-01-03,F,Eve\r\n"),
@@ -357,6 +357,9 @@ fn bad_input_source(dir: &Path) -> std::path::PathBuf {
         ("too_many_fields.csv", b"id,dob,sex,name\nx1,2000-01-01,F,Ann,surplus\nx2,2000-01-01,F,Ann\n"),
         ("too_few_fields.csv", b"id,dob,sex,name\ny1,2000-01-01\ny2,2000-01-01,F,Ann\n"),
         ("bad_values.csv", b"id,dob,sex,name\nv1,2000-13-01,F,Ann\nv2,2999-01-01,F,Ann\nv3,2000-01-01,Q,Ann\n,2000-01-01,F,Ann\n"),
+        ("stray_quote.csv", b"id,dob,sex,name\nq1,2000-01-01,F,Hb\"Ann\nq2,2000-01-01,F,\"Open\nq3,2000-01-01,F,Ann\n"),
+        ("duplicate_id.csv", b"id,dob,sex,name\nd1,2000-01-01,F,Ann\nd1,1990-05-05,M,Bob\nd2,2000-01-01,F,Eve\n"),
+        ("no_header.csv", b"Jane,1950-01-01,F,123-45-6789\nJohn,1951-01-01,M,987-65-4321\n"),
     ];
     for (name, bytes) in files {
         fs::write(data.join(name), bytes).unwrap();
@@ -443,9 +446,10 @@ fn bad_input_gets_a_reject_or_an_error_naming_file_and_line() {
     let expect = [
         ("bad_values.csv", 2, "unparseable_date"),
         ("bad_values.csv", 3, "future_date"),
-        ("bad_values.csv", 4, "invalid_value"),
         ("bad_values.csv", 5, "required"),
+        ("duplicate_id.csv", 3, "duplicate_patient_id"),
         ("not_utf8.csv", 2, "invalid_utf8"),
+        ("stray_quote.csv", 3, "malformed_record"),
         ("too_few_fields.csv", 2, "wrong_field_count"),
         ("too_many_fields.csv", 2, "wrong_field_count"),
         ("truncated.csv", 3, "truncated_record"),
@@ -461,6 +465,25 @@ fn bad_input_gets_a_reject_or_an_error_naming_file_and_line() {
     assert_eq!((line_of("b1"), line_of("b2"), line_of("b3")), (2, 3, 5));
     let names = strings(&pats, "given_name");
     assert!(names.contains(&Some("Two\r\nLines".to_string())));
+    // A stray quote costs its own record only; a duplicate id keeps the first.
+    assert_eq!((line_of("q1"), line_of("q3")), (2, 4));
+    assert_eq!(line_of("d1"), 2);
+    assert_eq!(ids.iter().filter(|i| i.as_deref() == Some("d1")).count(), 1);
+    // A sex Ward cannot read is kept as unknown and counted, not a reject.
+    let sex = strings(&pats, "sex");
+    assert_eq!(sex[ids.iter().position(|i| i.as_deref() == Some("v3")).unwrap()].as_deref(), Some("unknown"));
+    assert_eq!(
+        file("bad_values.csv").values_flagged,
+        std::collections::BTreeMap::from([("sex: unrecognized_value".to_string(), 1)])
+    );
+    // A file without a header: the error names the file, never its values.
+    let headless = file("no_header.csv");
+    assert_eq!(headless.status, FileStatus::Failed);
+    let detail = headless.detail.as_deref().unwrap();
+    assert!(detail.contains("no_header.csv:1"), "{detail}");
+    for value in ["Jane", "1950", "6789"] {
+        assert!(!detail.contains(value), "{detail}");
+    }
 
     // Nothing lost: every data record is accepted or rejected.
     for f in report
@@ -472,8 +495,8 @@ fn bad_input_gets_a_reject_or_an_error_naming_file_and_line() {
     }
     assert_eq!(
         report.failures().len(),
-        3,
-        "gone source, empty file, missing column"
+        4,
+        "gone source, empty file, missing column, no header"
     );
 }
 

@@ -1,19 +1,18 @@
 //! Reading a delimited extract into text columns.
 //!
-//! Two passes over the bytes. A structural pass with the `csv` crate finds
-//! every record's line number and quarantines records that cannot be trusted
-//! (wrong number of fields, a truncated last line, bytes that are not UTF-8):
-//! these become rejects. The records that pass are handed to Polars'
-//! multi-threaded CSV reader with every column read as text; casting happens
-//! later, per column, with the mapping's formats. Polars alone cannot report
-//! source line numbers (quoted newlines make rows and lines differ) nor turn a
-//! ragged row into a reject instead of failing the whole file.
+//! One pass over the bytes with the `csv` crate finds every record's line
+//! number, quarantines records that cannot be trusted (wrong number of
+//! fields, a truncated last line, bytes that are not UTF-8, a quote that
+//! never closes) as rejects, and appends the cells of the others to one
+//! Arrow string column per header field; casting happens later, per column,
+//! with the mapping's formats. A quote left open swallows the lines after
+//! it: such a record is refused as `malformed_record` for its first line
+//! only, and reading resumes on the next line, so one stray quote costs one
+//! record, never the file.
 
-use std::io::Cursor;
 use std::path::Path;
-use std::sync::Arc;
 
-use polars::prelude::*;
+use datafusion::arrow::array::{Array, StringArray, StringBuilder};
 
 use crate::error::{Result, WardError};
 use crate::mapping::{CsvMapping, Encoding};
@@ -28,13 +27,13 @@ pub struct StructuralReject {
     pub raw: String,
 }
 
-/// An extract read as text: the header, the well-formed records as a Polars
-/// frame of `String` columns (one per header field, in header order), and
-/// the line number each of them started on.
+/// An extract read as text: the header, the well-formed records as one
+/// string column per header field (in header order), and the line number
+/// each of them started on.
 #[derive(Debug)]
 pub struct TextTable {
     pub header: Vec<String>,
-    pub frame: DataFrame,
+    pub columns: Vec<StringArray>,
     pub lines: Vec<u64>,
     pub rejects: Vec<StructuralReject>,
 }
@@ -48,31 +47,27 @@ impl TextTable {
     /// Every column as a vector of cells (`None` when empty), for fast
     /// random access while mapping.
     pub fn text_columns(&self) -> Vec<Vec<Option<&str>>> {
-        self.frame
-            .columns()
+        self.columns
             .iter()
-            .map(|c| match c.str() {
-                Ok(ca) => ca
-                    .iter()
+            .map(|c| {
+                c.iter()
                     .map(|v| v.filter(|s| !s.trim().is_empty()))
-                    .collect(),
-                Err(_) => vec![None; self.frame.height()],
+                    .collect()
             })
             .collect()
     }
 
     /// The text of column `col` at row `row` (`None` when empty).
-    #[cfg(test)]
     pub fn cell(&self, col: usize, row: usize) -> Option<&str> {
-        self.frame.columns()[col]
-            .str()
-            .ok()
-            .and_then(|c| c.get(row))
+        let c = self.columns.get(col)?;
+        (row < c.len() && c.is_valid(row))
+            .then(|| c.value(row))
             .filter(|s| !s.trim().is_empty())
     }
 }
 
-/// Reads one extract. `path` is used in error messages only.
+/// Reads one extract. `path` is used in error messages only, which name
+/// lines and column positions, never cell values.
 pub fn read(path: &Path, bytes: &[u8], mapping: &CsvMapping) -> Result<TextTable> {
     let err = |line: Option<u64>, message: String| WardError::Extract {
         path: path.to_path_buf(),
@@ -91,18 +86,21 @@ pub fn read(path: &Path, bytes: &[u8], mapping: &CsvMapping) -> Result<TextTable
         return Err(err(None, "file is empty: no header line".into()));
     }
 
-    let mut reader = csv::ReaderBuilder::new()
+    let mut builder = csv::ReaderBuilder::new();
+    builder
         .has_headers(false)
         .flexible(true)
         .delimiter(mapping.delimiter)
-        .quote(mapping.quote)
-        .from_reader(bytes);
+        .quote(mapping.quote);
+    let mut reader = builder.from_reader(bytes);
     let mut record = csv::ByteRecord::new();
+    // Reading bytes from memory cannot fail: the reader's only errors are
+    // I/O and UTF-8 errors of string records.
     let read_record = |reader: &mut csv::Reader<&[u8]>, record: &mut csv::ByteRecord| {
         reader.read_byte_record(record).map_err(|e| {
             err(
                 e.position().map(|p| p.line()),
-                format!("unreadable CSV: {e}"),
+                "unreadable CSV record".into(),
             )
         })
     };
@@ -111,16 +109,20 @@ pub fn read(path: &Path, bytes: &[u8], mapping: &CsvMapping) -> Result<TextTable
         return Err(err(None, "file is empty: no header line".into()));
     }
     let header_line = record.position().map_or(1, |p| p.line());
-    let mut header = Vec::with_capacity(record.len());
-    for field in record.iter() {
+    let mut header: Vec<String> = Vec::with_capacity(record.len());
+    for (i, field) in record.iter().enumerate() {
         let name = std::str::from_utf8(field)
             .map_err(|_| err(Some(header_line), "header is not valid UTF-8".into()))?
             .trim()
             .to_string();
-        if header.contains(&name) {
+        if let Some(first) = header.iter().position(|h| *h == name) {
             return Err(err(
                 Some(header_line),
-                format!("duplicate column '{name}' in header"),
+                format!(
+                    "header fields {} and {} have the same name (is the first line a header?)",
+                    first + 1,
+                    i + 1
+                ),
             ));
         }
         header.push(name);
@@ -128,30 +130,68 @@ pub fn read(path: &Path, bytes: &[u8], mapping: &CsvMapping) -> Result<TextTable
     let width = header.len();
 
     let ends_with_newline = bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r');
-    let mut clean = Vec::with_capacity(bytes.len());
+    let mut columns: Vec<StringBuilder> = (0..width)
+        .map(|_| StringBuilder::with_capacity(1024, 16 * 1024))
+        .collect();
     let mut lines = Vec::new();
     let mut rejects = Vec::new();
+    // Where the current reader starts: byte offset and line number before it.
+    let (mut base_byte, mut base_line) = (0usize, 0u64);
     while read_record(&mut reader, &mut record)? {
         let pos = record
             .position()
             .expect("records read from a reader have a position");
-        let (mut line, start) = (pos.line(), pos.byte() as usize);
-        let end = (reader.position().byte() as usize).min(bytes.len());
+        let start = base_byte + pos.byte() as usize;
+        let end = (base_byte + reader.position().byte() as usize).min(bytes.len());
         let raw = &bytes[start..end];
         // After a CRLF the reader positions the next record on the LF.
-        line += raw
+        let leading = raw
             .iter()
             .take_while(|b| matches!(b, b'\n' | b'\r'))
-            .filter(|b| **b == b'\n')
-            .count() as u64;
+            .count();
+        let line = base_line
+            + pos.line()
+            + raw[..leading].iter().filter(|b| **b == b'\n').count() as u64;
+        let body = trim_terminator(raw);
         let is_last = end >= bytes.len();
         let reject = |rule: &'static str, message: String| StructuralReject {
             line,
             rule,
             message,
-            raw: String::from_utf8_lossy(trim_terminator(raw)).into_owned(),
+            raw: String::from_utf8_lossy(body).into_owned(),
         };
-        if record.len() != width {
+        // A quoted field still open at the end of the file.
+        let unclosed = is_last
+            && opens_quote(body, mapping)
+            && body.iter().filter(|b| **b == mapping.quote).count() % 2 == 1;
+        if record.len() != width || unclosed {
+            let eol = body.iter().position(|b| *b == b'\n');
+            if let Some(eol) = eol
+                && opens_quote(&body[..eol], mapping)
+            {
+                // A quote opened on this line and closed lines later (or
+                // never): refuse this line alone and read on from the next.
+                rejects.push(StructuralReject {
+                    raw: String::from_utf8_lossy(trim_terminator(&body[..eol])).into_owned(),
+                    ..reject(
+                        "malformed_record",
+                        "unbalanced quote: the record runs past the end of its line; \
+                         this line was refused and reading resumed on the next"
+                            .into(),
+                    )
+                });
+                base_byte = start + leading + eol + 1;
+                base_line = line;
+                reader = builder.from_reader(&bytes[base_byte..]);
+                continue;
+            }
+            if unclosed {
+                rejects.push(reject(
+                    "malformed_record",
+                    "unbalanced quote: a quoted field is still open at the end of the file".into(),
+                ));
+                continue;
+            }
             let (rule, what) = if is_last && !ends_with_newline && record.len() < width {
                 ("truncated_record", "last line is cut short: ")
             } else {
@@ -164,34 +204,33 @@ pub fn read(path: &Path, bytes: &[u8], mapping: &CsvMapping) -> Result<TextTable
             continue;
         }
         if let Some(i) = record.iter().position(|f| std::str::from_utf8(f).is_err()) {
-            rejects.push(StructuralReject {
-                message: format!("column '{}' holds bytes that are not UTF-8", header[i]),
-                ..reject("invalid_utf8", String::new())
-            });
+            rejects.push(reject(
+                "invalid_utf8",
+                format!("column '{}' holds bytes that are not UTF-8", header[i]),
+            ));
             continue;
         }
-        clean.extend_from_slice(trim_terminator(raw));
-        clean.push(b'\n');
+        for (column, field) in columns.iter_mut().zip(record.iter()) {
+            match std::str::from_utf8(field) {
+                Ok(v) if !v.trim().is_empty() => column.append_value(v),
+                _ => column.append_null(),
+            }
+        }
         lines.push(line);
     }
 
-    let frame = parse_text_columns(&clean, width, mapping)
-        .map_err(|e| err(None, format!("CSV parser: {e}")))?;
-    if frame.height() != lines.len() {
-        return Err(err(
-            None,
-            format!(
-                "CSV parser disagreement: {} records found, {} parsed",
-                lines.len(),
-                frame.height()
-            ),
-        ));
-    }
     Ok(TextTable {
         header,
-        frame,
+        columns: columns.iter_mut().map(StringBuilder::finish).collect(),
         lines,
         rejects,
+    })
+}
+
+/// Whether a line opens a quoted field: a quote at the start of a field.
+fn opens_quote(line: &[u8], mapping: &CsvMapping) -> bool {
+    line.iter().enumerate().any(|(i, b)| {
+        *b == mapping.quote && (i == 0 || line[i - 1] == mapping.delimiter)
     })
 }
 
@@ -205,27 +244,6 @@ fn trim_terminator(raw: &[u8]) -> &[u8] {
         r = rest;
     }
     r
-}
-
-/// Parses headerless, well-formed CSV into `width` String columns.
-fn parse_text_columns(clean: &[u8], width: usize, mapping: &CsvMapping) -> PolarsResult<DataFrame> {
-    let schema: Schema = (0..width)
-        .map(|i| Field::new(format!("c{i}").into(), DataType::String))
-        .collect();
-    if clean.is_empty() {
-        return Ok(DataFrame::empty_with_schema(&schema));
-    }
-    let parse = CsvParseOptions::default()
-        .with_separator(mapping.delimiter)
-        .with_quote_char(Some(mapping.quote));
-    CsvReadOptions::default()
-        .with_has_header(false)
-        .with_schema(Some(Arc::new(schema)))
-        .with_parse_options(parse)
-        .with_rechunk(true)
-        .with_raise_if_empty(false)
-        .into_reader_with_file_handle(Cursor::new(clean))
-        .finish()
 }
 
 #[cfg(test)]
@@ -284,13 +302,13 @@ mod tests {
         assert!(e.to_string().contains("empty"), "{e}");
         let t = read_str(b"a,b\n").unwrap();
         assert_eq!(t.records(), 0);
-        assert_eq!(t.frame.width(), 2);
+        assert_eq!(t.columns.len(), 2);
     }
 
     #[test]
     fn duplicate_header_is_an_error() {
         let e = read_str(b"a,a\n1,2\n").unwrap_err();
-        assert!(e.to_string().contains("duplicate column 'a'"), "{e}");
+        assert!(e.to_string().contains("header fields 1 and 2"), "{e}");
     }
 
     #[test]
@@ -302,6 +320,58 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.cell(0, 0), Some("José"));
+    }
+
+    #[test]
+    fn a_stray_quote_costs_one_record_not_the_file() {
+        // A quote inside an unquoted field is a character of the value.
+        let t = read_str(b"id,code\n1,Hb\"A1c\n2,x\n").unwrap();
+        assert_eq!(t.lines, [2, 3]);
+        assert_eq!(t.cell(1, 0), Some("Hb\"A1c"));
+        // A quoted field that never closes would swallow the rest of the
+        // file: its line alone is refused and reading resumes on the next.
+        let t = read_str(b"id,code,v\n1,\"abc,1\n2,def,2\n3,ghi,3\n").unwrap();
+        assert_eq!(t.lines, [3, 4]);
+        assert_eq!(t.cell(1, 0), Some("def"));
+        assert_eq!(t.rejects.len(), 1);
+        assert_eq!((t.rejects[0].line, t.rejects[0].rule), (2, "malformed_record"));
+        assert_eq!(t.rejects[0].raw, "1,\"abc,1");
+        // With CRLF line ends; a quote still open at the end of the file.
+        let t = read_str(b"a,b\r\n\"x,1\r\n3,4\r\n5,\"6\r\n").unwrap();
+        assert_eq!(t.lines, [3]);
+        let rules: Vec<_> = t.rejects.iter().map(|r| (r.line, r.rule)).collect();
+        assert_eq!(rules, [(2, "malformed_record"), (4, "malformed_record")]);
+        assert_eq!(t.records(), 3);
+    }
+
+    #[test]
+    fn errors_name_positions_not_values() {
+        // A file without a header: its first record is taken as the header.
+        let e = read_str(b"Jane,Jane,123-45-6789\n").unwrap_err().to_string();
+        assert!(!e.contains("Jane") && !e.contains("6789"), "{e}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+
+        /// Any bytes: no panic, and every record is either a row or a reject.
+        #[test]
+        fn any_bytes_are_read_or_refused(body in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::prelude::Just(b'"'), proptest::prelude::Just(b','),
+                proptest::prelude::Just(b'\n'), proptest::prelude::Just(b'\r'),
+                proptest::prelude::Just(b'a'), proptest::prelude::any::<u8>(),
+            ],
+            0..300,
+        )) {
+            let mut bytes = b"a,b,c\n".to_vec();
+            bytes.extend(&body);
+            let t = read_str(&bytes).unwrap();
+            proptest::prop_assert!(t.columns.iter().all(|c| c.len() == t.lines.len()));
+            let last = 2 + bytes.iter().filter(|b| **b == b'\n').count() as u64;
+            proptest::prop_assert!(t.lines.iter().chain(t.rejects.iter().map(|r| &r.line))
+                .all(|l| (2..=last).contains(l)));
+        }
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub struct FhirFile {
     pub read: u64,
     /// Resources of types Ward does not load, per type.
     pub skipped: BTreeMap<String, u64>,
+    /// Values kept as `unknown` or empty, per `element: rule` (see
+    /// [`super::rows::MappedFile::flagged`]).
+    pub flagged: BTreeMap<String, u64>,
 }
 
 /// Flattened rows of one table, before mapping.
@@ -185,12 +188,14 @@ fn medication_request_period(r: &Value) -> (Option<String>, Option<String>) {
         .as_deref()
         .and_then(|s| s.get(..10))
         .and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok());
-    let end = match (first_day, days) {
-        (Some(first), Some(days)) if days >= 1.0 => {
-            Some((first + chrono::Duration::days(days as i64 - 1)).to_string())
-        }
-        _ => text(&bounds["end"]),
+    // Checked: an absurd supply (1e18 days) is no date, never a panic.
+    let supplied_end = match (first_day, days) {
+        (Some(first), Some(days)) if days >= 1.0 => first
+            .checked_add_days(chrono::Days::new(days as u64 - 1))
+            .map(|d| d.to_string()),
+        _ => None,
     };
+    let end = supplied_end.or_else(|| text(&bounds["end"]));
     (start, end)
 }
 
@@ -737,7 +742,8 @@ pub fn load_bundle(path: &Path, bytes: &[u8], ctx: &RowContext) -> Result<FhirFi
     let flat = read_bundle(path, bytes)?;
     let mut out = FhirFile::default();
     let mut tables = BTreeMap::new();
-    map_flat(path, flat, ctx, PatientCheck::Own, &mut out, &mut tables)?;
+    let mut ids = HashMap::new();
+    map_flat(path, flat, ctx, PatientCheck::Own, &mut out, &mut tables, &mut ids)?;
     out.finish(tables);
     Ok(out)
 }
@@ -764,12 +770,16 @@ fn load_ndjson_in_chunks(
     let mut tables = BTreeMap::new();
     let mut lines = reader.split(b'\n');
     let mut line = 0u64;
+    let mut patient_ids = HashMap::new();
     loop {
         let mut chunk = Vec::with_capacity(chunk_lines);
         while chunk.len() < chunk_lines {
             let Some(next) = lines.next() else { break };
             line += 1;
-            let bytes = next.map_err(|e| WardError::io("cannot read", path, e))?;
+            let mut bytes = next.map_err(|e| WardError::io("cannot read", path, e))?;
+            if line == 1 && bytes.starts_with(b"\xEF\xBB\xBF") {
+                bytes.drain(..3); // a byte-order mark, as CSV files may carry
+            }
             if !bytes.iter().all(u8::is_ascii_whitespace) {
                 chunk.push((line, bytes));
             }
@@ -784,6 +794,7 @@ fn load_ndjson_in_chunks(
             check,
             &mut out,
             &mut tables,
+            &mut patient_ids,
         )?;
     }
     out.finish(tables);
@@ -805,6 +816,7 @@ fn map_flat(
     check: PatientCheck,
     out: &mut FhirFile,
     tables: &mut BTreeMap<Table, Vec<RecordBatch>>,
+    patient_ids: &mut HashMap<String, u64>,
 ) -> Result<()> {
     let formats = [DateFormat::new("iso").expect("iso")];
     out.rejects.append(&mut flat.rejects);
@@ -851,7 +863,14 @@ fn map_flat(
             today: ctx.today,
             patients: lookup,
         };
-        let MappedFile { batches, rejects } = rows::map_input(&input, &plan, &row_ctx)?;
+        let MappedFile {
+            batches,
+            rejects,
+            flagged,
+        } = rows::map_input(&input, &plan, &row_ctx, patient_ids)?;
+        for (k, n) in flagged {
+            *out.flagged.entry(k).or_default() += n;
+        }
         // A resource is accepted whole or not at all.
         let rejected: BTreeSet<u64> = rejects.iter().map(|r| r.line).collect();
         let mut kept = Vec::new();

@@ -76,6 +76,10 @@ pub struct FileReport {
     pub skipped_by_type: BTreeMap<String, u64>,
     /// Rejected rows per rule (first failing rule of each row).
     pub rejects_by_rule: BTreeMap<String, u64>,
+    /// Values of accepted rows kept as `unknown` or empty because they could
+    /// not be normalized (a race code Ward does not know, a misspelt state),
+    /// per `column: rule`.
+    pub values_flagged: BTreeMap<String, u64>,
 }
 
 /// A whole source that could not be read (e.g. its glob matched nothing).
@@ -177,6 +181,8 @@ struct Loaded {
     accepted: u64,
     /// FHIR resources of types Ward does not load, per type.
     skipped: BTreeMap<String, u64>,
+    /// Values kept as `unknown` or empty, per `column: rule`.
+    flagged: BTreeMap<String, u64>,
 }
 
 impl Loaded {
@@ -255,6 +261,7 @@ pub fn ingest(
                 rows_skipped: 0,
                 skipped_by_type: BTreeMap::new(),
                 rejects_by_rule: BTreeMap::new(),
+                values_flagged: BTreeMap::new(),
             };
         let sha = match sha {
             Ok(s) => s,
@@ -421,6 +428,7 @@ pub fn ingest(
                 rows_skipped: f.rows_skipped,
                 skipped_by_type: f.skipped_by_type.clone(),
                 rejects_by_rule: f.rejects_by_rule.clone(),
+                values_flagged: f.values_flagged.clone(),
             });
         }
     }
@@ -441,6 +449,7 @@ pub fn ingest(
             rows_skipped: 0,
             skipped_by_type: BTreeMap::new(),
             rejects_by_rule: BTreeMap::new(),
+            values_flagged: BTreeMap::new(),
         };
         match result {
             Err(e) => {
@@ -454,6 +463,7 @@ pub fn ingest(
                 file_report.rows_rejected = loaded.rejects.len() as u64;
                 file_report.rows_skipped = loaded.skipped_total();
                 file_report.skipped_by_type = loaded.skipped.clone();
+                file_report.values_flagged = loaded.flagged.clone();
                 for r in &loaded.rejects {
                     *file_report
                         .rejects_by_rule
@@ -544,6 +554,7 @@ fn load_file(
                 rejects: mapped.rejects,
                 read: text.records(),
                 skipped: BTreeMap::new(),
+                flagged: mapped.flagged,
             }
         }
         FileKind::Ndjson | FileKind::Bundle => {
@@ -579,6 +590,7 @@ fn load_file(
             Loaded {
                 accepted: lines.len() as u64,
                 skipped: f.skipped,
+                flagged: f.flagged,
                 read: f.read,
                 tables: f.tables,
                 rejects: f.rejects,
@@ -662,6 +674,7 @@ fn publish(
             *m.entry(r.rule.to_string()).or_default() += 1;
             m
         }),
+        values_flagged: loaded.flagged.clone(),
         loaded_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     })
 }

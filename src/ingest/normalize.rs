@@ -64,6 +64,11 @@ pub fn code<'a>(system: &str, raw: &'a str) -> Result<Cow<'a, str>, &'static str
     };
     match system {
         "icd10cm" => {
+            // Checked as ASCII before any slicing: a code such as `Е11.9`
+            // (Cyrillic Е) is malformed, never a panic.
+            if !c.is_ascii() {
+                return Err("malformed_code");
+            }
             let u: String = c
                 .bytes()
                 .filter(|b| *b != b'.')
@@ -76,19 +81,19 @@ pub fn code<'a>(system: &str, raw: &'a str) -> Result<Cow<'a, str>, &'static str
                 && b[1].is_ascii_digit()
                 && b[2].is_ascii_alphanumeric()
                 && b[3..].iter().all(u8::is_ascii_alphanumeric);
+            if !valid {
+                return Err("malformed_code");
+            }
             let dotted = if u.len() > 3 {
                 format!("{}.{}", &u[..3], &u[3..])
             } else {
                 u
             };
-            ok(
-                valid,
-                if dotted == c {
-                    Cow::Borrowed(c)
-                } else {
-                    Cow::Owned(dotted)
-                },
-            )
+            Ok(if dotted == c {
+                Cow::Borrowed(c)
+            } else {
+                Cow::Owned(dotted)
+            })
         }
         "loinc" => ok(loinc_valid(c), Cow::Borrowed(c)),
         "snomed" => ok(
@@ -589,6 +594,62 @@ pub fn timestamp(raw: &str, formats: &[DateFormat]) -> Option<NaiveDateTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    const SYSTEMS: [&str; 11] = [
+        "icd10cm", "icd9cm", "icd10pcs", "loinc", "snomed", "rxnorm", "cvx", "cpt", "hcpcs",
+        "ndc", "local",
+    ];
+
+    /// Text that hits the edges of byte-indexed parsing: multi-byte
+    /// characters at every position, digits, dots, dashes and spaces.
+    fn hostile() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[0-9A-Za-z.\\- éЕ€😀]{0,24}",
+            "[Ee€Е][0-9]{1,2}[.][0-9]{0,4}",
+            "[0-9éЕ]{2,12}[-/ T:+Z][0-9éЕ:]{0,14}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// No input text panics a normalizer (one bad cell must never stop
+        /// a night), and a normalized code normalizes to itself.
+        #[test]
+        fn normalizers_never_panic(s in hostile()) {
+            for system in SYSTEMS {
+                if let Ok(c) = code(system, &s) {
+                    let again = code(system, &c).map(|c| c.into_owned());
+                    prop_assert_eq!(again, Ok(c.into_owned()), "{} not idempotent", system);
+                }
+            }
+            let _ = (code_system(&s), loinc_valid(&s), verhoeff_valid(&s));
+            let _ = (sex(&s), race(&s), ethnicity(&s), state(&s), encounter_class(&s));
+            let zip = postal_code(&s);
+            prop_assert_eq!(postal_code(&zip), zip.clone());
+            let _ = (unit(&s), token(&s), number(&s));
+            let formats: Vec<DateFormat> = ["iso", "%Y%m%d", "%m/%d/%Y", "%Y-%m-%d %H:%M"]
+                .iter()
+                .map(|f| DateFormat::new(f).unwrap())
+                .collect();
+            let _ = (date(&s, &formats), timestamp(&s, &formats));
+            let _ = crate::deid::zip3(&s);
+            let o = Some(s.as_str());
+            use crate::link::standardize as st;
+            let _ = (st::name(o), st::given(o), st::phone(o), st::ssn(o), st::email(o));
+            let _ = (st::zip(o), st::address(o), st::soundex(&s));
+        }
+    }
+
+    #[test]
+    fn non_ascii_icd10_codes_are_malformed_not_a_panic() {
+        for bad in ["Е11.9", "é11.9", "E1é.9", "E11.é", "€11"] {
+            assert_eq!(code("icd10cm", bad), Err("malformed_code"), "{bad}");
+        }
+        assert_eq!(code("icd10cm", "e119").unwrap(), "E11.9");
+    }
 
     #[test]
     fn loinc_check_digits() {

@@ -8,7 +8,7 @@
 //! text columns rather than copied.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::path::Path;
@@ -65,6 +65,9 @@ pub struct MappedFile {
     /// Accepted rows, in file order (one batch per chunk).
     pub batches: Vec<RecordBatch>,
     pub rejects: Vec<RejectRow>,
+    /// Values of accepted rows that could not be normalized and were kept as
+    /// `unknown` (or empty), per `column: rule`.
+    pub flagged: BTreeMap<String, u64>,
 }
 
 impl MappedFile {
@@ -157,13 +160,27 @@ fn plan<'a>(text: &TextTable, fm: &'a FileMapping, ctx: &RowContext) -> Result<P
     let table = fm.table;
     let columns = table.columns();
     let find = |name: &str, target: &str| -> Result<usize> {
-        text.header.iter().position(|h| h == name).ok_or_else(|| WardError::Extract {
-            path: ctx.path.to_path_buf(),
-            line: Some(1),
-            message: format!(
-                "mapping names column '{name}' (for {target}) but the header has no such column; header: {}",
-                text.header.join(", ")
-            ),
+        text.header.iter().position(|h| h == name).ok_or_else(|| {
+            // The header is not printed: in a file without a header line it
+            // is a patient's record. A near spelling of the mapped name is.
+            let near = text
+                .header
+                .iter()
+                .filter(|h| strsim::jaro_winkler(&h.to_lowercase(), &name.to_lowercase()) >= 0.9)
+                .max_by(|a, b| {
+                    strsim::jaro_winkler(a, name).total_cmp(&strsim::jaro_winkler(b, name))
+                })
+                .map(|h| format!(" (a header field is spelled '{h}')"))
+                .unwrap_or_default();
+            WardError::Extract {
+                path: ctx.path.to_path_buf(),
+                line: Some(1),
+                message: format!(
+                    "mapping names column '{name}' (for {target}) but none of the {} header fields has that name{near}; \
+                     check that the file starts with a header line and that the mapping's delimiter is right",
+                    text.header.len()
+                ),
+            }
         })
     };
     let field = |target: &'static str, spec: &'a FieldSpec| -> Result<FieldPlan<'a>> {
@@ -275,7 +292,7 @@ pub fn map_rows(text: &TextTable, fm: &FileMapping, ctx: &RowContext) -> Result<
         raw: &raw,
         structural: &text.rejects,
     };
-    map_input(&input, &plan, ctx)
+    map_input(&input, &plan, ctx, &mut HashMap::new())
 }
 
 /// A plan for input whose columns are the table's own columns, in schema
@@ -304,13 +321,43 @@ pub(crate) fn canonical_plan<'a>(
     finish_plan(table, fields, None, Vec::new())
 }
 
-/// Maps every row of `input` with `plan`; see [`map_rows`].
-pub(crate) fn map_input(input: &RowInput, plan: &Plan, ctx: &RowContext) -> Result<MappedFile> {
+/// Maps every row of `input` with `plan`; see [`map_rows`]. For patients,
+/// `patient_ids` holds the ids already met in the same file (with their
+/// line): the first record of an id wins, a later one is refused as
+/// `duplicate_patient_id`, so a person's facts are never copied onto two
+/// patients. New ids are added.
+pub(crate) fn map_input(
+    input: &RowInput,
+    plan: &Plan,
+    ctx: &RowContext,
+    patient_ids: &mut HashMap<String, u64>,
+) -> Result<MappedFile> {
     let cols = &input.cols;
     let duplicate_of = duplicates(cols, input.lines);
     let n = input.lines.len();
+    let id_seen_on: Vec<Option<u64>> = match plan
+        .fields
+        .iter()
+        .find(|f| f.target == plan.at.patient_id)
+        .filter(|_| plan.table == Table::Patient)
+    {
+        Some(f) => (0..n)
+            .map(|row| {
+                let id = resolve(f.spec, raw_of(cols, row, f.input)).ok().flatten()?;
+                match patient_ids.entry(id.to_string()) {
+                    Entry::Occupied(first) => Some(*first.get()),
+                    Entry::Vacant(v) => {
+                        v.insert(input.lines[row]);
+                        None
+                    }
+                }
+            })
+            .collect(),
+        None => vec![None; n],
+    };
 
-    let chunks: Vec<(Vec<RecordBatch>, Vec<RejectRow>)> = (0..n)
+    type Chunk = (Vec<RecordBatch>, Vec<RejectRow>, BTreeMap<String, u64>);
+    let chunks: Vec<Chunk> = (0..n)
         .step_by(CHUNK)
         .collect::<Vec<_>>()
         .into_par_iter()
@@ -321,6 +368,7 @@ pub(crate) fn map_input(input: &RowInput, plan: &Plan, ctx: &RowContext) -> Resu
             let mut cells = vec![Cell::Null; plan.table.columns().len()];
             let mut codings = Vec::new();
             let mut violations = Vec::new();
+            let (mut flags, mut flagged) = (Vec::new(), BTreeMap::<String, u64>::new());
             for (row, duplicate) in duplicate_of.iter().enumerate().take(end).skip(start) {
                 violations.clear();
                 if let Some(first) = duplicate {
@@ -328,6 +376,15 @@ pub(crate) fn map_input(input: &RowInput, plan: &Plan, ctx: &RowContext) -> Resu
                         column: "*",
                         rule: "duplicate_row",
                         message: format!("exact duplicate of line {first}"),
+                    });
+                }
+                if let Some(first) = id_seen_on[row] {
+                    violations.push(Violation {
+                        column: plan.labels[plan.at.patient_id],
+                        rule: "duplicate_patient_id",
+                        message: format!(
+                            "source_patient_id: the same id as the patient on line {first}, which is kept"
+                        ),
                     });
                 }
                 let extra = input.extra_codings.map(|e| e[row].as_slice());
@@ -340,9 +397,13 @@ pub(crate) fn map_input(input: &RowInput, plan: &Plan, ctx: &RowContext) -> Resu
                     &mut cells,
                     &mut codings,
                     &mut violations,
+                    &mut flags,
                 );
                 if violations.is_empty() {
                     out.append(ctx, input.lines[row], &cells, &codings);
+                    for column in &flags {
+                        *flagged.entry(format!("{column}: {UNRECOGNIZED}")).or_default() += 1;
+                    }
                 } else {
                     rejects.push(reject_row(input, row, &violations));
                 }
@@ -354,11 +415,12 @@ pub(crate) fn map_input(input: &RowInput, plan: &Plan, ctx: &RowContext) -> Resu
                     .filter(|b| b.num_rows() > 0)
                     .collect(),
                 rejects,
+                flagged,
             ))
         })
         .collect::<Result<_>>()?;
 
-    let mut batches = Vec::new();
+    let (mut batches, mut flagged) = (Vec::new(), BTreeMap::new());
     let mut rejects: Vec<RejectRow> = input
         .structural
         .iter()
@@ -371,12 +433,19 @@ pub(crate) fn map_input(input: &RowInput, plan: &Plan, ctx: &RowContext) -> Resu
             raw: r.raw.clone(),
         })
         .collect();
-    for (b, r) in chunks {
+    for (b, r, f) in chunks {
         batches.extend(b);
         rejects.extend(r);
+        for (k, n) in f {
+            *flagged.entry(k).or_default() += n;
+        }
     }
     rejects.sort_by_key(|r| r.line);
-    Ok(MappedFile { batches, rejects })
+    Ok(MappedFile {
+        batches,
+        rejects,
+        flagged,
+    })
 }
 
 fn reject_row(input: &RowInput, row: usize, v: &[Violation]) -> RejectRow {
@@ -467,6 +536,35 @@ fn vocab<'a>(v: Option<&'static str>, target: &str, expected: &str) -> ParseResu
     ))
 }
 
+/// A demographic value Ward cannot normalize is kept as `unknown` (`None`:
+/// left empty) and flagged, never a reason to refuse the person and
+/// everything recorded about them.
+fn demographic<'a>(v: Option<&'static str>, fallback: Option<&'static str>) -> Parsed<'a> {
+    match v {
+        Some(s) => Parsed::Ok(Cell::Str(Cow::Borrowed(s))),
+        None => Parsed::Flagged(fallback.map_or(Cell::Null, |f| Cell::Str(Cow::Borrowed(f)))),
+    }
+}
+
+/// A parsed cell, a cell kept with a data-quality flag, or a violation.
+enum Parsed<'a> {
+    Ok(Cell<'a>),
+    Flagged(Cell<'a>),
+    Err(&'static str, String),
+}
+
+impl<'a> From<ParseResult<'a>> for Parsed<'a> {
+    fn from(r: ParseResult<'a>) -> Parsed<'a> {
+        match r {
+            Ok(c) => Parsed::Ok(c),
+            Err((rule, message)) => Parsed::Err(rule, message),
+        }
+    }
+}
+
+/// The rule of a flagged value (see [`MappedFile::flagged`]).
+pub const UNRECOGNIZED: &str = "unrecognized_value";
+
 #[allow(clippy::too_many_arguments)]
 fn map_row<'a>(
     cols: &[Vec<Option<&'a str>>],
@@ -477,12 +575,14 @@ fn map_row<'a>(
     cells: &mut [Cell<'a>],
     codings: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>,
     violations: &mut Vec<Violation<'a>>,
+    flags: &mut Vec<&'a str>,
 ) {
     let table = plan.table;
     let columns = table.columns();
     let at = &plan.at;
     cells.iter_mut().for_each(|c| *c = Cell::Null);
     codings.clear();
+    flags.clear();
     let mut failed = 0u64; // bit i: column i already has a violation
     let fail =
         |violations: &mut Vec<Violation<'a>>, failed: &mut u64, target: usize, rule, message| {
@@ -520,7 +620,12 @@ fn map_row<'a>(
                 format!("{target}: does not match {}", formats_text(f.formats)),
             )
         };
-        let parsed: ParseResult<'a> = match f.kind {
+        let parsed: Parsed<'a> = match f.kind {
+            Kind::Sex => demographic(normalize::sex(v), Some("unknown")),
+            Kind::Race => demographic(normalize::race(v), Some("unknown")),
+            Kind::Ethnicity => demographic(normalize::ethnicity(v), Some("unknown")),
+            Kind::State => demographic(normalize::state(v), None),
+            _ => Parsed::from(match f.kind {
             Kind::Id | Kind::Text => Ok(Cell::Str(Cow::Borrowed(v))),
             Kind::Date => normalize::date(v, f.formats)
                 .map(Cell::Date)
@@ -531,17 +636,11 @@ fn map_row<'a>(
             Kind::Float => normalize::number(v)
                 .map(Cell::F64)
                 .ok_or_else(|| ("unparseable_number", format!("{target}: not a number"))),
-            Kind::Sex => vocab(normalize::sex(v), target, "female, male, other, unknown"),
             Kind::EncounterClass => vocab(
                 normalize::encounter_class(v),
                 target,
                 "ambulatory, emergency, inpatient, virtual, other",
             ),
-            Kind::Race => vocab(normalize::race(v), target, "an OMB race category"),
-            Kind::Ethnicity => vocab(normalize::ethnicity(v), target, "an OMB ethnicity category"),
-            Kind::State => Ok(Cell::Str(
-                normalize::state(v).map_or(Cow::Borrowed(v), Cow::Borrowed),
-            )),
             Kind::PostalCode => Ok(Cell::Str(Cow::Owned(normalize::postal_code(v)))),
             Kind::CodeSystem => normalize::code_system(v)
                 .map(|s| Cell::Str(Cow::Borrowed(s)))
@@ -572,11 +671,19 @@ fn map_row<'a>(
                 "false" | "no" | "n" | "0" => Ok(Cell::Bool(false)),
                 _ => Err(("invalid_value", format!("{target}: not true or false"))),
             },
+            Kind::Sex | Kind::Race | Kind::Ethnicity | Kind::State => {
+                unreachable!("demographics are parsed above")
+            }
             Kind::Codings | Kind::Line => unreachable!("not mappable"),
+            }),
         };
         match parsed {
-            Ok(cell) => cells[f.target] = cell,
-            Err((rule, message)) => fail(violations, &mut failed, f.target, rule, message),
+            Parsed::Ok(cell) => cells[f.target] = cell,
+            Parsed::Flagged(cell) => {
+                cells[f.target] = cell;
+                flags.push(plan.labels.get(f.target).copied().unwrap_or(target));
+            }
+            Parsed::Err(rule, message) => fail(violations, &mut failed, f.target, rule, message),
         }
     }
 
@@ -701,7 +808,7 @@ fn map_row<'a>(
     };
     for &(i, name) in &at.events {
         let Some(day) = cells[i].day() else { continue };
-        if day > ctx.today {
+        if day > ctx.today && !table.may_be_future(name) {
             fail(
                 violations,
                 &mut failed,
@@ -735,7 +842,7 @@ fn formats_text(formats: &[DateFormat]) -> String {
 fn raw_json(text: &TextTable, row: usize) -> String {
     let mut obj = serde_json::Map::new();
     for (c, name) in text.header.iter().enumerate() {
-        let v = text.frame.columns()[c].str().ok().and_then(|s| s.get(row));
+        let v = text.cell(c, row);
         obj.insert(
             name.clone(),
             v.map_or(serde_json::Value::Null, |s| s.into()),

@@ -67,7 +67,7 @@ pub(crate) async fn session(
 
     crate::engine::register_staging(&ctx, warehouse).await?;
     let core = warehouse.out().join("core");
-    let linked = core.join("person.parquet").is_file();
+    let linked = warehouse.reads_core() && core.join("person.parquet").is_file();
     if linked {
         crate::engine::register_parquet(
             &ctx,

@@ -226,12 +226,13 @@ pub fn write(dir: &Path, input: &HtmlInput) -> Result<PathBuf> {
     tmp.write_all(html.as_bytes())
         .and_then(|_| tmp.as_file().sync_all())
         .map_err(|e| WardError::io("cannot write", tmp.path(), e))?;
-    // A report to share, like the summary files (tempfile creates 0600).
+    // A report to share with the warehouse's group, like the summary files
+    // (tempfile creates 0600; warehouse files are never world-readable).
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .set_permissions(std::fs::Permissions::from_mode(0o640))
             .map_err(|e| WardError::io("cannot set permissions of", tmp.path(), e))?;
     }
     tmp.persist(&path)
@@ -1452,6 +1453,7 @@ mod tests {
             rows_skipped: 0,
             skipped_by_type: BTreeMap::new(),
             rejects_by_rule: rules.iter().map(|(r, n)| (r.to_string(), *n)).collect(),
+            values_flagged: BTreeMap::new(),
         };
         let report = IngestReport {
             files: vec![

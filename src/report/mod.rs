@@ -412,7 +412,7 @@ pub fn write_care_gaps(
                     if a.is_null(i) {
                         String::new()
                     } else {
-                        a.value(i).to_string()
+                        spreadsheet_safe(a.value(i)).into_owned()
                     }
                 })
                 .collect();
@@ -446,6 +446,19 @@ pub fn write_care_gaps(
     Ok(written)
 }
 
+/// A cell that a spreadsheet would run as a formula (it starts with `=`,
+/// `+`, `-`, `@`, a tab or a carriage return, and is not a number) gets a
+/// leading `'`, as OWASP recommends for CSV injection: care-gap lists are
+/// opened in spreadsheets, and their cells come from provider data.
+pub fn spreadsheet_safe(cell: &str) -> std::borrow::Cow<'_, str> {
+    let risky = cell.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    if risky && cell.trim().parse::<f64>().is_err() {
+        std::borrow::Cow::Owned(format!("'{cell}"))
+    } else {
+        std::borrow::Cow::Borrowed(cell)
+    }
+}
+
 /// Restricts a file or directory to its owner with `set` (Unix mode bits;
 /// nothing elsewhere).
 fn owner_only(
@@ -477,6 +490,25 @@ fn write_bytes(warehouse: &Warehouse, path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formulas_are_neutralized_numbers_are_not() {
+        for (cell, out) in [
+            ("=HYPERLINK(\"http://x\")", "'=HYPERLINK(\"http://x\")"),
+            ("+1+1", "'+1+1"),
+            ("-2+3", "'-2+3"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\t=1", "'\t=1"),
+            ("\r=1", "'\r=1"),
+            ("-7.5", "-7.5"),
+            ("+12", "+12"),
+            ("Smith", "Smith"),
+            ("2025-01-01", "2025-01-01"),
+            ("", ""),
+        ] {
+            assert_eq!(spreadsheet_safe(cell), out, "{cell:?}");
+        }
+    }
 
     #[test]
     fn wilson_matches_published_values() {

@@ -126,27 +126,78 @@ pub struct SourceConfig {
 
 impl SourceConfig {
     /// The input files of this source, sorted; an error when none match.
-    pub fn input_files(&self) -> Result<Vec<PathBuf>> {
+    ///
+    /// A path the glob matched is ignored, with its reason in `ignored`,
+    /// when it is not a regular file (a FIFO, a device, a dangling link), when
+    /// it is reached through a directory symlink (a symlink cycle under `**`
+    /// would load the same files again, 40 levels deep), or when it resolves
+    /// outside the source's directory (the fixed part of its pattern).
+    pub fn input_files(&self) -> Result<(Vec<PathBuf>, Vec<(PathBuf, &'static str)>)> {
         let paths = glob::glob(&self.pattern).map_err(|e| WardError::NoInput {
             source_name: self.name.clone(),
             pattern: format!("{} ({e})", self.pattern),
         })?;
+        let base = self.base_dir();
+        let real_base = base.canonicalize().unwrap_or_else(|_| base.clone());
         let mut files = Vec::new();
+        let mut ignored = Vec::new();
         for entry in paths {
-            let path = entry
-                .map_err(|e| WardError::io("cannot read", e.path().to_path_buf(), e.into()))?;
-            if path.is_file() {
-                files.push(path);
+            let path = match entry {
+                Ok(p) => p,
+                // Unreadable (a symlink loop, permissions): said, not fatal.
+                Err(e) => {
+                    ignored.push((e.path().to_path_buf(), "unreadable"));
+                    continue;
+                }
+            };
+            let through_link = path
+                .strip_prefix(&base)
+                .ok()
+                .and_then(Path::parent)
+                .is_some_and(|rel| {
+                    rel.ancestors()
+                        .filter(|a| !a.as_os_str().is_empty())
+                        .any(|a| base.join(a).is_symlink())
+                });
+            let reason = if through_link {
+                Some("reached through a directory symlink")
+            } else if !path.is_file() {
+                Some("not a regular file")
+            } else if !path
+                .canonicalize()
+                .is_ok_and(|real| real.starts_with(&real_base))
+            {
+                Some("outside the source's directory")
+            } else {
+                None
+            };
+            match reason {
+                Some(reason) => ignored.push((path, reason)),
+                None => files.push(path),
             }
         }
         files.sort();
+        ignored.sort();
         if files.is_empty() {
             return Err(WardError::NoInput {
                 source_name: self.name.clone(),
                 pattern: self.pattern.clone(),
             });
         }
-        Ok(files)
+        Ok((files, ignored))
+    }
+
+    /// The fixed (glob-free) directory part of the pattern.
+    pub fn base_dir(&self) -> PathBuf {
+        let base: PathBuf = Path::new(&self.pattern)
+            .components()
+            .take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '[']))
+            .collect();
+        if base == Path::new(&self.pattern) {
+            base.parent().map(Path::to_path_buf).unwrap_or_default()
+        } else {
+            base
+        }
     }
 }
 
@@ -635,6 +686,8 @@ fn de_opt_date<'de, D: Deserializer<'de>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+    use std::fs;
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);
@@ -746,5 +799,41 @@ mapping = "map.toml"
         let e = c.sources[0].input_files().unwrap_err();
         assert!(matches!(e, WardError::NoInput { .. }));
         assert!(e.to_string().contains("clinic"), "{e}");
+    }
+
+    #[test]
+    fn globs_do_not_follow_directory_symlinks_or_leave_the_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let data = root.join("data");
+        fs::create_dir_all(data.join("sub")).unwrap();
+        fs::write(data.join("a.csv"), "x").unwrap();
+        fs::write(data.join("sub/b.csv"), "x").unwrap();
+        fs::create_dir_all(root.join("other")).unwrap();
+        fs::write(root.join("other/secret.csv"), "x").unwrap();
+        std::os::unix::fs::symlink(&data, data.join("sub/loop")).unwrap(); // a cycle
+        std::os::unix::fs::symlink(root.join("other/secret.csv"), data.join("c.csv")).unwrap();
+        std::os::unix::fs::symlink(root.join("nowhere"), data.join("dangling.csv")).unwrap();
+        let source = SourceConfig {
+            name: "s".into(),
+            format: SourceFormat::Csv,
+            pattern: format!("{}/**/*.csv", data.display()),
+            mapping: None,
+            nightly: false,
+        };
+        let (files, ignored) = source.input_files().unwrap();
+        assert_eq!(files, [data.join("a.csv"), data.join("sub/b.csv")]);
+        let reasons: BTreeMap<PathBuf, &str> = ignored.into_iter().collect();
+        assert_eq!(
+            reasons[&data.join("c.csv")],
+            "outside the source's directory"
+        );
+        assert_eq!(reasons[&data.join("dangling.csv")], "not a regular file");
+        assert!(
+            reasons
+                .iter()
+                .filter(|(p, _)| p.starts_with(data.join("sub/loop")))
+                .all(|(_, r)| *r == "reached through a directory symlink")
+        );
     }
 }

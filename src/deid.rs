@@ -118,6 +118,9 @@ impl DeidKey {
     }
 }
 
+/// The largest key file read (a key is 32 bytes; 4 KiB allows any encoding).
+pub const MAX_KEY_FILE_BYTES: u64 = 4096;
+
 /// Finds the configured key: the file of `key_file`, the variable named by
 /// `key_env` (looked up with `env`: the library never reads the
 /// environment itself), or the demo key. No key, an unreadable file, an
@@ -140,12 +143,31 @@ pub fn resolve_key(cfg: &DeidConfig, env: impl Fn(&str) -> Option<String>) -> Re
                 .into(),
         )),
         KeySource::File(path) => {
-            let bytes = fs::read(path).map_err(|e| {
+            use std::io::Read;
+            let unreadable = |e: std::io::Error| {
                 err(
                     "deid.key_file",
                     format!("cannot read the key file {}: {e}", path.display()),
                 )
-            })?;
+            };
+            // A regular file, read up to a bound: `/dev/zero` or a FIFO
+            // would otherwise be read forever.
+            if !fs::metadata(path).map_err(unreadable)?.is_file() {
+                return Err(err(
+                    "deid.key_file",
+                    format!("{} is not a regular file", path.display()),
+                ));
+            }
+            let mut bytes = Vec::new();
+            fs::File::open(path)
+                .and_then(|f| f.take(MAX_KEY_FILE_BYTES + 1).read_to_end(&mut bytes))
+                .map_err(unreadable)?;
+            if bytes.len() as u64 > MAX_KEY_FILE_BYTES {
+                return Err(err(
+                    "deid.key_file",
+                    format!("{} is larger than {MAX_KEY_FILE_BYTES} bytes: not a key", path.display()),
+                ));
+            }
             DeidKey::new(&bytes).ok_or_else(|| err("deid.key_file", short))
         }
         KeySource::Env(name) => {
@@ -1038,5 +1060,20 @@ mod tests {
         assert!(!k.is_demo());
         cfg.key = KeySource::Demo;
         assert!(resolve_key(&cfg, |_| None).unwrap().is_demo());
+        // A key file must be a regular file of bounded size: `/dev/zero`
+        // is refused at once instead of being read forever.
+        cfg.key = KeySource::File("/dev/zero".into());
+        let e = resolve_key(&cfg, |_| None).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.key");
+        fs::write(&big, vec![b'k'; 5000]).unwrap();
+        cfg.key = KeySource::File(big);
+        let e = resolve_key(&cfg, |_| None).unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
+        let good = dir.path().join("good.key");
+        fs::write(&good, [7u8; 32]).unwrap();
+        cfg.key = KeySource::File(good);
+        assert!(!resolve_key(&cfg, |_| None).unwrap().is_demo());
     }
 }

@@ -376,7 +376,7 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
             min_cell: *min_cell,
             memory_limit: Some(memory_limit.unwrap_or_else(ward::query::default_memory_limit)),
         };
-        return query(&config, sql, file, *format, out, *force, &opts);
+        return query(&config, sql, file, *format, out, *force, cli.quiet, &opts);
     }
     if let Command::Runs { limit } = &cli.command {
         print_runs(&ward::runs::list(&config.warehouse)?, *limit);
@@ -476,12 +476,8 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
             );
         }
         announce_warnings(&warnings);
-        let results = ward::measure::run(
-            &state.reader(&config.warehouse),
-            &queries,
-            &chosen,
-            period,
-        )?;
+        let results =
+            ward::measure::run(&state.reader(&config.warehouse), &queries, &chosen, period)?;
         let writer = ward::warehouse::Warehouse::new(&config.warehouse).with_output(&out_dir);
         ward::measure::write_marts(&writer, &results)?;
         if !cli.quiet {
@@ -770,7 +766,11 @@ fn is_inside(path: &Path, dir: &Path) -> bool {
 /// Opens `ward query --out`: never inside the warehouse (a query must not
 /// replace `runs/CURRENT` or a research table), never through a symbolic
 /// link, and an existing file only with `--force`.
-fn create_query_output(warehouse: &Path, path: &Path, force: bool) -> anyhow::Result<std::fs::File> {
+fn create_query_output(
+    warehouse: &Path,
+    path: &Path,
+    force: bool,
+) -> anyhow::Result<std::fs::File> {
     check_query_output(warehouse, path, force)?;
     let mut options = std::fs::OpenOptions::new();
     options.write(true);
@@ -802,7 +802,10 @@ fn check_query_output(warehouse: &Path, path: &Path, force: bool) -> anyhow::Res
             )));
         }
         Ok(m) if !m.is_file() => {
-            return Err(usage(format!("--out {} is not a regular file", path.display())));
+            return Err(usage(format!(
+                "--out {} is not a regular file",
+                path.display()
+            )));
         }
         Ok(_) if !force => {
             return Err(usage(format!(
@@ -910,6 +913,7 @@ fn query(
     format: QueryFormat,
     out: &Option<PathBuf>,
     force: bool,
+    quiet: bool,
     opts: &ward::query::QueryOptions,
 ) -> anyhow::Result<ExitCode> {
     let min_cell = opts.min_cell;
@@ -937,7 +941,15 @@ fn query(
     if let Some(path) = out {
         check_query_output(&config.warehouse, path, force)?;
     }
-    let result = match ward::query::query(&research_dir(config)?, &sql, opts) {
+    let research = research_dir(config)?;
+    if !quiet {
+        // On stderr: stdout is the result (CSV, JSON) and stays clean.
+        eprintln!(
+            "query reads: the research tables of the published run ({})",
+            research.display()
+        );
+    }
+    let result = match ward::query::query(&research, &sql, opts) {
         // Parser messages quote the text they stopped at: for a file that
         // is not SQL (`--file /etc/shadow`), only where.
         Err(WardError::Query {
@@ -1239,7 +1251,11 @@ fn print_summary(report: &IngestReport, dry_run: bool) {
             files.len() as u64,
             count(&[FileStatus::Loaded]),
             count(&[FileStatus::Unchanged]),
-            count(&[FileStatus::Duplicate, FileStatus::Unmapped]),
+            count(&[
+                FileStatus::Duplicate,
+                FileStatus::Unmapped,
+                FileStatus::Ignored,
+            ]),
             count(&[FileStatus::Failed]),
             loaded.iter().map(|f| f.rows_read).sum(),
             loaded.iter().map(|f| f.rows_accepted).sum(),
@@ -1261,7 +1277,7 @@ fn print_summary(report: &IngestReport, dry_run: bool) {
     };
     println!(
         "ingest, {verb}; record counts are for files loaded in this run \
-         (ignored: unmapped or duplicate files; skipped: FHIR resource types Ward does not load)"
+         (ignored: unmapped or duplicate files, and matched paths that are not regular files of the source's directory; skipped: FHIR resource types Ward does not load)"
     );
     println!("{table}");
     let mut rules = std::collections::BTreeMap::<&str, u64>::new();

@@ -641,6 +641,7 @@ fn status_name(status: crate::ingest::FileStatus) -> &'static str {
         Duplicate => "duplicate",
         Unmapped => "unmapped",
         Failed => "failed",
+        Ignored => "ignored",
     }
 }
 
@@ -1042,7 +1043,11 @@ mod tests {
         )
         .unwrap();
         fs::create_dir_all(runs_dir(wh).join("r0")).unwrap();
-        fs::write(runs_dir(wh).join("r0").join(MANIFEST), r#"{"status":"complete"}"#).unwrap();
+        fs::write(
+            runs_dir(wh).join("r0").join(MANIFEST),
+            r#"{"status":"complete"}"#,
+        )
+        .unwrap();
         fs::create_dir_all(runs_dir(wh).join("r2a")).unwrap();
         fs::write(runs_dir(wh).join("r2a").join(MANIFEST), "{}").unwrap();
         assert_eq!(prune(wh, 1).unwrap(), vec!["r0", "r2a"]);

@@ -357,7 +357,14 @@ fn measure_commands_report_and_refuse_clearly() {
     assert!(text(&refused.stderr).contains("--unlinked"));
     let one = ward(
         dir.path(),
-        &["--config", cfg, "measure", "--measure", "cms165", "--unlinked"],
+        &[
+            "--config",
+            cfg,
+            "measure",
+            "--measure",
+            "cms165",
+            "--unlinked",
+        ],
     );
     assert_eq!(one.status.code(), Some(0), "{}", text(&one.stderr));
     let stdout = text(&one.stdout);
@@ -480,7 +487,14 @@ fn query_writes_every_format_and_refuses_escapes_with_exit_2() {
     let again = q(&[sql, "--format", "csv", "--out", parquet.to_str().unwrap()]);
     assert_eq!(again.status.code(), Some(2));
     assert!(text(&again.stderr).contains("--force"));
-    let forced = q(&[sql, "--format", "csv", "--out", parquet.to_str().unwrap(), "--force"]);
+    let forced = q(&[
+        sql,
+        "--format",
+        "csv",
+        "--out",
+        parquet.to_str().unwrap(),
+        "--force",
+    ]);
     assert_eq!(forced.status.code(), Some(0), "{}", text(&forced.stderr));
     assert_eq!(text(&fs::read(&parquet).unwrap()), csv);
     let current = dir.path().join("wh/runs/CURRENT");
@@ -488,7 +502,14 @@ fn query_writes_every_format_and_refuses_escapes_with_exit_2() {
     let link = dir.path().join("link.csv");
     std::os::unix::fs::symlink(&current, &link).unwrap();
     for target in [current.clone(), dir.path().join("wh/research.csv"), link] {
-        let out = q(&[sql, "--format", "csv", "--out", target.to_str().unwrap(), "--force"]);
+        let out = q(&[
+            sql,
+            "--format",
+            "csv",
+            "--out",
+            target.to_str().unwrap(),
+            "--force",
+        ]);
         assert_eq!(out.status.code(), Some(2), "{}", target.display());
     }
     assert_eq!(fs::read(&current).unwrap(), pointer);
@@ -497,7 +518,11 @@ fn query_writes_every_format_and_refuses_escapes_with_exit_2() {
     fs::write(&secret, "hunter2:x:0:0\n").unwrap();
     let leak = q(&["--file", secret.to_str().unwrap()]);
     assert_eq!(leak.status.code(), Some(2));
-    assert!(!text(&leak.stderr).contains("hunter2"), "{}", text(&leak.stderr));
+    assert!(
+        !text(&leak.stderr).contains("hunter2"),
+        "{}",
+        text(&leak.stderr)
+    );
 
     // min-cell: a threshold above every count suppresses all of them.
     let suppressed = q(&[sql, "--format", "csv", "--min-cell", "100000"]);
@@ -571,7 +596,10 @@ fn marts(dir: &Path) -> std::collections::BTreeMap<String, Vec<String>> {
             }
         }
         rows.sort();
-        out.insert(path.file_name().unwrap().to_string_lossy().into_owned(), rows);
+        out.insert(
+            path.file_name().unwrap().to_string_lossy().into_owned(),
+            rows,
+        );
     }
     out
 }
@@ -621,9 +649,12 @@ fn measure_after_a_run_reads_the_published_run_and_never_writes_into_it() {
         "measure reproduces the published marts"
     );
 
-    let unlinked = ward(dir.path(), &["--config", cfg, "measure", "--unlinked", "--out"])
-        .status
-        .code();
+    let unlinked = ward(
+        dir.path(),
+        &["--config", cfg, "measure", "--unlinked", "--out"],
+    )
+    .status
+    .code();
     assert_eq!(unlinked, Some(2), "--out needs a directory");
     let scratch = dir.path().join("unlinked");
     let out = ward(
@@ -638,7 +669,13 @@ fn measure_after_a_run_reads_the_published_run_and_never_writes_into_it() {
         ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).lines().next().unwrap().contains("UNLINKED"));
+    assert!(
+        text(&out.stdout)
+            .lines()
+            .next()
+            .unwrap()
+            .contains("UNLINKED")
+    );
     assert_ne!(
         marts(&scratch),
         marts(&run_dir),
@@ -698,14 +735,16 @@ fn status_is_no_alarm_while_a_complete_run_is_being_published() {
     let wh = dir.path().join("wh");
     let run_dir = ward::runs::runs_dir(&wh).join("20991231T000000Z");
     fs::create_dir_all(&run_dir).unwrap();
-    let mut manifest = ward::runs::Manifest::start(
-        "20991231T000000Z",
-        Default::default(),
-        Default::default(),
-    );
+    let mut manifest =
+        ward::runs::Manifest::start("20991231T000000Z", Default::default(), Default::default());
     manifest.status = ward::runs::RunStatus::Complete;
     manifest.write(&run_dir).unwrap();
-    let status = || ward(dir.path(), &["--config", config.to_str().unwrap(), "status"]);
+    let status = || {
+        ward(
+            dir.path(),
+            &["--config", config.to_str().unwrap(), "status"],
+        )
+    };
     // The run holds the lock between its manifest and the rename: running.
     let lock = ward::runs::Lock::acquire(&wh, "ward run").unwrap();
     let out = status();

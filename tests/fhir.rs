@@ -493,8 +493,8 @@ fn unseen_fhir_shapes_are_loaded_flagged_or_rejected_never_a_panic() {
         "{\"resourceType\":\"Condition\",\"id\":\"c1\",\"subject\":{\"reference\":\"Patient/p1\"},\"code\":{\"coding\":[{\"system\":\"http://hl7.org/fhir/sid/icd-10-cm\",\"code\":\"\u{415}11.9\"}]},\"onsetDateTime\":\"2020-01-01\"}\n",
     )
     .unwrap();
-    let config = ward::PipelineConfig::load(&config(dir.path(), &[("nd", "fhir-ndjson", &nd)]))
-        .unwrap();
+    let config =
+        ward::PipelineConfig::load(&config(dir.path(), &[("nd", "fhir-ndjson", &nd)])).unwrap();
     let opts = ward::IngestOptions {
         today: chrono::NaiveDate::from_ymd_opt(2026, 1, 10).unwrap(),
         dry_run: false,
@@ -507,15 +507,32 @@ fn unseen_fhir_shapes_are_loaded_flagged_or_rejected_never_a_panic() {
         patients.rejects_by_rule,
         BTreeMap::from([("duplicate_patient_id".to_string(), 1)])
     );
-    assert_eq!(patients.values_flagged.values().sum::<u64>(), 1, "{:?}", patients.values_flagged);
+    assert_eq!(
+        patients.values_flagged.values().sum::<u64>(),
+        1,
+        "{:?}",
+        patients.values_flagged
+    );
     let wh = dir.path().join("wh");
     let p = read_dir_batches(&wh.join("staging/patient/source=nd"));
-    assert_eq!(strings(&p, "source_patient_id"), [Some("p1".into()), Some("p2".into())]);
+    assert_eq!(
+        strings(&p, "source_patient_id"),
+        [Some("p1".into()), Some("p2".into())]
+    );
     assert_eq!(strings(&p, "race")[0].as_deref(), Some("unknown"));
-    assert_eq!(strings(&p, "sex")[0].as_deref(), Some("female"), "the first p1 wins");
+    assert_eq!(
+        strings(&p, "sex")[0].as_deref(),
+        Some("female"),
+        "the first p1 wins"
+    );
     // Both prescriptions load: a planned end after as_of is no future date.
     let meds = file("MedicationRequest.ndjson");
-    assert_eq!((meds.rows_accepted, meds.rows_rejected), (2, 0), "{:?}", meds.rejects_by_rule);
+    assert_eq!(
+        (meds.rows_accepted, meds.rows_rejected),
+        (2, 0),
+        "{:?}",
+        meds.rejects_by_rule
+    );
     let conditions = file("Condition.ndjson");
     assert_eq!(
         conditions.rejects_by_rule,

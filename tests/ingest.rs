@@ -471,7 +471,10 @@ fn bad_input_gets_a_reject_or_an_error_naming_file_and_line() {
     assert_eq!(ids.iter().filter(|i| i.as_deref() == Some("d1")).count(), 1);
     // A sex Ward cannot read is kept as unknown and counted, not a reject.
     let sex = strings(&pats, "sex");
-    assert_eq!(sex[ids.iter().position(|i| i.as_deref() == Some("v3")).unwrap()].as_deref(), Some("unknown"));
+    assert_eq!(
+        sex[ids.iter().position(|i| i.as_deref() == Some("v3")).unwrap()].as_deref(),
+        Some("unknown")
+    );
     assert_eq!(
         file("bad_values.csv").values_flagged,
         std::collections::BTreeMap::from([("sex: unrecognized_value".to_string(), 1)])

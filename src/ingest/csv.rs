@@ -149,9 +149,8 @@ pub fn read(path: &Path, bytes: &[u8], mapping: &CsvMapping) -> Result<TextTable
             .iter()
             .take_while(|b| matches!(b, b'\n' | b'\r'))
             .count();
-        let line = base_line
-            + pos.line()
-            + raw[..leading].iter().filter(|b| **b == b'\n').count() as u64;
+        let line =
+            base_line + pos.line() + raw[..leading].iter().filter(|b| **b == b'\n').count() as u64;
         let body = trim_terminator(raw);
         let is_last = end >= bytes.len();
         let reject = |rule: &'static str, message: String| StructuralReject {
@@ -229,9 +228,9 @@ pub fn read(path: &Path, bytes: &[u8], mapping: &CsvMapping) -> Result<TextTable
 
 /// Whether a line opens a quoted field: a quote at the start of a field.
 fn opens_quote(line: &[u8], mapping: &CsvMapping) -> bool {
-    line.iter().enumerate().any(|(i, b)| {
-        *b == mapping.quote && (i == 0 || line[i - 1] == mapping.delimiter)
-    })
+    line.iter()
+        .enumerate()
+        .any(|(i, b)| *b == mapping.quote && (i == 0 || line[i - 1] == mapping.delimiter))
 }
 
 /// A record's bytes without line terminators around it.
@@ -334,7 +333,10 @@ mod tests {
         assert_eq!(t.lines, [3, 4]);
         assert_eq!(t.cell(1, 0), Some("def"));
         assert_eq!(t.rejects.len(), 1);
-        assert_eq!((t.rejects[0].line, t.rejects[0].rule), (2, "malformed_record"));
+        assert_eq!(
+            (t.rejects[0].line, t.rejects[0].rule),
+            (2, "malformed_record")
+        );
         assert_eq!(t.rejects[0].raw, "1,\"abc,1");
         // With CRLF line ends; a quote still open at the end of the file.
         let t = read_str(b"a,b\r\n\"x,1\r\n3,4\r\n5,\"6\r\n").unwrap();
@@ -347,7 +349,9 @@ mod tests {
     #[test]
     fn errors_name_positions_not_values() {
         // A file without a header: its first record is taken as the header.
-        let e = read_str(b"Jane,Jane,123-45-6789\n").unwrap_err().to_string();
+        let e = read_str(b"Jane,Jane,123-45-6789\n")
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains("Jane") && !e.contains("6789"), "{e}");
     }
 

@@ -743,7 +743,15 @@ pub fn load_bundle(path: &Path, bytes: &[u8], ctx: &RowContext) -> Result<FhirFi
     let mut out = FhirFile::default();
     let mut tables = BTreeMap::new();
     let mut ids = HashMap::new();
-    map_flat(path, flat, ctx, PatientCheck::Own, &mut out, &mut tables, &mut ids)?;
+    map_flat(
+        path,
+        flat,
+        ctx,
+        PatientCheck::Own,
+        &mut out,
+        &mut tables,
+        &mut ids,
+    )?;
     out.finish(tables);
     Ok(out)
 }

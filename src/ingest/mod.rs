@@ -55,6 +55,10 @@ pub enum FileStatus {
     Unmapped,
     /// The file could not be loaded as a whole (see `detail`).
     Failed,
+    /// Matched by the source's glob but not read (see `detail`): not a
+    /// regular file, reached through a directory symlink, or outside the
+    /// source's directory.
+    Ignored,
 }
 
 /// The outcome of one input file.
@@ -224,8 +228,26 @@ pub fn ingest(
     let mut candidates = Vec::new();
     for (source, mapping) in config.sources.iter().zip(&mappings) {
         match source.input_files() {
-            Ok(files) => {
-                candidates.extend(files.into_iter().map(|p| (source, mapping.as_ref(), p)))
+            Ok((files, ignored)) => {
+                candidates.extend(files.into_iter().map(|p| (source, mapping.as_ref(), p)));
+                for (path, reason) in ignored {
+                    let file = relative_name(source, &path);
+                    tracing::warn!(source = %source.name, file = %file, "ignored: {reason}");
+                    report.files.push(FileReport {
+                        source: source.name.clone(),
+                        file,
+                        table: None,
+                        status: FileStatus::Ignored,
+                        detail: Some(reason.to_string()),
+                        rows_read: 0,
+                        rows_accepted: 0,
+                        rows_rejected: 0,
+                        rows_skipped: 0,
+                        skipped_by_type: BTreeMap::new(),
+                        rejects_by_rule: BTreeMap::new(),
+                        values_flagged: BTreeMap::new(),
+                    });
+                }
             }
             Err(e) => {
                 tracing::error!(source = %source.name, "{e}");
@@ -743,16 +765,7 @@ fn read_birth_dates(path: &Path, lookup: &mut HashMap<String, NaiveDate>) -> Res
 
 /// A file's path relative to the fixed (glob-free) part of its source's pattern.
 fn relative_name(source: &SourceConfig, path: &Path) -> String {
-    let base: PathBuf = Path::new(&source.pattern)
-        .components()
-        .take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '[']))
-        .collect();
-    let base = if base == Path::new(&source.pattern) {
-        base.parent().map(Path::to_path_buf).unwrap_or_default()
-    } else {
-        base
-    };
-    path.strip_prefix(&base)
+    path.strip_prefix(source.base_dir())
         .unwrap_or(path)
         .to_string_lossy()
         .replace('\\', "/")

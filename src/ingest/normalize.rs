@@ -597,8 +597,8 @@ mod tests {
     use proptest::prelude::*;
 
     const SYSTEMS: [&str; 11] = [
-        "icd10cm", "icd9cm", "icd10pcs", "loinc", "snomed", "rxnorm", "cvx", "cpt", "hcpcs",
-        "ndc", "local",
+        "icd10cm", "icd9cm", "icd10pcs", "loinc", "snomed", "rxnorm", "cvx", "cpt", "hcpcs", "ndc",
+        "local",
     ];
 
     /// Text that hits the edges of byte-indexed parsing: multi-byte

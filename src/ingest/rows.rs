@@ -8,8 +8,8 @@
 //! text columns rather than copied.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
 use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::path::Path;
 
@@ -626,55 +626,55 @@ fn map_row<'a>(
             Kind::Ethnicity => demographic(normalize::ethnicity(v), Some("unknown")),
             Kind::State => demographic(normalize::state(v), None),
             _ => Parsed::from(match f.kind {
-            Kind::Id | Kind::Text => Ok(Cell::Str(Cow::Borrowed(v))),
-            Kind::Date => normalize::date(v, f.formats)
-                .map(Cell::Date)
-                .ok_or_else(unparseable_date),
-            Kind::Timestamp => normalize::timestamp(v, f.formats)
-                .map(Cell::Ts)
-                .ok_or_else(unparseable_date),
-            Kind::Float => normalize::number(v)
-                .map(Cell::F64)
-                .ok_or_else(|| ("unparseable_number", format!("{target}: not a number"))),
-            Kind::EncounterClass => vocab(
-                normalize::encounter_class(v),
-                target,
-                "ambulatory, emergency, inpatient, virtual, other",
-            ),
-            Kind::PostalCode => Ok(Cell::Str(Cow::Owned(normalize::postal_code(v)))),
-            Kind::CodeSystem => normalize::code_system(v)
-                .map(|s| Cell::Str(Cow::Borrowed(s)))
-                .ok_or_else(|| {
-                    (
-                        "unknown_code_system",
-                        format!("{target}: not a known code system"),
-                    )
-                }),
-            Kind::Code => {
-                let system_ix = if target == "value_code" {
-                    at.value_code_system
-                } else {
-                    at.code_system
-                };
-                match system_ix.and_then(|i| cells[i].str()) {
-                    Some(system) => normalize::code(system, v)
-                        .map(Cell::Str)
-                        .map_err(|rule| (rule, format!("{target}: not a valid {system} code"))),
-                    // The code system failed or is missing: reported there.
-                    None => Ok(Cell::Str(Cow::Borrowed(v))),
+                Kind::Id | Kind::Text => Ok(Cell::Str(Cow::Borrowed(v))),
+                Kind::Date => normalize::date(v, f.formats)
+                    .map(Cell::Date)
+                    .ok_or_else(unparseable_date),
+                Kind::Timestamp => normalize::timestamp(v, f.formats)
+                    .map(Cell::Ts)
+                    .ok_or_else(unparseable_date),
+                Kind::Float => normalize::number(v)
+                    .map(Cell::F64)
+                    .ok_or_else(|| ("unparseable_number", format!("{target}: not a number"))),
+                Kind::EncounterClass => vocab(
+                    normalize::encounter_class(v),
+                    target,
+                    "ambulatory, emergency, inpatient, virtual, other",
+                ),
+                Kind::PostalCode => Ok(Cell::Str(Cow::Owned(normalize::postal_code(v)))),
+                Kind::CodeSystem => normalize::code_system(v)
+                    .map(|s| Cell::Str(Cow::Borrowed(s)))
+                    .ok_or_else(|| {
+                        (
+                            "unknown_code_system",
+                            format!("{target}: not a known code system"),
+                        )
+                    }),
+                Kind::Code => {
+                    let system_ix = if target == "value_code" {
+                        at.value_code_system
+                    } else {
+                        at.code_system
+                    };
+                    match system_ix.and_then(|i| cells[i].str()) {
+                        Some(system) => normalize::code(system, v)
+                            .map(Cell::Str)
+                            .map_err(|rule| (rule, format!("{target}: not a valid {system} code"))),
+                        // The code system failed or is missing: reported there.
+                        None => Ok(Cell::Str(Cow::Borrowed(v))),
+                    }
                 }
-            }
-            Kind::Unit => Ok(Cell::Str(Cow::Borrowed(normalize::unit(v)))),
-            Kind::Token => Ok(Cell::Str(normalize::token(v))),
-            Kind::Bool => match v.to_ascii_lowercase().as_str() {
-                "true" | "yes" | "y" | "1" => Ok(Cell::Bool(true)),
-                "false" | "no" | "n" | "0" => Ok(Cell::Bool(false)),
-                _ => Err(("invalid_value", format!("{target}: not true or false"))),
-            },
-            Kind::Sex | Kind::Race | Kind::Ethnicity | Kind::State => {
-                unreachable!("demographics are parsed above")
-            }
-            Kind::Codings | Kind::Line => unreachable!("not mappable"),
+                Kind::Unit => Ok(Cell::Str(Cow::Borrowed(normalize::unit(v)))),
+                Kind::Token => Ok(Cell::Str(normalize::token(v))),
+                Kind::Bool => match v.to_ascii_lowercase().as_str() {
+                    "true" | "yes" | "y" | "1" => Ok(Cell::Bool(true)),
+                    "false" | "no" | "n" | "0" => Ok(Cell::Bool(false)),
+                    _ => Err(("invalid_value", format!("{target}: not true or false"))),
+                },
+                Kind::Sex | Kind::Race | Kind::Ethnicity | Kind::State => {
+                    unreachable!("demographics are parsed above")
+                }
+                Kind::Codings | Kind::Line => unreachable!("not mappable"),
             }),
         };
         match parsed {

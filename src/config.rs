@@ -97,6 +97,9 @@ pub struct Period {
     pub end: NaiveDate,
 }
 
+/// A path a source's glob matched but that is not read, with the reason.
+pub type IgnoredPath = (PathBuf, &'static str);
+
 /// The formats a source can be delivered in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -132,7 +135,7 @@ impl SourceConfig {
     /// it is reached through a directory symlink (a symlink cycle under `**`
     /// would load the same files again, 40 levels deep), or when it resolves
     /// outside the source's directory (the fixed part of its pattern).
-    pub fn input_files(&self) -> Result<(Vec<PathBuf>, Vec<(PathBuf, &'static str)>)> {
+    pub fn input_files(&self) -> Result<(Vec<PathBuf>, Vec<IgnoredPath>)> {
         let paths = glob::glob(&self.pattern).map_err(|e| WardError::NoInput {
             source_name: self.name.clone(),
             pattern: format!("{} ({e})", self.pattern),

@@ -38,6 +38,13 @@ pub fn code_system(raw: &str) -> Option<&'static str> {
         | "http://terminology.hl7.org/codesystem/v3-administrativegender" => {
             "administrative_gender"
         }
+        "cdt" | "http://www.ada.org/cdt" => "cdt",
+        "hsloc" | "https://www.cdc.gov/nhsn/cdaportal/terminology/codesystem/hsloc.html" => "hsloc",
+        // CMS present-on-admission indicators (hospital-acquired conditions).
+        "poa"
+        | "https://www.cms.gov/medicare/medicare-fee-for-service-payment/hospitalacqcond/coding" => {
+            "poa"
+        }
         "local" => "local",
         _ => return None,
     })

@@ -710,9 +710,6 @@ fn status(warehouse: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(EXIT_MISMATCH))
 }
 
-/// The core tables `ward deid` reads and the research directory it
-/// writes: the working copy at the warehouse root, like `link` and
-/// `measure` (`ward run` de-identifies into its own run directory).
 /// Warnings about the data a stage command reads: to stderr (even with
 /// --quiet) and to the log.
 fn announce_warnings(warnings: &[String]) {
@@ -818,6 +815,9 @@ fn check_query_output(warehouse: &Path, path: &Path, force: bool) -> anyhow::Res
     Ok(())
 }
 
+/// The core tables `ward deid` reads and the research directory it
+/// writes: the working copy at the warehouse root, like `link` and
+/// `measure` (`ward run` de-identifies into its own run directory).
 fn deid_dirs(config: &PipelineConfig) -> (PathBuf, PathBuf) {
     (
         config.warehouse.join("core"),

@@ -33,6 +33,7 @@ pub struct StructuralReject {
 #[derive(Debug)]
 pub struct TextTable {
     pub header: Vec<String>,
+    /// One column per header field; empty and blank cells are null.
     pub columns: Vec<StringArray>,
     pub lines: Vec<u64>,
     pub rejects: Vec<StructuralReject>,
@@ -47,22 +48,13 @@ impl TextTable {
     /// Every column as a vector of cells (`None` when empty), for fast
     /// random access while mapping.
     pub fn text_columns(&self) -> Vec<Vec<Option<&str>>> {
-        self.columns
-            .iter()
-            .map(|c| {
-                c.iter()
-                    .map(|v| v.filter(|s| !s.trim().is_empty()))
-                    .collect()
-            })
-            .collect()
+        self.columns.iter().map(|c| c.iter().collect()).collect()
     }
 
     /// The text of column `col` at row `row` (`None` when empty).
     pub fn cell(&self, col: usize, row: usize) -> Option<&str> {
         let c = self.columns.get(col)?;
-        (row < c.len() && c.is_valid(row))
-            .then(|| c.value(row))
-            .filter(|s| !s.trim().is_empty())
+        (row < c.len() && c.is_valid(row)).then(|| c.value(row))
     }
 }
 

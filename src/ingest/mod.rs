@@ -86,6 +86,32 @@ pub struct FileReport {
     pub values_flagged: BTreeMap<String, u64>,
 }
 
+impl FileReport {
+    /// A file's report before anything was read from it: every count zero.
+    fn new(
+        source: &str,
+        file: &str,
+        table: Option<&'static str>,
+        status: FileStatus,
+        detail: Option<String>,
+    ) -> FileReport {
+        FileReport {
+            source: source.to_string(),
+            file: file.to_string(),
+            table,
+            status,
+            detail,
+            rows_read: 0,
+            rows_accepted: 0,
+            rows_rejected: 0,
+            rows_skipped: 0,
+            skipped_by_type: BTreeMap::new(),
+            rejects_by_rule: BTreeMap::new(),
+            values_flagged: BTreeMap::new(),
+        }
+    }
+}
+
 /// A whole source that could not be read (e.g. its glob matched nothing).
 #[derive(Debug, Clone, Serialize)]
 pub struct SourceFailure {
@@ -233,20 +259,13 @@ pub fn ingest(
                 for (path, reason) in ignored {
                     let file = relative_name(source, &path);
                     tracing::warn!(source = %source.name, file = %file, "ignored: {reason}");
-                    report.files.push(FileReport {
-                        source: source.name.clone(),
-                        file,
-                        table: None,
-                        status: FileStatus::Ignored,
-                        detail: Some(reason.to_string()),
-                        rows_read: 0,
-                        rows_accepted: 0,
-                        rows_rejected: 0,
-                        rows_skipped: 0,
-                        skipped_by_type: BTreeMap::new(),
-                        rejects_by_rule: BTreeMap::new(),
-                        values_flagged: BTreeMap::new(),
-                    });
+                    report.files.push(FileReport::new(
+                        &source.name,
+                        &file,
+                        None,
+                        FileStatus::Ignored,
+                        Some(reason.to_string()),
+                    ));
                 }
             }
             Err(e) => {
@@ -270,21 +289,9 @@ pub fn ingest(
     let mut inputs: Vec<Input> = Vec::new();
     for (source, mapping, path, sha) in hashed {
         let rel = relative_name(source, &path);
-        let file_report =
-            |status, detail: Option<String>, table: Option<&'static str>| FileReport {
-                source: source.name.clone(),
-                file: rel.clone(),
-                table,
-                status,
-                detail,
-                rows_read: 0,
-                rows_accepted: 0,
-                rows_rejected: 0,
-                rows_skipped: 0,
-                skipped_by_type: BTreeMap::new(),
-                rejects_by_rule: BTreeMap::new(),
-                values_flagged: BTreeMap::new(),
-            };
+        let file_report = |status, detail: Option<String>, table: Option<&'static str>| {
+            FileReport::new(&source.name, &rel, table, status, detail)
+        };
         let sha = match sha {
             Ok(s) => s,
             Err(e) => {
@@ -459,20 +466,13 @@ pub fn ingest(
         let fingerprint = (!input.first_phase())
             .then(|| fingerprints.get(&input.source.name).cloned())
             .flatten();
-        let mut file_report = FileReport {
-            source: input.source.name.clone(),
-            file: input.rel.clone(),
-            table: Some(input.table()),
-            status: FileStatus::Loaded,
-            detail: None,
-            rows_read: 0,
-            rows_accepted: 0,
-            rows_rejected: 0,
-            rows_skipped: 0,
-            skipped_by_type: BTreeMap::new(),
-            rejects_by_rule: BTreeMap::new(),
-            values_flagged: BTreeMap::new(),
-        };
+        let mut file_report = FileReport::new(
+            &input.source.name,
+            &input.rel,
+            Some(input.table()),
+            FileStatus::Loaded,
+            None,
+        );
         match result {
             Err(e) => {
                 tracing::error!(source = %input.source.name, file = %input.rel, "{e}");

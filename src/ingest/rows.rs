@@ -356,7 +356,9 @@ pub(crate) fn map_input(
         None => vec![None; n],
     };
 
-    type Chunk = (Vec<RecordBatch>, Vec<RejectRow>, BTreeMap<String, u64>);
+    // Flagged values per column label; the `column: rule` keys are built
+    // when the chunks are merged, not per row.
+    type Chunk<'p> = (Vec<RecordBatch>, Vec<RejectRow>, BTreeMap<&'p str, u64>);
     let chunks: Vec<Chunk> = (0..n)
         .step_by(CHUNK)
         .collect::<Vec<_>>()
@@ -368,7 +370,7 @@ pub(crate) fn map_input(
             let mut cells = vec![Cell::Null; plan.table.columns().len()];
             let mut codings = Vec::new();
             let mut violations = Vec::new();
-            let (mut flags, mut flagged) = (Vec::new(), BTreeMap::<String, u64>::new());
+            let (mut flags, mut flagged) = (Vec::new(), BTreeMap::<&str, u64>::new());
             for (row, duplicate) in duplicate_of.iter().enumerate().take(end).skip(start) {
                 violations.clear();
                 if let Some(first) = duplicate {
@@ -402,7 +404,7 @@ pub(crate) fn map_input(
                 if violations.is_empty() {
                     out.append(ctx, input.lines[row], &cells, &codings);
                     for column in &flags {
-                        *flagged.entry(format!("{column}: {UNRECOGNIZED}")).or_default() += 1;
+                        *flagged.entry(*column).or_default() += 1;
                     }
                 } else {
                     rejects.push(reject_row(input, row, &violations));
@@ -437,7 +439,7 @@ pub(crate) fn map_input(
         batches.extend(b);
         rejects.extend(r);
         for (k, n) in f {
-            *flagged.entry(k).or_default() += n;
+            *flagged.entry(format!("{k}: {UNRECOGNIZED}")).or_default() += n;
         }
     }
     rejects.sort_by_key(|r| r.line);
@@ -536,32 +538,6 @@ fn vocab<'a>(v: Option<&'static str>, target: &str, expected: &str) -> ParseResu
     ))
 }
 
-/// A demographic value Ward cannot normalize is kept as `unknown` (`None`:
-/// left empty) and flagged, never a reason to refuse the person and
-/// everything recorded about them.
-fn demographic<'a>(v: Option<&'static str>, fallback: Option<&'static str>) -> Parsed<'a> {
-    match v {
-        Some(s) => Parsed::Ok(Cell::Str(Cow::Borrowed(s))),
-        None => Parsed::Flagged(fallback.map_or(Cell::Null, |f| Cell::Str(Cow::Borrowed(f)))),
-    }
-}
-
-/// A parsed cell, a cell kept with a data-quality flag, or a violation.
-enum Parsed<'a> {
-    Ok(Cell<'a>),
-    Flagged(Cell<'a>),
-    Err(&'static str, String),
-}
-
-impl<'a> From<ParseResult<'a>> for Parsed<'a> {
-    fn from(r: ParseResult<'a>) -> Parsed<'a> {
-        match r {
-            Ok(c) => Parsed::Ok(c),
-            Err((rule, message)) => Parsed::Err(rule, message),
-        }
-    }
-}
-
 /// The rule of a flagged value (see [`MappedFile::flagged`]).
 pub const UNRECOGNIZED: &str = "unrecognized_value";
 
@@ -620,70 +596,79 @@ fn map_row<'a>(
                 format!("{target}: does not match {}", formats_text(f.formats)),
             )
         };
-        let parsed: Parsed<'a> = match f.kind {
-            Kind::Sex => demographic(normalize::sex(v), Some("unknown")),
-            Kind::Race => demographic(normalize::race(v), Some("unknown")),
-            Kind::Ethnicity => demographic(normalize::ethnicity(v), Some("unknown")),
-            Kind::State => demographic(normalize::state(v), None),
-            _ => Parsed::from(match f.kind {
-                Kind::Id | Kind::Text => Ok(Cell::Str(Cow::Borrowed(v))),
-                Kind::Date => normalize::date(v, f.formats)
-                    .map(Cell::Date)
-                    .ok_or_else(unparseable_date),
-                Kind::Timestamp => normalize::timestamp(v, f.formats)
-                    .map(Cell::Ts)
-                    .ok_or_else(unparseable_date),
-                Kind::Float => normalize::number(v)
-                    .map(Cell::F64)
-                    .ok_or_else(|| ("unparseable_number", format!("{target}: not a number"))),
-                Kind::EncounterClass => vocab(
-                    normalize::encounter_class(v),
-                    target,
-                    "ambulatory, emergency, inpatient, virtual, other",
-                ),
-                Kind::PostalCode => Ok(Cell::Str(Cow::Owned(normalize::postal_code(v)))),
-                Kind::CodeSystem => normalize::code_system(v)
-                    .map(|s| Cell::Str(Cow::Borrowed(s)))
-                    .ok_or_else(|| {
-                        (
-                            "unknown_code_system",
-                            format!("{target}: not a known code system"),
-                        )
-                    }),
-                Kind::Code => {
-                    let system_ix = if target == "value_code" {
-                        at.value_code_system
-                    } else {
-                        at.code_system
-                    };
-                    match system_ix.and_then(|i| cells[i].str()) {
-                        Some(system) => normalize::code(system, v)
-                            .map(Cell::Str)
-                            .map_err(|rule| (rule, format!("{target}: not a valid {system} code"))),
-                        // The code system failed or is missing: reported there.
-                        None => Ok(Cell::Str(Cow::Borrowed(v))),
-                    }
-                }
-                Kind::Unit => Ok(Cell::Str(Cow::Borrowed(normalize::unit(v)))),
-                Kind::Token => Ok(Cell::Str(normalize::token(v))),
-                Kind::Bool => match v.to_ascii_lowercase().as_str() {
-                    "true" | "yes" | "y" | "1" => Ok(Cell::Bool(true)),
-                    "false" | "no" | "n" | "0" => Ok(Cell::Bool(false)),
-                    _ => Err(("invalid_value", format!("{target}: not true or false"))),
-                },
-                Kind::Sex | Kind::Race | Kind::Ethnicity | Kind::State => {
-                    unreachable!("demographics are parsed above")
-                }
-                Kind::Codings | Kind::Line => unreachable!("not mappable"),
-            }),
+        // A demographic value Ward cannot normalize is kept as `unknown`
+        // (a state: left empty) and flagged, never a reason to refuse the
+        // person and everything recorded about them.
+        let demographic = match f.kind {
+            Kind::Sex => Some((normalize::sex(v), Some("unknown"))),
+            Kind::Race => Some((normalize::race(v), Some("unknown"))),
+            Kind::Ethnicity => Some((normalize::ethnicity(v), Some("unknown"))),
+            Kind::State => Some((normalize::state(v), None)),
+            _ => None,
         };
-        match parsed {
-            Parsed::Ok(cell) => cells[f.target] = cell,
-            Parsed::Flagged(cell) => {
-                cells[f.target] = cell;
+        if let Some((normalized, fallback)) = demographic {
+            cells[f.target] = normalized
+                .or(fallback)
+                .map_or(Cell::Null, |s| Cell::Str(Cow::Borrowed(s)));
+            if normalized.is_none() {
                 flags.push(plan.labels.get(f.target).copied().unwrap_or(target));
             }
-            Parsed::Err(rule, message) => fail(violations, &mut failed, f.target, rule, message),
+            continue;
+        }
+        let parsed: ParseResult<'a> = match f.kind {
+            Kind::Id | Kind::Text => Ok(Cell::Str(Cow::Borrowed(v))),
+            Kind::Date => normalize::date(v, f.formats)
+                .map(Cell::Date)
+                .ok_or_else(unparseable_date),
+            Kind::Timestamp => normalize::timestamp(v, f.formats)
+                .map(Cell::Ts)
+                .ok_or_else(unparseable_date),
+            Kind::Float => normalize::number(v)
+                .map(Cell::F64)
+                .ok_or_else(|| ("unparseable_number", format!("{target}: not a number"))),
+            Kind::EncounterClass => vocab(
+                normalize::encounter_class(v),
+                target,
+                "ambulatory, emergency, inpatient, virtual, other",
+            ),
+            Kind::PostalCode => Ok(Cell::Str(Cow::Owned(normalize::postal_code(v)))),
+            Kind::CodeSystem => normalize::code_system(v)
+                .map(|s| Cell::Str(Cow::Borrowed(s)))
+                .ok_or_else(|| {
+                    (
+                        "unknown_code_system",
+                        format!("{target}: not a known code system"),
+                    )
+                }),
+            Kind::Code => {
+                let system_ix = if target == "value_code" {
+                    at.value_code_system
+                } else {
+                    at.code_system
+                };
+                match system_ix.and_then(|i| cells[i].str()) {
+                    Some(system) => normalize::code(system, v)
+                        .map(Cell::Str)
+                        .map_err(|rule| (rule, format!("{target}: not a valid {system} code"))),
+                    // The code system failed or is missing: reported there.
+                    None => Ok(Cell::Str(Cow::Borrowed(v))),
+                }
+            }
+            Kind::Unit => Ok(Cell::Str(Cow::Borrowed(normalize::unit(v)))),
+            Kind::Token => Ok(Cell::Str(normalize::token(v))),
+            Kind::Bool => match v.to_ascii_lowercase().as_str() {
+                "true" | "yes" | "y" | "1" => Ok(Cell::Bool(true)),
+                "false" | "no" | "n" | "0" => Ok(Cell::Bool(false)),
+                _ => Err(("invalid_value", format!("{target}: not true or false"))),
+            },
+            Kind::Sex | Kind::Race | Kind::Ethnicity | Kind::State => {
+                unreachable!("demographics are handled above")
+            }
+            Kind::Codings | Kind::Line => unreachable!("not mappable"),
+        };
+        match parsed {
+            Ok(cell) => cells[f.target] = cell,
+            Err((rule, message)) => fail(violations, &mut failed, f.target, rule, message),
         }
     }
 

@@ -194,6 +194,10 @@ pub struct DeidOptions {
     pub k: u64,
     /// Remove persons of classes under `k` from every research table.
     pub suppress_small_classes: bool,
+    /// A value-set directory (`queries/valuesets`) to publish as the
+    /// research table `valueset_code`, so that researchers select codes by
+    /// value set instead of copying them. `None`: no such table.
+    pub valuesets: Option<PathBuf>,
 }
 
 impl DeidOptions {
@@ -205,6 +209,7 @@ impl DeidOptions {
             reference_date,
             k: cfg.k,
             suppress_small_classes: cfg.suppress_small_classes,
+            valuesets: None,
         }
     }
 }
@@ -306,16 +311,6 @@ pub fn age_at(birth: NaiveDate, reference: NaiveDate) -> Option<i32> {
     (age >= 0).then_some(age)
 }
 
-/// Ten-year age band of a (capped) age: `0-9`, ..., `80-89`, `90+`.
-pub fn age_band(age: i32) -> String {
-    if age >= AGE_CAP {
-        "90+".into()
-    } else {
-        let low = age / 10 * 10;
-        format!("{low}-{}", low + 9)
-    }
-}
-
 /// The Safe Harbor three-digit ZIP of a US postal code (`12345`,
 /// `12345-6789` or `123456789`): its first three digits, or `000` for a
 /// restricted area. Anything else (short, foreign, malformed) is `None`.
@@ -399,6 +394,24 @@ pub fn deid(core_dir: &Path, research_dir: &Path, opts: &DeidOptions) -> Result<
         )?;
         records_below_k += below;
         tables.push(counts);
+    }
+
+    if let Some(dir) = &opts.valuesets {
+        // Not about persons: published as it is.
+        let batches = crate::measure::read_valuesets(dir)?;
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        scratch.write_parquet(
+            &tmp.join("valueset_code.parquet"),
+            crate::schema::valueset_code_schema(),
+            &batches,
+        )?;
+        tables.push(TableCounts {
+            table: "valueset_code".into(),
+            rows_in: rows as u64,
+            rows_out: rows as u64,
+            rows_suppressed: 0,
+            values_withheld: 0,
+        });
     }
 
     let mut size_distribution = BTreeMap::new();
@@ -537,13 +550,21 @@ fn person_rows(batches: &[RecordBatch], path: &Path, opts: &DeidOptions) -> Resu
             let born = (!birth.is_null(i))
                 .then(|| birth.value_as_date(i))
                 .flatten();
-            let age = born
-                .and_then(|d| age_at(d, opts.reference_date))
-                .map(|a| a.min(AGE_CAP));
-            let band = age.map(age_band);
+            // The deceased are as old as they were when they died.
+            let died = (!deceased.is_null(i))
+                .then(|| deceased.value_as_date(i))
+                .flatten();
+            let at = died.map_or(opts.reference_date, |d| d.min(opts.reference_date));
+            let age = born.and_then(|d| age_at(d, at)).map(|a| a.min(AGE_CAP));
+            let band = age.map(|a| crate::report::age_band(a).to_string());
             let zip3 = opt(&zip, i).and_then(|z| zip3(&z));
             let shift = date_shift_days(&opts.key, &person_id);
-            let pooled = age.is_some_and(|a| a >= AGE_CAP);
+            // A birth year that says "90 or over today" is withheld, even
+            // for someone who died younger (Safe Harbor: dates indicative
+            // of such an age).
+            let pooled = born
+                .and_then(|d| age_at(d, opts.reference_date))
+                .is_some_and(|a| a >= AGE_CAP);
             let class = [
                 band.clone(),
                 opt(&sex, i),
@@ -981,9 +1002,6 @@ mod tests {
         assert_eq!(age_at(d(2000, 2, 29), d(2025, 3, 1)), Some(25));
         assert_eq!(age_at(d(2000, 2, 29), d(2024, 2, 29)), Some(24));
         assert_eq!(age_at(d(2026, 1, 1), r), None);
-        assert_eq!(age_band(0), "0-9");
-        assert_eq!(age_band(89), "80-89");
-        assert_eq!(age_band(90), "90+");
     }
 
     #[test]

@@ -18,8 +18,17 @@ use crate::warehouse::{Warehouse, parquet_files};
 
 /// Runs a future on a multi-threaded runtime sized like rayon's pool.
 pub(crate) fn block_on<T>(future: impl Future<Output = Result<T>>) -> Result<T> {
+    block_on_with_stack(2 << 20, future)
+}
+
+/// [`block_on`] with `stack` bytes of stack per worker thread.
+pub(crate) fn block_on_with_stack<T>(
+    stack: usize,
+    future: impl Future<Output = Result<T>>,
+) -> Result<T> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(rayon::current_num_threads().max(1))
+        .thread_stack_size(stack)
         .enable_all()
         .build()
         .map_err(|e| WardError::io("cannot start the query runtime", "tokio", e))?

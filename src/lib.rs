@@ -356,7 +356,10 @@ fn run_stages(
     let research = stage(manifest, "deid", || {
         // Ages at the day of the data (no fact is later): someone under 90
         // then was under 90 at every event whose year is published.
-        let opts = deid::DeidOptions::from_config(&config.deid, key.clone(), opts.today);
+        let opts = deid::DeidOptions {
+            valuesets: Some(queries.join("valuesets")),
+            ..deid::DeidOptions::from_config(&config.deid, key.clone(), opts.today)
+        };
         deid::deid(&run_dir.join("core"), &run_dir.join("research"), &opts)
     })?;
     Ok(RunReport {

@@ -13,9 +13,10 @@ use ward::ingest::{FileStatus, IngestReport};
 use ward::{IngestOptions, PipelineConfig, WardError};
 
 mod logging;
+mod memcap;
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: memcap::Capped = memcap::Capped;
 
 /// Exit code of a usage or configuration error.
 const EXIT_CONFIG: u8 = 2;
@@ -162,8 +163,14 @@ enum Command {
         min_cell: Option<u64>,
         /// Memory the query may use, operators and result together (e.g.
         /// 512M, 8G); more fails the query. Default: half of physical memory.
+        /// The process as a whole stops (exit 3) past twice this limit, so
+        /// functions whose memory the engine does not track are bounded too.
         #[arg(long, value_name = "SIZE", value_parser = ward::query::parse_size)]
         memory_limit: Option<usize>,
+        /// Time the query may take (e.g. 90s, 10m, 2h); longer fails it.
+        #[arg(long, value_name = "DURATION", value_parser = ward::query::parse_duration,
+              default_value = "10m")]
+        timeout: std::time::Duration,
     },
     /// Generate a synthetic multi-provider population with ground truth.
     Synth {
@@ -370,11 +377,13 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         force,
         min_cell,
         memory_limit,
+        timeout,
     } = &cli.command
     {
         let opts = ward::query::QueryOptions {
             min_cell: *min_cell,
             memory_limit: Some(memory_limit.unwrap_or_else(ward::query::default_memory_limit)),
+            timeout: Some(*timeout),
         };
         return query(&config, sql, file, *format, out, *force, cli.quiet, &opts);
     }
@@ -406,7 +415,10 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
             );
         }
         announce_warnings(&warnings);
-        let opts = ward::deid::DeidOptions::from_config(&config.deid, key, today);
+        let opts = ward::deid::DeidOptions {
+            valuesets: Some(queries.join("valuesets")),
+            ..ward::deid::DeidOptions::from_config(&config.deid, key, today)
+        };
         let report = ward::deid::deid(&core, &research, &opts)?;
         if !cli.quiet {
             print_deid(&report);
@@ -942,6 +954,7 @@ fn query(
         check_query_output(&config.warehouse, path, force)?;
     }
     let research = research_dir(config)?;
+    bound_query_process(opts);
     if !quiet {
         // On stderr: stdout is the result (CSV, JSON) and stays clean.
         eprintln!(
@@ -986,6 +999,40 @@ fn query(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Hard limits on the `ward query` process, behind the engine's own: the
+/// process stops (exit 3, nothing written) when it holds more than twice
+/// the memory limit beyond what it held before the query (a function whose
+/// memory the engine does not track: `repeat`, `range`, `string_agg`), or
+/// when it outlives the time limit by a grace period (work that never
+/// yields to the engine's timer).
+fn bound_query_process(opts: &ward::query::QueryOptions) {
+    const GRACE: std::time::Duration = std::time::Duration::from_secs(15);
+    if let Some(limit) = opts.memory_limit {
+        let cap = memcap::held().saturating_add(limit.saturating_mul(2));
+        memcap::set_cap(
+            cap,
+            format!(
+                "error: the query needed more than twice its memory limit of {} MiB and was \
+                 stopped; nothing was written (filter, aggregate or add LIMIT, or raise \
+                 --memory-limit)",
+                limit >> 20
+            ),
+        );
+    }
+    if let Some(timeout) = opts.timeout {
+        let message = format!(
+            "error: the query did not finish within its time limit of {} and was stopped; \
+             nothing was written (raise --timeout)\n",
+            ward::query::format_duration(timeout)
+        );
+        std::thread::spawn(move || {
+            std::thread::sleep(timeout + GRACE);
+            eprint!("{message}");
+            std::process::exit(EXIT_FAILED.into());
+        });
+    }
 }
 
 fn resolve_config(given: Option<&Path>) -> anyhow::Result<PathBuf> {

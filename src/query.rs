@@ -29,6 +29,7 @@ use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use datafusion::arrow::array::{Array, ArrayRef, RecordBatch};
 use datafusion::arrow::compute::{cast, kernels::zip::zip};
@@ -39,7 +40,10 @@ use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::{ParquetReadOptions, SessionConfig};
 use datafusion::sql::parser::{DFParserBuilder, Statement as DFStatement};
-use datafusion::sql::sqlparser::ast::{Query, SetExpr, Statement, TableFactor, Visit, Visitor};
+use datafusion::sql::sqlparser::ast::{
+    Expr as SqlExpr, Query, SetExpr, Statement, TableFactor, Visit, Visitor, visit_expressions,
+};
+use datafusion::sql::sqlparser::parser::ParserError;
 use futures::StreamExt;
 
 use crate::error::{Result, WardError};
@@ -54,7 +58,29 @@ pub struct QueryOptions {
     /// together; more fails the query with an error instead of exhausting
     /// the host's memory (see [`default_memory_limit`]). `None`: no limit.
     pub memory_limit: Option<usize>,
+    /// The query fails when it has not finished after this long (planning,
+    /// execution and collecting the result). `None`: no limit.
+    pub timeout: Option<Duration>,
 }
+
+/// `ward query`'s default time limit.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+/// The longest query text Ward parses (1 MiB).
+pub const MAX_QUERY_BYTES: usize = 1 << 20;
+/// At most this many tokens (words, literals, operators) in a query: a
+/// query is planned and evaluated by recursion over its syntax tree, and a
+/// chain of thousands of operators would exhaust the stack.
+pub const MAX_QUERY_TOKENS: usize = 20_000;
+/// At most this many `UNION` / `INTERSECT` / `EXCEPT` in a query.
+pub const MAX_SET_OPERATIONS: usize = 256;
+/// Nesting of parentheses, subqueries and expressions (the parser's
+/// recursion limit).
+pub const MAX_QUERY_DEPTH: usize = 64;
+/// Stack of the thread that plans a query and of the engine's workers:
+/// room for the deepest tree the limits above allow (reserved, not used,
+/// until a query needs it).
+const QUERY_STACK_BYTES: usize = 256 << 20;
 
 /// Half of the machine's physical memory (`/proc/meminfo`), or 4 GiB where
 /// that cannot be read: `ward query`'s default memory limit.
@@ -94,6 +120,26 @@ pub fn parse_size(text: &str) -> std::result::Result<usize, String> {
         return Err(format!("`{text}`: out of range"));
     }
     Ok(bytes as usize)
+}
+
+/// Parses a duration such as `90s`, `10m`, `2h` or `600` (seconds).
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (e.g. 90s, 10m, 2h)"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => number,
+        "m" | "min" => number.saturating_mul(60),
+        "h" => number.saturating_mul(3600),
+        _ => return Err(format!("`{text}`: unknown unit (use s, m or h)")),
+    };
+    if seconds == 0 {
+        return Err(format!("`{text}`: must be at least one second"));
+    }
+    Ok(Duration::from_secs(seconds))
 }
 
 /// A query's result.
@@ -148,12 +194,22 @@ fn refused(message: String) -> WardError {
 /// Checks that `sql` is one read-only query over `tables` (layer 1 of the
 /// module documentation).
 pub fn check(sql: &str, tables: &[String]) -> Result<()> {
+    check_size(sql)?;
     let statements = DFParserBuilder::new(sql)
+        .with_recursion_limit(MAX_QUERY_DEPTH)
         .build()
         .and_then(|mut p| p.parse_statements())
-        .map_err(|e| WardError::Query {
-            refused: false,
-            message: e.to_string(),
+        .map_err(|e| match e {
+            DataFusionError::SQL(e, _) if matches!(*e, ParserError::RecursionLimitExceeded) => {
+                refused(format!(
+                    "the query is nested more than {MAX_QUERY_DEPTH} levels deep \
+                     (subqueries, parentheses, expressions); use CTEs (WITH) instead"
+                ))
+            }
+            e => WardError::Query {
+                refused: false,
+                message: e.to_string(),
+            },
         })?;
     if statements.len() != 1 {
         return Err(refused(format!(
@@ -223,6 +279,28 @@ pub fn check(sql: &str, tables: &[String]) -> Result<()> {
                     }
                     ControlFlow::Continue(())
                 }
+                // DataFusion 55 plans an UNNEST of another FROM item's
+                // column (`FROM condition c, UNNEST(c.codings)`) but cannot
+                // run it: refuse it with the form that works.
+                TableFactor::UNNEST { array_exprs, .. }
+                    if array_exprs.iter().any(|e| {
+                        visit_expressions(e, |x| match x {
+                            SqlExpr::Identifier(_) | SqlExpr::CompoundIdentifier(_) => {
+                                ControlFlow::Break(())
+                            }
+                            _ => ControlFlow::Continue(()),
+                        })
+                        .is_break()
+                    }) =>
+                {
+                    ControlFlow::Break(
+                        "UNNEST of a column in FROM is not supported; unnest in the \
+                         select list instead: WITH c AS (SELECT research_id, \
+                         unnest(codings) AS coding FROM condition) SELECT ... \
+                         coding['system'], coding['code'] FROM c"
+                            .into(),
+                    )
+                }
                 TableFactor::Derived { .. }
                 | TableFactor::NestedJoin { .. }
                 | TableFactor::UNNEST { .. } => ControlFlow::Continue(()),
@@ -243,6 +321,55 @@ pub fn check(sql: &str, tables: &[String]) -> Result<()> {
     }
 }
 
+/// Refuses a query larger than the limits above, before it is parsed.
+fn check_size(sql: &str) -> Result<()> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::keywords::Keyword;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    if sql.len() > MAX_QUERY_BYTES {
+        return Err(refused(format!(
+            "the query is longer than {} KiB",
+            MAX_QUERY_BYTES >> 10
+        )));
+    }
+    let tokens = Tokenizer::new(&GenericDialect {}, sql)
+        .tokenize()
+        .map_err(|e| WardError::Query {
+            refused: false,
+            message: e.to_string(),
+        })?;
+    let mut count = 0;
+    let mut set_operations = 0;
+    for token in &tokens {
+        match token {
+            Token::Whitespace(_) => continue,
+            Token::Word(w)
+                if matches!(
+                    w.keyword,
+                    Keyword::UNION | Keyword::INTERSECT | Keyword::EXCEPT
+                ) =>
+            {
+                set_operations += 1
+            }
+            _ => {}
+        }
+        count += 1;
+    }
+    if count > MAX_QUERY_TOKENS {
+        return Err(refused(format!(
+            "the query has {count} tokens; at most {MAX_QUERY_TOKENS} are allowed \
+             (use IN lists or a join instead of long chains of conditions)"
+        )));
+    }
+    if set_operations > MAX_SET_OPERATIONS {
+        return Err(refused(format!(
+            "the query has {set_operations} UNION/INTERSECT/EXCEPT; at most \
+             {MAX_SET_OPERATIONS} are allowed"
+        )));
+    }
+    Ok(())
+}
+
 /// An identifier as DataFusion resolves it: lowercased unless double-quoted.
 fn normalize(i: &datafusion::sql::sqlparser::ast::Ident) -> String {
     if i.quote_style.is_some() {
@@ -255,17 +382,72 @@ fn normalize(i: &datafusion::sql::sqlparser::ast::Ident) -> String {
 /// Runs one read-only query over the research tables of `research_dir`;
 /// refuses anything else without executing it (see the module
 /// documentation).
+///
+/// The query is planned on a thread of its own with a large stack, and runs
+/// at most `opts.timeout`; a panic inside the engine is reported as an
+/// error, never propagated.
 pub fn query(research_dir: &Path, sql: &str, opts: &QueryOptions) -> Result<QueryOutput> {
     let tables = research_tables(research_dir)?;
     let names: Vec<String> = tables.iter().map(|(n, _)| n.clone()).collect();
     check(sql, &names)?;
-    crate::engine::block_on(async {
+    let failed = |message: String| WardError::Data {
+        context: "running a research query",
+        path: research_dir.to_path_buf(),
+        message,
+    };
+    std::thread::scope(|scope| {
+        let run = std::thread::Builder::new()
+            .name("ward-query".into())
+            .stack_size(QUERY_STACK_BYTES)
+            .spawn_scoped(scope, || {
+                crate::engine::block_on_with_stack(QUERY_STACK_BYTES, async {
+                    match opts.timeout {
+                        Some(limit) => {
+                            tokio::time::timeout(limit, run(research_dir, &tables, sql, opts))
+                                .await
+                                .unwrap_or_else(|_| {
+                                    Err(failed(format!(
+                                        "the query did not finish within its time limit of {} \
+                                     (filter, aggregate or add LIMIT, or raise --timeout)",
+                                        format_duration(limit)
+                                    )))
+                                })
+                        }
+                        None => run(research_dir, &tables, sql, opts).await,
+                    }
+                })
+            })
+            .map_err(|e| WardError::io("cannot start a query thread", research_dir, e))?;
+        run.join().unwrap_or_else(|_| {
+            Err(failed(
+                "the query engine failed on this query (internal error)".into(),
+            ))
+        })
+    })
+}
+
+/// `90s`, `10m`, `2h`: a duration as [`parse_duration`] reads it.
+pub fn format_duration(d: Duration) -> String {
+    match d.as_secs() {
+        s if s % 3600 == 0 && s > 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 && s > 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+async fn run(
+    research_dir: &Path,
+    tables: &[(String, PathBuf)],
+    sql: &str,
+    opts: &QueryOptions,
+) -> Result<QueryOutput> {
+    {
         let config = SessionConfig::new().with_information_schema(false);
         let ctx = match opts.memory_limit {
             Some(bytes) => crate::engine::limited_session(config, bytes)?,
             None => crate::engine::session(config),
         };
-        for (name, path) in &tables {
+        for (name, path) in tables {
             let location = if path.is_dir() {
                 format!("{}/", path.display())
             } else {
@@ -333,7 +515,7 @@ pub fn query(research_dir: &Path, sql: &str, opts: &QueryOptions) -> Result<Quer
             suppress(&mut output, &count_idx, min)?;
         }
         Ok(output)
-    })
+    }
 }
 
 /// Whether output column `i` of `plan` is a COUNT or SUM aggregate.
@@ -533,6 +715,9 @@ mod tests {
             "WITH t AS (SELECT * FROM person) SELECT * FROM t JOIN observation o USING (research_id)",
             "SELECT * FROM (SELECT 1) x",
             "SELECT 1",
+            "SELECT * FROM UNNEST([1, 2]) AS t(x)",
+            "WITH c AS (SELECT research_id, unnest(codings) AS coding FROM observation) \
+             SELECT coding['code'] FROM c",
         ] {
             check(sql, &tables()).unwrap_or_else(|e| panic!("{sql}: {e}"));
         }
@@ -559,6 +744,8 @@ mod tests {
             "SELECT * FROM datafusion.public.person",
             "SELECT * FROM person p WHERE p.research_id IN (SELECT x FROM '/etc/passwd')",
             "SELECT * INTO copied FROM person",
+            "SELECT o.research_id FROM observation o, UNNEST(o.codings) AS u(c)",
+            "SELECT 1 FROM observation CROSS JOIN UNNEST(codings)",
             "",
         ] {
             match check(sql, &tables()) {
@@ -581,5 +768,58 @@ mod tests {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
         assert!(default_memory_limit() > 0);
+    }
+
+    #[test]
+    fn durations_parse_and_print_back() {
+        for (text, secs) in [
+            ("90s", 90),
+            ("600", 600),
+            ("10m", 600),
+            ("2h", 7200),
+            ("3min", 180),
+        ] {
+            let d = parse_duration(text).unwrap();
+            assert_eq!(d.as_secs(), secs, "{text}");
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+        }
+        assert_eq!(format_duration(DEFAULT_TIMEOUT), "10m");
+        for bad in ["", "s", "0", "0s", "-5s", "1.5m", "10d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn oversized_queries_are_refused_before_parsing() {
+        let unions = |n: usize| vec!["SELECT 1 AS x FROM person"; n].join(" UNION ALL ");
+        assert!(check(&unions(MAX_SET_OPERATIONS + 1), &tables()).is_ok());
+        let too_many = check(&unions(MAX_SET_OPERATIONS + 2), &tables()).unwrap_err();
+        assert!(
+            too_many.to_string().contains("UNION/INTERSECT/EXCEPT"),
+            "{too_many}"
+        );
+        let chain = format!(
+            "SELECT {} FROM person",
+            vec!["1"; MAX_QUERY_TOKENS].join("+")
+        );
+        let long = check(&chain, &tables()).unwrap_err();
+        assert!(long.to_string().contains("tokens"), "{long}");
+        let nested = format!(
+            "SELECT * FROM {}person{}",
+            "(SELECT * FROM ".repeat(MAX_QUERY_DEPTH),
+            ") t".repeat(MAX_QUERY_DEPTH)
+        );
+        let deep = check(&nested, &tables()).unwrap_err();
+        assert!(deep.to_string().contains("nested more than"), "{deep}");
+        let huge = format!("SELECT '{}'", "x".repeat(MAX_QUERY_BYTES));
+        assert!(
+            check(&huge, &tables())
+                .unwrap_err()
+                .to_string()
+                .contains("longer than")
+        );
+        for e in [too_many, long, deep] {
+            assert!(matches!(e, WardError::Query { refused: true, .. }), "{e:?}");
+        }
     }
 }

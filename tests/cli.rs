@@ -565,6 +565,37 @@ fn query_writes_every_format_and_refuses_escapes_with_exit_2() {
         text(&starved.stderr)
     );
     assert_eq!(q(&[sql, "--memory-limit", "4X"]).status.code(), Some(2));
+    // Functions whose memory the engine does not track stop the process
+    // past twice the limit: exit 3, nothing written.
+    let bounded = dir.path().join("bounded.csv");
+    for greedy in [
+        "SELECT length(repeat('x', 1500000000)) AS n",
+        "SELECT count(*) AS n FROM (SELECT unnest(range(1, 1000000000)))",
+        "SELECT length(string_agg(repeat(research_id, 100000), ',')) AS n FROM observation",
+    ] {
+        let out = q(&[
+            greedy,
+            "--memory-limit",
+            "32M",
+            "--out",
+            bounded.to_str().unwrap(),
+            "--format",
+            "csv",
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{greedy}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains("twice its memory limit of 32 MiB"),
+            "{}",
+            text(&out.stderr)
+        );
+        assert!(!bounded.exists());
+    }
+    assert_eq!(q(&[sql, "--timeout", "0s"]).status.code(), Some(2));
     assert_eq!(before, snapshot(dir.path()));
 }
 

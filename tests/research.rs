@@ -34,6 +34,7 @@ fn opts(key: DeidKey, mode: DeidMode, reference: NaiveDate) -> DeidOptions {
         reference_date: reference,
         k: 11,
         suppress_small_classes: false,
+        valuesets: None,
     }
 }
 
@@ -147,6 +148,17 @@ fn assert_no_leak(wh: &Path, run_dir: &Path) {
                     );
                 }
             }
+            // Every table but the value sets (public reference data, whose
+            // codes may equal a number in a patient's record) is about
+            // persons.
+            if path.ends_with("valueset_code.parquet") {
+                assert!(
+                    batches
+                        .iter()
+                        .all(|b| b.column_by_name("research_id").is_none())
+                );
+                continue;
+            }
             // Research ids are 64-hex HMACs: checked apart.
             let ids_in = strings(&batches, "research_id");
             assert!(
@@ -220,6 +232,20 @@ fn the_sample_run_publishes_research_tables_without_identifiers() {
         let name = t["table"].as_str().unwrap();
         let core = if name == "person" {
             rows(&persons)
+        } else if name == "valueset_code" {
+            // Not about persons: the value sets the run measured with.
+            let files = fs::read_dir(repo().join("queries/valuesets")).unwrap();
+            let lines: usize = files
+                .map(|f| f.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "csv"))
+                .map(|p| csv::Reader::from_path(p).unwrap())
+                .map(|mut r| r.records().count())
+                .sum();
+            assert_eq!(
+                rows(&read_parquet(&research.join("valueset_code.parquet"))),
+                lines
+            );
+            continue;
         } else {
             rows(&read_dir_batches(&run.run_dir.join("core").join(name)))
         };
@@ -306,7 +332,7 @@ fn research_queries(tmp: &Path, research: &Path, persons: i64) {
     let q = |sql: &str, min: Option<u64>| {
         let opts = QueryOptions {
             min_cell: min,
-            memory_limit: None,
+            ..Default::default()
         };
         query(research, sql, &opts)
     };
@@ -358,8 +384,8 @@ fn research_queries(tmp: &Path, research: &Path, persons: i64) {
     // the same query answers as without one.
     let limited = |sql: &str, bytes: usize| {
         let opts = QueryOptions {
-            min_cell: None,
             memory_limit: Some(bytes),
+            ..Default::default()
         };
         query(research, sql, &opts)
     };
@@ -423,6 +449,47 @@ fn research_queries(tmp: &Path, research: &Path, persons: i64) {
         }
     }
     assert_eq!(before, snapshot(tmp), "a refused query changed the disk");
+
+    // A lateral UNNEST is refused with the form that works, which runs.
+    let lateral = q(
+        "SELECT count(*) FROM observation o, UNNEST(o.codings) AS u(c)",
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        lateral.to_string().contains("unnest(codings) AS coding"),
+        "{lateral}"
+    );
+    // ... and selects codes by value set (published with the tables).
+    let codings = q(
+        "WITH c AS (SELECT research_id, unnest(codings) AS coding FROM condition) \
+         SELECT count(DISTINCT research_id) AS n FROM c JOIN valueset_code v \
+         ON coding['system'] = v.code_system AND coding['code'] = v.code \
+         WHERE v.name = 'Diabetes'",
+        None,
+    )
+    .unwrap();
+    assert!(primitives::<Int64Type>(&codings.batches, "n")[0].unwrap() > 0);
+
+    // Limits: the largest query allowed runs (its tree planned on a deep
+    // stack); a query that never ends fails at its time limit.
+    let unions = vec!["SELECT 1 AS x"; ward::query::MAX_SET_OPERATIONS + 1].join(" UNION ALL ");
+    assert_eq!(
+        rows(&q(&unions, None).unwrap().batches),
+        ward::query::MAX_SET_OPERATIONS + 1
+    );
+    let endless = QueryOptions {
+        timeout: Some(std::time::Duration::from_secs(1)),
+        ..Default::default()
+    };
+    let forever = "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) \
+                   SELECT count(*) FROM t";
+    match query(research, forever, &endless) {
+        Err(e @ WardError::Data { .. }) => {
+            assert!(e.to_string().contains("time limit of 1s"), "{e}")
+        }
+        other => panic!("an endless query: {other:?}"),
+    }
     // Invalid SQL is a different error, also before anything runs.
     assert!(matches!(
         q("SELECT nope FROM person", None),
@@ -457,6 +524,7 @@ struct P {
     birth: Option<NaiveDate>,
     sex: &'static str,
     zip: Option<&'static str>,
+    died: Option<NaiveDate>,
 }
 
 /// Writes `core/person.parquet` and `core/observation/part-00000.parquet`
@@ -481,6 +549,12 @@ fn write_core(core: &Path, persons: &[P], obs: &[(&str, NaiveDate)]) {
                 persons
                     .iter()
                     .map(|p| p.birth.map(days))
+                    .collect::<Date32Array>(),
+            ) as ArrayRef,
+            "deceased_date" => Arc::new(
+                persons
+                    .iter()
+                    .map(|p| p.died.map(days))
                     .collect::<Date32Array>(),
             ) as ArrayRef,
             "sources" => {
@@ -579,36 +653,59 @@ fn age_zip_and_date_rules_on_edge_cases() {
             birth: Some(date(1936, 1, 1)),
             sex: "female",
             zip: Some("02139"),
+            died: None,
         },
         P {
             id: "P90",
             birth: Some(date(1935, 12, 31)),
             sex: "female",
             zip: Some("03601"),
+            died: None,
         },
         P {
             id: "P95",
             birth: Some(date(1930, 6, 1)),
             sex: "male",
             zip: Some("02139-4307"),
+            died: None,
         },
         P {
             id: "PLEAP",
             birth: Some(date(2000, 2, 29)),
             sex: "male",
             zip: Some("021"),
+            died: None,
         },
         P {
             id: "PNOZIP",
             birth: None,
             sex: "unknown",
             zip: None,
+            died: None,
         },
         P {
             id: "P9",
             birth: Some(date(1990, 5, 5)),
             sex: "male",
             zip: Some("890124444"),
+            died: None,
+        },
+        // Died at 60 in 1943: as old as at death, birth year withheld
+        // (it says "over 89" today).
+        P {
+            id: "PDEAD",
+            birth: Some(date(1883, 3, 1)),
+            sex: "female",
+            zip: Some("02139"),
+            died: Some(date(1943, 6, 1)),
+        },
+        // Died at 70 this year.
+        P {
+            id: "PDIED",
+            birth: Some(date(1955, 1, 1)),
+            sex: "male",
+            zip: Some("02139"),
+            died: Some(date(2025, 6, 1)),
         },
     ];
     let obs = [
@@ -630,27 +727,35 @@ fn age_zip_and_date_rules_on_edge_cases() {
     let get = |id: &str| rows[&research_id(&k, id)].clone();
     assert_eq!(
         get("P89"),
-        (
-            Some(89),
-            Some("80-89".into()),
-            Some(1936),
-            Some("021".into())
-        )
+        (Some(89), Some("75+".into()), Some(1936), Some("021".into()))
     );
     // 90 on the reference day: pooled, birth year removed; restricted ZIP.
     assert_eq!(
         get("P90"),
-        (Some(90), Some("90+".into()), None, Some("000".into()))
+        (Some(90), Some("75+".into()), None, Some("000".into()))
     );
     assert_eq!(
         get("P95"),
-        (Some(90), Some("90+".into()), None, Some("021".into()))
+        (Some(90), Some("75+".into()), None, Some("021".into()))
     );
     assert_eq!(
         get("PLEAP"),
-        (Some(25), Some("20-29".into()), Some(2000), None)
+        (Some(25), Some("18-44".into()), Some(2000), None)
     );
     assert_eq!(get("PNOZIP"), (None, None, None, None));
+    assert_eq!(
+        get("PDEAD"),
+        (Some(60), Some("45-64".into()), None, Some("021".into()))
+    );
+    assert_eq!(
+        get("PDIED"),
+        (
+            Some(70),
+            Some("65-74".into()),
+            Some(1955),
+            Some("021".into())
+        )
+    );
     assert_eq!(
         get("P9").3.as_deref(),
         Some("000"),
@@ -743,44 +848,50 @@ fn k_anonymity_counts_and_suppression_remove_exactly_the_small_classes() {
     let core = dir.path().join("core");
     let b = Some(date(1980, 6, 1));
     let persons = [
-        // Class A (3): 40-49, female, 021.
+        // Class A (3): 45-64, female, 021.
         P {
             id: "A1",
             birth: b,
             sex: "female",
             zip: Some("02139"),
+            died: None,
         },
         P {
             id: "A2",
             birth: b,
             sex: "female",
             zip: Some("02140"),
+            died: None,
         },
         P {
             id: "A3",
             birth: Some(date(1976, 1, 1)),
             sex: "female",
             zip: Some("02111"),
+            died: None,
         },
-        // Class B (2): 40-49, male, 021.
+        // Class B (2): 45-64, male, 021.
         P {
             id: "B1",
             birth: b,
             sex: "male",
             zip: Some("02139"),
+            died: None,
         },
         P {
             id: "B2",
             birth: b,
             sex: "male",
             zip: Some("02139"),
+            died: None,
         },
-        // Class C (1): 40-49, female, 100.
+        // Class C (1): 45-64, female, 100.
         P {
             id: "C1",
             birth: b,
             sex: "female",
             zip: Some("10001"),
+            died: None,
         },
     ];
     let d = date(2025, 5, 5);

@@ -8,14 +8,7 @@
 -- are 'other'.
 CREATE VIEW person_strata AS
 SELECT person_id, provider,
-       CASE
-         WHEN age IS NULL THEN 'unknown'
-         WHEN age < 18 THEN '0-17'
-         WHEN age < 45 THEN '18-44'
-         WHEN age < 65 THEN '45-64'
-         WHEN age < 75 THEN '65-74'
-         ELSE '75+'
-       END AS age_band,
+       coalesce(age_band(age), 'unknown') AS age_band,
        coalesce(p_sex, 'unknown') AS sex,
        coalesce(p_race, 'unknown') AS race,
        coalesce(p_ethnicity, 'unknown') AS ethnicity,

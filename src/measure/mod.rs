@@ -15,6 +15,7 @@
 
 pub mod conformance;
 mod session;
+pub(crate) use session::read_valuesets;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -27,7 +27,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use chrono::{Datelike, NaiveDate};
-use datafusion::arrow::array::{Array, ArrayRef, Date32Array, Int32Array, RecordBatch};
+use datafusion::arrow::array::{
+    Array, ArrayRef, Date32Array, Int32Array, RecordBatch, StringArray,
+};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::csv::CsvFormat;
@@ -88,31 +90,12 @@ pub(crate) async fn session(
         }
     }
 
-    let valuesets = queries.join("valuesets");
-    if !valuesets.is_dir() {
-        return Err(WardError::Config {
-            path: valuesets,
-            line: None,
-            column: None,
-            key: None,
-            message: "value-set directory not found (queries/valuesets)".into(),
-        });
-    }
-    let csv = ListingOptions::new(Arc::new(CsvFormat::default().with_has_header(true)))
-        .with_file_extension(".csv");
-    ctx.register_listing_table(
-        "valueset_code",
-        format!("{}/", valuesets.display()),
-        csv,
-        Some(schema::valueset_code_schema()),
-        None,
-    )
-    .await
-    .map_err(|e| err("registering value sets", &valuesets, e))?;
+    register_valuesets(&ctx, &queries.join("valuesets")).await?;
 
     ctx.register_table("period", Arc::new(period_table(period)?))
         .map_err(|e| err("registering period", queries, e))?;
     ctx.register_udf(age_years_udf());
+    ctx.register_udf(age_band_udf());
 
     let mut views = Vec::new();
     for table in Table::ALL {
@@ -224,6 +207,55 @@ fn period_table(period: Period) -> Result<MemTable> {
     })
 }
 
+/// Registers the value-set files of `dir` (`*.csv`) as `valueset_code`.
+pub(crate) async fn register_valuesets(ctx: &SessionContext, dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        return Err(WardError::Config {
+            path: dir.to_path_buf(),
+            line: None,
+            column: None,
+            key: None,
+            message: "value-set directory not found (queries/valuesets)".into(),
+        });
+    }
+    let csv = ListingOptions::new(Arc::new(CsvFormat::default().with_has_header(true)))
+        .with_file_extension(".csv");
+    ctx.register_listing_table(
+        "valueset_code",
+        format!("{}/", dir.display()),
+        csv,
+        Some(schema::valueset_code_schema()),
+        None,
+    )
+    .await
+    .map_err(|e| WardError::Data {
+        context: "registering value sets",
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Every row of the value-set files of `dir`, sorted by value set, code
+/// system and code.
+pub(crate) fn read_valuesets(dir: &Path) -> Result<Vec<RecordBatch>> {
+    crate::engine::block_on(async {
+        let ctx = crate::engine::session(SessionConfig::new());
+        register_valuesets(&ctx, dir).await?;
+        let sql = "SELECT * FROM valueset_code ORDER BY valueset, code_system, code";
+        let err = |e: datafusion::error::DataFusionError| WardError::Data {
+            context: "reading value sets",
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        };
+        ctx.sql(sql)
+            .await
+            .map_err(err)?
+            .collect()
+            .await
+            .map_err(err)
+    })
+}
+
 /// Completed years between two dates (CQL `AgeInYearsAt`); NULL if either is.
 pub(crate) fn age_years(birth: NaiveDate, at: NaiveDate) -> i32 {
     let mut years = at.year() - birth.year();
@@ -260,6 +292,33 @@ fn age_years_udf() -> datafusion::logical_expr::ScalarUDF {
                         Some(age_years(birth.value_as_date(i)?, at.value_as_date(i)?))
                     }
                 })
+                .collect();
+            Ok(ColumnarValue::Array(Arc::new(out)))
+        }),
+    )
+}
+
+/// `age_band(age)`: the report's age band of an age in years
+/// ([`crate::report::age_band`]); NULL for NULL.
+fn age_band_udf() -> datafusion::logical_expr::ScalarUDF {
+    create_udf(
+        "age_band",
+        vec![DataType::Int32],
+        DataType::Utf8,
+        Volatility::Immutable,
+        Arc::new(|args: &[ColumnarValue]| {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let ages = arrays[0]
+                .as_any()
+                .downcast_ref::<Int32Array>()
+                .ok_or_else(|| {
+                    datafusion::error::DataFusionError::Execution(
+                        "age_band expects an INT argument".into(),
+                    )
+                })?;
+            let out: StringArray = ages
+                .iter()
+                .map(|a| a.map(crate::report::age_band))
                 .collect();
             Ok(ColumnarValue::Array(Arc::new(out)))
         }),

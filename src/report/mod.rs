@@ -36,6 +36,19 @@ pub const DIMENSIONS: [&str; 8] = [
     "payer",
 ];
 
+/// The age bands of reports and research tables alike: `0-17`, `18-44`,
+/// `45-64`, `65-74`, `75+` (years completed). Coarser than ten-year bands,
+/// they also hide ages of 90 and over as Safe Harbor requires.
+pub fn age_band(age: i32) -> &'static str {
+    match age {
+        ..18 => "0-17",
+        18..45 => "18-44",
+        45..65 => "45-64",
+        65..75 => "65-74",
+        _ => "75+",
+    }
+}
+
 /// One row of the summary: a measure in one stratum. Suppressed counts are
 /// `None` with `suppressed` set — never zeroed.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]

@@ -1,0 +1,112 @@
+//! The binary's allocator: mimalloc, counting the bytes the process holds,
+//! with an optional hard cap for `ward query`.
+//!
+//! DataFusion's memory pool (`--memory-limit`) bounds what its operators
+//! account for — hash tables, sort buffers, the result — but not what a
+//! scalar or table function allocates (`repeat('x', 1500000000)`,
+//! `range(1, 1e9)`, a `string_agg` of large strings). The cap bounds the
+//! process instead: an allocation that would take the bytes held past it
+//! writes a fixed message to stderr and ends the process with exit code 3,
+//! before the allocation happens. Nothing is written to `--out` then (the
+//! output file is created only after the query has finished).
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+/// The process's allocator (see the module documentation).
+pub struct Capped;
+
+/// Bytes currently allocated through [`Capped`].
+static HELD: AtomicUsize = AtomicUsize::new(0);
+/// The cap in bytes; 0: none.
+static CAP: AtomicUsize = AtomicUsize::new(0);
+/// What to print when the cap is reached (formatted in [`set_cap`], since
+/// the allocator must not allocate to report).
+static MESSAGE: OnceLock<Box<[u8]>> = OnceLock::new();
+
+/// Exit code of a process stopped at its cap (a failed run, like any other
+/// query that cannot finish).
+const EXIT: i32 = 3;
+
+/// Bytes the process holds now.
+pub fn held() -> usize {
+    HELD.load(Relaxed)
+}
+
+/// From now on, an allocation that would take the process past `bytes`
+/// prints `message` (one line) and exits with code 3. Set once.
+pub fn set_cap(bytes: usize, message: String) {
+    let mut line = message.into_bytes();
+    line.push(b'\n');
+    if MESSAGE.set(line.into_boxed_slice()).is_ok() {
+        CAP.store(bytes, Relaxed);
+    }
+}
+
+#[cold]
+fn exceeded() -> ! {
+    let message = MESSAGE.get().map(|m| &m[..]).unwrap_or(b"out of memory\n");
+    // SAFETY: write(2) on stderr from a static buffer and _exit(2) neither
+    // allocate nor run destructors, so they are safe inside the allocator.
+    unsafe {
+        libc::write(2, message.as_ptr().cast(), message.len());
+        libc::_exit(EXIT)
+    }
+}
+
+/// Counts `size` more bytes held; stops the process past the cap.
+fn grow(size: usize) {
+    let now = HELD.fetch_add(size, Relaxed).saturating_add(size);
+    let cap = CAP.load(Relaxed);
+    if cap != 0 && now > cap {
+        exceeded();
+    }
+}
+
+// SAFETY: every call is forwarded to mimalloc unchanged; only counters are
+// kept around it.
+unsafe impl GlobalAlloc for Capped {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        grow(layout.size());
+        // SAFETY: the caller's contract is mimalloc's.
+        let p = unsafe { mimalloc::MiMalloc.alloc(layout) };
+        if p.is_null() {
+            HELD.fetch_sub(layout.size(), Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        grow(layout.size());
+        // SAFETY: as for `alloc`.
+        let p = unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) };
+        if p.is_null() {
+            HELD.fetch_sub(layout.size(), Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as for `alloc`.
+        unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) };
+        HELD.fetch_sub(layout.size(), Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let old = layout.size();
+        if new_size > old {
+            grow(new_size - old);
+        }
+        // SAFETY: as for `alloc`.
+        let p = unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) };
+        if p.is_null() {
+            if new_size > old {
+                HELD.fetch_sub(new_size - old, Relaxed);
+            }
+        } else if new_size < old {
+            HELD.fetch_sub(old - new_size, Relaxed);
+        }
+        p
+    }
+}

@@ -320,6 +320,7 @@ fn run_stages(
         ),
         ("warnings".to_string(), manifest.warnings.len().to_string()),
     ];
+    let warnings = manifest.warnings.clone();
     let (summary, report_dir, report_html, measure_reports, care_gaps) =
         stage(manifest, "report", || {
             let strata = measure::strata(&warehouse, queries, period)?;
@@ -328,6 +329,7 @@ fn run_stages(
             let html = report::html::HtmlInput {
                 trend: &trend,
                 metadata: &metadata,
+                warnings: &warnings,
                 ..report::html::HtmlInput::new(
                     &run_id,
                     period,

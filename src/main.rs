@@ -75,7 +75,16 @@ enum Command {
     /// Load new and changed extracts into staging.
     Ingest,
     /// Check every extract (against its mapping, or the FHIR rules) and report; write nothing.
-    Validate,
+    Validate {
+        /// Also print where the first N rejects of each rule are (file,
+        /// line, column).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        examples: usize,
+        /// With --examples, print each reject's offending value too: patient
+        /// data on this terminal.
+        #[arg(long, requires = "examples")]
+        show_values: bool,
+    },
     /// Link patient records across providers into persons, then build the
     /// core tables (core/person_link, core/person, core/<table>).
     Link {
@@ -396,7 +405,7 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
     }
     // Every other command writes to the warehouse: one at a time.
     let _lock = match &cli.command {
-        Command::Run { .. } | Command::Validate => None, // `run` locks itself
+        Command::Run { .. } | Command::Validate { .. } => None, // `run` locks itself
         _ => Some(ward::runs::Lock::acquire(
             &config.warehouse,
             &format!("ward {}", command_name(&cli.command)),
@@ -497,11 +506,25 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    let (examples, show_values) = match cli.command {
+        Command::Validate {
+            examples,
+            show_values,
+        } => (examples, show_values),
+        _ => (0, false),
+    };
+    if show_values {
+        eprintln!(
+            "warning: --show-values prints patient data (PHI) from the extracts to this terminal"
+        );
+    }
     let opts = IngestOptions {
         today,
-        dry_run: matches!(cli.command, Command::Validate),
+        dry_run: matches!(cli.command, Command::Validate { .. }),
+        examples,
+        show_values,
     };
-    if !cli.quiet && matches!(cli.command, Command::Ingest | Command::Validate) {
+    if !cli.quiet && matches!(cli.command, Command::Ingest | Command::Validate { .. }) {
         let writes = if opts.dry_run {
             "nothing".to_string()
         } else {
@@ -530,7 +553,7 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
     };
     progress.finish_and_clear();
     if !cli.quiet {
-        print_summary(&report, opts.dry_run);
+        print_summary(&report, opts.dry_run, opts.examples);
         if let Some(run) = &run {
             print_link(&run.link, &run.core);
             print_measures(&run.measures);
@@ -574,7 +597,7 @@ fn command_name(command: &Command) -> &'static str {
     match command {
         Command::Run { .. } => "run",
         Command::Ingest => "ingest",
-        Command::Validate => "validate",
+        Command::Validate { .. } => "validate",
         Command::Link { .. } => "link",
         Command::Measure { .. } => "measure",
         Command::Runs { .. } => "runs",
@@ -1269,7 +1292,40 @@ fn progress_bar(quiet: bool, stage: &str, unit: &str) -> ProgressBar {
     bar
 }
 
-fn print_summary(report: &IngestReport, dry_run: bool) {
+/// `ward validate --examples N`: per rule, where its first N rejects are
+/// (control characters of file names and values escaped).
+fn print_reject_examples(report: &IngestReport, n: usize) {
+    let mut by_rule = std::collections::BTreeMap::<&str, Vec<String>>::new();
+    for f in &report.files {
+        for e in &f.reject_examples {
+            let places = by_rule.entry(e.rule).or_default();
+            if places.len() == n {
+                continue;
+            }
+            let mut at = format!("{}/{}:{}", f.source, f.file, e.line)
+                .escape_debug()
+                .to_string();
+            if let Some(column) = &e.column {
+                at.push_str(&format!(" column {}", column.escape_debug()));
+            }
+            if let Some(value) = &e.value {
+                at.push_str(&format!(" value {value:?}"));
+            }
+            places.push(at);
+        }
+    }
+    if !by_rule.is_empty() {
+        println!("first {n} reject(s) of each rule (file:line):");
+    }
+    for (rule, places) in by_rule {
+        println!("  {rule}:");
+        for place in places {
+            println!("    {place}");
+        }
+    }
+}
+
+fn print_summary(report: &IngestReport, dry_run: bool, examples: usize) {
     let mut table = TextTable::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
         "source",
@@ -1337,6 +1393,7 @@ fn print_summary(report: &IngestReport, dry_run: bool) {
         let list: Vec<String> = rules.iter().map(|(r, n)| format!("{r} {n}")).collect();
         println!("rejects by rule: {}", list.join(", "));
     }
+    print_reject_examples(report, examples);
     let mut flagged = std::collections::BTreeMap::<&str, u64>::new();
     for f in &report.files {
         for (what, n) in &f.values_flagged {

@@ -75,6 +75,50 @@ fn validate_writes_nothing() {
     assert!(text(&out.stdout).contains("nothing written"));
     assert!(text(&out.stdout).contains("rejects by rule:"));
     assert!(!dir.path().join("wh").exists());
+
+    // --examples N: per rule, where its first N rejects are — places the
+    // sample's expected rejects list, never values unless asked for.
+    let expected: std::collections::BTreeSet<(String, String)> =
+        fs::read_to_string(config.parent().unwrap().join("expected_rejects.csv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (f[3].to_string(), format!("{}/{}:{}", f[0], f[1], f[2]))
+            })
+            .collect();
+    let rules: std::collections::BTreeSet<&String> = expected.iter().map(|(r, _)| r).collect();
+    let validate = |extra: &[&str]| {
+        let mut args = vec!["--config", config.to_str().unwrap(), "validate"];
+        args.extend_from_slice(extra);
+        ward(dir.path(), &args)
+    };
+    let out = validate(&["--examples", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let listed = &stdout[stdout.find("first 1 reject(s) of each rule").unwrap()..];
+    let mut shown = 0;
+    let mut rule = String::new();
+    for line in listed.lines().skip(1) {
+        if let Some(r) = line.strip_prefix("  ").and_then(|l| l.strip_suffix(':')) {
+            rule = r.to_string();
+        } else if let Some(place) = line.strip_prefix("    ") {
+            let place = place.split(" column ").next().unwrap();
+            assert!(
+                expected.contains(&(rule.clone(), place.to_string())),
+                "{line}"
+            );
+            shown += 1;
+        }
+    }
+    assert_eq!(shown, rules.len(), "{listed}");
+    assert!(!stdout.contains(" value "));
+    let out = validate(&["--examples", "2", "--show-values"]);
+    assert!(text(&out.stderr).contains("PHI"));
+    assert!(text(&out.stdout).contains(" value \""));
+    assert_eq!(validate(&["--show-values"]).status.code(), Some(2));
+    assert!(!dir.path().join("wh").exists());
 }
 
 #[test]

@@ -30,6 +30,7 @@ fn ingest_2030(config: &Path) -> ward::IngestReport {
     let opts = ward::IngestOptions {
         today: chrono::NaiveDate::from_ymd_opt(2030, 1, 1).unwrap(),
         dry_run: false,
+        ..Default::default()
     };
     ward::ingest::ingest(&config, &opts, &indicatif::ProgressBar::hidden()).unwrap()
 }
@@ -498,6 +499,7 @@ fn unseen_fhir_shapes_are_loaded_flagged_or_rejected_never_a_panic() {
     let opts = ward::IngestOptions {
         today: chrono::NaiveDate::from_ymd_opt(2026, 1, 10).unwrap(),
         dry_run: false,
+        ..Default::default()
     };
     let report = ward::ingest::ingest(&config, &opts, &indicatif::ProgressBar::hidden()).unwrap();
     let file = |name: &str| report.files.iter().find(|f| f.file == name).unwrap();

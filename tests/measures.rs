@@ -637,4 +637,30 @@ fn run_on_the_sample_writes_every_measure() {
         snapshot(&second.run_dir.join("marts/measure_patient")),
         "a second run writes the same marts"
     );
+    assert!(first.measures.iter().all(|r| r.empty.is_none()));
+
+    // A period before any data: every denominator is empty and says what
+    // the data holds — the diabetics are there (at other dates), the
+    // period has no encounter.
+    let published = Warehouse::new(&config.warehouse).with_output(&second.run_dir);
+    let all: Vec<&measure::MeasureDef> = defs.iter().collect();
+    let before = Period {
+        start: NaiveDate::from_ymd_opt(1990, 1, 1).unwrap(),
+        end: NaiveDate::from_ymd_opt(1990, 12, 31).unwrap(),
+    };
+    for r in measure::run(&published, &queries(), &all, before).unwrap() {
+        let empty = r
+            .empty
+            .unwrap_or_else(|| panic!("{}: no explanation", r.def.id));
+        assert_eq!(empty.encounters_in_period, 0, "{}", r.def.id);
+        assert!(empty.unmatched_encounter_codes.is_empty());
+        if r.def.id == "CMS122" {
+            assert!(empty.valuesets >= 5, "{empty:?}");
+            let condition = empty
+                .persons_by_table
+                .iter()
+                .find(|(t, _)| t == "condition");
+            assert!(condition.is_some_and(|(_, n)| *n > 0), "{empty:?}");
+        }
+    }
 }

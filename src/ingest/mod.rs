@@ -33,12 +33,29 @@ use crate::warehouse::{FileState, IngestState, Warehouse};
 use rows::{RejectRow, RowContext};
 
 /// How ingest runs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct IngestOptions {
     /// Dates after this day are rejected as `future_date`.
     pub today: NaiveDate,
     /// Check every file against its mapping and report, writing nothing.
     pub dry_run: bool,
+    /// Keep the first this many rejects of each rule of each file as
+    /// [`FileReport::reject_examples`] (`ward validate --examples`).
+    pub examples: usize,
+    /// Keep the offending value in those examples: patient data, for a
+    /// terminal the operator may see PHI on (`--show-values`).
+    pub show_values: bool,
+}
+
+/// Where one rejected record is, and why (`ward validate --examples`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RejectExample {
+    pub line: u64,
+    pub column: Option<String>,
+    pub rule: &'static str,
+    /// The column's value (or the unsplit record): only with
+    /// [`IngestOptions::show_values`].
+    pub value: Option<String>,
 }
 
 /// What happened to one input file.
@@ -84,6 +101,9 @@ pub struct FileReport {
     /// not be normalized (a race code Ward does not know, a misspelt state),
     /// per `column: rule`.
     pub values_flagged: BTreeMap<String, u64>,
+    /// The first [`IngestOptions::examples`] rejects of each rule, in file
+    /// order (empty unless asked for).
+    pub reject_examples: Vec<RejectExample>,
 }
 
 impl FileReport {
@@ -108,7 +128,28 @@ impl FileReport {
             skipped_by_type: BTreeMap::new(),
             rejects_by_rule: BTreeMap::new(),
             values_flagged: BTreeMap::new(),
+            reject_examples: Vec::new(),
         }
+    }
+}
+
+fn example(r: &RejectRow, show_values: bool) -> RejectExample {
+    let value = show_values.then(|| {
+        // `raw` is the record keyed by header name, or the unsplit line.
+        match (serde_json::from_str::<serde_json::Value>(&r.raw), &r.column) {
+            (Ok(serde_json::Value::Object(fields)), Some(column)) => match fields.get(column) {
+                Some(serde_json::Value::String(v)) => v.clone(),
+                Some(other) => other.to_string(),
+                None => r.raw.clone(),
+            },
+            _ => r.raw.clone(),
+        }
+    });
+    RejectExample {
+        line: r.line,
+        column: r.column.clone(),
+        rule: r.rule,
+        value,
     }
 }
 
@@ -458,6 +499,7 @@ pub fn ingest(
                 skipped_by_type: f.skipped_by_type.clone(),
                 rejects_by_rule: f.rejects_by_rule.clone(),
                 values_flagged: f.values_flagged.clone(),
+                reject_examples: Vec::new(),
             });
         }
     }
@@ -487,10 +529,16 @@ pub fn ingest(
                 file_report.skipped_by_type = loaded.skipped.clone();
                 file_report.values_flagged = loaded.flagged.clone();
                 for r in &loaded.rejects {
-                    *file_report
+                    let n = file_report
                         .rejects_by_rule
                         .entry(r.rule.to_string())
-                        .or_default() += 1;
+                        .or_default();
+                    *n += 1;
+                    if *n <= opts.examples as u64 {
+                        file_report
+                            .reject_examples
+                            .push(example(r, opts.show_values));
+                    }
                 }
                 tracing::info!(
                     source = %input.source.name,

@@ -101,6 +101,7 @@ pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Res
     let opts = IngestOptions {
         today: NaiveDate::from_ymd_opt(9999, 12, 31).expect("valid date"),
         dry_run: false,
+        ..Default::default()
     };
     let report = ingest::ingest(&config, &opts, &indicatif::ProgressBar::hidden())?;
     let mut rejects: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();

@@ -22,12 +22,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use datafusion::prelude::SessionContext;
 use serde::Deserialize;
 
 use crate::config::{Period, load_toml};
 use crate::error::{Result, WardError};
+use crate::schema::Table;
 use crate::warehouse::Warehouse;
 
 /// The population criteria columns, in report order.
@@ -192,6 +193,26 @@ pub struct MeasureResult {
     /// The per-person rows (scored), as written to the mart, and their schema.
     pub rows: Vec<RecordBatch>,
     pub schema: SchemaRef,
+    /// Why no one is in the denominator, when no one is.
+    pub empty: Option<EmptyDenominator>,
+}
+
+/// What the data holds that a measure with an empty denominator looked
+/// for, so an analyst can tell a population without the condition from
+/// codes the measure does not recognise (unmapped visit types, a local
+/// code system). Unsuppressed counts: publish them through suppression.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EmptyDenominator {
+    /// Value sets the measure's SQL names (by OID).
+    pub valuesets: usize,
+    /// Per coded table: persons with a fact, at any date, coded in one of
+    /// those value sets; tables without such facts are left out.
+    pub persons_by_table: Vec<(String, u64)>,
+    /// Encounters that start in the measurement period.
+    pub encounters_in_period: u64,
+    /// Their most frequent codings (`system code`), at most five, none of
+    /// which is in the measure's value sets.
+    pub unmatched_encounter_codes: Vec<String>,
 }
 
 impl MeasureResult {
@@ -430,6 +451,7 @@ async fn run_one(ctx: &SessionContext, def: &MeasureDef, period: Period) -> Resu
         categories: BTreeMap::new(),
         rows,
         schema,
+        empty: None,
     };
     let memberships = result.memberships();
     let rows_out: usize = result.rows.iter().map(|b| b.num_rows()).sum();
@@ -451,7 +473,95 @@ async fn run_one(ctx: &SessionContext, def: &MeasureDef, period: Period) -> Resu
     if let Some(column) = &def.category {
         result.categories = categories(&result.rows, column).map_err(err)?;
     }
+    if result.counts.denominator == 0 {
+        result.empty = Some(
+            empty_denominator(ctx, &sql)
+                .await
+                .map_err(|e| err(format!("explaining the empty denominator: {e}")))?,
+        );
+    }
     Ok(result)
+}
+
+/// The value-set OIDs a measure's SQL names: quoted dotted numbers with at
+/// least four parts (`'2.16.840.1.113883.3.464.1003.101.12.1001'`), also
+/// in comments (harmless: an OID named is an OID looked for).
+fn valueset_oids(sql: &str) -> Vec<String> {
+    static OID: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"'([0-9]+(?:\.[0-9]+){3,})'").expect("valid regex")
+    });
+    let mut out: Vec<String> = OID.captures_iter(sql).map(|c| c[1].to_string()).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+async fn empty_denominator(
+    ctx: &SessionContext,
+    sql: &str,
+) -> std::result::Result<EmptyDenominator, datafusion::error::DataFusionError> {
+    let oids = valueset_oids(sql);
+    let mut out = EmptyDenominator {
+        valuesets: oids.len(),
+        ..Default::default()
+    };
+    let list = if oids.is_empty() {
+        "NULL".to_string()
+    } else {
+        oids.iter()
+            .map(|o| format!("'{o}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let counts = |sql: String| async move {
+        let batches = ctx.sql(&sql).await?.collect().await?;
+        let mut rows = Vec::new();
+        for b in &batches {
+            let label = crate::engine::text(b.column(0))?;
+            let n = b.column(1).as_primitive::<Int64Type>();
+            for i in 0..b.num_rows() {
+                rows.push((label.value(i).to_string(), n.value(i) as u64));
+            }
+        }
+        Ok::<_, datafusion::error::DataFusionError>(rows)
+    };
+    let per_table: Vec<String> = Table::ALL
+        .into_iter()
+        .filter(|t| t.column("codings").is_some())
+        .map(|t| {
+            format!(
+                "SELECT '{0}' AS t, count(DISTINCT person_id) AS n FROM {0}_vs \
+                 WHERE valueset IN ({list})",
+                t.name()
+            )
+        })
+        .collect();
+    out.persons_by_table = counts(per_table.join(" UNION ALL "))
+        .await?
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    out.persons_by_table.sort();
+    let in_period = "e.start_time >= p.start_ts AND e.start_time < p.end_ts";
+    out.encounters_in_period = counts(format!(
+        "SELECT 'all', count(*) FROM encounter e CROSS JOIN period p WHERE {in_period}"
+    ))
+    .await?
+    .first()
+    .map_or(0, |r| r.1);
+    out.unmatched_encounter_codes = counts(format!(
+        "SELECT concat(e.coding_system, ' ', e.coding_code) AS c, count(*) AS n \
+         FROM encounter_coding e CROSS JOIN period p \
+         WHERE {in_period} AND NOT EXISTS (SELECT 1 FROM valueset_code v \
+           WHERE v.valueset IN ({list}) AND v.code_system = e.coding_system \
+             AND v.code = e.coding_code) \
+         GROUP BY 1 ORDER BY n DESC, c LIMIT 5"
+    ))
+    .await?
+    .into_iter()
+    .map(|(code, _)| code)
+    .collect();
+    Ok(out)
 }
 
 /// Counts the values of `column` among scored rows in the denominator and
@@ -510,4 +620,21 @@ fn plain_strings(b: &RecordBatch, schema: &SchemaRef) -> datafusion::error::Resu
         .map(|(c, f)| datafusion::arrow::compute::cast(c, f.data_type()))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_set_oids_are_the_quoted_dotted_numbers_of_the_sql() {
+        let sql = "SELECT 1 FROM condition_vs WHERE valueset IN \
+                   ('2.16.840.1.113883.3.464.1003.103.12.1001', -- the patient's\n \
+                   '2.16.840.1.113883.3.464.1003.103.12.1001', '1.2.3', 'x.1.2.3', '9.8.7.6') \
+                   AND value_num > 9.0 AND code = '4548-4'";
+        assert_eq!(
+            valueset_oids(sql),
+            ["2.16.840.1.113883.3.464.1003.103.12.1001", "9.8.7.6"]
+        );
+    }
 }

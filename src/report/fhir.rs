@@ -326,6 +326,7 @@ mod tests {
             categories: Default::default(),
             rows: Vec::new(),
             schema: Arc::new(datafusion::arrow::datatypes::Schema::empty()),
+            empty: None,
         };
         let cells = [
             cell("overall", "all", Some(40)),

@@ -62,6 +62,9 @@ pub struct HtmlInput<'a> {
     /// Further run metadata (configuration, input fingerprints, ...), shown
     /// in order after the run id, period, version and suppression threshold.
     pub metadata: &'a [(String, String)],
+    /// The run's warnings (gates that warned, files that failed, ...),
+    /// listed on the page; they name sources and files, never values.
+    pub warnings: &'a [String],
 }
 
 impl<'a> HtmlInput<'a> {
@@ -86,6 +89,7 @@ impl<'a> HtmlInput<'a> {
             trend: &[],
             quality,
             metadata: &[],
+            warnings: &[],
         }
     }
 }
@@ -265,6 +269,7 @@ struct View {
     quality: Vec<QualityRow>,
     quality_total: QualityRow,
     metadata: Vec<(String, String)>,
+    warnings: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -278,6 +283,8 @@ struct Headline {
     direction: &'static str,
     /// `ok`, `suppressed` or `empty` (no one in the denominator).
     status: &'static str,
+    /// Why the denominator is empty, in terms of the data (suppressed).
+    why_empty: Option<String>,
     rate: String,
     ci: String,
     /// Age-standardized rate and interval (2000 US standard), when the
@@ -474,6 +481,51 @@ fn ci_text(lo: Option<f64>, hi: Option<f64>) -> String {
 }
 
 /// `1234567` → `1,234,567`.
+/// [`crate::measure::EmptyDenominator`] in words an analyst can act on;
+/// counts from 1 to `min_cell - 1` are not printed.
+fn why_empty(e: &crate::measure::EmptyDenominator, min_cell: u64) -> String {
+    let n = |v: u64| {
+        if v > 0 && v < min_cell {
+            format!("fewer than {min_cell}")
+        } else {
+            count(v)
+        }
+    };
+    let mut text = if e.persons_by_table.is_empty() {
+        format!(
+            "No fact in the data is coded in the {} value set(s) the measure names.",
+            e.valuesets
+        )
+    } else {
+        let tables: Vec<String> = e
+            .persons_by_table
+            .iter()
+            .map(|(t, p)| format!("{t} {}", n(*p)))
+            .collect();
+        format!(
+            "Persons with facts coded in the measure's {} value set(s), at any date: {}; \
+             none met every criterion in the period.",
+            e.valuesets,
+            tables.join(", ")
+        )
+    };
+    text.push_str(&format!(
+        " {} encounter(s) start in the period",
+        n(e.encounters_in_period)
+    ));
+    if e.unmatched_encounter_codes.is_empty() {
+        text.push('.');
+    } else {
+        text.push_str(&format!(
+            "; their most frequent codes outside the measure's value sets are {}. If these \
+             are the visits the measure counts, the source's codes need mapping to the value \
+             sets' code systems.",
+            e.unmatched_encounter_codes.join(", ")
+        ));
+    }
+    text
+}
+
 fn count(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
@@ -906,6 +958,7 @@ fn build_view(input: &HtmlInput) -> View {
                 "▼ lower is better"
             },
             status,
+            why_empty: m.empty.as_ref().map(|e| why_empty(e, input.min_cell_size)),
             rate: rate.map_or_else(String::new, pct),
             ci: overall.map_or_else(String::new, |c| ci_text(c.ci_low, c.ci_high)),
             age_std: overall.and_then(|c| {
@@ -1012,16 +1065,22 @@ fn build_view(input: &HtmlInput) -> View {
         quality,
         quality_total: quality_row(&total),
         metadata,
+        warnings: input.warnings.to_vec(),
     }
 }
 
+/// Shares are of the rows read, the denominator of the reject-rate gate:
+/// a row read is accepted, rejected or skipped.
 fn quality_row(q: &SourceQuality) -> QualityRow {
-    let processed = q.rows_accepted + q.rows_rejected;
-    let accepted_pct = if processed > 0 {
-        r1(q.rows_accepted as f64 / processed as f64 * 100.0)
-    } else {
-        0.0
+    let read = q.rows_read;
+    let share = |n: u64| {
+        if read > 0 {
+            r1(n as f64 / read as f64 * 100.0)
+        } else {
+            0.0
+        }
     };
+    let accepted_pct = share(q.rows_accepted);
     QualityRow {
         source: q.source.clone(),
         files: count(q.files),
@@ -1031,17 +1090,13 @@ fn quality_row(q: &SourceQuality) -> QualityRow {
         rows_accepted: count(q.rows_accepted),
         rows_rejected: count(q.rows_rejected),
         rows_skipped: count(q.rows_skipped),
-        reject_share: if processed > 0 {
-            format!("{:.2}%", q.rows_rejected as f64 / processed as f64 * 100.0)
+        reject_share: if read > 0 {
+            format!("{:.2}%", q.rows_rejected as f64 / read as f64 * 100.0)
         } else {
             "–".into()
         },
         accepted_pct,
-        rejected_pct: if processed > 0 {
-            r1(100.0 - accepted_pct)
-        } else {
-            0.0
-        },
+        rejected_pct: share(q.rows_rejected),
         top_rules: q
             .top_rules
             .iter()
@@ -1100,6 +1155,7 @@ mod tests {
                 .collect(),
             rows: Vec::new(),
             schema: Arc::new(Schema::empty()),
+            empty: None,
         }
     }
 
@@ -1137,6 +1193,7 @@ mod tests {
         cells: Vec<Cell>,
         quality: Vec<SourceQuality>,
         metadata: Vec<(String, String)>,
+        warnings: Vec<String>,
     }
 
     fn fixture(hostile: &str) -> Fixture {
@@ -1168,9 +1225,9 @@ mod tests {
             files_unchanged: 0,
             files_failed: 0,
             rows_read: 100,
-            rows_accepted: 97,
+            rows_accepted: 92,
             rows_rejected: 3,
-            rows_skipped: 0,
+            rows_skipped: 5,
             top_rules: vec![(hostile.into(), 3)],
             problems: vec![],
         }];
@@ -1180,6 +1237,7 @@ mod tests {
             cells,
             quality,
             metadata,
+            warnings: vec![format!("source '{hostile}': 3 of 100 rows rejected")],
         }
     }
 
@@ -1195,6 +1253,7 @@ mod tests {
             trend,
             quality: &f.quality,
             metadata: &f.metadata,
+            warnings: &f.warnings,
         }
     }
 
@@ -1454,6 +1513,7 @@ mod tests {
             skipped_by_type: BTreeMap::new(),
             rejects_by_rule: rules.iter().map(|(r, n)| (r.to_string(), *n)).collect(),
             values_flagged: BTreeMap::new(),
+            reject_examples: Vec::new(),
         };
         let report = IngestReport {
             files: vec![
@@ -1482,6 +1542,51 @@ mod tests {
         );
         assert_eq!(q[1].top_rules, [("y".to_string(), 5), ("x".to_string(), 2)]);
         assert_eq!(q[2].problems, ["no input"]);
+    }
+
+    #[test]
+    fn quality_shares_are_of_rows_read_and_warnings_are_listed() {
+        let f = fixture("north");
+        let html = render(&input(&f, &[])).unwrap();
+        let table = &html[html.find("<table class=\"quality\">").unwrap()..];
+        let row = &table[table.find("<tr><th scope=\"row\">north</th>").unwrap()..];
+        let row = &row[..row.find("</tr>").unwrap()];
+        // 3 rejected of 100 read (5 skipped): 3.00 %, as the gate says,
+        // not 3 of 95 accepted or rejected.
+        assert!(row.contains(">3.00%<"), "{row}");
+        assert!(
+            row.contains("<td class=\"num rows\">5</td>"),
+            "skipped shown: {row}"
+        );
+        assert!(html.contains("rejected ÷ rows read"));
+        assert!(html.contains("<li>source &#x27;north&#x27;: 3 of 100 rows rejected</li>"));
+    }
+
+    #[test]
+    fn an_empty_denominator_is_explained_without_small_counts() {
+        let mut f = fixture("Other");
+        // A measure without a summary cell: no one in its denominator.
+        f.measures.push(result(def("EMPTY", "Empty", None), &[]));
+        f.measures[3].empty = Some(crate::measure::EmptyDenominator {
+            valuesets: 4,
+            persons_by_table: vec![("condition".into(), 7), ("observation".into(), 1_234)],
+            encounters_in_period: 940,
+            unmatched_encounter_codes: vec!["local V01".into(), "snomed 185349003".into()],
+        });
+        let html = render(&input(&f, &[])).unwrap();
+        let why = &html[html.find("<p class=\"why\">").unwrap()..];
+        let why = &why[..why.find("</p>").unwrap()];
+        assert!(why.contains("4 value set(s)"), "{why}");
+        assert!(
+            why.contains("condition fewer than 11, observation 1,234"),
+            "{why}"
+        );
+        assert!(why.contains("940 encounter(s)"), "{why}");
+        assert!(why.contains("local V01, snomed 185349003"), "{why}");
+        assert!(!why.contains(" 7"), "a small count leaked: {why}");
+        f.measures[3].empty = Some(crate::measure::EmptyDenominator::default());
+        let html = render(&input(&f, &[])).unwrap();
+        assert!(html.contains("No fact in the data is coded in the 0 value set(s)"));
     }
 
     #[test]

@@ -59,6 +59,7 @@ pub fn run_ingest(config: &Path) -> Result<IngestReport> {
         &IngestOptions {
             today: today(),
             dry_run: false,
+            ..Default::default()
         },
         &ProgressBar::hidden(),
     )
@@ -72,6 +73,7 @@ pub fn run_all(config: &PipelineConfig) -> ward::RunReport {
         &IngestOptions {
             today: today(),
             dry_run: false,
+            ..Default::default()
         },
         &repo().join("queries"),
         config.measurement_period.expect("the sample sets a period"),

@@ -15,6 +15,8 @@
 //! birth_date = { column = "DOB", format = "%Y%m%d" }
 //! sex = { column = "Sex", map = { "1" = "male", "2" = "female" }, default = "unknown" }
 //! code_system = { value = "loinc" }  # a constant
+//! address_line = { concat = ["StreetNo", "Street"] }             # joined by " "
+//! state = { column = "ADDRESS", regex = '\b([A-Z]{2}) \d{5}', group = 1 }  # a part
 //! ```
 //!
 //! The README's mapping reference documents every key.
@@ -92,9 +94,12 @@ impl FileMapping {
             .iter()
             .map(|(_, f)| f)
             .chain(self.value.iter())
-            .filter_map(|f| match &f.source {
-                ValueSource::Column(c) => Some(c.as_str()),
-                ValueSource::Constant(_) => None,
+            .flat_map(|f| match &f.source {
+                ValueSource::Column(c) | ValueSource::Extract { column: c, .. } => {
+                    vec![c.as_str()]
+                }
+                ValueSource::Concat { columns, .. } => columns.iter().map(String::as_str).collect(),
+                ValueSource::Constant(_) => Vec::new(),
             })
             .chain(self.codings.iter().map(|c| c.column.as_str()))
     }
@@ -107,6 +112,20 @@ pub enum ValueSource {
     Column(String),
     /// The same value on every row.
     Constant(String),
+    /// The non-empty cells of several columns, trimmed and joined by
+    /// `separator` (street number + street); empty when all are.
+    Concat {
+        columns: Vec<String>,
+        separator: String,
+    },
+    /// Capture group `group` of `regex` in a column's cell (a part of a
+    /// composite column such as `"12 Main St Boston MA 02110"`), trimmed;
+    /// empty when the regex does not match.
+    Extract {
+        column: String,
+        regex: String,
+        group: usize,
+    },
 }
 
 /// How one canonical column is filled.
@@ -214,6 +233,10 @@ struct RawField(DetailedField);
 struct DetailedField {
     column: Option<String>,
     value: Option<String>,
+    concat: Option<Vec<String>>,
+    separator: Option<String>,
+    regex: Option<String>,
+    group: Option<usize>,
     format: Option<Formats>,
     map: Option<BTreeMap<String, String>>,
     default: Option<String>,
@@ -227,12 +250,16 @@ impl<'de> Deserialize<'de> for RawField {
         impl<'de> Visitor<'de> for V {
             type Value = RawField;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a column name or a table { column | value, format, map, default, keep_unmapped }")
+                f.write_str("a column name or a table { column [regex, group] | value | concat [separator], format, map, default, keep_unmapped }")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<RawField, E> {
                 Ok(RawField(DetailedField {
                     column: Some(v.to_string()),
                     value: None,
+                    concat: None,
+                    separator: None,
+                    regex: None,
+                    group: None,
                     format: None,
                     map: None,
                     default: None,
@@ -336,11 +363,45 @@ impl CsvMapping {
             for (key, RawField(d)) in f.fields {
                 let name = key.get_ref().as_str();
                 let bad = |m: String| err(key.span(), name, m);
-                let source = match (d.column, d.value) {
-                    (Some(c), None) => ValueSource::Column(c),
-                    (None, Some(v)) => ValueSource::Constant(v),
-                    _ => return Err(bad("give exactly one of 'column' or 'value'".into())),
+                let source = match (d.column, d.value, d.concat) {
+                    (Some(column), None, None) => match d.regex {
+                        Some(regex) => {
+                            let compiled = regex::Regex::new(&regex).map_err(|e| {
+                                bad(format!("'regex' is not a regular expression: {e}"))
+                            })?;
+                            let group = d.group.unwrap_or(1);
+                            if group >= compiled.captures_len() {
+                                return Err(bad(format!(
+                                    "'group' {group}: the regex has {} capture group(s)",
+                                    compiled.captures_len() - 1
+                                )));
+                            }
+                            ValueSource::Extract {
+                                column,
+                                regex,
+                                group,
+                            }
+                        }
+                        None => ValueSource::Column(column),
+                    },
+                    (None, Some(v), None) => ValueSource::Constant(v),
+                    (None, None, Some(columns)) if !columns.is_empty() => ValueSource::Concat {
+                        columns,
+                        separator: d.separator.clone().unwrap_or_else(|| " ".into()),
+                    },
+                    _ => {
+                        return Err(bad(
+                            "give exactly one of 'column', 'value' or 'concat' (a non-empty list)"
+                                .into(),
+                        ));
+                    }
                 };
+                if d.group.is_some() && !matches!(source, ValueSource::Extract { .. }) {
+                    return Err(bad("'group' goes with 'column' and 'regex'".into()));
+                }
+                if d.separator.is_some() && !matches!(source, ValueSource::Concat { .. }) {
+                    return Err(bad("'separator' goes with 'concat'".into()));
+                }
                 let formats = match d.format {
                     Some(f) => Some(
                         f.into_vec()
@@ -586,6 +647,60 @@ effective_time = "When"
                     assert_eq!(k.as_deref(), Some(key), "{message}");
                     assert!(message.contains(needle), "{message}");
                     assert!(line.is_some());
+                }
+                other => panic!("unexpected {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn computed_fields_are_checked_when_loaded() {
+        let with =
+            |field: &str| GOOD.replace("sex = { column", &format!("{field}\nsex = {{ column"));
+        let m = load(&with(
+            r#"address_line = { concat = ["No", "Street"], separator = " " }
+state = { column = "ADDRESS", regex = '\b([A-Z]{2}) \d{5}\b' }"#,
+        ))
+        .unwrap();
+        let pat = m.entry_for("patients.csv").unwrap();
+        assert_eq!(
+            pat.columns().collect::<Vec<_>>(),
+            ["ID", "DOB", "Sex", "No", "Street", "ADDRESS"]
+        );
+        for (field, key, needle) in [
+            (
+                r#"state = { column = "A", regex = "(" }"#,
+                "state",
+                "not a regular expression",
+            ),
+            (
+                r#"state = { column = "A", regex = "([A-Z]{2})", group = 2 }"#,
+                "state",
+                "1 capture group",
+            ),
+            (r#"state = { concat = [] }"#, "state", "non-empty list"),
+            (
+                r#"state = { column = "A", separator = "-" }"#,
+                "state",
+                "'separator' goes with 'concat'",
+            ),
+            (
+                r#"state = { concat = ["A"], group = 1 }"#,
+                "state",
+                "'group' goes with",
+            ),
+            (
+                r#"state = { value = "MA", concat = ["A"] }"#,
+                "state",
+                "exactly one",
+            ),
+        ] {
+            match load(&with(field)).unwrap_err() {
+                WardError::Config {
+                    key: k, message, ..
+                } => {
+                    assert_eq!(k.as_deref(), Some(key), "{message}");
+                    assert!(message.contains(needle), "{field}: {message}");
                 }
                 other => panic!("unexpected {other}"),
             }

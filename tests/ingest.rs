@@ -380,6 +380,65 @@ fn bad_input_source(dir: &Path) -> std::path::PathBuf {
 }
 
 #[test]
+fn composite_and_split_columns_map_with_regex_and_concat() {
+    // Synthea 2017's ADDRESS holds "street city ST zip"; another layout
+    // splits the street into number and name.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    fs::create_dir_all(&data).unwrap();
+    fs::write(
+        data.join("patients.csv"),
+        "ID,BIRTHDATE,ADDRESS,NO,STREET\n\
+         a1,1950-02-03,\"12 Main St Boston MA 02110\",12,Main St\n\
+         a2,1961-07-08,\"9 Elm Rd Apt 2 Worcester MA 01602-1234\",,Elm Rd\n\
+         a3,1972-01-01,somewhere abroad,,\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.path().join("m.toml"),
+        r#"[[files]]
+match = "*.csv"
+table = "patient"
+[files.fields]
+source_patient_id = "ID"
+birth_date = "BIRTHDATE"
+sex = { value = "unknown" }
+address_line = { concat = ["NO", "STREET"] }
+city = { column = "ADDRESS", regex = '^\d+ .*? (?:St|Rd|Ave)(?: Apt \d+)? (.+) [A-Z]{2} \d{5}', group = 1 }
+state = { column = "ADDRESS", regex = ' ([A-Z]{2}) \d{5}(?:-\d{4})?$' }
+postal_code = { column = "ADDRESS", regex = '(\d{5}(?:-\d{4})?)$' }
+"#,
+    )
+    .unwrap();
+    let config = dir.path().join("ward.toml");
+    fs::write(
+        &config,
+        "warehouse = \"wh\"\n[[sources]]\nname = \"s\"\nformat = \"csv\"\npath = \"data\"\nmapping = \"m.toml\"\n",
+    )
+    .unwrap();
+    let report = run_ingest(&config).unwrap();
+    assert_eq!(
+        (report.files[0].rows_accepted, report.files[0].rows_rejected),
+        (3, 0)
+    );
+    let pats = read_dir_batches(&dir.path().join("wh/staging/patient/source=s"));
+    let col = |c: &str| strings(&pats, c);
+    assert_eq!(
+        col("address_line"),
+        [Some("12 Main St".into()), Some("Elm Rd".into()), None]
+    );
+    assert_eq!(
+        col("city"),
+        [Some("Boston".into()), Some("Worcester".into()), None]
+    );
+    assert_eq!(col("state"), [Some("MA".into()), Some("MA".into()), None]);
+    assert_eq!(
+        col("postal_code"),
+        [Some("02110".into()), Some("01602".into()), None]
+    );
+}
+
+#[test]
 fn bad_input_gets_a_reject_or_an_error_naming_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let config = bad_input_source(dir.path());

@@ -156,39 +156,109 @@ pub(crate) struct Plan<'a> {
     labels: Vec<&'a str>,
 }
 
+/// The position of header field `name` (mapped for `target`), or an error
+/// that names the file but not the header, which in a file without a header
+/// line is a patient's record. A near spelling of the mapped name is named.
+fn header_index(text: &TextTable, name: &str, target: &str, ctx: &RowContext) -> Result<usize> {
+    text.header.iter().position(|h| h == name).ok_or_else(|| {
+        let near = text
+            .header
+            .iter()
+            .filter(|h| strsim::jaro_winkler(&h.to_lowercase(), &name.to_lowercase()) >= 0.9)
+            .max_by(|a, b| strsim::jaro_winkler(a, name).total_cmp(&strsim::jaro_winkler(b, name)))
+            .map(|h| format!(" (a header field is spelled '{h}')"))
+            .unwrap_or_default();
+        WardError::Extract {
+            path: ctx.path.to_path_buf(),
+            line: Some(1),
+            message: format!(
+                "mapping names column '{name}' (for {target}) but none of the {} header fields has that name{near}; \
+                 check that the file starts with a header line and that the mapping's delimiter is right",
+                text.header.len()
+            ),
+        }
+    })
+}
+
+/// The fields whose values are computed from cells (`concat`, `regex`),
+/// in the order their columns follow the file's own.
+fn derived_specs(fm: &FileMapping) -> Vec<(&'static str, &FieldSpec)> {
+    fm.fields
+        .iter()
+        .map(|(n, s)| (*n, s))
+        .chain(fm.value.iter().map(|s| ("value", s)))
+        .filter(|(_, s)| {
+            matches!(
+                s.source,
+                ValueSource::Concat { .. } | ValueSource::Extract { .. }
+            )
+        })
+        .collect()
+}
+
+/// The computed column of a `concat` or `regex` field, one cell per row.
+fn derive(
+    text: &TextTable,
+    target: &str,
+    spec: &FieldSpec,
+    ctx: &RowContext,
+) -> Result<Vec<Option<String>>> {
+    let rows = text.lines.len();
+    let trimmed =
+        |col: usize, row: usize| text.cell(col, row).map(str::trim).filter(|c| !c.is_empty());
+    Ok(match &spec.source {
+        ValueSource::Concat { columns, separator } => {
+            let at = columns
+                .iter()
+                .map(|c| header_index(text, c, target, ctx))
+                .collect::<Result<Vec<_>>>()?;
+            (0..rows)
+                .map(|row| {
+                    let parts: Vec<&str> = at.iter().filter_map(|c| trimmed(*c, row)).collect();
+                    (!parts.is_empty()).then(|| parts.join(separator))
+                })
+                .collect()
+        }
+        ValueSource::Extract {
+            column,
+            regex,
+            group,
+        } => {
+            let at = header_index(text, column, target, ctx)?;
+            let regex = regex::Regex::new(regex).expect("checked when the mapping was loaded");
+            (0..rows)
+                .map(|row| {
+                    let cell = text.cell(at, row)?;
+                    let part = regex.captures(cell)?.get(*group)?.as_str().trim();
+                    (!part.is_empty()).then(|| part.to_string())
+                })
+                .collect()
+        }
+        ValueSource::Column(_) | ValueSource::Constant(_) => Vec::new(),
+    })
+}
+
 fn plan<'a>(text: &TextTable, fm: &'a FileMapping, ctx: &RowContext) -> Result<Plan<'a>> {
     let table = fm.table;
     let columns = table.columns();
-    let find = |name: &str, target: &str| -> Result<usize> {
-        text.header.iter().position(|h| h == name).ok_or_else(|| {
-            // The header is not printed: in a file without a header line it
-            // is a patient's record. A near spelling of the mapped name is.
-            let near = text
-                .header
-                .iter()
-                .filter(|h| strsim::jaro_winkler(&h.to_lowercase(), &name.to_lowercase()) >= 0.9)
-                .max_by(|a, b| {
-                    strsim::jaro_winkler(a, name).total_cmp(&strsim::jaro_winkler(b, name))
-                })
-                .map(|h| format!(" (a header field is spelled '{h}')"))
-                .unwrap_or_default();
-            WardError::Extract {
-                path: ctx.path.to_path_buf(),
-                line: Some(1),
-                message: format!(
-                    "mapping names column '{name}' (for {target}) but none of the {} header fields has that name{near}; \
-                     check that the file starts with a header line and that the mapping's delimiter is right",
-                    text.header.len()
-                ),
-            }
-        })
-    };
+    let find = |name: &str, target: &str| header_index(text, name, target, ctx);
+    // Computed columns follow the file's, in `derived_specs` order.
+    let derived = derived_specs(fm);
     let field = |target: &'static str, spec: &'a FieldSpec| -> Result<FieldPlan<'a>> {
         let index = table.columns().iter().position(|c| c.name == target);
         let kind = index.map_or(Kind::Text, |i| columns[i].kind);
+        let computed = || {
+            let k = derived
+                .iter()
+                .position(|(_, s)| std::ptr::eq(*s, spec))
+                .expect("a computed field");
+            Input::Column(text.header.len() + k)
+        };
         let (input, label) = match &spec.source {
             ValueSource::Column(c) => (Input::Column(find(c, target)?), c.as_str()),
             ValueSource::Constant(v) => (Input::Constant(v.as_str()), target),
+            ValueSource::Extract { column, .. } => (computed(), column.as_str()),
+            ValueSource::Concat { .. } => (computed(), target),
         };
         let formats = match (&spec.formats, kind) {
             (Some(f), _) => f.as_slice(),
@@ -284,9 +354,19 @@ pub(crate) struct RowInput<'a> {
 /// fail any rule become rejects (structural rejects of the reader included).
 pub fn map_rows(text: &TextTable, fm: &FileMapping, ctx: &RowContext) -> Result<MappedFile> {
     let plan = plan(text, fm, ctx)?;
+    let computed = derived_specs(fm)
+        .into_iter()
+        .map(|(target, spec)| derive(text, target, spec, ctx))
+        .collect::<Result<Vec<_>>>()?;
+    let mut cols = text.text_columns();
+    cols.extend(
+        computed
+            .iter()
+            .map(|c| c.iter().map(Option::as_deref).collect()),
+    );
     let raw = |row: usize| raw_json(text, row);
     let input = RowInput {
-        cols: text.text_columns(),
+        cols,
         lines: &text.lines,
         extra_codings: None,
         raw: &raw,

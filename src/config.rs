@@ -22,6 +22,10 @@ pub struct PipelineConfig {
     pub path: PathBuf,
     /// Root of the warehouse (`staging/`, `rejects/`, `state/`, ...).
     pub warehouse: PathBuf,
+    /// The group every warehouse file and directory belongs to
+    /// (`warehouse_group`, checked to exist): read access for its members.
+    /// `None`: the group the files get by default.
+    pub warehouse_group: Option<u32>,
     /// The measurement period measures are computed for, when set.
     pub measurement_period: Option<Period>,
     /// Dates after this day are rejected as being in the future; `None`
@@ -208,6 +212,7 @@ impl SourceConfig {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     warehouse: Spanned<String>,
+    warehouse_group: Option<Spanned<String>>,
     measurement_period: Option<Spanned<RawPeriod>>,
     queries: Option<Spanned<String>>,
     #[serde(default)]
@@ -483,6 +488,25 @@ impl PipelineConfig {
                 format!("{} exists and is not a directory", warehouse.display()),
             ));
         }
+        let warehouse_group = match raw.warehouse_group {
+            #[cfg(unix)]
+            Some(g) => Some(crate::warehouse::group_id(g.get_ref()).ok_or_else(|| {
+                err(
+                    g.span(),
+                    "warehouse_group",
+                    format!("no group '{}' on this system", g.get_ref()),
+                )
+            })?),
+            #[cfg(not(unix))]
+            Some(g) => {
+                return Err(err(
+                    g.span(),
+                    "warehouse_group",
+                    "only on Unix systems".into(),
+                ));
+            }
+            None => None,
+        };
         let queries = match raw.queries {
             Some(q) => {
                 let dir = base.join(q.get_ref());
@@ -501,6 +525,7 @@ impl PipelineConfig {
         Ok(PipelineConfig {
             path: path.to_path_buf(),
             warehouse,
+            warehouse_group,
             measurement_period,
             as_of: raw.ingest.as_of,
             queries,

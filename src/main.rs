@@ -403,7 +403,15 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
     if let Command::Status = &cli.command {
         return status(&config.warehouse);
     }
-    // Every other command writes to the warehouse: one at a time.
+    // Every other command writes to the warehouse: one at a time, and
+    // within the configured group.
+    #[cfg(unix)]
+    if let (Some(gid), false) = (
+        config.warehouse_group,
+        matches!(cli.command, Command::Validate { .. }),
+    ) {
+        ward::warehouse::apply_group(&config.warehouse, gid)?;
+    }
     let _lock = match &cli.command {
         Command::Run { .. } | Command::Validate { .. } => None, // `run` locks itself
         _ => Some(ward::runs::Lock::acquire(

@@ -277,6 +277,75 @@ impl Warehouse {
 
 /// Every record batch of one Parquet file; `context` names what is read
 /// in errors ("reading person links").
+/// The id of group `name` (a group name, or a numeric id), or `None` when
+/// the system has no such group.
+#[cfg(unix)]
+pub fn group_id(name: &str) -> Option<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Some(gid);
+    }
+    let c_name = std::ffi::CString::new(name).ok()?;
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut buffer = vec![0 as libc::c_char; 16 << 10];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: getgrnam_r writes only into `group` and `buffer`, whose sizes
+    // are passed, and sets `found` to `&group` or null.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c_name.as_ptr(),
+            &mut group,
+            buffer.as_mut_ptr(),
+            buffer.len(),
+            &mut found,
+        )
+    };
+    (rc == 0 && !found.is_null()).then_some(group.gr_gid)
+}
+
+/// Gives the warehouse tree to group `gid`: every file and directory under
+/// `root` (created if missing) gets that group, and every directory the
+/// set-group-id bit, so what Ward creates later inherits the group. With the
+/// binary's umask (027) the group may read, never write. Returns how many
+/// entries were changed.
+#[cfg(unix)]
+pub fn apply_group(root: &Path, gid: u32) -> Result<u64> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    fs::create_dir_all(root).map_err(|e| WardError::io("cannot create", root, e))?;
+    let mut changed = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        // Never follow a symlink out of the warehouse.
+        let meta =
+            fs::symlink_metadata(&path).map_err(|e| WardError::io("cannot read", &path, e))?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mut touched = false;
+        if meta.gid() != gid {
+            std::os::unix::fs::chown(&path, None, Some(gid))
+                .map_err(|e| WardError::io("cannot change the group of", &path, e))?;
+            touched = true;
+        }
+        if meta.is_dir() {
+            let mode = meta.permissions().mode();
+            if mode & 0o2000 == 0 {
+                fs::set_permissions(&path, fs::Permissions::from_mode(mode | 0o2000))
+                    .map_err(|e| WardError::io("cannot set the group bit of", &path, e))?;
+                touched = true;
+            }
+            for entry in fs::read_dir(&path).map_err(|e| WardError::io("cannot list", &path, e))? {
+                stack.push(
+                    entry
+                        .map_err(|e| WardError::io("cannot list", &path, e))?
+                        .path(),
+                );
+            }
+        }
+        changed += u64::from(touched);
+    }
+    Ok(changed)
+}
+
 pub fn read_parquet(path: &Path, context: &'static str) -> Result<Vec<RecordBatch>> {
     use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let err = |message: String| WardError::Data {

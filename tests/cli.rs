@@ -797,3 +797,47 @@ fn status_is_no_alarm_while_a_complete_run_is_being_published() {
     drop(lock);
     assert_eq!(status().status.code(), Some(1));
 }
+
+#[test]
+fn warehouse_group_is_given_to_every_file_and_inherited() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    let toml = fs::read_to_string(&config).unwrap();
+    // Our own group: the one group a test may always give files to.
+    let gid = fs::metadata(dir.path()).unwrap().gid();
+    fs::write(&config, format!("warehouse_group = \"{gid}\"\n{toml}")).unwrap();
+    let cfg = config.to_str().unwrap();
+    let out = ward(dir.path(), &["--config", cfg, "-q", "ingest"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let mut stack = vec![dir.path().join("wh")];
+    let mut dirs = 0;
+    while let Some(d) = stack.pop() {
+        let meta = fs::metadata(&d).unwrap();
+        assert_eq!(meta.gid(), gid, "{}", d.display());
+        assert_ne!(meta.permissions().mode() & 0o2000, 0, "{}", d.display());
+        dirs += 1;
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                assert_eq!(e.metadata().unwrap().gid(), gid);
+            }
+        }
+    }
+    assert!(dirs > 5, "staging and rejects were created");
+
+    fs::write(
+        &config,
+        format!("warehouse_group = \"no-such-group-ward\"\n{toml}"),
+    )
+    .unwrap();
+    let out = ward(dir.path(), &["--config", cfg, "-q", "ingest"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("warehouse_group"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -80,6 +80,7 @@ pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Res
     let config = PipelineConfig {
         path: scratch.join("conformance.toml"),
         warehouse: scratch.join("warehouse"),
+        warehouse_group: None,
         measurement_period: None,
         as_of: None,
         queries: Some(queries.to_path_buf()),

@@ -270,6 +270,9 @@ struct RawGates {
 #[serde(deny_unknown_fields)]
 struct RawLink {
     threshold: Option<f64>,
+    within_source: Option<bool>,
+    within_source_threshold: Option<f64>,
+    twins_guard: Option<bool>,
     u_pairs: Option<usize>,
     seed: Option<u64>,
 }
@@ -402,6 +405,25 @@ impl PipelineConfig {
                 }
                 link.threshold = t;
             }
+            if let Some(t) = l.within_source_threshold {
+                if !(link.threshold..1.0).contains(&t) {
+                    return Err(err(
+                        span,
+                        "link.within_source_threshold",
+                        "must be at least link.threshold and below 1".into(),
+                    ));
+                }
+                link.within_source_threshold = Some(t);
+            }
+            if l.within_source == Some(false) {
+                link.within_source_threshold = None;
+            } else if link
+                .within_source_threshold
+                .is_some_and(|t| t < link.threshold)
+            {
+                link.within_source_threshold = Some(link.threshold);
+            }
+            link.twins_guard = l.twins_guard.unwrap_or(link.twins_guard);
             link.u_pairs = l.u_pairs.unwrap_or(link.u_pairs);
             link.seed = l.seed.unwrap_or(link.seed);
         }

@@ -318,6 +318,10 @@ fn run_stages(
             "persons (linked)".to_string(),
             linkage.report.persons.to_string(),
         ),
+        (
+            "persons without a usable birth date (left out of age-based measures)".to_string(),
+            linkage.report.persons_without_birth_date.to_string(),
+        ),
         ("warnings".to_string(), manifest.warnings.len().to_string()),
     ];
     let warnings = manifest.warnings.clone();

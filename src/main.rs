@@ -92,6 +92,11 @@ enum Command {
         /// linkage against: pairwise precision, recall, F1.
         #[arg(long, value_name = "TRUTH.csv")]
         evaluate: Option<PathBuf>,
+        /// Explain the model's verdict on two staged records (each
+        /// SOURCE:ID): every field's level, m, u and weight, the prior, the
+        /// probability and the blocking rule. Writes nothing.
+        #[arg(long, num_args = 2, value_names = ["SOURCE:ID", "SOURCE:ID"], conflicts_with = "evaluate")]
+        explain: Option<Vec<String>>,
     },
     /// Run measures and write marts/measure_patient/. Reads the current
     /// published run's linked core (else the working copy's); never writes
@@ -442,7 +447,28 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    if let Command::Link { evaluate } = &cli.command {
+    if let Command::Link {
+        explain: Some(records),
+        ..
+    } = &cli.command
+    {
+        let record = |text: &str| -> anyhow::Result<(String, String)> {
+            text.split_once(':')
+                .map(|(s, i)| (s.to_string(), i.to_string()))
+                .ok_or_else(|| {
+                    WardError::Usage {
+                        message: format!("--explain: '{text}' is not SOURCE:ID"),
+                    }
+                    .into()
+                })
+        };
+        let (a, b) = (record(&records[0])?, record(&records[1])?);
+        let warehouse = ward::warehouse::Warehouse::new(&config.warehouse);
+        let e = ward::link::explain(&warehouse, &config.link, (&a.0, &a.1), (&b.0, &b.1))?;
+        print_explanation(&e, &records[0], &records[1]);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Command::Link { evaluate, .. } = &cli.command {
         let warehouse = ward::warehouse::Warehouse::new(&config.warehouse);
         if !cli.quiet {
             println!(
@@ -461,19 +487,31 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         if let Some(truth) = evaluate {
             let e = ward::link::evaluate(&linkage.links, truth)?;
+            let rate = |x: Option<f64>| x.map_or_else(|| "n/a".to_string(), |v| format!("{v:.4}"));
             println!(
-                "evaluation against {}: precision {:.4}, recall {:.4}, F1 {:.4} \
-                 ({} true pairs, {} predicted, {} correct; {} true persons, {} predicted, over {} records)",
+                "evaluation against {} over all {} truth records ({} not linked: rejected or \
+                 not loaded, scored as persons of their own; {} linked records not in the truth, \
+                 not scored):",
                 truth.display(),
-                e.precision,
-                e.recall,
+                e.records,
+                e.records_not_linked,
+                e.records_not_in_truth
+            );
+            println!(
+                "  pairs: precision {}, recall {}, F1 {:.4} ({} true pairs, {} predicted, {} correct)",
+                rate(e.precision),
+                rate(e.recall),
                 e.f1,
                 e.true_pairs,
                 e.predicted_pairs,
-                e.true_positive_pairs,
+                e.true_positive_pairs
+            );
+            println!(
+                "  persons: {} true, {} predicted, {} exactly right ({:.2} %)",
                 e.true_persons,
                 e.predicted_persons,
-                e.records
+                e.persons_exact,
+                100.0 * e.persons_exact as f64 / e.true_persons.max(1) as f64
             );
         }
         return Ok(ExitCode::SUCCESS);
@@ -1112,7 +1150,9 @@ fn print_link(report: &ward::link::LinkReport, core: &ward::link::build::BuildRe
     println!(
         "link: {} patient records -> {} persons ({} seen by more than one provider); \
          {} candidate pairs ({}), {} above the threshold, {} vetoed (given names differ), \
-         {} merges refused (same source on both sides); {} persons kept their id from the last run",
+         {} within-source duplicates merged, {} merges refused (same source on both sides, \
+         evidence below the within-source threshold); {} persons kept their id from the last run; \
+         {} records ({} persons) without a usable birth date",
         report.records,
         report.persons,
         report.linked_persons,
@@ -1120,14 +1160,62 @@ fn print_link(report: &ward::link::LinkReport, core: &ward::link::build::BuildRe
         rules.join(", "),
         report.accepted_pairs + report.vetoed_pairs,
         report.vetoed_pairs,
+        report.within_source_merges,
         report.refused_merges,
-        report.ids_carried_forward
+        report.ids_carried_forward,
+        report.records_without_birth_date,
+        report.persons_without_birth_date
     );
+    for w in &report.warnings {
+        println!("warning: linkage: {w}");
+    }
     let tables: Vec<String> = core
         .iter()
         .map(|(t, n)| format!("{} {n}", t.name()))
         .collect();
     println!("core rows: {}", tables.join(", "));
+}
+
+/// The match-weight waterfall of `ward link --explain` (identified record
+/// ids the operator gave; no field values).
+fn print_explanation(e: &ward::link::Explanation, a: &str, b: &str) {
+    println!("{a} and {b}:");
+    let mut table = TextTable::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "field",
+        "level",
+        "m",
+        "u",
+        "weight (log2)",
+    ]);
+    table.add_row(vec![
+        "prior".to_string(),
+        "odds of a match among all pairs".into(),
+        String::new(),
+        String::new(),
+        format!("{:+.2}", e.prior_weight),
+    ]);
+    for f in &e.fields {
+        let p = |x: Option<f64>| x.map_or_else(String::new, |v| format!("{v:.4}"));
+        table.add_row(vec![
+            f.field.to_string(),
+            f.level.unwrap_or("missing: no evidence").to_string(),
+            p(f.m),
+            p(f.u),
+            format!("{:+.2}", f.weight),
+        ]);
+    }
+    println!("{table}");
+    let verdict = match (e.blocked_by, e.probability >= e.threshold, e.vetoed) {
+        (None, _, _) => "never compared: no blocking rule holds for this pair".to_string(),
+        (Some(_), true, true) => "above the threshold but refused by the twins guard".to_string(),
+        (Some(rule), true, false) => format!("linked (candidate by blocking rule {rule})"),
+        (Some(rule), false, _) => format!("not linked (candidate by blocking rule {rule})"),
+    };
+    println!(
+        "match weight {:+.2}, probability {:.6} (threshold {}): {verdict}",
+        e.weight, e.probability, e.threshold
+    );
 }
 
 fn print_measure_list(defs: &[ward::measure::MeasureDef]) {

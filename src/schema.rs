@@ -262,7 +262,7 @@ const PATIENT: [Column; 20] = [
     col("mrn", Kind::Id),
     col("given_name", Kind::Text),
     col("family_name", Kind::Text),
-    req("birth_date", Kind::Date),
+    col("birth_date", Kind::Date),
     req("sex", Kind::Sex),
     col("race", Kind::Race),
     col("ethnicity", Kind::Ethnicity),

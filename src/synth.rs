@@ -732,8 +732,14 @@ fn person_records(
         files[PATIENTS].last_mut().expect("just pushed").reject = None;
         files[PATIENTS].push(copy);
     }
-    // A patient row that is rejected takes all the person's facts here with it.
-    let orphaned = matches!(patient_rule, Some(rule) if rule != "duplicate_row");
+    // A birth date Ward cannot use keeps the patient (flagged, without a
+    // birth date); any other bad patient row is rejected and takes all the
+    // person's facts here with it.
+    let garbled_birth = matches!(patient_rule, Some("unparseable_date" | "future_date"));
+    if garbled_birth {
+        files[PATIENTS].last_mut().expect("just pushed").reject = None;
+    }
+    let orphaned = matches!(patient_rule, Some(rule) if rule != "duplicate_row") && !garbled_birth;
 
     // ---- visits and what happens at them
     let first_day = NaiveDate::from_ymd_opt(year - 1, 1, 1)
@@ -1040,8 +1046,10 @@ fn person_records(
 
     for (slot, rows) in facts.into_iter().enumerate().skip(1) {
         for mut fact in rows {
-            if orphaned {
-                fact.reject = Some("unknown_patient");
+            if orphaned || garbled_birth {
+                // Facts of a patient without a usable birth date are left
+                // clean (nothing to check them against).
+                fact.reject = orphaned.then_some("unknown_patient");
                 files[slot].push(fact);
                 continue;
             }
@@ -1108,6 +1116,11 @@ fn lab_records(
         patient_rule = Some(rule);
     }
     let line = patient.to_string();
+    // A missing or unusable birth date keeps the patient (flagged).
+    let garbled_birth = matches!(patient_rule, Some("unparseable_date" | "required"));
+    if garbled_birth {
+        patient_rule = None;
+    }
     match patient_rule {
         Some("duplicate_row") => {
             files[PATIENTS].push(row(vec![line.clone()]));
@@ -1168,10 +1181,10 @@ fn lab_records(
             "effectiveDateTime": format!("{day}T08:{:02}:00Z", r.random_range(0..60)),
             "valueQuantity": {"value": value.parse::<f64>().expect("number"), "unit": unit, "system": "http://unitsofmeasure.org"}
         });
-        if orphaned {
+        if orphaned || garbled_birth {
             files[OBSERVATIONS].push(Row {
                 fields: vec![obs.to_string()],
-                reject: Some("unknown_patient"),
+                reject: orphaned.then_some("unknown_patient"),
             });
             continue;
         }

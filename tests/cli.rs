@@ -342,12 +342,49 @@ fn link_evaluates_against_the_truth() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    assert!(stdout.contains("-> 297 persons"), "{stdout}");
+    assert!(stdout.contains("-> 300 persons"), "{stdout}");
     assert!(
         stdout.contains("precision 1.0000, recall 1.0000, F1 1.0000"),
         "{stdout}"
     );
+    assert!(stdout.contains("300 exactly right"), "{stdout}");
     assert!(dir.path().join("wh/core/person_link.parquet").is_file());
+
+    // --explain: the waterfall of two records of one person, levels only.
+    let explain = |a: &str, b: &str| {
+        ward(
+            dir.path(),
+            &["--config", cfg, "-q", "link", "--explain", a, b],
+        )
+    };
+    let out = explain("northside_clinic:AA0000002", "st_marys_hospital:AB0000002");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for needed in [
+        "prior",
+        "given_name",
+        "birth_date",
+        "exact",
+        "linked (candidate by blocking rule",
+    ] {
+        assert!(stdout.contains(needed), "{needed}: {stdout}");
+    }
+    assert!(
+        !stdout.to_lowercase().contains("aisha"),
+        "no values: {stdout}"
+    );
+    assert_eq!(
+        explain("northside_clinic:nobody", "st_marys_hospital:AB0000002")
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        explain("no-colon", "st_marys_hospital:AB0000002")
+            .status
+            .code(),
+        Some(2)
+    );
 }
 
 #[test]

@@ -13,7 +13,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::BufRead;
 use std::path::Path;
 
-use chrono::NaiveDate;
 use datafusion::arrow::array::{BooleanArray, RecordBatch, UInt64Array};
 use datafusion::arrow::compute::filter_record_batch;
 use rayon::prelude::*;
@@ -730,7 +729,7 @@ fn fhir_label(column: &'static str) -> &'static str {
 #[derive(Clone, Copy)]
 pub enum PatientCheck<'a> {
     /// The source's accepted patients (NDJSON facts).
-    Against(&'a HashMap<String, NaiveDate>),
+    Against(&'a super::PatientLookup),
     /// The file's own accepted patients (a Bundle is self-contained).
     Own,
     /// No check (patient files, or a source without patients).
@@ -832,7 +831,7 @@ fn map_flat(
     for (t, n) in std::mem::take(&mut flat.skipped) {
         *out.skipped.entry(t).or_default() += n;
     }
-    let mut own_patients: HashMap<String, NaiveDate> = HashMap::new();
+    let mut own_patients: super::PatientLookup = HashMap::new();
     let raw = &flat.raw;
     for (table, rows) in std::mem::take(&mut flat.tables) {
         let columns = table.columns();
@@ -928,7 +927,7 @@ not json
             path: Path::new("All.ndjson"),
             source: "s",
             file: "All.ndjson",
-            today: NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
+            today: chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
             patients: None,
         };
         let summary = |chunk: usize| {

@@ -416,7 +416,7 @@ pub fn ingest(
     let patient_results = load_all(&to_load, opts.today, &HashMap::new(), progress);
 
     // Patient lookups and fingerprints per source.
-    let mut lookups: HashMap<String, HashMap<String, NaiveDate>> = HashMap::new();
+    let mut lookups: HashMap<String, PatientLookup> = HashMap::new();
     let mut fingerprints: HashMap<String, String> = HashMap::new();
     for source in &config.sources {
         let mut files: BTreeMap<String, String> = state
@@ -575,7 +575,7 @@ pub fn ingest(
 fn load_all<'a>(
     inputs: &[&'a Input<'a>],
     today: NaiveDate,
-    lookups: &HashMap<String, HashMap<String, NaiveDate>>,
+    lookups: &HashMap<String, PatientLookup>,
     progress: &ProgressBar,
 ) -> Vec<(&'a Input<'a>, Result<Loaded>)> {
     inputs
@@ -588,11 +588,7 @@ fn load_all<'a>(
         .collect()
 }
 
-fn load_file(
-    input: &Input,
-    today: NaiveDate,
-    patients: Option<&HashMap<String, NaiveDate>>,
-) -> Result<Loaded> {
+fn load_file(input: &Input, today: NaiveDate, patients: Option<&PatientLookup>) -> Result<Loaded> {
     let read =
         || std::fs::read(&input.path).map_err(|e| WardError::io("cannot read", &input.path, e));
     let mut ctx = RowContext {
@@ -786,7 +782,11 @@ fn rejects_batch(
     })
 }
 
-pub(crate) fn add_birth_dates(batch: &RecordBatch, lookup: &mut HashMap<String, NaiveDate>) {
+/// A source's accepted patients: id → birth date (`None`: unknown, the
+/// patient was kept without one).
+pub(crate) type PatientLookup = HashMap<String, Option<NaiveDate>>;
+
+pub(crate) fn add_birth_dates(batch: &RecordBatch, lookup: &mut PatientLookup) {
     let (Some(ids), Some(births)) = (
         batch
             .column_by_name("source_patient_id")
@@ -798,13 +798,15 @@ pub(crate) fn add_birth_dates(batch: &RecordBatch, lookup: &mut HashMap<String, 
         return;
     };
     for i in 0..batch.num_rows() {
-        if let Some(b) = births.value_as_date(i) {
-            lookup.insert(ids.value(i).to_string(), b);
-        }
+        let birth = births
+            .is_valid(i)
+            .then(|| births.value_as_date(i))
+            .flatten();
+        lookup.insert(ids.value(i).to_string(), birth);
     }
 }
 
-fn read_birth_dates(path: &Path, lookup: &mut HashMap<String, NaiveDate>) -> Result<()> {
+fn read_birth_dates(path: &Path, lookup: &mut PatientLookup) -> Result<()> {
     for batch in crate::warehouse::read_parquet(path, "reading staged patients")? {
         add_birth_dates(&batch, lookup);
     }

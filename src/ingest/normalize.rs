@@ -645,7 +645,7 @@ mod tests {
             let _ = crate::deid::zip3(&s);
             let o = Some(s.as_str());
             use crate::link::standardize as st;
-            let _ = (st::name(o), st::given(o), st::phone(o), st::ssn(o), st::email(o));
+            let _ = (st::name(o), st::given(o), st::phone(o), st::identifier(o), st::email(o));
             let _ = (st::zip(o), st::address(o), st::soundex(&s));
         }
     }

@@ -39,9 +39,9 @@ pub struct RowContext<'a> {
     pub file: &'a str,
     /// Dates after this day are `future_date`.
     pub today: NaiveDate,
-    /// Birth dates of the source's accepted patients, when the source
-    /// delivers patients: facts of other patient ids are `unknown_patient`.
-    pub patients: Option<&'a HashMap<String, NaiveDate>>,
+    /// Birth dates of the source's accepted patients (`None`: unknown), when
+    /// the source delivers patients: facts of other ids are `unknown_patient`.
+    pub patients: Option<&'a super::PatientLookup>,
 }
 
 /// One refused source record.
@@ -695,6 +695,18 @@ fn map_row<'a>(
             }
             continue;
         }
+        // A patient's birth date Ward cannot use (unparseable, partial,
+        // before 1900, after the as-of day) is left empty and flagged: the
+        // patient is kept and linked on the rest of their record, and
+        // measures that need an age leave them out.
+        if table == Table::Patient && target == "birth_date" {
+            let earliest = NaiveDate::from_ymd_opt(1900, 1, 1).expect("valid date");
+            match normalize::date(v, f.formats).filter(|d| *d >= earliest && *d <= ctx.today) {
+                Some(day) => cells[f.target] = Cell::Date(day),
+                None => flags.push(plan.labels.get(f.target).copied().unwrap_or(target)),
+            }
+            continue;
+        }
         let parsed: ParseResult<'a> = match f.kind {
             Kind::Id | Kind::Text => Ok(Cell::Str(Cow::Borrowed(v))),
             Kind::Date => normalize::date(v, f.formats)
@@ -839,22 +851,10 @@ fn map_row<'a>(
 
     // Dates: not in the future, not before birth, ends not before starts.
     let birth = match at.birth_date {
-        Some(b) => {
-            let day = cells[b].day();
-            if day.is_some_and(|d| d < NaiveDate::from_ymd_opt(1900, 1, 1).expect("valid date")) {
-                fail(
-                    violations,
-                    &mut failed,
-                    b,
-                    "implausible_value",
-                    "birth_date: before 1900".into(),
-                );
-            }
-            day
-        }
+        Some(b) => cells[b].day(),
         None => match (ctx.patients, cells[at.patient_id].str()) {
             (Some(patients), Some(id)) => match patients.get(id) {
-                Some(b) => Some(*b),
+                Some(b) => *b,
                 None => {
                     let message =
                         "source_patient_id: no accepted patient of this source has this id".into();

@@ -39,6 +39,14 @@ use model::{Model, Rec};
 pub struct LinkOptions {
     /// Minimum match probability of a pair to link it.
     pub threshold: f64,
+    /// Records of one source are merged into one person (a provider that
+    /// registered a patient twice) only by a pair at least this probable;
+    /// `None`: never (each provider lists a person once).
+    pub within_source_threshold: Option<f64>,
+    /// Refuse pairs whose given names have nothing in common (not a typo,
+    /// an initial, a nickname or a swap) unless an identifier or e-mail
+    /// agrees: twins and siblings share everything else.
+    pub twins_guard: bool,
     /// Random record pairs used to estimate u probabilities.
     pub u_pairs: usize,
     /// Seed of the random pairs (linkage is deterministic for one seed).
@@ -49,11 +57,17 @@ impl Default for LinkOptions {
     fn default() -> Self {
         LinkOptions {
             threshold: 0.9,
+            within_source_threshold: Some(0.99),
+            twins_guard: true,
             u_pairs: 1_000_000,
             seed: 1,
         }
     }
 }
+
+/// A blocking rule producing more candidate pairs than this many per record
+/// is named in the report's warnings (a key too common to block on).
+const EXPLOSIVE_PAIRS_PER_RECORD: u64 = 50;
 
 /// What linkage did.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -69,8 +83,27 @@ pub struct LinkReport {
     /// disagree entirely with no SSN or e-mail agreeing (twins, siblings).
     pub vetoed_pairs: u64,
     /// Accepted pairs not applied because both clusters already held a
-    /// record of the same source.
+    /// record of the same source and the pair was not probable enough to
+    /// merge within a source (`within_source_threshold`).
     pub refused_merges: u64,
+    /// Merges of two clusters holding records of one source (within-source
+    /// duplicates).
+    #[serde(default)]
+    pub within_source_merges: u64,
+    /// Records without a usable birth date (kept, linked on the rest).
+    #[serde(default)]
+    pub records_without_birth_date: u64,
+    /// Persons none of whose records has a usable birth date: measures
+    /// that need an age leave them out.
+    #[serde(default)]
+    pub persons_without_birth_date: u64,
+    /// Records per compared field that have no value for it (a field no
+    /// record fills gives no evidence).
+    #[serde(default)]
+    pub records_missing: BTreeMap<String, u64>,
+    /// Blocking rules whose pairs exploded, and fields without values.
+    #[serde(default)]
+    pub warnings: Vec<String>,
     pub persons: u64,
     /// Persons with records at more than one source.
     pub linked_persons: u64,
@@ -103,7 +136,12 @@ pub struct Linkage {
     pub links: Vec<PersonLink>,
 }
 
-const BLOCKING_RULES: [(&str, &str); 6] = [
+/// Blocking rules: a pair is compared when any of them holds (keys on
+/// standardized values; a missing value matches nothing). Besides the birth
+/// date, they block on identifiers, contact details, names (also swapped)
+/// and postcode or address, so records without a birth date, or of layouts
+/// without one, still meet their matches.
+const BLOCKING_RULES: [(&str, &str); 10] = [
     (
         "birth_date+family_initial",
         "a.dob = b.dob AND a.family_initial = b.family_initial",
@@ -119,13 +157,26 @@ const BLOCKING_RULES: [(&str, &str); 6] = [
         "given+family_soundex+birth_year",
         "a.given = b.given AND a.family_soundex = b.family_soundex AND a.birth_year = b.birth_year",
     ),
+    ("given+family", "a.given = b.given AND a.family = b.family"),
+    ("names_swapped", "a.given = b.family AND a.family = b.given"),
+    (
+        "postcode+family_soundex",
+        "a.zip = b.zip AND a.family_soundex = b.family_soundex",
+    ),
+    ("address", "a.address = b.address"),
 ];
 
-/// Links the staged patient records and writes `core/person_link.parquet`
-/// and `core/person.parquet`. Persons keep their ids from `previous` (the
-/// last run's links, [`read_person_links`]) where their records were
-/// already linked.
-pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) -> Result<Linkage> {
+/// Standardized records, candidate pairs and the fitted model: everything
+/// before pairs are scored and clustered.
+struct Fitted {
+    raw: Vec<RecordBatch>,
+    recs: Vec<Rec>,
+    pairs: Vec<(u32, u32, u8)>,
+    model: Model,
+    report: LinkReport,
+}
+
+fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
     let (raw, recs) = crate::engine::block_on(async {
         let ctx = crate::engine::session(SessionConfig::new());
         crate::engine::register_staging(&ctx, warehouse).await?;
@@ -151,6 +202,25 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
             .pairs_by_rule
             .entry(BLOCKING_RULES[*rule as usize].0.to_string())
             .or_default() += 1;
+    }
+    for (rule, n) in &report.pairs_by_rule {
+        if *n > EXPLOSIVE_PAIRS_PER_RECORD * report.records.max(1) {
+            report.warnings.push(format!(
+                "blocking rule {rule} found {n} new candidate pairs for {} records: its key is \
+                 too common to block on",
+                report.records
+            ));
+        }
+    }
+    report.records_without_birth_date = recs.iter().filter(|r| r.birth.is_none()).count() as u64;
+    for (f, (name, _)) in model::FIELDS.iter().enumerate() {
+        let missing = recs.iter().filter(|r| !r.has(f)).count() as u64;
+        report.records_missing.insert(name.to_string(), missing);
+        if missing == report.records && report.records > 0 {
+            report.warnings.push(format!(
+                "no record has a usable {name}: it gives no evidence (map it, or check its values)"
+            ));
+        }
     }
     // EM sessions: every candidate pair that agrees on the birth date, and
     // every one that agrees on the names (whichever rule found it first).
@@ -186,13 +256,35 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
     }
     report.em_iterations = model.iterations;
     report.prior = model.prior;
+    Ok(Fitted {
+        raw,
+        recs,
+        pairs,
+        model,
+        report,
+    })
+}
+
+/// Links the staged patient records and writes `core/person_link.parquet`
+/// and `core/person.parquet`. Persons keep their ids from `previous` (the
+/// last run's links, [`read_person_links`]) where their records were
+/// already linked.
+pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) -> Result<Linkage> {
+    let Fitted {
+        raw,
+        recs,
+        pairs,
+        model,
+        mut report,
+    } = fit(warehouse, opts)?;
     let above: Vec<(f64, u32, u32, u8, bool)> = pairs
         .par_iter()
         .filter_map(|&(a, b, rule)| {
             let (x, y) = (&recs[a as usize], &recs[b as usize]);
             let levels = model::compare(x, y);
             let w = model.weight(x, &levels);
-            (model::probability(w) >= opts.threshold).then(|| (w, a, b, rule, twin_like(&levels)))
+            (model::probability(w) >= opts.threshold)
+                .then(|| (w, a, b, rule, opts.twins_guard && twin_like(&levels)))
         })
         .collect();
     report.vetoed_pairs = above.iter().filter(|p| p.4).count() as u64;
@@ -233,8 +325,16 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
             continue;
         }
         if !sources[ra as usize].is_disjoint(&sources[rb as usize]) {
-            report.refused_merges += 1;
-            continue;
+            // Two records of one provider: a duplicate registration only on
+            // stronger evidence. This also keeps chains of weaker links
+            // from joining two people one provider tells apart.
+            match opts.within_source_threshold {
+                Some(t) if model::probability(w) >= t => report.within_source_merges += 1,
+                _ => {
+                    report.refused_merges += 1;
+                    continue;
+                }
+            }
         }
         let (keep, gone) = if ra < rb { (ra, rb) } else { (rb, ra) };
         parent[gone as usize] = keep;
@@ -266,11 +366,95 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
         });
     }
     report.persons = members.len() as u64;
+    let dated: BTreeSet<u32> = (0..n)
+        .filter(|i| recs[*i].birth.is_some())
+        .map(|i| roots[i])
+        .collect();
+    report.persons_without_birth_date = report.persons - dated.len() as u64;
     report.linked_persons = members.values().filter(|&&m| m > 1).count() as u64;
 
     drop((recs, pairs, scored, parent, sources, joined_by));
     write_outputs(warehouse, &raw, &links)?;
     Ok(Linkage { report, links })
+}
+
+/// One field's part in a pair's match weight.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FieldWeight {
+    pub field: &'static str,
+    /// The comparison level (`None`: a value is missing on either side).
+    pub level: Option<&'static str>,
+    pub m: Option<f64>,
+    pub u: Option<f64>,
+    /// log2(m / u): the field's contribution to the match weight.
+    pub weight: f64,
+}
+
+/// Why two records are, or are not, the same person (`ward link
+/// --explain`): the match-weight waterfall of the fitted model.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Explanation {
+    /// log2 prior odds of a match.
+    pub prior_weight: f64,
+    pub fields: Vec<FieldWeight>,
+    pub weight: f64,
+    pub probability: f64,
+    /// The first blocking rule that makes the pair a candidate (`None`: the
+    /// pair is never compared, whatever its weight).
+    pub blocked_by: Option<&'static str>,
+    /// The twins guard refuses the pair.
+    pub vetoed: bool,
+    pub threshold: f64,
+}
+
+/// Explains the fitted model's verdict on records `a` and `b`, each
+/// `(source, source_patient_id)` of the staged patients.
+pub fn explain(
+    warehouse: &Warehouse,
+    opts: &LinkOptions,
+    a: (&str, &str),
+    b: (&str, &str),
+) -> Result<Explanation> {
+    let fitted = fit(warehouse, opts)?;
+    let find = |(source, id): (&str, &str)| {
+        fitted
+            .recs
+            .iter()
+            .position(|r| r.source == source && r.source_patient_id == id)
+            .ok_or_else(|| WardError::Usage {
+                message: format!("--explain: no staged patient record {source}:{id}"),
+            })
+    };
+    let (i, j) = (find(a)?, find(b)?);
+    let (lo, hi) = (i.min(j) as u32, i.max(j) as u32);
+    let (x, y) = (&fitted.recs[i], &fitted.recs[j]);
+    let levels = model::compare(x, y);
+    let parts = fitted.model.contributions(x, &levels);
+    let fields = model::FIELDS
+        .iter()
+        .enumerate()
+        .map(|(f, (name, _))| FieldWeight {
+            field: name,
+            level: levels[f].map(|k| model::LEVEL_NAMES[f][k as usize]),
+            m: parts[f].map(|p| p.0),
+            u: parts[f].map(|p| p.1),
+            weight: parts[f].map_or(0.0, |p| p.2),
+        })
+        .collect();
+    let weight = fitted.model.weight(x, &levels);
+    Ok(Explanation {
+        prior_weight: fitted.model.prior_weight(),
+        fields,
+        weight,
+        probability: model::probability(weight),
+        blocked_by: fitted
+            .pairs
+            .binary_search_by(|p| (p.0, p.1).cmp(&(lo, hi)))
+            .ok()
+            .map(|k| BLOCKING_RULES[fitted.pairs[k].2 as usize].0),
+        vetoed: opts.twins_guard && twin_like(&levels),
+        threshold: opts.threshold,
+    })
 }
 
 /// Person ids of the clusters (`roots[i]`: record `i`'s cluster), and how
@@ -381,7 +565,7 @@ pub fn read_person_links(path: &Path) -> Result<Vec<PersonLink>> {
 /// nickname, not a typo) is therefore never linked unless an identifier of
 /// the person itself (SSN or e-mail) agrees.
 fn twin_like(levels: &model::Levels) -> bool {
-    levels[0] == Some(0) && levels[6] != Some(1) && levels[7] != Some(2)
+    levels[0] == Some(model::GIVEN_DIFFERENT) && levels[6] != Some(1) && levels[7] != Some(2)
 }
 
 /// Standardized records from the staged patient rows (same order).
@@ -428,7 +612,7 @@ fn records(batches: &[RecordBatch]) -> Vec<Rec> {
                 zip: standardize::zip(get(&zip, i)),
                 phone: standardize::phone(get(&phone, i)),
                 email: standardize::email(get(&email, i)),
-                ssn: standardize::ssn(get(&ssn, i)),
+                ssn: standardize::identifier(get(&ssn, i)),
                 address: standardize::address(get(&address, i)),
             });
         }
@@ -455,6 +639,9 @@ fn block(recs: &[Rec]) -> Result<Vec<(u32, u32, u8)>> {
         Field::new("ssn", DataType::Utf8, true),
         Field::new("phone", DataType::Utf8, true),
         Field::new("email", DataType::Utf8, true),
+        Field::new("family", DataType::Utf8, true),
+        Field::new("zip", DataType::Utf8, true),
+        Field::new("address", DataType::Utf8, true),
     ]));
     let columns: Vec<ArrayRef> = vec![
         Arc::new(UInt32Array::from_iter_values(0..recs.len() as u32)),
@@ -471,6 +658,9 @@ fn block(recs: &[Rec]) -> Result<Vec<(u32, u32, u8)>> {
         str_col(&|r| r.ssn.clone()),
         str_col(&|r| r.phone.clone()),
         str_col(&|r| r.email.clone()),
+        str_col(&|r| r.family.clone()),
+        str_col(&|r| r.zip.clone()),
+        str_col(&|r| r.address.clone()),
     ];
     let batch = RecordBatch::try_new(schema.clone(), columns).map_err(engine_error)?;
     // Each rule's pairs are streamed into (a << 32 | b, rule) keys, then
@@ -700,23 +890,35 @@ fn person_table(raw: &[RecordBatch], links: &[PersonLink]) -> Result<RecordBatch
     RecordBatch::try_new(person_schema(), columns).map_err(engine_error)
 }
 
-/// Pairwise quality of a linkage against ground truth.
+/// Quality of a linkage against ground truth, over every record of the
+/// truth file.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Evaluation {
+    /// Records of the truth file: all are scored.
     pub records: u64,
+    /// Truth records that are not in the linkage (rejected at ingest, or
+    /// not loaded): scored as persons of their own.
+    pub records_not_linked: u64,
+    /// Linked records the truth file does not list: not scored.
+    pub records_not_in_truth: u64,
     pub true_pairs: u64,
     pub predicted_pairs: u64,
     pub true_positive_pairs: u64,
-    pub precision: f64,
-    pub recall: f64,
+    /// `None` when no pair was predicted (precision is undefined then).
+    pub precision: Option<f64>,
+    /// `None` when the truth has no pair.
+    pub recall: Option<f64>,
     pub f1: f64,
     pub true_persons: u64,
     pub predicted_persons: u64,
+    /// True persons whose records form exactly one predicted person
+    /// (cluster-level accuracy: nothing missing, nothing added).
+    pub persons_exact: u64,
 }
 
 /// Compares `links` with a truth file (`source,source_patient_id,person_id`
-/// per line, with a header; the generator's `truth.csv`). Records absent
-/// from either side are left out.
+/// per line, with a header; the generator's `truth.csv`): pairwise
+/// precision, recall and F1 and exact persons, over every truth record.
 pub fn evaluate(links: &[PersonLink], truth: &Path) -> Result<Evaluation> {
     let mut reader = csv::Reader::from_path(truth).map_err(|e| WardError::Config {
         path: truth.to_path_buf(),
@@ -725,7 +927,7 @@ pub fn evaluate(links: &[PersonLink], truth: &Path) -> Result<Evaluation> {
         key: None,
         message: format!("cannot read the truth file: {e}"),
     })?;
-    let mut true_id: HashMap<(String, String), String> = HashMap::new();
+    let mut truth_rows: Vec<(String, String, String)> = Vec::new();
     for (i, row) in reader.records().enumerate() {
         let row = row.map_err(|e| WardError::Extract {
             path: truth.to_path_buf(),
@@ -739,41 +941,66 @@ pub fn evaluate(links: &[PersonLink], truth: &Path) -> Result<Evaluation> {
                 message: "expected source,source_patient_id,person_id".into(),
             });
         }
-        true_id.insert((row[0].to_string(), row[1].to_string()), row[2].to_string());
+        truth_rows.push((row[0].to_string(), row[1].to_string(), row[2].to_string()));
     }
+    let predicted: HashMap<(&str, &str), &str> = links
+        .iter()
+        .map(|l| {
+            (
+                (l.source.as_str(), l.source_patient_id.as_str()),
+                l.person_id.as_str(),
+            )
+        })
+        .collect();
     let pairs = |n: u64| n * n.saturating_sub(1) / 2;
     let mut by_true: HashMap<&str, u64> = HashMap::new();
-    let mut by_pred: HashMap<&str, u64> = HashMap::new();
-    let mut by_both: HashMap<(&str, &str), u64> = HashMap::new();
-    let mut records = 0;
-    for l in links {
-        let Some(t) = true_id.get(&(l.source.clone(), l.source_patient_id.clone())) else {
-            continue;
+    let mut by_pred: HashMap<String, u64> = HashMap::new();
+    let mut by_both: HashMap<(&str, String), u64> = HashMap::new();
+    let mut not_linked = 0;
+    let mut in_truth = std::collections::HashSet::new();
+    for (source, id, t) in &truth_rows {
+        in_truth.insert((source.as_str(), id.as_str()));
+        let p = match predicted.get(&(source.as_str(), id.as_str())) {
+            Some(p) => p.to_string(),
+            None => {
+                not_linked += 1;
+                format!("\0unlinked {source}/{id}")
+            }
         };
-        records += 1;
         *by_true.entry(t).or_default() += 1;
-        *by_pred.entry(&l.person_id).or_default() += 1;
-        *by_both.entry((t, &l.person_id)).or_default() += 1;
+        *by_pred.entry(p.clone()).or_default() += 1;
+        *by_both.entry((t, p)).or_default() += 1;
     }
     let true_pairs: u64 = by_true.values().map(|&n| pairs(n)).sum();
     let predicted_pairs: u64 = by_pred.values().map(|&n| pairs(n)).sum();
     let tp: u64 = by_both.values().map(|&n| pairs(n)).sum();
-    let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
+    let persons_exact = by_both
+        .iter()
+        .filter(|((t, p), n)| by_true[t] == **n && by_pred[p] == **n)
+        .count() as u64;
+    let ratio = |a: u64, b: u64| (b > 0).then(|| a as f64 / b as f64);
     let (precision, recall) = (ratio(tp, predicted_pairs), ratio(tp, true_pairs));
+    let (p, r) = (precision.unwrap_or(0.0), recall.unwrap_or(0.0));
     Ok(Evaluation {
-        records,
+        records: truth_rows.len() as u64,
+        records_not_linked: not_linked,
+        records_not_in_truth: links
+            .iter()
+            .filter(|l| !in_truth.contains(&(l.source.as_str(), l.source_patient_id.as_str())))
+            .count() as u64,
         true_pairs,
         predicted_pairs,
         true_positive_pairs: tp,
         precision,
         recall,
-        f1: if precision + recall > 0.0 {
-            2.0 * precision * recall / (precision + recall)
+        f1: if p + r > 0.0 {
+            2.0 * p * r / (p + r)
         } else {
             0.0
         },
         true_persons: by_true.len() as u64,
         predicted_persons: by_pred.len() as u64,
+        persons_exact,
     })
 }
 

@@ -29,23 +29,59 @@ pub struct Rec {
     pub address: Option<String>,
 }
 
+impl Rec {
+    /// Whether the record has a value for compared field `f` (of [`FIELDS`]).
+    pub fn has(&self, f: usize) -> bool {
+        match f {
+            0 => self.given.is_some(),
+            1 => self.family.is_some(),
+            2 => self.birth.is_some(),
+            3 => self.sex.is_some(),
+            4 => self.zip.is_some(),
+            5 => self.phone.is_some(),
+            6 => self.email.is_some(),
+            7 => self.ssn.is_some(),
+            8 => self.address.is_some(),
+            _ => false,
+        }
+    }
+}
+
 /// The compared fields, each with its number of levels (level 0 is
 /// "different"; the highest is "exact").
 pub const FIELDS: [(&str, usize); 9] = [
-    ("given_name", 4),
+    ("given_name", 6),
     ("family_name", 4),
     ("birth_date", 4),
     ("sex", 2),
     ("zip", 3),
     ("phone", 2),
     ("email", 2),
-    ("ssn", 3),
+    ("identifier", 3),
     ("address", 3),
 ];
 
 /// Comparison vector of a pair: a level per field, `None` when either side
 /// is missing (no evidence either way).
 pub type Levels = [Option<u8>; FIELDS.len()];
+
+/// Levels of `given_name`, lowest first: different, one is the other's
+/// initial, given and family names swapped (the family level is then left
+/// out: the swap is the evidence of both), Jaro–Winkler ≥ 0.80, ≥ 0.92,
+/// exact.
+pub const GIVEN_DIFFERENT: u8 = 0;
+pub const GIVEN_INITIAL: u8 = 1;
+pub const GIVEN_SWAPPED: u8 = 2;
+
+/// The given-name level of two standardized given names (not swapped).
+fn given_level(a: &str, b: &str) -> u8 {
+    let initial = |x: &str, y: &str| x.len() == 1 && y.len() > 1 && y.starts_with(x);
+    match name_level(a, b) {
+        0 if initial(a, b) || initial(b, a) => GIVEN_INITIAL,
+        0 => GIVEN_DIFFERENT,
+        k => k + 2,
+    }
+}
 
 fn both<'a>(a: &'a Option<String>, b: &'a Option<String>) -> Option<(&'a str, &'a str)> {
     Some((a.as_deref()?, b.as_deref()?))
@@ -69,8 +105,21 @@ fn name_level(a: &str, b: &str) -> u8 {
 /// Compares two records field by field.
 pub fn compare(a: &Rec, b: &Rec) -> Levels {
     let mut l: Levels = [None; FIELDS.len()];
-    l[0] = both(&a.given, &b.given).map(|(x, y)| name_level(x, y));
+    l[0] = both(&a.given, &b.given).map(|(x, y)| given_level(x, y));
     l[1] = both(&a.family, &b.family).map(|(x, y)| name_level(x, y));
+    // Given and family names entered in each other's field.
+    // A given name is standardized to its first word: compare first words
+    // too (`okonkwo lind` entered as the given name becomes `okonkwo`).
+    let first = |x: &str| x.split(' ').next().unwrap_or(x).to_string();
+    let alike = |x: &str, y: &str| name_level(x, y) >= 2 || name_level(&first(x), &first(y)) >= 2;
+    if let (Some((ag, bf)), Some((af, bg))) = (both(&a.given, &b.family), both(&a.family, &b.given))
+        && l[0].is_none_or(|k| k < 4)
+        && alike(ag, bf)
+        && alike(af, bg)
+    {
+        l[0] = Some(GIVEN_SWAPPED);
+        l[1] = None;
+    }
     l[2] = a.birth.zip(b.birth).map(|(x, y)| {
         if x == y {
             3
@@ -206,11 +255,21 @@ impl Model {
         }
     }
 
-    /// Match weight (log2 Bayes factor plus prior odds) of a pair with its
-    /// comparison levels (`compare(a, b)`). An exact name match weighs by
-    /// how rare the name is, not by the average name.
-    pub fn weight(&self, a: &Rec, levels: &Levels) -> f64 {
-        let mut w = (self.prior / (1.0 - self.prior)).log2();
+    /// Log2 of the prior odds of a match (the weight of a pair before any
+    /// field is compared).
+    pub fn prior_weight(&self) -> f64 {
+        (self.prior / (1.0 - self.prior)).log2()
+    }
+
+    /// Each field's m and u at its level and its log2 Bayes factor; `None`
+    /// where the pair has no evidence. An exact name match weighs by how
+    /// rare the name is (its frequency as u), not by the average name.
+    pub fn contributions(
+        &self,
+        a: &Rec,
+        levels: &Levels,
+    ) -> [Option<(f64, f64, f64)>; FIELDS.len()] {
+        let mut out = [None; FIELDS.len()];
         for (f, level) in levels.iter().enumerate() {
             let Some(k) = *level else { continue };
             let k = k as usize;
@@ -225,11 +284,54 @@ impl Model {
                     u = *tf;
                 }
             }
-            w += (self.m[f][k].max(FLOOR) / u.max(FLOOR)).log2();
+            let m = self.m[f][k];
+            out[f] = Some((m, u, (m.max(FLOOR) / u.max(FLOOR)).log2()));
         }
-        w
+        out
+    }
+
+    /// Match weight (log2 Bayes factor plus prior odds) of a pair with its
+    /// comparison levels (`compare(a, b)`).
+    pub fn weight(&self, a: &Rec, levels: &Levels) -> f64 {
+        self.prior_weight()
+            + self
+                .contributions(a, levels)
+                .iter()
+                .flatten()
+                .map(|c| c.2)
+                .sum::<f64>()
     }
 }
+
+/// What each level of each field of [`FIELDS`] means, lowest first.
+pub const LEVEL_NAMES: [&[&str]; FIELDS.len()] = [
+    &[
+        "different",
+        "initial",
+        "swapped with family name",
+        "similar (JW >= 0.80)",
+        "close (JW >= 0.92)",
+        "exact",
+    ],
+    &[
+        "different",
+        "similar (JW >= 0.80)",
+        "close (JW >= 0.92)",
+        "exact",
+    ],
+    &[
+        "different",
+        "one of year, month, day differs",
+        "day and month swapped",
+        "exact",
+    ],
+    &["different", "same"],
+    &["different", "same first 3 characters", "exact"],
+    &["different", "same"],
+    &["different", "same"],
+    &["different", "one typo or transposition", "exact"],
+    &["different", "close (JW >= 0.90)", "exact"],
+];
 
 /// Pairs per unit of parallel work in [`em`].
 const EM_CHUNK: usize = 8192;
@@ -374,12 +476,27 @@ mod tests {
         let a = rec("elizabeth", "jackson", "1977-07-05", Some("123456780"));
         let b = rec("elizabeht", "jackson", "1977-05-07", Some("123456708"));
         let l = compare(&a, &b);
-        assert_eq!(l[0], Some(2), "typo: close");
+        assert_eq!(l[0], Some(4), "typo: close");
         assert_eq!(l[1], Some(3));
         assert_eq!(l[2], Some(2), "day and month swapped");
         assert_eq!(l[7], Some(1), "transposed digits");
         assert_eq!(l[5], None, "no phone on either side: no evidence");
         assert!(transposed("ab", "ba") && !transposed("abc", "cba"));
+
+        // Swapped given and family names: one level, the family left out.
+        let swapped = rec("jackson", "elizabeth", "1977-07-05", None);
+        let l = compare(&a, &swapped);
+        assert_eq!((l[0], l[1]), (Some(GIVEN_SWAPPED), None));
+        // An initial, and a name that has nothing in common.
+        assert_eq!(
+            compare(&a, &rec("e", "jackson", "1977-07-05", None))[0],
+            Some(GIVEN_INITIAL)
+        );
+        assert_eq!(
+            compare(&a, &rec("aisha", "jackson", "1977-07-05", None))[0],
+            Some(GIVEN_DIFFERENT)
+        );
+        assert_eq!(compare(&a, &a)[0], Some(5), "exact is the highest level");
     }
 
     /// The fitted m and match share are the same bits however many threads

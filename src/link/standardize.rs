@@ -89,28 +89,33 @@ const NICKNAMES: [(&str, &str); 48] = [
     ("nick", "nicholas"),
 ];
 
-/// Ten digits of a North American phone number (a leading 1 dropped).
+/// A phone number's digits: ten for a North American number (a leading 1
+/// dropped), else all of them when there are 7 to 15 (E.164's range), so
+/// numbers of other countries compare too.
 pub fn phone(raw: Option<&str>) -> Option<String> {
     let digits: String = raw?.chars().filter(char::is_ascii_digit).collect();
-    let digits = match digits.len() {
-        11 if digits.starts_with('1') => digits[1..].to_string(),
-        10 => digits,
-        _ => return None,
-    };
-    Some(digits)
+    match digits.len() {
+        11 if digits.starts_with('1') => Some(digits[1..].to_string()),
+        7..=15 => Some(digits),
+        _ => None,
+    }
 }
 
-/// Nine digits; `None` for placeholders (all one digit, 123456789, area
-/// 000 or 666, group 00, serial 0000). ITINs (9xx) identify a person too.
-pub fn ssn(raw: Option<&str>) -> Option<String> {
-    let d: String = raw?.chars().filter(char::is_ascii_digit).collect();
-    if d.len() != 9
-        || d.bytes().all(|b| b == d.as_bytes()[0])
-        || d == "123456789"
-        || matches!(&d[..3], "000" | "666")
-        || &d[3..5] == "00"
-        || &d[5..] == "0000"
-    {
+/// A person identifier (SSN, national id, insurance member id) in its own
+/// shape: letters and digits only, letters upper-cased — never cut to an
+/// expected length. `None` for what identifies no one: fewer than 4
+/// characters, one character repeated, `123456789`, and for 9-digit US SSNs
+/// the numbers never issued (area 000 or 666, group 00, serial 0000).
+pub fn identifier(raw: Option<&str>) -> Option<String> {
+    let d: String = raw?
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    let unissued_ssn = d.len() == 9
+        && d.bytes().all(|b| b.is_ascii_digit())
+        && (matches!(&d[..3], "000" | "666") || &d[3..5] == "00" || &d[5..] == "0000");
+    if d.len() < 4 || d.bytes().all(|b| b == d.as_bytes()[0]) || d == "123456789" || unissued_ssn {
         return None;
     }
     Some(d)
@@ -121,14 +126,26 @@ pub fn email(raw: Option<&str>) -> Option<String> {
     (e.contains('@') && e.len() > 3).then_some(e)
 }
 
-/// The first five digits of a ZIP code.
+/// A postal code: the first five digits of a US ZIP (`02139-4307` →
+/// `02139`), else the code's letters and digits upper-cased (`sw1a 1aa` →
+/// `SW1A1AA`, `2600`) when there are at least three.
 pub fn zip(raw: Option<&str>) -> Option<String> {
-    let d: String = raw?
+    let raw = raw?;
+    let alnum: String = raw
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    let us: String = raw
         .chars()
         .take_while(|c| *c != '-')
         .filter(char::is_ascii_digit)
         .collect();
-    (d.len() >= 5).then(|| d[..5].to_string())
+    if alnum.bytes().all(|b| b.is_ascii_digit()) && us.len() >= 5 {
+        Some(us[..5].to_string())
+    } else {
+        (alnum.len() >= 3).then_some(alnum)
+    }
 }
 
 /// A street address with suffixes spelled one way (`street` → `st`).
@@ -208,8 +225,23 @@ mod tests {
             phone(Some("+1 (428) 555-1265")).as_deref(),
             Some("4285551265")
         );
-        assert_eq!(phone(Some("555-1265")), None);
-        assert_eq!(ssn(Some("974-61-9629")).as_deref(), Some("974619629"));
+        assert_eq!(phone(Some("555-1265")).as_deref(), Some("5551265"));
+        assert_eq!(
+            phone(Some("+44 20 7946 0958")).as_deref(),
+            Some("442079460958")
+        );
+        assert_eq!(phone(Some("12-34")), None);
+        assert_eq!(
+            identifier(Some("974-61-9629")).as_deref(),
+            Some("974619629")
+        );
+        // Other shapes keep theirs: a 7-digit national id, a member id.
+        assert_eq!(identifier(Some("5162373")).as_deref(), Some("5162373"));
+        assert_eq!(
+            identifier(Some(" xk-0042 17 ")).as_deref(),
+            Some("XK004217")
+        );
+        assert_eq!(identifier(Some("12")), None);
         for placeholder in [
             "000-00-0000",
             "999-99-9999",
@@ -217,9 +249,12 @@ mod tests {
             "666-12-3456",
             "123-00-4567",
         ] {
-            assert_eq!(ssn(Some(placeholder)), None, "{placeholder}");
+            assert_eq!(identifier(Some(placeholder)), None, "{placeholder}");
         }
         assert_eq!(zip(Some("14276-2926")).as_deref(), Some("14276"));
+        assert_eq!(zip(Some("2600")).as_deref(), Some("2600"));
+        assert_eq!(zip(Some("sw1a 1aa")).as_deref(), Some("SW1A1AA"));
+        assert_eq!(zip(Some("-")), None);
         assert_eq!(
             email(Some(" A.B@Example.org ")).as_deref(),
             Some("a.b@example.org")

@@ -142,9 +142,20 @@ pub(crate) fn text(
 
 /// Runs `sql` and collects its batches.
 pub(crate) async fn collect(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
+    collect_about(ctx, sql, "running a query", std::path::Path::new("")).await
+}
+
+/// [`collect`], whose errors say what was being done (`context`) and with
+/// which file or directory.
+pub(crate) async fn collect_about(
+    ctx: &SessionContext,
+    sql: &str,
+    context: &'static str,
+    path: &std::path::Path,
+) -> Result<Vec<RecordBatch>> {
     let err = |e: datafusion::error::DataFusionError| WardError::Data {
-        context: "running a query",
-        path: Default::default(),
+        context,
+        path: path.to_path_buf(),
         message: e.to_string(),
     };
     ctx.sql(sql)

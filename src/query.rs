@@ -77,10 +77,11 @@ pub const MAX_SET_OPERATIONS: usize = 256;
 /// Nesting of parentheses, subqueries and expressions (the parser's
 /// recursion limit).
 pub const MAX_QUERY_DEPTH: usize = 64;
-/// Stack of the thread that plans a query and of the engine's workers:
-/// room for the deepest tree the limits above allow (reserved, not used,
-/// until a query needs it).
+/// Stack of the thread that plans a query: room for the deepest tree the
+/// limits above allow (reserved, not used, until a query needs it).
 const QUERY_STACK_BYTES: usize = 256 << 20;
+/// Stack of the engine's workers, which evaluate the planned expressions.
+const WORKER_STACK_BYTES: usize = 64 << 20;
 
 /// Half of the machine's physical memory (`/proc/meminfo`), or 4 GiB where
 /// that cannot be read: `ward query`'s default memory limit.
@@ -400,7 +401,7 @@ pub fn query(research_dir: &Path, sql: &str, opts: &QueryOptions) -> Result<Quer
             .name("ward-query".into())
             .stack_size(QUERY_STACK_BYTES)
             .spawn_scoped(scope, || {
-                crate::engine::block_on_with_stack(QUERY_STACK_BYTES, async {
+                crate::engine::block_on_with_stack(WORKER_STACK_BYTES, async {
                     match opts.timeout {
                         Some(limit) => {
                             tokio::time::timeout(limit, run(research_dir, &tables, sql, opts))

@@ -33,7 +33,7 @@ fn run_on_the_sample_succeeds_and_prints_a_summary() {
         assert!(stdout.contains(source), "{stdout}");
     }
     assert!(
-        stdout.contains("rejects by rule:") && stdout.contains("unknown_patient"),
+        stdout.contains("rejects by rule:") && stdout.contains("before_birth"),
         "{stdout}"
     );
     assert!(dir.path().join("wh/state/ingest.json").is_file());

@@ -185,7 +185,6 @@ this is not json
         .map(|(((f, l), r), c)| (f.unwrap(), l, r.unwrap(), c.unwrap_or_default()))
         .collect();
     let expected: BTreeSet<(String, u64, String, String)> = [
-        ("Patient.ndjson", 2, "required", "birthDate"),
         ("Observation.ndjson", 2, "not_json", ""),
         ("Observation.ndjson", 3, "missing_subject", "subject"),
         ("Observation.ndjson", 4, "unknown_patient", "subject"),
@@ -202,6 +201,14 @@ this is not json
     .map(|(f, l, r, c)| (f.to_string(), l, r.to_string(), c.to_string()))
     .collect();
     assert_eq!(got, expected);
+    // A Patient without a birth date is kept (flagged), not rejected.
+    let patients = file("Patient.ndjson");
+    assert_eq!((patients.rows_accepted, patients.rows_rejected), (2, 0));
+    assert_eq!(
+        patients.values_flagged.get("birthDate: unrecognized_value"),
+        None,
+        "a missing birth date is not a bad value"
+    );
 
     // Messages name elements and rules, never values (the resource is in `raw`).
     for m in strings(&b, "message").into_iter().flatten() {

@@ -474,15 +474,7 @@ fn assign_person_ids(
     roots: &[u32],
     previous: &[PersonLink],
 ) -> (HashMap<u32, String>, u64) {
-    let before: HashMap<(&str, &str), &str> = previous
-        .iter()
-        .map(|l| {
-            (
-                (l.source.as_str(), l.source_patient_id.as_str()),
-                l.person_id.as_str(),
-            )
-        })
-        .collect();
+    let before = person_of(previous);
     // (cluster, previous id) → records, and each cluster's first record.
     let mut votes: BTreeMap<(u32, &str), usize> = BTreeMap::new();
     let mut first: HashMap<u32, usize> = HashMap::new();
@@ -524,6 +516,19 @@ fn assign_person_ids(
         ids.insert(cluster, id);
     }
     (ids, carried)
+}
+
+/// Person id by (source, source_patient_id).
+fn person_of(links: &[PersonLink]) -> HashMap<(&str, &str), &str> {
+    links
+        .iter()
+        .map(|l| {
+            (
+                (l.source.as_str(), l.source_patient_id.as_str()),
+                l.person_id.as_str(),
+            )
+        })
+        .collect()
 }
 
 /// Reads a `person_link.parquet` (an earlier run's links); an absent file is
@@ -943,15 +948,7 @@ pub fn evaluate(links: &[PersonLink], truth: &Path) -> Result<Evaluation> {
         }
         truth_rows.push((row[0].to_string(), row[1].to_string(), row[2].to_string()));
     }
-    let predicted: HashMap<(&str, &str), &str> = links
-        .iter()
-        .map(|l| {
-            (
-                (l.source.as_str(), l.source_patient_id.as_str()),
-                l.person_id.as_str(),
-            )
-        })
-        .collect();
+    let predicted = person_of(links);
     let pairs = |n: u64| n * n.saturating_sub(1) / 2;
     let mut by_true: HashMap<&str, u64> = HashMap::new();
     let mut by_pred: HashMap<String, u64> = HashMap::new();

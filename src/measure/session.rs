@@ -242,17 +242,7 @@ pub(crate) fn read_valuesets(dir: &Path) -> Result<Vec<RecordBatch>> {
         let ctx = crate::engine::session(SessionConfig::new());
         register_valuesets(&ctx, dir).await?;
         let sql = "SELECT * FROM valueset_code ORDER BY valueset, code_system, code";
-        let err = |e: datafusion::error::DataFusionError| WardError::Data {
-            context: "reading value sets",
-            path: dir.to_path_buf(),
-            message: e.to_string(),
-        };
-        ctx.sql(sql)
-            .await
-            .map_err(err)?
-            .collect()
-            .await
-            .map_err(err)
+        crate::engine::collect_about(&ctx, sql, "reading value sets", dir).await
     })
 }
 

@@ -273,6 +273,8 @@ struct RawLink {
     within_source: Option<bool>,
     within_source_threshold: Option<f64>,
     twins_guard: Option<bool>,
+    review_threshold: Option<f64>,
+    labels: Option<Spanned<String>>,
     u_pairs: Option<usize>,
     seed: Option<u64>,
 }
@@ -424,6 +426,27 @@ impl PipelineConfig {
                 link.within_source_threshold = Some(link.threshold);
             }
             link.twins_guard = l.twins_guard.unwrap_or(link.twins_guard);
+            if let Some(t) = l.review_threshold {
+                if !(0.0..=link.threshold).contains(&t) {
+                    return Err(err(
+                        span,
+                        "link.review_threshold",
+                        "must be between 0 and link.threshold".into(),
+                    ));
+                }
+                link.review_threshold = t;
+            }
+            if let Some(labels) = l.labels {
+                let file = base.join(labels.get_ref());
+                if !file.is_file() {
+                    return Err(err(
+                        labels.span(),
+                        "link.labels",
+                        format!("{} is not a file", file.display()),
+                    ));
+                }
+                link.labels = Some(file);
+            }
             link.u_pairs = l.u_pairs.unwrap_or(link.u_pairs);
             link.seed = l.seed.unwrap_or(link.seed);
         }

@@ -278,9 +278,32 @@ fn config_threshold_is_checked() {
         c.link,
         LinkOptions {
             threshold: 0.99,
+            within_source_threshold: Some(0.99),
             seed: 7,
             ..LinkOptions::default()
         }
+    );
+    for (bad, key) in [
+        ("labels = \"missing.csv\"", "link.labels"),
+        ("review_threshold = 0.95", "link.review_threshold"),
+        (
+            "within_source_threshold = 0.8",
+            "link.within_source_threshold",
+        ),
+    ] {
+        fs::write(&config_path, format!("{text}\n[link]\n{bad}\n")).unwrap();
+        let err = ward::PipelineConfig::load(&config_path).unwrap_err();
+        assert!(err.to_string().contains(key), "{bad}: {err}");
+    }
+    fs::write(
+        &config_path,
+        format!("{text}\n[link]\nwithin_source = false\ntwins_guard = false\n"),
+    )
+    .unwrap();
+    let c = ward::PipelineConfig::load(&config_path).unwrap();
+    assert_eq!(
+        (c.link.within_source_threshold, c.link.twins_guard),
+        (None, false)
     );
 }
 
@@ -470,4 +493,86 @@ fn noisy_cases_link_on_the_evidence_they_have() {
     let twins = link::explain(&wh, &config.link, (n, "ZZ0000905"), (n, "ZZ0000906")).unwrap();
     assert!(twins.vetoed || twins.probability < twins.threshold);
     assert!(link::explain(&wh, &config.link, (n, "nobody"), (s, "ZB0000902")).is_err());
+
+    // Clerical review: the twins are listed (owner-only), with the columns
+    // of a labels file; a reviewer's labels are honoured by the next link.
+    let review = tmp.path().join("wh/core/link_review.csv");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&review).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let listed = fs::read_to_string(&review).unwrap();
+    assert!(
+        listed.starts_with("source_a,source_patient_id_a,source_b,source_patient_id_b,decision,")
+    );
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains("ZZ0000905") && l.contains("ZZ0000906") && l.ends_with(",no")),
+        "{listed}"
+    );
+    assert_eq!(
+        linkage.report.review_pairs as usize,
+        listed.lines().count() - 1
+    );
+    let labels = tmp.path().join("labels.csv");
+    fs::write(
+        &labels,
+        format!(
+            "source_a,source_patient_id_a,source_b,source_patient_id_b,decision\n\
+             {n},ZZ0000905,{n},ZZ0000906,match\n\
+             {n},ZZ0000902,{s},ZB0000902,non_match\n\
+             {n},gone,{s},ZB0000902,match\n"
+        ),
+    )
+    .unwrap();
+    let mut reviewed = config.link.clone();
+    reviewed.labels = Some(labels.clone());
+    let again = link::link(&wh, &reviewed, &[]).unwrap();
+    let person = |source: &str, id: &str| {
+        again
+            .links
+            .iter()
+            .find(|l| l.source == source && l.source_patient_id == id)
+            .unwrap()
+            .person_id
+            .clone()
+    };
+    assert_eq!(person(n, "ZZ0000905"), person(n, "ZZ0000906"));
+    assert_ne!(person(n, "ZZ0000902"), person(s, "ZB0000902"));
+    assert_eq!(again.report.labelled_links, 1);
+    assert!(again.report.labelled_refusals >= 1);
+    assert!(
+        again
+            .report
+            .warnings
+            .iter()
+            .any(|w| w.contains("1 label(s)"))
+    );
+    let rule = |id: &str| {
+        again
+            .links
+            .iter()
+            .filter(|l| l.source == n && (l.source_patient_id == id))
+            .map(|l| l.rule.clone())
+            .next()
+            .flatten()
+    };
+    assert!(
+        [rule("ZZ0000905"), rule("ZZ0000906")].contains(&Some("label".to_string())),
+        "the labelled link is named"
+    );
+    // Contradictory labels: an error naming the line.
+    fs::write(
+        &labels,
+        format!(
+            "source_a,source_patient_id_a,source_b,source_patient_id_b,decision\n\
+             {n},ZZ0000905,{n},ZZ0000906,match\n\
+             {n},ZZ0000906,{n},ZZ0000905,non_match\n"
+        ),
+    )
+    .unwrap();
+    let err = link::link(&wh, &reviewed, &[]).unwrap_err().to_string();
+    assert!(err.contains("labels.csv:3"), "{err}");
 }

@@ -35,7 +35,7 @@ use crate::warehouse::Warehouse;
 use model::{Model, Rec};
 
 /// Linkage settings (`[link]` in the config).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LinkOptions {
     /// Minimum match probability of a pair to link it.
     pub threshold: f64,
@@ -47,6 +47,13 @@ pub struct LinkOptions {
     /// an initial, a nickname or a swap) unless an identifier or e-mail
     /// agrees: twins and siblings share everything else.
     pub twins_guard: bool,
+    /// Candidate pairs at least this probable but under `threshold` (and
+    /// pairs above it that a guard refused) are listed for clerical review.
+    pub review_threshold: f64,
+    /// Decisions of a reviewer (`labels = "labels.csv"`): pairs that are the
+    /// same person are linked whatever their weight, pairs that are not are
+    /// never put in one person (see [`read_labels`]).
+    pub labels: Option<std::path::PathBuf>,
     /// Random record pairs used to estimate u probabilities.
     pub u_pairs: usize,
     /// Seed of the random pairs (linkage is deterministic for one seed).
@@ -59,6 +66,8 @@ impl Default for LinkOptions {
             threshold: 0.9,
             within_source_threshold: Some(0.99),
             twins_guard: true,
+            review_threshold: 0.5,
+            labels: None,
             u_pairs: 1_000_000,
             seed: 1,
         }
@@ -101,9 +110,19 @@ pub struct LinkReport {
     /// record fills gives no evidence).
     #[serde(default)]
     pub records_missing: BTreeMap<String, u64>,
-    /// Blocking rules whose pairs exploded, and fields without values.
+    /// Blocking rules whose pairs exploded, fields without values, labels
+    /// naming records that are not staged.
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Reviewer decisions applied: pairs linked because labelled the same
+    /// person, merges refused because labelled different persons.
+    #[serde(default)]
+    pub labelled_links: u64,
+    #[serde(default)]
+    pub labelled_refusals: u64,
+    /// Pairs written to `core/link_review.csv`.
+    #[serde(default)]
+    pub review_pairs: u64,
     pub persons: u64,
     /// Persons with records at more than one source.
     pub linked_persons: u64,
@@ -165,6 +184,108 @@ const BLOCKING_RULES: [(&str, &str); 10] = [
     ),
     ("address", "a.address = b.address"),
 ];
+
+/// The rule of a link a reviewer's label made.
+const LABEL_RULE: u8 = u8::MAX;
+
+/// A blocking rule's name, or `label`.
+fn rule_name(rule: u8) -> &'static str {
+    BLOCKING_RULES.get(rule as usize).map_or("label", |r| r.0)
+}
+
+/// A reviewer's decisions, as record index pairs `(low, high)`.
+#[derive(Debug, Default)]
+struct Labels {
+    same: Vec<(u32, u32)>,
+    different: std::collections::HashSet<(u32, u32)>,
+}
+
+impl Labels {
+    /// Whether two clusters (by root) hold records labelled different
+    /// persons; `constrained` lists each root's records that have such a
+    /// label.
+    fn keep_apart(&self, constrained: &HashMap<u32, Vec<u32>>, ra: u32, rb: u32) -> bool {
+        let (Some(xs), Some(ys)) = (constrained.get(&ra), constrained.get(&rb)) else {
+            return false;
+        };
+        xs.iter().any(|x| {
+            ys.iter()
+                .any(|y| self.different.contains(&((*x).min(*y), (*x).max(*y))))
+        })
+    }
+}
+
+/// Reads a labels file: a header, then `source_a,source_patient_id_a,
+/// source_b,source_patient_id_b,decision` with decision `match` or
+/// `non_match`. Labels naming a record that is not staged are skipped with
+/// one warning (records come and go); a malformed line or a pair labelled
+/// both ways is a config error naming the line.
+fn read_labels(path: &Path, recs: &[Rec], warnings: &mut Vec<String>) -> Result<Labels> {
+    let bad = |line: u64, message: String| WardError::Config {
+        path: path.to_path_buf(),
+        line: Some(line as usize),
+        column: None,
+        key: None,
+        message,
+    };
+    let mut reader = csv::Reader::from_path(path)
+        .map_err(|e| bad(1, format!("cannot read the labels file: {e}")))?;
+    let index: HashMap<(&str, &str), u32> = recs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| ((r.source.as_str(), r.source_patient_id.as_str()), i as u32))
+        .collect();
+    let mut labels = Labels::default();
+    let mut seen: HashMap<(u32, u32), bool> = HashMap::new();
+    let mut unknown = 0;
+    for (n, row) in reader.records().enumerate() {
+        let line = n as u64 + 2;
+        let row = row.map_err(|e| bad(line, e.to_string()))?;
+        if row.len() != 5 {
+            return Err(bad(
+                line,
+                "expected source_a,source_patient_id_a,source_b,source_patient_id_b,decision"
+                    .into(),
+            ));
+        }
+        let same = match row[4].trim() {
+            "match" => true,
+            "non_match" => false,
+            _ => return Err(bad(line, "decision must be match or non_match".into())),
+        };
+        let (Some(&a), Some(&b)) = (
+            index.get(&(row[0].trim(), row[1].trim())),
+            index.get(&(row[2].trim(), row[3].trim())),
+        ) else {
+            unknown += 1;
+            continue;
+        };
+        if a == b {
+            continue;
+        }
+        let key = (a.min(b), a.max(b));
+        match seen.insert(key, same) {
+            Some(before) if before != same => {
+                return Err(bad(line, "this pair is also labelled the other way".into()));
+            }
+            Some(_) => continue,
+            None => {}
+        }
+        if same {
+            labels.same.push(key);
+        } else {
+            labels.different.insert(key);
+        }
+    }
+    if unknown > 0 {
+        warnings.push(format!(
+            "{unknown} label(s) of {} name records that are not staged: skipped",
+            path.display()
+        ));
+    }
+    labels.same.sort_unstable();
+    Ok(labels)
+}
 
 /// Standardized records, candidate pairs and the fitted model: everything
 /// before pairs are scored and clustered.
@@ -277,16 +398,33 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
         model,
         mut report,
     } = fit(warehouse, opts)?;
-    let above: Vec<(f64, u32, u32, u8, bool)> = pairs
+    let labels = match &opts.labels {
+        Some(path) => read_labels(path, &recs, &mut report.warnings)?,
+        None => Labels::default(),
+    };
+    let considered: Vec<(f64, u32, u32, u8, bool)> = pairs
         .par_iter()
         .filter_map(|&(a, b, rule)| {
             let (x, y) = (&recs[a as usize], &recs[b as usize]);
             let levels = model::compare(x, y);
             let w = model.weight(x, &levels);
-            (model::probability(w) >= opts.threshold)
+            (model::probability(w) >= opts.review_threshold.min(opts.threshold))
                 .then(|| (w, a, b, rule, opts.twins_guard && twin_like(&levels)))
         })
         .collect();
+    let (above, below): (Vec<_>, Vec<_>) = considered
+        .into_iter()
+        .partition(|p| model::probability(p.0) >= opts.threshold);
+    let mut review: Vec<(f64, u32, u32, u8, &'static str)> = below
+        .into_iter()
+        .map(|(w, a, b, rule, _)| (w, a, b, rule, "below the threshold"))
+        .collect();
+    review.extend(
+        above
+            .iter()
+            .filter(|p| p.4)
+            .map(|&(w, a, b, rule, _)| (w, a, b, rule, "twins guard: given names differ")),
+    );
     report.vetoed_pairs = above.iter().filter(|p| p.4).count() as u64;
     let mut scored: Vec<(f64, u32, u32, u8)> = above
         .into_iter()
@@ -319,12 +457,31 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
         }
         x
     }
-    for &(w, a, b, rule) in &scored {
+    // Records a reviewer said are different persons: per cluster root, the
+    // constrained records it holds.
+    let mut constrained: HashMap<u32, Vec<u32>> = HashMap::new();
+    for &(a, b) in &labels.different {
+        constrained.entry(a).or_default().push(a);
+        constrained.entry(b).or_default().push(b);
+    }
+    // Reviewed pairs first, whatever their weight; then the scored ones.
+    let labelled: Vec<(f64, u32, u32, u8)> = labels
+        .same
+        .iter()
+        .map(|&(a, b)| (f64::INFINITY, a, b, LABEL_RULE))
+        .collect();
+    for &(w, a, b, rule) in labelled.iter().chain(&scored) {
         let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
         if ra == rb {
             continue;
         }
-        if !sources[ra as usize].is_disjoint(&sources[rb as usize]) {
+        if labels.keep_apart(&constrained, ra, rb) {
+            report.labelled_refusals += 1;
+            continue;
+        }
+        if rule == LABEL_RULE {
+            report.labelled_links += 1;
+        } else if !sources[ra as usize].is_disjoint(&sources[rb as usize]) {
             // Two records of one provider: a duplicate registration only on
             // stronger evidence. This also keeps chains of weaker links
             // from joining two people one provider tells apart.
@@ -332,6 +489,7 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
                 Some(t) if model::probability(w) >= t => report.within_source_merges += 1,
                 _ => {
                     report.refused_merges += 1;
+                    review.push((w, a, b, rule, "same provider on both sides"));
                     continue;
                 }
             }
@@ -340,6 +498,9 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
         parent[gone as usize] = keep;
         let moved = std::mem::take(&mut sources[gone as usize]);
         sources[keep as usize].extend(moved);
+        if let Some(moved) = constrained.remove(&gone) {
+            constrained.entry(keep).or_default().extend(moved);
+        }
         for r in [a, b] {
             joined_by[r as usize].get_or_insert((w, rule));
         }
@@ -354,7 +515,10 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
     for (i, r) in recs.iter().enumerate() {
         *members.entry(roots[i]).or_default() += 1;
         let (w, rule) = match joined_by[i] {
-            Some((w, rule)) => (Some(w), Some(BLOCKING_RULES[rule as usize].0.to_string())),
+            Some((w, rule)) => (
+                w.is_finite().then_some(w),
+                Some(rule_name(rule).to_string()),
+            ),
             None => (None, None),
         };
         links.push(PersonLink {
@@ -373,9 +537,83 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
     report.persons_without_birth_date = report.persons - dated.len() as u64;
     report.linked_persons = members.values().filter(|&&m| m > 1).count() as u64;
 
+    // Clerical review: what a reviewer should look at, most probable first,
+    // without the pairs already labelled.
+    review.retain(|p| {
+        let key = (p.1.min(p.2), p.1.max(p.2));
+        !labels.different.contains(&key) && labels.same.binary_search(&key).is_err()
+    });
+    review.sort_by(|x, y| y.0.total_cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
+    review.truncate(MAX_REVIEW_PAIRS);
+    report.review_pairs = review.len() as u64;
+    write_review(warehouse, &recs, &review, &roots)?;
+
     drop((recs, pairs, scored, parent, sources, joined_by));
     write_outputs(warehouse, &raw, &links)?;
     Ok(Linkage { report, links })
+}
+
+/// At most this many pairs in `core/link_review.csv`, most probable first.
+const MAX_REVIEW_PAIRS: usize = 10_000;
+
+/// Writes `core/link_review.csv`: pairs near the threshold or refused by a
+/// guard, with the ids of both records (identified data: owner-only, 0600),
+/// and whether the linkage put them in one person. Its first five columns
+/// are a labels file's: fill `decision` (match / non_match) and give the
+/// file as `[link] labels`.
+fn write_review(
+    warehouse: &Warehouse,
+    recs: &[Rec],
+    review: &[(f64, u32, u32, u8, &'static str)],
+    roots: &[u32],
+) -> Result<()> {
+    let dir = warehouse.out().join("core");
+    std::fs::create_dir_all(&dir).map_err(|e| WardError::io("cannot create", &dir, e))?;
+    let path = dir.join("link_review.csv");
+    warehouse.publish(&path, |file| {
+        crate::report::owner_only(0o600, &path, |p| file.set_permissions(p))?;
+        let mut w = csv::Writer::from_writer(file);
+        let io = |e: csv::Error| WardError::Data {
+            context: "writing the linkage review list",
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        w.write_record([
+            "source_a",
+            "source_patient_id_a",
+            "source_b",
+            "source_patient_id_b",
+            "decision",
+            "probability",
+            "match_weight",
+            "rule",
+            "reason",
+            "linked",
+        ])
+        .map_err(io)?;
+        for &(weight, a, b, rule, reason) in review {
+            let (x, y) = (&recs[a as usize], &recs[b as usize]);
+            w.write_record([
+                x.source.as_str(),
+                x.source_patient_id.as_str(),
+                y.source.as_str(),
+                y.source_patient_id.as_str(),
+                "",
+                &format!("{:.6}", model::probability(weight)),
+                &format!("{weight:.3}"),
+                rule_name(rule),
+                reason,
+                if roots[a as usize] == roots[b as usize] {
+                    "yes"
+                } else {
+                    "no"
+                },
+            ])
+            .map_err(io)?;
+        }
+        w.flush()
+            .map_err(|e| WardError::io("cannot write", &path, e))
+    })
 }
 
 /// One field's part in a pair's match weight.

@@ -474,7 +474,7 @@ pub fn spreadsheet_safe(cell: &str) -> std::borrow::Cow<'_, str> {
 
 /// Restricts a file or directory to its owner with `set` (Unix mode bits;
 /// nothing elsewhere).
-fn owner_only(
+pub(crate) fn owner_only(
     bits: u32,
     path: &Path,
     set: impl FnOnce(std::fs::Permissions) -> std::io::Result<()>,

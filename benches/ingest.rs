@@ -29,6 +29,7 @@ fn bench(c: &mut Criterion) {
             out: out.clone(),
             bad_rate: 0.0,
             year: 2025,
+            hard_noise: false,
         },
         &ProgressBar::hidden(),
     )

@@ -206,6 +206,11 @@ enum Command {
         /// Calendar year of the measurement period.
         #[arg(long, default_value_t = 2025)]
         year: i32,
+        /// Add the noise that breaks naive linkage: swapped names,
+        /// initials, missing birth dates, spelled-out street suffixes and
+        /// duplicate registrations within a provider.
+        #[arg(long)]
+        hard_noise: bool,
     },
 }
 
@@ -266,6 +271,7 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         out,
         bad_rate,
         year,
+        hard_noise,
     } = &cli.command
     {
         let opts = ward::synth::SynthOptions {
@@ -275,6 +281,7 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
             out: out.clone(),
             bad_rate: *bad_rate,
             year: *year,
+            hard_noise: *hard_noise,
         };
         let progress = progress_bar(cli.quiet, "synth", "persons");
         let report = ward::synth::synth(&opts, &progress)?;

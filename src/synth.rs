@@ -48,6 +48,13 @@ pub struct SynthOptions {
     /// The calendar year of the measurement period; data spans it and the
     /// year before.
     pub year: i32,
+    /// Also the noise that broke linkage on unseen data: given and family
+    /// names swapped (1.5 % of records), a given name cut to its initial
+    /// (1.5 %), no birth date (1 %), street suffixes spelled out (10 %) and
+    /// within-provider duplicate registrations (2 %: a second patient id for
+    /// the same person, with a typo, in `truth.csv`). Off: the classic
+    /// noise only, byte for byte as before.
+    pub hard_noise: bool,
 }
 
 /// What was generated.
@@ -589,12 +596,14 @@ fn block(ctx: &Ctx, start: u64, end: u64) -> Block {
             chosen.push(r.random_range(0..k));
         }
         for pi in chosen {
-            let spid = if ctx.providers[pi].layout == Layout::FhirNdjson {
-                lab_records(ctx, &person, pi, &mut r, &mut b.rows[pi])
+            let ids = if ctx.providers[pi].layout == Layout::FhirNdjson {
+                vec![lab_records(ctx, &person, pi, &mut r, &mut b.rows[pi])]
             } else {
                 person_records(ctx, &person, pi, &mut r, &mut b.rows[pi])
             };
-            b.truth.push((pi, spid, p));
+            for spid in ids {
+                b.truth.push((pi, spid, p));
+            }
         }
         b.persons.push(person);
     }
@@ -602,14 +611,15 @@ fn block(ctx: &Ctx, start: u64, end: u64) -> Block {
 }
 
 /// Writes one person's records at one CSV provider (FHIR laboratories go
-/// through `lab_records`); returns the provider's patient id.
+/// through `lab_records`); returns the provider's patient ids (two for a
+/// duplicate registration, the first holding the facts).
 fn person_records(
     ctx: &Ctx,
     p: &Person,
     pi: usize,
     r: &mut ChaCha8Rng,
     files: &mut [Vec<Row>; 6],
-) -> String {
+) -> Vec<String> {
     let prov = &ctx.providers[pi];
     let layout = prov.layout;
     let year = ctx.opts.year;
@@ -653,6 +663,37 @@ fn person_records(
         place = r.random_range(0..PLACES.len());
         zip = format!("{}{:02}", PLACES[place].2, r.random_range(1..99));
     }
+    // The hard noise draws only when asked for: the classic output stays
+    // the same for a seed.
+    let hard = |r: &mut ChaCha8Rng, p: f64| ctx.opts.hard_noise && r.random_bool(p);
+    if hard(r, 0.015) {
+        std::mem::swap(&mut given, &mut family);
+    } else if hard(r, 0.015) {
+        given = given.chars().take(1).collect();
+    }
+    let no_birth = hard(r, 0.01);
+    if hard(r, 0.10) {
+        for (short, long) in [
+            (" St", " Street"),
+            (" Ave", " Avenue"),
+            (" Rd", " Road"),
+            (" Ln", " Lane"),
+        ] {
+            if let Some(stem) = street.strip_suffix(short) {
+                street = format!("{stem}{long}");
+                break;
+            }
+        }
+    }
+    let birth_text = |layout: Layout| {
+        if no_birth {
+            String::new()
+        } else if layout == Layout::EmrA {
+            ctx.date(birth, layout)
+        } else {
+            birth.format("%Y%m%d").to_string()
+        }
+    };
     let (city, state, _) = PLACES[place];
     let phone = if r.random_bool(0.2) {
         String::new()
@@ -666,7 +707,7 @@ fn person_records(
             mrn,
             given.clone(),
             family.clone(),
-            ctx.date(birth, layout),
+            birth_text(layout),
             if p.female { "F" } else { "M" }.into(),
             RACES[p.race].0.into(),
             if p.hispanic {
@@ -709,7 +750,7 @@ fn person_records(
             mrn,
             given.to_uppercase(),
             family.to_uppercase(),
-            birth.format("%Y%m%d").to_string(),
+            birth_text(layout),
             if p.female { "2" } else { "1" }.into(),
             RACES[p.race].1.into(),
             if p.hispanic { "2135-2" } else { "2186-5" }.into(),
@@ -720,6 +761,15 @@ fn person_records(
             phone.replace('-', ""),
         ],
     };
+    // A duplicate registration: the same person under a second id, the
+    // given name mistyped, no facts of its own.
+    let duplicate = hard(r, 0.02).then(|| {
+        let mut fields = patient_fields.clone();
+        fields[0] = format!("{spid}D");
+        fields[1] = format!("{}D", fields[1]);
+        fields[2] = typo(r, &fields[2]);
+        row(fields)
+    });
     let mut patient = row(patient_fields);
     let patient_rule = maybe_bad_patient(ctx, r, &mut patient, layout);
     files[PATIENTS].push(patient);
@@ -740,6 +790,11 @@ fn person_records(
         files[PATIENTS].last_mut().expect("just pushed").reject = None;
     }
     let orphaned = matches!(patient_rule, Some(rule) if rule != "duplicate_row") && !garbled_birth;
+    let duplicate_id = duplicate.map(|row| {
+        let id = row.fields[0].clone();
+        files[PATIENTS].push(row);
+        id
+    });
 
     // ---- visits and what happens at them
     let first_day = NaiveDate::from_ymd_opt(year - 1, 1, 1)
@@ -1066,7 +1121,7 @@ fn person_records(
             files[slot].extend(copy);
         }
     }
-    spid
+    std::iter::once(spid).chain(duplicate_id).collect()
 }
 
 /// A reference laboratory's records of one person, as FHIR NDJSON lines:

@@ -576,3 +576,48 @@ fn noisy_cases_link_on_the_evidence_they_have() {
     let err = link::link(&wh, &reviewed, &[]).unwrap_err().to_string();
     assert!(err.contains("labels.csv:3"), "{err}");
 }
+
+/// The generator's hard noise (swapped names, initials, missing birth
+/// dates, spelled-out suffixes, duplicate registrations within a provider)
+/// links nearly perfectly, and every record is scored.
+#[test]
+fn hard_noise_population_links_with_high_precision_and_recall() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("gen");
+    ward::synth::synth(
+        &ward::synth::SynthOptions {
+            patients: 3000,
+            providers: 3,
+            seed: 11,
+            out: out.clone(),
+            bad_rate: 0.0,
+            year: 2025,
+            hard_noise: true,
+        },
+        &indicatif::ProgressBar::hidden(),
+    )
+    .unwrap();
+    let config_path = out.join("ward.toml");
+    let text = fs::read_to_string(&config_path)
+        .unwrap()
+        .replace("../warehouse", "../wh");
+    fs::write(&config_path, text).unwrap();
+    run_ingest(&config_path).unwrap();
+    let config = ward::PipelineConfig::load(&config_path).unwrap();
+    let wh = Warehouse::new(&config.warehouse);
+    let linkage = link::link(&wh, &config.link, &[]).unwrap();
+    assert!(
+        linkage.report.within_source_merges > 10,
+        "{:?}",
+        linkage.report
+    );
+    assert!(
+        linkage.report.records_without_birth_date > 10,
+        "{:?}",
+        linkage.report
+    );
+    let e = link::evaluate(&linkage.links, &out.join("truth.csv")).unwrap();
+    assert_eq!(e.records_not_linked, 0);
+    assert!(e.precision.unwrap() > 0.99, "{e:?}");
+    assert!(e.recall.unwrap() > 0.97, "{e:?}");
+}

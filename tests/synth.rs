@@ -17,6 +17,7 @@ fn options(out: &std::path::Path, seed: u64) -> SynthOptions {
         out: out.to_path_buf(),
         bad_rate: 0.01,
         year: 2025,
+        hard_noise: false,
     }
 }
 

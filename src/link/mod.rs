@@ -176,7 +176,13 @@ const BLOCKING_RULES: [(&str, &str); 10] = [
         "given+family_soundex+birth_year",
         "a.given = b.given AND a.family_soundex = b.family_soundex AND a.birth_year = b.birth_year",
     ),
-    ("given+family", "a.given = b.given AND a.family = b.family"),
+    // Same names, any birth date, only where one has none: with birth
+    // dates on both sides the rules above find them, and common names
+    // would pair up quadratically at scale.
+    (
+        "given+family_without_birth_date",
+        "a.given = b.given AND a.family = b.family AND (a.dob IS NULL OR b.dob IS NULL)",
+    ),
     ("names_swapped", "a.given = b.family AND a.family = b.given"),
     (
         "postcode+family_soundex",

@@ -194,6 +194,7 @@ pub fn generate(out: &Path, patients: u64, providers: usize, seed: u64, bad_rate
             out: out.to_path_buf(),
             bad_rate,
             year: 2025,
+            hard_noise: false,
         },
         &ProgressBar::hidden(),
     )

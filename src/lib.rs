@@ -293,6 +293,13 @@ fn run_stages(
         link::link(&warehouse, &config.link, &previous.links)
     })?;
     manifest.linkage = Some(linkage.report.clone());
+    manifest.warnings.extend(
+        linkage
+            .report
+            .warnings
+            .iter()
+            .map(|w| format!("linkage: {w}")),
+    );
     let core = stage(manifest, "build", || link::build::build(&warehouse))?;
     manifest.core = core
         .iter()

@@ -316,10 +316,31 @@ fn person_ids_survive_a_withdrawn_first_record() {
     let config_path = copy_sample(tmp.path());
     // The withdrawn patient's facts become rejects (unknown_patient): more
     // than the default gate allows at this size.
+    // A label of a record that is not staged: a linkage warning the run's
+    // manifest (and report.html) lists.
     let text = fs::read_to_string(&config_path).unwrap();
-    fs::write(&config_path, text + "\n[gates]\nmax_reject_rate = 0.2\n").unwrap();
+    fs::write(
+        config_path.parent().unwrap().join("labels.csv"),
+        "source_a,source_patient_id_a,source_b,source_patient_id_b,decision\n\
+         northside_clinic,gone,northside_clinic,AA0000002,match\n",
+    )
+    .unwrap();
+    fs::write(
+        &config_path,
+        text + "\n[gates]\nmax_reject_rate = 0.2\n[link]\nlabels = \"labels.csv\"\n",
+    )
+    .unwrap();
     let config = ward::PipelineConfig::load(&config_path).unwrap();
     let first = run_all(&config);
+    assert!(
+        first
+            .manifest
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("linkage: 1 label(s)")),
+        "{:?}",
+        first.manifest.warnings
+    );
     let links = |run: &ward::RunReport| -> BTreeMap<(String, String), String> {
         link::read_person_links(&run.run_dir.join("core/person_link.parquet"))
             .unwrap()

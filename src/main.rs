@@ -151,7 +151,7 @@ enum Command {
         action: ValuesetsAction,
     },
     /// De-identify the working copy's core tables into research/ (Safe
-    /// Harbor unless [deid] mode = "date_shift"); ages at the as-of day.
+    /// Harbor unless [deid] mode = "date_shift"); ages at the as-of day (or at death).
     Deid,
     /// Run one read-only SQL query over the research tables (nothing else is
     /// reachable; DDL, DML, COPY, SET and file access are refused, exit 2).

@@ -275,8 +275,16 @@ struct RawLink {
     twins_guard: Option<bool>,
     review_threshold: Option<f64>,
     labels: Option<Spanned<String>>,
+    blocking: Option<Spanned<Vec<Spanned<RawBlocking>>>>,
     u_pairs: Option<usize>,
     seed: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBlocking {
+    name: String,
+    on: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -435,6 +443,40 @@ impl PipelineConfig {
                     ));
                 }
                 link.review_threshold = t;
+            }
+            if let Some(rules) = l.blocking {
+                let (span, rules) = (rules.span(), rules.into_inner());
+                if rules.is_empty() || rules.len() > crate::link::MAX_BLOCKING_RULES {
+                    return Err(err(
+                        span,
+                        "link.blocking",
+                        format!(
+                            "give 1 to {} [[link.blocking]] rules",
+                            crate::link::MAX_BLOCKING_RULES
+                        ),
+                    ));
+                }
+                let mut names = std::collections::BTreeSet::new();
+                link.blocking = Vec::with_capacity(rules.len());
+                for rule in rules {
+                    let span = rule.span();
+                    let RawBlocking { name, on } = rule.into_inner();
+                    if name.trim().is_empty() || !names.insert(name.clone()) {
+                        return Err(err(
+                            span,
+                            "link.blocking.name",
+                            "every rule needs a name of its own".into(),
+                        ));
+                    }
+                    crate::link::check_blocking_rule(&on).map_err(|m| {
+                        err(
+                            span.clone(),
+                            "link.blocking.on",
+                            format!("rule '{name}': {m}"),
+                        )
+                    })?;
+                    link.blocking.push((name, on));
+                }
             }
             if let Some(labels) = l.labels {
                 let file = base.join(labels.get_ref());

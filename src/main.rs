@@ -1213,7 +1213,11 @@ fn print_explanation(e: &ward::link::Explanation, a: &str, b: &str) {
         ]);
     }
     println!("{table}");
-    let verdict = match (e.blocked_by, e.probability >= e.threshold, e.vetoed) {
+    let verdict = match (
+        e.blocked_by.as_deref(),
+        e.probability >= e.threshold,
+        e.vetoed,
+    ) {
         (None, _, _) => "never compared: no blocking rule holds for this pair".to_string(),
         (Some(_), true, true) => "above the threshold but refused by the twins guard".to_string(),
         (Some(rule), true, false) => format!("linked (candidate by blocking rule {rule})"),

@@ -305,6 +305,49 @@ fn config_threshold_is_checked() {
         (c.link.within_source_threshold, c.link.twins_guard),
         (None, false)
     );
+
+    // Blocking rules in the config replace Ward's, checked when loaded,
+    // and name the pairs they find.
+    let rules = "[[link.blocking]]\nname = \"phone\"\non = \"a.phone = b.phone\"\n\
+                 [[link.blocking]]\nname = \"zip3+family\"\n\
+                 on = \"substr(a.zip, 1, 3) = substr(b.zip, 1, 3) AND a.family = b.family\"\n";
+    fs::write(&config_path, format!("{text}\n{rules}")).unwrap();
+    let c = ward::PipelineConfig::load(&config_path).unwrap();
+    assert_eq!(
+        c.link
+            .blocking
+            .iter()
+            .map(|r| r.0.as_str())
+            .collect::<Vec<_>>(),
+        ["phone", "zip3+family"]
+    );
+    run_ingest(&config_path).unwrap();
+    let linkage = link::link(&Warehouse::new(&c.warehouse), &c.link, &[]).unwrap();
+    assert!(
+        linkage
+            .report
+            .pairs_by_rule
+            .keys()
+            .all(|r| r == "phone" || r == "zip3+family"),
+        "{:?}",
+        linkage.report.pairs_by_rule
+    );
+    assert!(linkage.report.candidate_pairs > 0);
+    for (bad, key) in [
+        (
+            "[[link.blocking]]\nname = \"x\"\non = \"a.phone = b.fone\"\n",
+            "link.blocking.on",
+        ),
+        (
+            "[[link.blocking]]\nname = \"x\"\non = \"a.phone = b.phone\"\n\
+             [[link.blocking]]\nname = \"x\"\non = \"a.zip = b.zip\"\n",
+            "link.blocking.name",
+        ),
+    ] {
+        fs::write(&config_path, format!("{text}\n{bad}")).unwrap();
+        let err = ward::PipelineConfig::load(&config_path).unwrap_err();
+        assert!(err.to_string().contains(key), "{bad}: {err}");
+    }
 }
 
 /// A person keeps their id (and so their research id) from one published

@@ -54,6 +54,11 @@ pub struct LinkOptions {
     /// same person are linked whatever their weight, pairs that are not are
     /// never put in one person (see [`read_labels`]).
     pub labels: Option<std::path::PathBuf>,
+    /// Blocking rules `(name, predicate)`, unioned: a pair of records `a`,
+    /// `b` is compared when any predicate holds (SQL over the columns of
+    /// [`BLOCKING_COLUMNS`]; `[[link.blocking]]` in the config replaces the
+    /// defaults, [`default_blocking`]).
+    pub blocking: Vec<(String, String)>,
     /// Random record pairs used to estimate u probabilities.
     pub u_pairs: usize,
     /// Seed of the random pairs (linkage is deterministic for one seed).
@@ -68,6 +73,7 @@ impl Default for LinkOptions {
             twins_guard: true,
             review_threshold: 0.5,
             labels: None,
+            blocking: default_blocking(),
             u_pairs: 1_000_000,
             seed: 1,
         }
@@ -191,12 +197,82 @@ const BLOCKING_RULES: [(&str, &str); 10] = [
     ("address", "a.address = b.address"),
 ];
 
+/// Ward's blocking rules, as [`LinkOptions::blocking`] holds them.
+pub fn default_blocking() -> Vec<(String, String)> {
+    BLOCKING_RULES
+        .iter()
+        .map(|(n, on)| (n.to_string(), on.to_string()))
+        .collect()
+}
+
+/// The standardized columns a blocking rule can compare (as `a.<column>`
+/// and `b.<column>`).
+pub const BLOCKING_COLUMNS: [&str; 12] = [
+    "dob",
+    "birth_year",
+    "given",
+    "given_initial",
+    "family",
+    "family_initial",
+    "family_soundex",
+    "ssn",
+    "phone",
+    "email",
+    "zip",
+    "address",
+];
+
+/// At most this many blocking rules (rule numbers are bytes, one kept for
+/// labels).
+pub const MAX_BLOCKING_RULES: usize = 200;
+
+/// Checks a blocking predicate: an SQL expression whose column references
+/// are all `a.<column>` or `b.<column>` of [`BLOCKING_COLUMNS`], naming both
+/// records. Returns what is wrong.
+pub fn check_blocking_rule(on: &str) -> std::result::Result<(), String> {
+    use datafusion::sql::sqlparser::ast::{Expr, visit_expressions};
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+    use std::ops::ControlFlow;
+    let expr = Parser::new(&GenericDialect {})
+        .try_with_sql(on)
+        .and_then(|mut p| p.parse_expr())
+        .map_err(|e| format!("not an SQL expression: {e}"))?;
+    let mut sides = BTreeSet::new();
+    let visited = visit_expressions(&expr, |e| match e {
+        Expr::CompoundIdentifier(parts) => match parts.as_slice() {
+            [side, column]
+                if matches!(side.value.as_str(), "a" | "b")
+                    && BLOCKING_COLUMNS.contains(&column.value.as_str()) =>
+            {
+                sides.insert(side.value.clone());
+                ControlFlow::Continue(())
+            }
+            _ => ControlFlow::Break(format!(
+                "'{e}' is not a.<column> or b.<column> (columns: {})",
+                BLOCKING_COLUMNS.join(", ")
+            )),
+        },
+        Expr::Identifier(i) => {
+            ControlFlow::Break(format!("'{i}' names no record: write a.{i} or b.{i}"))
+        }
+        _ => ControlFlow::Continue(()),
+    });
+    if let ControlFlow::Break(message) = visited {
+        return Err(message);
+    }
+    if sides.len() < 2 {
+        return Err("the rule must compare record a with record b".into());
+    }
+    Ok(())
+}
+
 /// The rule of a link a reviewer's label made.
 const LABEL_RULE: u8 = u8::MAX;
 
 /// A blocking rule's name, or `label`.
-fn rule_name(rule: u8) -> &'static str {
-    BLOCKING_RULES.get(rule as usize).map_or("label", |r| r.0)
+fn rule_name(rules: &[(String, String)], rule: u8) -> &str {
+    rules.get(rule as usize).map_or("label", |r| r.0.as_str())
 }
 
 /// A reviewer's decisions, as record index pairs `(low, high)`.
@@ -317,7 +393,7 @@ fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
         Ok((raw.clone(), records(&raw)))
     })?;
     tracing::info!(records = recs.len(), "linkage: records standardized");
-    let pairs = block(&recs)?;
+    let pairs = block(&recs, &opts.blocking)?;
     tracing::info!(pairs = pairs.len(), "linkage: candidate pairs blocked");
     let mut report = LinkReport {
         records: recs.len() as u64,
@@ -327,7 +403,7 @@ fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
     for (_, _, rule) in &pairs {
         *report
             .pairs_by_rule
-            .entry(BLOCKING_RULES[*rule as usize].0.to_string())
+            .entry(rule_name(&opts.blocking, *rule).to_string())
             .or_default() += 1;
     }
     for (rule, n) in &report.pairs_by_rule {
@@ -523,7 +599,7 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
         let (w, rule) = match joined_by[i] {
             Some((w, rule)) => (
                 w.is_finite().then_some(w),
-                Some(rule_name(rule).to_string()),
+                Some(rule_name(&opts.blocking, rule).to_string()),
             ),
             None => (None, None),
         };
@@ -552,7 +628,7 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
     review.sort_by(|x, y| y.0.total_cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
     review.truncate(MAX_REVIEW_PAIRS);
     report.review_pairs = review.len() as u64;
-    write_review(warehouse, &recs, &review, &roots)?;
+    write_review(warehouse, &recs, &review, &roots, &opts.blocking)?;
 
     drop((recs, pairs, scored, parent, sources, joined_by));
     write_outputs(warehouse, &raw, &links)?;
@@ -572,6 +648,7 @@ fn write_review(
     recs: &[Rec],
     review: &[(f64, u32, u32, u8, &'static str)],
     roots: &[u32],
+    rules: &[(String, String)],
 ) -> Result<()> {
     let dir = warehouse.out().join("core");
     std::fs::create_dir_all(&dir).map_err(|e| WardError::io("cannot create", &dir, e))?;
@@ -607,7 +684,7 @@ fn write_review(
                 "",
                 &format!("{:.6}", model::probability(weight)),
                 &format!("{weight:.3}"),
-                rule_name(rule),
+                rule_name(rules, rule),
                 reason,
                 if roots[a as usize] == roots[b as usize] {
                     "yes"
@@ -645,7 +722,7 @@ pub struct Explanation {
     pub probability: f64,
     /// The first blocking rule that makes the pair a candidate (`None`: the
     /// pair is never compared, whatever its weight).
-    pub blocked_by: Option<&'static str>,
+    pub blocked_by: Option<String>,
     /// The twins guard refuses the pair.
     pub vetoed: bool,
     pub threshold: f64,
@@ -695,7 +772,7 @@ pub fn explain(
             .pairs
             .binary_search_by(|p| (p.0, p.1).cmp(&(lo, hi)))
             .ok()
-            .map(|k| BLOCKING_RULES[fitted.pairs[k].2 as usize].0),
+            .map(|k| rule_name(&opts.blocking, fitted.pairs[k].2).to_string()),
         vetoed: opts.twins_guard && twin_like(&levels),
         threshold: opts.threshold,
     })
@@ -871,7 +948,7 @@ fn records(batches: &[RecordBatch]) -> Vec<Rec> {
 
 /// Candidate pairs `(a, b, rule)` with `a < b`, from every blocking rule,
 /// computed by DataFusion.
-fn block(recs: &[Rec]) -> Result<Vec<(u32, u32, u8)>> {
+fn block(recs: &[Rec], rules: &[(String, String)]) -> Result<Vec<(u32, u32, u8)>> {
     let initial = |s: &Option<String>| s.as_ref().and_then(|v| v.get(..1)).map(str::to_string);
     let str_col = |f: &dyn Fn(&Rec) -> Option<String>| -> ArrayRef {
         Arc::new(recs.iter().map(f).collect::<StringArray>())
@@ -920,7 +997,7 @@ fn block(recs: &[Rec]) -> Result<Vec<(u32, u32, u8)>> {
         let table = MemTable::try_new(schema, vec![vec![batch]]).map_err(engine_error)?;
         ctx.register_table("link_rec", Arc::new(table))
             .map_err(engine_error)?;
-        for (i, (_, on)) in BLOCKING_RULES.iter().enumerate() {
+        for (i, (_, on)) in rules.iter().enumerate() {
             let sql = format!(
                 "SELECT a.rid AS l, b.rid AS r FROM link_rec a JOIN link_rec b ON {on} WHERE a.rid < b.rid"
             );
@@ -1321,6 +1398,25 @@ mod tests {
         assert_eq!(split[2], kept);
         assert_ne!(split[0], kept);
         assert!(split[0].starts_with('P') && split[0].len() == 17);
+    }
+
+    #[test]
+    fn blocking_rules_compare_two_records_on_known_columns() {
+        for (_, on) in default_blocking() {
+            check_blocking_rule(&on).unwrap_or_else(|e| panic!("{on}: {e}"));
+        }
+        check_blocking_rule("substr(a.zip, 1, 3) = substr(b.zip, 1, 3) AND a.family = b.family")
+            .unwrap();
+        for (on, needle) in [
+            ("a.zip = b.postcode", "not a.<column>"),
+            ("a.zip = c.zip", "not a.<column>"),
+            ("zip = b.zip", "names no record"),
+            ("a.zip = 'x'", "compare record a with record b"),
+            ("a.zip = = b.zip", "not an SQL expression"),
+        ] {
+            let e = check_blocking_rule(on).unwrap_err();
+            assert!(e.contains(needle), "{on}: {e}");
+        }
     }
 
     #[test]

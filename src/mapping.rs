@@ -637,19 +637,24 @@ effective_time = "When"
                 "exactly one",
             ),
         ] {
-            match load(&text).unwrap_err() {
-                WardError::Config {
-                    key: k,
-                    message,
-                    line,
-                    ..
-                } => {
-                    assert_eq!(k.as_deref(), Some(key), "{message}");
-                    assert!(message.contains(needle), "{message}");
-                    assert!(line.is_some());
-                }
-                other => panic!("unexpected {other}"),
+            assert_config_error(&text, key, needle);
+        }
+    }
+
+    /// Loading `text` fails on `key`, at a line, with a message holding `needle`.
+    fn assert_config_error(text: &str, key: &str, needle: &str) {
+        match load(text).unwrap_err() {
+            WardError::Config {
+                key: k,
+                message,
+                line,
+                ..
+            } => {
+                assert_eq!(k.as_deref(), Some(key), "{message}");
+                assert!(message.contains(needle), "{message}");
+                assert!(line.is_some());
             }
+            other => panic!("unexpected {other}"),
         }
     }
 
@@ -695,15 +700,7 @@ state = { column = "ADDRESS", regex = '\b([A-Z]{2}) \d{5}\b' }"#,
                 "exactly one",
             ),
         ] {
-            match load(&with(field)).unwrap_err() {
-                WardError::Config {
-                    key: k, message, ..
-                } => {
-                    assert_eq!(k.as_deref(), Some(key), "{message}");
-                    assert!(message.contains(needle), "{field}: {message}");
-                }
-                other => panic!("unexpected {other}"),
-            }
+            assert_config_error(&with(field), key, needle);
         }
     }
 

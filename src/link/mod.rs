@@ -501,16 +501,15 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
         .into_iter()
         .map(|(w, a, b, rule, _)| (w, a, b, rule, "below the threshold"))
         .collect();
+    let (vetoed, kept): (Vec<_>, Vec<_>) = above.into_iter().partition(|p| p.4);
+    report.vetoed_pairs = vetoed.len() as u64;
     review.extend(
-        above
-            .iter()
-            .filter(|p| p.4)
-            .map(|&(w, a, b, rule, _)| (w, a, b, rule, "twins guard: given names differ")),
+        vetoed
+            .into_iter()
+            .map(|(w, a, b, rule, _)| (w, a, b, rule, "twins guard: given names differ")),
     );
-    report.vetoed_pairs = above.iter().filter(|p| p.4).count() as u64;
-    let mut scored: Vec<(f64, u32, u32, u8)> = above
+    let mut scored: Vec<(f64, u32, u32, u8)> = kept
         .into_iter()
-        .filter(|p| !p.4)
         .map(|(w, a, b, rule, _)| (w, a, b, rule))
         .collect();
     report.accepted_pairs = scored.len() as u64;

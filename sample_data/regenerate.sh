@@ -3,4 +3,4 @@
 set -eu
 cd "$(dirname "$0")/.."
 rm -rf sample_data/northside_clinic sample_data/st_marys_hospital sample_data/lakeside_endo
-cargo run --release -- synth --patients 300 --providers 3 --seed 42 --bad-rate 0.01 --out sample_data
+cargo run --release -- synth --patients 300 --providers 3 --seed 42 --bad-rate 0.01 --noise hard --out sample_data

@@ -50,6 +50,13 @@ struct Cli {
     command: Command,
 }
 
+/// `ward synth --noise`.
+#[derive(Clone, Copy, ValueEnum)]
+enum Noise {
+    Classic,
+    Hard,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum QueryFormat {
     Table,
@@ -206,11 +213,12 @@ enum Command {
         /// Calendar year of the measurement period.
         #[arg(long, default_value_t = 2025)]
         year: i32,
-        /// Add the noise that breaks naive linkage: swapped names,
-        /// initials, missing birth dates, spelled-out street suffixes and
-        /// duplicate registrations within a provider.
-        #[arg(long)]
-        hard_noise: bool,
+        /// The noise in the records: `hard` (default) adds what breaks
+        /// naive linkage to `classic` (nicknames, typos, swapped day/month,
+        /// moves): swapped names, initials, missing birth dates, identifier
+        /// and street formats, duplicate registrations within a provider.
+        #[arg(long, value_enum, default_value_t = Noise::Hard)]
+        noise: Noise,
     },
 }
 
@@ -271,7 +279,7 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         out,
         bad_rate,
         year,
-        hard_noise,
+        noise,
     } = &cli.command
     {
         let opts = ward::synth::SynthOptions {
@@ -281,7 +289,7 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
             out: out.clone(),
             bad_rate: *bad_rate,
             year: *year,
-            hard_noise: *hard_noise,
+            hard_noise: matches!(noise, Noise::Hard),
         };
         let progress = progress_bar(cli.quiet, "synth", "persons");
         let report = ward::synth::synth(&opts, &progress)?;

@@ -21,6 +21,7 @@
 use std::fs;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 
 use chrono::{Datelike, Duration, NaiveDate};
 use indicatif::ProgressBar;
@@ -52,8 +53,8 @@ pub struct SynthOptions {
     /// names swapped (1.5 % of records), a given name cut to its initial
     /// (1.5 %), no birth date (1 %), street suffixes spelled out (10 %) and
     /// within-provider duplicate registrations (2 %: a second patient id for
-    /// the same person, with a typo, in `truth.csv`). Off: the classic
-    /// noise only, byte for byte as before.
+    /// the same person, with a typo, in `truth.csv`) and SSNs written
+    /// without dashes or with spaces (15 %). Off: the classic noise only.
     pub hard_noise: bool,
 }
 
@@ -218,58 +219,42 @@ fn providers(k: usize) -> Vec<Provider> {
         .collect()
 }
 
-const FEMALE: [&str; 24] = [
-    "Mary",
-    "Patricia",
-    "Jennifer",
-    "Linda",
-    "Elizabeth",
-    "Barbara",
-    "Susan",
-    "Jessica",
-    "Sarah",
-    "Karen",
-    "Nancy",
-    "Lisa",
-    "Margaret",
-    "Sandra",
-    "Ashley",
-    "Emily",
-    "Donna",
-    "Michelle",
-    "Maria",
-    "Rosa",
-    "Mei",
-    "Aisha",
-    "Fatima",
-    "Guadalupe",
-];
-const MALE: [&str; 24] = [
-    "James",
-    "Robert",
-    "John",
-    "Michael",
-    "David",
-    "William",
-    "Richard",
-    "Joseph",
-    "Thomas",
-    "Charles",
-    "Christopher",
-    "Daniel",
-    "Matthew",
-    "Anthony",
-    "Mark",
-    "Steven",
-    "Andrew",
-    "Joshua",
-    "Jose",
-    "Luis",
-    "Wei",
-    "Mohammed",
-    "Kwame",
-    "Hiroshi",
-];
+/// Names drawn with their frequency in the 1990 US Census (see
+/// `data/census1990/README.md`): 1 % of people are Smiths, and a long tail
+/// of rare names, so a large population has realistic same-name collisions.
+struct Names {
+    names: Vec<&'static str>,
+    /// Cumulative weights, one per name.
+    cumulative: Vec<u32>,
+}
+
+impl Names {
+    /// Parses `Name,weight` lines.
+    fn parse(text: &'static str) -> Names {
+        let mut names = Vec::new();
+        let mut cumulative = Vec::new();
+        let mut total = 0;
+        for (name, weight) in text.lines().filter_map(|l| l.split_once(',')) {
+            total += weight.trim().parse::<u32>().unwrap_or(1);
+            names.push(name);
+            cumulative.push(total);
+        }
+        Names { names, cumulative }
+    }
+
+    fn pick(&self, r: &mut impl Rng) -> &'static str {
+        let x = r.random_range(0..self.cumulative.last().copied().unwrap_or(1));
+        self.names[self.cumulative.partition_point(|&c| c <= x)]
+    }
+}
+
+static FEMALE: LazyLock<Names> =
+    LazyLock::new(|| Names::parse(include_str!("../data/census1990/female.csv")));
+static MALE: LazyLock<Names> =
+    LazyLock::new(|| Names::parse(include_str!("../data/census1990/male.csv")));
+static SURNAMES: LazyLock<Names> =
+    LazyLock::new(|| Names::parse(include_str!("../data/census1990/surnames.csv")));
+
 const NICKNAMES: [(&str, &str); 16] = [
     ("Elizabeth", "Liz"),
     ("Margaret", "Peggy"),
@@ -287,48 +272,6 @@ const NICKNAMES: [(&str, &str); 16] = [
     ("Christopher", "Chris"),
     ("Daniel", "Dan"),
     ("Anthony", "Tony"),
-];
-const SURNAMES: [&str; 40] = [
-    "Smith",
-    "Johnson",
-    "Williams",
-    "Brown",
-    "Jones",
-    "Garcia",
-    "Miller",
-    "Davis",
-    "Rodriguez",
-    "Martinez",
-    "Hernandez",
-    "Lopez",
-    "Gonzalez",
-    "Wilson",
-    "Anderson",
-    "Thomas",
-    "Taylor",
-    "Moore",
-    "Jackson",
-    "Martin",
-    "Lee",
-    "Perez",
-    "Thompson",
-    "White",
-    "Harris",
-    "Sanchez",
-    "Clark",
-    "Ramirez",
-    "Lewis",
-    "Robinson",
-    "Nguyen",
-    "Kim",
-    "Patel",
-    "Okafor",
-    "Walker",
-    "Young",
-    "Allen",
-    "King",
-    "Wright",
-    "Scott",
 ];
 const STREETS: [&str; 12] = [
     "Oak",
@@ -424,7 +367,7 @@ fn household(seed: u64, p: u64, year: i32) -> (NaiveDate, String, String, usize,
     };
     let end = NaiveDate::from_ymd_opt(year, 12, 31).expect("valid date");
     let birth = end - Duration::days(age * 365 + r.random_range(0..365));
-    let family = pick(&mut r, &SURNAMES).to_string();
+    let family = SURNAMES.pick(&mut r).to_string();
     let street = format!(
         "{} {} {}",
         r.random_range(1..9999),
@@ -442,11 +385,7 @@ fn person(seed: u64, p: u64, year: i32) -> Person {
     let (birth, family, street, place, zip) = household(seed, if twin { p - 1 } else { p }, year);
     let mut r = rng_for(seed, p, 2);
     let female = r.random_bool(0.5);
-    let given = if female {
-        pick(&mut r, &FEMALE)
-    } else {
-        pick(&mut r, &MALE)
-    };
+    let given = if female { &FEMALE } else { &MALE }.pick(&mut r);
     let age = year - birth.year();
     let u: f64 = r.random();
     let race = RACES
@@ -637,7 +576,7 @@ fn person_records(
     let mut family = p.family.clone();
     let age = year - p.birth.year();
     if p.female && (20..60).contains(&age) && r.random_bool(0.05) {
-        family = pick(r, &SURNAMES).to_string(); // married-name change
+        family = SURNAMES.pick(r).to_string(); // married-name change
     } else if r.random_bool(0.04) {
         family = typo(r, &family);
     }
@@ -733,6 +672,13 @@ fn person_records(
             },
             if r.random_bool(0.35) {
                 String::new()
+            } else if hard(r, 0.15) {
+                // Other shapes of the same identifier.
+                if r.random_bool(0.5) {
+                    p.ssn.replace('-', "")
+                } else {
+                    p.ssn.replace('-', " ")
+                }
             } else {
                 p.ssn.clone()
             },
@@ -1639,6 +1585,23 @@ pub fn synth(opts: &SynthOptions, progress: &ProgressBar) -> Result<SynthReport>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_follow_the_census_frequencies() {
+        assert_eq!(SURNAMES.names.len(), 10_000);
+        assert_eq!(FEMALE.names.len(), 4_275);
+        assert_eq!(MALE.names.len(), 1_219);
+        let mut r = ChaCha8Rng::seed_from_u64(3);
+        let draws: Vec<&str> = (0..100_000).map(|_| SURNAMES.pick(&mut r)).collect();
+        let share = |name| draws.iter().filter(|d| **d == name).count() as f64 / 1e5;
+        // Smith's share is its weight over the list's total (1.006 % of
+        // the census, 1.4 % of the first 10,000 names' weight).
+        let total: f64 = f64::from(*SURNAMES.cumulative.last().unwrap());
+        assert!((share("Smith") - 1006.0 / total).abs() < 0.002);
+        assert!(share("Smith") > share("Johnson"));
+        let distinct: std::collections::HashSet<_> = draws.iter().collect();
+        assert!(distinct.len() > 5_000, "a long tail of rare names");
+    }
 
     #[test]
     fn persons_are_deterministic_and_twins_share_a_household() {

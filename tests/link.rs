@@ -37,8 +37,12 @@ fn clusters(
     by.into_values().collect()
 }
 
+/// The sample carries the generator's hard noise (swapped names, initials,
+/// missing birth dates, duplicate registrations): Ward never merges two
+/// people and finds nearly every true pair (a woman who changed her name
+/// and moved, with no identifier in common, stays apart).
 #[test]
-fn sample_persons_are_exactly_the_ground_truth() {
+fn sample_persons_match_the_ground_truth() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, linkage) = linked_sample(tmp.path());
     let found = clusters(linkage.links.iter().map(|l| {
@@ -63,16 +67,35 @@ fn sample_persons_are_exactly_the_ground_truth() {
             })
             .filter(|(s, i, _)| staged.contains(&(s.clone(), i.clone()))),
     );
-    assert_eq!(found, truth);
+    for cluster in &found {
+        assert!(
+            truth.iter().any(|t| cluster.is_subset(t)),
+            "a false merge: {cluster:?}"
+        );
+    }
+    let exact = found.intersection(&truth).count();
+    assert!(
+        exact as f64 >= 0.98 * truth.len() as f64,
+        "{exact} of {} persons exactly right",
+        truth.len()
+    );
     assert!(
         found.iter().any(|c| c.len() == 3),
         "some persons are seen by all three providers"
     );
-    assert_eq!(linkage.report.persons as usize, truth.len());
+    let pairs = |c: &BTreeSet<(String, String)>| c.len() * (c.len() - 1) / 2;
+    assert!(
+        truth.iter().any(
+            |t| t.iter().map(|(s, _)| s).collect::<BTreeSet<_>>().len() < t.len()
+                && found.contains(t)
+        ),
+        "a duplicate registration within a provider is merged"
+    );
+    assert_eq!(linkage.report.persons as usize, found.len());
     assert_eq!(linkage.report.records as usize, staged.len());
 
-    // Every truth record is scored: the staged ones are linked exactly
-    // right; those rejected at ingest count as persons of their own.
+    // Every truth record is scored: the staged ones as linked; those
+    // rejected at ingest count as persons of their own.
     let e = link::evaluate(&linkage.links, &repo().join("sample_data/truth.csv")).unwrap();
     let truth_rows = fs::read_to_string(repo().join("sample_data/truth.csv"))
         .unwrap()
@@ -82,9 +105,13 @@ fn sample_persons_are_exactly_the_ground_truth() {
     assert_eq!(e.records as usize, truth_rows);
     assert_eq!(e.records_not_linked as usize, truth_rows - staged.len());
     assert_eq!(e.precision, Some(1.0));
-    let staged_pairs: usize = truth.iter().map(|c| c.len() * (c.len() - 1) / 2).sum();
-    assert_eq!(e.true_positive_pairs as usize, staged_pairs);
     assert_eq!(e.predicted_pairs, e.true_positive_pairs);
+    assert_eq!(
+        e.predicted_pairs as usize,
+        found.iter().map(pairs).sum::<usize>()
+    );
+    let staged_pairs: usize = truth.iter().map(pairs).sum();
+    assert!(e.true_positive_pairs as f64 >= 0.97 * staged_pairs as f64);
 }
 
 #[test]

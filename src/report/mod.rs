@@ -91,7 +91,9 @@ pub fn wilson(x: u64, n: u64) -> Option<(f64, f64)> {
     let z2 = z * z;
     let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
     let half = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / (1.0 + z2 / n);
-    Some(((centre - half).max(0.0), (centre + half).min(1.0)))
+    // Clamped to the rate too: at 0 % or 100 % rounding would otherwise
+    // leave a bound a hair on the wrong side of it.
+    Some(((centre - half).clamp(0.0, p), (centre + half).clamp(p, 1.0)))
 }
 
 /// Computes every measure's cells from the scored rows and the persons'
@@ -534,6 +536,10 @@ mod tests {
         let (lo, hi) = wilson(0, 10).unwrap();
         assert!(lo == 0.0 && (hi - 0.2775).abs() < 5e-4, "{hi}");
         assert_eq!(wilson(3, 0), None);
+        for n in 1..2_000 {
+            assert_eq!(wilson(0, n).unwrap().0, 0.0, "0 of {n}");
+            assert_eq!(wilson(n, n).unwrap().1, 1.0, "{n} of {n}");
+        }
     }
 
     fn cell(stratum: &str, den: u64, num: u64) -> Cell {

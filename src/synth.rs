@@ -385,7 +385,12 @@ fn person(seed: u64, p: u64, year: i32) -> Person {
     let (birth, family, street, place, zip) = household(seed, if twin { p - 1 } else { p }, year);
     let mut r = rng_for(seed, p, 2);
     let female = r.random_bool(0.5);
-    let given = if female { &FEMALE } else { &MALE }.pick(&mut r);
+    let names = if female { &FEMALE } else { &MALE };
+    let mut given = names.pick(&mut r);
+    // Parents do not give twins one name.
+    while twin && given == person(seed, p - 1, year).given {
+        given = names.pick(&mut r);
+    }
     let age = year - birth.year();
     let u: f64 = r.random();
     let race = RACES
@@ -1609,6 +1614,9 @@ mod tests {
         let b = person(7, 400, 2025);
         assert_eq!((a.given, &a.family, a.birth), (b.given, &b.family, b.birth));
         let twin = person(7, 401, 2025);
+        for p in (1..40_000).step_by(200) {
+            assert_ne!(person(7, p, 2025).given, person(7, p - 1, 2025).given);
+        }
         assert_eq!(
             (twin.birth, &twin.family, &twin.street),
             (a.birth, &a.family, &a.street)

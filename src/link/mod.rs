@@ -44,8 +44,9 @@ pub struct LinkOptions {
     /// `None`: never (each provider lists a person once).
     pub within_source_threshold: Option<f64>,
     /// Refuse pairs whose given names have nothing in common (not a typo,
-    /// an initial, a nickname or a swap) unless an identifier or e-mail
-    /// agrees: twins and siblings share everything else.
+    /// an initial, a nickname or a swap; or only a name crossed between the
+    /// fields) unless an identifier or e-mail agrees: twins and siblings
+    /// share everything else.
     pub twins_guard: bool,
     /// Candidate pairs at least this probable but under `threshold` (and
     /// pairs above it that a guard refused) are listed for clerical review.
@@ -888,9 +889,15 @@ pub fn read_person_links(path: &Path) -> Result<Vec<PersonLink>> {
 /// address and phone, and Fellegi–Sunter adds those agreements up as if they
 /// were independent. A pair whose given names disagree entirely (not a
 /// nickname, not a typo) is therefore never linked unless an identifier of
-/// the person itself (SSN or e-mail) agrees.
+/// the person itself (SSN or e-mail) agrees; nor is one whose only common
+/// name crossed between given and family (`michael allen` and `allen
+/// lorraine` are twins as likely as a swap and a married name).
 fn twin_like(levels: &model::Levels) -> bool {
-    levels[0] == Some(model::GIVEN_DIFFERENT) && levels[6] != Some(1) && levels[7] != Some(2)
+    matches!(
+        levels[0],
+        Some(model::GIVEN_DIFFERENT | model::GIVEN_CROSSED)
+    ) && levels[6] != Some(1)
+        && levels[7] != Some(2)
 }
 
 /// Standardized records from the staged patient rows (same order).
@@ -924,10 +931,13 @@ fn records(batches: &[RecordBatch]) -> Vec<Rec> {
         }
         for i in 0..b.num_rows() {
             let family_name = standardize::name(get(&family, i));
+            let written = standardize::given_as_written(get(&given, i));
+            let full = written.as_deref().map(standardize::full_given);
             out.push(Rec {
                 source: source.value(i).to_string(),
                 source_patient_id: spid.value(i).to_string(),
-                given: standardize::given(get(&given, i)),
+                given_written: written.filter(|w| full.as_ref() != Some(w)),
+                given: full,
                 family_soundex: family_name.as_deref().and_then(standardize::soundex),
                 family: family_name,
                 birth: (!birth.is_null(i))
@@ -1438,5 +1448,15 @@ mod tests {
             &rec("jessica", Some("123456780")),
             &rec("aisha", Some("123456780"))
         ));
+        // A twin entered family name first: only `jackson` crosses over.
+        let mut swapped_twin = rec("aisha", None);
+        std::mem::swap(&mut swapped_twin.given, &mut swapped_twin.family);
+        let levels = model::compare(&rec("jessica", None), &swapped_twin);
+        assert_eq!(levels[0], Some(model::GIVEN_CROSSED));
+        assert!(twin_like(&rec("jessica", None), &swapped_twin));
+        // A full swap is the same person.
+        let mut swapped = rec("jessica", None);
+        std::mem::swap(&mut swapped.given, &mut swapped.family);
+        assert!(!twin_like(&rec("jessica", None), &swapped));
     }
 }

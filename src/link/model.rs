@@ -17,6 +17,10 @@ pub struct Rec {
     pub source: String,
     pub source_patient_id: String,
     pub given: Option<String>,
+    /// The given name as written when `given` is a nickname's full name
+    /// (`betty` for `elizabeth`), so that a typo in a nickname (`betyt`)
+    /// is still compared with it; `None` otherwise.
+    pub given_written: Option<String>,
     pub family: Option<String>,
     /// Soundex of `family` (a blocking key).
     pub family_soundex: Option<String>,
@@ -50,7 +54,7 @@ impl Rec {
 /// The compared fields, each with its number of levels (level 0 is
 /// "different"; the highest is "exact").
 pub const FIELDS: [(&str, usize); 9] = [
-    ("given_name", 6),
+    ("given_name", 7),
     ("family_name", 4),
     ("birth_date", 4),
     ("sex", 2),
@@ -66,20 +70,31 @@ pub const FIELDS: [(&str, usize); 9] = [
 pub type Levels = [Option<u8>; FIELDS.len()];
 
 /// Levels of `given_name`, lowest first: different, one is the other's
-/// initial, given and family names swapped (the family level is then left
-/// out: the swap is the evidence of both), Jaro–Winkler ≥ 0.80, ≥ 0.92,
-/// exact.
+/// initial, one name crossed over between given and family (the other
+/// changed: a married name, or a twin entered family name first), given and
+/// family names swapped (the family level is then left out: the swap is the
+/// evidence of both), Jaro–Winkler ≥ 0.80, ≥ 0.92, exact.
 pub const GIVEN_DIFFERENT: u8 = 0;
 pub const GIVEN_INITIAL: u8 = 1;
-pub const GIVEN_SWAPPED: u8 = 2;
+pub const GIVEN_CROSSED: u8 = 2;
+pub const GIVEN_SWAPPED: u8 = 3;
+
+/// The given name to compare as written (see [`Rec::given_written`]).
+fn written(r: &Rec) -> Option<&str> {
+    r.given_written.as_deref().or(r.given.as_deref())
+}
+
+/// Whether `x` is the initial of `y`.
+fn is_initial_of(x: &str, y: &str) -> bool {
+    x.len() == 1 && y.len() > 1 && y.starts_with(x)
+}
 
 /// The given-name level of two standardized given names (not swapped).
 fn given_level(a: &str, b: &str) -> u8 {
-    let initial = |x: &str, y: &str| x.len() == 1 && y.len() > 1 && y.starts_with(x);
     match name_level(a, b) {
-        0 if initial(a, b) || initial(b, a) => GIVEN_INITIAL,
+        0 if is_initial_of(a, b) || is_initial_of(b, a) => GIVEN_INITIAL,
         0 => GIVEN_DIFFERENT,
-        k => k + 2,
+        k => k + GIVEN_SWAPPED,
     }
 }
 
@@ -105,20 +120,49 @@ fn name_level(a: &str, b: &str) -> u8 {
 /// Compares two records field by field.
 pub fn compare(a: &Rec, b: &Rec) -> Levels {
     let mut l: Levels = [None; FIELDS.len()];
-    l[0] = both(&a.given, &b.given).map(|(x, y)| given_level(x, y));
+    l[0] = both(&a.given, &b.given).map(|(x, y)| {
+        let level = given_level(x, y);
+        match (written(a), written(b)) {
+            (Some(wa), Some(wb)) if a.given_written.is_some() || b.given_written.is_some() => {
+                level.max(given_level(wa, wb))
+            }
+            _ => level,
+        }
+    });
     l[1] = both(&a.family, &b.family).map(|(x, y)| name_level(x, y));
-    // Given and family names entered in each other's field.
-    // A given name is standardized to its first word: compare first words
-    // too (`okonkwo lind` entered as the given name becomes `okonkwo`).
+    // Given and family names entered in each other's field. A given name
+    // is standardized to its first word: compare first words too
+    // (`okonkwo lind` entered as the given name becomes `okonkwo`), and an
+    // initial on one side.
     let first = |x: &str| x.split(' ').next().unwrap_or(x).to_string();
-    let alike = |x: &str, y: &str| name_level(x, y) >= 2 || name_level(&first(x), &first(y)) >= 2;
+    let alike = |x: &str, y: &str| {
+        name_level(x, y) >= 2
+            || name_level(&first(x), &first(y)) >= 2
+            || is_initial_of(x, y)
+            || is_initial_of(y, x)
+    };
     if let (Some((ag, bf)), Some((af, bg))) = (both(&a.given, &b.family), both(&a.family, &b.given))
-        && l[0].is_none_or(|k| k < 4)
-        && alike(ag, bf)
-        && alike(af, bg)
+        && l[0].is_none_or(|k| k <= GIVEN_SWAPPED + 1)
     {
-        l[0] = Some(GIVEN_SWAPPED);
-        l[1] = None;
+        match (alike(ag, bf), alike(af, bg)) {
+            // Swapped: the swap is the evidence of both names.
+            (true, true) => {
+                l[0] = Some(GIVEN_SWAPPED);
+                l[1] = None;
+            }
+            // One name crossed over, the other differs: swapped and a
+            // name changed (a married name), or twins, one entered family
+            // name first. The family level compares what is left.
+            (true, false) | (false, true) if l[0] == Some(GIVEN_DIFFERENT) => {
+                l[0] = Some(GIVEN_CROSSED);
+                l[1] = Some(if alike(ag, bf) {
+                    name_level(af, bg)
+                } else {
+                    name_level(ag, bf)
+                });
+            }
+            _ => {}
+        }
     }
     l[2] = a.birth.zip(b.birth).map(|(x, y)| {
         if x == y {
@@ -308,6 +352,7 @@ pub const LEVEL_NAMES: [&[&str]; FIELDS.len()] = [
     &[
         "different",
         "initial",
+        "one name crossed over to the other field",
         "swapped with family name",
         "similar (JW >= 0.80)",
         "close (JW >= 0.92)",
@@ -476,7 +521,7 @@ mod tests {
         let a = rec("elizabeth", "jackson", "1977-07-05", Some("123456780"));
         let b = rec("elizabeht", "jackson", "1977-05-07", Some("123456708"));
         let l = compare(&a, &b);
-        assert_eq!(l[0], Some(4), "typo: close");
+        assert_eq!(l[0], Some(5), "typo: close");
         assert_eq!(l[1], Some(3));
         assert_eq!(l[2], Some(2), "day and month swapped");
         assert_eq!(l[7], Some(1), "transposed digits");
@@ -496,7 +541,31 @@ mod tests {
             compare(&a, &rec("aisha", "jackson", "1977-07-05", None))[0],
             Some(GIVEN_DIFFERENT)
         );
-        assert_eq!(compare(&a, &a)[0], Some(5), "exact is the highest level");
+        assert_eq!(compare(&a, &a)[0], Some(6), "exact is the highest level");
+
+        // Swapped, and the family name changed (married) on one side: the
+        // given name is the swap's evidence, the family level compares the
+        // rest.
+        let married = rec("hughes", "elizabeth", "1977-07-05", None);
+        assert_eq!(
+            (compare(&a, &married)[0], compare(&a, &married)[1]),
+            (Some(GIVEN_CROSSED), Some(0))
+        );
+        // Swapped, with an initial: `e jackson` vs `jackson elizabeth`.
+        let l = compare(&rec("e", "jackson", "1977-07-05", None), &swapped);
+        assert_eq!((l[0], l[1]), (Some(GIVEN_SWAPPED), None));
+        // Twins: nothing crosses over.
+        assert_eq!(
+            compare(&a, &rec("olivia", "jackson", "1977-07-05", None))[0],
+            Some(GIVEN_DIFFERENT)
+        );
+
+        // A typo in a nickname is compared as written: `betyt` (no
+        // nickname) and `betty` (→ elizabeth).
+        let mut betty = rec("elizabeth", "duncan", "1981-04-27", None);
+        betty.given_written = Some("betty".into());
+        let l = compare(&rec("betyt", "duncan", "1981-04-27", None), &betty);
+        assert_eq!(l[0], Some(5), "JW(betyt, betty) >= 0.92");
     }
 
     /// The fitted m and match share are the same bits however many threads

@@ -26,15 +26,22 @@ pub fn name(raw: Option<&str>) -> Option<String> {
 
 /// A given name with common nicknames mapped to the full name.
 pub fn given(raw: Option<&str>) -> Option<String> {
+    given_as_written(raw).map(|first| full_given(&first))
+}
+
+/// The full name of a nickname (`bill` → `william`), else the name itself.
+pub fn full_given(first: &str) -> String {
+    NICKNAMES
+        .iter()
+        .find(|(nick, _)| *nick == first)
+        .map_or(first, |(_, full)| full)
+        .to_string()
+}
+
+/// The first word of a given name, folded as [`name`], nickname kept.
+pub fn given_as_written(raw: Option<&str>) -> Option<String> {
     let n = name(raw)?;
-    let first = n.split(' ').next().unwrap_or(&n);
-    Some(
-        NICKNAMES
-            .iter()
-            .find(|(nick, _)| *nick == first)
-            .map_or(first, |(_, full)| full)
-            .to_string(),
-    )
+    Some(n.split(' ').next().unwrap_or(&n).to_string())
 }
 
 /// Common English nicknames → full given name.

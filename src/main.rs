@@ -1311,7 +1311,24 @@ fn print_measures(results: &[ward::measure::MeasureResult]) {
 
 fn print_conformance(outcome: &ward::measure::conformance::Conformance, quiet: bool) {
     let failures = outcome.failures();
-    if !quiet {
+    let counts = |m: &std::collections::BTreeMap<String, u64>| {
+        ward::measure::POPULATIONS
+            .iter()
+            .map(|p| m.get(*p).map_or("-".into(), u64::to_string))
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    if quiet {
+        // Quiet still names what failed.
+        for c in outcome.cases.iter().filter(|c| !c.passed()) {
+            println!(
+                "FAIL {}: expected {}, computed {} (IP/DEN/DENEX/DENEXCEP/NUM)",
+                c.name,
+                counts(&c.expected),
+                counts(&c.actual)
+            );
+        }
+    } else {
         let mut table = TextTable::new();
         table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
             "case",
@@ -1320,13 +1337,6 @@ fn print_conformance(outcome: &ward::measure::conformance::Conformance, quiet: b
             "computed",
             "rejected resources",
         ]);
-        let counts = |m: &std::collections::BTreeMap<String, u64>| {
-            ward::measure::POPULATIONS
-                .iter()
-                .map(|p| m.get(*p).map_or("-".into(), u64::to_string))
-                .collect::<Vec<_>>()
-                .join("/")
-        };
         for c in &outcome.cases {
             table.add_row(vec![
                 c.name.clone(),

@@ -508,6 +508,41 @@ fn conformance_exits_1_on_a_mismatch_and_2_without_cases() {
         stdout.contains("FAIL") && stdout.contains("0 of 1 cases pass"),
         "{stdout}"
     );
+    // -q still names the failing case.
+    let quiet = ward(
+        dir.path(),
+        &[
+            "-q",
+            "conformance",
+            "--deck",
+            deck.to_str().unwrap(),
+            "--measure",
+            "CMS165",
+        ],
+    );
+    assert_eq!(quiet.status.code(), Some(1));
+    assert!(
+        text(&quiet.stdout).contains("FAIL case-1: expected 1/"),
+        "{}",
+        text(&quiet.stdout)
+    );
+    // Pointed one level above the deck: says where the deck is.
+    let above = ward(
+        dir.path(),
+        &[
+            "conformance",
+            "--deck",
+            dir.path().to_str().unwrap(),
+            "--measure",
+            "CMS165",
+        ],
+    );
+    assert_eq!(above.status.code(), Some(2));
+    assert!(
+        text(&above.stderr).contains("one level down") && text(&above.stderr).contains("deck"),
+        "{}",
+        text(&above.stderr)
+    );
     let empty = dir.path().join("empty");
     fs::create_dir_all(&empty).unwrap();
     let none = ward(

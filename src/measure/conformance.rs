@@ -1,6 +1,6 @@
 //! Conformance against an eCQM test deck (a MADiE export): one folder per
-//! test case holding a FHIR Bundle of the patient's record and the expected
-//! individual MeasureReport. Every case is loaded through the normal FHIR
+//! test case holding a FHIR Bundle of the patient's record (or the record's
+//! resources as separate files) and the expected individual MeasureReport. Every case is loaded through the normal FHIR
 //! ingest into a scratch warehouse (the patient ids keep cases apart), the
 //! measure runs once per distinct reporting period, and every population
 //! count of every case is compared.
@@ -56,7 +56,9 @@ impl Conformance {
 
 struct Case {
     folder: String,
-    bundle: PathBuf,
+    /// The case's Bundle file, or the folder of its resource files.
+    path: PathBuf,
+    bundle: Value,
     patient: String,
     period: Period,
     expected: BTreeMap<String, u64>,
@@ -75,7 +77,12 @@ pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Res
     fs::create_dir_all(&input).map_err(|e| WardError::io("cannot create", &input, e))?;
     for case in &cases {
         let to = input.join(format!("{}.json", case.folder));
-        fs::copy(&case.bundle, &to).map_err(|e| WardError::io("cannot copy", &case.bundle, e))?;
+        let text = serde_json::to_vec(&case.bundle).map_err(|e| WardError::Data {
+            context: "writing a test case",
+            path: case.path.clone(),
+            message: e.to_string(),
+        })?;
+        fs::write(&to, text).map_err(|e| WardError::io("cannot write", &to, e))?;
     }
     let config = PipelineConfig {
         path: scratch.join("conformance.toml"),
@@ -159,16 +166,20 @@ pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Res
     })
 }
 
-/// Case folder → name, from the deck's `README.txt`
-/// (`Case # 12 - <uuid> = <name>`).
+/// Case folder → name, from the deck's `README.txt`: lines
+/// `Case # 12 - <folder> = <name>` or `<folder> = <name>`.
 fn case_names(deck: &Path) -> BTreeMap<String, String> {
     let text = fs::read_to_string(deck.join("README.txt")).unwrap_or_default();
     text.lines()
         .filter_map(|l| {
-            let rest = l.strip_prefix("Case #")?;
-            let (_, rest) = rest.split_once(" - ")?;
+            let l = l.trim();
+            let rest = match l.strip_prefix("Case #") {
+                Some(rest) => rest.split_once(" - ")?.1,
+                None => l,
+            };
             let (id, name) = rest.split_once(" = ")?;
-            Some((id.trim().to_string(), name.trim().to_string()))
+            let id = id.trim();
+            (!id.is_empty() && !id.contains(' ')).then(|| (id.to_string(), name.trim().to_string()))
         })
         .collect()
 }
@@ -181,10 +192,32 @@ fn read_deck(deck: &Path) -> Result<Vec<Case>> {
         .collect();
     folders.sort();
     let mut cases = Vec::new();
+    // Folders that hold folders: decks, when pointed one level too high.
+    let mut decks = Vec::new();
     for folder in folders {
-        if let Some(case) = read_case(&folder)? {
+        let nested = fs::read_dir(&folder)
+            .map_err(|e| WardError::io("cannot read", &folder, e))?
+            .filter_map(|e| e.ok())
+            .any(|e| e.path().is_dir());
+        if nested {
+            decks.push(folder);
+        } else if let Some(case) = read_case(&folder)? {
             cases.push(case);
         }
+    }
+    if cases.is_empty() && !decks.is_empty() {
+        let names: Vec<String> = decks.iter().map(|d| d.display().to_string()).collect();
+        return Err(WardError::Config {
+            path: deck.to_path_buf(),
+            line: None,
+            column: None,
+            key: Some("--deck".into()),
+            message: format!(
+                "no test case here, but folders of folders: is the deck one level down? \
+                 point --deck at one of: {}",
+                names.join(", ")
+            ),
+        });
     }
     if cases.is_empty() {
         return Err(WardError::Config {
@@ -192,16 +225,18 @@ fn read_deck(deck: &Path) -> Result<Vec<Case>> {
             line: None,
             column: None,
             key: Some("--deck".into()),
-            message: "no test case found (expected one folder per case holding a Bundle \
-                      with the expected MeasureReport)"
+            message: "no test case found (expected one folder per case holding a Bundle, \
+                      or the resource files, with the expected MeasureReport)"
                 .into(),
         });
     }
     Ok(cases)
 }
 
-/// Reads a case folder: the Bundle and the expected MeasureReport (inside
-/// the Bundle or beside it). `None` when the folder holds no Bundle.
+/// Reads a case folder: the Bundle (or, without one, the resources as
+/// separate files, gathered into a collection Bundle) and the expected
+/// MeasureReport (inside the Bundle or beside it). `None` when the folder
+/// holds no patient record.
 fn read_case(folder: &Path) -> Result<Option<Case>> {
     let bad = |path: &Path, message: String| WardError::Data {
         context: "reading a test case",
@@ -216,6 +251,7 @@ fn read_case(folder: &Path) -> Result<Option<Case>> {
     files.sort();
     let mut bundle = None;
     let mut reports = Vec::new();
+    let mut resources = Vec::new();
     for file in files {
         let bytes = fs::read(&file).map_err(|e| WardError::io("cannot read", &file, e))?;
         let json: Value =
@@ -233,11 +269,33 @@ fn read_case(folder: &Path) -> Result<Option<Case>> {
                 bundle = Some((file, json));
             }
             Some("MeasureReport") => reports.push(json),
-            _ => {}
+            Some(_) => resources.push(json),
+            None => {}
         }
     }
-    let Some((bundle, json)) = bundle else {
-        return Ok(None);
+    let (path, json) = match bundle {
+        Some(found) => found,
+        None if resources.iter().any(|r| r["resourceType"] == "Patient") => {
+            let patients = resources
+                .iter()
+                .filter(|r| r["resourceType"] == "Patient")
+                .count();
+            if patients > 1 {
+                return Err(bad(
+                    folder,
+                    format!("{patients} Patient resources in one case folder"),
+                ));
+            }
+            let entry: Vec<Value> = resources
+                .into_iter()
+                .map(|r| serde_json::json!({ "resource": r }))
+                .collect();
+            let bundle = serde_json::json!({
+                "resourceType": "Bundle", "type": "collection", "entry": entry
+            });
+            (folder.to_path_buf(), bundle)
+        }
+        None => return Ok(None),
     };
     let report = reports
         .into_iter()
@@ -249,14 +307,14 @@ fn read_case(folder: &Path) -> Result<Option<Case>> {
         .flatten()
         .find(|e| e["resource"]["resourceType"] == "Patient")
         .and_then(|e| e["resource"]["id"].as_str())
-        .ok_or_else(|| bad(&bundle, "the Bundle has no Patient with an id".into()))?
+        .ok_or_else(|| bad(&path, "the Bundle has no Patient with an id".into()))?
         .to_string();
     let date = |key: &str| {
         report["period"][key]
             .as_str()
             .and_then(|s| s.get(..10))
             .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
-            .ok_or_else(|| bad(&bundle, format!("MeasureReport.period.{key} is not a date")))
+            .ok_or_else(|| bad(&path, format!("MeasureReport.period.{key} is not a date")))
     };
     let period = Period {
         start: date("start")?,
@@ -265,7 +323,7 @@ fn read_case(folder: &Path) -> Result<Option<Case>> {
     let groups = report["group"].as_array().map_or(0, Vec::len);
     if groups != 1 {
         return Err(bad(
-            &bundle,
+            &path,
             format!("the MeasureReport has {groups} groups; Ward measures have one"),
         ));
     }
@@ -278,10 +336,7 @@ fn read_case(folder: &Path) -> Result<Option<Case>> {
         let code = p["code"]["coding"][0]["code"].as_str().unwrap_or_default();
         let column = code.replace('-', "_");
         if !POPULATIONS.contains(&column.as_str()) {
-            return Err(bad(
-                &bundle,
-                format!("population '{code}' is not supported"),
-            ));
+            return Err(bad(&path, format!("population '{code}' is not supported")));
         }
         expected.insert(column, p["count"].as_u64().unwrap_or(0));
     }
@@ -301,7 +356,8 @@ fn read_case(folder: &Path) -> Result<Option<Case>> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        bundle,
+        path,
+        bundle: json,
         patient,
         period,
         expected,

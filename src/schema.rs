@@ -296,12 +296,15 @@ const ENCOUNTER: [Column; 14] = [
     SOURCE_LINE,
 ];
 
-const CONDITION: [Column; 16] = [
+const CONDITION: [Column; 17] = [
     SOURCE,
     col("source_condition_id", Kind::Id),
     req("source_patient_id", Kind::Id),
     col("source_encounter_id", Kind::Id),
     col("category", Kind::Token),
+    // Every category code (FHIR: of every coding of every category),
+    // space-separated: queries test "any category" with it.
+    col("categories", Kind::Text),
     col("clinical_status", Kind::Token),
     col("verification_status", Kind::Token),
     req("code_system", Kind::CodeSystem),
@@ -315,13 +318,16 @@ const CONDITION: [Column; 16] = [
     SOURCE_LINE,
 ];
 
-const OBSERVATION: [Column; 20] = [
+const OBSERVATION: [Column; 21] = [
     SOURCE,
     col("source_observation_id", Kind::Id),
     req("source_patient_id", Kind::Id),
     col("source_encounter_id", Kind::Id),
     col("status", Kind::Token),
     col("category", Kind::Token),
+    // Every category code (FHIR: of every coding of every category),
+    // space-separated: queries test "any category" with it.
+    col("categories", Kind::Text),
     req("code_system", Kind::CodeSystem),
     req("code", Kind::Code),
     col("codings", Kind::Codings),
@@ -373,7 +379,7 @@ const PROCEDURE: [Column; 13] = [
     SOURCE_LINE,
 ];
 
-const SERVICE_REQUEST: [Column; 16] = [
+const SERVICE_REQUEST: [Column; 17] = [
     SOURCE,
     col("source_service_request_id", Kind::Id),
     req("source_patient_id", Kind::Id),
@@ -382,6 +388,9 @@ const SERVICE_REQUEST: [Column; 16] = [
     col("intent", Kind::Token),
     col("do_not_perform", Kind::Bool),
     col("category", Kind::Token),
+    // Every category code (FHIR: of every coding of every category),
+    // space-separated: queries test "any category" with it.
+    col("categories", Kind::Text),
     req("code_system", Kind::CodeSystem),
     req("code", Kind::Code),
     col("codings", Kind::Codings),

@@ -133,6 +133,9 @@ impl Case {
 
 /// Writes cases as an eCQM test deck: one folder per case holding a Bundle
 /// with the expected individual MeasureReport, and README.txt naming them.
+/// Every other case is written as separate resource files instead, named
+/// in README.txt by the short `<folder> = <name>` form (both occur in
+/// exports).
 fn write_deck(dir: &Path, measure_url: &str, cases: &[Case]) {
     let mut readme = String::from("Test cases\n");
     for (i, case) in cases.iter().enumerate() {
@@ -153,6 +156,19 @@ fn write_deck(dir: &Path, measure_url: &str, cases: &[Case]) {
             .chain(std::iter::once(&report))
             .map(|r| json!({"fullUrl": format!("http://example.org/{}/{}", r["resourceType"].as_str().unwrap(), r["id"].as_str().unwrap_or("report")), "resource": r}))
             .collect();
+        if i % 2 == 1 {
+            for (n, r) in case
+                .resources
+                .iter()
+                .chain(std::iter::once(&report))
+                .enumerate()
+            {
+                let name = format!("{}-{n}.json", r["resourceType"].as_str().unwrap());
+                fs::write(folder.join(name), serde_json::to_vec_pretty(r).unwrap()).unwrap();
+            }
+            readme.push_str(&format!("{} = {}\n", case.id, case.name));
+            continue;
+        }
         let bundle = json!({"resourceType": "Bundle", "type": "collection", "entry": entries});
         fs::write(
             folder.join("bundle.json"),
@@ -236,6 +252,12 @@ fn cms122_hand_written_patients() {
                 "clinicalStatus": concept("http://terminology.hl7.org/CodeSystem/condition-clinical", "resolved"),
                 "abatementDateTime": "2024-06-01"}))
             .expect(0, 0, 0),
+        Case::new("IPPass DiabetesEncounterDiagnosisAmongCategories", "1970-06-15")
+            .office_visit()
+            .condition(ICD10, "E11.9", "2019-05-01", json!({"category": [
+                concept("http://terminology.hl7.org/CodeSystem/condition-category", "problem-list-item"),
+                concept("http://terminology.hl7.org/CodeSystem/condition-category", "encounter-diagnosis")]}))
+            .expect(1, 0, 1),
         Case::new("IPFail DiabetesOnProblemListOnly", "1970-06-15")
             .office_visit()
             .condition(ICD10, "E11.9", "2019-05-01", json!({"category": [concept("http://terminology.hl7.org/CodeSystem/condition-category", "problem-list-item")]}))
@@ -263,6 +285,21 @@ fn cms122_hand_written_patients() {
         a1c("NUMERFail ResultLastDayOfPeriod").hba1c("4548-4", Some(6.0), "2025-12-31T23:30:00", "final").expect(1, 0, 0),
         a1c("NUMERPass OnlyPreliminaryResult").hba1c("4548-4", Some(6.0), "2025-06-01", "preliminary").expect(1, 0, 1),
         a1c("NUMERPass NoAssessment").expect(1, 0, 1),
+        // "without result" is `value is null`: a coded or text result on
+        // the most recent day is chosen first (not a quantity: sorts
+        // first) and is neither without result nor above 9 %.
+        a1c("NUMERFail MostRecentCodedResult")
+            .hba1c("4548-4", Some(10.0), "2025-05-01", "final")
+            .observation(concept(LOINC, "4548-4"), "2025-09-01", json!({"valueCodeableConcept": concept(SNOMED, "260385009")}))
+            .expect(1, 0, 0),
+        a1c("NUMERFail MostRecentTextResult")
+            .hba1c("4548-4", Some(10.0), "2025-05-01", "final")
+            .observation(concept(LOINC, "4548-4"), "2025-09-01", json!({"valueString": "see scanned report"}))
+            .expect(1, 0, 0),
+        a1c("NUMERFail CodedResultBesideHighResultSameDay")
+            .hba1c("4548-4", Some(9.5), "2025-09-01T08:00:00", "final")
+            .observation(concept(LOINC, "4548-4"), "2025-09-01T09:00:00", json!({"valueCodeableConcept": concept(SNOMED, "260385009")}))
+            .expect(1, 0, 0),
         // Exclusions.
         a1c("DENEXPass HospiceEncounter")
             .encounter(HCPCS, "G9473", "2025-08-01T09:00:00", "2025-08-01T10:00:00", "finished")
@@ -300,10 +337,14 @@ fn cms122_hand_written_patients() {
                 "codeCodeableConcept": concept(SNOMED, "1255320005"), "authoredOn": "2025-05-01"}))
             .condition(ICD10, "G30.9", "2024-03-01", json!({}))
             .expect(1, 1, 0),
-        old("DENEXFail Age70FrailtyDeviceNotToBeDone")
+        // AdvancedIllnessandFrailty 1.27 has no doNotPerform test (1.16 had).
+        old("DENEXPass Age70FrailtyDeviceDoNotPerform")
             .with(json!({"resourceType": "DeviceRequest", "status": "active", "intent": "order", "doNotPerform": true,
                 "codeCodeableConcept": concept(SNOMED, "1255320005"), "authoredOn": "2025-05-01"}))
             .condition(ICD10, "G30.9", "2024-03-01", json!({}))
+            .expect(1, 1, 0),
+        a1c("DENEXFail HospiceDiagnosisRefuted")
+            .condition(SNOMED, "170935008", "2025-02-01", json!({"verificationStatus": concept("http://terminology.hl7.org/CodeSystem/condition-ver-status", "refuted")}))
             .expect(1, 0, 1),
         old("DENEXPass Age70FrailtyDiagnosisAndDementiaMedication")
             .condition(ICD10, "L89.000", "2025-01-15", json!({}))
@@ -327,6 +368,11 @@ fn cms131_hand_written_patients() {
     };
     let dm = |name: &str| Case::new(name, "1970-06-15").office_visit().diabetes();
     let retinopathy = |c: Case| c.condition(ICD10, "E11.319", "2023-01-10", json!({}));
+    let old = |name: &str| Case::new(name, "1955-03-01").office_visit().diabetes();
+    let survey = concept(
+        "http://terminology.hl7.org/CodeSystem/observation-category",
+        "survey",
+    );
     let cases = vec![
         Case::new("IPFail Age76", "1949-06-01").office_visit().diabetes().expect(0, 0, 0),
         Case::new("IPFail NoDiabetes", "1970-06-15").office_visit().expect(0, 0, 0),
@@ -354,6 +400,46 @@ fn cms131_hand_written_patients() {
         exam(dm("DENEXPass Hospice"), "2025-07-01")
             .encounter(HCPCS, "G9473", "2025-08-01T09:00:00", "2025-08-01T10:00:00", "finished")
             .expect(1, 1, 0),
+        // The 2024 libraries (Status 1.8, Hospice 6.12, AIF 1.16).
+        dm("NUMERPass ExamAmongOtherCategories")
+            .observation(concept(SNOMED, "252779009"), "2025-07-01", json!({"category": [
+                concept("http://terminology.hl7.org/CodeSystem/observation-category", "laboratory"),
+                concept("http://terminology.hl7.org/CodeSystem/observation-category", "exam")]}))
+            .expect(1, 0, 1),
+        Case::new("IPPass VisitArrived", "1970-06-15")
+            .encounter(CPT, "99213", "2025-03-10T09:00:00", "2025-03-10T09:30:00", "arrived")
+            .diabetes()
+            .expect(1, 0, 0),
+        Case::new("IPFail VisitCancelled", "1970-06-15")
+            .encounter(CPT, "99213", "2025-03-10T09:00:00", "2025-03-10T09:30:00", "cancelled")
+            .diabetes()
+            .expect(0, 0, 0),
+        dm("DENEXPass HospiceAssessmentSurvey")
+            .observation(concept(LOINC, "45755-6"), "2025-04-01", json!({"valueCodeableConcept": concept(SNOMED, "373066001"),
+                "category": [survey.clone()]}))
+            .expect(1, 1, 0),
+        dm("DENEXFail HospiceAssessmentNotASurvey")
+            .observation(concept(LOINC, "45755-6"), "2025-04-01", json!({"valueCodeableConcept": concept(SNOMED, "373066001"),
+                "category": [concept("http://terminology.hl7.org/CodeSystem/observation-category", "exam")]}))
+            .expect(1, 0, 0),
+        dm("DENEXPass HospiceDiagnosisRefuted")
+            .condition(SNOMED, "170935008", "2025-02-01", json!({"verificationStatus": concept("http://terminology.hl7.org/CodeSystem/condition-ver-status", "refuted")}))
+            .expect(1, 1, 0),
+        old("DENEXPass Age70FrailtyDeviceAndAdvancedIllness")
+            .with(json!({"resourceType": "DeviceRequest", "status": "active", "intent": "order",
+                "codeCodeableConcept": concept(SNOMED, "1255320005"), "authoredOn": "2025-05-01"}))
+            .condition(ICD10, "G30.9", "2024-03-01", json!({}))
+            .expect(1, 1, 0),
+        old("DENEXFail Age70FrailtyDeviceDoNotPerform")
+            .with(json!({"resourceType": "DeviceRequest", "status": "active", "intent": "order", "doNotPerform": true,
+                "codeCodeableConcept": concept(SNOMED, "1255320005"), "authoredOn": "2025-05-01"}))
+            .condition(ICD10, "G30.9", "2024-03-01", json!({}))
+            .expect(1, 0, 0),
+        old("DENEXFail Age70FrailtyDeviceOriginalOrder")
+            .with(json!({"resourceType": "DeviceRequest", "status": "active", "intent": "original-order",
+                "codeCodeableConcept": concept(SNOMED, "1255320005"), "authoredOn": "2025-05-01"}))
+            .condition(ICD10, "G30.9", "2024-03-01", json!({}))
+            .expect(1, 0, 0),
     ];
     check_deck("CMS131", cases);
 }
@@ -558,7 +644,29 @@ fn catalog_reports_bad_metadata_with_its_location() {
             .contains("x.sql not found")
     );
     fs::write(q.join("measures/x.sql"), "SELECT 1").unwrap();
+    // A library must be a folder of queries/lib, named plainly.
+    for library in ["qicore-2023", "../measures", ""] {
+        fs::write(
+            q.join("measures/x.toml"),
+            format!("{meta}library = \"{library}\"\n"),
+        )
+        .unwrap();
+        let err = measure::catalog(&q).unwrap_err();
+        assert!(
+            err.is_config_error() && err.to_string().contains("is not a folder of"),
+            "{err}"
+        );
+    }
+    fs::create_dir_all(q.join("lib/qicore-2023")).unwrap();
+    fs::write(
+        q.join("measures/x.toml"),
+        format!("{meta}library = \"qicore-2023\"\n"),
+    )
+    .unwrap();
+    assert_eq!(measure::catalog(&q).unwrap()[0].library(), "qicore-2023");
+    fs::write(q.join("measures/x.toml"), meta).unwrap();
     let defs = measure::catalog(&q).unwrap();
+    assert_eq!(defs[0].library(), measure::DEFAULT_LIBRARY);
     let err = measure::select(&defs, &["CMS999".into()])
         .unwrap_err()
         .to_string();

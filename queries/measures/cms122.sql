@@ -1,6 +1,6 @@
 -- CMS122 Diabetes: Glycemic Status Assessment > 9% (eCQM FHIR 0.5.000), one
 -- row per person of the initial population. Criteria follow the measure's CQL
--- at day precision; shared exclusions come from queries/lib/criteria.sql.
+-- at day precision; shared exclusions come from queries/lib/qicore-2025/.
 WITH
 person AS (
   SELECT pt.person_id, age_years(pt.birth_date, p.end_date) AS age
@@ -9,7 +9,8 @@ person AS (
 diabetes AS (   -- an encounter diagnosis of diabetes overlapping the period
   SELECT DISTINCT c.person_id FROM condition_verified c CROSS JOIN period p
   WHERE c.valueset = '2.16.840.1.113883.3.464.1003.103.12.1001'
-    AND coalesce(c.category, 'encounter-diagnosis') = 'encounter-diagnosis'
+    AND array_has(string_to_array(coalesce(c.categories, c.category, 'encounter-diagnosis'), ' '),
+                  'encounter-diagnosis')
     AND c.prevalence_start <= p.end_date AND c.prevalence_end >= p.start_date
 ),
 qualifying_encounter AS (
@@ -35,7 +36,7 @@ qualifying_encounter AS (
 -- result, on the day their effective time ends, in the period.
 assessment AS (
   SELECT DISTINCT o.person_id, o.source, o.source_file, o.source_line, o.coding_code AS code,
-         o.value_num, o.end_day AS day
+         o.value_num, o.value_text, o.value_code, o.end_day AS day
   FROM observation_final o
   LEFT JOIN valueset_code v ON v.valueset = '2.16.840.1.113883.3.464.1003.198.12.1013'  -- HbA1c Laboratory Test
     AND v.code_system = o.coding_system AND v.code = o.coding_code
@@ -43,8 +44,14 @@ assessment AS (
   WHERE (v.code IS NOT NULL OR (o.coding_system = 'loinc' AND o.coding_code = '97506-0'))  -- GMI
     AND o.end_day BETWEEN p.start_date AND p.end_date
 ),
-last_assessment AS (   -- the lowest result of the most recent day; a result without a value sorts first
-  SELECT person_id, day, min(value_num) AS value_num, bool_or(value_num IS NULL) AS missing_value
+-- The lowest result of the most recent day ("value as Quantity" sorted
+-- ascending, nulls first): a result that is not a quantity is the one
+-- chosen. Without any value it is "without result" (numerator); a coded
+-- or text result is neither without result nor above 9 %.
+last_assessment AS (
+  SELECT person_id, day, min(value_num) AS value_num,
+         bool_or(value_num IS NULL AND value_text IS NULL AND value_code IS NULL) AS missing_value,
+         bool_or(value_num IS NULL) AS not_quantity
   FROM (
     SELECT a.*, max(a.day) OVER (PARTITION BY a.person_id) AS last_day FROM assessment a
   ) WHERE day = last_day
@@ -65,14 +72,14 @@ SELECT
   true AS initial_population,
   true AS denominator,
   f.hospice OR f.palliative OR f.nursing_home OR f.frailty AS denominator_exclusion,
-  a.person_id IS NULL OR a.missing_value OR a.value_num > 9.0 AS numerator,
+  a.person_id IS NULL OR a.missing_value OR (NOT a.not_quantity AND a.value_num > 9.0) AS numerator,
   f.age,
   a.day AS last_result_date,
-  CASE WHEN NOT a.missing_value THEN a.value_num END AS last_result_pct,
+  CASE WHEN NOT a.not_quantity THEN a.value_num END AS last_result_pct,
   CASE
     WHEN a.person_id IS NULL THEN 'no_assessment_in_period'
     WHEN a.missing_value THEN 'most_recent_without_result'
-    WHEN a.value_num > 9.0 THEN 'most_recent_above_9'
+    WHEN NOT a.not_quantity AND a.value_num > 9.0 THEN 'most_recent_above_9'
   END AS numerator_reason,
   CASE
     WHEN f.hospice THEN 'hospice'

@@ -1,6 +1,7 @@
 -- CMS131 Diabetes: Eye Exam (eCQM FHIR DiabetesEyeExamFHIR 0.0.002), one row
 -- per person of the initial population. Criteria follow the measure's CQL at
--- day precision; shared exclusions come from queries/lib/criteria.sql.
+-- day precision; shared exclusions come from queries/lib/qicore-2024/ (the
+-- measure is of the 2024 package: Status 1.8, Hospice 6.12, ...).
 --
 -- Ward extension: besides exam Observations, a completed Procedure coded in
 -- the "Retinal or Dilated Eye Exam" value set counts as the exam (CSV EMR
@@ -38,7 +39,7 @@ eye_exam AS (   -- retinal or dilated eye exams with their days
   FROM observation_vs o
   WHERE o.valueset = '2.16.840.1.113883.3.464.1003.115.12.1088'
     AND coalesce(o.status, 'final') IN ('final', 'amended', 'corrected')
-    AND coalesce(o.category, 'exam') = 'exam'
+    AND array_has(string_to_array(coalesce(o.categories, o.category, 'exam'), ' '), 'exam')
   UNION ALL
   SELECT r.person_id, r.start_day, r.end_day FROM procedure_done r
   WHERE r.valueset = '2.16.840.1.113883.3.464.1003.115.12.1088'

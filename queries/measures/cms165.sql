@@ -1,6 +1,6 @@
 -- CMS165 Controlling High Blood Pressure (eCQM FHIR 0.5.000), one row per
 -- person of the initial population. Criteria follow the measure's CQL at day
--- precision; shared exclusions come from queries/lib/criteria.sql.
+-- precision; shared exclusions come from queries/lib/qicore-2025/.
 WITH
 person AS (
   SELECT pt.person_id, age_years(pt.birth_date, p.end_date) AS age

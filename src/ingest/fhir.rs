@@ -148,6 +148,15 @@ fn first_code(v: &Value) -> Option<String> {
     codings(v).into_iter().next().map(|(_, c)| c)
 }
 
+/// Every code of `v` (a CodeableConcept or a list of them), space-separated.
+fn all_codes(v: &Value) -> Option<String> {
+    let codes: Vec<String> = codings(v)
+        .into_iter()
+        .map(|(_, c)| c.replace(' ', "_"))
+        .collect();
+    (!codes.is_empty()).then(|| codes.join(" "))
+}
+
 /// `<base>DateTime`, `<base>Period.start`, `<base>Instant` or `<base>Date`.
 fn choice_time(r: &Value, base: &str) -> (Option<String>, Option<String>) {
     for suffix in ["DateTime", "Instant", "Date"] {
@@ -371,6 +380,7 @@ fn flatten(
             c.set("source_patient_id", Some(subject(r, urls, "subject")?));
             c.set("source_encounter_id", encounter);
             c.set("category", first_code(&r["category"]));
+            c.set("categories", all_codes(&r["category"]));
             c.set("clinical_status", first_code(&r["clinicalStatus"]));
             c.set("verification_status", first_code(&r["verificationStatus"]));
             c.set_code(codings(&r["code"]));
@@ -394,6 +404,7 @@ fn flatten(
                 o.set("source_encounter_id", encounter.clone());
                 o.set("status", text(&r["status"]));
                 o.set("category", first_code(&r["category"]));
+                o.set("categories", all_codes(&r["category"]));
                 o.set_code(codes);
                 o.set("effective_time", effective.clone());
                 o.set("effective_end", effective_end.clone());
@@ -483,6 +494,7 @@ fn flatten(
             s.set("intent", text(&r["intent"]));
             s.set("do_not_perform", do_not_perform(r));
             s.set("category", first_code(&r["category"]));
+            s.set("categories", all_codes(&r["category"]));
             s.set_code(codings(&r["code"]));
             s.set("authored_time", text(&r["authoredOn"]));
             let (start, end) = choice_time(r, "occurrence");

@@ -87,9 +87,26 @@ pub struct MeasureDef {
     /// prevalence-type measures compared across regions and strata.
     #[serde(default)]
     pub age_standardize: bool,
+    /// The versioned shared criteria the measure was written against: a
+    /// folder of `queries/lib/` (`qicore-2024`, `qicore-2025`: the QI-Core
+    /// library versions of one eCQM package year), whose views load before
+    /// the common `queries/lib/*.sql`. Default: [`DEFAULT_LIBRARY`].
+    #[serde(default)]
+    pub library: Option<String>,
     /// The SQL file, beside the metadata.
     #[serde(skip)]
     pub sql: PathBuf,
+}
+
+/// The shared criteria of a measure that names none, and of the report
+/// strata: `queries/lib/qicore-2025/` when that folder exists.
+pub const DEFAULT_LIBRARY: &str = "qicore-2025";
+
+impl MeasureDef {
+    /// The `queries/lib/` folder this measure's session loads.
+    pub fn library(&self) -> &str {
+        self.library.as_deref().unwrap_or(DEFAULT_LIBRARY)
+    }
 }
 
 /// Reads every measure of `queries/measures/`, sorted by id.
@@ -117,6 +134,22 @@ pub fn catalog(queries: &Path) -> Result<Vec<MeasureDef>> {
                     def.scoring
                 ),
             ));
+        }
+        if let Some(library) = &def.library {
+            let plain = !library.is_empty()
+                && !library.starts_with('.')
+                && library
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !plain || !queries.join("lib").join(library).is_dir() {
+                return Err(config(
+                    &path,
+                    format!(
+                        "library '{library}' is not a folder of {}",
+                        queries.join("lib").display()
+                    ),
+                ));
+            }
         }
         if defs.iter().any(|d: &MeasureDef| d.id == def.id) {
             return Err(config(&path, format!("duplicate measure id '{}'", def.id)));
@@ -251,10 +284,19 @@ pub fn run(
     period: Period,
 ) -> Result<Vec<MeasureResult>> {
     crate::engine::block_on(async {
-        let ctx = session::session(warehouse, queries, period).await?;
+        // One session per library version, in the order measures need them.
+        let mut sessions: Vec<(&str, datafusion::prelude::SessionContext)> = Vec::new();
         let mut results = Vec::new();
         for def in defs {
-            results.push(run_one(&ctx, def, period).await?);
+            let i = match sessions.iter().position(|(l, _)| *l == def.library()) {
+                Some(i) => i,
+                None => {
+                    let ctx = session::session(warehouse, queries, period, def.library()).await?;
+                    sessions.push((def.library(), ctx));
+                    sessions.len() - 1
+                }
+            };
+            results.push(run_one(&sessions[i].1, def, period).await?);
         }
         Ok(results)
     })
@@ -264,7 +306,7 @@ pub fn run(
 /// per person and provider with the report strata.
 pub fn strata(warehouse: &Warehouse, queries: &Path, period: Period) -> Result<Vec<RecordBatch>> {
     crate::engine::block_on(async {
-        let ctx = session::session(warehouse, queries, period).await?;
+        let ctx = session::session(warehouse, queries, period, DEFAULT_LIBRARY).await?;
         crate::engine::collect(
             &ctx,
             "SELECT person_id, provider, age_band, sex, race, ethnicity, state, zip3, payer \
@@ -286,7 +328,7 @@ pub fn care_gaps(
         return Ok(Vec::new());
     };
     crate::engine::block_on(async {
-        let ctx = session::session(warehouse, queries, first.period).await?;
+        let ctx = session::session(warehouse, queries, first.period, DEFAULT_LIBRARY).await?;
         let link = warehouse.out().join("core").join("person_link.parquet");
         crate::engine::register_parquet(
             &ctx,

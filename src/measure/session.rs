@@ -21,7 +21,8 @@
 //!   `start_ts`, `end_ts` (TIMESTAMP; `end_ts` is the first instant after the
 //!   period, so `t >= start_ts AND t < end_ts` is "during day of").
 //! - `age_years(birth_date, at_date)`: completed years, as CQL's AgeInYearsAt.
-//! - the views of `queries/lib/*.sql` (shared criteria such as hospice care).
+//! - the views of `queries/lib/<library>/*.sql` (the measure's versioned
+//!   shared criteria, such as hospice care), then of `queries/lib/*.sql`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -52,11 +53,14 @@ const PREVALENCE_END: &str = "\
 CASE WHEN clinical_status IS NULL OR clinical_status IN ('active', 'recurrence', 'relapse') \
 THEN coalesce(abatement_date, DATE '9999-12-31') ELSE abatement_date END";
 
-/// Builds the session for one measurement period.
+/// Builds the session for one measurement period, with the shared criteria
+/// of `queries/lib/<library>/` (when that folder exists) and then the
+/// common `queries/lib/*.sql`.
 pub(crate) async fn session(
     warehouse: &Warehouse,
     queries: &Path,
     period: Period,
+    library: &str,
 ) -> Result<SessionContext> {
     let ctx = crate::engine::session(SessionConfig::new().with_information_schema(true));
     let err = |context: &'static str, path: &Path, e: datafusion::error::DataFusionError| {
@@ -133,11 +137,14 @@ pub(crate) async fn session(
     }
 
     let lib = queries.join("lib");
-    if lib.is_dir() {
-        let mut files: Vec<_> = std::fs::read_dir(&lib)
-            .map_err(|e| WardError::io("cannot read", &lib, e))?
+    for dir in [lib.join(library), lib] {
+        if !dir.is_dir() {
+            continue;
+        }
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(|e| WardError::io("cannot read", &dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "sql"))
             .collect();
         files.sort();
         for file in files {

@@ -1132,6 +1132,7 @@ mod tests {
             care_gap: None,
             care_gap_priority: None,
             age_standardize: false,
+            library: None,
             sql: PathBuf::new(),
         }
     }

@@ -1,12 +1,17 @@
--- Shared eCQM criteria, as views of person_id (one row per person who meets
--- them) for the session's measurement period. They follow the QI-Core
--- libraries the 2025 eCQMs use (Status, Hospice, PalliativeCare,
--- AdvancedIllnessandFrailty), at day precision.
+-- Shared eCQM criteria of the 2025 QI-Core eCQMs (CMS122 0.5.000, CMS165
+-- 0.5.000 and their package year), as views of person_id (one row per
+-- person who meets them) for the session's measurement period, at day
+-- precision. Written against the libraries those measures include:
+--   Status 1.15.000, Hospice 6.18.000, PalliativeCare 1.18.000,
+--   AdvancedIllnessandFrailty 1.27.000, QICoreCommon 4.0.000.
+-- A measure loads this set with `library = "qicore-2025"` in its TOML.
 --
 -- Ward conventions for data that FHIR would carry but CSV extracts often do
 -- not: a missing status counts as the "done" status (finished / final /
 -- completed / active), a missing end time makes a period a single moment,
 -- a missing category or verification status does not exclude a fact.
+-- `categories` holds every category code of a FHIR resource (space-
+-- separated); CSV sources map one `category`.
 
 -- Encounters that took place, with their days.
 CREATE VIEW encounter_done AS
@@ -55,7 +60,6 @@ SELECT s.person_id FROM service_request_vs s CROSS JOIN period p
 WHERE s.valueset = '2.16.840.1.113883.3.526.3.1584'            -- Hospice Care Ambulatory
   AND coalesce(s.status, 'active') IN ('active', 'completed')
   AND coalesce(s.intent, 'order') IN ('order', 'original-order', 'reflex-order', 'filler-order', 'instance-order')
-  AND s.do_not_perform IS NOT TRUE
   AND s.authored_time >= p.start_ts AND s.authored_time < p.end_ts
 UNION
 SELECT r.person_id FROM procedure_done r CROSS JOIN period p
@@ -85,14 +89,16 @@ WHERE r.valueset = '2.16.840.1.113883.3.464.1003.198.12.1135'  -- Palliative Car
   AND r.start_day <= p.end_date AND r.end_day >= p.start_date;
 
 -- An indication of frailty in any part of the period
--- (AdvancedIllnessandFrailty."Has Criteria Indicating Frailty").
+-- (AdvancedIllnessandFrailty."Has Criteria Indicating Frailty"). Like the
+-- hospice order and dementia medications, the device order has no
+-- doNotPerform test in the 2025 libraries (QI-Core 6 carries refusals in
+-- separate *NotRequested profiles).
 CREATE VIEW frailty_person AS
 SELECT d.person_id FROM device_vs d CROSS JOIN period p
 WHERE d.valueset = '2.16.840.1.113883.3.464.1003.118.12.1300'  -- Frailty Device (ordered)
   AND coalesce(d.resource_type, 'devicerequest') = 'devicerequest'
   AND coalesce(d.status, 'active') IN ('active', 'completed')
   AND coalesce(d.intent, 'order') IN ('order', 'original-order', 'reflex-order', 'filler-order', 'instance-order')
-  AND d.do_not_perform IS NOT TRUE
   AND d.event_time >= p.start_ts AND d.event_time < p.end_ts
 UNION
 SELECT o.person_id FROM observation_final o
@@ -130,7 +136,6 @@ WHERE m.valueset = '2.16.840.1.113883.3.464.1003.196.12.1510'  -- Dementia Medic
   AND coalesce(m.resource_type, 'medicationrequest') = 'medicationrequest'
   AND coalesce(m.status, 'active') = 'active'
   AND coalesce(m.intent, 'order') IN ('order', 'original-order', 'reflex-order', 'filler-order', 'instance-order')
-  AND m.do_not_perform IS NOT TRUE
   AND m.start_date <= p.end_date
   AND coalesce(m.end_date, m.start_date) >= CAST(p.start_date - INTERVAL '1 year' AS DATE);
 

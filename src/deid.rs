@@ -304,10 +304,7 @@ pub fn date_shift_days(key: &DeidKey, person_id: &str) -> i32 {
 /// Whole years of age at `reference` (`None` when born after it). A 29
 /// February birthday is reached on 1 March in common years.
 pub fn age_at(birth: NaiveDate, reference: NaiveDate) -> Option<i32> {
-    let mut age = reference.year() - birth.year();
-    if (reference.month(), reference.day()) < (birth.month(), birth.day()) {
-        age -= 1;
-    }
+    let age = crate::report::age_years(birth, reference);
     (age >= 0).then_some(age)
 }
 

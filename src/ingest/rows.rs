@@ -238,12 +238,17 @@ fn derive(
     })
 }
 
-fn plan<'a>(text: &TextTable, fm: &'a FileMapping, ctx: &RowContext) -> Result<Plan<'a>> {
+/// `derived`: [`derived_specs`] of `fm`, whose computed columns follow the
+/// file's in that order.
+fn plan<'a>(
+    text: &TextTable,
+    fm: &'a FileMapping,
+    derived: &[(&'static str, &'a FieldSpec)],
+    ctx: &RowContext,
+) -> Result<Plan<'a>> {
     let table = fm.table;
     let columns = table.columns();
     let find = |name: &str, target: &str| header_index(text, name, target, ctx);
-    // Computed columns follow the file's, in `derived_specs` order.
-    let derived = derived_specs(fm);
     let field = |target: &'static str, spec: &'a FieldSpec| -> Result<FieldPlan<'a>> {
         let index = table.columns().iter().position(|c| c.name == target);
         let kind = index.map_or(Kind::Text, |i| columns[i].kind);
@@ -353,9 +358,10 @@ pub(crate) struct RowInput<'a> {
 /// Maps, validates and converts every well-formed row of `text`; rows that
 /// fail any rule become rejects (structural rejects of the reader included).
 pub fn map_rows(text: &TextTable, fm: &FileMapping, ctx: &RowContext) -> Result<MappedFile> {
-    let plan = plan(text, fm, ctx)?;
-    let computed = derived_specs(fm)
-        .into_iter()
+    let derived = derived_specs(fm);
+    let plan = plan(text, fm, &derived, ctx)?;
+    let computed = derived
+        .iter()
         .map(|(target, spec)| derive(text, target, spec, ctx))
         .collect::<Result<Vec<_>>>()?;
     let mut cols = text.text_columns();

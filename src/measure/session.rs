@@ -21,13 +21,14 @@
 //!   `start_ts`, `end_ts` (TIMESTAMP; `end_ts` is the first instant after the
 //!   period, so `t >= start_ts AND t < end_ts` is "during day of").
 //! - `age_years(birth_date, at_date)`: completed years, as CQL's AgeInYearsAt.
-//! - the views of `queries/lib/<library>/*.sql` (the measure's versioned
-//!   shared criteria, such as hospice care), then of `queries/lib/*.sql`.
+//! - the views of `queries/lib/*.sql` (common to every measure), then of
+//!   `queries/lib/<library>/*.sql` (the measure's versioned shared
+//!   criteria, such as hospice care).
 
 use std::path::Path;
 use std::sync::Arc;
 
-use chrono::{Datelike, NaiveDate};
+use chrono::NaiveDate;
 use datafusion::arrow::array::{
     Array, ArrayRef, Date32Array, Int32Array, RecordBatch, StringArray,
 };
@@ -53,9 +54,9 @@ const PREVALENCE_END: &str = "\
 CASE WHEN clinical_status IS NULL OR clinical_status IN ('active', 'recurrence', 'relapse') \
 THEN coalesce(abatement_date, DATE '9999-12-31') ELSE abatement_date END";
 
-/// Builds the session for one measurement period, with the shared criteria
-/// of `queries/lib/<library>/` (when that folder exists) and then the
-/// common `queries/lib/*.sql`.
+/// Builds the session for one measurement period, with the common
+/// `queries/lib/*.sql` and then the shared criteria of
+/// `queries/lib/<library>/` (when that folder exists), which build on them.
 pub(crate) async fn session(
     warehouse: &Warehouse,
     queries: &Path,
@@ -137,7 +138,7 @@ pub(crate) async fn session(
     }
 
     let lib = queries.join("lib");
-    for dir in [lib.join(library), lib] {
+    for dir in [lib.clone(), lib.join(library)] {
         if !dir.is_dir() {
             continue;
         }
@@ -253,15 +254,6 @@ pub(crate) fn read_valuesets(dir: &Path) -> Result<Vec<RecordBatch>> {
     })
 }
 
-/// Completed years between two dates (CQL `AgeInYearsAt`); NULL if either is.
-pub(crate) fn age_years(birth: NaiveDate, at: NaiveDate) -> i32 {
-    let mut years = at.year() - birth.year();
-    if (at.month(), at.day()) < (birth.month(), birth.day()) {
-        years -= 1;
-    }
-    years
-}
-
 fn age_years_udf() -> datafusion::logical_expr::ScalarUDF {
     create_udf(
         "age_years",
@@ -286,7 +278,10 @@ fn age_years_udf() -> datafusion::logical_expr::ScalarUDF {
                     if birth.is_null(i) || at.is_null(i) {
                         None
                     } else {
-                        Some(age_years(birth.value_as_date(i)?, at.value_as_date(i)?))
+                        Some(crate::report::age_years(
+                            birth.value_as_date(i)?,
+                            at.value_as_date(i)?,
+                        ))
                     }
                 })
                 .collect();
@@ -325,6 +320,7 @@ fn age_band_udf() -> datafusion::logical_expr::ScalarUDF {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::age_years;
 
     fn d(s: &str) -> NaiveDate {
         NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap()

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use chrono::{Datelike, NaiveDate};
 use datafusion::arrow::array::{
     Array, ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, UInt64Array,
 };
@@ -35,6 +36,17 @@ pub const DIMENSIONS: [&str; 8] = [
     "zip3",
     "payer",
 ];
+
+/// Completed years between two dates (CQL `AgeInYearsAt`; negative when
+/// `at` is before `birth`). Measures (the `age_years` SQL function) and
+/// research ages share it.
+pub fn age_years(birth: NaiveDate, at: NaiveDate) -> i32 {
+    let mut years = at.year() - birth.year();
+    if (at.month(), at.day()) < (birth.month(), birth.day()) {
+        years -= 1;
+    }
+    years
+}
 
 /// The age bands of reports and research tables alike: `0-17`, `18-44`,
 /// `45-64`, `65-74`, `75+` (years completed). Coarser than ten-year bands,

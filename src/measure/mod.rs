@@ -89,7 +89,7 @@ pub struct MeasureDef {
     pub age_standardize: bool,
     /// The versioned shared criteria the measure was written against: a
     /// folder of `queries/lib/` (`qicore-2024`, `qicore-2025`: the QI-Core
-    /// library versions of one eCQM package year), whose views load before
+    /// library versions of one eCQM package year), whose views load after
     /// the common `queries/lib/*.sql`. Default: [`DEFAULT_LIBRARY`].
     #[serde(default)]
     pub library: Option<String>,

@@ -20,26 +20,6 @@ SELECT *, CAST(start_time AS DATE) AS start_day,
 FROM encounter_vs
 WHERE coalesce(status, 'finished') = 'finished';
 
--- Diagnoses that are not refuted or entered in error (Status.verified()).
-CREATE VIEW condition_verified AS
-SELECT * FROM condition_vs
-WHERE verification_status IS NULL
-   OR verification_status IN ('confirmed', 'unconfirmed', 'provisional', 'differential');
-
--- Observations with a final result (assessments, laboratory tests, exams),
--- with the day their effective time ends ("effective.latest()").
-CREATE VIEW observation_final AS
-SELECT *, CAST(effective_time AS DATE) AS start_day,
-       CAST(coalesce(effective_end, effective_time) AS DATE) AS end_day
-FROM observation_coding
-WHERE coalesce(status, 'final') IN ('final', 'amended', 'corrected');
-
-CREATE VIEW procedure_done AS
-SELECT *, CAST(performed_time AS DATE) AS start_day,
-       CAST(coalesce(performed_end_time, performed_time) AS DATE) AS end_day
-FROM procedure_vs
-WHERE coalesce(status, 'completed') = 'completed';
-
 -- Hospice care in any part of the period (Hospice."Has Hospice Services").
 CREATE VIEW hospice_person AS
 SELECT e.person_id FROM encounter_done e CROSS JOIN period p

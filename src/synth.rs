@@ -388,8 +388,11 @@ fn person(seed: u64, p: u64, year: i32) -> Person {
     let names = if female { &FEMALE } else { &MALE };
     let mut given = names.pick(&mut r);
     // Parents do not give twins one name.
-    while twin && given == person(seed, p - 1, year).given {
-        given = names.pick(&mut r);
+    if twin {
+        let sibling = person(seed, p - 1, year).given;
+        while given == sibling {
+            given = names.pick(&mut r);
+        }
     }
     let age = year - birth.year();
     let u: f64 = r.random();

@@ -1279,7 +1279,7 @@ fn print_measures(results: &[ward::measure::MeasureResult]) {
     for r in results {
         let c = &r.counts;
         table.add_row(vec![
-            r.def.id.clone(),
+            r.key(),
             c.initial_population.to_string(),
             c.denominator.to_string(),
             c.denominator_exclusion.to_string(),
@@ -1302,10 +1302,29 @@ fn print_measures(results: &[ward::measure::MeasureResult]) {
             .collect();
         println!(
             "{} by {}: {}",
-            r.def.id,
+            r.key(),
             r.def.category.as_deref().unwrap_or(""),
             list.join(", ")
         );
+    }
+    // The measure's own stratifiers: numerator / performance denominator.
+    for r in results {
+        let mut by: Vec<(&str, Vec<String>)> = Vec::new();
+        for s in &r.strata {
+            let c = &s.counts;
+            let performance = c.denominator - c.denominator_exclusion - c.denominator_exception;
+            let rate = c
+                .rate()
+                .map_or_else(|| "-".into(), |x| format!("{:.1}%", x * 100.0));
+            let text = format!("{} {}/{performance} ({rate})", s.value, c.numerator);
+            match by.last_mut() {
+                Some((id, list)) if *id == s.stratifier => list.push(text),
+                _ => by.push((&s.stratifier, vec![text])),
+            }
+        }
+        for (id, list) in by {
+            println!("{} by {id}: {}", r.key(), list.join(", "));
+        }
     }
 }
 
@@ -1318,15 +1337,37 @@ fn print_conformance(outcome: &ward::measure::conformance::Conformance, quiet: b
             .collect::<Vec<_>>()
             .join("/")
     };
+    // One line per scope (group, stratum), labelled when there are several.
+    let lines = |scopes: &[&ward::measure::conformance::Scope],
+                 pick: &dyn Fn(&ward::measure::conformance::Scope) -> String| {
+        scopes
+            .iter()
+            .map(|s| {
+                if s.label.is_empty() {
+                    pick(s)
+                } else {
+                    format!("{}: {}", s.label, pick(s))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     if quiet {
         // Quiet still names what failed.
         for c in outcome.cases.iter().filter(|c| !c.passed()) {
-            println!(
-                "FAIL {}: expected {}, computed {} (IP/DEN/DENEX/DENEXCEP/NUM)",
-                c.name,
-                counts(&c.expected),
-                counts(&c.actual)
-            );
+            for s in c.scopes.iter().filter(|s| !s.passed()) {
+                let label = if s.label.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", s.label)
+                };
+                println!(
+                    "FAIL {}{label}: expected {}, computed {} (IP/DEN/DENEX/DENEXCEP/NUM)",
+                    c.name,
+                    counts(&s.expected),
+                    counts(&s.actual)
+                );
+            }
         }
     } else {
         let mut table = TextTable::new();
@@ -1338,11 +1379,12 @@ fn print_conformance(outcome: &ward::measure::conformance::Conformance, quiet: b
             "rejected resources",
         ]);
         for c in &outcome.cases {
+            let scopes: Vec<_> = c.scopes.iter().collect();
             table.add_row(vec![
                 c.name.clone(),
                 if c.passed() { "pass" } else { "FAIL" }.into(),
-                counts(&c.expected),
-                counts(&c.actual),
+                lines(&scopes, &|s| counts(&s.expected)),
+                lines(&scopes, &|s| counts(&s.actual)),
                 c.rejects
                     .iter()
                     .map(|(r, n)| format!("{r} {n}"))

@@ -511,7 +511,7 @@ impl MeasureFigures {
     pub fn of(result: &crate::measure::MeasureResult) -> MeasureFigures {
         let c = &result.counts;
         MeasureFigures {
-            id: result.def.id.clone(),
+            id: result.key(),
             initial_population: c.initial_population,
             denominator: c.denominator,
             denominator_exclusion: c.denominator_exclusion,

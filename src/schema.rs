@@ -143,11 +143,12 @@ pub enum Table {
     ServiceRequest,
     Device,
     Coverage,
+    Communication,
 }
 
 impl Table {
     /// All tables, patients first (facts are validated against patients).
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 10] = [
         Table::Patient,
         Table::Encounter,
         Table::Condition,
@@ -157,6 +158,7 @@ impl Table {
         Table::ServiceRequest,
         Table::Device,
         Table::Coverage,
+        Table::Communication,
     ];
 
     /// The table's snake_case name, as used in paths and SQL.
@@ -171,6 +173,7 @@ impl Table {
             Table::ServiceRequest => "service_request",
             Table::Device => "device",
             Table::Coverage => "coverage",
+            Table::Communication => "communication",
         }
     }
 
@@ -191,6 +194,7 @@ impl Table {
             Table::ServiceRequest => &SERVICE_REQUEST,
             Table::Device => &DEVICE,
             Table::Coverage => &COVERAGE,
+            Table::Communication => &COMMUNICATION,
         }
     }
 
@@ -212,6 +216,7 @@ impl Table {
             Table::ServiceRequest => &["authored_time"],
             Table::Device => &["event_time"],
             Table::Coverage => &[],
+            Table::Communication => &["sent_time", "received_time"],
         }
     }
 
@@ -230,6 +235,7 @@ impl Table {
             Table::Observation => Some(("effective_time", "effective_end")),
             Table::ServiceRequest => Some(("occurrence_start", "occurrence_end")),
             Table::Coverage => Some(("start_date", "end_date")),
+            Table::Communication => Some(("sent_time", "received_time")),
             Table::Encounter => Some(("start_time", "end_time")),
             Table::Condition => Some(("onset_date", "abatement_date")),
             Table::Medication => Some(("start_date", "end_date")),
@@ -296,7 +302,7 @@ const ENCOUNTER: [Column; 14] = [
     SOURCE_LINE,
 ];
 
-const CONDITION: [Column; 17] = [
+const CONDITION: [Column; 18] = [
     SOURCE,
     col("source_condition_id", Kind::Id),
     req("source_patient_id", Kind::Id),
@@ -314,11 +320,13 @@ const CONDITION: [Column; 17] = [
     col("abatement_date", Kind::Date),
     col("recorded_date", Kind::Date),
     col("description", Kind::Text),
+    // Where on the body (FHIR bodySite), as space-separated `system|code`.
+    col("body_sites", Kind::Text),
     SOURCE_FILE,
     SOURCE_LINE,
 ];
 
-const OBSERVATION: [Column; 21] = [
+const OBSERVATION: [Column; 22] = [
     SOURCE,
     col("source_observation_id", Kind::Id),
     req("source_patient_id", Kind::Id),
@@ -331,6 +339,10 @@ const OBSERVATION: [Column; 21] = [
     req("code_system", Kind::CodeSystem),
     req("code", Kind::Code),
     col("codings", Kind::Codings),
+    // Why the fact was (not) done: FHIR statusReason, reasonCode and the
+    // QI-Core notDoneReason / doNotPerformReason / reasonRefused extensions,
+    // as space-separated `system|code` (short system names where known).
+    col("reasons", Kind::Text),
     col("value_num", Kind::Float),
     col("unit", Kind::Unit),
     col("value_text", Kind::Text),
@@ -344,7 +356,7 @@ const OBSERVATION: [Column; 21] = [
     SOURCE_LINE,
 ];
 
-const MEDICATION: [Column; 16] = [
+const MEDICATION: [Column; 18] = [
     SOURCE,
     col("source_medication_id", Kind::Id),
     req("source_patient_id", Kind::Id),
@@ -354,8 +366,16 @@ const MEDICATION: [Column; 16] = [
     req("code_system", Kind::CodeSystem),
     req("code", Kind::Code),
     col("codings", Kind::Codings),
+    // Why the fact was (not) done: FHIR statusReason, reasonCode and the
+    // QI-Core notDoneReason / doNotPerformReason / reasonRefused extensions,
+    // as space-separated `system|code` (short system names where known).
+    col("reasons", Kind::Text),
     req("start_date", Kind::Date),
     col("end_date", Kind::Date),
+    // The start's time of day, when the source records one (an
+    // administration's effective time): hospital measures time it against
+    // lab results to the minute.
+    col("start_time", Kind::Timestamp),
     col("description", Kind::Text),
     col("resource_type", Kind::Token),
     col("do_not_perform", Kind::Bool),
@@ -363,7 +383,7 @@ const MEDICATION: [Column; 16] = [
     SOURCE_LINE,
 ];
 
-const PROCEDURE: [Column; 13] = [
+const PROCEDURE: [Column; 14] = [
     SOURCE,
     col("source_procedure_id", Kind::Id),
     req("source_patient_id", Kind::Id),
@@ -372,6 +392,10 @@ const PROCEDURE: [Column; 13] = [
     req("code_system", Kind::CodeSystem),
     req("code", Kind::Code),
     col("codings", Kind::Codings),
+    // Why the fact was (not) done: FHIR statusReason, reasonCode and the
+    // QI-Core notDoneReason / doNotPerformReason / reasonRefused extensions,
+    // as space-separated `system|code` (short system names where known).
+    col("reasons", Kind::Text),
     req("performed_time", Kind::Timestamp),
     col("performed_end_time", Kind::Timestamp),
     col("description", Kind::Text),
@@ -379,7 +403,7 @@ const PROCEDURE: [Column; 13] = [
     SOURCE_LINE,
 ];
 
-const SERVICE_REQUEST: [Column; 17] = [
+const SERVICE_REQUEST: [Column; 18] = [
     SOURCE,
     col("source_service_request_id", Kind::Id),
     req("source_patient_id", Kind::Id),
@@ -394,6 +418,10 @@ const SERVICE_REQUEST: [Column; 17] = [
     req("code_system", Kind::CodeSystem),
     req("code", Kind::Code),
     col("codings", Kind::Codings),
+    // Why the fact was (not) done: FHIR statusReason, reasonCode and the
+    // QI-Core notDoneReason / doNotPerformReason / reasonRefused extensions,
+    // as space-separated `system|code` (short system names where known).
+    col("reasons", Kind::Text),
     req("authored_time", Kind::Timestamp),
     col("occurrence_start", Kind::Timestamp),
     col("occurrence_end", Kind::Timestamp),
@@ -428,6 +456,24 @@ const COVERAGE: [Column; 11] = [
     col("start_date", Kind::Date),
     col("end_date", Kind::Date),
     col("payor", Kind::Text),
+    SOURCE_FILE,
+    SOURCE_LINE,
+];
+
+/// Communication (QI-Core Communication and CommunicationNotDone): what was
+/// communicated is its category, coded like the other facts.
+const COMMUNICATION: [Column; 13] = [
+    SOURCE,
+    col("source_communication_id", Kind::Id),
+    req("source_patient_id", Kind::Id),
+    col("source_encounter_id", Kind::Id),
+    col("status", Kind::Token),
+    req("code_system", Kind::CodeSystem),
+    req("code", Kind::Code),
+    col("codings", Kind::Codings),
+    col("reasons", Kind::Text),
+    req("sent_time", Kind::Timestamp),
+    col("received_time", Kind::Timestamp),
     SOURCE_FILE,
     SOURCE_LINE,
 ];

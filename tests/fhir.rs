@@ -9,6 +9,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::*;
+use datafusion::arrow::array::AsArray;
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::DataType;
 use serde_json::Value;
 use ward::ingest::FileStatus;
 
@@ -70,6 +73,7 @@ fn table_of(resource_type: &str) -> Option<&'static str> {
         "ServiceRequest" => "service_request",
         "DeviceRequest" | "DeviceUseStatement" => "device",
         "Coverage" => "coverage",
+        "Communication" => "communication",
         _ => return None,
     })
 }
@@ -265,15 +269,12 @@ this is not json
 
 #[test]
 fn synthea_bulk_ndjson_and_bundles_match_an_independent_count() {
-    let shared = repo().join("../shared/data");
-    let (bulk, bundles) = (
-        shared.join("synthea_bulk_ndjson"),
-        shared.join("synthea_fhir_bundles"),
-    );
-    if !bulk.is_dir() || !bundles.is_dir() {
-        eprintln!("skipped: {} is absent", shared.display());
+    let (Some(bulk), Some(bundles)) = (
+        shared_data("synthea_bulk_ndjson"),
+        shared_data("synthea_fhir_bundles"),
+    ) else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let config = config(
         dir.path(),
@@ -381,11 +382,9 @@ fn synthea_bulk_ndjson_and_bundles_match_an_independent_count() {
 
 #[test]
 fn cms165_test_deck_bundles_load_without_rejects() {
-    let deck = repo().join("../shared/data/ecqm/CMS165/tests");
-    if !deck.is_dir() {
-        eprintln!("skipped: {} is absent", deck.display());
+    let Some(deck) = shared_data("ecqm/CMS165/tests") else {
         return;
-    }
+    };
     let cases = fs::read_dir(&deck)
         .unwrap()
         .filter(|e| e.as_ref().unwrap().path().is_dir())
@@ -474,6 +473,100 @@ fn ward_run_loads_a_config_mixing_csv_and_fhir_providers() {
 /// ethnicity code in the race extension, a patient id twice, a current
 /// long prescription whose computed end lies in the future, an absurd
 /// supply and a code with a non-ASCII first letter.
+/// The QI-Core elements eCQMs test: the US Core sex extension over gender,
+/// not-done reasons, a body site, an administration's time of day, a
+/// Communication; resources without a subject in a bundle of one patient
+/// are that patient's, in a bundle of two they are rejected.
+#[test]
+fn qicore_elements_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = dir.path().join("bundles");
+    fs::create_dir_all(&b).unwrap();
+    let sct = "http://snomed.info/sct";
+    let bundle = |resources: Vec<Value>| {
+        let entry: Vec<Value> = resources
+            .into_iter()
+            .map(|r| serde_json::json!({ "resource": r }))
+            .collect();
+        serde_json::json!({"resourceType": "Bundle", "type": "collection", "entry": entry})
+            .to_string()
+    };
+    let subject = serde_json::json!({"reference": "Patient/p1"});
+    fs::write(
+        b.join("one.json"),
+        bundle(vec![
+            serde_json::json!({"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1960-01-01",
+                "extension": [{"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-sex", "valueCode": "248153007"}]}),
+            serde_json::json!({"resourceType": "Encounter", "id": "e1", "status": "finished",
+                "class": {"code": "OBS"}, "period": {"start": "2026-03-01T10:00:00Z"}}),
+            serde_json::json!({"resourceType": "Observation", "id": "o1", "status": "cancelled", "subject": subject,
+                "code": {"coding": [{"system": "http://loinc.org", "code": "73832-8"}]},
+                "issued": "2026-03-01T10:00:00Z",
+                "extension": [{"url": "http://hl7.org/fhir/us/qicore/StructureDefinition/qicore-notDoneReason",
+                    "valueCodeableConcept": {"coding": [{"system": sct, "code": "183932001"}]}}]}),
+            serde_json::json!({"resourceType": "Condition", "id": "c1", "subject": subject,
+                "code": {"coding": [{"system": sct, "code": "429009003"}]}, "onsetDateTime": "2020-01-01",
+                "bodySite": [{"coding": [{"system": sct, "code": "24028007"}]}]}),
+            serde_json::json!({"resourceType": "MedicationAdministration", "id": "m1", "status": "completed",
+                "subject": subject, "effectiveDateTime": "2026-03-01T11:30:00Z",
+                "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "311041"}]}}),
+            serde_json::json!({"resourceType": "Communication", "id": "k1", "status": "completed", "subject": subject,
+                "category": [{"coding": [{"system": sct, "code": "428341000124108"}]}],
+                "sent": "2026-03-02T09:00:00Z", "statusReason": {"coding": [{"system": sct, "code": "105480006"}]}}),
+        ]),
+    )
+    .unwrap();
+    fs::write(
+        b.join("two.json"),
+        bundle(vec![
+            serde_json::json!({"resourceType": "Patient", "id": "p2", "gender": "male", "birthDate": "1960-01-01"}),
+            serde_json::json!({"resourceType": "Patient", "id": "p3", "gender": "male", "birthDate": "1960-01-01"}),
+            serde_json::json!({"resourceType": "Encounter", "id": "e2", "status": "finished",
+                "class": {"code": "AMB"}, "period": {"start": "2026-03-01T10:00:00Z"}}),
+        ]),
+    )
+    .unwrap();
+    let report = ingest_2030(&config(dir.path(), &[("b", "fhir-bundle", &b)]));
+    let two = report.files.iter().find(|f| f.file == "two.json").unwrap();
+    assert_eq!(
+        two.rejects_by_rule,
+        BTreeMap::from([("missing_subject".to_string(), 1)])
+    );
+    let wh = dir.path().join("wh");
+    let staged = |t: &str| read_dir_batches(&wh.join("staging").join(t).join("source=b"));
+    let p = staged("patient");
+    let sex: BTreeMap<_, _> = strings(&p, "source_patient_id")
+        .into_iter()
+        .zip(strings(&p, "sex"))
+        .collect();
+    assert_eq!(
+        sex[&Some("p1".into())].as_deref(),
+        Some("male"),
+        "the extension wins"
+    );
+    let e = staged("encounter");
+    assert_eq!(strings(&e, "source_patient_id"), [Some("p1".into())]);
+    assert_eq!(strings(&e, "encounter_class"), [Some("other".into())]);
+    let o = staged("observation");
+    assert_eq!(strings(&o, "reasons"), [Some("snomed|183932001".into())]);
+    let c = staged("condition");
+    assert_eq!(strings(&c, "body_sites"), [Some("snomed|24028007".into())]);
+    let m = staged("medication");
+    let time = cast(m[0].column_by_name("start_time").unwrap(), &DataType::Utf8);
+    assert_eq!(
+        time.unwrap().as_string::<i32>().value(0),
+        "2026-03-01T11:30:00"
+    );
+    let k = staged("communication");
+    assert_eq!(
+        (strings(&k, "code"), strings(&k, "reasons")),
+        (
+            vec![Some("428341000124108".into())],
+            vec![Some("snomed|105480006".into())]
+        )
+    );
+}
+
 #[test]
 fn unseen_fhir_shapes_are_loaded_flagged_or_rejected_never_a_panic() {
     let dir = tempfile::tempdir().unwrap();

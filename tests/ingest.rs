@@ -574,11 +574,9 @@ fn bad_input_gets_a_reject_or_an_error_naming_file_and_line() {
 /// only rejects are exact duplicate rows, each identical to an accepted one.
 #[test]
 fn synthea_csv_export_loads_completely() {
-    let shared = repo().join("../shared/data/synthea_csv_2022");
-    if !shared.is_dir() {
-        eprintln!("skipped: {} is absent", shared.display());
+    let Some(shared) = shared_data("synthea_csv_2022") else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("ward.toml");
     fs::write(

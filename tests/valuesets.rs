@@ -7,11 +7,9 @@ use common::*;
 
 #[test]
 fn committed_value_sets_are_the_converter_output_of_the_shared_data() {
-    let shared = repo().join("../shared/data/ecqm/valuesets");
-    if !shared.is_dir() {
-        eprintln!("skipped: {} is absent", shared.display());
+    let Some(shared) = shared_data("ecqm/valuesets") else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let report = ward::valuesets::convert(&[shared], dir.path()).unwrap();
     assert!(report.written.len() >= 40);

@@ -269,6 +269,38 @@ fn do_not_perform(r: &Value) -> Option<String> {
     })
 }
 
+/// Why a fact was or was not done, as space-separated `system|code` (short
+/// system names where Ward knows the system): `statusReason`, every
+/// `reasonCode`, and the QI-Core `notDoneReason`, `doNotPerformReason` and
+/// `reasonRefused` extensions.
+fn reasons(r: &Value) -> Option<String> {
+    let mut codes = codings(&r["statusReason"]);
+    codes.extend(codings(&r["reasonCode"]));
+    for e in r["extension"].as_array().into_iter().flatten() {
+        let url = e["url"].as_str().unwrap_or_default();
+        if ["notDoneReason", "doNotPerformReason", "reasonRefused"]
+            .iter()
+            .any(|n| url.ends_with(n))
+        {
+            codes.extend(codings(&e["valueCodeableConcept"]));
+        }
+    }
+    coded_tokens(codes)
+}
+
+/// Codings as space-separated `system|code` (short system names where
+/// Ward knows the system).
+fn coded_tokens(codes: Vec<(String, String)>) -> Option<String> {
+    let tokens: Vec<String> = codes
+        .into_iter()
+        .map(|(system, code)| {
+            let system = super::normalize::code_system(&system).map_or(system, str::to_string);
+            format!("{system}|{code}").replace(' ', "_")
+        })
+        .collect();
+    (!tokens.is_empty()).then(|| tokens.join(" "))
+}
+
 /// A resource's rows; `Ok(None)` for types Ward does not load.
 type Flattened = std::result::Result<Option<Vec<Row>>, Refusal>;
 
@@ -321,7 +353,19 @@ fn flatten(
                 p.set("family_name", text(&n["family"]));
             }
             p.set("birth_date", text(&r["birthDate"]));
-            p.set("sex", text(&r["gender"]));
+            // The US Core sex extension (QI-Core `Patient.sex`, what eCQMs
+            // test) when present, else the administrative gender.
+            let sex = extension(
+                r,
+                "http://hl7.org/fhir/us/core/StructureDefinition/us-core-sex",
+            )
+            .and_then(|e| text(&e["valueCode"]).or_else(|| text(&e["valueCoding"]["code"])))
+            .and_then(|code| match code.as_str() {
+                "248152002" | "F" => Some("female".to_string()),
+                "248153007" | "M" => Some("male".to_string()),
+                _ => None,
+            });
+            p.set("sex", sex.or_else(|| text(&r["gender"])));
             let omb = |url: &str| {
                 extension(r, url)?["extension"]
                     .as_array()?
@@ -391,6 +435,7 @@ fn flatten(
             c.set("abatement_date", abatement_end.or(abatement));
             c.set("recorded_date", recorded);
             c.set("description", text(&r["code"]["text"]));
+            c.set("body_sites", coded_tokens(codings(&r["bodySite"])));
             rows.push(c);
         }
         "Observation" => {
@@ -409,6 +454,7 @@ fn flatten(
                 o.set("effective_time", effective.clone());
                 o.set("effective_end", effective_end.clone());
                 o.set("description", text(&r["code"]["text"]));
+                o.set("reasons", reasons(r));
                 let q = &value_of["valueQuantity"];
                 o.set(
                     "value_num",
@@ -447,6 +493,7 @@ fn flatten(
             m.set("status", text(&r["status"]));
             m.set("intent", text(&r["intent"]));
             m.set("do_not_perform", do_not_perform(r));
+            m.set("reasons", reasons(r));
             let med_ref = &r["medicationReference"];
             let codes = match reference(med_ref, urls) {
                 Ok(Some(med)) => medications
@@ -467,6 +514,10 @@ fn flatten(
             } else {
                 choice_time(r, "effective")
             };
+            m.set(
+                "start_time",
+                start.as_ref().filter(|s| s.contains('T')).cloned(),
+            );
             m.set("start_date", start);
             m.set("end_date", end);
             m.set("resource_type", Some(rtype.to_ascii_lowercase()));
@@ -483,6 +534,7 @@ fn flatten(
             p.set("performed_time", start);
             p.set("performed_end_time", end);
             p.set("description", text(&r["code"]["text"]));
+            p.set("reasons", reasons(r));
             rows.push(p);
         }
         "ServiceRequest" => {
@@ -496,6 +548,7 @@ fn flatten(
             s.set("category", first_code(&r["category"]));
             s.set("categories", all_codes(&r["category"]));
             s.set_code(codings(&r["code"]));
+            s.set("reasons", reasons(r));
             s.set("authored_time", text(&r["authoredOn"]));
             let (start, end) = choice_time(r, "occurrence");
             s.set("occurrence_start", start);
@@ -524,6 +577,33 @@ fn flatten(
                     .or_else(|| text(&r["recordedOn"])),
             );
             rows.push(d);
+        }
+        "Communication" => {
+            let mut c = Row::new(Table::Communication);
+            c.set("source_communication_id", id);
+            c.set("source_patient_id", Some(subject(r, urls, "subject")?));
+            c.set("source_encounter_id", encounter);
+            c.set("status", text(&r["status"]));
+            // What was communicated: the category (QI-Core), else the topic.
+            let mut codes = codings(&r["category"]);
+            codes.extend(codings(&r["topic"]));
+            c.set_code(codes);
+            c.set("reasons", reasons(r));
+            // A communication not done has no `sent`: it is dated by when
+            // that was recorded.
+            let recorded = extension(
+                r,
+                "http://hl7.org/fhir/us/qicore/StructureDefinition/qicore-recorded",
+            )
+            .and_then(|e| text(&e["valueDateTime"]));
+            c.set(
+                "sent_time",
+                text(&r["sent"])
+                    .or(recorded)
+                    .or_else(|| text(&r["received"])),
+            );
+            c.set("received_time", text(&r["received"]));
+            rows.push(c);
         }
         "Coverage" => {
             let mut c = Row::new(Table::Coverage);
@@ -662,6 +742,18 @@ fn read_bundle(path: &Path, bytes: &[u8]) -> Result<Flat> {
             .iter()
             .map(|e| (&e["resource"], e["fullUrl"].as_str())),
     );
+    // A bundle of one patient's record (a test case, `Patient/$everything`)
+    // may leave `subject` out of its resources: they are that patient's.
+    let patients: Vec<&Value> = entries
+        .iter()
+        .map(|e| &e["resource"])
+        .filter(|r| r["resourceType"] == "Patient")
+        .collect();
+    let sole_patient = match patients.as_slice() {
+        [p] => text(&p["id"]),
+        _ => None,
+    };
+    let mut assigned = 0;
     let mut flat = Flat::default();
     for (i, e) in entries.iter().enumerate() {
         let r = &e["resource"];
@@ -671,7 +763,22 @@ fn read_bundle(path: &Path, bytes: &[u8]) -> Result<Flat> {
         {
             r["id"] = Value::String(id.clone());
         }
+        if let Some(patient) = &sole_patient
+            && r["subject"].is_null()
+            && r["resourceType"] != "Patient"
+            && r["resourceType"] != "Coverage"
+        {
+            r["subject"] = serde_json::json!({ "reference": format!("Patient/{patient}") });
+            assigned += 1;
+        }
         flat.add(i as u64 + 1, &r, || r.to_string(), &urls, &meds);
+    }
+    if assigned > 0 {
+        tracing::info!(
+            file = %path.display(),
+            resources = assigned,
+            "resources without a subject assigned to the bundle's only Patient"
+        );
     }
     Ok(flat)
 }

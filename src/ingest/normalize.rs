@@ -238,7 +238,7 @@ pub fn encounter_class(raw: &str) -> Option<&'static str> {
         "emergency" | "emer" | "er" | "ed" => "emergency",
         "inpatient" | "imp" | "acute" | "nonac" | "inpatient encounter" => "inpatient",
         "virtual" | "vr" | "telehealth" => "virtual",
-        "other" | "hh" | "home" | "fld" | "ss" | "obsenc" | "prenc" => "other",
+        "other" | "hh" | "home" | "fld" | "ss" | "obsenc" | "obs" | "prenc" => "other",
         _ => return None,
     })
 }

@@ -3,7 +3,12 @@
 //! resources as separate files) and the expected individual MeasureReport. Every case is loaded through the normal FHIR
 //! ingest into a scratch warehouse (the patient ids keep cases apart), the
 //! measure runs once per distinct reporting period, and every population
-//! count of every case is compared.
+//! count of every case is compared: of every group (matched by position),
+//! and of the `true` stratum of every stratifier the measure defines
+//! (matched by position; MADiE's `false` strata are not CQL-evaluated
+//! populations — they can count a numerator outside the initial
+//! population — so they are not compared). An encounter-based measure
+//! counts the case's encounters.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -25,19 +30,36 @@ pub struct CaseResult {
     pub name: String,
     pub folder: String,
     pub period: Period,
-    /// Expected and computed count per population column name.
-    pub expected: BTreeMap<String, u64>,
-    pub actual: BTreeMap<String, u64>,
+    /// Expected and computed counts: one scope per group, and per `true`
+    /// stratum of each group.
+    pub scopes: Vec<Scope>,
     /// Rejected resources of the case's bundle, by rule (they may explain a
     /// failure).
     pub rejects: BTreeMap<String, u64>,
 }
 
-impl CaseResult {
+/// The compared counts of one group, or of one stratum of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// Empty for the only group of a measure without strata; else
+    /// `group 2` or `group 1, Stratification 1`.
+    pub label: String,
+    /// Expected and computed count per population column name.
+    pub expected: BTreeMap<String, u64>,
+    pub actual: BTreeMap<String, u64>,
+}
+
+impl Scope {
     pub fn passed(&self) -> bool {
         self.expected
             .iter()
             .all(|(p, n)| self.actual.get(p).copied().unwrap_or(0) == *n)
+    }
+}
+
+impl CaseResult {
+    pub fn passed(&self) -> bool {
+        self.scopes.iter().all(Scope::passed)
     }
 }
 
@@ -61,14 +83,21 @@ struct Case {
     bundle: Value,
     patient: String,
     period: Period,
-    expected: BTreeMap<String, u64>,
+    /// Per group (in report order): the populations' expected counts, and
+    /// per stratifier (in order) the `true` stratum's, when given.
+    expected: Vec<ExpectedGroup>,
     description: Option<String>,
+}
+
+struct ExpectedGroup {
+    populations: BTreeMap<String, u64>,
+    strata: Vec<Option<BTreeMap<String, u64>>>,
 }
 
 /// Runs `def` against every case of `deck`, using `scratch` as the
 /// warehouse (it is emptied first).
 pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Result<Conformance> {
-    let cases = read_deck(deck)?;
+    let cases = read_deck(deck, def)?;
     let names = case_names(deck);
     if scratch.exists() {
         fs::remove_dir_all(scratch).map_err(|e| WardError::io("cannot empty", scratch, e))?;
@@ -134,17 +163,53 @@ pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Res
     for (start, end) in periods {
         let period = Period { start, end };
         let outcome = super::run(&warehouse, queries, &[def], period)?;
-        let members = outcome[0].memberships();
+        let members: Vec<Vec<super::Member>> = outcome.iter().map(|r| r.members()).collect();
         for case in cases.iter().filter(|c| c.period == period) {
-            let flags = members
-                .get(&format!("deck/{}", case.patient))
-                .copied()
-                .unwrap_or_default();
-            let actual = POPULATIONS
-                .iter()
-                .zip(flags)
-                .map(|(p, f)| (p.to_string(), u64::from(f)))
-                .collect();
+            let person = format!("deck/{}", case.patient);
+            let count = |group: usize, stratum: Option<usize>| {
+                let mut counts = super::Counts::default();
+                for m in members.get(group).into_iter().flatten() {
+                    if m.person == person && stratum.is_none_or(|k| m.strata[k] == "true") {
+                        counts.add(&m.flags);
+                    }
+                }
+                let values = [
+                    counts.initial_population,
+                    counts.denominator,
+                    counts.denominator_exclusion,
+                    counts.denominator_exception,
+                    counts.numerator,
+                ];
+                POPULATIONS
+                    .iter()
+                    .zip(values)
+                    .map(|(p, n)| (p.to_string(), n))
+                    .collect::<BTreeMap<_, _>>()
+            };
+            let plain = case.expected.len() == 1 && case.expected[0].strata.is_empty();
+            let mut scopes = Vec::new();
+            for (g, expected) in case.expected.iter().enumerate() {
+                let group = if plain {
+                    String::new()
+                } else {
+                    format!("group {}", g + 1)
+                };
+                scopes.push(Scope {
+                    label: group.clone(),
+                    expected: expected.populations.clone(),
+                    actual: count(g, None),
+                });
+                for (k, stratum) in expected.strata.iter().enumerate() {
+                    let (Some(stratum), Some(st)) = (stratum, def.stratifiers.get(k)) else {
+                        continue;
+                    };
+                    scopes.push(Scope {
+                        label: format!("{group}, {}", st.id),
+                        expected: stratum.clone(),
+                        actual: count(g, Some(k)),
+                    });
+                }
+            }
             results.push(CaseResult {
                 name: names
                     .get(&case.folder)
@@ -153,8 +218,7 @@ pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Res
                     .unwrap_or_else(|| case.folder.clone()),
                 folder: case.folder.clone(),
                 period,
-                expected: case.expected.clone(),
-                actual,
+                scopes,
                 rejects: rejects.remove(&case.folder).unwrap_or_default(),
             });
         }
@@ -184,7 +248,7 @@ fn case_names(deck: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn read_deck(deck: &Path) -> Result<Vec<Case>> {
+fn read_deck(deck: &Path, def: &MeasureDef) -> Result<Vec<Case>> {
     let entries = fs::read_dir(deck).map_err(|e| WardError::io("cannot read", deck, e))?;
     let mut folders: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -201,7 +265,7 @@ fn read_deck(deck: &Path) -> Result<Vec<Case>> {
             .any(|e| e.path().is_dir());
         if nested {
             decks.push(folder);
-        } else if let Some(case) = read_case(&folder)? {
+        } else if let Some(case) = read_case(&folder, def)? {
             cases.push(case);
         }
     }
@@ -237,7 +301,7 @@ fn read_deck(deck: &Path) -> Result<Vec<Case>> {
 /// separate files, gathered into a collection Bundle) and the expected
 /// MeasureReport (inside the Bundle or beside it). `None` when the folder
 /// holds no patient record.
-fn read_case(folder: &Path) -> Result<Option<Case>> {
+fn read_case(folder: &Path, def: &MeasureDef) -> Result<Option<Case>> {
     let bad = |path: &Path, message: String| WardError::Data {
         context: "reading a test case",
         path: path.to_path_buf(),
@@ -320,25 +384,58 @@ fn read_case(folder: &Path) -> Result<Option<Case>> {
         start: date("start")?,
         end: date("end")?,
     };
-    let groups = report["group"].as_array().map_or(0, Vec::len);
-    if groups != 1 {
+    let groups = report["group"].as_array().cloned().unwrap_or_default();
+    let wanted = def.groups.len().max(1);
+    if groups.len() != wanted {
         return Err(bad(
             &path,
-            format!("the MeasureReport has {groups} groups; Ward measures have one"),
+            format!(
+                "the MeasureReport has {} groups; measure {} has {wanted}",
+                groups.len(),
+                def.id
+            ),
         ));
     }
-    let mut expected = BTreeMap::new();
-    for p in report["group"][0]["population"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
-        let code = p["code"]["coding"][0]["code"].as_str().unwrap_or_default();
-        let column = code.replace('-', "_");
-        if !POPULATIONS.contains(&column.as_str()) {
-            return Err(bad(&path, format!("population '{code}' is not supported")));
+    let populations = |list: &Value| -> Result<BTreeMap<String, u64>> {
+        let mut out = BTreeMap::new();
+        for p in list.as_array().into_iter().flatten() {
+            let code = p["code"]["coding"][0]["code"].as_str().unwrap_or_default();
+            let column = code.replace('-', "_");
+            if !POPULATIONS.contains(&column.as_str()) {
+                return Err(bad(&path, format!("population '{code}' is not supported")));
+            }
+            out.insert(column, p["count"].as_u64().unwrap_or(0));
         }
-        expected.insert(column, p["count"].as_u64().unwrap_or(0));
+        Ok(out)
+    };
+    let mut expected = Vec::new();
+    for group in &groups {
+        let mut strata = Vec::new();
+        for st in group["stratifier"].as_array().into_iter().flatten() {
+            let truth = st["stratum"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|s| s["value"]["text"] == "true")
+                .map(|s| populations(&s["population"]))
+                .transpose()?;
+            strata.push(truth);
+        }
+        if strata.len() > def.stratifiers.len() {
+            return Err(bad(
+                &path,
+                format!(
+                    "the MeasureReport has {} stratifiers per group; measure {} defines {}",
+                    strata.len(),
+                    def.id,
+                    def.stratifiers.len()
+                ),
+            ));
+        }
+        expected.push(ExpectedGroup {
+            populations: populations(&group["population"])?,
+            strata,
+        });
     }
     let description = report["extension"]
         .as_array()

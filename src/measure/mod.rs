@@ -12,6 +12,19 @@
 //! denominator, in the numerator only if in the denominator and not excluded,
 //! and excepted only if in the denominator, not excluded and not in the
 //! numerator. Criteria are NULL-safe (NULL is false).
+//!
+//! Three shapes beyond one group of patients, all declared in the TOML:
+//! - **population basis** `basis = "encounter"`: the populations count
+//!   encounters (hospital measures); the query returns one row per
+//!   encounter with its `encounter_id` and `person_id`.
+//! - **groups** (`[[group]]`): several population groups of one measure
+//!   (CMS155: BMI, nutrition and physical-activity counseling); the query
+//!   returns a `group_id` column naming the group, one row per subject per
+//!   group, and Ward reports each group as its own result
+//!   ([`MeasureResult::key`] `<id>.<group>`).
+//! - **stratifiers** (`[[stratifier]]`): columns of the query (boolean or
+//!   text) whose values split every group's populations, as the measure
+//!   defines them (CMS155's age strata).
 
 pub mod conformance;
 mod session;
@@ -21,7 +34,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::array::{Array, AsArray, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use datafusion::prelude::SessionContext;
 use serde::Deserialize;
@@ -46,6 +59,63 @@ pub const POPULATIONS: [&str; 5] = [
 pub enum Improvement {
     Increase,
     Decrease,
+}
+
+/// What a measure's populations count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Basis {
+    /// Patients (FHIR population basis `boolean`): one row per person.
+    #[default]
+    Patient,
+    /// Encounters: one row per encounter, with its `encounter_id`.
+    Encounter,
+}
+
+impl Basis {
+    /// The column naming a subject of the populations.
+    pub fn subject_column(self) -> &'static str {
+        match self {
+            Basis::Patient => "person_id",
+            Basis::Encounter => "encounter_id",
+        }
+    }
+
+    /// The plural noun for counts (`patients`, `encounters`).
+    pub fn noun(self) -> &'static str {
+        match self {
+            Basis::Patient => "patients",
+            Basis::Encounter => "encounters",
+        }
+    }
+}
+
+/// One population group of a measure with several (`[[group]]`).
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupDef {
+    /// The value of the query's `group_id` column for this group's rows; a
+    /// slug (letters, digits, `-`, `_`).
+    pub id: String,
+    pub title: String,
+    /// The group's care-gap action (default: the measure's `care_gap`).
+    #[serde(default)]
+    pub care_gap: Option<String>,
+}
+
+/// A stratifier the measure defines (`[[stratifier]]`): a column of the
+/// query whose values split the populations of every group.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StratifierDef {
+    /// The stratifier's name in reports (the measure's own, e.g.
+    /// `Stratification 1`).
+    pub id: String,
+    /// The query column holding each subject's stratum (boolean or text; a
+    /// NULL boolean is `false`, a NULL text `(none)`).
+    pub column: String,
+    #[serde(default)]
+    pub description: Option<String>,
 }
 
 /// A measure's metadata (`queries/measures/<name>.toml`).
@@ -93,6 +163,15 @@ pub struct MeasureDef {
     /// the common `queries/lib/*.sql`. Default: [`DEFAULT_LIBRARY`].
     #[serde(default)]
     pub library: Option<String>,
+    /// What the populations count (default: patients).
+    #[serde(default)]
+    pub basis: Basis,
+    /// Population groups, when the measure has several.
+    #[serde(default, rename = "group")]
+    pub groups: Vec<GroupDef>,
+    /// Stratifiers the measure defines, reported per group.
+    #[serde(default, rename = "stratifier")]
+    pub stratifiers: Vec<StratifierDef>,
     /// The SQL file, beside the metadata.
     #[serde(skip)]
     pub sql: PathBuf,
@@ -147,6 +226,36 @@ pub fn catalog(queries: &Path) -> Result<Vec<MeasureDef>> {
                     format!(
                         "library '{library}' is not a folder of {}",
                         queries.join("lib").display()
+                    ),
+                ));
+            }
+        }
+        let slug = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        for (i, g) in def.groups.iter().enumerate() {
+            if !slug(&g.id) || def.groups[..i].iter().any(|o| o.id == g.id) {
+                return Err(config(
+                    &path,
+                    format!(
+                        "group id '{}' must be a unique slug (letters, digits, '-', '_')",
+                        g.id
+                    ),
+                ));
+            }
+        }
+        for (i, st) in def.stratifiers.iter().enumerate() {
+            let reserved = POPULATIONS.contains(&st.column.as_str())
+                || ["person_id", "encounter_id", "group_id"].contains(&st.column.as_str());
+            if reserved || def.stratifiers[..i].iter().any(|o| o.id == st.id) {
+                return Err(config(
+                    &path,
+                    format!(
+                        "stratifier '{}': its id must be unique and its column '{}' \
+                         not a population or subject column",
+                        st.id, st.column
                     ),
                 ));
             }
@@ -214,12 +323,38 @@ impl Counts {
     }
 }
 
-/// One measure's outcome.
+/// The counts of one stratum of a measure-defined stratifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StratumCounts {
+    /// The stratifier's id ([`StratifierDef::id`]).
+    pub stratifier: String,
+    /// The stratum's value (`true`, `false`, or the text value).
+    pub value: String,
+    pub counts: Counts,
+}
+
+/// One subject of a measure's populations: a person, or an encounter with
+/// its person.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub subject: String,
+    pub person: String,
+    /// The populations, in [`POPULATIONS`] order.
+    pub flags: [bool; 5],
+    /// The subject's stratum of each stratifier the measure defines.
+    pub strata: Vec<String>,
+}
+
+/// One measure's outcome, or one group's when the measure has several.
 #[derive(Debug, Clone)]
 pub struct MeasureResult {
     pub def: MeasureDef,
+    /// The group these results are of, when the measure has several.
+    pub group: Option<GroupDef>,
     pub period: Period,
     pub counts: Counts,
+    /// Counts per stratum of every stratifier the measure defines.
+    pub strata: Vec<StratumCounts>,
     /// Counts per value of the measure's category column (denominator
     /// members after exclusions and exceptions), when it has one.
     pub categories: BTreeMap<String, u64>,
@@ -249,12 +384,43 @@ pub struct EmptyDenominator {
 }
 
 impl MeasureResult {
-    /// Person ids and their scored populations, for tests and the harness.
-    pub fn memberships(&self) -> BTreeMap<String, [bool; 5]> {
-        let mut out = BTreeMap::new();
+    /// The result's name in reports and file names: the measure id, and
+    /// `<id>.<group>` for a group of a measure with several.
+    pub fn key(&self) -> String {
+        match &self.group {
+            Some(g) => format!("{}.{}", self.def.id, g.id),
+            None => self.def.id.clone(),
+        }
+    }
+
+    /// The result's title: the measure's, with the group's.
+    pub fn title(&self) -> String {
+        match &self.group {
+            Some(g) => format!("{} — {}", self.def.title, g.title),
+            None => self.def.title.clone(),
+        }
+    }
+
+    /// The care-gap action of this result (the group's, else the measure's).
+    pub fn care_gap(&self) -> Option<&str> {
+        self.group
+            .as_ref()
+            .and_then(|g| g.care_gap.as_deref())
+            .or(self.def.care_gap.as_deref())
+    }
+
+    /// Every subject with its person, scored populations and strata.
+    pub fn members(&self) -> Vec<Member> {
+        let mut out = Vec::new();
         for b in &self.rows {
-            let ids = b.column_by_name("person_id").expect("scored rows");
-            let ids = ids.as_string::<i32>();
+            let column = |name: &str| {
+                b.column_by_name(name)
+                    .expect("scored rows")
+                    .as_string::<i32>()
+                    .clone()
+            };
+            let subjects = column(self.def.basis.subject_column());
+            let persons = column("person_id");
             let flags: Vec<_> = POPULATIONS
                 .iter()
                 .map(|p| {
@@ -264,19 +430,63 @@ impl MeasureResult {
                         .clone()
                 })
                 .collect();
+            let strata: Vec<(StringArray, &str)> = self
+                .def
+                .stratifiers
+                .iter()
+                .map(|st| {
+                    let c = b.column_by_name(&st.column).expect("checked when run");
+                    let none = if c.data_type() == &DataType::Boolean {
+                        "false"
+                    } else {
+                        "(none)"
+                    };
+                    let text = datafusion::arrow::compute::cast(c, &DataType::Utf8)
+                        .expect("any column casts to text");
+                    (text.as_string::<i32>().clone(), none)
+                })
+                .collect();
             for i in 0..b.num_rows() {
                 let mut f = [false; 5];
                 for (k, col) in flags.iter().enumerate() {
                     f[k] = col.value(i);
                 }
-                out.insert(ids.value(i).to_string(), f);
+                out.push(Member {
+                    subject: subjects.value(i).to_string(),
+                    person: persons.value(i).to_string(),
+                    flags: f,
+                    strata: strata
+                        .iter()
+                        .map(|(a, none)| if a.is_null(i) { *none } else { a.value(i) }.to_string())
+                        .collect(),
+                });
             }
         }
         out
     }
+
+    /// Subject ids and their scored populations, for tests and the harness.
+    pub fn memberships(&self) -> BTreeMap<String, [bool; 5]> {
+        self.members()
+            .into_iter()
+            .map(|m| (m.subject, m.flags))
+            .collect()
+    }
 }
 
-/// Runs measures for a period (nothing is written; see [`write_marts`]).
+impl Counts {
+    /// Adds one subject's populations.
+    pub fn add(&mut self, f: &[bool; 5]) {
+        self.initial_population += u64::from(f[0]);
+        self.denominator += u64::from(f[1]);
+        self.denominator_exclusion += u64::from(f[2]);
+        self.denominator_exception += u64::from(f[3]);
+        self.numerator += u64::from(f[4]);
+    }
+}
+
+/// Runs measures for a period (nothing is written; see [`write_marts`]): one
+/// result per measure, or per group of a measure with several.
 pub fn run(
     warehouse: &Warehouse,
     queries: &Path,
@@ -296,7 +506,7 @@ pub fn run(
                     sessions.len() - 1
                 }
             };
-            results.push(run_one(&sessions[i].1, def, period).await?);
+            results.extend(run_one(&sessions[i].1, def, period).await?);
         }
         Ok(results)
     })
@@ -339,7 +549,7 @@ pub fn care_gaps(
         .await?;
         let mut out = Vec::new();
         for (n, r) in results.iter().enumerate() {
-            let (Some(action), true) = (&r.def.care_gap, !r.rows.is_empty()) else {
+            let (Some(action), true) = (r.care_gap(), !r.rows.is_empty()) else {
                 continue;
             };
             let err = |message: String| WardError::Data {
@@ -366,7 +576,14 @@ pub fn care_gaps(
                 .map(|f| f.name().as_str())
                 .filter(|n| {
                     !POPULATIONS.contains(n)
-                        && !["measure_id", "period_start", "period_end", "person_id"].contains(n)
+                        && ![
+                            "measure_id",
+                            "period_start",
+                            "period_end",
+                            "person_id",
+                            "group_id",
+                        ]
+                        .contains(n)
                 })
                 .map(|n| format!("'{n}=' || coalesce(CAST(m.\"{n}\" AS VARCHAR), '')"))
                 .collect();
@@ -377,7 +594,7 @@ pub fn care_gaps(
             };
             let priority = r.def.care_gap_priority.as_deref().unwrap_or("person_id");
             let sql = format!(
-                "SELECT l.source AS provider, m.measure_id, pt.source_patient_id, pt.mrn, \
+                "SELECT l.source AS provider, '{key}' AS measure_id, pt.source_patient_id, pt.mrn, \
                    pt.given_name, pt.family_name, pt.birth_date, \
                    '{action}' AS action, {details} AS details, \
                    array_to_string(array_remove(p.sources, l.source), ';') AS other_providers \
@@ -387,6 +604,7 @@ pub fn care_gaps(
                  JOIN patient p ON p.person_id = m.person_id \
                  WHERE {gap} ORDER BY provider, rank_",
                 action = action.replace('\'', "''"),
+                key = r.key().replace('\'', "''"),
             );
             out.extend(
                 crate::engine::collect(&ctx, &sql)
@@ -398,21 +616,25 @@ pub fn care_gaps(
     })
 }
 
-/// Writes each result to `marts/measure_patient/<id>.parquet` (atomically,
+/// Writes each result to `marts/measure_patient/<key>.parquet` (atomically,
 /// replacing the previous run's file) and returns the paths.
 pub fn write_marts(warehouse: &Warehouse, results: &[MeasureResult]) -> Result<Vec<PathBuf>> {
     let dir = warehouse.out().join("marts").join("measure_patient");
     results
         .iter()
         .map(|r| {
-            let path = dir.join(format!("{}.parquet", r.def.id));
+            let path = dir.join(format!("{}.parquet", r.key()));
             warehouse.write_parquet(&path, r.schema.clone(), &r.rows)?;
             Ok(path)
         })
         .collect()
 }
 
-async fn run_one(ctx: &SessionContext, def: &MeasureDef, period: Period) -> Result<MeasureResult> {
+async fn run_one(
+    ctx: &SessionContext,
+    def: &MeasureDef,
+    period: Period,
+) -> Result<Vec<MeasureResult>> {
     let err = |message: String| WardError::Data {
         context: "running measure",
         path: def.sql.clone(),
@@ -422,16 +644,21 @@ async fn run_one(ctx: &SessionContext, def: &MeasureDef, period: Period) -> Resu
         std::fs::read_to_string(&def.sql).map_err(|e| WardError::io("cannot read", &def.sql, e))?;
     let raw = ctx.sql(&sql).await.map_err(|e| err(e.to_string()))?;
     let schema = raw.schema().as_arrow().clone();
-    for required in POPULATIONS
+    let subject = def.basis.subject_column();
+    let mut required: Vec<&str> = POPULATIONS
         .iter()
-        .filter(|p| **p != "denominator_exception")
-    {
-        if schema.field_with_name(required).is_err() {
-            return Err(err(format!("the query returns no column '{required}'")));
-        }
+        .copied()
+        .filter(|p| *p != "denominator_exception")
+        .chain(["person_id", subject])
+        .collect();
+    if !def.groups.is_empty() {
+        required.push("group_id");
     }
-    if schema.field_with_name("person_id").is_err() {
-        return Err(err("the query returns no column 'person_id'".into()));
+    required.extend(def.stratifiers.iter().map(|s| s.column.as_str()));
+    for column in required {
+        if schema.field_with_name(column).is_err() {
+            return Err(err(format!("the query returns no column '{column}'")));
+        }
     }
     let view: String = format!("measure_raw_{}", def.id)
         .chars()
@@ -451,31 +678,54 @@ async fn run_one(ctx: &SessionContext, def: &MeasureDef, period: Period) -> Resu
     } else {
         "false".into()
     };
+    // Ids as text; the other columns as the query returns them.
+    let ids = ["person_id", "encounter_id", "group_id"];
+    let id_columns: Vec<String> = ids
+        .iter()
+        .filter(|c| schema.field_with_name(c).is_ok())
+        .map(|c| format!("CAST(\"{c}\" AS VARCHAR) AS \"{c}\""))
+        .collect();
     let details: Vec<String> = schema
         .fields()
         .iter()
         .map(|f| f.name().as_str())
-        .filter(|n| *n != "person_id" && !POPULATIONS.contains(n))
+        .filter(|n| !ids.contains(n) && !POPULATIONS.contains(n))
         .map(|n| format!(", \"{n}\""))
         .collect();
+    let key: Vec<&str> = ["group_id", subject]
+        .into_iter()
+        .filter(|c| schema.field_with_name(c).is_ok())
+        .collect();
     let scored = format!(
-        "WITH c AS (SELECT CAST(person_id AS VARCHAR) AS person_id, {ip} AS ip, {den} AS den, \
+        "WITH c AS (SELECT {id_columns}, {ip} AS ip, {den} AS den, \
            {denex} AS denex, {exception} AS denexcep, {num} AS num{details} \
            FROM {view} WHERE {ip}) \
          SELECT '{id}' AS measure_id, p.start_date AS period_start, p.end_date AS period_end, \
-           c.person_id, \
+           {ids_out}, \
            ip AS initial_population, \
            den AS denominator, \
            den AND denex AS denominator_exclusion, \
            den AND NOT denex AND NOT num AND denexcep AS denominator_exception, \
            den AND NOT denex AND num AS numerator{details} \
-         FROM c CROSS JOIN period p ORDER BY c.person_id",
+         FROM c CROSS JOIN period p ORDER BY {order}",
+        id_columns = id_columns.join(", "),
         ip = flag("initial_population"),
         den = flag("denominator"),
         denex = flag("denominator_exclusion"),
         num = flag("numerator"),
         details = details.concat(),
         id = def.id.replace('\'', "''"),
+        ids_out = ids
+            .iter()
+            .filter(|c| schema.field_with_name(c).is_ok())
+            .map(|c| format!("c.\"{c}\""))
+            .collect::<Vec<_>>()
+            .join(", "),
+        order = key
+            .iter()
+            .map(|c| format!("c.\"{c}\""))
+            .collect::<Vec<_>>()
+            .join(", "),
     );
     let df = ctx.sql(&scored).await.map_err(|e| err(e.to_string()))?;
     let schema = plain_schema(df.schema().as_arrow());
@@ -486,43 +736,113 @@ async fn run_one(ctx: &SessionContext, def: &MeasureDef, period: Period) -> Resu
         .map(|b| plain_strings(&b, &schema))
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| err(e.to_string()))?;
-    let mut result = MeasureResult {
-        def: def.clone(),
-        period,
-        counts: Counts::default(),
-        categories: BTreeMap::new(),
-        rows,
-        schema,
-        empty: None,
+
+    // One result per group (one for a measure without groups).
+    let groups: Vec<Option<&GroupDef>> = if def.groups.is_empty() {
+        vec![None]
+    } else {
+        def.groups.iter().map(Some).collect()
     };
-    let memberships = result.memberships();
-    let rows_out: usize = result.rows.iter().map(|b| b.num_rows()).sum();
-    if memberships.len() != rows_out {
-        return Err(err(format!(
-            "the query returns {} rows for {} persons: one row per person is required",
-            rows_out,
-            memberships.len()
-        )));
+    let mut grouped: Vec<Vec<RecordBatch>> = vec![Vec::new(); groups.len()];
+    for b in rows {
+        let Some(column) = b.column_by_name("group_id") else {
+            grouped[0].push(b);
+            continue;
+        };
+        let values = column.as_string::<i32>();
+        if let Some(i) = (0..b.num_rows())
+            .find(|&i| values.is_null(i) || !def.groups.iter().any(|g| g.id == values.value(i)))
+        {
+            return Err(err(format!(
+                "group_id '{}' is not a group of the measure (known: {})",
+                if values.is_null(i) {
+                    "NULL"
+                } else {
+                    values.value(i)
+                },
+                def.groups
+                    .iter()
+                    .map(|g| g.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        for (k, g) in def.groups.iter().enumerate() {
+            let mask: datafusion::arrow::array::BooleanArray = values
+                .iter()
+                .map(|v| Some(v == Some(g.id.as_str())))
+                .collect();
+            let part = datafusion::arrow::compute::filter_record_batch(&b, &mask)
+                .map_err(|e| err(e.to_string()))?;
+            if part.num_rows() > 0 {
+                grouped[k].push(part);
+            }
+        }
     }
-    for f in memberships.values() {
-        let c = &mut result.counts;
-        c.initial_population += u64::from(f[0]);
-        c.denominator += u64::from(f[1]);
-        c.denominator_exclusion += u64::from(f[2]);
-        c.denominator_exception += u64::from(f[3]);
-        c.numerator += u64::from(f[4]);
+
+    let mut results = Vec::new();
+    for (group, rows) in groups.into_iter().zip(grouped) {
+        let mut result = MeasureResult {
+            def: def.clone(),
+            group: group.cloned(),
+            period,
+            counts: Counts::default(),
+            strata: Vec::new(),
+            categories: BTreeMap::new(),
+            rows,
+            schema: schema.clone(),
+            empty: None,
+        };
+        let members = result.members();
+        let distinct: std::collections::HashSet<&str> =
+            members.iter().map(|m| m.subject.as_str()).collect();
+        if distinct.len() != members.len() {
+            return Err(err(format!(
+                "the query returns {} rows for {} {}{}: one row per subject is required",
+                members.len(),
+                distinct.len(),
+                def.basis.noun(),
+                group.map_or(String::new(), |g| format!(" of group '{}'", g.id)),
+            )));
+        }
+        for m in &members {
+            result.counts.add(&m.flags);
+        }
+        result.strata = count_strata(&members, &def.stratifiers);
+        if let Some(column) = &def.category {
+            result.categories = categories(&result.rows, column).map_err(err)?;
+        }
+        results.push(result);
     }
-    if let Some(column) = &def.category {
-        result.categories = categories(&result.rows, column).map_err(err)?;
+    if results.iter().all(|r| r.counts.denominator == 0) {
+        let empty = empty_denominator(ctx, &sql)
+            .await
+            .map_err(|e| err(format!("explaining the empty denominator: {e}")))?;
+        for r in &mut results {
+            r.empty = Some(empty.clone());
+        }
     }
-    if result.counts.denominator == 0 {
-        result.empty = Some(
-            empty_denominator(ctx, &sql)
-                .await
-                .map_err(|e| err(format!("explaining the empty denominator: {e}")))?,
-        );
+    Ok(results)
+}
+
+/// Counts every stratum of every stratifier among the members.
+fn count_strata(members: &[Member], stratifiers: &[StratifierDef]) -> Vec<StratumCounts> {
+    let mut out = Vec::new();
+    for (k, st) in stratifiers.iter().enumerate() {
+        let mut by_value: BTreeMap<&str, Counts> = BTreeMap::new();
+        for m in members {
+            by_value
+                .entry(m.strata[k].as_str())
+                .or_default()
+                .add(&m.flags);
+        }
+        out.extend(by_value.into_iter().map(|(value, counts)| StratumCounts {
+            stratifier: st.id.clone(),
+            value: value.to_string(),
+            counts,
+        }));
     }
-    Ok(result)
+    out
 }
 
 /// The value-set OIDs a measure's SQL names: quoted dotted numbers with at

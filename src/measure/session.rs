@@ -16,6 +16,9 @@
 //! - `<table>_vs`: the rows of `<table>_coding` whose coding is in a value
 //!   set (column `valueset`, an OID). A fact appears once per matching
 //!   coding, so test membership with `EXISTS`/`MIN`/`MAX`, never `COUNT(*)`.
+//! - `<table>_reason` for every table with `reasons` (why a fact was or
+//!   was not done): one row per reason (`reason_system`, `reason_code`);
+//!   `<table>_reason_vs` adds `reason_valueset`, an OID the reason is in.
 //! - `valueset_code`: the value-set files of `queries/valuesets/`.
 //! - `period`: one row, `start_date`, `end_date` (DATE, inclusive) and
 //!   `start_ts`, `end_ts` (TIMESTAMP; `end_ts` is the first instant after the
@@ -130,6 +133,21 @@ pub(crate) async fn session(
                 "CREATE VIEW {name}_vs AS \
                  SELECT f.*, v.valueset FROM {name}_coding f JOIN valueset_code v \
                  ON v.code_system = f.coding_system AND v.code = f.coding_code"
+            ));
+        }
+        if table.column("reasons").is_some() {
+            views.push(format!(
+                "CREATE VIEW {name}_reason AS \
+                 SELECT *, split_part(reason_, '|', 1) AS reason_system, \
+                   substr(reason_, strpos(reason_, '|') + 1) AS reason_code \
+                 FROM (SELECT *, unnest(string_to_array(reasons, ' ')) AS reason_ FROM {name} \
+                   WHERE reasons IS NOT NULL)"
+            ));
+            views.push(format!(
+                "CREATE VIEW {name}_reason_vs AS \
+                 SELECT f.*, v.valueset AS reason_valueset FROM {name}_reason f \
+                 JOIN valueset_code v \
+                 ON v.code_system = f.reason_system AND v.code = f.reason_code"
             ));
         }
     }

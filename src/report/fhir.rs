@@ -1,7 +1,8 @@
 //! FHIR R4 MeasureReport (type `summary`) per measure, built from the
-//! suppressed summary cells: one group with the five population counts and
-//! the measure score, and one stratifier per report dimension. Written as
-//! `reports/<run_id>/fhir/MeasureReport-<id>.json`.
+//! suppressed summary cells: one group per population group of the measure
+//! with the five population counts and the measure score, and one
+//! stratifier per report dimension and per stratifier the measure defines.
+//! Written as `reports/<run_id>/fhir/MeasureReport-<id>.json`.
 //!
 //! A suppressed count is not published: the population keeps its code,
 //! loses `count`, and carries the data-absent-reason extension (`masked`) on
@@ -87,9 +88,15 @@ pub struct Coding {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Group {
+    /// The group's id (`<measure>.<group>`), for a measure with several.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     pub population: Vec<Population>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub measure_score: Option<Quantity>,
+    /// Empty (and left out: FHIR allows no empty array) when the group
+    /// has no one to stratify.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stratifier: Vec<Stratifier>,
 }
 
@@ -197,35 +204,49 @@ pub fn resource_id(measure: &str) -> String {
 }
 
 /// The MeasureReport of one measure from its summary cells (already
-/// suppressed; see [`super::suppress`]), dated `date`. `measure` is the
-/// measure's canonical URL, or `urn:ward:measure:<id>` when it has none.
+/// suppressed; see [`super::suppress`]), dated `date`: `results` are the
+/// measure's results, one per group. `measure` is the measure's canonical
+/// URL, or `urn:ward:measure:<id>` when it has none.
 pub fn measure_report(
-    result: &MeasureResult,
+    results: &[&MeasureResult],
     cells: &[Cell],
     date: DateTime<Utc>,
 ) -> MeasureReport {
-    let def = &result.def;
-    let mine: Vec<&Cell> = cells.iter().filter(|c| c.measure == def.id).collect();
-    let overall = mine.iter().copied().find(|c| c.dimension == "overall");
+    let first = results[0];
+    let def = &first.def;
     let score = |c: &Cell| c.rate.map(|value| Quantity { value });
-    let stratifier = DIMENSIONS
-        .iter()
-        .map(|dim| Stratifier {
-            code: vec![text(dim)],
-            stratum: mine
-                .iter()
-                .filter(|c| c.dimension == *dim)
-                .map(|c| Stratum {
-                    value: text(&c.stratum),
-                    population: populations(Some(c)),
-                    measure_score: score(c),
-                })
-                .collect(),
-        })
-        // FHIR forbids empty arrays: a dimension left out of the summary
-        // has no stratifier.
-        .filter(|s| !s.stratum.is_empty())
-        .collect();
+    let group = |result: &MeasureResult| {
+        let key = result.key();
+        let mine: Vec<&Cell> = cells.iter().filter(|c| c.measure == key).collect();
+        let overall = mine.iter().copied().find(|c| c.dimension == "overall");
+        let dimensions = DIMENSIONS
+            .iter()
+            .copied()
+            .chain(def.stratifiers.iter().map(|s| s.id.as_str()));
+        let stratifier = dimensions
+            .map(|dim| Stratifier {
+                code: vec![text(dim)],
+                stratum: mine
+                    .iter()
+                    .filter(|c| c.dimension == dim)
+                    .map(|c| Stratum {
+                        value: text(&c.stratum),
+                        population: populations(Some(c)),
+                        measure_score: score(c),
+                    })
+                    .collect(),
+            })
+            // FHIR forbids empty arrays: a dimension left out of the summary
+            // has no stratifier.
+            .filter(|s| !s.stratum.is_empty())
+            .collect();
+        Group {
+            id: result.group.as_ref().map(|_| resource_id(&key)),
+            population: populations(overall),
+            measure_score: overall.and_then(score),
+            stratifier,
+        }
+    };
     let (code, display) = match def.improvement {
         Improvement::Increase => ("increase", "Increased score indicates improvement"),
         Improvement::Decrease => ("decrease", "Decreased score indicates improvement"),
@@ -241,8 +262,8 @@ pub fn measure_report(
             .unwrap_or_else(|| format!("urn:ward:measure:{}", resource_id(&def.id))),
         date: date.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
         period: Period {
-            start: result.period.start.format("%Y-%m-%d").to_string(),
-            end: result.period.end.format("%Y-%m-%d").to_string(),
+            start: first.period.start.format("%Y-%m-%d").to_string(),
+            end: first.period.end.format("%Y-%m-%d").to_string(),
         },
         reporter: None,
         improvement_notation: CodeableConcept {
@@ -253,11 +274,7 @@ pub fn measure_report(
             }],
             text: None,
         },
-        group: vec![Group {
-            population: populations(overall),
-            measure_score: overall.and_then(score),
-            stratifier,
-        }],
+        group: results.iter().map(|r| group(r)).collect(),
     }
 }
 
@@ -271,10 +288,12 @@ pub fn write(
     date: DateTime<Utc>,
 ) -> Result<Vec<PathBuf>> {
     let dir = super::report_dir(warehouse, run_id).join("fhir");
+    // The results of one measure (one per group) are consecutive.
     results
-        .iter()
-        .map(|r| {
-            let report = measure_report(r, cells, date);
+        .chunk_by(|a, b| a.def.id == b.def.id)
+        .map(|group| {
+            let group: Vec<&MeasureResult> = group.iter().collect();
+            let report = measure_report(&group, cells, date);
             let path = dir.join(format!("MeasureReport-{}.json", report.id));
             let json = serde_json::to_vec_pretty(&report).expect("reports serialize");
             super::write_bytes(warehouse, &path, &json)?;
@@ -321,8 +340,10 @@ mod tests {
         };
         let result = MeasureResult {
             def,
+            group: None,
             period,
             counts: Default::default(),
+            strata: Vec::new(),
             categories: Default::default(),
             rows: Vec::new(),
             schema: Arc::new(datafusion::arrow::datatypes::Schema::empty()),
@@ -336,7 +357,7 @@ mod tests {
         let date = DateTime::parse_from_rfc3339("2026-01-31T12:00:00Z")
             .unwrap()
             .with_timezone(&Utc);
-        let report = measure_report(&result, &cells, date);
+        let report = measure_report(&[&result], &cells, date);
         assert_eq!(report.measure, "urn:ward:measure:DM-PREV");
         assert_eq!(report.date, "2026-01-31T12:00:00Z");
         assert_eq!(report.improvement_notation.coding[0].code, "decrease");

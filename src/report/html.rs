@@ -278,6 +278,8 @@ struct Headline {
     id: String,
     title: String,
     description: String,
+    /// What the counts count (`patients`, `encounters`).
+    subjects: &'static str,
     /// `increase` or `decrease`.
     improvement: &'static str,
     direction: &'static str,
@@ -640,16 +642,16 @@ fn dot_chart(index: usize, m: &MeasureResult, overall: Option<&Cell>, cells: &[&
         .collect();
     DotChart {
         anchor: format!("providers-{index}"),
-        measure: m.def.id.clone(),
-        caption: m.def.title.clone(),
+        measure: m.key(),
+        caption: m.title(),
         title: format!(
             "{}: rate by provider with 95% confidence intervals",
-            m.def.id
+            m.key()
         ),
         desc: format!(
             "{}. One row per provider: the dot is the rate, the whisker its 95% Wilson interval; \
              the dashed line is the overall rate. Suppressed providers are marked, without a value.",
-            m.def.title
+            m.title()
         ),
         width: WIDTH,
         height: r1(height),
@@ -746,13 +748,14 @@ fn bar_chart(index: usize, m: &MeasureResult, min_cell: u64, overall: Option<&Ce
     let column = m.def.category.clone().unwrap_or_default();
     BarChart {
         anchor: format!("bands-{index}"),
-        measure: m.def.id.clone(),
-        caption: m.def.title.clone(),
-        title: format!("{}: distribution by {column}", m.def.id),
+        measure: m.key(),
+        caption: m.title(),
+        title: format!("{}: distribution by {column}", m.key()),
         desc: format!(
-            "{}. Share of patients in the denominator (after exclusions) by {column}; \
+            "{}. Share of {} in the denominator (after exclusions) by {column}; \
              suppressed groups are marked, without a value.",
-            m.def.title
+            m.title(),
+            m.def.basis.noun()
         ),
         width: WIDTH,
         height: r1(height),
@@ -865,12 +868,12 @@ fn line_chart(index: usize, m: &MeasureResult, points: &[(TrendPoint, bool)]) ->
     };
     LineChart {
         anchor: format!("trend-{index}"),
-        measure: m.def.id.clone(),
-        caption: m.def.title.clone(),
-        title: format!("{}: overall rate by run", m.def.id),
+        measure: m.key(),
+        caption: m.title(),
+        title: format!("{}: overall rate by run", m.key()),
         desc: format!(
             "{}. Overall rate of each run, oldest first, with the 95% interval as a shaded band.",
-            m.def.title
+            m.title()
         ),
         width,
         height,
@@ -916,7 +919,7 @@ fn build_view(input: &HtmlInput) -> View {
     let mut bands = Vec::new();
     let mut trends = Vec::new();
     for (i, m) in input.measures.iter().enumerate() {
-        let overall = cells_of(&m.def.id, "overall").into_iter().next();
+        let overall = cells_of(&m.key(), "overall").into_iter().next();
         let increase = m.def.improvement == Improvement::Increase;
         let rate = overall.and_then(|c| c.rate);
         let status = match overall {
@@ -927,7 +930,7 @@ fn build_view(input: &HtmlInput) -> View {
         let previous = trend
             .iter()
             .rev()
-            .find(|p| p.measure == m.def.id && p.rate.is_some());
+            .find(|p| p.measure == m.key() && p.rate.is_some());
         let change = match (rate, previous) {
             (Some(now), Some(p)) => {
                 let points = (now - p.rate.unwrap_or(now)) * 100.0;
@@ -948,9 +951,10 @@ fn build_view(input: &HtmlInput) -> View {
         };
         headlines.push(Headline {
             anchor: format!("measure-{i}"),
-            id: m.def.id.clone(),
-            title: m.def.title.clone(),
+            id: m.key(),
+            title: m.title(),
             description: m.def.description.clone(),
+            subjects: m.def.basis.noun(),
             improvement: if increase { "increase" } else { "decrease" },
             direction: if increase {
                 "▲ higher is better"
@@ -971,7 +975,7 @@ fn build_view(input: &HtmlInput) -> View {
             gauge: overall.and_then(|c| Some(gauge(c.rate?, c.ci_low?, c.ci_high?))),
             change,
         });
-        let by_provider = cells_of(&m.def.id, "provider");
+        let by_provider = cells_of(&m.key(), "provider");
         if !by_provider.is_empty() {
             providers.push(dot_chart(i, m, overall, &by_provider));
         }
@@ -980,7 +984,7 @@ fn build_view(input: &HtmlInput) -> View {
         }
         let mut points: Vec<(TrendPoint, bool)> = trend
             .iter()
-            .filter(|p| p.measure == m.def.id)
+            .filter(|p| p.measure == m.key())
             .map(|p| ((*p).clone(), false))
             .collect();
         if !points.is_empty() {
@@ -988,7 +992,7 @@ fn build_view(input: &HtmlInput) -> View {
                 TrendPoint {
                     run_id: input.run_id.to_string(),
                     date: today.clone(),
-                    measure: m.def.id.clone(),
+                    measure: m.key(),
                     rate,
                     ci_low: overall.and_then(|c| c.ci_low),
                     ci_high: overall.and_then(|c| c.ci_high),
@@ -1029,7 +1033,7 @@ fn build_view(input: &HtmlInput) -> View {
             input
                 .measures
                 .iter()
-                .map(|m| m.def.id.as_str())
+                .map(MeasureResult::key)
                 .collect::<Vec<_>>()
                 .join(", "),
         ),
@@ -1133,6 +1137,9 @@ mod tests {
             care_gap_priority: None,
             age_standardize: false,
             library: None,
+            basis: Default::default(),
+            groups: Vec::new(),
+            stratifiers: Vec::new(),
             sql: PathBuf::new(),
         }
     }
@@ -1142,6 +1149,8 @@ mod tests {
     fn result(def: MeasureDef, categories: &[(&str, u64)]) -> MeasureResult {
         MeasureResult {
             def,
+            group: None,
+            strata: Vec::new(),
             period: period(),
             counts: crate::measure::Counts {
                 initial_population: 987_654,

@@ -140,13 +140,16 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
         .expect("age_band");
     let mut cells = Vec::new();
     for r in results {
-        let mut counts: BTreeMap<(usize, String), Counts> = BTreeMap::new();
+        // An empty population still has its overall row (of zeros).
+        let mut counts: BTreeMap<(usize, String), Counts> =
+            BTreeMap::from([((0, "all".to_string()), Counts::default())]);
         // (dimension, stratum) → age band → performance denominator and numerator.
         type Bands = BTreeMap<String, standard::BandCount>;
         let mut by_band: BTreeMap<(usize, String), Bands> = BTreeMap::new();
-        for (person, f) in r.memberships() {
+        for m in r.members() {
+            let (person, f) = (&m.person, m.flags);
             let band = by_person
-                .get(&person)
+                .get(person)
                 .map_or("unknown", |(values, _)| values[age_dim - 2].as_str())
                 .to_string();
             let in_performance = f[1] && !f[2] && !f[3];
@@ -168,7 +171,11 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
                 }
             };
             add(0, "all");
-            match by_person.get(&person) {
+            // The measure's own stratifiers come after Ward's dimensions.
+            for (k, value) in m.strata.iter().enumerate() {
+                add(DIMENSIONS.len() + 1 + k, value);
+            }
+            match by_person.get(person) {
                 Some((values, providers)) => {
                     for p in providers {
                         add(1, p);
@@ -211,13 +218,14 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
                 (
                     dim,
                     Cell {
-                        measure: r.def.id.clone(),
+                        measure: r.key(),
                         dimension: if dim == 0 {
-                            "overall"
+                            "overall".into()
+                        } else if dim <= DIMENSIONS.len() {
+                            DIMENSIONS[dim - 1].into()
                         } else {
-                            DIMENSIONS[dim - 1]
-                        }
-                        .into(),
+                            r.def.stratifiers[dim - DIMENSIONS.len() - 1].id.clone()
+                        },
                         stratum,
                         initial_population: Some(c.initial_population),
                         denominator: Some(c.denominator),

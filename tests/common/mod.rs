@@ -21,6 +21,24 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// `../shared/data/<path>` (public reference data outside the project), or
+/// `None` with a message when it is absent — unless
+/// `WARD_REQUIRE_SHARED_DATA` is set (`.ci/run` sets it), when a missing
+/// folder fails the test instead of letting it pass by skipping.
+pub fn shared_data(path: &str) -> Option<PathBuf> {
+    let dir = repo().join("../shared/data").join(path);
+    if dir.exists() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("WARD_REQUIRE_SHARED_DATA").is_none(),
+        "{} is absent and WARD_REQUIRE_SHARED_DATA is set",
+        dir.display()
+    );
+    eprintln!("skipped: {} is absent", dir.display());
+    None
+}
+
 /// Copies `sample_data/` into `dir` with the warehouse inside `dir`;
 /// returns the config path.
 pub fn copy_sample(dir: &Path) -> PathBuf {

@@ -1285,8 +1285,7 @@ fn print_measures(results: &[ward::measure::MeasureResult]) {
             c.denominator_exclusion.to_string(),
             c.denominator_exception.to_string(),
             c.numerator.to_string(),
-            c.rate()
-                .map_or_else(|| "-".into(), |x| format!("{:.1}%", x * 100.0)),
+            rate_text(c),
             match r.def.improvement {
                 ward::measure::Improvement::Increase => "higher".into(),
                 ward::measure::Improvement::Decrease => "lower".into(),
@@ -1312,11 +1311,13 @@ fn print_measures(results: &[ward::measure::MeasureResult]) {
         let mut by: Vec<(&str, Vec<String>)> = Vec::new();
         for s in &r.strata {
             let c = &s.counts;
-            let performance = c.denominator - c.denominator_exclusion - c.denominator_exception;
-            let rate = c
-                .rate()
-                .map_or_else(|| "-".into(), |x| format!("{:.1}%", x * 100.0));
-            let text = format!("{} {}/{performance} ({rate})", s.value, c.numerator);
+            let text = format!(
+                "{} {}/{} ({})",
+                s.value,
+                c.numerator,
+                c.performance(),
+                rate_text(c)
+            );
             match by.last_mut() {
                 Some((id, list)) if *id == s.stratifier => list.push(text),
                 _ => by.push((&s.stratifier, vec![text])),
@@ -1326,6 +1327,12 @@ fn print_measures(results: &[ward::measure::MeasureResult]) {
             println!("{} by {id}: {}", r.key(), list.join(", "));
         }
     }
+}
+
+/// A rate as a percentage with one decimal, `-` when there is none.
+fn rate_text(c: &ward::measure::Counts) -> String {
+    c.rate()
+        .map_or_else(|| "-".into(), |x| format!("{:.1}%", x * 100.0))
 }
 
 fn print_conformance(outcome: &ward::measure::conformance::Conformance, quiet: bool) {

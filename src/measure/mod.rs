@@ -316,9 +316,15 @@ pub struct Counts {
 }
 
 impl Counts {
-    /// Numerator over the denominator less exclusions and exceptions.
+    /// The performance denominator: the denominator less exclusions and
+    /// exceptions.
+    pub fn performance(&self) -> u64 {
+        self.denominator - self.denominator_exclusion - self.denominator_exception
+    }
+
+    /// Numerator over the performance denominator.
     pub fn rate(&self) -> Option<f64> {
-        let d = self.denominator - self.denominator_exclusion - self.denominator_exception;
+        let d = self.performance();
         (d > 0).then(|| self.numerator as f64 / d as f64)
     }
 }
@@ -680,9 +686,12 @@ async fn run_one(
     };
     // Ids as text; the other columns as the query returns them.
     let ids = ["person_id", "encounter_id", "group_id"];
-    let id_columns: Vec<String> = ids
-        .iter()
+    let returned: Vec<&str> = ids
+        .into_iter()
         .filter(|c| schema.field_with_name(c).is_ok())
+        .collect();
+    let id_columns: Vec<String> = returned
+        .iter()
         .map(|c| format!("CAST(\"{c}\" AS VARCHAR) AS \"{c}\""))
         .collect();
     let details: Vec<String> = schema
@@ -694,7 +703,7 @@ async fn run_one(
         .collect();
     let key: Vec<&str> = ["group_id", subject]
         .into_iter()
-        .filter(|c| schema.field_with_name(c).is_ok())
+        .filter(|c| returned.contains(c))
         .collect();
     let scored = format!(
         "WITH c AS (SELECT {id_columns}, {ip} AS ip, {den} AS den, \
@@ -715,9 +724,8 @@ async fn run_one(
         num = flag("numerator"),
         details = details.concat(),
         id = def.id.replace('\'', "''"),
-        ids_out = ids
+        ids_out = returned
             .iter()
-            .filter(|c| schema.field_with_name(c).is_ok())
             .map(|c| format!("c.\"{c}\""))
             .collect::<Vec<_>>()
             .join(", "),

@@ -154,12 +154,10 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
                 .to_string();
             let in_performance = f[1] && !f[2] && !f[3];
             let mut add = |dim: usize, stratum: &str| {
-                let c = counts.entry((dim, stratum.to_string())).or_default();
-                c.initial_population += u64::from(f[0]);
-                c.denominator += u64::from(f[1]);
-                c.denominator_exclusion += u64::from(f[2]);
-                c.denominator_exception += u64::from(f[3]);
-                c.numerator += u64::from(f[4]);
+                counts
+                    .entry((dim, stratum.to_string()))
+                    .or_default()
+                    .add(&f);
                 if r.def.age_standardize && in_performance {
                     let b = by_band
                         .entry((dim, stratum.to_string()))
@@ -198,8 +196,7 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
         let mut measure_cells: Vec<(usize, Cell)> = counts
             .into_iter()
             .map(|((dim, stratum), c)| {
-                let performance = c.denominator - c.denominator_exclusion - c.denominator_exception;
-                let ci = wilson(c.numerator, performance);
+                let ci = wilson(c.numerator, c.performance());
                 let std = if dim == age_dim {
                     None
                 } else {

@@ -771,6 +771,18 @@ fn groups_strata_and_encounter_basis() {
         err.contains("one row per subject") && err.contains("group 'a'"),
         "{err}"
     );
+    fs::write(
+        q.join("measures/toy.sql"),
+        format!(
+            "SELECT group_id, encounter_id, person_id, initial_population, denominator, \
+                 denominator_exclusion, numerator, map([1], [2]) AS adult FROM ({toy})"
+        ),
+    )
+    .unwrap();
+    let err = measure::run(&wh, &q, &[&defs[0]], period_2025())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("stratifier column 'adult'"), "{err}");
     fs::write(q.join("measures/toy.sql"), toy.replace("group_id,", "grp,")).unwrap();
     let err = measure::run(&wh, &q, &[&defs[0]], period_2025())
         .unwrap_err()

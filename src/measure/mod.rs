@@ -666,6 +666,17 @@ async fn run_one(
             return Err(err(format!("the query returns no column '{column}'")));
         }
     }
+    // A stratum is a value shown as text: a list or a struct is not one.
+    for st in &def.stratifiers {
+        let field = schema.field_with_name(&st.column).expect("checked above");
+        if !datafusion::arrow::compute::can_cast_types(field.data_type(), &DataType::Utf8) {
+            return Err(err(format!(
+                "stratifier column '{}' is of type {}: a stratum must be a boolean or a text",
+                st.column,
+                field.data_type()
+            )));
+        }
+    }
     let view: String = format!("measure_raw_{}", def.id)
         .chars()
         .map(|c| {

@@ -79,6 +79,17 @@ fn ingest_rejects_exactly_the_planted_rows_and_truth_is_complete() {
     assert_eq!(expected.len() as u64, report.expected_rejects);
     let got = reject_keys(&dir.path().join("wh"));
     assert_eq!(got, expected);
+    // Bad rows are planted in the care files too (screenings, referrals,
+    // the problem list, the administration record), not only the classic ones.
+    let files: BTreeSet<&str> = expected.iter().map(|k| k.1.as_str()).collect();
+    for file in [
+        "assessments.csv",
+        "referrals.csv",
+        "problem_list.csv",
+        "mar.csv",
+    ] {
+        assert!(files.contains(file), "no planted reject in {file}");
+    }
     let rules: BTreeSet<&str> = expected.iter().map(|k| k.3.as_str()).collect();
     for rule in [
         "duplicate_row",

@@ -32,10 +32,12 @@ use rayon::prelude::*;
 use crate::error::{Result, WardError};
 use crate::ingest::normalize;
 
+mod care;
+
 /// The sample mappings, embedded so that `ward synth` works anywhere.
-pub const EMR_A_MAPPING: &str = include_str!("../sample_data/mappings/emr_a.toml");
+pub const EMR_A_MAPPING: &str = include_str!("../../sample_data/mappings/emr_a.toml");
 /// See [`EMR_A_MAPPING`].
-pub const HIS_B_MAPPING: &str = include_str!("../sample_data/mappings/hospital_b.toml");
+pub const HIS_B_MAPPING: &str = include_str!("../../sample_data/mappings/hospital_b.toml");
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -95,9 +97,24 @@ const CONDITIONS: usize = 2;
 const OBSERVATIONS: usize = 3;
 const MEDICATIONS: usize = 4;
 const PROCEDURES: usize = 5;
+/// Questionnaire and exam findings (EMR-A): depression screenings, macular exams.
+const ASSESSMENTS: usize = 6;
+/// Orders for referrals and follow-up (EMR-A).
+const REFERRALS: usize = 7;
+/// Findings sent to another clinician (EMR-A).
+const LETTERS: usize = 8;
+/// Problem-list entries not tied to a visit (EMR-A).
+const PROBLEM_LIST: usize = 9;
+/// The medication administration record of inpatient stays (HIS-B).
+const ADMINISTRATIONS: usize = 10;
+/// Number of file slots.
+const SLOTS: usize = 11;
+
+/// One provider's rows of one block, per file slot.
+type Files = [Vec<Row>; SLOTS];
 
 impl Layout {
-    fn files(self) -> [&'static str; 6] {
+    fn files(self) -> [&'static str; SLOTS] {
         match self {
             Layout::EmrA => [
                 "patients.csv",
@@ -106,8 +123,25 @@ impl Layout {
                 "results.csv",
                 "medications.csv",
                 "procedures.csv",
+                "assessments.csv",
+                "referrals.csv",
+                "letters.csv",
+                "problem_list.csv",
+                "",
             ],
-            Layout::FhirNdjson => ["Patient.ndjson", "", "", "Observation.ndjson", "", ""],
+            Layout::FhirNdjson => [
+                "Patient.ndjson",
+                "",
+                "",
+                "Observation.ndjson",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+            ],
             Layout::HisB => [
                 "pat_demo.csv",
                 "enc.csv",
@@ -115,12 +149,17 @@ impl Layout {
                 "lab.csv",
                 "med.csv",
                 "proc.csv",
+                "",
+                "",
+                "",
+                "",
+                "mar.csv",
             ],
         }
     }
-    fn headers(self) -> [&'static str; 6] {
+    fn headers(self) -> [&'static str; SLOTS] {
         match self {
-            Layout::FhirNdjson => [""; 6],
+            Layout::FhirNdjson => [""; SLOTS],
             Layout::EmrA => [
                 "PatientID,MRN,FirstName,LastName,DOB,Sex,Race,Ethnicity,Street,City,State,Zip,Phone,Email,SSN,Insurance",
                 "VisitID,PatientID,VisitDate,VisitType,CPT,Status",
@@ -128,14 +167,24 @@ impl Layout {
                 "ResultID,PatientID,VisitID,ResultDate,LOINC,TestName,Result,Units",
                 "PatientID,RxNorm,DrugName,StartDate,StopDate,Status",
                 "PatientID,VisitID,ProcDate,CodeSystem,Code,Description",
+                "AssessmentID,PatientID,VisitID,AssessedAt,Category,LOINC,Name,Score,Finding",
+                "ReferralID,PatientID,VisitID,OrderedAt,SNOMED,Description,Status",
+                "LetterID,PatientID,VisitID,SentAt,SNOMED,Status",
+                "PatientID,ICD10,Description,OnsetDate,Status",
+                "",
             ],
             Layout::HisB => [
                 "PAT_ID|MRN_NO|PAT_FIRST|PAT_LAST|BIRTH_DT|GENDER_CD|RACE_CD|ETHNIC_CD|ADDR1|CITY|ST|ZIP|PHONE_NO",
-                "ENC_ID|PAT_ID|ADMIT_TS|DISCH_TS|ENC_TYPE|DISCH_DISP",
+                "ENC_ID|PAT_ID|ADMIT_TS|DISCH_TS|ENC_TYPE|DISCH_DISP|ENC_CODE",
                 "PAT_ID|ENC_ID|DX_CODE|SNOMED_CD|DX_DT",
                 "PAT_ID|ENC_ID|COLLECT_TS|LOINC_CD|RESULT_VAL|RESULT_UNIT",
                 "PAT_ID|ENC_ID|RXCUI|MED_NAME|START_DT|END_DT|ORDER_STATUS",
                 "PAT_ID|ENC_ID|PROC_TS|CODE_TYPE|PROC_CODE",
+                "",
+                "",
+                "",
+                "",
+                "MAR_ID|PAT_ID|ENC_ID|ADMIN_TS|RXCUI|MED_NAME|ADMIN_STATUS",
             ],
         }
     }
@@ -249,11 +298,11 @@ impl Names {
 }
 
 static FEMALE: LazyLock<Names> =
-    LazyLock::new(|| Names::parse(include_str!("../data/census1990/female.csv")));
+    LazyLock::new(|| Names::parse(include_str!("../../data/census1990/female.csv")));
 static MALE: LazyLock<Names> =
-    LazyLock::new(|| Names::parse(include_str!("../data/census1990/male.csv")));
+    LazyLock::new(|| Names::parse(include_str!("../../data/census1990/male.csv")));
 static SURNAMES: LazyLock<Names> =
-    LazyLock::new(|| Names::parse(include_str!("../data/census1990/surnames.csv")));
+    LazyLock::new(|| Names::parse(include_str!("../../data/census1990/surnames.csv")));
 
 const NICKNAMES: [(&str, &str); 16] = [
     ("Elizabeth", "Liz"),
@@ -482,7 +531,7 @@ fn encode(out: &mut Vec<u8>, fields: &[String], layout: Layout) -> u64 {
 
 /// Rows generated for one block of persons: per provider, per file.
 struct Block {
-    rows: Vec<[Vec<Row>; 6]>,
+    rows: Vec<Files>,
     truth: Vec<(usize, String, u64)>,
     persons: Vec<Person>,
 }
@@ -565,7 +614,7 @@ fn person_records(
     p: &Person,
     pi: usize,
     r: &mut ChaCha8Rng,
-    files: &mut [Vec<Row>; 6],
+    files: &mut Files,
 ) -> Vec<String> {
     let prov = &ctx.providers[pi];
     let layout = prov.layout;
@@ -756,15 +805,16 @@ fn person_records(
         .max(p.birth + Duration::days(1));
     let last_day = NaiveDate::from_ymd_opt(year, 12, 31).expect("valid date");
     let span = (last_day - first_day).num_days().max(1);
-    let visits = match prov.kind {
+    let n_visits = match prov.kind {
         Kind::Clinic => r.random_range(1..=4),
         Kind::Endo => r.random_range(2..=4),
         Kind::Hospital => r.random_range(1..=2),
         Kind::Lab => unreachable!("laboratories are written by lab_records"),
     };
-    let mut facts: [Vec<Row>; 6] = Default::default();
+    let mut facts: Files = Default::default();
+    let mut visits = Vec::with_capacity(n_visits);
     let mut day_of_first_a1c_in_period = None;
-    for v in 0..visits {
+    for v in 0..n_visits {
         let mut day = first_day + Duration::days(r.random_range(0..=span));
         if p.untested && day.year() == year {
             day = NaiveDate::from_ymd_opt(year - 1, day.month(), day.day().min(28))
@@ -777,38 +827,58 @@ fn person_records(
             Kind::Hospital => pick(r, &["EMER", "EMER", "IMP", "AMB"]),
             _ => "AMB",
         };
-        facts[ENCOUNTERS].push(row(match layout {
-            Layout::EmrA => vec![
-                eid.clone(),
-                spid.clone(),
-                ctx.time(day, start_min, layout),
-                if r.random_bool(0.1) {
-                    "Telehealth"
-                } else {
-                    "Office Visit"
-                }
-                .into(),
-                pick(r, &["99213", "99214", "99203", "99396"]).into(),
-                "completed".into(),
-            ],
+        let (fields, minutes) = match layout {
+            Layout::EmrA => (
+                vec![
+                    eid.clone(),
+                    spid.clone(),
+                    ctx.time(day, start_min, layout),
+                    if r.random_bool(0.1) {
+                        "Telehealth"
+                    } else {
+                        "Office Visit"
+                    }
+                    .into(),
+                    pick(r, &["99213", "99214", "99203", "99396"]).into(),
+                    "completed".into(),
+                ],
+                0,
+            ),
             Layout::HisB | Layout::FhirNdjson => {
                 let stay = if class == "IMP" {
                     r.random_range(1440..7200)
                 } else {
                     r.random_range(60..600)
                 };
-                vec![
-                    eid.clone(),
-                    spid.clone(),
-                    ctx.time(day, start_min, layout),
-                    ctx.time(day, start_min + stay, layout),
-                    class.into(),
-                    pick(r, &["home", "home", "skilled-nursing", "hospice"]).into(),
-                ]
+                let code = match class {
+                    "IMP" => "32485007", // Hospital admission
+                    "EMER" => "4525004", // Emergency department patient visit
+                    _ => "185345009",    // Encounter for symptom
+                };
+                (
+                    vec![
+                        eid.clone(),
+                        spid.clone(),
+                        ctx.time(day, start_min, layout),
+                        ctx.time(day, start_min + stay, layout),
+                        class.into(),
+                        pick(r, &["home", "home", "skilled-nursing", "hospice"]).into(),
+                        code.into(),
+                    ],
+                    stay,
+                )
             }
-        }));
+        };
+        facts[ENCOUNTERS].push(row(fields));
+        visits.push(care::Visit {
+            id: eid.clone(),
+            day,
+            start_min,
+            minutes,
+            class,
+        });
         let at = ctx.time(day, start_min + 20, layout);
-        let obs = |code: &str, name: &str, value: String, unit: &str, facts: &mut [Vec<Row>; 6]| {
+        let obs = |code: &str, name: &str, value: String, unit: &str, facts: &mut Files| {
             let n = facts[OBSERVATIONS].len();
             facts[OBSERVATIONS].push(row(match layout {
                 Layout::EmrA => vec![
@@ -923,7 +993,7 @@ fn person_records(
                             name: &str,
                             years_before: i64,
                             r: &mut ChaCha8Rng,
-                            facts: &mut [Vec<Row>; 6]| {
+                            facts: &mut Files| {
                 let onset = (day - Duration::days(r.random_range(0..=years_before * 365)))
                     .max(p.birth + Duration::days(1));
                 let mut description = name.to_string();
@@ -985,7 +1055,7 @@ fn person_records(
                     &mut facts,
                 );
             }
-            let med = |code: &str, name: &str, r: &mut ChaCha8Rng, facts: &mut [Vec<Row>; 6]| {
+            let med = |code: &str, name: &str, r: &mut ChaCha8Rng, facts: &mut Files| {
                 let start = (day - Duration::days(r.random_range(0..1500)))
                     .max(p.birth + Duration::days(1));
                 facts[MEDICATIONS].push(row(match layout {
@@ -1053,40 +1123,42 @@ fn person_records(
         ]));
     }
 
-    for (slot, rows) in facts.into_iter().enumerate().skip(1) {
-        for mut fact in rows {
-            if orphaned || garbled_birth {
-                // Facts of a patient without a usable birth date are left
-                // clean (nothing to check them against).
-                fact.reject = orphaned.then_some("unknown_patient");
+    // Preventive and hospital care draw from their own stream, so adding
+    // them left every other row of a seed as it was.
+    let mut c = rng_for(ctx.opts.seed, p.id, 16 + pi as u64);
+    let care = care::records(ctx, p, pi, &spid, &visits, &mut c);
+    let emit = |facts: Files, r: &mut ChaCha8Rng, files: &mut Files| {
+        for (slot, rows) in facts.into_iter().enumerate().skip(1) {
+            for mut fact in rows {
+                if orphaned || garbled_birth {
+                    // Facts of a patient without a usable birth date are left
+                    // clean (nothing to check them against).
+                    fact.reject = orphaned.then_some("unknown_patient");
+                    files[slot].push(fact);
+                    continue;
+                }
+                let rule = maybe_bad_fact(ctx, r, &mut fact, slot, layout);
+                let duplicate = rule == Some("duplicate_row");
+                if duplicate {
+                    fact.reject = None;
+                }
+                let copy = duplicate.then(|| Row {
+                    fields: fact.fields.clone(),
+                    reject: Some("duplicate_row"),
+                });
                 files[slot].push(fact);
-                continue;
+                files[slot].extend(copy);
             }
-            let rule = maybe_bad_fact(ctx, r, &mut fact, slot, layout);
-            let duplicate = rule == Some("duplicate_row");
-            if duplicate {
-                fact.reject = None;
-            }
-            let copy = duplicate.then(|| Row {
-                fields: fact.fields.clone(),
-                reject: Some("duplicate_row"),
-            });
-            files[slot].push(fact);
-            files[slot].extend(copy);
         }
-    }
+    };
+    emit(facts, r, files);
+    emit(care, &mut c, files);
     std::iter::once(spid).chain(duplicate_id).collect()
 }
 
 /// A reference laboratory's records of one person, as FHIR NDJSON lines:
 /// the Patient and HbA1c / glucose Observations. Returns the patient id.
-fn lab_records(
-    ctx: &Ctx,
-    p: &Person,
-    pi: usize,
-    r: &mut ChaCha8Rng,
-    files: &mut [Vec<Row>; 6],
-) -> String {
+fn lab_records(ctx: &Ctx, p: &Person, pi: usize, r: &mut ChaCha8Rng, files: &mut Files) -> String {
     use serde_json::json;
     let prov = &ctx.providers[pi];
     let year = ctx.opts.year;
@@ -1321,7 +1393,11 @@ fn maybe_bad_fact(
         (Layout::HisB | Layout::FhirNdjson, OBSERVATIONS) => (0, 2, Some(3)),
         (Layout::HisB | Layout::FhirNdjson, MEDICATIONS) => (0, 4, Some(2)),
         (Layout::HisB | Layout::FhirNdjson, PROCEDURES) => (0, 2, Some(4)),
-        _ => unreachable!("fact slots only"),
+        (Layout::EmrA, ASSESSMENTS) => (1, 3, Some(5)),
+        (Layout::EmrA, REFERRALS | LETTERS) => (1, 3, Some(4)),
+        (Layout::EmrA, PROBLEM_LIST) => (0, 3, Some(1)),
+        (Layout::HisB, ADMINISTRATIONS) => (1, 3, Some(4)),
+        _ => unreachable!("fact slots of the layout only"),
     };
     let mut rules = vec![
         "unparseable_date",
@@ -1339,8 +1415,14 @@ fn maybe_bad_fact(
         (Layout::HisB | Layout::FhirNdjson, OBSERVATIONS) => Some(4),
         _ => None,
     };
-    if value_col.is_some() {
-        rules.push("implausible_value");
+    if let Some(v) = value_col {
+        // Only the results ingest checks for plausibility.
+        if let Some(c) = code
+            && ["8480-6", "8462-4", "59261-8", "4548-4", "2345-7"].contains(&row.fields[c].as_str())
+            && !row.fields[v].is_empty()
+        {
+            rules.push("implausible_value");
+        }
         if layout == Layout::EmrA {
             rules.push("unparseable_number");
         }
@@ -1348,8 +1430,10 @@ fn maybe_bad_fact(
     let rule = pick(r, &rules);
     let date_only = matches!(
         (layout, slot),
-        (Layout::EmrA, CONDITIONS | MEDICATIONS | PROCEDURES)
-            | (Layout::HisB | Layout::FhirNdjson, CONDITIONS | MEDICATIONS)
+        (
+            Layout::EmrA,
+            CONDITIONS | MEDICATIONS | PROCEDURES | PROBLEM_LIST
+        ) | (Layout::HisB | Layout::FhirNdjson, CONDITIONS | MEDICATIONS)
     );
     let fmt = |d: NaiveDate| -> String {
         match (layout, date_only) {

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use comfy_table::{Table as TextTable, presets::UTF8_FULL_CONDENSED};
 use indicatif::{ProgressBar, ProgressStyle};
 use ward::ingest::{FileStatus, IngestReport};
+use ward::measure::Scoring;
 use ward::{IngestOptions, PipelineConfig, WardError};
 
 mod logging;
@@ -1285,7 +1286,7 @@ fn print_measures(results: &[ward::measure::MeasureResult]) {
             c.denominator_exclusion.to_string(),
             c.denominator_exception.to_string(),
             c.numerator.to_string(),
-            rate_text(c),
+            r.def.format_score(r.score),
             match r.def.improvement {
                 ward::measure::Improvement::Increase => "higher".into(),
                 ward::measure::Improvement::Decrease => "lower".into(),
@@ -1293,6 +1294,23 @@ fn print_measures(results: &[ward::measure::MeasureResult]) {
         ]);
     }
     println!("{table}");
+    // The other scorings fill the proportion's columns their own way.
+    for r in results {
+        match r.def.scoring {
+            Scoring::Proportion => {}
+            Scoring::Ratio => println!(
+                "{} is a ratio: exceptions = numerator exclusions, \
+                 rate = (numerator - exceptions) / (denominator - exclusions)",
+                r.key()
+            ),
+            Scoring::ContinuousVariable => println!(
+                "{} is a continuous variable: denominator = measure population, \
+                 exclusions = its exclusions, rate = the aggregate of {} observations",
+                r.key(),
+                r.counts.performance(r.def.scoring)
+            ),
+        }
+    }
     for r in results.iter().filter(|r| !r.categories.is_empty()) {
         let list: Vec<String> = r
             .categories
@@ -1311,13 +1329,23 @@ fn print_measures(results: &[ward::measure::MeasureResult]) {
         let mut by: Vec<(&str, Vec<String>)> = Vec::new();
         for s in &r.strata {
             let c = &s.counts;
-            let text = format!(
-                "{} {}/{} ({})",
-                s.value,
-                c.numerator,
-                c.performance(),
-                rate_text(c)
-            );
+            let scoring = r.def.scoring;
+            let text = if scoring == Scoring::ContinuousVariable {
+                format!(
+                    "{} n={} ({})",
+                    s.value,
+                    c.performance(scoring),
+                    r.def.format_score(s.score)
+                )
+            } else {
+                format!(
+                    "{} {}/{} ({})",
+                    s.value,
+                    c.performance_numerator(scoring),
+                    c.performance(scoring),
+                    r.def.format_score(s.score)
+                )
+            };
             match by.last_mut() {
                 Some((id, list)) if *id == s.stratifier => list.push(text),
                 _ => by.push((&s.stratifier, vec![text])),
@@ -1327,12 +1355,6 @@ fn print_measures(results: &[ward::measure::MeasureResult]) {
             println!("{} by {id}: {}", r.key(), list.join(", "));
         }
     }
-}
-
-/// A rate as a percentage with one decimal, `-` when there is none.
-fn rate_text(c: &ward::measure::Counts) -> String {
-    c.rate()
-        .map_or_else(|| "-".into(), |x| format!("{:.1}%", x * 100.0))
 }
 
 fn print_conformance(outcome: &ward::measure::conformance::Conformance, quiet: bool) {

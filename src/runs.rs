@@ -517,7 +517,7 @@ impl MeasureFigures {
             denominator_exclusion: c.denominator_exclusion,
             denominator_exception: c.denominator_exception,
             numerator: c.numerator,
-            rate: c.rate(),
+            rate: result.score,
         }
     }
 }

@@ -35,7 +35,7 @@ fn sample_loads_every_provider_and_rejects_exactly_the_planted_rows() {
     let config = copy_sample(dir.path());
     let report = run_ingest(&config).unwrap();
     assert!(report.failures().is_empty(), "{:?}", report.failures());
-    assert_eq!(report.files.len(), 18);
+    assert_eq!(report.files.len(), 27);
     assert!(report.files.iter().all(|f| f.status == FileStatus::Loaded));
 
     let wh = dir.path().join("wh");
@@ -87,6 +87,7 @@ fn sample_values_are_normalized() {
     let units = strings(&obs, "unit");
     let sources = strings(&obs, "source");
     let values = f64s(&obs, "value_num");
+    let value_codes = strings(&obs, "value_code");
     let mut ifcc = 0;
     for i in 0..codes.len() {
         match codes[i].as_deref() {
@@ -99,12 +100,21 @@ fn sample_values_are_normalized() {
             }
             Some("4548-4") => assert_eq!(units[i].as_deref(), Some("%")),
             Some("8480-6") | Some("8462-4") => assert_eq!(units[i].as_deref(), Some("mm[Hg]")),
-            // The hospital reports glucose in mmol/L; staging holds mg/dL.
+            // The hospital reports glucose in mmol/L; staging holds mg/dL
+            // (inpatient lows below 40 included).
             Some("2345-7") => {
                 assert_eq!(units[i].as_deref(), Some("mg/dL"));
                 let v = values[i].unwrap();
-                assert!((55.0..=460.0).contains(&v), "{v}");
+                assert!((25.0..=460.0).contains(&v), "{v}");
             }
+            Some("39156-5") => assert_eq!(units[i].as_deref(), Some("kg/m2")),
+            Some("8302-2") => assert_eq!(units[i].as_deref(), Some("cm")),
+            Some("29463-7") => assert_eq!(units[i].as_deref(), Some("kg")),
+            Some("58453-2") => assert_eq!(units[i].as_deref(), Some("ng/mL")),
+            // A mammogram is a report without a value.
+            Some("24606-6") => assert!(values[i].is_none() && value_codes[i].is_none()),
+            // Depression screenings and macular exams: a coded finding.
+            Some("73831-0" | "73832-8" | "32451-7") => assert!(value_codes[i].is_some()),
             other => panic!("unexpected code {other:?}"),
         }
         assert!(sources[i].is_some());

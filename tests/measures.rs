@@ -568,6 +568,176 @@ fn conformance_detects_a_broken_measure() {
     );
 }
 
+/// Ratio and continuous-variable scoring: their population rules, scores,
+/// strata and MeasureReport populations, over literal rows.
+#[test]
+fn ratio_and_continuous_variable_scoring() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("queries");
+    copy_dir(&queries().join("valuesets"), &q.join("valuesets"));
+    fs::create_dir_all(q.join("measures")).unwrap();
+    let meta = |id: &str, scoring: &str, extra: &str| {
+        format!(
+            "id = \"{id}\"\ntitle = \"{id}\"\nsteward = \"test\"\nscoring = \"{scoring}\"\n\
+             improvement = \"decrease\"\ndescription = \"toy\"\n{extra}"
+        )
+    };
+    fs::write(q.join("measures/ratio.toml"), meta("RATIO", "ratio", "")).unwrap();
+    // person, ip, den, denex, num, numex
+    fs::write(
+        q.join("measures/ratio.sql"),
+        "SELECT * FROM (VALUES \
+           ('a', true, true, false, true, false), \
+           ('b', true, true, true, true, false), \
+           ('c', true, false, false, true, true), \
+           ('d', true, true, false, false, true), \
+           ('e', true, true, NULL, NULL, NULL)) \
+         AS t(person_id, initial_population, denominator, denominator_exclusion, numerator, numerator_exclusion)",
+    )
+    .unwrap();
+    fs::write(
+        q.join("measures/cv.toml"),
+        meta(
+            "CV",
+            "continuous-variable",
+            "[observation]\naggregate = \"median\"\nunit = \"min\"\n\
+             [[stratifier]]\nid = \"site\"\ncolumn = \"site\"\n",
+        ),
+    )
+    .unwrap();
+    // person, ip, mp, mpe, observation, site
+    fs::write(
+        q.join("measures/cv.sql"),
+        "SELECT * FROM (VALUES \
+           ('a', true, true, false, 10, 'x'), \
+           ('b', true, true, false, 50, 'x'), \
+           ('c', true, true, true, 1000, 'y'), \
+           ('d', true, false, false, 500, 'y'), \
+           ('e', true, true, false, 40, 'y')) \
+         AS t(person_id, initial_population, measure_population, measure_population_exclusion, \
+              measure_observation, site)",
+    )
+    .unwrap();
+    let defs = measure::catalog(&q).unwrap();
+    let wh = Warehouse::new(tmp.path().join("wh"));
+    let all: Vec<&measure::MeasureDef> = defs.iter().collect();
+    let results = measure::run(&wh, &q, &all, period_2025()).unwrap();
+    let (cv, ratio) = (&results[0], &results[1]);
+
+    // Ratio slots: ip, den, denex, numex, num. The numerator belongs to the
+    // initial population, not the denominator; an exclusion of one is not
+    // one of the other.
+    let m = ratio.memberships();
+    assert_eq!(m["a"], [true, true, false, false, true]);
+    assert_eq!(
+        m["b"],
+        [true, true, true, false, true],
+        "excluded from the denominator only"
+    );
+    assert_eq!(
+        m["c"],
+        [true, false, false, true, true],
+        "numerator outside the denominator"
+    );
+    assert_eq!(
+        m["d"],
+        [true, true, false, false, false],
+        "no numerator, nothing to exclude"
+    );
+    assert_eq!(m["e"], [true, true, false, false, false], "NULL is false");
+    // (numerator 3 - 1 excluded) / (denominator 4 - 1 excluded)
+    assert_eq!(ratio.score, Some(2.0 / 3.0));
+    assert_eq!(ratio.def.format_score(ratio.score), "0.667");
+
+    // Continuous variable: observations of the measure population, not
+    // excluded; the median of 10, 50 and 40.
+    let m = cv.members();
+    let observed: Vec<(&str, Option<f64>)> = m
+        .iter()
+        .map(|m| (m.subject.as_str(), m.observation))
+        .collect();
+    assert_eq!(
+        observed,
+        [
+            ("a", Some(10.0)),
+            ("b", Some(50.0)),
+            ("c", None),
+            ("d", None),
+            ("e", Some(40.0))
+        ]
+    );
+    let c = cv.counts;
+    assert_eq!(
+        (c.initial_population, c.denominator, c.denominator_exclusion),
+        (5, 4, 1)
+    );
+    assert_eq!(cv.score, Some(40.0));
+    assert_eq!(cv.def.format_score(cv.score), "median 40.0 min");
+    let strata: Vec<(&str, Option<f64>)> = cv
+        .strata
+        .iter()
+        .map(|s| (s.value.as_str(), s.score))
+        .collect();
+    assert_eq!(strata, [("x", Some(30.0)), ("y", Some(40.0))]);
+
+    // The summary's rate is the score; the MeasureReport names the
+    // scoring's populations.
+    let cells = ward::report::summarize(&results, &[], 1);
+    let overall = |key: &str| {
+        cells
+            .iter()
+            .find(|c| c.measure == key && c.dimension == "overall")
+            .unwrap()
+    };
+    assert_eq!(overall("CV").rate, Some(40.0));
+    assert_eq!(overall("RATIO").rate, Some(2.0 / 3.0));
+    assert_eq!(
+        overall("RATIO").ci_low,
+        None,
+        "no Wilson interval for a ratio"
+    );
+    let report = serde_json::to_value(ward::report::fhir::measure_report(
+        &[cv],
+        &cells,
+        chrono::Utc::now(),
+    ))
+    .unwrap();
+    let group = &report["group"][0];
+    let codes: Vec<(&str, u64)> = group["population"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["code"]["coding"][0]["code"].as_str().unwrap(),
+                p["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            ("initial-population", 5),
+            ("measure-population", 4),
+            ("measure-population-exclusion", 1),
+            ("measure-observation", 3)
+        ]
+    );
+    assert_eq!(group["measureScore"], json!({"value": 40.0, "unit": "min"}));
+
+    // A continuous variable needs its aggregate.
+    fs::write(
+        q.join("measures/cv.toml"),
+        meta("CV", "continuous-variable", ""),
+    )
+    .unwrap();
+    let err = measure::catalog(&q).unwrap_err().to_string();
+    assert!(
+        err.contains("cv.toml") && err.contains("[observation]"),
+        "{err}"
+    );
+}
+
 /// A toy measure over literal rows: proportion scoring is applied once, by
 /// Ward, whatever the query says.
 #[test]
@@ -633,7 +803,8 @@ fn scoring_cascades_populations_and_treats_null_as_false() {
         ),
         (6, 5, 1, 1, 2)
     );
-    assert_eq!(c.rate(), Some(2.0 / 3.0));
+    assert_eq!(c.rate(measure::Scoring::Proportion), Some(2.0 / 3.0));
+    assert_eq!(results[0].score, Some(2.0 / 3.0));
 
     // Broken queries fail with the file named.
     fs::write(

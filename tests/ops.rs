@@ -296,10 +296,13 @@ fn a_nightly_source_that_delivers_nothing_fails_and_a_drop_in_rows_fails() {
     assert_eq!(again.status.code(), Some(1));
     assert!(text(&again.stderr).contains("northside_clinic' is expected nightly"));
 
-    // A delivery with half the visits: more than a 10 % drop.
-    let visits = tmp.path().join("sample_data/northside_clinic/visits.csv");
-    let lines = fs::read_to_string(&visits).unwrap().lines().count();
-    keep_lines(&visits, lines / 2);
+    // A delivery with half the visits, results and assessments: more than
+    // a 10 % drop of the source's rows.
+    for file in ["visits.csv", "results.csv", "assessments.csv"] {
+        let path = tmp.path().join("sample_data/northside_clinic").join(file);
+        let lines = fs::read_to_string(&path).unwrap().lines().count();
+        keep_lines(&path, lines / 2);
+    }
     let dropped = ward(&config, &["run"]);
     assert_eq!(dropped.status.code(), Some(1));
     let err = text(&dropped.stderr);

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use chrono::NaiveDate;
 use serde_json::Value;
 
-use super::{MeasureDef, POPULATIONS};
+use super::{MeasureDef, OBSERVATION, Scoring};
 use crate::config::{Period, PipelineConfig, SourceConfig, SourceFormat};
 use crate::error::{Result, WardError};
 use crate::ingest::{self, FileStatus, IngestOptions};
@@ -180,11 +180,17 @@ pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Res
                     counts.denominator_exception,
                     counts.numerator,
                 ];
-                POPULATIONS
-                    .iter()
+                let mut out: BTreeMap<String, u64> = def
+                    .scoring
+                    .columns()
+                    .into_iter()
                     .zip(values)
-                    .map(|(p, n)| (p.to_string(), n))
-                    .collect::<BTreeMap<_, _>>()
+                    .filter_map(|(p, n)| Some((p?.to_string(), n)))
+                    .collect();
+                if def.scoring == Scoring::ContinuousVariable {
+                    out.insert(OBSERVATION.into(), counts.performance(def.scoring));
+                }
+                out
             };
             let plain = case.expected.len() == 1 && case.expected[0].strata.is_empty();
             let mut scopes = Vec::new();
@@ -401,7 +407,9 @@ fn read_case(folder: &Path, def: &MeasureDef) -> Result<Option<Case>> {
         for p in list.as_array().into_iter().flatten() {
             let code = p["code"]["coding"][0]["code"].as_str().unwrap_or_default();
             let column = code.replace('-', "_");
-            if !POPULATIONS.contains(&column.as_str()) {
+            let known = def.scoring.columns().contains(&Some(column.as_str()))
+                || (def.scoring == Scoring::ContinuousVariable && column == OBSERVATION);
+            if !known {
                 return Err(bad(&path, format!("population '{code}' is not supported")));
             }
             out.insert(column, p["count"].as_u64().unwrap_or(0));

@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch, StringArray};
-use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef};
 use datafusion::prelude::SessionContext;
 use serde::Deserialize;
 
@@ -59,6 +59,142 @@ pub const POPULATIONS: [&str; 5] = [
 pub enum Improvement {
     Increase,
     Decrease,
+}
+
+/// How a measure's populations are scored (FHIR `measure-scoring`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scoring {
+    /// numerator / (denominator − exclusions − exceptions); the numerator is
+    /// part of the denominator.
+    #[default]
+    Proportion,
+    /// (numerator − numerator exclusions) / (denominator − denominator
+    /// exclusions); the numerator is part of the initial population, not
+    /// necessarily of the denominator, and the score may exceed 1.
+    Ratio,
+    /// An aggregate ([`ObservationDef`]) of one observation per subject of
+    /// the measure population not excluded from it.
+    ContinuousVariable,
+}
+
+/// The observation column of a continuous-variable measure's query.
+pub const OBSERVATION: &str = "measure_observation";
+
+impl Scoring {
+    /// The query's population column in each of the five population slots
+    /// ([`POPULATIONS`] order, which [`Counts`] and [`Member::flags`]
+    /// follow); `None` where the scoring has no such population. A ratio
+    /// keeps its numerator exclusions in the exception slot, a continuous
+    /// variable its measure population (and its exclusions) in the
+    /// denominator (and exclusion) slot.
+    pub fn columns(self) -> [Option<&'static str>; 5] {
+        match self {
+            Scoring::Proportion => POPULATIONS.map(Some),
+            Scoring::Ratio => [
+                Some("initial_population"),
+                Some("denominator"),
+                Some("denominator_exclusion"),
+                Some("numerator_exclusion"),
+                Some("numerator"),
+            ],
+            Scoring::ContinuousVariable => [
+                Some("initial_population"),
+                Some("measure_population"),
+                Some("measure_population_exclusion"),
+                None,
+                None,
+            ],
+        }
+    }
+
+    /// The columns a query must return; the other population columns are
+    /// optional (absent: false).
+    fn required(self) -> &'static [&'static str] {
+        match self {
+            Scoring::Proportion => &[
+                "initial_population",
+                "denominator",
+                "denominator_exclusion",
+                "numerator",
+            ],
+            Scoring::Ratio => &["initial_population", "denominator", "numerator"],
+            Scoring::ContinuousVariable => {
+                &["initial_population", "measure_population", OBSERVATION]
+            }
+        }
+    }
+
+    /// The FHIR code of the scoring.
+    pub fn code(self) -> &'static str {
+        match self {
+            Scoring::Proportion => "proportion",
+            Scoring::Ratio => "ratio",
+            Scoring::ContinuousVariable => "continuous-variable",
+        }
+    }
+}
+
+/// How a continuous-variable measure aggregates its observations
+/// (`[observation]`; FHIR `measure-aggregate-method`).
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ObservationDef {
+    pub aggregate: Aggregate,
+    /// UCUM unit of the observations (`min`, `h`, `d`), for reports.
+    #[serde(default)]
+    pub unit: Option<String>,
+}
+
+/// An aggregate method of measure observations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Aggregate {
+    Sum,
+    Average,
+    Median,
+    Minimum,
+    Maximum,
+    Count,
+}
+
+impl Aggregate {
+    /// The aggregate of `values` (`None` for no value, but a count of 0).
+    pub fn apply(self, values: &[f64]) -> Option<f64> {
+        if values.is_empty() {
+            return (self == Aggregate::Count).then_some(0.0);
+        }
+        let n = values.len() as f64;
+        Some(match self {
+            Aggregate::Sum => values.iter().sum(),
+            Aggregate::Average => values.iter().sum::<f64>() / n,
+            Aggregate::Median => {
+                let mut v = values.to_vec();
+                v.sort_by(f64::total_cmp);
+                let mid = v.len() / 2;
+                if v.len() % 2 == 1 {
+                    v[mid]
+                } else {
+                    (v[mid - 1] + v[mid]) / 2.0
+                }
+            }
+            Aggregate::Minimum => values.iter().copied().fold(f64::INFINITY, f64::min),
+            Aggregate::Maximum => values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            Aggregate::Count => n,
+        })
+    }
+
+    /// The FHIR code of the method (and the word reports use).
+    pub fn code(self) -> &'static str {
+        match self {
+            Aggregate::Sum => "sum",
+            Aggregate::Average => "average",
+            Aggregate::Median => "median",
+            Aggregate::Minimum => "minimum",
+            Aggregate::Maximum => "maximum",
+            Aggregate::Count => "count",
+        }
+    }
 }
 
 /// What a measure's populations count.
@@ -131,8 +267,12 @@ pub struct MeasureDef {
     #[serde(default)]
     pub version: Option<String>,
     pub steward: String,
-    /// `proportion` (the only scoring Ward computes today).
-    pub scoring: String,
+    /// `proportion`, `ratio` or `continuous-variable`.
+    pub scoring: Scoring,
+    /// How a continuous-variable measure aggregates its observations
+    /// (required for that scoring, refused for the others).
+    #[serde(default)]
+    pub observation: Option<ObservationDef>,
     /// `increase`: higher is better; `decrease`: an inverse measure.
     pub improvement: Improvement,
     pub description: String,
@@ -182,6 +322,28 @@ pub struct MeasureDef {
 pub const DEFAULT_LIBRARY: &str = "qicore-2025";
 
 impl MeasureDef {
+    /// A measure score as reports show it: a percentage (proportion), a
+    /// ratio with three decimals, or the aggregate with its unit
+    /// (`median 95.0 min`); `-` when there is none.
+    pub fn format_score(&self, score: Option<f64>) -> String {
+        let Some(x) = score else {
+            return "-".into();
+        };
+        match (&self.observation, self.scoring) {
+            (_, Scoring::Proportion) => format!("{:.1}%", x * 100.0),
+            (_, Scoring::Ratio) => format!("{x:.3}"),
+            (Some(o), Scoring::ContinuousVariable) => format!(
+                "{} {x:.1}{}",
+                o.aggregate.code(),
+                o.unit
+                    .as_deref()
+                    .map(|u| format!(" {u}"))
+                    .unwrap_or_default()
+            ),
+            (None, Scoring::ContinuousVariable) => format!("{x:.1}"),
+        }
+    }
+
     /// The `queries/lib/` folder this measure's session loads.
     pub fn library(&self) -> &str {
         self.library.as_deref().unwrap_or(DEFAULT_LIBRARY)
@@ -205,13 +367,12 @@ pub fn catalog(queries: &Path) -> Result<Vec<MeasureDef>> {
         if !def.sql.is_file() {
             return Err(config(&path, format!("{} not found", def.sql.display())));
         }
-        if def.scoring != "proportion" {
+        if (def.scoring == Scoring::ContinuousVariable) != def.observation.is_some() {
             return Err(config(
                 &path,
-                format!(
-                    "scoring '{}' is not supported (proportion only)",
-                    def.scoring
-                ),
+                "a continuous-variable measure needs an [observation] (aggregate = \
+                 \"median\", ...), and only it has one"
+                    .into(),
             ));
         }
         if let Some(library) = &def.library {
@@ -247,8 +408,9 @@ pub fn catalog(queries: &Path) -> Result<Vec<MeasureDef>> {
             }
         }
         for (i, st) in def.stratifiers.iter().enumerate() {
-            let reserved = POPULATIONS.contains(&st.column.as_str())
-                || ["person_id", "encounter_id", "group_id"].contains(&st.column.as_str());
+            let reserved = def.scoring.columns().contains(&Some(st.column.as_str()))
+                || [OBSERVATION, "person_id", "encounter_id", "group_id"]
+                    .contains(&st.column.as_str());
             if reserved || def.stratifiers[..i].iter().any(|o| o.id == st.id) {
                 return Err(config(
                     &path,
@@ -316,32 +478,63 @@ pub struct Counts {
 }
 
 impl Counts {
-    /// The performance denominator: the denominator less exclusions and
-    /// exceptions.
-    pub fn performance(&self) -> u64 {
-        self.denominator - self.denominator_exclusion - self.denominator_exception
+    /// The score's denominator: the denominator less exclusions and (of a
+    /// proportion) exceptions; of a continuous variable, the measure
+    /// population less its exclusions (the subjects observed).
+    pub fn performance(&self, scoring: Scoring) -> u64 {
+        match scoring {
+            Scoring::Proportion => {
+                self.denominator - self.denominator_exclusion - self.denominator_exception
+            }
+            Scoring::Ratio | Scoring::ContinuousVariable => {
+                self.denominator - self.denominator_exclusion
+            }
+        }
     }
 
-    /// Numerator over the performance denominator.
-    pub fn rate(&self) -> Option<f64> {
-        let d = self.performance();
-        (d > 0).then(|| self.numerator as f64 / d as f64)
+    /// The score's numerator: the numerator, less a ratio's numerator
+    /// exclusions.
+    pub fn performance_numerator(&self, scoring: Scoring) -> u64 {
+        match scoring {
+            Scoring::Proportion => self.numerator,
+            Scoring::Ratio => self.numerator - self.denominator_exception,
+            Scoring::ContinuousVariable => 0,
+        }
+    }
+
+    /// The rate of a proportion or ratio (`None` for a continuous variable,
+    /// whose score aggregates observations: [`score`]).
+    pub fn rate(&self, scoring: Scoring) -> Option<f64> {
+        let d = self.performance(scoring);
+        (d > 0 && scoring != Scoring::ContinuousVariable)
+            .then(|| self.performance_numerator(scoring) as f64 / d as f64)
+    }
+}
+
+/// The measure score of a set of subjects: the rate of a proportion or
+/// ratio, the aggregate of a continuous variable's observations.
+pub fn score(def: &MeasureDef, counts: &Counts, observations: &[f64]) -> Option<f64> {
+    match &def.observation {
+        Some(o) if def.scoring == Scoring::ContinuousVariable => o.aggregate.apply(observations),
+        _ => counts.rate(def.scoring),
     }
 }
 
 /// The counts of one stratum of a measure-defined stratifier.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StratumCounts {
     /// The stratifier's id ([`StratifierDef::id`]).
     pub stratifier: String,
     /// The stratum's value (`true`, `false`, or the text value).
     pub value: String,
     pub counts: Counts,
+    /// The stratum's measure score ([`score`]).
+    pub score: Option<f64>,
 }
 
 /// One subject of a measure's populations: a person, or an encounter with
 /// its person.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Member {
     pub subject: String,
     pub person: String,
@@ -349,6 +542,9 @@ pub struct Member {
     pub flags: [bool; 5],
     /// The subject's stratum of each stratifier the measure defines.
     pub strata: Vec<String>,
+    /// A continuous-variable measure's observation of the subject (in the
+    /// measure population and not excluded from it).
+    pub observation: Option<f64>,
 }
 
 /// One measure's outcome, or one group's when the measure has several.
@@ -359,6 +555,8 @@ pub struct MeasureResult {
     pub group: Option<GroupDef>,
     pub period: Period,
     pub counts: Counts,
+    /// The measure score ([`score`]).
+    pub score: Option<f64>,
     /// Counts per stratum of every stratifier the measure defines.
     pub strata: Vec<StratumCounts>,
     /// Counts per value of the measure's category column (denominator
@@ -427,15 +625,23 @@ impl MeasureResult {
             };
             let subjects = column(self.def.basis.subject_column());
             let persons = column("person_id");
-            let flags: Vec<_> = POPULATIONS
+            let flags: Vec<Option<_>> = self
+                .def
+                .scoring
+                .columns()
                 .iter()
                 .map(|p| {
-                    b.column_by_name(p)
-                        .expect("scored rows")
-                        .as_boolean()
-                        .clone()
+                    p.map(|p| {
+                        b.column_by_name(p)
+                            .expect("scored rows")
+                            .as_boolean()
+                            .clone()
+                    })
                 })
                 .collect();
+            let observations = b
+                .column_by_name(OBSERVATION)
+                .map(|c| c.as_primitive::<Float64Type>().clone());
             let strata: Vec<(StringArray, &str)> = self
                 .def
                 .stratifiers
@@ -455,7 +661,7 @@ impl MeasureResult {
             for i in 0..b.num_rows() {
                 let mut f = [false; 5];
                 for (k, col) in flags.iter().enumerate() {
-                    f[k] = col.value(i);
+                    f[k] = col.as_ref().is_some_and(|c| c.value(i));
                 }
                 out.push(Member {
                     subject: subjects.value(i).to_string(),
@@ -465,6 +671,9 @@ impl MeasureResult {
                         .iter()
                         .map(|(a, none)| if a.is_null(i) { *none } else { a.value(i) }.to_string())
                         .collect(),
+                    observation: observations
+                        .as_ref()
+                        .and_then(|o| o.is_valid(i).then(|| o.value(i))),
                 });
             }
         }
@@ -512,7 +721,15 @@ pub fn run(
                     sessions.len() - 1
                 }
             };
-            results.extend(run_one(&sessions[i].1, def, period).await?);
+            let started = std::time::Instant::now();
+            let done = run_one(&sessions[i].1, def, period).await?;
+            tracing::info!(
+                measure = %def.id,
+                subjects = done.iter().map(|r| r.counts.initial_population).sum::<u64>(),
+                seconds = started.elapsed().as_secs_f64(),
+                "measure finished"
+            );
+            results.extend(done);
         }
         Ok(results)
     })
@@ -651,10 +868,11 @@ async fn run_one(
     let raw = ctx.sql(&sql).await.map_err(|e| err(e.to_string()))?;
     let schema = raw.schema().as_arrow().clone();
     let subject = def.basis.subject_column();
-    let mut required: Vec<&str> = POPULATIONS
+    let mut required: Vec<&str> = def
+        .scoring
+        .required()
         .iter()
         .copied()
-        .filter(|p| *p != "denominator_exception")
         .chain(["person_id", subject])
         .collect();
     if !def.groups.is_empty() {
@@ -689,11 +907,43 @@ async fn run_one(
         .collect();
     ctx.register_table(view.as_str(), raw.into_view())
         .map_err(|e| err(e.to_string()))?;
-    let flag = |c: &str| format!("coalesce(CAST(\"{c}\" AS BOOLEAN), false)");
-    let exception = if schema.field_with_name("denominator_exception").is_ok() {
-        flag("denominator_exception")
+    // Each population slot's criterion, NULL-safe; an optional population
+    // the query does not return is false.
+    let columns = def.scoring.columns();
+    let flag: Vec<String> = columns
+        .iter()
+        .map(|c| match c {
+            Some(c) if schema.field_with_name(c).is_ok() => {
+                format!("coalesce(CAST(\"{c}\" AS BOOLEAN), false)")
+            }
+            _ => "false".into(),
+        })
+        .collect();
+    // The scoring's population rules, one expression per slot (over the
+    // criteria c0..c4), and the observation of a continuous variable.
+    let rules: [&str; 5] = match def.scoring {
+        Scoring::Proportion => [
+            "c0",
+            "c1",
+            "c1 AND c2",
+            "c1 AND NOT c2 AND NOT c4 AND c3",
+            "c1 AND NOT c2 AND c4",
+        ],
+        Scoring::Ratio => ["c0", "c1", "c1 AND c2", "c4 AND c3", "c4"],
+        Scoring::ContinuousVariable => ["c0", "c1", "c1 AND c2", "false", "false"],
+    };
+    let scored_columns: String = columns
+        .iter()
+        .zip(rules)
+        .filter_map(|(c, rule)| c.map(|c| format!(", {rule} AS \"{c}\"")))
+        .collect();
+    let (observation_in, observation_out) = if def.scoring == Scoring::ContinuousVariable {
+        (
+            format!(", CAST(\"{OBSERVATION}\" AS DOUBLE) AS obs"),
+            format!(", CASE WHEN c1 AND NOT c2 THEN obs END AS \"{OBSERVATION}\""),
+        )
     } else {
-        "false".into()
+        (String::new(), String::new())
     };
     // Ids as text; the other columns as the query returns them.
     let ids = ["person_id", "encounter_id", "group_id"];
@@ -709,7 +959,7 @@ async fn run_one(
         .fields()
         .iter()
         .map(|f| f.name().as_str())
-        .filter(|n| !ids.contains(n) && !POPULATIONS.contains(n))
+        .filter(|n| !ids.contains(n) && !columns.contains(&Some(n)) && *n != OBSERVATION)
         .map(|n| format!(", \"{n}\""))
         .collect();
     let key: Vec<&str> = ["group_id", subject]
@@ -717,22 +967,17 @@ async fn run_one(
         .filter(|c| returned.contains(c))
         .collect();
     let scored = format!(
-        "WITH c AS (SELECT {id_columns}, {ip} AS ip, {den} AS den, \
-           {denex} AS denex, {exception} AS denexcep, {num} AS num{details} \
-           FROM {view} WHERE {ip}) \
+        "WITH c AS (SELECT {id_columns}, {c0} AS c0, {c1} AS c1, {c2} AS c2, {c3} AS c3, \
+           {c4} AS c4{observation_in}{details} FROM {view} WHERE {c0}) \
          SELECT '{id}' AS measure_id, p.start_date AS period_start, p.end_date AS period_end, \
-           {ids_out}, \
-           ip AS initial_population, \
-           den AS denominator, \
-           den AND denex AS denominator_exclusion, \
-           den AND NOT denex AND NOT num AND denexcep AS denominator_exception, \
-           den AND NOT denex AND num AS numerator{details} \
+           {ids_out}{scored_columns}{observation_out}{details} \
          FROM c CROSS JOIN period p ORDER BY {order}",
         id_columns = id_columns.join(", "),
-        ip = flag("initial_population"),
-        den = flag("denominator"),
-        denex = flag("denominator_exclusion"),
-        num = flag("numerator"),
+        c0 = flag[0],
+        c1 = flag[1],
+        c2 = flag[2],
+        c3 = flag[3],
+        c4 = flag[4],
         details = details.concat(),
         id = def.id.replace('\'', "''"),
         ids_out = returned
@@ -806,6 +1051,7 @@ async fn run_one(
             group: group.cloned(),
             period,
             counts: Counts::default(),
+            score: None,
             strata: Vec::new(),
             categories: BTreeMap::new(),
             rows,
@@ -827,7 +1073,9 @@ async fn run_one(
         for m in &members {
             result.counts.add(&m.flags);
         }
-        result.strata = count_strata(&members, &def.stratifiers);
+        let observations: Vec<f64> = members.iter().filter_map(|m| m.observation).collect();
+        result.score = score(def, &result.counts, &observations);
+        result.strata = count_strata(def, &members);
         if let Some(column) = &def.category {
             result.categories = categories(&result.rows, column).map_err(err)?;
         }
@@ -845,21 +1093,25 @@ async fn run_one(
 }
 
 /// Counts every stratum of every stratifier among the members.
-fn count_strata(members: &[Member], stratifiers: &[StratifierDef]) -> Vec<StratumCounts> {
+fn count_strata(def: &MeasureDef, members: &[Member]) -> Vec<StratumCounts> {
     let mut out = Vec::new();
-    for (k, st) in stratifiers.iter().enumerate() {
-        let mut by_value: BTreeMap<&str, Counts> = BTreeMap::new();
+    for (k, st) in def.stratifiers.iter().enumerate() {
+        let mut by_value: BTreeMap<&str, (Counts, Vec<f64>)> = BTreeMap::new();
         for m in members {
-            by_value
-                .entry(m.strata[k].as_str())
-                .or_default()
-                .add(&m.flags);
+            let (counts, observations) = by_value.entry(m.strata[k].as_str()).or_default();
+            counts.add(&m.flags);
+            observations.extend(m.observation);
         }
-        out.extend(by_value.into_iter().map(|(value, counts)| StratumCounts {
-            stratifier: st.id.clone(),
-            value: value.to_string(),
-            counts,
-        }));
+        out.extend(
+            by_value
+                .into_iter()
+                .map(|(value, (counts, observations))| StratumCounts {
+                    stratifier: st.id.clone(),
+                    value: value.to_string(),
+                    score: score(def, &counts, &observations),
+                    counts,
+                }),
+        );
     }
     out
 }

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::{Cell, DIMENSIONS};
 use crate::error::Result;
-use crate::measure::{Improvement, MeasureResult};
+use crate::measure::{Improvement, MeasureResult, Scoring};
 use crate::warehouse::Warehouse;
 
 /// Code system of the population codes.
@@ -26,14 +26,46 @@ pub const IMPROVEMENT_SYSTEM: &str =
 /// The data-absent-reason extension marking a suppressed count.
 pub const DATA_ABSENT_REASON: &str = "http://hl7.org/fhir/StructureDefinition/data-absent-reason";
 
-/// Ward's population columns with their measure-population codes and
-/// displays, in report order.
-const POPULATIONS: [(&str, &str); 5] = [
-    ("initial-population", "Initial Population"),
-    ("denominator", "Denominator"),
-    ("denominator-exclusion", "Denominator Exclusion"),
-    ("denominator-exception", "Denominator Exception"),
-    ("numerator", "Numerator"),
+/// The measure-population codes of Ward's population columns, with their
+/// displays.
+const POPULATION_CODES: [(&str, &str, &str); 9] = [
+    (
+        "initial_population",
+        "initial-population",
+        "Initial Population",
+    ),
+    ("denominator", "denominator", "Denominator"),
+    (
+        "denominator_exclusion",
+        "denominator-exclusion",
+        "Denominator Exclusion",
+    ),
+    (
+        "denominator_exception",
+        "denominator-exception",
+        "Denominator Exception",
+    ),
+    ("numerator", "numerator", "Numerator"),
+    (
+        "numerator_exclusion",
+        "numerator-exclusion",
+        "Numerator Exclusion",
+    ),
+    (
+        "measure_population",
+        "measure-population",
+        "Measure Population",
+    ),
+    (
+        "measure_population_exclusion",
+        "measure-population-exclusion",
+        "Measure Population Exclusion",
+    ),
+    (
+        "measure_observation",
+        "measure-observation",
+        "Measure Observation",
+    ),
 ];
 
 /// A MeasureReport resource (the elements Ward fills).
@@ -124,10 +156,13 @@ pub struct Extension {
     pub value_code: &'static str,
 }
 
-/// A proportion score (0 to 1).
+/// A measure score: a proportion (0 to 1), a ratio, or a continuous
+/// variable's aggregate in its unit.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Quantity {
     pub value: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
 }
 
 /// `group.stratifier`: one per report dimension.
@@ -154,7 +189,9 @@ fn text(t: &str) -> CodeableConcept {
     }
 }
 
-fn populations(cell: Option<&Cell>) -> Vec<Population> {
+/// The populations of a summary cell under the measure's scoring (a
+/// continuous variable adds its observation count).
+fn populations(cell: Option<&Cell>, scoring: Scoring) -> Vec<Population> {
     let counts = cell.map_or([None; 5], |c| {
         [
             c.initial_population,
@@ -164,15 +201,30 @@ fn populations(cell: Option<&Cell>) -> Vec<Population> {
             c.numerator,
         ]
     });
-    POPULATIONS
-        .iter()
+    let mut slots: Vec<(&str, Option<u64>)> = scoring
+        .columns()
+        .into_iter()
         .zip(counts)
-        .map(|(&(code, display), count)| Population {
+        .filter_map(|(column, count)| Some((column?, count)))
+        .collect();
+    if scoring == Scoring::ContinuousVariable {
+        let observed = cell.and_then(|c| c.denominator?.checked_sub(c.denominator_exclusion?));
+        slots.push((crate::measure::OBSERVATION, observed));
+    }
+    slots
+        .into_iter()
+        .map(|(column, count)| Population {
             code: CodeableConcept {
                 coding: vec![Coding {
                     system: POPULATION_SYSTEM,
-                    code,
-                    display,
+                    code: POPULATION_CODES
+                        .iter()
+                        .find(|p| p.0 == column)
+                        .map_or(column, |p| p.1),
+                    display: POPULATION_CODES
+                        .iter()
+                        .find(|p| p.0 == column)
+                        .map_or(column, |p| p.2),
                 }],
                 text: None,
             },
@@ -214,7 +266,13 @@ pub fn measure_report(
 ) -> MeasureReport {
     let first = results[0];
     let def = &first.def;
-    let score = |c: &Cell| c.rate.map(|value| Quantity { value });
+    let unit = def.observation.as_ref().and_then(|o| o.unit.clone());
+    let score = |c: &Cell| {
+        c.rate.map(|value| Quantity {
+            value,
+            unit: unit.clone(),
+        })
+    };
     let group = |result: &MeasureResult| {
         let key = result.key();
         let mine: Vec<&Cell> = cells.iter().filter(|c| c.measure == key).collect();
@@ -231,7 +289,7 @@ pub fn measure_report(
                     .filter(|c| c.dimension == dim)
                     .map(|c| Stratum {
                         value: text(&c.stratum),
-                        population: populations(Some(c)),
+                        population: populations(Some(c), def.scoring),
                         measure_score: score(c),
                     })
                     .collect(),
@@ -242,7 +300,7 @@ pub fn measure_report(
             .collect();
         Group {
             id: result.group.as_ref().map(|_| resource_id(&key)),
-            population: populations(overall),
+            population: populations(overall, def.scoring),
             measure_score: overall.and_then(score),
             stratifier,
         }
@@ -343,6 +401,7 @@ mod tests {
             group: None,
             period,
             counts: Default::default(),
+            score: None,
             strata: Vec::new(),
             categories: Default::default(),
             rows: Vec::new(),
@@ -363,7 +422,13 @@ mod tests {
         assert_eq!(report.improvement_notation.coding[0].code, "decrease");
         let group = &report.group[0];
         assert_eq!(group.population[4].count, Some(20));
-        assert_eq!(group.measure_score, Some(Quantity { value: 0.5 }));
+        assert_eq!(
+            group.measure_score,
+            Some(Quantity {
+                value: 0.5,
+                unit: None
+            })
+        );
         // Only dimensions with strata have a stratifier (no empty arrays).
         assert_eq!(group.stratifier.len(), 1);
         let sex = &group.stratifier[0];

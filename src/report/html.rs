@@ -30,7 +30,7 @@ use super::Cell;
 use crate::config::Period;
 use crate::error::{Result, WardError};
 use crate::ingest::{FileStatus, IngestReport};
-use crate::measure::{Improvement, MeasureResult};
+use crate::measure::{Improvement, MeasureResult, Scoring};
 
 const PAGE: &str = include_str!("templates/report.html");
 const CHARTS: &str = include_str!("templates/charts.html");
@@ -558,7 +558,9 @@ fn short(label: &str, max: usize) -> String {
 }
 
 fn performance(c: &Cell) -> Option<u64> {
-    Some(c.denominator? - c.denominator_exclusion? - c.denominator_exception?)
+    // (Checked: a ratio keeps numerator exclusions in the exception slot.)
+    c.denominator?
+        .checked_sub(c.denominator_exclusion? + c.denominator_exception?)
 }
 
 fn counts(c: Option<&Cell>) -> Counts {
@@ -931,7 +933,24 @@ fn build_view(input: &HtmlInput) -> View {
             .iter()
             .rev()
             .find(|p| p.measure == m.key() && p.rate.is_some());
+        let proportion = m.def.scoring == Scoring::Proportion;
         let change = match (rate, previous) {
+            // Percentage points of a proportion; other scores change in
+            // their own unit.
+            (Some(now), Some(p)) if !proportion => {
+                let delta = now - p.rate.unwrap_or(now);
+                Some(Change {
+                    text: format!("{delta:+.3}"),
+                    verdict: if delta.abs() < 0.0005 {
+                        "same"
+                    } else if (delta > 0.0) == increase {
+                        "better"
+                    } else {
+                        "worse"
+                    },
+                    since: p.date.clone(),
+                })
+            }
             (Some(now), Some(p)) => {
                 let points = (now - p.rate.unwrap_or(now)) * 100.0;
                 let verdict = if points.abs() < 0.05 {
@@ -963,7 +982,7 @@ fn build_view(input: &HtmlInput) -> View {
             },
             status,
             why_empty: m.empty.as_ref().map(|e| why_empty(e, input.min_cell_size)),
-            rate: rate.map_or_else(String::new, pct),
+            rate: rate.map_or_else(String::new, |r| m.def.format_score(Some(r))),
             ci: overall.map_or_else(String::new, |c| ci_text(c.ci_low, c.ci_high)),
             age_std: overall.and_then(|c| {
                 Some((
@@ -975,8 +994,9 @@ fn build_view(input: &HtmlInput) -> View {
             gauge: overall.and_then(|c| Some(gauge(c.rate?, c.ci_low?, c.ci_high?))),
             change,
         });
+        // The charts draw rates on a 0–100 % scale: proportions only.
         let by_provider = cells_of(&m.key(), "provider");
-        if !by_provider.is_empty() {
+        if !by_provider.is_empty() && proportion {
             providers.push(dot_chart(i, m, overall, &by_provider));
         }
         if m.def.category.is_some() && !m.categories.is_empty() {
@@ -987,7 +1007,7 @@ fn build_view(input: &HtmlInput) -> View {
             .filter(|p| p.measure == m.key())
             .map(|p| ((*p).clone(), false))
             .collect();
-        if !points.is_empty() {
+        if !points.is_empty() && proportion {
             points.push((
                 TrendPoint {
                     run_id: input.run_id.to_string(),
@@ -1128,7 +1148,8 @@ mod tests {
             cms_id: None,
             version: None,
             steward: "test".into(),
-            scoring: "proportion".into(),
+            scoring: crate::measure::Scoring::Proportion,
+            observation: None,
             improvement: Improvement::Increase,
             description: format!("{title} described"),
             url: None,
@@ -1159,6 +1180,7 @@ mod tests {
                 denominator_exception: 0,
                 numerator: 876_543,
             },
+            score: None,
             categories: categories
                 .iter()
                 .map(|(k, v)| (k.to_string(), *v))

@@ -22,7 +22,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde::Serialize;
 
 use crate::error::{Result, WardError};
-use crate::measure::{Counts, MeasureResult};
+use crate::measure::{Counts, MeasureResult, Scoring};
 use crate::warehouse::Warehouse;
 
 /// The stratifying dimensions, after `overall`.
@@ -141,8 +141,9 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
     let mut cells = Vec::new();
     for r in results {
         // An empty population still has its overall row (of zeros).
-        let mut counts: BTreeMap<(usize, String), Counts> =
-            BTreeMap::from([((0, "all".to_string()), Counts::default())]);
+        // (dimension, stratum) → counts, and a continuous variable's observations.
+        let mut counts: BTreeMap<(usize, String), (Counts, Vec<f64>)> =
+            BTreeMap::from([((0, "all".to_string()), Default::default())]);
         // (dimension, stratum) → age band → performance denominator and numerator.
         type Bands = BTreeMap<String, standard::BandCount>;
         let mut by_band: BTreeMap<(usize, String), Bands> = BTreeMap::new();
@@ -154,10 +155,9 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
                 .to_string();
             let in_performance = f[1] && !f[2] && !f[3];
             let mut add = |dim: usize, stratum: &str| {
-                counts
-                    .entry((dim, stratum.to_string()))
-                    .or_default()
-                    .add(&f);
+                let (c, observations) = counts.entry((dim, stratum.to_string())).or_default();
+                c.add(&f);
+                observations.extend(m.observation);
                 if r.def.age_standardize && in_performance {
                     let b = by_band
                         .entry((dim, stratum.to_string()))
@@ -195,8 +195,11 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
             .unwrap_or_default();
         let mut measure_cells: Vec<(usize, Cell)> = counts
             .into_iter()
-            .map(|((dim, stratum), c)| {
-                let ci = wilson(c.numerator, c.performance());
+            .map(|((dim, stratum), (c, observations))| {
+                // The Wilson interval is a proportion's.
+                let ci = (r.def.scoring == Scoring::Proportion)
+                    .then(|| wilson(c.numerator, c.performance(r.def.scoring)))
+                    .flatten();
                 let std = if dim == age_dim {
                     None
                 } else {
@@ -229,7 +232,7 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
                         denominator_exclusion: Some(c.denominator_exclusion),
                         denominator_exception: Some(c.denominator_exception),
                         numerator: Some(c.numerator),
-                        rate: c.rate(),
+                        rate: crate::measure::score(&r.def, &c, &observations),
                         ci_low: ci.map(|c| c.0),
                         ci_high: ci.map(|c| c.1),
                         suppressed: false,
@@ -271,7 +274,9 @@ pub fn suppress(cells: &mut [(usize, Cell)], min_cell: u64) {
             c.denominator_exception.unwrap_or(0),
             c.numerator.unwrap_or(0),
         );
-        [ip, den, ex, exc, num, den - ex - exc - num, ip - den]
+        // (Saturating: a ratio's numerator is not part of its denominator.)
+        let rest = den.saturating_sub(ex + exc + num);
+        [ip, den, ex, exc, num, rest, ip.saturating_sub(den)]
             .into_iter()
             .any(small)
     };

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Measures only, per measure (run by hand, after `cargo build --release`):
+#   benches/measures.sh N
+# synth (10 providers, seed 1), ingest, link, then `ward measure` (every
+# measure of queries/measures) timed whole by /usr/bin/time and per measure
+# from its "measure finished" log lines. Prints Markdown for RESULTS.md.
+set -eu
+cd "$(dirname "$0")/.."
+N=$1; W=${CARGO_TARGET_DIR:-$PWD/target}/release/ward; D=/tmp/mb$N
+rm -rf $D; mkdir -p $D
+t() { /usr/bin/time -f "%e s wall, %U+%S s CPU, %M KB peak" "$@"; }
+cd $D
+t $W -q synth --patients $N --providers 10 --seed 1 --out $D/data 2>&1 | tail -1
+cd $D/data
+echo "== ingest"; t $W -q ingest 2>&1 | tail -1
+echo "== link"; t $W -q link 2>&1 | tail -1
+echo "== measures"
+t $W --log-format json measure > $D/measure.out 2> $D/measure.log
+tail -1 $D/measure.log
+echo
+echo "| measure | subjects | s |"
+echo "|---|---:|---:|"
+grep '"measure finished"' $D/measure.log \
+    | sed -E 's/.*"measure":"([^"]+)".*"subjects":([0-9]+).*"seconds":([0-9.]+).*/| \1 | \2 | \3 |/'

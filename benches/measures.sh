@@ -20,5 +20,7 @@ tail -1 $D/measure.log
 echo
 echo "| measure | subjects | s |"
 echo "|---|---:|---:|"
-grep '"measure finished"' $D/measure.log \
-    | sed -E 's/.*"measure":"([^"]+)".*"subjects":([0-9]+).*"seconds":([0-9.]+).*/| \1 | \2 | \3 |/'
+field() { echo "$1" | sed -E "s/.*\"$2\":\"?([^\",}]+).*/\1/"; }
+grep '"measure finished"' $D/measure.log | while read -r line; do
+    printf '| %s | %s | %.1f |\n' "$(field "$line" measure)" "$(field "$line" subjects)" "$(field "$line" seconds)"
+done

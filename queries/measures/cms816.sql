@@ -108,8 +108,8 @@ glucose_test AS (
          concat(o.source, '/', o.source_file, ':', CAST(o.source_line AS VARCHAR), '/', o.code) AS test_id,
          o.effective_time AS test_time,
          CASE WHEN o.unit IS NULL OR o.unit = 'mg/dL' THEN o.value_num END AS value_mg_dl
-  FROM observation_final o
-  JOIN valueset_code v ON v.valueset = '2.16.840.1.113762.1.4.1248.34'  -- Glucose Lab Test Mass Per Volume
+  FROM valueset_code v   -- (the small side first: the hash join builds on it)
+  JOIN observation_final o ON v.valueset = '2.16.840.1.113762.1.4.1248.34'  -- Glucose Lab Test Mass Per Volume
     AND v.code_system = o.coding_system AND v.code = o.coding_code
 ),
 -- "Glucose Test With Result Less Than 40": during the hospitalization of a

@@ -11,7 +11,9 @@
 //! the denominator only if in the initial population, excluded only if in the
 //! denominator, in the numerator only if in the denominator and not excluded,
 //! and excepted only if in the denominator, not excluded and not in the
-//! numerator. Criteria are NULL-safe (NULL is false).
+//! numerator. Criteria are NULL-safe (NULL is false). Ratio and
+//! continuous-variable measures ([`Scoring`]) return their own populations
+//! and get their own rules and score.
 //!
 //! Three shapes beyond one group of patients, all declared in the TOML:
 //! - **population basis** `basis = "encounter"`: the populations count
@@ -122,15 +124,6 @@ impl Scoring {
             Scoring::ContinuousVariable => {
                 &["initial_population", "measure_population", OBSERVATION]
             }
-        }
-    }
-
-    /// The FHIR code of the scoring.
-    pub fn code(self) -> &'static str {
-        match self {
-            Scoring::Proportion => "proportion",
-            Scoring::Ratio => "ratio",
-            Scoring::ContinuousVariable => "continuous-variable",
         }
     }
 }
@@ -366,6 +359,15 @@ pub fn catalog(queries: &Path) -> Result<Vec<MeasureDef>> {
         def.sql = path.with_extension("sql");
         if !def.sql.is_file() {
             return Err(config(&path, format!("{} not found", def.sql.display())));
+        }
+        let gaps = def.care_gap.is_some() || def.groups.iter().any(|g| g.care_gap.is_some());
+        if def.scoring != Scoring::Proportion && gaps {
+            return Err(config(
+                &path,
+                "care_gap needs a proportion measure (a gap is a denominator member \
+                 outside the numerator)"
+                    .into(),
+            ));
         }
         if (def.scoring == Scoring::ContinuousVariable) != def.observation.is_some() {
             return Err(config(

@@ -131,7 +131,7 @@ pub(crate) async fn session(
             ));
             views.push(format!(
                 "CREATE VIEW {name}_vs AS \
-                 SELECT f.*, v.valueset FROM {name}_coding f JOIN valueset_code v \
+                 SELECT f.*, v.valueset FROM valueset_code v JOIN {name}_coding f \
                  ON v.code_system = f.coding_system AND v.code = f.coding_code"
             ));
         }
@@ -145,8 +145,8 @@ pub(crate) async fn session(
             ));
             views.push(format!(
                 "CREATE VIEW {name}_reason_vs AS \
-                 SELECT f.*, v.valueset AS reason_valueset FROM {name}_reason f \
-                 JOIN valueset_code v \
+                 SELECT f.*, v.valueset AS reason_valueset FROM valueset_code v \
+                 JOIN {name}_reason f \
                  ON v.code_system = f.reason_system AND v.code = f.reason_code"
             ));
         }

@@ -390,6 +390,8 @@ impl Rows<'_> {
         if r.random_bool(0.7) {
             let sent = (day + Duration::days(r.random_range(1..=14))).min(self.last_day());
             let sent = self.time(sent, 10 * 60);
+            // Mild nonproliferative retinopathy due to type 2 diabetes, and
+            // the macular edema finding.
             for code in ["138911000119106", edema_code] {
                 let id = self.id(LETTERS, "L");
                 self.files[LETTERS].push(row(vec![
@@ -397,7 +399,7 @@ impl Rows<'_> {
                     self.spid.into(),
                     visit.clone(),
                     sent.clone(),
-                    code.into(), // 138911000119106: mild nonproliferative retinopathy due to type 2 diabetes
+                    code.into(),
                     "completed".into(),
                 ]));
             }

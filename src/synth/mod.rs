@@ -12,7 +12,9 @@
 //! address, married-name change; twins share birth date, family name and
 //! address). A configurable share of rows is deliberately bad, each with a
 //! known rule, listed in `expected_rejects.csv`, so tests know exactly what
-//! ingest must reject.
+//! ingest must reject. Besides diabetes and blood pressure, each provider
+//! writes the care the other eCQMs count (`care`: screenings, vital signs,
+//! counseling, cancer screening, eye-exam letters, inpatient insulin).
 //!
 //! Output: one folder per provider, `mappings/`, `ward.toml`, `truth.csv`
 //! ((source, source_patient_id) → person_id), `persons.csv` (the true

@@ -124,6 +124,14 @@ const SOURCE_FILE: Column = Column {
     required: true,
     mappable: false,
 };
+/// What a patient's unusable birth date still says (`YYYY` or `YYYY-MM`),
+/// kept for linkage; filled by ingest, not by mappings.
+const BIRTH_DATE_PARTIAL: Column = Column {
+    name: "birth_date_partial",
+    kind: Kind::Text,
+    required: false,
+    mappable: false,
+};
 const SOURCE_LINE: Column = Column {
     name: "source_line",
     kind: Kind::Line,
@@ -262,13 +270,14 @@ impl Table {
     }
 }
 
-const PATIENT: [Column; 20] = [
+const PATIENT: [Column; 21] = [
     SOURCE,
     req("source_patient_id", Kind::Id),
     col("mrn", Kind::Id),
     col("given_name", Kind::Text),
     col("family_name", Kind::Text),
     col("birth_date", Kind::Date),
+    BIRTH_DATE_PARTIAL,
     req("sex", Kind::Sex),
     col("race", Kind::Race),
     col("ethnicity", Kind::Ethnicity),

@@ -535,6 +535,12 @@ fn noisy_cases_link_on_the_evidence_they_have() {
         births.extend((0..c.len()).map(|i| c.is_null(i)));
     }
     assert!(births[row], "kept without a birth date");
+    let partial = strings(&staged, "birth_date_partial");
+    assert_eq!(
+        partial[row].as_deref(),
+        Some("1962"),
+        "19621399: the year is kept for linkage, the month 13 is not"
+    );
     let config = ward::PipelineConfig::load(&config_path).unwrap();
     let wh = Warehouse::new(&config.warehouse);
     let linkage = link::link(&wh, &config.link, &[]).unwrap();
@@ -581,6 +587,14 @@ fn noisy_cases_link_on_the_evidence_they_have() {
     let level = |field: &str| e.fields.iter().find(|f| f.field == field).unwrap().level;
     assert_eq!(level("given_name"), Some("swapped with family name"));
     assert_eq!(level("family_name"), None);
+    // The garbled birth date is compared on the year it still shows.
+    let garbled = link::explain(&wh, &config.link, (n, "ZZ0000901"), (s, "ZB0000901")).unwrap();
+    let birth = garbled
+        .fields
+        .iter()
+        .find(|f| f.field == "birth_date")
+        .unwrap();
+    assert!(birth.level.is_some() && birth.weight > 0.0, "{birth:?}");
     let twins = link::explain(&wh, &config.link, (n, "ZZ0000905"), (n, "ZZ0000906")).unwrap();
     assert!(twins.vetoed || twins.probability < twins.threshold);
     assert!(link::explain(&wh, &config.link, (n, "nobody"), (s, "ZB0000902")).is_err());

@@ -542,6 +542,55 @@ impl DateFormat {
 
 /// Parses a date with the first matching format. `iso` accepts
 /// `YYYY-MM-DD`, optionally followed by a time (which is ignored).
+/// What an unusable birth date still says: `YYYY-MM` or `YYYY` when the
+/// text is a partial ISO date (FHIR allows `1970` and `1970-05`), or an ISO
+/// or compact date whose day (or month) is invalid (`19450493`,
+/// `1970-02-30`); the year must lie in `first..=last`. US-style dates
+/// (`05/32/1970`) keep their year only: the order of day and month is the
+/// layout's, unknown here.
+pub fn partial_date(raw: &str, first: i32, last: i32) -> Option<String> {
+    let s = raw.trim();
+    let digits: String = s.chars().filter(char::is_ascii_digit).collect();
+    let iso_like = s
+        .chars()
+        .all(|c| c.is_ascii_digit() || c == '-' || c == 'T' || c == ':' || c == ' ')
+        && s.len() >= 4
+        && s[..4].bytes().all(|b| b.is_ascii_digit());
+    let (year, month) = if iso_like {
+        let year: i32 = s[..4].parse().ok()?;
+        let rest: Vec<&str> = s[4..]
+            .split(['T', ' '])
+            .next()
+            .unwrap_or("")
+            .split('-')
+            .filter(|p| !p.is_empty())
+            .collect();
+        let month = match (rest.as_slice(), digits.len()) {
+            ([m, ..], _) if m.len() == 2 => m.parse::<u32>().ok(),
+            // Compact: YYYYMM or YYYYMMDD.
+            ([compact], 6 | 8) if s.len() == digits.len() => compact[..2].parse::<u32>().ok(),
+            _ => None,
+        };
+        (year, month.filter(|m| (1..=12).contains(m)))
+    } else {
+        // The last four-digit run is the year (US dates, dotted dates).
+        let year = s
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|p| p.len() == 4)
+            .next_back()?
+            .parse()
+            .ok()?;
+        (year, None)
+    };
+    if !(first..=last).contains(&year) {
+        return None;
+    }
+    Some(match month {
+        Some(m) => format!("{year:04}-{m:02}"),
+        None => format!("{year:04}"),
+    })
+}
+
 pub fn date(raw: &str, formats: &[DateFormat]) -> Option<NaiveDate> {
     let s = raw.trim();
     formats.iter().find_map(|f| {
@@ -806,6 +855,30 @@ mod tests {
         assert_eq!(ethnicity("nonhispanic"), Some("not_hispanic_or_latino"));
         assert_eq!(state("California"), Some("CA"));
         assert_eq!(state("ma"), Some("MA"));
+        assert_eq!(partial_date("1970", 1900, 2026).as_deref(), Some("1970"));
+        assert_eq!(
+            partial_date("1970-05", 1900, 2026).as_deref(),
+            Some("1970-05")
+        );
+        assert_eq!(
+            partial_date("19450493", 1900, 2026).as_deref(),
+            Some("1945-04")
+        );
+        assert_eq!(
+            partial_date("19451393", 1900, 2026).as_deref(),
+            Some("1945")
+        );
+        assert_eq!(
+            partial_date("1970-02-30", 1900, 2026).as_deref(),
+            Some("1970-02")
+        );
+        assert_eq!(
+            partial_date("05/32/1970", 1900, 2026).as_deref(),
+            Some("1970")
+        );
+        assert_eq!(partial_date("1850-01", 1900, 2026), None);
+        assert_eq!(partial_date("2099", 1900, 2026), None);
+        assert_eq!(partial_date("unknown", 1900, 2026), None);
         assert_eq!(postal_code("02134-1234"), "02134");
         assert_eq!(postal_code("2134"), "02134");
         assert_eq!(postal_code("k1a 0b1"), "K1A 0B1");

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::path::Path;
 
-use chrono::{NaiveDate, NaiveDateTime};
+use chrono::{Datelike, NaiveDate, NaiveDateTime};
 use datafusion::arrow::array::{
     ArrayBuilder, ArrayRef, BooleanBuilder, Date32Builder, Float64Builder, ListBuilder,
     RecordBatch, StringBuilder, StructBuilder, TimestampMicrosecondBuilder, UInt64Builder,
@@ -135,6 +135,7 @@ struct FieldPlan<'a> {
 struct Columns {
     patient_id: usize,
     birth_date: Option<usize>,
+    birth_date_partial: Option<usize>,
     code_system: Option<usize>,
     code: Option<usize>,
     value_code_system: Option<usize>,
@@ -315,6 +316,7 @@ fn finish_plan<'a>(
     let at = Columns {
         patient_id: ix("source_patient_id").expect("every table has source_patient_id"),
         birth_date: ix("birth_date"),
+        birth_date_partial: ix("birth_date_partial"),
         code_system: ix("code_system"),
         code: ix("code"),
         value_code_system: ix("value_code_system"),
@@ -703,13 +705,22 @@ fn map_row<'a>(
         }
         // A patient's birth date Ward cannot use (unparseable, partial,
         // before 1900, after the as-of day) is left empty and flagged: the
-        // patient is kept and linked on the rest of their record, and
+        // patient is kept and linked on the rest of their record (with
+        // the year and month it still shows, `birth_date_partial`), and
         // measures that need an age leave them out.
         if table == Table::Patient && target == "birth_date" {
             let earliest = NaiveDate::from_ymd_opt(1900, 1, 1).expect("valid date");
             match normalize::date(v, f.formats).filter(|d| *d >= earliest && *d <= ctx.today) {
                 Some(day) => cells[f.target] = Cell::Date(day),
-                None => flags.push(plan.labels.get(f.target).copied().unwrap_or(target)),
+                None => {
+                    flags.push(plan.labels.get(f.target).copied().unwrap_or(target));
+                    if let (Some(i), Some(partial)) = (
+                        at.birth_date_partial,
+                        normalize::partial_date(v, earliest.year(), ctx.today.year()),
+                    ) {
+                        cells[i] = Cell::Str(Cow::Owned(partial));
+                    }
+                }
             }
             continue;
         }

@@ -386,9 +386,10 @@ fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
         crate::engine::register_staging(&ctx, warehouse).await?;
         let raw = crate::engine::collect(
             &ctx,
-            "SELECT source, source_patient_id, given_name, family_name, birth_date, sex, race, \
-             ethnicity, address_line, state, postal_code, phone, email, ssn, deceased_date, \
-             payer FROM staging_patient ORDER BY source, source_patient_id",
+            "SELECT source, source_patient_id, given_name, family_name, birth_date, \
+             birth_date_partial, sex, race, ethnicity, address_line, state, postal_code, phone, \
+             email, ssn, deceased_date, payer FROM staging_patient \
+             ORDER BY source, source_patient_id",
         )
         .await?;
         Ok((raw.clone(), records(&raw)))
@@ -914,6 +915,7 @@ fn records(batches: &[RecordBatch]) -> Vec<Rec> {
             text("family_name"),
             text("sex"),
         );
+        let partial = text("birth_date_partial");
         let (address, zip, phone, email, ssn) = (
             text("address_line"),
             text("postal_code"),
@@ -943,6 +945,10 @@ fn records(batches: &[RecordBatch]) -> Vec<Rec> {
                 birth: (!birth.is_null(i))
                     .then(|| birth.value_as_date(i))
                     .flatten(),
+                birth_partial: get(&partial, i).and_then(|p| {
+                    let (year, month) = p.split_once('-').unwrap_or((p, ""));
+                    Some((year.parse().ok()?, month.parse().ok()))
+                }),
                 sex: get(&sex, i).filter(|s| *s != "unknown").map(str::to_string),
                 zip: standardize::zip(get(&zip, i)),
                 phone: standardize::phone(get(&phone, i)),
@@ -985,7 +991,7 @@ fn block(recs: &[Rec], rules: &[(String, String)]) -> Result<Vec<(u32, u32, u8)>
                 .map(|r| r.birth.map(|d| (d - epoch).num_days() as i32))
                 .collect::<Date32Array>(),
         ),
-        str_col(&|r| r.birth.map(|d| chrono::Datelike::year(&d).to_string())),
+        str_col(&|r| r.birth_year().map(|y| y.to_string())),
         str_col(&|r| r.given.clone()),
         str_col(&|r| initial(&r.given)),
         str_col(&|r| initial(&r.family)),

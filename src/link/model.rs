@@ -25,6 +25,9 @@ pub struct Rec {
     /// Soundex of `family` (a blocking key).
     pub family_soundex: Option<String>,
     pub birth: Option<NaiveDate>,
+    /// Year and month (when known) of a birth date too partial or garbled
+    /// to use (`1970-05`, `19450493`); `None` when `birth` is known.
+    pub birth_partial: Option<(i32, Option<u32>)>,
     pub sex: Option<String>,
     pub zip: Option<String>,
     pub phone: Option<String>,
@@ -34,12 +37,26 @@ pub struct Rec {
 }
 
 impl Rec {
+    /// The birth year, from the birth date or what a partial one shows.
+    pub fn birth_year(&self) -> Option<i32> {
+        self.birth
+            .map(|d| d.year())
+            .or(self.birth_partial.map(|p| p.0))
+    }
+
+    /// Year and month (when known) of the birth date, full or partial.
+    fn birth_year_month(&self) -> Option<(i32, Option<u32>)> {
+        self.birth
+            .map(|d| (d.year(), Some(d.month())))
+            .or(self.birth_partial)
+    }
+
     /// Whether the record has a value for compared field `f` (of [`FIELDS`]).
     pub fn has(&self, f: usize) -> bool {
         match f {
             0 => self.given.is_some(),
             1 => self.family.is_some(),
-            2 => self.birth.is_some(),
+            2 => self.birth.is_some() || self.birth_partial.is_some(),
             3 => self.sex.is_some(),
             4 => self.zip.is_some(),
             5 => self.phone.is_some(),
@@ -118,6 +135,29 @@ fn name_level(a: &str, b: &str) -> u8 {
 }
 
 /// Compares two records field by field.
+/// Birth-date level of two full dates: 3 equal, 2 day and month swapped,
+/// 1 two of year, month and day equal, 0 otherwise.
+fn birth_level(x: NaiveDate, y: NaiveDate) -> u8 {
+    if x == y {
+        3
+    } else if x.year() == y.year() && x.month() == y.day() && x.day() == y.month() {
+        2
+    } else if [
+        x.year() == y.year(),
+        x.month() == y.month(),
+        x.day() == y.day(),
+    ]
+    .iter()
+    .filter(|s| **s)
+    .count()
+        == 2
+    {
+        1
+    } else {
+        0
+    }
+}
+
 pub fn compare(a: &Rec, b: &Rec) -> Levels {
     let mut l: Levels = [None; FIELDS.len()];
     l[0] = both(&a.given, &b.given).map(|(x, y)| {
@@ -164,26 +204,18 @@ pub fn compare(a: &Rec, b: &Rec) -> Levels {
             _ => {}
         }
     }
-    l[2] = a.birth.zip(b.birth).map(|(x, y)| {
-        if x == y {
-            3
-        } else if x.year() == y.year() && x.month() == y.day() && x.day() == y.month() {
-            2
-        } else if [
-            x.year() == y.year(),
-            x.month() == y.month(),
-            x.day() == y.day(),
-        ]
-        .iter()
-        .filter(|s| **s)
-        .count()
-            == 2
-        {
-            1
-        } else {
-            0
-        }
-    });
+    l[2] = match (a.birth, b.birth) {
+        (Some(x), Some(y)) => Some(birth_level(x, y)),
+        // A partial birth date agrees at most partly: its year (and month,
+        // where both show one).
+        _ => a
+            .birth_year_month()
+            .zip(b.birth_year_month())
+            .map(|((ya, ma), (yb, mb))| {
+                let months_agree = ma.zip(mb).is_none_or(|(x, y)| x == y);
+                u8::from(ya == yb && months_agree)
+            }),
+    };
     l[3] = both(&a.sex, &b.sex).map(|(x, y)| u8::from(x == y));
     l[4] = both(&a.zip, &b.zip).map(|(x, y)| {
         if x == y {
@@ -514,6 +546,27 @@ mod tests {
             ssn: ssn.map(str::to_string),
             ..Rec::default()
         }
+    }
+
+    #[test]
+    fn a_partial_birth_date_agrees_on_what_it_shows() {
+        let full = rec("ann", "lee", "1970-05-12", None);
+        let partial = |y: i32, m: Option<u32>| Rec {
+            birth: None,
+            birth_partial: Some((y, m)),
+            ..rec("ann", "lee", "", None)
+        };
+        assert_eq!(compare(&full, &partial(1970, Some(5)))[2], Some(1));
+        assert_eq!(compare(&full, &partial(1970, None))[2], Some(1));
+        assert_eq!(compare(&full, &partial(1970, Some(6)))[2], Some(0));
+        assert_eq!(compare(&partial(1971, None), &full)[2], Some(0));
+        assert_eq!(
+            compare(&partial(1970, None), &partial(1970, Some(1)))[2],
+            Some(1)
+        );
+        let unknown = rec("ann", "lee", "", None);
+        assert_eq!(compare(&full, &unknown)[2], None);
+        assert_eq!(partial(1970, None).birth_year(), Some(1970));
     }
 
     #[test]

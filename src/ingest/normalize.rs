@@ -576,8 +576,7 @@ pub fn partial_date(raw: &str, first: i32, last: i32) -> Option<String> {
         // The last four-digit run is the year (US dates, dotted dates).
         let year = s
             .split(|c: char| !c.is_ascii_digit())
-            .filter(|p| p.len() == 4)
-            .next_back()?
+            .rfind(|p| p.len() == 4)?
             .parse()
             .ok()?;
         (year, None)

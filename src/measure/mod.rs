@@ -1118,14 +1118,15 @@ fn count_strata(def: &MeasureDef, members: &[Member]) -> Vec<StratumCounts> {
     out
 }
 
-/// The value-set OIDs a measure's SQL names: quoted dotted numbers with at
-/// least four parts (`'2.16.840.1.113883.3.464.1003.101.12.1001'`), also
-/// in comments (harmless: an OID named is an OID looked for).
-fn valueset_oids(sql: &str) -> Vec<String> {
+/// The value-set OIDs a text names: quoted dotted numbers with at least
+/// four parts (`'2.16.840.1.113883.3.464.1003.101.12.1001'` in SQL, also in
+/// comments — harmless: an OID named is an OID looked for — or
+/// `Utf8("…")` in a plan's display).
+fn valueset_oids(text: &str) -> Vec<String> {
     static OID: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
-        regex::Regex::new(r"'([0-9]+(?:\.[0-9]+){3,})'").expect("valid regex")
+        regex::Regex::new(r#"['"]([0-9]+(?:\.[0-9]+){3,})['"]"#).expect("valid regex")
     });
-    let mut out: Vec<String> = OID.captures_iter(sql).map(|c| c[1].to_string()).collect();
+    let mut out: Vec<String> = OID.captures_iter(text).map(|c| c[1].to_string()).collect();
     out.sort();
     out.dedup();
     out
@@ -1135,7 +1136,10 @@ async fn empty_denominator(
     ctx: &SessionContext,
     sql: &str,
 ) -> std::result::Result<EmptyDenominator, datafusion::error::DataFusionError> {
-    let oids = valueset_oids(sql);
+    // The measure's SQL and the shared views it reads, whose value sets
+    // show only in the plan (views expanded).
+    let plan = ctx.sql(sql).await?.into_optimized_plan()?;
+    let oids = valueset_oids(&format!("{sql}\n{}", plan.display_indent()));
     let mut out = EmptyDenominator {
         valuesets: oids.len(),
         ..Default::default()
@@ -1271,5 +1275,7 @@ mod tests {
             valueset_oids(sql),
             ["2.16.840.1.113883.3.464.1003.103.12.1001", "9.8.7.6"]
         );
+        let plan = r#"Filter: condition_vs.valueset = Utf8("2.16.840.1.113883.3.464.1003.1165")"#;
+        assert_eq!(valueset_oids(plan), ["2.16.840.1.113883.3.464.1003.1165"]);
     }
 }

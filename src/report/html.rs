@@ -262,6 +262,8 @@ struct View {
     suppression_note: String,
     headlines: Vec<Headline>,
     providers: Vec<DotChart>,
+    /// Rates by each stratifier the measures define.
+    strata: Vec<DotChart>,
     bands: Vec<BarChart>,
     trends: Vec<LineChart>,
     first_run: bool,
@@ -339,6 +341,8 @@ struct Tick {
 #[derive(Debug, Serialize)]
 struct DotChart {
     anchor: String,
+    /// What a row is (`Provider`, or the measure's stratifier).
+    dimension: String,
     measure: String,
     /// The measure's title, under the chart's heading.
     caption: String,
@@ -611,7 +615,15 @@ fn gauge(rate: f64, lo: f64, hi: f64) -> Gauge {
     }
 }
 
-fn dot_chart(index: usize, m: &MeasureResult, overall: Option<&Cell>, cells: &[&Cell]) -> DotChart {
+/// Rates of one measure by the strata of one dimension (`dimension`: the
+/// noun of a row, `Provider` or a stratifier's id).
+fn dot_chart(
+    anchor: String,
+    dimension: &str,
+    m: &MeasureResult,
+    overall: Option<&Cell>,
+    cells: &[&Cell],
+) -> DotChart {
     let (left, right, top, row_h) = (190.0, WIDTH - 150.0, 30.0, 30.0);
     let height = top + row_h * cells.len().max(1) as f64 + 12.0;
     let rows = cells
@@ -642,17 +654,16 @@ fn dot_chart(index: usize, m: &MeasureResult, overall: Option<&Cell>, cells: &[&
             }
         })
         .collect();
+    let noun = dimension.to_lowercase();
     DotChart {
-        anchor: format!("providers-{index}"),
+        anchor,
+        dimension: dimension.to_string(),
         measure: m.key(),
         caption: m.title(),
-        title: format!(
-            "{}: rate by provider with 95% confidence intervals",
-            m.key()
-        ),
+        title: format!("{}: rate by {noun} with 95% confidence intervals", m.key()),
         desc: format!(
-            "{}. One row per provider: the dot is the rate, the whisker its 95% Wilson interval; \
-             the dashed line is the overall rate. Suppressed providers are marked, without a value.",
+            "{}. One row per {noun}: the dot is the rate, the whisker its 95% Wilson interval; \
+             the dashed line is the overall rate. Suppressed rows are marked, without a value.",
             m.title()
         ),
         width: WIDTH,
@@ -918,6 +929,7 @@ fn build_view(input: &HtmlInput) -> View {
 
     let mut headlines = Vec::new();
     let mut providers = Vec::new();
+    let mut strata = Vec::new();
     let mut bands = Vec::new();
     let mut trends = Vec::new();
     for (i, m) in input.measures.iter().enumerate() {
@@ -997,7 +1009,25 @@ fn build_view(input: &HtmlInput) -> View {
         // The charts draw rates on a 0–100 % scale: proportions only.
         let by_provider = cells_of(&m.key(), "provider");
         if !by_provider.is_empty() && proportion {
-            providers.push(dot_chart(i, m, overall, &by_provider));
+            providers.push(dot_chart(
+                format!("providers-{i}"),
+                "Provider",
+                m,
+                overall,
+                &by_provider,
+            ));
+        }
+        for (k, st) in m.def.stratifiers.iter().enumerate() {
+            let by_stratum = cells_of(&m.key(), &st.id);
+            if !by_stratum.is_empty() && proportion {
+                strata.push(dot_chart(
+                    format!("strata-{i}-{k}"),
+                    &st.id,
+                    m,
+                    overall,
+                    &by_stratum,
+                ));
+            }
         }
         if m.def.category.is_some() && !m.categories.is_empty() {
             bands.push(bar_chart(i, m, input.min_cell_size, overall));
@@ -1077,6 +1107,7 @@ fn build_view(input: &HtmlInput) -> View {
         },
         headlines,
         providers,
+        strata,
         bands,
         first_run: trends.is_empty(),
         previous_runs: {
@@ -1229,9 +1260,15 @@ mod tests {
     }
 
     fn fixture(hostile: &str) -> Fixture {
+        let mut ctrl = def("CTRL", "Control", Some("band"));
+        ctrl.stratifiers = vec![crate::measure::StratifierDef {
+            id: "Stratification 1".into(),
+            column: "s1".into(),
+            description: Some("Age 18-44".into()),
+        }];
         let measures = vec![
             result(
-                def("CTRL", "Control", Some("band")),
+                ctrl,
                 &[
                     ("<7", 4_242),
                     ("7-8", 7),
@@ -1248,6 +1285,8 @@ mod tests {
             cell("CTRL", "provider", "north", Some((2_000, 5_000))),
             cell("CTRL", "provider", "south", Some((2_249, 5_909))),
             cell("CTRL", "provider", hostile, None),
+            cell("CTRL", "Stratification 1", "true", Some((1_000, 3_000))),
+            cell("CTRL", "Stratification 1", "false", Some((3_249, 7_917))),
             cell(hostile, "overall", "all", Some((300, 1_000))),
             cell("HIDDEN", "overall", "all", None),
         ];
@@ -1290,6 +1329,17 @@ mod tests {
     }
 
     const HOSTILE: &str = "\"><script>alert(1)</script><img src=x onerror=alert(2)>&";
+
+    #[test]
+    fn measure_strata_get_their_own_chart() {
+        let f = fixture(HOSTILE);
+        let html = render(&input(&f, &[])).unwrap();
+        assert!(html.contains(r#"id="strata-0-0""#));
+        assert!(html.contains("CTRL: rate by stratification 1 with 95% confidence intervals"));
+        assert!(html.contains(r#"<th scope="col">Stratification 1</th>"#));
+        // 1,000 of 3,000: the stratum's rate.
+        assert!(html.contains("33.3%"));
+    }
 
     #[test]
     fn every_text_is_escaped() {
@@ -1372,7 +1422,13 @@ mod tests {
             .iter()
             .filter(|c| c.dimension == "provider")
             .collect();
-        let c = dot_chart(0, m, Some(&f.cells[0]), &cells);
+        let c = dot_chart(
+            "providers-0".into(),
+            "Provider",
+            m,
+            Some(&f.cells[0]),
+            &cells,
+        );
         for r in c.rows.iter().filter(|r| !r.suppressed) {
             assert!(
                 c.left <= r.x_low && r.x_low <= r.cx && r.cx <= r.x_high && r.x_high <= c.right

@@ -339,9 +339,14 @@ impl Rows<'_> {
             return;
         }
         let year = self.year();
-        let start = NaiveDate::from_ymd_opt(year, 1, 1).expect("valid date");
+        let start = NaiveDate::from_ymd_opt(year, 1, 1)
+            .expect("valid date")
+            .max(self.first_day());
         let end = NaiveDate::from_ymd_opt(year, 12, 10).expect("valid date");
-        let day = self.day_between(r, start.max(self.first_day()), end);
+        if start > end {
+            return; // born too late in the year for a visit and its letter
+        }
+        let day = self.day_between(r, start, end);
         let start_min = r.random_range(8 * 60..16 * 60);
         let at = self.time(day, start_min);
         let visit = format!("{}E{:08}X", self.prefix, self.p.id + 1);

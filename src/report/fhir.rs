@@ -213,28 +213,28 @@ fn populations(cell: Option<&Cell>, scoring: Scoring) -> Vec<Population> {
     }
     slots
         .into_iter()
-        .map(|(column, count)| Population {
-            code: CodeableConcept {
-                coding: vec![Coding {
-                    system: POPULATION_SYSTEM,
-                    code: POPULATION_CODES
-                        .iter()
-                        .find(|p| p.0 == column)
-                        .map_or(column, |p| p.1),
-                    display: POPULATION_CODES
-                        .iter()
-                        .find(|p| p.0 == column)
-                        .map_or(column, |p| p.2),
-                }],
-                text: None,
-            },
-            count,
-            count_ext: count.is_none().then(|| ElementExtensions {
-                extension: vec![Extension {
-                    url: DATA_ABSENT_REASON,
-                    value_code: "masked",
-                }],
-            }),
+        .map(|(column, count)| {
+            let (code, display) = POPULATION_CODES
+                .iter()
+                .find(|p| p.0 == column)
+                .map_or((column, column), |p| (p.1, p.2));
+            Population {
+                code: CodeableConcept {
+                    coding: vec![Coding {
+                        system: POPULATION_SYSTEM,
+                        code,
+                        display,
+                    }],
+                    text: None,
+                },
+                count,
+                count_ext: count.is_none().then(|| ElementExtensions {
+                    extension: vec![Extension {
+                        url: DATA_ABSENT_REASON,
+                        value_code: "masked",
+                    }],
+                }),
+            }
         })
         .collect()
 }

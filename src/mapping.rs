@@ -80,6 +80,9 @@ pub struct FileMapping {
     pub date_formats: Vec<DateFormat>,
     /// Formats tried in order for timestamp columns.
     pub datetime_formats: Vec<DateFormat>,
+    /// Postal codes are read as US ZIPs (`[csv] postal_codes = "us"`, the
+    /// default), else kept as written (`"as_written"`).
+    pub us_postal_codes: bool,
 }
 
 impl FileMapping {
@@ -172,6 +175,19 @@ struct RawCsv {
     date_format: Option<Formats>,
     #[serde(default)]
     datetime_format: Option<Formats>,
+    #[serde(default)]
+    postal_codes: PostalCodes,
+}
+
+/// How a provider writes postal codes (`[csv] postal_codes`).
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum PostalCodes {
+    /// US ZIPs: `12345-6789` → `12345`, a 4-digit code padded with a 0.
+    #[default]
+    Us,
+    /// Kept as written (trimmed, upper-cased).
+    AsWritten,
 }
 
 impl Default for RawCsv {
@@ -182,6 +198,7 @@ impl Default for RawCsv {
             encoding: Encoding::Utf8,
             date_format: None,
             datetime_format: None,
+            postal_codes: PostalCodes::Us,
         }
     }
 }
@@ -491,6 +508,7 @@ impl CsvMapping {
                 codings,
                 date_formats,
                 datetime_formats,
+                us_postal_codes: raw.csv.postal_codes == PostalCodes::Us,
             });
         }
 
@@ -583,6 +601,14 @@ effective_time = "When"
         );
         assert!(m.entry_for("claims.csv").is_none());
         assert_eq!(m.hash.len(), 64);
+        assert!(
+            pat.us_postal_codes,
+            "US ZIPs unless the mapping says otherwise"
+        );
+        let m = load(&GOOD.replace("[csv]", "[csv]\npostal_codes = \"as_written\"")).unwrap();
+        assert!(!m.entry_for("labs.csv").unwrap().us_postal_codes);
+        let e = load(&GOOD.replace("[csv]", "[csv]\npostal_codes = \"uk\"")).unwrap_err();
+        assert!(e.to_string().contains("as_written"), "{e}");
     }
 
     #[test]

@@ -366,11 +366,16 @@ pub fn state(raw: &str) -> Option<&'static str> {
         .map(|(code, _)| *code)
 }
 
-/// US ZIP codes become their first 5 digits (`12345-6789` → `12345`; a
-/// 4-digit ZIP that lost its leading zero in a spreadsheet is padded);
-/// anything else is kept as written, upper-cased.
-pub fn postal_code(raw: &str) -> String {
+/// With `us` (a mapping's default `postal_codes = "us"`), US ZIP codes
+/// become their first 5 digits (`12345-6789` → `12345`; a 4-digit ZIP that
+/// lost its leading zero in a spreadsheet is padded); anything else, and
+/// every code without `us` (`"as_written"`: Australian, Danish, Swiss
+/// 4-digit postcodes), is kept as written, trimmed and upper-cased.
+pub fn postal_code(raw: &str, us: bool) -> String {
     let s = raw.trim();
+    if !us {
+        return s.to_ascii_uppercase();
+    }
     let digits: String = s.chars().filter(char::is_ascii_digit).collect();
     let us_shaped = s
         .chars()
@@ -682,8 +687,8 @@ mod tests {
             }
             let _ = (code_system(&s), loinc_valid(&s), verhoeff_valid(&s));
             let _ = (sex(&s), race(&s), ethnicity(&s), state(&s), encounter_class(&s));
-            let zip = postal_code(&s);
-            prop_assert_eq!(postal_code(&zip), zip.clone());
+            let zip = postal_code(&s, true);
+            prop_assert_eq!(postal_code(&zip, true), zip.clone());
             let _ = (unit(&s), token(&s), number(&s));
             let formats: Vec<DateFormat> = ["iso", "%Y%m%d", "%m/%d/%Y", "%Y-%m-%d %H:%M"]
                 .iter()
@@ -878,9 +883,15 @@ mod tests {
         assert_eq!(partial_date("1850-01", 1900, 2026), None);
         assert_eq!(partial_date("2099", 1900, 2026), None);
         assert_eq!(partial_date("unknown", 1900, 2026), None);
-        assert_eq!(postal_code("02134-1234"), "02134");
-        assert_eq!(postal_code("2134"), "02134");
-        assert_eq!(postal_code("k1a 0b1"), "K1A 0B1");
+        assert_eq!(postal_code("02134-1234", true), "02134");
+        assert_eq!(postal_code("2134", true), "02134");
+        assert_eq!(postal_code("k1a 0b1", true), "K1A 0B1");
+        assert_eq!(
+            postal_code(" 2600 ", false),
+            "2600",
+            "an Australian postcode"
+        );
+        assert_eq!(postal_code("02134-1234", false), "02134-1234");
         assert_eq!(token(" Entered in  Error"), "entered-in-error");
         assert!(matches!(token("final"), Cow::Borrowed("final")));
         assert_eq!(number("+7.5 "), Some(7.5));

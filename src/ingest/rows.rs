@@ -129,6 +129,8 @@ struct FieldPlan<'a> {
     input: Input<'a>,
     label: &'a str,
     formats: &'a [DateFormat],
+    /// Postal codes are US ZIPs (the mapping's `postal_codes`).
+    us_postal: bool,
 }
 
 /// Where each canonical column of the table sits (schema index).
@@ -278,6 +280,7 @@ fn plan<'a>(
             input,
             label,
             formats,
+            us_postal: fm.us_postal_codes,
         })
     };
     let mut fields = Vec::new();
@@ -404,6 +407,7 @@ pub(crate) fn canonical_plan<'a>(
             input: Input::Column(i),
             label: labels[i],
             formats,
+            us_postal: true,
         })
         .collect();
     finish_plan(table, fields, None, Vec::new())
@@ -740,7 +744,10 @@ fn map_row<'a>(
                 target,
                 "ambulatory, emergency, inpatient, virtual, other",
             ),
-            Kind::PostalCode => Ok(Cell::Str(Cow::Owned(normalize::postal_code(v)))),
+            Kind::PostalCode => Ok(Cell::Str(Cow::Owned(normalize::postal_code(
+                v,
+                f.us_postal,
+            )))),
             Kind::CodeSystem => normalize::code_system(v)
                 .map(|s| Cell::Str(Cow::Borrowed(s)))
                 .ok_or_else(|| {

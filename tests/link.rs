@@ -324,12 +324,12 @@ fn config_threshold_is_checked() {
     }
     fs::write(
         &config_path,
-        format!("{text}\n[link]\nwithin_source = false\ntwins_guard = false\n"),
+        format!("{text}\n[link]\nwithin_source = false\nhousehold = false\n"),
     )
     .unwrap();
     let c = ward::PipelineConfig::load(&config_path).unwrap();
     assert_eq!(
-        (c.link.within_source_threshold, c.link.twins_guard),
+        (c.link.within_source_threshold, c.link.household),
         (None, false)
     );
 
@@ -374,6 +374,59 @@ fn config_threshold_is_checked() {
         fs::write(&config_path, format!("{text}\n{bad}")).unwrap();
         let err = ward::PipelineConfig::load(&config_path).unwrap_err();
         assert!(err.to_string().contains(key), "{bad}: {err}");
+    }
+
+    // Comparisons in the config replace Ward's column by column; empty
+    // levels leave a column out; mistakes name the key and the level.
+    let comparisons = "[[link.comparison]]\ncolumn = \"zip\"\nlevels = [\"exact\", \"within 10\"]\n\
+                       [[link.comparison]]\ncolumn = \"phone\"\nlevels = []\n";
+    fs::write(&config_path, format!("{text}\n{comparisons}")).unwrap();
+    let c = ward::PipelineConfig::load(&config_path).unwrap();
+    let zip = c
+        .link
+        .comparisons
+        .iter()
+        .find(|c| c.column.name() == "zip")
+        .unwrap();
+    assert_eq!(zip.level_name(1), "within 10");
+    assert!(
+        c.link
+            .comparisons
+            .iter()
+            .all(|c| c.column.name() != "phone")
+    );
+    assert_eq!(
+        c.link.comparisons.len(),
+        LinkOptions::default().comparisons.len() - 1
+    );
+    let linkage = link::link(&Warehouse::new(&c.warehouse), &c.link, &[]).unwrap();
+    assert!(!linkage.report.records_missing.contains_key("phone"));
+    assert!(linkage.report.linked_persons > 0);
+    for (bad, needle) in [
+        (
+            "column = \"postcode\"\nlevels = [\"exact\"]",
+            "not a compared column",
+        ),
+        (
+            "column = \"birth_date\"\nlevels = [\"prefix 4\"]",
+            "not a level of birth_date",
+        ),
+        (
+            "column = \"zip\"\nlevels = [\"exact\"]\nterm_frequency = true\n[[link.comparison]]\ncolumn = \"zip\"\nlevels = [\"exact\"]",
+            "declared twice",
+        ),
+    ] {
+        fs::write(
+            &config_path,
+            format!("{text}\n[[link.comparison]]\n{bad}\n"),
+        )
+        .unwrap();
+        let err = ward::PipelineConfig::load(&config_path).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("link.comparison") && message.contains(needle),
+            "{bad}: {message}"
+        );
     }
 }
 
@@ -583,9 +636,16 @@ fn noisy_cases_link_on_the_evidence_they_have() {
     let e = link::explain(&wh, &config.link, (n, "ZZ0000902"), (s, "ZB0000902")).unwrap();
     let sum: f64 = e.prior_weight + e.fields.iter().map(|f| f.weight).sum::<f64>();
     assert!((sum - e.weight).abs() < 1e-9);
-    assert!(e.probability >= e.threshold && !e.vetoed && e.blocked_by.is_some());
-    let level = |field: &str| e.fields.iter().find(|f| f.field == field).unwrap().level;
-    assert_eq!(level("given_name"), Some("swapped with family name"));
+    assert!(e.probability >= e.threshold && !e.household && e.blocked_by.is_some());
+    let level = |field: &str| {
+        e.fields
+            .iter()
+            .find(|f| f.field == field)
+            .unwrap()
+            .level
+            .clone()
+    };
+    assert_eq!(level("given_name").as_deref(), Some("swapped"));
     assert_eq!(level("family_name"), None);
     // The garbled birth date is compared on the year it still shows.
     let garbled = link::explain(&wh, &config.link, (n, "ZZ0000901"), (s, "ZB0000901")).unwrap();
@@ -596,11 +656,20 @@ fn noisy_cases_link_on_the_evidence_they_have() {
         .unwrap();
     assert!(birth.level.is_some() && birth.weight > 0.0, "{birth:?}");
     let twins = link::explain(&wh, &config.link, (n, "ZZ0000905"), (n, "ZZ0000906")).unwrap();
-    assert!(twins.vetoed || twins.probability < twins.threshold);
+    assert!(
+        twins.household && twins.probability < twins.threshold,
+        "{twins:#?}"
+    );
+    let household = twins
+        .fields
+        .iter()
+        .find(|f| f.field == "household")
+        .unwrap();
+    assert!(household.m.is_some() && household.u.is_some());
     assert!(link::explain(&wh, &config.link, (n, "nobody"), (s, "ZB0000902")).is_err());
 
-    // Clerical review: the twins are listed (owner-only), with the columns
-    // of a labels file; a reviewer's labels are honoured by the next link.
+    // Clerical review (owner-only), with the columns of a labels file; a
+    // reviewer's labels are honoured by the next link.
     let review = tmp.path().join("wh/core/link_review.csv");
     {
         use std::os::unix::fs::PermissionsExt;
@@ -611,15 +680,22 @@ fn noisy_cases_link_on_the_evidence_they_have() {
     assert!(
         listed.starts_with("source_a,source_patient_id_a,source_b,source_patient_id_b,decision,")
     );
-    assert!(
-        listed
-            .lines()
-            .any(|l| l.contains("ZZ0000905") && l.contains("ZZ0000906") && l.ends_with(",no")),
-        "{listed}"
-    );
     assert_eq!(
         linkage.report.review_pairs as usize,
         listed.lines().count() - 1
+    );
+    // With every candidate pair listed, the twins are, with the level that
+    // kept them apart.
+    let mut everything = config.link.clone();
+    everything.review_threshold = 0.0;
+    link::link(&wh, &everything, &[]).unwrap();
+    let listed = fs::read_to_string(&review).unwrap();
+    assert!(
+        listed.lines().any(|l| l.contains("ZZ0000905")
+            && l.contains("ZZ0000906")
+            && l.contains("household level")
+            && l.ends_with(",no")),
+        "{listed}"
     );
     let labels = tmp.path().join("labels.csv");
     fs::write(

@@ -43,13 +43,16 @@ pub struct LinkOptions {
     /// registered a patient twice) only by a pair at least this probable;
     /// `None`: never (each provider lists a person once).
     pub within_source_threshold: Option<f64>,
-    /// Refuse pairs whose given names have nothing in common (not a typo,
-    /// an initial, a nickname or a swap; or only a name crossed between the
-    /// fields) unless an identifier or e-mail agrees: twins and siblings
-    /// share everything else.
-    pub twins_guard: bool,
+    /// Weigh pairs whose given names differ while the rest of a family
+    /// agrees (twins) by a household level of their own instead of field by
+    /// field (see [`Model::fit`]).
+    pub household: bool,
+    /// How each field is compared ([`model::default_comparisons`];
+    /// `[[link.comparison]]` in the config replaces them column by column).
+    pub comparisons: Vec<model::Comparison>,
     /// Candidate pairs at least this probable but under `threshold` (and
-    /// pairs above it that a guard refused) are listed for clerical review.
+    /// pairs above it that the same-source rule refused) are listed for
+    /// clerical review.
     pub review_threshold: f64,
     /// Decisions of a reviewer (`labels = "labels.csv"`): pairs that are the
     /// same person are linked whatever their weight, pairs that are not are
@@ -71,7 +74,8 @@ impl Default for LinkOptions {
         LinkOptions {
             threshold: 0.9,
             within_source_threshold: Some(0.99),
-            twins_guard: true,
+            household: true,
+            comparisons: model::default_comparisons(),
             review_threshold: 0.5,
             labels: None,
             blocking: default_blocking(),
@@ -93,11 +97,17 @@ pub struct LinkReport {
     /// Candidate pairs per blocking rule (a pair counts for the first rule
     /// that found it).
     pub pairs_by_rule: BTreeMap<String, u64>,
-    /// Pairs at or above the threshold, linked unless vetoed.
+    /// Pairs at or above the threshold.
     pub accepted_pairs: u64,
-    /// Pairs above the threshold refused because their given names
-    /// disagree entirely with no SSN or e-mail agreeing (twins, siblings).
-    pub vetoed_pairs: u64,
+    /// Candidate pairs weighed by the household level: given names differ;
+    /// family name, address or phone and the birth date agree (twins, or one
+    /// person's records with a wholly different given name).
+    #[serde(default)]
+    pub household_pairs: u64,
+    /// The share of matches the model learned among those pairs (how much
+    /// the household level alone says for a link).
+    #[serde(default)]
+    pub household_match_share: f64,
     /// Accepted pairs not applied because both clusters already held a
     /// record of the same source and the pair was not probable enough to
     /// merge within a source (`within_source_threshold`).
@@ -418,8 +428,9 @@ fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
         }
     }
     report.records_without_birth_date = recs.iter().filter(|r| r.birth.is_none()).count() as u64;
-    for (f, (name, _)) in model::FIELDS.iter().enumerate() {
-        let missing = recs.iter().filter(|r| !r.has(f)).count() as u64;
+    for c in &opts.comparisons {
+        let name = c.column.name();
+        let missing = recs.iter().filter(|r| !r.has(c.column)).count() as u64;
         report.records_missing.insert(name.to_string(), missing);
         if missing == report.records && report.records > 0 {
             report.warnings.push(format!(
@@ -446,20 +457,22 @@ fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
     };
     let model = Model::fit(
         &recs,
+        opts,
+        &pairs.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>(),
         &session(&same_birth),
         &session(&same_names),
-        opts.u_pairs,
-        opts.seed,
     );
     tracing::info!(
         prior = model.prior,
         iterations = model.iterations,
         "linkage: model fitted"
     );
-    for (f, (name, _)) in model::FIELDS.iter().enumerate() {
-        tracing::debug!(field = name, m = ?model.m[f], u = ?model.u[f], "linkage model");
+    for (f, c) in opts.comparisons.iter().enumerate() {
+        tracing::debug!(field = c.column.name(), m = ?model.m[f], u = ?model.u[f], "linkage model");
     }
     report.em_iterations = model.iterations;
+    report.household_pairs = model.household_pairs;
+    report.household_match_share = model.household_match_share;
     report.prior = model.prior;
     Ok(Fitted {
         raw,
@@ -490,10 +503,10 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
         .par_iter()
         .filter_map(|&(a, b, rule)| {
             let (x, y) = (&recs[a as usize], &recs[b as usize]);
-            let levels = model::compare(x, y);
+            let levels = model.compare(x, y);
             let w = model.weight(x, &levels);
             (model::probability(w) >= opts.review_threshold.min(opts.threshold))
-                .then(|| (w, a, b, rule, opts.twins_guard && twin_like(&levels)))
+                .then(|| (w, a, b, rule, model.is_household(&levels)))
         })
         .collect();
     let (above, below): (Vec<_>, Vec<_>) = considered
@@ -501,16 +514,16 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
         .partition(|p| model::probability(p.0) >= opts.threshold);
     let mut review: Vec<(f64, u32, u32, u8, &'static str)> = below
         .into_iter()
-        .map(|(w, a, b, rule, _)| (w, a, b, rule, "below the threshold"))
+        .map(|(w, a, b, rule, household)| {
+            let reason = if household {
+                "household level: given names differ, the rest of the family agrees"
+            } else {
+                "below the threshold"
+            };
+            (w, a, b, rule, reason)
+        })
         .collect();
-    let (vetoed, kept): (Vec<_>, Vec<_>) = above.into_iter().partition(|p| p.4);
-    report.vetoed_pairs = vetoed.len() as u64;
-    review.extend(
-        vetoed
-            .into_iter()
-            .map(|(w, a, b, rule, _)| (w, a, b, rule, "twins guard: given names differ")),
-    );
-    let mut scored: Vec<(f64, u32, u32, u8)> = kept
+    let mut scored: Vec<(f64, u32, u32, u8)> = above
         .into_iter()
         .map(|(w, a, b, rule, _)| (w, a, b, rule))
         .collect();
@@ -639,8 +652,8 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
 /// At most this many pairs in `core/link_review.csv`, most probable first.
 const MAX_REVIEW_PAIRS: usize = 10_000;
 
-/// Writes `core/link_review.csv`: pairs near the threshold or refused by a
-/// guard, with the ids of both records (identified data: owner-only, 0600),
+/// Writes `core/link_review.csv`: pairs near the threshold or refused by
+/// the same-source rule, with the ids of both records (identified data: owner-only, 0600),
 /// and whether the linkage put them in one person. Its first five columns
 /// are a labels file's: fill `decision` (match / non_match) and give the
 /// file as `[link] labels`.
@@ -703,9 +716,10 @@ fn write_review(
 /// One field's part in a pair's match weight.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FieldWeight {
-    pub field: &'static str,
+    /// A compared column, or `household` (the household level).
+    pub field: String,
     /// The comparison level (`None`: a value is missing on either side).
-    pub level: Option<&'static str>,
+    pub level: Option<String>,
     pub m: Option<f64>,
     pub u: Option<f64>,
     /// log2(m / u): the field's contribution to the match weight.
@@ -724,8 +738,9 @@ pub struct Explanation {
     /// The first blocking rule that makes the pair a candidate (`None`: the
     /// pair is never compared, whatever its weight).
     pub blocked_by: Option<String>,
-    /// The twins guard refuses the pair.
-    pub vetoed: bool,
+    /// The pair is weighed by the household level (the `household` entry
+    /// of `fields`), not by the fields it covers.
+    pub household: bool,
     pub threshold: f64,
 }
 
@@ -750,31 +765,47 @@ pub fn explain(
     let (i, j) = (find(a)?, find(b)?);
     let (lo, hi) = (i.min(j) as u32, i.max(j) as u32);
     let (x, y) = (&fitted.recs[i], &fitted.recs[j]);
-    let levels = model::compare(x, y);
-    let parts = fitted.model.contributions(x, &levels);
-    let fields = model::FIELDS
+    let model = &fitted.model;
+    let levels = model.compare(x, y);
+    let parts = model.contributions(x, &levels);
+    let mut fields: Vec<FieldWeight> = model
+        .comparisons
         .iter()
         .enumerate()
-        .map(|(f, (name, _))| FieldWeight {
-            field: name,
-            level: levels[f].map(|k| model::LEVEL_NAMES[f][k as usize]),
-            m: parts[f].map(|p| p.0),
-            u: parts[f].map(|p| p.1),
-            weight: parts[f].map_or(0.0, |p| p.2),
+        .map(|(f, c)| FieldWeight {
+            field: c.column.name().to_string(),
+            level: levels[f].map(|k| match (&parts.fields[f], parts.household) {
+                (None, Some(_)) => format!("{} (in the household level)", c.level_name(k)),
+                _ => c.level_name(k).to_string(),
+            }),
+            m: parts.fields[f].map(|p| p.0),
+            u: parts.fields[f].map(|p| p.1),
+            weight: parts.fields[f].map_or(0.0, |p| p.2),
         })
         .collect();
-    let weight = fitted.model.weight(x, &levels);
+    if let Some((m, u, weight)) = parts.household {
+        fields.push(FieldWeight {
+            field: "household".into(),
+            level: Some(
+                "given names differ; family name, address or phone and birth date agree".into(),
+            ),
+            m: Some(m),
+            u: Some(u),
+            weight,
+        });
+    }
+    let weight = model.weight(x, &levels);
     Ok(Explanation {
         prior_weight: fitted.model.prior_weight(),
         fields,
         weight,
         probability: model::probability(weight),
+        household: parts.household.is_some(),
         blocked_by: fitted
             .pairs
             .binary_search_by(|p| (p.0, p.1).cmp(&(lo, hi)))
             .ok()
             .map(|k| rule_name(&opts.blocking, fitted.pairs[k].2).to_string()),
-        vetoed: opts.twins_guard && twin_like(&levels),
         threshold: opts.threshold,
     })
 }
@@ -884,21 +915,6 @@ pub fn read_person_links(path: &Path) -> Result<Vec<PersonLink>> {
         }
     }
     Ok(links)
-}
-
-/// Household members look alike: twins share family name, birth date,
-/// address and phone, and Fellegi–Sunter adds those agreements up as if they
-/// were independent. A pair whose given names disagree entirely (not a
-/// nickname, not a typo) is therefore never linked unless an identifier of
-/// the person itself (SSN or e-mail) agrees; nor is one whose only common
-/// name crossed between given and family (`michael allen` and `allen
-/// lorraine` are twins as likely as a swap and a married name).
-fn twin_like(levels: &model::Levels) -> bool {
-    matches!(
-        levels[0],
-        Some(model::GIVEN_DIFFERENT | model::GIVEN_CROSSED)
-    ) && levels[6] != Some(1)
-        && levels[7] != Some(2)
 }
 
 /// Standardized records from the staged patient rows (same order).
@@ -1432,37 +1448,5 @@ mod tests {
             let e = check_blocking_rule(on).unwrap_err();
             assert!(e.contains(needle), "{on}: {e}");
         }
-    }
-
-    #[test]
-    fn twins_are_vetoed_unless_a_personal_identifier_agrees() {
-        let rec = |given: &str, ssn: Option<&str>| Rec {
-            given: Some(given.into()),
-            family: Some("jackson".into()),
-            birth: NaiveDate::from_ymd_opt(1977, 7, 20),
-            address: Some("8461 maple st".into()),
-            ssn: ssn.map(str::to_string),
-            ..Rec::default()
-        };
-        let twin_like = |a: &Rec, b: &Rec| twin_like(&model::compare(a, b));
-        assert!(twin_like(&rec("jessica", None), &rec("aisha", None)));
-        assert!(
-            !twin_like(&rec("jessica", None), &rec("jesica", None)),
-            "a typo"
-        );
-        assert!(!twin_like(
-            &rec("jessica", Some("123456780")),
-            &rec("aisha", Some("123456780"))
-        ));
-        // A twin entered family name first: only `jackson` crosses over.
-        let mut swapped_twin = rec("aisha", None);
-        std::mem::swap(&mut swapped_twin.given, &mut swapped_twin.family);
-        let levels = model::compare(&rec("jessica", None), &swapped_twin);
-        assert_eq!(levels[0], Some(model::GIVEN_CROSSED));
-        assert!(twin_like(&rec("jessica", None), &swapped_twin));
-        // A full swap is the same person.
-        let mut swapped = rec("jessica", None);
-        std::mem::swap(&mut swapped.given, &mut swapped.family);
-        assert!(!twin_like(&rec("jessica", None), &swapped));
     }
 }

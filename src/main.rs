@@ -35,9 +35,14 @@ const EXIT_LOCKED: u8 = 4;
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// Pipeline config. Default: ./ward.toml if present, else the bundled sample config.
+    /// Pipeline config. Default: ./ward.toml if present, else the bundled
+    /// sample config (said on stderr).
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Never fall back to the bundled sample config: without --config and
+    /// without ./ward.toml, exit 2 (for scheduled jobs).
+    #[arg(long, global = true)]
+    no_sample: bool,
     /// More logging (-v debug, -vv trace).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -366,9 +371,19 @@ fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
         print_measure_list(&defs);
         return Ok(ExitCode::SUCCESS);
     }
-    let config_path = resolve_config(cli.config.as_deref())?;
+    let (config_path, sample) = resolve_config(cli.config.as_deref(), cli.no_sample)?;
     tracing::info!(config = %config_path.display(), "configuration");
     let config = PipelineConfig::load(&config_path)?;
+    if sample {
+        // Whatever the verbosity: a job started in the wrong directory
+        // must not pass for a real night.
+        eprintln!(
+            "warning: no --config and no ./ward.toml: using the bundled sample config {} \
+             (warehouse {}); give --config, and --no-sample in scheduled jobs",
+            config_path.display(),
+            config.warehouse.display()
+        );
+    }
     let queries = resolve_queries(config.queries.as_deref());
     let today = config
         .as_of
@@ -1120,19 +1135,29 @@ fn bound_query_process(opts: &ward::query::QueryOptions) {
     }
 }
 
-fn resolve_config(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+/// The config file: `--config`, else `./ward.toml`, else (unless
+/// `no_sample`) the bundled sample's; and whether it is the sample's.
+fn resolve_config(given: Option<&Path>, no_sample: bool) -> anyhow::Result<(PathBuf, bool)> {
     if let Some(p) = given {
-        return Ok(p.to_path_buf());
+        return Ok((p.to_path_buf(), false));
     }
     let local = PathBuf::from("ward.toml");
     if local.is_file() {
-        return Ok(local);
+        return Ok((local, false));
     }
     let bundled = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("sample_data")
         .join("ward.toml");
+    if no_sample {
+        return Err(WardError::Usage {
+            message: "no --config given and no ./ward.toml in the working directory \
+                      (--no-sample: the bundled sample is not used)"
+                .into(),
+        }
+        .into());
+    }
     if bundled.is_file() {
-        return Ok(bundled);
+        return Ok((bundled, true));
     }
     Err(WardError::Config {
         path: local,

@@ -63,6 +63,28 @@ fn ward_toml_in_the_working_directory_is_the_default_config() {
     assert!(dir.path().join("wh/staging/patient").is_dir());
 }
 
+/// Without --config and ./ward.toml the bundled sample is used, and said;
+/// a scheduled job's --no-sample refuses it.
+#[test]
+fn the_bundled_sample_is_never_a_silent_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ward(dir.path(), &["-q", "validate"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("using the bundled sample config") && stderr.contains("--no-sample"),
+        "{stderr}"
+    );
+    let out = ward(dir.path(), &["--no-sample", "validate"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("no ./ward.toml"));
+    // With a ./ward.toml, nothing is said.
+    let config = copy_sample(dir.path());
+    let out = ward(config.parent().unwrap(), &["--no-sample", "-q", "validate"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("bundled sample"));
+}
+
 #[test]
 fn validate_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();

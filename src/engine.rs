@@ -140,13 +140,9 @@ pub(crate) fn text(
     Ok(utf8.as_string::<i32>().clone())
 }
 
-/// Runs `sql` and collects its batches.
-pub(crate) async fn collect(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
-    collect_about(ctx, sql, "running a query", std::path::Path::new("")).await
-}
-
-/// [`collect`], whose errors say what was being done (`context`) and with
-/// which file or directory.
+/// Runs `sql` and collects its batches; errors say what was being done
+/// (`context`) and with which file or directory (the SQL file, the tables
+/// read).
 pub(crate) async fn collect_about(
     ctx: &SessionContext,
     sql: &str,

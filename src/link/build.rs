@@ -55,6 +55,7 @@ pub fn build(warehouse: &Warehouse) -> Result<BuildReport> {
             let staged = count(
                 &ctx,
                 &format!("SELECT count(*) FROM staging_{}", table.name()),
+                &warehouse.root().join("staging").join(table.name()),
             )
             .await?;
             let buckets = staged.div_ceil(ROWS_PER_PART).clamp(1, 256);
@@ -88,8 +89,8 @@ pub fn build(warehouse: &Warehouse) -> Result<BuildReport> {
 /// most about this many rows in memory.
 const ROWS_PER_PART: u64 = 500_000;
 
-async fn count(ctx: &SessionContext, sql: &str) -> Result<u64> {
-    let batches = crate::engine::collect(ctx, sql).await?;
+async fn count(ctx: &SessionContext, sql: &str, dir: &std::path::Path) -> Result<u64> {
+    let batches = crate::engine::collect_about(ctx, sql, "counting staged rows", dir).await?;
     Ok(batches
         .first()
         .and_then(|b| {

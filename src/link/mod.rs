@@ -394,12 +394,14 @@ fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
     let (raw, recs) = crate::engine::block_on(async {
         let ctx = crate::engine::session(SessionConfig::new());
         crate::engine::register_staging(&ctx, warehouse).await?;
-        let raw = crate::engine::collect(
+        let raw = crate::engine::collect_about(
             &ctx,
             "SELECT source, source_patient_id, given_name, family_name, birth_date, \
              birth_date_partial, sex, race, ethnicity, address_line, state, postal_code, phone, \
              email, ssn, deceased_date, payer FROM staging_patient \
              ORDER BY source, source_patient_id",
+            "reading the staged patients",
+            &warehouse.root().join("staging").join("patient"),
         )
         .await?;
         Ok((raw.clone(), records(&raw)))

@@ -742,10 +742,12 @@ pub fn run(
 pub fn strata(warehouse: &Warehouse, queries: &Path, period: Period) -> Result<Vec<RecordBatch>> {
     crate::engine::block_on(async {
         let ctx = session::session(warehouse, queries, period, DEFAULT_LIBRARY).await?;
-        crate::engine::collect(
+        crate::engine::collect_about(
             &ctx,
             "SELECT person_id, provider, age_band, sex, race, ethnicity, state, zip3, payer \
              FROM person_strata",
+            "computing the report strata",
+            &queries.join("lib").join("strata.sql"),
         )
         .await
     })
@@ -831,11 +833,7 @@ pub fn care_gaps(
                 action = action.replace('\'', "''"),
                 key = r.key().replace('\'', "''"),
             );
-            out.extend(
-                crate::engine::collect(&ctx, &sql)
-                    .await
-                    .map_err(|e| err(e.to_string()))?,
-            );
+            out.extend(crate::engine::collect_about(&ctx, &sql, "care gaps", &r.def.sql).await?);
         }
         Ok(out)
     })

@@ -16,25 +16,11 @@ person AS (
   SELECT pt.person_id, pt.sex, age_years(pt.birth_date, p.end_date) AS age
   FROM patient pt CROSS JOIN period p
 ),
--- AdultOutpatientEncounters."Qualifying Encounters": finished, during (day
--- of) the measurement period.
-qualifying_encounter AS (
-  SELECT DISTINCT e.person_id FROM encounter_done e CROSS JOIN period p
-  WHERE e.valueset IN (
-      '2.16.840.1.113883.3.464.1003.101.12.1001',  -- Office Visit
-      '2.16.840.1.113883.3.526.3.1240',            -- Annual Wellness Visit
-      '2.16.840.1.113883.3.464.1003.101.12.1025',  -- Preventive Care Established Office Visit, 18+
-      '2.16.840.1.113883.3.464.1003.101.12.1023',  -- Preventive Care Initial Office Visit, 18+
-      '2.16.840.1.113883.3.464.1003.101.12.1016',  -- Home Healthcare Services
-      '2.16.840.1.113883.3.464.1003.101.12.1089',  -- Virtual Encounter
-      '2.16.840.1.113883.3.464.1003.101.12.1080')  -- Telephone Visits
-    AND e.start_day >= p.start_date AND e.end_day <= p.end_date
-),
 initial_population AS (
   SELECT pe.person_id, pe.age FROM person pe
   WHERE pe.age BETWEEN 42 AND 74
     AND pe.sex = 'female'
-    AND EXISTS (SELECT 1 FROM qualifying_encounter qe WHERE qe.person_id = pe.person_id)
+    AND EXISTS (SELECT 1 FROM adult_outpatient_person qe WHERE qe.person_id = pe.person_id)
 ),
 -- Mastectomy diagnoses (encounter diagnoses or problems, verified) whose
 -- prevalence starts on or before the end of the period, by side.

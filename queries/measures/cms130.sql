@@ -18,20 +18,6 @@ person AS (
   SELECT pt.person_id, age_years(pt.birth_date, p.end_date) AS age
   FROM patient pt CROSS JOIN period p
 ),
--- AdultOutpatientEncounters."Qualifying Encounters": a finished encounter
--- whose period lies within the measurement period.
-qualifying_encounters AS (
-  SELECT DISTINCT e.person_id FROM encounter_done e CROSS JOIN period p
-  WHERE e.valueset IN (
-      '2.16.840.1.113883.3.464.1003.101.12.1001',  -- Office Visit
-      '2.16.840.1.113883.3.526.3.1240',            -- Annual Wellness Visit
-      '2.16.840.1.113883.3.464.1003.101.12.1025',  -- Preventive Care Established Office Visit, 18+
-      '2.16.840.1.113883.3.464.1003.101.12.1023',  -- Preventive Care Initial Office Visit, 18+
-      '2.16.840.1.113883.3.464.1003.101.12.1016',  -- Home Healthcare Services
-      '2.16.840.1.113883.3.464.1003.101.12.1089',  -- Virtual Encounter
-      '2.16.840.1.113883.3.464.1003.101.12.1080')  -- Telephone Visits
-    AND e.start_day >= p.start_date AND e.end_day <= p.end_date
-),
 -- "Malignant Neoplasm": a verified colorectal cancer diagnosis (problem list
 -- or encounter diagnosis) whose prevalence starts on or before the day the
 -- period ends (abated or not).
@@ -103,7 +89,7 @@ flags AS (
          pe.age >= 66 AND x.frailty AND x.advanced_illness_or_dementia_medication AS frailty,
          pe.age >= 66 AND x.nursing_home AS nursing_home
   FROM person pe
-  JOIN qualifying_encounters qe ON qe.person_id = pe.person_id
+  JOIN adult_outpatient_person qe ON qe.person_id = pe.person_id
   JOIN exclusion_criteria x ON x.person_id = pe.person_id
   LEFT JOIN malignant_neoplasm mn ON mn.person_id = pe.person_id
   LEFT JOIN total_colectomy_performed tc ON tc.person_id = pe.person_id

@@ -12,18 +12,6 @@ hypertension AS (   -- Essential Hypertension overlapping the first six months
     AND c.prevalence_start < CAST(p.start_date + INTERVAL '6 months' AS DATE)
     AND c.prevalence_end >= p.start_date
 ),
-qualifying_encounter AS (   -- AdultOutpatientEncounters."Qualifying Encounters"
-  SELECT DISTINCT e.person_id FROM encounter_done e CROSS JOIN period p
-  WHERE e.valueset IN (
-      '2.16.840.1.113883.3.464.1003.101.12.1001',  -- Office Visit
-      '2.16.840.1.113883.3.526.3.1240',            -- Annual Wellness Visit
-      '2.16.840.1.113883.3.464.1003.101.12.1025',  -- Preventive Care Established Office Visit, 18+
-      '2.16.840.1.113883.3.464.1003.101.12.1023',  -- Preventive Care Initial Office Visit, 18+
-      '2.16.840.1.113883.3.464.1003.101.12.1016',  -- Home Healthcare Services
-      '2.16.840.1.113883.3.464.1003.101.12.1089',  -- Virtual Encounter
-      '2.16.840.1.113883.3.464.1003.101.12.1080')  -- Telephone Visits
-    AND e.start_day >= p.start_date AND e.end_day <= p.end_date
-),
 renal_or_pregnancy AS (
   SELECT DISTINCT c.person_id FROM condition_verified c CROSS JOIN period p
   WHERE c.valueset IN (
@@ -94,7 +82,7 @@ flags AS (
          x.frailty AND (pe.age >= 81 OR (pe.age >= 66 AND x.advanced_illness_or_dementia_medication)) AS frailty
   FROM person pe
   JOIN hypertension ht ON ht.person_id = pe.person_id
-  JOIN qualifying_encounter qe ON qe.person_id = pe.person_id
+  JOIN adult_outpatient_person qe ON qe.person_id = pe.person_id
   JOIN exclusion_criteria x ON x.person_id = pe.person_id
   LEFT JOIN renal_or_pregnancy rp ON rp.person_id = pe.person_id
   LEFT JOIN esrd_procedure ep ON ep.person_id = pe.person_id

@@ -20,6 +20,22 @@ SELECT *, CAST(start_time AS DATE) AS start_day,
 FROM encounter_vs
 WHERE coalesce(status, 'finished') = 'finished';
 
+-- AdultOutpatientEncounters."Qualifying Encounters" (4.19.000): a
+-- finished encounter of these value sets whose period lies within (the days
+-- of) the measurement period. CMS125, CMS130 and CMS165 read it; CMS122
+-- and CMS131 define their own lists.
+CREATE VIEW adult_outpatient_person AS
+SELECT DISTINCT e.person_id FROM encounter_done e CROSS JOIN period p
+WHERE e.valueset IN (
+    '2.16.840.1.113883.3.464.1003.101.12.1001',  -- Office Visit
+    '2.16.840.1.113883.3.526.3.1240',            -- Annual Wellness Visit
+    '2.16.840.1.113883.3.464.1003.101.12.1025',  -- Preventive Care Established Office Visit, 18+
+    '2.16.840.1.113883.3.464.1003.101.12.1023',  -- Preventive Care Initial Office Visit, 18+
+    '2.16.840.1.113883.3.464.1003.101.12.1016',  -- Home Healthcare Services
+    '2.16.840.1.113883.3.464.1003.101.12.1089',  -- Virtual Encounter
+    '2.16.840.1.113883.3.464.1003.101.12.1080')  -- Telephone Visits
+  AND e.start_day >= p.start_date AND e.end_day <= p.end_date;
+
 -- Hospice care in any part of the period (Hospice."Has Hospice Services").
 CREATE VIEW hospice_person AS
 SELECT e.person_id FROM encounter_done e CROSS JOIN period p

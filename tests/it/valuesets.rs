@@ -1,9 +1,7 @@
 //! Value sets under queries/valuesets/: reproducible from ../shared/data and
 //! queryable as one table.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn committed_value_sets_are_the_converter_output_of_the_shared_data() {

@@ -3,14 +3,12 @@
 //! 1 to min_cell_size - 1; age-standardized rates for the flagged measures;
 //! one FHIR MeasureReport per measure, valid against a typed R4(B) model.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fs;
 
 use datafusion::arrow::datatypes::UInt64Type;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn run_writes_a_suppressed_stratified_summary() {

@@ -1,12 +1,10 @@
 //! Ingest on real files: the bundled sample, bad input of every kind,
 //! idempotence, replacement, and Synthea's CSV export from ../shared/data.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use ward::ingest::FileStatus;
 use ward::schema::Table;
 

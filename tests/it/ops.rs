@@ -2,14 +2,12 @@
 //! during publication, two runs at once, data-quality gates, `ward runs`
 //! and `ward status`.
 
-mod common;
-
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
-use common::*;
+use crate::common::*;
 use ward::PipelineConfig;
 
 fn ward(config: &Path, args: &[&str]) -> Output {

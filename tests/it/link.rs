@@ -3,8 +3,6 @@
 //! reported by two providers becomes one core row remembering both, and
 //! measures count persons, not provider records.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::Path;
@@ -13,7 +11,7 @@ use datafusion::arrow::array::Array;
 use ward::link::{self, LinkOptions};
 use ward::warehouse::Warehouse;
 
-use common::*;
+use crate::common::*;
 
 /// Ingests a copy of the sample and links it.
 fn linked_sample(dir: &Path) -> (ward::PipelineConfig, link::Linkage) {

@@ -4,8 +4,6 @@
 //! from Ward's output), the official CMS165 deck, and the measures on the
 //! bundled sample.
 
-mod common;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -15,7 +13,7 @@ use ward::config::Period;
 use ward::measure::{self, conformance};
 use ward::warehouse::Warehouse;
 
-use common::*;
+use crate::common::*;
 
 const CPT: &str = "http://www.ama-assn.org/go/cpt";
 const HCPCS: &str = "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets";

@@ -3,15 +3,13 @@
 //! the age / ZIP / date rules, k-anonymity and suppression, and every
 //! escape attempt refused with nothing executed.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::common::*;
 use chrono::NaiveDate;
-use common::*;
 use datafusion::arrow::array::{
     Array, ArrayRef, Date32Array, RecordBatch, StringArray, TimestampMicrosecondArray,
     new_null_array,

@@ -1,11 +1,9 @@
 //! `ward synth`: determinism, ground truth, and exactly the planted rejects.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::fs;
 
-use common::*;
+use crate::common::*;
 use indicatif::ProgressBar;
 use ward::synth::{SynthOptions, synth};
 

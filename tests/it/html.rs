@@ -2,15 +2,13 @@
 //! from anywhere), only suppressed counts, every section, and rendered by
 //! a real browser (headless Chromium) without a console message.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 
 use regex::Regex;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn run_writes_a_self_contained_report_html() {

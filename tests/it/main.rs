@@ -1,0 +1,17 @@
+//! Ward's integration tests, one binary (each test binary links DataFusion
+//! and Polars, which took longer than many of the tests): one module per
+//! area, helpers in [`common`].
+
+mod common;
+
+mod cli;
+mod fhir;
+mod html;
+mod ingest;
+mod link;
+mod measures;
+mod ops;
+mod report;
+mod research;
+mod synth;
+mod valuesets;

@@ -244,11 +244,18 @@ pub fn check_blocking_rule(on: &str) -> std::result::Result<(), String> {
     use datafusion::sql::sqlparser::ast::{Expr, visit_expressions};
     use datafusion::sql::sqlparser::dialect::GenericDialect;
     use datafusion::sql::sqlparser::parser::Parser;
+    use datafusion::sql::sqlparser::tokenizer::Token;
     use std::ops::ControlFlow;
-    let expr = Parser::new(&GenericDialect {})
+    let mut parser = Parser::new(&GenericDialect {})
         .try_with_sql(on)
-        .and_then(|mut p| p.parse_expr())
         .map_err(|e| format!("not an SQL expression: {e}"))?;
+    let expr = parser
+        .parse_expr()
+        .map_err(|e| format!("not an SQL expression: {e}"))?;
+    let next = parser.peek_token();
+    if next.token != Token::EOF {
+        return Err(format!("'{next}' after the expression"));
+    }
     let mut sides = BTreeSet::new();
     let visited = visit_expressions(&expr, |e| match e {
         Expr::CompoundIdentifier(parts) => match parts.as_slice() {
@@ -1446,6 +1453,7 @@ mod tests {
             ("zip = b.zip", "names no record"),
             ("a.zip = 'x'", "compare record a with record b"),
             ("a.zip = = b.zip", "not an SQL expression"),
+            ("a.zip = b.zip) OR (a.dob = b.dob", "after the expression"),
         ] {
             let e = check_blocking_rule(on).unwrap_err();
             assert!(e.contains(needle), "{on}: {e}");

@@ -369,6 +369,10 @@ pub fn catalog(queries: &Path) -> Result<Vec<MeasureDef>> {
                     .into(),
             ));
         }
+        if let Some(priority) = &def.care_gap_priority {
+            check_order_by(priority)
+                .map_err(|m| config(&path, format!("care_gap_priority: {m}")))?;
+        }
         if (def.scoring == Scoring::ContinuousVariable) != def.observation.is_some() {
             return Err(config(
                 &path,
@@ -431,6 +435,41 @@ pub fn catalog(queries: &Path) -> Result<Vec<MeasureDef>> {
     }
     defs.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(defs)
+}
+
+/// Checks that `text` is an SQL `ORDER BY` list and nothing more (it is
+/// pasted into the care-gap query): expressions with ASC/DESC and NULLS
+/// FIRST/LAST, no subquery, nothing after the list. Returns what is wrong.
+fn check_order_by(text: &str) -> std::result::Result<(), String> {
+    use datafusion::sql::sqlparser::ast::{Expr, visit_expressions};
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+    use datafusion::sql::sqlparser::tokenizer::Token;
+    use std::ops::ControlFlow;
+    let mut parser = Parser::new(&GenericDialect {})
+        .try_with_sql(text)
+        .map_err(|e| format!("not SQL: {e}"))?;
+    let items = parser
+        .parse_comma_separated(Parser::parse_order_by_expr)
+        .map_err(|e| format!("not an ORDER BY list: {e}"))?;
+    let next = parser.peek_token();
+    if next.token != Token::EOF {
+        return Err(format!(
+            "'{next}' after the ORDER BY list: give only `column [ASC|DESC] [NULLS FIRST|LAST], ...`"
+        ));
+    }
+    for item in &items {
+        let found = visit_expressions(&item.expr, |e| match e {
+            Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. } => {
+                ControlFlow::Break(())
+            }
+            _ => ControlFlow::Continue(()),
+        });
+        if found.is_break() {
+            return Err("a subquery is not a ranking".into());
+        }
+    }
+    Ok(())
 }
 
 fn config(path: &Path, message: String) -> WardError {
@@ -1262,6 +1301,26 @@ fn plain_strings(b: &RecordBatch, schema: &SchemaRef) -> datafusion::error::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn care_gap_priority_is_an_order_by_list_and_nothing_more() {
+        for ok in [
+            "person_id",
+            "last_result_pct DESC NULLS FIRST, person_id",
+            "coalesce(days_since, 9999) DESC, person_id ASC",
+        ] {
+            check_order_by(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (bad, needle) in [
+            ("person_id) m; DROP TABLE x; --", "after the ORDER BY list"),
+            ("person_id LIMIT 1", "after the ORDER BY list"),
+            ("(SELECT max(x) FROM t)", "subquery"),
+            ("", "not an ORDER BY list"),
+        ] {
+            let e = check_order_by(bad).unwrap_err();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn value_set_oids_are_the_quoted_dotted_numbers_of_the_sql() {

@@ -994,6 +994,20 @@ mod tests {
         assert_eq!(partial(1970, None).birth_year(), Some(1970));
     }
 
+    /// Level probabilities per comparison: `disagree` spread over the
+    /// levels below exact, the rest on exact.
+    fn probabilities(comparisons: &[Comparison], disagree: f64) -> Vec<Vec<f64>> {
+        comparisons
+            .iter()
+            .map(|c| {
+                let n = c.level_count();
+                let mut x = vec![disagree / (n - 1) as f64; n];
+                x[n - 1] = 1.0 - disagree;
+                x
+            })
+            .collect()
+    }
+
     /// Levels of the default given-name comparison.
     const CROSSED: u8 = 1;
     const INITIAL: u8 = 2;
@@ -1155,21 +1169,10 @@ mod tests {
 
         // Its weight: its own m over u; the address and postcode household
         // members share add nothing, an identifier of the person still does.
-        let flat = |v: f64| -> Vec<Vec<f64>> {
-            comparisons
-                .iter()
-                .map(|c| {
-                    let n = c.level_count();
-                    let mut x = vec![v / (n - 1) as f64; n];
-                    x[n - 1] = 1.0 - v;
-                    x
-                })
-                .collect()
-        };
         let mut model = Model {
             comparisons: comparisons.clone(),
-            m: flat(0.1),
-            u: flat(0.99),
+            m: probabilities(&comparisons, 0.1),
+            u: probabilities(&comparisons, 0.99),
             prior: 1e-4,
             iterations: 0,
             household_pairs: 3,
@@ -1212,24 +1215,8 @@ mod tests {
         let comparisons = default_comparisons();
         let h = Household::of(&comparisons).unwrap();
         let (m, u) = (
-            comparisons
-                .iter()
-                .map(|c| {
-                    let n = c.level_count();
-                    let mut x = vec![0.02 / (n - 1) as f64; n];
-                    x[n - 1] = 0.98;
-                    x
-                })
-                .collect::<Vec<_>>(),
-            comparisons
-                .iter()
-                .map(|c| {
-                    let n = c.level_count();
-                    let mut x = vec![0.5 / (n - 1) as f64; n];
-                    x[n - 1] = 0.5;
-                    x
-                })
-                .collect::<Vec<_>>(),
+            probabilities(&comparisons, 0.02),
+            probabilities(&comparisons, 0.5),
         );
         let jessica = rec("jessica", "jackson", "1977-07-20", Some("5162373"));
         let other = |sex: &str, ssn: Option<&str>| Rec {

@@ -78,11 +78,35 @@ fn tuned(config: SessionConfig) -> SessionConfig {
     config
 }
 
+/// Parses a fragment of SQL from a config or measure file with `parse` and
+/// refuses anything after it (the fragment is pasted into a query): what
+/// is wrong, naming the fragment as `what`.
+pub(crate) fn parse_fragment<T>(
+    text: &str,
+    what: &str,
+    parse: impl FnOnce(
+        &mut datafusion::sql::sqlparser::parser::Parser,
+    ) -> std::result::Result<T, datafusion::sql::sqlparser::parser::ParserError>,
+) -> std::result::Result<T, String> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+    use datafusion::sql::sqlparser::tokenizer::Token;
+    let mut parser = Parser::new(&GenericDialect {})
+        .try_with_sql(text)
+        .map_err(|e| format!("not {what}: {e}"))?;
+    let parsed = parse(&mut parser).map_err(|e| format!("not {what}: {e}"))?;
+    let next = parser.peek_token();
+    if next.token != Token::EOF {
+        return Err(format!("'{next}' after {what}"));
+    }
+    Ok(parsed)
+}
+
 /// Registers every canonical table's staging directory as
 /// `staging_<table>` (an empty table when nothing is staged).
 pub(crate) async fn register_staging(ctx: &SessionContext, warehouse: &Warehouse) -> Result<()> {
     for table in Table::ALL {
-        let dir = warehouse.root().join("staging").join(table.name());
+        let dir = warehouse.staging_table_dir(table);
         register_parquet(
             ctx,
             &format!("staging_{}", table.name()),

@@ -95,10 +95,13 @@ impl Warehouse {
     /// `staging/<table>/source=<source>` (hive-style, so query engines see a
     /// `source` partition column).
     pub fn staging_dir(&self, table: Table, source: &str) -> PathBuf {
-        self.root
-            .join("staging")
-            .join(table.name())
+        self.staging_table_dir(table)
             .join(format!("source={source}"))
+    }
+
+    /// `staging/<table>`: every source's staged rows of a table.
+    pub fn staging_table_dir(&self, table: Table) -> PathBuf {
+        self.root.join("staging").join(table.name())
     }
 
     /// `rejects/<source>`.

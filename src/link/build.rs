@@ -55,7 +55,7 @@ pub fn build(warehouse: &Warehouse) -> Result<BuildReport> {
             let staged = count(
                 &ctx,
                 &format!("SELECT count(*) FROM staging_{}", table.name()),
-                &warehouse.root().join("staging").join(table.name()),
+                &warehouse.staging_table_dir(table),
             )
             .await?;
             let buckets = staged.div_ceil(ROWS_PER_PART).clamp(1, 256);

@@ -242,20 +242,8 @@ pub const MAX_BLOCKING_RULES: usize = 200;
 /// records. Returns what is wrong.
 pub fn check_blocking_rule(on: &str) -> std::result::Result<(), String> {
     use datafusion::sql::sqlparser::ast::{Expr, visit_expressions};
-    use datafusion::sql::sqlparser::dialect::GenericDialect;
-    use datafusion::sql::sqlparser::parser::Parser;
-    use datafusion::sql::sqlparser::tokenizer::Token;
     use std::ops::ControlFlow;
-    let mut parser = Parser::new(&GenericDialect {})
-        .try_with_sql(on)
-        .map_err(|e| format!("not an SQL expression: {e}"))?;
-    let expr = parser
-        .parse_expr()
-        .map_err(|e| format!("not an SQL expression: {e}"))?;
-    let next = parser.peek_token();
-    if next.token != Token::EOF {
-        return Err(format!("'{next}' after the expression"));
-    }
+    let expr = crate::engine::parse_fragment(on, "an SQL expression", |p| p.parse_expr())?;
     let mut sides = BTreeSet::new();
     let visited = visit_expressions(&expr, |e| match e {
         Expr::CompoundIdentifier(parts) => match parts.as_slice() {
@@ -393,6 +381,8 @@ struct Fitted {
     raw: Vec<RecordBatch>,
     recs: Vec<Rec>,
     pairs: Vec<(u32, u32, u8)>,
+    /// Comparison levels of each of `pairs`, computed once.
+    levels: Vec<model::Levels>,
     model: Model,
     report: LinkReport,
 }
@@ -408,7 +398,7 @@ fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
              email, ssn, deceased_date, payer FROM staging_patient \
              ORDER BY source, source_patient_id",
             "reading the staged patients",
-            &warehouse.root().join("staging").join("patient"),
+            &warehouse.staging_table_dir(crate::schema::Table::Patient),
         )
         .await?;
         Ok((raw.clone(), records(&raw)))
@@ -447,13 +437,20 @@ fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
             ));
         }
     }
+    // Each candidate pair compared once: the model is fitted on these
+    // levels and the pairs are scored with them.
+    let levels: Vec<model::Levels> = pairs
+        .par_iter()
+        .map(|&(a, b, _)| model::compare(&opts.comparisons, &recs[a as usize], &recs[b as usize]))
+        .collect();
     // EM sessions: every candidate pair that agrees on the birth date, and
     // every one that agrees on the names (whichever rule found it first).
-    let session = |agree: &dyn Fn(&Rec, &Rec) -> bool| -> Vec<(u32, u32)> {
+    let session = |agree: &dyn Fn(&Rec, &Rec) -> bool| -> Vec<model::Levels> {
         pairs
             .iter()
-            .filter(|p| agree(&recs[p.0 as usize], &recs[p.1 as usize]))
-            .map(|p| (p.0, p.1))
+            .zip(&levels)
+            .filter(|(p, _)| agree(&recs[p.0 as usize], &recs[p.1 as usize]))
+            .map(|(_, l)| *l)
             .collect()
     };
     let same_birth = |a: &Rec, b: &Rec| a.birth.is_some() && a.birth == b.birth;
@@ -467,7 +464,7 @@ fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
     let model = Model::fit(
         &recs,
         opts,
-        &pairs.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>(),
+        &levels,
         &session(&same_birth),
         &session(&same_names),
     );
@@ -487,6 +484,7 @@ fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
         raw,
         recs,
         pairs,
+        levels,
         model,
         report,
     })
@@ -501,6 +499,7 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
         raw,
         recs,
         pairs,
+        levels,
         model,
         mut report,
     } = fit(warehouse, opts)?;
@@ -510,14 +509,14 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
     };
     let considered: Vec<(f64, u32, u32, u8, bool)> = pairs
         .par_iter()
-        .filter_map(|&(a, b, rule)| {
-            let (x, y) = (&recs[a as usize], &recs[b as usize]);
-            let levels = model.compare(x, y);
-            let w = model.weight(x, &levels);
+        .zip(levels.par_iter())
+        .filter_map(|(&(a, b, rule), levels)| {
+            let w = model.weight(&recs[a as usize], levels);
             (model::probability(w) >= opts.review_threshold.min(opts.threshold))
-                .then(|| (w, a, b, rule, model.is_household(&levels)))
+                .then(|| (w, a, b, rule, model.is_household(levels)))
         })
         .collect();
+    drop(levels);
     let (above, below): (Vec<_>, Vec<_>) = considered
         .into_iter()
         .partition(|p| model::probability(p.0) >= opts.threshold);
@@ -1453,7 +1452,10 @@ mod tests {
             ("zip = b.zip", "names no record"),
             ("a.zip = 'x'", "compare record a with record b"),
             ("a.zip = = b.zip", "not an SQL expression"),
-            ("a.zip = b.zip) OR (a.dob = b.dob", "after the expression"),
+            (
+                "a.zip = b.zip) OR (a.dob = b.dob",
+                "after an SQL expression",
+            ),
         ] {
             let e = check_blocking_rule(on).unwrap_err();
             assert!(e.contains(needle), "{on}: {e}");

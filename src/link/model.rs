@@ -608,18 +608,20 @@ impl Model {
     /// `u_pairs` random record pairs; m by expectation–maximisation over the
     /// blocked pairs, in one session per kind of blocking rule, where the
     /// fields a session was blocked on are left out (they agree by
-    /// construction): `dob_pairs` (agreeing on the birth date) give m for
-    /// every field but the birth date, `name_pairs` (agreeing on given name,
-    /// family-name Soundex and birth year) the birth date's. The prior is
-    /// the share of matches among all record pairs: the matches EM finds
-    /// among `dob_pairs` over every possible pair.
+    /// construction): `dob_levels` (the comparison levels of the candidate
+    /// pairs agreeing on the birth date) give m for every field but the
+    /// birth date, `name_levels` (those agreeing on given name, family-name
+    /// Soundex and birth year) the birth date's. The prior is the share of
+    /// matches among all record pairs: the matches EM finds among the
+    /// birth-date pairs over every possible pair.
     ///
     /// With `household`, pairs whose given names differ while the rest of
     /// a family agrees ([`Household::holds`]: twins, or one person whose
     /// given name was replaced) are weighed by one household level instead of field by
     /// field: those agreements are not independent within a family, and
     /// household members share address, postcode and phone too. The level's
-    /// weight is learned from the `candidates` that show it: EM
+    /// weight is learned from the candidate pairs (`candidates`: their
+    /// levels) that show it: EM
     /// over them, on the fields a household does not share (sex, e-mail,
     /// identifiers), estimates the share of matches among them, π; its m is
     /// then the share of all matches that show the pattern and its u the
@@ -633,55 +635,41 @@ impl Model {
     pub fn fit(
         recs: &[Rec],
         opts: &super::LinkOptions,
-        candidates: &[(u32, u32)],
-        dob_pairs: &[(u32, u32)],
-        name_pairs: &[(u32, u32)],
+        candidates: &[Levels],
+        dob_levels: &[Levels],
+        name_levels: &[Levels],
     ) -> Model {
         let comparisons = opts.comparisons.as_slice();
         let u = estimate_u(recs, comparisons, opts.u_pairs, opts.seed);
-        let levels = |pairs: &[(u32, u32)]| -> Vec<Levels> {
-            pairs
-                .par_iter()
-                .map(|&(a, b)| compare(comparisons, &recs[a as usize], &recs[b as usize]))
-                .collect()
-        };
         let find = |col| comparisons.iter().position(|c| c.column == col);
-        let dob_levels = levels(dob_pairs);
         let skip_birth: Vec<usize> = find(Column::BirthDate).into_iter().collect();
-        let (mut m, dob_share, it_a) = em(comparisons, &dob_levels, &u, &skip_birth);
+        let (mut m, dob_share, it_a) = em(comparisons, dob_levels, &u, &skip_birth);
         let roles = if opts.household {
             Household::of(comparisons)
         } else {
             None
         };
-        let household_levels: Vec<Levels> = roles
+        let household_levels: Vec<&Levels> = roles
             .as_ref()
-            .map(|h| {
-                candidates
-                    .par_iter()
-                    .map(|&(a, b)| compare(comparisons, &recs[a as usize], &recs[b as usize]))
-                    .filter(|l| h.holds(l))
-                    .collect()
-            })
+            .map(|h| candidates.iter().filter(|l| h.holds(l)).collect())
             .unwrap_or_default();
         let skip_names: Vec<usize> = [find(Column::GivenName), find(Column::FamilyName)]
             .into_iter()
             .flatten()
             .collect();
-        let (m_names, _, it_b) = em(comparisons, &levels(name_pairs), &u, &skip_names);
+        let (m_names, _, it_b) = em(comparisons, name_levels, &u, &skip_names);
         if let Some(b) = find(Column::BirthDate)
-            && !name_pairs.is_empty()
+            && !name_levels.is_empty()
         {
             m[b] = m_names[b].clone();
         }
         let n = recs.len() as f64;
         let all_pairs = (n * (n - 1.0) / 2.0).max(1.0);
-        let prior = (dob_share * dob_pairs.len() as f64 / all_pairs).clamp(1e-12, 0.5);
+        let prior = (dob_share * dob_levels.len() as f64 / all_pairs).clamp(1e-12, 0.5);
         let household_pairs = household_levels.len();
         let share = roles
             .as_ref()
             .map_or(0.0, |h| household_share(h, &household_levels, &m, &u));
-        drop(dob_levels);
         let household = roles.map(|h| {
             let pairs = household_pairs.max(1) as f64;
             let m = pairs * share / (prior * all_pairs);
@@ -780,7 +768,7 @@ impl Model {
 /// dozen pairs (a small population's handful of pairs does not decide it).
 const HOUSEHOLD_PSEUDO_PAIRS: f64 = 10.0;
 
-fn household_share(h: &Household, pairs: &[Levels], m: &[Vec<f64>], u: &[Vec<f64>]) -> f64 {
+fn household_share(h: &Household, pairs: &[&Levels], m: &[Vec<f64>], u: &[Vec<f64>]) -> f64 {
     // Each pair's likelihood ratio on its own evidence.
     let ratios: Vec<f64> = pairs
         .iter()
@@ -1226,7 +1214,7 @@ mod tests {
         let share = |pairs: &[Rec]| {
             let levels: Vec<Levels> = pairs.iter().map(|b| compare(&jessica, b)).collect();
             assert!(levels.iter().all(|l| h.holds(l)));
-            household_share(&h, &levels, &m, &u)
+            household_share(&h, &levels.iter().collect::<Vec<_>>(), &m, &u)
         };
         // Twins: half of them differ in sex, none shares an identifier.
         let twins: Vec<Rec> = (0..200)
@@ -1243,7 +1231,7 @@ mod tests {
             ..r.clone()
         };
         let levels = compare(&bare(&jessica), &bare(&twins[0]));
-        assert!((household_share(&h, &[levels, levels], &m, &u) - 0.1).abs() < 1e-6);
+        assert!((household_share(&h, &[&levels, &levels], &m, &u) - 0.1).abs() < 1e-6);
     }
 
     /// The fitted m and match share are the same bits however many threads

@@ -442,22 +442,12 @@ pub fn catalog(queries: &Path) -> Result<Vec<MeasureDef>> {
 /// FIRST/LAST, no subquery, nothing after the list. Returns what is wrong.
 fn check_order_by(text: &str) -> std::result::Result<(), String> {
     use datafusion::sql::sqlparser::ast::{Expr, visit_expressions};
-    use datafusion::sql::sqlparser::dialect::GenericDialect;
     use datafusion::sql::sqlparser::parser::Parser;
-    use datafusion::sql::sqlparser::tokenizer::Token;
     use std::ops::ControlFlow;
-    let mut parser = Parser::new(&GenericDialect {})
-        .try_with_sql(text)
-        .map_err(|e| format!("not SQL: {e}"))?;
-    let items = parser
-        .parse_comma_separated(Parser::parse_order_by_expr)
-        .map_err(|e| format!("not an ORDER BY list: {e}"))?;
-    let next = parser.peek_token();
-    if next.token != Token::EOF {
-        return Err(format!(
-            "'{next}' after the ORDER BY list: give only `column [ASC|DESC] [NULLS FIRST|LAST], ...`"
-        ));
-    }
+    let items = crate::engine::parse_fragment(text, "an ORDER BY list", |p| {
+        p.parse_comma_separated(Parser::parse_order_by_expr)
+    })
+    .map_err(|e| format!("{e}: give only `column [ASC|DESC] [NULLS FIRST|LAST], ...`"))?;
     for item in &items {
         let found = visit_expressions(&item.expr, |e| match e {
             Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. } => {
@@ -1312,8 +1302,8 @@ mod tests {
             check_order_by(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
         for (bad, needle) in [
-            ("person_id) m; DROP TABLE x; --", "after the ORDER BY list"),
-            ("person_id LIMIT 1", "after the ORDER BY list"),
+            ("person_id) m; DROP TABLE x; --", "after an ORDER BY list"),
+            ("person_id LIMIT 1", "after an ORDER BY list"),
             ("(SELECT max(x) FROM t)", "subquery"),
             ("", "not an ORDER BY list"),
         ] {

@@ -204,8 +204,13 @@ impl Condition {
             ["one_part_differs"] if date => Condition::OnePartDiffers,
             ["partial"] if date => Condition::Partial,
             ["within", n, unit @ ("days" | "years")] if date => {
-                let n = whole(n)? as i64;
-                Condition::WithinDays(if *unit == "days" { n } else { n * 365 + n / 4 })
+                // More than any two birth dates lie apart is "any".
+                let n = i64::try_from(whole(n)?).unwrap_or(i64::MAX);
+                Condition::WithinDays(if *unit == "days" {
+                    n
+                } else {
+                    n.saturating_mul(365).saturating_add(n / 4)
+                })
             }
             _ => {
                 return Err(format!(
@@ -1093,6 +1098,15 @@ mod tests {
         assert_eq!(on("1970-05-12", "1970-12-05"), 2, "day and month swapped");
         assert_eq!(on("1970-05-12", "1971-09-01"), 1);
         assert_eq!(on("1970-05-12", "1974-05-12"), 0);
+        // A bound beyond any date range is no overflow.
+        let any = c(Column::BirthDate, &["within 99999999999999999999 years"]);
+        assert!(any.unwrap_err().contains("not a whole number"));
+        let wide = c(Column::BirthDate, &["within 9223372036854775807 years"]).unwrap();
+        let (x, y) = (
+            rec("a", "b", "1900-01-01", None),
+            rec("a", "b", "2020-01-01", None),
+        );
+        assert_eq!(wide.first_holding(|cond| cond.holds_for_dates(&x, &y)), 1);
 
         for (col, levels, needle) in [
             (

@@ -29,6 +29,7 @@ pub mod reads;
 pub mod report;
 pub mod runs;
 pub mod schema;
+pub mod settings;
 pub mod synth;
 pub mod valuesets;
 pub mod warehouse;

@@ -31,6 +31,7 @@
 pub mod conformance;
 mod session;
 pub(crate) use session::read_valuesets;
+pub use session::install;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

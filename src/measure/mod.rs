@@ -30,8 +30,8 @@
 
 pub mod conformance;
 mod session;
-pub(crate) use session::read_valuesets;
 pub use session::install;
+pub(crate) use session::read_valuesets;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -63,12 +63,18 @@ async fn session(library: &str) -> ward::Result<SessionContext> {
     for table in Table::ALL.into_iter().filter(|t| *t != Table::Patient) {
         let text_list = DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)));
         let mut fields = vec![Arc::new(Field::new("person_id", DataType::Utf8, false))];
-        fields.extend(table.schema().fields().iter().map(|f| match f.name().as_str() {
-            // SQL's struct literals have nullable fields, and Arrow cannot
-            // cast them to the canonical non-null `system` and `code`.
-            "codings" => Arc::new(Field::new("codings", codings.clone(), true)),
-            _ => f.clone(),
-        }));
+        fields.extend(
+            table
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| match f.name().as_str() {
+                    // SQL's struct literals have nullable fields, and Arrow cannot
+                    // cast them to the canonical non-null `system` and `code`.
+                    "codings" => Arc::new(Field::new("codings", codings.clone(), true)),
+                    _ => f.clone(),
+                }),
+        );
         fields.push(Arc::new(Field::new("reported_by", text_list, true)));
         let schema = Arc::new(Schema::new(fields));
         tables.push((format!("core_{}", table.name()), schema));

@@ -30,6 +30,7 @@
 
 pub mod conformance;
 mod session;
+pub use session::install;
 pub(crate) use session::read_valuesets;
 
 use std::collections::BTreeMap;

@@ -23,7 +23,8 @@
 //! - `period`: one row, `start_date`, `end_date` (DATE, inclusive) and
 //!   `start_ts`, `end_ts` (TIMESTAMP; `end_ts` is the first instant after the
 //!   period, so `t >= start_ts AND t < end_ts` is "during day of").
-//! - `age_years(birth_date, at_date)`: completed years, as CQL's AgeInYearsAt.
+//! - `age_years(birth_date, at_date)`: completed years, as CQL's AgeInYearsAt;
+//!   `age_band(age)`: the report's age band of an age.
 //! - the views of `queries/lib/*.sql` (common to every measure), then of
 //!   `queries/lib/<library>/*.sql` (the measure's versioned shared
 //!   criteria, such as hospice care).
@@ -57,9 +58,8 @@ const PREVALENCE_END: &str = "\
 CASE WHEN clinical_status IS NULL OR clinical_status IN ('active', 'recurrence', 'relapse') \
 THEN coalesce(abatement_date, DATE '9999-12-31') ELSE abatement_date END";
 
-/// Builds the session for one measurement period, with the common
-/// `queries/lib/*.sql` and then the shared criteria of
-/// `queries/lib/<library>/` (when that folder exists), which build on them.
+/// Builds the session for one measurement period over the warehouse's
+/// tables, with everything [`install`] adds.
 pub(crate) async fn session(
     warehouse: &Warehouse,
     queries: &Path,
@@ -97,8 +97,32 @@ pub(crate) async fn session(
             .map_err(|e| err("registering table", &path, e))?;
         }
     }
+    install(&ctx, queries, period, library, linked).await?;
+    Ok(ctx)
+}
 
-    register_valuesets(&ctx, &queries.join("valuesets")).await?;
+/// Installs on `ctx`, whose base tables are registered, everything else a
+/// measure's SQL sees: the value sets of `queries/valuesets/`, the `period`
+/// table, the UDFs, the views of every canonical table, then the views of
+/// the common `queries/lib/*.sql` and of the shared criteria of
+/// `queries/lib/<library>/` (when that folder exists), which build on them,
+/// each folder in file-name order. The base tables are `core_person` and
+/// `core_<table>` when `linked` (linkage has run), else `staging_<table>`.
+pub async fn install(
+    ctx: &SessionContext,
+    queries: &Path,
+    period: Period,
+    library: &str,
+    linked: bool,
+) -> Result<()> {
+    let err = |context: &'static str, path: &Path, e: datafusion::error::DataFusionError| {
+        WardError::Data {
+            context,
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    };
+    register_valuesets(ctx, &queries.join("valuesets")).await?;
 
     ctx.register_table("period", Arc::new(period_table(period)?))
         .map_err(|e| err("registering period", queries, e))?;
@@ -152,7 +176,7 @@ pub(crate) async fn session(
         }
     }
     for view in views {
-        execute(&ctx, &view, queries).await?;
+        execute(ctx, &view, queries).await?;
     }
 
     let lib = queries.join("lib");
@@ -169,10 +193,10 @@ pub(crate) async fn session(
         for file in files {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| WardError::io("cannot read", &file, e))?;
-            execute(&ctx, &text, &file).await?;
+            execute(ctx, &text, &file).await?;
         }
     }
-    Ok(ctx)
+    Ok(())
 }
 
 /// Runs every statement of `sql` (views of a library file), failing with the

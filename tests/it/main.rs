@@ -13,5 +13,6 @@ mod measures;
 mod ops;
 mod report;
 mod research;
+mod slt;
 mod synth;
 mod valuesets;

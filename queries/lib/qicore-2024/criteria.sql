@@ -114,14 +114,14 @@ WHERE o.valueset = '2.16.840.1.113883.3.464.1003.113.12.1075'  -- Frailty Sympto
 
 -- Advanced illness diagnosed in the period or the year before.
 CREATE VIEW advanced_illness_person AS
-SELECT c.person_id FROM condition_vs c CROSS JOIN period p
+SELECT DISTINCT c.person_id FROM condition_vs c CROSS JOIN period p
 WHERE c.valueset = '2.16.840.1.113883.3.464.1003.110.12.1082'  -- Advanced Illness
   AND c.prevalence_start BETWEEN CAST(p.start_date - INTERVAL '1 year' AS DATE) AND p.end_date;
 
 -- Dementia medication active in the period or the year before. A request
 -- whose duration is unknown counts for its first day.
 CREATE VIEW dementia_medication_person AS
-SELECT m.person_id FROM medication_vs m CROSS JOIN period p
+SELECT DISTINCT m.person_id FROM medication_vs m CROSS JOIN period p
 WHERE m.valueset = '2.16.840.1.113883.3.464.1003.196.12.1510'  -- Dementia Medications
   AND coalesce(m.resource_type, 'medicationrequest') = 'medicationrequest'
   AND coalesce(m.status, 'active') = 'active'

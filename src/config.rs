@@ -323,338 +323,47 @@ impl PipelineConfig {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        let err = |span: Range<usize>, key: &str, message: String| {
-            config_error(path, &text, Some(span), Some(key), message)
+        let file = ConfigFile {
+            path,
+            text: &text,
+            base: &base,
         };
-
-        let measurement_period = match raw.measurement_period {
-            Some(p) => {
-                let span = p.span();
-                let p = p.into_inner();
-                if p.start > p.end {
-                    return Err(err(span, "measurement_period", "start is after end".into()));
-                }
-                Some(Period {
-                    start: p.start,
-                    end: p.end,
-                })
-            }
+        let measurement_period = raw.measurement_period.map(|p| file.period(p)).transpose()?;
+        let sources = file.sources(raw.sources)?;
+        let link = match raw.link {
+            Some(l) => file.link(l)?,
+            None => crate::link::LinkOptions::default(),
+        };
+        let min_cell_size = match raw.report {
+            Some(r) => file.at_least_one(
+                r.span(),
+                r.into_inner().min_cell_size,
+                "report.min_cell_size",
+            )?,
             None => None,
         };
-
-        let raw_sources = match raw.sources {
-            Some(s) if !s.get_ref().is_empty() => s.into_inner(),
-            other => {
-                let span = other.map(|s| s.span());
-                return Err(config_error(
-                    path,
-                    &text,
-                    span,
-                    Some("sources"),
-                    "at least one [[sources]] entry is required".into(),
-                ));
-            }
+        let keep_runs = match raw.runs {
+            Some(r) => file.at_least_one(r.span(), r.into_inner().keep, "runs.keep")?,
+            None => None,
         };
-        let mut sources: Vec<SourceConfig> = Vec::new();
-        for s in raw_sources {
-            let name = s.name.get_ref().clone();
-            if name.is_empty()
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-            {
-                return Err(err(
-                    s.name.span(),
-                    "sources.name",
-                    "source names use only a-z, 0-9, '_' and '-' (they name directories)".into(),
-                ));
-            }
-            if sources.iter().any(|o| o.name == name) {
-                return Err(err(
-                    s.name.span(),
-                    "sources.name",
-                    format!("duplicate source name '{name}'"),
-                ));
-            }
-            let mapping = match (s.format, &s.mapping) {
-                (SourceFormat::Csv, Some(m)) => Some(base.join(m.get_ref())),
-                (SourceFormat::Csv, None) => {
-                    return Err(err(
-                        s.name.span(),
-                        "sources.mapping",
-                        format!("source '{name}' has format csv and needs a mapping file"),
-                    ));
-                }
-                (_, Some(m)) => {
-                    return Err(err(
-                        m.span(),
-                        "sources.mapping",
-                        format!("source '{name}' is FHIR, which needs no mapping"),
-                    ));
-                }
-                (_, None) => None,
-            };
-            let mut pattern = base.join(s.path.get_ref());
-            if pattern.is_dir() {
-                pattern = pattern.join(match s.format {
-                    SourceFormat::Csv => "*",
-                    SourceFormat::FhirNdjson => "*.ndjson",
-                    SourceFormat::FhirBundle => "*.json",
-                });
-            }
-            sources.push(SourceConfig {
-                name,
-                format: s.format,
-                pattern: pattern.to_string_lossy().into_owned(),
-                mapping,
-                nightly: s.nightly,
-            });
-        }
-
-        let mut link = crate::link::LinkOptions::default();
-        if let Some(l) = raw.link {
-            let span = l.span();
-            let l = l.into_inner();
-            if let Some(t) = l.threshold {
-                if !(0.5..1.0).contains(&t) {
-                    return Err(err(
-                        span,
-                        "link.threshold",
-                        "the match probability threshold must be at least 0.5 and below 1".into(),
-                    ));
-                }
-                link.threshold = t;
-            }
-            if let Some(t) = l.within_source_threshold {
-                if !(link.threshold..1.0).contains(&t) {
-                    return Err(err(
-                        span,
-                        "link.within_source_threshold",
-                        "must be at least link.threshold and below 1".into(),
-                    ));
-                }
-                link.within_source_threshold = Some(t);
-            }
-            if l.within_source == Some(false) {
-                link.within_source_threshold = None;
-            } else if link
-                .within_source_threshold
-                .is_some_and(|t| t < link.threshold)
-            {
-                link.within_source_threshold = Some(link.threshold);
-            }
-            link.household = l.household.unwrap_or(link.household);
-            let mut declared = std::collections::BTreeSet::new();
-            for c in l.comparison.into_iter().flatten() {
-                use crate::link::model::{Column, Comparison};
-                let span = c.span();
-                let RawComparison {
-                    column,
-                    levels,
-                    term_frequency,
-                } = c.into_inner();
-                let bad = |m: String| err(span.clone(), "link.comparison", m);
-                let col = Column::parse(&column).ok_or_else(|| {
-                    bad(format!(
-                        "'{column}' is not a compared column (columns: {})",
-                        Column::ALL.map(Column::name).join(", ")
-                    ))
-                })?;
-                if !declared.insert(column.clone()) {
-                    return Err(bad(format!("{column} is declared twice")));
-                }
-                let at = link.comparisons.iter().position(|c| c.column == col);
-                if levels.is_empty() {
-                    // Not compared at all.
-                    if let Some(at) = at {
-                        link.comparisons.remove(at);
-                    }
-                    continue;
-                }
-                let tf = term_frequency
-                    .unwrap_or_else(|| at.is_some_and(|i| link.comparisons[i].term_frequency));
-                let levels: Vec<&str> = levels.iter().map(String::as_str).collect();
-                let comparison =
-                    Comparison::new(col, &levels, tf).map_err(|m| bad(format!("{column}: {m}")))?;
-                match at {
-                    Some(i) => link.comparisons[i] = comparison,
-                    None => link.comparisons.push(comparison),
-                }
-            }
-            if let Some(t) = l.review_threshold {
-                if !(0.0..=link.threshold).contains(&t) {
-                    return Err(err(
-                        span,
-                        "link.review_threshold",
-                        "must be between 0 and link.threshold".into(),
-                    ));
-                }
-                link.review_threshold = t;
-            }
-            if let Some(rules) = l.blocking {
-                let (span, rules) = (rules.span(), rules.into_inner());
-                if rules.is_empty() || rules.len() > crate::link::MAX_BLOCKING_RULES {
-                    return Err(err(
-                        span,
-                        "link.blocking",
-                        format!(
-                            "give 1 to {} [[link.blocking]] rules",
-                            crate::link::MAX_BLOCKING_RULES
-                        ),
-                    ));
-                }
-                let mut names = std::collections::BTreeSet::new();
-                link.blocking = Vec::with_capacity(rules.len());
-                for rule in rules {
-                    let span = rule.span();
-                    let RawBlocking { name, on } = rule.into_inner();
-                    if name.trim().is_empty() || !names.insert(name.clone()) {
-                        return Err(err(
-                            span,
-                            "link.blocking.name",
-                            "every rule needs a name of its own".into(),
-                        ));
-                    }
-                    crate::link::check_blocking_rule(&on).map_err(|m| {
-                        err(
-                            span.clone(),
-                            "link.blocking.on",
-                            format!("rule '{name}': {m}"),
-                        )
-                    })?;
-                    link.blocking.push((name, on));
-                }
-            }
-            if let Some(labels) = l.labels {
-                let file = base.join(labels.get_ref());
-                if !file.is_file() {
-                    return Err(err(
-                        labels.span(),
-                        "link.labels",
-                        format!("{} is not a file", file.display()),
-                    ));
-                }
-                link.labels = Some(file);
-            }
-            link.u_pairs = l.u_pairs.unwrap_or(link.u_pairs);
-            link.seed = l.seed.unwrap_or(link.seed);
-        }
-
-        let mut min_cell_size = 11;
-        if let Some(r) = raw.report {
-            let span = r.span();
-            if let Some(n) = r.into_inner().min_cell_size {
-                if n < 1 {
-                    return Err(err(
-                        span,
-                        "report.min_cell_size",
-                        "must be at least 1".into(),
-                    ));
-                }
-                min_cell_size = n;
-            }
-        }
-
-        let mut keep_runs = 7;
-        if let Some(r) = raw.runs {
-            let span = r.span();
-            if let Some(n) = r.into_inner().keep {
-                if n < 1 {
-                    return Err(err(span, "runs.keep", "must be at least 1".into()));
-                }
-                keep_runs = n;
-            }
-        }
-
-        let mut gates = crate::runs::Gates::default();
-        if let Some(g) = raw.gates {
-            let span = g.span();
-            let g = g.into_inner();
-            for (key, value, slot) in [
-                (
-                    "gates.max_reject_rate",
-                    g.max_reject_rate,
-                    &mut gates.max_reject_rate,
-                ),
-                (
-                    "gates.warn_reject_rate",
-                    g.warn_reject_rate,
-                    &mut gates.warn_reject_rate,
-                ),
-                (
-                    "gates.max_row_drop",
-                    g.max_row_drop,
-                    &mut gates.max_row_drop,
-                ),
-                (
-                    "gates.warn_row_drop",
-                    g.warn_row_drop,
-                    &mut gates.warn_row_drop,
-                ),
-            ] {
-                if let Some(v) = value {
-                    if !(0.0..=1.0).contains(&v) {
-                        return Err(err(
-                            span.clone(),
-                            key,
-                            "a share between 0 and 1 (0.05 = 5 %)".into(),
-                        ));
-                    }
-                    *slot = v;
-                }
-            }
-            if gates.warn_reject_rate > gates.max_reject_rate
-                || gates.warn_row_drop > gates.max_row_drop
-            {
-                return Err(err(
-                    span,
-                    "gates",
-                    "a warning threshold is above its failure threshold".into(),
-                ));
-            }
-        }
+        let gates = match raw.gates {
+            Some(g) => file.gates(g)?,
+            None => crate::runs::Gates::default(),
+        };
         let deid = deid_config(path, &text, &base, raw.deid)?;
         let warehouse = base.join(raw.warehouse.get_ref());
         if warehouse.exists() && !warehouse.is_dir() {
-            return Err(err(
+            return Err(file.err(
                 raw.warehouse.span(),
                 "warehouse",
                 format!("{} exists and is not a directory", warehouse.display()),
             ));
         }
-        let warehouse_group = match raw.warehouse_group {
-            #[cfg(unix)]
-            Some(g) => Some(crate::warehouse::group_id(g.get_ref()).ok_or_else(|| {
-                err(
-                    g.span(),
-                    "warehouse_group",
-                    format!("no group '{}' on this system", g.get_ref()),
-                )
-            })?),
-            #[cfg(not(unix))]
-            Some(g) => {
-                return Err(err(
-                    g.span(),
-                    "warehouse_group",
-                    "only on Unix systems".into(),
-                ));
-            }
-            None => None,
-        };
-        let queries = match raw.queries {
-            Some(q) => {
-                let dir = base.join(q.get_ref());
-                if !dir.join("measures").is_dir() {
-                    return Err(err(
-                        q.span(),
-                        "queries",
-                        format!("{} has no measures/ directory", dir.display()),
-                    ));
-                }
-                Some(dir)
-            }
-            None => None,
-        };
+        let warehouse_group = raw
+            .warehouse_group
+            .map(|g| file.warehouse_group(g))
+            .transpose()?;
+        let queries = raw.queries.map(|q| file.queries(q)).transpose()?;
 
         Ok(PipelineConfig {
             path: path.to_path_buf(),
@@ -664,12 +373,360 @@ impl PipelineConfig {
             as_of: raw.ingest.as_of,
             queries,
             link,
-            min_cell_size,
-            keep_runs,
+            min_cell_size: min_cell_size.unwrap_or(11),
+            keep_runs: keep_runs.unwrap_or(7),
             gates,
             sources,
             deid,
         })
+    }
+}
+
+/// The config file being checked: errors name it, the line and column of a
+/// span in its text, and the key; relative paths resolve against `base`.
+struct ConfigFile<'a> {
+    path: &'a Path,
+    text: &'a str,
+    base: &'a Path,
+}
+
+impl ConfigFile<'_> {
+    fn err(&self, span: Range<usize>, key: &str, message: String) -> WardError {
+        config_error(self.path, self.text, Some(span), Some(key), message)
+    }
+
+    /// `measurement_period`: start on or before end.
+    fn period(&self, p: Spanned<RawPeriod>) -> Result<Period> {
+        let span = p.span();
+        let p = p.into_inner();
+        if p.start > p.end {
+            return Err(self.err(span, "measurement_period", "start is after end".into()));
+        }
+        Ok(Period {
+            start: p.start,
+            end: p.end,
+        })
+    }
+
+    /// A count that must be at least 1 when given.
+    fn at_least_one<N: PartialOrd + From<u8>>(
+        &self,
+        span: Range<usize>,
+        value: Option<N>,
+        key: &str,
+    ) -> Result<Option<N>> {
+        match value {
+            Some(n) if n < N::from(1) => Err(self.err(span, key, "must be at least 1".into())),
+            other => Ok(other),
+        }
+    }
+
+    /// `[[sources]]`: at least one, names usable as directory names and
+    /// unique, a mapping exactly for CSV sources.
+    fn sources(&self, raw: Option<Spanned<Vec<RawSource>>>) -> Result<Vec<SourceConfig>> {
+        let raw_sources = match raw {
+            Some(s) if !s.get_ref().is_empty() => s.into_inner(),
+            other => {
+                return Err(config_error(
+                    self.path,
+                    self.text,
+                    other.map(|s| s.span()),
+                    Some("sources"),
+                    "at least one [[sources]] entry is required".into(),
+                ));
+            }
+        };
+        let mut sources: Vec<SourceConfig> = Vec::new();
+        for s in raw_sources {
+            // A repeated name was valid the first time: same error order as
+            // checking validity first.
+            let name = s.name.get_ref();
+            if sources.iter().any(|o| o.name == *name) {
+                return Err(self.err(
+                    s.name.span(),
+                    "sources.name",
+                    format!("duplicate source name '{name}'"),
+                ));
+            }
+            sources.push(self.source(s)?);
+        }
+        Ok(sources)
+    }
+
+    /// One `[[sources]]` entry.
+    fn source(&self, s: RawSource) -> Result<SourceConfig> {
+        let name = s.name.get_ref().clone();
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        {
+            return Err(self.err(
+                s.name.span(),
+                "sources.name",
+                "source names use only a-z, 0-9, '_' and '-' (they name directories)".into(),
+            ));
+        }
+        let mapping = match (s.format, &s.mapping) {
+            (SourceFormat::Csv, Some(m)) => Some(self.base.join(m.get_ref())),
+            (SourceFormat::Csv, None) => {
+                return Err(self.err(
+                    s.name.span(),
+                    "sources.mapping",
+                    format!("source '{name}' has format csv and needs a mapping file"),
+                ));
+            }
+            (_, Some(m)) => {
+                return Err(self.err(
+                    m.span(),
+                    "sources.mapping",
+                    format!("source '{name}' is FHIR, which needs no mapping"),
+                ));
+            }
+            (_, None) => None,
+        };
+        let mut pattern = self.base.join(s.path.get_ref());
+        if pattern.is_dir() {
+            pattern = pattern.join(match s.format {
+                SourceFormat::Csv => "*",
+                SourceFormat::FhirNdjson => "*.ndjson",
+                SourceFormat::FhirBundle => "*.json",
+            });
+        }
+        Ok(SourceConfig {
+            name,
+            format: s.format,
+            pattern: pattern.to_string_lossy().into_owned(),
+            mapping,
+            nightly: s.nightly,
+        })
+    }
+
+    /// `[link]`: thresholds in their ranges, then comparisons, blocking
+    /// rules and labels.
+    fn link(&self, l: Spanned<RawLink>) -> Result<crate::link::LinkOptions> {
+        let mut link = crate::link::LinkOptions::default();
+        let span = l.span();
+        let l = l.into_inner();
+        if let Some(t) = l.threshold {
+            if !(0.5..1.0).contains(&t) {
+                return Err(self.err(
+                    span,
+                    "link.threshold",
+                    "the match probability threshold must be at least 0.5 and below 1".into(),
+                ));
+            }
+            link.threshold = t;
+        }
+        if let Some(t) = l.within_source_threshold {
+            if !(link.threshold..1.0).contains(&t) {
+                return Err(self.err(
+                    span,
+                    "link.within_source_threshold",
+                    "must be at least link.threshold and below 1".into(),
+                ));
+            }
+            link.within_source_threshold = Some(t);
+        }
+        if l.within_source == Some(false) {
+            link.within_source_threshold = None;
+        } else if link
+            .within_source_threshold
+            .is_some_and(|t| t < link.threshold)
+        {
+            link.within_source_threshold = Some(link.threshold);
+        }
+        link.household = l.household.unwrap_or(link.household);
+        self.comparisons(&mut link, l.comparison.unwrap_or_default())?;
+        if let Some(t) = l.review_threshold {
+            if !(0.0..=link.threshold).contains(&t) {
+                return Err(self.err(
+                    span,
+                    "link.review_threshold",
+                    "must be between 0 and link.threshold".into(),
+                ));
+            }
+            link.review_threshold = t;
+        }
+        if let Some(rules) = l.blocking {
+            link.blocking = self.blocking(rules)?;
+        }
+        if let Some(labels) = l.labels {
+            let file = self.base.join(labels.get_ref());
+            if !file.is_file() {
+                return Err(self.err(
+                    labels.span(),
+                    "link.labels",
+                    format!("{} is not a file", file.display()),
+                ));
+            }
+            link.labels = Some(file);
+        }
+        link.u_pairs = l.u_pairs.unwrap_or(link.u_pairs);
+        link.seed = l.seed.unwrap_or(link.seed);
+        Ok(link)
+    }
+
+    /// `[[link.comparison]]`: each replaces the default comparison of its
+    /// column (`levels = []` drops the column), once per column.
+    fn comparisons(
+        &self,
+        link: &mut crate::link::LinkOptions,
+        declared: Vec<Spanned<RawComparison>>,
+    ) -> Result<()> {
+        use crate::link::model::{Column, Comparison};
+        let mut seen = std::collections::BTreeSet::new();
+        for c in declared {
+            let span = c.span();
+            let RawComparison {
+                column,
+                levels,
+                term_frequency,
+            } = c.into_inner();
+            let bad = |m: String| self.err(span.clone(), "link.comparison", m);
+            let col = Column::parse(&column).ok_or_else(|| {
+                bad(format!(
+                    "'{column}' is not a compared column (columns: {})",
+                    Column::ALL.map(Column::name).join(", ")
+                ))
+            })?;
+            if !seen.insert(column.clone()) {
+                return Err(bad(format!("{column} is declared twice")));
+            }
+            let at = link.comparisons.iter().position(|c| c.column == col);
+            if levels.is_empty() {
+                // Not compared at all.
+                if let Some(at) = at {
+                    link.comparisons.remove(at);
+                }
+                continue;
+            }
+            let tf = term_frequency
+                .unwrap_or_else(|| at.is_some_and(|i| link.comparisons[i].term_frequency));
+            let levels: Vec<&str> = levels.iter().map(String::as_str).collect();
+            let comparison =
+                Comparison::new(col, &levels, tf).map_err(|m| bad(format!("{column}: {m}")))?;
+            match at {
+                Some(i) => link.comparisons[i] = comparison,
+                None => link.comparisons.push(comparison),
+            }
+        }
+        Ok(())
+    }
+
+    /// `[[link.blocking]]`: 1 to the maximum of rules, each named once, each
+    /// one SQL expression.
+    fn blocking(&self, rules: Spanned<Vec<Spanned<RawBlocking>>>) -> Result<Vec<(String, String)>> {
+        let (span, rules) = (rules.span(), rules.into_inner());
+        if rules.is_empty() || rules.len() > crate::link::MAX_BLOCKING_RULES {
+            return Err(self.err(
+                span,
+                "link.blocking",
+                format!(
+                    "give 1 to {} [[link.blocking]] rules",
+                    crate::link::MAX_BLOCKING_RULES
+                ),
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        let mut blocking = Vec::with_capacity(rules.len());
+        for rule in rules {
+            let span = rule.span();
+            let RawBlocking { name, on } = rule.into_inner();
+            if name.trim().is_empty() || !names.insert(name.clone()) {
+                return Err(self.err(
+                    span,
+                    "link.blocking.name",
+                    "every rule needs a name of its own".into(),
+                ));
+            }
+            crate::link::check_blocking_rule(&on).map_err(|m| {
+                self.err(
+                    span.clone(),
+                    "link.blocking.on",
+                    format!("rule '{name}': {m}"),
+                )
+            })?;
+            blocking.push((name, on));
+        }
+        Ok(blocking)
+    }
+
+    /// `[gates]`: shares between 0 and 1, warnings at or below failures.
+    fn gates(&self, g: Spanned<RawGates>) -> Result<crate::runs::Gates> {
+        let mut gates = crate::runs::Gates::default();
+        let span = g.span();
+        let g = g.into_inner();
+        for (key, value, slot) in [
+            (
+                "gates.max_reject_rate",
+                g.max_reject_rate,
+                &mut gates.max_reject_rate,
+            ),
+            (
+                "gates.warn_reject_rate",
+                g.warn_reject_rate,
+                &mut gates.warn_reject_rate,
+            ),
+            (
+                "gates.max_row_drop",
+                g.max_row_drop,
+                &mut gates.max_row_drop,
+            ),
+            (
+                "gates.warn_row_drop",
+                g.warn_row_drop,
+                &mut gates.warn_row_drop,
+            ),
+        ] {
+            if let Some(v) = value {
+                if !(0.0..=1.0).contains(&v) {
+                    return Err(self.err(
+                        span.clone(),
+                        key,
+                        "a share between 0 and 1 (0.05 = 5 %)".into(),
+                    ));
+                }
+                *slot = v;
+            }
+        }
+        if gates.warn_reject_rate > gates.max_reject_rate
+            || gates.warn_row_drop > gates.max_row_drop
+        {
+            return Err(self.err(
+                span,
+                "gates",
+                "a warning threshold is above its failure threshold".into(),
+            ));
+        }
+        Ok(gates)
+    }
+
+    /// `warehouse_group`: a group that exists here (Unix only).
+    fn warehouse_group(&self, g: Spanned<String>) -> Result<u32> {
+        #[cfg(unix)]
+        return crate::warehouse::group_id(g.get_ref()).ok_or_else(|| {
+            self.err(
+                g.span(),
+                "warehouse_group",
+                format!("no group '{}' on this system", g.get_ref()),
+            )
+        });
+        #[cfg(not(unix))]
+        Err(self.err(g.span(), "warehouse_group", "only on Unix systems".into()))
+    }
+
+    /// `queries`: a directory with a `measures/` folder.
+    fn queries(&self, q: Spanned<String>) -> Result<PathBuf> {
+        let dir = self.base.join(q.get_ref());
+        if !dir.join("measures").is_dir() {
+            return Err(self.err(
+                q.span(),
+                "queries",
+                format!("{} has no measures/ directory", dir.display()),
+            ));
+        }
+        Ok(dir)
     }
 }
 

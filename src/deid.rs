@@ -394,21 +394,7 @@ pub fn deid(core_dir: &Path, research_dir: &Path, opts: &DeidOptions) -> Result<
     }
 
     if let Some(dir) = &opts.valuesets {
-        // Not about persons: published as it is.
-        let batches = crate::measure::read_valuesets(dir)?;
-        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        scratch.write_parquet(
-            &tmp.join("valueset_code.parquet"),
-            crate::schema::valueset_code_schema(),
-            &batches,
-        )?;
-        tables.push(TableCounts {
-            table: "valueset_code".into(),
-            rows_in: rows as u64,
-            rows_out: rows as u64,
-            rows_suppressed: 0,
-            values_withheld: 0,
-        });
+        tables.push(copy_valuesets(dir, &scratch, &tmp)?);
     }
 
     let mut size_distribution = BTreeMap::new();
@@ -454,6 +440,25 @@ pub fn deid(core_dir: &Path, research_dir: &Path, opts: &DeidOptions) -> Result<
         "research tables published"
     );
     Ok(report)
+}
+
+/// Publishes the value sets beside the research tables, as they are (they
+/// are not about persons), so researchers can select by value set.
+fn copy_valuesets(dir: &Path, scratch: &Warehouse, tmp: &Path) -> Result<TableCounts> {
+    let batches = crate::measure::read_valuesets(dir)?;
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    scratch.write_parquet(
+        &tmp.join("valueset_code.parquet"),
+        crate::schema::valueset_code_schema(),
+        &batches,
+    )?;
+    Ok(TableCounts {
+        table: "valueset_code".into(),
+        rows_in: rows as u64,
+        rows_out: rows as u64,
+        rows_suppressed: 0,
+        values_withheld: 0,
+    })
 }
 
 /// One person's research attributes.

@@ -256,39 +256,8 @@ fn run_stages(
     let state = warehouse.load_state()?;
     manifest.inputs = runs::inputs(&state, &ingest, previous.manifest.as_ref());
     manifest.sources = runs::source_tables(&manifest.inputs);
-    for failure in ingest.failures() {
-        manifest.warnings.push(failure);
-    }
-    manifest.gates = runs::check_gates(
-        &config.gates,
-        &config.sources,
-        &manifest.sources,
-        previous.manifest.as_ref(),
-    );
-    for gate in &manifest.gates {
-        match gate.outcome {
-            runs::GateOutcome::Pass => {}
-            runs::GateOutcome::Warn => {
-                tracing::warn!(gate = %gate.gate, source = %gate.source, "{}", gate.message);
-                manifest.warnings.push(gate.message.clone());
-            }
-            runs::GateOutcome::Fail => {
-                tracing::error!(gate = %gate.gate, source = %gate.source, "{}", gate.message)
-            }
-        }
-    }
-    let failed: Vec<String> = manifest
-        .gates
-        .iter()
-        .filter(|g| g.outcome == runs::GateOutcome::Fail)
-        .map(|g| g.message.clone())
-        .collect();
-    if !failed.is_empty() {
-        return Err(WardError::GateFailed {
-            run_id: manifest.run_id.clone(),
-            failures: failed,
-        });
-    }
+    manifest.warnings.extend(ingest.failures());
+    apply_gates(config, previous, manifest)?;
     let defs = measure::catalog(queries)?;
     let linkage = stage(manifest, "link", || {
         link::link(&warehouse, &config.link, &previous.links)
@@ -315,49 +284,27 @@ fn run_stages(
     })?;
     manifest.measures = measures.iter().map(runs::MeasureFigures::of).collect();
     let run_id = manifest.run_id.clone();
-    let trend = runs::trend(&previous.history);
-    let quality = report::html::SourceQuality::from_ingest(&ingest);
-    let metadata = vec![
-        ("config".to_string(), config.path.display().to_string()),
-        ("config SHA-256".to_string(), manifest.config.sha256.clone()),
-        ("host".to_string(), manifest.host.clone()),
-        ("started".to_string(), manifest.started.clone()),
-        (
-            "persons (linked)".to_string(),
-            linkage.report.persons.to_string(),
-        ),
-        (
-            "persons without a usable birth date (left out of age-based measures)".to_string(),
-            linkage.report.persons_without_birth_date.to_string(),
-        ),
-        ("warnings".to_string(), manifest.warnings.len().to_string()),
-    ];
-    let warnings = manifest.warnings.clone();
-    let (summary, report_dir, report_html, measure_reports, care_gaps) =
-        stage(manifest, "report", || {
-            let strata = measure::strata(&warehouse, queries, period)?;
-            let cells = report::summarize(&measures, &strata, config.min_cell_size);
-            let report_dir = report::write(&warehouse, &run_id, &cells)?;
-            let html = report::html::HtmlInput {
-                trend: &trend,
-                metadata: &metadata,
-                warnings: &warnings,
-                ..report::html::HtmlInput::new(
-                    &run_id,
-                    period,
-                    config.min_cell_size,
-                    &measures,
-                    &cells,
-                    &quality,
-                )
-            };
-            let report_html = report::html::write(&report_dir, &html)?;
-            let measure_reports =
-                report::fhir::write(&warehouse, &run_id, &measures, &cells, chrono::Utc::now())?;
-            let gaps = measure::care_gaps(&warehouse, queries, &measures)?;
-            let care_gaps = report::write_care_gaps(&warehouse, &run_id, &gaps)?;
-            Ok((cells, report_dir, report_html, measure_reports, care_gaps))
-        })?;
+    let snapshot = manifest.clone();
+    let reports = stage(manifest, "report", || {
+        let input = ReportInput {
+            config,
+            queries,
+            period,
+            manifest: &snapshot,
+            history: &previous.history,
+            ingest: &ingest,
+            linkage: &linkage.report,
+            measures: &measures,
+        };
+        write_reports(&warehouse, &input)
+    })?;
+    let Reports {
+        summary,
+        report_dir,
+        report_html,
+        measure_reports,
+        care_gaps,
+    } = reports;
     manifest.phi_outputs = care_gaps
         .iter()
         .map(|p| {
@@ -390,5 +337,126 @@ fn run_stages(
         report_html,
         summary,
         research,
+    })
+}
+
+/// Fails the run when a data-quality gate fails (naming every failure);
+/// records every gate in the manifest and a warning for each that warns.
+fn apply_gates(
+    config: &PipelineConfig,
+    previous: &Previous,
+    manifest: &mut runs::Manifest,
+) -> Result<()> {
+    manifest.gates = runs::check_gates(
+        &config.gates,
+        &config.sources,
+        &manifest.sources,
+        previous.manifest.as_ref(),
+    );
+    for gate in &manifest.gates {
+        match gate.outcome {
+            runs::GateOutcome::Pass => {}
+            runs::GateOutcome::Warn => {
+                tracing::warn!(gate = %gate.gate, source = %gate.source, "{}", gate.message);
+                manifest.warnings.push(gate.message.clone());
+            }
+            runs::GateOutcome::Fail => {
+                tracing::error!(gate = %gate.gate, source = %gate.source, "{}", gate.message)
+            }
+        }
+    }
+    let failed: Vec<String> = manifest
+        .gates
+        .iter()
+        .filter(|g| g.outcome == runs::GateOutcome::Fail)
+        .map(|g| g.message.clone())
+        .collect();
+    if !failed.is_empty() {
+        return Err(WardError::GateFailed {
+            run_id: manifest.run_id.clone(),
+            failures: failed,
+        });
+    }
+    Ok(())
+}
+
+/// What the report stage reads.
+struct ReportInput<'a> {
+    config: &'a PipelineConfig,
+    queries: &'a std::path::Path,
+    period: config::Period,
+    /// The run's manifest so far (its id, host, start, warnings).
+    manifest: &'a runs::Manifest,
+    history: &'a [runs::HistoryEntry],
+    ingest: &'a IngestReport,
+    linkage: &'a link::LinkReport,
+    measures: &'a [measure::MeasureResult],
+}
+
+/// What the report stage wrote.
+struct Reports {
+    summary: Vec<report::Cell>,
+    report_dir: std::path::PathBuf,
+    report_html: std::path::PathBuf,
+    measure_reports: Vec<std::path::PathBuf>,
+    care_gaps: Vec<std::path::PathBuf>,
+}
+
+/// The report stage: the stratified summary, report.html, the FHIR
+/// MeasureReports and the care-gap lists.
+fn write_reports(warehouse: &warehouse::Warehouse, input: &ReportInput) -> Result<Reports> {
+    let ReportInput {
+        config,
+        queries,
+        period,
+        manifest,
+        measures,
+        ..
+    } = *input;
+    let run_id = manifest.run_id.as_str();
+    let trend = runs::trend(input.history);
+    let quality = report::html::SourceQuality::from_ingest(input.ingest);
+    let metadata = vec![
+        ("config".to_string(), config.path.display().to_string()),
+        ("config SHA-256".to_string(), manifest.config.sha256.clone()),
+        ("host".to_string(), manifest.host.clone()),
+        ("started".to_string(), manifest.started.clone()),
+        (
+            "persons (linked)".to_string(),
+            input.linkage.persons.to_string(),
+        ),
+        (
+            "persons without a usable birth date (left out of age-based measures)".to_string(),
+            input.linkage.persons_without_birth_date.to_string(),
+        ),
+        ("warnings".to_string(), manifest.warnings.len().to_string()),
+    ];
+    let strata = measure::strata(warehouse, queries, period)?;
+    let cells = report::summarize(measures, &strata, config.min_cell_size);
+    let report_dir = report::write(warehouse, run_id, &cells)?;
+    let html = report::html::HtmlInput {
+        trend: &trend,
+        metadata: &metadata,
+        warnings: &manifest.warnings,
+        ..report::html::HtmlInput::new(
+            run_id,
+            period,
+            config.min_cell_size,
+            measures,
+            &cells,
+            &quality,
+        )
+    };
+    let report_html = report::html::write(&report_dir, &html)?;
+    let measure_reports =
+        report::fhir::write(warehouse, run_id, measures, &cells, chrono::Utc::now())?;
+    let gaps = measure::care_gaps(warehouse, queries, measures)?;
+    let care_gaps = report::write_care_gaps(warehouse, run_id, &gaps)?;
+    Ok(Reports {
+        summary: cells,
+        report_dir,
+        report_html,
+        measure_reports,
+        care_gaps,
     })
 }

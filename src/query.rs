@@ -192,6 +192,84 @@ fn refused(message: String) -> WardError {
     }
 }
 
+/// The allow-list walk over one query: every table a FROM item names is a
+/// research table or a CTE of the query; no SELECT ... INTO, table
+/// functions, UNNEST of a FROM item's column or other FROM items.
+struct Check<'a> {
+    /// The research tables.
+    tables: &'a [String],
+    /// The CTE names seen so far.
+    ctes: Vec<String>,
+}
+impl Visitor for Check<'_> {
+    type Break = String;
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<String> {
+        if let SetExpr::Select(select) = q.body.as_ref()
+            && select.into.is_some()
+        {
+            return ControlFlow::Break("SELECT ... INTO is not allowed".into());
+        }
+        if let Some(with) = &q.with {
+            self.ctes
+                .extend(with.cte_tables.iter().map(|c| normalize(&c.alias.name)));
+        }
+        ControlFlow::Continue(())
+    }
+    fn pre_visit_table_factor(&mut self, f: &TableFactor) -> ControlFlow<String> {
+        match f {
+            TableFactor::Table { name, args, .. } => {
+                if args.is_some() {
+                    return ControlFlow::Break(format!("table functions are not allowed ({name})"));
+                }
+                let ident = match name.0.as_slice() {
+                    [part] => part.as_ident(),
+                    _ => None,
+                };
+                let known = ident.map(normalize).filter(|n| {
+                    ident.is_some_and(|i| i.quote_style.is_none_or(|q| q == '"'))
+                        && (self.tables.contains(n) || self.ctes.contains(n))
+                });
+                if known.is_none() {
+                    return ControlFlow::Break(format!(
+                        "{name} is not a research table (tables: {})",
+                        self.tables.join(", ")
+                    ));
+                }
+                ControlFlow::Continue(())
+            }
+            // DataFusion 55 plans an UNNEST of another FROM item's
+            // column (`FROM condition c, UNNEST(c.codings)`) but cannot
+            // run it: refuse it with the form that works.
+            TableFactor::UNNEST { array_exprs, .. }
+                if array_exprs.iter().any(|e| {
+                    visit_expressions(e, |x| match x {
+                        SqlExpr::Identifier(_) | SqlExpr::CompoundIdentifier(_) => {
+                            ControlFlow::Break(())
+                        }
+                        _ => ControlFlow::Continue(()),
+                    })
+                    .is_break()
+                }) =>
+            {
+                ControlFlow::Break(
+                    "UNNEST of a column in FROM is not supported; unnest in the \
+                     select list instead: WITH c AS (SELECT research_id, \
+                     unnest(codings) AS coding FROM condition) SELECT ... \
+                     coding['system'], coding['code'] FROM c"
+                        .into(),
+                )
+            }
+            TableFactor::Derived { .. }
+            | TableFactor::NestedJoin { .. }
+            | TableFactor::UNNEST { .. } => ControlFlow::Continue(()),
+            other => ControlFlow::Break(format!(
+                "this FROM item is not allowed: {}",
+                other.to_string().chars().take(60).collect::<String>()
+            )),
+        }
+    }
+}
+
 /// Checks that `sql` is one read-only query over `tables` (layer 1 of the
 /// module documentation).
 pub fn check(sql: &str, tables: &[String]) -> Result<()> {
@@ -238,80 +316,6 @@ pub fn check(sql: &str, tables: &[String]) -> Result<()> {
             "only SELECT queries are allowed (not {kind} ...)"
         )));
     };
-    struct Check<'a> {
-        tables: &'a [String],
-        ctes: Vec<String>,
-    }
-    impl Visitor for Check<'_> {
-        type Break = String;
-        fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<String> {
-            if let SetExpr::Select(select) = q.body.as_ref()
-                && select.into.is_some()
-            {
-                return ControlFlow::Break("SELECT ... INTO is not allowed".into());
-            }
-            if let Some(with) = &q.with {
-                self.ctes
-                    .extend(with.cte_tables.iter().map(|c| normalize(&c.alias.name)));
-            }
-            ControlFlow::Continue(())
-        }
-        fn pre_visit_table_factor(&mut self, f: &TableFactor) -> ControlFlow<String> {
-            match f {
-                TableFactor::Table { name, args, .. } => {
-                    if args.is_some() {
-                        return ControlFlow::Break(format!(
-                            "table functions are not allowed ({name})"
-                        ));
-                    }
-                    let ident = match name.0.as_slice() {
-                        [part] => part.as_ident(),
-                        _ => None,
-                    };
-                    let known = ident.map(normalize).filter(|n| {
-                        ident.is_some_and(|i| i.quote_style.is_none_or(|q| q == '"'))
-                            && (self.tables.contains(n) || self.ctes.contains(n))
-                    });
-                    if known.is_none() {
-                        return ControlFlow::Break(format!(
-                            "{name} is not a research table (tables: {})",
-                            self.tables.join(", ")
-                        ));
-                    }
-                    ControlFlow::Continue(())
-                }
-                // DataFusion 55 plans an UNNEST of another FROM item's
-                // column (`FROM condition c, UNNEST(c.codings)`) but cannot
-                // run it: refuse it with the form that works.
-                TableFactor::UNNEST { array_exprs, .. }
-                    if array_exprs.iter().any(|e| {
-                        visit_expressions(e, |x| match x {
-                            SqlExpr::Identifier(_) | SqlExpr::CompoundIdentifier(_) => {
-                                ControlFlow::Break(())
-                            }
-                            _ => ControlFlow::Continue(()),
-                        })
-                        .is_break()
-                    }) =>
-                {
-                    ControlFlow::Break(
-                        "UNNEST of a column in FROM is not supported; unnest in the \
-                         select list instead: WITH c AS (SELECT research_id, \
-                         unnest(codings) AS coding FROM condition) SELECT ... \
-                         coding['system'], coding['code'] FROM c"
-                            .into(),
-                    )
-                }
-                TableFactor::Derived { .. }
-                | TableFactor::NestedJoin { .. }
-                | TableFactor::UNNEST { .. } => ControlFlow::Continue(()),
-                other => ControlFlow::Break(format!(
-                    "this FROM item is not allowed: {}",
-                    other.to_string().chars().take(60).collect::<String>()
-                )),
-            }
-        }
-    }
     let mut check = Check {
         tables,
         ctes: Vec::new(),

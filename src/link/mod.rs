@@ -507,6 +507,44 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
         Some(path) => read_labels(path, &recs, &mut report.warnings)?,
         None => Labels::default(),
     };
+    let (scored, mut review) = classify(&recs, &pairs, levels, &model, opts);
+    drop(pairs);
+    report.accepted_pairs = scored.len() as u64;
+    let (roots, joined_by) = cluster(&recs, &scored, &labels, opts, &mut report, &mut review);
+    drop(scored);
+    let links = person_links(&recs, &roots, &joined_by, previous, opts, &mut report);
+
+    // Clerical review: what a reviewer should look at, most probable first,
+    // without the pairs already labelled.
+    review.retain(|p| {
+        let key = (p.1.min(p.2), p.1.max(p.2));
+        !labels.different.contains(&key) && labels.same.binary_search(&key).is_err()
+    });
+    review.sort_by(|x, y| y.0.total_cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
+    review.truncate(MAX_REVIEW_PAIRS);
+    report.review_pairs = review.len() as u64;
+    write_review(warehouse, &recs, &review, &roots, &opts.blocking)?;
+
+    drop((recs, roots, joined_by));
+    write_outputs(warehouse, &raw, &links)?;
+    Ok(Linkage { report, links })
+}
+
+/// A scored pair: match weight, the two records, the blocking rule.
+type ScoredPair = (f64, u32, u32, u8);
+/// A pair for clerical review: a scored pair and why it was not linked.
+type ReviewPair = (f64, u32, u32, u8, &'static str);
+
+/// Splits the candidate pairs into those at or above the match threshold
+/// (heaviest first) and those a reviewer should see (at or above the
+/// review threshold, with the reason they fell short).
+fn classify(
+    recs: &[Rec],
+    pairs: &[(u32, u32, u8)],
+    levels: Vec<model::Levels>,
+    model: &Model,
+    opts: &LinkOptions,
+) -> (Vec<ScoredPair>, Vec<ReviewPair>) {
     let considered: Vec<(f64, u32, u32, u8, bool)> = pairs
         .par_iter()
         .zip(levels.par_iter())
@@ -520,7 +558,7 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
     let (above, below): (Vec<_>, Vec<_>) = considered
         .into_iter()
         .partition(|p| model::probability(p.0) >= opts.threshold);
-    let mut review: Vec<(f64, u32, u32, u8, &'static str)> = below
+    let review = below
         .into_iter()
         .map(|(w, a, b, rule, household)| {
             let reason = if household {
@@ -531,16 +569,30 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
             (w, a, b, rule, reason)
         })
         .collect();
-    let mut scored: Vec<(f64, u32, u32, u8)> = above
+    let mut scored: Vec<ScoredPair> = above
         .into_iter()
         .map(|(w, a, b, rule, _)| (w, a, b, rule))
         .collect();
-    report.accepted_pairs = scored.len() as u64;
     scored.sort_by(|x, y| y.0.total_cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
+    (scored, review)
+}
 
-    // Union–find over records; each root knows its sources.
+/// Union–find over the records: reviewed pairs first, whatever their
+/// weight, then the scored pairs heaviest first. Two records of one
+/// provider join only on stronger evidence (else the pair goes to review);
+/// records a reviewer kept apart stay apart. Returns each record's cluster
+/// root and the weight and rule that first joined it.
+fn cluster(
+    recs: &[Rec],
+    scored: &[ScoredPair],
+    labels: &Labels,
+    opts: &LinkOptions,
+    report: &mut LinkReport,
+    review: &mut Vec<ReviewPair>,
+) -> (Vec<u32>, Vec<Option<(f64, u8)>>) {
     let n = recs.len();
     let mut parent: Vec<u32> = (0..n as u32).collect();
+    // Each root knows its sources.
     let source_ids: HashMap<&str, u16> = {
         let names: BTreeSet<&str> = recs.iter().map(|r| r.source.as_str()).collect();
         names
@@ -568,13 +620,12 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
         constrained.entry(a).or_default().push(a);
         constrained.entry(b).or_default().push(b);
     }
-    // Reviewed pairs first, whatever their weight; then the scored ones.
-    let labelled: Vec<(f64, u32, u32, u8)> = labels
+    let labelled: Vec<ScoredPair> = labels
         .same
         .iter()
         .map(|&(a, b)| (f64::INFINITY, a, b, LABEL_RULE))
         .collect();
-    for &(w, a, b, rule) in labelled.iter().chain(&scored) {
+    for &(w, a, b, rule) in labelled.iter().chain(scored) {
         let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
         if ra == rb {
             continue;
@@ -609,12 +660,24 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
             joined_by[r as usize].get_or_insert((w, rule));
         }
     }
-    // Person ids: carried forward from `previous` where the person's
-    // records were already linked, else a hash of the cluster's first record.
-    let roots: Vec<u32> = (0..n as u32).map(|i| find(&mut parent, i)).collect();
-    let (person_ids, carried) = assign_person_ids(&recs, &roots, previous);
+    let roots = (0..n as u32).map(|i| find(&mut parent, i)).collect();
+    (roots, joined_by)
+}
+
+/// One link per record with its person id (carried forward from
+/// `previous` where the person's records were already linked, else a hash
+/// of the cluster's first record), and the person counts of the report.
+fn person_links(
+    recs: &[Rec],
+    roots: &[u32],
+    joined_by: &[Option<(f64, u8)>],
+    previous: &[PersonLink],
+    opts: &LinkOptions,
+    report: &mut LinkReport,
+) -> Vec<PersonLink> {
+    let (person_ids, carried) = assign_person_ids(recs, roots, previous);
     report.ids_carried_forward = carried;
-    let mut links = Vec::with_capacity(n);
+    let mut links = Vec::with_capacity(recs.len());
     let mut members: HashMap<u32, usize> = HashMap::new();
     for (i, r) in recs.iter().enumerate() {
         *members.entry(roots[i]).or_default() += 1;
@@ -634,27 +697,13 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
         });
     }
     report.persons = members.len() as u64;
-    let dated: BTreeSet<u32> = (0..n)
+    let dated: BTreeSet<u32> = (0..recs.len())
         .filter(|i| recs[*i].birth.is_some())
         .map(|i| roots[i])
         .collect();
     report.persons_without_birth_date = report.persons - dated.len() as u64;
     report.linked_persons = members.values().filter(|&&m| m > 1).count() as u64;
-
-    // Clerical review: what a reviewer should look at, most probable first,
-    // without the pairs already labelled.
-    review.retain(|p| {
-        let key = (p.1.min(p.2), p.1.max(p.2));
-        !labels.different.contains(&key) && labels.same.binary_search(&key).is_err()
-    });
-    review.sort_by(|x, y| y.0.total_cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
-    review.truncate(MAX_REVIEW_PAIRS);
-    report.review_pairs = review.len() as u64;
-    write_review(warehouse, &recs, &review, &roots, &opts.blocking)?;
-
-    drop((recs, pairs, scored, parent, sources, joined_by));
-    write_outputs(warehouse, &raw, &links)?;
-    Ok(Linkage { report, links })
+    links
 }
 
 /// At most this many pairs in `core/link_review.csv`, most probable first.

@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch, StringArray};
-use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, Schema, SchemaRef};
 use datafusion::prelude::SessionContext;
 use serde::Deserialize;
 
@@ -897,6 +897,70 @@ async fn run_one(
         std::fs::read_to_string(&def.sql).map_err(|e| WardError::io("cannot read", &def.sql, e))?;
     let raw = ctx.sql(&sql).await.map_err(|e| err(e.to_string()))?;
     let schema = raw.schema().as_arrow().clone();
+    check_columns(def, &schema).map_err(err)?;
+    let view: String = format!("measure_raw_{}", def.id)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    ctx.register_table(view.as_str(), raw.into_view())
+        .map_err(|e| err(e.to_string()))?;
+    let df = ctx
+        .sql(&scoring_sql(def, &schema, &view))
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let schema = plain_schema(df.schema().as_arrow());
+    let rows = df.collect().await.map_err(|e| err(e.to_string()))?;
+    let rows: Vec<RecordBatch> = rows
+        .into_iter()
+        .filter(|b| b.num_rows() > 0)
+        .map(|b| plain_strings(&b, &schema))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| err(e.to_string()))?;
+
+    // One result per group (one for a measure without groups).
+    let groups: Vec<Option<&GroupDef>> = if def.groups.is_empty() {
+        vec![None]
+    } else {
+        def.groups.iter().map(Some).collect()
+    };
+    let grouped = split_by_group(def, rows).map_err(err)?;
+    let mut results = Vec::new();
+    for (group, rows) in groups.into_iter().zip(grouped) {
+        let result = MeasureResult {
+            def: def.clone(),
+            group: group.cloned(),
+            period,
+            counts: Counts::default(),
+            score: None,
+            strata: Vec::new(),
+            categories: BTreeMap::new(),
+            rows,
+            schema: schema.clone(),
+            empty: None,
+        };
+        results.push(tally(result).map_err(err)?);
+    }
+    if results.iter().all(|r| r.counts.denominator == 0) {
+        let empty = empty_denominator(ctx, &sql)
+            .await
+            .map_err(|e| err(format!("explaining the empty denominator: {e}")))?;
+        for r in &mut results {
+            r.empty = Some(empty.clone());
+        }
+    }
+    Ok(results)
+}
+
+/// The columns a measure's query must return (its populations, the subject,
+/// `group_id` with groups, every stratifier), and stratifiers that can be
+/// shown as text.
+fn check_columns(def: &MeasureDef, schema: &Schema) -> std::result::Result<(), String> {
     let subject = def.basis.subject_column();
     let mut required: Vec<&str> = def
         .scoring
@@ -911,32 +975,29 @@ async fn run_one(
     required.extend(def.stratifiers.iter().map(|s| s.column.as_str()));
     for column in required {
         if schema.field_with_name(column).is_err() {
-            return Err(err(format!("the query returns no column '{column}'")));
+            return Err(format!("the query returns no column '{column}'"));
         }
     }
     // A stratum is a value shown as text: a list or a struct is not one.
     for st in &def.stratifiers {
         let field = schema.field_with_name(&st.column).expect("checked above");
         if !datafusion::arrow::compute::can_cast_types(field.data_type(), &DataType::Utf8) {
-            return Err(err(format!(
+            return Err(format!(
                 "stratifier column '{}' is of type {}: a stratum must be a boolean or a text",
                 st.column,
                 field.data_type()
-            )));
+            ));
         }
     }
-    let view: String = format!("measure_raw_{}", def.id)
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    ctx.register_table(view.as_str(), raw.into_view())
-        .map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+/// The SQL that scores a measure query's rows (registered as `view`, with
+/// `schema`): each population slot's criterion made NULL-safe, the
+/// scoring's population rules applied, ids as text, the other columns as
+/// returned, ordered by group and subject.
+fn scoring_sql(def: &MeasureDef, schema: &Schema, view: &str) -> String {
+    let subject = def.basis.subject_column();
     // Each population slot's criterion, NULL-safe; an optional population
     // the query does not return is false.
     let columns = def.scoring.columns();
@@ -996,7 +1057,7 @@ async fn run_one(
         .into_iter()
         .filter(|c| returned.contains(c))
         .collect();
-    let scored = format!(
+    format!(
         "WITH c AS (SELECT {id_columns}, {c0} AS c0, {c1} AS c1, {c2} AS c2, {c3} AS c3, \
            {c4} AS c4{observation_in}{details} FROM {view} WHERE {c0}) \
          SELECT '{id}' AS measure_id, p.start_date AS period_start, p.end_date AS period_end, \
@@ -1020,24 +1081,17 @@ async fn run_one(
             .map(|c| format!("c.\"{c}\""))
             .collect::<Vec<_>>()
             .join(", "),
-    );
-    let df = ctx.sql(&scored).await.map_err(|e| err(e.to_string()))?;
-    let schema = plain_schema(df.schema().as_arrow());
-    let rows = df.collect().await.map_err(|e| err(e.to_string()))?;
-    let rows: Vec<RecordBatch> = rows
-        .into_iter()
-        .filter(|b| b.num_rows() > 0)
-        .map(|b| plain_strings(&b, &schema))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| err(e.to_string()))?;
+    )
+}
 
-    // One result per group (one for a measure without groups).
-    let groups: Vec<Option<&GroupDef>> = if def.groups.is_empty() {
-        vec![None]
-    } else {
-        def.groups.iter().map(Some).collect()
-    };
-    let mut grouped: Vec<Vec<RecordBatch>> = vec![Vec::new(); groups.len()];
+/// The scored rows of each group of the measure, in its order (all in the
+/// first for a measure without groups); a `group_id` the measure does not
+/// declare is an error.
+fn split_by_group(
+    def: &MeasureDef,
+    rows: Vec<RecordBatch>,
+) -> std::result::Result<Vec<Vec<RecordBatch>>, String> {
+    let mut grouped: Vec<Vec<RecordBatch>> = vec![Vec::new(); def.groups.len().max(1)];
     for b in rows {
         let Some(column) = b.column_by_name("group_id") else {
             grouped[0].push(b);
@@ -1047,7 +1101,7 @@ async fn run_one(
         if let Some(i) = (0..b.num_rows())
             .find(|&i| values.is_null(i) || !def.groups.iter().any(|g| g.id == values.value(i)))
         {
-            return Err(err(format!(
+            return Err(format!(
                 "group_id '{}' is not a group of the measure (known: {})",
                 if values.is_null(i) {
                     "NULL"
@@ -1059,7 +1113,7 @@ async fn run_one(
                     .map(|g| g.id.as_str())
                     .collect::<Vec<_>>()
                     .join(", ")
-            )));
+            ));
         }
         for (k, g) in def.groups.iter().enumerate() {
             let mask: datafusion::arrow::array::BooleanArray = values
@@ -1067,59 +1121,51 @@ async fn run_one(
                 .map(|v| Some(v == Some(g.id.as_str())))
                 .collect();
             let part = datafusion::arrow::compute::filter_record_batch(&b, &mask)
-                .map_err(|e| err(e.to_string()))?;
+                .map_err(|e| e.to_string())?;
             if part.num_rows() > 0 {
                 grouped[k].push(part);
             }
         }
     }
+    Ok(grouped)
+}
 
-    let mut results = Vec::new();
-    for (group, rows) in groups.into_iter().zip(grouped) {
-        let mut result = MeasureResult {
-            def: def.clone(),
-            group: group.cloned(),
-            period,
-            counts: Counts::default(),
-            score: None,
-            strata: Vec::new(),
-            categories: BTreeMap::new(),
-            rows,
-            schema: schema.clone(),
-            empty: None,
-        };
-        let members = result.members();
-        let distinct: std::collections::HashSet<&str> =
-            members.iter().map(|m| m.subject.as_str()).collect();
-        if distinct.len() != members.len() {
-            return Err(err(format!(
-                "the query returns {} rows for {} {}{}: one row per subject is required",
-                members.len(),
-                distinct.len(),
-                def.basis.noun(),
-                group.map_or(String::new(), |g| format!(" of group '{}'", g.id)),
-            )));
-        }
-        for m in &members {
-            result.counts.add(&m.flags);
-        }
-        let observations: Vec<f64> = members.iter().filter_map(|m| m.observation).collect();
-        result.score = score(def, &result.counts, &observations);
-        result.strata = count_strata(def, &members);
-        if let Some(column) = &def.category {
-            result.categories = categories(&result.rows, column).map_err(err)?;
-        }
-        results.push(result);
+/// Counts a group's members (one row per subject, or an error), its score,
+/// strata and categories.
+fn tally(mut result: MeasureResult) -> std::result::Result<MeasureResult, String> {
+    let def = &result.def;
+    let members = result.members();
+    let distinct: std::collections::HashSet<&str> =
+        members.iter().map(|m| m.subject.as_str()).collect();
+    if distinct.len() != members.len() {
+        return Err(format!(
+            "the query returns {} rows for {} {}{}: one row per subject is required",
+            members.len(),
+            distinct.len(),
+            def.basis.noun(),
+            result
+                .group
+                .as_ref()
+                .map_or(String::new(), |g| format!(" of group '{}'", g.id)),
+        ));
     }
-    if results.iter().all(|r| r.counts.denominator == 0) {
-        let empty = empty_denominator(ctx, &sql)
-            .await
-            .map_err(|e| err(format!("explaining the empty denominator: {e}")))?;
-        for r in &mut results {
-            r.empty = Some(empty.clone());
-        }
+    let mut counts = Counts::default();
+    for m in &members {
+        counts.add(&m.flags);
     }
-    Ok(results)
+    let observations: Vec<f64> = members.iter().filter_map(|m| m.observation).collect();
+    let score = score(def, &counts, &observations);
+    let strata = count_strata(def, &members);
+    let categories = match &def.category {
+        Some(column) => categories(&result.rows, column)?,
+        None => BTreeMap::new(),
+    };
+    drop(members);
+    result.counts = counts;
+    result.score = score;
+    result.strata = strata;
+    result.categories = categories;
+    Ok(result)
 }
 
 /// Counts every stratum of every stratifier among the members.

@@ -111,6 +111,33 @@ pub fn wilson(x: u64, n: u64) -> Option<(f64, f64)> {
 /// Computes every measure's cells from the scored rows and the persons'
 /// strata (`measure::strata`), then suppresses small cells.
 pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u64) -> Vec<Cell> {
+    let by_person = person_strata(strata);
+    let mut cells = Vec::new();
+    for r in results {
+        let (counts, by_band) = count_strata(r, &by_person);
+        cells.extend(measure_cells(r, counts, &by_band, min_cell));
+    }
+    cells
+}
+
+/// Each person's values of Ward's dimensions (but the provider) and the
+/// providers that know them.
+type PersonStrata = HashMap<String, (Vec<String>, Vec<String>)>;
+/// (dimension, stratum) → counts, and a continuous variable's observations.
+type StratumCounts = BTreeMap<(usize, String), (Counts, Vec<f64>)>;
+/// (dimension, stratum) → age band → performance denominator and numerator.
+type BandCounts = BTreeMap<(usize, String), BTreeMap<String, standard::BandCount>>;
+
+/// The dimension index of the age band (0 is overall).
+fn age_dim() -> usize {
+    1 + DIMENSIONS
+        .iter()
+        .position(|d| *d == "age_band")
+        .expect("age_band")
+}
+
+/// The persons' strata, from the rows of `measure::strata`.
+fn person_strata(strata: &[RecordBatch]) -> PersonStrata {
     // person → (dimension values; providers)
     let mut by_person: HashMap<String, (Vec<String>, Vec<String>)> = HashMap::new();
     for b in strata {
@@ -134,127 +161,136 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
             }
         }
     }
-    let age_dim = 1 + DIMENSIONS
-        .iter()
-        .position(|d| *d == "age_band")
-        .expect("age_band");
-    let mut cells = Vec::new();
-    for r in results {
-        // An empty population still has its overall row (of zeros).
-        // (dimension, stratum) → counts, and a continuous variable's observations.
-        let mut counts: BTreeMap<(usize, String), (Counts, Vec<f64>)> =
-            BTreeMap::from([((0, "all".to_string()), Default::default())]);
-        // (dimension, stratum) → age band → performance denominator and numerator.
-        type Bands = BTreeMap<String, standard::BandCount>;
-        let mut by_band: BTreeMap<(usize, String), Bands> = BTreeMap::new();
-        for m in r.members() {
-            let (person, f) = (&m.person, m.flags);
-            let band = by_person
-                .get(person)
-                .map_or("unknown", |(values, _)| values[age_dim - 2].as_str())
-                .to_string();
-            let in_performance = f[1] && !f[2] && !f[3];
-            let mut add = |dim: usize, stratum: &str| {
-                let (c, observations) = counts.entry((dim, stratum.to_string())).or_default();
-                c.add(&f);
-                observations.extend(m.observation);
-                if r.def.age_standardize && in_performance {
-                    let b = by_band
-                        .entry((dim, stratum.to_string()))
-                        .or_default()
-                        .entry(band.clone())
-                        .or_default();
-                    b.n += 1;
-                    b.x += u64::from(f[4]);
-                }
-            };
-            add(0, "all");
-            // The measure's own stratifiers come after Ward's dimensions.
-            for (k, value) in m.strata.iter().enumerate() {
-                add(DIMENSIONS.len() + 1 + k, value);
+    by_person
+}
+
+/// Counts a measure's members per (dimension, stratum): overall, Ward's
+/// dimensions (`unknown` for a person without strata), then the measure's
+/// own stratifiers; and per age band where the measure is age-standardized.
+fn count_strata(r: &MeasureResult, by_person: &PersonStrata) -> (StratumCounts, BandCounts) {
+    let age_dim = age_dim();
+    // An empty population still has its overall row (of zeros).
+    let mut counts: StratumCounts = BTreeMap::from([((0, "all".to_string()), Default::default())]);
+    let mut by_band = BandCounts::new();
+    for m in r.members() {
+        let (person, f) = (&m.person, m.flags);
+        let band = by_person
+            .get(person)
+            .map_or("unknown", |(values, _)| values[age_dim - 2].as_str())
+            .to_string();
+        let in_performance = f[1] && !f[2] && !f[3];
+        let mut add = |dim: usize, stratum: &str| {
+            let (c, observations) = counts.entry((dim, stratum.to_string())).or_default();
+            c.add(&f);
+            observations.extend(m.observation);
+            if r.def.age_standardize && in_performance {
+                let b = by_band
+                    .entry((dim, stratum.to_string()))
+                    .or_default()
+                    .entry(band.clone())
+                    .or_default();
+                b.n += 1;
+                b.x += u64::from(f[4]);
             }
-            match by_person.get(person) {
-                Some((values, providers)) => {
-                    for p in providers {
-                        add(1, p);
-                    }
-                    for (k, v) in values.iter().enumerate() {
-                        add(k + 2, v);
-                    }
+        };
+        add(0, "all");
+        // The measure's own stratifiers come after Ward's dimensions.
+        for (k, value) in m.strata.iter().enumerate() {
+            add(DIMENSIONS.len() + 1 + k, value);
+        }
+        match by_person.get(person) {
+            Some((values, providers)) => {
+                for p in providers {
+                    add(1, p);
                 }
-                None => {
-                    for k in 1..=DIMENSIONS.len() {
-                        add(k, "unknown");
-                    }
+                for (k, v) in values.iter().enumerate() {
+                    add(k + 2, v);
+                }
+            }
+            None => {
+                for k in 1..=DIMENSIONS.len() {
+                    add(k, "unknown");
                 }
             }
         }
-        let covered = by_band
-            .get(&(0, "all".to_string()))
-            .map(standard::covered_bands)
-            .unwrap_or_default();
-        let mut measure_cells: Vec<(usize, Cell)> = counts
-            .into_iter()
-            .map(|((dim, stratum), (c, observations))| {
-                // The Wilson interval is a proportion's.
-                let ci = (r.def.scoring == Scoring::Proportion)
-                    .then(|| wilson(c.numerator, c.performance(r.def.scoring)))
-                    .flatten();
-                let std = if dim == age_dim {
-                    None
-                } else {
-                    // Withheld when an age band of the stratum is small:
-                    // the rate would reveal something about a few people.
-                    let small = |n: u64| small_count(n, min_cell);
-                    by_band
-                        .get(&(dim, stratum.clone()))
-                        .filter(|bands| {
-                            !bands
-                                .values()
-                                .any(|b| small(b.n) || small(b.x) || small(b.n - b.x))
-                        })
-                        .and_then(|b| standard::direct(b, &covered))
-                };
-                (
-                    dim,
-                    Cell {
-                        measure: r.key(),
-                        dimension: if dim == 0 {
-                            "overall".into()
-                        } else if dim <= DIMENSIONS.len() {
-                            DIMENSIONS[dim - 1].into()
-                        } else {
-                            r.def.stratifiers[dim - DIMENSIONS.len() - 1].id.clone()
-                        },
-                        stratum,
-                        initial_population: Some(c.initial_population),
-                        denominator: Some(c.denominator),
-                        denominator_exclusion: Some(c.denominator_exclusion),
-                        denominator_exception: Some(c.denominator_exception),
-                        numerator: Some(c.numerator),
-                        rate: crate::measure::score(&r.def, &c, &observations),
-                        ci_low: ci.map(|c| c.0),
-                        ci_high: ci.map(|c| c.1),
-                        suppressed: false,
-                        age_std_rate: std.map(|s| s.rate),
-                        age_std_ci_low: std.map(|s| s.ci_low),
-                        age_std_ci_high: std.map(|s| s.ci_high),
-                    },
-                )
-            })
-            .collect();
-        // A dimension no source records (every stratum `unknown`, e.g. payer
-        // when no extract carries one) says nothing: left out.
-        let recorded: BTreeSet<usize> = measure_cells
-            .iter()
-            .filter(|(_, c)| c.stratum != "unknown")
-            .map(|(dim, _)| *dim)
-            .collect();
-        measure_cells.retain(|(dim, _)| recorded.contains(dim));
-        suppress(&mut measure_cells, min_cell);
-        cells.extend(measure_cells.into_iter().map(|(_, c)| c));
     }
-    cells
+    (counts, by_band)
+}
+
+/// A measure's cells from its counts: rates, Wilson intervals, directly
+/// age-standardized rates, dimensions no source records left out, small
+/// cells suppressed.
+fn measure_cells(
+    r: &MeasureResult,
+    counts: StratumCounts,
+    by_band: &BandCounts,
+    min_cell: u64,
+) -> Vec<Cell> {
+    let age_dim = age_dim();
+    let covered = by_band
+        .get(&(0, "all".to_string()))
+        .map(standard::covered_bands)
+        .unwrap_or_default();
+    let mut measure_cells: Vec<(usize, Cell)> = counts
+        .into_iter()
+        .map(|((dim, stratum), (c, observations))| {
+            // The Wilson interval is a proportion's.
+            let ci = (r.def.scoring == Scoring::Proportion)
+                .then(|| wilson(c.numerator, c.performance(r.def.scoring)))
+                .flatten();
+            let std = if dim == age_dim {
+                None
+            } else {
+                // Withheld when an age band of the stratum is small:
+                // the rate would reveal something about a few people.
+                let small = |n: u64| small_count(n, min_cell);
+                by_band
+                    .get(&(dim, stratum.clone()))
+                    .filter(|bands| {
+                        !bands
+                            .values()
+                            .any(|b| small(b.n) || small(b.x) || small(b.n - b.x))
+                    })
+                    .and_then(|b| standard::direct(b, &covered))
+            };
+            (
+                dim,
+                Cell {
+                    measure: r.key(),
+                    dimension: if dim == 0 {
+                        "overall".into()
+                    } else if dim <= DIMENSIONS.len() {
+                        DIMENSIONS[dim - 1].into()
+                    } else {
+                        r.def.stratifiers[dim - DIMENSIONS.len() - 1].id.clone()
+                    },
+                    stratum,
+                    initial_population: Some(c.initial_population),
+                    denominator: Some(c.denominator),
+                    denominator_exclusion: Some(c.denominator_exclusion),
+                    denominator_exception: Some(c.denominator_exception),
+                    numerator: Some(c.numerator),
+                    rate: crate::measure::score(&r.def, &c, &observations),
+                    ci_low: ci.map(|c| c.0),
+                    ci_high: ci.map(|c| c.1),
+                    suppressed: false,
+                    age_std_rate: std.map(|s| s.rate),
+                    age_std_ci_low: std.map(|s| s.ci_low),
+                    age_std_ci_high: std.map(|s| s.ci_high),
+                },
+            )
+        })
+        .collect();
+    // A dimension no source records (every stratum `unknown`, e.g. payer
+    // when no extract carries one) says nothing: left out.
+    let recorded: BTreeSet<usize> = measure_cells
+        .iter()
+        .filter(|(_, c)| c.stratum != "unknown")
+        .map(|(dim, _)| *dim)
+        .collect();
+    measure_cells.retain(|(dim, _)| recorded.contains(dim));
+    suppress(&mut measure_cells, min_cell);
+    measure_cells.into_iter().map(|(_, c)| c).collect()
 }
 
 /// Small-cell suppression. A cell is suppressed whole when any of its

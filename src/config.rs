@@ -9,11 +9,13 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use chrono::NaiveDate;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+use crate::deid::{DeidConfig, KeySource};
 use crate::error::{Result, WardError};
+pub use crate::measure::Period;
+use crate::tomlfile::{config_error, line_col, load_toml};
 
 /// A checked pipeline configuration.
 #[derive(Debug, Clone)]
@@ -48,57 +50,6 @@ pub struct PipelineConfig {
     pub sources: Vec<SourceConfig>,
     /// De-identification settings (`[deid]`).
     pub deid: DeidConfig,
-}
-
-/// How research data is de-identified (`[deid]`); see [`crate::deid`].
-#[derive(Debug, Clone)]
-pub struct DeidConfig {
-    /// The config file, for errors about the key.
-    pub config_path: PathBuf,
-    /// 1-based line of the `[deid]` key that names the key source, if any.
-    pub key_line: Option<usize>,
-    /// Where the HMAC key comes from.
-    pub key: KeySource,
-    /// Safe Harbor (default) or date shifting.
-    pub mode: crate::deid::DeidMode,
-    /// Minimum equivalence-class size of the k-anonymity report (default 11).
-    pub k: u64,
-    /// Remove persons in classes smaller than `k` from every research table.
-    pub suppress_small_classes: bool,
-}
-
-impl Default for DeidConfig {
-    /// No key, Safe Harbor, k = 11, no suppression.
-    fn default() -> Self {
-        DeidConfig {
-            config_path: PathBuf::new(),
-            key_line: None,
-            key: KeySource::None,
-            mode: crate::deid::DeidMode::SafeHarbor,
-            k: 11,
-            suppress_small_classes: false,
-        }
-    }
-}
-
-/// Where the de-identification key comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeySource {
-    /// Nothing configured: de-identification is refused.
-    None,
-    /// A file (absolute path) holding the key.
-    File(PathBuf),
-    /// An environment variable holding the key.
-    Env(String),
-    /// The bundled, public demo key (sample data only).
-    Demo,
-}
-
-/// An inclusive range of days.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Period {
-    pub start: NaiveDate,
-    pub end: NaiveDate,
 }
 
 /// A path a source's glob matched but that is not read, with the reason.
@@ -783,85 +734,6 @@ fn deid_config(
     }
     cfg.suppress_small_classes = raw.suppress_small_classes.unwrap_or(false);
     Ok(cfg)
-}
-
-/// Reads a TOML file into `T`, turning parse and type errors into
-/// [`WardError::Config`] with line, column and key. Returns the text as well,
-/// so callers can locate semantic errors found later.
-pub(crate) fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<(T, String)> {
-    let bytes = std::fs::read(path).map_err(|e| WardError::Config {
-        path: path.to_path_buf(),
-        line: None,
-        column: None,
-        key: None,
-        message: format!("cannot read: {e}"),
-    })?;
-    let text = String::from_utf8(bytes).map_err(|e| WardError::Config {
-        path: path.to_path_buf(),
-        line: None,
-        column: None,
-        key: None,
-        message: format!("not valid UTF-8 (byte {})", e.utf8_error().valid_up_to()),
-    })?;
-    match toml::from_str::<T>(&text) {
-        Ok(v) => Ok((v, text)),
-        Err(e) => {
-            let key = e.span().and_then(|s| key_at(&text, s));
-            Err(config_error(
-                path,
-                &text,
-                e.span(),
-                key.as_deref(),
-                e.message().trim().to_string(),
-            ))
-        }
-    }
-}
-
-/// Builds a config error located at `span` (a byte range of `text`).
-pub(crate) fn config_error(
-    path: &Path,
-    text: &str,
-    span: Option<Range<usize>>,
-    key: Option<&str>,
-    message: String,
-) -> WardError {
-    let (line, column) = match span {
-        Some(s) => {
-            let (l, c) = line_col(text, s.start);
-            (Some(l), Some(c))
-        }
-        None => (None, None),
-    };
-    WardError::Config {
-        path: path.to_path_buf(),
-        line,
-        column,
-        key: key.map(str::to_string),
-        message,
-    }
-}
-
-/// 1-based line and column of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text.as_bytes()[..offset];
-    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let line_start = before
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map_or(0, |p| p + 1);
-    (line, offset - line_start + 1)
-}
-
-/// The bare key that a span points at, if it points at one.
-fn key_at(text: &str, span: Range<usize>) -> Option<String> {
-    let s = text.get(span)?.trim().trim_matches('"');
-    let is_key = !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    is_key.then(|| s.to_string())
 }
 
 #[derive(Deserialize)]

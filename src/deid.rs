@@ -40,7 +40,6 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{DeidConfig, KeySource};
 use crate::error::{Result, WardError};
 use crate::schema::{Kind, Table};
 use crate::warehouse::{Warehouse, parquet_files, read_parquet};
@@ -120,6 +119,50 @@ impl DeidKey {
 
 /// The largest key file read (a key is 32 bytes; 4 KiB allows any encoding).
 pub const MAX_KEY_FILE_BYTES: u64 = 4096;
+
+/// How research data is de-identified (`[deid]`); see the module documentation.
+#[derive(Debug, Clone)]
+pub struct DeidConfig {
+    /// The config file, for errors about the key.
+    pub config_path: PathBuf,
+    /// 1-based line of the `[deid]` key that names the key source, if any.
+    pub key_line: Option<usize>,
+    /// Where the HMAC key comes from.
+    pub key: KeySource,
+    /// Safe Harbor (default) or date shifting.
+    pub mode: DeidMode,
+    /// Minimum equivalence-class size of the k-anonymity report (default 11).
+    pub k: u64,
+    /// Remove persons in classes smaller than `k` from every research table.
+    pub suppress_small_classes: bool,
+}
+
+impl Default for DeidConfig {
+    /// No key, Safe Harbor, k = 11, no suppression.
+    fn default() -> Self {
+        DeidConfig {
+            config_path: PathBuf::new(),
+            key_line: None,
+            key: KeySource::None,
+            mode: DeidMode::SafeHarbor,
+            k: 11,
+            suppress_small_classes: false,
+        }
+    }
+}
+
+/// Where the de-identification key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// Nothing configured: de-identification is refused.
+    None,
+    /// A file (absolute path) holding the key.
+    File(PathBuf),
+    /// An environment variable holding the key.
+    Env(String),
+    /// The bundled, public demo key (sample data only).
+    Demo,
+}
 
 /// Finds the configured key: the file of `key_file`, the variable named by
 /// `key_env` (looked up with `env`: the library never reads the
@@ -304,7 +347,7 @@ pub fn date_shift_days(key: &DeidKey, person_id: &str) -> i32 {
 /// Whole years of age at `reference` (`None` when born after it). A 29
 /// February birthday is reached on 1 March in common years.
 pub fn age_at(birth: NaiveDate, reference: NaiveDate) -> Option<i32> {
-    let age = crate::report::age_years(birth, reference);
+    let age = crate::measure::age_years(birth, reference);
     (age >= 0).then_some(age)
 }
 
@@ -558,7 +601,7 @@ fn person_rows(batches: &[RecordBatch], path: &Path, opts: &DeidOptions) -> Resu
                 .flatten();
             let at = died.map_or(opts.reference_date, |d| d.min(opts.reference_date));
             let age = born.and_then(|d| age_at(d, at)).map(|a| a.min(AGE_CAP));
-            let band = age.map(|a| crate::report::age_band(a).to_string());
+            let band = age.map(|a| crate::measure::age_band(a).to_string());
             let zip3 = opt(&zip, i).and_then(|z| zip3(&z));
             let shift = date_shift_days(&opts.key, &person_id);
             // A birth year that says "90 or over today" is withheld, even
@@ -606,29 +649,6 @@ fn class_sizes(people: &[Person]) -> HashMap<[Option<String>; 5], u64> {
 
 fn text_list_type() -> DataType {
     DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)))
-}
-
-/// Schema of `research/person.parquet` in `mode`.
-pub fn person_schema(mode: DeidMode) -> SchemaRef {
-    let text = |n: &str| Field::new(n, DataType::Utf8, true);
-    let date = |n: &str| match mode {
-        DeidMode::SafeHarbor => Field::new(format!("{n}_year"), DataType::Int32, true),
-        DeidMode::DateShift => Field::new(format!("{n}_date"), DataType::Date32, true),
-    };
-    Arc::new(Schema::new(vec![
-        Field::new("research_id", DataType::Utf8, false),
-        text("sex"),
-        text("race"),
-        text("ethnicity"),
-        Field::new("age", DataType::Int32, true),
-        text("age_band"),
-        date("birth"),
-        text("state"),
-        text("zip3"),
-        date("deceased"),
-        Field::new("sources", text_list_type(), true),
-        Field::new("records", DataType::UInt32, true),
-    ]))
 }
 
 fn year_of_days(days: i32) -> i32 {
@@ -679,7 +699,11 @@ fn person_batch(people: &[&Person], mode: DeidMode) -> Result<RecordBatch> {
         sources,
         Arc::new(people.iter().map(|p| p.records).collect::<UInt32Array>()),
     ];
-    RecordBatch::try_new(person_schema(mode), columns).map_err(|e| WardError::Data {
+    RecordBatch::try_new(
+        crate::schema::research_person_schema(mode == DeidMode::DateShift),
+        columns,
+    )
+    .map_err(|e| WardError::Data {
         context: "building research/person",
         path: PathBuf::from("person.parquet"),
         message: e.to_string(),
@@ -1052,7 +1076,7 @@ mod tests {
                 );
             }
         }
-        let person = person_schema(DeidMode::SafeHarbor);
+        let person = crate::schema::research_person_schema(false);
         assert!(person.field_with_name("birth_year").is_ok());
         assert!(person.field_with_name("postal_code").is_err());
     }

@@ -31,6 +31,7 @@ pub mod runs;
 pub mod schema;
 pub mod settings;
 pub mod synth;
+mod tomlfile;
 pub mod valuesets;
 pub mod warehouse;
 
@@ -83,7 +84,7 @@ pub fn run(
     config: &PipelineConfig,
     opts: &IngestOptions,
     queries: &std::path::Path,
-    period: config::Period,
+    period: measure::Period,
     key: &deid::DeidKey,
     progress: &indicatif::ProgressBar,
 ) -> Result<RunReport> {
@@ -242,7 +243,7 @@ fn run_stages(
     config: &PipelineConfig,
     opts: &IngestOptions,
     queries: &std::path::Path,
-    period: config::Period,
+    period: measure::Period,
     key: &deid::DeidKey,
     progress: &indicatif::ProgressBar,
     run_dir: &std::path::Path,
@@ -384,7 +385,7 @@ fn apply_gates(
 struct ReportInput<'a> {
     config: &'a PipelineConfig,
     queries: &'a std::path::Path,
-    period: config::Period,
+    period: measure::Period,
     /// The run's manifest so far (its id, host, start, warnings).
     manifest: &'a runs::Manifest,
     history: &'a [runs::HistoryEntry],

@@ -29,12 +29,12 @@ use serde::{Deserialize, Deserializer};
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-use crate::config::{config_error, load_toml};
 use crate::error::Result;
 #[cfg(test)]
 use crate::error::WardError;
 use crate::ingest::normalize::{self, DateFormat};
 use crate::schema::{Kind, Table};
+use crate::tomlfile::{config_error, load_toml};
 
 /// Character encoding of a provider's files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

@@ -529,6 +529,91 @@ pub fn valueset_code_schema() -> SchemaRef {
     SCHEMA.clone()
 }
 
+/// A list of texts (`sources`).
+fn text_list() -> DataType {
+    DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)))
+}
+
+/// Schema of `core/person_link.parquet`.
+pub fn person_link_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("source", DataType::Utf8, false),
+        Field::new("source_patient_id", DataType::Utf8, false),
+        Field::new("person_id", DataType::Utf8, false),
+        Field::new("match_weight", DataType::Float64, true),
+        Field::new("rule", DataType::Utf8, true),
+    ]))
+}
+
+/// Schema of `core/person.parquet`: one row per person with the most
+/// frequent value of each demographic among the person's records (ties: the
+/// first record in source order) and the list of sources.
+pub fn person_schema() -> SchemaRef {
+    let text = |n: &str| Field::new(n, DataType::Utf8, true);
+    Arc::new(Schema::new(vec![
+        Field::new("person_id", DataType::Utf8, false),
+        text("given_name"),
+        text("family_name"),
+        Field::new("birth_date", DataType::Date32, true),
+        text("sex"),
+        text("race"),
+        text("ethnicity"),
+        text("state"),
+        text("postal_code"),
+        Field::new("deceased_date", DataType::Date32, true),
+        text("payer"),
+        Field::new("sources", text_list(), false),
+        Field::new("records", DataType::UInt32, false),
+    ]))
+}
+
+/// Schema of `summary.parquet`.
+pub fn summary_schema() -> SchemaRef {
+    let count = |n: &str| Field::new(n, DataType::UInt64, true);
+    let float = |n: &str| Field::new(n, DataType::Float64, true);
+    Arc::new(Schema::new(vec![
+        Field::new("measure", DataType::Utf8, false),
+        Field::new("dimension", DataType::Utf8, false),
+        Field::new("stratum", DataType::Utf8, false),
+        count("initial_population"),
+        count("denominator"),
+        count("denominator_exclusion"),
+        count("denominator_exception"),
+        count("numerator"),
+        float("rate"),
+        float("ci_low"),
+        float("ci_high"),
+        Field::new("suppressed", DataType::Boolean, false),
+        float("age_std_rate"),
+        float("age_std_ci_low"),
+        float("age_std_ci_high"),
+    ]))
+}
+
+/// Schema of `research/person.parquet`: dates as years (HIPAA Safe
+/// Harbor), or whole shifted dates (`shifted_dates`, a limited data set).
+pub fn research_person_schema(shifted_dates: bool) -> SchemaRef {
+    let text = |n: &str| Field::new(n, DataType::Utf8, true);
+    let date = |n: &str| match shifted_dates {
+        false => Field::new(format!("{n}_year"), DataType::Int32, true),
+        true => Field::new(format!("{n}_date"), DataType::Date32, true),
+    };
+    Arc::new(Schema::new(vec![
+        Field::new("research_id", DataType::Utf8, false),
+        text("sex"),
+        text("race"),
+        text("ethnicity"),
+        Field::new("age", DataType::Int32, true),
+        text("age_band"),
+        date("birth"),
+        text("state"),
+        text("zip3"),
+        date("deceased"),
+        Field::new("sources", text_list(), true),
+        Field::new("records", DataType::UInt32, true),
+    ]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

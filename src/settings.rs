@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 
 use chrono::{Datelike, NaiveDate};
 
-use crate::config::{Period, PipelineConfig};
+use crate::config::PipelineConfig;
 use crate::error::{Result, WardError};
+use crate::measure::Period;
 
 /// The bundled sample config, used when no config is given and the working
 /// directory has none (never under `--no-sample`).

@@ -459,6 +459,24 @@ pub struct FileState {
     pub loaded_at: String,
 }
 
+/// Restricts a file or directory to its owner with `set` (Unix mode bits;
+/// nothing elsewhere).
+pub(crate) fn owner_only(
+    bits: u32,
+    path: &Path,
+    set: impl FnOnce(std::fs::Permissions) -> std::io::Result<()>,
+) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        set(std::fs::Permissions::from_mode(bits))
+            .map_err(|e| WardError::io("cannot restrict permissions of", path, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (bits, path, set);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,7 +47,7 @@ pub fn build(warehouse: &Warehouse) -> Result<BuildReport> {
             &ctx,
             "person_link",
             &core.join("person_link.parquet"),
-            super::person_link_schema(),
+            crate::schema::person_link_schema(),
         )
         .await?;
         let mut report = Vec::new();

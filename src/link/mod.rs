@@ -24,7 +24,7 @@ use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Date32Array, Float64Array, ListBuilder, RecordBatch, StringArray,
     StringBuilder, UInt32Array,
 };
-use datafusion::arrow::datatypes::{DataType, Date32Type, Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Date32Type, Field, Schema};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionConfig;
 use rayon::prelude::*;
@@ -725,7 +725,7 @@ fn write_review(
     std::fs::create_dir_all(&dir).map_err(|e| WardError::io("cannot create", &dir, e))?;
     let path = dir.join("link_review.csv");
     warehouse.publish(&path, |file| {
-        crate::report::owner_only(0o600, &path, |p| file.set_permissions(p))?;
+        crate::warehouse::owner_only(0o600, &path, |p| file.set_permissions(p))?;
         let mut w = csv::Writer::from_writer(file);
         let io = |e: csv::Error| WardError::Data {
             context: "writing the linkage review list",
@@ -1130,19 +1130,8 @@ fn engine_error(e: impl std::fmt::Display) -> WardError {
     }
 }
 
-/// Schema of `core/person_link.parquet`.
-pub fn person_link_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("source", DataType::Utf8, false),
-        Field::new("source_patient_id", DataType::Utf8, false),
-        Field::new("person_id", DataType::Utf8, false),
-        Field::new("match_weight", DataType::Float64, true),
-        Field::new("rule", DataType::Utf8, true),
-    ]))
-}
-
 fn write_outputs(warehouse: &Warehouse, raw: &[RecordBatch], links: &[PersonLink]) -> Result<()> {
-    let schema = person_link_schema();
+    let schema = crate::schema::person_link_schema();
     let col = |f: fn(&PersonLink) -> Option<&str>| -> ArrayRef {
         Arc::new(links.iter().map(f).collect::<StringArray>())
     };
@@ -1168,32 +1157,6 @@ fn write_outputs(warehouse: &Warehouse, raw: &[RecordBatch], links: &[PersonLink
     warehouse.write_parquet(&core.join("person.parquet"), person.schema(), &[person])
 }
 
-/// Schema of `core/person.parquet`: one row per person with the most
-/// frequent value of each demographic among the person's records (ties: the
-/// first record in source order) and the list of sources.
-pub fn person_schema() -> SchemaRef {
-    let text = |n: &str| Field::new(n, DataType::Utf8, true);
-    Arc::new(Schema::new(vec![
-        Field::new("person_id", DataType::Utf8, false),
-        text("given_name"),
-        text("family_name"),
-        Field::new("birth_date", DataType::Date32, true),
-        text("sex"),
-        text("race"),
-        text("ethnicity"),
-        text("state"),
-        text("postal_code"),
-        Field::new("deceased_date", DataType::Date32, true),
-        text("payer"),
-        Field::new(
-            "sources",
-            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
-            false,
-        ),
-        Field::new("records", DataType::UInt32, false),
-    ]))
-}
-
 fn person_table(raw: &[RecordBatch], links: &[PersonLink]) -> Result<RecordBatch> {
     const TEXT: [&str; 8] = [
         "given_name",
@@ -1211,7 +1174,7 @@ fn person_table(raw: &[RecordBatch], links: &[PersonLink]) -> Result<RecordBatch
         Some(schema) => {
             datafusion::arrow::compute::concat_batches(&schema, raw).map_err(engine_error)?
         }
-        None => return Ok(RecordBatch::new_empty(person_schema())),
+        None => return Ok(RecordBatch::new_empty(crate::schema::person_schema())),
     };
     let text: Vec<StringArray> = TEXT
         .iter()
@@ -1301,7 +1264,7 @@ fn person_table(raw: &[RecordBatch], links: &[PersonLink]) -> Result<RecordBatch
         Arc::new(sources.finish()),
         Arc::new(UInt32Array::from(records)),
     ];
-    RecordBatch::try_new(person_schema(), columns).map_err(engine_error)
+    RecordBatch::try_new(crate::schema::person_schema(), columns).map_err(engine_error)
 }
 
 /// Quality of a linkage against ground truth, over every record of the

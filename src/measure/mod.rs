@@ -30,8 +30,8 @@
 
 pub mod conformance;
 mod session;
-pub use session::install;
 pub(crate) use session::read_valuesets;
+pub use session::{age_band, age_years, install};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -42,10 +42,17 @@ use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, Schema, Sch
 use datafusion::prelude::SessionContext;
 use serde::Deserialize;
 
-use crate::config::{Period, load_toml};
 use crate::error::{Result, WardError};
 use crate::schema::Table;
+use crate::tomlfile::load_toml;
 use crate::warehouse::Warehouse;
+
+/// An inclusive range of days: the measurement period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Period {
+    pub start: chrono::NaiveDate,
+    pub end: chrono::NaiveDate,
+}
 
 /// The population criteria columns, in report order.
 pub const POPULATIONS: [&str; 5] = [
@@ -801,7 +808,7 @@ pub fn care_gaps(
             &ctx,
             "person_link",
             &link,
-            crate::link::person_link_schema(),
+            crate::schema::person_link_schema(),
         )
         .await?;
         let mut out = Vec::new();

@@ -32,7 +32,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use chrono::NaiveDate;
+use chrono::{Datelike, NaiveDate};
 use datafusion::arrow::array::{
     Array, ArrayRef, Date32Array, Int32Array, RecordBatch, StringArray,
 };
@@ -44,8 +44,8 @@ use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::DFParser;
 
-use crate::config::Period;
 use crate::error::{Result, WardError};
+use crate::measure::Period;
 use crate::schema::{self, Table};
 use crate::warehouse::Warehouse;
 
@@ -83,7 +83,7 @@ pub(crate) async fn session(
             &ctx,
             "core_person",
             &core.join("person.parquet"),
-            crate::link::person_schema(),
+            crate::schema::person_schema(),
         )
         .await?;
         for table in Table::ALL.into_iter().filter(|t| *t != Table::Patient) {
@@ -296,6 +296,30 @@ pub(crate) fn read_valuesets(dir: &Path) -> Result<Vec<RecordBatch>> {
     })
 }
 
+/// Completed years between two dates (CQL `AgeInYearsAt`; negative when
+/// `at` is before `birth`). Measures (the `age_years` SQL function) and
+/// research ages share it.
+pub fn age_years(birth: NaiveDate, at: NaiveDate) -> i32 {
+    let mut years = at.year() - birth.year();
+    if (at.month(), at.day()) < (birth.month(), birth.day()) {
+        years -= 1;
+    }
+    years
+}
+
+/// The age bands of reports and research tables alike: `0-17`, `18-44`,
+/// `45-64`, `65-74`, `75+` (years completed). Coarser than ten-year bands,
+/// they also hide ages of 90 and over as Safe Harbor requires.
+pub fn age_band(age: i32) -> &'static str {
+    match age {
+        ..18 => "0-17",
+        18..45 => "18-44",
+        45..65 => "45-64",
+        65..75 => "65-74",
+        _ => "75+",
+    }
+}
+
 fn age_years_udf() -> datafusion::logical_expr::ScalarUDF {
     create_udf(
         "age_years",
@@ -320,10 +344,7 @@ fn age_years_udf() -> datafusion::logical_expr::ScalarUDF {
                     if birth.is_null(i) || at.is_null(i) {
                         None
                     } else {
-                        Some(crate::report::age_years(
-                            birth.value_as_date(i)?,
-                            at.value_as_date(i)?,
-                        ))
+                        Some(age_years(birth.value_as_date(i)?, at.value_as_date(i)?))
                     }
                 })
                 .collect();
@@ -333,7 +354,7 @@ fn age_years_udf() -> datafusion::logical_expr::ScalarUDF {
 }
 
 /// `age_band(age)`: the report's age band of an age in years
-/// ([`crate::report::age_band`]); NULL for NULL.
+/// ([`age_band`]); NULL for NULL.
 fn age_band_udf() -> datafusion::logical_expr::ScalarUDF {
     create_udf(
         "age_band",
@@ -350,10 +371,7 @@ fn age_band_udf() -> datafusion::logical_expr::ScalarUDF {
                         "age_band expects an INT argument".into(),
                     )
                 })?;
-            let out: StringArray = ages
-                .iter()
-                .map(|a| a.map(crate::report::age_band))
-                .collect();
+            let out: StringArray = ages.iter().map(|a| a.map(age_band)).collect();
             Ok(ColumnarValue::Array(Arc::new(out)))
         }),
     )
@@ -362,7 +380,6 @@ fn age_band_udf() -> datafusion::logical_expr::ScalarUDF {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::age_years;
 
     fn d(s: &str) -> NaiveDate {
         NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap()

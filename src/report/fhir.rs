@@ -392,7 +392,7 @@ mod tests {
              improvement = \"decrease\"\ndescription = \"d\"\nage_standardize = true",
         )
         .unwrap();
-        let period = crate::config::Period {
+        let period = crate::measure::Period {
             start: chrono::NaiveDate::from_ymd_opt(2025, 1, 1).unwrap(),
             end: chrono::NaiveDate::from_ymd_opt(2025, 12, 31).unwrap(),
         };

@@ -14,11 +14,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use chrono::{Datelike, NaiveDate};
 use datafusion::arrow::array::{
     Array, ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, UInt64Array,
 };
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde::Serialize;
 
 use crate::error::{Result, WardError};
@@ -36,30 +34,6 @@ pub const DIMENSIONS: [&str; 8] = [
     "zip3",
     "payer",
 ];
-
-/// Completed years between two dates (CQL `AgeInYearsAt`; negative when
-/// `at` is before `birth`). Measures (the `age_years` SQL function) and
-/// research ages share it.
-pub fn age_years(birth: NaiveDate, at: NaiveDate) -> i32 {
-    let mut years = at.year() - birth.year();
-    if (at.month(), at.day()) < (birth.month(), birth.day()) {
-        years -= 1;
-    }
-    years
-}
-
-/// The age bands of reports and research tables alike: `0-17`, `18-44`,
-/// `45-64`, `65-74`, `75+` (years completed). Coarser than ten-year bands,
-/// they also hide ages of 90 and over as Safe Harbor requires.
-pub fn age_band(age: i32) -> &'static str {
-    match age {
-        ..18 => "0-17",
-        18..45 => "18-44",
-        45..65 => "45-64",
-        65..75 => "65-74",
-        _ => "75+",
-    }
-}
 
 /// One row of the summary: a measure in one stratum. Suppressed counts are
 /// `None` with `suppressed` set — never zeroed.
@@ -354,29 +328,6 @@ pub fn suppress(cells: &mut [(usize, Cell)], min_cell: u64) {
     }
 }
 
-/// Schema of `summary.parquet`.
-pub fn summary_schema() -> SchemaRef {
-    let count = |n: &str| Field::new(n, DataType::UInt64, true);
-    let float = |n: &str| Field::new(n, DataType::Float64, true);
-    Arc::new(Schema::new(vec![
-        Field::new("measure", DataType::Utf8, false),
-        Field::new("dimension", DataType::Utf8, false),
-        Field::new("stratum", DataType::Utf8, false),
-        count("initial_population"),
-        count("denominator"),
-        count("denominator_exclusion"),
-        count("denominator_exception"),
-        count("numerator"),
-        float("rate"),
-        float("ci_low"),
-        float("ci_high"),
-        Field::new("suppressed", DataType::Boolean, false),
-        float("age_std_rate"),
-        float("age_std_ci_low"),
-        float("age_std_ci_high"),
-    ]))
-}
-
 /// `reports/<run_id>/` under the warehouse's output directory: where a
 /// run's summary, report.html, MeasureReports (`fhir/`) and care gaps
 /// (`phi/`) go.
@@ -398,7 +349,7 @@ pub fn write(warehouse: &Warehouse, run_id: &str, cells: &[Cell]) -> Result<Path
         Arc::new(cells.iter().map(f).collect::<Float64Array>())
     };
     let batch = RecordBatch::try_new(
-        summary_schema(),
+        crate::schema::summary_schema(),
         vec![
             text(|c| &c.measure),
             text(|c| &c.dimension),
@@ -427,7 +378,11 @@ pub fn write(warehouse: &Warehouse, run_id: &str, cells: &[Cell]) -> Result<Path
         path: dir.clone(),
         message: e.to_string(),
     })?;
-    warehouse.write_parquet(&dir.join("summary.parquet"), summary_schema(), &[batch])?;
+    warehouse.write_parquet(
+        &dir.join("summary.parquet"),
+        crate::schema::summary_schema(),
+        &[batch],
+    )?;
     let json = serde_json::to_vec_pretty(cells).expect("cells serialize");
     write_bytes(warehouse, &dir.join("summary.json"), &json)?;
     let mut csv = csv::Writer::from_writer(Vec::new());
@@ -457,7 +412,7 @@ pub fn write_care_gaps(
 ) -> Result<Vec<PathBuf>> {
     let dir = report_dir(warehouse, run_id).join("phi");
     std::fs::create_dir_all(&dir).map_err(|e| WardError::io("cannot create", &dir, e))?;
-    owner_only(0o700, &dir, |p| std::fs::set_permissions(&dir, p))?;
+    crate::warehouse::owner_only(0o700, &dir, |p| std::fs::set_permissions(&dir, p))?;
     let mut by_provider: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
     let mut header: Vec<String> = Vec::new();
     for b in gaps {
@@ -511,7 +466,7 @@ pub fn write_care_gaps(
             message: e.to_string(),
         })?;
         warehouse.publish(&path, |file| {
-            owner_only(0o600, &path, |p| file.set_permissions(p))?;
+            crate::warehouse::owner_only(0o600, &path, |p| file.set_permissions(p))?;
             write_all(file, &bytes, &path)
         })?;
         written.push(path);
@@ -530,24 +485,6 @@ pub fn spreadsheet_safe(cell: &str) -> std::borrow::Cow<'_, str> {
     } else {
         std::borrow::Cow::Borrowed(cell)
     }
-}
-
-/// Restricts a file or directory to its owner with `set` (Unix mode bits;
-/// nothing elsewhere).
-pub(crate) fn owner_only(
-    bits: u32,
-    path: &Path,
-    set: impl FnOnce(std::fs::Permissions) -> std::io::Result<()>,
-) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        set(std::fs::Permissions::from_mode(bits))
-            .map_err(|e| WardError::io("cannot restrict permissions of", path, e))?;
-    }
-    #[cfg(not(unix))]
-    let _ = (bits, path, set);
-    Ok(())
 }
 
 fn write_all(file: &mut std::fs::File, bytes: &[u8], path: &Path) -> Result<()> {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use chrono::NaiveDate;
 use serde_json::{Value, json};
-use ward::config::Period;
+use ward::measure::Period;
 use ward::measure::{self, conformance};
 use ward::warehouse::Warehouse;
 

@@ -529,7 +529,7 @@ struct P {
 /// (one observation per (person, day)).
 fn write_core(core: &Path, persons: &[P], obs: &[(&str, NaiveDate)]) {
     let wh = ward::warehouse::Warehouse::new(core.parent().unwrap());
-    let schema = ward::link::person_schema();
+    let schema = ward::schema::person_schema();
     let n = persons.len();
     let text = |f: &dyn Fn(&P) -> Option<String>| -> ArrayRef {
         Arc::new(persons.iter().map(f).collect::<StringArray>())

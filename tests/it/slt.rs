@@ -18,7 +18,7 @@ use datafusion::functions_nested::expr_fn::make_array;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::{SessionConfig, SessionContext, lit};
 use sqllogictest::{DB, DBOutput, DefaultColumnType, Runner};
-use ward::config::Period;
+use ward::measure::Period;
 use ward::schema::Table;
 
 use crate::common::repo;
@@ -56,7 +56,7 @@ async fn session(library: &str) -> ward::Result<SessionContext> {
             .map(|(c, e)| (c.to_string(), e))
             .collect()
     };
-    let mut tables = vec![("core_person".to_string(), ward::link::person_schema())];
+    let mut tables = vec![("core_person".to_string(), ward::schema::person_schema())];
     let coding = |n| Arc::new(Field::new(n, DataType::Utf8, true));
     let coding = Fields::from(vec![coding("system"), coding("code")]);
     let codings = DataType::List(Arc::new(Field::new("item", DataType::Struct(coding), true)));

@@ -50,7 +50,7 @@ fn writing(settings: &Settings, command: &str) -> anyhow::Result<ward::runs::Loc
 
 /// The measurement period of `--period-start`/`--period-end`, the config,
 /// or the year before.
-fn period(settings: &Settings, args: &PeriodArgs) -> ward::Result<ward::config::Period> {
+fn period(settings: &Settings, args: &PeriodArgs) -> ward::Result<ward::measure::Period> {
     settings.period(args.period_start, args.period_end)
 }
 

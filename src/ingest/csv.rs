@@ -10,6 +10,7 @@
 //! only, and reading resumes on the next line, so one stray quote costs one
 //! record, never the file.
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use datafusion::arrow::array::{Array, StringArray, StringBuilder};
@@ -66,14 +67,8 @@ pub fn read(path: &Path, bytes: &[u8], mapping: &CsvMapping) -> Result<TextTable
         line,
         message,
     };
-    let decoded;
-    let bytes: &[u8] = match mapping.encoding {
-        Encoding::Utf8 => bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes),
-        Encoding::Latin1 => {
-            decoded = bytes.iter().map(|&b| b as char).collect::<String>();
-            decoded.as_bytes()
-        }
-    };
+    let decoded = decode(bytes, mapping.encoding);
+    let bytes: &[u8] = &decoded;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(err(None, "file is empty: no header line".into()));
     }
@@ -100,6 +95,133 @@ pub fn read(path: &Path, bytes: &[u8], mapping: &CsvMapping) -> Result<TextTable
     if !read_record(&mut reader, &mut record)? {
         return Err(err(None, "file is empty: no header line".into()));
     }
+    let header = read_header(&record, &err)?;
+    let width = header.len();
+
+    let ends_with_newline = bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r');
+    let mut columns: Vec<StringBuilder> = (0..width)
+        .map(|_| StringBuilder::with_capacity(1024, 16 * 1024))
+        .collect();
+    let mut lines = Vec::new();
+    let mut rejects = Vec::new();
+    // Where the current reader starts: byte offset and line number before it.
+    let (mut base_byte, mut base_line) = (0usize, 0u64);
+    while read_record(&mut reader, &mut record)? {
+        let Span {
+            start,
+            end,
+            leading,
+            line,
+        } = locate(&record, &reader, (base_byte, base_line), bytes);
+        let body = trim_terminator(&bytes[start..end]);
+        let is_last = end >= bytes.len();
+        // A quoted field still open at the end of the file.
+        let unclosed = is_last
+            && opens_quote(body, mapping)
+            && body.iter().filter(|b| **b == mapping.quote).count() % 2 == 1;
+        if record.len() != width || unclosed {
+            let shape = Shape {
+                fields: record.len(),
+                width,
+                unclosed,
+                cut_short: is_last && !ends_with_newline,
+            };
+            let (reject, resume_after) = misshapen(line, body, shape, mapping);
+            rejects.push(reject);
+            if let Some(eol) = resume_after {
+                base_byte = start + leading + eol + 1;
+                base_line = line;
+                reader = builder.from_reader(&bytes[base_byte..]);
+            }
+            continue;
+        }
+        if let Some(i) = record.iter().position(|f| std::str::from_utf8(f).is_err()) {
+            rejects.push(StructuralReject {
+                line,
+                rule: "invalid_utf8",
+                message: format!("column '{}' holds bytes that are not UTF-8", header[i]),
+                raw: String::from_utf8_lossy(body).into_owned(),
+            });
+            continue;
+        }
+        for (column, field) in columns.iter_mut().zip(record.iter()) {
+            match std::str::from_utf8(field) {
+                Ok(v) if !v.trim().is_empty() => column.append_value(v),
+                _ => column.append_null(),
+            }
+        }
+        lines.push(line);
+    }
+
+    Ok(TextTable {
+        header,
+        columns: columns.iter_mut().map(StringBuilder::finish).collect(),
+        lines,
+        rejects,
+    })
+}
+
+/// Where a record sits in the file.
+struct Span {
+    /// Its bytes, line terminators around it included.
+    start: usize,
+    end: usize,
+    /// Line terminators before it: after a CRLF the reader positions the
+    /// next record on the LF.
+    leading: usize,
+    /// The line it starts on.
+    line: u64,
+}
+
+/// Where the record just read sits, for a reader started at `base` (byte
+/// offset, and line number before it) in `bytes`.
+fn locate(
+    record: &csv::ByteRecord,
+    reader: &csv::Reader<&[u8]>,
+    (base_byte, base_line): (usize, u64),
+    bytes: &[u8],
+) -> Span {
+    let pos = record
+        .position()
+        .expect("records read from a reader have a position");
+    let start = base_byte + pos.byte() as usize;
+    let end = (base_byte + reader.position().byte() as usize).min(bytes.len());
+    let raw = &bytes[start..end];
+    let leading = raw
+        .iter()
+        .take_while(|b| matches!(b, b'\n' | b'\r'))
+        .count();
+    let line =
+        base_line + pos.line() + raw[..leading].iter().filter(|b| **b == b'\n').count() as u64;
+    Span {
+        start,
+        end,
+        leading,
+        line,
+    }
+}
+
+/// The file's bytes as UTF-8: without a UTF-8 byte order mark, or decoded
+/// from Latin-1.
+fn decode(bytes: &[u8], encoding: Encoding) -> Cow<'_, [u8]> {
+    match encoding {
+        Encoding::Utf8 => Cow::Borrowed(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)),
+        Encoding::Latin1 => Cow::Owned(
+            bytes
+                .iter()
+                .map(|&b| b as char)
+                .collect::<String>()
+                .into_bytes(),
+        ),
+    }
+}
+
+/// The header record's field names, trimmed; refused when not UTF-8 or
+/// when two fields share a name (likely a data line, not a header).
+fn read_header(
+    record: &csv::ByteRecord,
+    err: &impl Fn(Option<u64>, String) -> WardError,
+) -> Result<Vec<String>> {
     let header_line = record.position().map_or(1, |p| p.line());
     let mut header: Vec<String> = Vec::with_capacity(record.len());
     for (i, field) in record.iter().enumerate() {
@@ -119,103 +241,67 @@ pub fn read(path: &Path, bytes: &[u8], mapping: &CsvMapping) -> Result<TextTable
         }
         header.push(name);
     }
-    let width = header.len();
+    Ok(header)
+}
 
-    let ends_with_newline = bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r');
-    let mut columns: Vec<StringBuilder> = (0..width)
-        .map(|_| StringBuilder::with_capacity(1024, 16 * 1024))
-        .collect();
-    let mut lines = Vec::new();
-    let mut rejects = Vec::new();
-    // Where the current reader starts: byte offset and line number before it.
-    let (mut base_byte, mut base_line) = (0usize, 0u64);
-    while read_record(&mut reader, &mut record)? {
-        let pos = record
-            .position()
-            .expect("records read from a reader have a position");
-        let start = base_byte + pos.byte() as usize;
-        let end = (base_byte + reader.position().byte() as usize).min(bytes.len());
-        let raw = &bytes[start..end];
-        // After a CRLF the reader positions the next record on the LF.
-        let leading = raw
-            .iter()
-            .take_while(|b| matches!(b, b'\n' | b'\r'))
-            .count();
-        let line =
-            base_line + pos.line() + raw[..leading].iter().filter(|b| **b == b'\n').count() as u64;
-        let body = trim_terminator(raw);
-        let is_last = end >= bytes.len();
-        let reject = |rule: &'static str, message: String| StructuralReject {
-            line,
-            rule,
-            message,
-            raw: String::from_utf8_lossy(body).into_owned(),
+/// How a record without the header's shape is wrong.
+#[derive(Clone, Copy)]
+struct Shape {
+    /// Fields found, and expected (the header's).
+    fields: usize,
+    width: usize,
+    /// A quoted field is still open at the end of the file.
+    unclosed: bool,
+    /// The record is the file's last and has no line end.
+    cut_short: bool,
+}
+
+/// The reject of a record without the header's shape, and, when a quote
+/// opened on its first line ran past that line, the offset in `body` of the
+/// line's end: the record is refused for that line alone and reading
+/// resumes after it.
+fn misshapen(
+    line: u64,
+    body: &[u8],
+    shape: Shape,
+    mapping: &CsvMapping,
+) -> (StructuralReject, Option<usize>) {
+    let reject = |rule: &'static str, message: String| StructuralReject {
+        line,
+        rule,
+        message,
+        raw: String::from_utf8_lossy(body).into_owned(),
+    };
+    let eol = body.iter().position(|b| *b == b'\n');
+    if let Some(eol) = eol
+        && opens_quote(&body[..eol], mapping)
+    {
+        // A quote opened on this line and closed lines later (or never).
+        let reject = StructuralReject {
+            raw: String::from_utf8_lossy(trim_terminator(&body[..eol])).into_owned(),
+            ..reject(
+                "malformed_record",
+                "unbalanced quote: the record runs past the end of its line; \
+                 this line was refused and reading resumed on the next"
+                    .into(),
+            )
         };
-        // A quoted field still open at the end of the file.
-        let unclosed = is_last
-            && opens_quote(body, mapping)
-            && body.iter().filter(|b| **b == mapping.quote).count() % 2 == 1;
-        if record.len() != width || unclosed {
-            let eol = body.iter().position(|b| *b == b'\n');
-            if let Some(eol) = eol
-                && opens_quote(&body[..eol], mapping)
-            {
-                // A quote opened on this line and closed lines later (or
-                // never): refuse this line alone and read on from the next.
-                rejects.push(StructuralReject {
-                    raw: String::from_utf8_lossy(trim_terminator(&body[..eol])).into_owned(),
-                    ..reject(
-                        "malformed_record",
-                        "unbalanced quote: the record runs past the end of its line; \
-                         this line was refused and reading resumed on the next"
-                            .into(),
-                    )
-                });
-                base_byte = start + leading + eol + 1;
-                base_line = line;
-                reader = builder.from_reader(&bytes[base_byte..]);
-                continue;
-            }
-            if unclosed {
-                rejects.push(reject(
-                    "malformed_record",
-                    "unbalanced quote: a quoted field is still open at the end of the file".into(),
-                ));
-                continue;
-            }
-            let (rule, what) = if is_last && !ends_with_newline && record.len() < width {
-                ("truncated_record", "last line is cut short: ")
-            } else {
-                ("wrong_field_count", "")
-            };
-            rejects.push(reject(
-                rule,
-                format!("{what}expected {width} fields, found {}", record.len()),
-            ));
-            continue;
-        }
-        if let Some(i) = record.iter().position(|f| std::str::from_utf8(f).is_err()) {
-            rejects.push(reject(
-                "invalid_utf8",
-                format!("column '{}' holds bytes that are not UTF-8", header[i]),
-            ));
-            continue;
-        }
-        for (column, field) in columns.iter_mut().zip(record.iter()) {
-            match std::str::from_utf8(field) {
-                Ok(v) if !v.trim().is_empty() => column.append_value(v),
-                _ => column.append_null(),
-            }
-        }
-        lines.push(line);
+        return (reject, Some(eol));
     }
-
-    Ok(TextTable {
-        header,
-        columns: columns.iter_mut().map(StringBuilder::finish).collect(),
-        lines,
-        rejects,
-    })
+    if shape.unclosed {
+        let message = "unbalanced quote: a quoted field is still open at the end of the file";
+        return (reject("malformed_record", message.into()), None);
+    }
+    let (rule, what) = if shape.cut_short && shape.fields < shape.width {
+        ("truncated_record", "last line is cut short: ")
+    } else {
+        ("wrong_field_count", "")
+    };
+    let message = format!(
+        "{what}expected {} fields, found {}",
+        shape.width, shape.fields
+    );
+    (reject(rule, message), None)
 }
 
 /// Whether a line opens a quoted field: a quote at the start of a field.

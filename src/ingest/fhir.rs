@@ -313,7 +313,7 @@ fn flatten(
     r: &Value,
     urls: &HashMap<String, String>,
     medications: &HashMap<String, Vec<(String, String)>>,
-) -> std::result::Result<Option<Vec<Row>>, Refusal> {
+) -> Flattened {
     let Some(rtype) = r["resourceType"].as_str() else {
         return Err(refuse(
             "resourceType",
@@ -323,308 +323,398 @@ fn flatten(
     };
     let id = text(&r["id"]);
     let encounter = reference(&r["encounter"], urls).ok().flatten();
-    let mut rows = Vec::new();
-    match rtype {
-        "Patient" => {
-            let mut p = Row::new(Table::Patient);
-            p.set("source_patient_id", id);
-            let ids = r["identifier"].as_array().cloned().unwrap_or_default();
-            let ident = |pred: &dyn Fn(&Value) -> bool| {
-                ids.iter().find(|i| pred(i)).and_then(|i| text(&i["value"]))
-            };
-            p.set(
-                "mrn",
-                ident(&|i| first_code(&i["type"]).as_deref() == Some("MR")),
-            );
-            p.set(
-                "ssn",
-                ident(&|i| {
-                    i["system"] == "http://hl7.org/fhir/sid/us-ssn"
-                        || first_code(&i["type"]).as_deref() == Some("SS")
-                }),
-            );
-            let names = r["name"].as_array().cloned().unwrap_or_default();
-            let name = names
-                .iter()
-                .find(|n| n["use"] == "official")
-                .or(names.first());
-            if let Some(n) = name {
-                p.set("given_name", text(&n["given"][0]));
-                p.set("family_name", text(&n["family"]));
-            }
-            p.set("birth_date", text(&r["birthDate"]));
-            // The US Core sex extension (QI-Core `Patient.sex`, what eCQMs
-            // test) when present, else the administrative gender.
-            let sex = extension(
-                r,
-                "http://hl7.org/fhir/us/core/StructureDefinition/us-core-sex",
-            )
-            .and_then(|e| text(&e["valueCode"]).or_else(|| text(&e["valueCoding"]["code"])))
-            .and_then(|code| match code.as_str() {
-                "248152002" | "F" => Some("female".to_string()),
-                "248153007" | "M" => Some("male".to_string()),
-                _ => None,
-            });
-            p.set("sex", sex.or_else(|| text(&r["gender"])));
-            let omb = |url: &str| {
-                extension(r, url)?["extension"]
-                    .as_array()?
-                    .iter()
-                    .find(|e| e["url"] == "ombCategory")
-                    .and_then(|e| text(&e["valueCoding"]["code"]))
-            };
-            p.set(
-                "race",
-                omb("http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"),
-            );
-            p.set(
-                "ethnicity",
-                omb("http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"),
-            );
-            let address = &r["address"][0];
-            p.set("address_line", text(&address["line"][0]));
-            p.set("city", text(&address["city"]));
-            p.set("state", text(&address["state"]));
-            p.set("postal_code", text(&address["postalCode"]));
-            let telecom = |system: &str| {
-                r["telecom"]
-                    .as_array()?
-                    .iter()
-                    .find(|t| t["system"] == system)
-                    .and_then(|t| text(&t["value"]))
-            };
-            p.set("phone", telecom("phone"));
-            p.set("email", telecom("email"));
-            p.set("deceased_date", text(&r["deceasedDateTime"]));
-            rows.push(p);
-        }
-        "Encounter" => {
-            let mut e = Row::new(Table::Encounter);
-            e.set("source_encounter_id", id);
-            e.set("source_patient_id", Some(subject(r, urls, "subject")?));
-            e.set("encounter_class", text(&r["class"]["code"]));
-            e.set("status", text(&r["status"]));
-            e.set_code(codings(&r["type"]));
-            e.set("start_time", text(&r["period"]["start"]));
-            e.set("end_time", text(&r["period"]["end"]));
-            e.set(
-                "discharge_disposition",
-                first_code(&r["hospitalization"]["dischargeDisposition"]),
-            );
-            e.set(
-                "facility",
-                text(&r["serviceProvider"]["display"])
-                    .or_else(|| text(&r["serviceProvider"]["reference"])),
-            );
-            rows.push(e);
-        }
-        "Condition" => {
-            let mut c = Row::new(Table::Condition);
-            c.set("source_condition_id", id);
-            c.set("source_patient_id", Some(subject(r, urls, "subject")?));
-            c.set("source_encounter_id", encounter);
-            c.set("category", first_code(&r["category"]));
-            c.set("categories", all_codes(&r["category"]));
-            c.set("clinical_status", first_code(&r["clinicalStatus"]));
-            c.set("verification_status", first_code(&r["verificationStatus"]));
-            c.set_code(codings(&r["code"]));
-            let (onset, _) = choice_time(r, "onset");
-            let recorded = text(&r["recordedDate"]);
-            c.set("onset_date", onset.or_else(|| recorded.clone()));
-            let (abatement, abatement_end) = choice_time(r, "abatement");
-            c.set("abatement_date", abatement_end.or(abatement));
-            c.set("recorded_date", recorded);
-            c.set("description", text(&r["code"]["text"]));
-            c.set("body_sites", coded_tokens(codings(&r["bodySite"])));
-            rows.push(c);
-        }
-        "Observation" => {
-            let patient = subject(r, urls, "subject")?;
-            let (effective, effective_end) = choice_time(r, "effective");
-            let effective = effective.or_else(|| text(&r["issued"]));
-            let base = |codes: Vec<(String, String)>, value_of: &Value| {
-                let mut o = Row::new(Table::Observation);
-                o.set("source_observation_id", id.clone());
-                o.set("source_patient_id", Some(patient.clone()));
-                o.set("source_encounter_id", encounter.clone());
-                o.set("status", text(&r["status"]));
-                o.set("category", first_code(&r["category"]));
-                o.set("categories", all_codes(&r["category"]));
-                o.set_code(codes);
-                o.set("effective_time", effective.clone());
-                o.set("effective_end", effective_end.clone());
-                o.set("description", text(&r["code"]["text"]));
-                o.set("reasons", reasons(r));
-                let q = &value_of["valueQuantity"];
-                o.set(
-                    "value_num",
-                    text(&q["value"]).or_else(|| text(&value_of["valueInteger"])),
-                );
-                o.set("unit", text(&q["unit"]).or_else(|| text(&q["code"])));
-                o.set(
-                    "value_text",
-                    text(&value_of["valueString"]).or_else(|| text(&value_of["valueBoolean"])),
-                );
-                if let Some((s, c)) = codings(&value_of["valueCodeableConcept"])
-                    .into_iter()
-                    .next()
-                {
-                    o.set("value_code_system", Some(s));
-                    o.set("value_code", Some(c));
-                }
-                o
-            };
-            rows.push(base(codings(&r["code"]), r));
-            for component in r["component"].as_array().into_iter().flatten() {
-                let mut o = base(codings(&component["code"]), component);
-                o.set("panel_id", id.clone());
-                o.set("description", text(&component["code"]["text"]));
-                rows.push(o);
-            }
-        }
+    let row = match rtype {
+        "Patient" => patient_row(r, id),
+        "Encounter" => encounter_row(r, id, urls)?,
+        "Condition" => condition_row(r, id, encounter, urls)?,
+        "Observation" => return observation_rows(r, id, encounter, urls).map(Some),
         "MedicationRequest" | "MedicationStatement" | "MedicationAdministration" => {
-            let mut m = Row::new(Table::Medication);
-            m.set("source_medication_id", id);
-            m.set("source_patient_id", Some(subject(r, urls, "subject")?));
-            m.set(
-                "source_encounter_id",
-                encounter.or_else(|| reference(&r["context"], urls).ok().flatten()),
-            );
-            m.set("status", text(&r["status"]));
-            m.set("intent", text(&r["intent"]));
-            m.set("do_not_perform", do_not_perform(r));
-            m.set("reasons", reasons(r));
-            let med_ref = &r["medicationReference"];
-            let codes = match reference(med_ref, urls) {
-                Ok(Some(med)) => medications
-                    .get(&med)
-                    .or_else(|| {
-                        med_ref["reference"]
-                            .as_str()
-                            .and_then(|u| medications.get(u))
-                    })
-                    .cloned()
-                    .unwrap_or_default(),
-                _ => codings(&r["medicationCodeableConcept"]),
-            };
-            m.set_code(codes);
-            m.set("description", text(&r["medicationCodeableConcept"]["text"]));
-            let (start, end) = if rtype == "MedicationRequest" {
-                medication_request_period(r)
-            } else {
-                choice_time(r, "effective")
-            };
-            m.set(
-                "start_time",
-                start.as_ref().filter(|s| s.contains('T')).cloned(),
-            );
-            m.set("start_date", start);
-            m.set("end_date", end);
-            m.set("resource_type", Some(rtype.to_ascii_lowercase()));
-            rows.push(m);
+            medication_row(r, rtype, id, encounter, urls, medications)?
         }
-        "Procedure" => {
-            let mut p = Row::new(Table::Procedure);
-            p.set("source_procedure_id", id);
-            p.set("source_patient_id", Some(subject(r, urls, "subject")?));
-            p.set("source_encounter_id", encounter);
-            p.set("status", text(&r["status"]));
-            p.set_code(codings(&r["code"]));
-            let (start, end) = choice_time(r, "performed");
-            p.set("performed_time", start);
-            p.set("performed_end_time", end);
-            p.set("description", text(&r["code"]["text"]));
-            p.set("reasons", reasons(r));
-            rows.push(p);
-        }
-        "ServiceRequest" => {
-            let mut s = Row::new(Table::ServiceRequest);
-            s.set("source_service_request_id", id);
-            s.set("source_patient_id", Some(subject(r, urls, "subject")?));
-            s.set("source_encounter_id", encounter);
-            s.set("status", text(&r["status"]));
-            s.set("intent", text(&r["intent"]));
-            s.set("do_not_perform", do_not_perform(r));
-            s.set("category", first_code(&r["category"]));
-            s.set("categories", all_codes(&r["category"]));
-            s.set_code(codings(&r["code"]));
-            s.set("reasons", reasons(r));
-            s.set("authored_time", text(&r["authoredOn"]));
-            let (start, end) = choice_time(r, "occurrence");
-            s.set("occurrence_start", start);
-            s.set("occurrence_end", end);
-            rows.push(s);
-        }
-        "DeviceRequest" | "DeviceUseStatement" => {
-            let mut d = Row::new(Table::Device);
-            d.set("source_device_id", id);
-            d.set("source_patient_id", Some(subject(r, urls, "subject")?));
-            d.set("resource_type", Some(rtype.to_ascii_lowercase()));
-            d.set("status", text(&r["status"]));
-            d.set("intent", text(&r["intent"]));
-            d.set("do_not_perform", do_not_perform(r));
-            d.set_code(
-                codings(&r["codeCodeableConcept"])
-                    .into_iter()
-                    .chain(codings(&r["code"]))
-                    .collect(),
-            );
-            let (timing, _) = choice_time(r, "timing");
-            d.set(
-                "event_time",
-                text(&r["authoredOn"])
-                    .or(timing)
-                    .or_else(|| text(&r["recordedOn"])),
-            );
-            rows.push(d);
-        }
-        "Communication" => {
-            let mut c = Row::new(Table::Communication);
-            c.set("source_communication_id", id);
-            c.set("source_patient_id", Some(subject(r, urls, "subject")?));
-            c.set("source_encounter_id", encounter);
-            c.set("status", text(&r["status"]));
-            // What was communicated: the category (QI-Core), else the topic.
-            let mut codes = codings(&r["category"]);
-            codes.extend(codings(&r["topic"]));
-            c.set_code(codes);
-            c.set("reasons", reasons(r));
-            // A communication not done has no `sent`: it is dated by when
-            // that was recorded.
-            let recorded = extension(
-                r,
-                "http://hl7.org/fhir/us/qicore/StructureDefinition/qicore-recorded",
-            )
-            .and_then(|e| text(&e["valueDateTime"]));
-            c.set(
-                "sent_time",
-                text(&r["sent"])
-                    .or(recorded)
-                    .or_else(|| text(&r["received"])),
-            );
-            c.set("received_time", text(&r["received"]));
-            rows.push(c);
-        }
-        "Coverage" => {
-            let mut c = Row::new(Table::Coverage);
-            c.set("source_coverage_id", id);
-            c.set("source_patient_id", Some(subject(r, urls, "beneficiary")?));
-            c.set("status", text(&r["status"]));
-            if let Some((s, code)) = codings(&r["type"]).into_iter().next() {
-                c.set("payer_type_system", Some(s));
-                c.set("payer_type_code", Some(code));
-            }
-            c.set("start_date", text(&r["period"]["start"]));
-            c.set("end_date", text(&r["period"]["end"]));
-            c.set(
-                "payor",
-                text(&r["payor"][0]["display"]).or_else(|| text(&r["payor"][0]["reference"])),
-            );
-            rows.push(c);
-        }
+        "Procedure" => procedure_row(r, id, encounter, urls)?,
+        "ServiceRequest" => service_request_row(r, id, encounter, urls)?,
+        "DeviceRequest" | "DeviceUseStatement" => device_row(r, rtype, id, urls)?,
+        "Communication" => communication_row(r, id, encounter, urls)?,
+        "Coverage" => coverage_row(r, id, urls)?,
         _ => return Ok(None),
+    };
+    Ok(Some(vec![row]))
+}
+
+/// A Patient: identifiers, official name, birth date, sex, race and
+/// ethnicity (US Core), first address, phone and email.
+fn patient_row(r: &Value, id: Option<String>) -> Row {
+    let mut p = Row::new(Table::Patient);
+    p.set("source_patient_id", id);
+    let ids = r["identifier"].as_array().cloned().unwrap_or_default();
+    let ident = |pred: &dyn Fn(&Value) -> bool| {
+        ids.iter().find(|i| pred(i)).and_then(|i| text(&i["value"]))
+    };
+    p.set(
+        "mrn",
+        ident(&|i| first_code(&i["type"]).as_deref() == Some("MR")),
+    );
+    p.set(
+        "ssn",
+        ident(&|i| {
+            i["system"] == "http://hl7.org/fhir/sid/us-ssn"
+                || first_code(&i["type"]).as_deref() == Some("SS")
+        }),
+    );
+    let names = r["name"].as_array().cloned().unwrap_or_default();
+    let name = names
+        .iter()
+        .find(|n| n["use"] == "official")
+        .or(names.first());
+    if let Some(n) = name {
+        p.set("given_name", text(&n["given"][0]));
+        p.set("family_name", text(&n["family"]));
     }
-    Ok(Some(rows))
+    p.set("birth_date", text(&r["birthDate"]));
+    p.set("sex", patient_sex(r));
+    let omb = |url: &str| {
+        extension(r, url)?["extension"]
+            .as_array()?
+            .iter()
+            .find(|e| e["url"] == "ombCategory")
+            .and_then(|e| text(&e["valueCoding"]["code"]))
+    };
+    p.set(
+        "race",
+        omb("http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"),
+    );
+    p.set(
+        "ethnicity",
+        omb("http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"),
+    );
+    let address = &r["address"][0];
+    p.set("address_line", text(&address["line"][0]));
+    p.set("city", text(&address["city"]));
+    p.set("state", text(&address["state"]));
+    p.set("postal_code", text(&address["postalCode"]));
+    let telecom = |system: &str| {
+        r["telecom"]
+            .as_array()?
+            .iter()
+            .find(|t| t["system"] == system)
+            .and_then(|t| text(&t["value"]))
+    };
+    p.set("phone", telecom("phone"));
+    p.set("email", telecom("email"));
+    p.set("deceased_date", text(&r["deceasedDateTime"]));
+    p
+}
+
+/// The US Core sex extension (QI-Core `Patient.sex`, what eCQMs test) when
+/// present, else the administrative gender.
+fn patient_sex(r: &Value) -> Option<String> {
+    let sex = extension(
+        r,
+        "http://hl7.org/fhir/us/core/StructureDefinition/us-core-sex",
+    )
+    .and_then(|e| text(&e["valueCode"]).or_else(|| text(&e["valueCoding"]["code"])))
+    .and_then(|code| match code.as_str() {
+        "248152002" | "F" => Some("female".to_string()),
+        "248153007" | "M" => Some("male".to_string()),
+        _ => None,
+    });
+    sex.or_else(|| text(&r["gender"]))
+}
+
+/// An Encounter: class, type, period, discharge disposition, facility.
+fn encounter_row(
+    r: &Value,
+    id: Option<String>,
+    urls: &HashMap<String, String>,
+) -> std::result::Result<Row, Refusal> {
+    let mut e = Row::new(Table::Encounter);
+    e.set("source_encounter_id", id);
+    e.set("source_patient_id", Some(subject(r, urls, "subject")?));
+    e.set("encounter_class", text(&r["class"]["code"]));
+    e.set("status", text(&r["status"]));
+    e.set_code(codings(&r["type"]));
+    e.set("start_time", text(&r["period"]["start"]));
+    e.set("end_time", text(&r["period"]["end"]));
+    e.set(
+        "discharge_disposition",
+        first_code(&r["hospitalization"]["dischargeDisposition"]),
+    );
+    e.set(
+        "facility",
+        text(&r["serviceProvider"]["display"]).or_else(|| text(&r["serviceProvider"]["reference"])),
+    );
+    Ok(e)
+}
+
+/// A Condition: its statuses, onset (else when recorded) and abatement.
+fn condition_row(
+    r: &Value,
+    id: Option<String>,
+    encounter: Option<String>,
+    urls: &HashMap<String, String>,
+) -> std::result::Result<Row, Refusal> {
+    let mut c = Row::new(Table::Condition);
+    c.set("source_condition_id", id);
+    c.set("source_patient_id", Some(subject(r, urls, "subject")?));
+    c.set("source_encounter_id", encounter);
+    c.set("category", first_code(&r["category"]));
+    c.set("categories", all_codes(&r["category"]));
+    c.set("clinical_status", first_code(&r["clinicalStatus"]));
+    c.set("verification_status", first_code(&r["verificationStatus"]));
+    c.set_code(codings(&r["code"]));
+    let (onset, _) = choice_time(r, "onset");
+    let recorded = text(&r["recordedDate"]);
+    c.set("onset_date", onset.or_else(|| recorded.clone()));
+    let (abatement, abatement_end) = choice_time(r, "abatement");
+    c.set("abatement_date", abatement_end.or(abatement));
+    c.set("recorded_date", recorded);
+    c.set("description", text(&r["code"]["text"]));
+    c.set("body_sites", coded_tokens(codings(&r["bodySite"])));
+    Ok(c)
+}
+
+/// An Observation: one row, plus one per component (a panel), each with
+/// its own code and value.
+fn observation_rows(
+    r: &Value,
+    id: Option<String>,
+    encounter: Option<String>,
+    urls: &HashMap<String, String>,
+) -> std::result::Result<Vec<Row>, Refusal> {
+    let patient = subject(r, urls, "subject")?;
+    let (effective, effective_end) = choice_time(r, "effective");
+    let effective = effective.or_else(|| text(&r["issued"]));
+    let base = |codes: Vec<(String, String)>, value_of: &Value| {
+        let mut o = Row::new(Table::Observation);
+        o.set("source_observation_id", id.clone());
+        o.set("source_patient_id", Some(patient.clone()));
+        o.set("source_encounter_id", encounter.clone());
+        o.set("status", text(&r["status"]));
+        o.set("category", first_code(&r["category"]));
+        o.set("categories", all_codes(&r["category"]));
+        o.set_code(codes);
+        o.set("effective_time", effective.clone());
+        o.set("effective_end", effective_end.clone());
+        o.set("description", text(&r["code"]["text"]));
+        o.set("reasons", reasons(r));
+        set_observation_value(&mut o, value_of);
+        o
+    };
+    let mut rows = vec![base(codings(&r["code"]), r)];
+    for component in r["component"].as_array().into_iter().flatten() {
+        let mut o = base(codings(&component["code"]), component);
+        o.set("panel_id", id.clone());
+        o.set("description", text(&component["code"]["text"]));
+        rows.push(o);
+    }
+    Ok(rows)
+}
+
+/// The `value[x]` of an Observation or of one of its components.
+fn set_observation_value(o: &mut Row, value_of: &Value) {
+    let q = &value_of["valueQuantity"];
+    o.set(
+        "value_num",
+        text(&q["value"]).or_else(|| text(&value_of["valueInteger"])),
+    );
+    o.set("unit", text(&q["unit"]).or_else(|| text(&q["code"])));
+    o.set(
+        "value_text",
+        text(&value_of["valueString"]).or_else(|| text(&value_of["valueBoolean"])),
+    );
+    if let Some((s, c)) = codings(&value_of["valueCodeableConcept"])
+        .into_iter()
+        .next()
+    {
+        o.set("value_code_system", Some(s));
+        o.set("value_code", Some(c));
+    }
+}
+
+/// A MedicationRequest, -Statement or -Administration; a referenced
+/// Medication's codes come from `medications`.
+fn medication_row(
+    r: &Value,
+    rtype: &str,
+    id: Option<String>,
+    encounter: Option<String>,
+    urls: &HashMap<String, String>,
+    medications: &HashMap<String, Vec<(String, String)>>,
+) -> std::result::Result<Row, Refusal> {
+    let mut m = Row::new(Table::Medication);
+    m.set("source_medication_id", id);
+    m.set("source_patient_id", Some(subject(r, urls, "subject")?));
+    m.set(
+        "source_encounter_id",
+        encounter.or_else(|| reference(&r["context"], urls).ok().flatten()),
+    );
+    m.set("status", text(&r["status"]));
+    m.set("intent", text(&r["intent"]));
+    m.set("do_not_perform", do_not_perform(r));
+    m.set("reasons", reasons(r));
+    let med_ref = &r["medicationReference"];
+    let codes = match reference(med_ref, urls) {
+        Ok(Some(med)) => medications
+            .get(&med)
+            .or_else(|| {
+                med_ref["reference"]
+                    .as_str()
+                    .and_then(|u| medications.get(u))
+            })
+            .cloned()
+            .unwrap_or_default(),
+        _ => codings(&r["medicationCodeableConcept"]),
+    };
+    m.set_code(codes);
+    m.set("description", text(&r["medicationCodeableConcept"]["text"]));
+    let (start, end) = if rtype == "MedicationRequest" {
+        medication_request_period(r)
+    } else {
+        choice_time(r, "effective")
+    };
+    m.set(
+        "start_time",
+        start.as_ref().filter(|s| s.contains('T')).cloned(),
+    );
+    m.set("start_date", start);
+    m.set("end_date", end);
+    m.set("resource_type", Some(rtype.to_ascii_lowercase()));
+    Ok(m)
+}
+
+/// A Procedure: when performed, and why (not).
+fn procedure_row(
+    r: &Value,
+    id: Option<String>,
+    encounter: Option<String>,
+    urls: &HashMap<String, String>,
+) -> std::result::Result<Row, Refusal> {
+    let mut p = Row::new(Table::Procedure);
+    p.set("source_procedure_id", id);
+    p.set("source_patient_id", Some(subject(r, urls, "subject")?));
+    p.set("source_encounter_id", encounter);
+    p.set("status", text(&r["status"]));
+    p.set_code(codings(&r["code"]));
+    let (start, end) = choice_time(r, "performed");
+    p.set("performed_time", start);
+    p.set("performed_end_time", end);
+    p.set("description", text(&r["code"]["text"]));
+    p.set("reasons", reasons(r));
+    Ok(p)
+}
+
+/// A ServiceRequest (an order or referral): when authored, when it is for.
+fn service_request_row(
+    r: &Value,
+    id: Option<String>,
+    encounter: Option<String>,
+    urls: &HashMap<String, String>,
+) -> std::result::Result<Row, Refusal> {
+    let mut s = Row::new(Table::ServiceRequest);
+    s.set("source_service_request_id", id);
+    s.set("source_patient_id", Some(subject(r, urls, "subject")?));
+    s.set("source_encounter_id", encounter);
+    s.set("status", text(&r["status"]));
+    s.set("intent", text(&r["intent"]));
+    s.set("do_not_perform", do_not_perform(r));
+    s.set("category", first_code(&r["category"]));
+    s.set("categories", all_codes(&r["category"]));
+    s.set_code(codings(&r["code"]));
+    s.set("reasons", reasons(r));
+    s.set("authored_time", text(&r["authoredOn"]));
+    let (start, end) = choice_time(r, "occurrence");
+    s.set("occurrence_start", start);
+    s.set("occurrence_end", end);
+    Ok(s)
+}
+
+/// A DeviceRequest or DeviceUseStatement, dated by when it was authored
+/// (else its timing, else when recorded).
+fn device_row(
+    r: &Value,
+    rtype: &str,
+    id: Option<String>,
+    urls: &HashMap<String, String>,
+) -> std::result::Result<Row, Refusal> {
+    let mut d = Row::new(Table::Device);
+    d.set("source_device_id", id);
+    d.set("source_patient_id", Some(subject(r, urls, "subject")?));
+    d.set("resource_type", Some(rtype.to_ascii_lowercase()));
+    d.set("status", text(&r["status"]));
+    d.set("intent", text(&r["intent"]));
+    d.set("do_not_perform", do_not_perform(r));
+    d.set_code(
+        codings(&r["codeCodeableConcept"])
+            .into_iter()
+            .chain(codings(&r["code"]))
+            .collect(),
+    );
+    let (timing, _) = choice_time(r, "timing");
+    d.set(
+        "event_time",
+        text(&r["authoredOn"])
+            .or(timing)
+            .or_else(|| text(&r["recordedOn"])),
+    );
+    Ok(d)
+}
+
+/// A Communication: what was communicated, and when sent (or recorded as
+/// not sent).
+fn communication_row(
+    r: &Value,
+    id: Option<String>,
+    encounter: Option<String>,
+    urls: &HashMap<String, String>,
+) -> std::result::Result<Row, Refusal> {
+    let mut c = Row::new(Table::Communication);
+    c.set("source_communication_id", id);
+    c.set("source_patient_id", Some(subject(r, urls, "subject")?));
+    c.set("source_encounter_id", encounter);
+    c.set("status", text(&r["status"]));
+    // What was communicated: the category (QI-Core), else the topic.
+    let mut codes = codings(&r["category"]);
+    codes.extend(codings(&r["topic"]));
+    c.set_code(codes);
+    c.set("reasons", reasons(r));
+    // A communication not done has no `sent`: it is dated by when
+    // that was recorded.
+    let recorded = extension(
+        r,
+        "http://hl7.org/fhir/us/qicore/StructureDefinition/qicore-recorded",
+    )
+    .and_then(|e| text(&e["valueDateTime"]));
+    c.set(
+        "sent_time",
+        text(&r["sent"])
+            .or(recorded)
+            .or_else(|| text(&r["received"])),
+    );
+    c.set("received_time", text(&r["received"]));
+    Ok(c)
+}
+
+/// A Coverage of its beneficiary: payer type, period, payor.
+fn coverage_row(
+    r: &Value,
+    id: Option<String>,
+    urls: &HashMap<String, String>,
+) -> std::result::Result<Row, Refusal> {
+    let mut c = Row::new(Table::Coverage);
+    c.set("source_coverage_id", id);
+    c.set("source_patient_id", Some(subject(r, urls, "beneficiary")?));
+    c.set("status", text(&r["status"]));
+    if let Some((s, code)) = codings(&r["type"]).into_iter().next() {
+        c.set("payer_type_system", Some(s));
+        c.set("payer_type_code", Some(code));
+    }
+    c.set("start_date", text(&r["period"]["start"]));
+    c.set("end_date", text(&r["period"]["end"]));
+    c.set(
+        "payor",
+        text(&r["payor"][0]["display"]).or_else(|| text(&r["payor"][0]["reference"])),
+    );
+    Ok(c)
 }
 
 impl Flat {

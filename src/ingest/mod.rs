@@ -131,6 +131,58 @@ impl FileReport {
             reject_examples: Vec::new(),
         }
     }
+
+    /// An input's report before anything was read from it.
+    fn of_input(input: &Input, status: FileStatus, detail: Option<String>) -> FileReport {
+        FileReport::new(
+            &input.source.name,
+            &input.rel,
+            Some(input.table()),
+            status,
+            detail,
+        )
+    }
+
+    /// An input not reloaded: the counts of its last load.
+    fn unchanged(input: &Input, known: &FileState) -> FileReport {
+        FileReport {
+            rows_read: known.rows_read,
+            rows_accepted: known.rows_accepted,
+            rows_rejected: known.rows_rejected,
+            rows_skipped: known.rows_skipped,
+            skipped_by_type: known.skipped_by_type.clone(),
+            rejects_by_rule: known.rejects_by_rule.clone(),
+            values_flagged: known.values_flagged.clone(),
+            ..FileReport::of_input(input, FileStatus::Unchanged, None)
+        }
+    }
+
+    /// An input just mapped: its counts, and the first rejects of each rule
+    /// as examples if asked for.
+    fn loaded(input: &Input, loaded: &Loaded, opts: &IngestOptions) -> FileReport {
+        let mut file_report = FileReport {
+            rows_read: loaded.read,
+            rows_accepted: loaded.accepted,
+            rows_rejected: loaded.rejects.len() as u64,
+            rows_skipped: loaded.skipped_total(),
+            skipped_by_type: loaded.skipped.clone(),
+            values_flagged: loaded.flagged.clone(),
+            ..FileReport::of_input(input, FileStatus::Loaded, None)
+        };
+        for r in &loaded.rejects {
+            let n = file_report
+                .rejects_by_rule
+                .entry(r.rule.to_string())
+                .or_default();
+            *n += 1;
+            if *n <= opts.examples as u64 {
+                file_report
+                    .reject_examples
+                    .push(example(r, opts.show_values));
+            }
+        }
+        file_report
+    }
 }
 
 fn example(r: &RejectRow, show_values: bool) -> RejectExample {
@@ -270,30 +322,131 @@ pub fn ingest(
 ) -> Result<IngestReport> {
     let wh = Warehouse::new(&config.warehouse);
     let mut report = IngestReport::default();
-    let mut state = if opts.dry_run {
-        IngestState::default()
-    } else {
-        wh.load_state()?
-    };
-    if !opts.dry_run {
-        report.orphans_removed = wh.remove_unlisted(&state)?;
-        if report.orphans_removed > 0 {
-            tracing::warn!(
-                files = report.orphans_removed,
-                "removed files left by an interrupted run"
-            );
-        }
-    }
-
+    let mut state = open_state(&wh, opts, &mut report)?;
     let mappings: Vec<Option<CsvMapping>> = config
         .sources
         .iter()
         .map(|s| s.mapping.as_deref().map(CsvMapping::load).transpose())
         .collect::<Result<_>>()?;
+    let candidates = list_files(config, &mappings, &mut report);
+    let inputs = classify(hash_all(candidates), &state, &mut report);
 
-    // Hash every input file of every source.
+    let (patient_inputs, fact_inputs): (Vec<&Input>, Vec<&Input>) =
+        inputs.iter().partition(|i| i.first_phase());
+    let to_load: Vec<&Input> = patient_inputs
+        .iter()
+        .copied()
+        .filter(|i| needs_load(opts, &state, i, None))
+        .collect();
+    progress.set_length(to_load.len() as u64);
+
+    // Phase 1: patients.
+    let patient_results = load_all(&to_load, opts.today, &HashMap::new(), progress);
+    let patients = source_patients(config, &state, &wh, opts.dry_run, &patient_results)?;
+
+    // Phase 2: facts, checked against the patients.
+    let fact_load: Vec<&Input> = fact_inputs
+        .iter()
+        .copied()
+        .filter(|i| needs_load(opts, &state, i, patients.fingerprints.get(&i.source.name)))
+        .collect();
+    progress.set_length((to_load.len() + fact_load.len()) as u64);
+    let fact_results = load_all(&fact_load, opts.today, &patients.lookups, progress);
+
+    // Report and publish.
+    let loaded_names: HashSet<(&str, &str)> = to_load
+        .iter()
+        .chain(&fact_load)
+        .map(|i| (i.source.name.as_str(), i.rel.as_str()))
+        .collect();
+    for input in &inputs {
+        if !loaded_names.contains(&(input.source.name.as_str(), input.rel.as_str())) {
+            tracing::debug!(source = %input.source.name, file = %input.rel, "unchanged");
+            let known = &state.sources[&input.source.name][&input.rel];
+            report.files.push(FileReport::unchanged(input, known));
+        }
+    }
+    let mut superseded = std::mem::take(&mut state.superseded);
+    for (input, result) in patient_results.into_iter().chain(fact_results) {
+        let fingerprint = (!input.first_phase())
+            .then(|| patients.fingerprints.get(&input.source.name).cloned())
+            .flatten();
+        let file_report = match result {
+            Err(e) => {
+                tracing::error!(source = %input.source.name, file = %input.rel, "{e}");
+                FileReport::of_input(input, FileStatus::Failed, Some(e.to_string()))
+            }
+            Ok(loaded) => {
+                let file_report = FileReport::loaded(input, &loaded, opts);
+                tracing::info!(
+                    source = %input.source.name,
+                    file = %input.rel,
+                    table = input.table(),
+                    read = loaded.read,
+                    accepted = file_report.rows_accepted,
+                    rejected = file_report.rows_rejected,
+                    "mapped"
+                );
+                if !opts.dry_run {
+                    let new = publish(&wh, input, &loaded, fingerprint)?;
+                    record(&mut state, &mut superseded, input, new);
+                }
+                file_report
+            }
+        };
+        report.files.push(file_report);
+    }
+    if !opts.dry_run && (!loaded_names.is_empty() || !superseded.is_empty()) {
+        wh.save_state(&state)?;
+        wh.remove(&superseded)?;
+    }
+    report
+        .files
+        .sort_by(|a, b| (&a.source, &a.file).cmp(&(&b.source, &b.file)));
+    Ok(report)
+}
+
+/// Records a published file in the state; the outputs of its previous
+/// load that it no longer writes join `superseded`.
+fn record(state: &mut IngestState, superseded: &mut Vec<String>, input: &Input, new: FileState) {
+    let files = state.sources.entry(input.source.name.clone()).or_default();
+    if let Some(old) = files.insert(input.rel.clone(), new) {
+        let current = &files[&input.rel].outputs;
+        superseded.extend(old.outputs.into_iter().filter(|o| !current.contains(o)));
+    }
+}
+
+/// The ingest state (empty for a dry run), after removing the files an
+/// interrupted run left behind.
+fn open_state(
+    wh: &Warehouse,
+    opts: &IngestOptions,
+    report: &mut IngestReport,
+) -> Result<IngestState> {
+    if opts.dry_run {
+        return Ok(IngestState::default());
+    }
+    let state = wh.load_state()?;
+    report.orphans_removed = wh.remove_unlisted(&state)?;
+    if report.orphans_removed > 0 {
+        tracing::warn!(
+            files = report.orphans_removed,
+            "removed files left by an interrupted run"
+        );
+    }
+    Ok(state)
+}
+
+/// Every input file of every source, with the source's mapping; reports the
+/// files the sources' globs matched but ignore, and the sources that could
+/// not be listed.
+fn list_files<'a>(
+    config: &'a PipelineConfig,
+    mappings: &'a [Option<CsvMapping>],
+    report: &mut IngestReport,
+) -> Vec<(&'a SourceConfig, Option<&'a CsvMapping>, PathBuf)> {
     let mut candidates = Vec::new();
-    for (source, mapping) in config.sources.iter().zip(&mappings) {
+    for (source, mapping) in config.sources.iter().zip(mappings) {
         match source.input_files() {
             Ok((files, ignored)) => {
                 candidates.extend(files.into_iter().map(|p| (source, mapping.as_ref(), p)));
@@ -318,27 +471,50 @@ pub fn ingest(
             }
         }
     }
-    let hashed: Vec<_> = candidates
+    candidates
+}
+
+/// An input file with its content's SHA-256 (or why it could not be read).
+type Hashed<'a> = (
+    &'a SourceConfig,
+    Option<&'a CsvMapping>,
+    PathBuf,
+    Result<String>,
+);
+
+/// Hashes the files in parallel.
+fn hash_all<'a>(
+    candidates: Vec<(&'a SourceConfig, Option<&'a CsvMapping>, PathBuf)>,
+) -> Vec<Hashed<'a>> {
+    candidates
         .into_par_iter()
         .map(|(source, mapping, path)| {
             let sha = crate::warehouse::sha256_file(&path).map(|(hash, _)| hash);
             (source, mapping, path, sha)
         })
-        .collect();
+        .collect()
+}
 
-    // Classify: unmapped, duplicate delivery, or a file to consider.
+/// Sorts the hashed files into the inputs to consider, reporting those
+/// that failed to hash, match no mapping entry or repeat another file's
+/// content (loaded before, or earlier in this run).
+fn classify<'a>(
+    hashed: Vec<Hashed<'a>>,
+    state: &IngestState,
+    report: &mut IngestReport,
+) -> Vec<Input<'a>> {
     let mut inputs: Vec<Input> = Vec::new();
     for (source, mapping, path, sha) in hashed {
         let rel = relative_name(source, &path);
-        let file_report = |status, detail: Option<String>, table: Option<&'static str>| {
-            FileReport::new(&source.name, &rel, table, status, detail)
+        let file_report = |status, detail: Option<String>| {
+            FileReport::new(&source.name, &rel, None, status, detail)
         };
         let sha = match sha {
             Ok(s) => s,
             Err(e) => {
                 report
                     .files
-                    .push(file_report(FileStatus::Failed, Some(e.to_string()), None));
+                    .push(file_report(FileStatus::Failed, Some(e.to_string())));
                 continue;
             }
         };
@@ -351,9 +527,7 @@ pub fn ingest(
                 Some(entry) => FileKind::Csv(mapping, entry),
                 None => {
                     tracing::warn!(source = %source.name, file = %rel, "no mapping entry matches this file; skipped");
-                    report
-                        .files
-                        .push(file_report(FileStatus::Unmapped, None, None));
+                    report.files.push(file_report(FileStatus::Unmapped, None));
                     continue;
                 }
             },
@@ -361,24 +535,11 @@ pub fn ingest(
             (SourceFormat::FhirBundle, _) => FileKind::Bundle,
             (SourceFormat::Csv, None) => unreachable!("config requires a mapping for csv"),
         };
-        let known = state.sources.get(&source.name);
-        let twin = known
-            .into_iter()
-            .flatten()
-            .find(|(other, f)| **other != rel && f.sha256 == sha)
-            .map(|(other, _)| other.clone())
-            .or_else(|| {
-                inputs
-                    .iter()
-                    .find(|i| i.source.name == source.name && i.sha256 == sha)
-                    .map(|i| i.rel.clone())
-            });
-        if let Some(twin) = twin {
+        if let Some(twin) = same_content(state, &inputs, &source.name, &rel, &sha) {
             tracing::info!(source = %source.name, file = %rel, same_as = %twin, "same content as a loaded file; skipped");
             report.files.push(file_report(
                 FileStatus::Duplicate,
                 Some(format!("same content as {twin}")),
-                None,
             ));
             continue;
         }
@@ -390,34 +551,75 @@ pub fn ingest(
             sha256: sha,
         });
     }
+    inputs
+}
 
-    let needs_load = |state: &IngestState, input: &Input, fingerprint: Option<&String>| {
-        opts.dry_run
-            || state
-                .sources
-                .get(&input.source.name)
-                .and_then(|files| files.get(&input.rel))
-                .is_none_or(|f| {
-                    f.sha256 != input.sha256
-                        || f.mapping_sha256 != input.rules_hash()
-                        || f.patients_fingerprint.as_ref() != fingerprint
-                })
+/// Another file of the source with content `sha`: one already loaded, or
+/// one earlier in this run.
+fn same_content(
+    state: &IngestState,
+    inputs: &[Input],
+    source: &str,
+    rel: &str,
+    sha: &str,
+) -> Option<String> {
+    state
+        .sources
+        .get(source)
+        .into_iter()
+        .flatten()
+        .find(|(other, f)| *other != rel && f.sha256 == sha)
+        .map(|(other, _)| other.clone())
+        .or_else(|| {
+            inputs
+                .iter()
+                .find(|i| i.source.name == source && i.sha256 == sha)
+                .map(|i| i.rel.clone())
+        })
+}
+
+/// Whether the file must be (re)loaded: always in a dry run, else when its
+/// content, its rules or (for facts) its source's patients changed.
+fn needs_load(
+    opts: &IngestOptions,
+    state: &IngestState,
+    input: &Input,
+    fingerprint: Option<&String>,
+) -> bool {
+    opts.dry_run
+        || state
+            .sources
+            .get(&input.source.name)
+            .and_then(|files| files.get(&input.rel))
+            .is_none_or(|f| {
+                f.sha256 != input.sha256
+                    || f.mapping_sha256 != input.rules_hash()
+                    || f.patients_fingerprint.as_ref() != fingerprint
+            })
+}
+
+/// The sources' accepted patients after phase 1, per source name.
+struct SourcePatients {
+    /// Patients to check the source's facts against.
+    lookups: HashMap<String, PatientLookup>,
+    /// A hash of the source's patient files (names and contents): fact files
+    /// checked against other patients are reloaded.
+    fingerprints: HashMap<String, String>,
+}
+
+/// Gathers each source's patients, from the patient files just loaded and
+/// (unless a dry run) from staging for the others.
+fn source_patients(
+    config: &PipelineConfig,
+    state: &IngestState,
+    wh: &Warehouse,
+    dry_run: bool,
+    patient_results: &[(&Input, Result<Loaded>)],
+) -> Result<SourcePatients> {
+    let mut out = SourcePatients {
+        lookups: HashMap::new(),
+        fingerprints: HashMap::new(),
     };
-    let (patient_inputs, fact_inputs): (Vec<&Input>, Vec<&Input>) =
-        inputs.iter().partition(|i| i.first_phase());
-    let to_load: Vec<&Input> = patient_inputs
-        .iter()
-        .copied()
-        .filter(|i| needs_load(&state, i, None))
-        .collect();
-    progress.set_length(to_load.len() as u64);
-
-    // Phase 1: patients.
-    let patient_results = load_all(&to_load, opts.today, &HashMap::new(), progress);
-
-    // Patient lookups and fingerprints per source.
-    let mut lookups: HashMap<String, PatientLookup> = HashMap::new();
-    let mut fingerprints: HashMap<String, String> = HashMap::new();
     for source in &config.sources {
         let mut files: BTreeMap<String, String> = state
             .sources
@@ -432,7 +634,7 @@ pub fn ingest(
             .iter()
             .filter(|(i, _)| i.source.name == source.name)
             .collect();
-        if !opts.dry_run {
+        if !dry_run {
             // Unchanged (or failed-to-reload) patient files: their birth dates come from staging.
             for (rel, f) in state.sources.get(&source.name).into_iter().flatten() {
                 if f.table == Table::Patient.name()
@@ -455,120 +657,24 @@ pub fn ingest(
             }
         }
         if !files.is_empty() {
-            let mut h = Sha256::new();
-            for (rel, sha) in &files {
-                h.update(rel.as_bytes());
-                h.update([0]);
-                h.update(sha.as_bytes());
-                h.update([0]);
-            }
-            fingerprints.insert(source.name.clone(), hex::encode(h.finalize()));
-            lookups.insert(source.name.clone(), lookup);
+            out.fingerprints
+                .insert(source.name.clone(), patients_fingerprint(&files));
+            out.lookups.insert(source.name.clone(), lookup);
         }
     }
+    Ok(out)
+}
 
-    // Phase 2: facts, checked against the patients.
-    let fact_load: Vec<&Input> = fact_inputs
-        .iter()
-        .copied()
-        .filter(|i| needs_load(&state, i, fingerprints.get(&i.source.name)))
-        .collect();
-    progress.set_length((to_load.len() + fact_load.len()) as u64);
-    let fact_results = load_all(&fact_load, opts.today, &lookups, progress);
-
-    // Report and publish.
-    let loaded_names: HashSet<(&str, &str)> = to_load
-        .iter()
-        .chain(&fact_load)
-        .map(|i| (i.source.name.as_str(), i.rel.as_str()))
-        .collect();
-    for input in &inputs {
-        if !loaded_names.contains(&(input.source.name.as_str(), input.rel.as_str())) {
-            let f = &state.sources[&input.source.name][&input.rel];
-            tracing::debug!(source = %input.source.name, file = %input.rel, "unchanged");
-            report.files.push(FileReport {
-                source: input.source.name.clone(),
-                file: input.rel.clone(),
-                table: Some(input.table()),
-                status: FileStatus::Unchanged,
-                detail: None,
-                rows_read: f.rows_read,
-                rows_accepted: f.rows_accepted,
-                rows_rejected: f.rows_rejected,
-                rows_skipped: f.rows_skipped,
-                skipped_by_type: f.skipped_by_type.clone(),
-                rejects_by_rule: f.rejects_by_rule.clone(),
-                values_flagged: f.values_flagged.clone(),
-                reject_examples: Vec::new(),
-            });
-        }
+/// A hash of a source's patient files: relative name → content SHA-256.
+fn patients_fingerprint(files: &BTreeMap<String, String>) -> String {
+    let mut h = Sha256::new();
+    for (rel, sha) in files {
+        h.update(rel.as_bytes());
+        h.update([0]);
+        h.update(sha.as_bytes());
+        h.update([0]);
     }
-    let mut superseded = std::mem::take(&mut state.superseded);
-    for (input, result) in patient_results.into_iter().chain(fact_results) {
-        let fingerprint = (!input.first_phase())
-            .then(|| fingerprints.get(&input.source.name).cloned())
-            .flatten();
-        let mut file_report = FileReport::new(
-            &input.source.name,
-            &input.rel,
-            Some(input.table()),
-            FileStatus::Loaded,
-            None,
-        );
-        match result {
-            Err(e) => {
-                tracing::error!(source = %input.source.name, file = %input.rel, "{e}");
-                file_report.status = FileStatus::Failed;
-                file_report.detail = Some(e.to_string());
-            }
-            Ok(loaded) => {
-                file_report.rows_read = loaded.read;
-                file_report.rows_accepted = loaded.accepted;
-                file_report.rows_rejected = loaded.rejects.len() as u64;
-                file_report.rows_skipped = loaded.skipped_total();
-                file_report.skipped_by_type = loaded.skipped.clone();
-                file_report.values_flagged = loaded.flagged.clone();
-                for r in &loaded.rejects {
-                    let n = file_report
-                        .rejects_by_rule
-                        .entry(r.rule.to_string())
-                        .or_default();
-                    *n += 1;
-                    if *n <= opts.examples as u64 {
-                        file_report
-                            .reject_examples
-                            .push(example(r, opts.show_values));
-                    }
-                }
-                tracing::info!(
-                    source = %input.source.name,
-                    file = %input.rel,
-                    table = input.table(),
-                    read = loaded.read,
-                    accepted = file_report.rows_accepted,
-                    rejected = file_report.rows_rejected,
-                    "mapped"
-                );
-                if !opts.dry_run {
-                    let new = publish(&wh, input, &loaded, fingerprint)?;
-                    let files = state.sources.entry(input.source.name.clone()).or_default();
-                    if let Some(old) = files.insert(input.rel.clone(), new) {
-                        let current = &files[&input.rel].outputs;
-                        superseded.extend(old.outputs.into_iter().filter(|o| !current.contains(o)));
-                    }
-                }
-            }
-        }
-        report.files.push(file_report);
-    }
-    if !opts.dry_run && (!loaded_names.is_empty() || !superseded.is_empty()) {
-        wh.save_state(&state)?;
-        wh.remove(&superseded)?;
-    }
-    report
-        .files
-        .sort_by(|a, b| (&a.source, &a.file).cmp(&(&b.source, &b.file)));
-    Ok(report)
+    hex::encode(h.finalize())
 }
 
 /// Maps a set of files in parallel.

@@ -424,94 +424,16 @@ pub(crate) fn map_input(
     ctx: &RowContext,
     patient_ids: &mut HashMap<String, u64>,
 ) -> Result<MappedFile> {
-    let cols = &input.cols;
-    let duplicate_of = duplicates(cols, input.lines);
     let n = input.lines.len();
-    let id_seen_on: Vec<Option<u64>> = match plan
-        .fields
-        .iter()
-        .find(|f| f.target == plan.at.patient_id)
-        .filter(|_| plan.table == Table::Patient)
-    {
-        Some(f) => (0..n)
-            .map(|row| {
-                let id = resolve(f.spec, raw_of(cols, row, f.input)).ok().flatten()?;
-                match patient_ids.entry(id.to_string()) {
-                    Entry::Occupied(first) => Some(*first.get()),
-                    Entry::Vacant(v) => {
-                        v.insert(input.lines[row]);
-                        None
-                    }
-                }
-            })
-            .collect(),
-        None => vec![None; n],
+    let earlier = Earlier {
+        row: duplicates(&input.cols, input.lines),
+        patient_id: patient_ids_seen(input, plan, patient_ids),
     };
-
-    // Flagged values per column label; the `column: rule` keys are built
-    // when the chunks are merged, not per row.
-    type Chunk<'p> = (Vec<RecordBatch>, Vec<RejectRow>, BTreeMap<&'p str, u64>);
     let chunks: Vec<Chunk> = (0..n)
         .step_by(CHUNK)
         .collect::<Vec<_>>()
         .into_par_iter()
-        .map(|start| {
-            let end = (start + CHUNK).min(n);
-            let mut out = Builders::new(plan.table, end - start);
-            let mut rejects = Vec::new();
-            let mut cells = vec![Cell::Null; plan.table.columns().len()];
-            let mut codings = Vec::new();
-            let mut violations = Vec::new();
-            let (mut flags, mut flagged) = (Vec::new(), BTreeMap::<&str, u64>::new());
-            for (row, duplicate) in duplicate_of.iter().enumerate().take(end).skip(start) {
-                violations.clear();
-                if let Some(first) = duplicate {
-                    violations.push(Violation {
-                        column: "*",
-                        rule: "duplicate_row",
-                        message: format!("exact duplicate of line {first}"),
-                    });
-                }
-                if let Some(first) = id_seen_on[row] {
-                    violations.push(Violation {
-                        column: plan.labels[plan.at.patient_id],
-                        rule: "duplicate_patient_id",
-                        message: format!(
-                            "source_patient_id: the same id as the patient on line {first}, which is kept"
-                        ),
-                    });
-                }
-                let extra = input.extra_codings.map(|e| e[row].as_slice());
-                map_row(
-                    cols,
-                    row,
-                    plan,
-                    ctx,
-                    extra,
-                    &mut cells,
-                    &mut codings,
-                    &mut violations,
-                    &mut flags,
-                );
-                if violations.is_empty() {
-                    out.append(ctx, input.lines[row], &cells, &codings);
-                    for column in &flags {
-                        *flagged.entry(*column).or_default() += 1;
-                    }
-                } else {
-                    rejects.push(reject_row(input, row, &violations));
-                }
-            }
-            let batch = out.finish(plan.table, ctx)?;
-            Ok((
-                vec![batch]
-                    .into_iter()
-                    .filter(|b| b.num_rows() > 0)
-                    .collect(),
-                rejects,
-                flagged,
-            ))
-        })
+        .map(|start| map_chunk(input, plan, ctx, &earlier, start..(start + CHUNK).min(n)))
         .collect::<Result<_>>()?;
 
     let (mut batches, mut flagged) = (Vec::new(), BTreeMap::new());
@@ -540,6 +462,104 @@ pub(crate) fn map_input(
         rejects,
         flagged,
     })
+}
+
+/// Per row, the line of an earlier row it repeats.
+struct Earlier {
+    /// An identical row.
+    row: Vec<Option<u64>>,
+    /// A patient with the same id (patient files only).
+    patient_id: Vec<Option<u64>>,
+}
+
+/// For each row of a patient file, the line of an earlier patient with the
+/// same id (in this file or, through `patient_ids`, an earlier one); all
+/// `None` for other tables. Registers the new ids.
+fn patient_ids_seen(
+    input: &RowInput,
+    plan: &Plan,
+    patient_ids: &mut HashMap<String, u64>,
+) -> Vec<Option<u64>> {
+    let n = input.lines.len();
+    let id_field = plan
+        .fields
+        .iter()
+        .find(|f| f.target == plan.at.patient_id)
+        .filter(|_| plan.table == Table::Patient);
+    let Some(f) = id_field else {
+        return vec![None; n];
+    };
+    (0..n)
+        .map(|row| {
+            let id = resolve(f.spec, raw_of(&input.cols, row, f.input))
+                .ok()
+                .flatten()?;
+            match patient_ids.entry(id.to_string()) {
+                Entry::Occupied(first) => Some(*first.get()),
+                Entry::Vacant(v) => {
+                    v.insert(input.lines[row]);
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// One chunk's accepted rows, rejects, and flagged values per column label
+/// (the `column: rule` keys are built when the chunks are merged, not per
+/// row).
+type Chunk<'p> = (Vec<RecordBatch>, Vec<RejectRow>, BTreeMap<&'p str, u64>);
+
+/// Maps the rows `rows` of `input` into one batch and their rejects.
+fn map_chunk<'p>(
+    input: &RowInput<'p>,
+    plan: &Plan<'p>,
+    ctx: &RowContext,
+    earlier: &Earlier,
+    rows: std::ops::Range<usize>,
+) -> Result<Chunk<'p>> {
+    let mut out = Builders::new(plan.table, rows.len());
+    let mut rejects = Vec::new();
+    let mut mapped = MappedRow::new(plan.table);
+    let mut flagged = BTreeMap::<&str, u64>::new();
+    for row in rows {
+        mapped.clear();
+        if let Some(first) = earlier.row[row] {
+            mapped.violations.push(Violation {
+                column: "*",
+                rule: "duplicate_row",
+                message: format!("exact duplicate of line {first}"),
+            });
+        }
+        if let Some(first) = earlier.patient_id[row] {
+            mapped.violations.push(Violation {
+                column: plan.labels[plan.at.patient_id],
+                rule: "duplicate_patient_id",
+                message: format!(
+                    "source_patient_id: the same id as the patient on line {first}, which is kept"
+                ),
+            });
+        }
+        let extra = input.extra_codings.map(|e| e[row].as_slice());
+        map_row(&input.cols, row, plan, ctx, extra, &mut mapped);
+        if mapped.violations.is_empty() {
+            out.append(ctx, input.lines[row], &mapped.cells, &mapped.codings);
+            for column in &mapped.flags {
+                *flagged.entry(*column).or_default() += 1;
+            }
+        } else {
+            rejects.push(reject_row(input, row, &mapped.violations));
+        }
+    }
+    let batch = out.finish(plan.table, ctx)?;
+    Ok((
+        vec![batch]
+            .into_iter()
+            .filter(|b| b.num_rows() > 0)
+            .collect(),
+        rejects,
+        flagged,
+    ))
 }
 
 fn reject_row(input: &RowInput, row: usize, v: &[Violation]) -> RejectRow {
@@ -633,262 +653,349 @@ fn vocab<'a>(v: Option<&'static str>, target: &str, expected: &str) -> ParseResu
 /// The rule of a flagged value (see [`MappedFile::flagged`]).
 pub const UNRECOGNIZED: &str = "unrecognized_value";
 
-#[allow(clippy::too_many_arguments)]
+/// One row being mapped: its canonical cells and what went wrong. Reused
+/// across the rows of a chunk.
+struct MappedRow<'a> {
+    /// One cell per column of the table, in schema order.
+    cells: Vec<Cell<'a>>,
+    /// (system, code) of every coding of the row, the primary one first.
+    codings: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    violations: Vec<Violation<'a>>,
+    /// Labels of the columns whose value was kept as `unknown` (or empty).
+    flags: Vec<&'a str>,
+    /// Bit i: column i already has a violation.
+    failed: u64,
+}
+
+impl<'a> MappedRow<'a> {
+    fn new(table: Table) -> MappedRow<'a> {
+        MappedRow {
+            cells: vec![Cell::Null; table.columns().len()],
+            codings: Vec::new(),
+            violations: Vec::new(),
+            flags: Vec::new(),
+            failed: 0,
+        }
+    }
+
+    /// Ready for the next row.
+    fn clear(&mut self) {
+        self.cells.iter_mut().for_each(|c| *c = Cell::Null);
+        self.codings.clear();
+        self.violations.clear();
+        self.flags.clear();
+        self.failed = 0;
+    }
+
+    /// Records a violation of column `target` (schema index).
+    fn fail(&mut self, plan: &Plan<'a>, target: usize, rule: &'static str, message: String) {
+        self.violations.push(Violation {
+            column: plan.labels.get(target).copied().unwrap_or("*"),
+            rule,
+            message,
+        });
+        if target < 64 {
+            self.failed |= 1 << target;
+        }
+    }
+
+    fn has_failed(&self, column: usize) -> bool {
+        self.failed & (1 << column) != 0
+    }
+}
+
+/// Maps row `row` of `cols` into `out` (cleared by the caller): each field,
+/// then the checks across fields.
 fn map_row<'a>(
     cols: &[Vec<Option<&'a str>>],
     row: usize,
     plan: &Plan<'a>,
     ctx: &RowContext,
     extra: Option<&'a [(String, String)]>,
-    cells: &mut [Cell<'a>],
-    codings: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>,
-    violations: &mut Vec<Violation<'a>>,
-    flags: &mut Vec<&'a str>,
+    out: &mut MappedRow<'a>,
 ) {
-    let table = plan.table;
-    let columns = table.columns();
-    let at = &plan.at;
-    cells.iter_mut().for_each(|c| *c = Cell::Null);
-    codings.clear();
-    flags.clear();
-    let mut failed = 0u64; // bit i: column i already has a violation
-    let fail =
-        |violations: &mut Vec<Violation<'a>>, failed: &mut u64, target: usize, rule, message| {
-            violations.push(Violation {
-                column: plan.labels.get(target).copied().unwrap_or("*"),
-                rule,
-                message,
-            });
-            if target < 64 {
-                *failed |= 1 << target;
-            }
-        };
-
     for f in &plan.fields {
-        let target = columns[f.target].name;
-        let value = match resolve(f.spec, raw_of(cols, row, f.input)) {
-            Ok(v) => v,
-            Err(()) => {
-                let message = format!(
-                    "{target}: value is not listed in the mapping's map and there is no default"
-                );
-                fail(violations, &mut failed, f.target, "unmapped_value", message);
-                continue;
-            }
-        };
-        let Some(v) = value else {
-            if f.kind == Kind::Sex {
-                cells[f.target] = Cell::Str(Cow::Borrowed("unknown"));
-            }
-            continue;
-        };
-        let unparseable_date = || {
-            (
-                "unparseable_date",
-                format!("{target}: does not match {}", formats_text(f.formats)),
-            )
-        };
-        // A demographic value Ward cannot normalize is kept as `unknown`
-        // (a state: left empty) and flagged, never a reason to refuse the
-        // person and everything recorded about them.
-        let demographic = match f.kind {
-            Kind::Sex => Some((normalize::sex(v), Some("unknown"))),
-            Kind::Race => Some((normalize::race(v), Some("unknown"))),
-            Kind::Ethnicity => Some((normalize::ethnicity(v), Some("unknown"))),
-            Kind::State => Some((normalize::state(v), None)),
-            _ => None,
-        };
-        if let Some((normalized, fallback)) = demographic {
-            cells[f.target] = normalized
-                .or(fallback)
-                .map_or(Cell::Null, |s| Cell::Str(Cow::Borrowed(s)));
-            if normalized.is_none() {
-                flags.push(plan.labels.get(f.target).copied().unwrap_or(target));
-            }
-            continue;
+        map_field(f, raw_of(cols, row, f.input), plan, ctx, out);
+    }
+    observation_value(cols, row, plan, out);
+    collect_codings(cols, row, plan, extra, out);
+    canonical_lab_value(plan, out);
+    check_required(plan, out);
+    check_dates(plan, ctx, out);
+}
+
+/// Maps one field's raw value into its cell, or records why it cannot be.
+fn map_field<'a>(
+    f: &FieldPlan<'a>,
+    raw: Option<&'a str>,
+    plan: &Plan<'a>,
+    ctx: &RowContext,
+    out: &mut MappedRow<'a>,
+) {
+    let target = plan.table.columns()[f.target].name;
+    let value = match resolve(f.spec, raw) {
+        Ok(v) => v,
+        Err(()) => {
+            let message = format!(
+                "{target}: value is not listed in the mapping's map and there is no default"
+            );
+            out.fail(plan, f.target, "unmapped_value", message);
+            return;
         }
-        // A patient's birth date Ward cannot use (unparseable, partial,
-        // before 1900, after the as-of day) is left empty and flagged: the
-        // patient is kept and linked on the rest of their record (with
-        // the year and month it still shows, `birth_date_partial`), and
-        // measures that need an age leave them out.
-        if table == Table::Patient && target == "birth_date" {
-            let earliest = NaiveDate::from_ymd_opt(1900, 1, 1).expect("valid date");
-            match normalize::date(v, f.formats).filter(|d| *d >= earliest && *d <= ctx.today) {
-                Some(day) => cells[f.target] = Cell::Date(day),
-                None => {
-                    flags.push(plan.labels.get(f.target).copied().unwrap_or(target));
-                    if let (Some(i), Some(partial)) = (
-                        at.birth_date_partial,
-                        normalize::partial_date(v, earliest.year(), ctx.today.year()),
-                    ) {
-                        cells[i] = Cell::Str(Cow::Owned(partial));
-                    }
-                }
-            }
-            continue;
+    };
+    let Some(v) = value else {
+        if f.kind == Kind::Sex {
+            out.cells[f.target] = Cell::Str(Cow::Borrowed("unknown"));
         }
-        let parsed: ParseResult<'a> = match f.kind {
-            Kind::Id | Kind::Text => Ok(Cell::Str(Cow::Borrowed(v))),
-            Kind::Date => normalize::date(v, f.formats)
-                .map(Cell::Date)
-                .ok_or_else(unparseable_date),
-            Kind::Timestamp => normalize::timestamp(v, f.formats)
-                .map(Cell::Ts)
-                .ok_or_else(unparseable_date),
-            Kind::Float => normalize::number(v)
-                .map(Cell::F64)
-                .ok_or_else(|| ("unparseable_number", format!("{target}: not a number"))),
-            Kind::EncounterClass => vocab(
-                normalize::encounter_class(v),
-                target,
-                "ambulatory, emergency, inpatient, virtual, other",
-            ),
-            Kind::PostalCode => Ok(Cell::Str(Cow::Owned(normalize::postal_code(
-                v,
-                f.us_postal,
-            )))),
-            Kind::CodeSystem => normalize::code_system(v)
-                .map(|s| Cell::Str(Cow::Borrowed(s)))
-                .ok_or_else(|| {
-                    (
-                        "unknown_code_system",
-                        format!("{target}: not a known code system"),
-                    )
-                }),
-            Kind::Code => {
-                let system_ix = if target == "value_code" {
-                    at.value_code_system
-                } else {
-                    at.code_system
-                };
-                match system_ix.and_then(|i| cells[i].str()) {
-                    Some(system) => normalize::code(system, v)
-                        .map(Cell::Str)
-                        .map_err(|rule| (rule, format!("{target}: not a valid {system} code"))),
-                    // The code system failed or is missing: reported there.
-                    None => Ok(Cell::Str(Cow::Borrowed(v))),
-                }
+        return;
+    };
+    // A demographic value Ward cannot normalize is kept as `unknown`
+    // (a state: left empty) and flagged, never a reason to refuse the
+    // person and everything recorded about them.
+    let demographic = match f.kind {
+        Kind::Sex => Some((normalize::sex(v), Some("unknown"))),
+        Kind::Race => Some((normalize::race(v), Some("unknown"))),
+        Kind::Ethnicity => Some((normalize::ethnicity(v), Some("unknown"))),
+        Kind::State => Some((normalize::state(v), None)),
+        _ => None,
+    };
+    if let Some((normalized, fallback)) = demographic {
+        out.cells[f.target] = normalized
+            .or(fallback)
+            .map_or(Cell::Null, |s| Cell::Str(Cow::Borrowed(s)));
+        if normalized.is_none() {
+            out.flags
+                .push(plan.labels.get(f.target).copied().unwrap_or(target));
+        }
+        return;
+    }
+    if plan.table == Table::Patient && target == "birth_date" {
+        patient_birth_date(f, v, plan, ctx, out);
+        return;
+    }
+    match parse_value(f, v, target, &plan.at, &out.cells) {
+        Ok(cell) => out.cells[f.target] = cell,
+        Err((rule, message)) => out.fail(plan, f.target, rule, message),
+    }
+}
+
+/// A patient's birth date. One Ward cannot use (unparseable, partial,
+/// before 1900, after the as-of day) is left empty and flagged: the patient
+/// is kept and linked on the rest of their record (with the year and month
+/// it still shows, `birth_date_partial`), and measures that need an age
+/// leave them out.
+fn patient_birth_date<'a>(
+    f: &FieldPlan<'a>,
+    v: &'a str,
+    plan: &Plan<'a>,
+    ctx: &RowContext,
+    out: &mut MappedRow<'a>,
+) {
+    let earliest = NaiveDate::from_ymd_opt(1900, 1, 1).expect("valid date");
+    match normalize::date(v, f.formats).filter(|d| *d >= earliest && *d <= ctx.today) {
+        Some(day) => out.cells[f.target] = Cell::Date(day),
+        None => {
+            out.flags
+                .push(plan.labels.get(f.target).copied().unwrap_or("birth_date"));
+            if let (Some(i), Some(partial)) = (
+                plan.at.birth_date_partial,
+                normalize::partial_date(v, earliest.year(), ctx.today.year()),
+            ) {
+                out.cells[i] = Cell::Str(Cow::Owned(partial));
             }
-            Kind::Unit => Ok(Cell::Str(Cow::Borrowed(normalize::unit(v)))),
-            Kind::Token => Ok(Cell::Str(normalize::token(v))),
-            Kind::Bool => match v.to_ascii_lowercase().as_str() {
-                "true" | "yes" | "y" | "1" => Ok(Cell::Bool(true)),
-                "false" | "no" | "n" | "0" => Ok(Cell::Bool(false)),
-                _ => Err(("invalid_value", format!("{target}: not true or false"))),
-            },
-            Kind::Sex | Kind::Race | Kind::Ethnicity | Kind::State => {
-                unreachable!("demographics are handled above")
-            }
-            Kind::Codings | Kind::Line => unreachable!("not mappable"),
-        };
-        match parsed {
-            Ok(cell) => cells[f.target] = cell,
-            Err((rule, message)) => fail(violations, &mut failed, f.target, rule, message),
         }
     }
+}
 
-    // Observation `value`: a number when it parses, text otherwise.
+/// Parses and normalizes a non-empty value of column `target` by its kind
+/// (demographics and birth dates are handled by the caller). A code is
+/// checked against the row's code system, already in `cells`.
+fn parse_value<'a>(
+    f: &FieldPlan<'a>,
+    v: &'a str,
+    target: &str,
+    at: &Columns,
+    cells: &[Cell<'a>],
+) -> ParseResult<'a> {
+    let unparseable_date = || {
+        (
+            "unparseable_date",
+            format!("{target}: does not match {}", formats_text(f.formats)),
+        )
+    };
+    match f.kind {
+        Kind::Id | Kind::Text => Ok(Cell::Str(Cow::Borrowed(v))),
+        Kind::Date => normalize::date(v, f.formats)
+            .map(Cell::Date)
+            .ok_or_else(unparseable_date),
+        Kind::Timestamp => normalize::timestamp(v, f.formats)
+            .map(Cell::Ts)
+            .ok_or_else(unparseable_date),
+        Kind::Float => normalize::number(v)
+            .map(Cell::F64)
+            .ok_or_else(|| ("unparseable_number", format!("{target}: not a number"))),
+        Kind::EncounterClass => vocab(
+            normalize::encounter_class(v),
+            target,
+            "ambulatory, emergency, inpatient, virtual, other",
+        ),
+        Kind::PostalCode => Ok(Cell::Str(Cow::Owned(normalize::postal_code(
+            v,
+            f.us_postal,
+        )))),
+        Kind::CodeSystem => normalize::code_system(v)
+            .map(|s| Cell::Str(Cow::Borrowed(s)))
+            .ok_or_else(|| {
+                (
+                    "unknown_code_system",
+                    format!("{target}: not a known code system"),
+                )
+            }),
+        Kind::Code => {
+            let system_ix = if target == "value_code" {
+                at.value_code_system
+            } else {
+                at.code_system
+            };
+            match system_ix.and_then(|i| cells[i].str()) {
+                Some(system) => normalize::code(system, v)
+                    .map(Cell::Str)
+                    .map_err(|rule| (rule, format!("{target}: not a valid {system} code"))),
+                // The code system failed or is missing: reported there.
+                None => Ok(Cell::Str(Cow::Borrowed(v))),
+            }
+        }
+        Kind::Unit => Ok(Cell::Str(Cow::Borrowed(normalize::unit(v)))),
+        Kind::Token => Ok(Cell::Str(normalize::token(v))),
+        Kind::Bool => match v.to_ascii_lowercase().as_str() {
+            "true" | "yes" | "y" | "1" => Ok(Cell::Bool(true)),
+            "false" | "no" | "n" | "0" => Ok(Cell::Bool(false)),
+            _ => Err(("invalid_value", format!("{target}: not true or false"))),
+        },
+        Kind::Sex | Kind::Race | Kind::Ethnicity | Kind::State => {
+            unreachable!("demographics are handled by map_field")
+        }
+        Kind::Codings | Kind::Line => unreachable!("not mappable"),
+    }
+}
+
+/// Observation `value`: a number when it parses, text otherwise.
+fn observation_value<'a>(
+    cols: &[Vec<Option<&'a str>>],
+    row: usize,
+    plan: &Plan<'a>,
+    out: &mut MappedRow<'a>,
+) {
+    let at = &plan.at;
     if let (Some(f), Some(num), Some(text)) = (&plan.value, at.value_num, at.value_text)
         && let Ok(Some(v)) = resolve(f.spec, raw_of(cols, row, f.input))
     {
         match normalize::number(v) {
-            Some(x) => cells[num] = Cell::F64(x),
-            None => cells[text] = Cell::Str(Cow::Borrowed(v)),
+            Some(x) => out.cells[num] = Cell::F64(x),
+            None => out.cells[text] = Cell::Str(Cow::Borrowed(v)),
         }
     }
+}
 
-    // All codings: the primary one, then the mapping's extra columns.
-    if let (Some(_), Some(system_ix), Some(code_ix)) = (at.codings, at.code_system, at.code) {
-        if let (Cell::Str(s), Cell::Str(c)) = (&cells[system_ix], &cells[code_ix]) {
-            codings.push((s.clone(), c.clone()));
-        }
-        for (system, col, label) in &plan.codings {
-            if let Some(raw) = cols[*col][row] {
-                match normalize::code(system, raw) {
-                    Ok(code) => codings.push((Cow::Borrowed(*system), code)),
-                    Err(rule) => violations.push(Violation {
-                        column: label,
-                        rule,
-                        message: format!("codings: not a valid {system} code"),
-                    }),
-                }
-            }
-        }
-        for (system, code) in extra.into_iter().flatten() {
-            match normalize::code_system(system) {
-                Some(short) => match normalize::code(short, code) {
-                    Ok(code) => codings.push((Cow::Borrowed(short), code)),
-                    Err(rule) => violations.push(Violation {
-                        column: "codings",
-                        rule,
-                        message: format!("codings: not a valid {short} code"),
-                    }),
-                },
-                // A system Ward does not know: kept as written, not checked.
-                None => {
-                    codings.push((Cow::Borrowed(system.as_str()), Cow::Borrowed(code.as_str())))
-                }
-            }
-        }
-        let code_failed = failed & (1 << code_ix) != 0;
-        if cells[code_ix].str().is_none() && !code_failed && columns[code_ix].required {
-            // A row coded only by extra codings: the first one is primary.
-            if let Some((s, c)) = codings.first() {
-                cells[system_ix] = Cell::Str(s.clone());
-                cells[code_ix] = Cell::Str(c.clone());
+/// All codings: the primary one, then the mapping's extra columns, then
+/// `extra` (FHIR). A row coded only by those gets the first as its primary
+/// code.
+fn collect_codings<'a>(
+    cols: &[Vec<Option<&'a str>>],
+    row: usize,
+    plan: &Plan<'a>,
+    extra: Option<&'a [(String, String)]>,
+    out: &mut MappedRow<'a>,
+) {
+    let at = &plan.at;
+    let (Some(_), Some(system_ix), Some(code_ix)) = (at.codings, at.code_system, at.code) else {
+        return;
+    };
+    if let (Cell::Str(s), Cell::Str(c)) = (&out.cells[system_ix], &out.cells[code_ix]) {
+        out.codings.push((s.clone(), c.clone()));
+    }
+    for (system, col, label) in &plan.codings {
+        if let Some(raw) = cols[*col][row] {
+            match normalize::code(system, raw) {
+                Ok(code) => out.codings.push((Cow::Borrowed(*system), code)),
+                Err(rule) => out.violations.push(Violation {
+                    column: label,
+                    rule,
+                    message: format!("codings: not a valid {system} code"),
+                }),
             }
         }
     }
+    for (system, code) in extra.into_iter().flatten() {
+        match normalize::code_system(system) {
+            Some(short) => match normalize::code(short, code) {
+                Ok(code) => out.codings.push((Cow::Borrowed(short), code)),
+                Err(rule) => out.violations.push(Violation {
+                    column: "codings",
+                    rule,
+                    message: format!("codings: not a valid {short} code"),
+                }),
+            },
+            // A system Ward does not know: kept as written, not checked.
+            None => out
+                .codings
+                .push((Cow::Borrowed(system.as_str()), Cow::Borrowed(code.as_str()))),
+        }
+    }
+    let required = plan.table.columns()[code_ix].required;
+    if out.cells[code_ix].str().is_none() && !out.has_failed(code_ix) && required {
+        // A row coded only by extra codings: the first one is primary.
+        if let Some((s, c)) = out.codings.first() {
+            out.cells[system_ix] = Cell::Str(s.clone());
+            out.cells[code_ix] = Cell::Str(c.clone());
+        }
+    }
+}
 
-    // Lab values in canonical units, within plausible ranges.
+/// Lab values in canonical units, within plausible ranges.
+fn canonical_lab_value<'a>(plan: &Plan<'a>, out: &mut MappedRow<'a>) {
+    let at = &plan.at;
     if let (Some(num), Some(unit_ix), Some(system_ix), Some(code_ix)) =
         (at.value_num, at.unit, at.code_system, at.code)
-        && let Cell::F64(v) = cells[num]
-        && cells[system_ix].str() == Some("loinc")
-        && let Some(code) = cells[code_ix].str()
+        && let Cell::F64(v) = out.cells[num]
+        && out.cells[system_ix].str() == Some("loinc")
+        && let Some(code) = out.cells[code_ix].str()
     {
-        match normalize::lab_value(code, v, cells[unit_ix].str()) {
+        match normalize::lab_value(code, v, out.cells[unit_ix].str()) {
             Ok((value, unit)) => {
-                cells[num] = Cell::F64(value);
+                out.cells[num] = Cell::F64(value);
                 if let Some(u) = unit {
-                    cells[unit_ix] = Cell::Str(Cow::Borrowed(u));
+                    out.cells[unit_ix] = Cell::Str(Cow::Borrowed(u));
                 }
             }
-            Err((rule, message)) => fail(
-                violations,
-                &mut failed,
-                num,
-                rule,
-                format!("value_num: {message}"),
-            ),
+            Err((rule, message)) => out.fail(plan, num, rule, format!("value_num: {message}")),
         }
     }
+}
 
-    // Required values.
-    for (i, c) in columns.iter().enumerate() {
-        if c.required && c.mappable && failed & (1 << i) == 0 && matches!(cells[i], Cell::Null) {
+/// Required values: missing, and not already failed for another reason.
+fn check_required<'a>(plan: &Plan<'a>, out: &mut MappedRow<'a>) {
+    for (i, c) in plan.table.columns().iter().enumerate() {
+        if c.required && c.mappable && !out.has_failed(i) && matches!(out.cells[i], Cell::Null) {
             let message = format!("{}: required value is missing", c.name);
-            fail(violations, &mut failed, i, "required", message);
+            out.fail(plan, i, "required", message);
         }
     }
+}
 
-    // Dates: not in the future, not before birth, ends not before starts.
+/// Dates: not in the future, not before birth (the row's own, or its
+/// patient's, who must be known), ends not before starts.
+fn check_dates<'a>(plan: &Plan<'a>, ctx: &RowContext, out: &mut MappedRow<'a>) {
+    let (at, table, columns) = (&plan.at, plan.table, plan.table.columns());
     let birth = match at.birth_date {
-        Some(b) => cells[b].day(),
-        None => match (ctx.patients, cells[at.patient_id].str()) {
+        Some(b) => out.cells[b].day(),
+        None => match (ctx.patients, out.cells[at.patient_id].str()) {
             (Some(patients), Some(id)) => match patients.get(id) {
                 Some(b) => *b,
                 None => {
                     let message =
                         "source_patient_id: no accepted patient of this source has this id".into();
-                    fail(
-                        violations,
-                        &mut failed,
-                        at.patient_id,
-                        "unknown_patient",
-                        message,
-                    );
+                    out.fail(plan, at.patient_id, "unknown_patient", message);
                     None
                 }
             },
@@ -896,26 +1003,23 @@ fn map_row<'a>(
         },
     };
     for &(i, name) in &at.events {
-        let Some(day) = cells[i].day() else { continue };
+        let Some(day) = out.cells[i].day() else {
+            continue;
+        };
         if day > ctx.today && !table.may_be_future(name) {
-            fail(
-                violations,
-                &mut failed,
-                i,
-                "future_date",
-                format!("{name}: after {}", ctx.today),
-            );
+            let message = format!("{name}: after {}", ctx.today);
+            out.fail(plan, i, "future_date", message);
         } else if birth.is_some_and(|b| day < b) {
             let message = format!("{name}: before the patient's birth date");
-            fail(violations, &mut failed, i, "before_birth", message);
+            out.fail(plan, i, "before_birth", message);
         }
     }
     if let Some((s, e)) = at.period
-        && let (Some(a), Some(b)) = (cells[s].time(), cells[e].time())
+        && let (Some(a), Some(b)) = (out.cells[s].time(), out.cells[e].time())
         && b < a
     {
         let message = format!("{}: before {}", columns[e].name, columns[s].name);
-        fail(violations, &mut failed, e, "end_before_start", message);
+        out.fail(plan, e, "end_before_start", message);
     }
 }
 

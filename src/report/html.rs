@@ -916,16 +916,8 @@ fn line_chart(index: usize, m: &MeasureResult, points: &[(TrendPoint, bool)]) ->
 // -------------------------------------------------------------- assembly
 
 fn build_view(input: &HtmlInput) -> View {
-    let cells_of = |measure: &str, dimension: &str| -> Vec<&Cell> {
-        input
-            .cells
-            .iter()
-            .filter(|c| c.measure == measure && c.dimension == dimension)
-            .collect()
-    };
     let mut trend: Vec<&TrendPoint> = input.trend.iter().collect();
     trend.sort_by(|a, b| (&a.date, &a.run_id).cmp(&(&b.date, &b.run_id)));
-    let today = input.generated_at.format("%Y-%m-%d").to_string();
 
     let mut headlines = Vec::new();
     let mut providers = Vec::new();
@@ -933,81 +925,11 @@ fn build_view(input: &HtmlInput) -> View {
     let mut bands = Vec::new();
     let mut trends = Vec::new();
     for (i, m) in input.measures.iter().enumerate() {
-        let overall = cells_of(&m.key(), "overall").into_iter().next();
-        let increase = m.def.improvement == Improvement::Increase;
-        let rate = overall.and_then(|c| c.rate);
-        let status = match overall {
-            Some(c) if c.suppressed => "suppressed",
-            Some(c) if c.rate.is_some() => "ok",
-            _ => "empty",
-        };
-        let previous = trend
-            .iter()
-            .rev()
-            .find(|p| p.measure == m.key() && p.rate.is_some());
-        let proportion = m.def.scoring == Scoring::Proportion;
-        let change = match (rate, previous) {
-            // Percentage points of a proportion; other scores change in
-            // their own unit.
-            (Some(now), Some(p)) if !proportion => {
-                let delta = now - p.rate.unwrap_or(now);
-                Some(Change {
-                    text: format!("{delta:+.3}"),
-                    verdict: if delta.abs() < 0.0005 {
-                        "same"
-                    } else if (delta > 0.0) == increase {
-                        "better"
-                    } else {
-                        "worse"
-                    },
-                    since: p.date.clone(),
-                })
-            }
-            (Some(now), Some(p)) => {
-                let points = (now - p.rate.unwrap_or(now)) * 100.0;
-                let verdict = if points.abs() < 0.05 {
-                    "same"
-                } else if (points > 0.0) == increase {
-                    "better"
-                } else {
-                    "worse"
-                };
-                Some(Change {
-                    text: format!("{points:+.1} pts"),
-                    verdict,
-                    since: p.date.clone(),
-                })
-            }
-            _ => None,
-        };
-        headlines.push(Headline {
-            anchor: format!("measure-{i}"),
-            id: m.key(),
-            title: m.title(),
-            description: m.def.description.clone(),
-            subjects: m.def.basis.noun(),
-            improvement: if increase { "increase" } else { "decrease" },
-            direction: if increase {
-                "▲ higher is better"
-            } else {
-                "▼ lower is better"
-            },
-            status,
-            why_empty: m.empty.as_ref().map(|e| why_empty(e, input.min_cell_size)),
-            rate: rate.map_or_else(String::new, |r| m.def.format_score(Some(r))),
-            ci: overall.map_or_else(String::new, |c| ci_text(c.ci_low, c.ci_high)),
-            age_std: overall.and_then(|c| {
-                Some((
-                    pct(c.age_std_rate?),
-                    ci_text(c.age_std_ci_low, c.age_std_ci_high),
-                ))
-            }),
-            counts: counts(overall),
-            gauge: overall.and_then(|c| Some(gauge(c.rate?, c.ci_low?, c.ci_high?))),
-            change,
-        });
+        let overall = cells_of(input, &m.key(), "overall").into_iter().next();
+        headlines.push(headline(input, i, m, overall, &trend));
         // The charts draw rates on a 0–100 % scale: proportions only.
-        let by_provider = cells_of(&m.key(), "provider");
+        let proportion = m.def.scoring == Scoring::Proportion;
+        let by_provider = cells_of(input, &m.key(), "provider");
         if !by_provider.is_empty() && proportion {
             providers.push(dot_chart(
                 format!("providers-{i}"),
@@ -1018,7 +940,7 @@ fn build_view(input: &HtmlInput) -> View {
             ));
         }
         for (k, st) in m.def.stratifiers.iter().enumerate() {
-            let by_stratum = cells_of(&m.key(), &st.id);
+            let by_stratum = cells_of(input, &m.key(), &st.id);
             if !by_stratum.is_empty() && proportion {
                 strata.push(dot_chart(
                     format!("strata-{i}-{k}"),
@@ -1032,30 +954,158 @@ fn build_view(input: &HtmlInput) -> View {
         if m.def.category.is_some() && !m.categories.is_empty() {
             bands.push(bar_chart(i, m, input.min_cell_size, overall));
         }
-        let mut points: Vec<(TrendPoint, bool)> = trend
-            .iter()
-            .filter(|p| p.measure == m.key())
-            .map(|p| ((*p).clone(), false))
-            .collect();
-        if !points.is_empty() && proportion {
-            points.push((
-                TrendPoint {
-                    run_id: input.run_id.to_string(),
-                    date: today.clone(),
-                    measure: m.key(),
-                    rate,
-                    ci_low: overall.and_then(|c| c.ci_low),
-                    ci_high: overall.and_then(|c| c.ci_high),
-                },
-                true,
-            ));
-            trends.push(line_chart(i, m, &points));
+        if proportion {
+            trends.extend(trend_chart(input, i, m, overall, &trend));
         }
     }
 
-    let quality: Vec<QualityRow> = input.quality.iter().map(quality_row).collect();
+    let period = format!("{} to {}", input.period.start, input.period.end);
+    View {
+        run_id: input.run_id.to_string(),
+        generated_at: input.generated_at.format("%Y-%m-%d %H:%M UTC").to_string(),
+        period: period.clone(),
+        ward_version: input.ward_version.to_string(),
+        suppression_note: suppression_note(input.min_cell_size),
+        headlines,
+        providers,
+        strata,
+        bands,
+        first_run: trends.is_empty(),
+        previous_runs: {
+            let mut runs: Vec<&str> = trend.iter().map(|p| p.run_id.as_str()).collect();
+            runs.sort_unstable();
+            runs.dedup();
+            runs.len()
+        },
+        trends,
+        quality: input.quality.iter().map(quality_row).collect(),
+        quality_total: quality_row(&quality_total(input.quality)),
+        metadata: metadata(input, period),
+        warnings: input.warnings.to_vec(),
+    }
+}
+
+/// The summary cells of one measure by one dimension.
+fn cells_of<'a>(input: &HtmlInput<'a>, measure: &str, dimension: &str) -> Vec<&'a Cell> {
+    input
+        .cells
+        .iter()
+        .filter(|c| c.measure == measure && c.dimension == dimension)
+        .collect()
+}
+
+/// The headline card of measure `m` (the `i`th): its overall score, counts
+/// and the change since the last run of the (sorted) `trend` that had one.
+fn headline(
+    input: &HtmlInput,
+    i: usize,
+    m: &MeasureResult,
+    overall: Option<&Cell>,
+    trend: &[&TrendPoint],
+) -> Headline {
+    let increase = m.def.improvement == Improvement::Increase;
+    let rate = overall.and_then(|c| c.rate);
+    let status = match overall {
+        Some(c) if c.suppressed => "suppressed",
+        Some(c) if c.rate.is_some() => "ok",
+        _ => "empty",
+    };
+    let previous = trend
+        .iter()
+        .rev()
+        .find(|p| p.measure == m.key() && p.rate.is_some());
+    let proportion = m.def.scoring == Scoring::Proportion;
+    let change = match (rate, previous) {
+        (Some(now), Some(p)) => Some(change_since(now, p, proportion, increase)),
+        _ => None,
+    };
+    Headline {
+        anchor: format!("measure-{i}"),
+        id: m.key(),
+        title: m.title(),
+        description: m.def.description.clone(),
+        subjects: m.def.basis.noun(),
+        improvement: if increase { "increase" } else { "decrease" },
+        direction: if increase {
+            "▲ higher is better"
+        } else {
+            "▼ lower is better"
+        },
+        status,
+        why_empty: m.empty.as_ref().map(|e| why_empty(e, input.min_cell_size)),
+        rate: rate.map_or_else(String::new, |r| m.def.format_score(Some(r))),
+        ci: overall.map_or_else(String::new, |c| ci_text(c.ci_low, c.ci_high)),
+        age_std: overall.and_then(|c| {
+            Some((
+                pct(c.age_std_rate?),
+                ci_text(c.age_std_ci_low, c.age_std_ci_high),
+            ))
+        }),
+        counts: counts(overall),
+        gauge: overall.and_then(|c| Some(gauge(c.rate?, c.ci_low?, c.ci_high?))),
+        change,
+    }
+}
+
+/// The change of a score from the `previous` run's: in percentage points
+/// for a proportion; other scores change in their own unit.
+fn change_since(now: f64, previous: &TrendPoint, proportion: bool, increase: bool) -> Change {
+    let delta = now - previous.rate.unwrap_or(now);
+    let (shown, same_below, text) = if proportion {
+        let points = delta * 100.0;
+        (points, 0.05, format!("{points:+.1} pts"))
+    } else {
+        (delta, 0.0005, format!("{delta:+.3}"))
+    };
+    let verdict = if shown.abs() < same_below {
+        "same"
+    } else if (shown > 0.0) == increase {
+        "better"
+    } else {
+        "worse"
+    };
+    Change {
+        text,
+        verdict,
+        since: previous.date.clone(),
+    }
+}
+
+/// The trend chart of measure `m` (the `i`th): the previous runs' points of
+/// the (sorted) `trend`, then this run's; none on the measure's first run.
+fn trend_chart(
+    input: &HtmlInput,
+    i: usize,
+    m: &MeasureResult,
+    overall: Option<&Cell>,
+    trend: &[&TrendPoint],
+) -> Option<LineChart> {
+    let mut points: Vec<(TrendPoint, bool)> = trend
+        .iter()
+        .filter(|p| p.measure == m.key())
+        .map(|p| ((*p).clone(), false))
+        .collect();
+    if points.is_empty() {
+        return None;
+    }
+    points.push((
+        TrendPoint {
+            run_id: input.run_id.to_string(),
+            date: input.generated_at.format("%Y-%m-%d").to_string(),
+            measure: m.key(),
+            rate: overall.and_then(|c| c.rate),
+            ci_low: overall.and_then(|c| c.ci_low),
+            ci_high: overall.and_then(|c| c.ci_high),
+        },
+        true,
+    ));
+    Some(line_chart(i, m, &points))
+}
+
+/// The sum of every source's data quality.
+fn quality_total(quality: &[SourceQuality]) -> SourceQuality {
     let mut total = SourceQuality::empty("All sources");
-    for q in input.quality {
+    for q in quality {
         total.files += q.files;
         total.files_unchanged += q.files_unchanged;
         total.files_failed += q.files_failed;
@@ -1064,11 +1114,28 @@ fn build_view(input: &HtmlInput) -> View {
         total.rows_rejected += q.rows_rejected;
         total.rows_skipped += q.rows_skipped;
     }
+    total
+}
 
-    let period = format!("{} to {}", input.period.start, input.period.end);
+/// How small counts are shown.
+fn suppression_note(min_cell_size: u64) -> String {
+    if min_cell_size > 1 {
+        format!(
+            "Counts from 1 to {} are suppressed (with a complementary cell where needed) \
+             and shown as “suppressed”; their rates and intervals are withheld too.",
+            min_cell_size - 1
+        )
+    } else {
+        "Small-cell suppression is off (minimum cell size ≤ 1).".into()
+    }
+}
+
+/// The run's metadata: run id, period, time, version, suppression
+/// threshold, measures and sources, then the input's own.
+fn metadata(input: &HtmlInput, period: String) -> Vec<(String, String)> {
     let mut metadata = vec![
         ("Run id".to_string(), input.run_id.to_string()),
-        ("Measurement period".to_string(), period.clone()),
+        ("Measurement period".to_string(), period),
         (
             "Generated".to_string(),
             input.generated_at.format("%Y-%m-%d %H:%M UTC").to_string(),
@@ -1090,38 +1157,7 @@ fn build_view(input: &HtmlInput) -> View {
         ("Sources".to_string(), input.quality.len().to_string()),
     ];
     metadata.extend(input.metadata.iter().cloned());
-
-    View {
-        run_id: input.run_id.to_string(),
-        generated_at: input.generated_at.format("%Y-%m-%d %H:%M UTC").to_string(),
-        period,
-        ward_version: input.ward_version.to_string(),
-        suppression_note: if input.min_cell_size > 1 {
-            format!(
-                "Counts from 1 to {} are suppressed (with a complementary cell where needed) \
-                 and shown as “suppressed”; their rates and intervals are withheld too.",
-                input.min_cell_size - 1
-            )
-        } else {
-            "Small-cell suppression is off (minimum cell size ≤ 1).".into()
-        },
-        headlines,
-        providers,
-        strata,
-        bands,
-        first_run: trends.is_empty(),
-        previous_runs: {
-            let mut runs: Vec<&str> = trend.iter().map(|p| p.run_id.as_str()).collect();
-            runs.sort_unstable();
-            runs.dedup();
-            runs.len()
-        },
-        trends,
-        quality,
-        quality_total: quality_row(&total),
-        metadata,
-        warnings: input.warnings.to_vec(),
-    }
+    metadata
 }
 
 /// Shares are of the rows read, the denominator of the reject-rate gate:

@@ -544,6 +544,12 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// A draw of the hard noise with probability `p`; false, without
+    /// drawing, when the hard noise is off (the classic output stays the
+    /// same for a seed).
+    fn hard(&self, r: &mut impl Rng, p: f64) -> bool {
+        self.opts.hard_noise && r.random_bool(p)
+    }
     fn date(&self, d: NaiveDate, layout: Layout) -> String {
         match layout {
             Layout::EmrA => d.format("%m/%d/%Y").to_string(),
@@ -619,11 +625,56 @@ fn person_records(
     files: &mut Files,
 ) -> Vec<String> {
     let prov = &ctx.providers[pi];
-    let layout = prov.layout;
-    let year = ctx.opts.year;
     let spid = format!("{}{:07}", prov.prefix, p.id + 1);
+    let demographics = demographics(ctx, p, r);
+    let fields = patient_fields(ctx, p, prov, &spid, demographics, r);
+    let (fate, duplicate_id) = write_patient(ctx, &spid, fields, prov.layout, r, files);
 
-    // ---- demographics with this provider's noise
+    let mut facts: Files = Default::default();
+    let visits = visit_records(ctx, p, prov, &spid, r, &mut facts);
+    if p.eye_exam && prov.kind != Kind::Hospital {
+        eye_exam(ctx, &spid, prov.layout, r, &mut facts);
+    }
+
+    // Preventive and hospital care draw from their own stream, so adding
+    // them left every other row of a seed as it was.
+    let mut c = rng_for(ctx.opts.seed, p.id, 16 + pi as u64);
+    let care = care::records(ctx, p, pi, &spid, &visits, &mut c);
+    emit_facts(ctx, facts, fate, prov.layout, r, files);
+    emit_facts(ctx, care, fate, prov.layout, &mut c, files);
+    std::iter::once(spid).chain(duplicate_id).collect()
+}
+
+/// A person as one provider recorded them: the true attributes with this
+/// provider's noise.
+struct Demographics {
+    given: String,
+    family: String,
+    birth: NaiveDate,
+    /// The provider recorded no birth date (hard noise).
+    no_birth: bool,
+    street: String,
+    place: usize,
+    zip: String,
+}
+
+impl Demographics {
+    /// The birth date as the layout writes it; empty when not recorded.
+    fn birth_text(&self, ctx: &Ctx, layout: Layout) -> String {
+        if self.no_birth {
+            String::new()
+        } else if layout == Layout::EmrA {
+            ctx.date(self.birth, layout)
+        } else {
+            self.birth.format("%Y%m%d").to_string()
+        }
+    }
+}
+
+/// Draws one provider's noise on the person's name, birth date and address:
+/// the classic noise, then (when asked for) the hard noise.
+fn demographics(ctx: &Ctx, p: &Person, r: &mut ChaCha8Rng) -> Demographics {
+    let year = ctx.opts.year;
     let mut given = p.given.to_string();
     if r.random_bool(0.08)
         && let Some((_, nick)) = NICKNAMES.iter().find(|(full, _)| *full == p.given)
@@ -661,121 +712,170 @@ fn person_records(
         place = r.random_range(0..PLACES.len());
         zip = format!("{}{:02}", PLACES[place].2, r.random_range(1..99));
     }
-    // The hard noise draws only when asked for: the classic output stays
-    // the same for a seed.
-    let hard = |r: &mut ChaCha8Rng, p: f64| ctx.opts.hard_noise && r.random_bool(p);
-    if hard(r, 0.015) {
+    if ctx.hard(r, 0.015) {
         std::mem::swap(&mut given, &mut family);
-    } else if hard(r, 0.015) {
+    } else if ctx.hard(r, 0.015) {
         given = given.chars().take(1).collect();
     }
-    let no_birth = hard(r, 0.01);
-    if hard(r, 0.10) {
-        for (short, long) in [
-            (" St", " Street"),
-            (" Ave", " Avenue"),
-            (" Rd", " Road"),
-            (" Ln", " Lane"),
-        ] {
-            if let Some(stem) = street.strip_suffix(short) {
-                street = format!("{stem}{long}");
-                break;
-            }
+    let no_birth = ctx.hard(r, 0.01);
+    if ctx.hard(r, 0.10) {
+        street = spell_out_suffix(street);
+    }
+    Demographics {
+        given,
+        family,
+        birth,
+        no_birth,
+        street,
+        place,
+        zip,
+    }
+}
+
+/// The street with its abbreviated suffix spelled out ("Oak St" → "Oak Street").
+fn spell_out_suffix(street: String) -> String {
+    for (short, long) in [
+        (" St", " Street"),
+        (" Ave", " Avenue"),
+        (" Rd", " Road"),
+        (" Ln", " Lane"),
+    ] {
+        if let Some(stem) = street.strip_suffix(short) {
+            return format!("{stem}{long}");
         }
     }
-    let birth_text = |layout: Layout| {
-        if no_birth {
-            String::new()
-        } else if layout == Layout::EmrA {
-            ctx.date(birth, layout)
-        } else {
-            birth.format("%Y%m%d").to_string()
-        }
-    };
-    let (city, state, _) = PLACES[place];
+    street
+}
+
+/// The fields of the person's patient row in the provider's layout.
+fn patient_fields(
+    ctx: &Ctx,
+    p: &Person,
+    prov: &Provider,
+    spid: &str,
+    d: Demographics,
+    r: &mut ChaCha8Rng,
+) -> Vec<String> {
     let phone = if r.random_bool(0.2) {
         String::new()
     } else {
         p.phone.clone()
     };
     let mrn = format!("{}{}", &prov.prefix[..1], 100_000 + p.id * 7 % 900_000);
-    let patient_fields = match layout {
-        Layout::EmrA => vec![
-            spid.clone(),
-            mrn,
-            given.clone(),
-            family.clone(),
-            birth_text(layout),
-            if p.female { "F" } else { "M" }.into(),
-            RACES[p.race].0.into(),
-            if p.hispanic {
-                "Hispanic"
-            } else {
-                "Not Hispanic"
-            }
-            .into(),
-            street,
-            city.into(),
-            state.into(),
-            zip,
-            phone,
-            if r.random_bool(0.4) {
+    let birth = d.birth_text(ctx, prov.layout);
+    let (city, state, _) = PLACES[d.place];
+    match prov.layout {
+        Layout::EmrA => {
+            let email = if r.random_bool(0.4) {
                 String::new()
             } else {
                 format!(
                     "{}.{}{}@example.org",
-                    given.to_lowercase(),
-                    family.to_lowercase(),
+                    d.given.to_lowercase(),
+                    d.family.to_lowercase(),
                     p.id % 100
                 )
-            },
-            if r.random_bool(0.35) {
-                String::new()
-            } else if hard(r, 0.15) {
-                // Other shapes of the same identifier.
-                if r.random_bool(0.5) {
-                    p.ssn.replace('-', "")
-                } else {
-                    p.ssn.replace('-', " ")
-                }
-            } else {
-                p.ssn.clone()
-            },
-            if age >= 65 {
+            };
+            let ssn = emr_a_ssn(ctx, p, r);
+            let age = ctx.opts.year - p.birth.year();
+            let insurance = if age >= 65 {
                 "Medicare"
             } else if r.random_bool(0.2) {
                 "Medicaid"
             } else {
                 "Commercial"
-            }
-            .into(),
-        ],
+            };
+            vec![
+                spid.into(),
+                mrn,
+                d.given,
+                d.family,
+                birth,
+                if p.female { "F" } else { "M" }.into(),
+                RACES[p.race].0.into(),
+                if p.hispanic {
+                    "Hispanic"
+                } else {
+                    "Not Hispanic"
+                }
+                .into(),
+                d.street,
+                city.into(),
+                state.into(),
+                d.zip,
+                phone,
+                email,
+                ssn,
+                insurance.into(),
+            ]
+        }
         Layout::HisB | Layout::FhirNdjson => vec![
-            spid.clone(),
+            spid.into(),
             mrn,
-            given.to_uppercase(),
-            family.to_uppercase(),
-            birth_text(layout),
+            d.given.to_uppercase(),
+            d.family.to_uppercase(),
+            birth,
             if p.female { "2" } else { "1" }.into(),
             RACES[p.race].1.into(),
             if p.hispanic { "2135-2" } else { "2186-5" }.into(),
-            street.to_uppercase(),
+            d.street.to_uppercase(),
             city.to_uppercase(),
             state.into(),
-            format!("{zip}-{:04}", r.random_range(0..10000)),
+            format!("{}-{:04}", d.zip, r.random_range(0..10000)),
             phone.replace('-', ""),
         ],
-    };
+    }
+}
+
+/// The SSN as EMR-A records it: often missing, sometimes (hard noise)
+/// without dashes or with spaces.
+fn emr_a_ssn(ctx: &Ctx, p: &Person, r: &mut ChaCha8Rng) -> String {
+    if r.random_bool(0.35) {
+        String::new()
+    } else if ctx.hard(r, 0.15) {
+        // Other shapes of the same identifier.
+        if r.random_bool(0.5) {
+            p.ssn.replace('-', "")
+        } else {
+            p.ssn.replace('-', " ")
+        }
+    } else {
+        p.ssn.clone()
+    }
+}
+
+/// What became of a person's patient row at a provider, which decides what
+/// becomes of their facts there.
+#[derive(Debug, Clone, Copy)]
+struct PatientFate {
+    /// The patient row is rejected: every fact is rejected with it
+    /// (`unknown_patient`).
+    orphaned: bool,
+    /// The patient is kept without a usable birth date (flagged): the facts
+    /// are left clean, there being nothing to check them against.
+    garbled_birth: bool,
+}
+
+/// Writes the patient row, maybe deliberately bad, and maybe a duplicate
+/// registration after it; returns the row's fate and the duplicate's id.
+fn write_patient(
+    ctx: &Ctx,
+    spid: &str,
+    fields: Vec<String>,
+    layout: Layout,
+    r: &mut ChaCha8Rng,
+    files: &mut Files,
+) -> (PatientFate, Option<String>) {
     // A duplicate registration: the same person under a second id, the
     // given name mistyped, no facts of its own.
-    let duplicate = hard(r, 0.02).then(|| {
-        let mut fields = patient_fields.clone();
+    let duplicate = ctx.hard(r, 0.02).then(|| {
+        let mut fields = fields.clone();
         fields[0] = format!("{spid}D");
         fields[1] = format!("{}D", fields[1]);
         fields[2] = typo(r, &fields[2]);
         row(fields)
     });
-    let mut patient = row(patient_fields);
+    let mut patient = row(fields);
     let patient_rule = maybe_bad_patient(ctx, r, &mut patient, layout);
     files[PATIENTS].push(patient);
     if patient_rule == Some("duplicate_row") {
@@ -800,8 +900,27 @@ fn person_records(
         files[PATIENTS].push(row);
         id
     });
+    (
+        PatientFate {
+            orphaned,
+            garbled_birth,
+        },
+        duplicate_id,
+    )
+}
 
-    // ---- visits and what happens at them
+/// Writes the person's visits at a CSV provider into `facts`, with what
+/// happens at them (vital signs, labs; diagnoses and medications at the
+/// first); returns the visits for the care records.
+fn visit_records(
+    ctx: &Ctx,
+    p: &Person,
+    prov: &Provider,
+    spid: &str,
+    r: &mut ChaCha8Rng,
+    facts: &mut Files,
+) -> Vec<care::Visit> {
+    let year = ctx.opts.year;
     let first_day = NaiveDate::from_ymd_opt(year - 1, 1, 1)
         .expect("valid date")
         .max(p.birth + Duration::days(1));
@@ -813,9 +932,7 @@ fn person_records(
         Kind::Hospital => r.random_range(1..=2),
         Kind::Lab => unreachable!("laboratories are written by lab_records"),
     };
-    let mut facts: Files = Default::default();
     let mut visits = Vec::with_capacity(n_visits);
-    let mut day_of_first_a1c_in_period = None;
     for v in 0..n_visits {
         let mut day = first_day + Duration::days(r.random_range(0..=span));
         if p.untested && day.year() == year {
@@ -829,113 +946,138 @@ fn person_records(
             Kind::Hospital => pick(r, &["EMER", "EMER", "IMP", "AMB"]),
             _ => "AMB",
         };
-        let (fields, minutes) = match layout {
-            Layout::EmrA => (
-                vec![
-                    eid.clone(),
-                    spid.clone(),
-                    ctx.time(day, start_min, layout),
-                    if r.random_bool(0.1) {
-                        "Telehealth"
-                    } else {
-                        "Office Visit"
-                    }
-                    .into(),
-                    pick(r, &["99213", "99214", "99203", "99396"]).into(),
-                    "completed".into(),
-                ],
-                0,
-            ),
-            Layout::HisB | Layout::FhirNdjson => {
-                let stay = if class == "IMP" {
-                    r.random_range(1440..7200)
-                } else {
-                    r.random_range(60..600)
-                };
-                let code = match class {
-                    "IMP" => "32485007", // Hospital admission
-                    "EMER" => "4525004", // Emergency department patient visit
-                    _ => "185345009",    // Encounter for symptom
-                };
-                (
-                    vec![
-                        eid.clone(),
-                        spid.clone(),
-                        ctx.time(day, start_min, layout),
-                        ctx.time(day, start_min + stay, layout),
-                        class.into(),
-                        pick(r, &["home", "home", "skilled-nursing", "hospice"]).into(),
-                        code.into(),
-                    ],
-                    stay,
-                )
-            }
-        };
-        facts[ENCOUNTERS].push(row(fields));
-        visits.push(care::Visit {
-            id: eid.clone(),
+        let visit = care::Visit {
+            id: eid,
             day,
             start_min,
-            minutes,
+            minutes: 0,
             class,
-        });
-        let at = ctx.time(day, start_min + 20, layout);
-        let obs = |code: &str, name: &str, value: String, unit: &str, facts: &mut Files| {
-            let n = facts[OBSERVATIONS].len();
-            facts[OBSERVATIONS].push(row(match layout {
-                Layout::EmrA => vec![
-                    format!("{eid}R{n}"),
-                    spid.clone(),
-                    eid.clone(),
-                    at.clone(),
-                    code.into(),
-                    name.into(),
-                    value,
-                    unit.into(),
-                ],
-                Layout::HisB | Layout::FhirNdjson => vec![
-                    spid.clone(),
-                    eid.clone(),
-                    at.clone(),
-                    code.into(),
-                    value,
-                    unit.into(),
-                ],
-            }));
         };
-        let adult = day.year() - p.birth.year() >= 18;
-        let bp_prob = if prov.kind == Kind::Hospital {
-            1.0
-        } else {
-            0.9
+        let (fields, minutes) = encounter_fields(ctx, prov.layout, spid, &visit, r);
+        facts[ENCOUNTERS].push(row(fields));
+        let mut rows = VisitRows {
+            ctx,
+            p,
+            layout: prov.layout,
+            spid,
+            eid: &visit.id,
+            day,
+            at: ctx.time(day, start_min + 20, prov.layout),
+            facts,
         };
-        if adult && r.random_bool(bp_prob) {
-            let (s, d) = if p.hypertensive {
-                (normal(r, 138.0, 14.0), normal(r, 86.0, 9.0))
-            } else {
-                (normal(r, 118.0, 10.0), normal(r, 76.0, 7.0))
-            };
-            let unit = if layout == Layout::EmrA {
-                "mmHg"
-            } else {
-                "mm[Hg]"
-            };
-            obs(
-                "8480-6",
-                "Systolic blood pressure",
-                format!("{}", s.round().clamp(80.0, 240.0)),
-                unit,
-                &mut facts,
-            );
-            obs(
-                "8462-4",
-                "Diastolic blood pressure",
-                format!("{}", d.round().clamp(40.0, 140.0)),
-                unit,
-                &mut facts,
-            );
+        rows.vitals_and_labs(prov.kind, r);
+        if v == 0 {
+            rows.diagnoses(r);
+            rows.medications(r);
         }
-        let a1c_prob = match (p.diabetic, prov.kind) {
+        visits.push(care::Visit { minutes, ..visit });
+    }
+    visits
+}
+
+/// The encounter row of a visit, and the visit's length in minutes (0 for
+/// EMR-A, which records only the start).
+fn encounter_fields(
+    ctx: &Ctx,
+    layout: Layout,
+    spid: &str,
+    visit: &care::Visit,
+    r: &mut ChaCha8Rng,
+) -> (Vec<String>, i64) {
+    let (day, start_min, class) = (visit.day, visit.start_min, visit.class);
+    match layout {
+        Layout::EmrA => (
+            vec![
+                visit.id.clone(),
+                spid.into(),
+                ctx.time(day, start_min, layout),
+                if r.random_bool(0.1) {
+                    "Telehealth"
+                } else {
+                    "Office Visit"
+                }
+                .into(),
+                pick(r, &["99213", "99214", "99203", "99396"]).into(),
+                "completed".into(),
+            ],
+            0,
+        ),
+        Layout::HisB | Layout::FhirNdjson => {
+            let stay = if class == "IMP" {
+                r.random_range(1440..7200)
+            } else {
+                r.random_range(60..600)
+            };
+            let code = match class {
+                "IMP" => "32485007", // Hospital admission
+                "EMER" => "4525004", // Emergency department patient visit
+                _ => "185345009",    // Encounter for symptom
+            };
+            (
+                vec![
+                    visit.id.clone(),
+                    spid.into(),
+                    ctx.time(day, start_min, layout),
+                    ctx.time(day, start_min + stay, layout),
+                    class.into(),
+                    pick(r, &["home", "home", "skilled-nursing", "hospice"]).into(),
+                    code.into(),
+                ],
+                stay,
+            )
+        }
+    }
+}
+
+/// Row writers of one visit of a person at a CSV provider.
+struct VisitRows<'a> {
+    ctx: &'a Ctx<'a>,
+    p: &'a Person,
+    layout: Layout,
+    spid: &'a str,
+    eid: &'a str,
+    day: NaiveDate,
+    /// When results are taken: 20 minutes into the visit.
+    at: String,
+    facts: &'a mut Files,
+}
+
+impl VisitRows<'_> {
+    /// A result row (results.csv, lab.csv).
+    fn obs(&mut self, code: &str, name: &str, value: String, unit: &str) {
+        let n = self.facts[OBSERVATIONS].len();
+        let fields = match self.layout {
+            Layout::EmrA => vec![
+                format!("{}R{n}", self.eid),
+                self.spid.into(),
+                self.eid.into(),
+                self.at.clone(),
+                code.into(),
+                name.into(),
+                value,
+                unit.into(),
+            ],
+            Layout::HisB | Layout::FhirNdjson => vec![
+                self.spid.into(),
+                self.eid.into(),
+                self.at.clone(),
+                code.into(),
+                value,
+                unit.into(),
+            ],
+        };
+        self.facts[OBSERVATIONS].push(row(fields));
+    }
+
+    /// Blood pressure of adults, HbA1c and, for diabetics, glucose.
+    fn vitals_and_labs(&mut self, kind: Kind, r: &mut ChaCha8Rng) {
+        let p = self.p;
+        let adult = self.day.year() - p.birth.year() >= 18;
+        let bp_prob = if kind == Kind::Hospital { 1.0 } else { 0.9 };
+        if adult && r.random_bool(bp_prob) {
+            self.blood_pressure(r);
+        }
+        let a1c_prob = match (p.diabetic, kind) {
             (true, Kind::Endo) => 0.9,
             (true, Kind::Clinic) => 0.6,
             (true, Kind::Hospital) => 0.4,
@@ -943,281 +1085,242 @@ fn person_records(
             _ => 0.0,
         };
         if r.random_bool(a1c_prob) {
-            let pct = if p.diabetic {
-                normal(r, p.a1c_mean, 0.4)
-            } else {
-                normal(r, 5.4, 0.35)
-            }
-            .clamp(4.0, 15.0);
-            if day.year() == year {
-                day_of_first_a1c_in_period.get_or_insert(day);
-            }
-            match layout {
-                Layout::EmrA => obs(
-                    "4548-4",
-                    "Hemoglobin A1c",
-                    format!("{:.1}", pct),
-                    "%",
-                    &mut facts,
-                ),
-                Layout::HisB | Layout::FhirNdjson => obs(
-                    "59261-8",
-                    "Hemoglobin A1c IFCC",
-                    format!("{:.0}", (pct - 2.152) / 0.09148),
-                    "mmol/mol",
-                    &mut facts,
-                ),
-            }
+            self.a1c(r);
         }
         if p.diabetic && r.random_bool(0.3) {
-            let mg_dl = normal(r, 8.0 * normalize::GLUCOSE_MG_PER_MMOL, 40.0).clamp(60.0, 450.0);
-            match layout {
-                Layout::EmrA => obs(
-                    "2345-7",
-                    "Glucose",
-                    format!("{mg_dl:.0}"),
-                    "mg/dL",
-                    &mut facts,
-                ),
-                Layout::HisB | Layout::FhirNdjson => obs(
-                    "2345-7",
-                    "Glucose",
-                    format!("{:.1}", mg_dl / normalize::GLUCOSE_MG_PER_MMOL),
-                    "mmol/L",
-                    &mut facts,
-                ),
-            }
+            self.glucose(r);
         }
-        if v == 0 {
-            let diagnose = |code: &str,
-                            icd_hisb: &str,
-                            snomed: &str,
-                            name: &str,
-                            years_before: i64,
-                            r: &mut ChaCha8Rng,
-                            facts: &mut Files| {
-                let onset = (day - Duration::days(r.random_range(0..=years_before * 365)))
-                    .max(p.birth + Duration::days(1));
-                let mut description = name.to_string();
-                if r.random_bool(0.03) {
-                    description.push_str("\nfollow-up advised");
-                }
-                facts[CONDITIONS].push(row(match layout {
-                    Layout::EmrA => vec![
-                        spid.clone(),
-                        eid.clone(),
-                        code.into(),
-                        description,
-                        ctx.date(onset, layout),
-                        String::new(),
-                        "active".into(),
-                    ],
-                    Layout::HisB | Layout::FhirNdjson => vec![
-                        spid.clone(),
-                        eid.clone(),
-                        icd_hisb.into(),
-                        snomed.into(),
-                        ctx.date(onset, layout),
-                    ],
-                }));
-            };
-            if p.diabetic && r.random_bool(0.92) {
-                let (icd, undotted) = pick(
-                    r,
-                    &[
-                        ("E11.9", "E119"),
-                        ("E11.65", "E1165"),
-                        ("E11.9", "E119"),
-                        ("E10.9", "E109"),
-                    ],
-                );
-                let snomed = if icd.starts_with("E10") {
-                    "46635009"
-                } else {
-                    "44054006"
-                };
-                diagnose(
-                    icd,
-                    undotted,
-                    snomed,
-                    "Diabetes mellitus",
-                    10,
-                    r,
-                    &mut facts,
-                );
-            }
-            if p.hypertensive && r.random_bool(0.9) {
-                diagnose(
-                    "I10",
-                    "I10",
-                    "38341003",
-                    "Essential hypertension",
-                    15,
-                    r,
-                    &mut facts,
-                );
-            }
-            let med = |code: &str, name: &str, r: &mut ChaCha8Rng, facts: &mut Files| {
-                let start = (day - Duration::days(r.random_range(0..1500)))
-                    .max(p.birth + Duration::days(1));
-                facts[MEDICATIONS].push(row(match layout {
-                    Layout::EmrA => vec![
-                        spid.clone(),
-                        code.into(),
-                        name.into(),
-                        ctx.date(start, layout),
-                        String::new(),
-                        "active".into(),
-                    ],
-                    Layout::HisB | Layout::FhirNdjson => vec![
-                        spid.clone(),
-                        eid.clone(),
-                        code.into(),
-                        name.into(),
-                        ctx.date(start, layout),
-                        String::new(),
-                        "active".into(),
-                    ],
-                }));
-            };
-            if p.diabetic && r.random_bool(0.7) {
-                med(
-                    "860975",
-                    "metformin 500 MG Extended Release Oral Tablet",
-                    r,
-                    &mut facts,
-                );
-            }
-            if p.diabetic && r.random_bool(0.2) {
-                med(
-                    "311041",
-                    "insulin glargine 100 UNT/ML Injectable Solution",
-                    r,
-                    &mut facts,
-                );
-            }
-            if p.hypertensive && r.random_bool(0.6) {
-                med("314076", "lisinopril 10 MG Oral Tablet", r, &mut facts);
-            }
-        }
-    }
-    if p.eye_exam && prov.kind != Kind::Hospital {
-        let day = NaiveDate::from_ymd_opt(year, r.random_range(1..=12), r.random_range(1..=28))
-            .expect("valid date");
-        // Coded as EMRs code the exam itself (SNOMED CT, in the eCQM "Retinal
-        // or Dilated Eye Exam" value set), sometimes with the CPT II report code.
-        let (system, code, name) = pick(
-            r,
-            &[
-                ("SNOMED", "722161008", "Diabetic retinal eye exam"),
-                ("SNOMED", "314971001", "Camera fundoscopy"),
-                ("SNOMED", "410453006", "Binocular indirect ophthalmoscopy"),
-                ("CPT", "2022F", "Dilated retinal eye exam, interpreted"),
-            ],
-        );
-        facts[PROCEDURES].push(row(vec![
-            spid.clone(),
-            String::new(),
-            ctx.date(day, layout),
-            system.into(),
-            code.into(),
-            name.into(),
-        ]));
     }
 
-    // Preventive and hospital care draw from their own stream, so adding
-    // them left every other row of a seed as it was.
-    let mut c = rng_for(ctx.opts.seed, p.id, 16 + pi as u64);
-    let care = care::records(ctx, p, pi, &spid, &visits, &mut c);
-    let emit = |facts: Files, r: &mut ChaCha8Rng, files: &mut Files| {
-        for (slot, rows) in facts.into_iter().enumerate().skip(1) {
-            for mut fact in rows {
-                if orphaned || garbled_birth {
-                    // Facts of a patient without a usable birth date are left
-                    // clean (nothing to check them against).
-                    fact.reject = orphaned.then_some("unknown_patient");
-                    files[slot].push(fact);
-                    continue;
-                }
-                let rule = maybe_bad_fact(ctx, r, &mut fact, slot, layout);
-                let duplicate = rule == Some("duplicate_row");
-                if duplicate {
-                    fact.reject = None;
-                }
-                let copy = duplicate.then(|| Row {
-                    fields: fact.fields.clone(),
-                    reject: Some("duplicate_row"),
-                });
-                files[slot].push(fact);
-                files[slot].extend(copy);
-            }
+    /// A systolic and a diastolic reading, higher for the hypertensive.
+    fn blood_pressure(&mut self, r: &mut ChaCha8Rng) {
+        let (s, d) = if self.p.hypertensive {
+            (normal(r, 138.0, 14.0), normal(r, 86.0, 9.0))
+        } else {
+            (normal(r, 118.0, 10.0), normal(r, 76.0, 7.0))
+        };
+        let unit = if self.layout == Layout::EmrA {
+            "mmHg"
+        } else {
+            "mm[Hg]"
+        };
+        let systolic = format!("{}", s.round().clamp(80.0, 240.0));
+        self.obs("8480-6", "Systolic blood pressure", systolic, unit);
+        let diastolic = format!("{}", d.round().clamp(40.0, 140.0));
+        self.obs("8462-4", "Diastolic blood pressure", diastolic, unit);
+    }
+
+    /// An HbA1c around the person's mean: in % (EMR-A) or mmol/mol (HIS-B).
+    fn a1c(&mut self, r: &mut ChaCha8Rng) {
+        let pct = if self.p.diabetic {
+            normal(r, self.p.a1c_mean, 0.4)
+        } else {
+            normal(r, 5.4, 0.35)
         }
-    };
-    emit(facts, r, files);
-    emit(care, &mut c, files);
-    std::iter::once(spid).chain(duplicate_id).collect()
+        .clamp(4.0, 15.0);
+        match self.layout {
+            Layout::EmrA => self.obs("4548-4", "Hemoglobin A1c", format!("{:.1}", pct), "%"),
+            Layout::HisB | Layout::FhirNdjson => self.obs(
+                "59261-8",
+                "Hemoglobin A1c IFCC",
+                format!("{:.0}", (pct - 2.152) / 0.09148),
+                "mmol/mol",
+            ),
+        }
+    }
+
+    /// A glucose: in mg/dL (EMR-A) or mmol/L (HIS-B).
+    fn glucose(&mut self, r: &mut ChaCha8Rng) {
+        let mg_dl = normal(r, 8.0 * normalize::GLUCOSE_MG_PER_MMOL, 40.0).clamp(60.0, 450.0);
+        match self.layout {
+            Layout::EmrA => self.obs("2345-7", "Glucose", format!("{mg_dl:.0}"), "mg/dL"),
+            Layout::HisB | Layout::FhirNdjson => self.obs(
+                "2345-7",
+                "Glucose",
+                format!("{:.1}", mg_dl / normalize::GLUCOSE_MG_PER_MMOL),
+                "mmol/L",
+            ),
+        }
+    }
+
+    /// A problem row (problems.csv, dx.csv) with an onset up to
+    /// `years_before` the visit.
+    fn diagnose(
+        &mut self,
+        code: &str,
+        icd_hisb: &str,
+        snomed: &str,
+        name: &str,
+        years_before: i64,
+        r: &mut ChaCha8Rng,
+    ) {
+        let onset = (self.day - Duration::days(r.random_range(0..=years_before * 365)))
+            .max(self.p.birth + Duration::days(1));
+        let mut description = name.to_string();
+        if r.random_bool(0.03) {
+            description.push_str("\nfollow-up advised");
+        }
+        let fields = match self.layout {
+            Layout::EmrA => vec![
+                self.spid.into(),
+                self.eid.into(),
+                code.into(),
+                description,
+                self.ctx.date(onset, self.layout),
+                String::new(),
+                "active".into(),
+            ],
+            Layout::HisB | Layout::FhirNdjson => vec![
+                self.spid.into(),
+                self.eid.into(),
+                icd_hisb.into(),
+                snomed.into(),
+                self.ctx.date(onset, self.layout),
+            ],
+        };
+        self.facts[CONDITIONS].push(row(fields));
+    }
+
+    /// Diabetes and hypertension, as most of the people who have them are
+    /// diagnosed.
+    fn diagnoses(&mut self, r: &mut ChaCha8Rng) {
+        if self.p.diabetic && r.random_bool(0.92) {
+            let (icd, undotted) = pick(
+                r,
+                &[
+                    ("E11.9", "E119"),
+                    ("E11.65", "E1165"),
+                    ("E11.9", "E119"),
+                    ("E10.9", "E109"),
+                ],
+            );
+            let snomed = if icd.starts_with("E10") {
+                "46635009"
+            } else {
+                "44054006"
+            };
+            self.diagnose(icd, undotted, snomed, "Diabetes mellitus", 10, r);
+        }
+        if self.p.hypertensive && r.random_bool(0.9) {
+            self.diagnose("I10", "I10", "38341003", "Essential hypertension", 15, r);
+        }
+    }
+
+    /// A medication row (medications.csv, med.csv), started up to about
+    /// four years before the visit.
+    fn med(&mut self, code: &str, name: &str, r: &mut ChaCha8Rng) {
+        let start = (self.day - Duration::days(r.random_range(0..1500)))
+            .max(self.p.birth + Duration::days(1));
+        let start = self.ctx.date(start, self.layout);
+        let fields = match self.layout {
+            Layout::EmrA => vec![
+                self.spid.into(),
+                code.into(),
+                name.into(),
+                start,
+                String::new(),
+                "active".into(),
+            ],
+            Layout::HisB | Layout::FhirNdjson => vec![
+                self.spid.into(),
+                self.eid.into(),
+                code.into(),
+                name.into(),
+                start,
+                String::new(),
+                "active".into(),
+            ],
+        };
+        self.facts[MEDICATIONS].push(row(fields));
+    }
+
+    /// Metformin and insulin for diabetics, lisinopril for the hypertensive.
+    fn medications(&mut self, r: &mut ChaCha8Rng) {
+        if self.p.diabetic && r.random_bool(0.7) {
+            let name = "metformin 500 MG Extended Release Oral Tablet";
+            self.med("860975", name, r);
+        }
+        if self.p.diabetic && r.random_bool(0.2) {
+            let name = "insulin glargine 100 UNT/ML Injectable Solution";
+            self.med("311041", name, r);
+        }
+        if self.p.hypertensive && r.random_bool(0.6) {
+            self.med("314076", "lisinopril 10 MG Oral Tablet", r);
+        }
+    }
+}
+
+/// A diabetic's eye exam in the measurement period, as a procedure row.
+fn eye_exam(ctx: &Ctx, spid: &str, layout: Layout, r: &mut ChaCha8Rng, facts: &mut Files) {
+    let day = NaiveDate::from_ymd_opt(
+        ctx.opts.year,
+        r.random_range(1..=12),
+        r.random_range(1..=28),
+    )
+    .expect("valid date");
+    // Coded as EMRs code the exam itself (SNOMED CT, in the eCQM "Retinal
+    // or Dilated Eye Exam" value set), sometimes with the CPT II report code.
+    let (system, code, name) = pick(
+        r,
+        &[
+            ("SNOMED", "722161008", "Diabetic retinal eye exam"),
+            ("SNOMED", "314971001", "Camera fundoscopy"),
+            ("SNOMED", "410453006", "Binocular indirect ophthalmoscopy"),
+            ("CPT", "2022F", "Dilated retinal eye exam, interpreted"),
+        ],
+    );
+    facts[PROCEDURES].push(row(vec![
+        spid.into(),
+        String::new(),
+        ctx.date(day, layout),
+        system.into(),
+        code.into(),
+        name.into(),
+    ]));
+}
+
+/// Moves a person's fact rows into the provider's files: rejected with an
+/// orphaned patient, left clean with a garbled birth date, else maybe
+/// deliberately bad (a bad duplicate is written twice).
+fn emit_facts(
+    ctx: &Ctx,
+    facts: Files,
+    fate: PatientFate,
+    layout: Layout,
+    r: &mut ChaCha8Rng,
+    files: &mut Files,
+) {
+    for (slot, rows) in facts.into_iter().enumerate().skip(1) {
+        for mut fact in rows {
+            if fate.orphaned || fate.garbled_birth {
+                // Facts of a patient without a usable birth date are left
+                // clean (nothing to check them against).
+                fact.reject = fate.orphaned.then_some("unknown_patient");
+                files[slot].push(fact);
+                continue;
+            }
+            let rule = maybe_bad_fact(ctx, r, &mut fact, slot, layout);
+            let duplicate = rule == Some("duplicate_row");
+            if duplicate {
+                fact.reject = None;
+            }
+            let copy = duplicate.then(|| Row {
+                fields: fact.fields.clone(),
+                reject: Some("duplicate_row"),
+            });
+            files[slot].push(fact);
+            files[slot].extend(copy);
+        }
+    }
 }
 
 /// A reference laboratory's records of one person, as FHIR NDJSON lines:
 /// the Patient and HbA1c / glucose Observations. Returns the patient id.
 fn lab_records(ctx: &Ctx, p: &Person, pi: usize, r: &mut ChaCha8Rng, files: &mut Files) -> String {
-    use serde_json::json;
     let prov = &ctx.providers[pi];
     let year = ctx.opts.year;
     let spid = format!("{}{:07}", prov.prefix, p.id + 1);
-    let (city, state, _) = PLACES[p.place];
-    let mut patient = json!({
-        "resourceType": "Patient",
-        "id": spid,
-        "identifier": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]},
-                        "value": format!("L{}", 500_000 + p.id)}],
-        "name": [{"use": "official", "family": p.family, "given": [p.given]}],
-        "gender": if p.female { "female" } else { "male" },
-        "birthDate": p.birth.to_string(),
-        "address": [{"line": [p.street], "city": city, "state": state, "postalCode": p.zip}],
-        "extension": [
-            {"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
-             "extension": [{"url": "ombCategory", "valueCoding": {"system": "urn:oid:2.16.840.1.113883.6.238", "code": RACES[p.race].1}}]},
-            {"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity",
-             "extension": [{"url": "ombCategory", "valueCoding": {"system": "urn:oid:2.16.840.1.113883.6.238",
-                                                                  "code": if p.hispanic { "2135-2" } else { "2186-5" }}}]}
-        ]
-    });
-    let mut patient_rule = None;
-    if r.random_bool(ctx.opts.bad_rate) {
-        let rule = pick(r, &["unparseable_date", "required", "duplicate_row"]);
-        match rule {
-            "unparseable_date" => patient["birthDate"] = json!("1970-13-45"),
-            "required" => patient
-                .as_object_mut()
-                .expect("object")
-                .remove("birthDate")
-                .map(drop)
-                .unwrap_or(()),
-            _ => {}
-        }
-        patient_rule = Some(rule);
-    }
-    let line = patient.to_string();
-    // A missing or unusable birth date keeps the patient (flagged).
-    let garbled_birth = matches!(patient_rule, Some("unparseable_date" | "required"));
-    if garbled_birth {
-        patient_rule = None;
-    }
-    match patient_rule {
-        Some("duplicate_row") => {
-            files[PATIENTS].push(row(vec![line.clone()]));
-            files[PATIENTS].push(Row {
-                fields: vec![line],
-                reject: Some("duplicate_row"),
-            });
-        }
-        rule => files[PATIENTS].push(Row {
-            fields: vec![line],
-            reject: rule,
-        }),
-    }
-    let orphaned = matches!(patient_rule, Some(rule) if rule != "duplicate_row");
+    let fate = write_lab_patient(ctx, lab_patient(p, &spid), r, files);
 
     let adult = year - p.birth.year() >= 18;
     let tests = match (p.diabetic, adult) {
@@ -1235,74 +1338,15 @@ fn lab_records(ctx: &Ctx, p: &Person, pi: usize, r: &mut ChaCha8Rng, files: &mut
             break;
         }
         let day = first_day + Duration::days(r.random_range(0..(last_day - first_day).num_days()));
-        let glucose = p.diabetic && r.random_bool(0.3);
-        let (code, value, unit) = if glucose {
-            (
-                "2345-7",
-                format!(
-                    "{:.0}",
-                    normal(r, 8.0 * normalize::GLUCOSE_MG_PER_MMOL, 40.0).clamp(60.0, 450.0)
-                ),
-                "mg/dL",
-            )
-        } else {
-            let pct = if p.diabetic {
-                normal(r, p.a1c_mean, 0.4)
-            } else {
-                normal(r, 5.4, 0.35)
-            }
-            .clamp(4.0, 15.0);
-            ("4548-4", format!("{pct:.1}"), "%")
-        };
-        let mut obs = json!({
-            "resourceType": "Observation",
-            "id": format!("{spid}-o{n}"),
-            "status": "final",
-            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
-            "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
-            "subject": {"reference": format!("Patient/{spid}")},
-            "effectiveDateTime": format!("{day}T08:{:02}:00Z", r.random_range(0..60)),
-            "valueQuantity": {"value": value.parse::<f64>().expect("number"), "unit": unit, "system": "http://unitsofmeasure.org"}
-        });
-        if orphaned || garbled_birth {
+        let (mut obs, glucose) = lab_observation(p, &spid, n, day, r);
+        if fate.orphaned || fate.garbled_birth {
             files[OBSERVATIONS].push(Row {
                 fields: vec![obs.to_string()],
-                reject: orphaned.then_some("unknown_patient"),
+                reject: fate.orphaned.then_some("unknown_patient"),
             });
             continue;
         }
-        let mut rule = None;
-        if r.random_bool(ctx.opts.bad_rate) {
-            let chosen = pick(
-                r,
-                &[
-                    "not_json",
-                    "missing_subject",
-                    "unknown_patient",
-                    "unparseable_date",
-                    "implausible_value",
-                    "malformed_code",
-                    "duplicate_row",
-                ],
-            );
-            match chosen {
-                "missing_subject" => drop(obs.as_object_mut().expect("object").remove("subject")),
-                "unknown_patient" => {
-                    obs["subject"]["reference"] =
-                        json!(format!("Patient/ZZ{}", r.random_range(0..u32::MAX)))
-                }
-                "unparseable_date" => obs["effectiveDateTime"] = json!(format!("{}-31-31", year)),
-                "implausible_value" => {
-                    obs["valueQuantity"]["value"] = json!(if glucose { 5000.0 } else { 25.0 })
-                }
-                "malformed_code" => {
-                    obs["code"]["coding"][0]["code"] =
-                        json!(if glucose { "2345-6" } else { "4548-3" })
-                }
-                _ => {}
-            }
-            rule = Some(chosen);
-        }
+        let rule = maybe_bad_lab_observation(ctx, r, &mut obs, glucose);
         let text = if rule == Some("not_json") {
             format!("{{\"resourceType\": \"Observation\", \"id\": \"{spid}-o{n}\"")
         } else {
@@ -1317,6 +1361,158 @@ fn lab_records(ctx: &Ctx, p: &Person, pi: usize, r: &mut ChaCha8Rng, files: &mut
         });
     }
     spid
+}
+
+/// The person's FHIR Patient resource at a laboratory (no noise).
+fn lab_patient(p: &Person, spid: &str) -> serde_json::Value {
+    let (city, state, _) = PLACES[p.place];
+    serde_json::json!({
+        "resourceType": "Patient",
+        "id": spid,
+        "identifier": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]},
+                        "value": format!("L{}", 500_000 + p.id)}],
+        "name": [{"use": "official", "family": p.family, "given": [p.given]}],
+        "gender": if p.female { "female" } else { "male" },
+        "birthDate": p.birth.to_string(),
+        "address": [{"line": [p.street], "city": city, "state": state, "postalCode": p.zip}],
+        "extension": [
+            {"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
+             "extension": [{"url": "ombCategory", "valueCoding": {"system": "urn:oid:2.16.840.1.113883.6.238", "code": RACES[p.race].1}}]},
+            {"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity",
+             "extension": [{"url": "ombCategory", "valueCoding": {"system": "urn:oid:2.16.840.1.113883.6.238",
+                                                                  "code": if p.hispanic { "2135-2" } else { "2186-5" }}}]}
+        ]
+    })
+}
+
+/// Writes the laboratory's Patient line, maybe deliberately bad (a missing
+/// or unusable birth date keeps the patient, flagged); returns its fate.
+fn write_lab_patient(
+    ctx: &Ctx,
+    mut patient: serde_json::Value,
+    r: &mut ChaCha8Rng,
+    files: &mut Files,
+) -> PatientFate {
+    let mut patient_rule = None;
+    if r.random_bool(ctx.opts.bad_rate) {
+        let rule = pick(r, &["unparseable_date", "required", "duplicate_row"]);
+        match rule {
+            "unparseable_date" => patient["birthDate"] = serde_json::json!("1970-13-45"),
+            "required" => patient
+                .as_object_mut()
+                .expect("object")
+                .remove("birthDate")
+                .map(drop)
+                .unwrap_or(()),
+            _ => {}
+        }
+        patient_rule = Some(rule);
+    }
+    let line = patient.to_string();
+    let garbled_birth = matches!(patient_rule, Some("unparseable_date" | "required"));
+    if garbled_birth {
+        patient_rule = None;
+    }
+    match patient_rule {
+        Some("duplicate_row") => {
+            files[PATIENTS].push(row(vec![line.clone()]));
+            files[PATIENTS].push(Row {
+                fields: vec![line],
+                reject: Some("duplicate_row"),
+            });
+        }
+        rule => files[PATIENTS].push(Row {
+            fields: vec![line],
+            reject: rule,
+        }),
+    }
+    PatientFate {
+        orphaned: matches!(patient_rule, Some(rule) if rule != "duplicate_row"),
+        garbled_birth,
+    }
+}
+
+/// The `n`th laboratory Observation of the person, on `day`: a glucose
+/// (some diabetics) or an HbA1c. Returns it and whether it is a glucose.
+fn lab_observation(
+    p: &Person,
+    spid: &str,
+    n: u32,
+    day: NaiveDate,
+    r: &mut ChaCha8Rng,
+) -> (serde_json::Value, bool) {
+    let glucose = p.diabetic && r.random_bool(0.3);
+    let (code, value, unit) = if glucose {
+        (
+            "2345-7",
+            format!(
+                "{:.0}",
+                normal(r, 8.0 * normalize::GLUCOSE_MG_PER_MMOL, 40.0).clamp(60.0, 450.0)
+            ),
+            "mg/dL",
+        )
+    } else {
+        let pct = if p.diabetic {
+            normal(r, p.a1c_mean, 0.4)
+        } else {
+            normal(r, 5.4, 0.35)
+        }
+        .clamp(4.0, 15.0);
+        ("4548-4", format!("{pct:.1}"), "%")
+    };
+    let obs = serde_json::json!({
+        "resourceType": "Observation",
+        "id": format!("{spid}-o{n}"),
+        "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+        "subject": {"reference": format!("Patient/{spid}")},
+        "effectiveDateTime": format!("{day}T08:{:02}:00Z", r.random_range(0..60)),
+        "valueQuantity": {"value": value.parse::<f64>().expect("number"), "unit": unit, "system": "http://unitsofmeasure.org"}
+    });
+    (obs, glucose)
+}
+
+/// Maybe corrupts a laboratory Observation; returns the rule it must be
+/// rejected with (`not_json` and `duplicate_row` are left to the writer).
+fn maybe_bad_lab_observation(
+    ctx: &Ctx,
+    r: &mut ChaCha8Rng,
+    obs: &mut serde_json::Value,
+    glucose: bool,
+) -> Option<&'static str> {
+    use serde_json::json;
+    if !r.random_bool(ctx.opts.bad_rate) {
+        return None;
+    }
+    let chosen = pick(
+        r,
+        &[
+            "not_json",
+            "missing_subject",
+            "unknown_patient",
+            "unparseable_date",
+            "implausible_value",
+            "malformed_code",
+            "duplicate_row",
+        ],
+    );
+    match chosen {
+        "missing_subject" => drop(obs.as_object_mut().expect("object").remove("subject")),
+        "unknown_patient" => {
+            obs["subject"]["reference"] =
+                json!(format!("Patient/ZZ{}", r.random_range(0..u32::MAX)))
+        }
+        "unparseable_date" => obs["effectiveDateTime"] = json!(format!("{}-31-31", ctx.opts.year)),
+        "implausible_value" => {
+            obs["valueQuantity"]["value"] = json!(if glucose { 5000.0 } else { 25.0 })
+        }
+        "malformed_code" => {
+            obs["code"]["coding"][0]["code"] = json!(if glucose { "2345-6" } else { "4548-3" })
+        }
+        _ => {}
+    }
+    Some(chosen)
 }
 
 fn typo(r: &mut impl Rng, s: &str) -> String {
@@ -1499,44 +1695,19 @@ struct Out {
     name: String,
 }
 
+/// The error of an I/O `action` on `path`, for `map_err`.
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WardError {
+    let path = path.to_path_buf();
+    move |e| WardError::io(action, path, e)
+}
+
 /// Generates the population described by `opts` under `opts.out`.
 pub fn synth(opts: &SynthOptions, progress: &ProgressBar) -> Result<SynthReport> {
-    if opts.providers == 0 || opts.patients == 0 || !(0.0..=0.5).contains(&opts.bad_rate) {
-        return Err(WardError::Config {
-            path: opts.out.clone(),
-            line: None,
-            column: None,
-            key: None,
-            message: "synth needs patients ≥ 1, providers ≥ 1 and 0 ≤ bad-rate ≤ 0.5".into(),
-        });
-    }
+    check_options(opts)?;
     let providers = providers(opts.providers);
     let out = &opts.out;
-    let io = |action: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |e| WardError::io(action, path, e)
-    };
-    fs::create_dir_all(out.join("mappings")).map_err(io("cannot create", out))?;
-    for (name, text) in [
-        ("emr_a.toml", EMR_A_MAPPING),
-        ("hospital_b.toml", HIS_B_MAPPING),
-    ] {
-        let p = out.join("mappings").join(name);
-        fs::write(&p, text).map_err(io("cannot write", &p))?;
-    }
-    let mut config = format!(
-        "# Generated by: ward synth --patients {} --providers {} --seed {} --bad-rate {} --year {}\n\
-         warehouse = \"../warehouse\"\nmeasurement_period = {{ start = {y}-01-01, end = {y}-12-31 }}\n\n\
-         [ingest]\nas_of = {}-01-31\n\n\
-         [deid]\ndemo_key = true   # public demo key: sample data only; real data needs key_file or key_env\n",
-        opts.patients,
-        opts.providers,
-        opts.seed,
-        opts.bad_rate,
-        opts.year,
-        opts.year + 1,
-        y = opts.year
-    );
+    write_mappings(out)?;
+    let mut config = config_header(opts);
     let mut outs: Vec<Vec<Option<Out>>> = Vec::new();
     for prov in &providers {
         config.push_str(&format!(
@@ -1544,57 +1715,11 @@ pub fn synth(opts: &SynthOptions, progress: &ProgressBar) -> Result<SynthReport>
             prov.name,
             prov.layout.source_config(&prov.name)
         ));
-        let dir = out.join(&prov.name);
-        fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
-        let mut files = Vec::new();
-        for (name, header) in prov.layout.files().iter().zip(prov.layout.headers()) {
-            if name.is_empty() {
-                files.push(None);
-                continue;
-            }
-            let path = dir.join(name);
-            let mut writer = BufWriter::with_capacity(
-                1 << 20,
-                fs::File::create(&path).map_err(io("cannot create", &path))?,
-            );
-            if prov.layout == Layout::HisB {
-                writer
-                    .write_all(b"\xEF\xBB\xBF")
-                    .map_err(io("cannot write", &path))?;
-            }
-            if !header.is_empty() {
-                writer
-                    .write_all(header.as_bytes())
-                    .map_err(io("cannot write", &path))?;
-                writer
-                    .write_all(prov.layout.line_end())
-                    .map_err(io("cannot write", &path))?;
-            }
-            files.push(Some(Out {
-                writer,
-                line: if header.is_empty() { 1 } else { 2 },
-                name: name.to_string(),
-            }));
-        }
-        outs.push(files);
+        outs.push(open_provider_files(prov, out)?);
     }
     let config_path = out.join("ward.toml");
-    fs::write(&config_path, config).map_err(io("cannot write", &config_path))?;
-
-    let write_csv = |path: &Path, header: &str| -> Result<BufWriter<fs::File>> {
-        let mut w = BufWriter::new(fs::File::create(path).map_err(io("cannot create", path))?);
-        writeln!(w, "{header}").map_err(io("cannot write", path))?;
-        Ok(w)
-    };
-    let truth_path = out.join("truth.csv");
-    let persons_path = out.join("persons.csv");
-    let rejects_path = out.join("expected_rejects.csv");
-    let mut truth = write_csv(&truth_path, "source,source_patient_id,person_id")?;
-    let mut persons = write_csv(
-        &persons_path,
-        "person_id,sex,birth_date,diabetic,hypertensive,untested_in_period,eye_exam_in_period",
-    )?;
-    let mut rejects = write_csv(&rejects_path, "source,source_file,line,rule")?;
+    fs::write(&config_path, config).map_err(io_error("cannot write", &config_path))?;
+    let mut sidecars = Sidecars::create(out)?;
 
     const BLOCK: u64 = 2048;
     const WINDOW: u64 = 32;
@@ -1615,65 +1740,229 @@ pub fn synth(opts: &SynthOptions, progress: &ProgressBar) -> Result<SynthReport>
             .map(|b| block(&ctx, b * BLOCK, ((b + 1) * BLOCK).min(opts.patients)))
             .collect();
         for b in generated {
-            for (pi, files) in b.rows.into_iter().enumerate() {
-                let layout = providers[pi].layout;
-                for (slot, rows) in files.into_iter().enumerate() {
-                    if rows.is_empty() {
-                        continue;
-                    }
-                    let o = outs[pi][slot]
-                        .as_mut()
-                        .expect("rows only for the layout's files");
-                    buf.clear();
-                    for row in rows {
-                        if let Some(rule) = row.reject {
-                            writeln!(
-                                rejects,
-                                "{},{},{},{rule}",
-                                providers[pi].name, o.name, o.line
-                            )
-                            .map_err(io("cannot write", &rejects_path))?;
-                            report.expected_rejects += 1;
-                        }
-                        o.line += encode(&mut buf, &row.fields, layout);
-                        report.rows += 1;
-                    }
-                    o.writer.write_all(&buf).map_err(io("cannot write", out))?;
-                }
-            }
-            for (pi, spid, person) in &b.truth {
-                writeln!(truth, "{},{spid},{person}", providers[*pi].name)
-                    .map_err(io("cannot write", &truth_path))?;
-            }
+            write_rows(
+                &ctx,
+                b.rows,
+                &mut outs,
+                &mut sidecars,
+                &mut buf,
+                &mut report,
+            )?;
+            sidecars.write_truth(&providers, &b.truth)?;
             report.source_patients += b.truth.len() as u64;
-            for p in &b.persons {
-                writeln!(
-                    persons,
-                    "{},{},{},{},{},{},{}",
-                    p.id,
-                    if p.female { "female" } else { "male" },
-                    p.birth,
-                    p.diabetic,
-                    p.hypertensive,
-                    p.untested,
-                    p.eye_exam
-                )
-                .map_err(io("cannot write", &persons_path))?;
-            }
+            sidecars.write_persons(&b.persons)?;
             progress.inc(b.persons.len() as u64);
         }
     }
     for o in outs.iter_mut().flatten().flatten() {
-        o.writer.flush().map_err(io("cannot write", out))?;
+        o.writer.flush().map_err(io_error("cannot write", out))?;
     }
-    for (w, p) in [
-        (&mut truth, &truth_path),
-        (&mut persons, &persons_path),
-        (&mut rejects, &rejects_path),
-    ] {
-        w.flush().map_err(io("cannot write", p))?;
-    }
+    sidecars.flush()?;
     Ok(report)
+}
+
+/// Refuses options that describe no population.
+fn check_options(opts: &SynthOptions) -> Result<()> {
+    if opts.providers == 0 || opts.patients == 0 || !(0.0..=0.5).contains(&opts.bad_rate) {
+        return Err(WardError::Config {
+            path: opts.out.clone(),
+            line: None,
+            column: None,
+            key: None,
+            message: "synth needs patients ≥ 1, providers ≥ 1 and 0 ≤ bad-rate ≤ 0.5".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Writes the sample mappings to `out/mappings/`.
+fn write_mappings(out: &Path) -> Result<()> {
+    fs::create_dir_all(out.join("mappings")).map_err(io_error("cannot create", out))?;
+    for (name, text) in [
+        ("emr_a.toml", EMR_A_MAPPING),
+        ("hospital_b.toml", HIS_B_MAPPING),
+    ] {
+        let p = out.join("mappings").join(name);
+        fs::write(&p, text).map_err(io_error("cannot write", &p))?;
+    }
+    Ok(())
+}
+
+/// The generated ward.toml up to its sources.
+fn config_header(opts: &SynthOptions) -> String {
+    format!(
+        "# Generated by: ward synth --patients {} --providers {} --seed {} --bad-rate {} --year {}\n\
+         warehouse = \"../warehouse\"\nmeasurement_period = {{ start = {y}-01-01, end = {y}-12-31 }}\n\n\
+         [ingest]\nas_of = {}-01-31\n\n\
+         [deid]\ndemo_key = true   # public demo key: sample data only; real data needs key_file or key_env\n",
+        opts.patients,
+        opts.providers,
+        opts.seed,
+        opts.bad_rate,
+        opts.year,
+        opts.year + 1,
+        y = opts.year
+    )
+}
+
+/// Creates the provider's folder and its files, per slot (None for slots
+/// the layout has no file for), each with its BOM and header.
+fn open_provider_files(prov: &Provider, out: &Path) -> Result<Vec<Option<Out>>> {
+    let dir = out.join(&prov.name);
+    fs::create_dir_all(&dir).map_err(io_error("cannot create", &dir))?;
+    let mut files = Vec::new();
+    for (name, header) in prov.layout.files().iter().zip(prov.layout.headers()) {
+        if name.is_empty() {
+            files.push(None);
+            continue;
+        }
+        let path = dir.join(name);
+        let write = |writer: &mut BufWriter<fs::File>, bytes: &[u8]| {
+            writer
+                .write_all(bytes)
+                .map_err(io_error("cannot write", &path))
+        };
+        let mut writer = BufWriter::with_capacity(
+            1 << 20,
+            fs::File::create(&path).map_err(io_error("cannot create", &path))?,
+        );
+        if prov.layout == Layout::HisB {
+            write(&mut writer, b"\xEF\xBB\xBF")?;
+        }
+        if !header.is_empty() {
+            write(&mut writer, header.as_bytes())?;
+            write(&mut writer, prov.layout.line_end())?;
+        }
+        files.push(Some(Out {
+            writer,
+            line: if header.is_empty() { 1 } else { 2 },
+            name: name.to_string(),
+        }));
+    }
+    Ok(files)
+}
+
+/// Writes one block's rows to the provider files, listing the bad ones in
+/// `expected_rejects.csv`.
+fn write_rows(
+    ctx: &Ctx,
+    rows: Vec<Files>,
+    outs: &mut [Vec<Option<Out>>],
+    sidecars: &mut Sidecars,
+    buf: &mut Vec<u8>,
+    report: &mut SynthReport,
+) -> Result<()> {
+    for (pi, files) in rows.into_iter().enumerate() {
+        let layout = ctx.providers[pi].layout;
+        for (slot, rows) in files.into_iter().enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            let o = outs[pi][slot]
+                .as_mut()
+                .expect("rows only for the layout's files");
+            buf.clear();
+            for row in rows {
+                if let Some(rule) = row.reject {
+                    sidecars.write_reject(&ctx.providers[pi].name, o, rule)?;
+                    report.expected_rejects += 1;
+                }
+                o.line += encode(buf, &row.fields, layout);
+                report.rows += 1;
+            }
+            o.writer
+                .write_all(buf)
+                .map_err(io_error("cannot write", &ctx.opts.out))?;
+        }
+    }
+    Ok(())
+}
+
+/// The ground-truth files beside the provider folders: `truth.csv`,
+/// `persons.csv` and `expected_rejects.csv`.
+struct Sidecars {
+    truth: BufWriter<fs::File>,
+    truth_path: PathBuf,
+    persons: BufWriter<fs::File>,
+    persons_path: PathBuf,
+    rejects: BufWriter<fs::File>,
+    rejects_path: PathBuf,
+}
+
+impl Sidecars {
+    /// Creates the three files under `out`, each with its header.
+    fn create(out: &Path) -> Result<Sidecars> {
+        let write_csv = |path: &Path, header: &str| -> Result<BufWriter<fs::File>> {
+            let file = fs::File::create(path).map_err(io_error("cannot create", path))?;
+            let mut w = BufWriter::new(file);
+            writeln!(w, "{header}").map_err(io_error("cannot write", path))?;
+            Ok(w)
+        };
+        let truth_path = out.join("truth.csv");
+        let persons_path = out.join("persons.csv");
+        let rejects_path = out.join("expected_rejects.csv");
+        Ok(Sidecars {
+            truth: write_csv(&truth_path, "source,source_patient_id,person_id")?,
+            persons: write_csv(
+                &persons_path,
+                "person_id,sex,birth_date,diabetic,hypertensive,untested_in_period,eye_exam_in_period",
+            )?,
+            rejects: write_csv(&rejects_path, "source,source_file,line,rule")?,
+            truth_path,
+            persons_path,
+            rejects_path,
+        })
+    }
+
+    /// Lists the row starting on `o`'s current line as one ingest must
+    /// reject with `rule`.
+    fn write_reject(&mut self, source: &str, o: &Out, rule: &str) -> Result<()> {
+        writeln!(self.rejects, "{source},{},{},{rule}", o.name, o.line)
+            .map_err(io_error("cannot write", &self.rejects_path))
+    }
+
+    /// (provider, source patient id, person id) rows of `truth.csv`.
+    fn write_truth(
+        &mut self,
+        providers: &[Provider],
+        truth: &[(usize, String, u64)],
+    ) -> Result<()> {
+        for (pi, spid, person) in truth {
+            writeln!(self.truth, "{},{spid},{person}", providers[*pi].name)
+                .map_err(io_error("cannot write", &self.truth_path))?;
+        }
+        Ok(())
+    }
+
+    /// The true attributes of each person, in `persons.csv`.
+    fn write_persons(&mut self, persons: &[Person]) -> Result<()> {
+        for p in persons {
+            writeln!(
+                self.persons,
+                "{},{},{},{},{},{},{}",
+                p.id,
+                if p.female { "female" } else { "male" },
+                p.birth,
+                p.diabetic,
+                p.hypertensive,
+                p.untested,
+                p.eye_exam
+            )
+            .map_err(io_error("cannot write", &self.persons_path))?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        for (w, p) in [
+            (&mut self.truth, &self.truth_path),
+            (&mut self.persons, &self.persons_path),
+            (&mut self.rejects, &self.rejects_path),
+        ] {
+            w.flush().map_err(io_error("cannot write", p))?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

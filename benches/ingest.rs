@@ -11,12 +11,11 @@ use std::path::Path;
 
 use chrono::NaiveDate;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use indicatif::ProgressBar;
 use ward::ingest::csv;
 use ward::ingest::fhir::{self, PatientCheck};
 use ward::ingest::rows::{RowContext, map_rows};
 use ward::mapping::CsvMapping;
-use ward::synth::{SynthOptions, synth};
+use ward_synth::{SynthOptions, synth};
 
 fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
@@ -31,7 +30,7 @@ fn bench(c: &mut Criterion) {
             year: 2025,
             hard_noise: false,
         },
-        &ProgressBar::hidden(),
+        &|_| {},
     )
     .unwrap();
     let path = out.join("northside_clinic/results.csv");

@@ -30,7 +30,6 @@ pub mod report;
 pub mod runs;
 pub mod schema;
 pub mod settings;
-pub mod synth;
 mod tomlfile;
 pub mod valuesets;
 pub mod warehouse;
@@ -38,6 +37,19 @@ pub mod warehouse;
 pub use config::PipelineConfig;
 pub use error::{Result, WardError};
 pub use ingest::{IngestOptions, IngestReport};
+
+/// Progress of a long stage (ingest: files), reported by the library and
+/// shown by the caller — the binary's terminal bar, or nothing (`&()`). The
+/// library takes no terminal type.
+pub trait Progress: Sync {
+    /// The stage has `total` units of work (it may grow as work is found).
+    fn set_total(&self, _total: u64) {}
+    /// `n` more units are done.
+    fn advance(&self, _n: u64) {}
+}
+
+/// Progress shown nowhere.
+impl Progress for () {}
 
 /// What `ward run` did: the ingest report, linkage, the core tables built,
 /// the measures' results, and the published run.
@@ -86,7 +98,7 @@ pub fn run(
     queries: &std::path::Path,
     period: measure::Period,
     key: &deid::DeidKey,
-    progress: &indicatif::ProgressBar,
+    progress: &dyn Progress,
 ) -> Result<RunReport> {
     let root = config.warehouse.as_path();
     let lock = runs::Lock::acquire(root, "ward run")?;
@@ -245,7 +257,7 @@ fn run_stages(
     queries: &std::path::Path,
     period: measure::Period,
     key: &deid::DeidKey,
-    progress: &indicatif::ProgressBar,
+    progress: &dyn Progress,
     run_dir: &std::path::Path,
     previous: &Previous,
     manifest: &mut runs::Manifest,

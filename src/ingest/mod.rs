@@ -16,11 +16,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::Progress;
 use chrono::NaiveDate;
 use datafusion::arrow::array::{
     Array, Date32Array, RecordBatch, StringArray, StringBuilder, UInt64Builder,
 };
-use indicatif::ProgressBar;
 use rayon::prelude::*;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -318,7 +318,7 @@ impl Loaded {
 pub fn ingest(
     config: &PipelineConfig,
     opts: &IngestOptions,
-    progress: &ProgressBar,
+    progress: &dyn Progress,
 ) -> Result<IngestReport> {
     let wh = Warehouse::new(&config.warehouse);
     let mut report = IngestReport::default();
@@ -338,7 +338,7 @@ pub fn ingest(
         .copied()
         .filter(|i| needs_load(opts, &state, i, None))
         .collect();
-    progress.set_length(to_load.len() as u64);
+    progress.set_total(to_load.len() as u64);
 
     // Phase 1: patients.
     let patient_results = load_all(&to_load, opts.today, &HashMap::new(), progress);
@@ -350,7 +350,7 @@ pub fn ingest(
         .copied()
         .filter(|i| needs_load(opts, &state, i, patients.fingerprints.get(&i.source.name)))
         .collect();
-    progress.set_length((to_load.len() + fact_load.len()) as u64);
+    progress.set_total((to_load.len() + fact_load.len()) as u64);
     let fact_results = load_all(&fact_load, opts.today, &patients.lookups, progress);
 
     // Report and publish.
@@ -682,13 +682,13 @@ fn load_all<'a>(
     inputs: &[&'a Input<'a>],
     today: NaiveDate,
     lookups: &HashMap<String, PatientLookup>,
-    progress: &ProgressBar,
+    progress: &dyn Progress,
 ) -> Vec<(&'a Input<'a>, Result<Loaded>)> {
     inputs
         .par_iter()
         .map(|input| {
             let result = load_file(input, today, lookups.get(&input.source.name));
-            progress.inc(1);
+            progress.advance(1);
             (*input, result)
         })
         .collect()

@@ -140,7 +140,7 @@ pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Res
         dry_run: false,
         ..Default::default()
     };
-    let report = ingest::ingest(&config, &opts, &indicatif::ProgressBar::hidden())?;
+    let report = ingest::ingest(&config, &opts, &())?;
     let mut rejects: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     for f in &report.files {
         if f.status == FileStatus::Failed {

@@ -9,7 +9,6 @@ use datafusion::arrow::array::{Array, AsArray, ListArray, RecordBatch, StringArr
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{ArrowPrimitiveType, DataType, Float64Type, UInt64Type};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use indicatif::ProgressBar;
 use sha2::{Digest, Sha256};
 use ward::ingest::{IngestOptions, IngestReport, ingest};
 use ward::{PipelineConfig, Result};
@@ -78,7 +77,7 @@ pub fn run_ingest(config: &Path) -> Result<IngestReport> {
             dry_run: false,
             ..Default::default()
         },
-        &ProgressBar::hidden(),
+        &(),
     )
 }
 
@@ -95,7 +94,7 @@ pub fn run_all(config: &PipelineConfig) -> ward::RunReport {
         &repo().join("queries"),
         config.measurement_period.expect("the sample sets a period"),
         &ward::deid::resolve_key(&config.deid, |_| None).expect("the sample uses the demo key"),
-        &ProgressBar::hidden(),
+        &(),
     )
     .unwrap()
 }
@@ -203,8 +202,8 @@ pub fn text(bytes: &[u8]) -> String {
 /// Generates a synthetic population into `out` (measurement year 2025;
 /// `out/ward.toml` loads it).
 pub fn generate(out: &Path, patients: u64, providers: usize, seed: u64, bad_rate: f64) {
-    ward::synth::synth(
-        &ward::synth::SynthOptions {
+    ward_synth::synth(
+        &ward_synth::SynthOptions {
             patients,
             providers,
             seed,
@@ -213,7 +212,7 @@ pub fn generate(out: &Path, patients: u64, providers: usize, seed: u64, bad_rate
             year: 2025,
             hard_noise: false,
         },
-        &ProgressBar::hidden(),
+        &|_| {},
     )
     .unwrap();
 }

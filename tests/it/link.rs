@@ -763,8 +763,8 @@ fn noisy_cases_link_on_the_evidence_they_have() {
 fn hard_noise_population_links_with_high_precision_and_recall() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("gen");
-    ward::synth::synth(
-        &ward::synth::SynthOptions {
+    ward_synth::synth(
+        &ward_synth::SynthOptions {
             patients: 3000,
             providers: 3,
             seed: 11,
@@ -773,7 +773,7 @@ fn hard_noise_population_links_with_high_precision_and_recall() {
             year: 2025,
             hard_noise: true,
         },
-        &indicatif::ProgressBar::hidden(),
+        &|_| {},
     )
     .unwrap();
     let config_path = out.join("ward.toml");

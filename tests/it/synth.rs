@@ -4,8 +4,7 @@ use std::collections::BTreeSet;
 use std::fs;
 
 use crate::common::*;
-use indicatif::ProgressBar;
-use ward::synth::{SynthOptions, synth};
+use ward_synth::{SynthOptions, synth};
 
 fn options(out: &std::path::Path, seed: u64) -> SynthOptions {
     SynthOptions {
@@ -35,9 +34,9 @@ fn same_seed_same_files_other_seed_other_files() {
         dir.path().join("b"),
         dir.path().join("c"),
     );
-    synth(&options(&a, 5), &ProgressBar::hidden()).unwrap();
-    synth(&options(&b, 5), &ProgressBar::hidden()).unwrap();
-    synth(&options(&c, 6), &ProgressBar::hidden()).unwrap();
+    synth(&options(&a, 5), &|_| {}).unwrap();
+    synth(&options(&b, 5), &|_| {}).unwrap();
+    synth(&options(&c, 6), &|_| {}).unwrap();
     assert_eq!(snapshot(&a), snapshot(&b));
     assert_ne!(snapshot(&a), snapshot(&c));
 }
@@ -46,7 +45,7 @@ fn same_seed_same_files_other_seed_other_files() {
 fn ingest_rejects_exactly_the_planted_rows_and_truth_is_complete() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("gen");
-    let report = synth(&options(&out, 11), &ProgressBar::hidden()).unwrap();
+    let report = synth(&options(&out, 11), &|_| {}).unwrap();
     assert!(report.expected_rejects > 50, "{report:?}");
     assert!(
         report.source_patients > report.persons,
@@ -127,4 +126,14 @@ fn ingest_rejects_exactly_the_planted_rows_and_truth_is_complete() {
         .map(|r| r[2].clone())
         .collect();
     assert_eq!(persons.len() as u64, report.persons);
+}
+
+/// The generator writes glucose in mmol/L with the factor ingest converts
+/// it back with: a drift would shift every converted value.
+#[test]
+fn glucose_factor_matches_ingest() {
+    assert_eq!(
+        ward_synth::GLUCOSE_MG_PER_MMOL,
+        ward::ingest::normalize::GLUCOSE_MG_PER_MMOL
+    );
 }

@@ -32,6 +32,7 @@ pub(crate) struct Cli {
 }
 
 /// `ward synth --noise`.
+#[cfg(feature = "synth")]
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum Noise {
     Classic,
@@ -97,6 +98,7 @@ pub(crate) enum Command {
     /// reachable; DDL, DML, COPY, SET and file access are refused, exit 2).
     Query(QueryArgs),
     /// Generate a synthetic multi-provider population with ground truth.
+    #[cfg(feature = "synth")]
     Synth(SynthArgs),
 }
 
@@ -226,6 +228,7 @@ pub(crate) struct QueryArgs {
 }
 
 /// `ward synth`.
+#[cfg(feature = "synth")]
 #[derive(clap::Args)]
 pub(crate) struct SynthArgs {
     /// Number of persons.

@@ -10,11 +10,10 @@ use ward::settings::Settings;
 use ward::{IngestOptions, WardError};
 
 use crate::args::{
-    ConformanceArgs, LinkArgs, MeasureArgs, Noise, PeriodArgs, SynthArgs, ValidateArgs,
-    ValuesetsAction,
+    ConformanceArgs, LinkArgs, MeasureArgs, PeriodArgs, ValidateArgs, ValuesetsAction,
 };
 use crate::print::{self, announce_warnings};
-use crate::{EXIT_FAILED, EXIT_MISMATCH, progress_bar};
+use crate::{Bar, EXIT_FAILED, EXIT_MISMATCH, progress_bar};
 
 /// Loads the settings of a command that reads a config, saying loudly when
 /// that is the bundled sample's.
@@ -54,19 +53,26 @@ fn period(settings: &Settings, args: &PeriodArgs) -> ward::Result<ward::measure:
     settings.period(args.period_start, args.period_end)
 }
 
-/// `ward synth`.
-pub(crate) fn synth(args: &SynthArgs, quiet: bool) -> anyhow::Result<ExitCode> {
-    let opts = ward::synth::SynthOptions {
+/// `ward synth` (the `synth` feature).
+#[cfg(feature = "synth")]
+pub(crate) fn synth(args: &crate::args::SynthArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+    let opts = ward_synth::SynthOptions {
         patients: args.patients,
         providers: args.providers,
         seed: args.seed,
         out: args.out.clone(),
         bad_rate: args.bad_rate,
         year: args.year,
-        hard_noise: matches!(args.noise, Noise::Hard),
+        hard_noise: matches!(args.noise, crate::args::Noise::Hard),
     };
     let progress = progress_bar(quiet, "synth", "persons");
-    let report = ward::synth::synth(&opts, &progress)?;
+    progress.set_length(opts.patients);
+    let report = ward_synth::synth(&opts, &|n| progress.inc(n)).map_err(|e| match e {
+        ward_synth::SynthError::Options(message) => {
+            anyhow::Error::from(WardError::Usage { message })
+        }
+        e => e.into(),
+    })?;
     progress.finish_and_clear();
     if !quiet {
         println!(
@@ -353,9 +359,9 @@ pub(crate) fn run(settings: &Settings, args: &PeriodArgs, quiet: bool) -> anyhow
     let period = period(settings, args)?;
     let key = deid_key(settings)?;
     let opts = ingest_options(settings, None);
-    let progress = progress_bar(quiet, "ingest", "files");
+    let progress = Bar(progress_bar(quiet, "ingest", "files"));
     let run = ward::run(config, &opts, &settings.queries, period, &key, &progress)?;
-    progress.finish_and_clear();
+    progress.0.finish_and_clear();
     if !quiet {
         print::print_summary(&run.ingest, false, 0);
         print::print_run(&run);
@@ -397,9 +403,9 @@ pub(crate) fn ingest(
             settings.config_path.display()
         );
     }
-    let progress = progress_bar(quiet, "ingest", "files");
+    let progress = Bar(progress_bar(quiet, "ingest", "files"));
     let report = ward::ingest::ingest(config, &opts, &progress)?;
-    progress.finish_and_clear();
+    progress.0.finish_and_clear();
     if !quiet {
         print::print_summary(&report, opts.dry_run, opts.examples);
     }

@@ -58,6 +58,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
     let config = cli.config.as_deref();
     let settings = || commands::settings(config, cli.no_sample);
     match &cli.command {
+        #[cfg(feature = "synth")]
         Command::Synth(args) => commands::synth(args, quiet),
         Command::Valuesets { action } => commands::valuesets(action, quiet),
         Command::Measures {
@@ -114,6 +115,18 @@ fn init_logging(cli: &Cli) {
                 .with(context);
             tracing::subscriber::set_global_default(subscriber).expect("logging set up once");
         }
+    }
+}
+
+/// The library's progress on a terminal bar.
+struct Bar(ProgressBar);
+
+impl ward::Progress for Bar {
+    fn set_total(&self, total: u64) {
+        self.0.set_length(total);
+    }
+    fn advance(&self, n: u64) {
+        self.0.inc(n);
     }
 }
 

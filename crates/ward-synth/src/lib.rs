@@ -1,4 +1,7 @@
-//! `ward synth`: a synthetic multi-provider population with ground truth.
+//! `ward-synth` (`ward synth` with the `synth` feature): a synthetic
+//! multi-provider population with ground truth, for Ward's tests and
+//! benchmarks. It is a crate of its own so that the production library
+//! and binary do not carry it.
 //!
 //! Persons are drawn independently (one ChaCha RNG per person, seeded from
 //! the run seed and the person's index), so the output depends only on the
@@ -26,20 +29,38 @@ use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 
 use chrono::{Datelike, Duration, NaiveDate};
-use indicatif::ProgressBar;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::error::{Result, WardError};
-use crate::ingest::normalize;
+/// What can go wrong: a file that cannot be written, or options that
+/// describe no population.
+#[derive(Debug, thiserror::Error)]
+pub enum SynthError {
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Options(String),
+}
+
+/// The result type of this crate.
+pub type Result<T, E = SynthError> = std::result::Result<T, E>;
+
+/// Milligrams of glucose per millimole (its molar mass, 180.16 g/mol, over
+/// ten): the factor between mg/dL and mmol/L that Ward's ingest also uses.
+pub const GLUCOSE_MG_PER_MMOL: f64 = 18.016;
 
 mod care;
 
 /// The sample mappings, embedded so that `ward synth` works anywhere.
-pub const EMR_A_MAPPING: &str = include_str!("../../sample_data/mappings/emr_a.toml");
+pub const EMR_A_MAPPING: &str = include_str!("../../../sample_data/mappings/emr_a.toml");
 /// See [`EMR_A_MAPPING`].
-pub const HIS_B_MAPPING: &str = include_str!("../../sample_data/mappings/hospital_b.toml");
+pub const HIS_B_MAPPING: &str = include_str!("../../../sample_data/mappings/hospital_b.toml");
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -300,11 +321,11 @@ impl Names {
 }
 
 static FEMALE: LazyLock<Names> =
-    LazyLock::new(|| Names::parse(include_str!("../../data/census1990/female.csv")));
+    LazyLock::new(|| Names::parse(include_str!("../data/census1990/female.csv")));
 static MALE: LazyLock<Names> =
-    LazyLock::new(|| Names::parse(include_str!("../../data/census1990/male.csv")));
+    LazyLock::new(|| Names::parse(include_str!("../data/census1990/male.csv")));
 static SURNAMES: LazyLock<Names> =
-    LazyLock::new(|| Names::parse(include_str!("../../data/census1990/surnames.csv")));
+    LazyLock::new(|| Names::parse(include_str!("../data/census1990/surnames.csv")));
 
 const NICKNAMES: [(&str, &str); 16] = [
     ("Elizabeth", "Liz"),
@@ -1131,13 +1152,13 @@ impl VisitRows<'_> {
 
     /// A glucose: in mg/dL (EMR-A) or mmol/L (HIS-B).
     fn glucose(&mut self, r: &mut ChaCha8Rng) {
-        let mg_dl = normal(r, 8.0 * normalize::GLUCOSE_MG_PER_MMOL, 40.0).clamp(60.0, 450.0);
+        let mg_dl = normal(r, 8.0 * GLUCOSE_MG_PER_MMOL, 40.0).clamp(60.0, 450.0);
         match self.layout {
             Layout::EmrA => self.obs("2345-7", "Glucose", format!("{mg_dl:.0}"), "mg/dL"),
             Layout::HisB | Layout::FhirNdjson => self.obs(
                 "2345-7",
                 "Glucose",
-                format!("{:.1}", mg_dl / normalize::GLUCOSE_MG_PER_MMOL),
+                format!("{:.1}", mg_dl / GLUCOSE_MG_PER_MMOL),
                 "mmol/L",
             ),
         }
@@ -1447,7 +1468,7 @@ fn lab_observation(
             "2345-7",
             format!(
                 "{:.0}",
-                normal(r, 8.0 * normalize::GLUCOSE_MG_PER_MMOL, 40.0).clamp(60.0, 450.0)
+                normal(r, 8.0 * GLUCOSE_MG_PER_MMOL, 40.0).clamp(60.0, 450.0)
             ),
             "mg/dL",
         )
@@ -1696,13 +1717,18 @@ struct Out {
 }
 
 /// The error of an I/O `action` on `path`, for `map_err`.
-fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WardError {
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SynthError {
     let path = path.to_path_buf();
-    move |e| WardError::io(action, path, e)
+    move |e| SynthError::Io {
+        action,
+        path: path.to_path_buf(),
+        source: e,
+    }
 }
 
-/// Generates the population described by `opts` under `opts.out`.
-pub fn synth(opts: &SynthOptions, progress: &ProgressBar) -> Result<SynthReport> {
+/// Generates the population described by `opts` under `opts.out`, calling
+/// `progress` with the number of persons written as each block is done.
+pub fn synth(opts: &SynthOptions, progress: &dyn Fn(u64)) -> Result<SynthReport> {
     check_options(opts)?;
     let providers = providers(opts.providers);
     let out = &opts.out;
@@ -1731,7 +1757,6 @@ pub fn synth(opts: &SynthOptions, progress: &ProgressBar) -> Result<SynthReport>
         persons: opts.patients,
         ..Default::default()
     };
-    progress.set_length(opts.patients);
     let blocks = opts.patients.div_ceil(BLOCK);
     let mut buf = Vec::new();
     for window in (0..blocks).step_by(WINDOW as usize) {
@@ -1751,7 +1776,7 @@ pub fn synth(opts: &SynthOptions, progress: &ProgressBar) -> Result<SynthReport>
             sidecars.write_truth(&providers, &b.truth)?;
             report.source_patients += b.truth.len() as u64;
             sidecars.write_persons(&b.persons)?;
-            progress.inc(b.persons.len() as u64);
+            progress(b.persons.len() as u64);
         }
     }
     for o in outs.iter_mut().flatten().flatten() {
@@ -1764,13 +1789,9 @@ pub fn synth(opts: &SynthOptions, progress: &ProgressBar) -> Result<SynthReport>
 /// Refuses options that describe no population.
 fn check_options(opts: &SynthOptions) -> Result<()> {
     if opts.providers == 0 || opts.patients == 0 || !(0.0..=0.5).contains(&opts.bad_rate) {
-        return Err(WardError::Config {
-            path: opts.out.clone(),
-            line: None,
-            column: None,
-            key: None,
-            message: "synth needs patients ≥ 1, providers ≥ 1 and 0 ≤ bad-rate ≤ 0.5".into(),
-        });
+        return Err(SynthError::Options(
+            "synth needs patients ≥ 1, providers ≥ 1 and 0 ≤ bad-rate ≤ 0.5".into(),
+        ));
     }
     Ok(())
 }

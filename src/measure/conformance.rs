@@ -99,12 +99,54 @@ struct ExpectedGroup {
 pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Result<Conformance> {
     let cases = read_deck(deck, def)?;
     let names = case_names(deck);
+    let (warehouse, mut rejects) = load_cases(&cases, queries, scratch)?;
+    let periods: BTreeSet<(NaiveDate, NaiveDate)> = cases
+        .iter()
+        .map(|c| (c.period.start, c.period.end))
+        .collect();
+    let mut results = Vec::new();
+    for (start, end) in periods {
+        let period = Period { start, end };
+        let outcome = super::run(&warehouse, queries, &[def], period)?;
+        let members: Vec<Vec<super::Member>> = outcome.iter().map(|r| r.members()).collect();
+        for case in cases.iter().filter(|c| c.period == period) {
+            results.push(CaseResult {
+                name: names
+                    .get(&case.folder)
+                    .cloned()
+                    .or_else(|| case.description.clone())
+                    .unwrap_or_else(|| case.folder.clone()),
+                folder: case.folder.clone(),
+                period,
+                scopes: case_scopes(case, def, &members),
+                rejects: rejects.remove(&case.folder).unwrap_or_default(),
+            });
+        }
+    }
+    results.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Conformance {
+        measure: def.id.clone(),
+        cases: results,
+    })
+}
+
+/// Rejected resources by rule.
+type Rejects = BTreeMap<String, u64>;
+
+/// Ingests every case's Bundle into a scratch warehouse under `scratch`
+/// (emptied first); returns the warehouse and each case's rejects by rule,
+/// per case folder. A file that fails to load fails the run.
+fn load_cases(
+    cases: &[Case],
+    queries: &Path,
+    scratch: &Path,
+) -> Result<(Warehouse, BTreeMap<String, Rejects>)> {
     if scratch.exists() {
         fs::remove_dir_all(scratch).map_err(|e| WardError::io("cannot empty", scratch, e))?;
     }
     let input = scratch.join("input");
     fs::create_dir_all(&input).map_err(|e| WardError::io("cannot create", &input, e))?;
-    for case in &cases {
+    for case in cases {
         let to = input.join(format!("{}.json", case.folder));
         let text = serde_json::to_vec(&case.bundle).map_err(|e| WardError::Data {
             context: "writing a test case",
@@ -113,7 +155,34 @@ pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Res
         })?;
         fs::write(&to, text).map_err(|e| WardError::io("cannot write", &to, e))?;
     }
-    let config = PipelineConfig {
+    let config = deck_config(scratch, &input, queries);
+    // Test decks are dated around their measurement period, often in the
+    // future: no date is "future" here.
+    let opts = IngestOptions {
+        today: NaiveDate::from_ymd_opt(9999, 12, 31).expect("valid date"),
+        dry_run: false,
+        ..Default::default()
+    };
+    let report = ingest::ingest(&config, &opts, &())?;
+    let mut rejects: BTreeMap<String, Rejects> = BTreeMap::new();
+    for f in &report.files {
+        if f.status == FileStatus::Failed {
+            return Err(WardError::Data {
+                context: "loading a test case",
+                path: input.join(&f.file),
+                message: f.detail.clone().unwrap_or_default(),
+            });
+        }
+        let folder = f.file.trim_end_matches(".json").to_string();
+        rejects.insert(folder, f.rejects_by_rule.clone());
+    }
+    Ok((Warehouse::new(&config.warehouse), rejects))
+}
+
+/// The pipeline config of the scratch warehouse: one Bundle source, the
+/// case files in `input`.
+fn deck_config(scratch: &Path, input: &Path, queries: &Path) -> PipelineConfig {
+    PipelineConfig {
         path: scratch.join("conformance.toml"),
         warehouse: scratch.join("warehouse"),
         warehouse_group: None,
@@ -132,108 +201,81 @@ pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Res
             mapping: None,
             nightly: false,
         }],
-    };
-    // Test decks are dated around their measurement period, often in the
-    // future: no date is "future" here.
-    let opts = IngestOptions {
-        today: NaiveDate::from_ymd_opt(9999, 12, 31).expect("valid date"),
-        dry_run: false,
-        ..Default::default()
-    };
-    let report = ingest::ingest(&config, &opts, &())?;
-    let mut rejects: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-    for f in &report.files {
-        if f.status == FileStatus::Failed {
-            return Err(WardError::Data {
-                context: "loading a test case",
-                path: input.join(&f.file),
-                message: f.detail.clone().unwrap_or_default(),
-            });
-        }
-        let folder = f.file.trim_end_matches(".json").to_string();
-        rejects.insert(folder, f.rejects_by_rule.clone());
     }
+}
 
-    let warehouse = Warehouse::new(&config.warehouse);
-    let periods: BTreeSet<(NaiveDate, NaiveDate)> = cases
-        .iter()
-        .map(|c| (c.period.start, c.period.end))
-        .collect();
-    let mut results = Vec::new();
-    for (start, end) in periods {
-        let period = Period { start, end };
-        let outcome = super::run(&warehouse, queries, &[def], period)?;
-        let members: Vec<Vec<super::Member>> = outcome.iter().map(|r| r.members()).collect();
-        for case in cases.iter().filter(|c| c.period == period) {
-            let person = format!("deck/{}", case.patient);
-            let count = |group: usize, stratum: Option<usize>| {
-                let mut counts = super::Counts::default();
-                for m in members.get(group).into_iter().flatten() {
-                    if m.person == person && stratum.is_none_or(|k| m.strata[k] == "true") {
-                        counts.add(&m.flags);
-                    }
-                }
-                let values = [
-                    counts.initial_population,
-                    counts.denominator,
-                    counts.denominator_exclusion,
-                    counts.denominator_exception,
-                    counts.numerator,
-                ];
-                let mut out: BTreeMap<String, u64> = def
-                    .scoring
-                    .columns()
-                    .into_iter()
-                    .zip(values)
-                    .filter_map(|(p, n)| Some((p?.to_string(), n)))
-                    .collect();
-                if def.scoring == Scoring::ContinuousVariable {
-                    out.insert(OBSERVATION.into(), counts.performance(def.scoring));
-                }
-                out
+/// The case's expected and computed counts: per group, and per `true`
+/// stratum the case gives of a stratifier the measure defines.
+fn case_scopes(case: &Case, def: &MeasureDef, members: &[Vec<super::Member>]) -> Vec<Scope> {
+    let person = format!("deck/{}", case.patient);
+    let count = |group: usize, stratum: Option<usize>| {
+        computed_counts(
+            def,
+            members.get(group).map_or(&[], Vec::as_slice),
+            &person,
+            stratum,
+        )
+    };
+    let plain = case.expected.len() == 1 && case.expected[0].strata.is_empty();
+    let mut scopes = Vec::new();
+    for (g, expected) in case.expected.iter().enumerate() {
+        let group = if plain {
+            String::new()
+        } else {
+            format!("group {}", g + 1)
+        };
+        scopes.push(Scope {
+            label: group.clone(),
+            expected: expected.populations.clone(),
+            actual: count(g, None),
+        });
+        for (k, stratum) in expected.strata.iter().enumerate() {
+            let (Some(stratum), Some(st)) = (stratum, def.stratifiers.get(k)) else {
+                continue;
             };
-            let plain = case.expected.len() == 1 && case.expected[0].strata.is_empty();
-            let mut scopes = Vec::new();
-            for (g, expected) in case.expected.iter().enumerate() {
-                let group = if plain {
-                    String::new()
-                } else {
-                    format!("group {}", g + 1)
-                };
-                scopes.push(Scope {
-                    label: group.clone(),
-                    expected: expected.populations.clone(),
-                    actual: count(g, None),
-                });
-                for (k, stratum) in expected.strata.iter().enumerate() {
-                    let (Some(stratum), Some(st)) = (stratum, def.stratifiers.get(k)) else {
-                        continue;
-                    };
-                    scopes.push(Scope {
-                        label: format!("{group}, {}", st.id),
-                        expected: stratum.clone(),
-                        actual: count(g, Some(k)),
-                    });
-                }
-            }
-            results.push(CaseResult {
-                name: names
-                    .get(&case.folder)
-                    .cloned()
-                    .or_else(|| case.description.clone())
-                    .unwrap_or_else(|| case.folder.clone()),
-                folder: case.folder.clone(),
-                period,
-                scopes,
-                rejects: rejects.remove(&case.folder).unwrap_or_default(),
+            scopes.push(Scope {
+                label: format!("{group}, {}", st.id),
+                expected: stratum.clone(),
+                actual: count(g, Some(k)),
             });
         }
     }
-    results.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Conformance {
-        measure: def.id.clone(),
-        cases: results,
-    })
+    scopes
+}
+
+/// The population counts of `person` among a group's `members` (only those
+/// in the `true` stratum of stratifier `stratum`, if given), per population
+/// column of the measure's scoring.
+fn computed_counts(
+    def: &MeasureDef,
+    members: &[super::Member],
+    person: &str,
+    stratum: Option<usize>,
+) -> BTreeMap<String, u64> {
+    let mut counts = super::Counts::default();
+    for m in members {
+        if m.person == person && stratum.is_none_or(|k| m.strata[k] == "true") {
+            counts.add(&m.flags);
+        }
+    }
+    let values = [
+        counts.initial_population,
+        counts.denominator,
+        counts.denominator_exclusion,
+        counts.denominator_exception,
+        counts.numerator,
+    ];
+    let mut out: BTreeMap<String, u64> = def
+        .scoring
+        .columns()
+        .into_iter()
+        .zip(values)
+        .filter_map(|(p, n)| Some((p?.to_string(), n)))
+        .collect();
+    if def.scoring == Scoring::ContinuousVariable {
+        out.insert(OBSERVATION.into(), counts.performance(def.scoring));
+    }
+    out
 }
 
 /// Case folder → name, from the deck's `README.txt`: lines
@@ -303,71 +345,37 @@ fn read_deck(deck: &Path, def: &MeasureDef) -> Result<Vec<Case>> {
     Ok(cases)
 }
 
+/// An error in a test case's files.
+fn bad(path: &Path, message: String) -> WardError {
+    WardError::Data {
+        context: "reading a test case",
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
 /// Reads a case folder: the Bundle (or, without one, the resources as
 /// separate files, gathered into a collection Bundle) and the expected
 /// MeasureReport (inside the Bundle or beside it). `None` when the folder
 /// holds no patient record.
 fn read_case(folder: &Path, def: &MeasureDef) -> Result<Option<Case>> {
-    let bad = |path: &Path, message: String| WardError::Data {
-        context: "reading a test case",
-        path: path.to_path_buf(),
-        message,
-    };
-    let mut files: Vec<PathBuf> = fs::read_dir(folder)
-        .map_err(|e| WardError::io("cannot read", folder, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
-    let mut bundle = None;
-    let mut reports = Vec::new();
-    let mut resources = Vec::new();
-    for file in files {
-        let bytes = fs::read(&file).map_err(|e| WardError::io("cannot read", &file, e))?;
-        let json: Value =
-            serde_json::from_slice(&bytes).map_err(|e| bad(&file, format!("not JSON: {e}")))?;
-        match json["resourceType"].as_str() {
-            Some("Bundle") => {
-                for e in json["entry"].as_array().into_iter().flatten() {
-                    if e["resource"]["resourceType"] == "MeasureReport" {
-                        reports.push(e["resource"].clone());
-                    }
-                }
-                if bundle.is_some() {
-                    return Err(bad(folder, "more than one Bundle in a case folder".into()));
-                }
-                bundle = Some((file, json));
-            }
-            Some("MeasureReport") => reports.push(json),
-            Some(_) => resources.push(json),
-            None => {}
-        }
-    }
-    let (path, json) = match bundle {
+    let files = read_case_files(folder)?;
+    let (path, json) = match files.bundle {
         Some(found) => found,
-        None if resources.iter().any(|r| r["resourceType"] == "Patient") => {
-            let patients = resources
-                .iter()
-                .filter(|r| r["resourceType"] == "Patient")
-                .count();
-            if patients > 1 {
-                return Err(bad(
-                    folder,
-                    format!("{patients} Patient resources in one case folder"),
-                ));
-            }
-            let entry: Vec<Value> = resources
-                .into_iter()
-                .map(|r| serde_json::json!({ "resource": r }))
-                .collect();
-            let bundle = serde_json::json!({
-                "resourceType": "Bundle", "type": "collection", "entry": entry
-            });
-            (folder.to_path_buf(), bundle)
+        None if files
+            .resources
+            .iter()
+            .any(|r| r["resourceType"] == "Patient") =>
+        {
+            (
+                folder.to_path_buf(),
+                collection_bundle(folder, files.resources)?,
+            )
         }
         None => return Ok(None),
     };
-    let report = reports
+    let report = files
+        .reports
         .into_iter()
         .next()
         .ok_or_else(|| bad(folder, "no expected MeasureReport".into()))?;
@@ -390,61 +398,7 @@ fn read_case(folder: &Path, def: &MeasureDef) -> Result<Option<Case>> {
         start: date("start")?,
         end: date("end")?,
     };
-    let groups = report["group"].as_array().cloned().unwrap_or_default();
-    let wanted = def.groups.len().max(1);
-    if groups.len() != wanted {
-        return Err(bad(
-            &path,
-            format!(
-                "the MeasureReport has {} groups; measure {} has {wanted}",
-                groups.len(),
-                def.id
-            ),
-        ));
-    }
-    let populations = |list: &Value| -> Result<BTreeMap<String, u64>> {
-        let mut out = BTreeMap::new();
-        for p in list.as_array().into_iter().flatten() {
-            let code = p["code"]["coding"][0]["code"].as_str().unwrap_or_default();
-            let column = code.replace('-', "_");
-            let known = def.scoring.columns().contains(&Some(column.as_str()))
-                || (def.scoring == Scoring::ContinuousVariable && column == OBSERVATION);
-            if !known {
-                return Err(bad(&path, format!("population '{code}' is not supported")));
-            }
-            out.insert(column, p["count"].as_u64().unwrap_or(0));
-        }
-        Ok(out)
-    };
-    let mut expected = Vec::new();
-    for group in &groups {
-        let mut strata = Vec::new();
-        for st in group["stratifier"].as_array().into_iter().flatten() {
-            let truth = st["stratum"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|s| s["value"]["text"] == "true")
-                .map(|s| populations(&s["population"]))
-                .transpose()?;
-            strata.push(truth);
-        }
-        if strata.len() > def.stratifiers.len() {
-            return Err(bad(
-                &path,
-                format!(
-                    "the MeasureReport has {} stratifiers per group; measure {} defines {}",
-                    strata.len(),
-                    def.id,
-                    def.stratifiers.len()
-                ),
-            ));
-        }
-        expected.push(ExpectedGroup {
-            populations: populations(&group["population"])?,
-            strata,
-        });
-    }
+    let expected = expected_groups(&report, def, &path)?;
     let description = report["extension"]
         .as_array()
         .into_iter()
@@ -468,4 +422,143 @@ fn read_case(folder: &Path, def: &MeasureDef) -> Result<Option<Case>> {
         expected,
         description,
     }))
+}
+
+/// The JSON files of a case folder, sorted by what they hold.
+struct CaseFiles {
+    /// The Bundle file and its content (at most one per folder).
+    bundle: Option<(PathBuf, Value)>,
+    /// MeasureReports: inside the Bundle, or files of their own.
+    reports: Vec<Value>,
+    /// Any other resources, each a file of its own.
+    resources: Vec<Value>,
+}
+
+/// Reads every `.json` file of a case folder, in name order.
+fn read_case_files(folder: &Path) -> Result<CaseFiles> {
+    let mut files: Vec<PathBuf> = fs::read_dir(folder)
+        .map_err(|e| WardError::io("cannot read", folder, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    let mut out = CaseFiles {
+        bundle: None,
+        reports: Vec::new(),
+        resources: Vec::new(),
+    };
+    for file in files {
+        let bytes = fs::read(&file).map_err(|e| WardError::io("cannot read", &file, e))?;
+        let json: Value =
+            serde_json::from_slice(&bytes).map_err(|e| bad(&file, format!("not JSON: {e}")))?;
+        match json["resourceType"].as_str() {
+            Some("Bundle") => {
+                for e in json["entry"].as_array().into_iter().flatten() {
+                    if e["resource"]["resourceType"] == "MeasureReport" {
+                        out.reports.push(e["resource"].clone());
+                    }
+                }
+                if out.bundle.is_some() {
+                    return Err(bad(folder, "more than one Bundle in a case folder".into()));
+                }
+                out.bundle = Some((file, json));
+            }
+            Some("MeasureReport") => out.reports.push(json),
+            Some(_) => out.resources.push(json),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+/// A case's separate resource files as one collection Bundle; refused with
+/// more than one Patient.
+fn collection_bundle(folder: &Path, resources: Vec<Value>) -> Result<Value> {
+    let patients = resources
+        .iter()
+        .filter(|r| r["resourceType"] == "Patient")
+        .count();
+    if patients > 1 {
+        return Err(bad(
+            folder,
+            format!("{patients} Patient resources in one case folder"),
+        ));
+    }
+    let entry: Vec<Value> = resources
+        .into_iter()
+        .map(|r| serde_json::json!({ "resource": r }))
+        .collect();
+    Ok(serde_json::json!({
+        "resourceType": "Bundle", "type": "collection", "entry": entry
+    }))
+}
+
+/// The expected counts of the MeasureReport `report` (of the case file
+/// `path`): per group, the populations and the `true` stratum of each
+/// stratifier. The groups must be the measure's, the stratifiers at most
+/// the measure's.
+fn expected_groups(report: &Value, def: &MeasureDef, path: &Path) -> Result<Vec<ExpectedGroup>> {
+    let groups = report["group"].as_array().cloned().unwrap_or_default();
+    let wanted = def.groups.len().max(1);
+    if groups.len() != wanted {
+        return Err(bad(
+            path,
+            format!(
+                "the MeasureReport has {} groups; measure {} has {wanted}",
+                groups.len(),
+                def.id
+            ),
+        ));
+    }
+    let mut expected = Vec::new();
+    for group in &groups {
+        let mut strata = Vec::new();
+        for st in group["stratifier"].as_array().into_iter().flatten() {
+            let truth = st["stratum"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|s| s["value"]["text"] == "true")
+                .map(|s| expected_populations(&s["population"], def, path))
+                .transpose()?;
+            strata.push(truth);
+        }
+        if strata.len() > def.stratifiers.len() {
+            return Err(bad(
+                path,
+                format!(
+                    "the MeasureReport has {} stratifiers per group; measure {} defines {}",
+                    strata.len(),
+                    def.id,
+                    def.stratifiers.len()
+                ),
+            ));
+        }
+        expected.push(ExpectedGroup {
+            populations: expected_populations(&group["population"], def, path)?,
+            strata,
+        });
+    }
+    Ok(expected)
+}
+
+/// A MeasureReport population list as counts per population column; a
+/// population the measure's scoring does not have is refused.
+fn expected_populations(
+    list: &Value,
+    def: &MeasureDef,
+    path: &Path,
+) -> Result<BTreeMap<String, u64>> {
+    let mut out = BTreeMap::new();
+    for p in list.as_array().into_iter().flatten() {
+        let code = p["code"]["coding"][0]["code"].as_str().unwrap_or_default();
+        let column = code.replace('-', "_");
+        let known = def.scoring.columns().contains(&Some(column.as_str()))
+            || (def.scoring == Scoring::ContinuousVariable && column == OBSERVATION);
+        if !known {
+            return Err(bad(path, format!("population '{code}' is not supported")));
+        }
+        out.insert(column, p["count"].as_u64().unwrap_or(0));
+    }
+    Ok(out)
 }

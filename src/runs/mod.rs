@@ -33,10 +33,10 @@ pub use publish::*;
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::error::WardError;
     use super::history::HISTORY_LIMIT;
     use super::publish::run_dirs;
+    use super::*;
+    use crate::error::WardError;
     use std::fs;
     use std::path::{Path, PathBuf};
 

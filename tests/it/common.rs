@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 use chrono::NaiveDate;
 use datafusion::arrow::array::{Array, AsArray, ListArray, RecordBatch, StringArray};
@@ -49,6 +51,77 @@ pub fn copy_sample(dir: &Path) -> PathBuf {
     )
     .unwrap();
     config
+}
+
+/// One `ward run` of the bundled sample through the binary, made once per
+/// test process and shared (a full run costs about a minute of CI): the
+/// tests that only read a sample run's output use it. Never write into
+/// its directory (copy it first); it is removed when the tests end.
+pub struct SampleRun {
+    /// The run's temporary directory: `sample_data/` and the warehouse `wh/`.
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    /// `ward --config <config> run`'s exit status, stdout and stderr.
+    pub output: Output,
+}
+
+impl SampleRun {
+    pub fn warehouse(&self) -> PathBuf {
+        self.dir.join("wh")
+    }
+
+    /// `wh/runs/<run_id>/` of the published run.
+    pub fn run_dir(&self) -> PathBuf {
+        ward::runs::current_dir(&self.warehouse())
+            .unwrap()
+            .expect("the sample run published")
+    }
+
+    /// `reports/<run_id>/` of the published run.
+    pub fn report_dir(&self) -> PathBuf {
+        let run_dir = self.run_dir();
+        let id = run_dir.file_name().unwrap().to_owned();
+        run_dir.join("reports").join(id)
+    }
+}
+
+static SAMPLE_RUN: OnceLock<SampleRun> = OnceLock::new();
+
+/// The shared sample run (see [`SampleRun`]), made by the first test that
+/// asks; fails every asking test if the run failed (the run is not retried).
+pub fn sample_run() -> &'static SampleRun {
+    let run = SAMPLE_RUN.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        // Removed at exit: a static is never dropped.
+        extern "C" fn remove_sample_run() {
+            if let Some(run) = SAMPLE_RUN.get() {
+                let _ = fs::remove_dir_all(&run.dir);
+            }
+        }
+        // SAFETY: registers a plain function with no arguments.
+        unsafe { libc::atexit(remove_sample_run) };
+        let config = copy_sample(&dir);
+        let output = Command::new(env!("CARGO_BIN_EXE_ward"))
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .current_dir(&dir)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        SampleRun {
+            dir,
+            config,
+            output,
+        }
+    });
+    assert_eq!(
+        run.output.status.code(),
+        Some(0),
+        "the shared sample run failed: {}",
+        text(&run.output.stderr)
+    );
+    run
 }
 
 pub fn copy_dir(from: &Path, to: &Path) {

@@ -14,5 +14,6 @@ mod ops;
 mod report;
 mod research;
 mod slt;
+mod snap;
 mod synth;
 mod valuesets;

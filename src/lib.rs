@@ -24,6 +24,7 @@ pub mod ingest;
 pub mod link;
 pub mod mapping;
 pub mod measure;
+pub mod normalize;
 pub mod query;
 pub mod reads;
 pub mod report;
@@ -264,7 +265,7 @@ fn run_stages(
 ) -> Result<RunReport> {
     let warehouse = warehouse::Warehouse::new(&config.warehouse).with_output(run_dir);
     let ingest = stage(manifest, "ingest", || {
-        ingest::ingest(config, opts, progress)
+        ingest::ingest(&config.warehouse, &config.sources, opts, progress)
     })?;
     let state = warehouse.load_state()?;
     manifest.inputs = runs::inputs(&state, &ingest, previous.manifest.as_ref());

@@ -32,7 +32,7 @@ use toml::Spanned;
 use crate::error::Result;
 #[cfg(test)]
 use crate::error::WardError;
-use crate::ingest::normalize::{self, DateFormat};
+use crate::normalize::{self, DateFormat};
 use crate::schema::{Kind, Table};
 use crate::tomlfile::{config_error, load_toml};
 

@@ -32,7 +32,7 @@ pub enum Kind {
     Sex,
     /// `ambulatory | emergency | inpatient | virtual | other`.
     EncounterClass,
-    /// OMB race category (see [`crate::ingest::normalize`]).
+    /// OMB race category (see [`crate::normalize`]).
     Race,
     /// OMB ethnicity category.
     Ethnicity,

@@ -6,7 +6,7 @@
 //! Each file is named `<OID>.csv` and holds
 //! `valueset,name,version,code_system,code,display`; a directory of them is
 //! one table, read with [`crate::schema::valueset_code_schema`]. Code systems get Ward's short names (see
-//! [`crate::ingest::normalize::code_system`]); systems Ward does not know
+//! [`crate::normalize::code_system`]); systems Ward does not know
 //! keep their URI.
 
 use std::collections::BTreeMap;
@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{Result, WardError};
-use crate::ingest::normalize;
+use crate::normalize;
 use crate::schema::valueset_code_schema;
 
 /// One value set, ready to write.

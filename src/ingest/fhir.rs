@@ -18,10 +18,10 @@ use datafusion::arrow::compute::filter_record_batch;
 use rayon::prelude::*;
 use serde_json::Value;
 
-use super::normalize::DateFormat;
 use super::rows::{self, MappedFile, RejectRow, RowContext, RowInput};
 use crate::error::{Result, WardError};
 use crate::mapping::{FieldSpec, ValueSource};
+use crate::normalize::DateFormat;
 use crate::schema::Table;
 
 /// NDJSON lines parsed per parallel chunk: memory follows the chunk, not the file.
@@ -92,7 +92,7 @@ impl Row {
     fn set_code(&mut self, codings: Vec<(String, String)>) {
         let primary = codings
             .iter()
-            .position(|(s, _)| super::normalize::code_system(s).is_some())
+            .position(|(s, _)| crate::normalize::code_system(s).is_some())
             .or(if codings.is_empty() { None } else { Some(0) });
         if let Some(p) = primary {
             let mut codings = codings;
@@ -294,7 +294,7 @@ fn coded_tokens(codes: Vec<(String, String)>) -> Option<String> {
     let tokens: Vec<String> = codes
         .into_iter()
         .map(|(system, code)| {
-            let system = super::normalize::code_system(&system).map_or(system, str::to_string);
+            let system = crate::normalize::code_system(&system).map_or(system, str::to_string);
             format!("{system}|{code}").replace(' ', "_")
         })
         .collect();

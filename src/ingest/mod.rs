@@ -9,14 +9,15 @@
 
 pub mod csv;
 pub mod fhir;
-pub mod normalize;
 pub mod rows;
+mod source;
+
+pub use source::{IgnoredPath, SourceConfig, SourceFormat};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::Progress;
 use chrono::NaiveDate;
 use datafusion::arrow::array::{
     Array, Date32Array, RecordBatch, StringArray, StringBuilder, UInt64Builder,
@@ -25,7 +26,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::config::{PipelineConfig, SourceConfig, SourceFormat};
+use crate::Progress;
 use crate::error::{Result, WardError};
 use crate::mapping::{CsvMapping, FileMapping};
 use crate::schema::{Table, rejects_schema};
@@ -314,21 +315,21 @@ impl Loaded {
     }
 }
 
-/// Runs ingest for every source of `config`.
+/// Runs ingest for every source, in order, into the warehouse at `warehouse`.
 pub fn ingest(
-    config: &PipelineConfig,
+    warehouse: &Path,
+    sources: &[SourceConfig],
     opts: &IngestOptions,
     progress: &dyn Progress,
 ) -> Result<IngestReport> {
-    let wh = Warehouse::new(&config.warehouse);
+    let wh = Warehouse::new(warehouse);
     let mut report = IngestReport::default();
     let mut state = open_state(&wh, opts, &mut report)?;
-    let mappings: Vec<Option<CsvMapping>> = config
-        .sources
+    let mappings: Vec<Option<CsvMapping>> = sources
         .iter()
         .map(|s| s.mapping.as_deref().map(CsvMapping::load).transpose())
         .collect::<Result<_>>()?;
-    let candidates = list_files(config, &mappings, &mut report);
+    let candidates = list_files(sources, &mappings, &mut report);
     let inputs = classify(hash_all(candidates), &state, &mut report);
 
     let (patient_inputs, fact_inputs): (Vec<&Input>, Vec<&Input>) =
@@ -342,7 +343,7 @@ pub fn ingest(
 
     // Phase 1: patients.
     let patient_results = load_all(&to_load, opts.today, &HashMap::new(), progress);
-    let patients = source_patients(config, &state, &wh, opts.dry_run, &patient_results)?;
+    let patients = source_patients(sources, &state, &wh, opts.dry_run, &patient_results)?;
 
     // Phase 2: facts, checked against the patients.
     let fact_load: Vec<&Input> = fact_inputs
@@ -441,12 +442,12 @@ fn open_state(
 /// files the sources' globs matched but ignore, and the sources that could
 /// not be listed.
 fn list_files<'a>(
-    config: &'a PipelineConfig,
+    sources: &'a [SourceConfig],
     mappings: &'a [Option<CsvMapping>],
     report: &mut IngestReport,
 ) -> Vec<(&'a SourceConfig, Option<&'a CsvMapping>, PathBuf)> {
     let mut candidates = Vec::new();
-    for (source, mapping) in config.sources.iter().zip(mappings) {
+    for (source, mapping) in sources.iter().zip(mappings) {
         match source.input_files() {
             Ok((files, ignored)) => {
                 candidates.extend(files.into_iter().map(|p| (source, mapping.as_ref(), p)));
@@ -610,7 +611,7 @@ struct SourcePatients {
 /// Gathers each source's patients, from the patient files just loaded and
 /// (unless a dry run) from staging for the others.
 fn source_patients(
-    config: &PipelineConfig,
+    sources: &[SourceConfig],
     state: &IngestState,
     wh: &Warehouse,
     dry_run: bool,
@@ -620,7 +621,7 @@ fn source_patients(
         lookups: HashMap::new(),
         fingerprints: HashMap::new(),
     };
-    for source in &config.sources {
+    for source in sources {
         let mut files: BTreeMap<String, String> = state
             .sources
             .get(&source.name)

@@ -22,9 +22,9 @@ use datafusion::arrow::datatypes::DataType;
 use rayon::prelude::*;
 
 use super::csv::{StructuralReject, TextTable};
-use super::normalize::{self, DateFormat};
 use crate::error::{Result, WardError};
 use crate::mapping::{FieldSpec, FileMapping, ValueSource};
+use crate::normalize::{self, DateFormat};
 use crate::schema::{Kind, Table, coding_fields};
 
 /// Rows mapped per parallel chunk (and per output record batch).

@@ -18,9 +18,10 @@ use chrono::NaiveDate;
 use serde_json::Value;
 
 use super::{MeasureDef, OBSERVATION, Scoring};
-use crate::config::{Period, PipelineConfig, SourceConfig, SourceFormat};
 use crate::error::{Result, WardError};
 use crate::ingest::{self, FileStatus, IngestOptions};
+use crate::ingest::{SourceConfig, SourceFormat};
+use crate::measure::Period;
 use crate::warehouse::Warehouse;
 
 /// One test case's outcome.
@@ -99,7 +100,7 @@ struct ExpectedGroup {
 pub fn run(deck: &Path, def: &MeasureDef, queries: &Path, scratch: &Path) -> Result<Conformance> {
     let cases = read_deck(deck, def)?;
     let names = case_names(deck);
-    let (warehouse, mut rejects) = load_cases(&cases, queries, scratch)?;
+    let (warehouse, mut rejects) = load_cases(&cases, scratch)?;
     let periods: BTreeSet<(NaiveDate, NaiveDate)> = cases
         .iter()
         .map(|c| (c.period.start, c.period.end))
@@ -136,11 +137,7 @@ type Rejects = BTreeMap<String, u64>;
 /// Ingests every case's Bundle into a scratch warehouse under `scratch`
 /// (emptied first); returns the warehouse and each case's rejects by rule,
 /// per case folder. A file that fails to load fails the run.
-fn load_cases(
-    cases: &[Case],
-    queries: &Path,
-    scratch: &Path,
-) -> Result<(Warehouse, BTreeMap<String, Rejects>)> {
+fn load_cases(cases: &[Case], scratch: &Path) -> Result<(Warehouse, BTreeMap<String, Rejects>)> {
     if scratch.exists() {
         fs::remove_dir_all(scratch).map_err(|e| WardError::io("cannot empty", scratch, e))?;
     }
@@ -155,7 +152,14 @@ fn load_cases(
         })?;
         fs::write(&to, text).map_err(|e| WardError::io("cannot write", &to, e))?;
     }
-    let config = deck_config(scratch, &input, queries);
+    let warehouse = scratch.join("warehouse");
+    let source = SourceConfig {
+        name: "deck".into(),
+        format: SourceFormat::FhirBundle,
+        pattern: input.join("*.json").to_string_lossy().into_owned(),
+        mapping: None,
+        nightly: false,
+    };
     // Test decks are dated around their measurement period, often in the
     // future: no date is "future" here.
     let opts = IngestOptions {
@@ -163,7 +167,7 @@ fn load_cases(
         dry_run: false,
         ..Default::default()
     };
-    let report = ingest::ingest(&config, &opts, &())?;
+    let report = ingest::ingest(&warehouse, std::slice::from_ref(&source), &opts, &())?;
     let mut rejects: BTreeMap<String, Rejects> = BTreeMap::new();
     for f in &report.files {
         if f.status == FileStatus::Failed {
@@ -176,32 +180,7 @@ fn load_cases(
         let folder = f.file.trim_end_matches(".json").to_string();
         rejects.insert(folder, f.rejects_by_rule.clone());
     }
-    Ok((Warehouse::new(&config.warehouse), rejects))
-}
-
-/// The pipeline config of the scratch warehouse: one Bundle source, the
-/// case files in `input`.
-fn deck_config(scratch: &Path, input: &Path, queries: &Path) -> PipelineConfig {
-    PipelineConfig {
-        path: scratch.join("conformance.toml"),
-        warehouse: scratch.join("warehouse"),
-        warehouse_group: None,
-        measurement_period: None,
-        as_of: None,
-        queries: Some(queries.to_path_buf()),
-        link: Default::default(),
-        min_cell_size: 11,
-        keep_runs: 1,
-        gates: Default::default(),
-        deid: Default::default(),
-        sources: vec![SourceConfig {
-            name: "deck".into(),
-            format: SourceFormat::FhirBundle,
-            pattern: input.join("*.json").to_string_lossy().into_owned(),
-            mapping: None,
-            nightly: false,
-        }],
-    }
+    Ok((Warehouse::new(&warehouse), rejects))
 }
 
 /// The case's expected and computed counts: per group, and per `true`

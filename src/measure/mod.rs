@@ -862,11 +862,11 @@ pub fn care_gaps(
                    pt.given_name, pt.family_name, pt.birth_date, \
                    '{action}' AS action, {details} AS details, \
                    array_to_string(array_remove(p.sources, l.source), ';') AS other_providers \
-                 FROM (SELECT *, row_number() OVER (ORDER BY {priority}) AS rank_ FROM {mart}) m \
+                 FROM (SELECT *, row_number() OVER (ORDER BY {priority}, person_id) AS rank_ FROM {mart}) m \
                  JOIN person_link l ON l.person_id = m.person_id \
                  JOIN staging_patient pt ON pt.source = l.source AND pt.source_patient_id = l.source_patient_id \
                  JOIN patient p ON p.person_id = m.person_id \
-                 WHERE {gap} ORDER BY provider, rank_",
+                 WHERE {gap} ORDER BY provider, rank_, pt.source_patient_id",
                 action = action.replace('\'', "''"),
                 key = r.key().replace('\'', "''"),
             );

@@ -27,9 +27,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::Cell;
-use crate::config::Period;
 use crate::error::{Result, WardError};
 use crate::ingest::{FileStatus, IngestReport};
+use crate::measure::Period;
 use crate::measure::{Improvement, MeasureResult, Scoring};
 
 const PAGE: &str = include_str!("templates/report.html");

@@ -57,7 +57,7 @@ pub struct GateResult {
 /// sources expected every night (`nightly`).
 pub fn check_gates(
     gates: &Gates,
-    sources: &[crate::config::SourceConfig],
+    sources: &[crate::ingest::SourceConfig],
     tables: &[SourceTable],
     previous: Option<&Manifest>,
 ) -> Vec<GateResult> {

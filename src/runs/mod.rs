@@ -167,10 +167,10 @@ mod tests {
         }
     }
 
-    fn source(name: &str, nightly: bool) -> crate::config::SourceConfig {
-        crate::config::SourceConfig {
+    fn source(name: &str, nightly: bool) -> crate::ingest::SourceConfig {
+        crate::ingest::SourceConfig {
             name: name.into(),
-            format: crate::config::SourceFormat::Csv,
+            format: crate::ingest::SourceFormat::Csv,
             pattern: String::new(),
             mapping: None,
             nightly,

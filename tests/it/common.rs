@@ -144,7 +144,8 @@ pub fn today() -> NaiveDate {
 pub fn run_ingest(config: &Path) -> Result<IngestReport> {
     let config = PipelineConfig::load(config)?;
     ingest(
-        &config,
+        &config.warehouse,
+        &config.sources,
         &IngestOptions {
             today: today(),
             dry_run: false,

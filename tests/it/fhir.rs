@@ -33,7 +33,7 @@ fn ingest_2030(config: &Path) -> ward::IngestReport {
         dry_run: false,
         ..Default::default()
     };
-    ward::ingest::ingest(&config, &opts, &()).unwrap()
+    ward::ingest::ingest(&config.warehouse, &config.sources, &opts, &()).unwrap()
 }
 
 /// Staged rows per table and distinct (file, line) per table, for a source.
@@ -599,7 +599,7 @@ fn unseen_fhir_shapes_are_loaded_flagged_or_rejected_never_a_panic() {
         dry_run: false,
         ..Default::default()
     };
-    let report = ward::ingest::ingest(&config, &opts, &()).unwrap();
+    let report = ward::ingest::ingest(&config.warehouse, &config.sources, &opts, &()).unwrap();
     let file = |name: &str| report.files.iter().find(|f| f.file == name).unwrap();
     let patients = file("Patient.ndjson");
     assert_eq!((patients.rows_accepted, patients.rows_rejected), (2, 1));

@@ -96,6 +96,20 @@ fn snap_summary_csv() {
     settings(run).bind(|| insta::assert_snapshot!("summary_csv", csv));
 }
 
+/// A clinic's care-gap list, in the order it works through it: the
+/// measure's priority, then the person, then the record id (a person with
+/// two records at one provider used to come out in either order).
+#[test]
+fn snap_care_gap_list() {
+    let run = sample_run();
+    let path = run
+        .report_dir()
+        .join("phi")
+        .join("care_gaps_northside_clinic.csv");
+    let csv = fs::read_to_string(path).unwrap();
+    settings(run).bind(|| insta::assert_snapshot!("care_gaps_northside_clinic", csv));
+}
+
 #[test]
 fn snap_measure_reports() {
     let run = sample_run();

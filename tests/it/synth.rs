@@ -134,6 +134,6 @@ fn ingest_rejects_exactly_the_planted_rows_and_truth_is_complete() {
 fn glucose_factor_matches_ingest() {
     assert_eq!(
         ward_synth::GLUCOSE_MG_PER_MMOL,
-        ward::ingest::normalize::GLUCOSE_MG_PER_MMOL
+        ward::normalize::GLUCOSE_MG_PER_MMOL
     );
 }

@@ -529,7 +529,7 @@ fn column<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a Arr
     batch.column_by_name(name).ok_or_else(|| WardError::Data {
         context: "reading a core table",
         path: path.to_path_buf(),
-        message: format!("no column '{name}'"),
+        source: format!("no column '{name}'").into(),
     })
 }
 
@@ -537,7 +537,7 @@ fn as_text(a: &ArrayRef, name: &str, path: &Path) -> Result<StringArray> {
     crate::engine::text(a).map_err(|e| WardError::Data {
         context: "reading a core table",
         path: path.to_path_buf(),
-        message: format!("column '{name}': {e}"),
+        source: format!("column '{name}': {e}").into(),
     })
 }
 
@@ -545,7 +545,7 @@ fn typed(a: &ArrayRef, to: &DataType, name: &str, path: &Path) -> Result<ArrayRe
     cast(a, to).map_err(|e| WardError::Data {
         context: "reading a core table",
         path: path.to_path_buf(),
-        message: format!("column '{name}': {e}"),
+        source: format!("column '{name}': {e}").into(),
     })
 }
 
@@ -706,7 +706,7 @@ fn person_batch(people: &[&Person], mode: DeidMode) -> Result<RecordBatch> {
     .map_err(|e| WardError::Data {
         context: "building research/person",
         path: PathBuf::from("person.parquet"),
-        message: e.to_string(),
+        source: e.into(),
     })
 }
 
@@ -720,7 +720,7 @@ fn list_of(
     let err = |e: datafusion::arrow::error::ArrowError| WardError::Data {
         context: "building research/person",
         path: PathBuf::from("person.parquet"),
-        message: e.to_string(),
+        source: e.into(),
     };
     let present: Vec<bool> = present.collect();
     let mut lengths = Vec::with_capacity(present.len());
@@ -873,7 +873,7 @@ fn deid_table(
                 filter_record_batch(&b, &keep).map_err(|e| WardError::Data {
                     context: "suppressing small classes",
                     path: part.clone(),
-                    message: e.to_string(),
+                    source: e.into(),
                 })?
             } else {
                 b
@@ -986,7 +986,7 @@ fn deid_batch(
     RecordBatch::try_new(schema.clone(), columns).map_err(|e| WardError::Data {
         context: "building a research table",
         path: path.to_path_buf(),
-        message: e.to_string(),
+        source: e.into(),
     })
 }
 

@@ -61,7 +61,7 @@ pub(crate) fn limited_session(config: SessionConfig, bytes: usize) -> Result<Ses
         .map_err(|e| WardError::Data {
             context: "starting the query engine",
             path: Default::default(),
-            message: e.to_string(),
+            source: e.into(),
         })?;
     Ok(SessionContext::new_with_config_rt(tuned(config), runtime))
 }
@@ -129,7 +129,7 @@ pub(crate) async fn register_parquet(
     let err = |e: datafusion::error::DataFusionError| WardError::Data {
         context: "registering a table",
         path: path.to_path_buf(),
-        message: e.to_string(),
+        source: e.into(),
     };
     let files = if path.is_file() {
         vec![path.to_path_buf()]
@@ -176,7 +176,7 @@ pub(crate) async fn collect_about(
     let err = |e: datafusion::error::DataFusionError| WardError::Data {
         context,
         path: path.to_path_buf(),
-        message: e.to_string(),
+        source: e.into(),
     };
     ctx.sql(sql)
         .await

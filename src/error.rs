@@ -6,6 +6,10 @@ use std::path::PathBuf;
 /// Result alias used throughout the library.
 pub type Result<T, E = WardError> = std::result::Result<T, E>;
 
+/// Any error kept as the cause of a [`WardError::Data`]; a `String` turns
+/// into one with `.into()`.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Everything that can go wrong in Ward, with enough context to act on it.
 #[derive(Debug, thiserror::Error)]
 pub enum WardError {
@@ -46,11 +50,14 @@ pub enum WardError {
     },
 
     /// Writing or reading Parquet / Arrow data failed.
-    #[error("{context} ({}): {message}", path.display())]
+    #[error("{context}{}: {source}", in_path(path))]
     Data {
         context: &'static str,
         path: PathBuf,
-        message: String,
+        /// The cause: the engine's, Arrow's or Parquet's error as it was
+        /// (`std::error::Error::source` walks on from it), or Ward's own
+        /// message.
+        source: BoxError,
     },
 
     /// Another process holds the warehouse lock.
@@ -96,6 +103,15 @@ impl WardError {
             self,
             WardError::Config { .. } | WardError::Query { .. } | WardError::Usage { .. }
         )
+    }
+}
+
+/// ` (path)`, or nothing for an error about no file in particular.
+fn in_path(path: &std::path::Path) -> String {
+    if path.as_os_str().is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", path.display())
     }
 }
 

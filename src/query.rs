@@ -46,7 +46,7 @@ use datafusion::sql::sqlparser::ast::{
 use datafusion::sql::sqlparser::parser::ParserError;
 use futures::StreamExt;
 
-use crate::error::{Result, WardError};
+use crate::error::{BoxError, Result, WardError};
 
 /// Options of [`query`].
 #[derive(Debug, Clone, Default)]
@@ -395,34 +395,35 @@ pub fn query(research_dir: &Path, sql: &str, opts: &QueryOptions) -> Result<Quer
     let tables = research_tables(research_dir)?;
     let names: Vec<String> = tables.iter().map(|(n, _)| n.clone()).collect();
     check(sql, &names)?;
-    let failed = |message: String| WardError::Data {
+    let failed = |source: BoxError| WardError::Data {
         context: "running a research query",
         path: research_dir.to_path_buf(),
-        message,
+        source,
     };
     std::thread::scope(|scope| {
-        let run = std::thread::Builder::new()
-            .name("ward-query".into())
-            .stack_size(QUERY_STACK_BYTES)
-            .spawn_scoped(scope, || {
-                crate::engine::block_on_with_stack(WORKER_STACK_BYTES, async {
-                    match opts.timeout {
-                        Some(limit) => {
-                            tokio::time::timeout(limit, run(research_dir, &tables, sql, opts))
-                                .await
-                                .unwrap_or_else(|_| {
-                                    Err(failed(format!(
+        let run =
+            std::thread::Builder::new()
+                .name("ward-query".into())
+                .stack_size(QUERY_STACK_BYTES)
+                .spawn_scoped(scope, || {
+                    crate::engine::block_on_with_stack(WORKER_STACK_BYTES, async {
+                        match opts.timeout {
+                            Some(limit) => {
+                                tokio::time::timeout(limit, run(research_dir, &tables, sql, opts))
+                                    .await
+                                    .unwrap_or_else(|_| {
+                                        Err(failed(format!(
                                         "the query did not finish within its time limit of {} \
                                      (filter, aggregate or add LIMIT, or raise --timeout)",
                                         format_duration(limit)
-                                    )))
-                                })
+                                    ).into()))
+                                    })
+                            }
+                            None => run(research_dir, &tables, sql, opts).await,
                         }
-                        None => run(research_dir, &tables, sql, opts).await,
-                    }
+                    })
                 })
-            })
-            .map_err(|e| WardError::io("cannot start a query thread", research_dir, e))?;
+                .map_err(|e| WardError::io("cannot start a query thread", research_dir, e))?;
         run.join().unwrap_or_else(|_| {
             Err(failed(
                 "the query engine failed on this query (internal error)".into(),
@@ -463,7 +464,7 @@ async fn run(
                 .map_err(|e| WardError::Data {
                     context: "registering a research table",
                     path: path.clone(),
-                    message: e.to_string(),
+                    source: e.into(),
                 })?;
         }
         let options = SQLOptions::new()
@@ -482,13 +483,14 @@ async fn run(
         let run_err = |e: DataFusionError| WardError::Data {
             context: "running a research query",
             path: research_dir.to_path_buf(),
-            message: match (e.find_root(), opts.memory_limit) {
+            source: match (e.find_root(), opts.memory_limit) {
                 (DataFusionError::ResourcesExhausted(_), Some(limit)) => format!(
                     "the query needs more memory than its limit of {} MiB \
                      (aggregate, filter or add LIMIT, or raise --memory-limit): {e}",
                     limit >> 20
-                ),
-                _ => e.to_string(),
+                )
+                .into(),
+                _ => e.into(),
             },
         };
         // The result is held in memory too: it counts against the same pool
@@ -563,7 +565,7 @@ fn suppress(out: &mut QueryOutput, columns: &[usize], min: u64) -> Result<()> {
     let err = |e: datafusion::arrow::error::ArrowError| WardError::Data {
         context: "suppressing small counts",
         path: PathBuf::new(),
-        message: e.to_string(),
+        source: e.into(),
     };
     // Suppressed counts are NULL: count columns become nullable.
     let fields: Vec<_> = out
@@ -634,10 +636,10 @@ pub fn write_output<W: Write + Send>(
     format: OutputFormat,
     mut w: W,
 ) -> Result<()> {
-    let err = |message: String| WardError::Data {
+    let err = |source: BoxError| WardError::Data {
         context: "writing query output",
         path: PathBuf::new(),
-        message,
+        source,
     };
     match format {
         OutputFormat::Table => {
@@ -653,14 +655,14 @@ pub fn write_output<W: Write + Send>(
                     .iter()
                     .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
                     .collect::<std::result::Result<Vec<_>, _>>()
-                    .map_err(|e| err(e.to_string()))?;
+                    .map_err(|e| err(e.into()))?;
                 for row in 0..b.num_rows() {
                     table.add_row(formatters.iter().map(|f| f.value(row).to_string()));
                 }
             }
-            writeln!(w, "{table}").map_err(|e| err(e.to_string()))?;
+            writeln!(w, "{table}").map_err(|e| err(e.into()))?;
             let rows: usize = out.batches.iter().map(RecordBatch::num_rows).sum();
-            writeln!(w, "{rows} row(s)").map_err(|e| err(e.to_string()))?;
+            writeln!(w, "{rows} row(s)").map_err(|e| err(e.into()))?;
         }
         OutputFormat::Csv => {
             let mut writer = datafusion::arrow::csv::WriterBuilder::new()
@@ -668,10 +670,10 @@ pub fn write_output<W: Write + Send>(
                 .build(&mut w);
             if out.batches.is_empty() {
                 let empty = RecordBatch::new_empty(out.schema.clone());
-                writer.write(&empty).map_err(|e| err(e.to_string()))?;
+                writer.write(&empty).map_err(|e| err(e.into()))?;
             }
             for b in &out.batches {
-                writer.write(b).map_err(|e| err(e.to_string()))?;
+                writer.write(b).map_err(|e| err(e.into()))?;
             }
         }
         OutputFormat::Json => {
@@ -679,10 +681,10 @@ pub fn write_output<W: Write + Send>(
                 .with_explicit_nulls(true)
                 .build::<_, datafusion::arrow::json::writer::JsonArray>(&mut w);
             for b in &out.batches {
-                writer.write(b).map_err(|e| err(e.to_string()))?;
+                writer.write(b).map_err(|e| err(e.into()))?;
             }
-            writer.finish().map_err(|e| err(e.to_string()))?;
-            writeln!(w).map_err(|e| err(e.to_string()))?;
+            writer.finish().map_err(|e| err(e.into()))?;
+            writeln!(w).map_err(|e| err(e.into()))?;
         }
         OutputFormat::Parquet => {
             use datafusion::parquet::arrow::ArrowWriter;
@@ -694,14 +696,14 @@ pub fn write_output<W: Write + Send>(
                 ))
                 .build();
             let mut writer = ArrowWriter::try_new(&mut w, out.schema.clone(), Some(props))
-                .map_err(|e| err(e.to_string()))?;
+                .map_err(|e| err(e.into()))?;
             for b in &out.batches {
-                writer.write(b).map_err(|e| err(e.to_string()))?;
+                writer.write(b).map_err(|e| err(e.into()))?;
             }
-            writer.close().map_err(|e| err(e.to_string()))?;
+            writer.close().map_err(|e| err(e.into()))?;
         }
     }
-    w.flush().map_err(|e| err(e.to_string()))
+    w.flush().map_err(|e| err(e.into()))
 }
 
 #[cfg(test)]

@@ -128,7 +128,7 @@ fn csv_error(path: &Path, e: csv::Error) -> WardError {
     WardError::Data {
         context: "writing value set",
         path: path.to_path_buf(),
-        message: e.to_string(),
+        source: e.into(),
     }
 }
 

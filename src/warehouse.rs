@@ -26,7 +26,7 @@ use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, WardError};
+use crate::error::{BoxError, Result, WardError};
 use crate::schema::Table;
 
 /// Version of the ingest state format and of ingest's rules: bumping it
@@ -133,10 +133,10 @@ impl Warehouse {
         schema: SchemaRef,
         batches: &[RecordBatch],
     ) -> Result<()> {
-        let data_err = |message: String| WardError::Data {
+        let data_err = |source: BoxError| WardError::Data {
             context: "writing parquet",
             path: path.to_path_buf(),
-            message,
+            source,
         };
         self.publish(path, |file| {
             let props = WriterProperties::builder()
@@ -145,12 +145,12 @@ impl Warehouse {
                 ))
                 .set_created_by(format!("ward {}", env!("CARGO_PKG_VERSION")))
                 .build();
-            let mut writer = ArrowWriter::try_new(file, schema, Some(props))
-                .map_err(|e| data_err(e.to_string()))?;
+            let mut writer =
+                ArrowWriter::try_new(file, schema, Some(props)).map_err(|e| data_err(e.into()))?;
             for b in batches {
-                writer.write(b).map_err(|e| data_err(e.to_string()))?;
+                writer.write(b).map_err(|e| data_err(e.into()))?;
             }
-            writer.close().map_err(|e| data_err(e.to_string()))?;
+            writer.close().map_err(|e| data_err(e.into()))?;
             Ok(())
         })
     }
@@ -351,16 +351,16 @@ pub fn apply_group(root: &Path, gid: u32) -> Result<u64> {
 
 pub fn read_parquet(path: &Path, context: &'static str) -> Result<Vec<RecordBatch>> {
     use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let err = |message: String| WardError::Data {
+    let err = |source: BoxError| WardError::Data {
         context,
         path: path.to_path_buf(),
-        message,
+        source,
     };
     let file = fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
     ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.build())
-        .map_err(|e| err(e.to_string()))?
-        .map(|b| b.map_err(|e| err(e.to_string())))
+        .map_err(|e| err(e.into()))?
+        .map(|b| b.map_err(|e| err(e.into())))
         .collect()
 }
 

@@ -1102,7 +1102,7 @@ fn map_flat(
             let b = filter_record_batch(&b, &keep).map_err(|e| WardError::Data {
                 context: "dropping rows of rejected resources",
                 path: path.to_path_buf(),
-                message: e.to_string(),
+                source: e.into(),
             })?;
             if table == Table::Patient {
                 super::add_birth_dates(&b, &mut own_patients);

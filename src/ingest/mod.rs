@@ -885,7 +885,7 @@ fn rejects_batch(
     .map_err(|e| WardError::Data {
         context: "building rejects",
         path: path.to_path_buf(),
-        message: e.to_string(),
+        source: e.into(),
     })
 }
 

@@ -1132,7 +1132,7 @@ impl Builders {
         RecordBatch::try_new(table.schema(), arrays).map_err(|e| WardError::Data {
             context: "building canonical rows",
             path: ctx.path.to_path_buf(),
-            message: e.to_string(),
+            source: e.into(),
         })
     }
 }

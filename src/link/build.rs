@@ -156,7 +156,7 @@ async fn write(ctx: &SessionContext, sql: &str, path: &Path) -> Result<u64> {
     let err = |e: datafusion::error::DataFusionError| WardError::Data {
         context: "building a core table",
         path: path.to_path_buf(),
-        message: e.to_string(),
+        source: e.into(),
     };
     let df = ctx.sql(sql).await.map_err(err)?;
     let written = df

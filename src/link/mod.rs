@@ -30,7 +30,7 @@ use datafusion::prelude::SessionConfig;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::error::{Result, WardError};
+use crate::error::{BoxError, Result, WardError};
 use crate::warehouse::Warehouse;
 use model::{Model, Rec};
 
@@ -730,7 +730,7 @@ fn write_review(
         let io = |e: csv::Error| WardError::Data {
             context: "writing the linkage review list",
             path: path.clone(),
-            message: e.to_string(),
+            source: e.into(),
         };
         w.write_record([
             "source_a",
@@ -947,18 +947,18 @@ pub fn read_person_links(path: &Path) -> Result<Vec<PersonLink>> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let data_err = |message: String| WardError::Data {
+    let data_err = |source: BoxError| WardError::Data {
         context: "reading person links",
         path: path.to_path_buf(),
-        message,
+        source,
     };
     let mut links = Vec::new();
     for b in crate::warehouse::read_parquet(path, "reading person links")? {
         let col = |name: &str| -> Result<StringArray> {
             let array = b
                 .column_by_name(name)
-                .ok_or_else(|| data_err(format!("no column {name}")))?;
-            crate::engine::text(array).map_err(|e| data_err(e.to_string()))
+                .ok_or_else(|| data_err(format!("no column {name}").into()))?;
+            crate::engine::text(array).map_err(|e| data_err(e.into()))
         };
         let (source, spid, person) = (col("source")?, col("source_patient_id")?, col("person_id")?);
         for i in 0..b.num_rows() {
@@ -1122,11 +1122,11 @@ fn block(recs: &[Rec], rules: &[(String, String)]) -> Result<Vec<(u32, u32, u8)>
         .collect())
 }
 
-fn engine_error(e: impl std::fmt::Display) -> WardError {
+fn engine_error(e: impl Into<BoxError>) -> WardError {
     WardError::Data {
         context: "linking patient records",
         path: Default::default(),
-        message: e.to_string(),
+        source: e.into(),
     }
 }
 

@@ -148,7 +148,7 @@ fn load_cases(cases: &[Case], scratch: &Path) -> Result<(Warehouse, BTreeMap<Str
         let text = serde_json::to_vec(&case.bundle).map_err(|e| WardError::Data {
             context: "writing a test case",
             path: case.path.clone(),
-            message: e.to_string(),
+            source: e.into(),
         })?;
         fs::write(&to, text).map_err(|e| WardError::io("cannot write", &to, e))?;
     }
@@ -174,7 +174,7 @@ fn load_cases(cases: &[Case], scratch: &Path) -> Result<(Warehouse, BTreeMap<Str
             return Err(WardError::Data {
                 context: "loading a test case",
                 path: input.join(&f.file),
-                message: f.detail.clone().unwrap_or_default(),
+                source: f.detail.clone().unwrap_or_default().into(),
             });
         }
         let folder = f.file.trim_end_matches(".json").to_string();
@@ -329,7 +329,7 @@ fn bad(path: &Path, message: String) -> WardError {
     WardError::Data {
         context: "reading a test case",
         path: path.to_path_buf(),
-        message,
+        source: message.into(),
     }
 }
 

@@ -42,7 +42,7 @@ use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, Schema, Sch
 use datafusion::prelude::SessionContext;
 use serde::Deserialize;
 
-use crate::error::{Result, WardError};
+use crate::error::{BoxError, Result, WardError};
 use crate::schema::Table;
 use crate::tomlfile::load_toml;
 use crate::warehouse::Warehouse;
@@ -816,17 +816,17 @@ pub fn care_gaps(
             let (Some(action), true) = (r.care_gap(), !r.rows.is_empty()) else {
                 continue;
             };
-            let err = |message: String| WardError::Data {
+            let err = |source: BoxError| WardError::Data {
                 context: "care gaps",
                 path: r.def.sql.clone(),
-                message,
+                source,
             };
             let mart = format!("gap_{n}");
             let table =
                 datafusion::datasource::MemTable::try_new(r.schema.clone(), vec![r.rows.clone()])
-                    .map_err(|e| err(e.to_string()))?;
+                    .map_err(|e| err(e.into()))?;
             ctx.register_table(mart.as_str(), Arc::new(table))
-                .map_err(|e| err(e.to_string()))?;
+                .map_err(|e| err(e.into()))?;
             let gap = match r.def.improvement {
                 Improvement::Decrease => "m.numerator",
                 Improvement::Increase => {
@@ -895,16 +895,16 @@ async fn run_one(
     def: &MeasureDef,
     period: Period,
 ) -> Result<Vec<MeasureResult>> {
-    let err = |message: String| WardError::Data {
+    let err = |source: BoxError| WardError::Data {
         context: "running measure",
         path: def.sql.clone(),
-        message,
+        source,
     };
     let sql =
         std::fs::read_to_string(&def.sql).map_err(|e| WardError::io("cannot read", &def.sql, e))?;
-    let raw = ctx.sql(&sql).await.map_err(|e| err(e.to_string()))?;
+    let raw = ctx.sql(&sql).await.map_err(|e| err(e.into()))?;
     let schema = raw.schema().as_arrow().clone();
-    check_columns(def, &schema).map_err(err)?;
+    check_columns(def, &schema).map_err(|m| err(m.into()))?;
     let view: String = format!("measure_raw_{}", def.id)
         .chars()
         .map(|c| {
@@ -916,19 +916,19 @@ async fn run_one(
         })
         .collect();
     ctx.register_table(view.as_str(), raw.into_view())
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(e.into()))?;
     let df = ctx
         .sql(&scoring_sql(def, &schema, &view))
         .await
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(e.into()))?;
     let schema = plain_schema(df.schema().as_arrow());
-    let rows = df.collect().await.map_err(|e| err(e.to_string()))?;
+    let rows = df.collect().await.map_err(|e| err(e.into()))?;
     let rows: Vec<RecordBatch> = rows
         .into_iter()
         .filter(|b| b.num_rows() > 0)
         .map(|b| plain_strings(&b, &schema))
         .collect::<std::result::Result<_, _>>()
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(e.into()))?;
 
     // One result per group (one for a measure without groups).
     let groups: Vec<Option<&GroupDef>> = if def.groups.is_empty() {
@@ -936,7 +936,7 @@ async fn run_one(
     } else {
         def.groups.iter().map(Some).collect()
     };
-    let grouped = split_by_group(def, rows).map_err(err)?;
+    let grouped = split_by_group(def, rows).map_err(|m| err(m.into()))?;
     let mut results = Vec::new();
     for (group, rows) in groups.into_iter().zip(grouped) {
         let result = MeasureResult {
@@ -951,12 +951,12 @@ async fn run_one(
             schema: schema.clone(),
             empty: None,
         };
-        results.push(tally(result).map_err(err)?);
+        results.push(tally(result).map_err(|m| err(m.into()))?);
     }
     if results.iter().all(|r| r.counts.denominator == 0) {
         let empty = empty_denominator(ctx, &sql)
             .await
-            .map_err(|e| err(format!("explaining the empty denominator: {e}")))?;
+            .map_err(|e| err(format!("explaining the empty denominator: {e}").into()))?;
         for r in &mut results {
             r.empty = Some(empty.clone());
         }

@@ -44,7 +44,7 @@ use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::DFParser;
 
-use crate::error::{Result, WardError};
+use crate::error::{BoxError, Result, WardError};
 use crate::measure::Period;
 use crate::schema::{self, Table};
 use crate::warehouse::Warehouse;
@@ -71,7 +71,7 @@ pub(crate) async fn session(
         WardError::Data {
             context,
             path: path.to_path_buf(),
-            message: e.to_string(),
+            source: e.into(),
         }
     };
 
@@ -119,7 +119,7 @@ pub async fn install(
         WardError::Data {
             context,
             path: path.to_path_buf(),
-            message: e.to_string(),
+            source: e.into(),
         }
     };
     register_valuesets(ctx, &queries.join("valuesets")).await?;
@@ -202,24 +202,24 @@ pub async fn install(
 /// Runs every statement of `sql` (views of a library file), failing with the
 /// file's name.
 async fn execute(ctx: &SessionContext, sql: &str, file: &Path) -> Result<()> {
-    let err = |message: String| WardError::Data {
+    let err = |source: BoxError| WardError::Data {
         context: "running SQL",
         path: file.to_path_buf(),
-        message,
+        source,
     };
-    let statements = DFParser::parse_sql(sql).map_err(|e| err(e.to_string()))?;
+    let statements = DFParser::parse_sql(sql).map_err(|e| err(e.into()))?;
     for statement in statements {
         let plan = ctx
             .state()
             .statement_to_plan(statement)
             .await
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(e.into()))?;
         ctx.execute_logical_plan(plan)
             .await
-            .map_err(|e| err(e.to_string()))?
+            .map_err(|e| err(e.into()))?
             .collect()
             .await
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(e.into()))?;
     }
     Ok(())
 }
@@ -248,12 +248,12 @@ fn period_table(period: Period) -> Result<MemTable> {
     let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| WardError::Data {
         context: "building the period table",
         path: Default::default(),
-        message: e.to_string(),
+        source: e.into(),
     })?;
     MemTable::try_new(schema, vec![vec![batch]]).map_err(|e| WardError::Data {
         context: "building the period table",
         path: Default::default(),
-        message: e.to_string(),
+        source: e.into(),
     })
 }
 
@@ -281,7 +281,7 @@ pub(crate) async fn register_valuesets(ctx: &SessionContext, dir: &Path) -> Resu
     .map_err(|e| WardError::Data {
         context: "registering value sets",
         path: dir.to_path_buf(),
-        message: e.to_string(),
+        source: e.into(),
     })
 }
 

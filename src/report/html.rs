@@ -201,7 +201,7 @@ pub fn render(input: &HtmlInput) -> Result<String> {
     let err = |e: minijinja::Error| WardError::Data {
         context: "rendering report.html",
         path: PathBuf::from("report.html"),
-        message: e.to_string(),
+        source: e.into(),
     };
     env.add_template("charts.html", CHARTS).map_err(err)?;
     env.add_template("report.html", PAGE).map_err(err)?;

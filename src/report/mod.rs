@@ -376,7 +376,7 @@ pub fn write(warehouse: &Warehouse, run_id: &str, cells: &[Cell]) -> Result<Path
     .map_err(|e| WardError::Data {
         context: "building the summary",
         path: dir.clone(),
-        message: e.to_string(),
+        source: e.into(),
     })?;
     warehouse.write_parquet(
         &dir.join("summary.parquet"),
@@ -390,13 +390,13 @@ pub fn write(warehouse: &Warehouse, run_id: &str, cells: &[Cell]) -> Result<Path
         csv.serialize(c).map_err(|e| WardError::Data {
             context: "writing the summary",
             path: dir.join("summary.csv"),
-            message: e.to_string(),
+            source: e.into(),
         })?;
     }
     let bytes = csv.into_inner().map_err(|e| WardError::Data {
         context: "writing the summary",
         path: dir.join("summary.csv"),
-        message: e.to_string(),
+        source: e.into(),
     })?;
     write_bytes(warehouse, &dir.join("summary.csv"), &bytes)?;
     Ok(dir)
@@ -429,7 +429,7 @@ pub fn write_care_gaps(
                 crate::engine::text(c).map_err(|e| WardError::Data {
                     context: "writing care gaps",
                     path: dir.clone(),
-                    message: e.to_string(),
+                    source: e.into(),
                 })
             })
             .collect::<Result<_>>()?;
@@ -454,7 +454,7 @@ pub fn write_care_gaps(
         let bad = |e: csv::Error| WardError::Data {
             context: "writing care gaps",
             path: path.clone(),
-            message: e.to_string(),
+            source: e.into(),
         };
         csv.write_record(&header).map_err(bad)?;
         for row in rows {
@@ -463,7 +463,7 @@ pub fn write_care_gaps(
         let bytes = csv.into_inner().map_err(|e| WardError::Data {
             context: "writing care gaps",
             path: path.clone(),
-            message: e.to_string(),
+            source: e.into(),
         })?;
         warehouse.publish(&path, |file| {
             crate::warehouse::owner_only(0o600, &path, |p| file.set_permissions(p))?;

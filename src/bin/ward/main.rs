@@ -39,8 +39,9 @@ fn main() -> ExitCode {
     match dispatch(&cli) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            let message = describe(&e);
+            tracing::error!("{message}");
+            eprintln!("error: {message}");
             ExitCode::from(match e.downcast_ref::<WardError>() {
                 Some(w) if w.is_config_error() => EXIT_CONFIG,
                 Some(WardError::GateFailed { .. }) => EXIT_MISMATCH,
@@ -49,6 +50,22 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// The error and its causes, each said once: Ward's errors already end
+/// with their cause's message, which the chain repeats.
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 /// Runs the command: those that need no config first, then the rest with

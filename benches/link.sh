@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Linkage only, Ward against Splink on the same staged records (run by hand):
-#   benches/link.sh N     (after `cargo build --release` and benches/run.sh's venv)
+#   benches/link.sh N     (after `cargo build --release --features synth` and benches/run.sh's venv)
 # synth (default hard noise, 10 providers, seed 1), ingest, `ward link
 # --evaluate` and benches/splink_link.py, each timed by /usr/bin/time.
 set -eu

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Measures only, per measure (run by hand, after `cargo build --release`):
+# Measures only, per measure (run by hand, after `cargo build --release --features synth`):
 #   benches/measures.sh N
 # synth (10 providers, seed 1), ingest, link, then `ward measure` (every
 # measure of queries/measures) timed whole by /usr/bin/time and per measure

@@ -11,7 +11,7 @@ patients=${1:-100000}
 providers=${2:-10}
 work=${3:-/tmp/ward-nightly-$patients}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release --bin ward || exit 3
+cargo build --release --features synth --bin ward || exit 3
 ward="$CARGO_TARGET_DIR/release/ward"
 if [ ! -f "$work/data/ward.toml" ]; then
     "$ward" synth --patients "$patients" --providers "$providers" --seed 1 --out "$work/data" || exit 3

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release --bins --examples
+cargo build --release --features synth --bins --examples
 venv=benches/.venv
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"

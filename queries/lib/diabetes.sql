@@ -1,4 +1,5 @@
 -- Building blocks of Ward's population metrics (not eCQM definitions).
+-- requires: base.sql
 
 -- Persons with a diagnosis of diabetes (eCQM "Diabetes" value set, any
 -- category, not refuted) overlapping the period.

@@ -27,9 +27,10 @@
 //!   `age_band(age)`: the report's age band of an age.
 //! - the views of `queries/lib/*.sql` (common to every measure), then of
 //!   `queries/lib/<library>/*.sql` (the measure's versioned shared
-//!   criteria, such as hospice care).
+//!   criteria, such as hospice care). Within a folder a file loads after
+//!   the files its `-- requires: a.sql, b.sql` lines name, else by name.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::{Datelike, NaiveDate};
@@ -184,19 +185,69 @@ pub async fn install(
         if !dir.is_dir() {
             continue;
         }
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .map_err(|e| WardError::io("cannot read", &dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "sql"))
-            .collect();
-        files.sort();
-        for file in files {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| WardError::io("cannot read", &file, e))?;
+        for (file, text) in load_order(&dir)? {
             execute(ctx, &text, &file).await?;
         }
     }
     Ok(())
+}
+
+/// The `.sql` files of a library folder with their text, in load order:
+/// each after the files its `-- requires: a.sql, b.sql` lines name (files
+/// of the same folder; those of `queries/lib/` always load before a
+/// library's own), otherwise by name. A required file that is missing, or
+/// files that require each other, are errors naming the file and line.
+fn load_order(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| WardError::io("cannot read", dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    let mut pending: Vec<(PathBuf, String, Vec<String>)> = Vec::new();
+    for file in files {
+        let text =
+            std::fs::read_to_string(&file).map_err(|e| WardError::io("cannot read", &file, e))?;
+        let mut requires = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let Some(names) = line.trim().strip_prefix("-- requires:") else {
+                continue;
+            };
+            for name in names.split([',', ' ']).filter(|n| !n.is_empty()) {
+                if !dir.join(name).is_file() {
+                    return Err(WardError::Config {
+                        path: file.clone(),
+                        line: Some(i + 1),
+                        column: None,
+                        key: Some("requires".into()),
+                        message: format!("{name} is not a file of {}", dir.display()),
+                    });
+                }
+                requires.push(name.to_string());
+            }
+        }
+        pending.push((file, text, requires));
+    }
+    let mut ordered: Vec<(PathBuf, String)> = Vec::new();
+    while !pending.is_empty() {
+        let loaded = |name: &String| ordered.iter().any(|(p, _)| p.ends_with(name));
+        let Some(next) = pending.iter().position(|(_, _, r)| r.iter().all(loaded)) else {
+            let names: Vec<String> = pending
+                .iter()
+                .map(|(p, ..)| p.display().to_string())
+                .collect();
+            return Err(WardError::Config {
+                path: pending[0].0.clone(),
+                line: None,
+                column: None,
+                key: Some("requires".into()),
+                message: format!("these files require each other: {}", names.join(", ")),
+            });
+        };
+        let (file, text, _) = pending.remove(next);
+        ordered.push((file, text));
+    }
+    Ok(ordered)
 }
 
 /// Runs every statement of `sql` (views of a library file), failing with the
@@ -380,6 +431,58 @@ fn age_band_udf() -> datafusion::logical_expr::ScalarUDF {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn library(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        dir
+    }
+
+    fn names(order: &[(PathBuf, String)]) -> Vec<String> {
+        let name = |p: &PathBuf| p.file_name().unwrap().to_string_lossy().into_owned();
+        order.iter().map(|(p, _)| name(p)).collect()
+    }
+
+    #[test]
+    fn library_files_load_after_what_they_require_else_by_name() {
+        let dir = library(&[
+            (
+                "a.sql",
+                "-- requires: c.sql\nCREATE VIEW a AS SELECT * FROM c;",
+            ),
+            ("b.sql", "CREATE VIEW b AS SELECT 1;"),
+            (
+                "c.sql",
+                "-- requires: b.sql\nCREATE VIEW c AS SELECT * FROM b;",
+            ),
+            ("notes.txt", "not SQL"),
+        ]);
+        let order = load_order(dir.path()).unwrap();
+        assert_eq!(names(&order), ["b.sql", "c.sql", "a.sql"]);
+    }
+
+    #[test]
+    fn a_missing_or_circular_requirement_names_the_file() {
+        let dir = library(&[("a.sql", "-- views\n-- requires: gone.sql\nSELECT 1;")]);
+        match load_order(dir.path()).unwrap_err() {
+            WardError::Config { path, line, .. } => {
+                assert!(path.ends_with("a.sql"));
+                assert_eq!(line, Some(2));
+            }
+            e => panic!("{e}"),
+        }
+        let dir = library(&[
+            ("a.sql", "-- requires: b.sql"),
+            ("b.sql", "-- requires: a.sql"),
+        ]);
+        let e = load_order(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("require each other") && e.contains("a.sql"),
+            "{e}"
+        );
+    }
 
     fn d(s: &str) -> NaiveDate {
         NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap()

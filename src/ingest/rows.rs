@@ -663,8 +663,8 @@ struct MappedRow<'a> {
     violations: Vec<Violation<'a>>,
     /// Labels of the columns whose value was kept as `unknown` (or empty).
     flags: Vec<&'a str>,
-    /// Bit i: column i already has a violation.
-    failed: u64,
+    /// Per column: it already has a violation (no limit on the width).
+    failed: Vec<bool>,
 }
 
 impl<'a> MappedRow<'a> {
@@ -674,7 +674,7 @@ impl<'a> MappedRow<'a> {
             codings: Vec::new(),
             violations: Vec::new(),
             flags: Vec::new(),
-            failed: 0,
+            failed: vec![false; table.columns().len()],
         }
     }
 
@@ -684,7 +684,7 @@ impl<'a> MappedRow<'a> {
         self.codings.clear();
         self.violations.clear();
         self.flags.clear();
-        self.failed = 0;
+        self.failed.fill(false);
     }
 
     /// Records a violation of column `target` (schema index).
@@ -694,13 +694,13 @@ impl<'a> MappedRow<'a> {
             rule,
             message,
         });
-        if target < 64 {
-            self.failed |= 1 << target;
+        if let Some(failed) = self.failed.get_mut(target) {
+            *failed = true;
         }
     }
 
     fn has_failed(&self, column: usize) -> bool {
-        self.failed & (1 << column) != 0
+        self.failed.get(column).copied().unwrap_or(false)
     }
 }
 
@@ -1139,4 +1139,22 @@ impl Builders {
 
 fn downcast<T: 'static>(any: &mut dyn std::any::Any) -> &mut T {
     any.downcast_mut::<T>().expect("builder matches the schema")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-column violation marks have no width limit (a bit mask
+    /// of 64 columns would overflow on a wider table) and reset per row.
+    #[test]
+    fn violation_marks_are_per_column_and_reset_per_row() {
+        let mut row = MappedRow::new(Table::Observation);
+        let last = Table::Observation.columns().len() - 1;
+        assert!(!row.has_failed(0) && !row.has_failed(last + 100));
+        row.failed[last] = true;
+        assert!(row.has_failed(last) && !row.has_failed(last - 1));
+        row.clear();
+        assert!(!row.has_failed(last));
+    }
 }

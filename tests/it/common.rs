@@ -17,6 +17,16 @@ use ward::{PipelineConfig, Result};
 
 pub const SAMPLE_TODAY: (i32, u32, u32) = (2026, 1, 31);
 
+/// Runs the `ward` binary in `cwd` (the test's `RUST_LOG` removed).
+pub fn ward(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ward"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

@@ -19,19 +19,8 @@
 //! `.snap`, for a value that varies.
 
 use std::fs;
-use std::path::Path;
-use std::process::{Command, Output};
 
 use crate::common::*;
-
-fn ward(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ward"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
 
 /// Run ids (`20260131T120000Z`, `-2` when two start in one second).
 const RUN_ID: &str = r"\d{8}T\d{6}Z(-\d+)?";

@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use chrono::{Datelike, NaiveDate};
 use datafusion::arrow::array::{
-    Array, ArrayRef, Date32Array, Int32Array, RecordBatch, StringArray,
+    Array, ArrayRef, Date32Array, Int32Array, Int64Array, RecordBatch, StringArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::datasource::MemTable;
@@ -407,22 +407,25 @@ fn age_years_udf() -> datafusion::logical_expr::ScalarUDF {
 /// `age_band(age)`: the report's age band of an age in years
 /// ([`age_band`]); NULL for NULL.
 fn age_band_udf() -> datafusion::logical_expr::ScalarUDF {
+    // BIGINT, so an INT (`age_years`) widens to it and a literal age needs
+    // no cast.
     create_udf(
         "age_band",
-        vec![DataType::Int32],
+        vec![DataType::Int64],
         DataType::Utf8,
         Volatility::Immutable,
         Arc::new(|args: &[ColumnarValue]| {
             let arrays = ColumnarValue::values_to_arrays(args)?;
             let ages = arrays[0]
                 .as_any()
-                .downcast_ref::<Int32Array>()
+                .downcast_ref::<Int64Array>()
                 .ok_or_else(|| {
                     datafusion::error::DataFusionError::Execution(
-                        "age_band expects an INT argument".into(),
+                        "age_band expects an integer argument".into(),
                     )
                 })?;
-            let out: StringArray = ages.iter().map(|a| a.map(age_band)).collect();
+            let band = |a: i64| age_band(a.clamp(i32::MIN.into(), i32::MAX.into()) as i32);
+            let out: StringArray = ages.iter().map(|a| a.map(band)).collect();
             Ok(ColumnarValue::Array(Arc::new(out)))
         }),
     )

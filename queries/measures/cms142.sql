@@ -97,8 +97,10 @@ communicated AS (
 -- "Medical or Patient Reason for Not Communicating ..." (the three
 -- CommunicationNotDone definitions): a communication of the findings not
 -- done for a medical or patient reason, sent (Ward: or recorded) during a
--- diabetic retinopathy encounter's period. As the CQL's retrieve, it does not
--- test the status: the reason is what marks it not done.
+-- diabetic retinopathy encounter's period. QI-Core's CommunicationNotDone
+-- profile fixes the status to not-done, so one in progress, stopped or
+-- entered in error is no exception; a CSV source without a status is taken
+-- at its reason (and a completed communication is in the numerator first).
 not_communicated AS (
   SELECT c.person_id,
          min(CASE WHEN r.reason_valueset = '2.16.840.1.113883.3.526.3.1007'
@@ -113,6 +115,7 @@ not_communicated AS (
       '2.16.840.1.113883.3.526.3.1320')   -- Macular Edema Findings Present
     AND r.reason_valueset IN ('2.16.840.1.113883.3.526.3.1007',   -- Medical Reason
                               '2.16.840.1.113883.3.526.3.1008')   -- Patient Reason
+    AND (c.status IS NULL OR c.status = 'not-done')
     AND c.sent_time >= e.start_time AND c.sent_time <= e.end_time
   GROUP BY c.person_id
 ),

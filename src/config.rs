@@ -15,7 +15,7 @@ use toml::Spanned;
 use crate::deid::{DeidConfig, KeySource};
 use crate::error::{Result, WardError};
 use crate::ingest::{SourceConfig, SourceFormat};
-pub use crate::measure::Period;
+use crate::measure::Period;
 use crate::tomlfile::{config_error, line_col, load_toml};
 
 /// A checked pipeline configuration.

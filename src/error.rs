@@ -98,6 +98,19 @@ impl WardError {
     /// Whether this is a usage/configuration problem (exit code 2) rather than
     /// a failure while running (exit code 3); a refused or invalid research
     /// query is one.
+    /// A [`WardError::Data`] about `path`, keeping `source` as its cause.
+    pub fn data(
+        context: &'static str,
+        path: impl Into<PathBuf>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        WardError::Data {
+            context,
+            path: path.into(),
+            source: source.into(),
+        }
+    }
+
     pub fn is_config_error(&self) -> bool {
         matches!(
             self,

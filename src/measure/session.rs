@@ -68,14 +68,6 @@ pub(crate) async fn session(
     library: &str,
 ) -> Result<SessionContext> {
     let ctx = crate::engine::session(SessionConfig::new().with_information_schema(true));
-    let err = |context: &'static str, path: &Path, e: datafusion::error::DataFusionError| {
-        WardError::Data {
-            context,
-            path: path.to_path_buf(),
-            source: e.into(),
-        }
-    };
-
     crate::engine::register_staging(&ctx, warehouse).await?;
     let core = warehouse.out().join("core");
     let linked = warehouse.reads_core() && core.join("person.parquet").is_file();
@@ -95,7 +87,7 @@ pub(crate) async fn session(
                 datafusion::prelude::ParquetReadOptions::default(),
             )
             .await
-            .map_err(|e| err("registering table", &path, e))?;
+            .map_err(|e| WardError::data("registering table", &path, e))?;
         }
     }
     install(&ctx, queries, period, library, linked).await?;
@@ -116,17 +108,10 @@ pub async fn install(
     library: &str,
     linked: bool,
 ) -> Result<()> {
-    let err = |context: &'static str, path: &Path, e: datafusion::error::DataFusionError| {
-        WardError::Data {
-            context,
-            path: path.to_path_buf(),
-            source: e.into(),
-        }
-    };
     register_valuesets(ctx, &queries.join("valuesets")).await?;
 
     ctx.register_table("period", Arc::new(period_table(period)?))
-        .map_err(|e| err("registering period", queries, e))?;
+        .map_err(|e| WardError::data("registering period", queries, e))?;
     ctx.register_udf(age_years_udf());
     ctx.register_udf(age_band_udf());
 

@@ -33,16 +33,21 @@ pub(crate) fn settings(config: Option<&Path>, no_sample: bool) -> anyhow::Result
     Ok(settings)
 }
 
+/// Gives the warehouse the configured group (`warehouse_group`), if any.
+fn apply_group(settings: &Settings) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    if let Some(gid) = settings.config.warehouse_group {
+        ward::warehouse::apply_group(&settings.config.warehouse, gid)?;
+    }
+    Ok(())
+}
+
 /// Takes the warehouse for a command that writes to it: the configured
 /// group first, then the lock (one writer at a time).
 fn writing(settings: &Settings, command: &str) -> anyhow::Result<ward::runs::Lock> {
-    let warehouse = &settings.config.warehouse;
-    #[cfg(unix)]
-    if let Some(gid) = settings.config.warehouse_group {
-        ward::warehouse::apply_group(warehouse, gid)?;
-    }
+    apply_group(settings)?;
     Ok(ward::runs::Lock::acquire(
-        warehouse,
+        &settings.config.warehouse,
         &format!("ward {command}"),
     )?)
 }
@@ -352,10 +357,7 @@ pub(crate) fn measure(
 /// `ward run`: every stage, published as one run (it takes the lock itself).
 pub(crate) fn run(settings: &Settings, args: &PeriodArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let config = &settings.config;
-    #[cfg(unix)]
-    if let Some(gid) = config.warehouse_group {
-        ward::warehouse::apply_group(&config.warehouse, gid)?;
-    }
+    apply_group(settings)?;
     let period = period(settings, args)?;
     let key = deid_key(settings)?;
     let opts = ingest_options(settings, None);

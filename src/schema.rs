@@ -132,6 +132,16 @@ const BIRTH_DATE_PARTIAL: Column = Column {
     required: false,
     mappable: false,
 };
+/// The unit a lab result was reported in when ingest converted its value to
+/// Ward's unit for the test (HbA1c mmol/mol → %, glucose mmol/L → mg/dL);
+/// empty when the value is as reported. Filled by ingest, not by mappings:
+/// the data-quality checks count conversions with it.
+const ORIGINAL_UNIT: Column = Column {
+    name: "original_unit",
+    kind: Kind::Unit,
+    required: false,
+    mappable: false,
+};
 const SOURCE_LINE: Column = Column {
     name: "source_line",
     kind: Kind::Line,
@@ -335,7 +345,7 @@ const CONDITION: [Column; 18] = [
     SOURCE_LINE,
 ];
 
-const OBSERVATION: [Column; 22] = [
+const OBSERVATION: [Column; 23] = [
     SOURCE,
     col("source_observation_id", Kind::Id),
     req("source_patient_id", Kind::Id),
@@ -354,6 +364,7 @@ const OBSERVATION: [Column; 22] = [
     col("reasons", Kind::Text),
     col("value_num", Kind::Float),
     col("unit", Kind::Unit),
+    ORIGINAL_UNIT,
     col("value_text", Kind::Text),
     col("value_code_system", Kind::CodeSystem),
     col("value_code", Kind::Id),

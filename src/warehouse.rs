@@ -31,7 +31,7 @@ use crate::schema::Table;
 
 /// Version of the ingest state format and of ingest's rules: bumping it
 /// reloads every file on the next run.
-pub const INGEST_VERSION: u32 = 4;
+pub const INGEST_VERSION: u32 = 5;
 
 /// Paths and file operations of one warehouse.
 ///

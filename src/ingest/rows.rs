@@ -145,6 +145,7 @@ struct Columns {
     value_num: Option<usize>,
     value_text: Option<usize>,
     unit: Option<usize>,
+    original_unit: Option<usize>,
     events: Vec<(usize, &'static str)>,
     period: Option<(usize, usize)>,
 }
@@ -327,6 +328,7 @@ fn finish_plan<'a>(
         value_num: ix("value_num"),
         value_text: ix("value_text"),
         unit: ix("unit"),
+        original_unit: ix("original_unit"),
         events: table
             .event_columns()
             .iter()
@@ -965,7 +967,13 @@ fn canonical_lab_value<'a>(plan: &Plan<'a>, out: &mut MappedRow<'a>) {
             Ok((value, unit)) => {
                 out.cells[num] = Cell::F64(value);
                 if let Some(u) = unit {
-                    out.cells[unit_ix] = Cell::Str(Cow::Borrowed(u));
+                    let reported =
+                        std::mem::replace(&mut out.cells[unit_ix], Cell::Str(Cow::Borrowed(u)));
+                    if let (Some(o), Some(r)) = (at.original_unit, reported.str())
+                        && normalize::unit(r) != u
+                    {
+                        out.cells[o] = Cell::Str(Cow::Owned(normalize::unit(r).to_string()));
+                    }
                 }
             }
             Err((rule, message)) => out.fail(plan, num, rule, format!("value_num: {message}")),

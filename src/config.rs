@@ -51,6 +51,8 @@ pub struct PipelineConfig {
     pub sources: Vec<SourceConfig>,
     /// De-identification settings (`[deid]`).
     pub deid: DeidConfig,
+    /// Data-quality drift settings (`[dq]`).
+    pub dq: crate::dq::DqOptions,
 }
 
 #[derive(Deserialize)]
@@ -66,8 +68,18 @@ struct RawConfig {
     report: Option<Spanned<RawReport>>,
     runs: Option<Spanned<RawRuns>>,
     gates: Option<Spanned<RawGates>>,
+    dq: Option<Spanned<RawDq>>,
     deid: Option<Spanned<RawDeid>>,
     sources: Option<Spanned<Vec<RawSource>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDq {
+    drift_tolerance_pct: Option<f64>,
+    drift_runs: Option<usize>,
+    #[serde(default)]
+    checks: std::collections::BTreeMap<String, crate::dq::CheckOverride>,
 }
 
 #[derive(Deserialize)]
@@ -195,6 +207,34 @@ impl PipelineConfig {
             Some(g) => file.gates(g)?,
             None => crate::runs::Gates::default(),
         };
+        let mut dq = crate::dq::DqOptions::default();
+        if let Some(d) = raw.dq {
+            let span = d.span();
+            let d = d.into_inner();
+            if let Some(t) = d.drift_tolerance_pct {
+                if !(0.0..=100.0).contains(&t) {
+                    return Err(file.err(
+                        span,
+                        "dq.drift_tolerance_pct",
+                        "percentage points from 0 to 100".into(),
+                    ));
+                }
+                dq.drift_tolerance_pct = t;
+            }
+            if let Some(n) = file.at_least_one(span.clone(), d.drift_runs, "dq.drift_runs")? {
+                dq.drift_runs = n;
+            }
+            for (id, o) in &d.checks {
+                if o.threshold_pct.is_some_and(|t| !(0.0..=100.0).contains(&t)) {
+                    return Err(file.err(
+                        span.clone(),
+                        &format!("dq.checks.{id}.threshold_pct"),
+                        "a percentage from 0 to 100".into(),
+                    ));
+                }
+            }
+            dq.overrides = d.checks;
+        }
         let deid = deid_config(path, &text, &base, raw.deid)?;
         let warehouse = base.join(raw.warehouse.get_ref());
         if warehouse.exists() && !warehouse.is_dir() {
@@ -223,6 +263,7 @@ impl PipelineConfig {
             gates,
             sources,
             deid,
+            dq,
         })
     }
 }

@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod deid;
+pub mod dq;
 mod engine;
 pub mod error;
 pub mod ingest;
@@ -76,10 +77,14 @@ pub struct RunReport {
     pub summary: Vec<report::Cell>,
     /// The de-identified research tables (`research/` in the run directory).
     pub research: deid::DeidReport,
+    /// Every data-quality check on every source (`reports/<run_id>/dq.*`).
+    pub dq: Vec<dq::CheckResult>,
 }
 
 /// The nightly job. Takes the warehouse lock, runs every stage — ingest,
-/// the data-quality gates, linkage and the core tables, every measure of
+/// the data-quality gates, linkage and the core tables, the data-quality
+/// checks of `queries/checks` (`reports/<run_id>/dq.*`; a failing `fail`
+/// check is a gate), every measure of
 /// `queries` for `period` (`marts/measure_patient/`), the stratified,
 /// suppressed summary, the HTML report with trends over the published
 /// runs, a FHIR MeasureReport per measure and the care-gap lists
@@ -177,6 +182,7 @@ pub fn run(
                 .filter(|c| c.dimension == "overall")
                 .cloned()
                 .collect(),
+            dq: dq::DqRate::of(&report.dq),
         },
     )?;
     manifest.status = runs::RunStatus::Complete;
@@ -271,8 +277,25 @@ fn run_stages(
     manifest.inputs = runs::inputs(&state, &ingest, previous.manifest.as_ref());
     manifest.sources = runs::source_tables(&manifest.inputs);
     manifest.warnings.extend(ingest.failures());
-    apply_gates(config, previous, manifest)?;
+    let gates = runs::check_gates(
+        &config.gates,
+        &config.sources,
+        &manifest.sources,
+        previous.manifest.as_ref(),
+    );
+    record_gates(manifest, gates)?;
     let defs = measure::catalog(queries)?;
+    let mut checks = dq::catalog(queries)?;
+    config
+        .dq
+        .apply(&mut checks)
+        .map_err(|message| WardError::Config {
+            path: config.path.clone(),
+            line: None,
+            column: None,
+            key: None,
+            message,
+        })?;
     let linkage = stage(manifest, "link", || {
         link::link(&warehouse, &config.link, &previous.links)
     })?;
@@ -290,6 +313,27 @@ fn run_stages(
         .map(|(t, n)| (t.name().to_string(), *n))
         .chain([("person".to_string(), linkage.report.persons)])
         .collect();
+    let run_id = manifest.run_id.clone();
+    let dq = stage(manifest, "dq", || {
+        let earlier: Vec<Vec<dq::DqRate>> = previous.history.iter().map(|h| h.dq.clone()).collect();
+        let results = dq::evaluate(&warehouse, &config.sources, &checks, &earlier, &config.dq)?;
+        let dir = report::report_dir(&warehouse, &run_id);
+        dq::write(&warehouse, &dir, &results)?;
+        Ok(results)
+    })?;
+    for r in dq.iter().filter(|r| r.drift) {
+        let message = format!(
+            "source '{}': data-quality check '{}' drifted from {:.2} % to {:.2} % (tolerance {} points)",
+            r.source,
+            r.check,
+            r.baseline_pct.unwrap_or_default(),
+            r.rate_pct.unwrap_or_default(),
+            r.drift_tolerance_pct
+        );
+        tracing::warn!(source = %r.source, check = %r.check, "{message}");
+        manifest.warnings.push(message);
+    }
+    record_gates(manifest, runs::dq_gates(&dq))?;
     let measures = stage(manifest, "measures", || {
         let all: Vec<&measure::MeasureDef> = defs.iter().collect();
         let measures = measure::run(&warehouse, queries, &all, period)?;
@@ -297,7 +341,6 @@ fn run_stages(
         Ok(measures)
     })?;
     manifest.measures = measures.iter().map(runs::MeasureFigures::of).collect();
-    let run_id = manifest.run_id.clone();
     let snapshot = manifest.clone();
     let reports = stage(manifest, "report", || {
         let input = ReportInput {
@@ -309,6 +352,7 @@ fn run_stages(
             ingest: &ingest,
             linkage: &linkage.report,
             measures: &measures,
+            dq: &dq,
         };
         write_reports(&warehouse, &input)
     })?;
@@ -351,23 +395,15 @@ fn run_stages(
         report_html,
         summary,
         research,
+        dq,
     })
 }
 
-/// Fails the run when a data-quality gate fails (naming every failure);
-/// records every gate in the manifest and a warning for each that warns.
-fn apply_gates(
-    config: &PipelineConfig,
-    previous: &Previous,
-    manifest: &mut runs::Manifest,
-) -> Result<()> {
-    manifest.gates = runs::check_gates(
-        &config.gates,
-        &config.sources,
-        &manifest.sources,
-        previous.manifest.as_ref(),
-    );
-    for gate in &manifest.gates {
+/// Records `gates` in the manifest, logs them and adds a warning for each
+/// that warns; fails the run when any fails (naming every failure).
+fn record_gates(manifest: &mut runs::Manifest, gates: Vec<runs::GateResult>) -> Result<()> {
+    let mut failed = Vec::new();
+    for gate in &gates {
         match gate.outcome {
             runs::GateOutcome::Pass => {}
             runs::GateOutcome::Warn => {
@@ -375,16 +411,12 @@ fn apply_gates(
                 manifest.warnings.push(gate.message.clone());
             }
             runs::GateOutcome::Fail => {
-                tracing::error!(gate = %gate.gate, source = %gate.source, "{}", gate.message)
+                tracing::error!(gate = %gate.gate, source = %gate.source, "{}", gate.message);
+                failed.push(gate.message.clone());
             }
         }
     }
-    let failed: Vec<String> = manifest
-        .gates
-        .iter()
-        .filter(|g| g.outcome == runs::GateOutcome::Fail)
-        .map(|g| g.message.clone())
-        .collect();
+    manifest.gates.extend(gates);
     if !failed.is_empty() {
         return Err(WardError::GateFailed {
             run_id: manifest.run_id.clone(),
@@ -405,6 +437,7 @@ struct ReportInput<'a> {
     ingest: &'a IngestReport,
     linkage: &'a link::LinkReport,
     measures: &'a [measure::MeasureResult],
+    dq: &'a [dq::CheckResult],
 }
 
 /// What the report stage wrote.
@@ -429,6 +462,7 @@ fn write_reports(warehouse: &warehouse::Warehouse, input: &ReportInput) -> Resul
     } = *input;
     let run_id = manifest.run_id.as_str();
     let trend = runs::trend(input.history);
+    let dq_trend = runs::dq_trend(input.history);
     let quality = report::html::SourceQuality::from_ingest(input.ingest);
     let metadata = vec![
         ("config".to_string(), config.path.display().to_string()),
@@ -452,6 +486,8 @@ fn write_reports(warehouse: &warehouse::Warehouse, input: &ReportInput) -> Resul
         trend: &trend,
         metadata: &metadata,
         warnings: &manifest.warnings,
+        dq: input.dq,
+        dq_trend: &dq_trend,
         ..report::html::HtmlInput::new(
             run_id,
             period,

@@ -625,6 +625,42 @@ pub fn research_person_schema(shifted_dates: bool) -> SchemaRef {
     ]))
 }
 
+/// `dq_layout` of the data-quality checks: the canonical columns each
+/// source's layout fills.
+pub fn dq_layout_schema() -> SchemaRef {
+    Arc::new(Schema::new(
+        ["source", "table_name", "column_name"]
+            .map(|n| Field::new(n, DataType::Utf8, false))
+            .to_vec(),
+    ))
+}
+
+/// Schema of `reports/<run_id>/dq.parquet`: one row per check and source.
+pub fn dq_schema() -> SchemaRef {
+    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+        let text = |n: &str, null: bool| Field::new(n, DataType::Utf8, null);
+        let float = |n: &str, null: bool| Field::new(n, DataType::Float64, null);
+        Arc::new(Schema::new(vec![
+            text("check", false),
+            text("category", false),
+            text("subcategory", true),
+            text("table", true),
+            text("column", true),
+            text("source", false),
+            text("severity", false),
+            float("threshold_pct", false),
+            Field::new("violating", DataType::UInt64, false),
+            Field::new("checked", DataType::UInt64, false),
+            float("rate_pct", true),
+            text("status", false),
+            float("baseline_pct", true),
+            float("drift_tolerance_pct", false),
+            Field::new("drift", DataType::Boolean, false),
+        ]))
+    });
+    SCHEMA.clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,9 @@ use crate::ingest::{FileStatus, IngestReport};
 use crate::measure::Period;
 use crate::measure::{Improvement, MeasureResult, Scoring};
 
+mod dq;
+pub use dq::DqPoint;
+
 const PAGE: &str = include_str!("templates/report.html");
 const CHARTS: &str = include_str!("templates/charts.html");
 const CSS: &str = include_str!("templates/report.css");
@@ -65,6 +68,10 @@ pub struct HtmlInput<'a> {
     /// The run's warnings (gates that warned, files that failed, ...),
     /// listed on the page; they name sources and files, never values.
     pub warnings: &'a [String],
+    /// The data-quality checks of this run (counts only).
+    pub dq: &'a [crate::dq::CheckResult],
+    /// The checks' rates in earlier runs, any order (sparklines).
+    pub dq_trend: &'a [DqPoint],
 }
 
 impl<'a> HtmlInput<'a> {
@@ -90,6 +97,8 @@ impl<'a> HtmlInput<'a> {
             quality,
             metadata: &[],
             warnings: &[],
+            dq: &[],
+            dq_trend: &[],
         }
     }
 }
@@ -270,6 +279,7 @@ struct View {
     previous_runs: usize,
     quality: Vec<QualityRow>,
     quality_total: QualityRow,
+    dq: dq::DqView,
     metadata: Vec<(String, String)>,
     warnings: Vec<String>,
 }
@@ -980,6 +990,7 @@ fn build_view(input: &HtmlInput) -> View {
         trends,
         quality: input.quality.iter().map(quality_row).collect(),
         quality_total: quality_row(&quality_total(input.quality)),
+        dq: dq::view(input.dq, input.dq_trend),
         metadata: metadata(input, period),
         warnings: input.warnings.to_vec(),
     }
@@ -1293,6 +1304,8 @@ mod tests {
         quality: Vec<SourceQuality>,
         metadata: Vec<(String, String)>,
         warnings: Vec<String>,
+        dq: Vec<crate::dq::CheckResult>,
+        dq_trend: Vec<DqPoint>,
     }
 
     fn fixture(hostile: &str) -> Fixture {
@@ -1345,6 +1358,31 @@ mod tests {
             quality,
             metadata,
             warnings: vec![format!("source '{hostile}': 3 of 100 rows rejected")],
+            dq: vec![crate::dq::CheckResult {
+                check: "bmi_implausible".into(),
+                category: crate::dq::Category::Plausibility,
+                subcategory: Some(crate::dq::Subcategory::Atemporal),
+                table: Some("observation".into()),
+                column: Some("value_num".into()),
+                source: hostile.into(),
+                severity: crate::dq::Severity::Warn,
+                threshold_pct: 1.0,
+                violating: 3,
+                checked: 100,
+                rate_pct: Some(3.0),
+                status: crate::dq::Status::Warn,
+                baseline_pct: Some(0.5),
+                drift_tolerance_pct: 2.0,
+                drift: true,
+                description: hostile.into(),
+            }],
+            dq_trend: vec![DqPoint {
+                run_id: "20260130T120000Z".into(),
+                date: "2026-01-30".into(),
+                check: "bmi_implausible".into(),
+                source: hostile.into(),
+                rate_pct: 0.5,
+            }],
         }
     }
 
@@ -1361,6 +1399,8 @@ mod tests {
             quality: &f.quality,
             metadata: &f.metadata,
             warnings: &f.warnings,
+            dq: &f.dq,
+            dq_trend: &f.dq_trend,
         }
     }
 
@@ -1385,9 +1425,10 @@ mod tests {
         assert!(!html.contains("<img"), "an img element got through");
         assert!(!html.contains(HOSTILE));
         let escaped = "&quot;&gt;&lt;script&gt;alert(1)&lt;&#x2f;script&gt;&lt;img";
-        // Measure id and title, provider, source, rule, metadata key and value.
+        // Measure id and title, provider, source, rule, metadata key and
+        // value, data-quality source and description.
         assert!(
-            html.matches(escaped).count() >= 6,
+            html.matches(escaped).count() >= 8,
             "{}",
             html.matches(escaped).count()
         );
@@ -1585,7 +1626,7 @@ mod tests {
         let f = fixture("Other");
         let html = render(&input(&f, &[])).unwrap();
         assert!(html.contains("first run on record"));
-        assert!(!html.contains("<polyline"));
+        assert!(!html.contains("<polyline class=\"trend\""));
         let trend = vec![TrendPoint {
             run_id: "20251231T120000Z".into(),
             date: "2025-12-31".into(),
@@ -1597,7 +1638,7 @@ mod tests {
         let html = render(&input(&f, &trend)).unwrap();
         assert!(!html.contains("first run on record"));
         assert_eq!(
-            html.matches("<polyline").count(),
+            html.matches("<polyline class=\"trend\"").count(),
             1,
             "one measure has history"
         );

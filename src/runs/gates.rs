@@ -40,6 +40,40 @@ pub enum GateOutcome {
     Fail,
 }
 
+/// The data-quality checks as gates: one per check and source that did
+/// not pass (a `fail` check above its threshold fails the night, a `warn`
+/// one warns); the checks that passed are in `dq.json`, not here.
+pub fn dq_gates(results: &[crate::dq::CheckResult]) -> Vec<GateResult> {
+    use crate::dq::Status;
+    results
+        .iter()
+        .filter_map(|r| {
+            let outcome = match r.status {
+                Status::Fail => GateOutcome::Fail,
+                Status::Warn => GateOutcome::Warn,
+                Status::Pass | Status::Info | Status::NoData => return None,
+            };
+            let rate = r.rate_pct?;
+            Some(GateResult {
+                gate: format!("dq:{}", r.check),
+                source: r.source.clone(),
+                outcome,
+                value: Some(rate / 100.0),
+                message: format!(
+                    "source '{}': data-quality check '{}' ({}): {} of {} rows ({rate:.2} %; {} above {} %)",
+                    r.source,
+                    r.check,
+                    r.category.name(),
+                    r.violating,
+                    r.checked,
+                    if outcome == GateOutcome::Fail { "fail" } else { "warn" },
+                    r.threshold_pct
+                ),
+            })
+        })
+        .collect()
+}
+
 /// One gate checked for one source.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GateResult {

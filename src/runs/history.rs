@@ -21,6 +21,9 @@ pub struct HistoryEntry {
     /// Each measure's published overall cell (small counts suppressed:
     /// the history feeds published trends).
     pub overall: Vec<crate::report::Cell>,
+    /// Every data-quality check's rate per source (drift baselines, trends).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dq: Vec<crate::dq::DqRate>,
 }
 
 /// The HTML report's trend points: each measure's published overall rate
@@ -36,6 +39,23 @@ pub fn trend(history: &[HistoryEntry]) -> Vec<crate::report::html::TrendPoint> {
                 rate: c.rate,
                 ci_low: c.ci_low,
                 ci_high: c.ci_high,
+            })
+        })
+        .collect()
+}
+
+/// The data-quality rates of every run of `history`, labelled like
+/// [`trend`]'s points.
+pub fn dq_trend(history: &[HistoryEntry]) -> Vec<crate::report::html::DqPoint> {
+    history
+        .iter()
+        .flat_map(|h| {
+            h.dq.iter().map(|r| crate::report::html::DqPoint {
+                run_id: h.run_id.clone(),
+                date: h.finished.get(..10).unwrap_or(&h.finished).to_string(),
+                check: r.check.clone(),
+                source: r.source.clone(),
+                rate_pct: r.rate_pct,
             })
         })
         .collect()

@@ -100,6 +100,7 @@ mod tests {
             fs::write(runs_dir(wh).join(id).join(MANIFEST), "{}").unwrap();
         }
         let entry = |id: &str| HistoryEntry {
+            dq: Vec::new(),
             run_id: id.into(),
             finished: String::new(),
             period: PeriodInfo::default(),
@@ -225,6 +226,7 @@ mod tests {
     fn history_is_carried_forward_and_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let entry = |id: &str| HistoryEntry {
+            dq: Vec::new(),
             run_id: id.into(),
             finished: String::new(),
             period: PeriodInfo {

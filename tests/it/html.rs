@@ -60,6 +60,7 @@ fn run_writes_a_self_contained_report_html() {
         "bands",
         "trend",
         "quality",
+        "dq",
         "metadata",
     ] {
         assert!(
@@ -78,6 +79,20 @@ fn run_writes_a_self_contained_report_html() {
     assert!(html.contains("DM-CONTROL: distribution by band"));
     for source in &config.sources {
         assert!(html.contains(&format!("<th scope=\"row\">{}</th>", source.name)));
+    }
+    // The data-quality scorecard: a row per source, every check's result
+    // in the table behind it.
+    assert!(html.matches("<td class=\"dq-").count() >= 3 * config.sources.len());
+    for r in &run.dq {
+        assert!(
+            html.contains(&format!(
+                "<code>{}</code></th><td>{}</td>",
+                r.check, r.source
+            )),
+            "{} on {}",
+            r.check,
+            r.source
+        );
     }
 
     // Patient counts shown are 0 or at least the minimum cell size; the

@@ -436,7 +436,7 @@ fn person_ids_survive_a_withdrawn_first_record() {
     let tmp = tempfile::tempdir().unwrap();
     let config_path = copy_sample(tmp.path());
     // The withdrawn patient's facts become rejects (unknown_patient): more
-    // than the default gate allows at this size.
+    // than the default gate and data-quality check allow at this size.
     // A label of a record that is not staged: a linkage warning the run's
     // manifest (and report.html) lists.
     let text = fs::read_to_string(&config_path).unwrap();
@@ -448,7 +448,8 @@ fn person_ids_survive_a_withdrawn_first_record() {
     .unwrap();
     fs::write(
         &config_path,
-        text + "\n[gates]\nmax_reject_rate = 0.2\n[link]\nlabels = \"labels.csv\"\n",
+        text + "\n[gates]\nmax_reject_rate = 0.2\n[link]\nlabels = \"labels.csv\"\n\
+                [dq.checks.facts_patient_unknown]\nthreshold_pct = 20\n",
     )
     .unwrap();
     let config = ward::PipelineConfig::load(&config_path).unwrap();

@@ -5,6 +5,7 @@
 mod common;
 
 mod cli;
+mod dq;
 mod fhir;
 mod html;
 mod ingest;

@@ -376,7 +376,9 @@ fn old_runs_are_pruned_and_the_history_keeps_every_published_run() {
             .iter()
             .map(|s| s.stage.as_str())
             .collect::<Vec<_>>(),
-        ["ingest", "link", "build", "measures", "report", "deid"]
+        [
+            "ingest", "link", "build", "dq", "measures", "report", "deid"
+        ]
     );
 }
 

@@ -78,6 +78,17 @@ pub(crate) enum Command {
     /// The current published run, the lock, and whether the latest run
     /// failed and why; exits 1 when the latest run did not publish.
     Status,
+    /// The data-quality scorecard of the current published run: checks
+    /// passed, warned and failed per source and category, the checks that
+    /// did not pass, and drift.
+    Dq {
+        /// Print the run's every check result as JSON (dq.json).
+        #[arg(long)]
+        json: bool,
+        /// List every check, not only those that did not pass or drifted.
+        #[arg(long)]
+        all: bool,
+    },
     /// Measures: list the measures of queries/measures/.
     Measures {
         #[command(subcommand)]

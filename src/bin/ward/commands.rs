@@ -163,6 +163,33 @@ pub(crate) fn runs(settings: &Settings, limit: usize) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
+/// `ward dq`: the current run's data-quality results.
+pub(crate) fn dq(settings: &Settings, json: bool, all: bool) -> anyhow::Result<ExitCode> {
+    let warehouse = &settings.config.warehouse;
+    let Some(dir) = ward::runs::current_dir(warehouse)? else {
+        anyhow::bail!("no run has been published yet in {}", warehouse.display());
+    };
+    let run_id = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let path = dir.join("reports").join(&run_id).join("dq.json");
+    if !path.is_file() {
+        anyhow::bail!(
+            "run {run_id} has no data-quality results ({} is missing: it ran before the checks existed)",
+            path.display()
+        );
+    }
+    let results = ward::dq::read(&path)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        println!("data-quality checks of run {run_id}");
+        print::print_dq(&results, all);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `ward status`: exit 0 when the latest run is the current one.
 pub(crate) fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
     let warehouse = &settings.config.warehouse;

@@ -85,6 +85,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Query(args) => query::query(&settings()?, args, quiet),
         Command::Runs { limit } => commands::runs(&settings()?, *limit),
         Command::Status => commands::status(&settings()?),
+        Command::Dq { json, all } => commands::dq(&settings()?, *json, *all),
         Command::Deid => commands::deid(&settings()?, quiet),
         Command::Link(args) => commands::link(&settings()?, args, quiet),
         Command::Measure(args) => commands::measure(&settings()?, args, quiet),

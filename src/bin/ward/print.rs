@@ -134,6 +134,84 @@ pub(crate) fn print_runs(runs: &[ward::runs::RunListing], limit: usize) {
     println!("{table}");
 }
 
+/// The data-quality scorecard (source × category), then the checks that
+/// did not pass or drifted (every check with `all`).
+pub(crate) fn print_dq(results: &[ward::dq::CheckResult], all: bool) {
+    use ward::dq::{Category, Status};
+    let mut score = TextTable::new();
+    let mut header = vec!["source".to_string()];
+    header.extend(Category::ALL.iter().map(|c| c.name().to_string()));
+    score.load_preset(UTF8_FULL_CONDENSED).set_header(header);
+    let mut sources: Vec<&str> = results.iter().map(|r| r.source.as_str()).collect();
+    sources.dedup();
+    for source in sources {
+        let mut row = vec![source.to_string()];
+        for category in Category::ALL {
+            let n = |s: Status| {
+                results
+                    .iter()
+                    .filter(|r| r.source == source && r.category == category && r.status == s)
+                    .count()
+            };
+            let mut cell = format!(
+                "{} pass, {} warn, {} fail",
+                n(Status::Pass),
+                n(Status::Warn),
+                n(Status::Fail)
+            );
+            for (s, label) in [(Status::Info, "noted"), (Status::NoData, "no data")] {
+                if n(s) > 0 {
+                    cell.push_str(&format!(", {} {label}", n(s)));
+                }
+            }
+            row.push(cell);
+        }
+        score.add_row(row);
+    }
+    println!("{score}");
+    let listed: Vec<&ward::dq::CheckResult> = results
+        .iter()
+        .filter(|r| {
+            all || r.drift || matches!(r.status, Status::Fail | Status::Warn | Status::Info)
+        })
+        .collect();
+    if listed.is_empty() {
+        println!("every check passed on every source, no drift");
+        return;
+    }
+    let mut table = TextTable::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "check",
+        "source",
+        "status",
+        "violating",
+        "checked",
+        "rate",
+        "threshold",
+        "baseline",
+        "drift",
+    ]);
+    let pct = |v: Option<f64>| v.map(|v| format!("{v:.2}%")).unwrap_or_else(|| "-".into());
+    for r in listed {
+        table.add_row(vec![
+            r.check.clone(),
+            r.source.clone(),
+            r.status.name().to_string(),
+            r.violating.to_string(),
+            r.checked.to_string(),
+            pct(r.rate_pct),
+            format!("{}%", r.threshold_pct),
+            pct(r.baseline_pct),
+            if r.drift {
+                "drift".into()
+            } else {
+                String::new()
+            },
+        ]);
+    }
+    println!("{table}");
+}
+
 pub(crate) fn print_deid(r: &ward::deid::DeidReport) {
     let mode = if r.safe_harbor {
         "HIPAA Safe Harbor"

@@ -1,0 +1,669 @@
+//! The data-quality scorecard: a catalogue of checks (`queries/checks/`),
+//! each a SQL query counting, per source, the rows that violate it and the
+//! rows it checked; compared with a threshold (status) and with the same
+//! source's earlier runs (drift).
+//!
+//! Checks read what ingest kept of every source — the staged rows
+//! (`staging_<table>`) and the refused ones (`rejects`) — and this run's
+//! record → person links (`person_link`), plus views made for them:
+//!
+//! - `dq_rows(source, table_name, accepted, rejected)`: rows per source and
+//!   table, the refused included (a reject-rule check's denominator);
+//! - `dq_layout(source, table_name, column_name)`: the columns each source's
+//!   layout fills (its mapping's fields; every column for FHIR), so that a
+//!   completeness check asks only what the source's layout promises;
+//! - `dq_facts(source, table_name, source_patient_id, source_encounter_id,
+//!   event_date)`: every fact of every table with its day.
+//!
+//! Outputs hold counts only — never a patient value.
+
+pub mod catalog;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray, UInt64Array,
+};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::DataType;
+use datafusion::datasource::MemTable;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use serde::{Deserialize, Serialize};
+
+pub use catalog::{Category, Check, Severity, Subcategory, catalog};
+
+use crate::error::{Result, WardError};
+use crate::ingest::{SourceConfig, SourceFormat};
+use crate::schema::Table;
+use crate::warehouse::Warehouse;
+
+/// Drift settings and a site's own thresholds (`[dq]` in ward.toml).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DqOptions {
+    /// A rate that moves more than this many percentage points from its
+    /// baseline is drift (a check may set its own).
+    pub drift_tolerance_pct: f64,
+    /// The baseline is the median rate of the source's last this many
+    /// published runs.
+    pub drift_runs: usize,
+    /// Per check id: the site's threshold and severity, over the catalogue's
+    /// (`[dq.checks.<id>]`).
+    pub overrides: BTreeMap<String, CheckOverride>,
+}
+
+impl Default for DqOptions {
+    fn default() -> Self {
+        DqOptions {
+            drift_tolerance_pct: 5.0,
+            drift_runs: 7,
+            overrides: BTreeMap::new(),
+        }
+    }
+}
+
+/// A site's setting of one check (`[dq.checks.<id>]`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckOverride {
+    pub threshold_pct: Option<f64>,
+    pub severity: Option<Severity>,
+}
+
+impl DqOptions {
+    /// Applies the overrides to `checks`; an override of no check is an
+    /// error naming it (a typo must not leave a check at its default).
+    pub fn apply(&self, checks: &mut [Check]) -> std::result::Result<(), String> {
+        for (id, o) in &self.overrides {
+            let check = checks
+                .iter_mut()
+                .find(|c| &c.id == id)
+                .ok_or_else(|| format!("dq.checks.{id}: no check '{id}' in queries/checks/"))?;
+            if let Some(t) = o.threshold_pct {
+                check.threshold_pct = t;
+            }
+            if let Some(s) = o.severity {
+                check.severity = s;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A check's outcome on one source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// At or below the threshold.
+    Pass,
+    /// Above the threshold of a `fail` check: the night fails.
+    Fail,
+    /// Above the threshold of a `warn` check.
+    Warn,
+    /// Above the threshold of an `info` check.
+    Info,
+    /// The source has no row the check applies to.
+    NoData,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Pass => "pass",
+            Status::Fail => "fail",
+            Status::Warn => "warn",
+            Status::Info => "info",
+            Status::NoData => "no_data",
+        }
+    }
+}
+
+/// One check on one source: the row of `dq.{json,csv,parquet}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckResult {
+    pub check: String,
+    pub category: Category,
+    pub subcategory: Option<Subcategory>,
+    pub table: Option<String>,
+    pub column: Option<String>,
+    pub source: String,
+    pub severity: Severity,
+    pub threshold_pct: f64,
+    pub violating: u64,
+    pub checked: u64,
+    /// `violating / checked` in %; `None` when nothing was checked.
+    pub rate_pct: Option<f64>,
+    pub status: Status,
+    /// The median rate of the source's previous runs (`None`: no history).
+    pub baseline_pct: Option<f64>,
+    pub drift_tolerance_pct: f64,
+    /// The rate moved more than the tolerance from the baseline.
+    pub drift: bool,
+    pub description: String,
+}
+
+/// One check's rate on one source in a published run (kept in the run
+/// history for drift and trends).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DqRate {
+    pub check: String,
+    pub source: String,
+    pub rate_pct: f64,
+}
+
+impl DqRate {
+    /// The rates of `results` that were measured.
+    pub fn of(results: &[CheckResult]) -> Vec<DqRate> {
+        results
+            .iter()
+            .filter_map(|r| {
+                Some(DqRate {
+                    check: r.check.clone(),
+                    source: r.source.clone(),
+                    rate_pct: r.rate_pct?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Runs every check over the warehouse's staging and rejects and the
+/// run's `core/person_link.parquet`, for every source of `sources` (and any
+/// other source a check reports). `previous` holds the rates of earlier
+/// published runs, oldest first. Results are sorted by source, then check.
+pub fn evaluate(
+    warehouse: &Warehouse,
+    sources: &[SourceConfig],
+    checks: &[Check],
+    previous: &[Vec<DqRate>],
+    opts: &DqOptions,
+) -> Result<Vec<CheckResult>> {
+    let counts = crate::engine::block_on(async {
+        let ctx = session(warehouse, sources).await?;
+        let mut counts = Vec::with_capacity(checks.len());
+        for check in checks {
+            counts.push(run_check(&ctx, check).await?);
+        }
+        Ok(counts)
+    })?;
+    let recent = &previous[previous.len().saturating_sub(opts.drift_runs)..];
+    let mut results = Vec::new();
+    for (check, by_source) in checks.iter().zip(counts) {
+        let names: BTreeSet<&str> = sources
+            .iter()
+            .map(|s| s.name.as_str())
+            .chain(by_source.keys().map(String::as_str))
+            .collect();
+        for source in names {
+            let (violating, checked) = by_source.get(source).copied().unwrap_or((0, 0));
+            let history: Vec<f64> = recent
+                .iter()
+                .filter_map(|run| {
+                    run.iter()
+                        .find(|r| r.check == check.id && r.source == source)
+                        .map(|r| r.rate_pct)
+                })
+                .collect();
+            results.push(score(check, source, violating, checked, &history, opts));
+        }
+    }
+    results.sort_by(|a, b| (&a.source, &a.check).cmp(&(&b.source, &b.check)));
+    Ok(results)
+}
+
+/// A check's counts on one source against its threshold and its history.
+fn score(
+    check: &Check,
+    source: &str,
+    violating: u64,
+    checked: u64,
+    history: &[f64],
+    opts: &DqOptions,
+) -> CheckResult {
+    let rate_pct = (checked > 0).then(|| 100.0 * violating as f64 / checked as f64);
+    let status = match rate_pct {
+        None => Status::NoData,
+        Some(r) if r <= check.threshold_pct => Status::Pass,
+        Some(_) => match check.severity {
+            Severity::Fail => Status::Fail,
+            Severity::Warn => Status::Warn,
+            Severity::Info => Status::Info,
+        },
+    };
+    let baseline_pct = median(history);
+    let drift_tolerance_pct = check
+        .drift_tolerance_pct
+        .unwrap_or(opts.drift_tolerance_pct);
+    let drift = matches!((rate_pct, baseline_pct), (Some(r), Some(b)) if (r - b).abs() > drift_tolerance_pct);
+    CheckResult {
+        check: check.id.clone(),
+        category: check.category,
+        subcategory: check.subcategory,
+        table: check.table.map(|t| t.name().to_string()),
+        column: check.column.clone(),
+        source: source.to_string(),
+        severity: check.severity,
+        threshold_pct: check.threshold_pct,
+        violating,
+        checked,
+        rate_pct,
+        status,
+        baseline_pct,
+        drift_tolerance_pct,
+        drift,
+        description: check.description.clone(),
+    }
+}
+
+fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// The session checks run in (see the module documentation).
+async fn session(warehouse: &Warehouse, sources: &[SourceConfig]) -> Result<SessionContext> {
+    let ctx = crate::engine::session(SessionConfig::new());
+    crate::engine::register_staging(&ctx, warehouse).await?;
+    register_rejects(&ctx, &warehouse.root().join("rejects")).await?;
+    let links = warehouse.out().join("core").join("person_link.parquet");
+    crate::engine::register_parquet(
+        &ctx,
+        "person_link",
+        &links,
+        crate::schema::person_link_schema(),
+    )
+    .await?;
+    let layout = layout(sources)?;
+    let err = |e: datafusion::error::DataFusionError| {
+        WardError::data("preparing the data-quality checks", warehouse.root(), e)
+    };
+    let table = MemTable::try_new(layout.schema(), vec![vec![layout]]).map_err(err)?;
+    ctx.register_table("dq_layout", Arc::new(table))
+        .map_err(err)?;
+    for view in [rows_view(), facts_view()] {
+        crate::engine::collect_about(
+            &ctx,
+            &view,
+            "preparing the data-quality checks",
+            warehouse.root(),
+        )
+        .await?;
+    }
+    Ok(ctx)
+}
+
+/// `rejects`: the refused records of every source (`rejects/<source>/`).
+/// One table per source directory, then their union: a listing over
+/// `rejects/` itself reads nothing from the source directories (they are
+/// not `key=value` partitions).
+async fn register_rejects(ctx: &SessionContext, dir: &Path) -> Result<()> {
+    let mut parts = Vec::new();
+    if dir.is_dir() {
+        let mut sources: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| WardError::io("cannot list", dir, e))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| WardError::io("cannot list", dir, e))?;
+        sources.retain(|p| p.is_dir());
+        sources.sort();
+        for (i, source) in sources.iter().enumerate() {
+            let name = format!("dq_rejects_{i}");
+            crate::engine::register_parquet(ctx, &name, source, crate::schema::rejects_schema())
+                .await?;
+            parts.push(format!("SELECT * FROM {name}"));
+        }
+    }
+    if parts.is_empty() {
+        return crate::engine::register_parquet(
+            ctx,
+            "rejects",
+            dir,
+            crate::schema::rejects_schema(),
+        )
+        .await;
+    }
+    let view = format!("CREATE VIEW rejects AS {}", parts.join(" UNION ALL "));
+    crate::engine::collect_about(ctx, &view, "preparing the data-quality checks", dir).await?;
+    Ok(())
+}
+
+/// `dq_layout`: the canonical columns each source's layout fills.
+fn layout(sources: &[SourceConfig]) -> Result<RecordBatch> {
+    let mut rows: Vec<(String, &'static str, &'static str)> = Vec::new();
+    for s in sources {
+        match (s.format, &s.mapping) {
+            (SourceFormat::Csv, Some(path)) => {
+                let mapping = crate::mapping::CsvMapping::load(path)?;
+                let mut filled = BTreeSet::new();
+                for f in &mapping.files {
+                    let columns = f.table.columns();
+                    for (name, _) in &f.fields {
+                        filled.insert((f.table.name(), *name));
+                    }
+                    if f.value.is_some() {
+                        for c in ["value_num", "value_text", "value_code"] {
+                            if columns.iter().any(|x| x.name == c) {
+                                filled.insert((f.table.name(), c));
+                            }
+                        }
+                    }
+                    if !f.codings.is_empty() {
+                        filled.insert((f.table.name(), "codings"));
+                    }
+                }
+                rows.extend(filled.into_iter().map(|(t, c)| (s.name.clone(), t, c)));
+            }
+            _ => {
+                for t in Table::ALL {
+                    for c in t.columns().iter().filter(|c| c.mappable) {
+                        rows.push((s.name.clone(), t.name(), c.name));
+                    }
+                }
+            }
+        }
+    }
+    let sources: StringArray = rows.iter().map(|r| Some(r.0.as_str())).collect();
+    let tables: StringArray = rows.iter().map(|r| Some(r.1)).collect();
+    let columns: StringArray = rows.iter().map(|r| Some(r.2)).collect();
+    RecordBatch::try_new(
+        crate::schema::dq_layout_schema(),
+        vec![Arc::new(sources), Arc::new(tables), Arc::new(columns)],
+    )
+    .map_err(|e| WardError::data("listing the sources' layouts", PathBuf::new(), e))
+}
+
+/// `dq_rows`: accepted and refused rows per source and table.
+fn rows_view() -> String {
+    let accepted: Vec<String> = Table::ALL
+        .iter()
+        .map(|t| {
+            format!(
+                "SELECT source, '{0}' AS table_name, COUNT(*) AS accepted, 0 AS rejected \
+                 FROM staging_{0} GROUP BY source",
+                t.name()
+            )
+        })
+        .collect();
+    format!(
+        "CREATE VIEW dq_rows AS SELECT source, table_name, \
+         CAST(SUM(accepted) AS BIGINT) AS accepted, CAST(SUM(rejected) AS BIGINT) AS rejected \
+         FROM ({} UNION ALL SELECT source, \"table\" AS table_name, 0 AS accepted, \
+         COUNT(*) AS rejected FROM rejects GROUP BY source, \"table\") \
+         GROUP BY source, table_name",
+        accepted.join(" UNION ALL ")
+    )
+}
+
+/// `dq_facts`: every fact with its patient, encounter and day.
+fn facts_view() -> String {
+    let facts: Vec<String> = Table::ALL
+        .iter()
+        .filter_map(|t| {
+            let event = *t.event_columns().first()?;
+            let encounter = match t.column("source_encounter_id") {
+                Some(_) if *t != Table::Encounter => "source_encounter_id",
+                _ => "CAST(NULL AS VARCHAR)",
+            };
+            (*t != Table::Patient).then(|| {
+                format!(
+                    "SELECT source, '{0}' AS table_name, source_patient_id, \
+                     {encounter} AS source_encounter_id, CAST({event} AS DATE) AS event_date \
+                     FROM staging_{0}",
+                    t.name()
+                )
+            })
+        })
+        .collect();
+    format!("CREATE VIEW dq_facts AS {}", facts.join(" UNION ALL "))
+}
+
+/// Runs one check: `(violating, checked)` per source.
+async fn run_check(ctx: &SessionContext, check: &Check) -> Result<BTreeMap<String, (u64, u64)>> {
+    let batches =
+        crate::engine::collect_about(ctx, &check.sql, "running a data-quality check", &check.file)
+            .await?;
+    let bad = |m: String| WardError::data("running a data-quality check", &check.file, m);
+    let mut out = BTreeMap::new();
+    for b in &batches {
+        let column = |name: &str, to: &DataType| -> Result<ArrayRef> {
+            let c = b.column_by_name(name).ok_or_else(|| {
+                bad(format!(
+                    "check '{}' returns no '{name}' column (a check returns source, violating, checked)",
+                    check.id
+                ))
+            })?;
+            cast(c, to).map_err(|e| bad(format!("check '{}': {name}: {e}", check.id)))
+        };
+        let sources = column("source", &DataType::Utf8)?;
+        let violating = column("violating", &DataType::Int64)?;
+        let checked = column("checked", &DataType::Int64)?;
+        let sources = sources
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("cast");
+        let int = |a: &ArrayRef, i: usize| {
+            let a = a.as_any().downcast_ref::<Int64Array>().expect("cast");
+            if a.is_null(i) { 0 } else { a.value(i) }
+        };
+        for i in 0..b.num_rows() {
+            let (v, c) = (int(&violating, i), int(&checked, i));
+            if sources.is_null(i) || v < 0 || v > c {
+                return Err(bad(format!(
+                    "check '{}' returned a row with no source, or violating rows not between 0 and the rows checked",
+                    check.id
+                )));
+            }
+            let source = sources.value(i).to_string();
+            if out.insert(source, (v as u64, c as u64)).is_some() {
+                return Err(bad(format!(
+                    "check '{}' returned a source twice (GROUP BY source)",
+                    check.id
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `dq.json`, `dq.csv` and `dq.parquet` into `dir` (a run's
+/// `reports/<run_id>/`).
+pub fn write(warehouse: &Warehouse, dir: &Path, results: &[CheckResult]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| WardError::io("cannot create", dir, e))?;
+    let text = |f: &dyn Fn(&CheckResult) -> Option<&str>| -> ArrayRef {
+        Arc::new(results.iter().map(f).collect::<StringArray>())
+    };
+    let count = |f: fn(&CheckResult) -> u64| -> ArrayRef {
+        Arc::new(results.iter().map(|r| Some(f(r))).collect::<UInt64Array>())
+    };
+    let float = |f: fn(&CheckResult) -> Option<f64>| -> ArrayRef {
+        Arc::new(results.iter().map(f).collect::<Float64Array>())
+    };
+    let schema = crate::schema::dq_schema();
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            text(&|r| Some(&r.check)),
+            text(&|r| Some(r.category.name())),
+            text(&|r| r.subcategory.map(Subcategory::name)),
+            text(&|r| r.table.as_deref()),
+            text(&|r| r.column.as_deref()),
+            text(&|r| Some(&r.source)),
+            text(&|r| {
+                Some(match r.severity {
+                    Severity::Fail => "fail",
+                    Severity::Warn => "warn",
+                    Severity::Info => "info",
+                })
+            }),
+            float(|r| Some(r.threshold_pct)),
+            count(|r| r.violating),
+            count(|r| r.checked),
+            float(|r| r.rate_pct),
+            text(&|r| Some(r.status.name())),
+            float(|r| r.baseline_pct),
+            float(|r| Some(r.drift_tolerance_pct)),
+            Arc::new(
+                results
+                    .iter()
+                    .map(|r| Some(r.drift))
+                    .collect::<BooleanArray>(),
+            ),
+        ],
+    )
+    .map_err(|e| WardError::data("building the data-quality results", dir, e))?;
+    warehouse.write_parquet(&dir.join("dq.parquet"), schema, &[batch])?;
+    let json = serde_json::to_vec_pretty(results).expect("results serialize");
+    write_bytes(warehouse, &dir.join("dq.json"), &json)?;
+    let path = dir.join("dq.csv");
+    let mut csv = csv::Writer::from_writer(Vec::new());
+    for r in results {
+        csv.serialize(CsvRow::of(r))
+            .map_err(|e| WardError::data("writing the data-quality results", &path, e))?;
+    }
+    let bytes = csv
+        .into_inner()
+        .map_err(|e| WardError::data("writing the data-quality results", &path, e))?;
+    write_bytes(warehouse, &path, &bytes)
+}
+
+/// Reads a run's `dq.json`.
+pub fn read(path: &Path) -> Result<Vec<CheckResult>> {
+    let text = std::fs::read_to_string(path).map_err(|e| WardError::io("cannot read", path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| WardError::data("reading the data-quality results", path, e))
+}
+
+fn write_bytes(warehouse: &Warehouse, path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    warehouse.publish(path, |f| {
+        f.write_all(bytes)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| WardError::io("cannot write", path, e))
+    })
+}
+
+/// A CSV row: the same columns as the Parquet file (csv cannot write
+/// optional enums).
+#[derive(Serialize)]
+struct CsvRow<'a> {
+    check: &'a str,
+    category: &'a str,
+    subcategory: &'a str,
+    table: &'a str,
+    column: &'a str,
+    source: &'a str,
+    severity: Severity,
+    threshold_pct: f64,
+    violating: u64,
+    checked: u64,
+    rate_pct: Option<f64>,
+    status: Status,
+    baseline_pct: Option<f64>,
+    drift_tolerance_pct: f64,
+    drift: bool,
+}
+
+impl<'a> CsvRow<'a> {
+    fn of(r: &'a CheckResult) -> Self {
+        CsvRow {
+            check: &r.check,
+            category: r.category.name(),
+            subcategory: r.subcategory.map_or("", Subcategory::name),
+            table: r.table.as_deref().unwrap_or(""),
+            column: r.column.as_deref().unwrap_or(""),
+            source: &r.source,
+            severity: r.severity,
+            threshold_pct: r.threshold_pct,
+            violating: r.violating,
+            checked: r.checked,
+            rate_pct: r.rate_pct,
+            status: r.status,
+            baseline_pct: r.baseline_pct,
+            drift_tolerance_pct: r.drift_tolerance_pct,
+            drift: r.drift,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(severity: Severity, threshold_pct: f64) -> Check {
+        Check {
+            id: "c".into(),
+            category: Category::Plausibility,
+            subcategory: Some(Subcategory::Atemporal),
+            table: Some(Table::Observation),
+            column: Some("value_num".into()),
+            description: String::new(),
+            severity,
+            threshold_pct,
+            drift_tolerance_pct: None,
+            sql: String::new(),
+            file: PathBuf::new(),
+        }
+    }
+
+    #[test]
+    fn status_follows_threshold_and_severity() {
+        let opts = DqOptions::default();
+        let s = |sev, v, c| score(&check(sev, 5.0), "a", v, c, &[], &opts).status;
+        assert_eq!(s(Severity::Fail, 5, 100), Status::Pass);
+        assert_eq!(s(Severity::Fail, 6, 100), Status::Fail);
+        assert_eq!(s(Severity::Warn, 6, 100), Status::Warn);
+        assert_eq!(s(Severity::Info, 6, 100), Status::Info);
+        assert_eq!(s(Severity::Fail, 0, 0), Status::NoData);
+    }
+
+    #[test]
+    fn a_site_overrides_a_threshold_and_a_typo_is_an_error() {
+        let mut checks = [check(Severity::Fail, 5.0)];
+        let mut opts = DqOptions::default();
+        opts.overrides.insert(
+            "c".into(),
+            CheckOverride {
+                threshold_pct: Some(20.0),
+                severity: Some(Severity::Warn),
+            },
+        );
+        opts.apply(&mut checks).unwrap();
+        assert_eq!(
+            (checks[0].threshold_pct, checks[0].severity),
+            (20.0, Severity::Warn)
+        );
+        opts.overrides.insert(
+            "typo".into(),
+            CheckOverride {
+                threshold_pct: None,
+                severity: None,
+            },
+        );
+        assert!(
+            opts.apply(&mut checks)
+                .unwrap_err()
+                .contains("no check 'typo'")
+        );
+    }
+
+    #[test]
+    fn drift_compares_with_the_median_of_earlier_runs() {
+        let opts = DqOptions::default();
+        let c = check(Severity::Info, 100.0);
+        let r = score(&c, "a", 50, 100, &[1.0, 2.0, 90.0], &opts);
+        assert_eq!(r.baseline_pct, Some(2.0));
+        assert!(r.drift);
+        let r = score(&c, "a", 4, 100, &[1.0, 2.0, 90.0], &opts);
+        assert!(!r.drift, "2 points below the tolerance");
+        let r = score(&c, "a", 50, 100, &[], &opts);
+        assert!(!r.drift && r.baseline_pct.is_none());
+        assert_eq!(median(&[1.0, 3.0]), Some(2.0));
+    }
+}

@@ -1,8 +1,8 @@
 -- Records of `tables` that ingest refused under one of `rules`, of every
 -- record of those tables read from the source (accepted + refused).
--- `tables`: a list, or a query of dq_rows' table names. FHIR rejects are
--- kept per file (table 'fhir-ndjson' or 'fhir-bundle'), so only a query
--- such as "SELECT table_name FROM dq_rows" counts them.
+-- `tables`: a list, or a query of dq_rows' table names ("SELECT table_name
+-- FROM dq_rows" also counts the FHIR lines that are no resource at all,
+-- kept as table 'fhir-ndjson' or 'fhir-bundle').
 SELECT r.source,
        COALESCE(x.refused, 0) AS violating,
        r.accepted + r.rejected AS checked

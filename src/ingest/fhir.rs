@@ -341,6 +341,25 @@ fn flatten(
     Ok(Some(vec![row]))
 }
 
+/// The canonical table a resource type is loaded into (`None`: not loaded).
+fn resource_table(rtype: &str) -> Option<Table> {
+    Some(match rtype {
+        "Patient" => Table::Patient,
+        "Encounter" => Table::Encounter,
+        "Condition" => Table::Condition,
+        "Observation" => Table::Observation,
+        "MedicationRequest" | "MedicationStatement" | "MedicationAdministration" => {
+            Table::Medication
+        }
+        "Procedure" => Table::Procedure,
+        "ServiceRequest" => Table::ServiceRequest,
+        "DeviceRequest" | "DeviceUseStatement" => Table::Device,
+        "Communication" => Table::Communication,
+        "Coverage" => Table::Coverage,
+        _ => return None,
+    })
+}
+
 /// A Patient: identifiers, official name, birth date, sex, race and
 /// ethnicity (US Core), first address, phone and email.
 fn patient_row(r: &Value, id: Option<String>) -> Row {
@@ -756,6 +775,7 @@ impl Flat {
             }
             Err(refusal) => self.reject(
                 line,
+                resource_table(resource_type),
                 Some(refusal.path),
                 refusal.rule,
                 refusal.message,
@@ -767,6 +787,7 @@ impl Flat {
     fn reject(
         &mut self,
         line: u64,
+        table: Option<Table>,
         column: Option<&str>,
         rule: &'static str,
         message: String,
@@ -774,6 +795,7 @@ impl Flat {
     ) {
         self.rejects.push(RejectRow {
             line,
+            table,
             column: column.map(str::to_string),
             rule,
             errors: format!("{}: {rule}", column.unwrap_or("*")),
@@ -899,6 +921,7 @@ fn flatten_ndjson(chunk: &[(u64, Vec<u8>)]) -> Flat {
                 let raw: String = raw().chars().take(2000).collect();
                 flat.reject(
                     *line,
+                    None,
                     None,
                     "not_json",
                     format!("not a JSON resource: {e}"),

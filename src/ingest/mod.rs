@@ -874,7 +874,12 @@ fn rejects_batch(
             constant(source),
             constant(file),
             Arc::new(lines.finish()),
-            constant(table),
+            Arc::new(
+                rejects
+                    .iter()
+                    .map(|r| Some(r.table.map_or(table, |t| t.name())))
+                    .collect::<StringArray>(),
+            ),
             strings(&|r| r.column.as_deref()),
             strings(&|r| Some(r.rule)),
             strings(&|r| Some(&r.message)),

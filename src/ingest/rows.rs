@@ -48,6 +48,9 @@ pub struct RowContext<'a> {
 #[derive(Debug, Clone)]
 pub struct RejectRow {
     pub line: u64,
+    /// The canonical table of the refused record, when known (a FHIR file
+    /// mixes resource types); else the record is the file's table's.
+    pub table: Option<Table>,
     /// The file column (or, for constants and derived checks, the canonical
     /// column) of the first failure.
     pub column: Option<String>,
@@ -444,6 +447,7 @@ pub(crate) fn map_input(
         .iter()
         .map(|r| RejectRow {
             line: r.line,
+            table: None,
             column: None,
             rule: r.rule,
             message: r.message.clone(),
@@ -550,7 +554,7 @@ fn map_chunk<'p>(
                 *flagged.entry(*column).or_default() += 1;
             }
         } else {
-            rejects.push(reject_row(input, row, &mapped.violations));
+            rejects.push(reject_row(input, plan.table, row, &mapped.violations));
         }
     }
     let batch = out.finish(plan.table, ctx)?;
@@ -564,9 +568,10 @@ fn map_chunk<'p>(
     ))
 }
 
-fn reject_row(input: &RowInput, row: usize, v: &[Violation]) -> RejectRow {
+fn reject_row(input: &RowInput, table: Table, row: usize, v: &[Violation]) -> RejectRow {
     RejectRow {
         line: input.lines[row],
+        table: Some(table),
         column: Some(v[0].column.to_string()).filter(|c| c != "*"),
         rule: v[0].rule,
         message: v[0].message.clone(),

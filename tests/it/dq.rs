@@ -91,6 +91,22 @@ path = "fhir/*.ndjson"
         assert!(caught, "{} passes on the bad extract: {on_bad:?}", check.id);
     }
 
+    // A FHIR record refused for its code counts under its resource's table.
+    let fhir = bad
+        .iter()
+        .find(|r| r.check == "condition_code_invalid" && r.source == "bad_fhir")
+        .unwrap();
+    assert_eq!((fhir.violating, fhir.checked), (1, 2));
+    let rejects = crate::common::read_dir_batches(&tmp.path().join("wh/rejects/bad_fhir"));
+    let tables = crate::common::strings(&rejects, "table");
+    let rules = crate::common::strings(&rejects, "rule");
+    let by_rule: std::collections::BTreeMap<_, _> = rules.into_iter().zip(tables).collect();
+    assert_eq!(
+        by_rule[&Some("missing_subject".to_string())].as_deref(),
+        Some("observation"),
+        "a refused resource is recorded under its resource's table"
+    );
+
     // The sample: nothing fails or warns; an info check may note.
     let sample = results_of(&sample_run().run_dir());
     assert_eq!(sample.len(), checks.len() * 3);

@@ -78,6 +78,7 @@ struct RawConfig {
 struct RawDq {
     drift_tolerance_pct: Option<f64>,
     drift_runs: Option<usize>,
+    min_new_rows: Option<u64>,
     #[serde(default)]
     checks: std::collections::BTreeMap<String, crate::dq::CheckOverride>,
 }
@@ -223,6 +224,9 @@ impl PipelineConfig {
             }
             if let Some(n) = file.at_least_one(span.clone(), d.drift_runs, "dq.drift_runs")? {
                 dq.drift_runs = n;
+            }
+            if let Some(n) = d.min_new_rows {
+                dq.min_new_rows = n;
             }
             for (id, o) in &d.checks {
                 if o.threshold_pct.is_some_and(|t| !(0.0..=100.0).contains(&t)) {

@@ -316,18 +316,34 @@ fn run_stages(
     let run_id = manifest.run_id.clone();
     let dq = stage(manifest, "dq", || {
         let earlier: Vec<Vec<dq::DqRate>> = previous.history.iter().map(|h| h.dq.clone()).collect();
-        let results = dq::evaluate(&warehouse, &config.sources, &checks, &earlier, &config.dq)?;
+        let tonight: dq::Loaded = ingest
+            .files
+            .iter()
+            .filter(|f| f.status == ingest::FileStatus::Loaded)
+            .map(|f| (f.source.clone(), f.file.clone()))
+            .collect();
+        let results = dq::evaluate(
+            &warehouse,
+            &config.sources,
+            &checks,
+            &earlier,
+            &tonight,
+            &config.dq,
+        )?;
         let dir = report::report_dir(&warehouse, &run_id);
         dq::write(&warehouse, &dir, &results)?;
         Ok(results)
     })?;
     for r in dq.iter().filter(|r| r.drift) {
         let message = format!(
-            "source '{}': data-quality check '{}' drifted from {:.2} % to {:.2} % (tolerance {} points)",
+            "source '{}': data-quality check '{}' drifted from {:.2} % to {:.2} %{} (tolerance {} points)",
             r.source,
             r.check,
             r.baseline_pct.unwrap_or_default(),
             r.rate_pct.unwrap_or_default(),
+            r.new_rate_pct
+                .map(|n| format!(", {n:.2} % of tonight's {} rows", r.new_checked))
+                .unwrap_or_default(),
             r.drift_tolerance_pct
         );
         tracing::warn!(source = %r.source, check = %r.check, "{message}");

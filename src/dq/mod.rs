@@ -48,6 +48,11 @@ pub struct DqOptions {
     /// The baseline is the median rate of the source's last this many
     /// published runs.
     pub drift_runs: usize,
+    /// Tonight's rows (those of the files loaded in this run) are judged
+    /// on their own too, once a check has at least this many of them to
+    /// check: a change in a new delivery shows the night it arrives, not
+    /// diluted by every row staged before.
+    pub min_new_rows: u64,
     /// Per check id: the site's threshold and severity, over the catalogue's
     /// (`[dq.checks.<id>]`).
     pub overrides: BTreeMap<String, CheckOverride>,
@@ -58,6 +63,7 @@ impl Default for DqOptions {
         DqOptions {
             drift_tolerance_pct: 5.0,
             drift_runs: 7,
+            min_new_rows: 20,
             overrides: BTreeMap::new(),
         }
     }
@@ -134,11 +140,19 @@ pub struct CheckResult {
     pub checked: u64,
     /// `violating / checked` in %; `None` when nothing was checked.
     pub rate_pct: Option<f64>,
+    /// The same check on tonight's rows only (the files loaded in this run).
+    pub new_violating: u64,
+    pub new_checked: u64,
+    /// `new_violating / new_checked` in %, when there were at least
+    /// [`DqOptions::min_new_rows`] of them.
+    pub new_rate_pct: Option<f64>,
+    /// Judged on the rate, or on tonight's rate when it is worse.
     pub status: Status,
     /// The median rate of the source's previous runs (`None`: no history).
     pub baseline_pct: Option<f64>,
     pub drift_tolerance_pct: f64,
-    /// The rate moved more than the tolerance from the baseline.
+    /// The rate, or tonight's rate, is more than the tolerance away from
+    /// the baseline.
     pub drift: bool,
     pub description: String,
 }
@@ -168,35 +182,52 @@ impl DqRate {
     }
 }
 
+/// The files a run loaded: `(source, file relative to the source's folder)`.
+pub type Loaded = BTreeSet<(String, String)>;
+
 /// Runs every check over the warehouse's staging and rejects and the
 /// run's `core/person_link.parquet`, for every source of `sources` (and any
-/// other source a check reports). `previous` holds the rates of earlier
-/// published runs, oldest first. Results are sorted by source, then check.
+/// other source a check reports) — once over everything staged, once over
+/// the rows of the files in `tonight`. `previous` holds the rates of
+/// earlier published runs, oldest first. Results are sorted by source,
+/// then check.
 pub fn evaluate(
     warehouse: &Warehouse,
     sources: &[SourceConfig],
     checks: &[Check],
     previous: &[Vec<DqRate>],
+    tonight: &Loaded,
     opts: &DqOptions,
 ) -> Result<Vec<CheckResult>> {
-    let counts = crate::engine::block_on(async {
-        let ctx = session(warehouse, sources).await?;
-        let mut counts = Vec::with_capacity(checks.len());
+    let (all, new) = crate::engine::block_on(async {
+        let ctx = session(warehouse, sources, None).await?;
+        let mut all = Vec::with_capacity(checks.len());
         for check in checks {
-            counts.push(run_check(&ctx, check).await?);
+            all.push(run_check(&ctx, check).await?);
         }
-        Ok(counts)
+        let mut new = Vec::with_capacity(checks.len());
+        if !tonight.is_empty() {
+            let ctx = session(warehouse, sources, Some(tonight)).await?;
+            for check in checks {
+                new.push(run_check(&ctx, check).await?);
+            }
+        }
+        Ok((all, new))
     })?;
     let recent = &previous[previous.len().saturating_sub(opts.drift_runs)..];
     let mut results = Vec::new();
-    for (check, by_source) in checks.iter().zip(counts) {
+    for (i, (check, by_source)) in checks.iter().zip(&all).enumerate() {
         let names: BTreeSet<&str> = sources
             .iter()
             .map(|s| s.name.as_str())
             .chain(by_source.keys().map(String::as_str))
             .collect();
         for source in names {
-            let (violating, checked) = by_source.get(source).copied().unwrap_or((0, 0));
+            let counts = by_source.get(source).copied().unwrap_or((0, 0));
+            let new_counts = new
+                .get(i)
+                .and_then(|n| n.get(source).copied())
+                .unwrap_or((0, 0));
             let history: Vec<f64> = recent
                 .iter()
                 .filter_map(|run| {
@@ -205,24 +236,32 @@ pub fn evaluate(
                         .map(|r| r.rate_pct)
                 })
                 .collect();
-            results.push(score(check, source, violating, checked, &history, opts));
+            results.push(score(check, source, counts, new_counts, &history, opts));
         }
     }
     results.sort_by(|a, b| (&a.source, &a.check).cmp(&(&b.source, &b.check)));
     Ok(results)
 }
 
-/// A check's counts on one source against its threshold and its history.
+/// A check's counts on one source — everything staged, and tonight's rows
+/// — against its threshold and its history.
 fn score(
     check: &Check,
     source: &str,
-    violating: u64,
-    checked: u64,
+    (violating, checked): (u64, u64),
+    (new_violating, new_checked): (u64, u64),
     history: &[f64],
     opts: &DqOptions,
 ) -> CheckResult {
-    let rate_pct = (checked > 0).then(|| 100.0 * violating as f64 / checked as f64);
-    let status = match rate_pct {
+    let rate = |v: u64, c: u64| 100.0 * v as f64 / c as f64;
+    let rate_pct = (checked > 0).then(|| rate(violating, checked));
+    let new_rate_pct = (new_checked > 0 && new_checked >= opts.min_new_rows)
+        .then(|| rate(new_violating, new_checked));
+    let worst = match (rate_pct, new_rate_pct) {
+        (Some(r), Some(n)) => Some(r.max(n)),
+        (r, n) => r.or(n),
+    };
+    let status = match worst {
         None => Status::NoData,
         Some(r) if r <= check.threshold_pct => Status::Pass,
         Some(_) => match check.severity {
@@ -235,7 +274,12 @@ fn score(
     let drift_tolerance_pct = check
         .drift_tolerance_pct
         .unwrap_or(opts.drift_tolerance_pct);
-    let drift = matches!((rate_pct, baseline_pct), (Some(r), Some(b)) if (r - b).abs() > drift_tolerance_pct);
+    let drift = baseline_pct.is_some_and(|b| {
+        [rate_pct, new_rate_pct]
+            .into_iter()
+            .flatten()
+            .any(|r| (r - b).abs() > drift_tolerance_pct)
+    });
     CheckResult {
         check: check.id.clone(),
         category: check.category,
@@ -248,6 +292,9 @@ fn score(
         violating,
         checked,
         rate_pct,
+        new_violating,
+        new_checked,
+        new_rate_pct,
         status,
         baseline_pct,
         drift_tolerance_pct,
@@ -267,12 +314,59 @@ fn median(values: &[f64]) -> Option<f64> {
     }
 }
 
-/// The session checks run in (see the module documentation).
-async fn session(warehouse: &Warehouse, sources: &[SourceConfig]) -> Result<SessionContext> {
+/// The session checks run in (see the module documentation); with
+/// `tonight`, `staging_<table>` and `rejects` hold only the rows of those
+/// files and `person_link` is empty (linkage is judged as a whole).
+async fn session(
+    warehouse: &Warehouse,
+    sources: &[SourceConfig],
+    tonight: Option<&Loaded>,
+) -> Result<SessionContext> {
     let ctx = crate::engine::session(SessionConfig::new());
-    crate::engine::register_staging(&ctx, warehouse).await?;
-    register_rejects(&ctx, &warehouse.root().join("rejects")).await?;
-    let links = warehouse.out().join("core").join("person_link.parquet");
+    let prefix = if tonight.is_some() { "dq_all_" } else { "" };
+    for table in Table::ALL {
+        let name = format!("{prefix}staging_{}", table.name());
+        let dir = warehouse.staging_table_dir(table);
+        crate::engine::register_parquet(&ctx, &name, &dir, table.schema()).await?;
+    }
+    register_rejects(&ctx, &warehouse.root().join("rejects"), prefix).await?;
+    if let Some(files) = tonight {
+        let err = |e: datafusion::error::DataFusionError| {
+            WardError::data("preparing the data-quality checks", warehouse.root(), e)
+        };
+        let source: StringArray = files.iter().map(|f| Some(f.0.as_str())).collect();
+        let file: StringArray = files.iter().map(|f| Some(f.1.as_str())).collect();
+        let batch = RecordBatch::try_from_iter([
+            ("source", Arc::new(source) as ArrayRef),
+            ("source_file", Arc::new(file) as ArrayRef),
+        ])
+        .map_err(|e| err(e.into()))?;
+        let table = MemTable::try_new(batch.schema(), vec![vec![batch]]).map_err(err)?;
+        ctx.register_table("dq_tonight", Arc::new(table))
+            .map_err(err)?;
+        let names = Table::ALL
+            .iter()
+            .map(|t| format!("staging_{}", t.name()))
+            .chain(["rejects".to_string()]);
+        for name in names {
+            let view = format!(
+                "CREATE VIEW {name} AS SELECT t.* FROM dq_all_{name} t \
+                 JOIN dq_tonight n ON n.source = t.source AND n.source_file = t.source_file"
+            );
+            crate::engine::collect_about(
+                &ctx,
+                &view,
+                "preparing the data-quality checks",
+                warehouse.root(),
+            )
+            .await?;
+        }
+    }
+    // Linkage is judged as a whole: tonight's scope has no links.
+    let links = match tonight {
+        None => warehouse.out().join("core").join("person_link.parquet"),
+        Some(_) => warehouse.out().join("core").join("no-links-tonight"),
+    };
     crate::engine::register_parquet(
         &ctx,
         "person_link",
@@ -303,7 +397,7 @@ async fn session(warehouse: &Warehouse, sources: &[SourceConfig]) -> Result<Sess
 /// One table per source directory, then their union: a listing over
 /// `rejects/` itself reads nothing from the source directories (they are
 /// not `key=value` partitions).
-async fn register_rejects(ctx: &SessionContext, dir: &Path) -> Result<()> {
+async fn register_rejects(ctx: &SessionContext, dir: &Path, prefix: &str) -> Result<()> {
     let mut parts = Vec::new();
     if dir.is_dir() {
         let mut sources: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -314,22 +408,18 @@ async fn register_rejects(ctx: &SessionContext, dir: &Path) -> Result<()> {
         sources.retain(|p| p.is_dir());
         sources.sort();
         for (i, source) in sources.iter().enumerate() {
-            let name = format!("dq_rejects_{i}");
+            let name = format!("{prefix}dq_rejects_{i}");
             crate::engine::register_parquet(ctx, &name, source, crate::schema::rejects_schema())
                 .await?;
             parts.push(format!("SELECT * FROM {name}"));
         }
     }
+    let name = format!("{prefix}rejects");
     if parts.is_empty() {
-        return crate::engine::register_parquet(
-            ctx,
-            "rejects",
-            dir,
-            crate::schema::rejects_schema(),
-        )
-        .await;
+        return crate::engine::register_parquet(ctx, &name, dir, crate::schema::rejects_schema())
+            .await;
     }
-    let view = format!("CREATE VIEW rejects AS {}", parts.join(" UNION ALL "));
+    let view = format!("CREATE VIEW {name} AS {}", parts.join(" UNION ALL "));
     crate::engine::collect_about(ctx, &view, "preparing the data-quality checks", dir).await?;
     Ok(())
 }
@@ -506,6 +596,9 @@ pub fn write(warehouse: &Warehouse, dir: &Path, results: &[CheckResult]) -> Resu
             count(|r| r.violating),
             count(|r| r.checked),
             float(|r| r.rate_pct),
+            count(|r| r.new_violating),
+            count(|r| r.new_checked),
+            float(|r| r.new_rate_pct),
             text(&|r| Some(r.status.name())),
             float(|r| r.baseline_pct),
             float(|r| Some(r.drift_tolerance_pct)),
@@ -564,6 +657,9 @@ struct CsvRow<'a> {
     violating: u64,
     checked: u64,
     rate_pct: Option<f64>,
+    new_violating: u64,
+    new_checked: u64,
+    new_rate_pct: Option<f64>,
     status: Status,
     baseline_pct: Option<f64>,
     drift_tolerance_pct: f64,
@@ -584,6 +680,9 @@ impl<'a> CsvRow<'a> {
             violating: r.violating,
             checked: r.checked,
             rate_pct: r.rate_pct,
+            new_violating: r.new_violating,
+            new_checked: r.new_checked,
+            new_rate_pct: r.new_rate_pct,
             status: r.status,
             baseline_pct: r.baseline_pct,
             drift_tolerance_pct: r.drift_tolerance_pct,
@@ -615,7 +714,7 @@ mod tests {
     #[test]
     fn status_follows_threshold_and_severity() {
         let opts = DqOptions::default();
-        let s = |sev, v, c| score(&check(sev, 5.0), "a", v, c, &[], &opts).status;
+        let s = |sev, v, c| score(&check(sev, 5.0), "a", (v, c), (0, 0), &[], &opts).status;
         assert_eq!(s(Severity::Fail, 5, 100), Status::Pass);
         assert_eq!(s(Severity::Fail, 6, 100), Status::Fail);
         assert_eq!(s(Severity::Warn, 6, 100), Status::Warn);
@@ -654,15 +753,33 @@ mod tests {
     }
 
     #[test]
+    fn tonight_s_rows_are_judged_once_there_are_enough_of_them() {
+        let opts = DqOptions::default();
+        let c = check(Severity::Fail, 5.0);
+        // A new delivery wholly wrong, diluted in everything staged.
+        let r = score(&c, "a", (30, 1000), (30, 30), &[0.0], &opts);
+        assert_eq!(r.rate_pct, Some(3.0));
+        assert_eq!(r.new_rate_pct, Some(100.0));
+        assert_eq!(r.status, Status::Fail);
+        assert!(r.drift);
+        // Too few new rows to judge: only everything staged counts.
+        let r = score(&c, "a", (3, 1000), (3, 3), &[0.0], &opts);
+        assert_eq!(
+            (r.new_rate_pct, r.status, r.drift),
+            (None, Status::Pass, false)
+        );
+    }
+
+    #[test]
     fn drift_compares_with_the_median_of_earlier_runs() {
         let opts = DqOptions::default();
         let c = check(Severity::Info, 100.0);
-        let r = score(&c, "a", 50, 100, &[1.0, 2.0, 90.0], &opts);
+        let r = score(&c, "a", (50, 100), (0, 0), &[1.0, 2.0, 90.0], &opts);
         assert_eq!(r.baseline_pct, Some(2.0));
         assert!(r.drift);
-        let r = score(&c, "a", 4, 100, &[1.0, 2.0, 90.0], &opts);
+        let r = score(&c, "a", (4, 100), (0, 0), &[1.0, 2.0, 90.0], &opts);
         assert!(!r.drift, "2 points below the tolerance");
-        let r = score(&c, "a", 50, 100, &[], &opts);
+        let r = score(&c, "a", (50, 100), (0, 0), &[], &opts);
         assert!(!r.drift && r.baseline_pct.is_none());
         assert_eq!(median(&[1.0, 3.0]), Some(2.0));
     }

@@ -118,6 +118,21 @@ path = "fhir/*.ndjson"
         };
         assert!(ok, "{} on {}: {:?}", r.check, r.source, r.status);
         assert!(r.violating <= r.checked);
+        // A first night loads every file: tonight's rows are all the rows
+        // (linkage is judged as a whole, not tonight).
+        let check = checks.iter().find(|c| c.id == r.check).unwrap();
+        let tonight = if check.sql.contains("person_link") {
+            (0, 0)
+        } else {
+            (r.violating, r.checked)
+        };
+        assert_eq!(
+            (r.new_violating, r.new_checked),
+            tonight,
+            "{} on {}",
+            r.check,
+            r.source
+        );
     }
     assert!(
         sample.iter().filter(|r| r.checked > 0).count() > sample.len() / 2,
@@ -218,14 +233,24 @@ fn a_switched_hba1c_unit_is_drift_the_next_night() {
         .iter()
         .find(|r| r.check == "hba1c_converted" && r.source == "northside_clinic")
         .unwrap();
-    // Every HbA1c is converted now.
+    // Every HbA1c is converted now; the results file was loaded again, so
+    // its rows are tonight's, and no other source delivered anything.
     assert_eq!(after.rate_pct, Some(100.0));
+    assert_eq!(after.new_rate_pct, Some(100.0));
+    assert_eq!(after.new_checked, after.checked);
+    assert!(
+        second
+            .dq
+            .iter()
+            .filter(|r| r.source != "northside_clinic")
+            .all(|r| r.new_checked == 0 && r.new_rate_pct.is_none())
+    );
     assert_eq!(after.baseline_pct, Some(0.0));
     assert!(after.drift);
     assert_eq!(after.status, Status::Pass, "drift, not a threshold breach");
     assert!(
         second.manifest.warnings.iter().any(|w| w.contains(
-            "source 'northside_clinic': data-quality check 'hba1c_converted' drifted from 0.00 % to 100.00 %"
+            "source 'northside_clinic': data-quality check 'hba1c_converted' drifted from 0.00 % to 100.00 %, 100.00 % of tonight's"
         )),
         "{:?}",
         second.manifest.warnings

@@ -200,6 +200,9 @@ pub(crate) fn print_dq(results: &[ward::dq::CheckResult], all: bool) {
             r.violating.to_string(),
             r.checked.to_string(),
             pct(r.rate_pct),
+            r.new_rate_pct
+                .map(|n| format!("{n:.2}% of {}", r.new_checked))
+                .unwrap_or_else(|| "-".into()),
             format!("{}%", r.threshold_pct),
             pct(r.baseline_pct),
             if r.drift {

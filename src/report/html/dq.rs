@@ -55,6 +55,8 @@ struct FlagRow {
     category: &'static str,
     status: &'static str,
     rate: String,
+    /// Tonight's rows: their rate and counts (empty when too few).
+    tonight: String,
     threshold: String,
     baseline: String,
     counts: String,
@@ -85,6 +87,7 @@ struct DataRow {
     violating: u64,
     checked: u64,
     rate: String,
+    tonight: String,
     threshold: String,
     baseline: String,
     drift: bool,
@@ -92,6 +95,14 @@ struct DataRow {
 
 fn pct(r: Option<f64>) -> String {
     r.map_or_else(|| "–".into(), |r| format!("{r:.2}%"))
+}
+
+/// Tonight's rate with its counts, or a dash when there were too few rows.
+fn tonight(r: &CheckResult) -> String {
+    r.new_rate_pct.map_or_else(
+        || "–".into(),
+        |n| format!("{n:.2}% ({} of {})", r.new_violating, r.new_checked),
+    )
 }
 
 pub(super) fn view(results: &[CheckResult], trend: &[DqPoint]) -> DqView {
@@ -134,6 +145,7 @@ pub(super) fn view(results: &[CheckResult], trend: &[DqPoint]) -> DqView {
         category: r.category.name(),
         status: r.status.name(),
         rate: pct(r.rate_pct),
+        tonight: tonight(r),
         threshold: format!("{}%", r.threshold_pct),
         baseline: pct(r.baseline_pct),
         counts: format!("{} of {}", r.violating, r.checked),
@@ -162,6 +174,7 @@ pub(super) fn view(results: &[CheckResult], trend: &[DqPoint]) -> DqView {
                 violating: r.violating,
                 checked: r.checked,
                 rate: pct(r.rate_pct),
+                tonight: tonight(r),
                 threshold: format!("{}%", r.threshold_pct),
                 baseline: pct(r.baseline_pct),
                 drift: r.drift,
@@ -248,6 +261,9 @@ mod tests {
             violating: 1,
             checked: 10,
             rate_pct: Some(10.0),
+            new_violating: 0,
+            new_checked: 0,
+            new_rate_pct: None,
             status,
             baseline_pct: None,
             drift_tolerance_pct: 5.0,

@@ -316,12 +316,20 @@ fn run_stages(
     let run_id = manifest.run_id.clone();
     let dq = stage(manifest, "dq", || {
         let earlier: Vec<Vec<dq::DqRate>> = previous.history.iter().map(|h| h.dq.clone()).collect();
-        let tonight: dq::Loaded = ingest
+        let loaded: std::collections::BTreeSet<(String, String)> = ingest
             .files
             .iter()
             .filter(|f| f.status == ingest::FileStatus::Loaded)
             .map(|f| (f.source.clone(), f.file.clone()))
             .collect();
+        let staged = state
+            .sources
+            .iter()
+            .flat_map(|(s, files)| files.keys().map(move |f| (s.clone(), f.clone())));
+        let tonight = match staged.clone().all(|f| loaded.contains(&f)) {
+            true => dq::Tonight::Everything,
+            false => dq::Tonight::Files(loaded),
+        };
         let results = dq::evaluate(
             &warehouse,
             &config.sources,

@@ -182,13 +182,21 @@ impl DqRate {
     }
 }
 
-/// The files a run loaded: `(source, file relative to the source's folder)`.
-pub type Loaded = BTreeSet<(String, String)>;
+/// Which staged rows are tonight's.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Tonight {
+    /// Every staged file was loaded in this run (a first night, a full
+    /// reload): tonight's counts are the counts, computed once.
+    Everything,
+    /// The files this run loaded: `(source, file relative to the source's
+    /// folder)`; empty when nothing new came.
+    Files(BTreeSet<(String, String)>),
+}
 
 /// Runs every check over the warehouse's staging and rejects and the
 /// run's `core/person_link.parquet`, for every source of `sources` (and any
 /// other source a check reports) — once over everything staged, once over
-/// the rows of the files in `tonight`. `previous` holds the rates of
+/// tonight's rows (see [`Tonight`]). `previous` holds the rates of
 /// earlier published runs, oldest first. Results are sorted by source,
 /// then check.
 pub fn evaluate(
@@ -196,22 +204,18 @@ pub fn evaluate(
     sources: &[SourceConfig],
     checks: &[Check],
     previous: &[Vec<DqRate>],
-    tonight: &Loaded,
+    tonight: &Tonight,
     opts: &DqOptions,
 ) -> Result<Vec<CheckResult>> {
     let (all, new) = crate::engine::block_on(async {
-        let ctx = session(warehouse, sources, None).await?;
-        let mut all = Vec::with_capacity(checks.len());
-        for check in checks {
-            all.push(run_check(&ctx, check).await?);
-        }
-        let mut new = Vec::with_capacity(checks.len());
-        if !tonight.is_empty() {
-            let ctx = session(warehouse, sources, Some(tonight)).await?;
-            for check in checks {
-                new.push(run_check(&ctx, check).await?);
+        let all = run_checks(&session(warehouse, sources, None).await?, checks).await?;
+        let new = match tonight {
+            Tonight::Everything => all.clone(),
+            Tonight::Files(files) if files.is_empty() => Vec::new(),
+            Tonight::Files(files) => {
+                run_checks(&session(warehouse, sources, Some(files)).await?, checks).await?
             }
-        }
+        };
         Ok((all, new))
     })?;
     let recent = &previous[previous.len().saturating_sub(opts.drift_runs)..];
@@ -320,8 +324,9 @@ fn median(values: &[f64]) -> Option<f64> {
 async fn session(
     warehouse: &Warehouse,
     sources: &[SourceConfig],
-    tonight: Option<&Loaded>,
+    tonight: Option<&BTreeSet<(String, String)>>,
 ) -> Result<SessionContext> {
+    let root = warehouse.root();
     let ctx = crate::engine::session(SessionConfig::new());
     let prefix = if tonight.is_some() { "dq_all_" } else { "" };
     for table in Table::ALL {
@@ -329,68 +334,52 @@ async fn session(
         let dir = warehouse.staging_table_dir(table);
         crate::engine::register_parquet(&ctx, &name, &dir, table.schema()).await?;
     }
-    register_rejects(&ctx, &warehouse.root().join("rejects"), prefix).await?;
-    if let Some(files) = tonight {
-        let err = |e: datafusion::error::DataFusionError| {
-            WardError::data("preparing the data-quality checks", warehouse.root(), e)
-        };
-        let source: StringArray = files.iter().map(|f| Some(f.0.as_str())).collect();
-        let file: StringArray = files.iter().map(|f| Some(f.1.as_str())).collect();
-        let batch = RecordBatch::try_from_iter([
-            ("source", Arc::new(source) as ArrayRef),
-            ("source_file", Arc::new(file) as ArrayRef),
-        ])
-        .map_err(|e| err(e.into()))?;
-        let table = MemTable::try_new(batch.schema(), vec![vec![batch]]).map_err(err)?;
-        ctx.register_table("dq_tonight", Arc::new(table))
-            .map_err(err)?;
-        let names = Table::ALL
-            .iter()
-            .map(|t| format!("staging_{}", t.name()))
-            .chain(["rejects".to_string()]);
-        for name in names {
-            let view = format!(
-                "CREATE VIEW {name} AS SELECT t.* FROM dq_all_{name} t \
-                 JOIN dq_tonight n ON n.source = t.source AND n.source_file = t.source_file"
-            );
-            crate::engine::collect_about(
-                &ctx,
-                &view,
-                "preparing the data-quality checks",
-                warehouse.root(),
-            )
-            .await?;
+    register_rejects(&ctx, &root.join("rejects"), prefix).await?;
+    let links = crate::schema::person_link_schema();
+    match tonight {
+        None => {
+            let path = warehouse.out().join("core").join("person_link.parquet");
+            crate::engine::register_parquet(&ctx, "person_link", &path, links).await?;
+        }
+        Some(files) => {
+            register_batch(&ctx, "person_link", RecordBatch::new_empty(links), root)?;
+            let source: StringArray = files.iter().map(|f| Some(f.0.as_str())).collect();
+            let file: StringArray = files.iter().map(|f| Some(f.1.as_str())).collect();
+            let batch = RecordBatch::try_from_iter([
+                ("source", Arc::new(source) as ArrayRef),
+                ("source_file", Arc::new(file) as ArrayRef),
+            ])
+            .map_err(|e| WardError::data(PREPARING, root, e))?;
+            register_batch(&ctx, "dq_tonight", batch, root)?;
+            let names = Table::ALL
+                .iter()
+                .map(|t| format!("staging_{}", t.name()))
+                .chain(["rejects".to_string()]);
+            for name in names {
+                let view = format!(
+                    "CREATE VIEW {name} AS SELECT t.* FROM dq_all_{name} t \
+                     JOIN dq_tonight n ON n.source = t.source AND n.source_file = t.source_file"
+                );
+                crate::engine::collect_about(&ctx, &view, PREPARING, root).await?;
+            }
         }
     }
-    // Linkage is judged as a whole: tonight's scope has no links.
-    let links = match tonight {
-        None => warehouse.out().join("core").join("person_link.parquet"),
-        Some(_) => warehouse.out().join("core").join("no-links-tonight"),
-    };
-    crate::engine::register_parquet(
-        &ctx,
-        "person_link",
-        &links,
-        crate::schema::person_link_schema(),
-    )
-    .await?;
-    let layout = layout(sources)?;
-    let err = |e: datafusion::error::DataFusionError| {
-        WardError::data("preparing the data-quality checks", warehouse.root(), e)
-    };
-    let table = MemTable::try_new(layout.schema(), vec![vec![layout]]).map_err(err)?;
-    ctx.register_table("dq_layout", Arc::new(table))
-        .map_err(err)?;
+    register_batch(&ctx, "dq_layout", layout(sources)?, root)?;
     for view in [rows_view(), facts_view()] {
-        crate::engine::collect_about(
-            &ctx,
-            &view,
-            "preparing the data-quality checks",
-            warehouse.root(),
-        )
-        .await?;
+        crate::engine::collect_about(&ctx, &view, PREPARING, root).await?;
     }
     Ok(ctx)
+}
+
+const PREPARING: &str = "preparing the data-quality checks";
+
+/// Registers one in-memory batch as table `name`.
+fn register_batch(ctx: &SessionContext, name: &str, batch: RecordBatch, root: &Path) -> Result<()> {
+    let table = MemTable::try_new(batch.schema(), vec![vec![batch]])
+        .map_err(|e| WardError::data(PREPARING, root, e))?;
+    ctx.register_table(name, Arc::new(table))
+        .map_err(|e| WardError::data(PREPARING, root, e))?;
+    Ok(())
 }
 
 /// `rejects`: the refused records of every source (`rejects/<source>/`).
@@ -420,7 +409,7 @@ async fn register_rejects(ctx: &SessionContext, dir: &Path, prefix: &str) -> Res
             .await;
     }
     let view = format!("CREATE VIEW {name} AS {}", parts.join(" UNION ALL "));
-    crate::engine::collect_about(ctx, &view, "preparing the data-quality checks", dir).await?;
+    crate::engine::collect_about(ctx, &view, PREPARING, dir).await?;
     Ok(())
 }
 
@@ -514,8 +503,20 @@ fn facts_view() -> String {
     format!("CREATE VIEW dq_facts AS {}", facts.join(" UNION ALL "))
 }
 
+/// Counts per source of every check, in order.
+type Counts = Vec<BTreeMap<String, (u64, u64)>>;
+
+async fn run_checks(ctx: &SessionContext, checks: &[Check]) -> Result<Counts> {
+    let mut out = Vec::with_capacity(checks.len());
+    for check in checks {
+        out.push(run_check(ctx, check).await?);
+    }
+    Ok(out)
+}
+
 /// Runs one check: `(violating, checked)` per source.
 async fn run_check(ctx: &SessionContext, check: &Check) -> Result<BTreeMap<String, (u64, u64)>> {
+    let start = std::time::Instant::now();
     let batches =
         crate::engine::collect_about(ctx, &check.sql, "running a data-quality check", &check.file)
             .await?;
@@ -559,6 +560,7 @@ async fn run_check(ctx: &SessionContext, check: &Check) -> Result<BTreeMap<Strin
             }
         }
     }
+    tracing::debug!(check = %check.id, seconds = start.elapsed().as_secs_f64(), "check ran");
     Ok(out)
 }
 

@@ -289,13 +289,7 @@ fn run_stages(
     config
         .dq
         .apply(&mut checks)
-        .map_err(|message| WardError::Config {
-            path: config.path.clone(),
-            line: None,
-            column: None,
-            key: None,
-            message,
-        })?;
+        .map_err(|message| tomlfile::file_error(&config.path, message))?;
     let linkage = stage(manifest, "link", || {
         link::link(&warehouse, &config.link, &previous.links)
     })?;

@@ -66,6 +66,17 @@ pub(crate) fn config_error(
     }
 }
 
+/// A config error about a whole file (no line or key to point at).
+pub(crate) fn file_error(path: &Path, message: String) -> WardError {
+    WardError::Config {
+        path: path.to_path_buf(),
+        line: None,
+        column: None,
+        key: None,
+        message,
+    }
+}
+
 /// 1-based line and column of a byte offset.
 pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());

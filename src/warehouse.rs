@@ -169,6 +169,15 @@ impl Warehouse {
         self.publish_file(&tmp, path)
     }
 
+    /// [`Warehouse::publish`] of `bytes`.
+    pub fn publish_bytes(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        self.publish(path, |file| {
+            file.write_all(bytes)
+                .map_err(|e| WardError::io("cannot write", path, e))
+        })
+    }
+
     /// A path under `.tmp/` (created) to write the future `path` to; see
     /// [`Warehouse::publish_file`].
     pub fn tmp_path(&self, path: &Path) -> PathBuf {

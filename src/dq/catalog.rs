@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, WardError};
 use crate::schema::Table;
-use crate::tomlfile::load_toml;
+use crate::tomlfile::{file_error as config, load_toml};
 
 /// The Kahn et al. (2016) harmonized data-quality categories, as used by
 /// OHDSI's Data Quality Dashboard.
@@ -338,16 +338,6 @@ fn render(
         return Err(format!("parameter '{unused}' is not used by the template"));
     }
     Ok(out)
-}
-
-fn config(path: &Path, message: String) -> WardError {
-    WardError::Config {
-        path: path.to_path_buf(),
-        line: None,
-        column: None,
-        key: None,
-        message,
-    }
 }
 
 #[cfg(test)]

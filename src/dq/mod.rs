@@ -615,7 +615,7 @@ pub fn write(warehouse: &Warehouse, dir: &Path, results: &[CheckResult]) -> Resu
     .map_err(|e| WardError::data("building the data-quality results", dir, e))?;
     warehouse.write_parquet(&dir.join("dq.parquet"), schema, &[batch])?;
     let json = serde_json::to_vec_pretty(results).expect("results serialize");
-    write_bytes(warehouse, &dir.join("dq.json"), &json)?;
+    warehouse.publish_bytes(&dir.join("dq.json"), &json)?;
     let path = dir.join("dq.csv");
     let mut csv = csv::Writer::from_writer(Vec::new());
     for r in results {
@@ -625,7 +625,7 @@ pub fn write(warehouse: &Warehouse, dir: &Path, results: &[CheckResult]) -> Resu
     let bytes = csv
         .into_inner()
         .map_err(|e| WardError::data("writing the data-quality results", &path, e))?;
-    write_bytes(warehouse, &path, &bytes)
+    warehouse.publish_bytes(&path, &bytes)
 }
 
 /// Reads a run's `dq.json`.
@@ -633,15 +633,6 @@ pub fn read(path: &Path) -> Result<Vec<CheckResult>> {
     let text = std::fs::read_to_string(path).map_err(|e| WardError::io("cannot read", path, e))?;
     serde_json::from_str(&text)
         .map_err(|e| WardError::data("reading the data-quality results", path, e))
-}
-
-fn write_bytes(warehouse: &Warehouse, path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    warehouse.publish(path, |f| {
-        f.write_all(bytes)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| WardError::io("cannot write", path, e))
-    })
 }
 
 /// A CSV row: the same columns as the Parquet file (csv cannot write

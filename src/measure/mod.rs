@@ -471,13 +471,7 @@ fn check_order_by(text: &str) -> std::result::Result<(), String> {
 }
 
 fn config(path: &Path, message: String) -> WardError {
-    WardError::Config {
-        path: path.to_path_buf(),
-        line: None,
-        column: None,
-        key: None,
-        message,
-    }
+    crate::tomlfile::file_error(path, message)
 }
 
 /// Picks measures by id (case-insensitive); all when `ids` is empty.

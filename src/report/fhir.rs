@@ -354,7 +354,7 @@ pub fn write(
             let report = measure_report(&group, cells, date);
             let path = dir.join(format!("MeasureReport-{}.json", report.id));
             let json = serde_json::to_vec_pretty(&report).expect("reports serialize");
-            super::write_bytes(warehouse, &path, &json)?;
+            warehouse.publish_bytes(&path, &json)?;
             Ok(path)
         })
         .collect()

@@ -384,7 +384,7 @@ pub fn write(warehouse: &Warehouse, run_id: &str, cells: &[Cell]) -> Result<Path
         &[batch],
     )?;
     let json = serde_json::to_vec_pretty(cells).expect("cells serialize");
-    write_bytes(warehouse, &dir.join("summary.json"), &json)?;
+    warehouse.publish_bytes(&dir.join("summary.json"), &json)?;
     let mut csv = csv::Writer::from_writer(Vec::new());
     for c in cells {
         csv.serialize(c).map_err(|e| WardError::Data {
@@ -398,7 +398,7 @@ pub fn write(warehouse: &Warehouse, run_id: &str, cells: &[Cell]) -> Result<Path
         path: dir.join("summary.csv"),
         source: e.into(),
     })?;
-    write_bytes(warehouse, &dir.join("summary.csv"), &bytes)?;
+    warehouse.publish_bytes(&dir.join("summary.csv"), &bytes)?;
     Ok(dir)
 }
 
@@ -491,10 +491,6 @@ fn write_all(file: &mut std::fs::File, bytes: &[u8], path: &Path) -> Result<()> 
     use std::io::Write;
     file.write_all(bytes)
         .map_err(|e| WardError::io("cannot write", path, e))
-}
-
-fn write_bytes(warehouse: &Warehouse, path: &Path, bytes: &[u8]) -> Result<()> {
-    warehouse.publish(path, |file| write_all(file, bytes, path))
 }
 
 #[cfg(test)]

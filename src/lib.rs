@@ -307,51 +307,10 @@ fn run_stages(
         .map(|(t, n)| (t.name().to_string(), *n))
         .chain([("person".to_string(), linkage.report.persons)])
         .collect();
+    let dq = check_quality(
+        config, &checks, &ingest, &state, previous, &warehouse, manifest,
+    )?;
     let run_id = manifest.run_id.clone();
-    let dq = stage(manifest, "dq", || {
-        let earlier: Vec<Vec<dq::DqRate>> = previous.history.iter().map(|h| h.dq.clone()).collect();
-        let loaded: std::collections::BTreeSet<(String, String)> = ingest
-            .files
-            .iter()
-            .filter(|f| f.status == ingest::FileStatus::Loaded)
-            .map(|f| (f.source.clone(), f.file.clone()))
-            .collect();
-        let staged = state
-            .sources
-            .iter()
-            .flat_map(|(s, files)| files.keys().map(move |f| (s.clone(), f.clone())));
-        let tonight = match staged.clone().all(|f| loaded.contains(&f)) {
-            true => dq::Tonight::Everything,
-            false => dq::Tonight::Files(loaded),
-        };
-        let results = dq::evaluate(
-            &warehouse,
-            &config.sources,
-            &checks,
-            &earlier,
-            &tonight,
-            &config.dq,
-        )?;
-        let dir = report::report_dir(&warehouse, &run_id);
-        dq::write(&warehouse, &dir, &results)?;
-        Ok(results)
-    })?;
-    for r in dq.iter().filter(|r| r.drift) {
-        let message = format!(
-            "source '{}': data-quality check '{}' drifted from {:.2} % to {:.2} %{} (tolerance {} points)",
-            r.source,
-            r.check,
-            r.baseline_pct.unwrap_or_default(),
-            r.rate_pct.unwrap_or_default(),
-            r.new_rate_pct
-                .map(|n| format!(", {n:.2} % of tonight's {} rows", r.new_checked))
-                .unwrap_or_default(),
-            r.drift_tolerance_pct
-        );
-        tracing::warn!(source = %r.source, check = %r.check, "{message}");
-        manifest.warnings.push(message);
-    }
-    record_gates(manifest, runs::dq_gates(&dq))?;
     let measures = stage(manifest, "measures", || {
         let all: Vec<&measure::MeasureDef> = defs.iter().collect();
         let measures = measure::run(&warehouse, queries, &all, period)?;
@@ -415,6 +374,66 @@ fn run_stages(
         research,
         dq,
     })
+}
+
+/// The data-quality stage: every check on every source, over everything
+/// staged and over tonight's rows, written to `reports/<run_id>/dq.*`
+/// before anything can fail the night; drift becomes warnings and failing
+/// `fail` checks gates.
+fn check_quality(
+    config: &PipelineConfig,
+    checks: &[dq::Check],
+    ingest: &IngestReport,
+    state: &warehouse::IngestState,
+    previous: &Previous,
+    warehouse: &warehouse::Warehouse,
+    manifest: &mut runs::Manifest,
+) -> Result<Vec<dq::CheckResult>> {
+    let run_id = manifest.run_id.clone();
+    let dq = stage(manifest, "dq", || {
+        let earlier: Vec<Vec<dq::DqRate>> = previous.history.iter().map(|h| h.dq.clone()).collect();
+        let loaded: std::collections::BTreeSet<(String, String)> = ingest
+            .files
+            .iter()
+            .filter(|f| f.status == ingest::FileStatus::Loaded)
+            .map(|f| (f.source.clone(), f.file.clone()))
+            .collect();
+        let mut staged = state
+            .sources
+            .iter()
+            .flat_map(|(s, files)| files.keys().map(move |f| (s.clone(), f.clone())));
+        let tonight = match staged.all(|f| loaded.contains(&f)) {
+            true => dq::Tonight::Everything,
+            false => dq::Tonight::Files(loaded),
+        };
+        let results = dq::evaluate(
+            warehouse,
+            &config.sources,
+            checks,
+            &earlier,
+            &tonight,
+            &config.dq,
+        )?;
+        dq::write(warehouse, &report::report_dir(warehouse, &run_id), &results)?;
+        Ok(results)
+    })?;
+    for r in dq.iter().filter(|r| r.drift) {
+        let message = format!(
+            "source '{}': data-quality check '{}' drifted from {:.2} % to {:.2} %{} (tolerance {} points)",
+            r.source,
+            r.check,
+            r.baseline_pct.unwrap_or_default(),
+            r.rate_pct.unwrap_or_default(),
+            r.new_rate_pct
+                .map(|n| format!(", {n:.2} % of tonight's {} rows", r.new_checked))
+                .unwrap_or_default(),
+            r.drift_tolerance_pct
+        );
+        tracing::warn!(source = %r.source, check = %r.check, "{message}");
+        manifest.warnings.push(message);
+    }
+    record_gates(manifest, runs::dq_gates(&dq))?;
+    Ok(dq)
 }
 
 /// Records `gates` in the manifest, logs them and adds a warning for each

@@ -172,6 +172,13 @@ fn dq_outputs_hold_counts_and_the_cli_prints_the_scorecard() {
     );
     let printed: Vec<CheckResult> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(printed, results);
+
+    // Before any run: a clear error, exit 3.
+    let tmp = tempfile::tempdir().unwrap();
+    let config = copy_sample(tmp.path());
+    let out = ward(tmp.path(), &["--config", config.to_str().unwrap(), "dq"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(text(&out.stderr).contains("no run has been published yet"));
 }
 
 /// Rewrites the HbA1c results of an EMR-A results file in IFCC units

@@ -270,6 +270,15 @@ fn run_stages(
     manifest: &mut runs::Manifest,
 ) -> Result<RunReport> {
     let warehouse = warehouse::Warehouse::new(&config.warehouse).with_output(run_dir);
+    // The measures and checks are read and planned first: a mistake in
+    // one is a configuration error before any data is touched.
+    let defs = measure::catalog(queries)?;
+    let mut checks = dq::catalog(queries)?;
+    config
+        .dq
+        .apply(&mut checks)
+        .map_err(|message| tomlfile::file_error(&config.path, message))?;
+    dq::validate(&checks)?;
     let ingest = stage(manifest, "ingest", || {
         ingest::ingest(&config.warehouse, &config.sources, opts, progress)
     })?;
@@ -284,12 +293,6 @@ fn run_stages(
         previous.manifest.as_ref(),
     );
     record_gates(manifest, gates)?;
-    let defs = measure::catalog(queries)?;
-    let mut checks = dq::catalog(queries)?;
-    config
-        .dq
-        .apply(&mut checks)
-        .map_err(|message| tomlfile::file_error(&config.path, message))?;
     let linkage = stage(manifest, "link", || {
         link::link(&warehouse, &config.link, &previous.links)
     })?;

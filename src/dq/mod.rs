@@ -27,7 +27,7 @@ use datafusion::arrow::array::{
     Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray, UInt64Array,
 };
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use serde::{Deserialize, Serialize};
@@ -503,6 +503,50 @@ fn facts_view() -> String {
     format!("CREATE VIEW dq_facts AS {}", facts.join(" UNION ALL "))
 }
 
+/// Plans every check against empty tables of the session's shape, so that
+/// a check whose SQL does not parse, names a table or column that does not
+/// exist, or does not return `source`, `violating` and `checked` is a
+/// configuration error naming its file and id before any data is read
+/// (not after the night's linkage).
+pub fn validate(checks: &[Check]) -> Result<()> {
+    crate::engine::block_on(async {
+        let ctx = crate::engine::session(SessionConfig::new());
+        let root = Path::new("queries/checks");
+        let empty = |schema: SchemaRef| RecordBatch::new_empty(schema);
+        for table in Table::ALL {
+            let name = format!("staging_{}", table.name());
+            register_batch(&ctx, &name, empty(table.schema()), root)?;
+        }
+        register_batch(
+            &ctx,
+            "rejects",
+            empty(crate::schema::rejects_schema()),
+            root,
+        )?;
+        let links = empty(crate::schema::person_link_schema());
+        register_batch(&ctx, "person_link", links, root)?;
+        let layout = empty(crate::schema::dq_layout_schema());
+        register_batch(&ctx, "dq_layout", layout, root)?;
+        for view in [rows_view(), facts_view()] {
+            crate::engine::collect_about(&ctx, &view, PREPARING, root).await?;
+        }
+        for check in checks {
+            let bad = |m: String| {
+                crate::tomlfile::file_error(&check.file, format!("check '{}': {m}", check.id))
+            };
+            let plan = ctx.sql(&check.sql).await.map_err(|e| bad(e.to_string()))?;
+            for column in ["source", "violating", "checked"] {
+                if plan.schema().field_with_unqualified_name(column).is_err() {
+                    return Err(bad(format!(
+                        "returns no '{column}' column (a check returns source, violating, checked)"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Counts per source of every check, in order.
 type Counts = Vec<BTreeMap<String, (u64, u64)>>;
 
@@ -713,6 +757,37 @@ mod tests {
         assert_eq!(s(Severity::Warn, 6, 100), Status::Warn);
         assert_eq!(s(Severity::Info, 6, 100), Status::Info);
         assert_eq!(s(Severity::Fail, 0, 0), Status::NoData);
+    }
+
+    #[test]
+    fn the_shipped_checks_plan_and_a_broken_one_is_named() {
+        let queries = Path::new(env!("CARGO_MANIFEST_DIR")).join("queries");
+        let shipped = catalog(&queries).unwrap();
+        validate(&shipped).unwrap();
+        for (sql, expected) in [
+            (
+                "SELECT source, 1 AS violating, COUNT(*) AS checked FROM staging_nope GROUP BY source",
+                "staging_nope",
+            ),
+            (
+                "SELECT source, COUNT(*) AS checked FROM staging_patient GROUP BY source",
+                "no 'violating' column",
+            ),
+            ("SELEC 1", "SELEC"),
+        ] {
+            let broken = Check {
+                sql: sql.into(),
+                file: PathBuf::from("queries/checks/x.toml"),
+                ..check(Severity::Warn, 1.0)
+            };
+            let e = validate(&[broken]).unwrap_err();
+            assert!(e.is_config_error(), "{e}");
+            let e = e.to_string();
+            assert!(
+                e.contains("x.toml") && e.contains("check 'c'") && e.contains(expected),
+                "{e}"
+            );
+        }
     }
 
     #[test]

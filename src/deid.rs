@@ -526,26 +526,28 @@ struct Person {
 }
 
 fn column<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a ArrayRef> {
-    batch.column_by_name(name).ok_or_else(|| WardError::Data {
-        context: "reading a core table",
-        path: path.to_path_buf(),
-        source: format!("no column '{name}'").into(),
-    })
+    batch
+        .column_by_name(name)
+        .ok_or_else(|| WardError::data("reading a core table", path, format!("no column '{name}'")))
 }
 
 fn as_text(a: &ArrayRef, name: &str, path: &Path) -> Result<StringArray> {
-    crate::engine::text(a).map_err(|e| WardError::Data {
-        context: "reading a core table",
-        path: path.to_path_buf(),
-        source: format!("column '{name}': {e}").into(),
+    crate::engine::text(a).map_err(|e| {
+        WardError::data(
+            "reading a core table",
+            path,
+            format!("column '{name}': {e}"),
+        )
     })
 }
 
 fn typed(a: &ArrayRef, to: &DataType, name: &str, path: &Path) -> Result<ArrayRef> {
-    cast(a, to).map_err(|e| WardError::Data {
-        context: "reading a core table",
-        path: path.to_path_buf(),
-        source: format!("column '{name}': {e}").into(),
+    cast(a, to).map_err(|e| {
+        WardError::data(
+            "reading a core table",
+            path,
+            format!("column '{name}': {e}"),
+        )
     })
 }
 
@@ -703,10 +705,12 @@ fn person_batch(people: &[&Person], mode: DeidMode) -> Result<RecordBatch> {
         crate::schema::research_person_schema(mode == DeidMode::DateShift),
         columns,
     )
-    .map_err(|e| WardError::Data {
-        context: "building research/person",
-        path: PathBuf::from("person.parquet"),
-        source: e.into(),
+    .map_err(|e| {
+        WardError::data(
+            "building research/person",
+            PathBuf::from("person.parquet"),
+            e,
+        )
     })
 }
 
@@ -717,10 +721,12 @@ fn list_of(
     item: DataType,
 ) -> Result<ArrayRef> {
     use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer};
-    let err = |e: datafusion::arrow::error::ArrowError| WardError::Data {
-        context: "building research/person",
-        path: PathBuf::from("person.parquet"),
-        source: e.into(),
+    let err = |e: datafusion::arrow::error::ArrowError| {
+        WardError::data(
+            "building research/person",
+            PathBuf::from("person.parquet"),
+            e,
+        )
     };
     let present: Vec<bool> = present.collect();
     let mut lengths = Vec::with_capacity(present.len());
@@ -870,11 +876,8 @@ fn deid_table(
             let b = if opts.suppress_small_classes && n_small > 0 {
                 counts.rows_suppressed += n_small;
                 let keep = datafusion::arrow::compute::not(&is_small).expect("same length");
-                filter_record_batch(&b, &keep).map_err(|e| WardError::Data {
-                    context: "suppressing small classes",
-                    path: part.clone(),
-                    source: e.into(),
-                })?
+                filter_record_batch(&b, &keep)
+                    .map_err(|e| WardError::data("suppressing small classes", part.clone(), e))?
             } else {
                 b
             };
@@ -983,11 +986,8 @@ fn deid_batch(
         "reported_by",
         path,
     )?);
-    RecordBatch::try_new(schema.clone(), columns).map_err(|e| WardError::Data {
-        context: "building a research table",
-        path: path.to_path_buf(),
-        source: e.into(),
-    })
+    RecordBatch::try_new(schema.clone(), columns)
+        .map_err(|e| WardError::data("building a research table", path, e))
 }
 
 #[cfg(test)]

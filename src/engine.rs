@@ -58,11 +58,7 @@ pub(crate) fn limited_session(config: SessionConfig, bytes: usize) -> Result<Ses
             DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
         )
         .build_arc()
-        .map_err(|e| WardError::Data {
-            context: "starting the query engine",
-            path: Default::default(),
-            source: e.into(),
-        })?;
+        .map_err(|e| WardError::data("starting the query engine", std::path::PathBuf::new(), e))?;
     Ok(SessionContext::new_with_config_rt(tuned(config), runtime))
 }
 
@@ -126,11 +122,8 @@ pub(crate) async fn register_parquet(
     path: &std::path::Path,
     schema: datafusion::arrow::datatypes::SchemaRef,
 ) -> Result<()> {
-    let err = |e: datafusion::error::DataFusionError| WardError::Data {
-        context: "registering a table",
-        path: path.to_path_buf(),
-        source: e.into(),
-    };
+    let err =
+        |e: datafusion::error::DataFusionError| WardError::data("registering a table", path, e);
     let files = if path.is_file() {
         vec![path.to_path_buf()]
     } else {
@@ -173,11 +166,7 @@ pub(crate) async fn collect_about(
     context: &'static str,
     path: &std::path::Path,
 ) -> Result<Vec<RecordBatch>> {
-    let err = |e: datafusion::error::DataFusionError| WardError::Data {
-        context,
-        path: path.to_path_buf(),
-        source: e.into(),
-    };
+    let err = |e: datafusion::error::DataFusionError| WardError::data(context, path, e);
     ctx.sql(sql)
         .await
         .map_err(err)?

@@ -395,11 +395,8 @@ pub fn query(research_dir: &Path, sql: &str, opts: &QueryOptions) -> Result<Quer
     let tables = research_tables(research_dir)?;
     let names: Vec<String> = tables.iter().map(|(n, _)| n.clone()).collect();
     check(sql, &names)?;
-    let failed = |source: BoxError| WardError::Data {
-        context: "running a research query",
-        path: research_dir.to_path_buf(),
-        source,
-    };
+    let failed =
+        |source: BoxError| WardError::data("running a research query", research_dir, source);
     std::thread::scope(|scope| {
         let run =
             std::thread::Builder::new()
@@ -461,11 +458,7 @@ async fn run(
             };
             ctx.register_parquet(name, &location, ParquetReadOptions::default())
                 .await
-                .map_err(|e| WardError::Data {
-                    context: "registering a research table",
-                    path: path.clone(),
-                    source: e.into(),
-                })?;
+                .map_err(|e| WardError::data("registering a research table", path.clone(), e))?;
         }
         let options = SQLOptions::new()
             .with_allow_ddl(false)
@@ -562,10 +555,8 @@ fn strip(e: &Expr) -> &Expr {
 
 /// Replaces counts 1..min-1 in the count columns by NULL.
 fn suppress(out: &mut QueryOutput, columns: &[usize], min: u64) -> Result<()> {
-    let err = |e: datafusion::arrow::error::ArrowError| WardError::Data {
-        context: "suppressing small counts",
-        path: PathBuf::new(),
-        source: e.into(),
+    let err = |e: datafusion::arrow::error::ArrowError| {
+        WardError::data("suppressing small counts", PathBuf::new(), e)
     };
     // Suppressed counts are NULL: count columns become nullable.
     let fields: Vec<_> = out
@@ -636,11 +627,7 @@ pub fn write_output<W: Write + Send>(
     format: OutputFormat,
     mut w: W,
 ) -> Result<()> {
-    let err = |source: BoxError| WardError::Data {
-        context: "writing query output",
-        path: PathBuf::new(),
-        source,
-    };
+    let err = |source: BoxError| WardError::data("writing query output", PathBuf::new(), source);
     match format {
         OutputFormat::Table => {
             use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};

@@ -125,11 +125,7 @@ pub fn convert(inputs: &[PathBuf], out: &Path) -> Result<ConvertReport> {
 }
 
 fn csv_error(path: &Path, e: csv::Error) -> WardError {
-    WardError::Data {
-        context: "writing value set",
-        path: path.to_path_buf(),
-        source: e.into(),
-    }
+    WardError::data("writing value set", path, e)
 }
 
 fn collect_json(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {

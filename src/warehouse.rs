@@ -133,11 +133,7 @@ impl Warehouse {
         schema: SchemaRef,
         batches: &[RecordBatch],
     ) -> Result<()> {
-        let data_err = |source: BoxError| WardError::Data {
-            context: "writing parquet",
-            path: path.to_path_buf(),
-            source,
-        };
+        let data_err = |source: BoxError| WardError::data("writing parquet", path, source);
         self.publish(path, |file| {
             let props = WriterProperties::builder()
                 .set_compression(Compression::ZSTD(
@@ -360,11 +356,7 @@ pub fn apply_group(root: &Path, gid: u32) -> Result<u64> {
 
 pub fn read_parquet(path: &Path, context: &'static str) -> Result<Vec<RecordBatch>> {
     use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let err = |source: BoxError| WardError::Data {
-        context,
-        path: path.to_path_buf(),
-        source,
-    };
+    let err = |source: BoxError| WardError::data(context, path, source);
     let file = fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
     ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.build())

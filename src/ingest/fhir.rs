@@ -1122,11 +1122,8 @@ fn map_flat(
                 .iter()
                 .map(|l| Some(!l.is_some_and(|l| rejected.contains(&l))))
                 .collect();
-            let b = filter_record_batch(&b, &keep).map_err(|e| WardError::Data {
-                context: "dropping rows of rejected resources",
-                path: path.to_path_buf(),
-                source: e.into(),
-            })?;
+            let b = filter_record_batch(&b, &keep)
+                .map_err(|e| WardError::data("dropping rows of rejected resources", path, e))?;
             if table == Table::Patient {
                 super::add_birth_dates(&b, &mut own_patients);
             }

@@ -887,11 +887,7 @@ fn rejects_batch(
             strings(&|r| Some(&r.raw)),
         ],
     )
-    .map_err(|e| WardError::Data {
-        context: "building rejects",
-        path: path.to_path_buf(),
-        source: e.into(),
-    })
+    .map_err(|e| WardError::data("building rejects", path, e))
 }
 
 /// A source's accepted patients: id → birth date (`None`: unknown, the

@@ -1142,11 +1142,8 @@ impl Builders {
 
     fn finish(self, table: Table, ctx: &RowContext) -> Result<RecordBatch> {
         let arrays: Vec<ArrayRef> = self.0.into_iter().map(|mut b| b.finish()).collect();
-        RecordBatch::try_new(table.schema(), arrays).map_err(|e| WardError::Data {
-            context: "building canonical rows",
-            path: ctx.path.to_path_buf(),
-            source: e.into(),
-        })
+        RecordBatch::try_new(table.schema(), arrays)
+            .map_err(|e| WardError::data("building canonical rows", ctx.path, e))
     }
 }
 

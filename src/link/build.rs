@@ -153,11 +153,8 @@ fn build_sql(table: Table, buckets: u64, bucket: u64) -> String {
 
 /// Runs `sql` into the Parquet file `path`.
 async fn write(ctx: &SessionContext, sql: &str, path: &Path) -> Result<u64> {
-    let err = |e: datafusion::error::DataFusionError| WardError::Data {
-        context: "building a core table",
-        path: path.to_path_buf(),
-        source: e.into(),
-    };
+    let err =
+        |e: datafusion::error::DataFusionError| WardError::data("building a core table", path, e);
     let df = ctx.sql(sql).await.map_err(err)?;
     let written = df
         .write_parquet(

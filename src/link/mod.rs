@@ -727,11 +727,8 @@ fn write_review(
     warehouse.publish(&path, |file| {
         crate::warehouse::owner_only(0o600, &path, |p| file.set_permissions(p))?;
         let mut w = csv::Writer::from_writer(file);
-        let io = |e: csv::Error| WardError::Data {
-            context: "writing the linkage review list",
-            path: path.clone(),
-            source: e.into(),
-        };
+        let io =
+            |e: csv::Error| WardError::data("writing the linkage review list", path.clone(), e);
         w.write_record([
             "source_a",
             "source_patient_id_a",
@@ -947,11 +944,7 @@ pub fn read_person_links(path: &Path) -> Result<Vec<PersonLink>> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let data_err = |source: BoxError| WardError::Data {
-        context: "reading person links",
-        path: path.to_path_buf(),
-        source,
-    };
+    let data_err = |source: BoxError| WardError::data("reading person links", path, source);
     let mut links = Vec::new();
     for b in crate::warehouse::read_parquet(path, "reading person links")? {
         let col = |name: &str| -> Result<StringArray> {
@@ -1123,11 +1116,7 @@ fn block(recs: &[Rec], rules: &[(String, String)]) -> Result<Vec<(u32, u32, u8)>
 }
 
 fn engine_error(e: impl Into<BoxError>) -> WardError {
-    WardError::Data {
-        context: "linking patient records",
-        path: Default::default(),
-        source: e.into(),
-    }
+    WardError::data("linking patient records", std::path::PathBuf::new(), e)
 }
 
 fn write_outputs(warehouse: &Warehouse, raw: &[RecordBatch], links: &[PersonLink]) -> Result<()> {

@@ -145,11 +145,8 @@ fn load_cases(cases: &[Case], scratch: &Path) -> Result<(Warehouse, BTreeMap<Str
     fs::create_dir_all(&input).map_err(|e| WardError::io("cannot create", &input, e))?;
     for case in cases {
         let to = input.join(format!("{}.json", case.folder));
-        let text = serde_json::to_vec(&case.bundle).map_err(|e| WardError::Data {
-            context: "writing a test case",
-            path: case.path.clone(),
-            source: e.into(),
-        })?;
+        let text = serde_json::to_vec(&case.bundle)
+            .map_err(|e| WardError::data("writing a test case", case.path.clone(), e))?;
         fs::write(&to, text).map_err(|e| WardError::io("cannot write", &to, e))?;
     }
     let warehouse = scratch.join("warehouse");
@@ -171,11 +168,11 @@ fn load_cases(cases: &[Case], scratch: &Path) -> Result<(Warehouse, BTreeMap<Str
     let mut rejects: BTreeMap<String, Rejects> = BTreeMap::new();
     for f in &report.files {
         if f.status == FileStatus::Failed {
-            return Err(WardError::Data {
-                context: "loading a test case",
-                path: input.join(&f.file),
-                source: f.detail.clone().unwrap_or_default().into(),
-            });
+            return Err(WardError::data(
+                "loading a test case",
+                input.join(&f.file),
+                f.detail.clone().unwrap_or_default(),
+            ));
         }
         let folder = f.file.trim_end_matches(".json").to_string();
         rejects.insert(folder, f.rejects_by_rule.clone());
@@ -326,11 +323,7 @@ fn read_deck(deck: &Path, def: &MeasureDef) -> Result<Vec<Case>> {
 
 /// An error in a test case's files.
 fn bad(path: &Path, message: String) -> WardError {
-    WardError::Data {
-        context: "reading a test case",
-        path: path.to_path_buf(),
-        source: message.into(),
-    }
+    WardError::data("reading a test case", path, message)
 }
 
 /// Reads a case folder: the Bundle (or, without one, the resources as

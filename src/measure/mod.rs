@@ -810,11 +810,7 @@ pub fn care_gaps(
             let (Some(action), true) = (r.care_gap(), !r.rows.is_empty()) else {
                 continue;
             };
-            let err = |source: BoxError| WardError::Data {
-                context: "care gaps",
-                path: r.def.sql.clone(),
-                source,
-            };
+            let err = |source: BoxError| WardError::data("care gaps", r.def.sql.clone(), source);
             let mart = format!("gap_{n}");
             let table =
                 datafusion::datasource::MemTable::try_new(r.schema.clone(), vec![r.rows.clone()])
@@ -889,11 +885,7 @@ async fn run_one(
     def: &MeasureDef,
     period: Period,
 ) -> Result<Vec<MeasureResult>> {
-    let err = |source: BoxError| WardError::Data {
-        context: "running measure",
-        path: def.sql.clone(),
-        source,
-    };
+    let err = |source: BoxError| WardError::data("running measure", def.sql.clone(), source);
     let sql =
         std::fs::read_to_string(&def.sql).map_err(|e| WardError::io("cannot read", &def.sql, e))?;
     let raw = ctx.sql(&sql).await.map_err(|e| err(e.into()))?;

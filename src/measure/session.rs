@@ -238,11 +238,7 @@ fn load_order(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
 /// Runs every statement of `sql` (views of a library file), failing with the
 /// file's name.
 async fn execute(ctx: &SessionContext, sql: &str, file: &Path) -> Result<()> {
-    let err = |source: BoxError| WardError::Data {
-        context: "running SQL",
-        path: file.to_path_buf(),
-        source,
-    };
+    let err = |source: BoxError| WardError::data("running SQL", file, source);
     let statements = DFParser::parse_sql(sql).map_err(|e| err(e.into()))?;
     for statement in statements {
         let plan = ctx
@@ -281,16 +277,10 @@ fn period_table(period: Period) -> Result<MemTable> {
             vec![micros(after)],
         )),
     ];
-    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| WardError::Data {
-        context: "building the period table",
-        path: Default::default(),
-        source: e.into(),
-    })?;
-    MemTable::try_new(schema, vec![vec![batch]]).map_err(|e| WardError::Data {
-        context: "building the period table",
-        path: Default::default(),
-        source: e.into(),
-    })
+    let batch = RecordBatch::try_new(schema.clone(), columns)
+        .map_err(|e| WardError::data("building the period table", PathBuf::new(), e))?;
+    MemTable::try_new(schema, vec![vec![batch]])
+        .map_err(|e| WardError::data("building the period table", PathBuf::new(), e))
 }
 
 /// Registers the value-set files of `dir` (`*.csv`) as `valueset_code`.
@@ -314,11 +304,7 @@ pub(crate) async fn register_valuesets(ctx: &SessionContext, dir: &Path) -> Resu
         None,
     )
     .await
-    .map_err(|e| WardError::Data {
-        context: "registering value sets",
-        path: dir.to_path_buf(),
-        source: e.into(),
-    })
+    .map_err(|e| WardError::data("registering value sets", dir, e))
 }
 
 /// Every row of the value-set files of `dir`, sorted by value set, code

@@ -207,10 +207,8 @@ pub fn render(input: &HtmlInput) -> Result<String> {
     // Every template is HTML (SVG inside HTML): escape everything.
     env.set_auto_escape_callback(|_| AutoEscape::Html);
     env.set_undefined_behavior(UndefinedBehavior::Strict);
-    let err = |e: minijinja::Error| WardError::Data {
-        context: "rendering report.html",
-        path: PathBuf::from("report.html"),
-        source: e.into(),
+    let err = |e: minijinja::Error| {
+        WardError::data("rendering report.html", PathBuf::from("report.html"), e)
     };
     env.add_template("charts.html", CHARTS).map_err(err)?;
     env.add_template("report.html", PAGE).map_err(err)?;

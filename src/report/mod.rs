@@ -373,11 +373,7 @@ pub fn write(warehouse: &Warehouse, run_id: &str, cells: &[Cell]) -> Result<Path
             float(|c| c.age_std_ci_high),
         ],
     )
-    .map_err(|e| WardError::Data {
-        context: "building the summary",
-        path: dir.clone(),
-        source: e.into(),
-    })?;
+    .map_err(|e| WardError::data("building the summary", dir.clone(), e))?;
     warehouse.write_parquet(
         &dir.join("summary.parquet"),
         crate::schema::summary_schema(),
@@ -387,17 +383,12 @@ pub fn write(warehouse: &Warehouse, run_id: &str, cells: &[Cell]) -> Result<Path
     warehouse.publish_bytes(&dir.join("summary.json"), &json)?;
     let mut csv = csv::Writer::from_writer(Vec::new());
     for c in cells {
-        csv.serialize(c).map_err(|e| WardError::Data {
-            context: "writing the summary",
-            path: dir.join("summary.csv"),
-            source: e.into(),
-        })?;
+        csv.serialize(c)
+            .map_err(|e| WardError::data("writing the summary", dir.join("summary.csv"), e))?;
     }
-    let bytes = csv.into_inner().map_err(|e| WardError::Data {
-        context: "writing the summary",
-        path: dir.join("summary.csv"),
-        source: e.into(),
-    })?;
+    let bytes = csv
+        .into_inner()
+        .map_err(|e| WardError::data("writing the summary", dir.join("summary.csv"), e))?;
     warehouse.publish_bytes(&dir.join("summary.csv"), &bytes)?;
     Ok(dir)
 }
@@ -426,11 +417,8 @@ pub fn write_care_gaps(
             .columns()
             .iter()
             .map(|c| {
-                crate::engine::text(c).map_err(|e| WardError::Data {
-                    context: "writing care gaps",
-                    path: dir.clone(),
-                    source: e.into(),
-                })
+                crate::engine::text(c)
+                    .map_err(|e| WardError::data("writing care gaps", dir.clone(), e))
             })
             .collect::<Result<_>>()?;
         for i in 0..b.num_rows() {
@@ -451,20 +439,14 @@ pub fn write_care_gaps(
     for (provider, rows) in by_provider {
         let path = dir.join(format!("care_gaps_{provider}.csv"));
         let mut csv = csv::Writer::from_writer(Vec::new());
-        let bad = |e: csv::Error| WardError::Data {
-            context: "writing care gaps",
-            path: path.clone(),
-            source: e.into(),
-        };
+        let bad = |e: csv::Error| WardError::data("writing care gaps", path.clone(), e);
         csv.write_record(&header).map_err(bad)?;
         for row in rows {
             csv.write_record(&row).map_err(bad)?;
         }
-        let bytes = csv.into_inner().map_err(|e| WardError::Data {
-            context: "writing care gaps",
-            path: path.clone(),
-            source: e.into(),
-        })?;
+        let bytes = csv
+            .into_inner()
+            .map_err(|e| WardError::data("writing care gaps", path.clone(), e))?;
         warehouse.publish(&path, |file| {
             crate::warehouse::owner_only(0o600, &path, |p| file.set_permissions(p))?;
             write_all(file, &bytes, &path)

@@ -24,12 +24,14 @@ pub enum Category {
 }
 
 impl Category {
+    /// Every category, in the order the scorecard shows them.
     pub const ALL: [Category; 3] = [
         Category::Conformance,
         Category::Completeness,
         Category::Plausibility,
     ];
 
+    /// The category's name, as in the check files and outputs.
     pub fn name(self) -> &'static str {
         match self {
             Category::Conformance => "conformance",
@@ -53,6 +55,7 @@ pub enum Subcategory {
 }
 
 impl Subcategory {
+    /// The subcategory's name, as in the check files and outputs.
     pub fn name(self) -> &'static str {
         match self {
             Subcategory::Value => "value",

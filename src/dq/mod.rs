@@ -114,6 +114,7 @@ pub enum Status {
 }
 
 impl Status {
+    /// The status as written in the outputs (`pass`, `no_data`, ...).
     pub fn name(self) -> &'static str {
         match self {
             Status::Pass => "pass",

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::ListingOptions;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -114,8 +116,9 @@ pub(crate) async fn register_staging(ctx: &SessionContext, warehouse: &Warehouse
     Ok(())
 }
 
-/// Registers the Parquet files under `path` (a directory, or one file) as
-/// `name` with `schema`; an empty table when there are none.
+/// Registers the Parquet files under `path` (a directory, searched
+/// recursively, or one file) as `name` with `schema`; an empty table when
+/// there are none.
 pub(crate) async fn register_parquet(
     ctx: &SessionContext,
     name: &str,
@@ -134,16 +137,22 @@ pub(crate) async fn register_parquet(
         ctx.register_table(name, Arc::new(empty)).map_err(err)?;
         return Ok(());
     }
+    // The files found, not the directory: a listing of a directory whose
+    // files sit in subdirectories that are not `key=value` partitions
+    // (`rejects/<source>/`) reads nothing, without an error.
+    let urls = files
+        .iter()
+        .map(|f| ListingTableUrl::parse(f.to_string_lossy()))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(err)?;
     let options =
         ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-    let location = if path.is_file() {
-        path.display().to_string()
-    } else {
-        format!("{}/", path.display())
-    };
-    ctx.register_listing_table(name, location, options, Some(schema), None)
-        .await
-        .map_err(err)
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .with_schema(schema);
+    let table = ListingTable::try_new(config).map_err(err)?;
+    ctx.register_table(name, Arc::new(table)).map_err(err)?;
+    Ok(())
 }
 
 /// Any column as text (`Utf8`), e.g. DataFusion's Utf8View strings or dates.

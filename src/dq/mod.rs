@@ -335,7 +335,9 @@ async fn session(
         let dir = warehouse.staging_table_dir(table);
         crate::engine::register_parquet(&ctx, &name, &dir, table.schema()).await?;
     }
-    register_rejects(&ctx, &root.join("rejects"), prefix).await?;
+    let rejects = format!("{prefix}rejects");
+    let schema = crate::schema::rejects_schema();
+    crate::engine::register_parquet(&ctx, &rejects, &root.join("rejects"), schema).await?;
     let links = crate::schema::person_link_schema();
     match tonight {
         None => {
@@ -380,37 +382,6 @@ fn register_batch(ctx: &SessionContext, name: &str, batch: RecordBatch, root: &P
         .map_err(|e| WardError::data(PREPARING, root, e))?;
     ctx.register_table(name, Arc::new(table))
         .map_err(|e| WardError::data(PREPARING, root, e))?;
-    Ok(())
-}
-
-/// `rejects`: the refused records of every source (`rejects/<source>/`).
-/// One table per source directory, then their union: a listing over
-/// `rejects/` itself reads nothing from the source directories (they are
-/// not `key=value` partitions).
-async fn register_rejects(ctx: &SessionContext, dir: &Path, prefix: &str) -> Result<()> {
-    let mut parts = Vec::new();
-    if dir.is_dir() {
-        let mut sources: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| WardError::io("cannot list", dir, e))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<std::io::Result<_>>()
-            .map_err(|e| WardError::io("cannot list", dir, e))?;
-        sources.retain(|p| p.is_dir());
-        sources.sort();
-        for (i, source) in sources.iter().enumerate() {
-            let name = format!("{prefix}dq_rejects_{i}");
-            crate::engine::register_parquet(ctx, &name, source, crate::schema::rejects_schema())
-                .await?;
-            parts.push(format!("SELECT * FROM {name}"));
-        }
-    }
-    let name = format!("{prefix}rejects");
-    if parts.is_empty() {
-        return crate::engine::register_parquet(ctx, &name, dir, crate::schema::rejects_schema())
-            .await;
-    }
-    let view = format!("CREATE VIEW {name} AS {}", parts.join(" UNION ALL "));
-    crate::engine::collect_about(ctx, &view, PREPARING, dir).await?;
     Ok(())
 }
 

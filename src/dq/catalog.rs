@@ -91,6 +91,17 @@ pub enum Severity {
     Info,
 }
 
+impl Severity {
+    /// The severity's name, as in the check files and outputs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Severity::Fail => "fail",
+            Severity::Warn => "warn",
+            Severity::Info => "info",
+        }
+    }
+}
+
 /// One check instance, its SQL rendered.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Check {

@@ -603,13 +603,7 @@ pub fn write(warehouse: &Warehouse, dir: &Path, results: &[CheckResult]) -> Resu
             text(&|r| r.table.as_deref()),
             text(&|r| r.column.as_deref()),
             text(&|r| Some(&r.source)),
-            text(&|r| {
-                Some(match r.severity {
-                    Severity::Fail => "fail",
-                    Severity::Warn => "warn",
-                    Severity::Info => "info",
-                })
-            }),
+            text(&|r| Some(r.severity.name())),
             float(|r| Some(r.threshold_pct)),
             count(|r| r.violating),
             count(|r| r.checked),
@@ -651,8 +645,8 @@ pub fn read(path: &Path) -> Result<Vec<CheckResult>> {
         .map_err(|e| WardError::data("reading the data-quality results", path, e))
 }
 
-/// A CSV row: the same columns as the Parquet file (csv cannot write
-/// optional enums).
+/// A CSV row: the same columns as the Parquet file (the description is in
+/// dq.json only).
 #[derive(Serialize)]
 struct CsvRow<'a> {
     check: &'a str,

@@ -26,6 +26,16 @@ pub struct HistoryEntry {
     pub dq: Vec<crate::dq::DqRate>,
 }
 
+impl HistoryEntry {
+    /// The day the run finished (`2025-12-31`): the label of its trend points.
+    fn day(&self) -> String {
+        self.finished
+            .get(..10)
+            .unwrap_or(&self.finished)
+            .to_string()
+    }
+}
+
 /// The HTML report's trend points: each measure's published overall rate
 /// in every run of `history`, labelled with the day the run finished.
 pub fn trend(history: &[HistoryEntry]) -> Vec<crate::report::html::TrendPoint> {
@@ -34,7 +44,7 @@ pub fn trend(history: &[HistoryEntry]) -> Vec<crate::report::html::TrendPoint> {
         .flat_map(|h| {
             h.overall.iter().map(|c| crate::report::html::TrendPoint {
                 run_id: h.run_id.clone(),
-                date: h.finished.get(..10).unwrap_or(&h.finished).to_string(),
+                date: h.day(),
                 measure: c.measure.clone(),
                 rate: c.rate,
                 ci_low: c.ci_low,
@@ -52,7 +62,7 @@ pub fn dq_trend(history: &[HistoryEntry]) -> Vec<crate::report::html::DqPoint> {
         .flat_map(|h| {
             h.dq.iter().map(|r| crate::report::html::DqPoint {
                 run_id: h.run_id.clone(),
-                date: h.finished.get(..10).unwrap_or(&h.finished).to_string(),
+                date: h.day(),
                 check: r.check.clone(),
                 source: r.source.clone(),
                 rate_pct: r.rate_pct,

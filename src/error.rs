@@ -95,9 +95,6 @@ impl WardError {
         }
     }
 
-    /// Whether this is a usage/configuration problem (exit code 2) rather than
-    /// a failure while running (exit code 3); a refused or invalid research
-    /// query is one.
     /// A [`WardError::Data`] about `path`, keeping `source` as its cause.
     pub fn data(
         context: &'static str,
@@ -111,6 +108,9 @@ impl WardError {
         }
     }
 
+    /// Whether this is a usage/configuration problem (exit code 2) rather than
+    /// a failure while running (exit code 3); a refused or invalid research
+    /// query is one.
     pub fn is_config_error(&self) -> bool {
         matches!(
             self,

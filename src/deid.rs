@@ -258,7 +258,7 @@ impl DeidOptions {
 }
 
 /// Rows of one research table.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TableCounts {
     pub table: String,
     /// Rows of the core table.
@@ -275,7 +275,7 @@ pub struct TableCounts {
 }
 
 /// The k-anonymity report over [`QUASI_IDENTIFIERS`].
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct KAnonymity {
     pub k: u64,
     pub quasi_identifiers: Vec<String>,
@@ -296,7 +296,7 @@ pub struct KAnonymity {
 }
 
 /// What [`deid`] wrote; also written as `research/deid.json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeidReport {
     pub mode: DeidMode,
     /// Whether the output follows HIPAA Safe Harbor.
@@ -482,6 +482,19 @@ pub fn deid(core_dir: &Path, research_dir: &Path, opts: &DeidOptions) -> Result<
         dir = %research_dir.display(),
         "research tables published"
     );
+    Ok(report)
+}
+
+/// The report of the research tables in `research_dir`
+/// (`research/deid.json`, as [`deid`] wrote it).
+pub fn read_report(research_dir: &Path) -> Result<DeidReport> {
+    let path = research_dir.join("deid.json");
+    let text = std::fs::read(&path).map_err(|e| WardError::io("cannot read", &path, e))?;
+    let mut report: DeidReport = serde_json::from_slice(&text).map_err(|e| WardError::State {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    report.research_dir = research_dir.to_path_buf();
     Ok(report)
 }
 

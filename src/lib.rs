@@ -36,6 +36,8 @@ mod tomlfile;
 pub mod valuesets;
 pub mod warehouse;
 
+use std::collections::BTreeMap;
+
 pub use config::PipelineConfig;
 pub use error::{Result, WardError};
 pub use ingest::{IngestOptions, IngestReport};
@@ -94,6 +96,11 @@ pub struct RunReport {
 /// run by pointing `runs/CURRENT` at it, then prunes old runs
 /// (`[runs] keep`). See [`runs`] for the layout.
 ///
+/// A stage whose inputs are those of the same stage in the current run
+/// (its fingerprint, see [`runs::reuse`], is the same) takes that run's
+/// outputs instead of recomputing them, unless `rebuild` is
+/// [`runs::Rebuild::Full`]; the manifest names the run they came from.
+///
 /// A failed gate ([`WardError::GateFailed`]) or stage error leaves the
 /// current run as it was; the run's manifest records why it failed. Files
 /// that could not be loaded do not stop the run (see
@@ -104,6 +111,7 @@ pub fn run(
     queries: &std::path::Path,
     period: measure::Period,
     key: &deid::DeidKey,
+    rebuild: runs::Rebuild,
     progress: &dyn Progress,
 ) -> Result<RunReport> {
     let root = config.warehouse.as_path();
@@ -139,17 +147,17 @@ pub fn run(
         ));
     }
     let previous = Previous::load(root, &mut manifest.warnings)?;
-    let outcome = run_stages(
+    let night = Night {
         config,
         opts,
         queries,
         period,
         key,
-        progress,
-        &run_dir,
-        &previous,
-        &mut manifest,
-    );
+        rebuild,
+        run_dir: &run_dir,
+        previous: &previous,
+    };
+    let outcome = run_stages(&night, progress, &mut manifest);
     manifest.finished = runs::now();
     manifest.peak_memory_bytes = manifest
         .stages
@@ -201,6 +209,8 @@ pub fn run(
 
 /// What the current (last published) run left for the next one.
 struct Previous {
+    /// Its directory.
+    dir: Option<std::path::PathBuf>,
     manifest: Option<runs::Manifest>,
     history: Vec<runs::HistoryEntry>,
     /// Its record → person links: persons keep their ids.
@@ -212,6 +222,7 @@ impl Previous {
     /// (the run goes on without it) rather than a night that cannot run.
     fn load(warehouse: &std::path::Path, warnings: &mut Vec<String>) -> Result<Previous> {
         let mut previous = Previous {
+            dir: None,
             manifest: None,
             history: Vec::new(),
             links: Vec::new(),
@@ -235,8 +246,108 @@ impl Previous {
             Ok(l) => previous.links = l,
             Err(e) => warn("person links (person ids start afresh)", e),
         }
+        previous.dir = Some(dir);
         Ok(previous)
     }
+
+    /// The current run's directory and manifest when tonight's `stage` has
+    /// the fingerprint it had there (its outputs can be taken), unless the
+    /// night rebuilds everything.
+    fn reusable(
+        &self,
+        night: &Night,
+        fingerprints: &BTreeMap<String, String>,
+        stage: &str,
+    ) -> Option<(&std::path::Path, &runs::Manifest)> {
+        let manifest = self.manifest.as_ref()?;
+        let tonight = fingerprints.get(stage)?;
+        (night.rebuild == runs::Rebuild::Incremental
+            && manifest.fingerprints.get(stage) == Some(tonight))
+        .then_some((self.dir.as_deref()?, manifest))
+    }
+}
+
+/// What one night runs with.
+struct Night<'a> {
+    config: &'a PipelineConfig,
+    opts: &'a IngestOptions,
+    queries: &'a std::path::Path,
+    period: measure::Period,
+    key: &'a deid::DeidKey,
+    rebuild: runs::Rebuild,
+    run_dir: &'a std::path::Path,
+    previous: &'a Previous,
+}
+
+/// Tonight's fingerprint of each stage that can be reused (see
+/// [`runs::reuse`]): `link` (the staged patient records, `[link]` and its
+/// labels), `build` (link and every staged file) and `build.<table>` (link
+/// and the files that staged rows of the table), `dq` (build, the sources,
+/// the checks and `[dq]`), `measures` (build, the queries and the period)
+/// and `deid` (build, `[deid]`, the key's fingerprint, the value sets and
+/// the reference day). Empty (nothing is reused) when the running code
+/// cannot be identified.
+fn fingerprints(
+    night: &Night,
+    state: &warehouse::IngestState,
+    checks: &[dq::Check],
+) -> Result<BTreeMap<String, String>> {
+    let Some(code) = runs::Fingerprint::code() else {
+        return Ok(BTreeMap::new());
+    };
+    let config = night.config;
+    let link = code
+        .clone()
+        .part("stage", "link")
+        .part("link", &config.link)
+        .file("labels", config.link.labels.as_deref())?
+        .staged(state, Some(schema::Table::Patient.name()))
+        .finish();
+    let build = code
+        .clone()
+        .part("stage", "build")
+        .part("link", &link)
+        .staged(state, None)
+        .finish();
+    let after_build = |stage: &str| code.clone().part("stage", stage).part("build", &build);
+    let dq = after_build("dq")
+        .part("sources", &config.sources)
+        .part("checks", checks)
+        .part("dq", &config.dq)
+        .finish();
+    let measures = after_build("measures")
+        .tree("queries", night.queries)?
+        .part("period", night.period)
+        .finish();
+    let deid = after_build("deid")
+        .part("deid", &config.deid)
+        .part("key", night.key.fingerprint())
+        .part("reference date", night.opts.today)
+        .tree("valuesets", &night.queries.join("valuesets"))?
+        .finish();
+    // Each core table, from the files that staged its rows.
+    let tables: Vec<(String, String)> = link::build::fact_tables()
+        .map(|t| {
+            let table = code
+                .clone()
+                .part("stage", "build")
+                .part("link", &link)
+                .staged(state, Some(t.name()))
+                .finish();
+            (format!("build.{}", t.name()), table)
+        })
+        .collect();
+    Ok([
+        ("link", link),
+        ("build", build),
+        ("dq", dq),
+        ("measures", measures),
+        ("deid", deid),
+    ]
+    .map(|(s, f)| (s.to_string(), f))
+    .into_iter()
+    .chain(tables)
+    .collect())
 }
 
 /// Times a stage and measures its peak memory, inside a `stage` span (so
@@ -252,23 +363,78 @@ fn stage<T>(manifest: &mut runs::Manifest, name: &str, f: impl FnOnce() -> Resul
         stage: name.to_string(),
         seconds,
         peak_memory_bytes: runs::peak_memory(),
+        reused_from: None,
+        reused_tables: Vec::new(),
     });
     tracing::info!(seconds, ok = out.is_ok(), "stage finished");
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_stages(
-    config: &PipelineConfig,
-    opts: &IngestOptions,
-    queries: &std::path::Path,
-    period: measure::Period,
-    key: &deid::DeidKey,
-    progress: &dyn Progress,
+/// Runs stage `name`, by taking `paths` (relative to the run directory)
+/// from `from` — the current run, when the stage's inputs are unchanged —
+/// and turning them into the stage's result with `reuse`, else by
+/// `compute`. Outputs that cannot be taken (changed since, unreadable) are
+/// a warning, and the stage computes them.
+fn stage_or_reuse<T>(
+    manifest: &mut runs::Manifest,
+    name: &str,
+    from: Option<(&std::path::Path, &runs::Manifest)>,
     run_dir: &std::path::Path,
-    previous: &Previous,
+    paths: &[String],
+    reuse: impl FnOnce(&std::path::Path, &runs::Manifest) -> Result<T>,
+    compute: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let (mut reused_from, mut warning) = (None, None);
+    let out = stage(manifest, name, || {
+        if let Some((dir, earlier)) = from {
+            let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+            let taken = runs::adopt(dir, run_dir, &paths, &earlier.outputs)
+                .and_then(|files| Ok((files, reuse(dir, earlier)?)));
+            match taken {
+                Ok((files, out)) => {
+                    tracing::info!(from = %earlier.run_id, files, "inputs unchanged: outputs taken from the current run");
+                    reused_from = Some(earlier.run_id.clone());
+                    return Ok(out);
+                }
+                Err(e) => {
+                    for path in &paths {
+                        let path = run_dir.join(path);
+                        let _ =
+                            std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+                    }
+                    let message = format!(
+                        "stage {name}: the outputs of run {} cannot be taken, so they are computed again: {e}",
+                        earlier.run_id
+                    );
+                    tracing::warn!("{message}");
+                    warning = Some(message);
+                }
+            }
+        }
+        compute()
+    });
+    if let Some(stage) = manifest.stages.last_mut() {
+        stage.reused_from = reused_from;
+    }
+    manifest.warnings.extend(warning);
+    out
+}
+
+fn run_stages(
+    night: &Night,
+    progress: &dyn Progress,
     manifest: &mut runs::Manifest,
 ) -> Result<RunReport> {
+    let Night {
+        config,
+        opts,
+        queries,
+        period,
+        key,
+        run_dir,
+        previous,
+        ..
+    } = *night;
     let warehouse = warehouse::Warehouse::new(&config.warehouse).with_output(run_dir);
     // The measures and checks are read and planned first: a mistake in
     // one is a configuration error before any data is touched.
@@ -293,9 +459,32 @@ fn run_stages(
         previous.manifest.as_ref(),
     );
     record_gates(manifest, gates)?;
-    let linkage = stage(manifest, "link", || {
-        link::link(&warehouse, &config.link, &previous.links)
-    })?;
+    let fingerprints = fingerprints(night, &state, &checks)?;
+    manifest.fingerprints = fingerprints.clone();
+    let reusable = |stage: &str| previous.reusable(night, &fingerprints, stage);
+    let person_link = |dir: &std::path::Path| dir.join("core").join("person_link.parquet");
+
+    let linkage = stage_or_reuse(
+        manifest,
+        "link",
+        reusable("link"),
+        run_dir,
+        &link::OUTPUTS.map(|f| format!("core/{f}")),
+        |dir, earlier| {
+            Ok(link::Linkage {
+                report: earlier.linkage.clone().ok_or_else(|| WardError::State {
+                    path: dir.join(runs::MANIFEST),
+                    message: "it records no linkage".into(),
+                })?,
+                links: link::read_person_links(&person_link(run_dir))?,
+            })
+        },
+        || link::link(&warehouse, &config.link, &previous.links),
+    )?;
+    let link_reused = manifest
+        .stages
+        .last()
+        .is_some_and(|s| s.reused_from.is_some());
     manifest.linkage = Some(linkage.report.clone());
     manifest.warnings.extend(
         linkage
@@ -304,22 +493,59 @@ fn run_stages(
             .iter()
             .map(|w| format!("linkage: {w}")),
     );
-    let core = stage(manifest, "build", || link::build::build(&warehouse))?;
+    let core = build_core(night, &fingerprints, link_reused, &warehouse, manifest)?;
     manifest.core = core
         .iter()
         .map(|(t, n)| (t.name().to_string(), *n))
         .chain([("person".to_string(), linkage.report.persons)])
         .collect();
     let dq = check_quality(
-        config, &checks, &ingest, &state, previous, &warehouse, manifest,
+        night,
+        &checks,
+        &ingest,
+        &state,
+        &warehouse,
+        reusable("dq"),
+        manifest,
     )?;
     let run_id = manifest.run_id.clone();
-    let measures = stage(manifest, "measures", || {
-        let all: Vec<&measure::MeasureDef> = defs.iter().collect();
-        let measures = measure::run(&warehouse, queries, &all, period)?;
-        measure::write_marts(&warehouse, &measures)?;
-        Ok(measures)
-    })?;
+    let measures = stage_or_reuse(
+        manifest,
+        "measures",
+        reusable("measures"),
+        run_dir,
+        &["marts/measure_patient".to_string()],
+        |_, _| {
+            // Every measure's marts are read back; a measure that cannot be
+            // (an empty denominator, whose explanation needs the engine) runs.
+            let mut read = Vec::new();
+            for def in &defs {
+                read.push(measure::read_marts(run_dir, def, period)?);
+            }
+            let missing: Vec<&measure::MeasureDef> = defs
+                .iter()
+                .zip(&read)
+                .filter(|(_, r)| r.is_none())
+                .map(|(d, _)| d)
+                .collect();
+            let computed = measure::run(&warehouse, queries, &missing, period)?;
+            measure::write_marts(&warehouse, &computed)?;
+            let mut computed = computed.into_iter();
+            let mut results = Vec::new();
+            for (def, r) in defs.iter().zip(read) {
+                // One result per group, one for a measure without groups.
+                let n = def.groups.len().max(1);
+                results.extend(r.unwrap_or_else(|| computed.by_ref().take(n).collect()));
+            }
+            Ok(results)
+        },
+        || {
+            let all: Vec<&measure::MeasureDef> = defs.iter().collect();
+            let measures = measure::run(&warehouse, queries, &all, period)?;
+            measure::write_marts(&warehouse, &measures)?;
+            Ok(measures)
+        },
+    )?;
     manifest.measures = measures.iter().map(runs::MeasureFigures::of).collect();
     let snapshot = manifest.clone();
     let reports = stage(manifest, "report", || {
@@ -352,15 +578,24 @@ fn run_stages(
                 .into_owned()
         })
         .collect();
-    let research = stage(manifest, "deid", || {
-        // Ages at the day of the data (no fact is later): someone under 90
-        // then was under 90 at every event whose year is published.
-        let opts = deid::DeidOptions {
-            valuesets: Some(queries.join("valuesets")),
-            ..deid::DeidOptions::from_config(&config.deid, key.clone(), opts.today)
-        };
-        deid::deid(&run_dir.join("core"), &run_dir.join("research"), &opts)
-    })?;
+    let research_dir = run_dir.join("research");
+    let research = stage_or_reuse(
+        manifest,
+        "deid",
+        reusable("deid"),
+        run_dir,
+        &["research".to_string()],
+        |_, _| deid::read_report(&research_dir),
+        || {
+            // Ages at the day of the data (no fact is later): someone under 90
+            // then was under 90 at every event whose year is published.
+            let opts = deid::DeidOptions {
+                valuesets: Some(queries.join("valuesets")),
+                ..deid::DeidOptions::from_config(&config.deid, key.clone(), opts.today)
+            };
+            deid::deid(&run_dir.join("core"), &research_dir, &opts)
+        },
+    )?;
     Ok(RunReport {
         run_id,
         run_dir: run_dir.to_path_buf(),
@@ -379,47 +614,132 @@ fn run_stages(
     })
 }
 
+/// The build stage: each core table whose staged files (and linkage) are
+/// those of the current run is taken from it, the others are built; the
+/// stage counts as reused when every table was taken.
+fn build_core(
+    night: &Night,
+    fingerprints: &BTreeMap<String, String>,
+    link_reused: bool,
+    warehouse: &warehouse::Warehouse,
+    manifest: &mut runs::Manifest,
+) -> Result<link::build::BuildReport> {
+    let from = night
+        .previous
+        .reusable(night, fingerprints, "link")
+        .filter(|_| link_reused);
+    let (mut taken, mut warnings) = (Vec::new(), Vec::new());
+    let report = stage(manifest, "build", || {
+        let mut report = Vec::new();
+        let mut build = Vec::new();
+        for table in link::build::fact_tables() {
+            let key = format!("build.{}", table.name());
+            let earlier = from
+                .and_then(|_| night.previous.reusable(night, fingerprints, &key))
+                .and_then(|(dir, m)| Some((dir, m, *m.core.get(table.name())?)));
+            let Some((dir, m, rows)) = earlier else {
+                build.push(table);
+                continue;
+            };
+            let path = format!("core/{}", table.name());
+            match runs::adopt(dir, night.run_dir, &[&path], &m.outputs) {
+                Ok(_) => {
+                    taken.push(table.name().to_string());
+                    report.push((table, rows));
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(night.run_dir.join(&path));
+                    warnings.push(format!(
+                        "stage build: core table {} of run {} cannot be taken, so it is built again: {e}",
+                        table.name(),
+                        m.run_id
+                    ));
+                    build.push(table);
+                }
+            }
+        }
+        if !taken.is_empty() {
+            tracing::info!(tables = %taken.join(", "), "staged rows unchanged: core tables taken from the current run");
+        }
+        report.extend(link::build::build_tables(warehouse, &build)?);
+        report.sort_by_key(|(t, _)| *t);
+        Ok(report)
+    })?;
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    manifest.warnings.extend(warnings);
+    let stage = manifest.stages.last_mut().expect("the stage just ran");
+    if taken.len() == link::build::fact_tables().count() {
+        stage.reused_from = from.map(|(_, m)| m.run_id.clone());
+    } else {
+        stage.reused_tables = taken;
+    }
+    Ok(report)
+}
+
 /// The data-quality stage: every check on every source, over everything
 /// staged and over tonight's rows, written to `reports/<run_id>/dq.*`
 /// before anything can fail the night; drift becomes warnings and failing
 /// `fail` checks gates.
 fn check_quality(
-    config: &PipelineConfig,
+    night: &Night,
     checks: &[dq::Check],
     ingest: &IngestReport,
     state: &warehouse::IngestState,
-    previous: &Previous,
     warehouse: &warehouse::Warehouse,
+    from: Option<(&std::path::Path, &runs::Manifest)>,
     manifest: &mut runs::Manifest,
 ) -> Result<Vec<dq::CheckResult>> {
+    let (config, previous) = (night.config, night.previous);
     let run_id = manifest.run_id.clone();
-    let dq = stage(manifest, "dq", || {
-        let earlier: Vec<Vec<dq::DqRate>> = previous.history.iter().map(|h| h.dq.clone()).collect();
-        let loaded: std::collections::BTreeSet<(String, String)> = ingest
-            .files
-            .iter()
-            .filter(|f| f.status == ingest::FileStatus::Loaded)
-            .map(|f| (f.source.clone(), f.file.clone()))
-            .collect();
-        let mut staged = state
-            .sources
-            .iter()
-            .flat_map(|(s, files)| files.keys().map(move |f| (s.clone(), f.clone())));
-        let tonight = match staged.all(|f| loaded.contains(&f)) {
-            true => dq::Tonight::Everything,
-            false => dq::Tonight::Files(loaded),
-        };
-        let results = dq::evaluate(
-            warehouse,
-            &config.sources,
-            checks,
-            &earlier,
-            &tonight,
-            &config.dq,
-        )?;
-        dq::write(warehouse, &report::report_dir(warehouse, &run_id), &results)?;
-        Ok(results)
-    })?;
+    let earlier: Vec<Vec<dq::DqRate>> = previous.history.iter().map(|h| h.dq.clone()).collect();
+    let loaded: std::collections::BTreeSet<(String, String)> = ingest
+        .files
+        .iter()
+        .filter(|f| f.status == ingest::FileStatus::Loaded)
+        .map(|f| (f.source.clone(), f.file.clone()))
+        .collect();
+    let mut staged = state
+        .sources
+        .iter()
+        .flat_map(|(s, files)| files.keys().map(move |f| (s.clone(), f.clone())));
+    let tonight = match staged.all(|f| loaded.contains(&f)) {
+        true => dq::Tonight::Everything,
+        false => dq::Tonight::Files(loaded),
+    };
+    // With nothing loaded tonight and the same staging, links and checks,
+    // the counts are the current run's: only the judgement is redone.
+    let from = from.filter(|_| tonight == dq::Tonight::Files(Default::default()));
+    let report_dir = report::report_dir(warehouse, &run_id);
+    let dq = stage_or_reuse(
+        manifest,
+        "dq",
+        from,
+        night.run_dir,
+        &[],
+        |dir, earlier_run| {
+            let counted = dq::read(
+                &report::report_dir(&warehouse.with_output(dir), &earlier_run.run_id)
+                    .join("dq.json"),
+            )?;
+            let results = dq::reevaluate(&config.sources, checks, &counted, &earlier, &config.dq);
+            dq::write(warehouse, &report_dir, &results)?;
+            Ok(results)
+        },
+        || {
+            let results = dq::evaluate(
+                warehouse,
+                &config.sources,
+                checks,
+                &earlier,
+                &tonight,
+                &config.dq,
+            )?;
+            dq::write(warehouse, &report_dir, &results)?;
+            Ok(results)
+        },
+    )?;
     for r in dq.iter().filter(|r| r.drift) {
         let message = format!(
             "source '{}': data-quality check '{}' drifted from {:.2} % to {:.2} %{} (tolerance {} points)",

@@ -219,9 +219,50 @@ pub fn evaluate(
         };
         Ok((all, new))
     })?;
+    Ok(judge(sources, checks, &all, &new, previous, opts))
+}
+
+/// The results of the run whose `earlier` results these are, judged again
+/// against tonight's history and options: what [`evaluate`] gives when
+/// nothing was staged or linked since (the counts are the same) and no
+/// file was loaded tonight.
+pub fn reevaluate(
+    sources: &[SourceConfig],
+    checks: &[Check],
+    earlier: &[CheckResult],
+    previous: &[Vec<DqRate>],
+    opts: &DqOptions,
+) -> Vec<CheckResult> {
+    let all: Vec<Counted> = checks
+        .iter()
+        .map(|check| {
+            earlier
+                .iter()
+                .filter(|r| r.check == check.id)
+                .map(|r| (r.source.clone(), (r.violating, r.checked)))
+                .collect()
+        })
+        .collect();
+    judge(sources, checks, &all, &[], previous, opts)
+}
+
+/// Per source, `(violating, checked)` rows of one check.
+type Counted = BTreeMap<String, (u64, u64)>;
+
+/// Scores every check's counts on every source (over everything and over
+/// tonight's rows, `new`, empty when nothing came) against its threshold
+/// and the rates of the last [`DqOptions::drift_runs`] of `previous`.
+fn judge(
+    sources: &[SourceConfig],
+    checks: &[Check],
+    all: &[Counted],
+    new: &[Counted],
+    previous: &[Vec<DqRate>],
+    opts: &DqOptions,
+) -> Vec<CheckResult> {
     let recent = &previous[previous.len().saturating_sub(opts.drift_runs)..];
     let mut results = Vec::new();
-    for (i, (check, by_source)) in checks.iter().zip(&all).enumerate() {
+    for (i, (check, by_source)) in checks.iter().zip(all).enumerate() {
         let names: BTreeSet<&str> = sources
             .iter()
             .map(|s| s.name.as_str())
@@ -245,7 +286,7 @@ pub fn evaluate(
         }
     }
     results.sort_by(|a, b| (&a.source, &a.check).cmp(&(&b.source, &b.check)));
-    Ok(results)
+    results
 }
 
 /// A check's counts on one source — everything staged, and tonight's rows
@@ -520,7 +561,7 @@ pub fn validate(checks: &[Check]) -> Result<()> {
 }
 
 /// Counts per source of every check, in order.
-type Counts = Vec<BTreeMap<String, (u64, u64)>>;
+type Counts = Vec<Counted>;
 
 async fn run_checks(ctx: &SessionContext, checks: &[Check]) -> Result<Counts> {
     let mut out = Vec::with_capacity(checks.len());

@@ -37,8 +37,19 @@ fn fact_key(table: Table) -> Option<&'static [&'static str]> {
 /// Rows per core table.
 pub type BuildReport = Vec<(Table, u64)>;
 
+/// The core fact tables: every canonical table but `patient` (whose core
+/// table is `person`, written by linkage).
+pub fn fact_tables() -> impl Iterator<Item = Table> {
+    Table::ALL.into_iter().filter(|t| *t != Table::Patient)
+}
+
 /// Writes every core fact table from staging and `core/person_link`.
 pub fn build(warehouse: &Warehouse) -> Result<BuildReport> {
+    build_tables(warehouse, &fact_tables().collect::<Vec<_>>())
+}
+
+/// Writes the core fact tables `tables` (see [`build`]).
+pub fn build_tables(warehouse: &Warehouse, tables: &[Table]) -> Result<BuildReport> {
     let core = warehouse.out().join("core");
     crate::engine::block_on(async {
         let ctx = crate::engine::session(SessionConfig::new());
@@ -51,7 +62,7 @@ pub fn build(warehouse: &Warehouse) -> Result<BuildReport> {
         )
         .await?;
         let mut report = Vec::new();
-        for table in Table::ALL.into_iter().filter(|t| *t != Table::Patient) {
+        for &table in tables {
             let staged = count(
                 &ctx,
                 &format!("SELECT count(*) FROM staging_{}", table.name()),

@@ -490,6 +490,9 @@ fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
     })
 }
 
+/// The files [`link`] writes under `core/`.
+pub const OUTPUTS: [&str; 3] = ["person_link.parquet", "person.parquet", "link_review.csv"];
+
 /// Links the staged patient records and writes `core/person_link.parquet`
 /// and `core/person.parquet`. Persons keep their ids from `previous` (the
 /// last run's links, [`read_person_links`]) where their records were

@@ -869,15 +869,71 @@ pub fn care_gaps(
 /// Writes each result to `marts/measure_patient/<key>.parquet` (atomically,
 /// replacing the previous run's file) and returns the paths.
 pub fn write_marts(warehouse: &Warehouse, results: &[MeasureResult]) -> Result<Vec<PathBuf>> {
-    let dir = warehouse.out().join("marts").join("measure_patient");
     results
         .iter()
         .map(|r| {
-            let path = dir.join(format!("{}.parquet", r.key()));
+            let path = mart_path(warehouse.out(), &r.key());
             warehouse.write_parquet(&path, r.schema.clone(), &r.rows)?;
             Ok(path)
         })
         .collect()
+}
+
+/// The mart of a result: `marts/measure_patient/<key>.parquet` under `out`.
+pub fn mart_path(out: &Path, key: &str) -> PathBuf {
+    out.join("marts")
+        .join("measure_patient")
+        .join(format!("{key}.parquet"))
+}
+
+/// `def`'s results as a run under `out` wrote them to its marts
+/// ([`write_marts`]), counted again: what [`run`] gives on the same core
+/// tables, queries and period. `None` when a group's mart is missing, or
+/// when every denominator is empty (explaining an empty denominator takes
+/// the engine: run the measure instead).
+pub fn read_marts(
+    out: &Path,
+    def: &MeasureDef,
+    period: Period,
+) -> Result<Option<Vec<MeasureResult>>> {
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let groups: Vec<Option<&GroupDef>> = if def.groups.is_empty() {
+        vec![None]
+    } else {
+        def.groups.iter().map(Some).collect()
+    };
+    let mut results = Vec::new();
+    for group in groups {
+        let key = group.map_or(def.id.clone(), |g| format!("{}.{}", def.id, g.id));
+        let path = mart_path(out, &key);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let err = |source: BoxError| WardError::data("reading a measure mart", &path, source);
+        let file =
+            std::fs::File::open(&path).map_err(|e| WardError::io("cannot open", &path, e))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.into()))?;
+        let schema = reader.schema().clone();
+        let rows = reader
+            .build()
+            .map_err(|e| err(e.into()))?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| err(e.into()))?;
+        let result = MeasureResult {
+            def: def.clone(),
+            group: group.cloned(),
+            period,
+            counts: Counts::default(),
+            score: None,
+            strata: Vec::new(),
+            categories: BTreeMap::new(),
+            rows,
+            schema,
+            empty: None,
+        };
+        results.push(tally(result).map_err(|m| err(m.into()))?);
+    }
+    Ok((!results.iter().all(|r| r.counts.denominator == 0)).then_some(results))
 }
 
 async fn run_one(

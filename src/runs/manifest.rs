@@ -63,6 +63,10 @@ pub struct Manifest {
     pub warnings: Vec<String>,
     /// Why the run failed.
     pub error: Option<String>,
+    /// Per stage, the hash of everything its outputs depend on (see
+    /// [`super::reuse`]): the next run reuses a stage whose fingerprint it
+    /// shares.
+    pub fingerprints: BTreeMap<String, String>,
 }
 
 impl Manifest {
@@ -199,6 +203,15 @@ pub struct StageInfo {
     pub seconds: f64,
     /// Peak resident memory during the stage, bytes (Linux).
     pub peak_memory_bytes: Option<u64>,
+    /// The run whose outputs the stage took, its inputs being unchanged
+    /// (see [`super::reuse`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reused_from: Option<String>,
+    /// Of a stage that took only some of its outputs (`build`: core
+    /// tables whose staged rows did not change), the ones it took from the
+    /// current run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reused_tables: Vec<String>,
 }
 
 /// One file written by a run.

@@ -24,12 +24,14 @@ mod history;
 mod lock;
 mod manifest;
 mod publish;
+mod reuse;
 
 pub use gates::*;
 pub use history::*;
 pub use lock::*;
 pub use manifest::*;
 pub use publish::*;
+pub use reuse::*;
 
 #[cfg(test)]
 mod tests {

@@ -168,6 +168,11 @@ pub fn run_ingest(config: &Path) -> Result<IngestReport> {
 /// `ward::run` (every stage) with the sample's day, the bundled queries and
 /// the config's measurement period.
 pub fn run_all(config: &PipelineConfig) -> ward::RunReport {
+    run_with(config, ward::runs::Rebuild::Incremental)
+}
+
+/// [`run_all`], recomputing every stage (`ward run --full`) or not.
+pub fn run_with(config: &PipelineConfig, rebuild: ward::runs::Rebuild) -> ward::RunReport {
     ward::run(
         config,
         &IngestOptions {
@@ -178,6 +183,7 @@ pub fn run_all(config: &PipelineConfig) -> ward::RunReport {
         &repo().join("queries"),
         config.measurement_period.expect("the sample sets a period"),
         &ward::deid::resolve_key(&config.deid, |_| None).expect("the sample uses the demo key"),
+        rebuild,
         &(),
     )
     .unwrap()

@@ -8,6 +8,7 @@ mod cli;
 mod dq;
 mod fhir;
 mod html;
+mod incremental;
 mod ingest;
 mod link;
 mod measures;

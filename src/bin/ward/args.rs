@@ -57,7 +57,7 @@ pub(crate) enum LogFormat {
 pub(crate) enum Command {
     /// Run every stage (the nightly job): ingest, link and core tables, every
     /// measure, the stratified summary and care-gap lists.
-    Run(PeriodArgs),
+    Run(RunArgs),
     /// Load new and changed extracts into staging.
     Ingest,
     /// Check every extract (against its mapping, or the FHIR rules) and report; write nothing.
@@ -111,6 +111,17 @@ pub(crate) enum Command {
     /// Generate a synthetic multi-provider population with ground truth.
     #[cfg(feature = "synth")]
     Synth(SynthArgs),
+}
+
+#[derive(clap::Args, Clone, Copy)]
+pub(crate) struct RunArgs {
+    #[command(flatten)]
+    pub(crate) period: PeriodArgs,
+    /// Recompute every stage from staging, even those whose inputs did not
+    /// change since the current run (by default their outputs are taken
+    /// from it).
+    #[arg(long)]
+    pub(crate) full: bool,
 }
 
 /// The measurement period; default: the config's, else the previous calendar year.

@@ -10,7 +10,7 @@ use ward::settings::Settings;
 use ward::{IngestOptions, WardError};
 
 use crate::args::{
-    ConformanceArgs, LinkArgs, MeasureArgs, PeriodArgs, ValidateArgs, ValuesetsAction,
+    ConformanceArgs, LinkArgs, MeasureArgs, PeriodArgs, RunArgs, ValidateArgs, ValuesetsAction,
 };
 use crate::print::{self, announce_warnings};
 use crate::{Bar, EXIT_FAILED, EXIT_MISMATCH, progress_bar};
@@ -382,14 +382,26 @@ pub(crate) fn measure(
 }
 
 /// `ward run`: every stage, published as one run (it takes the lock itself).
-pub(crate) fn run(settings: &Settings, args: &PeriodArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(settings: &Settings, args: &RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let config = &settings.config;
     apply_group(settings)?;
-    let period = period(settings, args)?;
+    let period = period(settings, &args.period)?;
+    let rebuild = match args.full {
+        true => ward::runs::Rebuild::Full,
+        false => ward::runs::Rebuild::Incremental,
+    };
     let key = deid_key(settings)?;
     let opts = ingest_options(settings, None);
     let progress = Bar(progress_bar(quiet, "ingest", "files"));
-    let run = ward::run(config, &opts, &settings.queries, period, &key, &progress)?;
+    let run = ward::run(
+        config,
+        &opts,
+        &settings.queries,
+        period,
+        &key,
+        rebuild,
+        &progress,
+    )?;
     progress.0.finish_and_clear();
     if !quiet {
         print::print_summary(&run.ingest, false, 0);

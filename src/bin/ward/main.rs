@@ -89,7 +89,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Deid => commands::deid(&settings()?, quiet),
         Command::Link(args) => commands::link(&settings()?, args, quiet),
         Command::Measure(args) => commands::measure(&settings()?, args, quiet),
-        Command::Run(period) => commands::run(&settings()?, period, quiet),
+        Command::Run(args) => commands::run(&settings()?, args, quiet),
         Command::Ingest => commands::ingest(&settings()?, None, quiet),
         Command::Validate(args) => commands::ingest(&settings()?, Some(args), quiet),
     }

@@ -61,6 +61,18 @@ pub(crate) fn print_run(run: &ward::RunReport) {
         run.report_dir.join("phi").display()
     );
     print_deid(&run.research);
+    let stages = &run.manifest.stages;
+    if let Some(from) = stages.iter().find_map(|s| s.reused_from.as_deref()) {
+        let reused: Vec<&str> = stages
+            .iter()
+            .filter(|s| s.reused_from.is_some())
+            .map(|s| s.stage.as_str())
+            .collect();
+        println!(
+            "inputs unchanged since run {from}; its outputs were taken for: {} (`ward run --full` recomputes them)",
+            reused.join(", ")
+        );
+    }
     for w in &run.manifest.warnings {
         println!("warning: {w}");
     }

@@ -1,0 +1,253 @@
+//! Incremental nights: a stage whose inputs did not change takes the
+//! current run's outputs, and what such a night publishes is exactly what
+//! a full rebuild (`ward run --full`) publishes.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use ward::PipelineConfig;
+use ward::runs::Rebuild;
+
+use crate::common::{copy_sample, read_parquet, run_all, run_with, text, ward};
+
+/// Everything a run derived from staging, by file: Parquet files as their
+/// sorted rows (with the column names first), other files as text. The
+/// reports are left out: they name the run.
+fn derived(run_dir: &Path) -> BTreeMap<String, Vec<String>> {
+    let mut out = BTreeMap::new();
+    for sub in ["core", "marts", "research"] {
+        let dir = run_dir.join(sub);
+        for entry in walkdir(&dir) {
+            let rel = entry
+                .strip_prefix(run_dir)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let content = if rel.ends_with(".parquet") {
+                let batches = read_parquet(&entry);
+                let mut rows: Vec<String> = Vec::new();
+                for b in &batches {
+                    let cols: Vec<ArrayFormatter> = b
+                        .columns()
+                        .iter()
+                        .map(|c| ArrayFormatter::try_new(c.as_ref(), &FormatOptions::default()))
+                        .collect::<Result<_, _>>()
+                        .unwrap();
+                    for i in 0..b.num_rows() {
+                        let row: Vec<String> =
+                            cols.iter().map(|c| c.value(i).to_string()).collect();
+                        rows.push(row.join("|"));
+                    }
+                }
+                rows.sort();
+                let names = batches.first().map(|b| {
+                    b.schema()
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().clone())
+                        .collect::<Vec<_>>()
+                        .join("|")
+                });
+                names.into_iter().chain(rows).collect()
+            } else {
+                vec![fs::read_to_string(&entry).unwrap()]
+            };
+            out.insert(rel, content);
+        }
+    }
+    out
+}
+
+/// Every file under `dir`, recursively.
+fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walkdir(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// The stages of a run that took their outputs from another run.
+fn reused(run: &ward::RunReport) -> BTreeMap<String, String> {
+    run.manifest
+        .stages
+        .iter()
+        .filter_map(|s| Some((s.stage.clone(), s.reused_from.clone()?)))
+        .collect()
+}
+
+fn stages(names: &[&str], from: &str) -> BTreeMap<String, String> {
+    names
+        .iter()
+        .map(|s| (s.to_string(), from.to_string()))
+        .collect()
+}
+
+/// The measures' counts, the summary and the data-quality counts of a run.
+fn figures(run: &ward::RunReport) -> (Vec<ward::measure::Counts>, String, Vec<(String, u64, u64)>) {
+    (
+        run.measures.iter().map(|m| m.counts).collect(),
+        format!("{:?}", run.summary),
+        run.dq
+            .iter()
+            .map(|r| (format!("{}/{}", r.source, r.check), r.violating, r.checked))
+            .collect(),
+    )
+}
+
+#[test]
+fn an_unchanged_night_takes_every_stage_and_publishes_what_a_full_rebuild_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = PipelineConfig::load(&copy_sample(tmp.path())).unwrap();
+    let first = run_all(&config);
+    assert!(
+        reused(&first).is_empty(),
+        "nothing to take on a first night"
+    );
+    for stage in [
+        "link",
+        "build",
+        "build.observation",
+        "dq",
+        "measures",
+        "deid",
+    ] {
+        assert!(first.manifest.fingerprints.contains_key(stage), "{stage}");
+    }
+
+    let second = run_all(&config);
+    assert_eq!(
+        reused(&second),
+        stages(&["link", "build", "dq", "measures", "deid"], &first.run_id)
+    );
+    assert_eq!(second.manifest.fingerprints, first.manifest.fingerprints);
+    // Taken files are the first run's own, byte for byte.
+    let taken = |run: &ward::RunReport| -> Vec<(String, String)> {
+        run.manifest
+            .outputs
+            .iter()
+            .filter(|o| !o.path.starts_with("reports/") && o.path != "history.json")
+            .map(|o| (o.path.clone(), o.sha256.clone()))
+            .collect()
+    };
+    assert_eq!(taken(&second), taken(&first));
+    assert_eq!(figures(&second), figures(&first));
+    assert_eq!(second.research.tables, first.research.tables);
+    // The reports are the second run's own: judged, dated and named anew.
+    assert!(second.report_dir.ends_with(&second.run_id));
+    assert!(second.dq.iter().all(|r| r.new_checked == 0));
+    // (History is JSON: a rate comes back within a rounding of its last bit.)
+    for r in second.dq.iter().filter(|r| r.rate_pct.is_some()) {
+        let (baseline, rate) = (r.baseline_pct.unwrap(), r.rate_pct.unwrap());
+        assert!(
+            (baseline - rate).abs() < 1e-9,
+            "{}/{}: the second night's baseline {baseline} is the first night's rate {rate}",
+            r.source,
+            r.check
+        );
+    }
+
+    let full = run_with(&config, Rebuild::Full);
+    assert!(reused(&full).is_empty(), "--full takes nothing");
+    assert_eq!(full.manifest.fingerprints, first.manifest.fingerprints);
+    assert_eq!(derived(&full.run_dir), derived(&second.run_dir));
+    assert_eq!(figures(&full), figures(&second));
+}
+
+#[test]
+fn new_facts_keep_the_linkage_and_rebuild_the_rest_as_a_full_rebuild_would() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = PipelineConfig::load(&copy_sample(tmp.path())).unwrap();
+    let first = run_all(&config);
+    // One more HbA1c of a patient the clinic already sent, in the period.
+    let results = tmp.path().join("sample_data/northside_clinic/results.csv");
+    let mut text_ = fs::read_to_string(&results).unwrap();
+    text_.push_str(
+        "AAE000000020R99,AA0000002,AAE000000020,05/03/2025 12:50,4548-4,Hemoglobin A1c,9.8,%\n",
+    );
+    fs::write(&results, text_).unwrap();
+
+    let second = run_all(&config);
+    assert_eq!(reused(&second), stages(&["link"], &first.run_id));
+    // Only the observations are built again.
+    let build = &second.manifest.stages[2];
+    assert_eq!(build.stage, "build");
+    let mut tables: Vec<&str> = ward::link::build::fact_tables().map(|t| t.name()).collect();
+    tables.retain(|t| *t != "observation");
+    assert_eq!(build.reused_tables, tables);
+    let fp = |run: &ward::RunReport, stage: &str| run.manifest.fingerprints[stage].clone();
+    assert_eq!(fp(&second, "link"), fp(&first, "link"));
+    for stage in ["build", "dq", "measures", "deid"] {
+        assert_ne!(fp(&second, stage), fp(&first, stage), "{stage}");
+    }
+    assert_eq!(
+        second.manifest.core["observation"],
+        first.manifest.core["observation"] + 1
+    );
+
+    let full = run_with(&config, Rebuild::Full);
+    assert_eq!(derived(&full.run_dir), derived(&second.run_dir));
+    assert_eq!(figures(&full), figures(&second));
+}
+
+#[test]
+fn an_output_changed_since_its_run_is_computed_again_not_taken() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = PipelineConfig::load(&copy_sample(tmp.path())).unwrap();
+    let first = run_all(&config);
+    let person = first.run_dir.join("core/person.parquet");
+    let mut bytes = fs::read(&person).unwrap();
+    bytes.push(0);
+    fs::write(&person, bytes).unwrap();
+
+    let second = run_all(&config);
+    let warning = second
+        .manifest
+        .warnings
+        .iter()
+        .find(|w| w.starts_with("stage link: the outputs of run"))
+        .expect("a warning names the stage and the file");
+    assert!(
+        warning.contains("person.parquet")
+            && warning.contains("differs from what its run's manifest recorded"),
+        "{warning}"
+    );
+    // Linkage and the core are computed; what reads them is unchanged.
+    assert_eq!(
+        reused(&second),
+        stages(&["dq", "measures", "deid"], &first.run_id)
+    );
+    let full = run_with(&config, Rebuild::Full);
+    assert_eq!(derived(&full.run_dir), derived(&second.run_dir));
+}
+
+#[test]
+fn the_cli_says_what_it_took_and_full_takes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = copy_sample(tmp.path());
+    let run = |args: &[&str]| {
+        let out = ward(
+            tmp.path(),
+            &[&["--config", config.to_str().unwrap()], args].concat(),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let first = run(&["run"]);
+    assert!(!first.contains("inputs unchanged"), "{first}");
+    let second = run(&["run"]);
+    assert!(
+        second.contains("inputs unchanged since run")
+            && second.contains("link, build, dq, measures"),
+        "{second}"
+    );
+    let full = run(&["run", "--full"]);
+    assert!(!full.contains("inputs unchanged"), "{full}");
+}

@@ -743,13 +743,22 @@ pub fn run(
 ) -> Result<Vec<MeasureResult>> {
     crate::engine::block_on(async {
         // One session per library version, in the order measures need them.
+        // Their value-set memberships are computed once, for all of them.
+        let mut shared = session::Shared::new(warehouse)?;
         let mut sessions: Vec<(&str, datafusion::prelude::SessionContext)> = Vec::new();
         let mut results = Vec::new();
         for def in defs {
             let i = match sessions.iter().position(|(l, _)| *l == def.library()) {
                 Some(i) => i,
                 None => {
-                    let ctx = session::session(warehouse, queries, period, def.library()).await?;
+                    let ctx = session::session(
+                        warehouse,
+                        queries,
+                        period,
+                        def.library(),
+                        Some(&mut shared),
+                    )
+                    .await?;
                     sessions.push((def.library(), ctx));
                     sessions.len() - 1
                 }
@@ -772,7 +781,7 @@ pub fn run(
 /// per person and provider with the report strata.
 pub fn strata(warehouse: &Warehouse, queries: &Path, period: Period) -> Result<Vec<RecordBatch>> {
     crate::engine::block_on(async {
-        let ctx = session::session(warehouse, queries, period, DEFAULT_LIBRARY).await?;
+        let ctx = session::session(warehouse, queries, period, DEFAULT_LIBRARY, None).await?;
         crate::engine::collect_about(
             &ctx,
             "SELECT person_id, provider, age_band, sex, race, ethnicity, state, zip3, payer \
@@ -796,7 +805,7 @@ pub fn care_gaps(
         return Ok(Vec::new());
     };
     crate::engine::block_on(async {
-        let ctx = session::session(warehouse, queries, first.period, DEFAULT_LIBRARY).await?;
+        let ctx = session::session(warehouse, queries, first.period, DEFAULT_LIBRARY, None).await?;
         let link = warehouse.out().join("core").join("person_link.parquet");
         crate::engine::register_parquet(
             &ctx,

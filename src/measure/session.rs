@@ -37,10 +37,16 @@ use chrono::{Datelike, NaiveDate};
 use datafusion::arrow::array::{
     Array, ArrayRef, Date32Array, Int32Array, Int64Array, RecordBatch, StringArray,
 };
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::csv::CsvFormat;
-use datafusion::datasource::listing::ListingOptions;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::DFParser;
@@ -60,12 +66,15 @@ CASE WHEN clinical_status IS NULL OR clinical_status IN ('active', 'recurrence',
 THEN coalesce(abatement_date, DATE '9999-12-31') ELSE abatement_date END";
 
 /// Builds the session for one measurement period over the warehouse's
-/// tables, with everything [`install`] adds.
+/// tables, with everything [`install`] adds. With `shared`, the value-set
+/// memberships are the tables [`Shared`] holds (written by the first
+/// session that uses it) instead of views evaluated by every query.
 pub(crate) async fn session(
     warehouse: &Warehouse,
     queries: &Path,
     period: Period,
     library: &str,
+    shared: Option<&mut Shared>,
 ) -> Result<SessionContext> {
     let ctx = crate::engine::session(SessionConfig::new().with_information_schema(true));
     crate::engine::register_staging(&ctx, warehouse).await?;
@@ -90,7 +99,11 @@ pub(crate) async fn session(
             .map_err(|e| WardError::data("registering table", &path, e))?;
         }
     }
-    install(&ctx, queries, period, library, linked).await?;
+    install_base(&ctx, queries, period, linked).await?;
+    if let Some(shared) = shared {
+        shared.install(&ctx, queries).await?;
+    }
+    install_lib(&ctx, queries, library).await?;
     Ok(ctx)
 }
 
@@ -106,6 +119,18 @@ pub async fn install(
     queries: &Path,
     period: Period,
     library: &str,
+    linked: bool,
+) -> Result<()> {
+    install_base(ctx, queries, period, linked).await?;
+    install_lib(ctx, queries, library).await
+}
+
+/// The value sets, `period`, the UDFs and the views of every canonical
+/// table (see [`install`]).
+async fn install_base(
+    ctx: &SessionContext,
+    queries: &Path,
+    period: Period,
     linked: bool,
 ) -> Result<()> {
     register_valuesets(ctx, &queries.join("valuesets")).await?;
@@ -164,7 +189,11 @@ pub async fn install(
     for view in views {
         execute(ctx, &view, queries).await?;
     }
+    Ok(())
+}
 
+/// The views of `queries/lib/*.sql`, then of `queries/lib/<library>/`.
+async fn install_lib(ctx: &SessionContext, queries: &Path, library: &str) -> Result<()> {
     let lib = queries.join("lib");
     for dir in [lib.clone(), lib.join(library)] {
         if !dir.is_dir() {
@@ -175,6 +204,133 @@ pub async fn install(
         }
     }
     Ok(())
+}
+
+/// Value-set membership computed once per measure run and shared by all its
+/// sessions: every `<table>_vs` and `<table>_reason_vs` view that the SQL
+/// of `queries/` names is written once to Parquet, one folder per value set
+/// (Hive style, `valueset=<oid>/`), and read back in the view's place. A
+/// measure then reads only the facts of the value sets it names, instead of
+/// every reference unnesting every coding of the table and joining it to
+/// every value set again. The files live in a scratch directory under the
+/// warehouse's `.tmp/`, removed when this is dropped.
+pub(crate) struct Shared {
+    dir: tempfile::TempDir,
+    /// The memberships written (view, value-set column, schema); `None`
+    /// until the first session writes them.
+    written: Option<Vec<(String, &'static str, SchemaRef)>>,
+}
+
+impl Shared {
+    /// An empty scratch directory under `<warehouse>/.tmp/`.
+    pub(crate) fn new(warehouse: &Warehouse) -> Result<Shared> {
+        let parent = warehouse.root().join(".tmp");
+        std::fs::create_dir_all(&parent).map_err(|e| WardError::io("cannot create", &parent, e))?;
+        let dir = tempfile::Builder::new()
+            .prefix("measures-")
+            .tempdir_in(&parent)
+            .map_err(|e| WardError::io("cannot create a scratch directory in", &parent, e))?;
+        Ok(Shared { dir, written: None })
+    }
+
+    /// Replaces the membership views of `ctx` (whose base views are
+    /// installed) by the shared tables, writing them first if no session
+    /// has yet.
+    async fn install(&mut self, ctx: &SessionContext, queries: &Path) -> Result<()> {
+        if self.written.is_none() {
+            let sql = sql_text(queries)?;
+            let mut written = Vec::new();
+            for table in Table::ALL {
+                let name = table.name();
+                let views = [
+                    (table.column("codings"), format!("{name}_vs"), "valueset"),
+                    (
+                        table.column("reasons"),
+                        format!("{name}_reason_vs"),
+                        "reason_valueset",
+                    ),
+                ];
+                for (_, view, column) in views
+                    .into_iter()
+                    .filter(|(c, v, _)| c.is_some() && sql.contains(v))
+                {
+                    let out = self.dir.path().join(&view);
+                    let err = |e: DataFusionError| {
+                        WardError::data("computing value-set membership", &out, e)
+                    };
+                    let df = ctx.table(view.as_str()).await.map_err(err)?;
+                    let schema = Arc::new(df.schema().as_arrow().clone());
+                    df.write_parquet(
+                        &format!("{}/", out.display()),
+                        DataFrameWriteOptions::new().with_partition_by(vec![column.to_string()]),
+                        None,
+                    )
+                    .await
+                    .map_err(err)?;
+                    written.push((view, column, schema));
+                }
+            }
+            self.written = Some(written);
+        }
+        for (view, column, schema) in self.written.iter().flatten() {
+            let dir = self.dir.path().join(view);
+            let err = |e: DataFusionError| WardError::data("reading value-set membership", &dir, e);
+            ctx.deregister_table(view.as_str()).map_err(err)?;
+            let empty = !dir.exists() || crate::warehouse::parquet_files(&dir)?.is_empty();
+            if empty {
+                let table = MemTable::try_new(schema.clone(), vec![vec![]]).map_err(err)?;
+                ctx.register_table(view.as_str(), Arc::new(table))
+                    .map_err(err)?;
+                continue;
+            }
+            // The files hold every column but the value set, which their
+            // folder names.
+            let files = Schema::new(
+                schema
+                    .fields()
+                    .iter()
+                    .filter(|f| f.name() != column)
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            );
+            let kind = schema
+                .field_with_name(column)
+                .map_err(|e| err(e.into()))?
+                .data_type()
+                .clone();
+            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+                .with_file_extension(".parquet")
+                .with_table_partition_cols(vec![(column.to_string(), kind)]);
+            let url = ListingTableUrl::parse(format!("{}/", dir.display())).map_err(err)?;
+            let config = ListingTableConfig::new(url)
+                .with_listing_options(options)
+                .with_schema(Arc::new(files));
+            let table = ListingTable::try_new(config).map_err(err)?;
+            ctx.register_table(view.as_str(), Arc::new(table))
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+/// The text of every `.sql` file under `dir`, lower-cased.
+fn sql_text(dir: &Path) -> Result<String> {
+    let mut text = String::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| WardError::io("cannot read", dir, e))?;
+    for entry in entries {
+        let path = entry
+            .map_err(|e| WardError::io("cannot read", dir, e))?
+            .path();
+        if path.is_dir() {
+            text.push_str(&sql_text(&path)?);
+        } else if path.extension().is_some_and(|x| x == "sql") {
+            let sql = std::fs::read_to_string(&path)
+                .map_err(|e| WardError::io("cannot read", &path, e))?;
+            text.push_str(&sql.to_lowercase());
+            text.push('\n');
+        }
+    }
+    Ok(text)
 }
 
 /// The `.sql` files of a library folder with their text, in load order:

@@ -1134,3 +1134,80 @@ fn run_on_the_sample_writes_every_measure() {
         }
     }
 }
+
+/// A run's value-set memberships (`<table>_vs`) are computed once and read
+/// back by value set; what a measure sees through them is what the plain
+/// join of codings and value sets gives, whatever characters a value set's
+/// name holds.
+#[test]
+fn shared_value_set_membership_is_the_join_it_replaces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = ward::PipelineConfig::load(&copy_sample(tmp.path())).unwrap();
+    let run = run_all(&config);
+    let q = tmp.path().join("q");
+    copy_dir(&queries().join("valuesets"), &q.join("valuesets"));
+    // The diabetes value set again, under a name with a slash, a space, an
+    // equals and a percent sign (a path separator and escapes in a folder).
+    let odd = "urn:x/odd set=%1";
+    let diabetes = fs::read_to_string(
+        queries().join("valuesets/2.16.840.1.113883.3.464.1003.103.12.1001.csv"),
+    )
+    .unwrap();
+    fs::write(
+        q.join("valuesets/odd.csv"),
+        diabetes.replace("2.16.840.1.113883.3.464.1003.103.12.1001", odd),
+    )
+    .unwrap();
+    fs::create_dir_all(q.join("measures")).unwrap();
+    let toml = |id: &str| {
+        format!(
+            "id = \"{id}\"\ntitle = \"{id}\"\nsteward = \"test\"\nscoring = \"proportion\"\nimprovement = \"increase\"\ndescription = \"{id}\"\n"
+        )
+    };
+    // Everyone with a condition; numerator: in the value set.
+    let select = "SELECT p.person_id, true AS initial_population, true AS denominator, \
+                  false AS denominator_exclusion, \
+                  m.person_id IS NOT NULL AS numerator \
+                  FROM (SELECT DISTINCT person_id FROM condition) p \
+                  LEFT JOIN (SELECT DISTINCT person_id FROM member) m ON m.person_id = p.person_id";
+    for (id, member) in [
+        (
+            "SHARED",
+            format!("SELECT person_id FROM condition_vs WHERE valueset = '{odd}'"),
+        ),
+        (
+            "JOINED",
+            format!(
+                "SELECT c.person_id FROM condition_coding c JOIN valueset_code v \
+                 ON v.code_system = c.coding_system AND v.code = c.coding_code \
+                 WHERE v.valueset = '{odd}'"
+            ),
+        ),
+    ] {
+        let file = id.to_lowercase();
+        fs::write(q.join(format!("measures/{file}.toml")), toml(id)).unwrap();
+        fs::write(
+            q.join(format!("measures/{file}.sql")),
+            format!("WITH member AS ({member}) {select}"),
+        )
+        .unwrap();
+    }
+    let defs = measure::catalog(&q).unwrap();
+    let all: Vec<&measure::MeasureDef> = defs.iter().collect();
+    let wh = Warehouse::new(&config.warehouse).with_output(&run.run_dir);
+    let results = measure::run(&wh, &q, &all, period_2025()).unwrap();
+    let (joined, shared) = (&results[0], &results[1]);
+    assert_eq!(
+        (joined.def.id.as_str(), shared.def.id.as_str()),
+        ("JOINED", "SHARED")
+    );
+    assert!(shared.counts.numerator > 0, "{:?}", shared.counts);
+    assert!(shared.counts.numerator < shared.counts.denominator);
+    assert_eq!(shared.memberships(), joined.memberships());
+    // The scratch copies are gone with the run.
+    let tmp_dir = config.warehouse.join(".tmp");
+    let left: Vec<_> = fs::read_dir(&tmp_dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.file_name())).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -16,6 +16,8 @@
 //! - `<table>_vs`: the rows of `<table>_coding` whose coding is in a value
 //!   set (column `valueset`, an OID). A fact appears once per matching
 //!   coding, so test membership with `EXISTS`/`MIN`/`MAX`, never `COUNT(*)`.
+//!   [`crate::measure::run`] computes these once for all its measures
+//!   (see [`Shared`]).
 //! - `<table>_reason` for every table with `reasons` (why a fact was or
 //!   was not done): one row per reason (`reason_system`, `reason_code`);
 //!   `<table>_reason_vs` adds `reason_valueset`, an OID the reason is in.

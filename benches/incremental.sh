@@ -42,7 +42,7 @@ night unchanged-full --full
 # 1 % of all rows, as new results of the first EMR-A provider: copies of
 # its first results with new ids, one minute later.
 python3 - "$work/data" <<'PY'
-import glob, os, sys
+import csv, glob, os, re, sys
 data = sys.argv[1]
 total = 0
 for path in glob.glob(os.path.join(data, "*", "*")):
@@ -51,18 +51,21 @@ for path in glob.glob(os.path.join(data, "*", "*")):
             total += sum(1 for _ in f) - (0 if path.endswith(".ndjson") else 1)
 results = sorted(glob.glob(os.path.join(data, "*", "results.csv")))[0]
 want = total // 100
-with open(results) as f:
-    header, *rows = f.read().splitlines()
+with open(results, newline="") as f:
+    reader = csv.reader(f)
+    header = next(reader)
+    rows = [r for _, r in zip(range(want), reader)]
 new = []
-for i, row in enumerate(rows[:want]):
-    cols = row.split(",")
+for i, cols in enumerate(rows):
     cols[0] = f"{cols[0]}N{i}"
-    day, clock = cols[3].split(" ")
-    h, m = clock.split(":")
-    cols[3] = f"{day} {h}:{(int(m) + 1) % 60:02d}"
-    new.append(",".join(cols))
-with open(results, "a") as f:
-    f.write("\n".join(new) + "\n")
+    # One minute later where the time is "MM/DD/YYYY HH:MM" (the generator
+    # also writes bad values on purpose: those stay as they are).
+    m = re.fullmatch(r"(\S+) (\d\d):(\d\d)", cols[3])
+    if m:
+        cols[3] = f"{m[1]} {m[2]}:{(int(m[3]) + 1) % 60:02d}"
+    new.append(cols)
+with open(results, "a", newline="") as f:
+    csv.writer(f, lineterminator="\n").writerows(new)
 print(f"appended {len(new)} results to {results} ({total} rows in all)", file=sys.stderr)
 PY
 night facts

@@ -53,6 +53,8 @@ pub struct PipelineConfig {
     pub deid: DeidConfig,
     /// Data-quality drift settings (`[dq]`).
     pub dq: crate::dq::DqOptions,
+    /// The research endpoint, `ward serve` (`[serve]`).
+    pub serve: crate::serve::ServeConfig,
 }
 
 #[derive(Deserialize)]
@@ -70,7 +72,24 @@ struct RawConfig {
     gates: Option<Spanned<RawGates>>,
     dq: Option<Spanned<RawDq>>,
     deid: Option<Spanned<RawDeid>>,
+    serve: Option<Spanned<RawServe>>,
     sources: Option<Spanned<Vec<RawSource>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServe {
+    listen: Option<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    insecure: Option<bool>,
+    tokens: Option<String>,
+    audit_log: Option<String>,
+    max_concurrent: Option<usize>,
+    max_queued: Option<usize>,
+    memory_limit: Option<String>,
+    timeout: Option<String>,
+    min_cell: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -253,6 +272,7 @@ impl PipelineConfig {
             .map(|g| file.warehouse_group(g))
             .transpose()?;
         let queries = raw.queries.map(|q| file.queries(q)).transpose()?;
+        let serve = file.serve(raw.serve, &warehouse)?;
 
         Ok(PipelineConfig {
             path: path.to_path_buf(),
@@ -268,6 +288,7 @@ impl PipelineConfig {
             sources,
             deid,
             dq,
+            serve,
         })
     }
 }
@@ -309,6 +330,70 @@ impl ConfigFile<'_> {
             Some(n) if n < N::from(1) => Err(self.err(span, key, "must be at least 1".into())),
             other => Ok(other),
         }
+    }
+
+    /// `[serve]`: every key optional (see [`crate::serve::ServeConfig`]);
+    /// TLS needs both files, or `insecure = true` says plaintext is meant.
+    fn serve(
+        &self,
+        raw: Option<Spanned<RawServe>>,
+        warehouse: &Path,
+    ) -> Result<crate::serve::ServeConfig> {
+        let mut c = crate::serve::ServeConfig::defaults(warehouse);
+        let Some(raw) = raw else {
+            return Ok(c);
+        };
+        let span = raw.span();
+        let r = raw.into_inner();
+        let err = |key: &str, message: String| self.err(span.clone(), key, message);
+        if let Some(listen) = r.listen {
+            c.listen = listen.parse().map_err(|_| {
+                err(
+                    "serve.listen",
+                    format!("`{listen}` is not an address such as 127.0.0.1:32010"),
+                )
+            })?;
+        }
+        c.tls = match (r.tls_cert, r.tls_key) {
+            (Some(cert), Some(key)) => Some((self.base.join(cert), self.base.join(key))),
+            (None, None) => None,
+            _ => {
+                return Err(err(
+                    "serve.tls_cert",
+                    "tls_cert and tls_key go together".into(),
+                ));
+            }
+        };
+        c.insecure = r.insecure.unwrap_or(false);
+        if c.insecure && c.tls.is_some() {
+            return Err(err(
+                "serve.insecure",
+                "insecure = true with a TLS certificate: choose one".into(),
+            ));
+        }
+        if let Some(t) = r.tokens {
+            c.tokens = self.base.join(t);
+        }
+        if let Some(a) = r.audit_log {
+            c.audit_log = self.base.join(a);
+        }
+        if let Some(n) =
+            self.at_least_one(span.clone(), r.max_concurrent, "serve.max_concurrent")?
+        {
+            c.max_concurrent = n;
+        }
+        if let Some(n) = r.max_queued {
+            c.max_queued = n;
+        }
+        if let Some(m) = r.memory_limit {
+            c.memory_limit =
+                crate::query::parse_size(&m).map_err(|e| err("serve.memory_limit", e))?;
+        }
+        if let Some(t) = r.timeout {
+            c.timeout = crate::query::parse_duration(&t).map_err(|e| err("serve.timeout", e))?;
+        }
+        c.min_cell = r.min_cell;
+        Ok(c)
     }
 
     /// `[[sources]]`: at least one, names usable as directory names and
@@ -803,6 +888,50 @@ mapping = "map.toml"
                     assert!(message.contains(needle), "{message}");
                 }
                 other => panic!("unexpected {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_serve_section_defaults_resolves_and_locates_mistakes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "ward.toml", GOOD);
+        let c = PipelineConfig::load(&p).unwrap().serve;
+        assert_eq!(c.listen.to_string(), "127.0.0.1:32010");
+        assert!(c.tls.is_none() && !c.insecure);
+        assert_eq!(c.tokens, dir.path().join("wh/serve/tokens.json"));
+        let text = format!(
+            "{GOOD}\n[serve]\nlisten = \"0.0.0.0:9000\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n\
+             max_concurrent = 2\nmemory_limit = \"1G\"\ntimeout = \"90s\"\nmin_cell = 11\n"
+        );
+        let c = PipelineConfig::load(&write(dir.path(), "ward.toml", &text))
+            .unwrap()
+            .serve;
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(
+            c.tls,
+            Some((dir.path().join("c.pem"), dir.path().join("k.pem")))
+        );
+        assert_eq!((c.max_concurrent, c.memory_limit), (2, 1 << 30));
+        assert_eq!((c.timeout.as_secs(), c.min_cell), (90, Some(11)));
+        for (serve, needle) in [
+            ("listen = \"localhost\"", "not an address"),
+            ("tls_cert = \"c.pem\"", "go together"),
+            (
+                "insecure = true\ntls_cert = \"c\"\ntls_key = \"k\"",
+                "choose one",
+            ),
+            ("max_concurrent = 0", "at least 1"),
+            ("memory_limit = \"lots\"", "not a size"),
+            ("timeout = \"0s\"", "at least one second"),
+            ("port = 1", "unknown field"),
+        ] {
+            let text = format!("{GOOD}\n[serve]\n{serve}\n");
+            match PipelineConfig::load(&write(dir.path(), "ward.toml", &text)).unwrap_err() {
+                WardError::Config { message, .. } => {
+                    assert!(message.contains(needle), "{serve}: {message}")
+                }
+                other => panic!("{serve}: unexpected {other}"),
             }
         }
     }

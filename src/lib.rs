@@ -31,6 +31,7 @@ pub mod reads;
 pub mod report;
 pub mod runs;
 pub mod schema;
+pub mod serve;
 pub mod settings;
 mod tomlfile;
 pub mod valuesets;

@@ -61,7 +61,19 @@ pub struct QueryOptions {
     /// The query fails when it has not finished after this long (planning,
     /// execution and collecting the result). `None`: no limit.
     pub timeout: Option<Duration>,
+    /// The research tables this query may read (by name); the others are
+    /// neither accepted by the check nor registered in the session.
+    /// `None`: all of them.
+    pub tables: Option<Vec<String>>,
 }
+
+/// The catalog the research tables are registered in: a table is
+/// `observation`, `research.observation` or `ward.research.observation`
+/// (the qualified forms are what SQL clients generate from the metadata
+/// `ward serve` reports).
+pub const CATALOG: &str = "ward";
+/// The schema of the research tables in [`CATALOG`].
+pub const SCHEMA: &str = "research";
 
 /// `ward query`'s default time limit.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
@@ -200,6 +212,8 @@ struct Check<'a> {
     tables: &'a [String],
     /// The CTE names seen so far.
     ctes: Vec<String>,
+    /// The research tables read.
+    read: Vec<String>,
 }
 impl Visitor for Check<'_> {
     type Break = String;
@@ -221,14 +235,36 @@ impl Visitor for Check<'_> {
                 if args.is_some() {
                     return ControlFlow::Break(format!("table functions are not allowed ({name})"));
                 }
-                let ident = match name.0.as_slice() {
-                    [part] => part.as_ident(),
+                let parts: Option<Vec<_>> = name.0.iter().map(|p| p.as_ident()).collect();
+                let plain = |i: &&datafusion::sql::sqlparser::ast::Ident| {
+                    i.quote_style.is_none_or(|q| q == '"')
+                };
+                let known = match parts.as_deref() {
+                    // A CTE of the query or a research table.
+                    Some([table]) if plain(table) => Some(normalize(table))
+                        .filter(|n| self.tables.contains(n) || self.ctes.contains(n)),
+                    // research.table, ward.research.table.
+                    Some(qualified @ ([_, _] | [_, _, _])) if qualified.iter().all(plain) => {
+                        let names: Vec<String> = qualified.iter().map(|i| normalize(i)).collect();
+                        let prefix_ok = match names.as_slice() {
+                            [schema, _] => schema == SCHEMA,
+                            [catalog, schema, _] => catalog == CATALOG && schema == SCHEMA,
+                            _ => false,
+                        };
+                        names
+                            .last()
+                            .cloned()
+                            .filter(|n| prefix_ok && self.tables.contains(n))
+                    }
                     _ => None,
                 };
-                let known = ident.map(normalize).filter(|n| {
-                    ident.is_some_and(|i| i.quote_style.is_none_or(|q| q == '"'))
-                        && (self.tables.contains(n) || self.ctes.contains(n))
-                });
+                if let Some(table) = &known
+                    && self.tables.contains(table)
+                    && !(matches!(parts.as_deref(), Some([_])) && self.ctes.contains(table))
+                    && !self.read.contains(table)
+                {
+                    self.read.push(table.clone());
+                }
                 if known.is_none() {
                     return ControlFlow::Break(format!(
                         "{name} is not a research table (tables: {})",
@@ -271,8 +307,8 @@ impl Visitor for Check<'_> {
 }
 
 /// Checks that `sql` is one read-only query over `tables` (layer 1 of the
-/// module documentation).
-pub fn check(sql: &str, tables: &[String]) -> Result<()> {
+/// module documentation); returns the tables it reads, sorted.
+pub fn check(sql: &str, tables: &[String]) -> Result<Vec<String>> {
     check_size(sql)?;
     let statements = DFParserBuilder::new(sql)
         .with_recursion_limit(MAX_QUERY_DEPTH)
@@ -319,10 +355,14 @@ pub fn check(sql: &str, tables: &[String]) -> Result<()> {
     let mut check = Check {
         tables,
         ctes: Vec::new(),
+        read: Vec::new(),
     };
     match query.visit(&mut check) {
         ControlFlow::Break(message) => Err(refused(message)),
-        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Continue(()) => {
+            check.read.sort();
+            Ok(check.read)
+        }
     }
 }
 
@@ -386,41 +426,110 @@ fn normalize(i: &datafusion::sql::sqlparser::ast::Ident) -> String {
 
 /// Runs one read-only query over the research tables of `research_dir`;
 /// refuses anything else without executing it (see the module
-/// documentation).
+/// documentation). The result is held in memory and counts against the
+/// query's memory limit.
 ///
 /// The query is planned on a thread of its own with a large stack, and runs
 /// at most `opts.timeout`; a panic inside the engine is reported as an
 /// error, never propagated.
 pub fn query(research_dir: &Path, sql: &str, opts: &QueryOptions) -> Result<QueryOutput> {
-    let tables = research_tables(research_dir)?;
+    let mut batches = Vec::new();
+    let ran = on_query_thread(research_dir, sql, opts, Sink::Collect(&mut batches))?;
+    Ok(QueryOutput {
+        schema: ran.schema,
+        batches,
+        count_columns: ran.count_columns,
+        suppressed_cells: ran.suppressed_cells,
+    })
+}
+
+/// One step of a result that [`query_each`] hands on.
+#[derive(Debug)]
+pub enum QueryEvent {
+    /// First, once: the result's schema (count columns nullable when small
+    /// counts are suppressed) and the columns treated as counts.
+    Schema {
+        schema: SchemaRef,
+        count_columns: Vec<String>,
+    },
+    /// Rows, as the engine produces them, small counts already suppressed.
+    Batch(RecordBatch),
+}
+
+/// [`query`] with the same checks and limits, handing the result on batch
+/// by batch instead of holding it (`ward serve` streams it to a client):
+/// `each` receives the schema, then every batch; when it returns `false`
+/// the query stops there (nothing is executed when that is the schema's
+/// answer: planning only). Returns how many count cells were suppressed.
+pub fn query_each(
+    research_dir: &Path,
+    sql: &str,
+    opts: &QueryOptions,
+    each: &mut (dyn FnMut(QueryEvent) -> bool + Send),
+) -> Result<u64> {
+    on_query_thread(research_dir, sql, opts, Sink::Each(each)).map(|r| r.suppressed_cells)
+}
+
+/// Where a query's batches go.
+enum Sink<'a> {
+    /// Held, counted against the query's memory pool.
+    Collect(&'a mut Vec<RecordBatch>),
+    /// Handed on; `false` stops the query.
+    Each(&'a mut (dyn FnMut(QueryEvent) -> bool + Send)),
+}
+
+/// What a query produced besides its batches.
+struct Ran {
+    schema: SchemaRef,
+    count_columns: Vec<String>,
+    suppressed_cells: u64,
+}
+
+/// The research tables `opts` allows, checked against `sql`, then the query
+/// run on a thread of its own (see [`query`]).
+fn on_query_thread(
+    research_dir: &Path,
+    sql: &str,
+    opts: &QueryOptions,
+    mut sink: Sink<'_>,
+) -> Result<Ran> {
+    let tables: Vec<(String, PathBuf)> = research_tables(research_dir)?
+        .into_iter()
+        .filter(|(name, _)| {
+            opts.tables
+                .as_ref()
+                .is_none_or(|allowed| allowed.contains(name))
+        })
+        .collect();
     let names: Vec<String> = tables.iter().map(|(n, _)| n.clone()).collect();
     check(sql, &names)?;
     let failed =
         |source: BoxError| WardError::data("running a research query", research_dir, source);
     std::thread::scope(|scope| {
-        let run =
-            std::thread::Builder::new()
-                .name("ward-query".into())
-                .stack_size(QUERY_STACK_BYTES)
-                .spawn_scoped(scope, || {
-                    crate::engine::block_on_with_stack(WORKER_STACK_BYTES, async {
-                        match opts.timeout {
-                            Some(limit) => {
-                                tokio::time::timeout(limit, run(research_dir, &tables, sql, opts))
-                                    .await
-                                    .unwrap_or_else(|_| {
-                                        Err(failed(format!(
+        let run = std::thread::Builder::new()
+            .name("ward-query".into())
+            .stack_size(QUERY_STACK_BYTES)
+            .spawn_scoped(scope, || {
+                crate::engine::block_on_with_stack(WORKER_STACK_BYTES, async {
+                    let work = run(research_dir, &tables, sql, opts, &mut sink);
+                    match opts.timeout {
+                        Some(limit) => {
+                            tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+                                Err(failed(
+                                    format!(
                                         "the query did not finish within its time limit of {} \
                                      (filter, aggregate or add LIMIT, or raise --timeout)",
                                         format_duration(limit)
-                                    ).into()))
-                                    })
-                            }
-                            None => run(research_dir, &tables, sql, opts).await,
+                                    )
+                                    .into(),
+                                ))
+                            })
                         }
-                    })
+                        None => work.await,
+                    }
                 })
-                .map_err(|e| WardError::io("cannot start a query thread", research_dir, e))?;
+            })
+            .map_err(|e| WardError::io("cannot start a query thread", research_dir, e))?;
         run.join().unwrap_or_else(|_| {
             Err(failed(
                 "the query engine failed on this query (internal error)".into(),
@@ -443,79 +552,107 @@ async fn run(
     tables: &[(String, PathBuf)],
     sql: &str,
     opts: &QueryOptions,
-) -> Result<QueryOutput> {
-    {
-        let config = SessionConfig::new().with_information_schema(false);
-        let ctx = match opts.memory_limit {
-            Some(bytes) => crate::engine::limited_session(config, bytes)?,
-            None => crate::engine::session(config),
+    sink: &mut Sink<'_>,
+) -> Result<Ran> {
+    let config = SessionConfig::new()
+        .with_information_schema(false)
+        .with_default_catalog_and_schema(CATALOG, SCHEMA);
+    let ctx = match opts.memory_limit {
+        Some(bytes) => crate::engine::limited_session(config, bytes)?,
+        None => crate::engine::session(config),
+    };
+    for (name, path) in tables {
+        let location = if path.is_dir() {
+            format!("{}/", path.display())
+        } else {
+            path.display().to_string()
         };
-        for (name, path) in tables {
-            let location = if path.is_dir() {
-                format!("{}/", path.display())
-            } else {
-                path.display().to_string()
-            };
-            ctx.register_parquet(name, &location, ParquetReadOptions::default())
-                .await
-                .map_err(|e| WardError::data("registering a research table", path.clone(), e))?;
-        }
-        let options = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
-        let df = ctx
-            .sql_with_options(sql, options)
+        ctx.register_parquet(name, &location, ParquetReadOptions::default())
             .await
-            .map_err(|e| WardError::Query {
-                refused: false,
-                message: e.to_string(),
-            })?;
-        let plan = df.logical_plan().clone();
-        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let run_err = |e: DataFusionError| WardError::Data {
-            context: "running a research query",
-            path: research_dir.to_path_buf(),
-            source: match (e.find_root(), opts.memory_limit) {
-                (DataFusionError::ResourcesExhausted(_), Some(limit)) => format!(
-                    "the query needs more memory than its limit of {} MiB \
-                     (aggregate, filter or add LIMIT, or raise --memory-limit): {e}",
-                    limit >> 20
-                )
-                .into(),
-                _ => e.into(),
-            },
-        };
-        // The result is held in memory too: it counts against the same pool
-        // as the operators, so a huge result fails instead of growing.
-        let result =
-            MemoryConsumer::new("ward query result").register(&ctx.runtime_env().memory_pool);
-        let mut stream = df.execute_stream().await.map_err(run_err)?;
-        let mut batches = Vec::new();
-        while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(run_err)?;
-            result
-                .try_grow(batch.get_array_memory_size())
-                .map_err(run_err)?;
-            batches.push(batch);
-        }
-        let count_idx: Vec<usize> = (0..schema.fields().len())
-            .filter(|i| schema.field(*i).data_type().is_integer() && is_count(&plan, *i))
-            .collect();
-        let mut output = QueryOutput {
-            count_columns: count_idx
-                .iter()
-                .map(|i| schema.field(*i).name().clone())
-                .collect(),
-            schema,
-            batches,
-            suppressed_cells: 0,
-        };
-        if let Some(min) = opts.min_cell {
-            suppress(&mut output, &count_idx, min)?;
-        }
-        Ok(output)
+            .map_err(|e| WardError::data("registering a research table", path.clone(), e))?;
     }
+    let options = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
+    let df = ctx
+        .sql_with_options(sql, options)
+        .await
+        .map_err(|e| WardError::Query {
+            refused: false,
+            message: e.to_string(),
+        })?;
+    let plan = df.logical_plan().clone();
+    let planned: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    let count_idx: Vec<usize> = (0..planned.fields().len())
+        .filter(|i| planned.field(*i).data_type().is_integer() && is_count(&plan, *i))
+        .collect();
+    let count_columns: Vec<String> = count_idx
+        .iter()
+        .map(|i| planned.field(*i).name().clone())
+        .collect();
+    let schema = match opts.min_cell {
+        Some(_) => nullable(&planned, &count_idx),
+        None => planned,
+    };
+    let mut ran = Ran {
+        schema: schema.clone(),
+        count_columns: count_columns.clone(),
+        suppressed_cells: 0,
+    };
+    if let Sink::Each(each) = sink
+        && !each(QueryEvent::Schema {
+            schema,
+            count_columns,
+        })
+    {
+        return Ok(ran);
+    }
+    let run_err = |e: DataFusionError| WardError::Data {
+        context: "running a research query",
+        path: research_dir.to_path_buf(),
+        source: match (e.find_root(), opts.memory_limit) {
+            (DataFusionError::ResourcesExhausted(_), Some(limit)) => format!(
+                "the query needs more memory than its limit of {} MiB \
+                 (aggregate, filter or add LIMIT, or raise --memory-limit): {e}",
+                limit >> 20
+            )
+            .into(),
+            _ => e.into(),
+        },
+    };
+    // A held result counts against the same pool as the operators, so a
+    // huge result fails instead of growing.
+    let held = MemoryConsumer::new("ward query result").register(&ctx.runtime_env().memory_pool);
+    let mut stream = df.execute_stream().await.map_err(run_err)?;
+    while let Some(batch) = stream.next().await {
+        let mut batch = batch.map_err(run_err)?;
+        if let Some(min) = opts.min_cell {
+            let suppressed;
+            (batch, suppressed) = suppress(&batch, &ran.schema, &count_idx, min)?;
+            ran.suppressed_cells += suppressed;
+        }
+        match sink {
+            Sink::Collect(batches) => {
+                held.try_grow(batch.get_array_memory_size())
+                    .map_err(run_err)?;
+                batches.push(batch);
+            }
+            Sink::Each(each) => {
+                if !each(QueryEvent::Batch(batch)) {
+                    break;
+                }
+            }
+        }
+    }
+    if ran.suppressed_cells > 0 {
+        tracing::info!(
+            cells = ran.suppressed_cells,
+            min_cell = opts.min_cell,
+            "small counts suppressed"
+        );
+    }
+    Ok(ran)
 }
 
 /// Whether output column `i` of `plan` is a COUNT or SUM aggregate.
@@ -553,59 +690,55 @@ fn strip(e: &Expr) -> &Expr {
     }
 }
 
-/// Replaces counts 1..min-1 in the count columns by NULL.
-fn suppress(out: &mut QueryOutput, columns: &[usize], min: u64) -> Result<()> {
-    let err = |e: datafusion::arrow::error::ArrowError| {
-        WardError::data("suppressing small counts", PathBuf::new(), e)
-    };
-    // Suppressed counts are NULL: count columns become nullable.
-    let fields: Vec<_> = out
-        .schema
+/// `schema` with its count columns nullable: suppressed counts are NULL.
+fn nullable(schema: &SchemaRef, columns: &[usize]) -> SchemaRef {
+    let fields: Vec<_> = schema
         .fields()
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            let f = f.as_ref().clone();
-            Arc::new(if columns.contains(&i) {
-                f.with_nullable(true)
-            } else {
-                f
-            })
+            let nullable = f.is_nullable() || columns.contains(&i);
+            Arc::new(f.as_ref().clone().with_nullable(nullable))
         })
         .collect();
-    out.schema = Arc::new(datafusion::arrow::datatypes::Schema::new_with_metadata(
+    Arc::new(datafusion::arrow::datatypes::Schema::new_with_metadata(
         fields,
-        out.schema.metadata().clone(),
-    ));
-    for batch in &mut out.batches {
-        let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
-        for &i in columns {
-            let col = &cols[i];
-            // Negative sums are not counts of people: kept. Counts above
-            // i64::MAX cannot be small.
-            let as_i = cast(col, &DataType::Float64).map_err(err)?;
-            let v = as_i
-                .as_any()
-                .downcast_ref::<datafusion::arrow::array::Float64Array>()
-                .expect("cast");
-            let small: datafusion::arrow::array::BooleanArray = v
-                .iter()
-                .map(|x| Some(x.is_some_and(|x| x >= 1.0 && x < min as f64)))
-                .collect();
-            out.suppressed_cells += small.true_count() as u64;
-            let nulls = datafusion::arrow::array::new_null_array(col.data_type(), col.len());
-            cols[i] = zip(&small, &nulls, col).map_err(err)?;
-        }
-        *batch = RecordBatch::try_new(out.schema.clone(), cols).map_err(err)?;
+        schema.metadata().clone(),
+    ))
+}
+
+/// `batch` with counts 1..min-1 in the count columns replaced by NULL, in
+/// `schema` (see [`nullable`]); and how many were replaced.
+fn suppress(
+    batch: &RecordBatch,
+    schema: &SchemaRef,
+    columns: &[usize],
+    min: u64,
+) -> Result<(RecordBatch, u64)> {
+    let err = |e: datafusion::arrow::error::ArrowError| {
+        WardError::data("suppressing small counts", PathBuf::new(), e)
+    };
+    let mut suppressed = 0;
+    let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+    for &i in columns {
+        let col = &cols[i];
+        // Negative sums are not counts of people: kept. Counts above
+        // i64::MAX cannot be small.
+        let as_f = cast(col, &DataType::Float64).map_err(err)?;
+        let v = as_f
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::Float64Array>()
+            .expect("cast");
+        let small: datafusion::arrow::array::BooleanArray = v
+            .iter()
+            .map(|x| Some(x.is_some_and(|x| x >= 1.0 && x < min as f64)))
+            .collect();
+        suppressed += small.true_count() as u64;
+        let nulls = datafusion::arrow::array::new_null_array(col.data_type(), col.len());
+        cols[i] = zip(&small, &nulls, col).map_err(err)?;
     }
-    if out.suppressed_cells > 0 {
-        tracing::info!(
-            cells = out.suppressed_cells,
-            min_cell = min,
-            "small counts suppressed"
-        );
-    }
-    Ok(())
+    let batch = RecordBatch::try_new(schema.clone(), cols).map_err(err)?;
+    Ok((batch, suppressed))
 }
 
 /// Output formats of [`write_output`].
@@ -712,9 +845,24 @@ mod tests {
             "SELECT * FROM UNNEST([1, 2]) AS t(x)",
             "WITH c AS (SELECT research_id, unnest(codings) AS coding FROM observation) \
              SELECT coding['code'] FROM c",
+            // Qualified as `ward serve`'s metadata reports them.
+            "SELECT count(*) FROM research.person",
+            "SELECT count(*) FROM ward.research.person p JOIN \"research\".observation USING (research_id)",
         ] {
             check(sql, &tables()).unwrap_or_else(|e| panic!("{sql}: {e}"));
         }
+        let read = |sql: &str| check(sql, &tables()).unwrap();
+        assert_eq!(
+            read("WITH person AS (SELECT 1) SELECT * FROM person, research.observation"),
+            ["observation"]
+        );
+        assert_eq!(
+            read(
+                "SELECT * FROM Observation o JOIN person USING (research_id) JOIN observation p USING (research_id)"
+            ),
+            ["observation", "person"]
+        );
+        assert!(read("SELECT 1").is_empty());
     }
 
     #[test]
@@ -736,6 +884,12 @@ mod tests {
             "SELECT 1; SELECT 2",
             "EXPLAIN SELECT 1",
             "SELECT * FROM datafusion.public.person",
+            "SELECT * FROM public.person",
+            "SELECT * FROM ward.public.person",
+            "SELECT * FROM other.research.person",
+            "SELECT * FROM research.nosuchtable",
+            "SELECT * FROM ward.research.person.x",
+            "WITH t AS (SELECT 1) SELECT * FROM research.t",
             "SELECT * FROM person p WHERE p.research_id IN (SELECT x FROM '/etc/passwd')",
             "SELECT * INTO copied FROM person",
             "SELECT o.research_id FROM observation o, UNNEST(o.codings) AS u(c)",

@@ -152,9 +152,48 @@ mod tests {
         let names: Vec<String> = fs::read_dir(runs_dir(wh))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with('.'))
+            .filter(|n| n.starts_with('.') && n != ".readers")
             .collect();
         assert!(names.is_empty(), "{names:?}");
+    }
+
+    #[test]
+    fn a_run_a_reader_holds_is_kept_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let wh = dir.path();
+        for id in ["r1", "r2", "r3"] {
+            fs::create_dir_all(runs_dir(wh).join(id)).unwrap();
+            fs::write(runs_dir(wh).join(id).join(MANIFEST), "{}").unwrap();
+        }
+        publish(wh, "r1").unwrap();
+        let reader = ReaderLease::current(wh).unwrap().unwrap();
+        assert_eq!(reader.run_id, "r1");
+        assert_eq!(reader.dir, runs_dir(wh).join("r1"));
+        // Two nights later r1 is past `keep`, but its reader is mid-query.
+        let entry = |id: &str| HistoryEntry {
+            dq: Vec::new(),
+            run_id: id.into(),
+            finished: String::new(),
+            period: PeriodInfo::default(),
+            persons: 0,
+            overall: Vec::new(),
+        };
+        write_history(
+            &runs_dir(wh).join("r3"),
+            vec![entry("r1"), entry("r2")],
+            entry("r3"),
+        )
+        .unwrap();
+        publish(wh, "r3").unwrap();
+        assert_eq!(prune(wh, 1).unwrap(), Vec::<String>::new());
+        assert!(runs_dir(wh).join("r1").join(MANIFEST).is_file());
+        // A second reader of r1 shares the lease.
+        let second = ReaderLease::take(wh, "r1").unwrap().unwrap();
+        drop((reader, second));
+        assert_eq!(prune(wh, 1).unwrap(), vec!["r1"]);
+        // A ticket for the pruned run finds it gone; the current run is r3.
+        assert!(ReaderLease::take(wh, "r1").unwrap().is_none());
+        assert_eq!(ReaderLease::current(wh).unwrap().unwrap().run_id, "r3");
     }
 
     fn table(source: &str, read: u64, rejected: u64, new: u64) -> SourceTable {

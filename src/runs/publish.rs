@@ -182,12 +182,116 @@ pub fn prune(warehouse: &Path, keep: usize) -> Result<Vec<String>> {
             false
         };
         if !keep_it {
+            // A reader (`ward serve`) still on the run holds its lease: the
+            // run stays until a later prune finds it free.
+            let Some(_lease) = try_lease_exclusive(warehouse, &id)? else {
+                tracing::info!(run = %id, "run kept: a reader is still using it");
+                continue;
+            };
             remove_run(&dir)?;
+            remove_lease_file(warehouse, &id);
             removed.push(id);
         }
     }
     removed.reverse();
     Ok(removed)
+}
+
+/// `runs/.readers/`: one lock file per run a reader is using (see
+/// [`ReaderLease`]).
+fn leases_dir(warehouse: &Path) -> PathBuf {
+    runs_dir(warehouse).join(".readers")
+}
+
+fn open_lease_file(warehouse: &Path, run_id: &str) -> Result<fs::File> {
+    let dir = leases_dir(warehouse);
+    fs::create_dir_all(&dir).map_err(|e| WardError::io("cannot create", &dir, e))?;
+    let path = dir.join(format!("{run_id}.lock"));
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| WardError::io("cannot open", &path, e))
+}
+
+/// The exclusive lease of `run_id` when no reader holds it, else `None`.
+fn try_lease_exclusive(warehouse: &Path, run_id: &str) -> Result<Option<fs::File>> {
+    let file = open_lease_file(warehouse, run_id)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(WardError::io(
+            "cannot lock",
+            leases_dir(warehouse).join(format!("{run_id}.lock")),
+            e,
+        )),
+    }
+}
+
+fn remove_lease_file(warehouse: &Path, run_id: &str) {
+    // A reader that opened the file before its removal finds the run gone
+    // once it holds its lease (see [`ReaderLease::take`]); a file left
+    // behind is harmless.
+    let _ = fs::remove_file(leases_dir(warehouse).join(format!("{run_id}.lock")));
+}
+
+/// A reader's hold on a published run (a shared `flock` on
+/// `runs/.readers/<run_id>.lock`): while it is held, [`prune`] keeps the
+/// run, so a query that started on it reads it to the end. The kernel
+/// releases it with its holder, however that ends.
+#[derive(Debug)]
+pub struct ReaderLease {
+    _file: fs::File,
+    /// The run held.
+    pub run_id: String,
+    /// Its directory.
+    pub dir: PathBuf,
+}
+
+impl ReaderLease {
+    /// Holds `run_id`, or `None` when the run is not there (pruned).
+    pub fn take(warehouse: &Path, run_id: &str) -> Result<Option<ReaderLease>> {
+        let file = open_lease_file(warehouse, run_id)?;
+        // Waits while a prune holds it exclusively (an instant: a rename).
+        file.lock_shared().map_err(|e| {
+            WardError::io(
+                "cannot lock",
+                leases_dir(warehouse).join(format!("{run_id}.lock")),
+                e,
+            )
+        })?;
+        let dir = runs_dir(warehouse).join(run_id);
+        // Checked with the lease held: a prune removes a run only under
+        // the exclusive lease, so a run seen here stays.
+        if !dir.join(MANIFEST).is_file() {
+            return Ok(None);
+        }
+        Ok(Some(ReaderLease {
+            _file: file,
+            run_id: run_id.to_string(),
+            dir,
+        }))
+    }
+
+    /// Holds the current run, or `None` when nothing is published.
+    pub fn current(warehouse: &Path) -> Result<Option<ReaderLease>> {
+        // A publication and a prune between reading CURRENT and taking the
+        // lease can remove the run just read: read CURRENT again.
+        for _ in 0..8 {
+            let Some(id) = current(warehouse)? else {
+                return Ok(None);
+            };
+            if let Some(lease) = ReaderLease::take(warehouse, &id)? {
+                return Ok(Some(lease));
+            }
+        }
+        Err(WardError::State {
+            path: runs_dir(warehouse),
+            message: "the current run changed under every attempt to read it".into(),
+        })
+    }
 }
 
 /// A run directory as `ward runs` lists it.

@@ -15,6 +15,7 @@ mod measures;
 mod ops;
 mod report;
 mod research;
+mod serve;
 mod slt;
 mod snap;
 mod synth;

@@ -326,6 +326,46 @@ fn the_sample_run_publishes_research_tables_without_identifiers() {
     research_queries(dir.path(), &research, rows(&persons) as i64);
 }
 
+/// Statements that try to leave the research tables (DDL, DML, COPY, SET,
+/// files, table functions, a second statement): every one must be refused
+/// with nothing run, by `ward query` and by `ward serve` alike. Targets
+/// are under `tmp`.
+pub fn escape_attempts(tmp: &Path, research: &Path) -> Vec<String> {
+    let target = tmp.join("escape");
+    let t = target.display();
+    vec![
+        format!("CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '{t}.csv'"),
+        "CREATE EXTERNAL TABLE pw (line VARCHAR) STORED AS CSV LOCATION '/etc/passwd'".into(),
+        "CREATE TABLE copy AS SELECT * FROM person".into(),
+        "CREATE VIEW v AS SELECT * FROM person".into(),
+        "INSERT INTO person SELECT * FROM person".into(),
+        "DELETE FROM person".into(),
+        "UPDATE person SET age = 1".into(),
+        "DROP TABLE person".into(),
+        format!("COPY person TO '{t}.parquet'"),
+        format!("COPY (SELECT * FROM person) TO '{t}.csv' STORED AS CSV"),
+        "SET datafusion.catalog.information_schema = true".into(),
+        "SELECT * FROM '/etc/passwd'".into(),
+        format!(
+            "SELECT * FROM '{}'",
+            research.join("person.parquet").display()
+        ),
+        "SELECT * FROM \"/etc/passwd\"".into(),
+        format!(
+            "SELECT * FROM read_parquet('{}')",
+            research.join("person.parquet").display()
+        ),
+        "SELECT * FROM read_csv('/etc/passwd')".into(),
+        "SELECT * FROM generate_series(1, 3)".into(),
+        "SELECT * FROM information_schema.tables".into(),
+        "SELECT 1; DROP TABLE person".into(),
+        format!("SELECT 1; COPY person TO '{t}.json'"),
+        "SELECT count(*) FROM person WHERE research_id IN (SELECT * FROM '/etc/passwd')".into(),
+        "WITH x AS (SELECT * FROM '/etc/passwd') SELECT * FROM x".into(),
+        "EXPLAIN ANALYZE SELECT * FROM person".into(),
+    ]
+}
+
 fn research_queries(tmp: &Path, research: &Path, persons: i64) {
     let q = |sql: &str, min: Option<u64>| {
         let opts = QueryOptions {
@@ -405,39 +445,7 @@ fn research_queries(tmp: &Path, research: &Path, persons: i64) {
 
     // Escape attempts: refused, nothing created or changed on disk.
     let before = snapshot(tmp);
-    let target = tmp.join("escape");
-    let t = target.display();
-    for sql in [
-        format!("CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '{t}.csv'"),
-        "CREATE EXTERNAL TABLE pw (line VARCHAR) STORED AS CSV LOCATION '/etc/passwd'".into(),
-        "CREATE TABLE copy AS SELECT * FROM person".into(),
-        "CREATE VIEW v AS SELECT * FROM person".into(),
-        "INSERT INTO person SELECT * FROM person".into(),
-        "DELETE FROM person".into(),
-        "UPDATE person SET age = 1".into(),
-        "DROP TABLE person".into(),
-        format!("COPY person TO '{t}.parquet'"),
-        format!("COPY (SELECT * FROM person) TO '{t}.csv' STORED AS CSV"),
-        "SET datafusion.catalog.information_schema = true".into(),
-        "SELECT * FROM '/etc/passwd'".into(),
-        format!(
-            "SELECT * FROM '{}'",
-            research.join("person.parquet").display()
-        ),
-        "SELECT * FROM \"/etc/passwd\"".into(),
-        format!(
-            "SELECT * FROM read_parquet('{}')",
-            research.join("person.parquet").display()
-        ),
-        "SELECT * FROM read_csv('/etc/passwd')".into(),
-        "SELECT * FROM generate_series(1, 3)".into(),
-        "SELECT * FROM information_schema.tables".into(),
-        "SELECT 1; DROP TABLE person".into(),
-        format!("SELECT 1; COPY person TO '{t}.json'"),
-        "SELECT count(*) FROM person WHERE research_id IN (SELECT * FROM '/etc/passwd')".into(),
-        "WITH x AS (SELECT * FROM '/etc/passwd') SELECT * FROM x".into(),
-        "EXPLAIN ANALYZE SELECT * FROM person".into(),
-    ] {
+    for sql in escape_attempts(tmp, research) {
         match q(&sql, None) {
             Err(e @ WardError::Query { refused: true, .. }) => {
                 assert!(e.is_config_error());

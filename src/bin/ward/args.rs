@@ -108,6 +108,10 @@ pub(crate) enum Command {
     /// Run one read-only SQL query over the research tables (nothing else is
     /// reachable; DDL, DML, COPY, SET and file access are refused, exit 2).
     Query(QueryArgs),
+    /// Serve the research tables of the current run over Arrow Flight SQL
+    /// (TLS, researcher tokens, audit log; see [serve] in the config), or
+    /// manage researchers' tokens.
+    Serve(ServeArgs),
     /// Generate a synthetic multi-provider population with ground truth.
     #[cfg(feature = "synth")]
     Synth(SynthArgs),
@@ -152,6 +156,41 @@ pub(crate) enum ValuesetsAction {
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
     },
+}
+
+/// `ward serve`.
+#[derive(clap::Args)]
+pub(crate) struct ServeArgs {
+    #[command(subcommand)]
+    pub(crate) action: Option<ServeAction>,
+    /// Listen on this address instead of [serve] listen (port 0: any free port).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ServeAction {
+    /// Researchers' tokens: issue, revoke, list.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum TokenAction {
+    /// Issue a token for NAME and print it (the only time it is shown; the
+    /// store keeps its hash).
+    Add {
+        name: String,
+        /// Only these research tables (comma-separated); default: all.
+        #[arg(long, value_delimiter = ',', value_name = "TABLE,...")]
+        tables: Option<Vec<String>>,
+    },
+    /// Revoke NAME's token: refused from its next request on.
+    Revoke { name: String },
+    /// List researchers: name, issued, revoked, tables.
+    List,
 }
 
 /// `ward validate`.

@@ -10,7 +10,8 @@ use ward::settings::Settings;
 use ward::{IngestOptions, WardError};
 
 use crate::args::{
-    ConformanceArgs, LinkArgs, MeasureArgs, PeriodArgs, RunArgs, ValidateArgs, ValuesetsAction,
+    ConformanceArgs, LinkArgs, MeasureArgs, PeriodArgs, RunArgs, ServeAction, ServeArgs,
+    TokenAction, ValidateArgs, ValuesetsAction,
 };
 use crate::print::{self, announce_warnings};
 use crate::{Bar, EXIT_FAILED, EXIT_MISMATCH, progress_bar};
@@ -155,6 +156,64 @@ pub(crate) fn conformance(
     } else {
         ExitCode::from(EXIT_MISMATCH)
     })
+}
+
+/// `ward serve`: the Flight SQL server, or its `token` commands.
+pub(crate) fn serve(
+    settings: &Settings,
+    args: &ServeArgs,
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut config = settings.config.serve.clone();
+    let store = ward::serve::tokens::TokenStore::new(&config.tokens);
+    match &args.action {
+        Some(ServeAction::Token { action }) => {
+            match action {
+                TokenAction::Add { name, tables } => {
+                    let token = store.add(name, tables.clone())?;
+                    if !quiet {
+                        eprintln!(
+                            "token for {name} (shown once; {} keeps only its hash):",
+                            store.path().display()
+                        );
+                    }
+                    println!("{token}");
+                }
+                TokenAction::Revoke { name } => {
+                    if !store.revoke(name)? {
+                        return Err(WardError::Usage {
+                            message: format!("{name} has no active token"),
+                        }
+                        .into());
+                    }
+                    if !quiet {
+                        eprintln!("revoked: {name}'s token is refused from its next request on");
+                    }
+                }
+                TokenAction::List => print::print_tokens(&store.list()?),
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        None => {}
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    let warehouse = &settings.config.warehouse;
+    ward::serve::serve(warehouse, &config, |addr| {
+        use std::io::Write;
+        let mode = if config.tls.is_some() {
+            "TLS"
+        } else {
+            "plaintext (insecure)"
+        };
+        println!(
+            "ward serve: listening on {addr} ({mode}); research tables of {}",
+            warehouse.display()
+        );
+        let _ = std::io::stdout().flush();
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `ward runs`.

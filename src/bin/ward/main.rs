@@ -83,6 +83,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         } => commands::list_measures(config),
         Command::Conformance(args) => commands::conformance(args, config, quiet),
         Command::Query(args) => query::query(&settings()?, args, quiet),
+        Command::Serve(args) => commands::serve(&settings()?, args, quiet),
         Command::Runs { limit } => commands::runs(&settings()?, *limit),
         Command::Status => commands::status(&settings()?),
         Command::Dq { json, all } => commands::dq(&settings()?, *json, *all),

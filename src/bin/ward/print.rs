@@ -83,6 +83,29 @@ pub(crate) fn print_run(run: &ward::RunReport) {
     );
 }
 
+/// `ward serve token list`.
+pub(crate) fn print_tokens(entries: &[ward::serve::tokens::TokenEntry]) {
+    let mut table = TextTable::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "researcher",
+        "issued",
+        "revoked",
+        "tables",
+    ]);
+    for e in entries {
+        table.add_row(vec![
+            e.name.clone(),
+            e.created.clone(),
+            e.revoked.clone().unwrap_or_default(),
+            e.tables
+                .as_ref()
+                .map(|t| t.join(", "))
+                .unwrap_or_else(|| "all".into()),
+        ]);
+    }
+    println!("{table}");
+}
+
 pub(crate) fn print_runs(runs: &[ward::runs::RunListing], limit: usize) {
     let mut table = TextTable::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![

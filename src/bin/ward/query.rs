@@ -26,6 +26,7 @@ pub(crate) fn query(
                 .unwrap_or_else(ward::query::default_memory_limit),
         ),
         timeout: Some(args.timeout),
+        tables: None,
     };
     let usage = |key: &str, message: &str| WardError::Usage {
         message: format!("{key}: {message}"),

@@ -629,7 +629,7 @@ impl FlightSqlService for WardFlightSql {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         self.metadata_info("catalogs", query.as_any(), &schema, request)
     }
 
@@ -704,7 +704,7 @@ impl FlightSqlService for WardFlightSql {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         self.metadata_info("table_types", query.as_any(), &schema, request)
     }
 

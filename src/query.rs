@@ -554,9 +554,18 @@ async fn run(
     opts: &QueryOptions,
     sink: &mut Sink<'_>,
 ) -> Result<Ran> {
-    let config = SessionConfig::new()
+    let mut config = SessionConfig::new()
         .with_information_schema(false)
         .with_default_catalog_and_schema(CATALOG, SCHEMA);
+    // Strings as plain Utf8, not the views DataFusion reads Parquet into: a
+    // batch of views holds (and Arrow IPC would send) the whole data
+    // buffers it points into, so streamed slices of it cost quadratic
+    // bytes; and clients on older Arrow versions (JDBC) cannot read views.
+    config
+        .options_mut()
+        .execution
+        .parquet
+        .schema_force_view_types = false;
     let ctx = match opts.memory_limit {
         Some(bytes) => crate::engine::limited_session(config, bytes)?,
         None => crate::engine::session(config),

@@ -11,22 +11,26 @@ use std::time::Instant;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightService;
-use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
+use arrow_flight::sql::metadata::{
+    SqlInfoData, SqlInfoDataBuilder, XdbcTypeInfo, XdbcTypeInfoData, XdbcTypeInfoDataBuilder,
+};
 use arrow_flight::sql::server::FlightSqlService;
 use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
-    ActionCreatePreparedStatementResult, Any, CommandGetCatalogs, CommandGetDbSchemas,
-    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
-    CommandPreparedStatementUpdate, CommandStatementIngest, CommandStatementQuery,
-    CommandStatementSubstraitPlan, CommandStatementUpdate, DoPutPreparedStatementResult,
-    ProstMessageExt, SqlInfo, TicketStatementQuery, server::PeekableFlightDataStream,
+    ActionCreatePreparedStatementResult, Any, CommandGetCatalogs, CommandGetCrossReference,
+    CommandGetDbSchemas, CommandGetExportedKeys, CommandGetImportedKeys, CommandGetPrimaryKeys,
+    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandGetXdbcTypeInfo,
+    CommandPreparedStatementQuery, CommandPreparedStatementUpdate, CommandStatementIngest,
+    CommandStatementQuery, CommandStatementSubstraitPlan, CommandStatementUpdate,
+    DoPutPreparedStatementResult, Nullable, ProstMessageExt, Searchable, SqlInfo,
+    TicketStatementQuery, XdbcDataType, server::PeekableFlightDataStream,
 };
 use arrow_flight::{
     Action, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest,
     HandshakeResponse, IpcMessage, SchemaAsIpc, Ticket,
 };
 use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use futures::{Stream, TryStreamExt};
 use hmac::{Hmac, Mac};
@@ -77,6 +81,80 @@ pub(super) struct WardFlightSql {
     /// Signs handles; new at every start (tickets do not outlive a server).
     key: [u8; 32],
     sql_info: SqlInfoData,
+    type_info: XdbcTypeInfoData,
+}
+
+/// The SQL types of the research tables' columns, as DataFusion names
+/// them (JDBC's `getTypeInfo`).
+fn type_info() -> XdbcTypeInfoData {
+    use XdbcDataType::*;
+    let mut builder = XdbcTypeInfoDataBuilder::new();
+    for (name, data_type, size, radix, quoted) in [
+        ("BOOLEAN", XdbcBit, Some(1), None, false),
+        ("INTEGER", XdbcInteger, Some(32), Some(2), false),
+        ("BIGINT", XdbcBigint, Some(64), Some(2), false),
+        ("DOUBLE", XdbcDouble, Some(53), Some(2), false),
+        ("VARCHAR", XdbcVarchar, None, None, true),
+        ("DATE", XdbcDate, Some(10), None, true),
+        ("TIMESTAMP", XdbcTimestamp, Some(26), None, true),
+    ] {
+        builder.append(XdbcTypeInfo {
+            type_name: name.into(),
+            data_type,
+            column_size: size,
+            literal_prefix: quoted.then(|| "'".into()),
+            literal_suffix: quoted.then(|| "'".into()),
+            create_params: None,
+            nullable: Nullable::NullabilityNullable,
+            case_sensitive: name == "VARCHAR",
+            searchable: Searchable::Full,
+            unsigned_attribute: radix.map(|_| false),
+            fixed_prec_scale: false,
+            auto_increment: radix.map(|_| false),
+            local_type_name: Some(name.into()),
+            minimum_scale: None,
+            maximum_scale: None,
+            sql_data_type: data_type,
+            datetime_subcode: None,
+            num_prec_radix: radix,
+            interval_precision: None,
+        });
+    }
+    builder.build().expect("static type info")
+}
+
+/// The result schema of the key calls (Flight SQL's `CommandGetPrimaryKeys`,
+/// and of `CommandGetImportedKeys` and its kin when `foreign`): the research
+/// tables have no keys, so their answers are empty in these schemas.
+fn keys_schema(foreign: bool) -> SchemaRef {
+    let text = |name: &str, nullable: bool| Field::new(name, DataType::Utf8, nullable);
+    let fields = if foreign {
+        vec![
+            text("pk_catalog_name", true),
+            text("pk_db_schema_name", true),
+            text("pk_table_name", false),
+            text("pk_column_name", false),
+            text("fk_catalog_name", true),
+            text("fk_db_schema_name", true),
+            text("fk_table_name", false),
+            text("fk_column_name", false),
+            Field::new("key_sequence", DataType::Int32, false),
+            text("fk_key_name", true),
+            text("pk_key_name", true),
+            Field::new("update_rule", DataType::UInt8, false),
+            Field::new("delete_rule", DataType::UInt8, false),
+        ]
+    } else {
+        vec![
+            text("catalog_name", true),
+            text("db_schema_name", true),
+            text("table_name", false),
+            text("column_name", false),
+            text("key_name", true),
+            Field::new("key_sequence", DataType::Int32, false),
+        ]
+    };
+    Arc::new(Schema::new(fields))
 }
 
 /// A failed request's status, and the outcome its audit line records.
@@ -127,6 +205,7 @@ impl WardFlightSql {
             waiting: Arc::new(AtomicUsize::new(0)),
             key,
             sql_info: info.build().expect("static SqlInfo"),
+            type_info: type_info(),
             config,
         }
     }
@@ -512,6 +591,22 @@ impl WardFlightSql {
     }
 }
 
+impl WardFlightSql {
+    /// The empty answer of a key call, audited.
+    fn no_keys(
+        &self,
+        call: &'static str,
+        foreign: bool,
+        request: &Request<Ticket>,
+    ) -> Result<Response<FlightStream<FlightData>>, Status> {
+        let started = Instant::now();
+        Self::caller(request)?;
+        let record = self.record(call, request);
+        let batch = RecordBatch::new_empty(keys_schema(foreign));
+        self.metadata_stream(record, started, Ok(batch))
+    }
+}
+
 fn arrow_status(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
@@ -783,6 +878,99 @@ impl FlightSqlService for WardFlightSql {
         request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
         Err(self.refuse_put("substrait_plan", None, &request))
+    }
+
+    async fn get_flight_info_xdbc_type_info(
+        &self,
+        query: CommandGetXdbcTypeInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.into_builder(&self.type_info).schema();
+        self.metadata_info("type_info", query.as_any(), &schema, request)
+    }
+
+    async fn do_get_xdbc_type_info(
+        &self,
+        query: CommandGetXdbcTypeInfo,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let started = Instant::now();
+        Self::caller(&request)?;
+        let record = self.record("type_info", &request);
+        let batch = query
+            .into_builder(&self.type_info)
+            .build()
+            .map_err(arrow_status);
+        self.metadata_stream(record, started, batch)
+    }
+
+    async fn get_flight_info_primary_keys(
+        &self,
+        query: CommandGetPrimaryKeys,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.metadata_info("primary_keys", query.as_any(), &keys_schema(false), request)
+    }
+
+    async fn do_get_primary_keys(
+        &self,
+        _query: CommandGetPrimaryKeys,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.no_keys("primary_keys", false, &request)
+    }
+
+    async fn get_flight_info_imported_keys(
+        &self,
+        query: CommandGetImportedKeys,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.metadata_info("imported_keys", query.as_any(), &keys_schema(true), request)
+    }
+
+    async fn do_get_imported_keys(
+        &self,
+        _query: CommandGetImportedKeys,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.no_keys("imported_keys", true, &request)
+    }
+
+    async fn get_flight_info_exported_keys(
+        &self,
+        query: CommandGetExportedKeys,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.metadata_info("exported_keys", query.as_any(), &keys_schema(true), request)
+    }
+
+    async fn do_get_exported_keys(
+        &self,
+        _query: CommandGetExportedKeys,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.no_keys("exported_keys", true, &request)
+    }
+
+    async fn get_flight_info_cross_reference(
+        &self,
+        query: CommandGetCrossReference,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.metadata_info(
+            "cross_reference",
+            query.as_any(),
+            &keys_schema(true),
+            request,
+        )
+    }
+
+    async fn do_get_cross_reference(
+        &self,
+        _query: CommandGetCrossReference,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.no_keys("cross_reference", true, &request)
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}

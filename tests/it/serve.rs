@@ -8,7 +8,10 @@ use std::process::{Child, Command, Stdio};
 
 use arrow_flight::error::FlightError;
 use arrow_flight::sql::client::FlightSqlServiceClient;
-use arrow_flight::sql::{CommandGetDbSchemas, CommandGetTables, SqlInfo};
+use arrow_flight::sql::{
+    CommandGetDbSchemas, CommandGetImportedKeys, CommandGetPrimaryKeys, CommandGetTables,
+    CommandGetXdbcTypeInfo, SqlInfo,
+};
 use arrow_flight::{FlightInfo, Ticket};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::util::pretty::pretty_format_batches;
@@ -203,6 +206,12 @@ async fn a_researcher_queries_the_research_tables_as_ward_query_does() {
         .unwrap();
     let schema = none.clone().try_decode_schema().unwrap();
     assert_eq!(schema.field(0).name(), "research_id");
+    // Plain strings on the wire (views would resend their buffers with
+    // every slice, and older clients cannot read them).
+    assert_eq!(
+        schema.field(0).data_type(),
+        &datafusion::arrow::datatypes::DataType::Utf8
+    );
     assert!(
         fetch(&mut c, none)
             .await
@@ -276,6 +285,31 @@ async fn a_researcher_queries_the_research_tables_as_ward_query_does() {
         .await
         .unwrap();
     assert_eq!(fetch(&mut c, info).await.unwrap()[0].num_rows(), 2);
+    // JDBC's getTypeInfo and key look-ups: the research tables' types, no keys.
+    let info = c
+        .get_xdbc_type_info(CommandGetXdbcTypeInfo::default())
+        .await
+        .unwrap();
+    let types = strings_of(&fetch(&mut c, info).await.unwrap(), "type_name");
+    for t in ["BIGINT", "VARCHAR", "DATE", "TIMESTAMP"] {
+        assert!(types.iter().any(|n| n == t), "{types:?}");
+    }
+    let info = c
+        .get_primary_keys(CommandGetPrimaryKeys {
+            table: "person".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows(&fetch(&mut c, info).await.unwrap()), 0);
+    let info = c
+        .get_imported_keys(CommandGetImportedKeys {
+            table: "observation".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows(&fetch(&mut c, info).await.unwrap()), 0);
 
     // Every request is audited: who, what, which run and tables, how
     // much, how it ended; never a result value.
@@ -316,6 +350,9 @@ async fn a_researcher_queries_the_research_tables_as_ward_query_does() {
         "tables",
         "table_types",
         "sql_info",
+        "type_info",
+        "primary_keys",
+        "imported_keys",
     ] {
         assert!(audit.iter().any(|a| a["call"] == call), "no {call} audited");
     }

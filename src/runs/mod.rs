@@ -42,6 +42,18 @@ mod tests {
     use std::fs;
     use std::path::{Path, PathBuf};
 
+    /// A history entry of run `id` with no figures.
+    fn entry(id: &str) -> HistoryEntry {
+        HistoryEntry {
+            dq: Vec::new(),
+            run_id: id.into(),
+            finished: String::new(),
+            period: PeriodInfo::default(),
+            persons: 0,
+            overall: Vec::new(),
+        }
+    }
+
     #[test]
     fn a_second_lock_names_the_holder_and_a_released_lock_is_free() {
         let dir = tempfile::tempdir().unwrap();
@@ -101,14 +113,6 @@ mod tests {
             fs::create_dir_all(runs_dir(wh).join(id)).unwrap();
             fs::write(runs_dir(wh).join(id).join(MANIFEST), "{}").unwrap();
         }
-        let entry = |id: &str| HistoryEntry {
-            dq: Vec::new(),
-            run_id: id.into(),
-            finished: String::new(),
-            period: PeriodInfo::default(),
-            persons: 0,
-            overall: Vec::new(),
-        };
         let history = vec![entry("r1"), entry("r2")];
         write_history(&runs_dir(wh).join("r4"), history, entry("r4")).unwrap();
         fs::create_dir_all(runs_dir(wh).join("r6/core")).unwrap(); // killed
@@ -170,14 +174,6 @@ mod tests {
         assert_eq!(reader.run_id, "r1");
         assert_eq!(reader.dir, runs_dir(wh).join("r1"));
         // Two nights later r1 is past `keep`, but its reader is mid-query.
-        let entry = |id: &str| HistoryEntry {
-            dq: Vec::new(),
-            run_id: id.into(),
-            finished: String::new(),
-            period: PeriodInfo::default(),
-            persons: 0,
-            overall: Vec::new(),
-        };
         write_history(
             &runs_dir(wh).join("r3"),
             vec![entry("r1"), entry("r2")],

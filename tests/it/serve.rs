@@ -479,15 +479,18 @@ async fn a_run_published_and_pruned_while_a_query_streams_does_not_break_it() {
     // run being read stays while it is read.
     let runs = ward::runs::runs_dir(&wh);
     let mut history = ward::runs::load_history(Some(&runs.join(&first))).unwrap();
-    for night in ["2", "3"] {
+    // A night: the run `from` copied as `first-night`, then published.
+    let mut night = |from: &str, night: &str| {
         let id = format!("{first}-{night}");
-        copy_dir(&runs.join(&first), &runs.join(&id));
+        copy_dir(&runs.join(from), &runs.join(&id));
         let mut entry = history.last().unwrap().clone();
         entry.run_id = id.clone();
         ward::runs::write_history(&runs.join(&id), history.clone(), entry.clone()).unwrap();
         history.push(entry);
         ward::runs::publish(&wh, &id).unwrap();
-    }
+    };
+    night(&first, "2");
+    night(&first, "3");
     assert_eq!(ward::runs::prune(&wh, 1).unwrap(), Vec::<String>::new());
     assert!(runs.join(&first).exists());
 
@@ -511,15 +514,8 @@ async fn a_run_published_and_pruned_while_a_query_streams_does_not_break_it() {
 
     // A ticket for a pruned run: a clear error asking to run it again.
     let stale = c.execute(big, None).await.unwrap();
-    for night in ["4", "5"] {
-        let id = format!("{first}-{night}");
-        copy_dir(&runs.join(format!("{first}-3")), &runs.join(&id));
-        let mut entry = history.last().unwrap().clone();
-        entry.run_id = id.clone();
-        ward::runs::write_history(&runs.join(&id), history.clone(), entry.clone()).unwrap();
-        history.push(entry);
-        ward::runs::publish(&wh, &id).unwrap();
-    }
+    night(&format!("{first}-3"), "4");
+    night(&format!("{first}-3"), "5");
     ward::runs::prune(&wh, 1).unwrap();
     let (_, message) = status(fetch(&mut c, stale).await);
     assert!(message.contains("run the statement again"), "{message}");

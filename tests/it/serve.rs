@@ -572,13 +572,17 @@ async fn tls_is_required_unless_insecure_and_serves_with_a_certificate() {
 /// `tests/serve/adbc_client.py` connects with a token, reads query results
 /// into pyarrow tables, lists the tables, and checks refusals; it prints
 /// what it read, compared here with `ward query`. `.ci/run` installs the
-/// driver into `target/adbc-venv` and sets `WARD_REQUIRE_ADBC`; elsewhere
+/// driver into `~/.cache/ward-adbc-venv` and names its Python in
+/// `WARD_ADBC_PYTHON` (the default), with `WARD_REQUIRE_ADBC`; elsewhere
 /// the test is skipped with a message when that venv is missing.
 #[test]
 fn the_python_adbc_driver_connects_queries_and_is_refused_escapes() {
     let python = std::env::var_os("WARD_ADBC_PYTHON")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/adbc-venv/bin/python"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/ward-adbc-venv/bin/python")
+        });
     if !python.exists() {
         assert!(
             std::env::var_os("WARD_REQUIRE_ADBC").is_none(),

@@ -470,6 +470,19 @@ pub fn query_each(
     on_query_thread(research_dir, sql, opts, Sink::Each(each)).map(|r| r.suppressed_cells)
 }
 
+/// The schema `sql`'s result would have (as [`query_each`] gives it),
+/// after the same checks, without executing it.
+pub fn result_schema(research_dir: &Path, sql: &str, opts: &QueryOptions) -> Result<SchemaRef> {
+    let mut planned = None;
+    query_each(research_dir, sql, opts, &mut |event| {
+        if let QueryEvent::Schema { schema, .. } = event {
+            planned = Some(schema);
+        }
+        false
+    })?;
+    Ok(planned.expect("query_each hands on the schema first"))
+}
+
 /// Where a query's batches go.
 enum Sink<'a> {
     /// Held, counted against the query's memory pool.

@@ -278,17 +278,22 @@ impl WardFlightSql {
     }
 
     /// A permit to run a query: at once when one is free, after waiting
-    /// when at most `max_queued` wait already, else a "busy" refusal.
-    async fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
+    /// when at most `max_queued` wait already, else a "busy" refusal,
+    /// written to the audit log as `record`'s outcome.
+    async fn admit(&self, record: &mut AuditRecord) -> Result<OwnedSemaphorePermit, Status> {
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             return Ok(permit);
         }
         if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.config.max_queued {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(Status::resource_exhausted(format!(
+            let status = Status::resource_exhausted(format!(
                 "server busy: {} queries running and {} waiting; try again later",
                 self.config.max_concurrent, self.config.max_queued
-            )));
+            ));
+            record.outcome = Outcome::Busy;
+            record.error = Some(status.message().to_string());
+            self.audit.write(record);
+            return Err(status);
         }
         let permit = self.slots.clone().acquire_owned().await;
         self.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -321,14 +326,7 @@ impl WardFlightSql {
                 message: "no published run yet: the research tables appear after `ward run`".into(),
             })?;
             let tables = crate::query::check(&sql, &Self::tables_of(&lease, &researcher)?)?;
-            let mut schema = None;
-            crate::query::query_each(&lease.dir.join("research"), &sql, &opts, &mut |event| {
-                if let QueryEvent::Schema { schema: s, .. } = event {
-                    schema = Some(s);
-                }
-                false
-            })?;
-            let schema = schema.unwrap_or_else(|| Arc::new(Schema::empty()));
+            let schema = crate::query::result_schema(&lease.dir.join("research"), &sql, &opts)?;
             Ok::<_, WardError>((lease.run_id.clone(), tables, schema))
         })
         .await
@@ -353,11 +351,7 @@ impl WardFlightSql {
         let caller = Self::caller(&request)?;
         let mut record = self.record(call, &request).statement(sql);
         let planned = {
-            let _permit = self.admit().await.inspect_err(|s| {
-                record.outcome = Outcome::Busy;
-                record.error = Some(s.message().to_string());
-                self.audit.write(&record);
-            })?;
+            let _permit = self.admit(&mut record).await?;
             self.plan(&caller.researcher, sql, &mut record).await
         };
         let (run, schema) = planned.map_err(|e| self.fail(record.clone(), started, &e))?;
@@ -370,16 +364,10 @@ impl WardFlightSql {
                 })
                 .into(),
         };
-        let info = FlightInfo::new()
-            .try_with_schema(&schema)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .with_endpoint(
-                FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec())),
-            )
-            .with_descriptor(request.into_inner());
+        let info = flight_info_of(&schema, ticket.as_any(), request)?;
         record.duration_ms = started.elapsed().as_millis() as u64;
         self.audit.write(&record);
-        Ok(Response::new(info))
+        Ok(info)
     }
 
     /// Runs a ticket's statement on the run it names and streams the
@@ -392,11 +380,7 @@ impl WardFlightSql {
         let started = Instant::now();
         let caller = Self::caller(request)?;
         let mut record = self.record("execute", request).statement(&handle.sql);
-        let permit = self.admit().await.inspect_err(|s| {
-            record.outcome = Outcome::Busy;
-            record.error = Some(s.message().to_string());
-            self.audit.write(&record);
-        })?;
+        let permit = self.admit(&mut record).await?;
         let warehouse = self.warehouse.clone();
         let opts = self.options(&caller.researcher);
         let audit = self.audit.clone();
@@ -494,12 +478,7 @@ impl WardFlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         Self::caller(&request)?;
         self.audit.write(&self.record(call, &request));
-        let info = FlightInfo::new()
-            .try_with_schema(schema)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(command.encode_to_vec())))
-            .with_descriptor(request.into_inner());
-        Ok(Response::new(info))
+        flight_info_of(schema, command, request)
     }
 
     /// A metadata result as a stream, audited.
@@ -544,20 +523,12 @@ impl WardFlightSql {
             let research = lease.dir.join("research");
             let mut out = Vec::new();
             for table in Self::tables_of(&lease, &researcher)? {
-                let mut schema: SchemaRef = Arc::new(Schema::empty());
-                if with_schema {
-                    crate::query::query_each(
-                        &research,
-                        &format!("SELECT * FROM \"{table}\""),
-                        &opts,
-                        &mut |event| {
-                            if let QueryEvent::Schema { schema: s, .. } = event {
-                                schema = s;
-                            }
-                            false
-                        },
-                    )?;
-                }
+                let schema = if with_schema {
+                    let sql = format!("SELECT * FROM \"{table}\"");
+                    crate::query::result_schema(&research, &sql, &opts)?
+                } else {
+                    Arc::new(Schema::empty())
+                };
                 out.push((table, schema));
             }
             Ok(out)
@@ -568,30 +539,26 @@ impl WardFlightSql {
             message: "listing the tables failed (internal error)".into(),
         })?
     }
-}
 
-impl WardFlightSql {
     /// A write, an ingest, a Substrait plan or bound parameters: refused
-    /// and audited like a refused statement.
-    fn refuse_put<T>(&self, call: &'static str, sql: Option<&str>, request: &Request<T>) -> Status {
+    /// with `message` and audited like a refused statement.
+    fn refuse_put<T>(
+        &self,
+        call: &'static str,
+        sql: Option<&str>,
+        message: &str,
+        request: &Request<T>,
+    ) -> Status {
         let mut record = self.record(call, request);
         if let Some(sql) = sql {
             record = record.statement(sql);
         }
-        let message = match call {
-            "prepared_statement_parameters" => {
-                "query parameters are not supported: put the values in the SQL text"
-            }
-            _ => "the research tables are read-only: only queries are allowed",
-        };
         record.outcome = Outcome::Refused;
         record.error = Some(message.into());
         self.audit.write(&record);
         Status::permission_denied(message)
     }
-}
 
-impl WardFlightSql {
     /// The empty answer of a key call, audited.
     fn no_keys(
         &self,
@@ -606,6 +573,23 @@ impl WardFlightSql {
         self.metadata_stream(record, started, Ok(batch))
     }
 }
+
+/// A FlightInfo with `schema` and one endpoint whose ticket is `command`.
+fn flight_info_of(
+    schema: &Schema,
+    command: Any,
+    request: Request<FlightDescriptor>,
+) -> Result<Response<FlightInfo>, Status> {
+    let info = FlightInfo::new()
+        .try_with_schema(schema)
+        .map_err(arrow_status)?
+        .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(command.encode_to_vec())))
+        .with_descriptor(request.into_inner());
+    Ok(Response::new(info))
+}
+
+/// Refusal of every write call.
+const READ_ONLY: &str = "the research tables are read-only: only queries are allowed";
 
 fn arrow_status(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
@@ -845,7 +829,7 @@ impl FlightSqlService for WardFlightSql {
         cmd: CommandStatementUpdate,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
-        Err(self.refuse_put("update", Some(&cmd.query), &request))
+        Err(self.refuse_put("update", Some(&cmd.query), READ_ONLY, &request))
     }
 
     async fn do_put_statement_ingest(
@@ -853,7 +837,7 @@ impl FlightSqlService for WardFlightSql {
         _cmd: CommandStatementIngest,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
-        Err(self.refuse_put("ingest", None, &request))
+        Err(self.refuse_put("ingest", None, READ_ONLY, &request))
     }
 
     async fn do_put_prepared_statement_query(
@@ -861,7 +845,12 @@ impl FlightSqlService for WardFlightSql {
         _query: CommandPreparedStatementQuery,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
-        Err(self.refuse_put("prepared_statement_parameters", None, &request))
+        Err(self.refuse_put(
+            "prepared_statement_parameters",
+            None,
+            "query parameters are not supported: put the values in the SQL text",
+            &request,
+        ))
     }
 
     async fn do_put_prepared_statement_update(
@@ -869,7 +858,7 @@ impl FlightSqlService for WardFlightSql {
         _query: CommandPreparedStatementUpdate,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
-        Err(self.refuse_put("prepared_update", None, &request))
+        Err(self.refuse_put("prepared_update", None, READ_ONLY, &request))
     }
 
     async fn do_put_substrait_plan(
@@ -877,7 +866,7 @@ impl FlightSqlService for WardFlightSql {
         _query: CommandStatementSubstraitPlan,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
-        Err(self.refuse_put("substrait_plan", None, &request))
+        Err(self.refuse_put("substrait_plan", None, READ_ONLY, &request))
     }
 
     async fn get_flight_info_xdbc_type_info(

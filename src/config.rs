@@ -55,6 +55,8 @@ pub struct PipelineConfig {
     pub dq: crate::dq::DqOptions,
     /// The research endpoint, `ward serve` (`[serve]`).
     pub serve: crate::serve::ServeConfig,
+    /// Where SQL stages run (`[engine]`): locally, or on a Ballista cluster.
+    pub engine: crate::cluster::Engine,
 }
 
 #[derive(Deserialize)]
@@ -73,6 +75,7 @@ struct RawConfig {
     dq: Option<Spanned<RawDq>>,
     deid: Option<Spanned<RawDeid>>,
     serve: Option<Spanned<RawServe>>,
+    engine: Option<Spanned<RawEngine>>,
     sources: Option<Spanned<Vec<RawSource>>>,
 }
 
@@ -90,6 +93,15 @@ struct RawServe {
     memory_limit: Option<String>,
     timeout: Option<String>,
     min_cell: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEngine {
+    kind: String,
+    scheduler: Option<String>,
+    partitions: Option<usize>,
+    scratch: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -273,6 +285,7 @@ impl PipelineConfig {
             .transpose()?;
         let queries = raw.queries.map(|q| file.queries(q)).transpose()?;
         let serve = file.serve(raw.serve, &warehouse)?;
+        let engine = file.engine(raw.engine, &warehouse)?;
 
         Ok(PipelineConfig {
             path: path.to_path_buf(),
@@ -289,6 +302,7 @@ impl PipelineConfig {
             deid,
             dq,
             serve,
+            engine,
         })
     }
 }
@@ -329,6 +343,58 @@ impl ConfigFile<'_> {
         match value {
             Some(n) if n < N::from(1) => Err(self.err(span, key, "must be at least 1".into())),
             other => Ok(other),
+        }
+    }
+
+    /// `[engine]`: `kind = "local"` (no other key), or `kind = "ballista"`
+    /// with a `scheduler` address and optional `partitions` and `scratch`.
+    fn engine(
+        &self,
+        raw: Option<Spanned<RawEngine>>,
+        warehouse: &Path,
+    ) -> Result<crate::cluster::Engine> {
+        use crate::cluster::{ClusterConfig, Engine};
+        let Some(raw) = raw else {
+            return Ok(Engine::Local);
+        };
+        let span = raw.span();
+        let r = raw.into_inner();
+        let err = |key: &str, message: String| self.err(span.clone(), key, message);
+        match r.kind.as_str() {
+            "local" => {
+                if r.scheduler.is_some() || r.partitions.is_some() || r.scratch.is_some() {
+                    return Err(err(
+                        "engine.kind",
+                        "scheduler, partitions and scratch are for kind = \"ballista\"".into(),
+                    ));
+                }
+                Ok(Engine::Local)
+            }
+            "ballista" => {
+                let scheduler = r.scheduler.ok_or_else(|| {
+                    err(
+                        "engine.scheduler",
+                        "kind = \"ballista\" needs the scheduler's address, df://host:50050".into(),
+                    )
+                })?;
+                ClusterConfig::scheduler_url(&scheduler).map_err(|m| err("engine.scheduler", m))?;
+                let partitions = self
+                    .at_least_one(span.clone(), r.partitions, "engine.partitions")?
+                    .unwrap_or(16);
+                let scratch = match r.scratch {
+                    Some(dir) => self.base.join(dir),
+                    None => warehouse.join(".tmp").join("engine"),
+                };
+                Ok(Engine::Ballista(ClusterConfig {
+                    scheduler,
+                    partitions,
+                    scratch,
+                }))
+            }
+            other => Err(err(
+                "engine.kind",
+                format!("`{other}` is not an engine: \"local\" or \"ballista\""),
+            )),
         }
     }
 
@@ -932,6 +998,43 @@ mapping = "map.toml"
                     assert!(message.contains(needle), "{serve}: {message}")
                 }
                 other => panic!("{serve}: unexpected {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_engine_section_defaults_resolves_and_locates_mistakes() {
+        use crate::cluster::{ClusterConfig, Engine};
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "ward.toml", GOOD);
+        assert_eq!(PipelineConfig::load(&p).unwrap().engine, Engine::Local);
+        let text = format!("{GOOD}\n[engine]\nkind = \"ballista\"\nscheduler = \"df://s:7\"\n");
+        let c = PipelineConfig::load(&write(dir.path(), "ward.toml", &text)).unwrap();
+        assert_eq!(
+            c.engine,
+            Engine::Ballista(ClusterConfig {
+                scheduler: "df://s:7".into(),
+                partitions: 16,
+                scratch: dir.path().join("wh/.tmp/engine"),
+            })
+        );
+        for (engine, needle) in [
+            ("kind = \"spark\"", "not an engine"),
+            ("kind = \"ballista\"", "needs the scheduler"),
+            ("kind = \"ballista\"\nscheduler = \"s:1\"", "df://host"),
+            (
+                "kind = \"ballista\"\nscheduler = \"df://s\"\npartitions = 0",
+                "at least 1",
+            ),
+            ("kind = \"local\"\nscheduler = \"df://s\"", "for kind"),
+            ("kind = \"local\"\nhost = 1", "unknown field"),
+        ] {
+            let text = format!("{GOOD}\n[engine]\n{engine}\n");
+            match PipelineConfig::load(&write(dir.path(), "ward.toml", &text)).unwrap_err() {
+                WardError::Config { message, .. } => {
+                    assert!(message.contains(needle), "{engine}: {message}")
+                }
+                other => panic!("{engine}: unexpected {other}"),
             }
         }
     }

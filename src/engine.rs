@@ -37,12 +37,20 @@ pub(crate) fn block_on_with_stack<T>(
         .block_on(future)
 }
 
-/// A session with as many partitions as rayon threads.
+/// A session of the SQL stages: on the active cluster when there is one
+/// (see [`crate::cluster`]), else a [`local_session`].
+pub(crate) fn session(config: SessionConfig) -> Result<SessionContext> {
+    let config = tuned(config);
+    crate::cluster::remote_session(&config)
+        .unwrap_or_else(|| Ok(SessionContext::new_with_config(config)))
+}
+
+/// A session in this process with as many partitions as rayon threads.
 ///
 /// No memory pool limit: DataFusion 55's spilling repartition panics under
 /// one ("partition not used yet", apache/datafusion#17334 and follow-ups).
 /// Memory is bounded instead by building core tables in buckets of persons.
-pub(crate) fn session(config: SessionConfig) -> SessionContext {
+pub(crate) fn local_session(config: SessionConfig) -> SessionContext {
     SessionContext::new_with_config(tuned(config))
 }
 
@@ -133,9 +141,7 @@ pub(crate) async fn register_parquet(
         parquet_files(path)?
     };
     if files.is_empty() {
-        let empty = MemTable::try_new(schema, vec![vec![]]).map_err(err)?;
-        ctx.register_table(name, Arc::new(empty)).map_err(err)?;
-        return Ok(());
+        return register_batches(ctx, name, schema, vec![], path);
     }
     // The files found, not the directory: a listing of a directory whose
     // files sit in subdirectories that are not `key=value` partitions
@@ -152,6 +158,37 @@ pub(crate) async fn register_parquet(
         .with_schema(schema);
     let table = ListingTable::try_new(config).map_err(err)?;
     ctx.register_table(name, Arc::new(table)).map_err(err)?;
+    Ok(())
+}
+
+/// Registers `batches` (schema `schema`) as table `name`: in memory, or
+/// on a cluster a Parquet file in its scratch directory that the executors
+/// read (plans do not carry data). Errors name `path`, what the table is
+/// about.
+pub(crate) fn register_batches(
+    ctx: &SessionContext,
+    name: &str,
+    schema: datafusion::arrow::datatypes::SchemaRef,
+    batches: Vec<RecordBatch>,
+    path: &std::path::Path,
+) -> Result<()> {
+    let err =
+        |e: datafusion::error::DataFusionError| WardError::data("registering a table", path, e);
+    let table: Arc<dyn datafusion::catalog::TableProvider> =
+        match crate::cluster::scratch_file(name)? {
+            None => Arc::new(MemTable::try_new(schema, vec![batches]).map_err(err)?),
+            Some(file) => {
+                crate::cluster::write_scratch(&file, schema.clone(), &batches)?;
+                let url = ListingTableUrl::parse(file.to_string_lossy()).map_err(err)?;
+                let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+                    .with_file_extension(".parquet");
+                let config = ListingTableConfig::new(url)
+                    .with_listing_options(options)
+                    .with_schema(schema);
+                Arc::new(ListingTable::try_new(config).map_err(err)?)
+            }
+        };
+    ctx.register_table(name, table).map_err(err)?;
     Ok(())
 }
 

@@ -16,6 +16,7 @@
 //! The library never prints, exits or reads the environment; it logs through
 //! `tracing`. The `ward` binary is a thin layer over [`run`] and friends.
 
+pub mod cluster;
 pub mod config;
 pub mod deid;
 pub mod dq;
@@ -33,6 +34,7 @@ pub mod runs;
 pub mod schema;
 pub mod serve;
 pub mod settings;
+pub mod sqlfn;
 mod tomlfile;
 pub mod valuesets;
 pub mod warehouse;

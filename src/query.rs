@@ -581,7 +581,7 @@ async fn run(
         .schema_force_view_types = false;
     let ctx = match opts.memory_limit {
         Some(bytes) => crate::engine::limited_session(config, bytes)?,
-        None => crate::engine::session(config),
+        None => crate::engine::local_session(config),
     };
     for (name, path) in tables {
         let location = if path.is_dir() {

@@ -28,7 +28,6 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
-use datafusion::datasource::MemTable;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use serde::{Deserialize, Serialize};
 
@@ -369,7 +368,7 @@ async fn session(
     tonight: Option<&BTreeSet<(String, String)>>,
 ) -> Result<SessionContext> {
     let root = warehouse.root();
-    let ctx = crate::engine::session(SessionConfig::new());
+    let ctx = crate::engine::session(SessionConfig::new())?;
     let prefix = if tonight.is_some() { "dq_all_" } else { "" };
     for table in Table::ALL {
         let name = format!("{prefix}staging_{}", table.name());
@@ -419,11 +418,7 @@ const PREPARING: &str = "preparing the data-quality checks";
 
 /// Registers one in-memory batch as table `name`.
 fn register_batch(ctx: &SessionContext, name: &str, batch: RecordBatch, root: &Path) -> Result<()> {
-    let table = MemTable::try_new(batch.schema(), vec![vec![batch]])
-        .map_err(|e| WardError::data(PREPARING, root, e))?;
-    ctx.register_table(name, Arc::new(table))
-        .map_err(|e| WardError::data(PREPARING, root, e))?;
-    Ok(())
+    crate::engine::register_batches(ctx, name, batch.schema(), vec![batch], root)
 }
 
 /// `dq_layout`: the canonical columns each source's layout fills.
@@ -523,7 +518,7 @@ fn facts_view() -> String {
 /// (not after the night's linkage).
 pub fn validate(checks: &[Check]) -> Result<()> {
     crate::engine::block_on(async {
-        let ctx = crate::engine::session(SessionConfig::new());
+        let ctx = crate::engine::session(SessionConfig::new())?;
         let root = Path::new("queries/checks");
         let empty = |schema: SchemaRef| RecordBatch::new_empty(schema);
         for table in Table::ALL {

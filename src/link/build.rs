@@ -52,7 +52,7 @@ pub fn build(warehouse: &Warehouse) -> Result<BuildReport> {
 pub fn build_tables(warehouse: &Warehouse, tables: &[Table]) -> Result<BuildReport> {
     let core = warehouse.out().join("core");
     crate::engine::block_on(async {
-        let ctx = crate::engine::session(SessionConfig::new());
+        let ctx = crate::engine::session(SessionConfig::new())?;
         crate::engine::register_staging(&ctx, warehouse).await?;
         crate::engine::register_parquet(
             &ctx,

@@ -25,7 +25,6 @@ use datafusion::arrow::array::{
     StringBuilder, UInt32Array,
 };
 use datafusion::arrow::datatypes::{DataType, Date32Type, Field, Schema};
-use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionConfig;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -389,7 +388,7 @@ struct Fitted {
 
 fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
     let (raw, recs) = crate::engine::block_on(async {
-        let ctx = crate::engine::session(SessionConfig::new());
+        let ctx = crate::engine::session(SessionConfig::new())?;
         crate::engine::register_staging(&ctx, warehouse).await?;
         let raw = crate::engine::collect_about(
             &ctx,
@@ -1077,10 +1076,14 @@ fn block(recs: &[Rec], rules: &[(String, String)]) -> Result<Vec<(u32, u32, u8)>
     // sorted: a pair found by several rules keeps the first rule.
     let mut keys: Vec<(u64, u8)> = Vec::new();
     crate::engine::block_on(async {
-        let ctx = crate::engine::session(SessionConfig::new());
-        let table = MemTable::try_new(schema, vec![vec![batch]]).map_err(engine_error)?;
-        ctx.register_table("link_rec", Arc::new(table))
-            .map_err(engine_error)?;
+        let ctx = crate::engine::session(SessionConfig::new())?;
+        crate::engine::register_batches(
+            &ctx,
+            "link_rec",
+            schema,
+            vec![batch],
+            Path::new("blocking"),
+        )?;
         for (i, (_, on)) in rules.iter().enumerate() {
             let sql = format!(
                 "SELECT a.rid AS l, b.rid AS r FROM link_rec a JOIN link_rec b ON {on} WHERE a.rid < b.rid"

@@ -30,8 +30,9 @@
 
 pub mod conformance;
 mod session;
+pub use crate::sqlfn::{age_band, age_years};
+pub use session::install;
 pub(crate) use session::read_valuesets;
-pub use session::{age_band, age_years, install};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -819,13 +820,14 @@ pub fn care_gaps(
             let (Some(action), true) = (r.care_gap(), !r.rows.is_empty()) else {
                 continue;
             };
-            let err = |source: BoxError| WardError::data("care gaps", r.def.sql.clone(), source);
             let mart = format!("gap_{n}");
-            let table =
-                datafusion::datasource::MemTable::try_new(r.schema.clone(), vec![r.rows.clone()])
-                    .map_err(|e| err(e.into()))?;
-            ctx.register_table(mart.as_str(), Arc::new(table))
-                .map_err(|e| err(e.into()))?;
+            crate::engine::register_batches(
+                &ctx,
+                &mart,
+                r.schema.clone(),
+                r.rows.clone(),
+                &r.def.sql,
+            )?;
             let gap = match r.def.improvement {
                 Improvement::Decrease => "m.numerator",
                 Improvement::Increase => {

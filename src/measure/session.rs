@@ -35,21 +35,17 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use chrono::{Datelike, NaiveDate};
-use datafusion::arrow::array::{
-    Array, ArrayRef, Date32Array, Int32Array, Int64Array, RecordBatch, StringArray,
-};
+use chrono::NaiveDate;
+use datafusion::arrow::array::{ArrayRef, Date32Array, RecordBatch};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::dataframe::DataFrameWriteOptions;
-use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::csv::CsvFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::error::DataFusionError;
-use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::DFParser;
 
@@ -78,7 +74,7 @@ pub(crate) async fn session(
     library: &str,
     shared: Option<&mut Shared>,
 ) -> Result<SessionContext> {
-    let ctx = crate::engine::session(SessionConfig::new().with_information_schema(true));
+    let ctx = crate::engine::session(SessionConfig::new().with_information_schema(true))?;
     crate::engine::register_staging(&ctx, warehouse).await?;
     let core = warehouse.out().join("core");
     let linked = warehouse.reads_core() && core.join("person.parquet").is_file();
@@ -137,10 +133,11 @@ async fn install_base(
 ) -> Result<()> {
     register_valuesets(ctx, &queries.join("valuesets")).await?;
 
-    ctx.register_table("period", Arc::new(period_table(period)?))
-        .map_err(|e| WardError::data("registering period", queries, e))?;
-    ctx.register_udf(age_years_udf());
-    ctx.register_udf(age_band_udf());
+    let (schema, period) = period_table(period)?;
+    crate::engine::register_batches(ctx, "period", schema, vec![period], queries)?;
+    for f in crate::sqlfn::functions() {
+        ctx.register_udf(f);
+    }
 
     let mut views = Vec::new();
     for table in Table::ALL {
@@ -280,9 +277,7 @@ impl Shared {
             ctx.deregister_table(view.as_str()).map_err(err)?;
             let empty = !dir.exists() || crate::warehouse::parquet_files(&dir)?.is_empty();
             if empty {
-                let table = MemTable::try_new(schema.clone(), vec![vec![]]).map_err(err)?;
-                ctx.register_table(view.as_str(), Arc::new(table))
-                    .map_err(err)?;
+                crate::engine::register_batches(ctx, view, schema.clone(), vec![], &dir)?;
                 continue;
             }
             // The files hold every column but the value set, which their
@@ -414,7 +409,8 @@ async fn execute(ctx: &SessionContext, sql: &str, file: &Path) -> Result<()> {
     Ok(())
 }
 
-fn period_table(period: Period) -> Result<MemTable> {
+/// The one-row `period` table and its schema.
+fn period_table(period: Period) -> Result<(SchemaRef, RecordBatch)> {
     let ts = DataType::Timestamp(TimeUnit::Microsecond, None);
     let schema = Arc::new(Schema::new(vec![
         Field::new("start_date", DataType::Date32, false),
@@ -437,8 +433,7 @@ fn period_table(period: Period) -> Result<MemTable> {
     ];
     let batch = RecordBatch::try_new(schema.clone(), columns)
         .map_err(|e| WardError::data("building the period table", PathBuf::new(), e))?;
-    MemTable::try_new(schema, vec![vec![batch]])
-        .map_err(|e| WardError::data("building the period table", PathBuf::new(), e))
+    Ok((schema, batch))
 }
 
 /// Registers the value-set files of `dir` (`*.csv`) as `valueset_code`.
@@ -469,95 +464,11 @@ pub(crate) async fn register_valuesets(ctx: &SessionContext, dir: &Path) -> Resu
 /// system and code.
 pub(crate) fn read_valuesets(dir: &Path) -> Result<Vec<RecordBatch>> {
     crate::engine::block_on(async {
-        let ctx = crate::engine::session(SessionConfig::new());
+        let ctx = crate::engine::local_session(SessionConfig::new());
         register_valuesets(&ctx, dir).await?;
         let sql = "SELECT * FROM valueset_code ORDER BY valueset, code_system, code";
         crate::engine::collect_about(&ctx, sql, "reading value sets", dir).await
     })
-}
-
-/// Completed years between two dates (CQL `AgeInYearsAt`; negative when
-/// `at` is before `birth`). Measures (the `age_years` SQL function) and
-/// research ages share it.
-pub fn age_years(birth: NaiveDate, at: NaiveDate) -> i32 {
-    let mut years = at.year() - birth.year();
-    if (at.month(), at.day()) < (birth.month(), birth.day()) {
-        years -= 1;
-    }
-    years
-}
-
-/// The age bands of reports and research tables alike: `0-17`, `18-44`,
-/// `45-64`, `65-74`, `75+` (years completed). Coarser than ten-year bands,
-/// they also hide ages of 90 and over as Safe Harbor requires.
-pub fn age_band(age: i32) -> &'static str {
-    match age {
-        ..18 => "0-17",
-        18..45 => "18-44",
-        45..65 => "45-64",
-        65..75 => "65-74",
-        _ => "75+",
-    }
-}
-
-fn age_years_udf() -> datafusion::logical_expr::ScalarUDF {
-    create_udf(
-        "age_years",
-        vec![DataType::Date32, DataType::Date32],
-        DataType::Int32,
-        Volatility::Immutable,
-        Arc::new(|args: &[ColumnarValue]| {
-            let arrays = ColumnarValue::values_to_arrays(args)?;
-            let as_dates = |a: &ArrayRef| {
-                a.as_any()
-                    .downcast_ref::<Date32Array>()
-                    .cloned()
-                    .ok_or_else(|| {
-                        datafusion::error::DataFusionError::Execution(
-                            "age_years expects two DATE arguments".into(),
-                        )
-                    })
-            };
-            let (birth, at) = (as_dates(&arrays[0])?, as_dates(&arrays[1])?);
-            let out: Int32Array = (0..birth.len())
-                .map(|i| {
-                    if birth.is_null(i) || at.is_null(i) {
-                        None
-                    } else {
-                        Some(age_years(birth.value_as_date(i)?, at.value_as_date(i)?))
-                    }
-                })
-                .collect();
-            Ok(ColumnarValue::Array(Arc::new(out)))
-        }),
-    )
-}
-
-/// `age_band(age)`: the report's age band of an age in years
-/// ([`age_band`]); NULL for NULL.
-fn age_band_udf() -> datafusion::logical_expr::ScalarUDF {
-    // BIGINT, so an INT (`age_years`) widens to it and a literal age needs
-    // no cast.
-    create_udf(
-        "age_band",
-        vec![DataType::Int64],
-        DataType::Utf8,
-        Volatility::Immutable,
-        Arc::new(|args: &[ColumnarValue]| {
-            let arrays = ColumnarValue::values_to_arrays(args)?;
-            let ages = arrays[0]
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .ok_or_else(|| {
-                    datafusion::error::DataFusionError::Execution(
-                        "age_band expects an integer argument".into(),
-                    )
-                })?;
-            let band = |a: i64| age_band(a.clamp(i32::MIN.into(), i32::MAX.into()) as i32);
-            let out: StringArray = ages.iter().map(|a| a.map(band)).collect();
-            Ok(ColumnarValue::Array(Arc::new(out)))
-        }),
-    )
 }
 
 #[cfg(test)]
@@ -614,17 +525,5 @@ mod tests {
             e.contains("require each other") && e.contains("a.sql"),
             "{e}"
         );
-    }
-
-    fn d(s: &str) -> NaiveDate {
-        NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap()
-    }
-
-    #[test]
-    fn age_counts_completed_years() {
-        assert_eq!(age_years(d("2000-12-31"), d("2025-12-31")), 25);
-        assert_eq!(age_years(d("2001-01-01"), d("2025-12-31")), 24);
-        assert_eq!(age_years(d("2000-02-29"), d("2025-02-28")), 24);
-        assert_eq!(age_years(d("2000-02-29"), d("2025-03-01")), 25);
     }
 }

@@ -4,75 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
 
-use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use ward::PipelineConfig;
 use ward::runs::Rebuild;
 
-use crate::common::{copy_sample, read_parquet, run_all, run_with, text, ward};
-
-/// Everything a run derived from staging, by file: Parquet files as their
-/// sorted rows (with the column names first), other files as text. The
-/// reports are left out: they name the run.
-fn derived(run_dir: &Path) -> BTreeMap<String, Vec<String>> {
-    let mut out = BTreeMap::new();
-    for sub in ["core", "marts", "research"] {
-        let dir = run_dir.join(sub);
-        for entry in walkdir(&dir) {
-            let rel = entry
-                .strip_prefix(run_dir)
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            let content = if rel.ends_with(".parquet") {
-                let batches = read_parquet(&entry);
-                let mut rows: Vec<String> = Vec::new();
-                for b in &batches {
-                    let cols: Vec<ArrayFormatter> = b
-                        .columns()
-                        .iter()
-                        .map(|c| ArrayFormatter::try_new(c.as_ref(), &FormatOptions::default()))
-                        .collect::<Result<_, _>>()
-                        .unwrap();
-                    for i in 0..b.num_rows() {
-                        let row: Vec<String> =
-                            cols.iter().map(|c| c.value(i).to_string()).collect();
-                        rows.push(row.join("|"));
-                    }
-                }
-                rows.sort();
-                let names = batches.first().map(|b| {
-                    b.schema()
-                        .fields()
-                        .iter()
-                        .map(|f| f.name().clone())
-                        .collect::<Vec<_>>()
-                        .join("|")
-                });
-                names.into_iter().chain(rows).collect()
-            } else {
-                vec![fs::read_to_string(&entry).unwrap()]
-            };
-            out.insert(rel, content);
-        }
-    }
-    out
-}
-
-/// Every file under `dir`, recursively.
-fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(walkdir(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
+use crate::common::{copy_sample, derived, run_all, run_with, text, ward};
 
 /// The stages of a run that took their outputs from another run.
 fn reused(run: &ward::RunReport) -> BTreeMap<String, String> {

@@ -5,6 +5,8 @@
 mod common;
 
 mod cli;
+#[cfg(feature = "ballista")]
+mod cluster;
 mod dq;
 mod fhir;
 mod html;

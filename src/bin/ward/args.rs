@@ -115,6 +115,58 @@ pub(crate) enum Command {
     /// Generate a synthetic multi-provider population with ground truth.
     #[cfg(feature = "synth")]
     Synth(SynthArgs),
+    /// Run a Ballista scheduler for `[engine] kind = "ballista"`: it plans
+    /// the SQL stages of `ward run` and hands their tasks to executors.
+    #[cfg(feature = "ballista")]
+    Scheduler {
+        /// Listen on this address (gRPC for clients and executors, and the
+        /// REST API /api/executors, /api/jobs).
+        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:50050")]
+        listen: std::net::SocketAddr,
+        /// Seconds without a heartbeat after which an executor is declared
+        /// dead and its tasks run on the others.
+        #[arg(long, value_name = "SECONDS", default_value_t = 180,
+              value_parser = clap::value_parser!(u64).range(2..))]
+        executor_timeout: u64,
+    },
+    /// Run a Ballista executor: registers with the scheduler and runs the
+    /// tasks it is given.
+    #[cfg(feature = "ballista")]
+    Executor(ExecutorArgs),
+}
+
+/// `ward executor`.
+#[cfg(feature = "ballista")]
+#[derive(clap::Args)]
+pub(crate) struct ExecutorArgs {
+    /// The scheduler to register with.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) scheduler: String,
+    /// Listen on this address for fetches of shuffle data (Arrow Flight).
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:50051")]
+    pub(crate) listen: std::net::SocketAddr,
+    /// Port of the executor's gRPC service.
+    #[arg(long, default_value_t = 50052)]
+    pub(crate) grpc_port: u16,
+    /// The host name the scheduler, the driver and other executors reach
+    /// this executor at (default: the --listen address).
+    #[arg(long)]
+    pub(crate) external_host: Option<String>,
+    /// Tasks run at once (default: the machine's cores).
+    #[arg(long)]
+    pub(crate) slots: Option<usize>,
+    /// Directory for shuffle files (default: a temporary directory).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) work_dir: Option<PathBuf>,
+    /// Seconds between heartbeats to the scheduler (keep well under its
+    /// --executor-timeout).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) heartbeat: u64,
+    /// Memory the executor's queries may hold (e.g. 8G) before they spill;
+    /// default: no limit.
+    #[arg(long, value_name = "SIZE")]
+    pub(crate) memory_limit: Option<String>,
 }
 
 #[derive(clap::Args, Clone, Copy)]

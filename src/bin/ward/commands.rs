@@ -216,6 +216,30 @@ pub(crate) fn serve(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `ward executor`: a Ballista executor with Ward's functions.
+#[cfg(feature = "ballista")]
+pub(crate) fn executor(args: &crate::args::ExecutorArgs) -> anyhow::Result<ExitCode> {
+    let memory_limit = args
+        .memory_limit
+        .as_deref()
+        .map(ward::query::parse_size)
+        .transpose()
+        .map_err(|message| WardError::Usage {
+            message: format!("--memory-limit: {message}"),
+        })?;
+    ward::cluster::run_executor(&ward::cluster::ExecutorOptions {
+        scheduler: args.scheduler.clone(),
+        listen: args.listen,
+        external_host: args.external_host.clone(),
+        grpc_port: args.grpc_port,
+        slots: args.slots,
+        work_dir: args.work_dir.clone(),
+        heartbeat: args.heartbeat,
+        memory_limit: memory_limit.map(|b| b as u64),
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `ward runs`.
 pub(crate) fn runs(settings: &Settings, limit: usize) -> anyhow::Result<ExitCode> {
     print::print_runs(&ward::runs::list(&settings.config.warehouse)?, limit);

@@ -74,9 +74,25 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
     let quiet = cli.quiet;
     let config = cli.config.as_deref();
     let settings = || commands::settings(config, cli.no_sample);
+    // The stages that run SQL do so on the engine of `[engine]`.
+    let staged = |f: &dyn Fn(&ward::settings::Settings) -> anyhow::Result<ExitCode>| {
+        let settings = settings()?;
+        let _engine = ward::cluster::activate(&settings.config.engine)?;
+        f(&settings)
+    };
     match &cli.command {
         #[cfg(feature = "synth")]
         Command::Synth(args) => commands::synth(args, quiet),
+        #[cfg(feature = "ballista")]
+        Command::Scheduler {
+            listen,
+            executor_timeout,
+        } => {
+            ward::cluster::run_scheduler(*listen, *executor_timeout)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "ballista")]
+        Command::Executor(args) => commands::executor(args),
         Command::Valuesets { action } => commands::valuesets(action, quiet),
         Command::Measures {
             action: MeasuresAction::List,
@@ -88,9 +104,9 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Status => commands::status(&settings()?),
         Command::Dq { json, all } => commands::dq(&settings()?, *json, *all),
         Command::Deid => commands::deid(&settings()?, quiet),
-        Command::Link(args) => commands::link(&settings()?, args, quiet),
-        Command::Measure(args) => commands::measure(&settings()?, args, quiet),
-        Command::Run(args) => commands::run(&settings()?, args, quiet),
+        Command::Link(args) => staged(&|s| commands::link(s, args, quiet)),
+        Command::Measure(args) => staged(&|s| commands::measure(s, args, quiet)),
+        Command::Run(args) => staged(&|s| commands::run(s, args, quiet)),
         Command::Ingest => commands::ingest(&settings()?, None, quiet),
         Command::Validate(args) => commands::ingest(&settings()?, Some(args), quiet),
     }

@@ -506,6 +506,19 @@ mod tests {
         }
     }
 
+    #[cfg(not(feature = "ballista"))]
+    #[test]
+    fn a_cluster_needs_the_feature() {
+        let engine = Engine::Ballista(ClusterConfig {
+            scheduler: "df://s:1".into(),
+            partitions: 4,
+            scratch: PathBuf::from("/nonexistent"),
+        });
+        let e = activate(&engine).err().expect("refused").to_string();
+        assert!(e.contains("--features ballista"), "{e}");
+        assert!(active_cluster().is_none());
+    }
+
     #[test]
     fn local_engine_has_no_scratch() {
         let guard = activate(&Engine::Local).unwrap();

@@ -125,6 +125,7 @@ pub fn activate(engine: &Engine) -> Result<EngineGuard> {
                 .into(),
         });
     }
+    reachable(&config.scheduler)?;
     let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
     if active.is_some() {
         return Err(WardError::Usage {
@@ -140,6 +141,32 @@ pub fn activate(engine: &Engine) -> Result<EngineGuard> {
         written: 0,
     });
     Ok(EngineGuard { dir: Some(dir) })
+}
+
+/// Fails unless the scheduler at `scheduler` (`df://host:port`) accepts a
+/// connection within 10 s: a night whose cluster is down stops before it
+/// reads anything, saying so.
+fn reachable(scheduler: &str) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    let url = ClusterConfig::scheduler_url(scheduler).map_err(|message| WardError::Usage {
+        message: format!("[engine] scheduler: {message}"),
+    })?;
+    let host_port = url.trim_start_matches("http://");
+    let what = "cannot reach the Ballista scheduler (is `ward scheduler` running?) at";
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        "the name resolves to no address",
+    );
+    for addr in host_port
+        .to_socket_addrs()
+        .map_err(|e| WardError::io(what, host_port, e))?
+    {
+        match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10)) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e,
+        }
+    }
+    Err(WardError::io(what, host_port, last))
 }
 
 /// The cluster SQL stages run on now, if any.

@@ -325,3 +325,27 @@ fn a_night_whose_executor_dies_fails_cleanly_or_recovers_and_the_published_run_s
     let again = run(&config, Some(&cluster));
     assert_eq!(derived(&again), derived(&published));
 }
+
+#[test]
+fn a_night_whose_scheduler_is_down_stops_before_reading_anything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = copy_sample(tmp.path());
+    append(
+        &config,
+        &format!(
+            "\n[engine]\nkind = \"ballista\"\nscheduler = \"df://127.0.0.1:{}\"\n",
+            free_port()
+        ),
+    );
+    let out = ward(tmp.path(), &["--config", config.to_str().unwrap(), "run"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot reach the Ballista scheduler"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        !tmp.path().join("wh/staging").exists(),
+        "nothing was ingested"
+    );
+}

@@ -86,7 +86,7 @@ struct Active {
     config: ClusterConfig,
     /// `<scratch>/<pid>-<n>`: this activation's in-memory tables.
     dir: PathBuf,
-    /// Files written so far (their names).
+    /// Files written so far (numbering their names).
     written: usize,
 }
 
@@ -222,8 +222,11 @@ pub(crate) fn remote_session(config: &SessionConfig) -> Option<Result<SessionCon
     }
     #[cfg(not(feature = "ballista"))]
     {
+        // (activate refuses a cluster without the feature.)
         let _ = (config, cluster);
-        unreachable!("activate refuses a cluster without the ballista feature")
+        Some(Err(WardError::Usage {
+            message: "this ward was built without the `ballista` feature".into(),
+        }))
     }
 }
 

@@ -18,6 +18,16 @@ use ward::{PipelineConfig, Result};
 
 pub const SAMPLE_TODAY: (i32, u32, u32) = (2026, 1, 31);
 
+/// A child process (a `ward serve`, a cluster role), killed when dropped.
+pub struct Process(pub std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs the `ward` binary in `cwd` (the test's `RUST_LOG` removed).
 pub fn ward(cwd: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ward"))

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use arrow_flight::error::FlightError;
 use arrow_flight::sql::client::FlightSqlServiceClient;
@@ -23,15 +23,8 @@ use crate::research::escape_attempts;
 
 /// A `ward serve` process, killed when dropped.
 struct Server {
-    child: Child,
+    _child: Process,
     addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A copy of the shared sample run (its warehouse and config) with
@@ -108,7 +101,10 @@ impl Site {
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or_else(|| panic!("ward serve did not start: {line:?}"))
             .to_string();
-        Server { child, addr }
+        Server {
+            _child: Process(child),
+            addr,
+        }
     }
 
     fn audit(&self) -> Vec<serde_json::Value> {

@@ -175,8 +175,10 @@ impl Warehouse {
     }
 
     /// A path under `.tmp/` (created) to write the future `path` to; see
-    /// [`Warehouse::publish_file`].
+    /// [`Warehouse::publish_file`]. Unique within the process, so threads
+    /// may write files of the same name (to different directories) at once.
     pub fn tmp_path(&self, path: &Path) -> PathBuf {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let tmp_dir = self.tmp_dir();
         // A failure to create it surfaces when the file is created.
         let _ = fs::create_dir_all(&tmp_dir);
@@ -184,7 +186,8 @@ impl Warehouse {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        tmp_dir.join(format!("{}-{name}", std::process::id()))
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tmp_dir.join(format!("{}-{n}-{name}", std::process::id()))
     }
 
     /// Replaces the directory `dir` by `tmp` (written under `.tmp/`): the old

@@ -341,20 +341,39 @@ pub fn ingest(
         .collect();
     progress.set_total(to_load.len() as u64);
 
-    // Phase 1: patients.
-    let patient_results = load_all(&to_load, opts.today, &HashMap::new(), progress);
+    // Phase 1: patients, published before the facts load (their birth
+    // dates stay in the lookups the facts are checked against).
+    let patient_results = load_all(&to_load, opts.today, &HashMap::new(), progress, |_, r| r);
     let patients = source_patients(sources, &state, &wh, opts.dry_run, &patient_results)?;
+    let patient_done = patient_results
+        .into_iter()
+        .map(|(input, result)| Ok((input, finish(&wh, input, result, None, opts)?)))
+        .collect::<Result<Vec<_>>>()?;
 
-    // Phase 2: facts, checked against the patients.
+    // Phase 2: facts, checked against the patients. Each file is published
+    // as soon as it is mapped, so a night holds the files in flight (one
+    // per core), not the whole extract.
     let fact_load: Vec<&Input> = fact_inputs
         .iter()
         .copied()
         .filter(|i| needs_load(opts, &state, i, patients.fingerprints.get(&i.source.name)))
         .collect();
     progress.set_total((to_load.len() + fact_load.len()) as u64);
-    let fact_results = load_all(&fact_load, opts.today, &patients.lookups, progress);
+    let fact_done = load_all(
+        &fact_load,
+        opts.today,
+        &patients.lookups,
+        progress,
+        |input, result| {
+            let fingerprint = patients.fingerprints.get(&input.source.name).cloned();
+            finish(&wh, input, result, fingerprint, opts)
+        },
+    )
+    .into_iter()
+    .map(|(input, done)| Ok((input, done?)))
+    .collect::<Result<Vec<_>>>()?;
 
-    // Report and publish.
+    // Report and record.
     let loaded_names: HashSet<(&str, &str)> = to_load
         .iter()
         .chain(&fact_load)
@@ -368,33 +387,10 @@ pub fn ingest(
         }
     }
     let mut superseded = std::mem::take(&mut state.superseded);
-    for (input, result) in patient_results.into_iter().chain(fact_results) {
-        let fingerprint = (!input.first_phase())
-            .then(|| patients.fingerprints.get(&input.source.name).cloned())
-            .flatten();
-        let file_report = match result {
-            Err(e) => {
-                tracing::error!(source = %input.source.name, file = %input.rel, "{e}");
-                FileReport::of_input(input, FileStatus::Failed, Some(e.to_string()))
-            }
-            Ok(loaded) => {
-                let file_report = FileReport::loaded(input, &loaded, opts);
-                tracing::info!(
-                    source = %input.source.name,
-                    file = %input.rel,
-                    table = input.table(),
-                    read = loaded.read,
-                    accepted = file_report.rows_accepted,
-                    rejected = file_report.rows_rejected,
-                    "mapped"
-                );
-                if !opts.dry_run {
-                    let new = publish(&wh, input, &loaded, fingerprint)?;
-                    record(&mut state, &mut superseded, input, new);
-                }
-                file_report
-            }
-        };
+    for (input, (file_report, new)) in patient_done.into_iter().chain(fact_done) {
+        if let Some(new) = new {
+            record(&mut state, &mut superseded, input, new);
+        }
         report.files.push(file_report);
     }
     if !opts.dry_run && (!loaded_names.is_empty() || !superseded.is_empty()) {
@@ -678,21 +674,59 @@ fn patients_fingerprint(files: &BTreeMap<String, String>) -> String {
     hex::encode(h.finalize())
 }
 
-/// Maps a set of files in parallel.
-fn load_all<'a>(
+/// Maps `inputs` in parallel, handing each file's outcome to `then` on the
+/// thread that loaded it.
+fn load_all<'a, T: Send>(
     inputs: &[&'a Input<'a>],
     today: NaiveDate,
     lookups: &HashMap<String, PatientLookup>,
     progress: &dyn Progress,
-) -> Vec<(&'a Input<'a>, Result<Loaded>)> {
+    then: impl Fn(&'a Input<'a>, Result<Loaded>) -> T + Sync,
+) -> Vec<(&'a Input<'a>, T)> {
     inputs
         .par_iter()
         .map(|input| {
             let result = load_file(input, today, lookups.get(&input.source.name));
             progress.advance(1);
-            (*input, result)
+            (*input, then(input, result))
         })
         .collect()
+}
+
+/// A loaded file's report and, unless a dry run, its published state: a
+/// file that failed to load is reported as failed (the night goes on); a
+/// failed write fails the ingest.
+fn finish(
+    wh: &Warehouse,
+    input: &Input,
+    result: Result<Loaded>,
+    fingerprint: Option<String>,
+    opts: &IngestOptions,
+) -> Result<(FileReport, Option<FileState>)> {
+    let loaded = match result {
+        Err(e) => {
+            tracing::error!(source = %input.source.name, file = %input.rel, "{e}");
+            let failed = FileReport::of_input(input, FileStatus::Failed, Some(e.to_string()));
+            return Ok((failed, None));
+        }
+        Ok(loaded) => loaded,
+    };
+    let file_report = FileReport::loaded(input, &loaded, opts);
+    tracing::info!(
+        source = %input.source.name,
+        file = %input.rel,
+        table = input.table(),
+        read = loaded.read,
+        accepted = file_report.rows_accepted,
+        rejected = file_report.rows_rejected,
+        "mapped"
+    );
+    let new = if opts.dry_run {
+        None
+    } else {
+        Some(publish(wh, input, &loaded, fingerprint)?)
+    };
+    Ok((file_report, new))
 }
 
 fn load_file(input: &Input, today: NaiveDate, patients: Option<&PatientLookup>) -> Result<Loaded> {

@@ -307,6 +307,58 @@ fn redelivered_file_under_a_new_name_is_skipped() {
     assert_eq!(snapshot(&dir.path().join("wh")), before);
 }
 
+/// Files are published as they are mapped, several at once: the same
+/// extract delivered by two sources (same names, same content, so the same
+/// batch file names) loads into each source's staging, nothing shared.
+#[test]
+fn two_sources_with_the_same_files_load_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    let data = dir.path().join("sample_data");
+    copy_dir(&data.join("northside_clinic"), &data.join("northside_copy"));
+    let mut text = fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "\n[[sources]]\nname = \"northside_copy\"\nformat = \"csv\"\n\
+         path = \"northside_copy/*.csv\"\nmapping = \"mappings/emr_a.toml\"\n",
+    );
+    fs::write(&config, text).unwrap();
+    let report = run_ingest(&config).unwrap();
+    let of = |source: &str| {
+        let mut files: Vec<_> = report
+            .files
+            .iter()
+            .filter(|f| f.source == source)
+            .map(|f| {
+                (
+                    f.file.clone(),
+                    f.status,
+                    f.rows_read,
+                    f.rows_accepted,
+                    f.rows_rejected,
+                )
+            })
+            .collect();
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        files
+    };
+    let original = of("northside_clinic");
+    assert!(original.len() > 1 && original.iter().all(|f| f.1 == FileStatus::Loaded));
+    assert_eq!(of("northside_copy"), original);
+    let wh = dir.path().join("wh");
+    let warehouse = ward::warehouse::Warehouse::new(&wh);
+    for table in [Table::Patient, Table::Encounter, Table::Observation] {
+        let rows_of = |source: &str| rows(&read_dir_batches(&warehouse.staging_dir(table, source)));
+        assert!(rows_of("northside_clinic") > 0, "{}", table.name());
+        assert_eq!(
+            rows_of("northside_copy"),
+            rows_of("northside_clinic"),
+            "{}",
+            table.name()
+        );
+    }
+    assert!(!wh.join(".tmp").exists() || fs::read_dir(wh.join(".tmp")).unwrap().next().is_none());
+}
+
 #[test]
 fn leftovers_of_an_interrupted_run_are_removed() {
     let dir = tempfile::tempdir().unwrap();

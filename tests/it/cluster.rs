@@ -184,12 +184,28 @@ fn append(config: &Path, section: &str) {
 /// logs) unless it published.
 fn run(config: &Path, cluster: Option<&Cluster>) -> PathBuf {
     let dir = config.parent().unwrap();
-    let out = ward(dir, &["--config", config.to_str().unwrap(), "run"]);
+    let config_arg = config.to_str().unwrap();
+    let out = ward(
+        dir,
+        &["--config", config_arg, "--log-format", "json", "run"],
+    );
     assert!(
         out.status.success(),
         "ward run failed: {}\n{}",
         text(&out.stderr),
         cluster.map(Cluster::logs).unwrap_or_default()
+    );
+    // Every stage's lines name it, also where a Ballista client polled
+    // inside the stage's span on its own threads.
+    let finished: Vec<serde_json::Value> = text(&out.stderr)
+        .lines()
+        .filter(|l| l.contains("stage finished"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(finished.len() >= 6);
+    assert!(
+        finished.iter().all(|l| l["stage"].is_string()),
+        "{finished:#?}"
     );
     let config = ward::PipelineConfig::load(config).unwrap();
     ward::runs::current_dir(&config.warehouse).unwrap().unwrap()

@@ -56,8 +56,11 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for RunContext {
         self.set(id, &ctx, true);
     }
 
-    fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
-        self.set(id, &ctx, false);
+    // Not on exit: a span is also entered and exited by the threads that
+    // poll futures inside it (the Ballista client's), while the thread
+    // that drives the run is still in it; it has ended when it closes.
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        self.set(&id, &ctx, false);
     }
 }
 

@@ -8,8 +8,8 @@ since the previous sample (charged to that stage), each process's resident
 memory, and the bytes under every Ballista job directory of the executors'
 work directories (`<work_dir>/<job_id>/…`; a job's shuffle files stay until
 the scheduler removes them, 300 s after the job). Writes a JSON summary to
-OUT: per stage, CPU seconds and peak resident MB per role, and the jobs
-first seen in the stage with the peak bytes each held on disk.
+OUT: per stage, CPU seconds and peak resident MB per role, and the peak
+bytes on disk of the jobs first seen in the stage (shuffle_mb).
 """
 
 import json
@@ -113,7 +113,6 @@ def main():
         summary[name] = {
             "cpu_seconds": {r: round(v, 1) for r, v in s["cpu"].items()},
             "peak_rss_mb": {r: round(v) for r, v in s["rss"].items()},
-            "jobs": len(s["jobs"]),
             "shuffle_mb": round(sum(sum(jobs[j]["bytes"].values()) for j in s["jobs"]) / 2**20, 1),
         }
     with open(out, "w") as f:

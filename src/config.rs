@@ -870,6 +870,18 @@ mod tests {
     use std::collections::BTreeMap;
     use std::fs;
 
+    /// `GOOD` with `[section]` set to `body` fails to load with a config
+    /// error containing `needle`.
+    fn assert_section_error(dir: &Path, section: &str, body: &str, needle: &str) {
+        let text = format!("{GOOD}\n[{section}]\n{body}\n");
+        match PipelineConfig::load(&write(dir, "ward.toml", &text)).unwrap_err() {
+            WardError::Config { message, .. } => {
+                assert!(message.contains(needle), "{body}: {message}")
+            }
+            other => panic!("{body}: unexpected {other}"),
+        }
+    }
+
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
@@ -992,13 +1004,7 @@ mapping = "map.toml"
             ("timeout = \"0s\"", "at least one second"),
             ("port = 1", "unknown field"),
         ] {
-            let text = format!("{GOOD}\n[serve]\n{serve}\n");
-            match PipelineConfig::load(&write(dir.path(), "ward.toml", &text)).unwrap_err() {
-                WardError::Config { message, .. } => {
-                    assert!(message.contains(needle), "{serve}: {message}")
-                }
-                other => panic!("{serve}: unexpected {other}"),
-            }
+            assert_section_error(dir.path(), "serve", serve, needle);
         }
     }
 
@@ -1029,13 +1035,7 @@ mapping = "map.toml"
             ("kind = \"local\"\nscheduler = \"df://s\"", "for kind"),
             ("kind = \"local\"\nhost = 1", "unknown field"),
         ] {
-            let text = format!("{GOOD}\n[engine]\n{engine}\n");
-            match PipelineConfig::load(&write(dir.path(), "ward.toml", &text)).unwrap_err() {
-                WardError::Config { message, .. } => {
-                    assert!(message.contains(needle), "{engine}: {message}")
-                }
-                other => panic!("{engine}: unexpected {other}"),
-            }
+            assert_section_error(dir.path(), "engine", engine, needle);
         }
     }
 

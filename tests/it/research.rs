@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::common::*;
@@ -117,7 +117,7 @@ fn assert_no_leak(wh: &Path, run_dir: &Path) {
         .filter(|v| !v.bytes().all(|b| b.is_ascii_hexdigit()))
         .collect();
     let mut files = 0;
-    for path in walk(research) {
+    for path in walkdir(research) {
         files += 1;
         let bytes = fs::read(&path).unwrap();
         let runs: BTreeSet<&[u8]> = bytes
@@ -184,19 +184,6 @@ fn assert_no_leak(wh: &Path, run_dir: &Path) {
         }
     }
     assert!(files >= 10, "{files} research files");
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 fn deid_json(research: &Path) -> serde_json::Value {

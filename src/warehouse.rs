@@ -174,6 +174,17 @@ impl Warehouse {
         })
     }
 
+    /// A scratch directory under `.tmp/` for a stage's intermediate files,
+    /// removed when dropped; named `<prefix><random>`.
+    pub fn scratch_dir(&self, prefix: &str) -> Result<tempfile::TempDir> {
+        let parent = self.tmp_dir();
+        fs::create_dir_all(&parent).map_err(|e| WardError::io("cannot create", &parent, e))?;
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(&parent)
+            .map_err(|e| WardError::io("cannot create a scratch directory in", &parent, e))
+    }
+
     /// A path under `.tmp/` (created) to write the future `path` to; see
     /// [`Warehouse::publish_file`]. Unique within the process, so threads
     /// may write files of the same name (to different directories) at once.

@@ -3,9 +3,13 @@
 //! sources that reported it. The same fact reported by several providers
 //! (same person, code, time and value) becomes one row; its other columns
 //! come from the first report in (source, file, line) order.
+//!
+//! A table is built in parts, one per bucket of persons, to bound memory:
+//! see [`build_in_parts`].
 
 use std::path::Path;
 
+use datafusion::config::TableParquetOptions;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
@@ -50,6 +54,29 @@ pub fn build(warehouse: &Warehouse) -> Result<BuildReport> {
 
 /// Writes the core fact tables `tables` (see [`build`]).
 pub fn build_tables(warehouse: &Warehouse, tables: &[Table]) -> Result<BuildReport> {
+    build_in_parts(warehouse, tables, ROWS_PER_PART)
+}
+
+/// Rows of a staged table per part of its core table: persons are split
+/// into buckets so that each part's sort and de-duplication holds at most
+/// about this many rows in memory.
+pub const ROWS_PER_PART: u64 = 500_000;
+
+/// [`build_tables`] with about `rows_per_part` staged rows per part (at
+/// most 256 parts per table): fewer, larger parts are faster and need more
+/// memory. The rows published do not depend on it, only how they are
+/// split into files.
+///
+/// Each table is built in two steps: one query joins every staged row to
+/// its person and writes it to a scratch folder per bucket of persons;
+/// then each bucket is de-duplicated and sorted from its own folder into
+/// `part-<bucket>.parquet`. Reading staging once, not once per part, keeps
+/// the work linear in the rows.
+pub fn build_in_parts(
+    warehouse: &Warehouse,
+    tables: &[Table],
+    rows_per_part: u64,
+) -> Result<BuildReport> {
     let core = warehouse.out().join("core");
     crate::engine::block_on(async {
         let ctx = crate::engine::session(SessionConfig::new())?;
@@ -69,7 +96,7 @@ pub fn build_tables(warehouse: &Warehouse, tables: &[Table]) -> Result<BuildRepo
                 &warehouse.staging_table_dir(table),
             )
             .await?;
-            let buckets = staged.div_ceil(ROWS_PER_PART).clamp(1, 256);
+            let buckets = staged.div_ceil(rows_per_part.max(1)).clamp(1, 256);
             let dir = core.join(table.name());
             let tmp = warehouse.tmp_path(&dir);
             if tmp.exists() {
@@ -77,11 +104,19 @@ pub fn build_tables(warehouse: &Warehouse, tables: &[Table]) -> Result<BuildRepo
                 std::fs::remove_dir_all(&tmp)
                     .map_err(|e| WardError::io("cannot remove", &tmp, e))?;
             }
+            let split = warehouse.scratch_dir(&format!("build-{}-", table.name()))?;
+            let schema = split_rows(&ctx, table, buckets, split.path()).await?;
             let mut rows = 0;
             for bucket in 0..buckets {
-                let sql = build_sql(table, buckets, bucket);
-                rows += write(&ctx, &sql, &tmp.join(format!("part-{bucket:05}.parquet"))).await?;
+                let rows_dir = split.path().join(format!("{BUCKET}={bucket}"));
+                crate::engine::register_parquet(&ctx, "part_rows", &rows_dir, schema.clone())
+                    .await?;
+                let out = tmp.join(format!("part-{bucket:05}.parquet"));
+                rows += write(&ctx, &part_sql(table), &out).await?;
+                ctx.deregister_table("part_rows")
+                    .map_err(|e| WardError::data("building a core table", &out, e))?;
             }
+            drop(split);
             warehouse.publish_dir(&tmp, &dir)?;
             tracing::info!(
                 table = table.name(),
@@ -95,11 +130,6 @@ pub fn build_tables(warehouse: &Warehouse, tables: &[Table]) -> Result<BuildRepo
     })
 }
 
-/// Rows of a staged table per part of its core table: persons are split
-/// into buckets so that each part's join, sort and de-duplication holds at
-/// most about this many rows in memory.
-const ROWS_PER_PART: u64 = 500_000;
-
 async fn count(ctx: &SessionContext, sql: &str, dir: &std::path::Path) -> Result<u64> {
     let batches = crate::engine::collect_about(ctx, sql, "counting staged rows", dir).await?;
     Ok(batches
@@ -112,54 +142,110 @@ async fn count(ctx: &SessionContext, sql: &str, dir: &std::path::Path) -> Result
         .map_or(0, |a| a.value(0).max(0) as u64))
 }
 
+/// The scratch column (and folder name) of a staged row's bucket.
+const BUCKET: &str = "ward_bucket";
+
+/// Writes every staged row of `table` that linkage gave a person, with its
+/// `person_id`, to `dir/ward_bucket=<n>/` for its bucket of persons (by
+/// the last two characters of the person id, a hash); returns the schema
+/// of those rows.
+async fn split_rows(
+    ctx: &SessionContext,
+    table: Table,
+    buckets: u64,
+    dir: &Path,
+) -> Result<datafusion::arrow::datatypes::SchemaRef> {
+    let err = |e: datafusion::error::DataFusionError| {
+        WardError::data("joining staged rows to persons", dir, e)
+    };
+    let sql = format!(
+        "SELECT l.person_id, f.*, \
+           (ascii(substr(l.person_id, 16, 1)) * 256 + ascii(substr(l.person_id, 17, 1))) % {buckets} AS {BUCKET} \
+         FROM staging_{name} f JOIN person_link l \
+         ON l.source = f.source AND l.source_patient_id = f.source_patient_id",
+        name = table.name()
+    );
+    let df = ctx.sql(&sql).await.map_err(err)?;
+    let schema = df.schema().as_arrow();
+    let schema = std::sync::Arc::new(datafusion::arrow::datatypes::Schema::new(
+        schema
+            .fields()
+            .iter()
+            .filter(|f| f.name() != BUCKET)
+            .cloned()
+            .collect::<Vec<_>>(),
+    ));
+    // Read back once per part: fast compression is enough. One writer per
+    // bucket is open at once (up to 256): small row groups bound their
+    // buffers.
+    let mut options = TableParquetOptions::default();
+    options.global.compression = Some("zstd(1)".into());
+    options.global.max_row_group_bytes = Some(
+        datafusion::config::MaxRowGroupBytes::try_new(8 << 20)
+            .map_err(|e| WardError::data("joining staged rows to persons", dir, e))?,
+    );
+    df.write_parquet(
+        &format!("{}/", dir.display()),
+        DataFrameWriteOptions::new().with_partition_by(vec![BUCKET.into()]),
+        Some(options),
+    )
+    .await
+    .map_err(err)?;
+    Ok(schema)
+}
+
 /// Output order: deterministic, so that a re-run writes identical files.
 const ORDER: &str = "person_id, source, source_file, source_line";
 
-/// The rows of one bucket of persons (by the last two characters of the
-/// person id, a hash) of a core table.
-fn build_sql(table: Table, buckets: u64, bucket: u64) -> String {
-    let name = table.name();
-    let joined = format!(
-        "SELECT l.person_id, f.* FROM staging_{name} f JOIN person_link l \
-         ON l.source = f.source AND l.source_patient_id = f.source_patient_id \
-         WHERE (ascii(substr(l.person_id, 16, 1)) * 256 + ascii(substr(l.person_id, 17, 1))) % {buckets} = {bucket}"
-    );
-    let columns: Vec<&str> = table.columns().iter().map(|c| c.name).collect();
-    match fact_key(table) {
-        None => {
-            let list = columns
-                .iter()
-                .map(|c| format!("j.\"{c}\""))
-                .collect::<Vec<_>>()
-                .join(", ");
-            format!(
-                "SELECT j.person_id, {list}, make_array(j.source) AS reported_by FROM ({joined}) j \
-                 ORDER BY {ORDER}"
-            )
-        }
-        Some(key) => {
-            let partition: Vec<String> = std::iter::once("person_id")
-                .chain(key.iter().copied())
-                .map(|c| format!("\"{c}\""))
-                .collect();
-            let partition = partition.join(", ");
-            let list = columns
-                .iter()
-                .map(|c| format!("\"{c}\""))
-                .collect::<Vec<_>>()
-                .join(", ");
-            // The first report of each fact (in source, file, line order)
-            // keeps its columns; every report adds its source.
-            format!(
-                "SELECT person_id, {list}, reported_by FROM ( \
-                   SELECT j.*, \
-                     row_number() OVER (PARTITION BY {partition} ORDER BY source, source_file, source_line) AS first_, \
-                     array_sort(array_distinct(array_agg(source) OVER (PARTITION BY {partition}))) AS reported_by \
-                   FROM ({joined}) j) \
-                 WHERE first_ = 1 ORDER BY {ORDER}"
-            )
-        }
-    }
+/// The core rows of one bucket, from its staged rows `part_rows`.
+fn part_sql(table: Table) -> String {
+    let list = table
+        .columns()
+        .iter()
+        .map(|c| format!("j.\"{}\"", c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let Some(key) = fact_key(table) else {
+        return format!(
+            "SELECT j.person_id, {list}, make_array(j.source) AS reported_by FROM part_rows j \
+             ORDER BY {ORDER}"
+        );
+    };
+    let key: Vec<String> = std::iter::once("person_id")
+        .chain(key.iter().copied())
+        .map(|c| format!("\"{c}\""))
+        .collect();
+    let group = key.join(", ");
+    let qualified = key
+        .iter()
+        .map(|c| format!("j.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let same = key
+        .iter()
+        .map(|c| format!("(j.{c} IS NOT DISTINCT FROM d.{c})"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    // Facts reported more than once (`d`, found by hashing, usually few)
+    // keep the columns of their first report in (source, file, line)
+    // order and list every source; the rest pass through. A window over
+    // every row instead costs about as much as the join and write. `d` is
+    // the left side of both joins: DataFusion builds its hash table from
+    // the left.
+    format!(
+        "WITH d AS ( \
+           SELECT {group}, array_sort(array_distinct(array_agg(source))) AS reported_by \
+           FROM part_rows GROUP BY {group} HAVING count(*) > 1) \
+         SELECT j.person_id, {list}, make_array(j.source) AS reported_by \
+         FROM d RIGHT ANTI JOIN part_rows j ON {same} \
+         UNION ALL \
+         SELECT j.person_id, {list}, j.reported_by FROM ( \
+           SELECT j.*, d.reported_by, \
+             row_number() OVER (PARTITION BY {qualified} ORDER BY j.source, j.source_file, j.source_line) AS first_ \
+           FROM d JOIN part_rows j ON {same}) j \
+         WHERE j.first_ = 1 \
+         ORDER BY {ORDER}"
+    )
 }
 
 /// Runs `sql` into the Parquet file `path`.

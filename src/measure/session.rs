@@ -223,13 +223,10 @@ pub(crate) struct Shared {
 impl Shared {
     /// An empty scratch directory under `<warehouse>/.tmp/`.
     pub(crate) fn new(warehouse: &Warehouse) -> Result<Shared> {
-        let parent = warehouse.root().join(".tmp");
-        std::fs::create_dir_all(&parent).map_err(|e| WardError::io("cannot create", &parent, e))?;
-        let dir = tempfile::Builder::new()
-            .prefix("measures-")
-            .tempdir_in(&parent)
-            .map_err(|e| WardError::io("cannot create a scratch directory in", &parent, e))?;
-        Ok(Shared { dir, written: None })
+        Ok(Shared {
+            dir: warehouse.scratch_dir("measures-")?,
+            written: None,
+        })
     }
 
     /// Replaces the membership views of `ctx` (whose base views are

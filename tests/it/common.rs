@@ -376,31 +376,7 @@ pub fn derived(run_dir: &Path) -> BTreeMap<String, Vec<String>> {
                 .to_string_lossy()
                 .into_owned();
             let content = if rel.ends_with(".parquet") {
-                let batches = read_parquet(&entry);
-                let mut rows: Vec<String> = Vec::new();
-                for b in &batches {
-                    let cols: Vec<ArrayFormatter> = b
-                        .columns()
-                        .iter()
-                        .map(|c| ArrayFormatter::try_new(c.as_ref(), &FormatOptions::default()))
-                        .collect::<Result<_, _>>()
-                        .unwrap();
-                    for i in 0..b.num_rows() {
-                        let row: Vec<String> =
-                            cols.iter().map(|c| c.value(i).to_string()).collect();
-                        rows.push(row.join("|"));
-                    }
-                }
-                rows.sort();
-                let names = batches.first().map(|b| {
-                    b.schema()
-                        .fields()
-                        .iter()
-                        .map(|f| f.name().clone())
-                        .collect::<Vec<_>>()
-                        .join("|")
-                });
-                names.into_iter().chain(rows).collect()
+                sorted_rows(&read_parquet(&entry))
             } else {
                 vec![fs::read_to_string(&entry).unwrap()]
             };
@@ -408,6 +384,34 @@ pub fn derived(run_dir: &Path) -> BTreeMap<String, Vec<String>> {
         }
     }
     out
+}
+
+/// The column names of `batches` joined by `|`, then every row as text,
+/// sorted: equal when two sets of batches hold the same rows in any order.
+pub fn sorted_rows(batches: &[RecordBatch]) -> Vec<String> {
+    let mut rows: Vec<String> = Vec::new();
+    for b in batches {
+        let cols: Vec<ArrayFormatter> = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &FormatOptions::default()))
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for i in 0..b.num_rows() {
+            let row: Vec<String> = cols.iter().map(|c| c.value(i).to_string()).collect();
+            rows.push(row.join("|"));
+        }
+    }
+    rows.sort();
+    let names = batches.first().map(|b| {
+        b.schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect::<Vec<_>>()
+            .join("|")
+    });
+    names.into_iter().chain(rows).collect()
 }
 
 /// Every file under `dir`, recursively.

@@ -183,9 +183,22 @@ fn a_fact_reported_by_two_providers_becomes_one() {
     let config = ward::PipelineConfig::load(&config_path).unwrap();
     let wh = Warehouse::new(&config.warehouse);
     link::link(&wh, &config.link, &[]).unwrap();
-    link::build::build(&wh).unwrap();
-    let core = read_dir_batches(&config.warehouse.join("core/observation"));
-    let ids = strings(&core, "source_observation_id");
+    let tables: Vec<_> = link::build::fact_tables().collect();
+    // One part, then many: the two reports meet in one part either way.
+    for rows_per_part in [link::build::ROWS_PER_PART, 500] {
+        link::build::build_in_parts(&wh, &tables, rows_per_part).unwrap();
+        let dir = config.warehouse.join("core/observation");
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count() > 1,
+            rows_per_part == 500,
+            "{rows_per_part} rows per part"
+        );
+        assert_one_shared_fact(&read_dir_batches(&dir));
+    }
+}
+
+fn assert_one_shared_fact(core: &[datafusion::arrow::array::RecordBatch]) {
+    let ids = strings(core, "source_observation_id");
     let hits: Vec<usize> = ids
         .iter()
         .enumerate()
@@ -211,6 +224,39 @@ fn a_fact_reported_by_two_providers_becomes_one() {
         .flatten()
         .collect();
     assert_eq!(sources, ["lakeside_endo", "northside_clinic"]);
+}
+
+/// A core table built in many parts holds exactly the rows it holds built
+/// in one: splitting by person never separates the reports of a fact, and
+/// no staged row is lost or repeated on the way.
+#[test]
+fn core_tables_hold_the_same_rows_in_one_part_or_many() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (config, _) = linked_sample(tmp.path());
+    let wh = Warehouse::new(&config.warehouse);
+    let core = config.warehouse.join("core");
+    let tables: Vec<_> = link::build::fact_tables().collect();
+    let contents = || -> BTreeMap<&str, Vec<String>> {
+        tables
+            .iter()
+            .map(|t| {
+                (
+                    t.name(),
+                    sorted_rows(&read_dir_batches(&core.join(t.name()))),
+                )
+            })
+            .collect()
+    };
+    let parts = |t: &str| fs::read_dir(core.join(t)).unwrap().count();
+    let one = contents();
+    assert_eq!(parts("observation"), 1);
+    let staged = rows(&read_dir_batches(
+        &config.warehouse.join("staging/observation"),
+    ));
+    link::build::build_in_parts(&wh, &tables, (staged / 7) as u64).unwrap();
+    assert!(parts("observation") >= 7);
+    assert!(parts("encounter") > 1);
+    assert_eq!(one, contents());
 }
 
 #[test]

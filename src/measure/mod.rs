@@ -742,6 +742,25 @@ pub fn run(
     defs: &[&MeasureDef],
     period: Period,
 ) -> Result<Vec<MeasureResult>> {
+    run_profiled(warehouse, queries, defs, period, None)
+}
+
+/// [`run`], and with `profile` a directory: writes `<profile>/<id>.txt` per
+/// measure, its executed plan with every operator's metrics (rows, time,
+/// memory; DataFusion's `EXPLAIN ANALYZE`, from the run itself, not a
+/// second one), the operators that took longest first. On a cluster the
+/// plan is the driver's view: one distributed step without the executors'
+/// metrics.
+pub fn run_profiled(
+    warehouse: &Warehouse,
+    queries: &Path,
+    defs: &[&MeasureDef],
+    period: Period,
+    profile: Option<&Path>,
+) -> Result<Vec<MeasureResult>> {
+    if let Some(dir) = profile {
+        std::fs::create_dir_all(dir).map_err(|e| WardError::io("cannot create", dir, e))?;
+    }
     crate::engine::block_on(async {
         // One session per library version, in the order measures need them.
         // Their value-set memberships are computed once, for all of them.
@@ -765,7 +784,7 @@ pub fn run(
                 }
             };
             let started = std::time::Instant::now();
-            let done = run_one(&sessions[i].1, def, period).await?;
+            let done = run_one(&sessions[i].1, def, period, profile).await?;
             tracing::info!(
                 measure = %def.id,
                 subjects = done.iter().map(|r| r.counts.initial_population).sum::<u64>(),
@@ -951,6 +970,7 @@ async fn run_one(
     ctx: &SessionContext,
     def: &MeasureDef,
     period: Period,
+    profile: Option<&Path>,
 ) -> Result<Vec<MeasureResult>> {
     let err = |source: BoxError| WardError::data("running measure", def.sql.clone(), source);
     let sql =
@@ -975,7 +995,16 @@ async fn run_one(
         .await
         .map_err(|e| err(e.into()))?;
     let schema = plain_schema(df.schema().as_arrow());
-    let rows = df.collect().await.map_err(|e| err(e.into()))?;
+    let task = Arc::new(df.task_ctx());
+    let plan = df.create_physical_plan().await.map_err(|e| err(e.into()))?;
+    let rows = datafusion::physical_plan::collect(plan.clone(), task)
+        .await
+        .map_err(|e| err(e.into()))?;
+    if let Some(dir) = profile {
+        let path = dir.join(format!("{}.txt", def.id));
+        std::fs::write(&path, profile_text(def, plan.as_ref()))
+            .map_err(|e| WardError::io("cannot write", &path, e))?;
+    }
     let rows: Vec<RecordBatch> = rows
         .into_iter()
         .filter(|b| b.num_rows() > 0)
@@ -1020,6 +1049,62 @@ async fn run_one(
 /// The columns a measure's query must return (its populations, the subject,
 /// `group_id` with groups, every stratifier), and stratifiers that can be
 /// shown as text.
+/// A measure's executed plan with its metrics, after a table of the
+/// operators that took the most compute time.
+fn profile_text(def: &MeasureDef, plan: &dyn datafusion::physical_plan::ExecutionPlan) -> String {
+    use datafusion::physical_plan::display::DisplayableExecutionPlan;
+    fn walk(
+        plan: &dyn datafusion::physical_plan::ExecutionPlan,
+        depth: usize,
+        out: &mut Vec<(usize, usize, usize, String)>,
+    ) {
+        let metrics = plan.metrics().map(|m| m.aggregate_by_name());
+        let line = DisplayableExecutionPlan::new(plan).one_line().to_string();
+        out.push((
+            metrics
+                .as_ref()
+                .and_then(|m| m.elapsed_compute())
+                .unwrap_or(0),
+            metrics.as_ref().and_then(|m| m.output_rows()).unwrap_or(0),
+            depth,
+            line.chars().take(160).collect::<String>().trim_end().into(),
+        ));
+        for child in plan.children() {
+            walk(child.as_ref(), depth + 1, out);
+        }
+    }
+    let mut operators = Vec::new();
+    walk(plan, 0, &mut operators);
+    let total: usize = operators.iter().map(|o| o.0).sum();
+    operators.sort_by_key(|o| std::cmp::Reverse(o.0));
+    let mut text = format!(
+        "{} ({}): compute time summed over operators and partitions {:.3} s\n\n\
+         operators taking most compute time (depth = level in the plan below):\n\
+         {:>10}  {:>6}  {:>12}  {:>5}  operator\n",
+        def.id,
+        def.sql.display(),
+        total as f64 / 1e9,
+        "seconds",
+        "share",
+        "rows out",
+        "depth"
+    );
+    for (nanos, rows, depth, line) in operators.iter().take(15) {
+        text.push_str(&format!(
+            "{:>10.3}  {:>5.1}%  {rows:>12}  {depth:>5}  {line}\n",
+            *nanos as f64 / 1e9,
+            100.0 * *nanos as f64 / total.max(1) as f64,
+        ));
+    }
+    text.push_str("\nplan with metrics:\n");
+    text.push_str(
+        &DisplayableExecutionPlan::with_metrics(plan)
+            .indent(true)
+            .to_string(),
+    );
+    text
+}
+
 fn check_columns(def: &MeasureDef, schema: &Schema) -> std::result::Result<(), String> {
     let subject = def.basis.subject_column();
     let mut required: Vec<&str> = def

@@ -422,6 +422,7 @@ fn measure_commands_report_and_refuse_clearly() {
     );
     assert_eq!(refused.status.code(), Some(2));
     assert!(text(&refused.stderr).contains("--unlinked"));
+    let profile = dir.path().join("profile");
     let one = ward(
         dir.path(),
         &[
@@ -431,6 +432,8 @@ fn measure_commands_report_and_refuse_clearly() {
             "--measure",
             "cms165",
             "--unlinked",
+            "--profile",
+            profile.to_str().unwrap(),
         ],
     );
     assert_eq!(one.status.code(), Some(0), "{}", text(&one.stderr));
@@ -444,6 +447,23 @@ fn measure_commands_report_and_refuse_clearly() {
         dir.path()
             .join("wh/marts/measure_patient/CMS165.parquet")
             .is_file()
+    );
+    // The profile: the executed plan with its metrics, the slowest first.
+    let profile = fs::read_to_string(profile.join("CMS165.txt")).unwrap();
+    assert!(profile.starts_with("CMS165 ("), "{profile}");
+    let (top, plan) = profile.split_once("plan with metrics:").unwrap();
+    let seconds: Vec<f64> = top
+        .lines()
+        .skip_while(|l| !l.contains("operator"))
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(seconds.len() > 3, "{top}");
+    assert!(seconds.windows(2).all(|w| w[0] >= w[1]), "{top}");
+    assert!(plan.contains("output_rows=") && plan.contains("elapsed_compute="));
+    assert!(
+        plan.contains("DataSourceExec"),
+        "the plan reaches the scans"
     );
 }
 

@@ -290,6 +290,10 @@ pub(crate) struct MeasureArgs {
     /// Write marts/ under DIR instead of the warehouse root (the working copy).
     #[arg(long, value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
+    /// Write DIR/<measure>.txt per measure: its executed plan with the
+    /// metrics of every operator (rows, time, memory), the slowest first.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) profile: Option<PathBuf>,
 }
 
 /// `ward conformance`.

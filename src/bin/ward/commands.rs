@@ -455,7 +455,13 @@ pub(crate) fn measure(
         );
     }
     announce_warnings(&warnings);
-    let results = ward::measure::run(&state.reader(warehouse), &settings.queries, &chosen, period)?;
+    let results = ward::measure::run_profiled(
+        &state.reader(warehouse),
+        &settings.queries,
+        &chosen,
+        period,
+        args.profile.as_deref(),
+    )?;
     let writer = ward::warehouse::Warehouse::new(warehouse).with_output(&out_dir);
     ward::measure::write_marts(&writer, &results)?;
     if !quiet {

@@ -991,7 +991,7 @@ async fn run_one(
     ctx.register_table(view.as_str(), raw.into_view())
         .map_err(|e| err(e.into()))?;
     let df = ctx
-        .sql(&scoring_sql(def, &schema, &view))
+        .sql(&scoring_sql(def, &schema, &view, period))
         .await
         .map_err(|e| err(e.into()))?;
     let schema = plain_schema(df.schema().as_arrow());
@@ -1140,8 +1140,10 @@ fn check_columns(def: &MeasureDef, schema: &Schema) -> std::result::Result<(), S
 /// The SQL that scores a measure query's rows (registered as `view`, with
 /// `schema`): each population slot's criterion made NULL-safe, the
 /// scoring's population rules applied, ids as text, the other columns as
-/// returned, ordered by group and subject.
-fn scoring_sql(def: &MeasureDef, schema: &Schema, view: &str) -> String {
+/// returned, ordered by group and subject. The period is written as two
+/// literals: a cross join with the one-row `period` table made DataFusion
+/// emit one batch per scored row (2.9 s of CMS2's 26 s at 1M persons).
+fn scoring_sql(def: &MeasureDef, schema: &Schema, view: &str, period: Period) -> String {
     let subject = def.basis.subject_column();
     // Each population slot's criterion, NULL-safe; an optional population
     // the query does not return is false.
@@ -1205,9 +1207,11 @@ fn scoring_sql(def: &MeasureDef, schema: &Schema, view: &str) -> String {
     format!(
         "WITH c AS (SELECT {id_columns}, {c0} AS c0, {c1} AS c1, {c2} AS c2, {c3} AS c3, \
            {c4} AS c4{observation_in}{details} FROM {view} WHERE {c0}) \
-         SELECT '{id}' AS measure_id, p.start_date AS period_start, p.end_date AS period_end, \
+         SELECT '{id}' AS measure_id, DATE '{start}' AS period_start, DATE '{end}' AS period_end, \
            {ids_out}{scored_columns}{observation_out}{details} \
-         FROM c CROSS JOIN period p ORDER BY {order}",
+         FROM c ORDER BY {order}",
+        start = period.start,
+        end = period.end,
         id_columns = id_columns.join(", "),
         c0 = flag[0],
         c1 = flag[1],

@@ -192,6 +192,22 @@ pub(crate) fn register_batches(
     Ok(())
 }
 
+/// `schema` without its field `name`: the files of a table written with
+/// `name` as its Hive partition column (the column is in the folder names).
+pub(crate) fn schema_without(
+    schema: &datafusion::arrow::datatypes::Schema,
+    name: &str,
+) -> datafusion::arrow::datatypes::Schema {
+    datafusion::arrow::datatypes::Schema::new(
+        schema
+            .fields()
+            .iter()
+            .filter(|f| f.name() != name)
+            .cloned()
+            .collect::<Vec<_>>(),
+    )
+}
+
 /// Any column as text (`Utf8`), e.g. DataFusion's Utf8View strings or dates.
 pub(crate) fn text(
     column: &datafusion::arrow::array::ArrayRef,

@@ -166,24 +166,17 @@ async fn split_rows(
         name = table.name()
     );
     let df = ctx.sql(&sql).await.map_err(err)?;
-    let schema = df.schema().as_arrow();
-    let schema = std::sync::Arc::new(datafusion::arrow::datatypes::Schema::new(
-        schema
-            .fields()
-            .iter()
-            .filter(|f| f.name() != BUCKET)
-            .cloned()
-            .collect::<Vec<_>>(),
+    let schema = std::sync::Arc::new(crate::engine::schema_without(
+        df.schema().as_arrow(),
+        BUCKET,
     ));
     // Read back once per part: fast compression is enough. One writer per
     // bucket is open at once (up to 256): small row groups bound their
     // buffers.
     let mut options = TableParquetOptions::default();
     options.global.compression = Some("zstd(1)".into());
-    options.global.max_row_group_bytes = Some(
-        datafusion::config::MaxRowGroupBytes::try_new(8 << 20)
-            .map_err(|e| WardError::data("joining staged rows to persons", dir, e))?,
-    );
+    options.global.max_row_group_bytes =
+        Some(datafusion::config::MaxRowGroupBytes::try_new(8 << 20).map_err(err)?);
     df.write_parquet(
         &format!("{}/", dir.display()),
         DataFrameWriteOptions::new().with_partition_by(vec![BUCKET.into()]),

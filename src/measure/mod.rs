@@ -1046,9 +1046,6 @@ async fn run_one(
     Ok(results)
 }
 
-/// The columns a measure's query must return (its populations, the subject,
-/// `group_id` with groups, every stratifier), and stratifiers that can be
-/// shown as text.
 /// A measure's executed plan with its metrics, after a table of the
 /// operators that took the most compute time.
 fn profile_text(def: &MeasureDef, plan: &dyn datafusion::physical_plan::ExecutionPlan) -> String {
@@ -1105,6 +1102,9 @@ fn profile_text(def: &MeasureDef, plan: &dyn datafusion::physical_plan::Executio
     text
 }
 
+/// The columns a measure's query must return (its populations, the subject,
+/// `group_id` with groups, every stratifier), and stratifiers that can be
+/// shown as text.
 fn check_columns(def: &MeasureDef, schema: &Schema) -> std::result::Result<(), String> {
     let subject = def.basis.subject_column();
     let mut required: Vec<&str> = def

@@ -279,14 +279,7 @@ impl Shared {
             }
             // The files hold every column but the value set, which their
             // folder names.
-            let files = Schema::new(
-                schema
-                    .fields()
-                    .iter()
-                    .filter(|f| f.name() != column)
-                    .cloned()
-                    .collect::<Vec<_>>(),
-            );
+            let files = crate::engine::schema_without(schema, column);
             let kind = schema
                 .field_with_name(column)
                 .map_err(|e| err(e.into()))?

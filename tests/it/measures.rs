@@ -1059,6 +1059,21 @@ fn run_on_the_sample_writes_every_measure() {
         );
         let ids = strings(&batches, "measure_id");
         assert!(ids.iter().all(|i| i.as_deref() == Some(r.def.id.as_str())));
+        // Every row names the configured measurement period.
+        let period = config.measurement_period.unwrap();
+        let days = |column: &str| {
+            primitives::<datafusion::arrow::datatypes::Date32Type>(&batches, column)
+                .into_iter()
+                .map(|d| d.and_then(datafusion::arrow::temporal_conversions::date32_to_datetime))
+                .map(|d| d.map(|d| d.date()))
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            days("period_start")
+                .iter()
+                .all(|d| *d == Some(period.start))
+        );
+        assert!(days("period_end").iter().all(|d| *d == Some(period.end)));
         // Linked persons, not provider records.
         let persons = strings(&batches, "person_id");
         assert!(

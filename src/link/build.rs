@@ -106,13 +106,14 @@ pub fn build_in_parts(
             }
             let split = warehouse.scratch_dir(&format!("build-{}-", table.name()))?;
             let schema = split_rows(&ctx, table, buckets, split.path()).await?;
+            let sql = part_sql(table);
             let mut rows = 0;
             for bucket in 0..buckets {
                 let rows_dir = split.path().join(format!("{BUCKET}={bucket}"));
                 crate::engine::register_parquet(&ctx, "part_rows", &rows_dir, schema.clone())
                     .await?;
                 let out = tmp.join(format!("part-{bucket:05}.parquet"));
-                rows += write(&ctx, &part_sql(table), &out).await?;
+                rows += write(&ctx, &sql, &out).await?;
                 ctx.deregister_table("part_rows")
                     .map_err(|e| WardError::data("building a core table", &out, e))?;
             }

@@ -18,6 +18,10 @@ use crate::error::{Result, WardError};
 use crate::schema::Table;
 use crate::warehouse::{Warehouse, parquet_files};
 
+mod constant_row;
+
+pub(crate) use constant_row::InlineConstantRow;
+
 /// Runs a future on a multi-threaded runtime sized like rayon's pool.
 pub(crate) fn block_on<T>(future: impl Future<Output = Result<T>>) -> Result<T> {
     block_on_with_stack(2 << 20, future)
@@ -42,7 +46,13 @@ pub(crate) fn block_on_with_stack<T>(
 pub(crate) fn session(config: SessionConfig) -> Result<SessionContext> {
     let config = tuned(config);
     crate::cluster::remote_session(&config)
-        .unwrap_or_else(|| Ok(SessionContext::new_with_config(config)))
+        .unwrap_or_else(|| Ok(with_rules(SessionContext::new_with_config(config))))
+}
+
+/// `ctx` with Ward's optimizer rule ([`InlineConstantRow`]).
+fn with_rules(ctx: SessionContext) -> SessionContext {
+    ctx.add_optimizer_rule(Arc::new(InlineConstantRow));
+    ctx
 }
 
 /// A session in this process with as many partitions as rayon threads.
@@ -51,7 +61,7 @@ pub(crate) fn session(config: SessionConfig) -> Result<SessionContext> {
 /// one ("partition not used yet", apache/datafusion#17334 and follow-ups).
 /// Memory is bounded instead by building core tables in buckets of persons.
 pub(crate) fn local_session(config: SessionConfig) -> SessionContext {
-    SessionContext::new_with_config(tuned(config))
+    with_rules(SessionContext::new_with_config(tuned(config)))
 }
 
 /// A [`session`] whose operators together may hold at most `bytes` of the
@@ -69,7 +79,10 @@ pub(crate) fn limited_session(config: SessionConfig, bytes: usize) -> Result<Ses
         )
         .build_arc()
         .map_err(|e| WardError::data("starting the query engine", std::path::PathBuf::new(), e))?;
-    Ok(SessionContext::new_with_config_rt(tuned(config), runtime))
+    Ok(with_rules(SessionContext::new_with_config_rt(
+        tuned(config),
+        runtime,
+    )))
 }
 
 fn tuned(config: SessionConfig) -> SessionConfig {

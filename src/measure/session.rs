@@ -36,17 +36,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::NaiveDate;
-use datafusion::arrow::array::{ArrayRef, Date32Array, RecordBatch};
+use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use datafusion::common::ScalarValue;
 use datafusion::dataframe::DataFrameWriteOptions;
+use datafusion::datasource::ViewTable;
 use datafusion::datasource::file_format::csv::CsvFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::error::DataFusionError;
-use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
+use datafusion::prelude::{SessionConfig, SessionContext, lit};
 use datafusion::sql::parser::DFParser;
 
 use crate::error::{BoxError, Result, WardError};
@@ -133,8 +135,9 @@ async fn install_base(
 ) -> Result<()> {
     register_valuesets(ctx, &queries.join("valuesets")).await?;
 
-    let (schema, period) = period_table(period)?;
-    crate::engine::register_batches(ctx, "period", schema, vec![period], queries)?;
+    let view = ViewTable::new(period_view(period)?, None);
+    ctx.register_table("period", Arc::new(view))
+        .map_err(|e| WardError::data("registering the period view", queries, e))?;
     for f in crate::sqlfn::functions() {
         ctx.register_udf(f);
     }
@@ -399,31 +402,29 @@ async fn execute(ctx: &SessionContext, sql: &str, file: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The one-row `period` table and its schema.
-fn period_table(period: Period) -> Result<(SchemaRef, RecordBatch)> {
-    let ts = DataType::Timestamp(TimeUnit::Microsecond, None);
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("start_date", DataType::Date32, false),
-        Field::new("end_date", DataType::Date32, false),
-        Field::new("start_ts", ts.clone(), false),
-        Field::new("end_ts", ts, false),
-    ]));
+/// The one-row `period` view: literals, so that a join with it becomes
+/// filters on the facts' own columns (see
+/// [`crate::engine::InlineConstantRow`]) and carries no data to a cluster.
+fn period_view(period: Period) -> Result<LogicalPlan> {
     let day = |d: NaiveDate| (d - NaiveDate::default()).num_days() as i32;
     let micros = |d: NaiveDate| i64::from(day(d)) * 86_400_000_000;
     let after = period.end.succ_opt().unwrap_or(period.end);
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(Date32Array::from(vec![day(period.start)])),
-        Arc::new(Date32Array::from(vec![day(period.end)])),
-        Arc::new(datafusion::arrow::array::TimestampMicrosecondArray::from(
-            vec![micros(period.start)],
-        )),
-        Arc::new(datafusion::arrow::array::TimestampMicrosecondArray::from(
-            vec![micros(after)],
-        )),
+    let columns = [
+        ("start_date", ScalarValue::Date32(Some(day(period.start)))),
+        ("end_date", ScalarValue::Date32(Some(day(period.end)))),
+        (
+            "start_ts",
+            ScalarValue::TimestampMicrosecond(Some(micros(period.start)), None),
+        ),
+        (
+            "end_ts",
+            ScalarValue::TimestampMicrosecond(Some(micros(after)), None),
+        ),
     ];
-    let batch = RecordBatch::try_new(schema.clone(), columns)
-        .map_err(|e| WardError::data("building the period table", PathBuf::new(), e))?;
-    Ok((schema, batch))
+    LogicalPlanBuilder::empty(true)
+        .project(columns.map(|(name, value)| lit(value).alias(name)))
+        .and_then(|b| b.build())
+        .map_err(|e| WardError::data("building the period view", PathBuf::new(), e))
 }
 
 /// Registers the value-set files of `dir` (`*.csv`) as `valueset_code`.

@@ -12,7 +12,8 @@
 //!   else the staged patient rows with that `person_id`; both have
 //!   `sources`, the list of providers that know the person.
 //! - `<table>_coding` for every coded table: one row per coding of a fact
-//!   (`coding_system`, `coding_code`), to match single codes in any coding.
+//!   (`coding_system`, `coding_code`), to match single codes in any coding;
+//!   computed once by [`crate::measure::run`] too, sorted by code.
 //! - `<table>_vs`: the rows of `<table>_coding` whose coding is in a value
 //!   set (column `valueset`, an OID). A fact appears once per matching
 //!   coding, so test membership with `EXISTS`/`MIN`/`MAX`, never `COUNT(*)`.
@@ -39,6 +40,7 @@ use chrono::NaiveDate;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::ScalarValue;
+use datafusion::config::TableParquetOptions;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::datasource::ViewTable;
 use datafusion::datasource::file_format::csv::CsvFormat;
@@ -50,6 +52,7 @@ use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
 use datafusion::prelude::{SessionConfig, SessionContext, lit};
 use datafusion::sql::parser::DFParser;
+use futures::{StreamExt, TryStreamExt};
 
 use crate::error::{BoxError, Result, WardError};
 use crate::measure::Period;
@@ -101,7 +104,11 @@ pub(crate) async fn session(
     }
     install_base(&ctx, queries, period, linked).await?;
     if let Some(shared) = shared {
-        shared.install(&ctx, queries).await?;
+        let base = |table: Table| match linked {
+            true => core.join(table.name()),
+            false => warehouse.staging_table_dir(table),
+        };
+        shared.install(&ctx, queries, linked, &base).await?;
     }
     install_lib(&ctx, queries, library).await?;
     Ok(ctx)
@@ -142,15 +149,28 @@ async fn install_base(
         ctx.register_udf(f);
     }
 
-    let mut views = Vec::new();
     for table in Table::ALL {
-        let name = table.name();
-        let extra = if table == Table::Condition {
-            format!(", onset_date AS prevalence_start, {PREVALENCE_END} AS prevalence_end")
-        } else {
-            String::new()
-        };
-        views.push(match (linked, table) {
+        for (_, view) in table_views(table, linked) {
+            execute(ctx, &view, queries).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The views of one canonical table, as (name, `CREATE VIEW` statement):
+/// the table itself over `core_<table>` when `linked`, else over
+/// `staging_<table>`, then its `_coding`, `_vs`, `_reason` and
+/// `_reason_vs` views where it has codings or reasons.
+fn table_views(table: Table, linked: bool) -> Vec<(String, String)> {
+    let name = table.name();
+    let extra = if table == Table::Condition {
+        format!(", onset_date AS prevalence_start, {PREVALENCE_END} AS prevalence_end")
+    } else {
+        String::new()
+    };
+    let mut views = vec![(
+        name.to_string(),
+        match (linked, table) {
             (true, Table::Patient) => "CREATE VIEW patient AS SELECT * FROM core_person".into(),
             (true, _) => format!("CREATE VIEW {name} AS SELECT *{extra} FROM core_{name}"),
             (false, Table::Patient) => "CREATE VIEW patient AS SELECT concat(source, '/', source_patient_id) AS person_id, *, \
@@ -159,39 +179,48 @@ async fn install_base(
             (false, _) => format!(
                 "CREATE VIEW {name} AS SELECT concat(source, '/', source_patient_id) AS person_id, *{extra} FROM staging_{name}"
             ),
-        });
-        if table.column("codings").is_some() {
-            views.push(format!(
+        },
+    )];
+    if table.column("codings").is_some() {
+        views.push((
+            format!("{name}_coding"),
+            format!(
                 "CREATE VIEW {name}_coding AS \
                  SELECT *, coding_['system'] AS coding_system, coding_['code'] AS coding_code \
                  FROM (SELECT *, unnest(codings) AS coding_ FROM {name})"
-            ));
-            views.push(format!(
+            ),
+        ));
+        views.push((
+            format!("{name}_vs"),
+            format!(
                 "CREATE VIEW {name}_vs AS \
                  SELECT f.*, v.valueset FROM valueset_code v JOIN {name}_coding f \
                  ON v.code_system = f.coding_system AND v.code = f.coding_code"
-            ));
-        }
-        if table.column("reasons").is_some() {
-            views.push(format!(
+            ),
+        ));
+    }
+    if table.column("reasons").is_some() {
+        views.push((
+            format!("{name}_reason"),
+            format!(
                 "CREATE VIEW {name}_reason AS \
                  SELECT *, split_part(reason_, '|', 1) AS reason_system, \
                    substr(reason_, strpos(reason_, '|') + 1) AS reason_code \
                  FROM (SELECT *, unnest(string_to_array(reasons, ' ')) AS reason_ FROM {name} \
                    WHERE reasons IS NOT NULL)"
-            ));
-            views.push(format!(
+            ),
+        ));
+        views.push((
+            format!("{name}_reason_vs"),
+            format!(
                 "CREATE VIEW {name}_reason_vs AS \
                  SELECT f.*, v.valueset AS reason_valueset FROM valueset_code v \
                  JOIN {name}_reason f \
                  ON v.code_system = f.reason_system AND v.code = f.reason_code"
-            ));
-        }
+            ),
+        ));
     }
-    for view in views {
-        execute(ctx, &view, queries).await?;
-    }
-    Ok(())
+    views
 }
 
 /// The views of `queries/lib/*.sql`, then of `queries/lib/<library>/`.
@@ -208,20 +237,40 @@ async fn install_lib(ctx: &SessionContext, queries: &Path, library: &str) -> Res
     Ok(())
 }
 
-/// Value-set membership computed once per measure run and shared by all its
-/// sessions: every `<table>_vs` and `<table>_reason_vs` view that the SQL
-/// of `queries/` names is written once to Parquet, one folder per value set
-/// (Hive style, `valueset=<oid>/`), and read back in the view's place. A
-/// measure then reads only the facts of the value sets it names, instead of
-/// every reference unnesting every coding of the table and joining it to
-/// every value set again. The files live in a scratch directory under the
+/// Intermediate results computed once per measure run and shared by all
+/// its sessions, written to Parquet and read back in place of the views
+/// that define them. The files live in a scratch directory under the
 /// warehouse's `.tmp/`, removed when this is dropped.
+///
+/// - Value-set membership: every `<table>_vs` and `<table>_reason_vs` view
+///   that the SQL of `queries/` names, one folder per value set (Hive
+///   style, `valueset=<oid>/`). A measure reads only the facts of the value
+///   sets it names, instead of every reference unnesting every coding of
+///   the table and joining it to every value set again.
+/// - Codings: every `<table>_coding` view the SQL names, sorted by coding
+///   system and code within each file of the table (one output file per
+///   input file, so the sort holds one file's rows) in row groups of
+///   [`CODING_ROW_GROUP`] rows. A criterion naming its codes
+///   (`coding_system = 'loinc' AND coding_code IN (...)`) then reads only
+///   the row groups whose statistics can hold them, instead of unnesting
+///   every fact of the table at every reference.
 pub(crate) struct Shared {
     dir: tempfile::TempDir,
-    /// The memberships written (view, value-set column, schema); `None`
-    /// until the first session writes them.
-    written: Option<Vec<(String, &'static str, SchemaRef)>>,
+    /// The tables written; `None` until the first session writes them.
+    written: Option<Vec<Written>>,
 }
+
+/// One table [`Shared`] wrote: the view it replaces, the Hive partition
+/// column of its files (`None` for codings), its schema.
+struct Written {
+    view: String,
+    partition: Option<&'static str>,
+    schema: SchemaRef,
+}
+
+/// Rows per row group of the shared coding tables: small enough that the
+/// row groups of one code are few and the others are skipped.
+const CODING_ROW_GROUP: usize = 64 * 1024;
 
 impl Shared {
     /// An empty scratch directory under `<warehouse>/.tmp/`.
@@ -232,15 +281,51 @@ impl Shared {
         })
     }
 
-    /// Replaces the membership views of `ctx` (whose base views are
-    /// installed) by the shared tables, writing them first if no session
-    /// has yet.
-    async fn install(&mut self, ctx: &SessionContext, queries: &Path) -> Result<()> {
+    /// Replaces the views of `ctx` (whose base views are installed) by the
+    /// shared tables, writing them first if no session has yet. `base`
+    /// says where each canonical table's files are, `linked` whether they
+    /// are the core tables (see [`table_views`]).
+    async fn install(
+        &mut self,
+        ctx: &SessionContext,
+        queries: &Path,
+        linked: bool,
+        base: &dyn Fn(Table) -> PathBuf,
+    ) -> Result<()> {
         if self.written.is_none() {
             let sql = sql_text(queries)?;
             let mut written = Vec::new();
             for table in Table::ALL {
                 let name = table.name();
+                let view = format!("{name}_coding");
+                if table.column("codings").is_some() && sql.contains(&view) {
+                    let started = std::time::Instant::now();
+                    let out = self.dir.path().join(&view);
+                    if let Some(schema) =
+                        write_codings(ctx, table, linked, &base(table), &out).await?
+                    {
+                        let codings = Written {
+                            view,
+                            partition: None,
+                            schema,
+                        };
+                        // The memberships below read the written codings.
+                        self.register(ctx, &codings)?;
+                        let (vs, statement) = table_views(table, linked)
+                            .into_iter()
+                            .find(|(v, _)| *v == format!("{name}_vs"))
+                            .expect("a coded table has a _vs view");
+                        ctx.deregister_table(vs.as_str())
+                            .map_err(|e| WardError::data("replacing a view", &out, e))?;
+                        execute(ctx, &statement, &out).await?;
+                        written.push(codings);
+                        tracing::debug!(
+                            table = name,
+                            seconds = started.elapsed().as_secs_f64(),
+                            "codings written"
+                        );
+                    }
+                }
                 let views = [
                     (table.column("codings"), format!("{name}_vs"), "valueset"),
                     (
@@ -253,6 +338,7 @@ impl Shared {
                     .into_iter()
                     .filter(|(c, v, _)| c.is_some() && sql.contains(v))
                 {
+                    let started = std::time::Instant::now();
                     let out = self.dir.path().join(&view);
                     let err = |e: DataFusionError| {
                         WardError::data("computing value-set membership", &out, e)
@@ -266,41 +352,138 @@ impl Shared {
                     )
                     .await
                     .map_err(err)?;
-                    written.push((view, column, schema));
+                    written.push(Written {
+                        view,
+                        partition: Some(column),
+                        schema,
+                    });
+                    tracing::debug!(
+                        table = name,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "memberships written"
+                    );
                 }
             }
             self.written = Some(written);
         }
-        for (view, column, schema) in self.written.iter().flatten() {
-            let dir = self.dir.path().join(view);
-            let err = |e: DataFusionError| WardError::data("reading value-set membership", &dir, e);
-            ctx.deregister_table(view.as_str()).map_err(err)?;
-            let empty = !dir.exists() || crate::warehouse::parquet_files(&dir)?.is_empty();
-            if empty {
-                crate::engine::register_batches(ctx, view, schema.clone(), vec![], &dir)?;
-                continue;
-            }
-            // The files hold every column but the value set, which their
-            // folder names.
-            let files = crate::engine::schema_without(schema, column);
+        for table in self.written.iter().flatten() {
+            self.register(ctx, table)?;
+        }
+        Ok(())
+    }
+
+    /// Registers `table`'s files on `ctx` in place of its view.
+    fn register(&self, ctx: &SessionContext, table: &Written) -> Result<()> {
+        let Written {
+            view,
+            partition,
+            schema,
+        } = table;
+        let dir = self.dir.path().join(view);
+        let err = |e: DataFusionError| WardError::data("reading a shared table", &dir, e);
+        ctx.deregister_table(view.as_str()).map_err(err)?;
+        let empty = !dir.exists() || crate::warehouse::parquet_files(&dir)?.is_empty();
+        if empty {
+            return crate::engine::register_batches(ctx, view, schema.clone(), vec![], &dir);
+        }
+        let mut options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let mut files = schema.clone();
+        if let Some(column) = partition {
+            // The files hold every column but the partition column, which
+            // their folder names.
+            files = Arc::new(crate::engine::schema_without(schema, column));
             let kind = schema
                 .field_with_name(column)
                 .map_err(|e| err(e.into()))?
                 .data_type()
                 .clone();
-            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-                .with_file_extension(".parquet")
-                .with_table_partition_cols(vec![(column.to_string(), kind)]);
-            let url = ListingTableUrl::parse(format!("{}/", dir.display())).map_err(err)?;
-            let config = ListingTableConfig::new(url)
-                .with_listing_options(options)
-                .with_schema(Arc::new(files));
-            let table = ListingTable::try_new(config).map_err(err)?;
-            ctx.register_table(view.as_str(), Arc::new(table))
-                .map_err(err)?;
+            options = options.with_table_partition_cols(vec![(column.to_string(), kind)]);
         }
+        let url = ListingTableUrl::parse(format!("{}/", dir.display())).map_err(err)?;
+        let config = ListingTableConfig::new(url)
+            .with_listing_options(options)
+            .with_schema(files);
+        let table = ListingTable::try_new(config).map_err(err)?;
+        ctx.register_table(view.as_str(), Arc::new(table))
+            .map_err(err)?;
         Ok(())
     }
+}
+
+/// Writes `<table>_coding` of `ctx` to `out`, one file per Parquet file of
+/// the table under `base`, each sorted by coding system and code (see
+/// [`Shared`]); its schema, or `None` when the table has no files. Each
+/// file is computed by a session of its own, in this process, over that
+/// file and the same view definitions.
+async fn write_codings(
+    ctx: &SessionContext,
+    table: Table,
+    linked: bool,
+    base: &Path,
+    out: &Path,
+) -> Result<Option<SchemaRef>> {
+    let name = table.name();
+    let files = crate::warehouse::parquet_files(base)?;
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let err = |e: DataFusionError| WardError::data("computing the codings", out, e);
+    let source = match linked {
+        true => format!("core_{name}"),
+        false => format!("staging_{name}"),
+    };
+    let source_schema = ctx
+        .table_provider(source.as_str())
+        .await
+        .map_err(err)?
+        .schema();
+    let view = format!("{name}_coding");
+    let schema = Arc::new(
+        ctx.table(view.as_str())
+            .await
+            .map_err(err)?
+            .schema()
+            .as_arrow()
+            .clone(),
+    );
+    let mut options = TableParquetOptions::default();
+    options.global.compression = Some("zstd(1)".into());
+    options.global.max_row_group_size = CODING_ROW_GROUP;
+    // Two files at a time: a file's sort runs on every core but its
+    // write on one.
+    let write = |(i, file): (usize, PathBuf)| {
+        let (source, source_schema, view, options) =
+            (&source, source_schema.clone(), &view, options.clone());
+        async move {
+            let one = crate::engine::local_session(SessionConfig::new());
+            crate::engine::register_parquet(&one, source, &file, source_schema).await?;
+            for (defined, statement) in table_views(table, linked) {
+                if defined == name || defined == *view {
+                    execute(&one, &statement, &file).await?;
+                }
+            }
+            let sql = format!("SELECT * FROM {view} ORDER BY coding_system, coding_code");
+            let part = out.join(format!("part-{i:05}.parquet"));
+            one.sql(&sql)
+                .await
+                .map_err(err)?
+                .write_parquet(
+                    &part.to_string_lossy(),
+                    DataFrameWriteOptions::new().with_single_file_output(true),
+                    Some(options),
+                )
+                .await
+                .map_err(err)?;
+            Ok::<_, WardError>(())
+        }
+    };
+    futures::stream::iter(files.into_iter().enumerate())
+        .map(write)
+        .buffer_unordered(2)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(Some(schema))
 }
 
 /// The text of every `.sql` file under `dir`, lower-cased.

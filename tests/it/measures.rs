@@ -1150,12 +1150,13 @@ fn run_on_the_sample_writes_every_measure() {
     }
 }
 
-/// A run's value-set memberships (`<table>_vs`) are computed once and read
-/// back by value set; what a measure sees through them is what the plain
-/// join of codings and value sets gives, whatever characters a value set's
-/// name holds.
+/// A run's value-set memberships (`<table>_vs`) and codings
+/// (`<table>_coding`) are computed once and read back; what a measure sees
+/// through them is what unnesting the facts' codings and joining them to
+/// the value sets gives, whatever characters a value set's name holds, and
+/// a filter on single codes finds the same facts.
 #[test]
-fn shared_value_set_membership_is_the_join_it_replaces() {
+fn shared_value_set_membership_and_codings_are_the_views_they_replace() {
     let tmp = tempfile::tempdir().unwrap();
     let config = ward::PipelineConfig::load(&copy_sample(tmp.path())).unwrap();
     let run = run_all(&config);
@@ -1173,6 +1174,14 @@ fn shared_value_set_membership_is_the_join_it_replaces() {
         diabetes.replace("2.16.840.1.113883.3.464.1003.103.12.1001", odd),
     )
     .unwrap();
+    // Its SNOMED codes, for criteria naming single codes.
+    let codes = diabetes
+        .lines()
+        .map(|l| l.splitn(6, ',').collect::<Vec<_>>())
+        .filter(|f| f.len() > 4 && f[3] == "snomed")
+        .map(|f| format!("'{}'", f[4]))
+        .collect::<Vec<_>>()
+        .join(", ");
     fs::create_dir_all(q.join("measures")).unwrap();
     let toml = |id: &str| {
         format!(
@@ -1198,6 +1207,27 @@ fn shared_value_set_membership_is_the_join_it_replaces() {
                  WHERE v.valueset = '{odd}'"
             ),
         ),
+        (
+            "UNNESTED",
+            format!(
+                "SELECT c.person_id FROM (SELECT person_id, unnest(codings) AS k FROM condition) c \
+                 JOIN valueset_code v ON v.code_system = c.k['system'] AND v.code = c.k['code'] \
+                 WHERE v.valueset = '{odd}'"
+            ),
+        ),
+        (
+            "CODED",
+            format!(
+                "SELECT person_id FROM condition_coding WHERE coding_system = 'snomed' AND coding_code IN ({codes})"
+            ),
+        ),
+        (
+            "CODED_UNNESTED",
+            format!(
+                "SELECT person_id FROM (SELECT person_id, unnest(codings) AS k FROM condition) \
+                 WHERE k['system'] = 'snomed' AND k['code'] IN ({codes})"
+            ),
+        ),
     ] {
         let file = id.to_lowercase();
         fs::write(q.join(format!("measures/{file}.toml")), toml(id)).unwrap();
@@ -1211,14 +1241,16 @@ fn shared_value_set_membership_is_the_join_it_replaces() {
     let all: Vec<&measure::MeasureDef> = defs.iter().collect();
     let wh = Warehouse::new(&config.warehouse).with_output(&run.run_dir);
     let results = measure::run(&wh, &q, &all, period_2025()).unwrap();
-    let (joined, shared) = (&results[0], &results[1]);
-    assert_eq!(
-        (joined.def.id.as_str(), shared.def.id.as_str()),
-        ("JOINED", "SHARED")
-    );
+    let by_id = |id: &str| results.iter().find(|r| r.def.id == id).unwrap();
+    let shared = by_id("SHARED");
     assert!(shared.counts.numerator > 0, "{:?}", shared.counts);
     assert!(shared.counts.numerator < shared.counts.denominator);
-    assert_eq!(shared.memberships(), joined.memberships());
+    for other in ["JOINED", "UNNESTED"] {
+        assert_eq!(shared.memberships(), by_id(other).memberships(), "{other}");
+    }
+    let coded = by_id("CODED");
+    assert!(coded.counts.numerator > 0, "{:?}", coded.counts);
+    assert_eq!(coded.memberships(), by_id("CODED_UNNESTED").memberships());
     // The scratch copies are gone with the run.
     let tmp_dir = config.warehouse.join(".tmp");
     let left: Vec<_> = fs::read_dir(&tmp_dir)

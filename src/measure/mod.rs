@@ -29,6 +29,7 @@
 //!   defines them (CMS155's age strata).
 
 pub mod conformance;
+mod cte;
 mod session;
 pub use crate::sqlfn::{age_band, age_years};
 pub use session::install;
@@ -975,9 +976,6 @@ async fn run_one(
     let err = |source: BoxError| WardError::data("running measure", def.sql.clone(), source);
     let sql =
         std::fs::read_to_string(&def.sql).map_err(|e| WardError::io("cannot read", &def.sql, e))?;
-    let raw = ctx.sql(&sql).await.map_err(|e| err(e.into()))?;
-    let schema = raw.schema().as_arrow().clone();
-    check_columns(def, &schema).map_err(|m| err(m.into()))?;
     let view: String = format!("measure_raw_{}", def.id)
         .chars()
         .map(|c| {
@@ -988,6 +986,12 @@ async fn run_one(
             }
         })
         .collect();
+    let planned = cte::plan(ctx, &sql, &view)
+        .await
+        .map_err(|e| err(e.into()))?;
+    let raw = planned.query;
+    let schema = raw.schema().as_arrow().clone();
+    check_columns(def, &schema).map_err(|m| err(m.into()))?;
     ctx.register_table(view.as_str(), raw.into_view())
         .map_err(|e| err(e.into()))?;
     let df = ctx
@@ -1000,6 +1004,10 @@ async fn run_one(
     let rows = datafusion::physical_plan::collect(plan.clone(), task)
         .await
         .map_err(|e| err(e.into()))?;
+    for table in &planned.tables {
+        ctx.deregister_table(table.as_str())
+            .map_err(|e| err(e.into()))?;
+    }
     if let Some(dir) = profile {
         let path = dir.join(format!("{}.txt", def.id));
         std::fs::write(&path, profile_text(def, plan.as_ref()))

@@ -288,7 +288,7 @@ mod ballista_engine {
             .upgrade_for_ballista(url)
             .map_err(|e| engine_err("connecting to the Ballista scheduler", e))?;
         let ctx = SessionContext::new_with_state(state);
-        ctx.add_optimizer_rule(Arc::new(crate::engine::InlineConstantRow));
+        ctx.add_optimizer_rule(Arc::new(crate::optimizer::InlineConstantRow));
         for f in functions() {
             ctx.register_udf(f);
         }
@@ -320,7 +320,7 @@ mod ballista_engine {
         .with_override_session_builder(Arc::new(|config: SessionConfig| {
             let state = ballista_core::utils::default_session_builder(config)?;
             let mut state = SessionStateBuilder::new_from_existing(state)
-                .with_optimizer_rule(Arc::new(crate::engine::InlineConstantRow))
+                .with_optimizer_rule(Arc::new(crate::optimizer::InlineConstantRow))
                 .build();
             for f in functions() {
                 state.register_udf(Arc::new(f))?;

@@ -15,12 +15,9 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::error::{Result, WardError};
+use crate::optimizer::InlineConstantRow;
 use crate::schema::Table;
 use crate::warehouse::{Warehouse, parquet_files};
-
-mod constant_row;
-
-pub(crate) use constant_row::InlineConstantRow;
 
 /// Runs a future on a multi-threaded runtime sized like rayon's pool.
 pub(crate) fn block_on<T>(future: impl Future<Output = Result<T>>) -> Result<T> {

@@ -27,6 +27,7 @@ pub mod link;
 pub mod mapping;
 pub mod measure;
 pub mod normalize;
+mod optimizer;
 pub mod query;
 pub mod reads;
 pub mod report;

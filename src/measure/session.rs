@@ -13,7 +13,8 @@
 //!   `sources`, the list of providers that know the person.
 //! - `<table>_coding` for every coded table: one row per coding of a fact
 //!   (`coding_system`, `coding_code`), to match single codes in any coding;
-//!   computed once by [`crate::measure::run`] too, sorted by code.
+//!   [`crate::measure::run`] computes those named twice or more once,
+//!   sorted by code (see [`Shared`]).
 //! - `<table>_vs`: the rows of `<table>_coding` whose coding is in a value
 //!   set (column `valueset`, an OID). A fact appears once per matching
 //!   coding, so test membership with `EXISTS`/`MIN`/`MAX`, never `COUNT(*)`.
@@ -249,9 +250,9 @@ async fn install_lib(ctx: &SessionContext, queries: &Path, library: &str) -> Res
 ///   the table and joining it to every value set again.
 /// - Codings: every `<table>_coding` view the SQL names in two places or
 ///   more (one reference reads it once: writing it would cost more),
-///   sorted by coding
-///   system and code within each file of the table (one output file per
-///   input file, so the sort holds one file's rows) in row groups of
+///   sorted by coding system and code within each file of the table (one
+///   output file per input file, so the sort holds one file's rows) in
+///   row groups of
 ///   [`CODING_ROW_GROUP`] rows. A criterion naming its codes
 ///   (`coding_system = 'loinc' AND coding_code IN (...)`) then reads only
 ///   the row groups whose statistics can hold them, instead of unnesting
@@ -604,7 +605,7 @@ async fn execute(ctx: &SessionContext, sql: &str, file: &Path) -> Result<()> {
 
 /// The one-row `period` view: literals, so that a join with it becomes
 /// filters on the facts' own columns (see
-/// [`crate::engine::InlineConstantRow`]) and carries no data to a cluster.
+/// [`crate::optimizer::InlineConstantRow`]) and carries no data to a cluster.
 fn period_view(period: Period) -> Result<LogicalPlan> {
     let day = |d: NaiveDate| (d - NaiveDate::default()).num_days() as i32;
     let micros = |d: NaiveDate| i64::from(day(d)) * 86_400_000_000;

@@ -1,4 +1,5 @@
-//! An optimizer rule that turns an inner join with a one-row table of
+//! Ward's DataFusion optimizer rule, in every session (local, Ballista
+//! client and scheduler): it turns an inner join with a one-row table of
 //! constants (Ward's `period`) into literals.
 //!
 //! Measure SQL reads the measurement period as `CROSS JOIN period p WHERE

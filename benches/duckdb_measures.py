@@ -28,6 +28,12 @@ measure's SQL, and Ward's scoring step (src/measure/mod.rs `scoring_sql`:
 NULL as false, the population cascade, ids as text, rows where the initial
 population holds, ordered by group and subject), written per group.
 
+Ward also writes the `<table>_coding` views named twice or more (sorted by
+code, `Shared`) and computes a measure's repeated grouping/window CTEs once
+(src/measure/cte.rs): those are Ward's own physical choices for DataFusion,
+not ported here; DuckDB plans codings itself and materializes repeated CTEs
+on its own.
+
 The SQL files are read as they are; the few places where DuckDB needs
 another spelling are the text substitutions in SUBSTITUTIONS and the macros
 of SHIMS below, each documented, so the port follows queries/ as it changes.

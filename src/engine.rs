@@ -61,6 +61,14 @@ pub(crate) fn local_session(config: SessionConfig) -> SessionContext {
     with_rules(SessionContext::new_with_config(tuned(config)))
 }
 
+/// A [`local_session`] in one partition: for work that runs several
+/// such sessions side by side, one per core.
+pub(crate) fn one_partition_session() -> SessionContext {
+    with_rules(SessionContext::new_with_config(
+        tuned(SessionConfig::new()).with_target_partitions(1),
+    ))
+}
+
 /// A [`session`] whose operators together may hold at most `bytes` of the
 /// memory DataFusion tracks (hash tables, join build sides, sort buffers)
 /// and never spill to disk: a query that needs more fails with DataFusion's

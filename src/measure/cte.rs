@@ -107,15 +107,7 @@ async fn plan_within(
         });
         own.cte_tables.splice(0..0, inline.iter().cloned());
         body.with = (!own.cte_tables.is_empty()).then_some(own);
-        // Lower-case letters, digits and '_' only: the same name in SQL
-        // and in the catalog.
-        let table: String = format!("{prefix}_cte{}_{name}", shared.len())
-            .chars()
-            .map(|c| match c.is_ascii_alphanumeric() {
-                true => c.to_ascii_lowercase(),
-                false => '_',
-            })
-            .collect();
+        let table = super::table_name(&format!("{prefix}_cte{}_{name}", shared.len()));
         let computed = run(ctx, body).await?;
         let schema = std::sync::Arc::new(computed.schema().as_arrow().clone());
         let mut stream = computed.execute_stream().await?;

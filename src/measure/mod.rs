@@ -976,16 +976,7 @@ async fn run_one(
     let err = |source: BoxError| WardError::data("running measure", def.sql.clone(), source);
     let sql =
         std::fs::read_to_string(&def.sql).map_err(|e| WardError::io("cannot read", &def.sql, e))?;
-    let view: String = format!("measure_raw_{}", def.id)
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let view = table_name(&format!("measure_raw_{}", def.id));
     let planned = cte::plan(ctx, &sql, &view)
         .await
         .map_err(|e| err(e.into()))?;
@@ -1052,6 +1043,17 @@ async fn run_one(
         }
     }
     Ok(results)
+}
+
+/// `name` as a session table name that reads the same in SQL and in the
+/// catalog: lower-case letters, digits and `_` only.
+fn table_name(name: &str) -> String {
+    name.chars()
+        .map(|c| match c.is_ascii_alphanumeric() {
+            true => c.to_ascii_lowercase(),
+            false => '_',
+        })
+        .collect()
 }
 
 /// A measure's executed plan with its metrics, after a table of the

@@ -252,8 +252,7 @@ async fn install_lib(ctx: &SessionContext, queries: &Path, library: &str) -> Res
 ///   more (one reference reads it once: writing it would cost more),
 ///   sorted by coding system and code within each file of the table (one
 ///   output file per input file, so the sort holds one file's rows) in
-///   row groups of
-///   [`CODING_ROW_GROUP`] rows. A criterion naming its codes
+///   row groups of [`CODING_ROW_GROUP`] rows. A criterion naming its codes
 ///   (`coding_system = 'loinc' AND coding_code IN (...)`) then reads only
 ///   the row groups whose statistics can hold them, instead of unnesting
 ///   every fact of the table at every reference.
@@ -314,13 +313,15 @@ impl Shared {
                         };
                         // The memberships below read the written codings.
                         self.register(ctx, &codings)?;
-                        let (vs, statement) = table_views(table, linked)
+                        let vs = format!("{name}_vs");
+                        for (_, statement) in table_views(table, linked)
                             .into_iter()
-                            .find(|(v, _)| *v == format!("{name}_vs"))
-                            .expect("a coded table has a _vs view");
-                        ctx.deregister_table(vs.as_str())
-                            .map_err(|e| WardError::data("replacing a view", &out, e))?;
-                        execute(ctx, &statement, &out).await?;
+                            .filter(|(v, _)| *v == vs)
+                        {
+                            ctx.deregister_table(vs.as_str())
+                                .map_err(|e| WardError::data("replacing a view", &out, e))?;
+                            execute(ctx, &statement, &out).await?;
+                        }
                         written.push(codings);
                         tracing::debug!(
                             table = name,
@@ -468,13 +469,7 @@ async fn write_codings(
         let (source, source_schema, view, options) =
             (&source, source_schema.clone(), &view, options.clone());
         async move {
-            let mut config = SessionConfig::new().with_target_partitions(1);
-            config
-                .options_mut()
-                .execution
-                .parquet
-                .allow_single_file_parallelism = false;
-            let one = SessionContext::new_with_config(config);
+            let one = crate::engine::one_partition_session();
             crate::engine::register_parquet(&one, source, &file, source_schema).await?;
             for (defined, statement) in table_views(table, linked) {
                 if defined == name || defined == *view {

@@ -92,6 +92,8 @@ for name, secs, run in nights:
     m = manifest(run)
     taken = [s["stage"] for s in m["stages"] if s.get("reused_from")]
     taken += [f"build.{t}" for s in m["stages"] for t in s.get("reused_tables", [])]
+    taken += [f"{s['stage']} but for {s['recomputed']['persons']} of {s['recomputed']['of']} persons"
+              for s in m["stages"] if s.get("recomputed")]
     same, ratio = "", ""
     if name in ref:
         a, b = tables(run), tables(by[ref[name]])

@@ -19,6 +19,7 @@
 pub mod cluster;
 pub mod config;
 pub mod deid;
+pub mod delta;
 pub mod dq;
 mod engine;
 pub mod error;
@@ -323,6 +324,14 @@ fn fingerprints(
         .tree("queries", night.queries)?
         .part("period", night.period)
         .finish();
+    // What the measures are, whatever the data: a run with the same can
+    // keep its results for the persons whose core rows did not change.
+    let measure_logic = code
+        .clone()
+        .part("stage", "measures")
+        .tree("queries", night.queries)?
+        .part("period", night.period)
+        .finish();
     let deid = after_build("deid")
         .part("deid", &config.deid)
         .part("key", night.key.fingerprint())
@@ -346,6 +355,7 @@ fn fingerprints(
         ("build", build),
         ("dq", dq),
         ("measures", measures),
+        ("measures.queries", measure_logic),
         ("deid", deid),
     ]
     .map(|(s, f)| (s.to_string(), f))
@@ -369,6 +379,7 @@ fn stage<T>(manifest: &mut runs::Manifest, name: &str, f: impl FnOnce() -> Resul
         peak_memory_bytes: runs::peak_memory(),
         reused_from: None,
         reused_tables: Vec::new(),
+        recomputed: None,
     });
     tracing::info!(seconds, ok = out.is_ok(), "stage finished");
     out
@@ -513,6 +524,7 @@ fn run_stages(
         manifest,
     )?;
     let run_id = manifest.run_id.clone();
+    let mut recomputed = None;
     let measures = stage_or_reuse(
         manifest,
         "measures",
@@ -545,11 +557,37 @@ fn run_stages(
         },
         || {
             let all: Vec<&measure::MeasureDef> = defs.iter().collect();
-            let measures = measure::run(&warehouse, queries, &all, period)?;
+            let from = previous.reusable(night, &fingerprints, "measures.queries");
+            let measures = match from {
+                Some((dir, earlier)) => match changed_persons(dir, run_dir, &warehouse)? {
+                    Some((touched, restricted)) => {
+                        let out = measure::run_for_persons(
+                            &warehouse,
+                            &restricted.0,
+                            dir,
+                            queries,
+                            &all,
+                            period,
+                            &touched,
+                        )?;
+                        recomputed = Some(runs::Recomputed {
+                            persons: touched.len() as u64,
+                            of: touched.persons,
+                            rest_from: earlier.run_id.clone(),
+                        });
+                        out
+                    }
+                    None => measure::run(&warehouse, queries, &all, period)?,
+                },
+                None => measure::run(&warehouse, queries, &all, period)?,
+            };
             measure::write_marts(&warehouse, &measures)?;
             Ok(measures)
         },
     )?;
+    if let Some(stage) = manifest.stages.last_mut() {
+        stage.recomputed = recomputed;
+    }
     manifest.measures = measures.iter().map(runs::MeasureFigures::of).collect();
     let snapshot = manifest.clone();
     let reports = stage(manifest, "report", || {
@@ -617,6 +655,42 @@ fn run_stages(
         dq,
     })
 }
+
+/// The persons whose core rows changed since the run in `previous` (see
+/// [`delta::touched`]) and tonight's warehouse with its core restricted to
+/// them (in a scratch directory, removed when dropped); `None` when the
+/// cores cannot be compared or too many persons changed
+/// ([`RECOMPUTE_SHARE`]), so the stage computes for everyone.
+fn changed_persons(
+    previous: &std::path::Path,
+    run_dir: &std::path::Path,
+    warehouse: &warehouse::Warehouse,
+) -> Result<Option<(delta::Touched, (warehouse::Warehouse, tempfile::TempDir))>> {
+    let started = std::time::Instant::now();
+    let core = run_dir.join("core");
+    let Some(touched) = delta::touched(&previous.join("core"), &core)? else {
+        tracing::info!("the cores cannot be compared: computed for every person");
+        return Ok(None);
+    };
+    let share = touched.len() as f64 / touched.persons.max(1) as f64;
+    tracing::info!(
+        touched = touched.len(),
+        persons = touched.persons,
+        seconds = started.elapsed().as_secs_f64(),
+        "persons whose core rows changed"
+    );
+    if share > RECOMPUTE_SHARE {
+        return Ok(None);
+    }
+    let scratch = warehouse.scratch_dir("touched-")?;
+    delta::restrict(&core, &touched, &scratch.path().join("core"))?;
+    let restricted = warehouse.with_output(scratch.path());
+    Ok(Some((touched, (restricted, scratch))))
+}
+
+/// Above this share of persons changed, a stage computes for everyone:
+/// restricting the core and merging results would cost more than it saves.
+const RECOMPUTE_SHARE: f64 = 0.5;
 
 /// The build stage: each core table whose staged files (and linkage) are
 /// those of the current run is taken from it, the others are built; the

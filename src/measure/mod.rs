@@ -315,9 +315,21 @@ pub struct MeasureDef {
     /// Stratifiers the measure defines, reported per group.
     #[serde(default, rename = "stratifier")]
     pub stratifiers: Vec<StratifierDef>,
+    /// Whether a subject's row depends only on its person's records, as
+    /// in CQL's Patient context (default `true`): a night then computes
+    /// the measure for the persons whose core rows changed and keeps the
+    /// current run's rows for everyone else ([`run_for_persons`]). A
+    /// measure that compares persons (a rank, a share of a clinic's
+    /// patients) says `person_local = false` and is computed whole.
+    #[serde(default = "yes")]
+    pub person_local: bool,
     /// The SQL file, beside the metadata.
     #[serde(skip)]
     pub sql: PathBuf,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The shared criteria of a measure that names none, and of the report
@@ -898,16 +910,153 @@ pub fn care_gaps(
 }
 
 /// Writes each result to `marts/measure_patient/<key>.parquet` (atomically,
-/// replacing the previous run's file) and returns the paths.
+/// replacing the previous run's file) and returns the paths. The rows are
+/// written in slices of [`MART_BATCH`], whatever batches they came in, so
+/// that equal rows make equal files (a mart merged by [`run_for_persons`]
+/// is byte for byte the one a whole run writes).
 pub fn write_marts(warehouse: &Warehouse, results: &[MeasureResult]) -> Result<Vec<PathBuf>> {
     results
         .iter()
         .map(|r| {
             let path = mart_path(warehouse.out(), &r.key());
-            warehouse.write_parquet(&path, r.schema.clone(), &r.rows)?;
+            let all = datafusion::arrow::compute::concat_batches(&r.schema, &r.rows)
+                .map_err(|e| WardError::data("writing a measure mart", &path, e))?;
+            let slices: Vec<RecordBatch> = (0..all.num_rows())
+                .step_by(MART_BATCH)
+                .map(|at| all.slice(at, MART_BATCH.min(all.num_rows() - at)))
+                .collect();
+            warehouse.write_parquet(&path, r.schema.clone(), &slices)?;
             Ok(path)
         })
         .collect()
+}
+
+/// Rows per batch written to a mart (see [`write_marts`]).
+const MART_BATCH: usize = 8192;
+
+/// The results of `defs` on tonight's `warehouse`, computed only for the
+/// persons `touched` holds and taken from the marts of the run in
+/// `previous` (same queries, same period) for everyone else: what [`run`]
+/// gives when every measure is person-local. The touched persons' rows
+/// come from `restricted`, tonight's warehouse with its core restricted to
+/// them ([`crate::delta::restrict`]). A measure that is not person-local,
+/// whose mart `previous` lacks or wrote with other columns, or whose
+/// merged denominators are all empty (the explanation needs the whole
+/// data), is run on `warehouse` whole.
+pub fn run_for_persons(
+    warehouse: &Warehouse,
+    restricted: &Warehouse,
+    previous: &Path,
+    queries: &Path,
+    defs: &[&MeasureDef],
+    period: Period,
+    touched: &crate::delta::Touched,
+) -> Result<Vec<MeasureResult>> {
+    let local: Vec<&MeasureDef> = defs.iter().copied().filter(|d| d.person_local).collect();
+    let mut computed = run(restricted, queries, &local, period)?.into_iter();
+    let mut merged: Vec<Option<Vec<MeasureResult>>> = Vec::new();
+    for def in defs {
+        if !def.person_local {
+            merged.push(None);
+            continue;
+        }
+        let n = def.groups.len().max(1);
+        let mut results = Vec::new();
+        for r in computed.by_ref().take(n) {
+            results.extend(merge(r, previous, touched)?);
+        }
+        let merged_all = results.len() == n && results.iter().any(|r| r.counts.denominator > 0);
+        merged.push(merged_all.then_some(results));
+    }
+    let rest: Vec<&MeasureDef> = defs
+        .iter()
+        .zip(&merged)
+        .filter(|(_, m)| m.is_none())
+        .map(|(d, _)| *d)
+        .collect();
+    if !rest.is_empty() {
+        tracing::info!(
+            measures = %rest.iter().map(|d| d.id.as_str()).collect::<Vec<_>>().join(", "),
+            "computed for every person (not person-local, or their results cannot be merged)"
+        );
+    }
+    let mut rest = run(warehouse, queries, &rest, period)?.into_iter();
+    let mut out = Vec::new();
+    for (def, m) in defs.iter().zip(merged) {
+        let n = def.groups.len().max(1);
+        out.extend(m.unwrap_or_else(|| rest.by_ref().take(n).collect()));
+    }
+    Ok(out)
+}
+
+/// `r` (the touched persons' rows) merged with the rows of the previous
+/// mart of its key whose persons are not touched, in the order of a whole
+/// run (by subject), and counted; `None` when that mart is missing or has
+/// other columns.
+fn merge(
+    r: MeasureResult,
+    previous: &Path,
+    touched: &crate::delta::Touched,
+) -> Result<Option<MeasureResult>> {
+    use datafusion::arrow::compute::{SortOptions, filter_record_batch, sort_to_indices};
+    let path = mart_path(previous, &r.key());
+    let Some((schema, old)) = read_mart(&path)? else {
+        return Ok(None);
+    };
+    if schema.fields() != r.schema.fields() {
+        return Ok(None);
+    }
+    let err = |source: BoxError| WardError::data("merging a measure mart", &path, source);
+    let mut rows = Vec::with_capacity(old.len() + r.rows.len());
+    for b in old {
+        let drop = touched.mask(&b).map_err(err)?;
+        let keep = datafusion::arrow::compute::not(&drop).map_err(|e| err(e.into()))?;
+        rows.push(filter_record_batch(&b, &keep).map_err(|e| err(e.into()))?);
+    }
+    rows.extend(r.rows.iter().cloned());
+    let all =
+        datafusion::arrow::compute::concat_batches(&r.schema, &rows).map_err(|e| err(e.into()))?;
+    // A whole run orders by subject, ascending, nulls last (one group per
+    // mart, so its group_id is one value).
+    let subject = all
+        .column_by_name(r.def.basis.subject_column())
+        .ok_or_else(|| err("no subject column".into()))?;
+    let order = sort_to_indices(
+        subject,
+        Some(SortOptions {
+            descending: false,
+            nulls_first: false,
+        }),
+        None,
+    )
+    .map_err(|e| err(e.into()))?;
+    let sorted =
+        datafusion::arrow::compute::take_record_batch(&all, &order).map_err(|e| err(e.into()))?;
+    let result = MeasureResult {
+        rows: vec![sorted],
+        counts: Counts::default(),
+        empty: None,
+        ..r
+    };
+    Ok(Some(tally(result).map_err(|m| err(m.into()))?))
+}
+
+/// A mart's schema and rows, `None` when there is no file.
+fn read_mart(path: &Path) -> Result<Option<(SchemaRef, Vec<RecordBatch>)>> {
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let err = |source: BoxError| WardError::data("reading a measure mart", path, source);
+    let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.into()))?;
+    let schema = reader.schema().clone();
+    let rows = reader
+        .build()
+        .map_err(|e| err(e.into()))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| err(e.into()))?;
+    Ok(Some((schema, rows)))
 }
 
 /// The mart of a result: `marts/measure_patient/<key>.parquet` under `out`.
@@ -927,7 +1076,6 @@ pub fn read_marts(
     def: &MeasureDef,
     period: Period,
 ) -> Result<Option<Vec<MeasureResult>>> {
-    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let groups: Vec<Option<&GroupDef>> = if def.groups.is_empty() {
         vec![None]
     } else {
@@ -937,19 +1085,10 @@ pub fn read_marts(
     for group in groups {
         let key = group.map_or(def.id.clone(), |g| format!("{}.{}", def.id, g.id));
         let path = mart_path(out, &key);
-        if !path.is_file() {
+        let Some((schema, rows)) = read_mart(&path)? else {
             return Ok(None);
-        }
+        };
         let err = |source: BoxError| WardError::data("reading a measure mart", &path, source);
-        let file =
-            std::fs::File::open(&path).map_err(|e| WardError::io("cannot open", &path, e))?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.into()))?;
-        let schema = reader.schema().clone();
-        let rows = reader
-            .build()
-            .map_err(|e| err(e.into()))?
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| err(e.into()))?;
         let result = MeasureResult {
             def: def.clone(),
             group: group.cloned(),

@@ -1237,6 +1237,7 @@ mod tests {
             basis: Default::default(),
             groups: Vec::new(),
             stratifiers: Vec::new(),
+            person_local: true,
             sql: PathBuf::new(),
         }
     }

@@ -212,6 +212,21 @@ pub struct StageInfo {
     /// current run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reused_tables: Vec<String>,
+    /// Of a stage computed only for the persons whose core rows changed
+    /// (`measures`), how many, the rest being another run's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recomputed: Option<Recomputed>,
+}
+
+/// A stage computed for some persons only (see [`StageInfo::recomputed`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Recomputed {
+    /// Persons computed tonight: those whose core rows changed.
+    pub persons: u64,
+    /// Persons in tonight's core.
+    pub of: u64,
+    /// The run whose results the other persons keep.
+    pub rest_from: String,
 }
 
 /// One file written by a run.

@@ -184,6 +184,15 @@ pub fn run_all(config: &PipelineConfig) -> ward::RunReport {
 
 /// [`run_all`], recomputing every stage (`ward run --full`) or not.
 pub fn run_with(config: &PipelineConfig, rebuild: ward::runs::Rebuild) -> ward::RunReport {
+    run_queries(config, &repo().join("queries"), rebuild)
+}
+
+/// [`run_with`] the measures and checks of `queries`.
+pub fn run_queries(
+    config: &PipelineConfig,
+    queries: &Path,
+    rebuild: ward::runs::Rebuild,
+) -> ward::RunReport {
     ward::run(
         config,
         &IngestOptions {
@@ -191,7 +200,7 @@ pub fn run_with(config: &PipelineConfig, rebuild: ward::runs::Rebuild) -> ward::
             dry_run: false,
             ..Default::default()
         },
-        &repo().join("queries"),
+        queries,
         config.measurement_period.expect("the sample sets a period"),
         &ward::deid::resolve_key(&config.deid, |_| None).expect("the sample uses the demo key"),
         rebuild,

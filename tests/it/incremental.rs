@@ -8,7 +8,12 @@ use std::fs;
 use ward::PipelineConfig;
 use ward::runs::Rebuild;
 
-use crate::common::{copy_sample, derived, run_all, run_with, text, ward};
+use datafusion::arrow::datatypes::Int64Type;
+
+use crate::common::{
+    copy_dir, copy_sample, derived, primitives, read_parquet, repo, run_all, run_queries, run_with,
+    text, ward,
+};
 
 /// The stages of a run that took their outputs from another run.
 fn reused(run: &ward::RunReport) -> BTreeMap<String, String> {
@@ -97,10 +102,28 @@ fn an_unchanged_night_takes_every_stage_and_publishes_what_a_full_rebuild_does()
     assert_eq!(figures(&full), figures(&second));
 }
 
+/// The observations of every person, as a detail of each person's row: a
+/// measure that compares persons, so not person-local.
+const POPULATION_WIDE: &str = "SELECT person_id, true AS initial_population, true AS denominator, \
+     false AS denominator_exclusion, false AS numerator, \
+     (SELECT count(*) FROM observation) AS observations FROM patient";
+
 #[test]
 fn new_facts_keep_the_linkage_and_rebuild_the_rest_as_a_full_rebuild_would() {
     let tmp = tempfile::tempdir().unwrap();
     let config = PipelineConfig::load(&copy_sample(tmp.path())).unwrap();
+    let queries = tmp.path().join("queries");
+    copy_dir(&repo().join("queries"), &queries);
+    fs::write(queries.join("measures/wide.sql"), POPULATION_WIDE).unwrap();
+    fs::write(
+        queries.join("measures/wide.toml"),
+        "id = \"WIDE\"\ntitle = \"Population-wide\"\nsteward = \"test\"\n\
+         scoring = \"proportion\"\nimprovement = \"increase\"\n\
+         description = \"Compares persons.\"\nperson_local = false\n",
+    )
+    .unwrap();
+    let run_all = |config: &PipelineConfig| run_queries(config, &queries, Rebuild::Incremental);
+    let run_with = |config: &PipelineConfig, r: Rebuild| run_queries(config, &queries, r);
     let first = run_all(&config);
     // One more HbA1c of a patient the clinic already sent, in the period.
     let results = tmp.path().join("sample_data/northside_clinic/results.csv");
@@ -127,10 +150,46 @@ fn new_facts_keep_the_linkage_and_rebuild_the_rest_as_a_full_rebuild_would() {
         second.manifest.core["observation"],
         first.manifest.core["observation"] + 1
     );
+    // The measures are computed for the one person with a new fact; the
+    // others keep the first night's rows, but for the measure that is not
+    // person-local: every person's row of it counts the new observation.
+    let measures = &second.manifest.stages[4];
+    assert_eq!(measures.stage, "measures");
+    assert_eq!(
+        measures.recomputed,
+        Some(ward::runs::Recomputed {
+            persons: 1,
+            of: first.manifest.core["person"],
+            rest_from: first.run_id.clone(),
+        })
+    );
+    let observations = |run: &ward::RunReport| {
+        let mart = run.run_dir.join("marts/measure_patient/WIDE.parquet");
+        let counts = primitives::<Int64Type>(&read_parquet(&mart), "observations");
+        assert!(!counts.is_empty());
+        counts
+    };
+    let before = first.manifest.core["observation"] as i64;
+    assert!(observations(&first).iter().all(|c| *c == Some(before)));
+    assert!(observations(&second).iter().all(|c| *c == Some(before + 1)));
 
     let full = run_with(&config, Rebuild::Full);
+    assert!(full.manifest.stages.iter().all(|s| s.recomputed.is_none()));
     assert_eq!(derived(&full.run_dir), derived(&second.run_dir));
     assert_eq!(figures(&full), figures(&second));
+    // A mart merged from two nights is the file a full night writes.
+    for m in &second.measures {
+        let mart = format!("marts/measure_patient/{}.parquet", m.key());
+        let sha = |run: &ward::RunReport| {
+            run.manifest
+                .outputs
+                .iter()
+                .find(|o| o.path == mart)
+                .map(|o| o.sha256.clone())
+        };
+        assert!(sha(&second).is_some(), "{mart}");
+        assert_eq!(sha(&second), sha(&full), "{mart}");
+    }
 }
 
 #[test]

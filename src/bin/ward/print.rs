@@ -73,6 +73,14 @@ pub(crate) fn print_run(run: &ward::RunReport) {
             reused.join(", ")
         );
     }
+    for s in stages {
+        if let Some(r) = &s.recomputed {
+            println!(
+                "{}: computed for the {} of {} persons whose records changed; the others' results are run {}'s",
+                s.stage, r.persons, r.of, r.rest_from
+            );
+        }
+    }
     for w in &run.manifest.warnings {
         println!("warning: {w}");
     }

@@ -1,0 +1,379 @@
+//! Person-level incremental nights: which persons' core rows differ
+//! between the current run and tonight ([`touched`]), and tonight's core
+//! restricted to those persons ([`restrict`]). A stage whose results are
+//! per person (the measures) computes them over the restricted core and
+//! keeps the current run's results for everyone else
+//! ([`Touched::mask`] says which rows to drop).
+//!
+//! A person is known by a 64-bit hash of their id, and a person's rows in
+//! a table by the wrapping sum of their rows' 64-bit hashes (a multiset
+//! hash: a table rebuilt in another order compares equal). Where hashes
+//! collide, the error is on the side of recomputing: two persons whose ids
+//! share a hash are touched together, and the same test that selects a
+//! person for recomputing drops their previous results. The one miss — a
+//! changed person whose row sums collide — has odds of 2⁻⁶⁴.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use datafusion::arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rayon::prelude::*;
+
+use crate::error::{BoxError, Result, WardError};
+use crate::schema::Table;
+
+/// The column every core table names its person by.
+const PERSON: &str = "person_id";
+
+/// The persons whose core rows changed since the current run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    keys: HashSet<u64>,
+    /// Persons in tonight's core (`core/person.parquet` rows).
+    pub persons: u64,
+}
+
+impl Touched {
+    /// How many persons (by id hash) changed: added, removed or with any
+    /// row added, removed or different in any core table.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Whether the person with this id is touched.
+    pub fn contains(&self, person_id: &str) -> bool {
+        self.keys.contains(&key(person_id))
+    }
+
+    /// Per row of `batch`, whether its `person_id` is touched (a row
+    /// without one is: it cannot be told apart).
+    pub fn mask(&self, batch: &RecordBatch) -> std::result::Result<BooleanArray, BoxError> {
+        let persons = person_ids(batch)?;
+        let persons = persons.as_string::<i32>();
+        Ok((0..persons.len())
+            .map(|i| Some(persons.is_null(i) || self.contains(persons.value(i))))
+            .collect())
+    }
+}
+
+/// The hashes are computed within one process and compared within it, so
+/// fixed seeds need only be fixed, not secret.
+fn hasher() -> ahash::RandomState {
+    ahash::RandomState::with_seeds(
+        0x7761_7264_5f64_656c,
+        0x7461_5f70_6572_736f,
+        0x6e5f_6b65_795f_3031,
+        0x726f_775f_6861_7368,
+    )
+}
+
+fn key(person_id: &str) -> u64 {
+    hasher().hash_one(person_id.as_bytes())
+}
+
+/// The batch's `person_id` column as plain UTF-8.
+fn person_ids(batch: &RecordBatch) -> std::result::Result<std::sync::Arc<dyn Array>, BoxError> {
+    let column = batch
+        .column_by_name(PERSON)
+        .ok_or_else(|| format!("no {PERSON} column"))?;
+    Ok(datafusion::arrow::compute::cast(column, &DataType::Utf8)?)
+}
+
+/// The files of each core table under `core`: `person.parquet`, then the
+/// Parquet files of each fact table's folder (see
+/// [`crate::link::build`]), as (path relative to `core`, files).
+fn core_tables(core: &Path) -> Result<Vec<(PathBuf, Vec<PathBuf>)>> {
+    let mut tables = vec![(
+        PathBuf::from("person.parquet"),
+        vec![core.join("person.parquet")],
+    )];
+    for table in Table::ALL.into_iter().filter(|t| *t != Table::Patient) {
+        let files = crate::warehouse::parquet_files(&core.join(table.name()))?;
+        tables.push((PathBuf::from(table.name()), files));
+    }
+    Ok(tables)
+}
+
+/// The persons whose rows differ between the core tables under `previous`
+/// (the current run's `core/`) and under `core` (tonight's); `None` when
+/// they cannot be compared row for row (a table's columns changed, or a
+/// core has no `person.parquet`), so that everything is recomputed. A
+/// table whose files are the current run's own (hard-linked, as a build
+/// that took the table leaves them) is not read.
+pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
+    if !previous.join("person.parquet").is_file() || !core.join("person.parquet").is_file() {
+        return Ok(None);
+    }
+    let (before, after) = (core_tables(previous)?, core_tables(core)?);
+    let mut keys = HashSet::new();
+    for ((rel, old), (_, new)) in before.iter().zip(&after) {
+        if same_files(old, new) {
+            continue;
+        }
+        let (Some(old), Some(new)) = (row_sums(old)?, row_sums(new)?) else {
+            return Ok(None);
+        };
+        if old.schema != new.schema {
+            tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
+            return Ok(None);
+        }
+        keys.extend(
+            old.sums
+                .iter()
+                .filter(|(k, s)| new.sums.get(k) != Some(s))
+                .map(|(k, _)| *k),
+        );
+        keys.extend(
+            new.sums
+                .keys()
+                .filter(|k| !old.sums.contains_key(k))
+                .copied(),
+        );
+    }
+    let persons = count_rows(&core.join("person.parquet"))?;
+    Ok(Some(Touched { keys, persons }))
+}
+
+/// Whether two file lists are the same files (same device and inode, in
+/// order): a table taken from the current run.
+fn same_files(a: &[PathBuf], b: &[PathBuf]) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &PathBuf| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| id(x).is_some() && id(x) == id(y))
+}
+
+/// One table's per-person row hash sums, and its schema.
+struct Sums {
+    schema: Option<SchemaRef>,
+    sums: HashMap<u64, u64>,
+}
+
+/// The per-person sums of a table's files (read in parallel); `None` when
+/// its files disagree on their columns.
+fn row_sums(files: &[PathBuf]) -> Result<Option<Sums>> {
+    let parts: Vec<Sums> = files
+        .par_iter()
+        .map(|f| file_sums(f))
+        .collect::<Result<_>>()?;
+    let mut out = Sums {
+        schema: None,
+        sums: HashMap::new(),
+    };
+    for part in parts {
+        match (&out.schema, &part.schema) {
+            (Some(a), Some(b)) if a != b => return Ok(None),
+            (None, _) => out.schema = part.schema,
+            _ => {}
+        }
+        for (k, s) in part.sums {
+            let sum = out.sums.entry(k).or_insert(0);
+            *sum = sum.wrapping_add(s);
+        }
+    }
+    Ok(Some(out))
+}
+
+fn file_sums(path: &Path) -> Result<Sums> {
+    let err = |e: BoxError| WardError::data("comparing core rows", path, e);
+    let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.into()))?;
+    let schema = reader.schema().clone();
+    let converter = RowConverter::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect(),
+    )
+    .map_err(|e| err(e.into()))?;
+    let hasher = hasher();
+    let mut sums: HashMap<u64, u64> = HashMap::new();
+    for batch in reader.build().map_err(|e| err(e.into()))? {
+        let batch = batch.map_err(|e| err(e.into()))?;
+        let rows = converter
+            .convert_columns(batch.columns())
+            .map_err(|e| err(e.into()))?;
+        let persons = person_ids(&batch).map_err(err)?;
+        let persons = persons.as_string::<i32>();
+        for (i, row) in rows.iter().enumerate() {
+            let person = match persons.is_null(i) {
+                true => 0,
+                false => key(persons.value(i)),
+            };
+            let sum = sums.entry(person).or_insert(0);
+            *sum = sum.wrapping_add(hasher.hash_one(row.as_ref()));
+        }
+    }
+    Ok(Sums {
+        schema: Some(schema),
+        sums,
+    })
+}
+
+fn count_rows(path: &Path) -> Result<u64> {
+    let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| WardError::data("reading", path, e))?;
+    Ok(reader.metadata().file_metadata().num_rows().max(0) as u64)
+}
+
+/// Writes tonight's core tables under `core` to `out`, same layout, with
+/// the rows of the `touched` persons only (uncompressed: a scratch copy
+/// read once).
+pub fn restrict(core: &Path, touched: &Touched, out: &Path) -> Result<()> {
+    let files: Vec<(PathBuf, PathBuf)> = core_tables(core)?
+        .into_iter()
+        .flat_map(|(_, files)| files)
+        .map(|f| {
+            let rel = f.strip_prefix(core).unwrap_or(&f).to_path_buf();
+            (f, out.join(rel))
+        })
+        .collect();
+    files
+        .par_iter()
+        .try_for_each(|(from, to)| restrict_file(from, touched, to))
+}
+
+fn restrict_file(from: &Path, touched: &Touched, to: &Path) -> Result<()> {
+    let err = |e: BoxError| WardError::data("restricting the core to the touched persons", from, e);
+    if let Some(dir) = to.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| WardError::io("cannot create", dir, e))?;
+    }
+    let file = std::fs::File::open(from).map_err(|e| WardError::io("cannot open", from, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.into()))?;
+    let sink = std::fs::File::create(to).map_err(|e| WardError::io("cannot create", to, e))?;
+    let mut writer =
+        ArrowWriter::try_new(sink, reader.schema().clone(), None).map_err(|e| err(e.into()))?;
+    for batch in reader.build().map_err(|e| err(e.into()))? {
+        let batch = batch.map_err(|e| err(e.into()))?;
+        let mask = touched.mask(&batch).map_err(err)?;
+        let kept = datafusion::arrow::compute::filter_record_batch(&batch, &mask)
+            .map_err(|e| err(e.into()))?;
+        if kept.num_rows() > 0 {
+            writer.write(&kept).map_err(|e| err(e.into()))?;
+        }
+    }
+    writer.close().map_err(|e| err(e.into()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{Field, Schema};
+    use std::sync::Arc;
+
+    fn write(path: &Path, rows: &[(&str, i64)]) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(PERSON, DataType::Utf8, false),
+            Field::new("value", DataType::Int64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+            ],
+        )
+        .unwrap();
+        let mut w =
+            ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+
+    fn persons(core: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for f in crate::warehouse::parquet_files(core).unwrap() {
+            let file = std::fs::File::open(&f).unwrap();
+            for b in ParquetRecordBatchReaderBuilder::try_new(file)
+                .unwrap()
+                .build()
+                .unwrap()
+            {
+                let b = b.unwrap();
+                let p = person_ids(&b).unwrap();
+                out.extend(p.as_string::<i32>().iter().map(|v| v.unwrap().to_string()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn touched_persons_are_those_whose_rows_differ_in_any_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (old, new) = (tmp.path().join("old"), tmp.path().join("new"));
+        let people = [("a", 0), ("b", 0), ("c", 0), ("d", 0)];
+        write(&old.join("person.parquet"), &people[..3]);
+        write(&new.join("person.parquet"), &people); // d is new
+        // a: unchanged, rows in another order and file; b: a value
+        // changed; c: a row removed; d: new.
+        write(
+            &old.join("observation/part-0.parquet"),
+            &[("a", 1), ("a", 2), ("b", 1)],
+        );
+        write(
+            &old.join("observation/part-1.parquet"),
+            &[("c", 1), ("c", 2)],
+        );
+        write(
+            &new.join("observation/part-0.parquet"),
+            &[("b", 7), ("a", 2)],
+        );
+        write(
+            &new.join("observation/part-1.parquet"),
+            &[("a", 1), ("c", 2), ("d", 1)],
+        );
+        // The same file in both: not read (a broken file would fail).
+        write(&old.join("condition/part-0.parquet"), &[("a", 1)]);
+        std::fs::create_dir_all(new.join("condition")).unwrap();
+        std::fs::hard_link(
+            old.join("condition/part-0.parquet"),
+            new.join("condition/part-0.parquet"),
+        )
+        .unwrap();
+
+        let t = touched(&old, &new).unwrap().expect("comparable");
+        let mut names: Vec<&str> = ["a", "b", "c", "d"]
+            .into_iter()
+            .filter(|p| t.contains(p))
+            .collect();
+        names.sort();
+        assert_eq!(names, ["b", "c", "d"]);
+        assert_eq!((t.len(), t.persons), (3, 4));
+        assert!(touched(&old, &old).unwrap().unwrap().is_empty());
+
+        let out = tmp.path().join("restricted");
+        restrict(&new, &t, &out).unwrap();
+        assert_eq!(persons(&out.join("observation")), ["b", "c", "d"]);
+        assert_eq!(persons(&out.join("condition")), Vec::<String>::new());
+        assert!(out.join("person.parquet").is_file());
+
+        // Columns that changed cannot be compared: everything recomputes.
+        write(&new.join("person.parquet"), &people);
+        let schema = Arc::new(Schema::new(vec![Field::new(PERSON, DataType::Utf8, true)]));
+        let batch =
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(vec!["a"]))])
+                .unwrap();
+        let path = new.join("observation/part-1.parquet");
+        let mut w =
+            ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), schema, None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        assert_eq!(touched(&old, &new).unwrap(), None);
+    }
+}

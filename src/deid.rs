@@ -258,7 +258,7 @@ impl DeidOptions {
 }
 
 /// Rows of one research table.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TableCounts {
     pub table: String,
     /// Rows of the core table.
@@ -863,57 +863,87 @@ fn deid_table(
     opts: &DeidOptions,
 ) -> Result<(TableCounts, u64)> {
     let schema = table_schema(table, opts.mode);
-    let mut counts = TableCounts {
-        table: table.name().into(),
-        rows_in: 0,
-        rows_out: 0,
-        rows_suppressed: 0,
-        values_withheld: 0,
-    };
-    let mut below = 0;
     let parts = parquet_files(core)?;
     if parts.is_empty() {
         // The table exists (empty) so that queries can name it.
         scratch.write_parquet(&out.join("part-00000.parquet"), schema.clone(), &[])?;
     }
-    for (n, part) in parts.iter().enumerate() {
-        let mut batches = Vec::new();
-        for b in read_parquet(part, "reading a core table")? {
-            counts.rows_in += b.num_rows() as u64;
-            let pid = as_text(column(&b, "person_id", part)?, "person_id", part)?;
-            let is_small: BooleanArray = (0..b.num_rows())
-                .map(|i| Some(small.contains(pid.value(i))))
-                .collect();
-            let n_small = is_small.true_count() as u64;
-            below += n_small;
-            let b = if opts.suppress_small_classes && n_small > 0 {
-                counts.rows_suppressed += n_small;
-                let keep = datafusion::arrow::compute::not(&is_small).expect("same length");
-                filter_record_batch(&b, &keep)
-                    .map_err(|e| WardError::data("suppressing small classes", part.clone(), e))?
-            } else {
-                b
+    // The parts in parallel (each part's rows are its own); the counts add up.
+    use rayon::prelude::*;
+    let done: Vec<(TableCounts, u64)> = parts
+        .par_iter()
+        .enumerate()
+        .map(|(n, part)| {
+            let mut counts = TableCounts {
+                table: table.name().into(),
+                ..TableCounts::default()
             };
-            batches.push(deid_batch(
-                table,
-                &b,
-                part,
-                &schema,
-                ids,
-                opts,
-                &mut counts.values_withheld,
-            )?);
-        }
-        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        counts.rows_out += rows as u64;
-        scratch.write_parquet(
-            &out.join(format!("part-{n:05}.parquet")),
-            schema.clone(),
-            &batches,
-        )?;
+            let (batches, below) = deid_part(table, part, &schema, ids, small, opts, &mut counts)?;
+            let path = out.join(format!("part-{n:05}.parquet"));
+            scratch.write_parquet(&path, schema.clone(), &batches)?;
+            Ok((counts, below))
+        })
+        .collect::<Result<_>>()?;
+    let (mut counts, mut below) = (
+        TableCounts {
+            table: table.name().into(),
+            ..TableCounts::default()
+        },
+        0,
+    );
+    for (part, part_below) in done {
+        counts.rows_in += part.rows_in;
+        counts.rows_out += part.rows_out;
+        counts.rows_suppressed += part.rows_suppressed;
+        counts.values_withheld += part.values_withheld;
+        below += part_below;
     }
     debug_assert_eq!(counts.rows_in, counts.rows_out + counts.rows_suppressed);
     Ok((counts, below))
+}
+
+/// De-identifies one part of a core table, counting into `counts`: its
+/// research batches and its records of persons below k.
+fn deid_part(
+    table: Table,
+    part: &Path,
+    schema: &SchemaRef,
+    ids: &HashMap<&str, (&str, i32)>,
+    small: &HashSet<&str>,
+    opts: &DeidOptions,
+    counts: &mut TableCounts,
+) -> Result<(Vec<RecordBatch>, u64)> {
+    let mut below = 0;
+    let mut batches = Vec::new();
+    for b in read_parquet(part, "reading a core table")? {
+        counts.rows_in += b.num_rows() as u64;
+        let pid = as_text(column(&b, "person_id", part)?, "person_id", part)?;
+        let is_small: BooleanArray = (0..b.num_rows())
+            .map(|i| Some(small.contains(pid.value(i))))
+            .collect();
+        let n_small = is_small.true_count() as u64;
+        below += n_small;
+        let b = if opts.suppress_small_classes && n_small > 0 {
+            counts.rows_suppressed += n_small;
+            let keep = datafusion::arrow::compute::not(&is_small).expect("same length");
+            filter_record_batch(&b, &keep)
+                .map_err(|e| WardError::data("suppressing small classes", part, e))?
+        } else {
+            b
+        };
+        batches.push(deid_batch(
+            table,
+            &b,
+            part,
+            schema,
+            ids,
+            opts,
+            &mut counts.values_withheld,
+        )?);
+    }
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    counts.rows_out += rows as u64;
+    Ok((batches, below))
 }
 
 fn deid_batch(

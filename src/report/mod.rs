@@ -85,13 +85,17 @@ pub fn wilson(x: u64, n: u64) -> Option<(f64, f64)> {
 /// Computes every measure's cells from the scored rows and the persons'
 /// strata (`measure::strata`), then suppresses small cells.
 pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u64) -> Vec<Cell> {
+    use rayon::prelude::*;
     let by_person = person_strata(strata);
-    let mut cells = Vec::new();
-    for r in results {
-        let (counts, by_band) = count_strata(r, &by_person);
-        cells.extend(measure_cells(r, counts, &by_band, min_cell));
-    }
-    cells
+    // Each result's cells on its own (in parallel), in the results' order.
+    let cells: Vec<Vec<Cell>> = results
+        .par_iter()
+        .map(|r| {
+            let (counts, by_band) = count_strata(r, &by_person);
+            measure_cells(r, counts, &by_band, min_cell)
+        })
+        .collect();
+    cells.into_iter().flatten().collect()
 }
 
 /// Each person's values of Ward's dimensions (but the provider) and the

@@ -557,28 +557,29 @@ fn run_stages(
         },
         || {
             let all: Vec<&measure::MeasureDef> = defs.iter().collect();
-            let from = previous.reusable(night, &fingerprints, "measures.queries");
-            let measures = match from {
-                Some((dir, earlier)) => match changed_persons(dir, run_dir, &warehouse)? {
-                    Some((touched, restricted)) => {
-                        let out = measure::run_for_persons(
-                            &warehouse,
-                            &restricted.0,
-                            dir,
-                            queries,
-                            &all,
-                            period,
-                            &touched,
-                        )?;
-                        recomputed = Some(runs::Recomputed {
-                            persons: touched.len() as u64,
-                            of: touched.persons,
-                            rest_from: earlier.run_id.clone(),
-                        });
-                        out
-                    }
-                    None => measure::run(&warehouse, queries, &all, period)?,
-                },
+            // New facts under the same queries: only the persons they touch.
+            let changed = match previous.reusable(night, &fingerprints, "measures.queries") {
+                Some((dir, earlier)) => changed_persons(dir, run_dir, &warehouse)?
+                    .map(|changed| (dir, &earlier.run_id, changed)),
+                None => None,
+            };
+            let measures = match changed {
+                Some((dir, rest_from, changed)) => {
+                    recomputed = Some(runs::Recomputed {
+                        persons: changed.touched.len() as u64,
+                        of: changed.touched.persons,
+                        rest_from: rest_from.clone(),
+                    });
+                    measure::run_for_persons(
+                        &warehouse,
+                        &changed.warehouse,
+                        dir,
+                        queries,
+                        &all,
+                        period,
+                        &changed.touched,
+                    )?
+                }
                 None => measure::run(&warehouse, queries, &all, period)?,
             };
             measure::write_marts(&warehouse, &measures)?;
@@ -656,36 +657,46 @@ fn run_stages(
     })
 }
 
+/// The persons whose core rows changed since a run, and tonight's
+/// warehouse with its core restricted to them.
+struct Changed {
+    touched: delta::Touched,
+    warehouse: warehouse::Warehouse,
+    /// Where the restricted core is; removed when dropped.
+    _scratch: tempfile::TempDir,
+}
+
 /// The persons whose core rows changed since the run in `previous` (see
-/// [`delta::touched`]) and tonight's warehouse with its core restricted to
-/// them (in a scratch directory, removed when dropped); `None` when the
+/// [`delta::touched`]), with the core restricted to them; `None` when the
 /// cores cannot be compared or too many persons changed
 /// ([`RECOMPUTE_SHARE`]), so the stage computes for everyone.
 fn changed_persons(
     previous: &std::path::Path,
     run_dir: &std::path::Path,
     warehouse: &warehouse::Warehouse,
-) -> Result<Option<(delta::Touched, (warehouse::Warehouse, tempfile::TempDir))>> {
+) -> Result<Option<Changed>> {
     let started = std::time::Instant::now();
     let core = run_dir.join("core");
     let Some(touched) = delta::touched(&previous.join("core"), &core)? else {
         tracing::info!("the cores cannot be compared: computed for every person");
         return Ok(None);
     };
-    let share = touched.len() as f64 / touched.persons.max(1) as f64;
     tracing::info!(
         touched = touched.len(),
         persons = touched.persons,
         seconds = started.elapsed().as_secs_f64(),
         "persons whose core rows changed"
     );
-    if share > RECOMPUTE_SHARE {
+    if touched.len() as f64 > RECOMPUTE_SHARE * touched.persons as f64 {
         return Ok(None);
     }
     let scratch = warehouse.scratch_dir("touched-")?;
     delta::restrict(&core, &touched, &scratch.path().join("core"))?;
-    let restricted = warehouse.with_output(scratch.path());
-    Ok(Some((touched, (restricted, scratch))))
+    Ok(Some(Changed {
+        touched,
+        warehouse: warehouse.with_output(scratch.path()),
+        _scratch: scratch,
+    }))
 }
 
 /// Above this share of persons changed, a stage computes for everyone:
@@ -917,9 +928,23 @@ fn write_reports(warehouse: &warehouse::Warehouse, input: &ReportInput) -> Resul
         ),
         ("warnings".to_string(), manifest.warnings.len().to_string()),
     ];
-    let strata = measure::strata(warehouse, queries, period)?;
-    let cells = report::summarize(measures, &strata, config.min_cell_size);
-    let report_dir = report::write(warehouse, run_id, &cells)?;
+    // Each part's time, for an on-call engineer asking where a slow
+    // report stage went (`-v`).
+    fn timed<T>(part: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let started = std::time::Instant::now();
+        let out = f();
+        tracing::debug!(
+            part,
+            seconds = started.elapsed().as_secs_f64(),
+            "report part done"
+        );
+        out
+    }
+    let strata = timed("strata", || measure::strata(warehouse, queries, period))?;
+    let cells = timed("summary", || {
+        Ok(report::summarize(measures, &strata, config.min_cell_size))
+    })?;
+    let report_dir = timed("summary files", || report::write(warehouse, run_id, &cells))?;
     let html = report::html::HtmlInput {
         trend: &trend,
         metadata: &metadata,
@@ -935,11 +960,16 @@ fn write_reports(warehouse: &warehouse::Warehouse, input: &ReportInput) -> Resul
             &quality,
         )
     };
-    let report_html = report::html::write(&report_dir, &html)?;
-    let measure_reports =
-        report::fhir::write(warehouse, run_id, measures, &cells, chrono::Utc::now())?;
-    let gaps = measure::care_gaps(warehouse, queries, measures)?;
-    let care_gaps = report::write_care_gaps(warehouse, run_id, &gaps)?;
+    let report_html = timed("report.html", || report::html::write(&report_dir, &html))?;
+    let measure_reports = timed("MeasureReports", || {
+        report::fhir::write(warehouse, run_id, measures, &cells, chrono::Utc::now())
+    })?;
+    let gaps = timed("care gaps", || {
+        measure::care_gaps(warehouse, queries, measures)
+    })?;
+    let care_gaps = timed("care-gap files", || {
+        report::write_care_gaps(warehouse, run_id, &gaps)
+    })?;
     Ok(Reports {
         summary: cells,
         report_dir,

@@ -39,7 +39,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, AsArray, RecordBatch, StringArray};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, Schema, SchemaRef};
 use datafusion::prelude::SessionContext;
 use serde::Deserialize;
@@ -594,6 +594,18 @@ pub struct Member {
     pub observation: Option<f64>,
 }
 
+/// A [`Member`] borrowed from a result's rows ([`MeasureResult::visit_members`]).
+#[derive(Debug, Clone, Copy)]
+pub struct MemberRef<'a> {
+    pub subject: &'a str,
+    pub person: &'a str,
+    /// The populations, in [`POPULATIONS`] order.
+    pub flags: [bool; 5],
+    /// The subject's stratum of each stratifier the measure defines.
+    pub strata: &'a [&'a str],
+    pub observation: Option<f64>,
+}
+
 /// One measure's outcome, or one group's when the measure has several.
 #[derive(Debug, Clone)]
 pub struct MeasureResult {
@@ -663,33 +675,43 @@ impl MeasureResult {
     /// Every subject with its person, scored populations and strata.
     pub fn members(&self) -> Vec<Member> {
         let mut out = Vec::new();
+        self.visit_members(|m| {
+            out.push(Member {
+                subject: m.subject.to_string(),
+                person: m.person.to_string(),
+                flags: m.flags,
+                strata: m.strata.iter().map(|s| s.to_string()).collect(),
+                observation: m.observation,
+            })
+        });
+        out
+    }
+
+    /// Hands `f` every subject, borrowed from the rows: what [`members`]
+    /// holds, without a string allocated per subject (counting a million
+    /// members into strata is then a matter of lookups).
+    ///
+    /// [`members`]: MeasureResult::members
+    pub fn visit_members(&self, mut f: impl FnMut(MemberRef<'_>)) {
         for b in &self.rows {
-            let column = |name: &str| {
+            let text = |name: &str| {
                 b.column_by_name(name)
                     .expect("scored rows")
                     .as_string::<i32>()
-                    .clone()
             };
-            let subjects = column(self.def.basis.subject_column());
-            let persons = column("person_id");
-            let flags: Vec<Option<_>> = self
+            let subjects = text(self.def.basis.subject_column());
+            let persons = text("person_id");
+            let flags: Vec<Option<&BooleanArray>> = self
                 .def
                 .scoring
                 .columns()
                 .iter()
-                .map(|p| {
-                    p.map(|p| {
-                        b.column_by_name(p)
-                            .expect("scored rows")
-                            .as_boolean()
-                            .clone()
-                    })
-                })
+                .map(|p| p.map(|p| b.column_by_name(p).expect("scored rows").as_boolean()))
                 .collect();
             let observations = b
                 .column_by_name(OBSERVATION)
-                .map(|c| c.as_primitive::<Float64Type>().clone());
-            let strata: Vec<(StringArray, &str)> = self
+                .map(|c| c.as_primitive::<Float64Type>());
+            let strata: Vec<(ArrayRef, &str)> = self
                 .def
                 .stratifiers
                 .iter()
@@ -702,29 +724,34 @@ impl MeasureResult {
                     };
                     let text = datafusion::arrow::compute::cast(c, &DataType::Utf8)
                         .expect("any column casts to text");
-                    (text.as_string::<i32>().clone(), none)
+                    (text, none)
                 })
                 .collect();
+            let strata: Vec<(&StringArray, &str)> = strata
+                .iter()
+                .map(|(a, none)| (a.as_string::<i32>(), *none))
+                .collect();
+            let mut values: Vec<&str> = Vec::with_capacity(strata.len());
             for i in 0..b.num_rows() {
-                let mut f = [false; 5];
+                let mut f_ = [false; 5];
                 for (k, col) in flags.iter().enumerate() {
-                    f[k] = col.as_ref().is_some_and(|c| c.value(i));
+                    f_[k] = col.is_some_and(|c| c.value(i));
                 }
-                out.push(Member {
-                    subject: subjects.value(i).to_string(),
-                    person: persons.value(i).to_string(),
-                    flags: f,
-                    strata: strata
+                values.clear();
+                values.extend(
+                    strata
                         .iter()
-                        .map(|(a, none)| if a.is_null(i) { *none } else { a.value(i) }.to_string())
-                        .collect(),
-                    observation: observations
-                        .as_ref()
-                        .and_then(|o| o.is_valid(i).then(|| o.value(i))),
+                        .map(|(a, none)| if a.is_null(i) { *none } else { a.value(i) }),
+                );
+                f(MemberRef {
+                    subject: subjects.value(i),
+                    person: persons.value(i),
+                    flags: f_,
+                    strata: &values,
+                    observation: observations.and_then(|o| o.is_valid(i).then(|| o.value(i))),
                 });
             }
         }
-        out
     }
 
     /// Subject ids and their scored populations, for tests and the harness.
@@ -1432,13 +1459,19 @@ fn split_by_group(
 /// strata and categories.
 fn tally(mut result: MeasureResult) -> std::result::Result<MeasureResult, String> {
     let def = &result.def;
-    let members = result.members();
-    let distinct: std::collections::HashSet<&str> =
-        members.iter().map(|m| m.subject.as_str()).collect();
-    if distinct.len() != members.len() {
+    let subjects: usize = result.rows.iter().map(RecordBatch::num_rows).sum();
+    let mut distinct = std::collections::HashSet::with_capacity(subjects);
+    for b in &result.rows {
+        let column = b
+            .column_by_name(def.basis.subject_column())
+            .expect("scored rows")
+            .as_string::<i32>();
+        distinct.extend((0..column.len()).map(|i| column.value(i)));
+    }
+    if distinct.len() != subjects {
         return Err(format!(
             "the query returns {} rows for {} {}{}: one row per subject is required",
-            members.len(),
+            subjects,
             distinct.len(),
             def.basis.noun(),
             result
@@ -1447,47 +1480,49 @@ fn tally(mut result: MeasureResult) -> std::result::Result<MeasureResult, String
                 .map_or(String::new(), |g| format!(" of group '{}'", g.id)),
         ));
     }
+    drop(distinct);
     let mut counts = Counts::default();
-    for m in &members {
+    let mut observations = Vec::new();
+    // Per stratifier, per value: counts and observations.
+    let mut by_value: Vec<BTreeMap<String, (Counts, Vec<f64>)>> =
+        vec![BTreeMap::new(); def.stratifiers.len()];
+    result.visit_members(|m| {
         counts.add(&m.flags);
-    }
-    let observations: Vec<f64> = members.iter().filter_map(|m| m.observation).collect();
-    let score = score(def, &counts, &observations);
-    let strata = count_strata(def, &members);
+        observations.extend(m.observation);
+        for (values, value) in by_value.iter_mut().zip(m.strata) {
+            if !values.contains_key(*value) {
+                values.insert(value.to_string(), Default::default());
+            }
+            let (c, obs) = values.get_mut(*value).expect("just inserted");
+            c.add(&m.flags);
+            obs.extend(m.observation);
+        }
+    });
+    let strata = def
+        .stratifiers
+        .iter()
+        .zip(by_value)
+        .flat_map(|(st, values)| {
+            values
+                .into_iter()
+                .map(|(value, (counts, observations))| StratumCounts {
+                    stratifier: st.id.clone(),
+                    value,
+                    score: score(def, &counts, &observations),
+                    counts,
+                })
+        })
+        .collect();
+    let total = score(def, &counts, &observations);
     let categories = match &def.category {
         Some(column) => categories(&result.rows, column)?,
         None => BTreeMap::new(),
     };
-    drop(members);
     result.counts = counts;
-    result.score = score;
+    result.score = total;
     result.strata = strata;
     result.categories = categories;
     Ok(result)
-}
-
-/// Counts every stratum of every stratifier among the members.
-fn count_strata(def: &MeasureDef, members: &[Member]) -> Vec<StratumCounts> {
-    let mut out = Vec::new();
-    for (k, st) in def.stratifiers.iter().enumerate() {
-        let mut by_value: BTreeMap<&str, (Counts, Vec<f64>)> = BTreeMap::new();
-        for m in members {
-            let (counts, observations) = by_value.entry(m.strata[k].as_str()).or_default();
-            counts.add(&m.flags);
-            observations.extend(m.observation);
-        }
-        out.extend(
-            by_value
-                .into_iter()
-                .map(|(value, (counts, observations))| StratumCounts {
-                    stratifier: st.id.clone(),
-                    value: value.to_string(),
-                    score: score(def, &counts, &observations),
-                    counts,
-                }),
-        );
-    }
-    out
 }
 
 /// The value-set OIDs a text names: quoted dotted numbers with at least

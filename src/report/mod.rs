@@ -86,7 +86,8 @@ pub fn wilson(x: u64, n: u64) -> Option<(f64, f64)> {
 /// strata (`measure::strata`), then suppresses small cells.
 pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u64) -> Vec<Cell> {
     use rayon::prelude::*;
-    let by_person = person_strata(strata);
+    let texts = strata_text(strata);
+    let by_person = PersonStrata::new(&texts);
     // Each result's cells on its own (in parallel), in the results' order.
     let cells: Vec<Vec<Cell>> = results
         .par_iter()
@@ -98,9 +99,6 @@ pub fn summarize(results: &[MeasureResult], strata: &[RecordBatch], min_cell: u6
     cells.into_iter().flatten().collect()
 }
 
-/// Each person's values of Ward's dimensions (but the provider) and the
-/// providers that know them.
-type PersonStrata = HashMap<String, (Vec<String>, Vec<String>)>;
 /// (dimension, stratum) → counts, and a continuous variable's observations.
 type StratumCounts = BTreeMap<(usize, String), (Counts, Vec<f64>)>;
 /// (dimension, stratum) → age band → performance denominator and numerator.
@@ -114,83 +112,167 @@ fn age_dim() -> usize {
         .expect("age_band")
 }
 
-/// The persons' strata, from the rows of `measure::strata`.
-fn person_strata(strata: &[RecordBatch]) -> PersonStrata {
-    // person → (dimension values; providers)
-    let mut by_person: HashMap<String, (Vec<String>, Vec<String>)> = HashMap::new();
-    for b in strata {
-        let col = |name: &str| {
-            crate::engine::text(b.column_by_name(name).expect("selected")).expect("text columns")
+/// The columns of `measure::strata`'s rows as text: `person_id`, then
+/// [`DIMENSIONS`] in order.
+fn strata_text(strata: &[RecordBatch]) -> Vec<Vec<StringArray>> {
+    strata
+        .iter()
+        .map(|b| {
+            std::iter::once("person_id")
+                .chain(DIMENSIONS)
+                .map(|name| {
+                    crate::engine::text(b.column_by_name(name).expect("selected"))
+                        .expect("text columns")
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The persons' strata, each value kept once per dimension (a million
+/// persons share a few dozen strata).
+struct PersonStrata<'a> {
+    /// Per dimension of [`DIMENSIONS`], its values; `unknown` is always one.
+    values: Vec<Vec<&'a str>>,
+    /// Per dimension, the index of `unknown` in `values`.
+    unknown: Vec<u32>,
+    /// Per person: their value of each dimension but the provider, and
+    /// the providers that know them.
+    by_person: HashMap<&'a str, Person>,
+}
+
+struct Person {
+    values: [u32; DIMENSIONS.len() - 1],
+    providers: Vec<u32>,
+}
+
+impl<'a> PersonStrata<'a> {
+    fn new(texts: &'a [Vec<StringArray>]) -> PersonStrata<'a> {
+        let mut ids: Vec<HashMap<&'a str, u32>> = vec![HashMap::new(); DIMENSIONS.len()];
+        let mut values: Vec<Vec<&'a str>> = vec![Vec::new(); DIMENSIONS.len()];
+        let mut intern = |d: usize, v: &'a str| -> u32 {
+            *ids[d].entry(v).or_insert_with(|| {
+                values[d].push(v);
+                (values[d].len() - 1) as u32
+            })
         };
-        let person = col("person_id");
-        let provider = col("provider");
-        let others: Vec<StringArray> = DIMENSIONS[1..].iter().map(|d| col(d)).collect();
-        for i in 0..b.num_rows() {
-            let e = by_person
-                .entry(person.value(i).to_string())
-                .or_insert_with(|| {
-                    (
-                        others.iter().map(|a| a.value(i).to_string()).collect(),
-                        Vec::new(),
-                    )
+        let unknown: Vec<u32> = (0..DIMENSIONS.len())
+            .map(|d| intern(d, "unknown"))
+            .collect();
+        let mut by_person: HashMap<&'a str, Person> = HashMap::new();
+        for columns in texts {
+            let (person, provider) = (&columns[0], &columns[1]);
+            for i in 0..person.len() {
+                let p = by_person.entry(person.value(i)).or_insert_with(|| {
+                    let mut values = [0; DIMENSIONS.len() - 1];
+                    for (d, v) in values.iter_mut().enumerate() {
+                        *v = intern(d + 1, columns[d + 2].value(i));
+                    }
+                    Person {
+                        values,
+                        providers: Vec::new(),
+                    }
                 });
-            if !provider.is_null(i) {
-                e.1.push(provider.value(i).to_string());
+                if !provider.is_null(i) {
+                    p.providers.push(intern(0, provider.value(i)));
+                }
             }
         }
+        PersonStrata {
+            values,
+            unknown,
+            by_person,
+        }
     }
-    by_person
+}
+
+/// One stratum's tally: counts, observations, and performance counts per
+/// age band (for age-standardized measures).
+#[derive(Default, Clone)]
+struct Tally {
+    counts: Counts,
+    observations: Vec<f64>,
+    bands: BTreeMap<u32, standard::BandCount>,
+}
+
+impl Tally {
+    fn add(&mut self, flags: &[bool; 5], observation: Option<f64>, band: Option<u32>) {
+        self.counts.add(flags);
+        self.observations.extend(observation);
+        if let Some(band) = band {
+            let b = self.bands.entry(band).or_default();
+            b.n += 1;
+            b.x += u64::from(flags[4]);
+        }
+    }
 }
 
 /// Counts a measure's members per (dimension, stratum): overall, Ward's
 /// dimensions (`unknown` for a person without strata), then the measure's
 /// own stratifiers; and per age band where the measure is age-standardized.
-fn count_strata(r: &MeasureResult, by_person: &PersonStrata) -> (StratumCounts, BandCounts) {
-    let age_dim = age_dim();
-    // An empty population still has its overall row (of zeros).
-    let mut counts: StratumCounts = BTreeMap::from([((0, "all".to_string()), Default::default())]);
-    let mut by_band = BandCounts::new();
-    for m in r.members() {
-        let (person, f) = (&m.person, m.flags);
-        let band = by_person
-            .get(person)
-            .map_or("unknown", |(values, _)| values[age_dim - 2].as_str())
-            .to_string();
-        let in_performance = f[1] && !f[2] && !f[3];
-        let mut add = |dim: usize, stratum: &str| {
-            let (c, observations) = counts.entry((dim, stratum.to_string())).or_default();
-            c.add(&f);
-            observations.extend(m.observation);
-            if r.def.age_standardize && in_performance {
-                let b = by_band
-                    .entry((dim, stratum.to_string()))
-                    .or_default()
-                    .entry(band.clone())
-                    .or_default();
-                b.n += 1;
-                b.x += u64::from(f[4]);
+fn count_strata(r: &MeasureResult, ps: &PersonStrata) -> (StratumCounts, BandCounts) {
+    let age = age_dim() - 1;
+    let mut overall = Tally::default();
+    // Ward's dimensions by value index; the measure's stratifiers by value.
+    let mut ward: Vec<Vec<Option<Tally>>> = ps.values.iter().map(|v| vec![None; v.len()]).collect();
+    let mut own: Vec<BTreeMap<String, Tally>> = vec![BTreeMap::new(); r.def.stratifiers.len()];
+    r.visit_members(|m| {
+        let person = ps.by_person.get(m.person);
+        let in_performance = m.flags[1] && !m.flags[2] && !m.flags[3];
+        let band = (r.def.age_standardize && in_performance)
+            .then(|| person.map_or(ps.unknown[age], |p| p.values[age - 1]));
+        let add = |t: &mut Tally| t.add(&m.flags, m.observation, band);
+        add(&mut overall);
+        for (values, value) in own.iter_mut().zip(m.strata) {
+            if !values.contains_key(*value) {
+                values.insert(value.to_string(), Tally::default());
             }
-        };
-        add(0, "all");
-        // The measure's own stratifiers come after Ward's dimensions.
-        for (k, value) in m.strata.iter().enumerate() {
-            add(DIMENSIONS.len() + 1 + k, value);
+            add(values.get_mut(*value).expect("just inserted"));
         }
-        match by_person.get(person) {
-            Some((values, providers)) => {
-                for p in providers {
-                    add(1, p);
+        let mut at = |d: usize, v: u32| add(ward[d][v as usize].get_or_insert_with(Tally::default));
+        match person {
+            Some(p) => {
+                for v in &p.providers {
+                    at(0, *v);
                 }
-                for (k, v) in values.iter().enumerate() {
-                    add(k + 2, v);
+                for (d, v) in p.values.iter().enumerate() {
+                    at(d + 1, *v);
                 }
             }
             None => {
-                for k in 1..=DIMENSIONS.len() {
-                    add(k, "unknown");
+                for (d, v) in ps.unknown.iter().enumerate() {
+                    at(d, *v);
                 }
             }
         }
+    });
+    // Keyed by (dimension, stratum) as the cells are: overall is 0, Ward's
+    // dimensions follow, then the measure's own stratifiers.
+    let ward = ward.into_iter().enumerate().flat_map(|(d, values)| {
+        values
+            .into_iter()
+            .enumerate()
+            .filter_map(move |(v, t)| Some(((d + 1, ps.values[d][v].to_string()), t?)))
+    });
+    let own = own.into_iter().enumerate().flat_map(|(k, values)| {
+        values
+            .into_iter()
+            .map(move |(v, t)| ((DIMENSIONS.len() + 1 + k, v), t))
+    });
+    let (mut counts, mut by_band) = (StratumCounts::new(), BandCounts::new());
+    for (key, t) in std::iter::once(((0, "all".to_string()), overall))
+        .chain(ward)
+        .chain(own)
+    {
+        if !t.bands.is_empty() {
+            let bands = t
+                .bands
+                .iter()
+                .map(|(b, c)| (ps.values[age][*b as usize].to_string(), *c))
+                .collect();
+            by_band.insert(key.clone(), bands);
+        }
+        counts.insert(key, (t.counts, t.observations));
     }
     (counts, by_band)
 }

@@ -874,7 +874,9 @@ pub fn care_gaps(
             crate::schema::person_link_schema(),
         )
         .await?;
-        let mut out = Vec::new();
+        // One branch per measure: its members who need action, ranked;
+        // then one join of all of them to the providers' patient records.
+        let mut branches = Vec::new();
         for (n, r) in results.iter().enumerate() {
             let (Some(action), true) = (r.care_gap(), !r.rows.is_empty()) else {
                 continue;
@@ -917,22 +919,32 @@ pub fn care_gaps(
                 details.join(" || '; ' || ")
             };
             let priority = r.def.care_gap_priority.as_deref().unwrap_or("person_id");
-            let sql = format!(
-                "SELECT l.source AS provider, '{key}' AS measure_id, pt.source_patient_id, pt.mrn, \
-                   pt.given_name, pt.family_name, pt.birth_date, \
-                   '{action}' AS action, {details} AS details, \
-                   array_to_string(array_remove(p.sources, l.source), ';') AS other_providers \
-                 FROM (SELECT *, row_number() OVER (ORDER BY {priority}, person_id) AS rank_ FROM {mart}) m \
-                 JOIN person_link l ON l.person_id = m.person_id \
-                 JOIN staging_patient pt ON pt.source = l.source AND pt.source_patient_id = l.source_patient_id \
-                 JOIN patient p ON p.person_id = m.person_id \
-                 WHERE {gap} ORDER BY provider, rank_, pt.source_patient_id",
+            branches.push(format!(
+                "SELECT {n} AS measure_n, '{key}' AS measure_id, '{action}' AS action, \
+                   {details} AS details, m.person_id, \
+                   row_number() OVER (ORDER BY {priority}, person_id) AS rank_ \
+                 FROM {mart} m WHERE {gap}",
                 action = action.replace('\'', "''"),
                 key = r.key().replace('\'', "''"),
-            );
-            out.extend(crate::engine::collect_about(&ctx, &sql, "care gaps", &r.def.sql).await?);
+            ));
         }
-        Ok(out)
+        if branches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT l.source AS provider, g.measure_id, pt.source_patient_id, pt.mrn, \
+               pt.given_name, pt.family_name, pt.birth_date, \
+               g.action, g.details, \
+               array_to_string(array_remove(p.sources, l.source), ';') AS other_providers \
+             FROM ({branches}) g \
+             JOIN person_link l ON l.person_id = g.person_id \
+             JOIN staging_patient pt ON pt.source = l.source AND pt.source_patient_id = l.source_patient_id \
+             JOIN patient p ON p.person_id = g.person_id \
+             ORDER BY g.measure_n, provider, g.rank_, pt.source_patient_id",
+            branches = branches.join(" UNION ALL "),
+        );
+        let queries_dir = queries.join("measures");
+        crate::engine::collect_about(&ctx, &sql, "care gaps", &queries_dir).await
     })
 }
 

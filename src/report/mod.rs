@@ -490,8 +490,8 @@ pub fn write_care_gaps(
     let dir = report_dir(warehouse, run_id).join("phi");
     std::fs::create_dir_all(&dir).map_err(|e| WardError::io("cannot create", &dir, e))?;
     crate::warehouse::owner_only(0o700, &dir, |p| std::fs::set_permissions(&dir, p))?;
-    let mut by_provider: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
     let mut header: Vec<String> = Vec::new();
+    let mut texts: Vec<Vec<StringArray>> = Vec::new();
     for b in gaps {
         header = b
             .schema()
@@ -507,18 +507,19 @@ pub fn write_care_gaps(
                     .map_err(|e| WardError::data("writing care gaps", dir.clone(), e))
             })
             .collect::<Result<_>>()?;
-        for i in 0..b.num_rows() {
-            let row: Vec<String> = columns
-                .iter()
-                .map(|a| {
-                    if a.is_null(i) {
-                        String::new()
-                    } else {
-                        spreadsheet_safe(a.value(i)).into_owned()
-                    }
-                })
-                .collect();
-            by_provider.entry(row[0].clone()).or_default().push(row);
+        texts.push(columns);
+    }
+    // Per provider (the first column), its rows (batch, row) in order.
+    let mut by_provider: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
+    for (k, columns) in texts.iter().enumerate() {
+        let provider = &columns[0];
+        for i in 0..provider.len() {
+            let name = if provider.is_null(i) {
+                ""
+            } else {
+                provider.value(i)
+            };
+            by_provider.entry(name).or_default().push((k, i));
         }
     }
     let mut written = Vec::new();
@@ -527,8 +528,13 @@ pub fn write_care_gaps(
         let mut csv = csv::Writer::from_writer(Vec::new());
         let bad = |e: csv::Error| WardError::data("writing care gaps", path.clone(), e);
         csv.write_record(&header).map_err(bad)?;
-        for row in rows {
-            csv.write_record(&row).map_err(bad)?;
+        for (k, i) in rows {
+            for a in &texts[k] {
+                let cell = if a.is_null(i) { "" } else { a.value(i) };
+                csv.write_field(spreadsheet_safe(cell).as_bytes())
+                    .map_err(bad)?;
+            }
+            csv.write_record(None::<&[u8]>).map_err(bad)?;
         }
         let bytes = csv
             .into_inner()

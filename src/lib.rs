@@ -691,7 +691,9 @@ fn changed_persons(
         return Ok(None);
     }
     let scratch = warehouse.scratch_dir("touched-")?;
-    delta::restrict(&core, &touched, &scratch.path().join("core"))?;
+    if !touched.is_empty() {
+        delta::restrict(&core, &touched, &scratch.path().join("core"))?;
+    }
     Ok(Some(Changed {
         touched,
         warehouse: warehouse.with_output(scratch.path()),

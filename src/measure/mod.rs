@@ -991,12 +991,20 @@ pub fn run_for_persons(
     period: Period,
     touched: &crate::delta::Touched,
 ) -> Result<Vec<MeasureResult>> {
-    let local: Vec<&MeasureDef> = defs.iter().copied().filter(|d| d.person_local).collect();
+    // No one changed (new facts that duplicate known ones): nothing to run.
+    let local: Vec<&MeasureDef> = match touched.is_empty() {
+        true => Vec::new(),
+        false => defs.iter().copied().filter(|d| d.person_local).collect(),
+    };
     let mut computed = run(restricted, queries, &local, period)?.into_iter();
     let mut merged: Vec<Option<Vec<MeasureResult>>> = Vec::new();
     for def in defs {
         if !def.person_local {
             merged.push(None);
+            continue;
+        }
+        if touched.is_empty() {
+            merged.push(read_marts(previous, def, period)?);
             continue;
         }
         let n = def.groups.len().max(1);

@@ -177,6 +177,23 @@ fn new_facts_keep_the_linkage_and_rebuild_the_rest_as_a_full_rebuild_would() {
     assert!(full.manifest.stages.iter().all(|s| s.recomputed.is_none()));
     assert_eq!(derived(&full.run_dir), derived(&second.run_dir));
     assert_eq!(figures(&full), figures(&second));
+    // A fact the core already holds (another id, the same result): the
+    // observations are built again, no person changed, nothing is computed.
+    let mut text_ = fs::read_to_string(&results).unwrap();
+    text_.push_str(
+        "AAE000000020R98,AA0000002,AAE000000020,05/03/2025 12:50,4548-4,Hemoglobin A1c,9.8,%\n",
+    );
+    fs::write(&results, text_).unwrap();
+    let third = run_all(&config);
+    assert_eq!(third.manifest.stages[2].reused_tables, tables);
+    assert_eq!(
+        third.manifest.stages[4]
+            .recomputed
+            .as_ref()
+            .map(|r| r.persons),
+        Some(0)
+    );
+    assert_eq!(derived(&third.run_dir), derived(&full.run_dir));
     // A mart merged from two nights is the file a full night writes.
     for m in &second.measures {
         let mart = format!("marts/measure_patient/{}.parquet", m.key());

@@ -960,18 +960,22 @@ pub fn write_marts(warehouse: &Warehouse, results: &[MeasureResult]) -> Result<V
             let path = mart_path(warehouse.out(), &r.key());
             let all = datafusion::arrow::compute::concat_batches(&r.schema, &r.rows)
                 .map_err(|e| WardError::data("writing a measure mart", &path, e))?;
-            let slices: Vec<RecordBatch> = (0..all.num_rows())
-                .step_by(MART_BATCH)
-                .map(|at| all.slice(at, MART_BATCH.min(all.num_rows() - at)))
-                .collect();
-            warehouse.write_parquet(&path, r.schema.clone(), &slices)?;
+            warehouse.write_parquet(&path, r.schema.clone(), &slices(&all))?;
             Ok(path)
         })
         .collect()
 }
 
-/// Rows per batch written to a mart (see [`write_marts`]).
+/// Rows per batch of a mart, written ([`write_marts`]) and read back.
 const MART_BATCH: usize = 8192;
+
+/// `batch` in slices of [`MART_BATCH`] rows (views, not copies).
+fn slices(batch: &RecordBatch) -> Vec<RecordBatch> {
+    (0..batch.num_rows())
+        .step_by(MART_BATCH)
+        .map(|at| batch.slice(at, MART_BATCH.min(batch.num_rows() - at)))
+        .collect()
+}
 
 /// The results of `defs` on tonight's `warehouse`, computed only for the
 /// persons `touched` holds and taken from the marts of the run in
@@ -1080,7 +1084,7 @@ fn merge(
     let sorted =
         datafusion::arrow::compute::take_record_batch(&all, &order).map_err(|e| err(e.into()))?;
     let result = MeasureResult {
-        rows: vec![sorted],
+        rows: slices(&sorted),
         counts: Counts::default(),
         empty: None,
         ..r
@@ -1096,7 +1100,9 @@ fn read_mart(path: &Path) -> Result<Option<(SchemaRef, Vec<RecordBatch>)>> {
     }
     let err = |source: BoxError| WardError::data("reading a measure mart", path, source);
     let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.into()))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| err(e.into()))?
+        .with_batch_size(MART_BATCH);
     let schema = reader.schema().clone();
     let rows = reader
         .build()

@@ -94,6 +94,8 @@ for name, secs, run in nights:
     taken += [f"build.{t}" for s in m["stages"] for t in s.get("reused_tables", [])]
     taken += [f"{s['stage']} but for {s['recomputed']['persons']} of {s['recomputed']['of']} persons"
               for s in m["stages"] if s.get("recomputed")]
+    taken += [f"{s['stage']} of {len(s['reused_sources'])} sources"
+              for s in m["stages"] if s.get("reused_sources")]
     same, ratio = "", ""
     if name in ref:
         a, b = tables(run), tables(by[ref[name]])

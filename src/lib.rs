@@ -320,6 +320,29 @@ fn fingerprints(
         .part("checks", checks)
         .part("dq", &config.dq)
         .finish();
+    // What the checks count with, but the staged rows: a run with the same
+    // keeps the counts of each source whose staged files (`dq.source.<name>`)
+    // are the same.
+    let dq_checks = code
+        .clone()
+        .part("stage", "dq")
+        .part("link", &link)
+        .part("sources", &config.sources)
+        .part("checks", checks)
+        .part("dq", &config.dq)
+        .finish();
+    let dq_sources: Vec<(String, String)> = state
+        .sources
+        .keys()
+        .map(|source| {
+            let f = code
+                .clone()
+                .part("stage", "dq")
+                .staged_source(state, source)
+                .finish();
+            (format!("dq.source.{source}"), f)
+        })
+        .collect();
     let measures = after_build("measures")
         .tree("queries", night.queries)?
         .part("period", night.period)
@@ -354,6 +377,7 @@ fn fingerprints(
         ("link", link),
         ("build", build),
         ("dq", dq),
+        ("dq.checks", dq_checks),
         ("measures", measures),
         ("measures.queries", measure_logic),
         ("deid", deid),
@@ -361,6 +385,7 @@ fn fingerprints(
     .map(|(s, f)| (s.to_string(), f))
     .into_iter()
     .chain(tables)
+    .chain(dq_sources)
     .collect())
 }
 
@@ -379,6 +404,7 @@ fn stage<T>(manifest: &mut runs::Manifest, name: &str, f: impl FnOnce() -> Resul
         peak_memory_bytes: runs::peak_memory(),
         reused_from: None,
         reused_tables: Vec::new(),
+        reused_sources: Vec::new(),
         recomputed: None,
     });
     tracing::info!(seconds, ok = out.is_ok(), "stage finished");
@@ -520,7 +546,7 @@ fn run_stages(
         &ingest,
         &state,
         &warehouse,
-        reusable("dq"),
+        &fingerprints,
         manifest,
     )?;
     let run_id = manifest.run_id.clone();
@@ -779,9 +805,10 @@ fn check_quality(
     ingest: &IngestReport,
     state: &warehouse::IngestState,
     warehouse: &warehouse::Warehouse,
-    from: Option<(&std::path::Path, &runs::Manifest)>,
+    fingerprints: &BTreeMap<String, String>,
     manifest: &mut runs::Manifest,
 ) -> Result<Vec<dq::CheckResult>> {
+    let from = night.previous.reusable(night, fingerprints, "dq");
     let (config, previous) = (night.config, night.previous);
     let run_id = manifest.run_id.clone();
     let earlier: Vec<Vec<dq::DqRate>> = previous.history.iter().map(|h| h.dq.clone()).collect();
@@ -803,6 +830,7 @@ fn check_quality(
     // the counts are the current run's: only the judgement is redone.
     let from = from.filter(|_| tonight == dq::Tonight::Files(Default::default()));
     let report_dir = report::report_dir(warehouse, &run_id);
+    let mut reused_sources = Vec::new();
     let dq = stage_or_reuse(
         manifest,
         "dq",
@@ -819,6 +847,27 @@ fn check_quality(
             Ok(results)
         },
         || {
+            // Same checks and links: the sources whose staged files did not
+            // change keep the current run's counts.
+            let kept = match (
+                &tonight,
+                previous.reusable(night, fingerprints, "dq.checks"),
+            ) {
+                (dq::Tonight::Files(_), Some((dir, earlier_run))) => {
+                    let path = report::report_dir(&warehouse.with_output(dir), &earlier_run.run_id)
+                        .join("dq.json");
+                    // A source staged tonight or then, whose files differ.
+                    let before = &earlier_run.fingerprints;
+                    let changed: std::collections::BTreeSet<String> = fingerprints
+                        .keys()
+                        .chain(before.keys())
+                        .filter(|k| fingerprints.get(*k) != before.get(*k))
+                        .filter_map(|k| Some(k.strip_prefix("dq.source.")?.to_string()))
+                        .collect();
+                    Some((dq::read(&path)?, changed))
+                }
+                _ => None,
+            };
             let results = dq::evaluate(
                 warehouse,
                 &config.sources,
@@ -826,11 +875,24 @@ fn check_quality(
                 &earlier,
                 &tonight,
                 &config.dq,
+                kept.as_ref()
+                    .map(|(results, changed)| dq::Kept { results, changed }),
             )?;
+            if let Some((_, changed)) = &kept {
+                reused_sources = state
+                    .sources
+                    .keys()
+                    .filter(|s| !changed.contains(*s))
+                    .cloned()
+                    .collect();
+            }
             dq::write(warehouse, &report_dir, &results)?;
             Ok(results)
         },
     )?;
+    if let Some(stage) = manifest.stages.last_mut() {
+        stage.reused_sources = reused_sources;
+    }
     for r in dq.iter().filter(|r| r.drift) {
         let message = format!(
             "source '{}': data-quality check '{}' drifted from {:.2} % to {:.2} %{} (tolerance {} points)",

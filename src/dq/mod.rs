@@ -193,12 +193,24 @@ pub enum Tonight {
     Files(BTreeSet<(String, String)>),
 }
 
+/// The counts of the current run that tonight can keep: its results, and
+/// the sources whose staged rows changed since (the others keep theirs).
+/// Valid when the checks, their settings and the person links are the
+/// current run's, since every check counts a source from its own staged
+/// rows and rejects and the person links.
+#[derive(Debug, Clone, Copy)]
+pub struct Kept<'a> {
+    pub results: &'a [CheckResult],
+    pub changed: &'a BTreeSet<String>,
+}
+
 /// Runs every check over the warehouse's staging and rejects and the
 /// run's `core/person_link.parquet`, for every source of `sources` (and any
 /// other source a check reports) — once over everything staged, once over
-/// tonight's rows (see [`Tonight`]). `previous` holds the rates of
-/// earlier published runs, oldest first. Results are sorted by source,
-/// then check.
+/// tonight's rows (see [`Tonight`]). With `kept`, only the changed
+/// sources' rows are counted, the other sources keep the current run's
+/// counts. `previous` holds the rates of earlier published runs, oldest
+/// first. Results are sorted by source, then check.
 pub fn evaluate(
     warehouse: &Warehouse,
     sources: &[SourceConfig],
@@ -206,19 +218,53 @@ pub fn evaluate(
     previous: &[Vec<DqRate>],
     tonight: &Tonight,
     opts: &DqOptions,
+    kept: Option<Kept>,
 ) -> Result<Vec<CheckResult>> {
     let (all, new) = crate::engine::block_on(async {
-        let all = run_checks(&session(warehouse, sources, None).await?, checks).await?;
+        let all = match kept {
+            None => run_checks(&session(warehouse, sources, Rows::All).await?, checks).await?,
+            Some(kept) => {
+                let rows = Rows::Sources(kept.changed);
+                let counted = run_checks(&session(warehouse, sources, rows).await?, checks).await?;
+                keep_counts(checks, counted, kept)
+            }
+        };
         let new = match tonight {
             Tonight::Everything => all.clone(),
             Tonight::Files(files) if files.is_empty() => Vec::new(),
             Tonight::Files(files) => {
-                run_checks(&session(warehouse, sources, Some(files)).await?, checks).await?
+                run_checks(
+                    &session(warehouse, sources, Rows::Files(files)).await?,
+                    checks,
+                )
+                .await?
             }
         };
         Ok((all, new))
     })?;
     Ok(judge(sources, checks, &all, &new, previous, opts))
+}
+
+/// Per check, the counts of the changed sources from `counted` and those
+/// of every other source from the kept results.
+fn keep_counts(checks: &[Check], counted: Counts, kept: Kept) -> Counts {
+    checks
+        .iter()
+        .zip(counted)
+        .map(|(check, counted)| {
+            let mut out: Counted = counted
+                .into_iter()
+                .filter(|(source, _)| kept.changed.contains(source))
+                .collect();
+            out.extend(
+                kept.results
+                    .iter()
+                    .filter(|r| r.check == check.id && !kept.changed.contains(&r.source))
+                    .map(|r| (r.source.clone(), (r.violating, r.checked))),
+            );
+            out
+        })
+        .collect()
 }
 
 /// The results of the run whose `earlier` results these are, judged again
@@ -359,17 +405,31 @@ fn median(values: &[f64]) -> Option<f64> {
     }
 }
 
-/// The session checks run in (see the module documentation); with
-/// `tonight`, `staging_<table>` and `rejects` hold only the rows of those
-/// files and `person_link` is empty (linkage is judged as a whole).
+/// Which staged rows and rejects a session's checks count.
+#[derive(Debug, Clone, Copy)]
+enum Rows<'a> {
+    /// Everything staged.
+    All,
+    /// The rows of these sources, with every person link.
+    Sources(&'a BTreeSet<String>),
+    /// The rows of these files, `(source, file)`, with no person link
+    /// (linkage is judged as a whole).
+    Files(&'a BTreeSet<(String, String)>),
+}
+
+/// The session checks run in (see the module documentation), over `rows`.
 async fn session(
     warehouse: &Warehouse,
     sources: &[SourceConfig],
-    tonight: Option<&BTreeSet<(String, String)>>,
+    rows: Rows<'_>,
 ) -> Result<SessionContext> {
     let root = warehouse.root();
     let ctx = crate::engine::session(SessionConfig::new())?;
-    let prefix = if tonight.is_some() { "dq_all_" } else { "" };
+    let prefix = if matches!(rows, Rows::All) {
+        ""
+    } else {
+        "dq_all_"
+    };
     for table in Table::ALL {
         let name = format!("{prefix}staging_{}", table.name());
         let dir = warehouse.staging_table_dir(table);
@@ -379,32 +439,45 @@ async fn session(
     let schema = crate::schema::rejects_schema();
     crate::engine::register_parquet(&ctx, &rejects, &root.join("rejects"), schema).await?;
     let links = crate::schema::person_link_schema();
-    match tonight {
-        None => {
-            let path = warehouse.out().join("core").join("person_link.parquet");
-            crate::engine::register_parquet(&ctx, "person_link", &path, links).await?;
+    let link_path = warehouse.out().join("core").join("person_link.parquet");
+    // The restricted views join the rows to a one-table list of what they keep.
+    let (keep, on) = match rows {
+        Rows::All => {
+            crate::engine::register_parquet(&ctx, "person_link", &link_path, links).await?;
+            (None, "")
         }
-        Some(files) => {
+        Rows::Sources(names) => {
+            crate::engine::register_parquet(&ctx, "person_link", &link_path, links).await?;
+            let source: StringArray = names.iter().map(|s| Some(s.as_str())).collect();
+            let batch = RecordBatch::try_from_iter([("source", Arc::new(source) as ArrayRef)]);
+            (Some(batch), "n.source = t.source")
+        }
+        Rows::Files(files) => {
             register_batch(&ctx, "person_link", RecordBatch::new_empty(links), root)?;
             let source: StringArray = files.iter().map(|f| Some(f.0.as_str())).collect();
             let file: StringArray = files.iter().map(|f| Some(f.1.as_str())).collect();
             let batch = RecordBatch::try_from_iter([
                 ("source", Arc::new(source) as ArrayRef),
                 ("source_file", Arc::new(file) as ArrayRef),
-            ])
-            .map_err(|e| WardError::data(PREPARING, root, e))?;
-            register_batch(&ctx, "dq_tonight", batch, root)?;
-            let names = Table::ALL
-                .iter()
-                .map(|t| format!("staging_{}", t.name()))
-                .chain(["rejects".to_string()]);
-            for name in names {
-                let view = format!(
-                    "CREATE VIEW {name} AS SELECT t.* FROM dq_all_{name} t \
-                     JOIN dq_tonight n ON n.source = t.source AND n.source_file = t.source_file"
-                );
-                crate::engine::collect_about(&ctx, &view, PREPARING, root).await?;
-            }
+            ]);
+            (
+                Some(batch),
+                "n.source = t.source AND n.source_file = t.source_file",
+            )
+        }
+    };
+    if let Some(batch) = keep {
+        let batch = batch.map_err(|e| WardError::data(PREPARING, root, e))?;
+        register_batch(&ctx, "dq_keep", batch, root)?;
+        let names = Table::ALL
+            .iter()
+            .map(|t| format!("staging_{}", t.name()))
+            .chain(["rejects".to_string()]);
+        for name in names {
+            let view = format!(
+                "CREATE VIEW {name} AS SELECT t.* FROM dq_all_{name} t JOIN dq_keep n ON {on}"
+            );
+            crate::engine::collect_about(&ctx, &view, PREPARING, root).await?;
         }
     }
     register_batch(&ctx, "dq_layout", layout(sources)?, root)?;

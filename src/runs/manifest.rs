@@ -212,6 +212,10 @@ pub struct StageInfo {
     /// current run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reused_tables: Vec<String>,
+    /// Of a stage computed per source (`dq`), the sources whose results it
+    /// took from the current run, their staged files being unchanged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reused_sources: Vec<String>,
     /// Of a stage computed only for the persons whose core rows changed
     /// (`measures`), how many, the rest being another run's.
     #[serde(default, skip_serializing_if = "Option::is_none")]

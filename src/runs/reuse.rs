@@ -96,6 +96,29 @@ impl Fingerprint {
         self.part("staged", files)
     }
 
+    /// Adds the staged files of one source of `state` (see [`staged`]).
+    ///
+    /// [`staged`]: Fingerprint::staged
+    pub fn staged_source(self, state: &IngestState, source: &str) -> Fingerprint {
+        let files: Vec<_> = state
+            .sources
+            .get(source)
+            .into_iter()
+            .flatten()
+            .map(|(file, f)| {
+                (
+                    file,
+                    &f.sha256,
+                    &f.mapping_sha256,
+                    &f.patients_fingerprint,
+                    &f.batch_id,
+                    &f.outputs,
+                )
+            })
+            .collect();
+        self.part("staged source", (source, files))
+    }
+
     /// Adds every file under `dir` (relative path and content), sorted; a
     /// missing directory adds nothing but its absence.
     pub fn tree(self, label: &str, dir: &Path) -> Result<Fingerprint> {

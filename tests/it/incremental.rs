@@ -150,6 +150,18 @@ fn new_facts_keep_the_linkage_and_rebuild_the_rest_as_a_full_rebuild_would() {
         second.manifest.core["observation"],
         first.manifest.core["observation"] + 1
     );
+    // The data-quality counts of the sources that sent nothing are kept.
+    let dq = &second.manifest.stages[3];
+    assert_eq!(dq.stage, "dq");
+    let mut others: Vec<String> = config
+        .sources
+        .iter()
+        .map(|s| s.name.clone())
+        .filter(|s| s != "northside_clinic")
+        .collect();
+    others.sort();
+    assert!(!others.is_empty());
+    assert_eq!(dq.reused_sources, others);
     // The measures are computed for the one person with a new fact; the
     // others keep the first night's rows, but for the measure that is not
     // person-local: every person's row of it counts the new observation.

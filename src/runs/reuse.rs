@@ -16,7 +16,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Result, WardError};
-use crate::warehouse::IngestState;
+use crate::warehouse::{FileState, IngestState};
 
 use super::manifest::OutputFile;
 
@@ -72,15 +72,31 @@ impl Fingerprint {
     /// reload is a change).
     pub fn staged(self, state: &IngestState, table: Option<&str>) -> Fingerprint {
         let prefix = table.map(|t| format!("staging/{t}/"));
+        self.staged_where("staged", state, |_, f| {
+            prefix
+                .as_ref()
+                .is_none_or(|p| f.outputs.iter().any(|o| o.starts_with(p.as_str())))
+        })
+    }
+
+    /// Adds the staged files of one source of `state` (as [`staged`] does).
+    ///
+    /// [`staged`]: Fingerprint::staged
+    pub fn staged_source(self, state: &IngestState, source: &str) -> Fingerprint {
+        self.staged_where("staged source", state, |s, _| s == source)
+    }
+
+    fn staged_where(
+        self,
+        label: &str,
+        state: &IngestState,
+        keep: impl Fn(&str, &FileState) -> bool,
+    ) -> Fingerprint {
         let files: Vec<_> = state
             .sources
             .iter()
             .flat_map(|(source, files)| files.iter().map(move |(file, f)| (source, file, f)))
-            .filter(|(_, _, f)| {
-                prefix
-                    .as_ref()
-                    .is_none_or(|p| f.outputs.iter().any(|o| o.starts_with(p.as_str())))
-            })
+            .filter(|(source, _, f)| keep(source, f))
             .map(|(source, file, f)| {
                 (
                     source,
@@ -93,30 +109,7 @@ impl Fingerprint {
                 )
             })
             .collect();
-        self.part("staged", files)
-    }
-
-    /// Adds the staged files of one source of `state` (see [`staged`]).
-    ///
-    /// [`staged`]: Fingerprint::staged
-    pub fn staged_source(self, state: &IngestState, source: &str) -> Fingerprint {
-        let files: Vec<_> = state
-            .sources
-            .get(source)
-            .into_iter()
-            .flatten()
-            .map(|(file, f)| {
-                (
-                    file,
-                    &f.sha256,
-                    &f.mapping_sha256,
-                    &f.patients_fingerprint,
-                    &f.batch_id,
-                    &f.outputs,
-                )
-            })
-            .collect();
-        self.part("staged source", (source, files))
+        self.part(label, files)
     }
 
     /// Adds every file under `dir` (relative path and content), sorted; a
@@ -154,24 +147,13 @@ impl Fingerprint {
 /// lists under each of `paths` (files or directories relative to the run
 /// directory) into `to`: hard-linked, or copied where the file system
 /// refuses links. Each file must still have the size and SHA-256 the
-/// manifest recorded; one that does not (damaged, edited) is an error, and
-/// the stage recomputes instead. Returns the number of files taken.
+/// manifest recorded ([`verify`]); one that does not (damaged, edited) is
+/// an error, and the stage recomputes instead. Returns the number of files
+/// taken.
 pub fn adopt(from: &Path, to: &Path, paths: &[&str], outputs: &[OutputFile]) -> Result<usize> {
-    let wanted = outputs.iter().filter(|o| {
-        paths
-            .iter()
-            .any(|p| o.path == *p || (o.path.starts_with(p) && o.path[p.len()..].starts_with('/')))
-    });
-    let mut taken = 0;
-    for output in wanted {
+    let wanted = verify(from, paths, outputs)?;
+    for output in &wanted {
         let (source, dest) = (from.join(&output.path), to.join(&output.path));
-        let (sha256, bytes) = crate::warehouse::sha256_file(&source)?;
-        if (sha256.as_str(), bytes) != (output.sha256.as_str(), output.bytes) {
-            return Err(WardError::State {
-                path: source,
-                message: "differs from what its run's manifest recorded".into(),
-            });
-        }
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(|e| WardError::io("cannot create", parent, e))?;
@@ -179,9 +161,36 @@ pub fn adopt(from: &Path, to: &Path, paths: &[&str], outputs: &[OutputFile]) -> 
         if std::fs::hard_link(&source, &dest).is_err() {
             std::fs::copy(&source, &dest).map_err(|e| WardError::io("cannot copy", &source, e))?;
         }
-        taken += 1;
     }
-    Ok(taken)
+    Ok(wanted.len())
+}
+
+/// The files that `outputs` (the manifest of the run in `from`) lists
+/// under each of `paths`, each checked to still have the size and SHA-256
+/// recorded; the first that does not is an error naming it.
+pub fn verify<'a>(
+    from: &Path,
+    paths: &[&str],
+    outputs: &'a [OutputFile],
+) -> Result<Vec<&'a OutputFile>> {
+    let wanted = outputs.iter().filter(|o| {
+        paths
+            .iter()
+            .any(|p| o.path == *p || (o.path.starts_with(p) && o.path[p.len()..].starts_with('/')))
+    });
+    let mut checked = Vec::new();
+    for output in wanted {
+        let source = from.join(&output.path);
+        let (sha256, bytes) = crate::warehouse::sha256_file(&source)?;
+        if (sha256.as_str(), bytes) != (output.sha256.as_str(), output.bytes) {
+            return Err(WardError::State {
+                path: source,
+                message: "differs from what its run's manifest recorded".into(),
+            });
+        }
+        checked.push(output);
+    }
+    Ok(checked)
 }
 
 #[cfg(test)]

@@ -556,7 +556,7 @@ fn run_stages(
         "measures",
         reusable("measures"),
         run_dir,
-        &["marts/measure_patient".to_string()],
+        &[MARTS.to_string()],
         |_, _| {
             // Every measure's marts are read back; a measure that cannot be
             // (an empty denominator, whose explanation needs the engine) runs.
@@ -585,8 +585,18 @@ fn run_stages(
             let all: Vec<&measure::MeasureDef> = defs.iter().collect();
             // New facts under the same queries: only the persons they touch.
             let changed = match previous.reusable(night, &fingerprints, "measures.queries") {
-                Some((dir, earlier)) => changed_persons(dir, run_dir, &warehouse)?
-                    .map(|changed| (dir, &earlier.run_id, changed)),
+                // The marts kept for the others must be the ones their run wrote.
+                Some((dir, earlier)) => {
+                    match runs::verify(dir, &[MARTS], &earlier.outputs)
+                        .and_then(|_| changed_persons(dir, run_dir, &warehouse))
+                    {
+                        Ok(changed) => changed.map(|changed| (dir, &earlier.run_id, changed)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the current run's results cannot be kept: computed for every person");
+                            None
+                        }
+                    }
+                }
                 None => None,
             };
             let measures = match changed {
@@ -727,6 +737,9 @@ fn changed_persons(
     }))
 }
 
+/// Where a run's per-person measure results are.
+const MARTS: &str = "marts/measure_patient";
+
 /// Above this share of persons changed, a stage computes for everyone:
 /// restricting the core and merging results would cost more than it saves.
 const RECOMPUTE_SHARE: f64 = 0.5;
@@ -864,7 +877,13 @@ fn check_quality(
                         .filter(|k| fingerprints.get(*k) != before.get(*k))
                         .filter_map(|k| Some(k.strip_prefix("dq.source.")?.to_string()))
                         .collect();
-                    Some((dq::read(&path)?, changed))
+                    match dq::read(&path) {
+                        Ok(results) => Some((results, changed)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the current run's counts cannot be read: every source is counted");
+                            None
+                        }
+                    }
                 }
                 _ => None,
             };

@@ -1008,7 +1008,10 @@ pub fn run_for_persons(
             continue;
         }
         if touched.is_empty() {
-            merged.push(read_marts(previous, def, period)?);
+            merged.push(read_marts(previous, def, period).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "a mart of the current run cannot be read: its measure is computed whole");
+                None
+            }));
             continue;
         }
         let n = def.groups.len().max(1);
@@ -1051,8 +1054,13 @@ fn merge(
 ) -> Result<Option<MeasureResult>> {
     use datafusion::arrow::compute::{SortOptions, filter_record_batch, sort_to_indices};
     let path = mart_path(previous, &r.key());
-    let Some((schema, old)) = read_mart(&path)? else {
-        return Ok(None);
+    let (schema, old) = match read_mart(&path) {
+        Ok(Some(mart)) => mart,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::warn!(error = %e, "a mart of the current run cannot be read: its measure is computed whole");
+            return Ok(None);
+        }
     };
     if schema.fields() != r.schema.fields() {
         return Ok(None);

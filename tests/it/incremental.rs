@@ -253,6 +253,38 @@ fn an_output_changed_since_its_run_is_computed_again_not_taken() {
 }
 
 #[test]
+fn a_mart_changed_since_its_run_is_not_kept_for_anyone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = PipelineConfig::load(&copy_sample(tmp.path())).unwrap();
+    let first = run_all(&config);
+    // A mart edited after its run (a row dropped), then a new fact.
+    let mart = first.run_dir.join("marts/measure_patient/DM-PREV.parquet");
+    let batches = read_parquet(&mart);
+    let edited = batches[0].slice(1, batches[0].num_rows() - 1);
+    let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(
+        fs::File::create(&mart).unwrap(),
+        edited.schema(),
+        None,
+    )
+    .unwrap();
+    w.write(&edited).unwrap();
+    w.close().unwrap();
+    let results = tmp.path().join("sample_data/northside_clinic/results.csv");
+    let mut text_ = fs::read_to_string(&results).unwrap();
+    text_.push_str(
+        "AAE000000020R99,AA0000002,AAE000000020,05/03/2025 12:50,4548-4,Hemoglobin A1c,9.8,%\n",
+    );
+    fs::write(&results, text_).unwrap();
+
+    let second = run_all(&config);
+    let measures = &second.manifest.stages[4];
+    assert_eq!(measures.stage, "measures");
+    assert_eq!(measures.recomputed, None, "computed for every person");
+    let full = run_with(&config, Rebuild::Full);
+    assert_eq!(derived(&full.run_dir), derived(&second.run_dir));
+}
+
+#[test]
 fn the_cli_says_what_it_took_and_full_takes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let config = copy_sample(tmp.path());

@@ -306,4 +306,19 @@ fn the_cli_says_what_it_took_and_full_takes_nothing() {
     );
     let full = run(&["run", "--full"]);
     assert!(!full.contains("inputs unchanged"), "{full}");
+    // New facts of one clinic: what was computed for whom.
+    let results = tmp.path().join("sample_data/northside_clinic/results.csv");
+    let mut text_ = fs::read_to_string(&results).unwrap();
+    text_.push_str(
+        "AAE000000020R99,AA0000002,AAE000000020,05/03/2025 12:50,4548-4,Hemoglobin A1c,9.8,%\n",
+    );
+    fs::write(&results, text_).unwrap();
+    let facts = run(&["run"]);
+    assert!(
+        facts.contains("measures: computed for the 1 of ")
+            && facts.contains(
+                "dq: counts kept from the previous run for the sources whose files did not change: lakeside_endo, st_marys_hospital"
+            ),
+        "{facts}"
+    );
 }

@@ -80,6 +80,13 @@ pub(crate) fn print_run(run: &ward::RunReport) {
                 s.stage, r.persons, r.of, r.rest_from
             );
         }
+        if !s.reused_sources.is_empty() {
+            println!(
+                "{}: counts kept from the previous run for the sources whose files did not change: {}",
+                s.stage,
+                s.reused_sources.join(", ")
+            );
+        }
     }
     for w in &run.manifest.warnings {
         println!("warning: {w}");

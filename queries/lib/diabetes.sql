@@ -10,15 +10,20 @@ WHERE c.valueset = '2.16.840.1.113883.3.464.1003.103.12.1001'
 
 -- Final HbA1c results in % in the period: the eCQM "HbA1c Laboratory Test"
 -- value set, the glucose management indicator and IFCC HbA1c (LOINC
--- 59261-8, converted to % at ingest).
+-- 59261-8, converted to % at ingest). (A UNION of the two ways a code
+-- qualifies, not one join with OR: each branch then reads only the
+-- codings of its codes.)
 CREATE VIEW hba1c_result AS
-SELECT DISTINCT o.person_id, o.source, o.source_file, o.source_line, o.end_day AS day, o.value_num
+SELECT o.person_id, o.source, o.source_file, o.source_line, o.end_day AS day, o.value_num
 FROM observation_final o
-LEFT JOIN valueset_code v ON v.valueset = '2.16.840.1.113883.3.464.1003.198.12.1013'
+JOIN valueset_code v ON v.valueset = '2.16.840.1.113883.3.464.1003.198.12.1013'
   AND v.code_system = o.coding_system AND v.code = o.coding_code
 CROSS JOIN period p
-WHERE (v.code IS NOT NULL
-       OR (o.coding_system = 'loinc' AND o.coding_code IN ('97506-0', '59261-8')))
+WHERE o.end_day BETWEEN p.start_date AND p.end_date
+UNION
+SELECT o.person_id, o.source, o.source_file, o.source_line, o.end_day AS day, o.value_num
+FROM observation_final o CROSS JOIN period p
+WHERE o.coding_system = 'loinc' AND o.coding_code IN ('97506-0', '59261-8')
   AND o.end_day BETWEEN p.start_date AND p.end_date;
 
 -- Adults (18 or older at the end of the period, alive at its start) seen in

@@ -34,14 +34,21 @@ qualifying_encounter AS (
 ),
 -- HbA1c laboratory tests and glucose management indicators with a final
 -- result, on the day their effective time ends, in the period.
+-- (A UNION of the two ways a code qualifies, not one join with OR: each
+-- branch then reads only the codings of its codes.)
 assessment AS (
-  SELECT DISTINCT o.person_id, o.source, o.source_file, o.source_line, o.coding_code AS code,
+  SELECT o.person_id, o.source, o.source_file, o.source_line, o.coding_code AS code,
          o.value_num, o.value_text, o.value_code, o.end_day AS day
   FROM observation_final o
-  LEFT JOIN valueset_code v ON v.valueset = '2.16.840.1.113883.3.464.1003.198.12.1013'  -- HbA1c Laboratory Test
+  JOIN valueset_code v ON v.valueset = '2.16.840.1.113883.3.464.1003.198.12.1013'  -- HbA1c Laboratory Test
     AND v.code_system = o.coding_system AND v.code = o.coding_code
   CROSS JOIN period p
-  WHERE (v.code IS NOT NULL OR (o.coding_system = 'loinc' AND o.coding_code = '97506-0'))  -- GMI
+  WHERE o.end_day BETWEEN p.start_date AND p.end_date
+  UNION
+  SELECT o.person_id, o.source, o.source_file, o.source_line, o.coding_code AS code,
+         o.value_num, o.value_text, o.value_code, o.end_day AS day
+  FROM observation_final o CROSS JOIN period p
+  WHERE o.coding_system = 'loinc' AND o.coding_code = '97506-0'  -- GMI
     AND o.end_day BETWEEN p.start_date AND p.end_date
 ),
 -- The lowest result of the most recent day ("value as Quantity" sorted

@@ -102,6 +102,17 @@ fn an_unchanged_night_takes_every_stage_and_publishes_what_a_full_rebuild_does()
     assert_eq!(figures(&full), figures(&second));
 }
 
+/// Appends to the sample clinic's results one more HbA1c (result id
+/// `AAE000000020<id>`) of a patient it already sent, in the period.
+fn add_hba1c(dir: &std::path::Path, id: &str) {
+    let results = dir.join("sample_data/northside_clinic/results.csv");
+    let mut text = fs::read_to_string(&results).unwrap();
+    text.push_str(&format!(
+        "AAE000000020{id},AA0000002,AAE000000020,05/03/2025 12:50,4548-4,Hemoglobin A1c,9.8,%\n"
+    ));
+    fs::write(&results, text).unwrap();
+}
+
 /// The observations of every person, as a detail of each person's row: a
 /// measure that compares persons, so not person-local.
 const POPULATION_WIDE: &str = "SELECT person_id, true AS initial_population, true AS denominator, \
@@ -125,13 +136,7 @@ fn new_facts_keep_the_linkage_and_rebuild_the_rest_as_a_full_rebuild_would() {
     let run_all = |config: &PipelineConfig| run_queries(config, &queries, Rebuild::Incremental);
     let run_with = |config: &PipelineConfig, r: Rebuild| run_queries(config, &queries, r);
     let first = run_all(&config);
-    // One more HbA1c of a patient the clinic already sent, in the period.
-    let results = tmp.path().join("sample_data/northside_clinic/results.csv");
-    let mut text_ = fs::read_to_string(&results).unwrap();
-    text_.push_str(
-        "AAE000000020R99,AA0000002,AAE000000020,05/03/2025 12:50,4548-4,Hemoglobin A1c,9.8,%\n",
-    );
-    fs::write(&results, text_).unwrap();
+    add_hba1c(tmp.path(), "R99");
 
     let second = run_all(&config);
     assert_eq!(reused(&second), stages(&["link"], &first.run_id));
@@ -191,11 +196,7 @@ fn new_facts_keep_the_linkage_and_rebuild_the_rest_as_a_full_rebuild_would() {
     assert_eq!(figures(&full), figures(&second));
     // A fact the core already holds (another id, the same result): the
     // observations are built again, no person changed, nothing is computed.
-    let mut text_ = fs::read_to_string(&results).unwrap();
-    text_.push_str(
-        "AAE000000020R98,AA0000002,AAE000000020,05/03/2025 12:50,4548-4,Hemoglobin A1c,9.8,%\n",
-    );
-    fs::write(&results, text_).unwrap();
+    add_hba1c(tmp.path(), "R98");
     let third = run_all(&config);
     assert_eq!(third.manifest.stages[2].reused_tables, tables);
     assert_eq!(
@@ -269,12 +270,7 @@ fn a_mart_changed_since_its_run_is_not_kept_for_anyone() {
     .unwrap();
     w.write(&edited).unwrap();
     w.close().unwrap();
-    let results = tmp.path().join("sample_data/northside_clinic/results.csv");
-    let mut text_ = fs::read_to_string(&results).unwrap();
-    text_.push_str(
-        "AAE000000020R99,AA0000002,AAE000000020,05/03/2025 12:50,4548-4,Hemoglobin A1c,9.8,%\n",
-    );
-    fs::write(&results, text_).unwrap();
+    add_hba1c(tmp.path(), "R99");
 
     let second = run_all(&config);
     let measures = &second.manifest.stages[4];
@@ -307,12 +303,7 @@ fn the_cli_says_what_it_took_and_full_takes_nothing() {
     let full = run(&["run", "--full"]);
     assert!(!full.contains("inputs unchanged"), "{full}");
     // New facts of one clinic: what was computed for whom.
-    let results = tmp.path().join("sample_data/northside_clinic/results.csv");
-    let mut text_ = fs::read_to_string(&results).unwrap();
-    text_.push_str(
-        "AAE000000020R99,AA0000002,AAE000000020,05/03/2025 12:50,4548-4,Hemoglobin A1c,9.8,%\n",
-    );
-    fs::write(&results, text_).unwrap();
+    add_hba1c(tmp.path(), "R99");
     let facts = run(&["run"]);
     assert!(
         facts.contains("measures: computed for the 1 of ")

@@ -1524,10 +1524,7 @@ fn tally(mut result: MeasureResult) -> std::result::Result<MeasureResult, String
         counts.add(&m.flags);
         observations.extend(m.observation);
         for (values, value) in by_value.iter_mut().zip(m.strata) {
-            if !values.contains_key(*value) {
-                values.insert(value.to_string(), Default::default());
-            }
-            let (c, obs) = values.get_mut(*value).expect("just inserted");
+            let (c, obs) = value_entry(values, value);
             c.add(&m.flags);
             obs.extend(m.observation);
         }
@@ -1557,6 +1554,18 @@ fn tally(mut result: MeasureResult) -> std::result::Result<MeasureResult, String
     result.strata = strata;
     result.categories = categories;
     Ok(result)
+}
+
+/// The entry of `map` for the text `key`, inserted (default) when absent:
+/// the key is copied only the first time it is seen, not per lookup.
+pub(crate) fn value_entry<'m, V: Default>(
+    map: &'m mut BTreeMap<String, V>,
+    key: &str,
+) -> &'m mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key).expect("just inserted")
 }
 
 /// The value-set OIDs a text names: quoted dotted numbers with at least

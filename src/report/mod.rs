@@ -224,10 +224,7 @@ fn count_strata(r: &MeasureResult, ps: &PersonStrata) -> (StratumCounts, BandCou
         let add = |t: &mut Tally| t.add(&m.flags, m.observation, band);
         add(&mut overall);
         for (values, value) in own.iter_mut().zip(m.strata) {
-            if !values.contains_key(*value) {
-                values.insert(value.to_string(), Tally::default());
-            }
-            add(values.get_mut(*value).expect("just inserted"));
+            add(crate::measure::value_entry(values, value));
         }
         let mut at = |d: usize, v: u32| add(ward[d][v as usize].get_or_insert_with(Tally::default));
         match person {
@@ -509,8 +506,9 @@ pub fn write_care_gaps(
             .collect::<Result<_>>()?;
         texts.push(columns);
     }
-    // Per provider (the first column), its rows (batch, row) in order.
-    let mut by_provider: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
+    // Per provider (the first column, as its cells are written), its rows
+    // (batch, row) in order.
+    let mut by_provider: BTreeMap<std::borrow::Cow<str>, Vec<(usize, usize)>> = BTreeMap::new();
     for (k, columns) in texts.iter().enumerate() {
         let provider = &columns[0];
         for i in 0..provider.len() {
@@ -519,7 +517,10 @@ pub fn write_care_gaps(
             } else {
                 provider.value(i)
             };
-            by_provider.entry(name).or_default().push((k, i));
+            by_provider
+                .entry(spreadsheet_safe(name))
+                .or_default()
+                .push((k, i));
         }
     }
     let mut written = Vec::new();

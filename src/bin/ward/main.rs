@@ -36,6 +36,9 @@ fn main() -> ExitCode {
     restrict_file_mode();
     let cli = Cli::parse();
     init_logging(&cli);
+    if !matches!(cli.command, Command::Serve(_)) {
+        memcap::keep_freed_memory();
+    }
     match dispatch(&cli) {
         Ok(code) => code,
         Err(e) => {

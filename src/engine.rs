@@ -151,13 +151,39 @@ pub(crate) async fn register_parquet(
     path: &std::path::Path,
     schema: datafusion::arrow::datatypes::SchemaRef,
 ) -> Result<()> {
-    let err =
-        |e: datafusion::error::DataFusionError| WardError::data("registering a table", path, e);
     let files = if path.is_file() {
         vec![path.to_path_buf()]
     } else {
         parquet_files(path)?
     };
+    register_parquet_files(ctx, name, path, files, schema)
+}
+
+/// Registers the Parquet files under every folder of `dirs` as one table
+/// `name` (schema `schema`); errors name `about`, the table's place.
+pub(crate) fn register_parquet_in(
+    ctx: &SessionContext,
+    name: &str,
+    about: &std::path::Path,
+    dirs: &[std::path::PathBuf],
+    schema: datafusion::arrow::datatypes::SchemaRef,
+) -> Result<()> {
+    let mut files = Vec::new();
+    for dir in dirs {
+        files.extend(parquet_files(dir)?);
+    }
+    register_parquet_files(ctx, name, about, files, schema)
+}
+
+fn register_parquet_files(
+    ctx: &SessionContext,
+    name: &str,
+    path: &std::path::Path,
+    files: Vec<std::path::PathBuf>,
+    schema: datafusion::arrow::datatypes::SchemaRef,
+) -> Result<()> {
+    let err =
+        |e: datafusion::error::DataFusionError| WardError::data("registering a table", path, e);
     if files.is_empty() {
         return register_batches(ctx, name, schema, vec![], path);
     }

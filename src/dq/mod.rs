@@ -430,14 +430,27 @@ async fn session(
     } else {
         "dq_all_"
     };
+    // A restricted session reads its sources' folders only (staged rows
+    // and rejects are kept per source); the views below pick its rows.
+    let only: Option<BTreeSet<&str>> = match rows {
+        Rows::All => None,
+        Rows::Sources(names) => Some(names.iter().map(String::as_str).collect()),
+        Rows::Files(files) => Some(files.iter().map(|f| f.0.as_str()).collect()),
+    };
+    let dirs = |all: PathBuf, of: &dyn Fn(&str) -> PathBuf| match &only {
+        None => vec![all],
+        Some(names) => names.iter().map(|s| of(s)).collect(),
+    };
     for table in Table::ALL {
         let name = format!("{prefix}staging_{}", table.name());
-        let dir = warehouse.staging_table_dir(table);
-        crate::engine::register_parquet(&ctx, &name, &dir, table.schema()).await?;
+        let all = warehouse.staging_table_dir(table);
+        let dirs = dirs(all.clone(), &|s| warehouse.staging_dir(table, s));
+        crate::engine::register_parquet_in(&ctx, &name, &all, &dirs, table.schema())?;
     }
     let rejects = format!("{prefix}rejects");
     let schema = crate::schema::rejects_schema();
-    crate::engine::register_parquet(&ctx, &rejects, &root.join("rejects"), schema).await?;
+    let dirs = dirs(root.join("rejects"), &|s| warehouse.rejects_dir(s));
+    crate::engine::register_parquet_in(&ctx, &rejects, &root.join("rejects"), &dirs, schema)?;
     let links = crate::schema::person_link_schema();
     let link_path = warehouse.out().join("core").join("person_link.parquet");
     // The restricted views join the rows to a one-table list of what they keep.

@@ -201,7 +201,9 @@ impl MeasureFigures {
 pub struct StageInfo {
     pub stage: String,
     pub seconds: f64,
-    /// Peak resident memory during the stage, bytes (Linux).
+    /// Peak resident memory during the stage, bytes (Linux). Memory an
+    /// earlier stage freed but the allocator kept counts too (the `ward`
+    /// binary keeps it for reuse).
     pub peak_memory_bytes: Option<u64>,
     /// The run whose outputs the stage took, its inputs being unchanged
     /// (see [`super::reuse`]).

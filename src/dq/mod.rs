@@ -425,13 +425,14 @@ async fn session(
 ) -> Result<SessionContext> {
     let root = warehouse.root();
     let ctx = crate::engine::session(SessionConfig::new())?;
-    let prefix = if matches!(rows, Rows::All) {
-        ""
-    } else {
+    // Staged rows and rejects are kept per source folder: a restricted
+    // session reads its sources' folders only, and for tonight's files the
+    // views below then pick the files' rows.
+    let prefix = if matches!(rows, Rows::Files(_)) {
         "dq_all_"
+    } else {
+        ""
     };
-    // A restricted session reads its sources' folders only (staged rows
-    // and rejects are kept per source); the views below pick its rows.
     let only: Option<BTreeSet<&str>> = match rows {
         Rows::All => None,
         Rows::Sources(names) => Some(names.iter().map(String::as_str).collect()),
@@ -453,44 +454,32 @@ async fn session(
     crate::engine::register_parquet_in(&ctx, &rejects, &root.join("rejects"), &dirs, schema)?;
     let links = crate::schema::person_link_schema();
     let link_path = warehouse.out().join("core").join("person_link.parquet");
-    // The restricted views join the rows to a one-table list of what they keep.
-    let (keep, on) = match rows {
-        Rows::All => {
+    match rows {
+        Rows::All | Rows::Sources(_) => {
             crate::engine::register_parquet(&ctx, "person_link", &link_path, links).await?;
-            (None, "")
-        }
-        Rows::Sources(names) => {
-            crate::engine::register_parquet(&ctx, "person_link", &link_path, links).await?;
-            let source: StringArray = names.iter().map(|s| Some(s.as_str())).collect();
-            let batch = RecordBatch::try_from_iter([("source", Arc::new(source) as ArrayRef)]);
-            (Some(batch), "n.source = t.source")
         }
         Rows::Files(files) => {
             register_batch(&ctx, "person_link", RecordBatch::new_empty(links), root)?;
+            // The views join the rows to a one-table list of the files.
             let source: StringArray = files.iter().map(|f| Some(f.0.as_str())).collect();
             let file: StringArray = files.iter().map(|f| Some(f.1.as_str())).collect();
             let batch = RecordBatch::try_from_iter([
                 ("source", Arc::new(source) as ArrayRef),
                 ("source_file", Arc::new(file) as ArrayRef),
-            ]);
-            (
-                Some(batch),
-                "n.source = t.source AND n.source_file = t.source_file",
-            )
-        }
-    };
-    if let Some(batch) = keep {
-        let batch = batch.map_err(|e| WardError::data(PREPARING, root, e))?;
-        register_batch(&ctx, "dq_keep", batch, root)?;
-        let names = Table::ALL
-            .iter()
-            .map(|t| format!("staging_{}", t.name()))
-            .chain(["rejects".to_string()]);
-        for name in names {
-            let view = format!(
-                "CREATE VIEW {name} AS SELECT t.* FROM dq_all_{name} t JOIN dq_keep n ON {on}"
-            );
-            crate::engine::collect_about(&ctx, &view, PREPARING, root).await?;
+            ])
+            .map_err(|e| WardError::data(PREPARING, root, e))?;
+            register_batch(&ctx, "dq_keep", batch, root)?;
+            let names = Table::ALL
+                .iter()
+                .map(|t| format!("staging_{}", t.name()))
+                .chain(["rejects".to_string()]);
+            for name in names {
+                let view = format!(
+                    "CREATE VIEW {name} AS SELECT t.* FROM dq_all_{name} t JOIN dq_keep n \
+                     ON n.source = t.source AND n.source_file = t.source_file"
+                );
+                crate::engine::collect_about(&ctx, &view, PREPARING, root).await?;
+            }
         }
     }
     register_batch(&ctx, "dq_layout", layout(sources)?, root)?;

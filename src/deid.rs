@@ -868,29 +868,24 @@ fn deid_table(
         // The table exists (empty) so that queries can name it.
         scratch.write_parquet(&out.join("part-00000.parquet"), schema.clone(), &[])?;
     }
+    let zero = || TableCounts {
+        table: table.name().into(),
+        ..TableCounts::default()
+    };
     // The parts in parallel (each part's rows are its own); the counts add up.
     use rayon::prelude::*;
     let done: Vec<(TableCounts, u64)> = parts
         .par_iter()
         .enumerate()
         .map(|(n, part)| {
-            let mut counts = TableCounts {
-                table: table.name().into(),
-                ..TableCounts::default()
-            };
+            let mut counts = zero();
             let (batches, below) = deid_part(table, part, &schema, ids, small, opts, &mut counts)?;
             let path = out.join(format!("part-{n:05}.parquet"));
             scratch.write_parquet(&path, schema.clone(), &batches)?;
             Ok((counts, below))
         })
         .collect::<Result<_>>()?;
-    let (mut counts, mut below) = (
-        TableCounts {
-            table: table.name().into(),
-            ..TableCounts::default()
-        },
-        0,
-    );
+    let (mut counts, mut below) = (zero(), 0);
     for (part, part_below) in done {
         counts.rows_in += part.rows_in;
         counts.rows_out += part.rows_out;

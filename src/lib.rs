@@ -315,22 +315,16 @@ fn fingerprints(
         .staged(state, None)
         .finish();
     let after_build = |stage: &str| code.clone().part("stage", stage).part("build", &build);
-    let dq = after_build("dq")
-        .part("sources", &config.sources)
-        .part("checks", checks)
-        .part("dq", &config.dq)
-        .finish();
+    let with_checks = |f: runs::Fingerprint| {
+        f.part("sources", &config.sources)
+            .part("checks", checks)
+            .part("dq", &config.dq)
+    };
+    let dq = with_checks(after_build("dq")).finish();
     // What the checks count with, but the staged rows: a run with the same
     // keeps the counts of each source whose staged files (`dq.source.<name>`)
     // are the same.
-    let dq_checks = code
-        .clone()
-        .part("stage", "dq")
-        .part("link", &link)
-        .part("sources", &config.sources)
-        .part("checks", checks)
-        .part("dq", &config.dq)
-        .finish();
+    let dq_checks = with_checks(code.clone().part("stage", "dq").part("link", &link)).finish();
     let dq_sources: Vec<(String, String)> = state
         .sources
         .keys()

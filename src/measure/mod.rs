@@ -733,9 +733,9 @@ impl MeasureResult {
                 .collect();
             let mut values: Vec<&str> = Vec::with_capacity(strata.len());
             for i in 0..b.num_rows() {
-                let mut f_ = [false; 5];
+                let mut scored = [false; 5];
                 for (k, col) in flags.iter().enumerate() {
-                    f_[k] = col.is_some_and(|c| c.value(i));
+                    scored[k] = col.is_some_and(|c| c.value(i));
                 }
                 values.clear();
                 values.extend(
@@ -746,7 +746,7 @@ impl MeasureResult {
                 f(MemberRef {
                     subject: subjects.value(i),
                     person: persons.value(i),
-                    flags: f_,
+                    flags: scored,
                     strata: &values,
                     observation: observations.and_then(|o| o.is_valid(i).then(|| o.value(i))),
                 });
@@ -966,6 +966,10 @@ pub fn write_marts(warehouse: &Warehouse, results: &[MeasureResult]) -> Result<V
         .collect()
 }
 
+/// Said when a kept mart cannot be read for a merge.
+const MART_UNREADABLE: &str =
+    "a mart of the current run cannot be read: its measure is computed whole";
+
 /// Rows per batch of a mart, written ([`write_marts`]) and read back.
 const MART_BATCH: usize = 8192;
 
@@ -1009,7 +1013,7 @@ pub fn run_for_persons(
         }
         if touched.is_empty() {
             merged.push(read_marts(previous, def, period).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "a mart of the current run cannot be read: its measure is computed whole");
+                tracing::warn!(error = %e, "{MART_UNREADABLE}");
                 None
             }));
             continue;
@@ -1058,7 +1062,7 @@ fn merge(
         Ok(Some(mart)) => mart,
         Ok(None) => return Ok(None),
         Err(e) => {
-            tracing::warn!(error = %e, "a mart of the current run cannot be read: its measure is computed whole");
+            tracing::warn!(error = %e, "{MART_UNREADABLE}");
             return Ok(None);
         }
     };

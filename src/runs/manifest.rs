@@ -54,7 +54,7 @@ pub struct Manifest {
     pub measures: Vec<MeasureFigures>,
     pub gates: Vec<GateResult>,
     pub stages: Vec<StageInfo>,
-    /// Peak resident memory of the process over the run, bytes.
+    /// The highest of the stages' peak memory, bytes.
     pub peak_memory_bytes: Option<u64>,
     /// Files written, relative to the run directory, with size and SHA-256.
     pub outputs: Vec<OutputFile>,
@@ -201,9 +201,9 @@ impl MeasureFigures {
 pub struct StageInfo {
     pub stage: String,
     pub seconds: f64,
-    /// Peak resident memory during the stage, bytes (Linux). Memory an
-    /// earlier stage freed but the allocator kept counts too (the `ward`
-    /// binary keeps it for reuse).
+    /// Peak memory during the stage, bytes: the most the process had
+    /// allocated at once when it counts its allocations (the `ward` binary
+    /// does, see [`set_memory_counter`]), else its resident peak (Linux).
     pub peak_memory_bytes: Option<u64>,
     /// The run whose outputs the stage took, its inputs being unchanged
     /// (see [`super::reuse`]).
@@ -370,9 +370,31 @@ pub fn source_tables(inputs: &[InputFile]) -> Vec<SourceTable> {
     by.into_values().collect()
 }
 
-/// Peak resident memory since the last [`reset_peak_memory`] (Linux:
-/// `VmHWM` of /proc/self/status), bytes.
+/// A program's own count of the bytes it has allocated, read as a stage's
+/// peak memory instead of the resident peak (see [`set_memory_counter`]).
+pub struct MemoryCounter {
+    /// Most bytes allocated at once since the last `reset`.
+    pub peak: fn() -> u64,
+    /// Starts a new peak from the bytes allocated now.
+    pub reset: fn(),
+}
+
+static COUNTER: std::sync::OnceLock<MemoryCounter> = std::sync::OnceLock::new();
+
+/// Measures stages' peak memory with `counter` from now on (set once). The
+/// `ward` binary counts its allocations: its allocator keeps freed memory
+/// for reuse, so the resident peak would include what earlier stages freed.
+pub fn set_memory_counter(counter: MemoryCounter) {
+    let _ = COUNTER.set(counter);
+}
+
+/// Peak memory since the last [`reset_peak_memory`], bytes: the
+/// [`MemoryCounter`]'s when one is set, else the resident peak (Linux:
+/// `VmHWM` of /proc/self/status).
 pub fn peak_memory() -> Option<u64> {
+    if let Some(counter) = COUNTER.get() {
+        return Some((counter.peak)());
+    }
     let status = fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -380,7 +402,12 @@ pub fn peak_memory() -> Option<u64> {
 }
 
 /// Resets the peak-memory mark so the next stage measures its own peak
-/// (Linux `clear_refs`; a no-op elsewhere).
+/// (the counter's, else Linux `clear_refs`; a no-op elsewhere).
 pub fn reset_peak_memory() {
-    let _ = fs::write("/proc/self/clear_refs", "5");
+    match COUNTER.get() {
+        Some(counter) => (counter.reset)(),
+        None => {
+            let _ = fs::write("/proc/self/clear_refs", "5");
+        }
+    }
 }

@@ -39,6 +39,10 @@ fn main() -> ExitCode {
     if !matches!(cli.command, Command::Serve(_)) {
         memcap::keep_freed_memory();
     }
+    ward::runs::set_memory_counter(ward::runs::MemoryCounter {
+        peak: memcap::peak,
+        reset: memcap::reset_peak,
+    });
     match dispatch(&cli) {
         Ok(code) => code,
         Err(e) => {

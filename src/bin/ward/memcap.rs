@@ -1,5 +1,6 @@
-//! The binary's allocator: mimalloc, counting the bytes the process holds,
-//! with an optional hard cap for `ward query`.
+//! The binary's allocator: mimalloc, counting the bytes the process holds
+//! (and their peak, a stage's peak memory in the run manifest), with an
+//! optional hard cap for `ward query`.
 //!
 //! DataFusion's memory pool (`--memory-limit`) bounds what its operators
 //! account for — hash tables, sort buffers, the result — but not what a
@@ -39,6 +40,8 @@ pub fn keep_freed_memory() {
 
 /// Bytes currently allocated through [`Capped`].
 static HELD: AtomicUsize = AtomicUsize::new(0);
+/// The most [`HELD`] has been since [`reset_peak`].
+static PEAK: AtomicUsize = AtomicUsize::new(0);
 /// The cap in bytes; 0: none.
 static CAP: AtomicUsize = AtomicUsize::new(0);
 /// What to print when the cap is reached (formatted in [`set_cap`], since
@@ -52,6 +55,16 @@ const EXIT: i32 = 3;
 /// Bytes the process holds now.
 pub fn held() -> usize {
     HELD.load(Relaxed)
+}
+
+/// The most bytes the process has held at once since [`reset_peak`].
+pub fn peak() -> u64 {
+    PEAK.load(Relaxed) as u64
+}
+
+/// Starts a new [`peak`] from the bytes held now.
+pub fn reset_peak() {
+    PEAK.store(HELD.load(Relaxed), Relaxed);
 }
 
 /// From now on, an allocation that would take the process past `bytes`
@@ -78,6 +91,9 @@ fn exceeded() -> ! {
 /// Counts `size` more bytes held; stops the process past the cap.
 fn grow(size: usize) {
     let now = HELD.fetch_add(size, Relaxed).saturating_add(size);
+    if now > PEAK.load(Relaxed) {
+        PEAK.fetch_max(now, Relaxed);
+    }
     let cap = CAP.load(Relaxed);
     if cap != 0 && now > cap {
         exceeded();

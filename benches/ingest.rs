@@ -1,5 +1,5 @@
 //! Criterion micro-benchmarks of ingest's hot paths: on one generated EMR-A
-//! results file, the structural pass + Polars text read and the row mapping
+//! results file, the structural pass (with exact-duplicate detection) and the row mapping
 //! (cast, normalize, validate, build Arrow); and FHIR NDJSON parsing +
 //! flattening + mapping on the Observations of the shared Synthea bundles
 //! (skipped with a message when ../shared/data is absent).
@@ -48,12 +48,12 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("ingest_results_csv");
     g.throughput(Throughput::Bytes(bytes.len() as u64));
     g.sample_size(10);
-    g.bench_function("read (structural pass + Polars)", |b| {
+    g.bench_function("read (structural pass, exact duplicates)", |b| {
         b.iter(|| csv::read(&path, black_box(&bytes), &mapping).unwrap())
     });
     let text = csv::read(&path, &bytes, &mapping).unwrap();
     g.bench_function("map rows (cast, normalize, validate, Arrow)", |b| {
-        b.iter(|| map_rows(black_box(&text), entry, &ctx).unwrap())
+        b.iter(|| map_rows(black_box(&text), entry, &ctx, &mut Default::default()).unwrap())
     });
     g.finish();
 }
@@ -95,7 +95,18 @@ fn bench_fhir(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("Observation.ndjson: parse, flatten, map", |b| {
         b.iter(|| {
-            fhir::load_ndjson(ctx.path, black_box(&bytes[..]), &ctx, PatientCheck::Off).unwrap()
+            let mut sink = |_, batch| {
+                black_box(batch);
+                Ok(())
+            };
+            fhir::load_ndjson(
+                ctx.path,
+                black_box(&bytes[..]),
+                &ctx,
+                PatientCheck::Off,
+                &mut sink,
+            )
+            .unwrap()
         })
     });
     g.finish();

@@ -133,21 +133,32 @@ impl Warehouse {
         schema: SchemaRef,
         batches: &[RecordBatch],
     ) -> Result<()> {
-        let data_err = |source: BoxError| WardError::data("writing parquet", path, source);
-        self.publish(path, |file| {
-            let props = WriterProperties::builder()
-                .set_compression(Compression::ZSTD(
-                    ZstdLevel::try_new(3).expect("valid zstd level"),
-                ))
-                .set_created_by(format!("ward {}", env!("CARGO_PKG_VERSION")))
-                .build();
-            let mut writer =
-                ArrowWriter::try_new(file, schema, Some(props)).map_err(|e| data_err(e.into()))?;
-            for b in batches {
-                writer.write(b).map_err(|e| data_err(e.into()))?;
-            }
-            writer.close().map_err(|e| data_err(e.into()))?;
-            Ok(())
+        let mut writer = self.parquet_writer(path, schema)?;
+        for b in batches {
+            writer.write(b)?;
+        }
+        writer.finish()
+    }
+
+    /// A zstd Parquet file at `path` written batch by batch under `.tmp/`
+    /// and published by [`ParquetFile::finish`]; dropped unfinished, it
+    /// leaves nothing behind.
+    pub fn parquet_writer(&self, path: &Path, schema: SchemaRef) -> Result<ParquetFile> {
+        let tmp = self.tmp_path(path);
+        let file = fs::File::create(&tmp).map_err(|e| WardError::io("cannot create", &tmp, e))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(
+                ZstdLevel::try_new(3).expect("valid zstd level"),
+            ))
+            .set_created_by(format!("ward {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        let writer = ArrowWriter::try_new(file, schema, Some(props))
+            .map_err(|e| WardError::data("writing parquet", path, BoxError::from(e)))?;
+        Ok(ParquetFile {
+            warehouse: self.clone(),
+            path: path.to_path_buf(),
+            tmp,
+            writer: Some(writer),
         })
     }
 
@@ -294,6 +305,48 @@ impl Warehouse {
             }
         }
         Ok(())
+    }
+}
+
+/// A Parquet file being written (see [`Warehouse::parquet_writer`]).
+pub struct ParquetFile {
+    warehouse: Warehouse,
+    path: PathBuf,
+    tmp: PathBuf,
+    /// `None` once finished.
+    writer: Option<ArrowWriter<fs::File>>,
+}
+
+impl ParquetFile {
+    /// Appends a batch (buffered up to a row group).
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let writer = self.writer.as_mut().expect("written before finish");
+        writer
+            .write(batch)
+            .map_err(|e| WardError::data("writing parquet", &self.path, BoxError::from(e)))
+    }
+
+    /// Closes the file, syncs it and renames it into place.
+    pub fn finish(mut self) -> Result<()> {
+        let writer = self.writer.take().expect("finished once");
+        writer
+            .close()
+            .map_err(|e| WardError::data("writing parquet", &self.path, BoxError::from(e)))?;
+        self.warehouse.publish_file(&self.tmp, &self.path)
+    }
+
+    /// Where the file is published.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ParquetFile {
+    fn drop(&mut self) {
+        if self.writer.take().is_some() {
+            // Unfinished (the load failed): the partial file is not needed.
+            let _ = fs::remove_file(&self.tmp);
+        }
     }
 }
 

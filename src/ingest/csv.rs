@@ -11,9 +11,13 @@
 //! record, never the file.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::path::Path;
 
 use datafusion::arrow::array::{Array, StringArray, StringBuilder};
+use rayon::prelude::*;
 
 use crate::error::{Result, WardError};
 use crate::mapping::{CsvMapping, Encoding};
@@ -37,6 +41,8 @@ pub struct TextTable {
     /// One column per header field; empty and blank cells are null.
     pub columns: Vec<StringArray>,
     pub lines: Vec<u64>,
+    /// Per row, the line of an earlier row of the file with the same cells.
+    pub duplicate_of: Vec<Option<u64>>,
     pub rejects: Vec<StructuralReject>,
 }
 
@@ -59,106 +65,248 @@ impl TextTable {
     }
 }
 
-/// Reads one extract. `path` is used in error messages only, which name
-/// lines and column positions, never cell values.
+/// Reads one extract whole (see [`CsvReader`]).
 pub fn read(path: &Path, bytes: &[u8], mapping: &CsvMapping) -> Result<TextTable> {
-    let err = |line: Option<u64>, message: String| WardError::Extract {
-        path: path.to_path_buf(),
-        line,
-        message,
-    };
     let decoded = decode(bytes, mapping.encoding);
-    let bytes: &[u8] = &decoded;
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(err(None, "file is empty: no header line".into()));
-    }
+    let mut reader = CsvReader::open(path, &decoded, mapping)?;
+    Ok(reader
+        .next_slice(usize::MAX)?
+        .expect("the first slice is always returned"))
+}
 
-    let mut builder = csv::ReaderBuilder::new();
-    builder
-        .has_headers(false)
-        .flexible(true)
-        .delimiter(mapping.delimiter)
-        .quote(mapping.quote);
-    let mut reader = builder.from_reader(bytes);
-    let mut record = csv::ByteRecord::new();
-    // Reading bytes from memory cannot fail: the reader's only errors are
-    // I/O and UTF-8 errors of string records.
-    let read_record = |reader: &mut csv::Reader<&[u8]>, record: &mut csv::ByteRecord| {
-        reader.read_byte_record(record).map_err(|e| {
-            err(
-                e.position().map(|p| p.line()),
-                "unreadable CSV record".into(),
-            )
-        })
-    };
+/// Reads an extract's records in slices, so that what is held besides the
+/// file's bytes follows the slice, not the file. `path` is used in error
+/// messages only, which name lines and column positions, never cell values.
+///
+/// Each slice's rows carry [`TextTable::duplicate_of`]: the line of an
+/// earlier row of the file, in any slice, with the same cells. Rows are
+/// hashed; a hash seen before is confirmed by reading the earlier record
+/// again from the file's bytes and comparing its cells, so a hash collision
+/// never marks a row.
+pub struct CsvReader<'b> {
+    path: &'b Path,
+    bytes: &'b [u8],
+    mapping: &'b CsvMapping,
+    builder: csv::ReaderBuilder,
+    reader: csv::Reader<&'b [u8]>,
+    record: csv::ByteRecord,
+    header: Vec<String>,
+    ends_with_newline: bool,
+    /// Where the current reader starts: byte offset and line number before it.
+    base: (usize, u64),
+    /// Whether a slice was returned.
+    started: bool,
+    /// Rows read so far by hash: the first row's line and byte offset.
+    seen: HashMap<u64, (u64, usize), ahash::RandomState>,
+    /// Rows whose hash was taken by a row with other cells.
+    collided: HashMap<u64, Vec<(u64, usize)>>,
+    hasher: ahash::RandomState,
+}
 
-    if !read_record(&mut reader, &mut record)? {
-        return Err(err(None, "file is empty: no header line".into()));
-    }
-    let header = read_header(&record, &err)?;
-    let width = header.len();
-
-    let ends_with_newline = bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r');
-    let mut columns: Vec<StringBuilder> = (0..width)
-        .map(|_| StringBuilder::with_capacity(1024, 16 * 1024))
-        .collect();
-    let mut lines = Vec::new();
-    let mut rejects = Vec::new();
-    // Where the current reader starts: byte offset and line number before it.
-    let (mut base_byte, mut base_line) = (0usize, 0u64);
-    while read_record(&mut reader, &mut record)? {
-        let Span {
-            start,
-            end,
-            leading,
+impl<'b> CsvReader<'b> {
+    /// Reads the header of `bytes` (already [`decode`]d).
+    pub fn open(path: &'b Path, bytes: &'b [u8], mapping: &'b CsvMapping) -> Result<CsvReader<'b>> {
+        let err = |line: Option<u64>, message: String| WardError::Extract {
+            path: path.to_path_buf(),
             line,
-        } = locate(&record, &reader, (base_byte, base_line), bytes);
-        let body = trim_terminator(&bytes[start..end]);
-        let is_last = end >= bytes.len();
-        // A quoted field still open at the end of the file.
-        let unclosed = is_last
-            && opens_quote(body, mapping)
-            && body.iter().filter(|b| **b == mapping.quote).count() % 2 == 1;
-        if record.len() != width || unclosed {
-            let shape = Shape {
-                fields: record.len(),
-                width,
-                unclosed,
-                cut_short: is_last && !ends_with_newline,
-            };
-            let (reject, resume_after) = misshapen(line, body, shape, mapping);
-            rejects.push(reject);
-            if let Some(eol) = resume_after {
-                base_byte = start + leading + eol + 1;
-                base_line = line;
-                reader = builder.from_reader(&bytes[base_byte..]);
-            }
-            continue;
+            message,
+        };
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(err(None, "file is empty: no header line".into()));
         }
-        if let Some(i) = record.iter().position(|f| std::str::from_utf8(f).is_err()) {
-            rejects.push(StructuralReject {
-                line,
-                rule: "invalid_utf8",
-                message: format!("column '{}' holds bytes that are not UTF-8", header[i]),
-                raw: String::from_utf8_lossy(body).into_owned(),
-            });
-            continue;
+        let mut builder = csv::ReaderBuilder::new();
+        builder
+            .has_headers(false)
+            .flexible(true)
+            .delimiter(mapping.delimiter)
+            .quote(mapping.quote);
+        let mut reader = CsvReader {
+            path,
+            bytes,
+            mapping,
+            reader: builder.from_reader(bytes),
+            builder,
+            record: csv::ByteRecord::new(),
+            header: Vec::new(),
+            ends_with_newline: bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r'),
+            base: (0, 0),
+            started: false,
+            seen: HashMap::default(),
+            collided: HashMap::new(),
+            hasher: ahash::RandomState::with_seeds(0x5741_5244, 1, 2, 3),
+        };
+        if !reader.read_record()? {
+            return Err(err(None, "file is empty: no header line".into()));
         }
-        for (column, field) in columns.iter_mut().zip(record.iter()) {
-            match std::str::from_utf8(field) {
-                Ok(v) if !v.trim().is_empty() => column.append_value(v),
-                _ => column.append_null(),
-            }
-        }
-        lines.push(line);
+        reader.header = read_header(&reader.record, &err)?;
+        Ok(reader)
     }
 
-    Ok(TextTable {
-        header,
-        columns: columns.iter_mut().map(StringBuilder::finish).collect(),
-        lines,
-        rejects,
-    })
+    /// The header's field names.
+    pub fn header(&self) -> &[String] {
+        &self.header
+    }
+
+    /// Reads the next `max` records at most (well-formed or not); `None`
+    /// at the end of the file. The first slice is returned even when the
+    /// file has no record, so that a mapping is checked against the header.
+    pub fn next_slice(&mut self, max: usize) -> Result<Option<TextTable>> {
+        let width = self.header.len();
+        let mut columns: Vec<StringBuilder> = (0..width)
+            .map(|_| StringBuilder::with_capacity(1024, 16 * 1024))
+            .collect();
+        let (mut lines, mut starts, mut rejects) = (Vec::new(), Vec::new(), Vec::new());
+        let bytes = self.bytes;
+        while lines.len() + rejects.len() < max && self.read_record()? {
+            let Span {
+                start,
+                end,
+                leading,
+                line,
+            } = locate(&self.record, &self.reader, self.base, bytes);
+            let body = trim_terminator(&bytes[start..end]);
+            let is_last = end >= bytes.len();
+            // A quoted field still open at the end of the file.
+            let unclosed = is_last
+                && opens_quote(body, self.mapping)
+                && body.iter().filter(|b| **b == self.mapping.quote).count() % 2 == 1;
+            if self.record.len() != width || unclosed {
+                let shape = Shape {
+                    fields: self.record.len(),
+                    width,
+                    unclosed,
+                    cut_short: is_last && !self.ends_with_newline,
+                };
+                let (reject, resume_after) = misshapen(line, body, shape, self.mapping);
+                rejects.push(reject);
+                if let Some(eol) = resume_after {
+                    self.base = (start + leading + eol + 1, line);
+                    self.reader = self.builder.from_reader(&bytes[self.base.0..]);
+                }
+                continue;
+            }
+            if let Some(i) = self
+                .record
+                .iter()
+                .position(|f| std::str::from_utf8(f).is_err())
+            {
+                rejects.push(StructuralReject {
+                    line,
+                    rule: "invalid_utf8",
+                    message: format!("column '{}' holds bytes that are not UTF-8", self.header[i]),
+                    raw: String::from_utf8_lossy(body).into_owned(),
+                });
+                continue;
+            }
+            for (column, field) in columns.iter_mut().zip(self.record.iter()) {
+                match cell(field) {
+                    Some(v) => column.append_value(v),
+                    None => column.append_null(),
+                }
+            }
+            lines.push(line);
+            starts.push(start + leading);
+        }
+        if lines.is_empty() && rejects.is_empty() && self.started {
+            return Ok(None);
+        }
+        self.started = true;
+        let columns: Vec<StringArray> = columns.iter_mut().map(StringBuilder::finish).collect();
+        let duplicate_of = self.duplicates(&columns, &lines, &starts);
+        Ok(Some(TextTable {
+            header: self.header.clone(),
+            columns,
+            lines,
+            duplicate_of,
+            rejects,
+        }))
+    }
+
+    /// Reads the next record into `self.record`; `false` at the end.
+    fn read_record(&mut self) -> Result<bool> {
+        // Reading bytes from memory cannot fail: the reader's only errors
+        // are I/O and UTF-8 errors of string records.
+        self.reader
+            .read_byte_record(&mut self.record)
+            .map_err(|e| WardError::Extract {
+                path: self.path.to_path_buf(),
+                line: e.position().map(|p| p.line()),
+                message: "unreadable CSV record".into(),
+            })
+    }
+
+    /// For each row of a slice, the line of an earlier row of the file with
+    /// the same cells (see [`CsvReader`]); registers the new rows.
+    fn duplicates(
+        &mut self,
+        columns: &[StringArray],
+        lines: &[u64],
+        starts: &[usize],
+    ) -> Vec<Option<u64>> {
+        let cells = |row: usize| {
+            columns
+                .iter()
+                .map(move |c| c.is_valid(row).then(|| c.value(row)))
+        };
+        let hashes: Vec<u64> = (0..lines.len())
+            .into_par_iter()
+            .map(|row| {
+                let mut h = self.hasher.build_hasher();
+                cells(row).for_each(|c| c.hash(&mut h));
+                h.finish()
+            })
+            .collect();
+        let (builder, bytes) = (&self.builder, self.bytes);
+        let same = |row: usize, &(_, start): &(u64, usize)| {
+            let earlier = cells_at(builder, bytes, start);
+            earlier.len() == columns.len()
+                && earlier
+                    .iter()
+                    .zip(cells(row))
+                    .all(|(a, b)| a.as_deref() == b)
+        };
+        let mut out = Vec::with_capacity(lines.len());
+        for (row, hash) in hashes.into_iter().enumerate() {
+            let here = (lines[row], starts[row]);
+            let first = match self.seen.entry(hash) {
+                Entry::Vacant(v) => {
+                    v.insert(here);
+                    None
+                }
+                Entry::Occupied(o) if same(row, o.get()) => Some(o.get().0),
+                Entry::Occupied(_) => {
+                    let others = self.collided.entry(hash).or_default();
+                    match others.iter().find(|o| same(row, o)) {
+                        Some(o) => Some(o.0),
+                        None => {
+                            others.push(here);
+                            None
+                        }
+                    }
+                }
+            };
+            out.push(first);
+        }
+        out
+    }
+}
+
+/// The cells of the well-formed record starting at byte `start` of `bytes`.
+fn cells_at(builder: &csv::ReaderBuilder, bytes: &[u8], start: usize) -> Vec<Option<String>> {
+    let mut record = csv::ByteRecord::new();
+    // The record was read once already, so it reads again.
+    let _ = builder
+        .from_reader(&bytes[start..])
+        .read_byte_record(&mut record);
+    record.iter().map(|f| cell(f).map(str::to_string)).collect()
+}
+
+/// A field's text; `None` when empty or blank (or, for a record refused
+/// as `invalid_utf8`, not UTF-8).
+fn cell(field: &[u8]) -> Option<&str> {
+    std::str::from_utf8(field)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
 }
 
 /// Where a record sits in the file.
@@ -203,7 +351,7 @@ fn locate(
 
 /// The file's bytes as UTF-8: without a UTF-8 byte order mark, or decoded
 /// from Latin-1.
-fn decode(bytes: &[u8], encoding: Encoding) -> Cow<'_, [u8]> {
+pub fn decode(bytes: &[u8], encoding: Encoding) -> Cow<'_, [u8]> {
     match encoding {
         Encoding::Utf8 => Cow::Borrowed(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)),
         Encoding::Latin1 => Cow::Owned(
@@ -453,7 +601,65 @@ mod tests {
             let last = 2 + bytes.iter().filter(|b| **b == b'\n').count() as u64;
             proptest::prop_assert!(t.lines.iter().chain(t.rejects.iter().map(|r| &r.line))
                 .all(|l| (2..=last).contains(l)));
+            // Reading in slices changes nothing.
+            let whole = summary(std::slice::from_ref(&t));
+            for size in [1, 2, 7] {
+                proptest::prop_assert_eq!(&summary(&slices(&bytes, size)), &whole);
+            }
         }
+    }
+
+    /// Every slice of `bytes` of `size` records, read to the end.
+    fn slices(bytes: &[u8], size: usize) -> Vec<TextTable> {
+        let m = mapping(Encoding::Utf8);
+        let mut reader = CsvReader::open(Path::new("f.csv"), bytes, &m).unwrap();
+        std::iter::from_fn(|| reader.next_slice(size).unwrap()).collect()
+    }
+
+    /// (line, cells, duplicate of) of every row and (line, rule) of every
+    /// reject, over all slices.
+    #[allow(clippy::type_complexity)]
+    fn summary(
+        tables: &[TextTable],
+    ) -> (
+        Vec<(u64, Vec<Option<String>>, Option<u64>)>,
+        Vec<(u64, &'static str)>,
+    ) {
+        let rows = tables
+            .iter()
+            .flat_map(|t| {
+                (0..t.lines.len()).map(move |r| {
+                    let cells = (0..t.columns.len()).map(|c| t.cell(c, r).map(str::to_string));
+                    (t.lines[r], cells.collect(), t.duplicate_of[r])
+                })
+            })
+            .collect();
+        let rejects = tables
+            .iter()
+            .flat_map(|t| t.rejects.iter().map(|r| (r.line, r.rule)))
+            .collect();
+        (rows, rejects)
+    }
+
+    #[test]
+    fn duplicates_are_found_across_slices_by_their_cells() {
+        // Line 5 repeats line 2's cells with other quoting and blanks;
+        // line 6 differs from line 2 in one cell; line 7 repeats line 3.
+        let bytes = b"a,b,c\n1,x,\n2,y,z\n1,2\n\"1\",\"x\", \n1,x,q\n2,y,z\n";
+        let whole = summary(&slices(bytes, usize::MAX));
+        let duplicates: Vec<(u64, Option<u64>)> = whole.0.iter().map(|r| (r.0, r.2)).collect();
+        assert_eq!(
+            duplicates,
+            [(2, None), (3, None), (5, Some(2)), (6, None), (7, Some(3))]
+        );
+        assert_eq!(whole.1, [(4, "wrong_field_count")]);
+        for size in 1..=3 {
+            let sliced = slices(bytes, size);
+            assert!(sliced.iter().all(|t| t.records() <= size as u64));
+            assert_eq!(summary(&sliced), whole, "slices of {size}");
+        }
+        // A file without records still yields one (empty) slice.
+        assert_eq!(slices(b"a,b\n", 10).len(), 1);
     }
 
     #[test]

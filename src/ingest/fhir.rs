@@ -27,11 +27,12 @@ use crate::schema::Table;
 /// NDJSON lines parsed per parallel chunk: memory follows the chunk, not the file.
 const NDJSON_CHUNK: usize = 20_000;
 
-/// The rows one FHIR file produced.
+/// What one FHIR file produced, besides the accepted rows handed to the
+/// caller's sink as they are mapped.
 #[derive(Default)]
 pub struct FhirFile {
-    /// Accepted rows per table.
-    pub tables: Vec<(Table, Vec<RecordBatch>)>,
+    /// Resources accepted (a resource may fill several rows).
+    pub accepted: u64,
     /// One per rejected resource (or unreadable line).
     pub rejects: Vec<RejectRow>,
     /// Resources (NDJSON lines, Bundle entries) read.
@@ -968,34 +969,34 @@ pub enum PatientCheck<'a> {
     Off,
 }
 
+/// Where accepted rows go as they are mapped: (table, batch), in file order.
+pub type Sink<'s> = dyn FnMut(Table, RecordBatch) -> Result<()> + 's;
+
 /// Maps one Bundle file; its facts are checked against its own patients.
-pub fn load_bundle(path: &Path, bytes: &[u8], ctx: &RowContext) -> Result<FhirFile> {
+pub fn load_bundle(
+    path: &Path,
+    bytes: &[u8],
+    ctx: &RowContext,
+    sink: &mut Sink,
+) -> Result<FhirFile> {
     let flat = read_bundle(path, bytes)?;
     let mut out = FhirFile::default();
-    let mut tables = BTreeMap::new();
     let mut ids = HashMap::new();
-    map_flat(
-        path,
-        flat,
-        ctx,
-        PatientCheck::Own,
-        &mut out,
-        &mut tables,
-        &mut ids,
-    )?;
-    out.finish(tables);
+    map_flat(path, flat, ctx, PatientCheck::Own, &mut out, sink, &mut ids)?;
+    out.rejects.sort_by_key(|r| r.line);
     Ok(out)
 }
 
 /// Maps one NDJSON export file, reading, parsing and mapping it in chunks of
-/// lines, so memory follows the chunk and the (compact) output, not the file.
+/// lines, so memory follows the chunk, not the file.
 pub fn load_ndjson(
     path: &Path,
     reader: impl BufRead,
     ctx: &RowContext,
     check: PatientCheck,
+    sink: &mut Sink,
 ) -> Result<FhirFile> {
-    load_ndjson_in_chunks(path, reader, ctx, check, NDJSON_CHUNK)
+    load_ndjson_in_chunks(path, reader, ctx, check, sink, NDJSON_CHUNK)
 }
 
 fn load_ndjson_in_chunks(
@@ -1003,10 +1004,10 @@ fn load_ndjson_in_chunks(
     reader: impl BufRead,
     ctx: &RowContext,
     check: PatientCheck,
+    sink: &mut Sink,
     chunk_lines: usize,
 ) -> Result<FhirFile> {
     let mut out = FhirFile::default();
-    let mut tables = BTreeMap::new();
     let mut lines = reader.split(b'\n');
     let mut line = 0u64;
     let mut patient_ids = HashMap::new();
@@ -1032,29 +1033,23 @@ fn load_ndjson_in_chunks(
             ctx,
             check,
             &mut out,
-            &mut tables,
+            sink,
             &mut patient_ids,
         )?;
     }
-    out.finish(tables);
+    out.rejects.sort_by_key(|r| r.line);
     Ok(out)
 }
 
-impl FhirFile {
-    fn finish(&mut self, tables: BTreeMap<Table, Vec<RecordBatch>>) {
-        self.tables = tables.into_iter().collect();
-        self.rejects.sort_by_key(|r| r.line);
-    }
-}
-
-/// Maps flattened resources into `out`; accepted rows go to `tables`.
+/// Maps flattened resources (whole resources: none continues in a later
+/// call) into `out`; accepted rows go to `sink`.
 fn map_flat(
     path: &Path,
     mut flat: Flat,
     ctx: &RowContext,
     check: PatientCheck,
     out: &mut FhirFile,
-    tables: &mut BTreeMap<Table, Vec<RecordBatch>>,
+    sink: &mut Sink,
     patient_ids: &mut HashMap<String, u64>,
 ) -> Result<()> {
     let formats = [DateFormat::new("iso").expect("iso")];
@@ -1064,6 +1059,7 @@ fn map_flat(
         *out.skipped.entry(t).or_default() += n;
     }
     let mut own_patients: super::PatientLookup = HashMap::new();
+    let mut accepted_lines = BTreeSet::new();
     let raw = &flat.raw;
     for (table, rows) in std::mem::take(&mut flat.tables) {
         let columns = table.columns();
@@ -1086,6 +1082,7 @@ fn map_flat(
         let input = RowInput {
             cols,
             lines: &rows.lines,
+            duplicate_of: None,
             extra_codings: Some(&rows.codings),
             raw: &raw_of,
             structural: &[],
@@ -1112,12 +1109,8 @@ fn map_flat(
         }
         // A resource is accepted whole or not at all.
         let rejected: BTreeSet<u64> = rejects.iter().map(|r| r.line).collect();
-        let mut kept = Vec::new();
         for b in batches {
-            let lines = b
-                .column_by_name("source_line")
-                .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
-                .expect("lineage column");
+            let lines = source_lines(&b);
             let keep: BooleanArray = lines
                 .iter()
                 .map(|l| Some(!l.is_some_and(|l| rejected.contains(&l))))
@@ -1128,15 +1121,23 @@ fn map_flat(
                 super::add_birth_dates(&b, &mut own_patients);
             }
             if b.num_rows() > 0 {
-                kept.push(b);
+                accepted_lines.extend(source_lines(&b).values().iter().copied());
+                sink(table, b)?;
             }
         }
         let mut seen = BTreeSet::new();
         out.rejects
             .extend(rejects.into_iter().filter(|r| seen.insert(r.line)));
-        tables.entry(table).or_default().extend(kept);
     }
+    out.accepted += accepted_lines.len() as u64;
     Ok(())
+}
+
+/// A mapped batch's lineage column: the line (or entry) of each row.
+fn source_lines(b: &RecordBatch) -> &UInt64Array {
+    b.column_by_name("source_line")
+        .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
+        .expect("lineage column")
 }
 
 #[cfg(test)]
@@ -1160,21 +1161,38 @@ not json
             patients: None,
         };
         let summary = |chunk: usize| {
-            let f = load_ndjson_in_chunks(ctx.path, &ndjson[..], &ctx, PatientCheck::Off, chunk)
-                .unwrap();
-            let rows: Vec<(Table, usize)> = f
-                .tables
-                .iter()
-                .map(|(t, b)| (*t, b.iter().map(RecordBatch::num_rows).sum()))
-                .collect();
+            let mut rows = BTreeMap::<Table, usize>::new();
+            let mut sink = |t: Table, b: RecordBatch| {
+                *rows.entry(t).or_default() += b.num_rows();
+                Ok(())
+            };
+            let f = load_ndjson_in_chunks(
+                ctx.path,
+                &ndjson[..],
+                &ctx,
+                PatientCheck::Off,
+                &mut sink,
+                chunk,
+            )
+            .unwrap();
             let rejects: Vec<(u64, &str)> = f.rejects.iter().map(|r| (r.line, r.rule)).collect();
-            (f.read, f.skipped.clone(), rows, format!("{rejects:?}"))
+            (
+                f.read,
+                f.accepted,
+                f.skipped.clone(),
+                rows,
+                format!("{rejects:?}"),
+            )
         };
         let whole = summary(100);
         assert_eq!(whole.0, 5);
-        assert_eq!(whole.1, BTreeMap::from([("Claim".to_string(), 1)]));
-        assert_eq!(whole.2, [(Table::Patient, 1), (Table::Observation, 3)]);
-        assert_eq!(whole.3, r#"[(3, "not_json")]"#);
+        assert_eq!(whole.1, 3);
+        assert_eq!(whole.2, BTreeMap::from([("Claim".to_string(), 1)]));
+        assert_eq!(
+            whole.3,
+            BTreeMap::from([(Table::Patient, 1), (Table::Observation, 3)])
+        );
+        assert_eq!(whole.4, r#"[(3, "not_json")]"#);
         for chunk in [1, 2, 3] {
             assert_eq!(summary(chunk), whole, "chunks of {chunk} lines");
         }

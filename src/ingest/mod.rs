@@ -30,7 +30,7 @@ use crate::Progress;
 use crate::error::{Result, WardError};
 use crate::mapping::{CsvMapping, FileMapping};
 use crate::schema::{Table, rejects_schema};
-use crate::warehouse::{FileState, IngestState, Warehouse};
+use crate::warehouse::{FileState, IngestState, ParquetFile, Warehouse};
 use rows::{RejectRow, RowContext};
 
 /// How ingest runs.
@@ -46,6 +46,10 @@ pub struct IngestOptions {
     /// Keep the offending value in those examples: patient data, for a
     /// terminal the operator may see PHI on (`--show-values`).
     pub show_values: bool,
+    /// Records of a CSV file read, mapped and written at a time (default
+    /// [`CSV_SLICE`]): what ingest holds of a file besides its bytes. The
+    /// staged rows and rejects do not depend on it.
+    pub slice_records: Option<usize>,
 }
 
 /// Where one rejected record is, and why (`ward validate --examples`).
@@ -295,9 +299,15 @@ fn ndjson_is_patients(path: &Path) -> bool {
 }
 
 /// A file mapped in this run.
+#[derive(Default)]
 struct Loaded {
-    /// Accepted rows per table.
-    tables: Vec<(Table, Vec<RecordBatch>)>,
+    /// Its batch: the name of its staged files.
+    batch_id: String,
+    /// The staged files its accepted rows were written to (none in a dry
+    /// run), relative to the warehouse.
+    outputs: Vec<String>,
+    /// Birth dates of its accepted patients (patient files).
+    births: PatientLookup,
     rejects: Vec<RejectRow>,
     /// Records read: CSV rows, NDJSON lines, Bundle entries.
     read: u64,
@@ -312,6 +322,96 @@ struct Loaded {
 impl Loaded {
     fn skipped_total(&self) -> u64 {
         self.skipped.values().sum()
+    }
+}
+
+/// Records of a CSV file read, mapped and written at a time, unless
+/// [`IngestOptions::slice_records`] says otherwise.
+pub const CSV_SLICE: usize = 128 * 1024;
+
+/// Where a file's accepted rows go as they are mapped: one Parquet file per
+/// table under `.tmp/`, published into staging once the whole file is
+/// mapped ([`Staged::close`]); nothing is written in a dry run.
+struct Staged<'w> {
+    wh: &'w Warehouse,
+    source: &'w str,
+    batch_id: String,
+    dry_run: bool,
+    files: Vec<(Table, ParquetFile)>,
+    births: PatientLookup,
+    /// The first write that failed: it fails the ingest, not just the file.
+    error: Option<WardError>,
+}
+
+impl<'w> Staged<'w> {
+    fn new(wh: &'w Warehouse, input: &'w Input, fingerprint: Option<&str>, dry_run: bool) -> Self {
+        let mut h = Sha256::new();
+        for part in [
+            input.rel.as_str(),
+            input.sha256.as_str(),
+            input.rules_hash(),
+            fingerprint.unwrap_or(""),
+        ] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        Staged {
+            wh,
+            source: &input.source.name,
+            batch_id: hex::encode(&h.finalize()[..8]),
+            dry_run,
+            files: Vec::new(),
+            births: PatientLookup::new(),
+            error: None,
+        }
+    }
+
+    /// Writes accepted rows of `table` (keeping patients' birth dates).
+    fn write(&mut self, table: Table, batch: RecordBatch) -> Result<()> {
+        if table == Table::Patient {
+            add_birth_dates(&batch, &mut self.births);
+        }
+        if self.dry_run || batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let written = self.file(table).and_then(|f| f.write(&batch));
+        written.map_err(|e| {
+            let message = format!("stopped: {e}");
+            self.error = Some(e);
+            WardError::Data {
+                context: "staging accepted rows",
+                path: PathBuf::new(),
+                source: message.into(),
+            }
+        })
+    }
+
+    fn file(&mut self, table: Table) -> Result<&mut ParquetFile> {
+        let at = match self.files.iter().position(|(t, _)| *t == table) {
+            Some(at) => at,
+            None => {
+                let path = self
+                    .wh
+                    .staging_dir(table, self.source)
+                    .join(format!("{}.parquet", self.batch_id));
+                let file = self.wh.parquet_writer(&path, table.schema())?;
+                self.files.push((table, file));
+                self.files.len() - 1
+            }
+        };
+        Ok(&mut self.files[at].1)
+    }
+
+    /// Publishes the staged files; their paths relative to the warehouse.
+    fn close(&mut self) -> Result<Vec<String>> {
+        self.files.sort_by_key(|(t, _)| *t);
+        self.files
+            .drain(..)
+            .map(|(_, file)| {
+                let relative = self.wh.relative(file.path());
+                file.finish().map(|()| relative)
+            })
+            .collect()
     }
 }
 
@@ -343,11 +443,15 @@ pub fn ingest(
 
     // Phase 1: patients, published before the facts load (their birth
     // dates stay in the lookups the facts are checked against).
-    let patient_results = load_all(&to_load, opts.today, &HashMap::new(), progress, |_, r| r);
-    let patients = source_patients(sources, &state, &wh, opts.dry_run, &patient_results)?;
+    let no_patients = SourcePatients::default();
+    let mut patient_results = load_all(&wh, &to_load, opts, &no_patients, progress, |_, r| r)
+        .into_iter()
+        .map(|(input, result)| Ok((input, result?)))
+        .collect::<Result<Vec<_>>>()?;
+    let patients = source_patients(sources, &state, &wh, opts.dry_run, &mut patient_results)?;
     let patient_done = patient_results
         .into_iter()
-        .map(|(input, result)| Ok((input, finish(&wh, input, result, None, opts)?)))
+        .map(|(input, result)| Ok((input, finish(input, result, None, opts))))
         .collect::<Result<Vec<_>>>()?;
 
     // Phase 2: facts, checked against the patients. Each file is published
@@ -360,13 +464,14 @@ pub fn ingest(
         .collect();
     progress.set_total((to_load.len() + fact_load.len()) as u64);
     let fact_done = load_all(
+        &wh,
         &fact_load,
-        opts.today,
-        &patients.lookups,
+        opts,
+        &patients,
         progress,
         |input, result| {
             let fingerprint = patients.fingerprints.get(&input.source.name).cloned();
-            finish(&wh, input, result, fingerprint, opts)
+            Ok(finish(input, result?, fingerprint, opts))
         },
     )
     .into_iter()
@@ -596,6 +701,7 @@ fn needs_load(
 }
 
 /// The sources' accepted patients after phase 1, per source name.
+#[derive(Default)]
 struct SourcePatients {
     /// Patients to check the source's facts against.
     lookups: HashMap<String, PatientLookup>,
@@ -604,19 +710,17 @@ struct SourcePatients {
     fingerprints: HashMap<String, String>,
 }
 
-/// Gathers each source's patients, from the patient files just loaded and
-/// (unless a dry run) from staging for the others.
+/// Gathers each source's patients, from the patient files just loaded
+/// (taking their birth dates) and (unless a dry run) from staging for the
+/// others.
 fn source_patients(
     sources: &[SourceConfig],
     state: &IngestState,
     wh: &Warehouse,
     dry_run: bool,
-    patient_results: &[(&Input, Result<Loaded>)],
+    patient_results: &mut [(&Input, Result<Loaded>)],
 ) -> Result<SourcePatients> {
-    let mut out = SourcePatients {
-        lookups: HashMap::new(),
-        fingerprints: HashMap::new(),
-    };
+    let mut out = SourcePatients::default();
     for source in sources {
         let mut files: BTreeMap<String, String> = state
             .sources
@@ -627,8 +731,8 @@ fn source_patients(
             .map(|(rel, f)| (rel.clone(), f.sha256.clone()))
             .collect();
         let mut lookup = HashMap::new();
-        let fresh: Vec<_> = patient_results
-            .iter()
+        let mut fresh: Vec<_> = patient_results
+            .iter_mut()
             .filter(|(i, _)| i.source.name == source.name)
             .collect();
         if !dry_run {
@@ -643,13 +747,16 @@ fn source_patients(
                 }
             }
         }
-        for (input, result) in &fresh {
+        for (input, result) in &mut fresh {
             if let Ok(loaded) = result
                 && input.table() == Table::Patient.name()
             {
                 files.insert(input.rel.clone(), input.sha256.clone());
-                for (_, batches) in &loaded.tables {
-                    batches.iter().for_each(|b| add_birth_dates(b, &mut lookup));
+                let births = std::mem::take(&mut loaded.births);
+                if lookup.is_empty() {
+                    lookup = births;
+                } else {
+                    lookup.extend(births);
                 }
             }
         }
@@ -674,19 +781,27 @@ fn patients_fingerprint(files: &BTreeMap<String, String>) -> String {
     hex::encode(h.finalize())
 }
 
-/// Maps `inputs` in parallel, handing each file's outcome to `then` on the
-/// thread that loaded it.
+/// Maps `inputs` in parallel (checked against `patients`), handing each
+/// file's outcome (see [`load_file`]) to `then` on the thread that loaded it.
 fn load_all<'a, T: Send>(
+    wh: &Warehouse,
     inputs: &[&'a Input<'a>],
-    today: NaiveDate,
-    lookups: &HashMap<String, PatientLookup>,
+    opts: &IngestOptions,
+    patients: &SourcePatients,
     progress: &dyn Progress,
-    then: impl Fn(&'a Input<'a>, Result<Loaded>) -> T + Sync,
+    then: impl Fn(&'a Input<'a>, Result<Result<Loaded>>) -> T + Sync,
 ) -> Vec<(&'a Input<'a>, T)> {
     inputs
         .par_iter()
         .map(|input| {
-            let result = load_file(input, today, lookups.get(&input.source.name));
+            let source = &input.source.name;
+            let mut staged = Staged::new(
+                wh,
+                input,
+                patients.fingerprints.get(source).map(String::as_str),
+                opts.dry_run,
+            );
+            let result = load_file(input, opts, patients.lookups.get(source), &mut staged);
             progress.advance(1);
             (*input, then(input, result))
         })
@@ -697,17 +812,16 @@ fn load_all<'a, T: Send>(
 /// file that failed to load is reported as failed (the night goes on); a
 /// failed write fails the ingest.
 fn finish(
-    wh: &Warehouse,
     input: &Input,
     result: Result<Loaded>,
     fingerprint: Option<String>,
     opts: &IngestOptions,
-) -> Result<(FileReport, Option<FileState>)> {
+) -> (FileReport, Option<FileState>) {
     let loaded = match result {
         Err(e) => {
             tracing::error!(source = %input.source.name, file = %input.rel, "{e}");
             let failed = FileReport::of_input(input, FileStatus::Failed, Some(e.to_string()));
-            return Ok((failed, None));
+            return (failed, None);
         }
         Ok(loaded) => loaded,
     };
@@ -721,29 +835,61 @@ fn finish(
         rejected = file_report.rows_rejected,
         "mapped"
     );
-    let new = if opts.dry_run {
-        None
-    } else {
-        Some(publish(wh, input, &loaded, fingerprint)?)
-    };
-    Ok((file_report, new))
+    let new = (!opts.dry_run).then(|| file_state(input, loaded, fingerprint));
+    (file_report, new)
 }
 
-fn load_file(input: &Input, today: NaiveDate, patients: Option<&PatientLookup>) -> Result<Loaded> {
+/// Loads one file, writing its accepted rows and rejects to `staged` as it
+/// goes: `Ok(Err(_))` when the file cannot be loaded (reported; the night
+/// goes on), `Err(_)` when what it loaded could not be written (the ingest
+/// fails).
+fn load_file(
+    input: &Input,
+    opts: &IngestOptions,
+    patients: Option<&PatientLookup>,
+    staged: &mut Staged,
+) -> Result<Result<Loaded>> {
+    let result = map_file(input, opts, patients, staged);
+    if let Some(e) = staged.error.take() {
+        return Err(e);
+    }
+    let Ok(mut loaded) = result else {
+        return Ok(result);
+    };
+    if !staged.dry_run {
+        loaded.outputs = staged.close()?;
+        if let Some(rejects) = write_rejects(staged, input, &loaded.rejects)? {
+            loaded.outputs.push(rejects);
+        }
+    }
+    loaded.batch_id = std::mem::take(&mut staged.batch_id);
+    loaded.births = std::mem::take(&mut staged.births);
+    Ok(Ok(loaded))
+}
+
+/// Reads and maps one file, its accepted rows to `staged`.
+fn map_file(
+    input: &Input,
+    opts: &IngestOptions,
+    patients: Option<&PatientLookup>,
+    staged: &mut Staged,
+) -> Result<Loaded> {
     let read =
         || std::fs::read(&input.path).map_err(|e| WardError::io("cannot read", &input.path, e));
     let mut ctx = RowContext {
         path: &input.path,
         source: &input.source.name,
         file: &input.rel,
-        today,
+        today: opts.today,
         patients: None,
     };
     let loaded = match input.kind {
         FileKind::Csv(mapping, entry) => {
-            let text = csv::read(&input.path, &read()?, mapping)?;
-            let unused: Vec<&str> = text
-                .header
+            let bytes = read()?;
+            let decoded = csv::decode(&bytes, mapping.encoding);
+            let mut reader = csv::CsvReader::open(&input.path, &decoded, mapping)?;
+            let unused: Vec<&str> = reader
+                .header()
                 .iter()
                 .map(String::as_str)
                 .filter(|h| !entry.columns().any(|c| c == *h))
@@ -754,19 +900,27 @@ fn load_file(input: &Input, today: NaiveDate, patients: Option<&PatientLookup>) 
             if entry.table != Table::Patient {
                 ctx.patients = patients;
             }
-            let mapped = rows::map_rows(&text, entry, &ctx)?;
-            Loaded {
-                accepted: mapped.accepted() as u64,
-                tables: vec![(entry.table, mapped.batches)],
-                rejects: mapped.rejects,
-                read: text.records(),
-                skipped: BTreeMap::new(),
-                flagged: mapped.flagged,
+            let mut loaded = Loaded::default();
+            let mut patient_ids = HashMap::new();
+            let slice = opts.slice_records.unwrap_or(CSV_SLICE).max(1);
+            while let Some(text) = reader.next_slice(slice)? {
+                let mapped = rows::map_rows(&text, entry, &ctx, &mut patient_ids)?;
+                loaded.read += text.records();
+                loaded.accepted += mapped.accepted() as u64;
+                for b in mapped.batches {
+                    staged.write(entry.table, b)?;
+                }
+                loaded.rejects.extend(mapped.rejects);
+                for (k, n) in mapped.flagged {
+                    *loaded.flagged.entry(k).or_default() += n;
+                }
             }
+            loaded
         }
         FileKind::Ndjson | FileKind::Bundle => {
+            let mut sink = |table, batch| staged.write(table, batch);
             let f = if let FileKind::Bundle = input.kind {
-                fhir::load_bundle(&input.path, &read()?, &ctx)?
+                fhir::load_bundle(&input.path, &read()?, &ctx, &mut sink)?
             } else {
                 let check = if ndjson_is_patients(&input.path) {
                     fhir::PatientCheck::Off
@@ -780,27 +934,16 @@ fn load_file(input: &Input, today: NaiveDate, patients: Option<&PatientLookup>) 
                     std::io::BufReader::with_capacity(1 << 20, file),
                     &ctx,
                     check,
+                    &mut sink,
                 )?
             };
-            // Resources accepted: distinct lines (entries) among accepted rows.
-            let mut lines = std::collections::BTreeSet::new();
-            for (_, batches) in &f.tables {
-                for b in batches {
-                    if let Some(l) = b.column_by_name("source_line").and_then(|c| {
-                        c.as_any()
-                            .downcast_ref::<datafusion::arrow::array::UInt64Array>()
-                    }) {
-                        lines.extend(l.values().iter().copied());
-                    }
-                }
-            }
             Loaded {
-                accepted: lines.len() as u64,
+                accepted: f.accepted,
                 skipped: f.skipped,
                 flagged: f.flagged,
                 read: f.read,
-                tables: f.tables,
                 rejects: f.rejects,
+                ..Loaded::default()
             }
         }
     };
@@ -822,68 +965,48 @@ fn load_file(input: &Input, today: NaiveDate, patients: Option<&PatientLookup>) 
     Ok(loaded)
 }
 
-/// Writes a loaded file's batches and rejects; returns its new state entry.
-fn publish(
-    wh: &Warehouse,
-    input: &Input,
-    loaded: &Loaded,
-    fingerprint: Option<String>,
-) -> Result<FileState> {
-    let mut h = Sha256::new();
-    for part in [
-        input.rel.as_str(),
-        input.sha256.as_str(),
-        input.rules_hash(),
-        fingerprint.as_deref().unwrap_or(""),
-    ] {
-        h.update(part.as_bytes());
-        h.update([0]);
+/// Writes a file's rejects (if any) next to its staged rows; returns the
+/// path written, relative to the warehouse.
+fn write_rejects(staged: &Staged, input: &Input, rejects: &[RejectRow]) -> Result<Option<String>> {
+    if rejects.is_empty() {
+        return Ok(None);
     }
-    let batch_id = hex::encode(&h.finalize()[..8]);
-    let mut outputs = Vec::new();
-    for (table, batches) in &loaded.tables {
-        if batches.iter().all(|b| b.num_rows() == 0) {
-            continue;
-        }
-        let path = wh
-            .staging_dir(*table, &input.source.name)
-            .join(format!("{batch_id}.parquet"));
-        wh.write_parquet(&path, table.schema(), batches)?;
-        outputs.push(wh.relative(&path));
-    }
-    if !loaded.rejects.is_empty() {
-        let path = wh
-            .rejects_dir(&input.source.name)
-            .join(format!("{batch_id}.parquet"));
-        let batch = rejects_batch(
-            &input.source.name,
-            &input.rel,
-            input.table(),
-            &loaded.rejects,
-            &path,
-        )?;
-        wh.write_parquet(&path, rejects_schema(), &[batch])?;
-        outputs.push(wh.relative(&path));
-    }
-    Ok(FileState {
+    let path = staged
+        .wh
+        .rejects_dir(&input.source.name)
+        .join(format!("{}.parquet", staged.batch_id));
+    let batch = rejects_batch(
+        &input.source.name,
+        &input.rel,
+        input.table(),
+        rejects,
+        &path,
+    )?;
+    staged.wh.write_parquet(&path, rejects_schema(), &[batch])?;
+    Ok(Some(staged.wh.relative(&path)))
+}
+
+/// A published file's state entry.
+fn file_state(input: &Input, loaded: Loaded, fingerprint: Option<String>) -> FileState {
+    FileState {
         sha256: input.sha256.clone(),
         mapping_sha256: input.rules_hash().to_string(),
         patients_fingerprint: fingerprint,
         table: input.table().to_string(),
-        batch_id,
-        outputs,
         rows_read: loaded.read,
         rows_accepted: loaded.accepted,
         rows_rejected: loaded.rejects.len() as u64,
         rows_skipped: loaded.skipped_total(),
-        skipped_by_type: loaded.skipped.clone(),
         rejects_by_rule: loaded.rejects.iter().fold(BTreeMap::new(), |mut m, r| {
             *m.entry(r.rule.to_string()).or_default() += 1;
             m
         }),
-        values_flagged: loaded.flagged.clone(),
+        skipped_by_type: loaded.skipped,
+        values_flagged: loaded.flagged,
+        batch_id: loaded.batch_id,
+        outputs: loaded.outputs,
         loaded_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-    })
+    }
 }
 
 fn rejects_batch(

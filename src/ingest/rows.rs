@@ -357,6 +357,9 @@ pub(crate) struct RowInput<'a> {
     pub cols: Vec<Vec<Option<&'a str>>>,
     /// The line (or entry index) each row came from.
     pub lines: &'a [u64],
+    /// Per row, the line of an earlier identical row, when the reader found
+    /// them; else rows are compared within `cols`.
+    pub duplicate_of: Option<&'a [Option<u64>]>,
     /// Per row, codings beyond the mapped ones: (system as written, code).
     pub extra_codings: Option<&'a [Vec<(String, String)>]>,
     /// The raw record of a row, for its reject.
@@ -367,7 +370,13 @@ pub(crate) struct RowInput<'a> {
 
 /// Maps, validates and converts every well-formed row of `text`; rows that
 /// fail any rule become rejects (structural rejects of the reader included).
-pub fn map_rows(text: &TextTable, fm: &FileMapping, ctx: &RowContext) -> Result<MappedFile> {
+/// `patient_ids` as in [`map_input`].
+pub fn map_rows(
+    text: &TextTable,
+    fm: &FileMapping,
+    ctx: &RowContext,
+    patient_ids: &mut HashMap<String, u64>,
+) -> Result<MappedFile> {
     let derived = derived_specs(fm);
     let plan = plan(text, fm, &derived, ctx)?;
     let computed = derived
@@ -384,11 +393,12 @@ pub fn map_rows(text: &TextTable, fm: &FileMapping, ctx: &RowContext) -> Result<
     let input = RowInput {
         cols,
         lines: &text.lines,
+        duplicate_of: Some(&text.duplicate_of),
         extra_codings: None,
         raw: &raw,
         structural: &text.rejects,
     };
-    map_input(&input, &plan, ctx, &mut HashMap::new())
+    map_input(&input, &plan, ctx, patient_ids)
 }
 
 /// A plan for input whose columns are the table's own columns, in schema
@@ -431,7 +441,10 @@ pub(crate) fn map_input(
 ) -> Result<MappedFile> {
     let n = input.lines.len();
     let earlier = Earlier {
-        row: duplicates(&input.cols, input.lines),
+        row: match input.duplicate_of {
+            Some(d) => d.to_vec(),
+            None => duplicates(&input.cols, input.lines),
+        },
         patient_id: patient_ids_seen(input, plan, patient_ids),
     };
     let chunks: Vec<Chunk> = (0..n)

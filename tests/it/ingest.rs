@@ -2,7 +2,7 @@
 //! idempotence, replacement, and Synthea's CSV export from ../shared/data.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::common::*;
 use ward::ingest::FileStatus;
@@ -150,6 +150,53 @@ fn sample_values_are_normalized() {
         2,
         "ICD-10-CM and SNOMED CT"
     );
+}
+
+#[test]
+fn slices_of_any_size_stage_what_whole_files_stage() {
+    // Slices of one record: every duplicate row or patient id is found
+    // across slices, and every bad-input case is met at a slice's edge.
+    let load = |source: fn(&Path) -> PathBuf, slice_records: Option<usize>| {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ward::PipelineConfig::load(&source(dir.path())).unwrap();
+        let opts = ward::IngestOptions {
+            today: today(),
+            slice_records,
+            ..Default::default()
+        };
+        let report = ward::ingest::ingest(&config.warehouse, &config.sources, &opts, &()).unwrap();
+        let root = dir.path().display().to_string();
+        let files: Vec<_> = report
+            .files
+            .iter()
+            .map(|f| {
+                // Failures name the file, under this test's own folder.
+                let detail = f.detail.as_ref().map(|d| d.replace(&root, ""));
+                let counts = (f.rows_read, f.rows_accepted, f.rows_rejected);
+                (f.file.clone(), f.status, detail, counts)
+            })
+            .collect();
+        let wh = dir.path().join("wh");
+        let staged: Vec<_> = Table::ALL
+            .iter()
+            .map(|t| read_dir_batches(&wh.join("staging").join(t.name())))
+            .collect();
+        (files, staged, reject_keys(&wh))
+    };
+    for source in [copy_sample, bad_input_source] {
+        let whole = load(source, None);
+        let sliced = load(source, Some(1));
+        assert_eq!(sliced.0, whole.0);
+        assert_eq!(sliced.2, whole.2);
+        for (t, (a, b)) in Table::ALL.iter().zip(sliced.1.iter().zip(&whole.1)) {
+            let concat = |b: &[datafusion::arrow::array::RecordBatch]| {
+                datafusion::arrow::compute::concat_batches(&t.schema(), b).unwrap()
+            };
+            assert_eq!(concat(a), concat(b), "{}", t.name());
+        }
+    }
+    let sample = load(copy_sample, Some(1));
+    assert_eq!(sample.2, planted());
 }
 
 #[test]
@@ -402,7 +449,7 @@ fn staging_is_queryable_with_datafusion() {
 }
 
 /// A source of one table (patient) with one file per bad-input case.
-fn bad_input_source(dir: &Path) -> std::path::PathBuf {
+fn bad_input_source(dir: &Path) -> PathBuf {
     let data = dir.join("data");
     fs::create_dir_all(&data).unwrap();
     let h = "id,dob,sex,name\n";

@@ -549,6 +549,7 @@ fn ingest_options(settings: &Settings, validate: Option<&ValidateArgs>) -> Inges
         dry_run: validate.is_some(),
         examples: validate.map_or(0, |v| v.examples),
         show_values: validate.is_some_and(|v| v.show_values),
+        slice_records: None,
     }
 }
 

@@ -146,9 +146,11 @@ impl Warehouse {
     pub fn parquet_writer(&self, path: &Path, schema: SchemaRef) -> Result<ParquetFile> {
         let tmp = self.tmp_path(path);
         let file = fs::File::create(&tmp).map_err(|e| WardError::io("cannot create", &tmp, e))?;
+        // Level 1: at 1M persons staging is 2 % larger than at level 3 and
+        // ingest 8 % faster (compression was 9 % of its CPU).
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(
-                ZstdLevel::try_new(3).expect("valid zstd level"),
+                ZstdLevel::try_new(1).expect("valid zstd level"),
             ))
             .set_created_by(format!("ward {}", env!("CARGO_PKG_VERSION")))
             .build();

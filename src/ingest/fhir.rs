@@ -8,6 +8,11 @@
 //! acceptance: an Observation panel becomes one row per component plus the
 //! panel row, and if any of them fails, the whole resource is rejected.
 //! Resource types Ward does not load are counted as skipped.
+//!
+//! Resources are read as `serde_json_borrow` values, which borrow their
+//! strings from the line instead of copying each into its own allocation;
+//! in an object that repeats a property name (which FHIR JSON forbids),
+//! the first is read.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::BufRead;
@@ -16,7 +21,7 @@ use std::path::Path;
 use datafusion::arrow::array::{BooleanArray, RecordBatch, UInt64Array};
 use datafusion::arrow::compute::filter_record_batch;
 use rayon::prelude::*;
-use serde_json::Value;
+use serde_json_borrow::Value;
 
 use super::rows::{self, MappedFile, RejectRow, RowContext, RowInput};
 use crate::error::{Result, WardError};
@@ -122,8 +127,9 @@ fn refuse(path: &'static str, rule: &'static str, message: impl Into<String>) ->
 
 fn text(v: &Value) -> Option<String> {
     match v {
-        Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
+        Value::Str(s) if !s.trim().is_empty() => Some(s.to_string()),
+        // Formatted as serde_json formats it.
+        Value::Number(n) => Some(serde_json::Number::from(*n).to_string()),
         Value::Bool(b) => Some(b.to_string()),
         _ => None,
     }
@@ -132,11 +138,11 @@ fn text(v: &Value) -> Option<String> {
 /// Every (system, code) of a CodeableConcept, or of a list of them.
 fn codings(v: &Value) -> Vec<(String, String)> {
     let one = |cc: &Value| -> Vec<(String, String)> {
-        cc["coding"]
+        cc.get("coding")
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|c| Some((c["system"].as_str()?.to_string(), text(&c["code"])?)))
+            .filter_map(|c| Some((c.get("system").as_str()?.to_string(), text(c.get("code"))?)))
             .collect()
     };
     match v {
@@ -161,12 +167,13 @@ fn all_codes(v: &Value) -> Option<String> {
 /// `<base>DateTime`, `<base>Period.start`, `<base>Instant` or `<base>Date`.
 fn choice_time(r: &Value, base: &str) -> (Option<String>, Option<String>) {
     for suffix in ["DateTime", "Instant", "Date"] {
-        if let Some(t) = text(&r[format!("{base}{suffix}")]) {
+        if let Some(t) = text(r.get(format!("{base}{suffix}").as_str())) {
             return (Some(t), None);
         }
     }
-    let p = &r[format!("{base}Period")];
-    (text(&p["start"]), text(&p["end"]))
+    let period = format!("{base}Period");
+    let p = r.get(period.as_str());
+    (text(p.get("start")), text(p.get("end")))
 }
 
 /// The period a MedicationRequest covers, as the eCQM
@@ -175,21 +182,30 @@ fn choice_time(r: &Value, base: &str) -> (Option<String>, Option<String>) {
 /// after the days supplied (expected supply duration times one plus the
 /// refills), else at the bounds' end, else it is unknown (`None`).
 fn medication_request_period(r: &Value) -> (Option<String>, Option<String>) {
-    let bounds = &r["dosageInstruction"][0]["timing"]["repeat"]["boundsPeriod"];
-    let dispense = &r["dispenseRequest"];
-    let start = text(&bounds["start"])
-        .or_else(|| text(&r["authoredOn"]))
-        .or_else(|| text(&dispense["validityPeriod"]["start"]));
-    let supply = &dispense["expectedSupplyDuration"];
-    let days_per_unit = match supply["code"].as_str().or(supply["unit"].as_str()) {
+    let bounds = &r
+        .get("dosageInstruction")
+        .get(0)
+        .get("timing")
+        .get("repeat")
+        .get("boundsPeriod");
+    let dispense = &r.get("dispenseRequest");
+    let start = text(bounds.get("start"))
+        .or_else(|| text(r.get("authoredOn")))
+        .or_else(|| text(dispense.get("validityPeriod").get("start")));
+    let supply = &dispense.get("expectedSupplyDuration");
+    let days_per_unit = match supply.get("code").as_str().or(supply.get("unit").as_str()) {
         Some("d" | "day" | "days") => Some(1.0),
         Some("wk" | "week" | "weeks") => Some(7.0),
         Some("mo" | "month" | "months") => Some(30.0),
         Some("a" | "year" | "years") => Some(365.0),
         _ => None,
     };
-    let refills = dispense["numberOfRepeatsAllowed"].as_f64().unwrap_or(0.0);
-    let days = supply["value"]
+    let refills = dispense
+        .get("numberOfRepeatsAllowed")
+        .as_f64()
+        .unwrap_or(0.0);
+    let days = supply
+        .get("value")
         .as_f64()
         .zip(days_per_unit)
         .map(|(v, per)| v * per * (1.0 + refills));
@@ -204,7 +220,7 @@ fn medication_request_period(r: &Value) -> (Option<String>, Option<String>) {
             .map(|d| d.to_string()),
         _ => None,
     };
-    let end = supplied_end.or_else(|| text(&bounds["end"]));
+    let end = supplied_end.or_else(|| text(bounds.get("end")));
     (start, end)
 }
 
@@ -214,7 +230,7 @@ fn reference(
     v: &Value,
     urls: &HashMap<String, String>,
 ) -> std::result::Result<Option<String>, String> {
-    let Some(r) = v["reference"].as_str() else {
+    let Some(r) = v.get("reference").as_str() else {
         return Ok(None);
     };
     if let Some(id) = urls.get(r) {
@@ -236,7 +252,7 @@ fn subject(
     urls: &HashMap<String, String>,
     field: &'static str,
 ) -> std::result::Result<String, Refusal> {
-    match reference(&r[field], urls) {
+    match reference(r.get(field), urls) {
         Ok(Some(id)) => Ok(id),
         Ok(None) => Err(refuse(
             field,
@@ -251,22 +267,25 @@ fn subject(
     }
 }
 
-fn extension<'a>(r: &'a Value, url: &str) -> Option<&'a Value> {
-    r["extension"].as_array()?.iter().find(|e| e["url"] == url)
+fn extension<'a>(r: &'a Value<'a>, url: &str) -> Option<&'a Value<'a>> {
+    r.get("extension")
+        .as_array()?
+        .iter()
+        .find(|e| e.get("url").as_str() == Some(url))
 }
 
 /// doNotPerform as an element (R4 requests) or as the R5 modifier extension.
 fn do_not_perform(r: &Value) -> Option<String> {
-    text(&r["doNotPerform"]).or_else(|| {
-        r["modifierExtension"]
+    text(r.get("doNotPerform")).or_else(|| {
+        r.get("modifierExtension")
             .as_array()?
             .iter()
             .find(|e| {
-                e["url"]
+                e.get("url")
                     .as_str()
                     .is_some_and(|u| u.ends_with("doNotPerform"))
             })
-            .and_then(|e| text(&e["valueBoolean"]))
+            .and_then(|e| text(e.get("valueBoolean")))
     })
 }
 
@@ -275,15 +294,15 @@ fn do_not_perform(r: &Value) -> Option<String> {
 /// `reasonCode`, and the QI-Core `notDoneReason`, `doNotPerformReason` and
 /// `reasonRefused` extensions.
 fn reasons(r: &Value) -> Option<String> {
-    let mut codes = codings(&r["statusReason"]);
-    codes.extend(codings(&r["reasonCode"]));
-    for e in r["extension"].as_array().into_iter().flatten() {
-        let url = e["url"].as_str().unwrap_or_default();
+    let mut codes = codings(r.get("statusReason"));
+    codes.extend(codings(r.get("reasonCode")));
+    for e in r.get("extension").as_array().into_iter().flatten() {
+        let url = e.get("url").as_str().unwrap_or_default();
         if ["notDoneReason", "doNotPerformReason", "reasonRefused"]
             .iter()
             .any(|n| url.ends_with(n))
         {
-            codes.extend(codings(&e["valueCodeableConcept"]));
+            codes.extend(codings(e.get("valueCodeableConcept")));
         }
     }
     coded_tokens(codes)
@@ -305,8 +324,8 @@ fn coded_tokens(codes: Vec<(String, String)>) -> Option<String> {
 /// A resource's rows; `Ok(None)` for types Ward does not load.
 type Flattened = std::result::Result<Option<Vec<Row>>, Refusal>;
 
-fn resource_type(r: &Value) -> &str {
-    r["resourceType"].as_str().unwrap_or("?")
+fn resource_type<'a>(r: &'a Value<'a>) -> &'a str {
+    r.get("resourceType").as_str().unwrap_or("?")
 }
 
 /// Flattens one resource; `Ok(None)` for types Ward does not load.
@@ -315,15 +334,15 @@ fn flatten(
     urls: &HashMap<String, String>,
     medications: &HashMap<String, Vec<(String, String)>>,
 ) -> Flattened {
-    let Some(rtype) = r["resourceType"].as_str() else {
+    let Some(rtype) = r.get("resourceType").as_str() else {
         return Err(refuse(
             "resourceType",
             "missing_resource_type",
             "resourceType: missing",
         ));
     };
-    let id = text(&r["id"]);
-    let encounter = reference(&r["encounter"], urls).ok().flatten();
+    let id = text(r.get("id"));
+    let encounter = reference(r.get("encounter"), urls).ok().flatten();
     let row = match rtype {
         "Patient" => patient_row(r, id),
         "Encounter" => encounter_row(r, id, urls)?,
@@ -366,38 +385,41 @@ fn resource_table(rtype: &str) -> Option<Table> {
 fn patient_row(r: &Value, id: Option<String>) -> Row {
     let mut p = Row::new(Table::Patient);
     p.set("source_patient_id", id);
-    let ids = r["identifier"].as_array().cloned().unwrap_or_default();
+    let ids = r.get("identifier").as_array().unwrap_or_default();
     let ident = |pred: &dyn Fn(&Value) -> bool| {
-        ids.iter().find(|i| pred(i)).and_then(|i| text(&i["value"]))
+        ids.iter()
+            .find(|i| pred(i))
+            .and_then(|i| text(i.get("value")))
     };
     p.set(
         "mrn",
-        ident(&|i| first_code(&i["type"]).as_deref() == Some("MR")),
+        ident(&|i| first_code(i.get("type")).as_deref() == Some("MR")),
     );
     p.set(
         "ssn",
         ident(&|i| {
-            i["system"] == "http://hl7.org/fhir/sid/us-ssn"
-                || first_code(&i["type"]).as_deref() == Some("SS")
+            i.get("system").as_str() == Some("http://hl7.org/fhir/sid/us-ssn")
+                || first_code(i.get("type")).as_deref() == Some("SS")
         }),
     );
-    let names = r["name"].as_array().cloned().unwrap_or_default();
+    let names = r.get("name").as_array().unwrap_or_default();
     let name = names
         .iter()
-        .find(|n| n["use"] == "official")
+        .find(|n| n.get("use").as_str() == Some("official"))
         .or(names.first());
     if let Some(n) = name {
-        p.set("given_name", text(&n["given"][0]));
-        p.set("family_name", text(&n["family"]));
+        p.set("given_name", text(n.get("given").get(0)));
+        p.set("family_name", text(n.get("family")));
     }
-    p.set("birth_date", text(&r["birthDate"]));
+    p.set("birth_date", text(r.get("birthDate")));
     p.set("sex", patient_sex(r));
     let omb = |url: &str| {
-        extension(r, url)?["extension"]
+        extension(r, url)?
+            .get("extension")
             .as_array()?
             .iter()
-            .find(|e| e["url"] == "ombCategory")
-            .and_then(|e| text(&e["valueCoding"]["code"]))
+            .find(|e| e.get("url").as_str() == Some("ombCategory"))
+            .and_then(|e| text(e.get("valueCoding").get("code")))
     };
     p.set(
         "race",
@@ -407,21 +429,21 @@ fn patient_row(r: &Value, id: Option<String>) -> Row {
         "ethnicity",
         omb("http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"),
     );
-    let address = &r["address"][0];
-    p.set("address_line", text(&address["line"][0]));
-    p.set("city", text(&address["city"]));
-    p.set("state", text(&address["state"]));
-    p.set("postal_code", text(&address["postalCode"]));
+    let address = &r.get("address").get(0);
+    p.set("address_line", text(address.get("line").get(0)));
+    p.set("city", text(address.get("city")));
+    p.set("state", text(address.get("state")));
+    p.set("postal_code", text(address.get("postalCode")));
     let telecom = |system: &str| {
-        r["telecom"]
+        r.get("telecom")
             .as_array()?
             .iter()
-            .find(|t| t["system"] == system)
-            .and_then(|t| text(&t["value"]))
+            .find(|t| t.get("system").as_str() == Some(system))
+            .and_then(|t| text(t.get("value")))
     };
     p.set("phone", telecom("phone"));
     p.set("email", telecom("email"));
-    p.set("deceased_date", text(&r["deceasedDateTime"]));
+    p.set("deceased_date", text(r.get("deceasedDateTime")));
     p
 }
 
@@ -432,13 +454,13 @@ fn patient_sex(r: &Value) -> Option<String> {
         r,
         "http://hl7.org/fhir/us/core/StructureDefinition/us-core-sex",
     )
-    .and_then(|e| text(&e["valueCode"]).or_else(|| text(&e["valueCoding"]["code"])))
+    .and_then(|e| text(e.get("valueCode")).or_else(|| text(e.get("valueCoding").get("code"))))
     .and_then(|code| match code.as_str() {
         "248152002" | "F" => Some("female".to_string()),
         "248153007" | "M" => Some("male".to_string()),
         _ => None,
     });
-    sex.or_else(|| text(&r["gender"]))
+    sex.or_else(|| text(r.get("gender")))
 }
 
 /// An Encounter: class, type, period, discharge disposition, facility.
@@ -450,18 +472,19 @@ fn encounter_row(
     let mut e = Row::new(Table::Encounter);
     e.set("source_encounter_id", id);
     e.set("source_patient_id", Some(subject(r, urls, "subject")?));
-    e.set("encounter_class", text(&r["class"]["code"]));
-    e.set("status", text(&r["status"]));
-    e.set_code(codings(&r["type"]));
-    e.set("start_time", text(&r["period"]["start"]));
-    e.set("end_time", text(&r["period"]["end"]));
+    e.set("encounter_class", text(r.get("class").get("code")));
+    e.set("status", text(r.get("status")));
+    e.set_code(codings(r.get("type")));
+    e.set("start_time", text(r.get("period").get("start")));
+    e.set("end_time", text(r.get("period").get("end")));
     e.set(
         "discharge_disposition",
-        first_code(&r["hospitalization"]["dischargeDisposition"]),
+        first_code(r.get("hospitalization").get("dischargeDisposition")),
     );
     e.set(
         "facility",
-        text(&r["serviceProvider"]["display"]).or_else(|| text(&r["serviceProvider"]["reference"])),
+        text(r.get("serviceProvider").get("display"))
+            .or_else(|| text(r.get("serviceProvider").get("reference"))),
     );
     Ok(e)
 }
@@ -477,19 +500,22 @@ fn condition_row(
     c.set("source_condition_id", id);
     c.set("source_patient_id", Some(subject(r, urls, "subject")?));
     c.set("source_encounter_id", encounter);
-    c.set("category", first_code(&r["category"]));
-    c.set("categories", all_codes(&r["category"]));
-    c.set("clinical_status", first_code(&r["clinicalStatus"]));
-    c.set("verification_status", first_code(&r["verificationStatus"]));
-    c.set_code(codings(&r["code"]));
+    c.set("category", first_code(r.get("category")));
+    c.set("categories", all_codes(r.get("category")));
+    c.set("clinical_status", first_code(r.get("clinicalStatus")));
+    c.set(
+        "verification_status",
+        first_code(r.get("verificationStatus")),
+    );
+    c.set_code(codings(r.get("code")));
     let (onset, _) = choice_time(r, "onset");
-    let recorded = text(&r["recordedDate"]);
+    let recorded = text(r.get("recordedDate"));
     c.set("onset_date", onset.or_else(|| recorded.clone()));
     let (abatement, abatement_end) = choice_time(r, "abatement");
     c.set("abatement_date", abatement_end.or(abatement));
     c.set("recorded_date", recorded);
-    c.set("description", text(&r["code"]["text"]));
-    c.set("body_sites", coded_tokens(codings(&r["bodySite"])));
+    c.set("description", text(r.get("code").get("text")));
+    c.set("body_sites", coded_tokens(codings(r.get("bodySite"))));
     Ok(c)
 }
 
@@ -503,28 +529,28 @@ fn observation_rows(
 ) -> std::result::Result<Vec<Row>, Refusal> {
     let patient = subject(r, urls, "subject")?;
     let (effective, effective_end) = choice_time(r, "effective");
-    let effective = effective.or_else(|| text(&r["issued"]));
+    let effective = effective.or_else(|| text(r.get("issued")));
     let base = |codes: Vec<(String, String)>, value_of: &Value| {
         let mut o = Row::new(Table::Observation);
         o.set("source_observation_id", id.clone());
         o.set("source_patient_id", Some(patient.clone()));
         o.set("source_encounter_id", encounter.clone());
-        o.set("status", text(&r["status"]));
-        o.set("category", first_code(&r["category"]));
-        o.set("categories", all_codes(&r["category"]));
+        o.set("status", text(r.get("status")));
+        o.set("category", first_code(r.get("category")));
+        o.set("categories", all_codes(r.get("category")));
         o.set_code(codes);
         o.set("effective_time", effective.clone());
         o.set("effective_end", effective_end.clone());
-        o.set("description", text(&r["code"]["text"]));
+        o.set("description", text(r.get("code").get("text")));
         o.set("reasons", reasons(r));
         set_observation_value(&mut o, value_of);
         o
     };
-    let mut rows = vec![base(codings(&r["code"]), r)];
-    for component in r["component"].as_array().into_iter().flatten() {
-        let mut o = base(codings(&component["code"]), component);
+    let mut rows = vec![base(codings(r.get("code")), r)];
+    for component in r.get("component").as_array().into_iter().flatten() {
+        let mut o = base(codings(component.get("code")), component);
         o.set("panel_id", id.clone());
-        o.set("description", text(&component["code"]["text"]));
+        o.set("description", text(component.get("code").get("text")));
         rows.push(o);
     }
     Ok(rows)
@@ -532,17 +558,17 @@ fn observation_rows(
 
 /// The `value[x]` of an Observation or of one of its components.
 fn set_observation_value(o: &mut Row, value_of: &Value) {
-    let q = &value_of["valueQuantity"];
+    let q = &value_of.get("valueQuantity");
     o.set(
         "value_num",
-        text(&q["value"]).or_else(|| text(&value_of["valueInteger"])),
+        text(q.get("value")).or_else(|| text(value_of.get("valueInteger"))),
     );
-    o.set("unit", text(&q["unit"]).or_else(|| text(&q["code"])));
+    o.set("unit", text(q.get("unit")).or_else(|| text(q.get("code"))));
     o.set(
         "value_text",
-        text(&value_of["valueString"]).or_else(|| text(&value_of["valueBoolean"])),
+        text(value_of.get("valueString")).or_else(|| text(value_of.get("valueBoolean"))),
     );
-    if let Some((s, c)) = codings(&value_of["valueCodeableConcept"])
+    if let Some((s, c)) = codings(value_of.get("valueCodeableConcept"))
         .into_iter()
         .next()
     {
@@ -566,27 +592,31 @@ fn medication_row(
     m.set("source_patient_id", Some(subject(r, urls, "subject")?));
     m.set(
         "source_encounter_id",
-        encounter.or_else(|| reference(&r["context"], urls).ok().flatten()),
+        encounter.or_else(|| reference(r.get("context"), urls).ok().flatten()),
     );
-    m.set("status", text(&r["status"]));
-    m.set("intent", text(&r["intent"]));
+    m.set("status", text(r.get("status")));
+    m.set("intent", text(r.get("intent")));
     m.set("do_not_perform", do_not_perform(r));
     m.set("reasons", reasons(r));
-    let med_ref = &r["medicationReference"];
+    let med_ref = &r.get("medicationReference");
     let codes = match reference(med_ref, urls) {
         Ok(Some(med)) => medications
             .get(&med)
             .or_else(|| {
-                med_ref["reference"]
+                med_ref
+                    .get("reference")
                     .as_str()
                     .and_then(|u| medications.get(u))
             })
             .cloned()
             .unwrap_or_default(),
-        _ => codings(&r["medicationCodeableConcept"]),
+        _ => codings(r.get("medicationCodeableConcept")),
     };
     m.set_code(codes);
-    m.set("description", text(&r["medicationCodeableConcept"]["text"]));
+    m.set(
+        "description",
+        text(r.get("medicationCodeableConcept").get("text")),
+    );
     let (start, end) = if rtype == "MedicationRequest" {
         medication_request_period(r)
     } else {
@@ -613,12 +643,12 @@ fn procedure_row(
     p.set("source_procedure_id", id);
     p.set("source_patient_id", Some(subject(r, urls, "subject")?));
     p.set("source_encounter_id", encounter);
-    p.set("status", text(&r["status"]));
-    p.set_code(codings(&r["code"]));
+    p.set("status", text(r.get("status")));
+    p.set_code(codings(r.get("code")));
     let (start, end) = choice_time(r, "performed");
     p.set("performed_time", start);
     p.set("performed_end_time", end);
-    p.set("description", text(&r["code"]["text"]));
+    p.set("description", text(r.get("code").get("text")));
     p.set("reasons", reasons(r));
     Ok(p)
 }
@@ -634,14 +664,14 @@ fn service_request_row(
     s.set("source_service_request_id", id);
     s.set("source_patient_id", Some(subject(r, urls, "subject")?));
     s.set("source_encounter_id", encounter);
-    s.set("status", text(&r["status"]));
-    s.set("intent", text(&r["intent"]));
+    s.set("status", text(r.get("status")));
+    s.set("intent", text(r.get("intent")));
     s.set("do_not_perform", do_not_perform(r));
-    s.set("category", first_code(&r["category"]));
-    s.set("categories", all_codes(&r["category"]));
-    s.set_code(codings(&r["code"]));
+    s.set("category", first_code(r.get("category")));
+    s.set("categories", all_codes(r.get("category")));
+    s.set_code(codings(r.get("code")));
     s.set("reasons", reasons(r));
-    s.set("authored_time", text(&r["authoredOn"]));
+    s.set("authored_time", text(r.get("authoredOn")));
     let (start, end) = choice_time(r, "occurrence");
     s.set("occurrence_start", start);
     s.set("occurrence_end", end);
@@ -660,21 +690,21 @@ fn device_row(
     d.set("source_device_id", id);
     d.set("source_patient_id", Some(subject(r, urls, "subject")?));
     d.set("resource_type", Some(rtype.to_ascii_lowercase()));
-    d.set("status", text(&r["status"]));
-    d.set("intent", text(&r["intent"]));
+    d.set("status", text(r.get("status")));
+    d.set("intent", text(r.get("intent")));
     d.set("do_not_perform", do_not_perform(r));
     d.set_code(
-        codings(&r["codeCodeableConcept"])
+        codings(r.get("codeCodeableConcept"))
             .into_iter()
-            .chain(codings(&r["code"]))
+            .chain(codings(r.get("code")))
             .collect(),
     );
     let (timing, _) = choice_time(r, "timing");
     d.set(
         "event_time",
-        text(&r["authoredOn"])
+        text(r.get("authoredOn"))
             .or(timing)
-            .or_else(|| text(&r["recordedOn"])),
+            .or_else(|| text(r.get("recordedOn"))),
     );
     Ok(d)
 }
@@ -691,10 +721,10 @@ fn communication_row(
     c.set("source_communication_id", id);
     c.set("source_patient_id", Some(subject(r, urls, "subject")?));
     c.set("source_encounter_id", encounter);
-    c.set("status", text(&r["status"]));
+    c.set("status", text(r.get("status")));
     // What was communicated: the category (QI-Core), else the topic.
-    let mut codes = codings(&r["category"]);
-    codes.extend(codings(&r["topic"]));
+    let mut codes = codings(r.get("category"));
+    codes.extend(codings(r.get("topic")));
     c.set_code(codes);
     c.set("reasons", reasons(r));
     // A communication not done has no `sent`: it is dated by when
@@ -703,14 +733,14 @@ fn communication_row(
         r,
         "http://hl7.org/fhir/us/qicore/StructureDefinition/qicore-recorded",
     )
-    .and_then(|e| text(&e["valueDateTime"]));
+    .and_then(|e| text(e.get("valueDateTime")));
     c.set(
         "sent_time",
-        text(&r["sent"])
+        text(r.get("sent"))
             .or(recorded)
-            .or_else(|| text(&r["received"])),
+            .or_else(|| text(r.get("received"))),
     );
-    c.set("received_time", text(&r["received"]));
+    c.set("received_time", text(r.get("received")));
     Ok(c)
 }
 
@@ -723,16 +753,17 @@ fn coverage_row(
     let mut c = Row::new(Table::Coverage);
     c.set("source_coverage_id", id);
     c.set("source_patient_id", Some(subject(r, urls, "beneficiary")?));
-    c.set("status", text(&r["status"]));
-    if let Some((s, code)) = codings(&r["type"]).into_iter().next() {
+    c.set("status", text(r.get("status")));
+    if let Some((s, code)) = codings(r.get("type")).into_iter().next() {
         c.set("payer_type_system", Some(s));
         c.set("payer_type_code", Some(code));
     }
-    c.set("start_date", text(&r["period"]["start"]));
-    c.set("end_date", text(&r["period"]["end"]));
+    c.set("start_date", text(r.get("period").get("start")));
+    c.set("end_date", text(r.get("period").get("end")));
     c.set(
         "payor",
-        text(&r["payor"][0]["display"]).or_else(|| text(&r["payor"][0]["reference"])),
+        text(r.get("payor").get(0).get("display"))
+            .or_else(|| text(r.get("payor").get(0).get("reference"))),
     );
     Ok(c)
 }
@@ -808,13 +839,13 @@ impl Flat {
 
 /// Medication resources of a file, by id, for medicationReference.
 fn medications<'a>(
-    resources: impl Iterator<Item = (&'a Value, Option<&'a str>)>,
+    resources: impl Iterator<Item = (&'a Value<'a>, Option<&'a str>)>,
 ) -> HashMap<String, Vec<(String, String)>> {
     let mut out = HashMap::new();
     for (r, full_url) in resources {
-        if r["resourceType"] == "Medication" {
-            let codes = codings(&r["code"]);
-            if let Some(id) = text(&r["id"]) {
+        if r.get("resourceType").as_str() == Some("Medication") {
+            let codes = codings(r.get("code"));
+            if let Some(id) = text(r.get("id")) {
                 out.insert(id, codes.clone());
             }
             if let Some(u) = full_url {
@@ -827,11 +858,14 @@ fn medications<'a>(
 
 /// Reads a Bundle file. Entries are numbered from 1 in place of lines.
 fn read_bundle(path: &Path, bytes: &[u8]) -> Result<Flat> {
-    let bundle: Value = serde_json::from_slice(bytes).map_err(|e| WardError::Extract {
-        path: path.to_path_buf(),
-        line: Some(e.line() as u64),
-        message: format!("not JSON: {e}"),
-    })?;
+    // The Bundle is read as serde_json's (owned) value, as its resources may
+    // be completed (an id, a subject) before they are flattened.
+    let bundle: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| WardError::Extract {
+            path: path.to_path_buf(),
+            line: Some(e.line() as u64),
+            message: format!("not JSON: {e}"),
+        })?;
     if bundle["resourceType"] != "Bundle" {
         return Err(WardError::Extract {
             path: path.to_path_buf(),
@@ -840,30 +874,33 @@ fn read_bundle(path: &Path, bytes: &[u8]) -> Result<Flat> {
         });
     }
     let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
+    let resources: Vec<Value> = entries
+        .iter()
+        .map(|e| Value::from(&e["resource"]))
+        .collect();
     let mut urls = HashMap::new();
-    for e in &entries {
-        let r = &e["resource"];
-        if let (Some(full), Some(t)) = (e["fullUrl"].as_str(), r["resourceType"].as_str()) {
-            let id = text(&r["id"])
+    for (e, r) in entries.iter().zip(&resources) {
+        if let (Some(full), Some(t)) = (e["fullUrl"].as_str(), r.get("resourceType").as_str()) {
+            let id = text(r.get("id"))
                 .unwrap_or_else(|| full.rsplit(':').next().unwrap_or(full).to_string());
             urls.insert(full.to_string(), id.clone());
             urls.insert(format!("{t}/{id}"), id);
         }
     }
     let meds = medications(
-        entries
+        resources
             .iter()
-            .map(|e| (&e["resource"], e["fullUrl"].as_str())),
+            .zip(&entries)
+            .map(|(r, e)| (r, e["fullUrl"].as_str())),
     );
     // A bundle of one patient's record (a test case, `Patient/$everything`)
     // may leave `subject` out of its resources: they are that patient's.
-    let patients: Vec<&Value> = entries
+    let patients: Vec<&Value> = resources
         .iter()
-        .map(|e| &e["resource"])
-        .filter(|r| r["resourceType"] == "Patient")
+        .filter(|r| r.get("resourceType").as_str() == Some("Patient"))
         .collect();
     let sole_patient = match patients.as_slice() {
-        [p] => text(&p["id"]),
+        [p] => text(p.get("id")),
         _ => None,
     };
     let mut assigned = 0;
@@ -874,7 +911,7 @@ fn read_bundle(path: &Path, bytes: &[u8]) -> Result<Flat> {
         if r["id"].is_null()
             && let Some(id) = e["fullUrl"].as_str().and_then(|u| urls.get(u))
         {
-            r["id"] = Value::String(id.clone());
+            r["id"] = serde_json::Value::String(id.clone());
         }
         if let Some(patient) = &sole_patient
             && r["subject"].is_null()
@@ -884,7 +921,13 @@ fn read_bundle(path: &Path, bytes: &[u8]) -> Result<Flat> {
             r["subject"] = serde_json::json!({ "reference": format!("Patient/{patient}") });
             assigned += 1;
         }
-        flat.add(i as u64 + 1, &r, || r.to_string(), &urls, &meds);
+        flat.add(
+            i as u64 + 1,
+            &Value::from(&r),
+            || r.to_string(),
+            &urls,
+            &meds,
+        );
     }
     if assigned > 0 {
         tracing::info!(
@@ -1200,7 +1243,7 @@ not json
 
     #[test]
     fn medication_request_period_follows_cumulative_medication_duration() {
-        let period = |v: Value| medication_request_period(&v);
+        let period = |v: serde_json::Value| medication_request_period(&Value::from(&v));
         let days = serde_json::json!({"authoredOn": "2026-12-30T00:00:00.000+00:00",
             "dispenseRequest": {"expectedSupplyDuration": {"value": 90, "code": "d"}}});
         assert_eq!(

@@ -377,6 +377,35 @@ pub fn zip3(postal_code: &str) -> Option<String> {
 /// Writes the research copy of `core_dir` into `research_dir` (replacing
 /// it as a whole) and returns what was done.
 pub fn deid(core_dir: &Path, research_dir: &Path, opts: &DeidOptions) -> Result<DeidReport> {
+    deid_taking(core_dir, research_dir, opts, None).map(|(report, _)| report)
+}
+
+/// Research tables of an earlier run that a new research copy may take
+/// instead of computing them again.
+pub struct Earlier<'a> {
+    /// The earlier run's directory, and the outputs its manifest lists:
+    /// each file taken must still have the size and SHA-256 recorded.
+    pub run_dir: &'a Path,
+    pub outputs: &'a [crate::runs::OutputFile],
+    /// Its research report (the taken tables' counts).
+    pub report: DeidReport,
+    /// The fact tables whose core files are the earlier run's, de-identified
+    /// with the same key, mode and code: their research rows depend on
+    /// nothing else unless small classes are suppressed (whose members
+    /// change with any person).
+    pub tables: Vec<Table>,
+}
+
+/// [`deid`], taking the research tables `earlier` offers (hard-linked,
+/// with their counts; the records of persons below k are counted again,
+/// as the classes may have changed); returns the tables taken. A table
+/// that cannot be taken (changed since, unreadable) is computed.
+pub fn deid_taking(
+    core_dir: &Path,
+    research_dir: &Path,
+    opts: &DeidOptions,
+    earlier: Option<&Earlier>,
+) -> Result<(DeidReport, Vec<String>)> {
     let parent = research_dir
         .parent()
         .map(Path::to_path_buf)
@@ -422,16 +451,28 @@ pub fn deid(core_dir: &Path, research_dir: &Path, opts: &DeidOptions) -> Result<
         .map(|p| (p.person_id.as_str(), (p.research_id.as_str(), p.shift)))
         .collect();
     let mut records_below_k = 0;
+    let mut taken = Vec::new();
     for table in Table::ALL.into_iter().filter(|t| *t != Table::Patient) {
-        let (counts, below) = deid_table(
-            table,
-            &core_dir.join(table.name()),
-            &tmp.join(table.name()),
-            &scratch,
-            &ids,
-            &small,
-            opts,
-        )?;
+        let (core, out) = (core_dir.join(table.name()), tmp.join(table.name()));
+        let earlier = earlier.filter(|e| !opts.suppress_small_classes && e.tables.contains(&table));
+        let took = match earlier.map(|e| take_table(e, table, &out)).transpose() {
+            Ok(counts) => counts.flatten(),
+            Err(e) => {
+                tracing::warn!(
+                    table = table.name(),
+                    "research table not taken, computed again: {e}"
+                );
+                let _ = fs::remove_dir_all(&out);
+                None
+            }
+        };
+        let (counts, below) = match took {
+            Some(counts) => {
+                taken.push(table.name().to_string());
+                (counts, records_of(&core, &small)?)
+            }
+            None => deid_table(table, &core, &out, &scratch, &ids, &small, opts)?,
+        };
         records_below_k += below;
         tables.push(counts);
     }
@@ -480,9 +521,60 @@ pub fn deid(core_dir: &Path, research_dir: &Path, opts: &DeidOptions) -> Result<
         persons_below_k = report.k_anonymity.persons_below_k,
         suppressed = suppress,
         dir = %research_dir.display(),
+        taken = %taken.join(", "),
         "research tables published"
     );
-    Ok(report)
+    Ok((report, taken))
+}
+
+/// Links `earlier`'s research files of `table` into `out`; its counts, or
+/// `None` when the earlier report has none for it.
+fn take_table(earlier: &Earlier, table: Table, out: &Path) -> Result<Option<TableCounts>> {
+    let Some(counts) = earlier
+        .report
+        .tables
+        .iter()
+        .find(|c| c.table == table.name() && c.rows_suppressed == 0)
+    else {
+        return Ok(None);
+    };
+    let dir = format!("research/{}", table.name());
+    let files = crate::runs::verify(earlier.run_dir, &[&dir], earlier.outputs)?;
+    if files.is_empty() {
+        return Ok(None);
+    }
+    fs::create_dir_all(out).map_err(|e| WardError::io("cannot create", out, e))?;
+    for f in files {
+        let source = earlier.run_dir.join(&f.path);
+        let dest = out.join(&f.path[dir.len() + 1..]);
+        if fs::hard_link(&source, &dest).is_err() {
+            fs::copy(&source, &dest).map_err(|e| WardError::io("cannot copy", &source, e))?;
+        }
+    }
+    Ok(Some(counts.clone()))
+}
+
+/// Rows of the core table in `core` whose person is in `small`.
+fn records_of(core: &Path, small: &HashSet<&str>) -> Result<u64> {
+    use datafusion::parquet::arrow::ProjectionMask;
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let mut n = 0;
+    for part in parquet_files(core)? {
+        let err = |e: crate::error::BoxError| WardError::data("reading a core table", &part, e);
+        let file = fs::File::open(&part).map_err(|e| WardError::io("cannot open", &part, e))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.into()))?;
+        let mask = ProjectionMask::columns(builder.parquet_schema(), ["person_id"]);
+        for b in builder
+            .with_projection(mask)
+            .build()
+            .map_err(|e| err(e.into()))?
+        {
+            let b = b.map_err(|e| err(e.into()))?;
+            let pid = as_text(column(&b, "person_id", &part)?, "person_id", &part)?;
+            n += pid.iter().flatten().filter(|p| small.contains(p)).count() as u64;
+        }
+    }
+    Ok(n)
 }
 
 /// The report of the research tables in `research_dir`

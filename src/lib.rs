@@ -290,7 +290,8 @@ struct Night<'a> {
 /// and the files that staged rows of the table), `dq` (build, the sources,
 /// the checks and `[dq]`), `measures` (build, the queries and the period)
 /// and `deid` (build, `[deid]`, the key's fingerprint, the value sets and
-/// the reference day). Empty (nothing is reused) when the running code
+/// the reference day), `deid.facts` (`[deid]` and the key's fingerprint:
+/// what a fact table's research rows depend on besides its core rows). Empty (nothing is reused) when the running code
 /// cannot be identified.
 fn fingerprints(
     night: &Night,
@@ -355,6 +356,16 @@ fn fingerprints(
         .part("reference date", night.opts.today)
         .tree("valuesets", &night.queries.join("valuesets"))?
         .finish();
+    // What a fact table's research rows depend on besides its core rows
+    // (not the persons, the reference day or the value sets): a core table
+    // taken from the current run takes its research table too, when this is
+    // the same (see `deid::Earlier`).
+    let deid_facts = code
+        .clone()
+        .part("stage", "deid.facts")
+        .part("deid", &config.deid)
+        .part("key", night.key.fingerprint())
+        .finish();
     // Each core table, from the files that staged its rows.
     let tables: Vec<(String, String)> = link::build::fact_tables()
         .map(|t| {
@@ -375,6 +386,7 @@ fn fingerprints(
         ("measures", measures),
         ("measures.queries", measure_logic),
         ("deid", deid),
+        ("deid.facts", deid_facts),
     ]
     .map(|(s, f)| (s.to_string(), f))
     .into_iter()
@@ -652,6 +664,8 @@ fn run_stages(
         })
         .collect();
     let research_dir = run_dir.join("research");
+    let earlier_research = earlier_research(night, &fingerprints, manifest);
+    let mut research_taken = Vec::new();
     let research = stage_or_reuse(
         manifest,
         "deid",
@@ -666,9 +680,21 @@ fn run_stages(
                 valuesets: Some(queries.join("valuesets")),
                 ..deid::DeidOptions::from_config(&config.deid, key.clone(), opts.today)
             };
-            deid::deid(&run_dir.join("core"), &research_dir, &opts)
+            let (report, taken) = deid::deid_taking(
+                &run_dir.join("core"),
+                &research_dir,
+                &opts,
+                earlier_research.as_ref(),
+            )?;
+            research_taken = taken;
+            Ok(report)
         },
     )?;
+    if !research_taken.is_empty() {
+        let stage = manifest.stages.last_mut().expect("the stage just ran");
+        stage.reused_from = None;
+        stage.reused_tables = research_taken;
+    }
     Ok(RunReport {
         run_id,
         run_dir: run_dir.to_path_buf(),
@@ -684,6 +710,35 @@ fn run_stages(
         summary,
         research,
         dq,
+    })
+}
+
+/// The research tables of the current run that tonight's research copy may
+/// take: those of the fact tables the build stage took from it, when the
+/// research rows' other inputs (`deid.facts`) are the same and its research
+/// report is readable.
+fn earlier_research<'a>(
+    night: &'a Night,
+    fingerprints: &BTreeMap<String, String>,
+    manifest: &runs::Manifest,
+) -> Option<deid::Earlier<'a>> {
+    let (dir, earlier) = night.previous.reusable(night, fingerprints, "deid.facts")?;
+    let build = manifest.stages.iter().find(|s| s.stage == "build")?;
+    let tables: Vec<schema::Table> = if build.reused_from.is_some() {
+        link::build::fact_tables().collect()
+    } else {
+        build
+            .reused_tables
+            .iter()
+            .filter_map(|t| schema::Table::from_name(t))
+            .collect()
+    };
+    let report = deid::read_report(&dir.join("research")).ok()?;
+    (!tables.is_empty()).then_some(deid::Earlier {
+        run_dir: dir,
+        outputs: &earlier.outputs,
+        report,
+        tables,
     })
 }
 

@@ -146,8 +146,30 @@ fn new_facts_keep_the_linkage_and_rebuild_the_rest_as_a_full_rebuild_would() {
     let mut tables: Vec<&str> = ward::link::build::fact_tables().map(|t| t.name()).collect();
     tables.retain(|t| *t != "observation");
     assert_eq!(build.reused_tables, tables);
+    // Their research tables are taken too (the full rebuild below checks
+    // them against what it computes).
+    let deid = second.manifest.stages.last().unwrap();
+    assert_eq!(deid.stage, "deid");
+    assert_eq!(deid.reused_tables, tables);
+    assert_eq!(
+        second.research.tables,
+        first
+            .research
+            .tables
+            .iter()
+            .map(|t| {
+                let mut t = t.clone();
+                if t.table == "observation" {
+                    t.rows_in += 1;
+                    t.rows_out += 1;
+                }
+                t
+            })
+            .collect::<Vec<_>>()
+    );
     let fp = |run: &ward::RunReport, stage: &str| run.manifest.fingerprints[stage].clone();
     assert_eq!(fp(&second, "link"), fp(&first, "link"));
+    assert_eq!(fp(&second, "deid.facts"), fp(&first, "deid.facts"));
     for stage in ["build", "dq", "measures", "deid"] {
         assert_ne!(fp(&second, stage), fp(&first, stage), "{stage}");
     }
@@ -192,6 +214,14 @@ fn new_facts_keep_the_linkage_and_rebuild_the_rest_as_a_full_rebuild_would() {
 
     let full = run_with(&config, Rebuild::Full);
     assert!(full.manifest.stages.iter().all(|s| s.recomputed.is_none()));
+    assert!(
+        full.manifest
+            .stages
+            .iter()
+            .all(|s| s.reused_tables.is_empty())
+    );
+    let json = |run: &ward::RunReport| serde_json::to_value(&run.research).unwrap();
+    assert_eq!(json(&full), json(&second));
     assert_eq!(derived(&full.run_dir), derived(&second.run_dir));
     assert_eq!(figures(&full), figures(&second));
     // A fact the core already holds (another id, the same result): the

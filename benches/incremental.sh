@@ -91,7 +91,7 @@ secs_of = {n[0]: float(n[1]) for n in nights}
 for name, secs, run in nights:
     m = manifest(run)
     taken = [s["stage"] for s in m["stages"] if s.get("reused_from")]
-    taken += [f"build.{t}" for s in m["stages"] for t in s.get("reused_tables", [])]
+    taken += [f"{s['stage']}.{t}" for s in m["stages"] for t in s.get("reused_tables", [])]
     taken += [f"{s['stage']} but for {s['recomputed']['persons']} of {s['recomputed']['of']} persons"
               for s in m["stages"] if s.get("recomputed")]
     taken += [f"{s['stage']} of {len(s['reused_sources'])} sources"

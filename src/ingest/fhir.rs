@@ -14,6 +14,7 @@
 //! in an object that repeats a property name (which FHIR JSON forbids),
 //! the first is read.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::BufRead;
 use std::path::Path;
@@ -60,10 +61,11 @@ struct TableRows {
 
 /// Everything read from a file before mapping.
 #[derive(Default)]
-struct Flat {
+struct Flat<'a> {
     tables: BTreeMap<Table, TableRows>,
-    /// Raw resource JSON, indexed by `TableRows::raw`.
-    raw: Vec<String>,
+    /// Raw resource JSON, indexed by `TableRows::raw` (an NDJSON line's is
+    /// borrowed from the line).
+    raw: Vec<Cow<'a, str>>,
     rejects: Vec<RejectRow>,
     skipped: BTreeMap<String, u64>,
     read: u64,
@@ -768,13 +770,13 @@ fn coverage_row(
     Ok(c)
 }
 
-impl Flat {
+impl<'a> Flat<'a> {
     /// Adds one resource; `raw` is its text, kept for a reject.
     fn add(
         &mut self,
         line: u64,
         r: &Value,
-        raw: impl FnOnce() -> String,
+        raw: impl FnOnce() -> Cow<'a, str>,
         urls: &HashMap<String, String>,
         meds: &HashMap<String, Vec<(String, String)>>,
     ) {
@@ -787,7 +789,7 @@ impl Flat {
         line: u64,
         resource_type: &str,
         flattened: Flattened,
-        raw: impl FnOnce() -> String,
+        raw: impl FnOnce() -> Cow<'a, str>,
     ) {
         self.read += 1;
         match flattened {
@@ -811,7 +813,7 @@ impl Flat {
                 Some(refusal.path),
                 refusal.rule,
                 refusal.message,
-                raw(),
+                raw().into_owned(),
             ),
         }
     }
@@ -857,7 +859,7 @@ fn medications<'a>(
 }
 
 /// Reads a Bundle file. Entries are numbered from 1 in place of lines.
-fn read_bundle(path: &Path, bytes: &[u8]) -> Result<Flat> {
+fn read_bundle(path: &Path, bytes: &[u8]) -> Result<Flat<'static>> {
     // The Bundle is read as serde_json's (owned) value, as its resources may
     // be completed (an id, a subject) before they are flattened.
     let bundle: serde_json::Value =
@@ -924,7 +926,7 @@ fn read_bundle(path: &Path, bytes: &[u8]) -> Result<Flat> {
         flat.add(
             i as u64 + 1,
             &Value::from(&r),
-            || r.to_string(),
+            || r.to_string().into(),
             &urls,
             &meds,
         );
@@ -940,7 +942,7 @@ fn read_bundle(path: &Path, bytes: &[u8]) -> Result<Flat> {
 }
 
 /// Parses and flattens one chunk of NDJSON lines (line number, bytes) in parallel.
-fn flatten_ndjson(chunk: &[(u64, Vec<u8>)]) -> Flat {
+fn flatten_ndjson(chunk: &[(u64, Vec<u8>)]) -> Flat<'_> {
     let parsed: Vec<std::result::Result<Value, String>> = chunk
         .par_iter()
         .map(|(_, l)| serde_json::from_slice::<Value>(l).map_err(|e| e.to_string()))
@@ -957,7 +959,7 @@ fn flatten_ndjson(chunk: &[(u64, Vec<u8>)]) -> Flat {
         .collect();
     let mut flat = Flat::default();
     for (((line, bytes), r), f) in chunk.iter().zip(&parsed).zip(flattened) {
-        let raw = || String::from_utf8_lossy(bytes).into_owned();
+        let raw = || String::from_utf8_lossy(bytes);
         match (r, f) {
             (Ok(r), Some(f)) => flat.push(*line, resource_type(r), f, raw),
             (Err(e), _) => {
@@ -1121,7 +1123,7 @@ fn map_flat(
         let cols: Vec<Vec<Option<&str>>> = (0..columns.len())
             .map(|i| rows.values.iter().map(|v| v[i].as_deref()).collect())
             .collect();
-        let raw_of = |row: usize| raw[rows.raw[row]].clone();
+        let raw_of = |row: usize| raw[rows.raw[row]].to_string();
         let input = RowInput {
             cols,
             lines: &rows.lines,

@@ -3,7 +3,9 @@
 //!
 //! Files are processed in parallel (rayon), patient files first, because
 //! facts are checked against the source's accepted patients (unknown patient,
-//! dates before birth). Each input file becomes one batch; the ingest state
+//! dates before birth). A file is read, mapped and written a slice at a
+//! time (CSV records, NDJSON lines), so what ingest holds of a file is its
+//! bytes and one slice. Each input file becomes one batch; the ingest state
 //! remembers which file content produced which batch, so a re-run loads only
 //! new or changed files and a changed file replaces its own batch.
 

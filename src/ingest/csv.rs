@@ -186,11 +186,23 @@ impl<'b> CsvReader<'b> {
                 }
                 continue;
             }
-            if let Some(i) = self
-                .record
-                .iter()
-                .position(|f| std::str::from_utf8(f).is_err())
-            {
+            // The record's fields are UTF-8 when their concatenation is and
+            // every field starts and ends on a character: one check of the
+            // whole record instead of one per field.
+            let fields = self.record.as_slice();
+            let text = std::str::from_utf8(fields).ok().filter(|text| {
+                (0..self.record.len()).all(|i| {
+                    self.record.range(i).is_some_and(|r| {
+                        text.is_char_boundary(r.start) && text.is_char_boundary(r.end)
+                    })
+                })
+            });
+            let Some(text) = text else {
+                let i = self
+                    .record
+                    .iter()
+                    .position(|f| std::str::from_utf8(f).is_err())
+                    .unwrap_or(0);
                 rejects.push(StructuralReject {
                     line,
                     rule: "invalid_utf8",
@@ -198,11 +210,13 @@ impl<'b> CsvReader<'b> {
                     raw: String::from_utf8_lossy(body).into_owned(),
                 });
                 continue;
-            }
-            for (column, field) in columns.iter_mut().zip(self.record.iter()) {
-                match cell(field) {
-                    Some(v) => column.append_value(v),
-                    None => column.append_null(),
+            };
+            for (i, column) in columns.iter_mut().enumerate() {
+                let v = self.record.range(i).map_or("", |r| &text[r]);
+                if v.trim().is_empty() {
+                    column.append_null();
+                } else {
+                    column.append_value(v);
                 }
             }
             lines.push(line);
@@ -518,6 +532,18 @@ mod tests {
         assert_eq!(t.rejects[0].raw, "1,2,3,4");
         assert!(t.rejects[1].message.contains("'b'"));
         assert_eq!(t.records(), 6);
+    }
+
+    #[test]
+    fn a_character_split_by_a_delimiter_is_not_utf8() {
+        // "é" is C3 A9: split by the comma, each field is invalid, though
+        // the record's fields put together are not.
+        let t = read_str(b"a,b\n\xC3,\xA9\nx,\xC3\xA9\n").unwrap();
+        assert_eq!(t.lines, [3]);
+        assert_eq!(t.cell(1, 0), Some("é"));
+        let rejects: Vec<_> = t.rejects.iter().map(|r| (r.line, r.rule)).collect();
+        assert_eq!(rejects, [(2, "invalid_utf8")]);
+        assert!(t.rejects[0].message.contains("'a'"));
     }
 
     #[test]

@@ -291,8 +291,8 @@ struct Night<'a> {
 /// the checks and `[dq]`), `measures` (build, the queries and the period)
 /// and `deid` (build, `[deid]`, the key's fingerprint, the value sets and
 /// the reference day), `deid.facts` (`[deid]` and the key's fingerprint:
-/// what a fact table's research rows depend on besides its core rows). Empty (nothing is reused) when the running code
-/// cannot be identified.
+/// what a fact table's research rows depend on besides its core rows).
+/// Empty (nothing is reused) when the running code cannot be identified.
 fn fingerprints(
     night: &Night,
     state: &warehouse::IngestState,

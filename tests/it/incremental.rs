@@ -102,6 +102,45 @@ fn an_unchanged_night_takes_every_stage_and_publishes_what_a_full_rebuild_does()
     assert_eq!(figures(&full), figures(&second));
 }
 
+#[test]
+fn the_next_day_without_deliveries_takes_every_fact_tables_research_copy() {
+    // The research copy is dated (ages at the day of the data), so the
+    // next day computes it again: the persons' table, not the facts'.
+    let tmp = tempfile::tempdir().unwrap();
+    let config = PipelineConfig::load(&copy_sample(tmp.path())).unwrap();
+    let first = run_all(&config);
+    let next_day = |rebuild: Rebuild| {
+        let opts = ward::IngestOptions {
+            today: crate::common::today().succ_opt().unwrap(),
+            ..Default::default()
+        };
+        let key = ward::deid::resolve_key(&config.deid, |_| None).unwrap();
+        let period = config.measurement_period.unwrap();
+        ward::run(
+            &config,
+            &opts,
+            &repo().join("queries"),
+            period,
+            &key,
+            rebuild,
+            &(),
+        )
+        .unwrap()
+    };
+    let second = next_day(Rebuild::Incremental);
+    let deid = second.manifest.stages.last().unwrap();
+    assert_eq!(deid.stage, "deid");
+    assert_eq!(deid.reused_from, None);
+    let facts: Vec<&str> = ward::link::build::fact_tables().map(|t| t.name()).collect();
+    assert_eq!(deid.reused_tables, facts);
+    assert_ne!(
+        second.research.reference_date,
+        first.research.reference_date
+    );
+    let full = next_day(Rebuild::Full);
+    assert_eq!(derived(&full.run_dir), derived(&second.run_dir));
+}
+
 /// Appends to the sample clinic's results one more HbA1c (result id
 /// `AAE000000020<id>`) of a patient it already sent, in the period.
 fn add_hba1c(dir: &std::path::Path, id: &str) {

@@ -545,11 +545,8 @@ fn take_table(earlier: &Earlier, table: Table, out: &Path) -> Result<Option<Tabl
     }
     fs::create_dir_all(out).map_err(|e| WardError::io("cannot create", out, e))?;
     for f in files {
-        let source = earlier.run_dir.join(&f.path);
         let dest = out.join(&f.path[dir.len() + 1..]);
-        if fs::hard_link(&source, &dest).is_err() {
-            fs::copy(&source, &dest).map_err(|e| WardError::io("cannot copy", &source, e))?;
-        }
+        crate::runs::link_or_copy(&earlier.run_dir.join(&f.path), &dest)?;
     }
     Ok(Some(counts.clone()))
 }

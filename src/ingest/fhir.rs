@@ -184,17 +184,17 @@ fn choice_time(r: &Value, base: &str) -> (Option<String>, Option<String>) {
 /// after the days supplied (expected supply duration times one plus the
 /// refills), else at the bounds' end, else it is unknown (`None`).
 fn medication_request_period(r: &Value) -> (Option<String>, Option<String>) {
-    let bounds = &r
+    let bounds = r
         .get("dosageInstruction")
         .get(0)
         .get("timing")
         .get("repeat")
         .get("boundsPeriod");
-    let dispense = &r.get("dispenseRequest");
+    let dispense = r.get("dispenseRequest");
     let start = text(bounds.get("start"))
         .or_else(|| text(r.get("authoredOn")))
         .or_else(|| text(dispense.get("validityPeriod").get("start")));
-    let supply = &dispense.get("expectedSupplyDuration");
+    let supply = dispense.get("expectedSupplyDuration");
     let days_per_unit = match supply.get("code").as_str().or(supply.get("unit").as_str()) {
         Some("d" | "day" | "days") => Some(1.0),
         Some("wk" | "week" | "weeks") => Some(7.0),
@@ -431,7 +431,7 @@ fn patient_row(r: &Value, id: Option<String>) -> Row {
         "ethnicity",
         omb("http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"),
     );
-    let address = &r.get("address").get(0);
+    let address = r.get("address").get(0);
     p.set("address_line", text(address.get("line").get(0)));
     p.set("city", text(address.get("city")));
     p.set("state", text(address.get("state")));
@@ -560,7 +560,7 @@ fn observation_rows(
 
 /// The `value[x]` of an Observation or of one of its components.
 fn set_observation_value(o: &mut Row, value_of: &Value) {
-    let q = &value_of.get("valueQuantity");
+    let q = value_of.get("valueQuantity");
     o.set(
         "value_num",
         text(q.get("value")).or_else(|| text(value_of.get("valueInteger"))),
@@ -600,7 +600,7 @@ fn medication_row(
     m.set("intent", text(r.get("intent")));
     m.set("do_not_perform", do_not_perform(r));
     m.set("reasons", reasons(r));
-    let med_ref = &r.get("medicationReference");
+    let med_ref = r.get("medicationReference");
     let codes = match reference(med_ref, urls) {
         Ok(Some(med)) => medications
             .get(&med)

@@ -158,11 +158,18 @@ pub fn adopt(from: &Path, to: &Path, paths: &[&str], outputs: &[OutputFile]) -> 
             std::fs::create_dir_all(parent)
                 .map_err(|e| WardError::io("cannot create", parent, e))?;
         }
-        if std::fs::hard_link(&source, &dest).is_err() {
-            std::fs::copy(&source, &dest).map_err(|e| WardError::io("cannot copy", &source, e))?;
-        }
+        link_or_copy(&source, &dest)?;
     }
     Ok(wanted.len())
+}
+
+/// Hard-links `source` to `dest`, or copies it where the file system
+/// refuses links.
+pub fn link_or_copy(source: &Path, dest: &Path) -> Result<()> {
+    if std::fs::hard_link(source, dest).is_err() {
+        std::fs::copy(source, dest).map_err(|e| WardError::io("cannot copy", source, e))?;
+    }
+    Ok(())
 }
 
 /// The files that `outputs` (the manifest of the run in `from`) lists

@@ -389,23 +389,31 @@ pub struct Earlier<'a> {
     pub outputs: &'a [crate::runs::OutputFile],
     /// Its research report (the taken tables' counts).
     pub report: DeidReport,
-    /// The fact tables whose core files are the earlier run's, de-identified
-    /// with the same key, mode and code: their research rows depend on
-    /// nothing else unless small classes are suppressed (whose members
-    /// change with any person).
-    pub tables: Vec<Table>,
 }
 
-/// [`deid`], taking the research tables `earlier` offers (hard-linked,
-/// with their counts; the records of persons below k are counted again,
-/// as the classes may have changed); returns the tables taken. A table
-/// that cannot be taken (changed since, unreadable) is computed.
+/// The fact tables [`deid_taking`] took from an earlier run: whole, or
+/// with files computed for the core files added since.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    pub tables: Vec<String>,
+    pub appended: Vec<String>,
+}
+
+/// [`deid`], taking research files from `earlier`, a run de-identified
+/// with the same key, mode and code, for the core files that are that
+/// run's own (hard-linked): a fact row's research row depends on nothing
+/// else unless small classes are suppressed (whose members change with any
+/// person). A table all of whose core files are the earlier run's is taken
+/// whole with its counts; one that has those and more (appended to) takes
+/// theirs and computes the others, adding their counts. The records of
+/// persons below k are counted again, as the classes may have changed. A
+/// table that cannot be taken (changed since, unreadable) is computed.
 pub fn deid_taking(
     core_dir: &Path,
     research_dir: &Path,
     opts: &DeidOptions,
     earlier: Option<&Earlier>,
-) -> Result<(DeidReport, Vec<String>)> {
+) -> Result<(DeidReport, Taken)> {
     let parent = research_dir
         .parent()
         .map(Path::to_path_buf)
@@ -451,27 +459,43 @@ pub fn deid_taking(
         .map(|p| (p.person_id.as_str(), (p.research_id.as_str(), p.shift)))
         .collect();
     let mut records_below_k = 0;
-    let mut taken = Vec::new();
+    let mut taken = Taken::default();
     for table in Table::ALL.into_iter().filter(|t| *t != Table::Patient) {
         let (core, out) = (core_dir.join(table.name()), tmp.join(table.name()));
-        let earlier = earlier.filter(|e| !opts.suppress_small_classes && e.tables.contains(&table));
-        let took = match earlier.map(|e| take_table(e, table, &out)).transpose() {
-            Ok(counts) => counts.flatten(),
-            Err(e) => {
-                tracing::warn!(
-                    table = table.name(),
-                    "research table not taken, computed again: {e}"
-                );
-                let _ = fs::remove_dir_all(&out);
-                None
+        let files = parquet_files(&core)?;
+        // The earlier run's research files, and the core files added since.
+        let mut added = Vec::new();
+        let mut took = None;
+        if let Some(e) = earlier.filter(|_| !opts.suppress_small_classes) {
+            let before = parquet_files(&e.run_dir.join("core").join(table.name()))?;
+            if let Some(new) = crate::delta::added_files(&before, &files) {
+                match take_table(e, table, &out) {
+                    Ok(counts) => (took, added) = (counts, new),
+                    Err(e) => {
+                        tracing::warn!(
+                            table = table.name(),
+                            "research table not taken, computed again: {e}"
+                        );
+                        let _ = fs::remove_dir_all(&out);
+                    }
+                }
             }
-        };
+        }
         let (counts, below) = match took {
-            Some(counts) => {
-                taken.push(table.name().to_string());
+            Some(mut counts) => {
+                let name = table.name().to_string();
+                if added.is_empty() {
+                    taken.tables.push(name);
+                } else {
+                    let (more, _) = deid_files(table, &added, &out, &scratch, &ids, &small, opts)?;
+                    counts.rows_in += more.rows_in;
+                    counts.rows_out += more.rows_out;
+                    counts.values_withheld += more.values_withheld;
+                    taken.appended.push(name);
+                }
                 (counts, records_of(&core, &small)?)
             }
-            None => deid_table(table, &core, &out, &scratch, &ids, &small, opts)?,
+            None => deid_files(table, &files, &out, &scratch, &ids, &small, opts)?,
         };
         records_below_k += below;
         tables.push(counts);
@@ -521,7 +545,8 @@ pub fn deid_taking(
         persons_below_k = report.k_anonymity.persons_below_k,
         suppressed = suppress,
         dir = %research_dir.display(),
-        taken = %taken.join(", "),
+        taken = %taken.tables.join(", "),
+        appended = %taken.appended.join(", "),
         "research tables published"
     );
     Ok((report, taken))
@@ -940,11 +965,12 @@ pub fn table_schema(table: Table, mode: DeidMode) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-/// De-identifies one fact table part by part; returns its counts and the
-/// rows of persons in small classes.
-fn deid_table(
+/// De-identifies the core files `parts` of one fact table, each into the
+/// research file of the same name in `out` (an empty table gets one empty
+/// file); returns their counts and the rows of persons in small classes.
+fn deid_files(
     table: Table,
-    core: &Path,
+    parts: &[PathBuf],
     out: &Path,
     scratch: &Warehouse,
     ids: &HashMap<&str, (&str, i32)>,
@@ -952,8 +978,7 @@ fn deid_table(
     opts: &DeidOptions,
 ) -> Result<(TableCounts, u64)> {
     let schema = table_schema(table, opts.mode);
-    let parts = parquet_files(core)?;
-    if parts.is_empty() {
+    if parts.is_empty() && !out.exists() {
         // The table exists (empty) so that queries can name it.
         scratch.write_parquet(&out.join("part-00000.parquet"), schema.clone(), &[])?;
     }
@@ -965,11 +990,10 @@ fn deid_table(
     use rayon::prelude::*;
     let done: Vec<(TableCounts, u64)> = parts
         .par_iter()
-        .enumerate()
-        .map(|(n, part)| {
+        .map(|part| {
             let mut counts = zero();
             let (batches, below) = deid_part(table, part, &schema, ids, small, opts, &mut counts)?;
-            let path = out.join(format!("part-{n:05}.parquet"));
+            let path = out.join(part.file_name().unwrap_or_default());
             scratch.write_parquet(&path, schema.clone(), &batches)?;
             Ok((counts, below))
         })

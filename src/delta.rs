@@ -118,6 +118,19 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
         if same_files(old, new) {
             continue;
         }
+        if let Some(added) = added_files(old, new) {
+            // The same files and more (an appended table): the persons of
+            // the added rows, when the columns are the same.
+            let Some(added) = row_sums(&added)? else {
+                return Ok(None);
+            };
+            if added.schema.as_ref() != Some(&file_schema(&old[0])?) {
+                tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
+                return Ok(None);
+            }
+            keys.extend(added.sums.keys());
+            continue;
+        }
         let (Some(old), Some(new)) = (row_sums(old)?, row_sums(new)?) else {
             return Ok(None);
         };
@@ -138,7 +151,7 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
                 .copied(),
         );
     }
-    let persons = count_rows(&core.join("person.parquet"))?;
+    let persons = crate::warehouse::parquet_rows(&core.join("person.parquet"))?;
     Ok(Some(Touched { keys, persons }))
 }
 
@@ -151,6 +164,29 @@ fn same_files(a: &[PathBuf], b: &[PathBuf]) -> bool {
         && a.iter()
             .zip(b)
             .all(|(x, y)| id(x).is_some() && id(x) == id(y))
+}
+
+/// The files of `new` that are not in `old`, when every file of `old`
+/// (at least one) is in `new` (by device and inode: hard-linked).
+pub(crate) fn added_files(old: &[PathBuf], new: &[PathBuf]) -> Option<Vec<PathBuf>> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &PathBuf| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let old: HashSet<(u64, u64)> = old.iter().map(id).collect::<Option<_>>()?;
+    let (mut kept, mut added) = (0, Vec::new());
+    for f in new {
+        match id(f) {
+            Some(i) if old.contains(&i) => kept += 1,
+            _ => added.push(f.clone()),
+        }
+    }
+    (kept > 0 && kept == old.len()).then_some(added)
+}
+
+fn file_schema(path: &Path) -> Result<SchemaRef> {
+    let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| WardError::data("comparing core rows", path, e))?;
+    Ok(reader.schema().clone())
 }
 
 /// One table's per-person row hash sums, and its schema.
@@ -221,13 +257,6 @@ fn file_sums(path: &Path) -> Result<Sums> {
     })
 }
 
-fn count_rows(path: &Path) -> Result<u64> {
-    let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| WardError::data("reading", path, e))?;
-    Ok(reader.metadata().file_metadata().num_rows().max(0) as u64)
-}
-
 /// Writes tonight's core tables under `core` to `out`, same layout, with
 /// the rows of the `touched` persons only (uncompressed: a scratch copy
 /// read once).
@@ -240,28 +269,39 @@ pub fn restrict(core: &Path, touched: &Touched, out: &Path) -> Result<()> {
             (f, out.join(rel))
         })
         .collect();
+    let touched = std::sync::Arc::new(touched.clone());
     files
         .par_iter()
-        .try_for_each(|(from, to)| restrict_file(from, touched, to))
+        .try_for_each(|(from, to)| restrict_file(from, &touched, to))
 }
 
-fn restrict_file(from: &Path, touched: &Touched, to: &Path) -> Result<()> {
+/// Copies the rows of `from` whose person is touched to `to`. The reader
+/// decodes `person_id` first and the other columns only where it selects
+/// rows (a core table is sorted by person: the touched persons' rows come
+/// in runs, and pages without any are skipped).
+fn restrict_file(from: &Path, touched: &std::sync::Arc<Touched>, to: &Path) -> Result<()> {
+    use datafusion::arrow::error::ArrowError;
+    use datafusion::parquet::arrow::ProjectionMask;
+    use datafusion::parquet::arrow::arrow_reader::{ArrowPredicateFn, RowFilter};
     let err = |e: BoxError| WardError::data("restricting the core to the touched persons", from, e);
     if let Some(dir) = to.parent() {
         std::fs::create_dir_all(dir).map_err(|e| WardError::io("cannot create", dir, e))?;
     }
     let file = std::fs::File::open(from).map_err(|e| WardError::io("cannot open", from, e))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.into()))?;
+    let person = ProjectionMask::columns(reader.parquet_schema(), [PERSON]);
+    let touched = touched.clone();
+    let predicate = ArrowPredicateFn::new(person, move |batch: RecordBatch| {
+        touched.mask(&batch).map_err(ArrowError::ExternalError)
+    });
+    let reader = reader.with_row_filter(RowFilter::new(vec![Box::new(predicate)]));
     let sink = std::fs::File::create(to).map_err(|e| WardError::io("cannot create", to, e))?;
     let mut writer =
         ArrowWriter::try_new(sink, reader.schema().clone(), None).map_err(|e| err(e.into()))?;
     for batch in reader.build().map_err(|e| err(e.into()))? {
         let batch = batch.map_err(|e| err(e.into()))?;
-        let mask = touched.mask(&batch).map_err(err)?;
-        let kept = datafusion::arrow::compute::filter_record_batch(&batch, &mask)
-            .map_err(|e| err(e.into()))?;
-        if kept.num_rows() > 0 {
-            writer.write(&kept).map_err(|e| err(e.into()))?;
+        if batch.num_rows() > 0 {
+            writer.write(&batch).map_err(|e| err(e.into()))?;
         }
     }
     writer.close().map_err(|e| err(e.into()))?;
@@ -375,5 +415,34 @@ mod tests {
         w.write(&batch).unwrap();
         w.close().unwrap();
         assert_eq!(touched(&old, &new).unwrap(), None);
+    }
+
+    #[test]
+    fn an_appended_table_touches_the_persons_of_its_added_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (old, new) = (tmp.path().join("old"), tmp.path().join("new"));
+        write(&old.join("person.parquet"), &[("a", 0), ("b", 0), ("c", 0)]);
+        write(
+            &old.join("observation/part-0.parquet"),
+            &[("a", 1), ("b", 1)],
+        );
+        for f in ["person.parquet", "observation/part-0.parquet"] {
+            std::fs::create_dir_all(new.join(f).parent().unwrap()).unwrap();
+            std::fs::hard_link(old.join(f), new.join(f)).unwrap();
+        }
+        write(
+            &new.join("observation/part-x.parquet"),
+            &[("b", 2), ("c", 1)],
+        );
+        let old_files = crate::warehouse::parquet_files(&old.join("observation")).unwrap();
+        let new_files = crate::warehouse::parquet_files(&new.join("observation")).unwrap();
+        assert_eq!(
+            added_files(&old_files, &new_files),
+            Some(vec![new.join("observation/part-x.parquet")])
+        );
+        assert_eq!(added_files(&new_files, &old_files), None);
+        let t = touched(&old, &new).unwrap().expect("comparable");
+        assert!(!t.contains("a") && t.contains("b") && t.contains("c"));
+        assert_eq!(t.len(), 2);
     }
 }

@@ -175,7 +175,7 @@ pub(crate) fn register_parquet_in(
     register_parquet_files(ctx, name, about, files, schema)
 }
 
-fn register_parquet_files(
+pub(crate) fn register_parquet_files(
     ctx: &SessionContext,
     name: &str,
     path: &std::path::Path,

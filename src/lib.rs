@@ -410,6 +410,7 @@ fn stage<T>(manifest: &mut runs::Manifest, name: &str, f: impl FnOnce() -> Resul
         peak_memory_bytes: runs::peak_memory(),
         reused_from: None,
         reused_tables: Vec::new(),
+        appended_tables: Vec::new(),
         reused_sources: Vec::new(),
         recomputed: None,
     });
@@ -540,7 +541,14 @@ fn run_stages(
             .iter()
             .map(|w| format!("linkage: {w}")),
     );
-    let core = build_core(night, &fingerprints, link_reused, &warehouse, manifest)?;
+    let core = build_core(
+        night,
+        &fingerprints,
+        link_reused,
+        &state,
+        &warehouse,
+        manifest,
+    )?;
     manifest.core = core
         .iter()
         .map(|(t, n)| (t.name().to_string(), *n))
@@ -664,8 +672,8 @@ fn run_stages(
         })
         .collect();
     let research_dir = run_dir.join("research");
-    let earlier_research = earlier_research(night, &fingerprints, manifest);
-    let mut research_taken = Vec::new();
+    let earlier_research = earlier_research(night, &fingerprints);
+    let mut research_taken = deid::Taken::default();
     let research = stage_or_reuse(
         manifest,
         "deid",
@@ -690,10 +698,11 @@ fn run_stages(
             Ok(report)
         },
     )?;
-    if !research_taken.is_empty() {
+    if research_taken != deid::Taken::default() {
         let stage = manifest.stages.last_mut().expect("the stage just ran");
         stage.reused_from = None;
-        stage.reused_tables = research_taken;
+        stage.reused_tables = research_taken.tables;
+        stage.appended_tables = research_taken.appended;
     }
     Ok(RunReport {
         run_id,
@@ -713,32 +722,20 @@ fn run_stages(
     })
 }
 
-/// The research tables of the current run that tonight's research copy may
-/// take: those of the fact tables the build stage took from it, when the
-/// research rows' other inputs (`deid.facts`) are the same and its research
-/// report is readable.
+/// The current run, whose research files tonight's research copy may take
+/// for the core files that are its own (see [`deid::deid_taking`]), when
+/// the research rows' other inputs (`deid.facts`) are the same and its
+/// research report is readable.
 fn earlier_research<'a>(
     night: &'a Night,
     fingerprints: &BTreeMap<String, String>,
-    manifest: &runs::Manifest,
 ) -> Option<deid::Earlier<'a>> {
     let (dir, earlier) = night.previous.reusable(night, fingerprints, "deid.facts")?;
-    let build = manifest.stages.iter().find(|s| s.stage == "build")?;
-    let tables: Vec<schema::Table> = if build.reused_from.is_some() {
-        link::build::fact_tables().collect()
-    } else {
-        build
-            .reused_tables
-            .iter()
-            .filter_map(|t| schema::Table::from_name(t))
-            .collect()
-    };
     let report = deid::read_report(&dir.join("research")).ok()?;
-    (!tables.is_empty()).then_some(deid::Earlier {
+    Some(deid::Earlier {
         run_dir: dir,
         outputs: &earlier.outputs,
         report,
-        tables,
     })
 }
 
@@ -794,12 +791,15 @@ const MARTS: &str = "marts/measure_patient";
 const RECOMPUTE_SHARE: f64 = 0.5;
 
 /// The build stage: each core table whose staged files (and linkage) are
-/// those of the current run is taken from it, the others are built; the
-/// stage counts as reused when every table was taken.
+/// those of the current run is taken from it; one whose staged files are
+/// the current run's and more is taken and appended to (see
+/// [`appendable`]); the others are built. The stage counts as reused when
+/// every table was taken.
 fn build_core(
     night: &Night,
     fingerprints: &BTreeMap<String, String>,
     link_reused: bool,
+    state: &warehouse::IngestState,
     warehouse: &warehouse::Warehouse,
     manifest: &mut runs::Manifest,
 ) -> Result<link::build::BuildReport> {
@@ -807,24 +807,50 @@ fn build_core(
         .previous
         .reusable(night, fingerprints, "link")
         .filter(|_| link_reused);
-    let (mut taken, mut warnings) = (Vec::new(), Vec::new());
+    let (mut taken, mut appended, mut warnings) = (Vec::new(), Vec::new(), Vec::new());
+    let run_id = manifest.run_id.clone();
     let report = stage(manifest, "build", || {
         let mut report = Vec::new();
         let mut build = Vec::new();
         for table in link::build::fact_tables() {
             let key = format!("build.{}", table.name());
-            let earlier = from
+            let same = from
                 .and_then(|_| night.previous.reusable(night, fingerprints, &key))
-                .and_then(|(dir, m)| Some((dir, m, *m.core.get(table.name())?)));
-            let Some((dir, m, rows)) = earlier else {
+                .is_some();
+            let Some((dir, m, rows)) =
+                from.and_then(|(dir, m)| Some((dir, m, *m.core.get(table.name())?)))
+            else {
                 build.push(table);
                 continue;
             };
+            let new = match same {
+                true => None,
+                false => match appendable(table, m, state, warehouse, &dir.join("core"), rows)? {
+                    Some(new) => Some(new),
+                    None => {
+                        build.push(table);
+                        continue;
+                    }
+                },
+            };
             let path = format!("core/{}", table.name());
-            match runs::adopt(dir, night.run_dir, &[&path], &m.outputs) {
-                Ok(_) => {
-                    taken.push(table.name().to_string());
-                    report.push((table, rows));
+            let added = runs::adopt(dir, night.run_dir, &[&path], &m.outputs).and_then(|_| {
+                new.map_or(Ok(Some(0)), |new| {
+                    let file = link::build::appended_file(&run_id);
+                    link::build::append_table(warehouse, table, new, &file)
+                })
+            });
+            match added {
+                Ok(Some(added)) => {
+                    match same {
+                        true => taken.push(table.name().to_string()),
+                        false => appended.push(table.name().to_string()),
+                    }
+                    report.push((table, rows + added));
+                }
+                Ok(None) => {
+                    let _ = std::fs::remove_dir_all(night.run_dir.join(&path));
+                    build.push(table);
                 }
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(night.run_dir.join(&path));
@@ -853,8 +879,67 @@ fn build_core(
         stage.reused_from = from.map(|(_, m)| m.run_id.clone());
     } else {
         stage.reused_tables = taken;
+        stage.appended_tables = appended;
     }
     Ok(report)
+}
+
+/// A core table may take the current run's files only while they stay few:
+/// past this many appended files, the table is built again.
+const MAX_APPENDED: usize = 8;
+
+/// Nor when the new staged rows are more than this share of the table's.
+const APPEND_SHARE: f64 = 0.25;
+
+/// The staged files of `table` that the current run (manifest `m`, core
+/// tables in `core`, `rows` rows in this one) did not build from, when
+/// its table may be appended to with their rows: every staged file it was
+/// built from is still staged (none changed or went), there are new ones,
+/// and they are few enough ([`MAX_APPENDED`], [`APPEND_SHARE`]). `None`
+/// otherwise, and for a manifest that does not record its staged files.
+fn appendable(
+    table: schema::Table,
+    m: &runs::Manifest,
+    state: &warehouse::IngestState,
+    warehouse: &warehouse::Warehouse,
+    core: &std::path::Path,
+    rows: u64,
+) -> Result<Option<Vec<std::path::PathBuf>>> {
+    let prefix = format!("staging/{}/", table.name());
+    let mut before = std::collections::BTreeSet::new();
+    // Inputs that were not staged (failed, unmapped) have no sha256.
+    for input in m.inputs.iter().filter(|i| i.sha256.is_some()) {
+        let Some(outputs) = &input.outputs else {
+            return Ok(None);
+        };
+        before.extend(outputs.iter().filter(|f| f.starts_with(&prefix)));
+    }
+    let now: std::collections::BTreeSet<&String> = state
+        .sources
+        .values()
+        .flat_map(|files| files.values())
+        .flat_map(|f| &f.outputs)
+        .filter(|f| f.starts_with(&prefix))
+        .collect();
+    if !before.is_subset(&now) || before.len() == now.len() {
+        return Ok(None);
+    }
+    if link::build::appended_files(&core.join(table.name()))? >= MAX_APPENDED {
+        tracing::info!(
+            table = table.name(),
+            "{MAX_APPENDED} nights appended to the core table: built again"
+        );
+        return Ok(None);
+    }
+    let new: Vec<std::path::PathBuf> = now
+        .difference(&before)
+        .map(|f| warehouse.root().join(f))
+        .collect();
+    let mut staged = 0;
+    for f in &new {
+        staged += warehouse::parquet_rows(f)?;
+    }
+    Ok((staged as f64 <= APPEND_SHARE * rows as f64).then_some(new))
 }
 
 /// The data-quality stage: every check on every source, over everything

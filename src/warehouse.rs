@@ -466,6 +466,15 @@ pub fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// The rows of the Parquet file `path`, from its footer.
+pub fn parquet_rows(path: &Path) -> Result<u64> {
+    let file = fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
+    let reader =
+        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| WardError::data("reading", path, e))?;
+    Ok(reader.metadata().file_metadata().num_rows().max(0) as u64)
+}
+
 /// What has been loaded into staging, per source and input file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct IngestState {

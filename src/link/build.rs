@@ -131,6 +131,94 @@ pub fn build_in_parts(
     })
 }
 
+/// The file an appending night (run `run_id`) adds to a core table's
+/// folder, next to the numbered parts of the build it appends to.
+pub fn appended_file(run_id: &str) -> String {
+    format!("part-{run_id}.parquet")
+}
+
+/// How many of the files in the core table folder `dir` appending nights
+/// added (those that are not a build's numbered `part-<n>.parquet`).
+pub fn appended_files(dir: &Path) -> Result<usize> {
+    let numbered = |p: &Path| {
+        p.file_stem()
+            .and_then(|s| s.to_str()?.strip_prefix("part-"))
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    Ok(crate::warehouse::parquet_files(dir)?
+        .iter()
+        .filter(|p| !numbered(p))
+        .count())
+}
+
+/// Adds to the core table `table` the core rows of the staged files `new`,
+/// as the one file `file` in its folder `core/<table>/`, which already
+/// holds a build of the other staged files with the same linkage (the
+/// current run's, taken). The rows added, or `None` (nothing written) when
+/// one of them is the same fact (person and [`fact_key`]) as a row already
+/// there: merging them changes that row, so the table is built again.
+///
+/// The table then holds what a build of every staged file would: the new
+/// rows' facts are de-duplicated among themselves as a build does, and
+/// share no fact with the rows already there.
+pub fn append_table(
+    warehouse: &Warehouse,
+    table: Table,
+    new: Vec<std::path::PathBuf>,
+    file: &str,
+) -> Result<Option<u64>> {
+    let core = warehouse.out().join("core");
+    let dir = core.join(table.name());
+    let out = dir.join(file);
+    let err = |e: datafusion::error::DataFusionError| {
+        WardError::data("appending to a core table", &out, e)
+    };
+    crate::engine::block_on(async {
+        let ctx = crate::engine::session(SessionConfig::new())?;
+        let staged = warehouse.staging_table_dir(table);
+        crate::engine::register_parquet_files(&ctx, "staged_new", &staged, new, table.schema())?;
+        crate::engine::register_parquet(
+            &ctx,
+            "person_link",
+            &core.join("person_link.parquet"),
+            crate::schema::person_link_schema(),
+        )
+        .await?;
+        let joined = ctx
+            .sql(
+                "SELECT l.person_id, f.* FROM staged_new f JOIN person_link l \
+                 ON l.source = f.source AND l.source_patient_id = f.source_patient_id",
+            )
+            .await
+            .map_err(err)?;
+        ctx.register_table("part_rows", joined.into_view())
+            .map_err(err)?;
+        if let Some(key) = fact_key(table) {
+            ctx.register_parquet(
+                "core_rows",
+                format!("{}/", dir.display()),
+                datafusion::prelude::ParquetReadOptions::default(),
+            )
+            .await
+            .map_err(err)?;
+            let same = same_fact(&person_key(key));
+            let sql = format!("SELECT count(*) FROM part_rows j JOIN core_rows d ON {same}");
+            if count(&ctx, &sql, &dir).await? > 0 {
+                tracing::info!(
+                    table = table.name(),
+                    "new staged rows repeat facts already in the core table: built again"
+                );
+                return Ok(None);
+            }
+        }
+        let tmp = warehouse.tmp_path(&out);
+        let rows = write(&ctx, &part_sql(table), &tmp).await?;
+        warehouse.publish_file(&tmp, &out)?;
+        tracing::info!(table = table.name(), rows, file, "core table appended to");
+        Ok(Some(rows))
+    })
+}
+
 async fn count(ctx: &SessionContext, sql: &str, dir: &std::path::Path) -> Result<u64> {
     let batches = crate::engine::collect_about(ctx, sql, "counting staged rows", dir).await?;
     Ok(batches
@@ -205,21 +293,14 @@ fn part_sql(table: Table) -> String {
              ORDER BY {ORDER}"
         );
     };
-    let key: Vec<String> = std::iter::once("person_id")
-        .chain(key.iter().copied())
-        .map(|c| format!("\"{c}\""))
-        .collect();
+    let key = person_key(key);
     let group = key.join(", ");
     let qualified = key
         .iter()
         .map(|c| format!("j.{c}"))
         .collect::<Vec<_>>()
         .join(", ");
-    let same = key
-        .iter()
-        .map(|c| format!("(j.{c} IS NOT DISTINCT FROM d.{c})"))
-        .collect::<Vec<_>>()
-        .join(" AND ");
+    let same = same_fact(&key);
     // Facts reported more than once (`d`, found by hashing, usually few)
     // keep the columns of their first report in (source, file, line)
     // order and list every source; the rest pass through. A window over
@@ -240,6 +321,23 @@ fn part_sql(table: Table) -> String {
          WHERE j.first_ = 1 \
          ORDER BY {ORDER}"
     )
+}
+
+/// The quoted columns of a fact's identity: its person, then `key`.
+fn person_key(key: &[&str]) -> Vec<String> {
+    std::iter::once("person_id")
+        .chain(key.iter().copied())
+        .map(|c| format!("\"{c}\""))
+        .collect()
+}
+
+/// The join condition "row `j` is the same fact as row `d`" over `key`
+/// (see [`person_key`]): nulls equal, as in a GROUP BY.
+fn same_fact(key: &[String]) -> String {
+    key.iter()
+        .map(|c| format!("(j.{c} IS NOT DISTINCT FROM d.{c})"))
+        .collect::<Vec<_>>()
+        .join(" AND ")
 }
 
 /// Runs `sql` into the Parquet file `path`.
@@ -264,4 +362,25 @@ async fn write(ctx: &SessionContext, sql: &str, path: &Path) -> Result<u64> {
                 .map(|a| a.value(0))
         })
         .unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appended_files_are_those_a_build_does_not_number() {
+        let tmp = tempfile::tempdir().unwrap();
+        for f in [
+            "part-00000.parquet",
+            "part-00001.parquet",
+            &appended_file("20261205T010513Z"),
+            &appended_file("20261206T010513Z"),
+            "notes.txt",
+        ] {
+            std::fs::write(tmp.path().join(f), b"").unwrap();
+        }
+        assert_eq!(appended_files(tmp.path()).unwrap(), 2);
+        assert_eq!(appended_files(&tmp.path().join("absent")).unwrap(), 0);
+    }
 }

@@ -153,6 +153,12 @@ pub struct InputFile {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub values_flagged: BTreeMap<String, u64>,
     pub detail: Option<String>,
+    /// The files its load wrote, relative to the warehouse: its accepted
+    /// rows (`staging/<table>/source=<source>/<batch>.parquet`) and
+    /// rejects (`rejects/<source>/<batch>.parquet`). Absent for a file not
+    /// staged, and in manifests written before Ward recorded them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<Vec<String>>,
 }
 
 /// Rows of one source and table over the files the run used.
@@ -214,6 +220,12 @@ pub struct StageInfo {
     /// current run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reused_tables: Vec<String>,
+    /// Of a stage that kept some tables' files from the current run and
+    /// added a file of new rows to each (`build`: core tables whose new
+    /// staged files only add facts; `deid`: their research tables), those
+    /// tables.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub appended_tables: Vec<String>,
     /// Of a stage computed per source (`dq`), the sources whose results it
     /// took from the current run, their staged files being unchanged.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -307,6 +319,7 @@ pub fn inputs(
                 rows_skipped: s.rows_skipped,
                 values_flagged: s.values_flagged.clone(),
                 detail: None,
+                outputs: Some(s.outputs.clone()),
             });
         }
     }
@@ -330,6 +343,7 @@ pub fn inputs(
                 rows_skipped: 0,
                 values_flagged: BTreeMap::new(),
                 detail: f.detail.clone(),
+                outputs: None,
             });
         }
     }

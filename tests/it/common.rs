@@ -371,27 +371,35 @@ pub fn list_len(batch: &RecordBatch, column: &str, row: usize) -> usize {
         .len()
 }
 
-/// Everything a run derived from staging, by file: Parquet files as their
-/// sorted rows (with the column names first), other files as text. The
-/// reports are left out: they name the run.
+/// Everything a run derived from staging, by table: a table's Parquet
+/// files (`part-*.parquet` in its folder, however its rows are split) as
+/// their sorted rows (with the column names first), other Parquet files as
+/// theirs, other files as text. The reports are left out: they name the
+/// run.
 pub fn derived(run_dir: &Path) -> BTreeMap<String, Vec<String>> {
+    let mut batches: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
     let mut out = BTreeMap::new();
     for sub in ["core", "marts", "research"] {
         let dir = run_dir.join(sub);
         for entry in walkdir(&dir) {
-            let rel = entry
+            let name = entry.file_name().unwrap().to_string_lossy().into_owned();
+            let of = match name.starts_with("part-") {
+                true => entry.parent().unwrap(),
+                false => &entry,
+            };
+            let rel = of
                 .strip_prefix(run_dir)
                 .unwrap()
                 .to_string_lossy()
                 .into_owned();
-            let content = if rel.ends_with(".parquet") {
-                sorted_rows(&read_parquet(&entry))
+            if name.ends_with(".parquet") {
+                batches.entry(rel).or_default().extend(read_parquet(&entry));
             } else {
-                vec![fs::read_to_string(&entry).unwrap()]
-            };
-            out.insert(rel, content);
+                out.insert(rel, vec![fs::read_to_string(&entry).unwrap()]);
+            }
         }
     }
+    out.extend(batches.into_iter().map(|(rel, b)| (rel, sorted_rows(&b))));
     out
 }
 

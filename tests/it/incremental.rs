@@ -291,6 +291,99 @@ fn new_facts_keep_the_linkage_and_rebuild_the_rest_as_a_full_rebuild_would() {
     }
 }
 
+/// Delivers to the sample clinic a new results file `name` with one HbA1c
+/// (result id `id`) of a patient it already sent, at `time`.
+fn deliver_hba1c(dir: &std::path::Path, name: &str, id: &str, time: &str) {
+    fs::write(
+        dir.join("sample_data/northside_clinic").join(name),
+        format!(
+            "ResultID,PatientID,VisitID,ResultDate,LOINC,TestName,Result,Units\n\
+             {id},AA0000002,AAE000000020,{time},4548-4,Hemoglobin A1c,9.1,%\n"
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_new_file_of_facts_is_appended_and_publishes_what_a_full_rebuild_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = PipelineConfig::load(&copy_sample(tmp.path())).unwrap();
+    let first = run_all(&config);
+    deliver_hba1c(tmp.path(), "results_2.csv", "N1", "06/03/2025 09:15");
+
+    let second = run_all(&config);
+    assert_eq!(reused(&second), stages(&["link"], &first.run_id));
+    let others: Vec<&str> = ward::link::build::fact_tables()
+        .map(|t| t.name())
+        .filter(|t| *t != "observation")
+        .collect();
+    // The observations keep the first night's files and gain one.
+    let build = &second.manifest.stages[2];
+    assert_eq!(build.stage, "build");
+    assert_eq!(build.reused_tables, others);
+    assert_eq!(build.appended_tables, ["observation"]);
+    let appended = ward::link::build::appended_file(&second.run_id);
+    let files = |run: &ward::RunReport, dir: &str| -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(run.run_dir.join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let mut expected = files(&first, "core/observation");
+    expected.push(appended.clone());
+    assert_eq!(files(&second, "core/observation"), expected);
+    assert_eq!(files(&second, "research/observation"), expected);
+    assert_eq!(
+        second.manifest.core["observation"],
+        first.manifest.core["observation"] + 1
+    );
+    // Research files of the first night's core files are taken; the new
+    // one's are computed.
+    let deid = second.manifest.stages.last().unwrap();
+    assert_eq!(deid.stage, "deid");
+    assert_eq!(deid.reused_tables, others);
+    assert_eq!(deid.appended_tables, ["observation"]);
+    // One person has a new fact.
+    assert_eq!(
+        second.manifest.stages[4]
+            .recomputed
+            .as_ref()
+            .map(|r| r.persons),
+        Some(1)
+    );
+
+    let full = run_with(&config, Rebuild::Full);
+    assert!(
+        full.manifest
+            .stages
+            .iter()
+            .all(|s| s.appended_tables.is_empty())
+    );
+    assert!(!files(&full, "core/observation").contains(&appended));
+    let json = |run: &ward::RunReport| serde_json::to_value(&run.research).unwrap();
+    assert_eq!(json(&full), json(&second));
+    assert_eq!(derived(&full.run_dir), derived(&second.run_dir));
+    assert_eq!(figures(&full), figures(&second));
+
+    // A file repeating a fact the core holds (another id, the same
+    // result): appending would leave the fact twice, so the observations
+    // are built again, into what the full rebuild holds.
+    deliver_hba1c(tmp.path(), "results_3.csv", "N2", "06/03/2025 09:15");
+    let third = run_all(&config);
+    let build = &third.manifest.stages[2];
+    assert_eq!(build.reused_tables, others);
+    assert!(build.appended_tables.is_empty());
+    assert!(
+        files(&third, "core/observation")
+            .iter()
+            .all(|f| !f.contains('T')),
+        "a build writes numbered parts only"
+    );
+    assert_eq!(derived(&third.run_dir), derived(&full.run_dir));
+}
+
 #[test]
 fn an_output_changed_since_its_run_is_computed_again_not_taken() {
     let tmp = tempfile::tempdir().unwrap();

@@ -160,6 +160,14 @@ fn snap_manifest_shape() {
                 other => other,
             }),
             ".inputs[].sha256" => "[sha256]",
+            // Named by a hash of the file and its rules.
+            ".inputs[].outputs[]" => insta::dynamic_redaction(|value, _| match value.as_str() {
+                Some(path) => match path.rsplit_once('/') {
+                    Some((dir, _)) => format!("{dir}/[batch].parquet").into(),
+                    None => value,
+                },
+                None => value,
+            }),
             ".stages[].seconds" => "[seconds]",
             ".stages[].peak_memory_bytes" => "[bytes]",
             ".peak_memory_bytes" => "[bytes]",

@@ -1093,10 +1093,18 @@ fn merge(
         None,
     )
     .map_err(|e| err(e.into()))?;
-    let sorted =
-        datafusion::arrow::compute::take_record_batch(&all, &order).map_err(|e| err(e.into()))?;
+    // Taken slice by slice: each batch owns its buffers (a slice of one
+    // large batch would count the whole batch's memory wherever it goes).
+    let rows = (0..order.len())
+        .step_by(MART_BATCH)
+        .map(|at| {
+            let order = order.slice(at, MART_BATCH.min(order.len() - at));
+            datafusion::arrow::compute::take_record_batch(&all, &order)
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| err(e.into()))?;
     let result = MeasureResult {
-        rows: slices(&sorted),
+        rows,
         counts: Counts::default(),
         empty: None,
         ..r

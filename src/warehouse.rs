@@ -435,13 +435,44 @@ pub fn read_parquet(path: &Path, context: &'static str) -> Result<Vec<RecordBatc
 }
 
 /// A file's SHA-256 (hex) and size in bytes, read as a stream.
+///
+/// A file this process has hashed before, unchanged since (same device,
+/// inode, size and modification time), is not read again: a night hashes
+/// each file it takes from the current run (hard-linked) when it takes
+/// it, and again when it lists its own outputs. Only files last modified
+/// a while before they were hashed are remembered: a file rewritten in
+/// place within the file system's timestamp granularity keeps its
+/// modification time (as git's index treats "racily clean" files).
 pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     use sha2::Digest;
+    use std::os::unix::fs::MetadataExt;
+    type Identity = (u64, u64, u64, i64, i64);
+    static HASHED: std::sync::Mutex<BTreeMap<Identity, String>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
     let mut file = fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
+    let identity = file
+        .metadata()
+        .ok()
+        .filter(|m| {
+            m.modified()
+                .is_ok_and(|t| t.elapsed().is_ok_and(|a| a > SETTLED))
+        })
+        .map(|m| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()));
+    let known = |id: &Identity| HASHED.lock().ok()?.get(id).cloned();
+    if let Some(id) = identity
+        && let Some(sha) = known(&id)
+    {
+        return Ok((sha, id.2));
+    }
     let mut hasher = sha2::Sha256::new();
     let bytes =
         std::io::copy(&mut file, &mut hasher).map_err(|e| WardError::io("cannot read", path, e))?;
-    Ok((hex::encode(hasher.finalize()), bytes))
+    let sha = hex::encode(hasher.finalize());
+    if let (Some(id), Ok(mut hashed)) = (identity, HASHED.lock()) {
+        hashed.insert(id, sha.clone());
+    }
+    Ok((sha, bytes))
 }
 
 /// All `*.parquet` files under a directory, recursively, sorted.
@@ -506,10 +537,51 @@ impl IngestState {
     }
 }
 
+/// What the file system says of a file, to tell it unchanged without
+/// reading it: its inode, size, and modification and status-change times
+/// (nanoseconds). Any write, truncation, rename over it or change of
+/// links or permissions changes one of them; the status-change time
+/// cannot be set by a user.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileStat {
+    pub inode: u64,
+    pub bytes: u64,
+    pub modified_ns: i128,
+    pub changed_ns: i128,
+}
+
+impl FileStat {
+    /// The file's stat, when it was last changed a while ago: a file
+    /// changed within the file system's timestamp granularity of being
+    /// read could change again with the same times (git's "racily clean"
+    /// files), so it is not told unchanged by them.
+    pub fn of_settled(path: &Path) -> Option<FileStat> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path).ok()?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_nanos() as i128;
+        let stat = FileStat {
+            inode: m.ino(),
+            bytes: m.size(),
+            modified_ns: ns(m.mtime(), m.mtime_nsec()),
+            changed_ns: ns(m.ctime(), m.ctime_nsec()),
+        };
+        const SETTLED_NS: i128 = 2_000_000_000;
+        (now - stat.modified_ns.max(stat.changed_ns) > SETTLED_NS).then_some(stat)
+    }
+}
+
 /// One input file's load: what it was, what it produced.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FileState {
     pub sha256: String,
+    /// The file's stat when it was hashed (see [`FileStat::of_settled`]):
+    /// while it is the same, the file is not read again to be hashed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stat: Option<FileStat>,
     pub mapping_sha256: String,
     /// For fact files: fingerprint of the source's patient files the rows
     /// were checked against; when it changes the file is checked again.
@@ -592,6 +664,7 @@ mod tests {
             "f.csv".into(),
             FileState {
                 sha256: "s".into(),
+                stat: None,
                 mapping_sha256: "m".into(),
                 patients_fingerprint: None,
                 table: "patient".into(),

@@ -32,7 +32,7 @@ use crate::Progress;
 use crate::error::{Result, WardError};
 use crate::mapping::{CsvMapping, FileMapping};
 use crate::schema::{Table, rejects_schema};
-use crate::warehouse::{FileState, IngestState, ParquetFile, Warehouse};
+use crate::warehouse::{FileStat, FileState, IngestState, ParquetFile, Warehouse};
 use rows::{RejectRow, RowContext};
 
 /// How ingest runs.
@@ -262,6 +262,8 @@ struct Input<'a> {
     path: PathBuf,
     rel: String,
     sha256: String,
+    /// Its stat before it was hashed, when settled.
+    stat: Option<FileStat>,
 }
 
 impl Input<'_> {
@@ -432,7 +434,7 @@ pub fn ingest(
         .map(|s| s.mapping.as_deref().map(CsvMapping::load).transpose())
         .collect::<Result<_>>()?;
     let candidates = list_files(sources, &mappings, &mut report);
-    let inputs = classify(hash_all(candidates), &state, &mut report);
+    let inputs = classify(hash_all(candidates, &state), &state, &mut report);
 
     let (patient_inputs, fact_inputs): (Vec<&Input>, Vec<&Input>) =
         inputs.iter().partition(|i| i.first_phase());
@@ -486,11 +488,24 @@ pub fn ingest(
         .chain(&fact_load)
         .map(|i| (i.source.name.as_str(), i.rel.as_str()))
         .collect();
+    // An unchanged file's stat is recorded anew (touched, copied back, or
+    // first seen by a version that records it): the next night need not
+    // read it.
+    let mut restat = false;
     for input in &inputs {
         if !loaded_names.contains(&(input.source.name.as_str(), input.rel.as_str())) {
             tracing::debug!(source = %input.source.name, file = %input.rel, "unchanged");
             let known = &state.sources[&input.source.name][&input.rel];
             report.files.push(FileReport::unchanged(input, known));
+            if input.stat.is_some() && known.stat != input.stat {
+                let known = state
+                    .sources
+                    .get_mut(&input.source.name)
+                    .and_then(|files| files.get_mut(&input.rel))
+                    .expect("just read");
+                known.stat = input.stat;
+                restat = true;
+            }
         }
     }
     let mut superseded = std::mem::take(&mut state.superseded);
@@ -500,7 +515,7 @@ pub fn ingest(
         }
         report.files.push(file_report);
     }
-    if !opts.dry_run && (!loaded_names.is_empty() || !superseded.is_empty()) {
+    if !opts.dry_run && (restat || !loaded_names.is_empty() || !superseded.is_empty()) {
         wh.save_state(&state)?;
         wh.remove(&superseded)?;
     }
@@ -579,22 +594,35 @@ fn list_files<'a>(
 }
 
 /// An input file with its content's SHA-256 (or why it could not be read).
+/// A listed file with its SHA-256 and, when settled, its stat.
 type Hashed<'a> = (
     &'a SourceConfig,
     Option<&'a CsvMapping>,
     PathBuf,
-    Result<String>,
+    Result<(String, Option<FileStat>)>,
 );
 
 /// Hashes the files in parallel.
 fn hash_all<'a>(
     candidates: Vec<(&'a SourceConfig, Option<&'a CsvMapping>, PathBuf)>,
+    state: &IngestState,
 ) -> Vec<Hashed<'a>> {
     candidates
         .into_par_iter()
         .map(|(source, mapping, path)| {
-            let sha = crate::warehouse::sha256_file(&path).map(|(hash, _)| hash);
-            (source, mapping, path, sha)
+            // Taken before reading: a change while it is read makes the
+            // next night's stat differ, so the file is read again then.
+            let stat = FileStat::of_settled(&path);
+            let known = state
+                .sources
+                .get(&source.name)
+                .and_then(|files| files.get(&relative_name(source, &path)))
+                .filter(|f| stat.is_some() && f.stat == stat);
+            let sha = match known {
+                Some(f) => Ok(f.sha256.clone()),
+                None => crate::warehouse::sha256_file(&path).map(|(hash, _)| hash),
+            };
+            (source, mapping, path, sha.map(|sha| (sha, stat)))
         })
         .collect()
 }
@@ -613,7 +641,7 @@ fn classify<'a>(
         let file_report = |status, detail: Option<String>| {
             FileReport::new(&source.name, &rel, None, status, detail)
         };
-        let sha = match sha {
+        let (sha, stat) = match sha {
             Ok(s) => s,
             Err(e) => {
                 report
@@ -653,6 +681,7 @@ fn classify<'a>(
             path,
             rel,
             sha256: sha,
+            stat,
         });
     }
     inputs
@@ -992,6 +1021,7 @@ fn write_rejects(staged: &Staged, input: &Input, rejects: &[RejectRow]) -> Resul
 fn file_state(input: &Input, loaded: Loaded, fingerprint: Option<String>) -> FileState {
     FileState {
         sha256: input.sha256.clone(),
+        stat: input.stat,
         mapping_sha256: input.rules_hash().to_string(),
         patients_fingerprint: fingerprint,
         table: input.table().to_string(),

@@ -218,6 +218,49 @@ fn second_run_changes_nothing() {
 }
 
 #[test]
+fn a_settled_file_whose_stat_is_the_same_is_not_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    // Files changed within two seconds of being read are always read.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    run_ingest(&config).unwrap();
+    let state_path = dir.path().join("wh/state/ingest.json");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&fs::read(&state_path).unwrap()).unwrap();
+    let results = &mut state["sources"]["northside_clinic"]["results.csv"];
+    assert!(results["stat"]["inode"].is_u64(), "{results}");
+    // The state says the file had another content: while its stat is the
+    // one recorded, the file is not read, so it counts as unchanged.
+    results["sha256"] = "0".repeat(64).into();
+    fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let report = run_ingest(&config).unwrap();
+    assert!(
+        report
+            .files
+            .iter()
+            .all(|f| f.status == FileStatus::Unchanged),
+        "{:?}",
+        report.files
+    );
+    // Touched, it is read: its content is not the one recorded.
+    let path = dir.path().join("sample_data/northside_clinic/results.csv");
+    fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now())
+        .unwrap();
+    let report = run_ingest(&config).unwrap();
+    let loaded: Vec<&str> = report
+        .files
+        .iter()
+        .filter(|f| f.status == FileStatus::Loaded)
+        .map(|f| f.file.as_str())
+        .collect();
+    assert_eq!(loaded, ["results.csv"]);
+}
+
+#[test]
 fn changed_file_replaces_its_own_batch_only() {
     let dir = tempfile::tempdir().unwrap();
     let config = copy_sample(dir.path());

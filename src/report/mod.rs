@@ -487,25 +487,30 @@ pub fn write_care_gaps(
     let dir = report_dir(warehouse, run_id).join("phi");
     std::fs::create_dir_all(&dir).map_err(|e| WardError::io("cannot create", &dir, e))?;
     crate::warehouse::owner_only(0o700, &dir, |p| std::fs::set_permissions(&dir, p))?;
-    let mut header: Vec<String> = Vec::new();
-    let mut texts: Vec<Vec<StringArray>> = Vec::new();
-    for b in gaps {
-        header = b
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect();
-        let columns: Vec<StringArray> = b
-            .columns()
-            .iter()
-            .map(|c| {
-                crate::engine::text(c)
-                    .map_err(|e| WardError::data("writing care gaps", dir.clone(), e))
-            })
-            .collect::<Result<_>>()?;
-        texts.push(columns);
-    }
+    use rayon::prelude::*;
+    let header: Vec<String> = gaps
+        .last()
+        .map(|b| {
+            b.schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    // Batches as text and providers' files are independent: in parallel.
+    let texts: Vec<Vec<StringArray>> = gaps
+        .par_iter()
+        .map(|b| {
+            b.columns()
+                .iter()
+                .map(|c| {
+                    crate::engine::text(c)
+                        .map_err(|e| WardError::data("writing care gaps", dir.clone(), e))
+                })
+                .collect::<Result<_>>()
+        })
+        .collect::<Result<_>>()?;
     // Per provider (the first column, as its cells are written), its rows
     // (batch, row) in order.
     let mut by_provider: BTreeMap<std::borrow::Cow<str>, Vec<(usize, usize)>> = BTreeMap::new();
@@ -523,30 +528,32 @@ pub fn write_care_gaps(
                 .push((k, i));
         }
     }
-    let mut written = Vec::new();
-    for (provider, rows) in by_provider {
-        let path = dir.join(format!("care_gaps_{provider}.csv"));
-        let mut csv = csv::Writer::from_writer(Vec::new());
-        let bad = |e: csv::Error| WardError::data("writing care gaps", path.clone(), e);
-        csv.write_record(&header).map_err(bad)?;
-        for (k, i) in rows {
-            for a in &texts[k] {
-                let cell = if a.is_null(i) { "" } else { a.value(i) };
-                csv.write_field(spreadsheet_safe(cell).as_bytes())
-                    .map_err(bad)?;
+    let by_provider: Vec<_> = by_provider.into_iter().collect();
+    by_provider
+        .par_iter()
+        .map(|(provider, rows)| {
+            let path = dir.join(format!("care_gaps_{provider}.csv"));
+            let mut csv = csv::Writer::from_writer(Vec::new());
+            let bad = |e: csv::Error| WardError::data("writing care gaps", path.clone(), e);
+            csv.write_record(&header).map_err(bad)?;
+            for &(k, i) in rows {
+                for a in &texts[k] {
+                    let cell = if a.is_null(i) { "" } else { a.value(i) };
+                    csv.write_field(spreadsheet_safe(cell).as_bytes())
+                        .map_err(bad)?;
+                }
+                csv.write_record(None::<&[u8]>).map_err(bad)?;
             }
-            csv.write_record(None::<&[u8]>).map_err(bad)?;
-        }
-        let bytes = csv
-            .into_inner()
-            .map_err(|e| WardError::data("writing care gaps", path.clone(), e))?;
-        warehouse.publish(&path, |file| {
-            crate::warehouse::owner_only(0o600, &path, |p| file.set_permissions(p))?;
-            write_all(file, &bytes, &path)
-        })?;
-        written.push(path);
-    }
-    Ok(written)
+            let bytes = csv
+                .into_inner()
+                .map_err(|e| WardError::data("writing care gaps", path.clone(), e))?;
+            warehouse.publish(&path, |file| {
+                crate::warehouse::owner_only(0o600, &path, |p| file.set_permissions(p))?;
+                write_all(file, &bytes, &path)
+            })?;
+            Ok(path)
+        })
+        .collect()
 }
 
 /// A cell that a spreadsheet would run as a formula (it starts with `=`,

@@ -23,7 +23,10 @@
 //! year removed; ZIP codes keep their first three digits, and the three-digit
 //! areas of fewer than 20,000 people become `000`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+// Maps keyed by a million person ids: a fast hash, not SipHash.
+use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -719,7 +722,9 @@ fn person_rows(batches: &[RecordBatch], path: &Path, opts: &DeidOptions) -> Resu
             .as_any()
             .downcast_ref::<UInt32Array>()
             .expect("cast");
-        for i in 0..b.num_rows() {
+        // Two HMACs per person: the rows in parallel, in order.
+        use rayon::prelude::*;
+        let person = |i: usize| {
             let person_id = id.value(i).to_string();
             let born = (!birth.is_null(i))
                 .then(|| birth.value_as_date(i))
@@ -746,7 +751,7 @@ fn person_rows(batches: &[RecordBatch], path: &Path, opts: &DeidOptions) -> Resu
                 opt(&race, i),
                 opt(&eth, i),
             ];
-            out.push(Person {
+            Person {
                 research_id: research_id(&opts.key, &person_id),
                 person_id,
                 shift,
@@ -762,8 +767,9 @@ fn person_rows(batches: &[RecordBatch], path: &Path, opts: &DeidOptions) -> Resu
                 sources: (!sources.is_null(i)).then(|| sources.value(i)),
                 records: (!records.is_null(i)).then(|| records.value(i)),
                 class,
-            });
-        }
+            }
+        };
+        out.par_extend((0..b.num_rows()).into_par_iter().map(person));
     }
     Ok(out)
 }

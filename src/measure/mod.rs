@@ -954,8 +954,9 @@ pub fn care_gaps(
 /// that equal rows make equal files (a mart merged by [`run_for_persons`]
 /// is byte for byte the one a whole run writes).
 pub fn write_marts(warehouse: &Warehouse, results: &[MeasureResult]) -> Result<Vec<PathBuf>> {
+    use rayon::prelude::*;
     results
-        .iter()
+        .par_iter()
         .map(|r| {
             let path = mart_path(warehouse.out(), &r.key());
             let all = datafusion::arrow::compute::concat_batches(&r.schema, &r.rows)
@@ -1005,27 +1006,40 @@ pub fn run_for_persons(
         false => defs.iter().copied().filter(|d| d.person_local).collect(),
     };
     let mut computed = run(restricted, queries, &local, period)?.into_iter();
-    let mut merged: Vec<Option<Vec<MeasureResult>>> = Vec::new();
-    for def in defs {
-        if !def.person_local {
-            merged.push(None);
-            continue;
-        }
-        if touched.is_empty() {
-            merged.push(read_marts(previous, def, period).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "{MART_UNREADABLE}");
-                None
-            }));
-            continue;
-        }
-        let n = def.groups.len().max(1);
-        let mut results = Vec::new();
-        for r in computed.by_ref().take(n) {
-            results.extend(merge(r, previous, touched)?);
-        }
-        let merged_all = results.len() == n && results.iter().any(|r| r.counts.denominator > 0);
-        merged.push(merged_all.then_some(results));
-    }
+    // Each measure's computed results (one per group), then the measures
+    // merged with their marts in parallel (reading, sorting and counting a
+    // mart of a million rows is a measure's own work).
+    let computed: Vec<Vec<MeasureResult>> = defs
+        .iter()
+        .map(|def| match def.person_local && !touched.is_empty() {
+            true => computed.by_ref().take(def.groups.len().max(1)).collect(),
+            false => Vec::new(),
+        })
+        .collect();
+    use rayon::prelude::*;
+    let merged: Vec<Option<Vec<MeasureResult>>> = defs
+        .par_iter()
+        .zip(computed)
+        .map(|(def, computed)| {
+            if !def.person_local {
+                return Ok(None);
+            }
+            if touched.is_empty() {
+                return Ok(read_marts(previous, def, period).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "{MART_UNREADABLE}");
+                    None
+                }));
+            }
+            let n = def.groups.len().max(1);
+            let mut results = Vec::new();
+            for r in computed {
+                results.extend(merge(r, previous, touched)?);
+            }
+            let merged_all =
+                results.len() == n && results.iter().any(|r| r.counts.denominator > 0);
+            Ok(merged_all.then_some(results))
+        })
+        .collect::<Result<_>>()?;
     let rest: Vec<&MeasureDef> = defs
         .iter()
         .zip(&merged)

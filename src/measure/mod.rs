@@ -1035,8 +1035,7 @@ pub fn run_for_persons(
             for r in computed {
                 results.extend(merge(r, previous, touched)?);
             }
-            let merged_all =
-                results.len() == n && results.iter().any(|r| r.counts.denominator > 0);
+            let merged_all = results.len() == n && results.iter().any(|r| r.counts.denominator > 0);
             Ok(merged_all.then_some(results))
         })
         .collect::<Result<_>>()?;

@@ -81,13 +81,7 @@ pub fn build_in_parts(
     crate::engine::block_on(async {
         let ctx = crate::engine::session(SessionConfig::new())?;
         crate::engine::register_staging(&ctx, warehouse).await?;
-        crate::engine::register_parquet(
-            &ctx,
-            "person_link",
-            &core.join("person_link.parquet"),
-            crate::schema::person_link_schema(),
-        )
-        .await?;
+        register_links(&ctx, &core).await?;
         let mut report = Vec::new();
         for &table in tables {
             let staged = count(
@@ -177,20 +171,8 @@ pub fn append_table(
         let ctx = crate::engine::session(SessionConfig::new())?;
         let staged = warehouse.staging_table_dir(table);
         crate::engine::register_parquet_files(&ctx, "staged_new", &staged, new, table.schema())?;
-        crate::engine::register_parquet(
-            &ctx,
-            "person_link",
-            &core.join("person_link.parquet"),
-            crate::schema::person_link_schema(),
-        )
-        .await?;
-        let joined = ctx
-            .sql(
-                "SELECT l.person_id, f.* FROM staged_new f JOIN person_link l \
-                 ON l.source = f.source AND l.source_patient_id = f.source_patient_id",
-            )
-            .await
-            .map_err(err)?;
+        register_links(&ctx, &core).await?;
+        let joined = ctx.sql(&linked_rows("staged_new", "")).await.map_err(err)?;
         ctx.register_table("part_rows", joined.into_view())
             .map_err(err)?;
         if let Some(key) = fact_key(table) {
@@ -217,6 +199,27 @@ pub fn append_table(
         tracing::info!(table = table.name(), rows, file, "core table appended to");
         Ok(Some(rows))
     })
+}
+
+/// Registers the linkage's `core/person_link.parquet` under `core` as
+/// `person_link`.
+async fn register_links(ctx: &SessionContext, core: &Path) -> Result<()> {
+    crate::engine::register_parquet(
+        ctx,
+        "person_link",
+        &core.join("person_link.parquet"),
+        crate::schema::person_link_schema(),
+    )
+    .await
+}
+
+/// The rows of the staged table `staged` that linkage gave a person, each
+/// with its `person_id` first and the columns `extra` (`, <expr> AS <name>`) last.
+fn linked_rows(staged: &str, extra: &str) -> String {
+    format!(
+        "SELECT l.person_id, f.*{extra} FROM {staged} f JOIN person_link l \
+         ON l.source = f.source AND l.source_patient_id = f.source_patient_id"
+    )
 }
 
 async fn count(ctx: &SessionContext, sql: &str, dir: &std::path::Path) -> Result<u64> {
@@ -247,12 +250,11 @@ async fn split_rows(
     let err = |e: datafusion::error::DataFusionError| {
         WardError::data("joining staged rows to persons", dir, e)
     };
-    let sql = format!(
-        "SELECT l.person_id, f.*, \
-           (ascii(substr(l.person_id, 16, 1)) * 256 + ascii(substr(l.person_id, 17, 1))) % {buckets} AS {BUCKET} \
-         FROM staging_{name} f JOIN person_link l \
-         ON l.source = f.source AND l.source_patient_id = f.source_patient_id",
-        name = table.name()
+    let sql = linked_rows(
+        &format!("staging_{}", table.name()),
+        &format!(
+            ", (ascii(substr(l.person_id, 16, 1)) * 256 + ascii(substr(l.person_id, 17, 1))) % {buckets} AS {BUCKET}"
+        ),
     );
     let df = ctx.sql(&sql).await.map_err(err)?;
     let schema = std::sync::Arc::new(crate::engine::schema_without(

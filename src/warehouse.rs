@@ -582,6 +582,11 @@ pub struct FileState {
     /// while it is the same, the file is not read again to be hashed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stat: Option<FileStat>,
+    /// The file's size when loaded (CSV files; states written before Ward
+    /// recorded it: none). A file that grew by appended records is
+    /// recognised by its first `bytes` having the recorded SHA-256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
     pub mapping_sha256: String,
     /// For fact files: fingerprint of the source's patient files the rows
     /// were checked against; when it changes the file is checked again.
@@ -665,6 +670,7 @@ mod tests {
             FileState {
                 sha256: "s".into(),
                 stat: None,
+                bytes: None,
                 mapping_sha256: "m".into(),
                 patients_fingerprint: None,
                 table: "patient".into(),

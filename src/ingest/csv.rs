@@ -59,6 +59,25 @@ impl TextTable {
         self.columns.iter().map(|c| c.iter().collect()).collect()
     }
 
+    /// The records after line `line` (well-formed or not); `None` when
+    /// there are none.
+    pub fn after_line(self, line: u64) -> Option<TextTable> {
+        let at = self.lines.partition_point(|l| *l <= line);
+        let rejects: Vec<StructuralReject> =
+            self.rejects.into_iter().filter(|r| r.line > line).collect();
+        if at == self.lines.len() && rejects.is_empty() {
+            return None;
+        }
+        let rows = self.lines.len() - at;
+        Some(TextTable {
+            header: self.header,
+            columns: self.columns.iter().map(|c| c.slice(at, rows)).collect(),
+            lines: self.lines[at..].to_vec(),
+            duplicate_of: self.duplicate_of[at..].to_vec(),
+            rejects,
+        })
+    }
+
     /// The text of column `col` at row `row` (`None` when empty).
     pub fn cell(&self, col: usize, row: usize) -> Option<&str> {
         let c = self.columns.get(col)?;

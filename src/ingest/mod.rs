@@ -264,6 +264,8 @@ struct Input<'a> {
     sha256: String,
     /// Its stat before it was hashed, when settled.
     stat: Option<FileStat>,
+    /// What the state recorded of its last load, if any.
+    earlier: Option<FileState>,
 }
 
 impl Input<'_> {
@@ -321,6 +323,11 @@ struct Loaded {
     skipped: BTreeMap<String, u64>,
     /// Values kept as `unknown` or empty, per `column: rule`.
     flagged: BTreeMap<String, u64>,
+    /// The file's size (CSV files).
+    bytes: Option<u64>,
+    /// The earlier load whose file this one is with records appended:
+    /// only the appended records were read ([`appended_after`]).
+    base: Option<FileState>,
 }
 
 impl Loaded {
@@ -340,6 +347,8 @@ struct Staged<'w> {
     wh: &'w Warehouse,
     source: &'w str,
     batch_id: String,
+    /// The source's patients fingerprint the rows are checked against.
+    fingerprint: Option<String>,
     dry_run: bool,
     files: Vec<(Table, ParquetFile)>,
     births: PatientLookup,
@@ -363,6 +372,7 @@ impl<'w> Staged<'w> {
             wh,
             source: &input.source.name,
             batch_id: hex::encode(&h.finalize()[..8]),
+            fingerprint: fingerprint.map(str::to_string),
             dry_run,
             files: Vec::new(),
             births: PatientLookup::new(),
@@ -675,11 +685,17 @@ fn classify<'a>(
             ));
             continue;
         }
+        let earlier = state
+            .sources
+            .get(&source.name)
+            .and_then(|files| files.get(&rel))
+            .cloned();
         inputs.push(Input {
             source,
             kind,
             path,
             rel,
+            earlier,
             sha256: sha,
             stat,
         });
@@ -931,10 +947,28 @@ fn map_file(
             if entry.table != Table::Patient {
                 ctx.patients = patients;
             }
-            let mut loaded = Loaded::default();
+            let mut loaded = Loaded {
+                bytes: Some(bytes.len() as u64),
+                ..Loaded::default()
+            };
+            let base = (!opts.dry_run && entry.table != Table::Patient)
+                .then(|| appended_after(input, staged.fingerprint.as_deref(), &bytes))
+                .flatten();
+            if let Some((_, lines)) = &base {
+                tracing::info!(source = %input.source.name, file = %input.rel, after_line = lines, "records appended: only they are read");
+            }
             let mut patient_ids = HashMap::new();
             let slice = opts.slice_records.unwrap_or(CSV_SLICE).max(1);
             while let Some(text) = reader.next_slice(slice)? {
+                // The earlier records are read (they are what appended
+                // records may repeat) but not mapped again.
+                let text = match &base {
+                    Some((_, lines)) => match text.after_line(*lines) {
+                        Some(text) => text,
+                        None => continue,
+                    },
+                    None => text,
+                };
                 let mapped = rows::map_rows(&text, entry, &ctx, &mut patient_ids)?;
                 loaded.read += text.records();
                 loaded.accepted += mapped.accepted() as u64;
@@ -946,6 +980,7 @@ fn map_file(
                     *loaded.flagged.entry(k).or_default() += n;
                 }
             }
+            loaded.base = base.map(|(b, _)| b);
             loaded
         }
         FileKind::Ndjson | FileKind::Bundle => {
@@ -996,6 +1031,35 @@ fn map_file(
     Ok(loaded)
 }
 
+/// When the CSV fact file `input` (content `bytes`) is its last load's
+/// file with records appended, that load's state and the file's lines
+/// then: its first bytes are the ones loaded (same size and SHA-256,
+/// ending a line), under the same rules and patients (`fingerprint`), and
+/// no record of them was cut off by an unbalanced quote (which appended
+/// bytes could close). The records after those lines are then all that
+/// needs loading; the earlier ones stay staged.
+fn appended_after(
+    input: &Input,
+    fingerprint: Option<&str>,
+    bytes: &[u8],
+) -> Option<(FileState, u64)> {
+    use sha2::Digest;
+    let earlier = input.earlier.as_ref()?;
+    let n = usize::try_from(earlier.bytes?).ok()?;
+    let same_load = earlier.mapping_sha256 == input.rules_hash()
+        && earlier.patients_fingerprint.as_deref() == fingerprint
+        && !earlier.rejects_by_rule.contains_key("malformed_record");
+    if !same_load || n == 0 || n >= bytes.len() || bytes[n - 1] != b'\n' {
+        return None;
+    }
+    let prefix = &bytes[..n];
+    if hex::encode(Sha256::digest(prefix)) != earlier.sha256 {
+        return None;
+    }
+    let lines = prefix.iter().filter(|b| **b == b'\n').count() as u64;
+    Some((earlier.clone(), lines))
+}
+
 /// Writes a file's rejects (if any) next to its staged rows; returns the
 /// path written, relative to the warehouse.
 fn write_rejects(staged: &Staged, input: &Input, rejects: &[RejectRow]) -> Result<Option<String>> {
@@ -1018,10 +1082,33 @@ fn write_rejects(staged: &Staged, input: &Input, rejects: &[RejectRow]) -> Resul
 }
 
 /// A published file's state entry.
-fn file_state(input: &Input, loaded: Loaded, fingerprint: Option<String>) -> FileState {
+fn file_state(input: &Input, mut loaded: Loaded, fingerprint: Option<String>) -> FileState {
+    let base = loaded.base.take();
+    let mut state = loaded_state(input, loaded, fingerprint);
+    // Appended records: the earlier load's files and counts, and theirs.
+    if let Some(base) = base {
+        let mut outputs = base.outputs;
+        outputs.append(&mut state.outputs);
+        state.outputs = outputs;
+        state.rows_read += base.rows_read;
+        state.rows_accepted += base.rows_accepted;
+        state.rows_rejected += base.rows_rejected;
+        state.rows_skipped += base.rows_skipped;
+        for (k, n) in base.rejects_by_rule {
+            *state.rejects_by_rule.entry(k).or_default() += n;
+        }
+        for (k, n) in base.values_flagged {
+            *state.values_flagged.entry(k).or_default() += n;
+        }
+    }
+    state
+}
+
+fn loaded_state(input: &Input, loaded: Loaded, fingerprint: Option<String>) -> FileState {
     FileState {
         sha256: input.sha256.clone(),
         stat: input.stat,
+        bytes: loaded.bytes,
         mapping_sha256: input.rules_hash().to_string(),
         patients_fingerprint: fingerprint,
         table: input.table().to_string(),

@@ -179,12 +179,21 @@ fn new_facts_keep_the_linkage_and_rebuild_the_rest_as_a_full_rebuild_would() {
 
     let second = run_all(&config);
     assert_eq!(reused(&second), stages(&["link"], &first.run_id));
-    // Only the observations are built again.
+    // The results file grew by one record: ingest staged only it, so the
+    // observations are appended to and the other tables taken.
+    let results = second
+        .ingest
+        .files
+        .iter()
+        .find(|f| f.source == "northside_clinic" && f.file == "results.csv")
+        .unwrap();
+    assert_eq!((results.rows_read, results.rows_accepted), (1, 1));
     let build = &second.manifest.stages[2];
     assert_eq!(build.stage, "build");
     let mut tables: Vec<&str> = ward::link::build::fact_tables().map(|t| t.name()).collect();
     tables.retain(|t| *t != "observation");
     assert_eq!(build.reused_tables, tables);
+    assert_eq!(build.appended_tables, ["observation"]);
     // Their research tables are taken too (the full rebuild below checks
     // them against what it computes).
     let deid = second.manifest.stages.last().unwrap();
@@ -268,6 +277,7 @@ fn new_facts_keep_the_linkage_and_rebuild_the_rest_as_a_full_rebuild_would() {
     add_hba1c(tmp.path(), "R98");
     let third = run_all(&config);
     assert_eq!(third.manifest.stages[2].reused_tables, tables);
+    assert!(third.manifest.stages[2].appended_tables.is_empty());
     assert_eq!(
         third.manifest.stages[4]
             .recomputed

@@ -258,6 +258,87 @@ fn a_settled_file_whose_stat_is_the_same_is_not_read_again() {
 }
 
 #[test]
+fn records_appended_to_a_file_are_staged_on_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    run_ingest(&config).unwrap();
+    let state = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&fs::read(dir.join("wh/state/ingest.json")).unwrap()).unwrap()
+    };
+    let before = state(dir.path())["sources"]["northside_clinic"]["results.csv"].clone();
+    let path = dir.path().join("sample_data/northside_clinic/results.csv");
+    let text = fs::read_to_string(&path).unwrap();
+    let first = text.lines().nth(1).unwrap().to_string();
+    // A new result, and a repeat of the file's first record.
+    let new = "AAE000000020N1,AA0000002,AAE000000020,06/03/2025 09:15,4548-4,Hemoglobin A1c,9.1,%";
+    fs::write(&path, format!("{text}{new}\n{first}\n")).unwrap();
+    let lines = text.lines().count() as u64;
+
+    let report = run_ingest(&config).unwrap();
+    let results = report
+        .files
+        .iter()
+        .find(|f| f.source == "northside_clinic" && f.file == "results.csv")
+        .unwrap();
+    assert_eq!(results.status, FileStatus::Loaded);
+    // Only the appended records were read; the repeat is a duplicate.
+    assert_eq!(
+        (
+            results.rows_read,
+            results.rows_accepted,
+            results.rows_rejected
+        ),
+        (2, 1, 1)
+    );
+    let repeat = (
+        "northside_clinic".to_string(),
+        "results.csv".to_string(),
+        lines + 2,
+        "duplicate_row".to_string(),
+    );
+    assert!(reject_keys(&dir.path().join("wh")).contains(&repeat));
+    // The earlier staged files stay; the state counts the whole file.
+    let after = state(dir.path())["sources"]["northside_clinic"]["results.csv"].clone();
+    let outputs = |s: &serde_json::Value| -> Vec<String> {
+        s["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_str().unwrap().to_string())
+            .collect()
+    };
+    let (old, new) = (outputs(&before), outputs(&after));
+    assert!(
+        new.len() > old.len() && new.starts_with(&old),
+        "{old:?} {new:?}"
+    );
+    for o in &new {
+        assert!(dir.path().join("wh").join(o).is_file(), "{o}");
+    }
+    let count = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap();
+    assert_eq!(count(&after, "rows_read"), count(&before, "rows_read") + 2);
+    assert_eq!(
+        count(&after, "rows_accepted"),
+        count(&before, "rows_accepted") + 1
+    );
+    assert_eq!(count(&after, "bytes"), fs::metadata(&path).unwrap().len());
+
+    // An earlier record changed: the file is loaded whole again, into its
+    // own batch only.
+    let text = fs::read_to_string(&path).unwrap();
+    fs::write(&path, text.replacen(&first, &first.replace(',', ", "), 1)).unwrap();
+    let report = run_ingest(&config).unwrap();
+    let results = report
+        .files
+        .iter()
+        .find(|f| f.source == "northside_clinic" && f.file == "results.csv")
+        .unwrap();
+    assert_eq!(results.rows_read, count(&after, "rows_read"));
+    let reloaded = state(dir.path())["sources"]["northside_clinic"]["results.csv"].clone();
+    assert!(outputs(&reloaded).iter().all(|o| !new.contains(o)));
+}
+
+#[test]
 fn changed_file_replaces_its_own_batch_only() {
     let dir = tempfile::tempdir().unwrap();
     let config = copy_sample(dir.path());

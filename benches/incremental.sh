@@ -42,9 +42,9 @@ night unchanged-full --full
 
 # 1 % of all rows, as new results of the first EMR-A provider: copies of
 # its first results with new ids, one minute later; delivered as a new
-# file (`file`: the usual nightly extract, which the core tables take by
-# appending) or appended to its results file (`append`: the file changed,
-# so its table is built again).
+# file (`file`: the usual nightly extract) or appended to its results file
+# (`append`: ingest maps only the appended records); either way the
+# observation table is appended to.
 deliver() { # file|append
 python3 - "$work/data" "$1" <<'PY'
 import csv, glob, os, re, sys

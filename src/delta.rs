@@ -107,7 +107,8 @@ fn core_tables(core: &Path) -> Result<Vec<(PathBuf, Vec<PathBuf>)>> {
 /// they cannot be compared row for row (a table's columns changed, or a
 /// core has no `person.parquet`), so that everything is recomputed. A
 /// table whose files are the current run's own (hard-linked, as a build
-/// that took the table leaves them) is not read.
+/// that took the table leaves them) is not read; of one appended to, only
+/// the added files are.
 pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
     if !previous.join("person.parquet").is_file() || !core.join("person.parquet").is_file() {
         return Ok(None);
@@ -115,12 +116,13 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
     let (before, after) = (core_tables(previous)?, core_tables(core)?);
     let mut keys = HashSet::new();
     for ((rel, old), (_, new)) in before.iter().zip(&after) {
-        if same_files(old, new) {
-            continue;
-        }
         if let Some(added) = added_files(old, new) {
-            // The same files and more (an appended table): the persons of
-            // the added rows, when the columns are the same.
+            // The same files (a table taken: not read), or the same and
+            // more (an appended table): the persons of the added rows,
+            // when the columns are the same.
+            if added.is_empty() {
+                continue;
+            }
             let Some(added) = row_sums(&added)? else {
                 return Ok(None);
             };
@@ -153,17 +155,6 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
     }
     let persons = crate::warehouse::parquet_rows(&core.join("person.parquet"))?;
     Ok(Some(Touched { keys, persons }))
-}
-
-/// Whether two file lists are the same files (same device and inode, in
-/// order): a table taken from the current run.
-fn same_files(a: &[PathBuf], b: &[PathBuf]) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let id = |p: &PathBuf| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-    a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|(x, y)| id(x).is_some() && id(x) == id(y))
 }
 
 /// The files of `new` that are not in `old`, when every file of `old`

@@ -449,15 +449,11 @@ pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     type Identity = (u64, u64, u64, i64, i64);
     static HASHED: std::sync::Mutex<BTreeMap<Identity, String>> =
         std::sync::Mutex::new(BTreeMap::new());
-    const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
     let mut file = fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
     let identity = file
         .metadata()
         .ok()
-        .filter(|m| {
-            m.modified()
-                .is_ok_and(|t| t.elapsed().is_ok_and(|a| a > SETTLED))
-        })
+        .filter(|m| settled(nanos(m.mtime(), m.mtime_nsec())))
         .map(|m| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()));
     let known = |id: &Identity| HASHED.lock().ok()?.get(id).cloned();
     if let Some(id) = identity
@@ -527,6 +523,11 @@ impl Default for IngestState {
 }
 
 impl IngestState {
+    /// What the state recorded of the file `file` of source `source`.
+    pub fn file(&self, source: &str, file: &str) -> Option<&FileState> {
+        self.sources.get(source)?.get(file)
+    }
+
     /// Every warehouse file the state lists (relative paths).
     pub fn all_outputs(&self) -> Vec<String> {
         self.sources
@@ -558,20 +559,29 @@ impl FileStat {
     pub fn of_settled(path: &Path) -> Option<FileStat> {
         use std::os::unix::fs::MetadataExt;
         let m = fs::metadata(path).ok()?;
-        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()?
-            .as_nanos() as i128;
         let stat = FileStat {
             inode: m.ino(),
             bytes: m.size(),
-            modified_ns: ns(m.mtime(), m.mtime_nsec()),
-            changed_ns: ns(m.ctime(), m.ctime_nsec()),
+            modified_ns: nanos(m.mtime(), m.mtime_nsec()),
+            changed_ns: nanos(m.ctime(), m.ctime_nsec()),
         };
-        const SETTLED_NS: i128 = 2_000_000_000;
-        (now - stat.modified_ns.max(stat.changed_ns) > SETTLED_NS).then_some(stat)
+        settled(stat.modified_ns.max(stat.changed_ns)).then_some(stat)
     }
+}
+
+/// A file time (seconds and nanoseconds since the epoch) in nanoseconds.
+fn nanos(seconds: i64, nanoseconds: i64) -> i128 {
+    i128::from(seconds) * 1_000_000_000 + i128::from(nanoseconds)
+}
+
+/// Whether a file last changed at `changed_ns` (see [`nanos`]) changed
+/// over two seconds ago: longer than any file system's timestamp
+/// granularity, so a change now would give it another time.
+fn settled(changed_ns: i128) -> bool {
+    const SETTLED_NS: i128 = 2_000_000_000;
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .is_ok_and(|now| now.as_nanos() as i128 - changed_ns > SETTLED_NS)
 }
 
 /// One input file's load: what it was, what it produced.

@@ -603,8 +603,8 @@ fn list_files<'a>(
     candidates
 }
 
-/// An input file with its content's SHA-256 (or why it could not be read).
-/// A listed file with its SHA-256 and, when settled, its stat.
+/// A listed file with its content's SHA-256 and, when settled, its stat
+/// (or why it could not be read).
 type Hashed<'a> = (
     &'a SourceConfig,
     Option<&'a CsvMapping>,
@@ -624,9 +624,7 @@ fn hash_all<'a>(
             // next night's stat differ, so the file is read again then.
             let stat = FileStat::of_settled(&path);
             let known = state
-                .sources
-                .get(&source.name)
-                .and_then(|files| files.get(&relative_name(source, &path)))
+                .file(&source.name, &relative_name(source, &path))
                 .filter(|f| stat.is_some() && f.stat == stat);
             let sha = match known {
                 Some(f) => Ok(f.sha256.clone()),
@@ -685,17 +683,12 @@ fn classify<'a>(
             ));
             continue;
         }
-        let earlier = state
-            .sources
-            .get(&source.name)
-            .and_then(|files| files.get(&rel))
-            .cloned();
         inputs.push(Input {
             source,
             kind,
+            earlier: state.file(&source.name, &rel).cloned(),
             path,
             rel,
-            earlier,
             sha256: sha,
             stat,
         });
@@ -1084,28 +1077,7 @@ fn write_rejects(staged: &Staged, input: &Input, rejects: &[RejectRow]) -> Resul
 /// A published file's state entry.
 fn file_state(input: &Input, mut loaded: Loaded, fingerprint: Option<String>) -> FileState {
     let base = loaded.base.take();
-    let mut state = loaded_state(input, loaded, fingerprint);
-    // Appended records: the earlier load's files and counts, and theirs.
-    if let Some(base) = base {
-        let mut outputs = base.outputs;
-        outputs.append(&mut state.outputs);
-        state.outputs = outputs;
-        state.rows_read += base.rows_read;
-        state.rows_accepted += base.rows_accepted;
-        state.rows_rejected += base.rows_rejected;
-        state.rows_skipped += base.rows_skipped;
-        for (k, n) in base.rejects_by_rule {
-            *state.rejects_by_rule.entry(k).or_default() += n;
-        }
-        for (k, n) in base.values_flagged {
-            *state.values_flagged.entry(k).or_default() += n;
-        }
-    }
-    state
-}
-
-fn loaded_state(input: &Input, loaded: Loaded, fingerprint: Option<String>) -> FileState {
-    FileState {
+    let mut state = FileState {
         sha256: input.sha256.clone(),
         stat: input.stat,
         bytes: loaded.bytes,
@@ -1125,7 +1097,24 @@ fn loaded_state(input: &Input, loaded: Loaded, fingerprint: Option<String>) -> F
         batch_id: loaded.batch_id,
         outputs: loaded.outputs,
         loaded_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    };
+    // Appended records: the earlier load's files and counts, and theirs.
+    if let Some(base) = base {
+        let mut outputs = base.outputs;
+        outputs.append(&mut state.outputs);
+        state.outputs = outputs;
+        state.rows_read += base.rows_read;
+        state.rows_accepted += base.rows_accepted;
+        state.rows_rejected += base.rows_rejected;
+        state.rows_skipped += base.rows_skipped;
+        for (k, n) in base.rejects_by_rule {
+            *state.rejects_by_rule.entry(k).or_default() += n;
+        }
+        for (k, n) in base.values_flagged {
+            *state.values_flagged.entry(k).or_default() += n;
+        }
     }
+    state
 }
 
 fn rejects_batch(

@@ -218,8 +218,6 @@ struct Previous {
     dir: Option<std::path::PathBuf>,
     manifest: Option<runs::Manifest>,
     history: Vec<runs::HistoryEntry>,
-    /// Its record → person links: persons keep their ids.
-    links: Vec<link::PersonLink>,
 }
 
 impl Previous {
@@ -230,7 +228,6 @@ impl Previous {
             dir: None,
             manifest: None,
             history: Vec::new(),
-            links: Vec::new(),
         };
         let Some(dir) = runs::current_dir(warehouse)? else {
             return Ok(previous);
@@ -247,12 +244,27 @@ impl Previous {
             Ok(h) => previous.history = h,
             Err(e) => warn("history (trends restart)", e),
         }
-        match link::read_person_links(&dir.join("core").join("person_link.parquet")) {
-            Ok(l) => previous.links = l,
-            Err(e) => warn("person links (person ids start afresh)", e),
-        }
         previous.dir = Some(dir);
         Ok(previous)
+    }
+
+    /// Its record → person links, so that persons keep their ids (read only
+    /// when linkage runs: 1.6M links hold about 300 MB). Links that cannot
+    /// be read are none, with the warning returned.
+    fn links(&self) -> (Vec<link::PersonLink>, Option<String>) {
+        let Some(dir) = &self.dir else {
+            return (Vec::new(), None);
+        };
+        match link::read_person_links(&dir.join("core").join("person_link.parquet")) {
+            Ok(links) => (links, None),
+            Err(e) => {
+                tracing::warn!(error = %e, "the current run's person links cannot be read; going on without them");
+                let warning = format!(
+                    "the current run's person links (person ids start afresh) cannot be read: {e}"
+                );
+                (Vec::new(), Some(warning))
+            }
+        }
     }
 
     /// The current run's directory and manifest when tonight's `stage` has
@@ -401,7 +413,8 @@ fn stage<T>(manifest: &mut runs::Manifest, name: &str, f: impl FnOnce() -> Resul
     let _span = tracing::info_span!("stage", stage = name).entered();
     runs::reset_peak_memory();
     let start = std::time::Instant::now();
-    tracing::info!("stage started");
+    // What earlier stages still hold (the stage's peak includes it).
+    tracing::info!(held_bytes = runs::peak_memory(), "stage started");
     let out = f();
     let seconds = start.elapsed().as_secs_f64();
     manifest.stages.push(runs::StageInfo {
@@ -510,8 +523,10 @@ fn run_stages(
     let fingerprints = fingerprints(night, &state, &checks)?;
     manifest.fingerprints = fingerprints.clone();
     let reusable = |stage: &str| previous.reusable(night, &fingerprints, stage);
-    let person_link = |dir: &std::path::Path| dir.join("core").join("person_link.parquet");
 
+    // The report only: the links are in person_link.parquet, and the later
+    // stages read them from there.
+    let mut links_warning = None;
     let linkage = stage_or_reuse(
         manifest,
         "link",
@@ -519,24 +534,25 @@ fn run_stages(
         run_dir,
         &link::OUTPUTS.map(|f| format!("core/{f}")),
         |dir, earlier| {
-            Ok(link::Linkage {
-                report: earlier.linkage.clone().ok_or_else(|| WardError::State {
-                    path: dir.join(runs::MANIFEST),
-                    message: "it records no linkage".into(),
-                })?,
-                links: link::read_person_links(&person_link(run_dir))?,
+            earlier.linkage.clone().ok_or_else(|| WardError::State {
+                path: dir.join(runs::MANIFEST),
+                message: "it records no linkage".into(),
             })
         },
-        || link::link(&warehouse, &config.link, &previous.links),
+        || {
+            let (previous_links, warning) = previous.links();
+            links_warning = warning;
+            Ok(link::link(&warehouse, &config.link, &previous_links)?.report)
+        },
     )?;
+    manifest.warnings.extend(links_warning);
     let link_reused = manifest
         .stages
         .last()
         .is_some_and(|s| s.reused_from.is_some());
-    manifest.linkage = Some(linkage.report.clone());
+    manifest.linkage = Some(linkage.clone());
     manifest.warnings.extend(
         linkage
-            .report
             .warnings
             .iter()
             .map(|w| format!("linkage: {w}")),
@@ -552,7 +568,7 @@ fn run_stages(
     manifest.core = core
         .iter()
         .map(|(t, n)| (t.name().to_string(), *n))
-        .chain([("person".to_string(), linkage.report.persons)])
+        .chain([("person".to_string(), linkage.persons)])
         .collect();
     let dq = check_quality(
         night,
@@ -649,7 +665,7 @@ fn run_stages(
             manifest: &snapshot,
             history: &previous.history,
             ingest: &ingest,
-            linkage: &linkage.report,
+            linkage: &linkage,
             measures: &measures,
             dq: &dq,
         };
@@ -709,7 +725,7 @@ fn run_stages(
         run_dir: run_dir.to_path_buf(),
         manifest: manifest.clone(),
         ingest,
-        link: linkage.report,
+        link: linkage,
         core,
         measures,
         report_dir,

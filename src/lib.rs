@@ -1197,11 +1197,10 @@ fn write_reports(warehouse: &warehouse::Warehouse, input: &ReportInput) -> Resul
     let measure_reports = timed("MeasureReports", || {
         report::fhir::write(warehouse, run_id, measures, &cells, chrono::Utc::now())
     })?;
-    let gaps = timed("care gaps", || {
-        measure::care_gaps(warehouse, queries, measures)
-    })?;
-    let care_gaps = timed("care-gap files", || {
-        report::write_care_gaps(warehouse, run_id, &gaps)
+    let care_gaps = timed("care gaps", || {
+        let mut files = report::CareGapFiles::new(warehouse, run_id)?;
+        measure::care_gaps(warehouse, queries, measures, |batch| files.write(&batch))?;
+        files.finish()
     })?;
     Ok(Reports {
         summary: cells,

@@ -855,14 +855,16 @@ pub fn strata(warehouse: &Warehouse, queries: &Path, period: Period) -> Result<V
 
 /// Care gaps of the measures that define them, one row per provider record
 /// of each person who needs action (see [`MeasureDef::care_gap`]), most
-/// urgent first per provider. Identified data: name, birth date, MRN.
+/// urgent first per provider, handed to `each` batch by batch (rows of
+/// one provider in that order). Identified data: name, birth date, MRN.
 pub fn care_gaps(
     warehouse: &Warehouse,
     queries: &Path,
     results: &[MeasureResult],
-) -> Result<Vec<RecordBatch>> {
+    mut each: impl FnMut(RecordBatch) -> Result<()>,
+) -> Result<()> {
     let Some(first) = results.first() else {
-        return Ok(Vec::new());
+        return Ok(());
     };
     crate::engine::block_on(async {
         let ctx = session::session(warehouse, queries, first.period, DEFAULT_LIBRARY, None).await?;
@@ -929,23 +931,148 @@ pub fn care_gaps(
             ));
         }
         if branches.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
-        let sql = format!(
-            "SELECT l.source AS provider, g.measure_id, pt.source_patient_id, pt.mrn, \
-               pt.given_name, pt.family_name, pt.birth_date, \
-               g.action, g.details, \
-               array_to_string(array_remove(p.sources, l.source), ';') AS other_providers \
-             FROM ({branches}) g \
-             JOIN person_link l ON l.person_id = g.person_id \
-             JOIN staging_patient pt ON pt.source = l.source AND pt.source_patient_id = l.source_patient_id \
-             JOIN patient p ON p.person_id = g.person_id \
-             ORDER BY g.measure_n, provider, g.rank_, pt.source_patient_id",
-            branches = branches.join(" UNION ALL "),
-        );
         let queries_dir = queries.join("measures");
-        crate::engine::collect_about(&ctx, &sql, "care gaps", &queries_dir).await
+        let one = |batches: Vec<RecordBatch>| -> Result<RecordBatch> {
+            let schema = batches
+                .first()
+                .map(|b| b.schema())
+                .unwrap_or_else(|| Arc::new(Schema::empty()));
+            datafusion::arrow::compute::concat_batches(&schema, &batches)
+                .map_err(|e| WardError::data("care gaps", &queries_dir, e))
+        };
+        // The gaps, most urgent first per measure; then the provider records
+        // of the persons with a gap, each person's by provider and record.
+        // Joined here, gap by gap, rather than in one query: the query
+        // would hold and sort a million wide rows to give the same order.
+        let gaps = one(
+            crate::engine::collect_about(
+                &ctx,
+                &format!(
+                    "SELECT measure_n, measure_id, action, details, person_id \
+                     FROM ({}) ORDER BY measure_n, rank_",
+                    branches.join(" UNION ALL ")
+                ),
+                "care gaps",
+                &queries_dir,
+            )
+            .await?,
+        )?;
+        if gaps.num_rows() == 0 {
+            return Ok(());
+        }
+        crate::engine::register_batches(
+            &ctx,
+            "care_gap",
+            gaps.schema(),
+            vec![gaps.clone()],
+            &queries_dir,
+        )?;
+        let records = one(
+            crate::engine::collect_about(
+                &ctx,
+                "SELECT l.person_id, l.source AS provider, pt.source_patient_id, pt.mrn, \
+                   pt.given_name, pt.family_name, pt.birth_date, \
+                   array_to_string(array_remove(p.sources, l.source), ';') AS other_providers \
+                 FROM person_link l \
+                 JOIN staging_patient pt \
+                   ON pt.source = l.source AND pt.source_patient_id = l.source_patient_id \
+                 JOIN patient p ON p.person_id = l.person_id \
+                 WHERE l.person_id IN (SELECT person_id FROM care_gap) \
+                 ORDER BY l.person_id, provider, pt.source_patient_id",
+                "care gaps",
+                &queries_dir,
+            )
+            .await?,
+        )?;
+        join_care_gaps(&gaps, &records, &queries_dir, &mut each)
     })
+}
+
+/// Rows of care gaps per output batch (a gap has a row per provider record):
+/// enough for each provider's share to be written in one piece.
+const CARE_GAP_BATCH: usize = 65_536;
+
+/// Each gap of `gaps` (measure_n, measure_id, action, details, person_id)
+/// with each of its person's provider records (`records`: person_id,
+/// provider, source_patient_id, mrn, given_name, family_name, birth_date,
+/// other_providers; a person's rows together), in the gaps' order, handed
+/// to `each` in batches.
+fn join_care_gaps(
+    gaps: &RecordBatch,
+    records: &RecordBatch,
+    queries_dir: &Path,
+    each: &mut impl FnMut(RecordBatch) -> Result<()>,
+) -> Result<()> {
+    use datafusion::arrow::array::UInt32Array;
+    use datafusion::arrow::compute::take;
+    use datafusion::arrow::datatypes::Field;
+    let err = |e| WardError::data("care gaps", queries_dir, e);
+    let persons = crate::engine::text(records.column(0)).map_err(err)?;
+    let mut of_person: std::collections::HashMap<&str, std::ops::Range<u32>> =
+        std::collections::HashMap::new();
+    for (i, p) in persons.iter().enumerate() {
+        if let Some(p) = p {
+            let i = i as u32;
+            of_person
+                .entry(p)
+                .and_modify(|r| r.end = i + 1)
+                .or_insert(i..i + 1);
+        }
+    }
+    let gap_persons = crate::engine::text(gaps.column(4)).map_err(err)?;
+    // The output's columns: (from the gaps?, column) in the file's order.
+    const COLUMNS: [(bool, usize, &str); 10] = [
+        (false, 1, "provider"),
+        (true, 1, "measure_id"),
+        (false, 2, "source_patient_id"),
+        (false, 3, "mrn"),
+        (false, 4, "given_name"),
+        (false, 5, "family_name"),
+        (false, 6, "birth_date"),
+        (true, 2, "action"),
+        (true, 3, "details"),
+        (false, 7, "other_providers"),
+    ];
+    let schema = Arc::new(Schema::new(
+        COLUMNS
+            .iter()
+            .map(|&(gap, c, name)| {
+                let from = if gap { gaps } else { records };
+                Field::new(name, from.column(c).data_type().clone(), true)
+            })
+            .collect::<Vec<_>>(),
+    ));
+    let (mut at_gap, mut at_record) = (Vec::new(), Vec::new());
+    let mut emit = |at_gap: &mut Vec<u32>, at_record: &mut Vec<u32>| {
+        let (g, r) = (
+            UInt32Array::from(std::mem::take(at_gap)),
+            UInt32Array::from(std::mem::take(at_record)),
+        );
+        let columns = COLUMNS
+            .iter()
+            .map(|&(gap, c, _)| {
+                let (from, at) = if gap { (gaps, &g) } else { (records, &r) };
+                take(from.column(c), at, None)
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(err)?;
+        each(RecordBatch::try_new(schema.clone(), columns).map_err(err)?)
+    };
+    for (g, person) in gap_persons.iter().enumerate() {
+        for r in person.and_then(|p| of_person.get(p)).cloned().unwrap_or(0..0) {
+            at_gap.push(g as u32);
+            at_record.push(r);
+        }
+        if at_gap.len() >= CARE_GAP_BATCH {
+            emit(&mut at_gap, &mut at_record)?;
+        }
+    }
+    if !at_gap.is_empty() {
+        emit(&mut at_gap, &mut at_record)?;
+    }
+    Ok(())
 }
 
 /// Writes each result to `marts/measure_patient/<key>.parquet` (atomically,

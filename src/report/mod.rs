@@ -11,7 +11,7 @@ pub mod standard;
 pub mod html;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -476,84 +476,126 @@ pub fn write(warehouse: &Warehouse, run_id: &str, cells: &[Cell]) -> Result<Path
     Ok(dir)
 }
 
-/// Writes care gaps (`measure::care_gaps`) as one CSV per provider under
-/// `reports/<run_id>/phi/`, readable by the owner only: they identify
-/// patients. Returns the files written.
-pub fn write_care_gaps(
-    warehouse: &Warehouse,
-    run_id: &str,
-    gaps: &[RecordBatch],
-) -> Result<Vec<PathBuf>> {
-    let dir = report_dir(warehouse, run_id).join("phi");
-    std::fs::create_dir_all(&dir).map_err(|e| WardError::io("cannot create", &dir, e))?;
-    crate::warehouse::owner_only(0o700, &dir, |p| std::fs::set_permissions(&dir, p))?;
-    use rayon::prelude::*;
-    let header: Vec<String> = gaps
-        .last()
-        .map(|b| {
-            b.schema()
-                .fields()
-                .iter()
-                .map(|f| f.name().clone())
-                .collect()
+/// Care-gap lists being written (`measure::care_gaps`): one CSV per provider
+/// under `reports/<run_id>/phi/`, readable by the owner only (they identify
+/// patients). Rows are appended batch by batch, in the order given, to
+/// files under the warehouse's `.tmp/`; [`CareGapFiles::finish`] publishes
+/// them. A provider without care gaps gets no file.
+pub struct CareGapFiles<'a> {
+    warehouse: &'a Warehouse,
+    dir: PathBuf,
+    /// Per provider (as its cells are written): the file's path, and where
+    /// it is written meanwhile.
+    files: BTreeMap<String, (PathBuf, PathBuf, std::fs::File)>,
+}
+
+impl<'a> CareGapFiles<'a> {
+    /// Creates the run's `phi/` directory (owner only).
+    pub fn new(warehouse: &'a Warehouse, run_id: &str) -> Result<Self> {
+        let dir = report_dir(warehouse, run_id).join("phi");
+        std::fs::create_dir_all(&dir).map_err(|e| WardError::io("cannot create", &dir, e))?;
+        crate::warehouse::owner_only(0o700, &dir, |p| std::fs::set_permissions(&dir, p))?;
+        Ok(CareGapFiles {
+            warehouse,
+            dir,
+            files: BTreeMap::new(),
         })
-        .unwrap_or_default();
-    // Batches as text and providers' files are independent: in parallel.
-    let texts: Vec<Vec<StringArray>> = gaps
-        .par_iter()
-        .map(|b| {
-            b.columns()
-                .iter()
-                .map(|c| {
-                    crate::engine::text(c)
-                        .map_err(|e| WardError::data("writing care gaps", dir.clone(), e))
-                })
-                .collect::<Result<_>>()
-        })
-        .collect::<Result<_>>()?;
-    // Per provider (the first column, as its cells are written), its rows
-    // (batch, row) in order.
-    let mut by_provider: BTreeMap<std::borrow::Cow<str>, Vec<(usize, usize)>> = BTreeMap::new();
-    for (k, columns) in texts.iter().enumerate() {
-        let provider = &columns[0];
+    }
+
+    /// Appends `batch`'s rows to their providers' files (the first column is
+    /// the provider; the columns' names are each file's header). The
+    /// providers' rows are written in parallel.
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        use rayon::prelude::*;
+        use std::io::Write;
+        let texts: Vec<StringArray> = batch
+            .columns()
+            .iter()
+            .map(|c| {
+                crate::engine::text(c)
+                    .map_err(|e| WardError::data("writing care gaps", self.dir.clone(), e))
+            })
+            .collect::<Result<_>>()?;
+        let Some(provider) = texts.first() else {
+            return Ok(());
+        };
+        let mut rows: BTreeMap<std::borrow::Cow<str>, Vec<usize>> = BTreeMap::new();
         for i in 0..provider.len() {
             let name = if provider.is_null(i) {
                 ""
             } else {
                 provider.value(i)
             };
-            by_provider
-                .entry(spreadsheet_safe(name))
-                .or_default()
-                .push((k, i));
+            rows.entry(spreadsheet_safe(name)).or_default().push(i);
         }
-    }
-    let by_provider: Vec<_> = by_provider.into_iter().collect();
-    by_provider
-        .par_iter()
-        .map(|(provider, rows)| {
-            let path = dir.join(format!("care_gaps_{provider}.csv"));
-            let mut csv = csv::Writer::from_writer(Vec::new());
-            let bad = |e: csv::Error| WardError::data("writing care gaps", path.clone(), e);
-            csv.write_record(&header).map_err(bad)?;
-            for &(k, i) in rows {
-                for a in &texts[k] {
-                    let cell = if a.is_null(i) { "" } else { a.value(i) };
-                    csv.write_field(spreadsheet_safe(cell).as_bytes())
-                        .map_err(bad)?;
-                }
-                csv.write_record(None::<&[u8]>).map_err(bad)?;
+        for name in rows.keys() {
+            if !self.files.contains_key(name.as_ref()) {
+                let file = self.open(name, batch)?;
+                self.files.insert(name.to_string(), file);
             }
-            let bytes = csv
-                .into_inner()
-                .map_err(|e| WardError::data("writing care gaps", path.clone(), e))?;
-            warehouse.publish(&path, |file| {
-                crate::warehouse::owner_only(0o600, &path, |p| file.set_permissions(p))?;
-                write_all(file, &bytes, &path)
-            })?;
-            Ok(path)
-        })
-        .collect()
+        }
+        let texts = &texts;
+        self.files
+            .iter_mut()
+            .filter_map(|(name, file)| Some((rows.get(name.as_str())?, file)))
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|(rows, (path, _, file))| {
+                let bad = |e: csv::Error| WardError::data("writing care gaps", path.clone(), e);
+                let mut csv = csv::Writer::from_writer(Vec::new());
+                for &i in rows {
+                    for a in texts {
+                        let cell = if a.is_null(i) { "" } else { a.value(i) };
+                        csv.write_field(spreadsheet_safe(cell).as_bytes())
+                            .map_err(bad)?;
+                    }
+                    csv.write_record(None::<&[u8]>).map_err(bad)?;
+                }
+                let bytes = csv
+                    .into_inner()
+                    .map_err(|e| WardError::data("writing care gaps", path.clone(), e))?;
+                file.write_all(&bytes)
+                    .map_err(|e| WardError::io("cannot write", path.as_path(), e))
+            })
+            .collect()
+    }
+
+    /// A provider's file, created under `.tmp/` (owner only) with its header.
+    fn open(&self, provider: &str, batch: &RecordBatch) -> Result<(PathBuf, PathBuf, std::fs::File)> {
+        use std::io::Write;
+        let path = self.dir.join(format!("care_gaps_{provider}.csv"));
+        let tmp = self.warehouse.tmp_path(&path);
+        let mut file =
+            std::fs::File::create(&tmp).map_err(|e| WardError::io("cannot create", &tmp, e))?;
+        crate::warehouse::owner_only(0o600, &path, |p| file.set_permissions(p))?;
+        let mut csv = csv::Writer::from_writer(Vec::new());
+        let schema = batch.schema();
+        let bad = |e: csv::Error| WardError::data("writing care gaps", path.clone(), e);
+        csv.write_record(schema.fields().iter().map(|f| f.name()))
+            .map_err(bad)?;
+        let header = csv
+            .into_inner()
+            .map_err(|e| WardError::data("writing care gaps", path.clone(), e))?;
+        file.write_all(&header)
+            .map_err(|e| WardError::io("cannot write", &tmp, e))?;
+        Ok((path, tmp, file))
+    }
+
+    /// Publishes every file written; returns their paths.
+    pub fn finish(self) -> Result<Vec<PathBuf>> {
+        use rayon::prelude::*;
+        let warehouse = self.warehouse;
+        self.files
+            .into_values()
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|(path, tmp, file)| {
+                drop(file);
+                warehouse.publish_file(&tmp, &path)?;
+                Ok(path)
+            })
+            .collect()
+    }
 }
 
 /// A cell that a spreadsheet would run as a formula (it starts with `=`,
@@ -567,12 +609,6 @@ pub fn spreadsheet_safe(cell: &str) -> std::borrow::Cow<'_, str> {
     } else {
         std::borrow::Cow::Borrowed(cell)
     }
-}
-
-fn write_all(file: &mut std::fs::File, bytes: &[u8], path: &Path) -> Result<()> {
-    use std::io::Write;
-    file.write_all(bytes)
-        .map_err(|e| WardError::io("cannot write", path, e))
 }
 
 #[cfg(test)]

@@ -34,11 +34,11 @@ use std::sync::Arc;
 
 use chrono::{Datelike, NaiveDate};
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanArray, Date32Array, Int32Array, ListArray, RecordBatch, StringArray,
+    Array, ArrayRef, AsArray, BooleanArray, Date32Array, Int32Array, RecordBatch, StringArray,
     TimestampMicrosecondArray, UInt32Array,
 };
 use datafusion::arrow::compute::{cast, filter_record_batch};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Date32Type, Field, Schema, SchemaRef, UInt32Type};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -336,7 +336,15 @@ pub const RESTRICTED_ZIP3: [&str; 17] = [
 
 /// The research id of a person: hex HMAC-SHA-256 of the person id.
 pub fn research_id(key: &DeidKey, person_id: &str) -> String {
-    hex::encode(key.mac(b"ward research id\0", person_id))
+    String::from_utf8(research_id_hex(key, person_id).to_vec()).expect("hex is ASCII")
+}
+
+/// [`research_id`] as hex digits in place.
+fn research_id_hex(key: &DeidKey, person_id: &str) -> [u8; 64] {
+    let mut hex = [0; 64];
+    hex::encode_to_slice(key.mac(b"ward research id\0", person_id), &mut hex)
+        .expect("64 digits for 32 bytes");
+    hex
 }
 
 /// The person's date shift in days: derived from the key, in -365..=-1 or
@@ -357,7 +365,7 @@ pub fn age_at(birth: NaiveDate, reference: NaiveDate) -> Option<i32> {
 /// The Safe Harbor three-digit ZIP of a US postal code (`12345`,
 /// `12345-6789` or `123456789`): its first three digits, or `000` for a
 /// restricted area. Anything else (short, foreign, malformed) is `None`.
-pub fn zip3(postal_code: &str) -> Option<String> {
+pub fn zip3(postal_code: &str) -> Option<&str> {
     let p = postal_code.trim().as_bytes();
     let digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
     let valid = match p.len() {
@@ -371,9 +379,9 @@ pub fn zip3(postal_code: &str) -> Option<String> {
     // Only ASCII digits get here, so the bytes are the text.
     let z = std::str::from_utf8(&p[..3]).ok()?;
     Some(if RESTRICTED_ZIP3.contains(&z) {
-        "000".into()
+        "000"
     } else {
-        z.into()
+        z
     })
 }
 
@@ -430,20 +438,23 @@ pub fn deid_taking(
 
     // Persons first: their classes decide what is suppressed.
     let person_path = core_dir.join("person.parquet");
-    let persons = read_parquet(&person_path, "reading a core table")?;
-    let people = person_rows(&persons, &person_path, opts)?;
+    let persons = read_parquet(&person_path, "reading a core table")?
+        .iter()
+        .map(|b| PersonColumns::of(b, &person_path))
+        .collect::<Result<Vec<_>>>()?;
+    let people = person_rows(&persons, opts);
     let classes = class_sizes(&people);
     let small: HashSet<&str> = people
         .iter()
         .filter(|p| classes[&p.class] < opts.k)
-        .map(|p| p.person_id.as_str())
+        .map(|p| p.person_id)
         .collect();
     let suppress = opts.suppress_small_classes;
     let kept: Vec<&Person> = people
         .iter()
-        .filter(|p| !(suppress && small.contains(p.person_id.as_str())))
+        .filter(|p| !(suppress && small.contains(p.person_id)))
         .collect();
-    let person_batch = person_batch(&kept, opts.mode)?;
+    let person_batch = person_batch(&kept, &persons, opts.mode)?;
     scratch.write_parquet(
         &tmp.join("person.parquet"),
         person_batch.schema(),
@@ -459,7 +470,7 @@ pub fn deid_taking(
 
     let ids: HashMap<&str, (&str, i32)> = people
         .iter()
-        .map(|p| (p.person_id.as_str(), (p.research_id.as_str(), p.shift)))
+        .map(|p| (p.person_id, (p.research_id(), p.shift)))
         .collect();
     let mut records_below_k = 0;
     let mut taken = Taken::default();
@@ -634,25 +645,69 @@ fn copy_valuesets(dir: &Path, scratch: &Warehouse, tmp: &Path) -> Result<TableCo
     })
 }
 
-/// One person's research attributes.
-struct Person {
-    person_id: String,
-    research_id: String,
+/// One person's research attributes, borrowing its text from the person
+/// table's columns ([`PersonColumns`]): a million persons, so no string
+/// of their own.
+struct Person<'a> {
+    /// Its row: (batch, row) of the person table.
+    at: (usize, usize),
+    person_id: &'a str,
+    research_id: [u8; 64],
     shift: i32,
-    sex: Option<String>,
-    race: Option<String>,
-    ethnicity: Option<String>,
-    state: Option<String>,
-    zip3: Option<String>,
+    state: Option<&'a str>,
     age: Option<i32>,
-    age_band: Option<String>,
     /// Days since the epoch; `None` for 90 and over.
     birth_date: Option<i32>,
     deceased_date: Option<i32>,
-    sources: Option<ArrayRef>,
     records: Option<u32>,
-    /// The quasi-identifier values.
-    class: [Option<String>; 5],
+    /// The quasi-identifier values: age band, sex, three-digit ZIP, race,
+    /// ethnicity.
+    class: [Option<&'a str>; 5],
+}
+
+impl Person<'_> {
+    fn research_id(&self) -> &str {
+        std::str::from_utf8(&self.research_id).expect("hex is ASCII")
+    }
+}
+
+/// A batch of the person table, its columns as the types [`Person`] reads.
+struct PersonColumns {
+    id: StringArray,
+    sex: StringArray,
+    race: StringArray,
+    ethnicity: StringArray,
+    state: StringArray,
+    postal_code: StringArray,
+    birth: Date32Array,
+    deceased: Date32Array,
+    sources: ArrayRef,
+    records: UInt32Array,
+}
+
+impl PersonColumns {
+    fn of(b: &RecordBatch, path: &Path) -> Result<PersonColumns> {
+        let t = |name: &str| as_text(column(b, name, path)?, name, path);
+        let typed = |name: &str, to: &DataType| typed(column(b, name, path)?, to, name, path);
+        Ok(PersonColumns {
+            id: t("person_id")?,
+            sex: t("sex")?,
+            race: t("race")?,
+            ethnicity: t("ethnicity")?,
+            state: t("state")?,
+            postal_code: t("postal_code")?,
+            birth: typed("birth_date", &DataType::Date32)?
+                .as_primitive::<Date32Type>()
+                .clone(),
+            deceased: typed("deceased_date", &DataType::Date32)?
+                .as_primitive::<Date32Type>()
+                .clone(),
+            sources: typed("sources", &text_list_type())?,
+            records: typed("records", &DataType::UInt32)?
+                .as_primitive::<UInt32Type>()
+                .clone(),
+        })
+    }
 }
 
 fn column<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a ArrayRef> {
@@ -681,103 +736,56 @@ fn typed(a: &ArrayRef, to: &DataType, name: &str, path: &Path) -> Result<ArrayRe
     })
 }
 
-fn opt(a: &StringArray, i: usize) -> Option<String> {
-    (!a.is_null(i)).then(|| a.value(i).to_string())
+fn opt(a: &StringArray, i: usize) -> Option<&str> {
+    (!a.is_null(i)).then(|| a.value(i))
 }
 
-fn person_rows(batches: &[RecordBatch], path: &Path, opts: &DeidOptions) -> Result<Vec<Person>> {
+fn person_rows<'a>(columns: &'a [PersonColumns], opts: &DeidOptions) -> Vec<Person<'a>> {
     let mut out = Vec::new();
-    for b in batches {
-        let t = |name: &str| as_text(column(b, name, path)?, name, path);
-        let (id, sex, race, eth, state, zip) = (
-            t("person_id")?,
-            t("sex")?,
-            t("race")?,
-            t("ethnicity")?,
-            t("state")?,
-            t("postal_code")?,
-        );
-        let date = |name: &str| -> Result<Date32Array> {
-            let a = typed(column(b, name, path)?, &DataType::Date32, name, path)?;
-            Ok(a.as_any()
-                .downcast_ref::<Date32Array>()
-                .expect("cast")
-                .clone())
-        };
-        let (birth, deceased) = (date("birth_date")?, date("deceased_date")?);
-        let sources = typed(
-            column(b, "sources", path)?,
-            &text_list_type(),
-            "sources",
-            path,
-        )?;
-        let sources = sources.as_any().downcast_ref::<ListArray>().expect("cast");
-        let records = typed(
-            column(b, "records", path)?,
-            &DataType::UInt32,
-            "records",
-            path,
-        )?;
-        let records = records
-            .as_any()
-            .downcast_ref::<UInt32Array>()
-            .expect("cast");
+    for (k, c) in columns.iter().enumerate() {
         // Two HMACs per person: the rows in parallel, in order.
         use rayon::prelude::*;
         let person = |i: usize| {
-            let person_id = id.value(i).to_string();
-            let born = (!birth.is_null(i))
-                .then(|| birth.value_as_date(i))
-                .flatten();
+            let person_id = c.id.value(i);
+            let date = |a: &Date32Array| (!a.is_null(i)).then(|| a.value_as_date(i)).flatten();
+            let (born, died) = (date(&c.birth), date(&c.deceased));
             // The deceased are as old as they were when they died.
-            let died = (!deceased.is_null(i))
-                .then(|| deceased.value_as_date(i))
-                .flatten();
             let at = died.map_or(opts.reference_date, |d| d.min(opts.reference_date));
             let age = born.and_then(|d| age_at(d, at)).map(|a| a.min(AGE_CAP));
-            let band = age.map(|a| crate::measure::age_band(a).to_string());
-            let zip3 = opt(&zip, i).and_then(|z| zip3(&z));
-            let shift = date_shift_days(&opts.key, &person_id);
             // A birth year that says "90 or over today" is withheld, even
             // for someone who died younger (Safe Harbor: dates indicative
             // of such an age).
             let pooled = born
                 .and_then(|d| age_at(d, opts.reference_date))
                 .is_some_and(|a| a >= AGE_CAP);
-            let class = [
-                band.clone(),
-                opt(&sex, i),
-                zip3.clone(),
-                opt(&race, i),
-                opt(&eth, i),
-            ];
             Person {
-                research_id: research_id(&opts.key, &person_id),
+                at: (k, i),
                 person_id,
-                shift,
-                sex: opt(&sex, i),
-                race: opt(&race, i),
-                ethnicity: opt(&eth, i),
-                state: opt(&state, i),
-                zip3,
+                research_id: research_id_hex(&opts.key, person_id),
+                shift: date_shift_days(&opts.key, person_id),
+                state: opt(&c.state, i),
                 age,
-                age_band: band,
-                birth_date: (!birth.is_null(i) && !pooled).then(|| birth.value(i)),
-                deceased_date: (!deceased.is_null(i)).then(|| deceased.value(i)),
-                sources: (!sources.is_null(i)).then(|| sources.value(i)),
-                records: (!records.is_null(i)).then(|| records.value(i)),
-                class,
+                birth_date: (!c.birth.is_null(i) && !pooled).then(|| c.birth.value(i)),
+                deceased_date: (!c.deceased.is_null(i)).then(|| c.deceased.value(i)),
+                records: (!c.records.is_null(i)).then(|| c.records.value(i)),
+                class: [
+                    age.map(crate::measure::age_band),
+                    opt(&c.sex, i),
+                    opt(&c.postal_code, i).and_then(zip3),
+                    opt(&c.race, i),
+                    opt(&c.ethnicity, i),
+                ],
             }
         };
-        out.par_extend((0..b.num_rows()).into_par_iter().map(person));
+        out.par_extend((0..c.id.len()).into_par_iter().map(person));
     }
-    Ok(out)
+    out
 }
 
-fn class_sizes(people: &[Person]) -> HashMap<[Option<String>; 5], u64> {
+fn class_sizes<'a>(people: &[Person<'a>]) -> HashMap<[Option<&'a str>; 5], u64> {
     let mut sizes = HashMap::new();
     for p in people {
-        *sizes.entry(p.class.clone()).or_insert(0) += 1;
+        *sizes.entry(p.class).or_insert(0) += 1;
     }
     sizes
 }
@@ -791,8 +799,19 @@ fn year_of_days(days: i32) -> i32 {
         .year()
 }
 
-fn person_batch(people: &[&Person], mode: DeidMode) -> Result<RecordBatch> {
-    let text = |f: fn(&Person) -> Option<String>| -> ArrayRef {
+fn person_batch(
+    people: &[&Person],
+    columns: &[PersonColumns],
+    mode: DeidMode,
+) -> Result<RecordBatch> {
+    let err = |e: datafusion::arrow::error::ArrowError| {
+        WardError::data(
+            "building research/person",
+            PathBuf::from("person.parquet"),
+            e,
+        )
+    };
+    let text = |f: for<'p> fn(&'p Person<'p>) -> Option<&'p str>| -> ArrayRef {
         Arc::new(people.iter().map(|p| f(p)).collect::<StringArray>())
     };
     let date = |f: fn(&Person) -> Option<i32>| -> ArrayRef {
@@ -811,81 +830,31 @@ fn person_batch(people: &[&Person], mode: DeidMode) -> Result<RecordBatch> {
             ),
         }
     };
-    let sources: Vec<ArrayRef> = people
-        .iter()
-        .filter_map(|p| p.sources.clone())
-        .collect::<Vec<_>>();
-    let sources = list_of(
-        people.iter().map(|p| p.sources.is_some()),
-        &sources,
-        DataType::Utf8,
-    )?;
+    let sources: Vec<&dyn Array> = columns.iter().map(|c| c.sources.as_ref()).collect();
+    let at: Vec<(usize, usize)> = people.iter().map(|p| p.at).collect();
     let columns: Vec<ArrayRef> = vec![
-        text(|p| Some(p.research_id.clone())),
-        text(|p| p.sex.clone()),
-        text(|p| p.race.clone()),
-        text(|p| p.ethnicity.clone()),
+        text(|p| Some(p.research_id())),
+        text(|p| p.class[1]),
+        text(|p| p.class[3]),
+        text(|p| p.class[4]),
         Arc::new(people.iter().map(|p| p.age).collect::<Int32Array>()),
-        text(|p| p.age_band.clone()),
+        text(|p| p.class[0]),
         date(|p| p.birth_date),
-        text(|p| p.state.clone()),
-        text(|p| p.zip3.clone()),
+        text(|p| p.state),
+        text(|p| p.class[2]),
         date(|p| p.deceased_date),
-        sources,
+        if sources.is_empty() {
+            datafusion::arrow::array::new_empty_array(&text_list_type())
+        } else {
+            datafusion::arrow::compute::interleave(&sources, &at).map_err(err)?
+        },
         Arc::new(people.iter().map(|p| p.records).collect::<UInt32Array>()),
     ];
     RecordBatch::try_new(
         crate::schema::research_person_schema(mode == DeidMode::DateShift),
         columns,
     )
-    .map_err(|e| {
-        WardError::data(
-            "building research/person",
-            PathBuf::from("person.parquet"),
-            e,
-        )
-    })
-}
-
-/// A list array from per-row presence and the present rows' values.
-fn list_of(
-    present: impl Iterator<Item = bool>,
-    values: &[ArrayRef],
-    item: DataType,
-) -> Result<ArrayRef> {
-    use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer};
-    let err = |e: datafusion::arrow::error::ArrowError| {
-        WardError::data(
-            "building research/person",
-            PathBuf::from("person.parquet"),
-            e,
-        )
-    };
-    let present: Vec<bool> = present.collect();
-    let mut lengths = Vec::with_capacity(present.len());
-    let mut it = values.iter();
-    for p in &present {
-        lengths.push(if *p {
-            it.next().map_or(0, |v| v.len())
-        } else {
-            0
-        });
-    }
-    let refs: Vec<&dyn Array> = values.iter().map(|a| a.as_ref()).collect();
-    let flat = if refs.is_empty() {
-        datafusion::arrow::array::new_empty_array(&item)
-    } else {
-        datafusion::arrow::compute::concat(&refs).map_err(err)?
-    };
-    let flat = cast(&flat, &item).map_err(err)?;
-    let list = ListArray::try_new(
-        Arc::new(Field::new("item", item, true)),
-        OffsetBuffer::from_lengths(lengths),
-        flat,
-        Some(NullBuffer::from(present)),
-    )
-    .map_err(err)?;
-    Ok(Arc::new(list))
+    .map_err(err)
 }
 
 /// What happens to a fact column.
@@ -1189,13 +1158,13 @@ mod tests {
 
     #[test]
     fn zip_codes_keep_three_digits_and_restricted_areas_become_000() {
-        assert_eq!(zip3("02139").as_deref(), Some("021"));
-        assert_eq!(zip3("02139-4307").as_deref(), Some("021"));
-        assert_eq!(zip3("021394307").as_deref(), Some("021"));
+        assert_eq!(zip3("02139"), Some("021"));
+        assert_eq!(zip3("02139-4307"), Some("021"));
+        assert_eq!(zip3("021394307"), Some("021"));
         for z in RESTRICTED_ZIP3 {
-            assert_eq!(zip3(&format!("{z}42")).as_deref(), Some("000"), "{z}");
+            assert_eq!(zip3(&format!("{z}42")), Some("000"), "{z}");
         }
-        assert_eq!(zip3("03600-1234").as_deref(), Some("000"));
+        assert_eq!(zip3("03600-1234"), Some("000"));
         for bad in ["", "021", "2139", "02139-43", "K1A 0B1", "0213a"] {
             assert_eq!(zip3(bad), None, "{bad}");
         }

@@ -551,12 +551,9 @@ fn run_stages(
         .last()
         .is_some_and(|s| s.reused_from.is_some());
     manifest.linkage = Some(linkage.clone());
-    manifest.warnings.extend(
-        linkage
-            .warnings
-            .iter()
-            .map(|w| format!("linkage: {w}")),
-    );
+    manifest
+        .warnings
+        .extend(linkage.warnings.iter().map(|w| format!("linkage: {w}")));
     let core = build_core(
         night,
         &fingerprints,

@@ -946,19 +946,17 @@ pub fn care_gaps(
         // of the persons with a gap, each person's by provider and record.
         // Joined here, gap by gap, rather than in one query: the query
         // would hold and sort a million wide rows to give the same order.
-        let gaps = one(
-            crate::engine::collect_about(
-                &ctx,
-                &format!(
-                    "SELECT measure_n, measure_id, action, details, person_id \
+        let gaps = one(crate::engine::collect_about(
+            &ctx,
+            &format!(
+                "SELECT measure_n, measure_id, action, details, person_id \
                      FROM ({}) ORDER BY measure_n, rank_",
-                    branches.join(" UNION ALL ")
-                ),
-                "care gaps",
-                &queries_dir,
-            )
-            .await?,
-        )?;
+                branches.join(" UNION ALL ")
+            ),
+            "care gaps",
+            &queries_dir,
+        )
+        .await?)?;
         if gaps.num_rows() == 0 {
             return Ok(());
         }
@@ -969,10 +967,9 @@ pub fn care_gaps(
             vec![gaps.clone()],
             &queries_dir,
         )?;
-        let records = one(
-            crate::engine::collect_about(
-                &ctx,
-                "SELECT l.person_id, l.source AS provider, pt.source_patient_id, pt.mrn, \
+        let records = one(crate::engine::collect_about(
+            &ctx,
+            "SELECT l.person_id, l.source AS provider, pt.source_patient_id, pt.mrn, \
                    pt.given_name, pt.family_name, pt.birth_date, \
                    array_to_string(array_remove(p.sources, l.source), ';') AS other_providers \
                  FROM person_link l \
@@ -981,11 +978,10 @@ pub fn care_gaps(
                  JOIN patient p ON p.person_id = l.person_id \
                  WHERE l.person_id IN (SELECT person_id FROM care_gap) \
                  ORDER BY l.person_id, provider, pt.source_patient_id",
-                "care gaps",
-                &queries_dir,
-            )
-            .await?,
-        )?;
+            "care gaps",
+            &queries_dir,
+        )
+        .await?)?;
         join_care_gaps(&gaps, &records, &queries_dir, &mut each)
     })
 }
@@ -1061,7 +1057,11 @@ fn join_care_gaps(
         each(RecordBatch::try_new(schema.clone(), columns).map_err(err)?)
     };
     for (g, person) in gap_persons.iter().enumerate() {
-        for r in person.and_then(|p| of_person.get(p)).cloned().unwrap_or(0..0) {
+        for r in person
+            .and_then(|p| of_person.get(p))
+            .cloned()
+            .unwrap_or(0..0)
+        {
             at_gap.push(g as u32);
             at_record.push(r);
         }

@@ -561,7 +561,11 @@ impl<'a> CareGapFiles<'a> {
     }
 
     /// A provider's file, created under `.tmp/` (owner only) with its header.
-    fn open(&self, provider: &str, batch: &RecordBatch) -> Result<(PathBuf, PathBuf, std::fs::File)> {
+    fn open(
+        &self,
+        provider: &str,
+        batch: &RecordBatch,
+    ) -> Result<(PathBuf, PathBuf, std::fs::File)> {
         use std::io::Write;
         let path = self.dir.join(format!("care_gaps_{provider}.csv"));
         let tmp = self.warehouse.tmp_path(&path);

@@ -10,7 +10,10 @@ pub mod standard;
 
 pub mod html;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+// Maps keyed by a million person ids: a fast hash, not SipHash.
+use ahash::AHashMap as HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 

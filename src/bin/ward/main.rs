@@ -37,7 +37,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
     if !matches!(cli.command, Command::Serve(_)) {
-        memcap::keep_freed_memory();
+        memcap::batch_memory_settings();
     }
     ward::runs::set_memory_counter(ward::runs::MemoryCounter {
         peak: memcap::peak,

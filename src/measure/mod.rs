@@ -1006,8 +1006,7 @@ fn join_care_gaps(
     use datafusion::arrow::datatypes::Field;
     let err = |e| WardError::data("care gaps", queries_dir, e);
     let persons = crate::engine::text(records.column(0)).map_err(err)?;
-    let mut of_person: std::collections::HashMap<&str, std::ops::Range<u32>> =
-        std::collections::HashMap::new();
+    let mut of_person: ahash::AHashMap<&str, std::ops::Range<u32>> = ahash::AHashMap::new();
     for (i, p) in persons.iter().enumerate() {
         if let Some(p) = p {
             let i = i as u32;
@@ -1866,6 +1865,113 @@ fn plain_strings(b: &RecordBatch, schema: &SchemaRef) -> datafusion::error::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn text_column(values: &[Option<&str>]) -> ArrayRef {
+        Arc::new(values.iter().copied().collect::<StringArray>())
+    }
+
+    fn batch(columns: &[(&str, &[Option<&str>])]) -> RecordBatch {
+        RecordBatch::try_from_iter(
+            columns
+                .iter()
+                .map(|(name, values)| (name.to_string(), text_column(values))),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn care_gaps_follow_the_gaps_order_with_each_persons_records() {
+        // Two measures' gaps, most urgent first; p2 has two records at
+        // one provider and one at another, p3 none (no row), p1 one.
+        let gaps = batch(&[
+            ("measure_n", &[Some("0"), Some("0"), Some("1"), Some("1")]),
+            ("measure_id", &[Some("A"), Some("A"), Some("B"), Some("B")]),
+            (
+                "action",
+                &[Some("do a"), Some("do a"), Some("do b"), Some("do b")],
+            ),
+            ("details", &[Some("d1"), Some("d2"), Some("d3"), Some("d4")]),
+            (
+                "person_id",
+                &[Some("p2"), Some("p3"), Some("p1"), Some("p2")],
+            ),
+        ]);
+        let records = batch(&[
+            (
+                "person_id",
+                &[Some("p1"), Some("p2"), Some("p2"), Some("p2")],
+            ),
+            ("provider", &[Some("x"), Some("x"), Some("x"), Some("y")]),
+            (
+                "source_patient_id",
+                &[Some("1"), Some("2"), Some("3"), Some("9")],
+            ),
+            ("mrn", &[None, None, None, None]),
+            ("given_name", &[None, None, None, None]),
+            ("family_name", &[None, None, None, None]),
+            ("birth_date", &[None, None, None, None]),
+            (
+                "other_providers",
+                &[Some(""), Some("y"), Some("y"), Some("x")],
+            ),
+        ]);
+        let mut out = Vec::new();
+        join_care_gaps(&gaps, &records, Path::new("q"), &mut |b| {
+            out.push(b);
+            Ok(())
+        })
+        .unwrap();
+        let rows: Vec<String> = out
+            .iter()
+            .flat_map(|b| {
+                let col = |n: &str| crate::engine::text(b.column_by_name(n).unwrap()).unwrap();
+                let (provider, measure, record, details) = (
+                    col("provider"),
+                    col("measure_id"),
+                    col("source_patient_id"),
+                    col("details"),
+                );
+                (0..b.num_rows())
+                    .map(|i| {
+                        format!(
+                            "{} {} {} {}",
+                            provider.value(i),
+                            measure.value(i),
+                            record.value(i),
+                            details.value(i)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                "x A 2 d1", "x A 3 d1", "y A 9 d1", "x B 1 d3", "x B 2 d4", "x B 3 d4", "y B 9 d4"
+            ]
+        );
+        let names: Vec<String> = out[0]
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "provider",
+                "measure_id",
+                "source_patient_id",
+                "mrn",
+                "given_name",
+                "family_name",
+                "birth_date",
+                "action",
+                "details",
+                "other_providers"
+            ]
+        );
+    }
 
     #[test]
     fn care_gap_priority_is_an_order_by_list_and_nothing_more() {

@@ -60,6 +60,15 @@ pub fn shared_data(path: &str) -> Option<PathBuf> {
     None
 }
 
+/// A fresh copy of `sample_data/` (see [`copy_sample`]) ingested once: its
+/// directory and config.
+pub fn ingested_sample() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = copy_sample(dir.path());
+    run_ingest(&config).unwrap();
+    (dir, config)
+}
+
 /// Copies `sample_data/` into `dir` with the warehouse inside `dir`;
 /// returns the config path.
 pub fn copy_sample(dir: &Path) -> PathBuf {

@@ -77,9 +77,7 @@ fn sample_loads_every_provider_and_rejects_exactly_the_planted_rows() {
 
 #[test]
 fn sample_values_are_normalized() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = copy_sample(dir.path());
-    run_ingest(&config).unwrap();
+    let (dir, _) = ingested_sample();
     let obs = read_dir_batches(&dir.path().join("wh/staging/observation"));
     let codes = strings(&obs, "code");
     let units = strings(&obs, "unit");
@@ -212,9 +210,7 @@ fn assert_all_unchanged(report: &ward::IngestReport) {
 
 #[test]
 fn second_run_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = copy_sample(dir.path());
-    run_ingest(&config).unwrap();
+    let (dir, config) = ingested_sample();
     let before = snapshot(&dir.path().join("wh"));
     let report = run_ingest(&config).unwrap();
     assert_all_unchanged(&report);
@@ -259,9 +255,7 @@ fn a_settled_file_whose_stat_is_the_same_is_not_read_again() {
 
 #[test]
 fn records_appended_to_a_file_are_staged_on_their_own() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = copy_sample(dir.path());
-    run_ingest(&config).unwrap();
+    let (dir, config) = ingested_sample();
     let state = |dir: &Path| -> serde_json::Value {
         serde_json::from_slice(&fs::read(dir.join("wh/state/ingest.json")).unwrap()).unwrap()
     };
@@ -340,9 +334,7 @@ fn records_appended_to_a_file_are_staged_on_their_own() {
 
 #[test]
 fn changed_file_replaces_its_own_batch_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = copy_sample(dir.path());
-    run_ingest(&config).unwrap();
+    let (dir, config) = ingested_sample();
     let wh = dir.path().join("wh");
     let before = snapshot(&wh);
 
@@ -417,9 +409,7 @@ fn changed_file_replaces_its_own_batch_only() {
 
 #[test]
 fn removed_patient_rechecks_that_sources_facts() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = copy_sample(dir.path());
-    run_ingest(&config).unwrap();
+    let (dir, config) = ingested_sample();
     let patients = dir.path().join("sample_data/lakeside_endo/patients.csv");
     let text = fs::read_to_string(&patients).unwrap();
     let first_id = text
@@ -458,9 +448,7 @@ fn removed_patient_rechecks_that_sources_facts() {
 
 #[test]
 fn redelivered_file_under_a_new_name_is_skipped() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = copy_sample(dir.path());
-    run_ingest(&config).unwrap();
+    let (dir, config) = ingested_sample();
     let d = dir.path().join("sample_data/northside_clinic");
     fs::copy(d.join("visits.csv"), d.join("visits_resent.csv")).unwrap();
     let before = snapshot(&dir.path().join("wh"));
@@ -529,9 +517,7 @@ fn two_sources_with_the_same_files_load_side_by_side() {
 
 #[test]
 fn leftovers_of_an_interrupted_run_are_removed() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = copy_sample(dir.path());
-    run_ingest(&config).unwrap();
+    let (dir, config) = ingested_sample();
     let wh = dir.path().join("wh");
     let before = snapshot(&wh);
     let stray = wh.join("staging/patient/source=lakeside_endo/deadbeef.parquet");
@@ -546,9 +532,7 @@ fn leftovers_of_an_interrupted_run_are_removed() {
 
 #[test]
 fn staging_is_queryable_with_datafusion() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = copy_sample(dir.path());
-    run_ingest(&config).unwrap();
+    let (dir, _) = ingested_sample();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let ctx = datafusion::prelude::SessionContext::new();

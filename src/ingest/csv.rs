@@ -1,7 +1,7 @@
 //! Reading a delimited extract into text columns.
 //!
-//! One pass over the bytes with the `csv` crate, a slice of records at a
-//! time ([`CsvReader`]), finds every record's line number, quarantines
+//! One pass over the bytes, read a buffer at a time and parsed by
+//! `csv_core`, a slice of records at a time ([`CsvReader`]), finds every record's line number, quarantines
 //! records that cannot be trusted (wrong number of fields, a truncated last
 //! line, bytes that are not UTF-8, a quote that never closes) as rejects,
 //! marks exact duplicates of earlier records, and appends the cells of the
@@ -13,7 +13,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
+use std::fs::File;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::path::Path;
 
@@ -85,86 +85,187 @@ impl TextTable {
     }
 }
 
-/// Reads one extract whole (see [`CsvReader`]).
+/// Reads one extract whole from memory (see [`CsvReader`]).
 pub fn read(path: &Path, bytes: &[u8], mapping: &CsvMapping) -> Result<TextTable> {
-    let decoded = decode(bytes, mapping.encoding);
-    let mut reader = CsvReader::open(path, &decoded, mapping)?;
+    let mut reader = CsvReader::open(path, Extract::Bytes(bytes), mapping)?;
     Ok(reader
         .next_slice(usize::MAX)?
         .expect("the first slice is always returned"))
 }
 
-/// Reads an extract's records in slices, so that what is held besides the
-/// file's bytes follows the slice, not the file. `path` is used in error
-/// messages only, which name lines and column positions, never cell values.
+/// Where an extract's bytes are read from.
+pub enum Extract<'b> {
+    /// Bytes in memory.
+    Bytes(&'b [u8]),
+    /// An open file, read a buffer at a time: what is held of it is the
+    /// buffer and the record being read, never the file.
+    File(File),
+}
+
+impl Extract<'_> {
+    /// Reads bytes at byte `at` into `buf`; fewer only at the end.
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Extract::Bytes(bytes) => {
+                let rest = usize::try_from(at)
+                    .ok()
+                    .and_then(|at| bytes.get(at..))
+                    .unwrap_or_default();
+                let n = rest.len().min(buf.len());
+                buf[..n].copy_from_slice(&rest[..n]);
+                Ok(n)
+            }
+            Extract::File(file) => {
+                use std::os::unix::fs::FileExt;
+                let mut n = 0;
+                while n < buf.len() {
+                    match file.read_at(&mut buf[n..], at + n as u64) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    fn len(&self) -> std::io::Result<u64> {
+        match self {
+            Extract::Bytes(bytes) => Ok(bytes.len() as u64),
+            Extract::File(file) => Ok(file.metadata()?.len()),
+        }
+    }
+}
+
+/// Bytes read from the extract at a time (the buffer grows only for a
+/// record longer than it).
+const BUFFER: usize = 1 << 20;
+
+/// Reads an extract's records in slices, so that what is held of a file
+/// follows the slice, not the file: a buffer of its bytes, the slice's
+/// text, and per row read so far a hash and position (24 bytes) for exact
+/// duplicates. `path` is used in error messages only, which name lines and
+/// column positions, never cell values.
 ///
 /// Each slice's rows carry [`TextTable::duplicate_of`]: the line of an
 /// earlier row of the file, in any slice, with the same cells. Rows are
 /// hashed; a hash seen before is confirmed by reading the earlier record
-/// again from the file's bytes and comparing its cells, so a hash collision
+/// again from the extract and comparing its cells, so a hash collision
 /// never marks a row.
+///
+/// Records are parsed by `csv_core` from the buffer: delimiters, quotes and
+/// line ends are ASCII, so a Latin-1 extract is parsed as it is and its
+/// fields are decoded to UTF-8; a UTF-8 byte order mark is skipped.
 pub struct CsvReader<'b> {
     path: &'b Path,
-    bytes: &'b [u8],
+    extract: Extract<'b>,
+    /// The extract's size when opened: what is read.
+    len: u64,
     mapping: &'b CsvMapping,
-    builder: csv::ReaderBuilder,
-    reader: csv::Reader<&'b [u8]>,
-    record: csv::ByteRecord,
+    core: csv_core::Reader,
+    /// `buf[..filled]` holds the extract's bytes from byte `offset`;
+    /// parsing resumes at `buf[pos]`.
+    buf: Vec<u8>,
+    offset: u64,
+    pos: usize,
+    filled: usize,
+    /// The last record read: its fields' bytes and where each ends, and
+    /// (Latin-1) its fields decoded.
+    fields: Vec<u8>,
+    ends: Vec<usize>,
+    width: usize,
+    decoded: String,
+    ranges: Vec<std::ops::Range<usize>>,
     header: Vec<String>,
     ends_with_newline: bool,
-    /// Where the current reader starts: byte offset and line number before it.
-    base: (usize, u64),
     /// Whether a slice was returned.
     started: bool,
-    /// Rows read so far by hash: the first row's line and byte offset.
-    seen: HashMap<u64, (u64, usize), ahash::RandomState>,
+    /// Rows read so far by hash: the first row's line and record bytes.
+    seen: HashMap<u64, (u64, Record), ahash::RandomState>,
     /// Rows whose hash was taken by a row with other cells.
-    collided: HashMap<u64, Vec<(u64, usize)>>,
+    collided: HashMap<u64, Vec<(u64, Record)>>,
     hasher: ahash::RandomState,
 }
 
+/// Where a record's bytes are in the extract: offset and length.
+#[derive(Clone, Copy)]
+struct Record(u64, u32);
+
 impl<'b> CsvReader<'b> {
-    /// Reads the header of `bytes` (already [`decode`]d).
-    pub fn open(path: &'b Path, bytes: &'b [u8], mapping: &'b CsvMapping) -> Result<CsvReader<'b>> {
+    /// Reads the header of `extract`.
+    pub fn open(path: &'b Path, extract: Extract<'b>, mapping: &'b CsvMapping) -> Result<Self> {
+        Self::with_buffer(path, extract, mapping, BUFFER)
+    }
+
+    /// [`CsvReader::open`] with a buffer of `buffer` bytes at first.
+    fn with_buffer(
+        path: &'b Path,
+        extract: Extract<'b>,
+        mapping: &'b CsvMapping,
+        buffer: usize,
+    ) -> Result<Self> {
         let err = |line: Option<u64>, message: String| WardError::Extract {
             path: path.to_path_buf(),
             line,
             message,
         };
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(err(None, "file is empty: no header line".into()));
+        let len = extract
+            .len()
+            .map_err(|e| WardError::io("cannot read", path, e))?;
+        let mut last = [0u8];
+        if len > 0 {
+            extract
+                .read_at(len - 1, &mut last)
+                .map_err(|e| WardError::io("cannot read", path, e))?;
         }
-        let mut builder = csv::ReaderBuilder::new();
-        builder
-            .has_headers(false)
-            .flexible(true)
-            .delimiter(mapping.delimiter)
-            .quote(mapping.quote);
         let mut reader = CsvReader {
             path,
-            bytes,
+            extract,
+            len,
             mapping,
-            reader: builder.from_reader(bytes),
-            builder,
-            record: csv::ByteRecord::new(),
+            core: csv_core::ReaderBuilder::new()
+                .delimiter(mapping.delimiter)
+                .quote(mapping.quote)
+                .build(),
+            buf: vec![0; buffer.clamp(1, len.saturating_add(1).try_into().unwrap_or(usize::MAX))],
+            offset: 0,
+            pos: 0,
+            filled: 0,
+            fields: vec![0; 1024],
+            ends: vec![0; 64],
+            width: 0,
+            decoded: String::new(),
+            ranges: Vec::new(),
             header: Vec::new(),
-            ends_with_newline: bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r'),
-            base: (0, 0),
+            ends_with_newline: matches!(last[0], b'\n' | b'\r'),
             started: false,
             seen: HashMap::default(),
             collided: HashMap::new(),
             hasher: ahash::RandomState::with_seeds(0x5741_5244, 1, 2, 3),
         };
-        if !reader.read_record()? {
+        let Some(span) = reader.read_record()? else {
             return Err(err(None, "file is empty: no header line".into()));
+        };
+        if reader.body(&span).iter().all(u8::is_ascii_whitespace) {
+            return Err(err(
+                Some(span.line),
+                "file is empty: its first line is blank, no header line".into(),
+            ));
         }
-        reader.header = read_header(&reader.record, &err)?;
+        reader.header = read_header(&reader, span.line, &err)?;
         Ok(reader)
     }
 
     /// The header's field names.
     pub fn header(&self) -> &[String] {
         &self.header
+    }
+
+    /// The extract's size in bytes when it was opened: what is read.
+    pub fn size(&self) -> u64 {
+        self.len
     }
 
     /// Reads the next `max` records at most (well-formed or not); `None`
@@ -175,78 +276,67 @@ impl<'b> CsvReader<'b> {
         let mut columns: Vec<StringBuilder> = (0..width)
             .map(|_| StringBuilder::with_capacity(1024, 16 * 1024))
             .collect();
-        let (mut lines, mut starts, mut rejects) = (Vec::new(), Vec::new(), Vec::new());
-        let bytes = self.bytes;
-        while lines.len() + rejects.len() < max && self.read_record()? {
-            let Span {
-                start,
-                end,
-                leading,
-                line,
-            } = locate(&self.record, &self.reader, self.base, bytes);
-            let body = trim_terminator(&bytes[start..end]);
-            let is_last = end >= bytes.len();
+        let (mut lines, mut records, mut rejects) = (Vec::new(), Vec::new(), Vec::new());
+        while lines.len() + rejects.len() < max {
+            let Some(span) = self.read_record()? else {
+                break;
+            };
+            let is_last = span.end >= self.len;
             // A quoted field still open at the end of the file.
-            let unclosed = is_last
-                && opens_quote(body, self.mapping)
-                && body.iter().filter(|b| **b == self.mapping.quote).count() % 2 == 1;
-            if self.record.len() != width || unclosed {
+            let unclosed = is_last && {
+                let body = self.body(&span);
+                opens_quote(body, self.mapping)
+                    && body.iter().filter(|b| **b == self.mapping.quote).count() % 2 == 1
+            };
+            if self.width != width || unclosed {
                 let shape = Shape {
-                    fields: self.record.len(),
+                    fields: self.width,
                     width,
                     unclosed,
                     cut_short: is_last && !self.ends_with_newline,
                 };
-                let (reject, resume_after) = misshapen(line, body, shape, self.mapping);
+                let (reject, resume_after) =
+                    misshapen(span.line, self.body(&span), shape, self.mapping);
                 rejects.push(reject);
                 if let Some(eol) = resume_after {
-                    self.base = (start + leading + eol + 1, line);
-                    self.reader = self.builder.from_reader(&bytes[self.base.0..]);
+                    // The line's end is in the buffer: the record is.
+                    self.pos = (span.start + span.leading as u64 - self.offset) as usize + eol + 1;
+                    self.core.reset();
+                    self.core.set_line(span.line + 1);
                 }
                 continue;
             }
-            // The record's fields are UTF-8 when their concatenation is and
-            // every field starts and ends on a character: one check of the
-            // whole record instead of one per field.
-            let fields = self.record.as_slice();
-            let text = std::str::from_utf8(fields).ok().filter(|text| {
-                (0..self.record.len()).all(|i| {
-                    self.record.range(i).is_some_and(|r| {
-                        text.is_char_boundary(r.start) && text.is_char_boundary(r.end)
-                    })
-                })
-            });
-            let Some(text) = text else {
-                let i = self
-                    .record
-                    .iter()
-                    .position(|f| std::str::from_utf8(f).is_err())
+            let Some(text) = self.text() else {
+                let i = (0..self.width)
+                    .position(|i| std::str::from_utf8(self.field(i)).is_err())
                     .unwrap_or(0);
                 rejects.push(StructuralReject {
-                    line,
+                    line: span.line,
                     rule: "invalid_utf8",
                     message: format!("column '{}' holds bytes that are not UTF-8", self.header[i]),
-                    raw: String::from_utf8_lossy(body).into_owned(),
+                    raw: String::from_utf8_lossy(self.body(&span)).into_owned(),
                 });
                 continue;
             };
-            for (i, column) in columns.iter_mut().enumerate() {
-                let v = self.record.range(i).map_or("", |r| &text[r]);
+            for (column, range) in columns.iter_mut().zip(&self.ranges) {
+                let v = &text[range.clone()];
                 if v.trim().is_empty() {
                     column.append_null();
                 } else {
                     column.append_value(v);
                 }
             }
-            lines.push(line);
-            starts.push(start + leading);
+            lines.push(span.line);
+            let start = span.start + span.leading as u64;
+            let len = u32::try_from(span.end - start).unwrap_or(u32::MAX);
+            records.push(Record(start, len));
         }
         if lines.is_empty() && rejects.is_empty() && self.started {
             return Ok(None);
         }
         self.started = true;
         let columns: Vec<StringArray> = columns.iter_mut().map(StringBuilder::finish).collect();
-        let duplicate_of = self.duplicates(&columns, &lines, &starts);
+        let duplicate_of = self.duplicates(&columns, &lines, &records)?;
         Ok(Some(TextTable {
             header: self.header.clone(),
             columns,
@@ -256,17 +346,116 @@ impl<'b> CsvReader<'b> {
         }))
     }
 
-    /// Reads the next record into `self.record`; `false` at the end.
-    fn read_record(&mut self) -> Result<bool> {
-        // Reading bytes from memory cannot fail: the reader's only errors
-        // are I/O and UTF-8 errors of string records.
-        self.reader
-            .read_byte_record(&mut self.record)
-            .map_err(|e| WardError::Extract {
-                path: self.path.to_path_buf(),
-                line: e.position().map(|p| p.line()),
-                message: "unreadable CSV record".into(),
-            })
+    /// Reads the next record into `fields`/`ends`; `None` at the end.
+    fn read_record(&mut self) -> Result<Option<Span>> {
+        use csv_core::ReadRecordResult::*;
+        let start = self.offset + self.pos as u64;
+        let first_line = self.core.line();
+        let (mut nout, mut nend) = (0, 0);
+        loop {
+            if self.pos == self.filled {
+                // Keeps the record's bytes from `start` on.
+                self.fill((start - self.offset) as usize)?;
+            }
+            let input = &self.buf[self.pos..self.filled];
+            let (res, i, o, e) =
+                self.core
+                    .read_record(input, &mut self.fields[nout..], &mut self.ends[nend..]);
+            self.pos += i;
+            nout += o;
+            nend += e;
+            match res {
+                InputEmpty => {}
+                OutputFull => self.fields.resize(self.fields.len() * 2, 0),
+                OutputEndsFull => self.ends.resize(self.ends.len() * 2, 0),
+                Record => break,
+                End => return Ok(None),
+            }
+        }
+        self.width = nend;
+        let end = self.offset + self.pos as u64;
+        let raw = &self.buf[(start - self.offset) as usize..self.pos];
+        let leading = raw
+            .iter()
+            .take_while(|b| matches!(b, b'\n' | b'\r'))
+            .count();
+        let newlines = raw[..leading].iter().filter(|b| **b == b'\n').count() as u64;
+        // The fields as text (UTF-8: checked later), one range each.
+        self.ranges.clear();
+        if self.mapping.encoding == Encoding::Latin1 {
+            self.decoded.clear();
+            for i in 0..nend {
+                let at = self.decoded.len();
+                let field = &self.fields[if i == 0 { 0 } else { self.ends[i - 1] }..self.ends[i]];
+                self.decoded.extend(field.iter().map(|&b| b as char));
+                self.ranges.push(at..self.decoded.len());
+            }
+        } else {
+            self.ranges
+                .extend((0..nend).map(|i| if i == 0 { 0 } else { self.ends[i - 1] }..self.ends[i]));
+        }
+        Ok(Some(Span {
+            start,
+            end,
+            leading,
+            line: first_line + newlines,
+        }))
+    }
+
+    /// Makes more of the extract available past `buf[filled]`, keeping
+    /// `buf[keep..]`; at the end of the extract, nothing (the parser is
+    /// then handed no input, which ends its last record).
+    fn fill(&mut self, keep: usize) -> Result<()> {
+        let at = self.offset + self.filled as u64;
+        if at >= self.len {
+            return Ok(());
+        }
+        self.buf.copy_within(keep..self.filled, 0);
+        self.offset += keep as u64;
+        self.filled -= keep;
+        self.pos -= keep;
+        if self.filled == self.buf.len() {
+            // A record longer than the buffer.
+            self.buf.resize(self.buf.len() * 2, 0);
+        }
+        let want = (self.buf.len() - self.filled).min((self.len - at) as usize);
+        let n = self
+            .extract
+            .read_at(at, &mut self.buf[self.filled..self.filled + want])
+            .map_err(|e| WardError::io("cannot read", self.path, e))?;
+        if n == 0 {
+            // The file shrank while it was read: what there was is read.
+            self.len = at;
+        }
+        self.filled += n;
+        Ok(())
+    }
+
+    /// The bytes of field `i` of the last record.
+    fn field(&self, i: usize) -> &[u8] {
+        &self.fields[if i == 0 { 0 } else { self.ends[i - 1] }..self.ends[i]]
+    }
+
+    /// The last record's fields as one text (indexed by `ranges`), or
+    /// `None` when a UTF-8 extract's record is not UTF-8.
+    fn text(&self) -> Option<&str> {
+        if self.mapping.encoding == Encoding::Latin1 {
+            return Some(&self.decoded);
+        }
+        // The fields are UTF-8 when their concatenation is and every field
+        // starts and ends on a character: one check of the whole record
+        // instead of one per field.
+        let all = &self.fields[..self.ends[..self.width].last().copied().unwrap_or(0)];
+        std::str::from_utf8(all).ok().filter(|text| {
+            self.ranges
+                .iter()
+                .all(|r| text.is_char_boundary(r.start) && text.is_char_boundary(r.end))
+        })
+    }
+
+    /// The last record's bytes, without the line ends around it.
+    fn body(&self, span: &Span) -> &[u8] {
+        trim_terminator(&self.buf[(span.start - self.offset) as usize..self.pos])
     }
 
     /// For each row of a slice, the line of an earlier row of the file with
@@ -275,8 +464,8 @@ impl<'b> CsvReader<'b> {
         &mut self,
         columns: &[StringArray],
         lines: &[u64],
-        starts: &[usize],
-    ) -> Vec<Option<u64>> {
+        records: &[Record],
+    ) -> Result<Vec<Option<u64>>> {
         let cells = |row: usize| {
             columns
                 .iter()
@@ -290,130 +479,109 @@ impl<'b> CsvReader<'b> {
                 h.finish()
             })
             .collect();
-        let (builder, bytes) = (&self.builder, self.bytes);
-        let same = |row: usize, &(_, start): &(u64, usize)| {
-            let earlier = cells_at(builder, bytes, start);
-            earlier.len() == columns.len()
-                && earlier
-                    .iter()
-                    .zip(cells(row))
-                    .all(|(a, b)| a.as_deref() == b)
-        };
         let mut out = Vec::with_capacity(lines.len());
         for (row, hash) in hashes.into_iter().enumerate() {
-            let here = (lines[row], starts[row]);
-            let first = match self.seen.entry(hash) {
-                Entry::Vacant(v) => {
-                    v.insert(here);
+            let here = (lines[row], records[row]);
+            let first = match self.seen.get(&hash) {
+                None => {
+                    self.seen.insert(hash, here);
                     None
                 }
-                Entry::Occupied(o) if same(row, o.get()) => Some(o.get().0),
-                Entry::Occupied(_) => {
-                    let others = self.collided.entry(hash).or_default();
-                    match others.iter().find(|o| same(row, o)) {
-                        Some(o) => Some(o.0),
-                        None => {
-                            others.push(here);
-                            None
+                Some(&(line, earlier)) if self.same(earlier, cells(row))? => Some(line),
+                Some(_) => {
+                    let others = self.collided.remove(&hash).unwrap_or_default();
+                    let mut found = None;
+                    for &(line, earlier) in &others {
+                        if self.same(earlier, cells(row))? {
+                            found = Some(line);
+                            break;
                         }
                     }
+                    let mut others = others;
+                    if found.is_none() {
+                        others.push(here);
+                    }
+                    self.collided.insert(hash, others);
+                    found
                 }
             };
             out.push(first);
         }
-        out
+        Ok(out)
+    }
+
+    /// Whether the well-formed record at `earlier` has the cells `cells`.
+    fn same<'c>(
+        &self,
+        Record(start, len): Record,
+        cells: impl Iterator<Item = Option<&'c str>>,
+    ) -> Result<bool> {
+        let mut raw = vec![0; len as usize];
+        self.extract
+            .read_at(start, &mut raw)
+            .map_err(|e| WardError::io("cannot read", self.path, e))?;
+        let mut record = csv::ByteRecord::new();
+        // The record was read once already, so it reads again.
+        let _ = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .delimiter(self.mapping.delimiter)
+            .quote(self.mapping.quote)
+            .from_reader(&raw[..])
+            .read_byte_record(&mut record);
+        let latin1 = self.mapping.encoding == Encoding::Latin1;
+        let earlier: Vec<Option<Cow<str>>> = record
+            .iter()
+            .map(|f| {
+                if latin1 {
+                    let text: String = f.iter().map(|&b| b as char).collect();
+                    (!text.trim().is_empty()).then_some(Cow::Owned(text))
+                } else {
+                    cell(f).map(Cow::Borrowed)
+                }
+            })
+            .collect();
+        let mut cells = cells;
+        Ok(earlier.len() == self.header.len()
+            && earlier.iter().all(|a| cells.next() == Some(a.as_deref())))
     }
 }
 
-/// The cells of the well-formed record starting at byte `start` of `bytes`.
-fn cells_at(builder: &csv::ReaderBuilder, bytes: &[u8], start: usize) -> Vec<Option<String>> {
-    let mut record = csv::ByteRecord::new();
-    // The record was read once already, so it reads again.
-    let _ = builder
-        .from_reader(&bytes[start..])
-        .read_byte_record(&mut record);
-    record.iter().map(|f| cell(f).map(str::to_string)).collect()
-}
-
-/// A field's text; `None` when empty or blank (or, for a record refused
-/// as `invalid_utf8`, not UTF-8).
+/// A field's text; `None` when empty or blank (or not UTF-8).
 fn cell(field: &[u8]) -> Option<&str> {
     std::str::from_utf8(field)
         .ok()
         .filter(|v| !v.trim().is_empty())
 }
 
-/// Where a record sits in the file.
+/// Where a record sits in the extract.
 struct Span {
     /// Its bytes, line terminators around it included.
-    start: usize,
-    end: usize,
-    /// Line terminators before it: after a CRLF the reader positions the
-    /// next record on the LF.
+    start: u64,
+    end: u64,
+    /// Line terminators before it: after a CRLF the parser starts the next
+    /// record on the LF.
     leading: usize,
     /// The line it starts on.
     line: u64,
 }
 
-/// Where the record just read sits, for a reader started at `base` (byte
-/// offset, and line number before it) in `bytes`.
-fn locate(
-    record: &csv::ByteRecord,
-    reader: &csv::Reader<&[u8]>,
-    (base_byte, base_line): (usize, u64),
-    bytes: &[u8],
-) -> Span {
-    let pos = record
-        .position()
-        .expect("records read from a reader have a position");
-    let start = base_byte + pos.byte() as usize;
-    let end = (base_byte + reader.position().byte() as usize).min(bytes.len());
-    let raw = &bytes[start..end];
-    let leading = raw
-        .iter()
-        .take_while(|b| matches!(b, b'\n' | b'\r'))
-        .count();
-    let line =
-        base_line + pos.line() + raw[..leading].iter().filter(|b| **b == b'\n').count() as u64;
-    Span {
-        start,
-        end,
-        leading,
-        line,
-    }
-}
-
-/// The file's bytes as UTF-8: without a UTF-8 byte order mark, or decoded
-/// from Latin-1.
-pub fn decode(bytes: &[u8], encoding: Encoding) -> Cow<'_, [u8]> {
-    match encoding {
-        Encoding::Utf8 => Cow::Borrowed(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)),
-        Encoding::Latin1 => Cow::Owned(
-            bytes
-                .iter()
-                .map(|&b| b as char)
-                .collect::<String>()
-                .into_bytes(),
-        ),
-    }
-}
-
 /// The header record's field names, trimmed; refused when not UTF-8 or
 /// when two fields share a name (likely a data line, not a header).
 fn read_header(
-    record: &csv::ByteRecord,
+    reader: &CsvReader,
+    line: u64,
     err: &impl Fn(Option<u64>, String) -> WardError,
 ) -> Result<Vec<String>> {
-    let header_line = record.position().map_or(1, |p| p.line());
-    let mut header: Vec<String> = Vec::with_capacity(record.len());
-    for (i, field) in record.iter().enumerate() {
-        let name = std::str::from_utf8(field)
-            .map_err(|_| err(Some(header_line), "header is not valid UTF-8".into()))?
-            .trim()
-            .to_string();
+    let text = reader
+        .text()
+        .ok_or_else(|| err(Some(line), "header is not valid UTF-8".into()))?;
+    let mut header: Vec<String> = Vec::with_capacity(reader.ranges.len());
+    for (i, range) in reader.ranges.iter().enumerate() {
+        let name = text[range.clone()].trim().to_string();
         if let Some(first) = header.iter().position(|h| *h == name) {
             return Err(err(
-                Some(header_line),
+                Some(line),
                 format!(
                     "header fields {} and {} have the same name (is the first line a header?)",
                     first + 1,
@@ -571,6 +739,8 @@ mod tests {
         assert!(e.to_string().contains("empty"), "{e}");
         let e = read_str(b"\xEF\xBB\xBF\n").unwrap_err();
         assert!(e.to_string().contains("empty"), "{e}");
+        let e = read_str(b" \t\n1,2\n").unwrap_err();
+        assert!(e.to_string().contains("first line is blank"), "{e}");
         let t = read_str(b"a,b\n").unwrap();
         assert_eq!(t.records(), 0);
         assert_eq!(t.columns.len(), 2);
@@ -647,18 +817,20 @@ mod tests {
             let last = 2 + bytes.iter().filter(|b| **b == b'\n').count() as u64;
             proptest::prop_assert!(t.lines.iter().chain(t.rejects.iter().map(|r| &r.line))
                 .all(|l| (2..=last).contains(l)));
-            // Reading in slices changes nothing.
+            // Reading in slices, through a buffer of any size, changes nothing.
             let whole = summary(std::slice::from_ref(&t));
-            for size in [1, 2, 7] {
-                proptest::prop_assert_eq!(&summary(&slices(&bytes, size)), &whole);
+            for (size, buffer) in [(1, 1), (2, 5), (7, 64), (usize::MAX, 3)] {
+                proptest::prop_assert_eq!(&summary(&slices(&bytes, size, buffer)), &whole);
             }
         }
     }
 
-    /// Every slice of `bytes` of `size` records, read to the end.
-    fn slices(bytes: &[u8], size: usize) -> Vec<TextTable> {
+    /// Every slice of `bytes` of `size` records, read to the end through a
+    /// buffer of `buffer` bytes.
+    fn slices(bytes: &[u8], size: usize, buffer: usize) -> Vec<TextTable> {
         let m = mapping(Encoding::Utf8);
-        let mut reader = CsvReader::open(Path::new("f.csv"), bytes, &m).unwrap();
+        let mut reader =
+            CsvReader::with_buffer(Path::new("f.csv"), Extract::Bytes(bytes), &m, buffer).unwrap();
         std::iter::from_fn(|| reader.next_slice(size).unwrap()).collect()
     }
 
@@ -692,7 +864,7 @@ mod tests {
         // Line 5 repeats line 2's cells with other quoting and blanks;
         // line 6 differs from line 2 in one cell; line 7 repeats line 3.
         let bytes = b"a,b,c\n1,x,\n2,y,z\n1,2\n\"1\",\"x\", \n1,x,q\n2,y,z\n";
-        let whole = summary(&slices(bytes, usize::MAX));
+        let whole = summary(&slices(bytes, usize::MAX, BUFFER));
         let duplicates: Vec<(u64, Option<u64>)> = whole.0.iter().map(|r| (r.0, r.2)).collect();
         assert_eq!(
             duplicates,
@@ -700,12 +872,45 @@ mod tests {
         );
         assert_eq!(whole.1, [(4, "wrong_field_count")]);
         for size in 1..=3 {
-            let sliced = slices(bytes, size);
+            let sliced = slices(bytes, size, 4);
             assert!(sliced.iter().all(|t| t.records() <= size as u64));
             assert_eq!(summary(&sliced), whole, "slices of {size}");
         }
         // A file without records still yields one (empty) slice.
-        assert_eq!(slices(b"a,b\n", 10).len(), 1);
+        assert_eq!(slices(b"a,b\n", 10, BUFFER).len(), 1);
+    }
+
+    #[test]
+    fn a_file_is_read_as_its_bytes_are() {
+        let bytes = b"a,b\r\n1,\"two\r\nlines\"\r\n1,2,3\r\n2,x\r\n1,\"two\r\nlines\"\r\n4,\"y";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.csv");
+        std::fs::write(&path, bytes).unwrap();
+        let m = mapping(Encoding::Utf8);
+        for buffer in [1, 8, BUFFER] {
+            let file = File::open(&path).unwrap();
+            let mut reader =
+                CsvReader::with_buffer(&path, Extract::File(file), &m, buffer).unwrap();
+            assert_eq!(reader.size(), bytes.len() as u64);
+            let sliced: Vec<TextTable> =
+                std::iter::from_fn(|| reader.next_slice(2).unwrap()).collect();
+            assert_eq!(summary(&sliced), summary(&slices(bytes, 2, BUFFER)));
+        }
+        let (rows, rejects) = summary(&slices(bytes, 2, BUFFER));
+        let rows: Vec<(u64, Option<u64>)> = rows.iter().map(|r| (r.0, r.2)).collect();
+        assert_eq!(rows, [(2, None), (5, None), (6, Some(2))]);
+        assert_eq!(rejects, [(4, "wrong_field_count"), (8, "malformed_record")]);
+    }
+
+    #[test]
+    fn latin1_duplicates_compare_decoded_cells() {
+        let m = mapping(Encoding::Latin1);
+        let bytes = b"name,n\nJos\xe9,1\nJose,1\n\"Jos\xe9\",1\n";
+        let mut reader =
+            CsvReader::with_buffer(Path::new("f.csv"), Extract::Bytes(bytes), &m, 4).unwrap();
+        let t = reader.next_slice(usize::MAX).unwrap().unwrap();
+        assert_eq!(t.cell(0, 2), Some("José"));
+        assert_eq!(t.duplicate_of, [None, None, Some(2)]);
     }
 
     #[test]

@@ -925,9 +925,9 @@ fn map_file(
     };
     let loaded = match input.kind {
         FileKind::Csv(mapping, entry) => {
-            let bytes = read()?;
-            let decoded = csv::decode(&bytes, mapping.encoding);
-            let mut reader = csv::CsvReader::open(&input.path, &decoded, mapping)?;
+            let file = std::fs::File::open(&input.path)
+                .map_err(|e| WardError::io("cannot open", &input.path, e))?;
+            let mut reader = csv::CsvReader::open(&input.path, csv::Extract::File(file), mapping)?;
             let unused: Vec<&str> = reader
                 .header()
                 .iter()
@@ -941,11 +941,12 @@ fn map_file(
                 ctx.patients = patients;
             }
             let mut loaded = Loaded {
-                bytes: Some(bytes.len() as u64),
+                bytes: Some(reader.size()),
                 ..Loaded::default()
             };
             let base = (!opts.dry_run && entry.table != Table::Patient)
-                .then(|| appended_after(input, staged.fingerprint.as_deref(), &bytes))
+                .then(|| appended_after(input, staged.fingerprint.as_deref(), reader.size()))
+                .transpose()?
                 .flatten();
             if let Some((_, lines)) = &base {
                 tracing::info!(source = %input.source.name, file = %input.rel, after_line = lines, "records appended: only they are read");
@@ -1024,33 +1025,49 @@ fn map_file(
     Ok(loaded)
 }
 
-/// When the CSV fact file `input` (content `bytes`) is its last load's
-/// file with records appended, that load's state and the file's lines
-/// then: its first bytes are the ones loaded (same size and SHA-256,
-/// ending a line), under the same rules and patients (`fingerprint`), and
-/// no record of them was cut off by an unbalanced quote (which appended
-/// bytes could close). The records after those lines are then all that
-/// needs loading; the earlier ones stay staged.
+/// When the CSV fact file `input` (`len` bytes) is its last load's file
+/// with records appended, that load's state and the file's lines then: its
+/// first bytes are the ones loaded (same size and SHA-256, ending a line),
+/// under the same rules and patients (`fingerprint`), and no record of them
+/// was cut off by an unbalanced quote (which appended bytes could close).
+/// The records after those lines are then all that needs loading; the
+/// earlier ones stay staged.
 fn appended_after(
     input: &Input,
     fingerprint: Option<&str>,
-    bytes: &[u8],
-) -> Option<(FileState, u64)> {
-    use sha2::Digest;
-    let earlier = input.earlier.as_ref()?;
-    let n = usize::try_from(earlier.bytes?).ok()?;
+    len: u64,
+) -> Result<Option<(FileState, u64)>> {
+    use std::io::Read;
+    let Some(earlier) = input.earlier.as_ref() else {
+        return Ok(None);
+    };
+    let Some(n) = earlier.bytes.filter(|n| (1..len).contains(n)) else {
+        return Ok(None);
+    };
     let same_load = earlier.mapping_sha256 == input.rules_hash()
         && earlier.patients_fingerprint.as_deref() == fingerprint
         && !earlier.rejects_by_rule.contains_key("malformed_record");
-    if !same_load || n == 0 || n >= bytes.len() || bytes[n - 1] != b'\n' {
-        return None;
+    if !same_load {
+        return Ok(None);
     }
-    let prefix = &bytes[..n];
-    if hex::encode(Sha256::digest(prefix)) != earlier.sha256 {
-        return None;
+    let cannot = |e| WardError::io("cannot read", &input.path, e);
+    let file = std::fs::File::open(&input.path).map_err(cannot)?;
+    let mut prefix = std::io::BufReader::with_capacity(1 << 20, file.take(n));
+    let (mut sha, mut lines, mut last) = (Sha256::new(), 0u64, 0u8);
+    loop {
+        let chunk = std::io::BufRead::fill_buf(&mut prefix).map_err(cannot)?;
+        let Some(&end) = chunk.last() else { break };
+        sha.update(chunk);
+        lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+        last = end;
+        let k = chunk.len();
+        std::io::BufRead::consume(&mut prefix, k);
     }
-    let lines = prefix.iter().filter(|b| **b == b'\n').count() as u64;
-    Some((earlier.clone(), lines))
+    let whole = prefix.into_inner().limit() == 0;
+    if !whole || last != b'\n' || hex::encode(sha.finalize()) != earlier.sha256 {
+        return Ok(None);
+    }
+    Ok(Some((earlier.clone(), lines)))
 }
 
 /// Writes a file's rejects (if any) next to its staged rows; returns the

@@ -1026,7 +1026,7 @@ pub fn load_bundle(
 ) -> Result<FhirFile> {
     let flat = read_bundle(path, bytes)?;
     let mut out = FhirFile::default();
-    let mut ids = HashMap::new();
+    let mut ids = rows::PatientIds::default();
     map_flat(path, flat, ctx, PatientCheck::Own, &mut out, sink, &mut ids)?;
     out.rejects.sort_by_key(|r| r.line);
     Ok(out)
@@ -1055,7 +1055,7 @@ fn load_ndjson_in_chunks(
     let mut out = FhirFile::default();
     let mut lines = reader.split(b'\n');
     let mut line = 0u64;
-    let mut patient_ids = HashMap::new();
+    let mut patient_ids = rows::PatientIds::default();
     loop {
         let mut chunk = Vec::with_capacity(chunk_lines);
         while chunk.len() < chunk_lines {
@@ -1095,7 +1095,7 @@ fn map_flat(
     check: PatientCheck,
     out: &mut FhirFile,
     sink: &mut Sink,
-    patient_ids: &mut HashMap<String, u64>,
+    patient_ids: &mut rows::PatientIds,
 ) -> Result<()> {
     let formats = [DateFormat::new("iso").expect("iso")];
     out.rejects.append(&mut flat.rejects);
@@ -1103,7 +1103,7 @@ fn map_flat(
     for (t, n) in std::mem::take(&mut flat.skipped) {
         *out.skipped.entry(t).or_default() += n;
     }
-    let mut own_patients: super::PatientLookup = HashMap::new();
+    let mut own_patients = super::PatientLookup::default();
     let mut accepted_lines = BTreeSet::new();
     let raw = &flat.raw;
     for (table, rows) in std::mem::take(&mut flat.tables) {

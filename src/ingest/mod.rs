@@ -375,7 +375,7 @@ impl<'w> Staged<'w> {
             fingerprint: fingerprint.map(str::to_string),
             dry_run,
             files: Vec::new(),
-            births: PatientLookup::new(),
+            births: PatientLookup::default(),
             error: None,
         }
     }
@@ -770,7 +770,7 @@ fn source_patients(
             .filter(|(_, f)| f.table == Table::Patient.name())
             .map(|(rel, f)| (rel.clone(), f.sha256.clone()))
             .collect();
-        let mut lookup = HashMap::new();
+        let mut lookup = PatientLookup::default();
         let mut fresh: Vec<_> = patient_results
             .iter_mut()
             .filter(|(i, _)| i.source.name == source.name)
@@ -951,7 +951,7 @@ fn map_file(
             if let Some((_, lines)) = &base {
                 tracing::info!(source = %input.source.name, file = %input.rel, after_line = lines, "records appended: only they are read");
             }
-            let mut patient_ids = HashMap::new();
+            let mut patient_ids = rows::PatientIds::default();
             let slice = opts.slice_records.unwrap_or(CSV_SLICE).max(1);
             while let Some(text) = reader.next_slice(slice)? {
                 // The earlier records are read (they are what appended
@@ -1174,7 +1174,8 @@ fn rejects_batch(
 
 /// A source's accepted patients: id → birth date (`None`: unknown, the
 /// patient was kept without one).
-pub(crate) type PatientLookup = HashMap<String, Option<NaiveDate>>;
+/// (ahash: a lookup per fact row; ids are the provider's, not an attacker's.)
+pub(crate) type PatientLookup = HashMap<String, Option<NaiveDate>, ahash::RandomState>;
 
 pub(crate) fn add_birth_dates(batch: &RecordBatch, lookup: &mut PatientLookup) {
     let (Some(ids), Some(births)) = (

@@ -375,7 +375,7 @@ pub fn map_rows(
     text: &TextTable,
     fm: &FileMapping,
     ctx: &RowContext,
-    patient_ids: &mut HashMap<String, u64>,
+    patient_ids: &mut PatientIds,
 ) -> Result<MappedFile> {
     let derived = derived_specs(fm);
     let plan = plan(text, fm, &derived, ctx)?;
@@ -428,6 +428,9 @@ pub(crate) fn canonical_plan<'a>(
     finish_plan(table, fields, None, Vec::new())
 }
 
+/// A file's patient ids met so far, with the line of the first.
+pub(crate) type PatientIds = HashMap<String, u64, ahash::RandomState>;
+
 /// Maps every row of `input` with `plan`; see [`map_rows`]. For patients,
 /// `patient_ids` holds the ids already met in the same file (with their
 /// line): the first record of an id wins, a later one is refused as
@@ -437,7 +440,7 @@ pub(crate) fn map_input(
     input: &RowInput,
     plan: &Plan,
     ctx: &RowContext,
-    patient_ids: &mut HashMap<String, u64>,
+    patient_ids: &mut PatientIds,
 ) -> Result<MappedFile> {
     let n = input.lines.len();
     let earlier = Earlier {
@@ -497,7 +500,7 @@ struct Earlier {
 fn patient_ids_seen(
     input: &RowInput,
     plan: &Plan,
-    patient_ids: &mut HashMap<String, u64>,
+    patient_ids: &mut PatientIds,
 ) -> Vec<Option<u64>> {
     let n = input.lines.len();
     let id_field = plan

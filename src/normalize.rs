@@ -9,11 +9,31 @@ use std::borrow::Cow;
 use chrono::format::{Item, Parsed, StrftimeItems};
 use chrono::{NaiveDate, NaiveDateTime, NaiveTime};
 
+/// [`str::trim`], faster for text that starts and ends in ASCII: every
+/// cell of every extract is trimmed, most more than once.
+pub fn trim(s: &str) -> &str {
+    let t = s.trim_ascii();
+    // Unicode whitespace `trim_ascii` keeps: the vertical tab, and
+    // characters of more than one byte.
+    let other = |b: Option<&u8>| b.is_some_and(|&b| b >= 0x80 || b == 0x0B);
+    if other(t.as_bytes().first()) || other(t.as_bytes().last()) {
+        t.trim()
+    } else {
+        t
+    }
+}
+
 /// Short name of a code system given a short name, a common spelling or a
 /// FHIR system URI; `None` when unknown.
 pub fn code_system(raw: &str) -> Option<&'static str> {
-    let s = raw.trim().trim_end_matches('/').to_ascii_lowercase();
-    Some(match s.as_str() {
+    // Lower-cased on the stack: called for every coding of every row.
+    let s = raw.trim().trim_end_matches('/');
+    let mut buf = [0u8; 96];
+    let lower = buf.get_mut(..s.len())?;
+    lower.copy_from_slice(s.as_bytes());
+    lower.make_ascii_lowercase();
+    let s = std::str::from_utf8(lower).ok()?;
+    Some(match s {
         "loinc" | "http://loinc.org" | "lnc" => "loinc",
         "snomed" | "snomedct" | "snomed-ct" | "snomed ct" | "sct" | "http://snomed.info/sct" => {
             "snomed"
@@ -376,13 +396,13 @@ pub fn postal_code(raw: &str, us: bool) -> String {
     if !us {
         return s.to_ascii_uppercase();
     }
-    let digits: String = s.chars().filter(char::is_ascii_digit).collect();
     let us_shaped = s
-        .chars()
-        .all(|c| c.is_ascii_digit() || c == '-' || c == ' ');
-    match (us_shaped, digits.len()) {
-        (true, 5) | (true, 9) => digits[..5].to_string(),
-        (true, 4) if !s.contains('-') => format!("0{digits}"),
+        .bytes()
+        .all(|c| c.is_ascii_digit() || c == b'-' || c == b' ');
+    let digits = || s.chars().filter(char::is_ascii_digit);
+    match (us_shaped, digits().count()) {
+        (true, 5) | (true, 9) => digits().take(5).collect(),
+        (true, 4) if !s.contains('-') => std::iter::once('0').chain(digits()).collect(),
         _ => s.to_ascii_uppercase(),
     }
 }
@@ -724,6 +744,12 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
+        /// The fast trim is `str::trim`.
+        #[test]
+        fn trim_is_str_trim(s in "[ \t\n\r\x0B\x0C\u{85}\u{A0}\u{2003}\u{3000}a\u{E9}]{0,12}") {
+            prop_assert_eq!(trim(&s), s.trim());
+        }
+
         /// The ISO fast paths read what chrono reads, wherever they read
         /// anything: every digit, separator and trailing zone of the
         /// shapes they take, and their near misses.
@@ -836,6 +862,12 @@ mod tests {
             Some("hcpcs")
         );
         assert_eq!(code_system("ICD-11"), None);
+        // The longest known URI, in capitals and with a trailing slash.
+        let poa =
+            "HTTPS://WWW.CMS.GOV/MEDICARE/MEDICARE-FEE-FOR-SERVICE-PAYMENT/HOSPITALACQCOND/CODING/";
+        assert_eq!(code_system(poa), Some("poa"));
+        assert_eq!(code_system(&"x".repeat(200)), None);
+        assert_eq!(code_system(" Lnc "), Some("loinc"));
     }
 
     #[test]

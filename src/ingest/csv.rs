@@ -320,7 +320,7 @@ impl<'b> CsvReader<'b> {
             };
             for (column, range) in columns.iter_mut().zip(&self.ranges) {
                 let v = &text[range.clone()];
-                if v.trim().is_empty() {
+                if crate::normalize::trim(v).is_empty() {
                     column.append_null();
                 } else {
                     column.append_value(v);

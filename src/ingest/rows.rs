@@ -651,7 +651,7 @@ fn resolve<'a>(
     spec: &'a FieldSpec,
     raw: Option<&'a str>,
 ) -> std::result::Result<Option<&'a str>, ()> {
-    let raw = raw.map(str::trim).filter(|s| !s.is_empty());
+    let raw = raw.map(normalize::trim).filter(|s| !s.is_empty());
     let out = match (&spec.map, raw) {
         (_, None) => spec.default.as_deref(),
         (Some(map), Some(v)) => match map.get(v) {
@@ -661,7 +661,7 @@ fn resolve<'a>(
         },
         (None, Some(v)) => Some(v),
     };
-    Ok(out.map(str::trim).filter(|s| !s.is_empty()))
+    Ok(out.map(normalize::trim).filter(|s| !s.is_empty()))
 }
 
 type ParseResult<'a> = std::result::Result<Cell<'a>, (&'static str, String)>;

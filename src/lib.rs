@@ -417,17 +417,18 @@ fn stage<T>(manifest: &mut runs::Manifest, name: &str, f: impl FnOnce() -> Resul
     tracing::info!(held_bytes = runs::peak_memory(), "stage started");
     let out = f();
     let seconds = start.elapsed().as_secs_f64();
+    let peak_bytes = runs::peak_memory();
     manifest.stages.push(runs::StageInfo {
         stage: name.to_string(),
         seconds,
-        peak_memory_bytes: runs::peak_memory(),
+        peak_memory_bytes: peak_bytes,
         reused_from: None,
         reused_tables: Vec::new(),
         appended_tables: Vec::new(),
         reused_sources: Vec::new(),
         recomputed: None,
     });
-    tracing::info!(seconds, ok = out.is_ok(), "stage finished");
+    tracing::info!(seconds, ok = out.is_ok(), peak_bytes, "stage finished");
     out
 }
 

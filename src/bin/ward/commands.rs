@@ -536,6 +536,7 @@ pub(crate) fn ingest(
     let progress = Bar(progress_bar(quiet, "ingest", "files"));
     let report = ward::ingest::ingest(&config.warehouse, &config.sources, &opts, &progress)?;
     progress.0.finish_and_clear();
+    tracing::debug!(peak_bytes = ward::runs::peak_memory(), "ingest finished");
     if !quiet {
         print::print_summary(&report, opts.dry_run, opts.examples);
     }

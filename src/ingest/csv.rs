@@ -139,6 +139,20 @@ impl Extract<'_> {
     }
 }
 
+/// The extract from byte `at` on.
+struct ReadFrom<'e, 'b> {
+    extract: &'e Extract<'b>,
+    at: u64,
+}
+
+impl std::io::Read for ReadFrom<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.extract.read_at(self.at, buf)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
 /// Bytes read from the extract at a time (the buffer grows only for a
 /// record longer than it).
 const BUFFER: usize = 1 << 20;
@@ -182,16 +196,12 @@ pub struct CsvReader<'b> {
     ends_with_newline: bool,
     /// Whether a slice was returned.
     started: bool,
-    /// Rows read so far by hash: the first row's line and record bytes.
-    seen: HashMap<u64, (u64, Record), ahash::RandomState>,
+    /// Rows read so far by hash: the first row's line and byte offset.
+    seen: HashMap<u64, (u64, u64), ahash::RandomState>,
     /// Rows whose hash was taken by a row with other cells.
-    collided: HashMap<u64, Vec<(u64, Record)>>,
+    collided: HashMap<u64, Vec<(u64, u64)>>,
     hasher: ahash::RandomState,
 }
-
-/// Where a record's bytes are in the extract: offset and length.
-#[derive(Clone, Copy)]
-struct Record(u64, u32);
 
 impl<'b> CsvReader<'b> {
     /// Reads the header of `extract`.
@@ -276,7 +286,7 @@ impl<'b> CsvReader<'b> {
         let mut columns: Vec<StringBuilder> = (0..width)
             .map(|_| StringBuilder::with_capacity(1024, 16 * 1024))
             .collect();
-        let (mut lines, mut records, mut rejects) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut lines, mut starts, mut rejects) = (Vec::new(), Vec::new(), Vec::new());
         while lines.len() + rejects.len() < max {
             let Some(span) = self.read_record()? else {
                 break;
@@ -327,16 +337,14 @@ impl<'b> CsvReader<'b> {
                 }
             }
             lines.push(span.line);
-            let start = span.start + span.leading as u64;
-            let len = u32::try_from(span.end - start).unwrap_or(u32::MAX);
-            records.push(Record(start, len));
+            starts.push(span.start + span.leading as u64);
         }
         if lines.is_empty() && rejects.is_empty() && self.started {
             return Ok(None);
         }
         self.started = true;
         let columns: Vec<StringArray> = columns.iter_mut().map(StringBuilder::finish).collect();
-        let duplicate_of = self.duplicates(&columns, &lines, &records)?;
+        let duplicate_of = self.duplicates(&columns, &lines, &starts)?;
         Ok(Some(TextTable {
             header: self.header.clone(),
             columns,
@@ -464,7 +472,7 @@ impl<'b> CsvReader<'b> {
         &mut self,
         columns: &[StringArray],
         lines: &[u64],
-        records: &[Record],
+        starts: &[u64],
     ) -> Result<Vec<Option<u64>>> {
         let cells = |row: usize| {
             columns
@@ -481,7 +489,7 @@ impl<'b> CsvReader<'b> {
             .collect();
         let mut out = Vec::with_capacity(lines.len());
         for (row, hash) in hashes.into_iter().enumerate() {
-            let here = (lines[row], records[row]);
+            let here = (lines[row], starts[row]);
             let first = match self.seen.get(&hash) {
                 None => {
                     self.seen.insert(hash, here);
@@ -510,25 +518,26 @@ impl<'b> CsvReader<'b> {
         Ok(out)
     }
 
-    /// Whether the well-formed record at `earlier` has the cells `cells`.
-    fn same<'c>(
-        &self,
-        Record(start, len): Record,
-        cells: impl Iterator<Item = Option<&'c str>>,
-    ) -> Result<bool> {
-        let mut raw = vec![0; len as usize];
-        self.extract
-            .read_at(start, &mut raw)
-            .map_err(|e| WardError::io("cannot read", self.path, e))?;
+    /// Whether the well-formed record starting at byte `start` has the
+    /// cells `cells`.
+    fn same<'c>(&self, start: u64, cells: impl Iterator<Item = Option<&'c str>>) -> Result<bool> {
         let mut record = csv::ByteRecord::new();
-        // The record was read once already, so it reads again.
-        let _ = csv::ReaderBuilder::new()
+        csv::ReaderBuilder::new()
             .has_headers(false)
             .flexible(true)
             .delimiter(self.mapping.delimiter)
             .quote(self.mapping.quote)
-            .from_reader(&raw[..])
-            .read_byte_record(&mut record);
+            .buffer_capacity(4096)
+            .from_reader(ReadFrom {
+                extract: &self.extract,
+                at: start,
+            })
+            .read_byte_record(&mut record)
+            .map_err(|e| WardError::Extract {
+                path: self.path.to_path_buf(),
+                line: None,
+                message: format!("cannot read a record again: {e}"),
+            })?;
         let latin1 = self.mapping.encoding == Encoding::Latin1;
         let earlier: Vec<Option<Cow<str>>> = record
             .iter()

@@ -408,7 +408,7 @@ impl<'w> Staged<'w> {
                     .wh
                     .staging_dir(table, self.source)
                     .join(format!("{}.parquet", self.batch_id));
-                let file = self.wh.staging_writer(&path, table.schema())?;
+                let file = self.wh.staging_writer(&path, table)?;
                 self.files.push((table, file));
                 self.files.len() - 1
             }

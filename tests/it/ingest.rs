@@ -197,6 +197,47 @@ fn slices_of_any_size_stage_what_whole_files_stage() {
     assert_eq!(sample.2, planted());
 }
 
+#[test]
+fn staged_files_keep_statistics_where_queries_filter() {
+    use datafusion::parquet::basic::Encoding;
+    use datafusion::parquet::file::reader::{FileReader, SerializedFileReader};
+    let (dir, _) = ingested_sample();
+    let staged = dir.path().join("wh/staging/observation");
+    let file = fs::read_dir(staged.read_dir().unwrap().next().unwrap().unwrap().path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let reader = SerializedFileReader::new(fs::File::open(&file).unwrap()).unwrap();
+    let chunks = reader.metadata().row_group(0).columns().to_vec();
+    let chunk = |name: &str| {
+        chunks
+            .iter()
+            .find(|c| c.column_path().string() == name)
+            .unwrap_or_else(|| panic!("{name}"))
+    };
+    for name in [
+        "code",
+        "code_system",
+        "unit",
+        "effective_time",
+        "value_num",
+        "value_code",
+    ] {
+        assert!(chunk(name).statistics().is_some(), "{name}");
+    }
+    for name in ["source_patient_id", "source_encounter_id", "description"] {
+        assert!(chunk(name).statistics().is_none(), "{name}");
+    }
+    let dictionary = |name| {
+        chunk(name)
+            .encodings()
+            .any(|e| e == Encoding::RLE_DICTIONARY)
+    };
+    assert!(dictionary("code") && !dictionary("source_line"));
+}
+
 fn assert_all_unchanged(report: &ward::IngestReport) {
     assert!(
         report

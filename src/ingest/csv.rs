@@ -497,7 +497,8 @@ impl<'b> CsvReader<'b> {
                 }
                 Some(&(line, earlier)) if self.same(earlier, cells(row))? => Some(line),
                 Some(_) => {
-                    let others = self.collided.remove(&hash).unwrap_or_default();
+                    // Taken out of the map while `same` reads the extract.
+                    let mut others = self.collided.remove(&hash).unwrap_or_default();
                     let mut found = None;
                     for &(line, earlier) in &others {
                         if self.same(earlier, cells(row))? {
@@ -505,7 +506,6 @@ impl<'b> CsvReader<'b> {
                             break;
                         }
                     }
-                    let mut others = others;
                     if found.is_none() {
                         others.push(here);
                     }

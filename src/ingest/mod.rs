@@ -1051,20 +1051,17 @@ fn appended_after(
         return Ok(None);
     }
     let cannot = |e| WardError::io("cannot read", &input.path, e);
-    let file = std::fs::File::open(&input.path).map_err(cannot)?;
-    let mut prefix = std::io::BufReader::with_capacity(1 << 20, file.take(n));
+    let mut prefix = std::fs::File::open(&input.path).map_err(cannot)?.take(n);
     let (mut sha, mut lines, mut last) = (Sha256::new(), 0u64, 0u8);
+    let mut buf = vec![0; 1 << 20];
     loop {
-        let chunk = std::io::BufRead::fill_buf(&mut prefix).map_err(cannot)?;
-        let Some(&end) = chunk.last() else { break };
-        sha.update(chunk);
-        lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+        let k = prefix.read(&mut buf).map_err(cannot)?;
+        let Some(&end) = buf[..k].last() else { break };
+        sha.update(&buf[..k]);
+        lines += buf[..k].iter().filter(|b| **b == b'\n').count() as u64;
         last = end;
-        let k = chunk.len();
-        std::io::BufRead::consume(&mut prefix, k);
     }
-    let whole = prefix.into_inner().limit() == 0;
-    if !whole || last != b'\n' || hex::encode(sha.finalize()) != earlier.sha256 {
+    if prefix.limit() > 0 || last != b'\n' || hex::encode(sha.finalize()) != earlier.sha256 {
         return Ok(None);
     }
     Ok(Some((earlier.clone(), lines)))

@@ -394,13 +394,13 @@ impl<'b> CsvReader<'b> {
             self.decoded.clear();
             for i in 0..nend {
                 let at = self.decoded.len();
-                let field = &self.fields[if i == 0 { 0 } else { self.ends[i - 1] }..self.ends[i]];
+                let field = &self.fields[field_range(&self.ends, i)];
                 self.decoded.extend(field.iter().map(|&b| b as char));
                 self.ranges.push(at..self.decoded.len());
             }
         } else {
             self.ranges
-                .extend((0..nend).map(|i| if i == 0 { 0 } else { self.ends[i - 1] }..self.ends[i]));
+                .extend((0..nend).map(|i| field_range(&self.ends, i)));
         }
         Ok(Some(Span {
             start,
@@ -441,7 +441,7 @@ impl<'b> CsvReader<'b> {
 
     /// The bytes of field `i` of the last record.
     fn field(&self, i: usize) -> &[u8] {
-        &self.fields[if i == 0 { 0 } else { self.ends[i - 1] }..self.ends[i]]
+        &self.fields[field_range(&self.ends, i)]
     }
 
     /// The last record's fields as one text (indexed by `ranges`), or
@@ -539,28 +539,30 @@ impl<'b> CsvReader<'b> {
                 message: format!("cannot read a record again: {e}"),
             })?;
         let latin1 = self.mapping.encoding == Encoding::Latin1;
-        let earlier: Vec<Option<Cow<str>>> = record
-            .iter()
-            .map(|f| {
-                if latin1 {
-                    let text: String = f.iter().map(|&b| b as char).collect();
-                    (!text.trim().is_empty()).then_some(Cow::Owned(text))
-                } else {
-                    cell(f).map(Cow::Borrowed)
-                }
-            })
-            .collect();
-        let mut cells = cells;
-        Ok(earlier.len() == self.header.len()
-            && earlier.iter().all(|a| cells.next() == Some(a.as_deref())))
+        Ok(record.len() == self.header.len()
+            && record
+                .iter()
+                .zip(cells)
+                .all(|(f, c)| cell(f, latin1).as_deref() == c))
     }
 }
 
-/// A field's text; `None` when empty or blank (or not UTF-8).
-fn cell(field: &[u8]) -> Option<&str> {
-    std::str::from_utf8(field)
-        .ok()
-        .filter(|v| !v.trim().is_empty())
+/// A field's text as [`CsvReader::next_slice`] keeps it: `None` when empty
+/// or blank (or, in a UTF-8 extract, not UTF-8).
+fn cell(field: &[u8], latin1: bool) -> Option<Cow<'_, str>> {
+    let text = if latin1 {
+        Cow::Owned(field.iter().map(|&b| b as char).collect())
+    } else {
+        Cow::Borrowed(std::str::from_utf8(field).ok()?)
+    };
+    (!crate::normalize::trim(&text).is_empty()).then_some(text)
+}
+
+/// Where field `i` of a record is in its fields' bytes, given where each
+/// field ends (as `csv_core` writes them).
+fn field_range(ends: &[usize], i: usize) -> std::ops::Range<usize> {
+    let start = if i == 0 { 0 } else { ends[i - 1] };
+    start..ends[i]
 }
 
 /// Where a record sits in the extract.

@@ -660,10 +660,17 @@ struct Person<'a> {
     birth_date: Option<i32>,
     deceased_date: Option<i32>,
     records: Option<u32>,
-    /// The quasi-identifier values: age band, sex, three-digit ZIP, race,
-    /// ethnicity.
+    /// The quasi-identifier values, at [`AGE_BAND`], [`SEX`], [`ZIP3`],
+    /// [`RACE`] and [`ETHNICITY`].
     class: [Option<&'a str>; 5],
 }
+
+/// Where each quasi-identifier is in [`Person::class`].
+const AGE_BAND: usize = 0;
+const SEX: usize = 1;
+const ZIP3: usize = 2;
+const RACE: usize = 3;
+const ETHNICITY: usize = 4;
 
 impl Person<'_> {
     fn research_id(&self) -> &str {
@@ -768,6 +775,7 @@ fn person_rows<'a>(columns: &'a [PersonColumns], opts: &DeidOptions) -> Vec<Pers
                 birth_date: (!c.birth.is_null(i) && !pooled).then(|| c.birth.value(i)),
                 deceased_date: (!c.deceased.is_null(i)).then(|| c.deceased.value(i)),
                 records: (!c.records.is_null(i)).then(|| c.records.value(i)),
+                // In the order of AGE_BAND, SEX, ZIP3, RACE, ETHNICITY.
                 class: [
                     age.map(crate::measure::age_band),
                     opt(&c.sex, i),
@@ -834,14 +842,14 @@ fn person_batch(
     let at: Vec<(usize, usize)> = people.iter().map(|p| p.at).collect();
     let columns: Vec<ArrayRef> = vec![
         text(|p| Some(p.research_id())),
-        text(|p| p.class[1]),
-        text(|p| p.class[3]),
-        text(|p| p.class[4]),
+        text(|p| p.class[SEX]),
+        text(|p| p.class[RACE]),
+        text(|p| p.class[ETHNICITY]),
         Arc::new(people.iter().map(|p| p.age).collect::<Int32Array>()),
-        text(|p| p.class[0]),
+        text(|p| p.class[AGE_BAND]),
         date(|p| p.birth_date),
         text(|p| p.state),
-        text(|p| p.class[2]),
+        text(|p| p.class[ZIP3]),
         date(|p| p.deceased_date),
         if sources.is_empty() {
             datafusion::arrow::array::new_empty_array(&text_list_type())

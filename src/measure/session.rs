@@ -41,7 +41,7 @@ use chrono::NaiveDate;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::ScalarValue;
-use datafusion::config::TableParquetOptions;
+use datafusion::config::{ParquetColumnOptions, TableParquetOptions};
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::datasource::ViewTable;
 use datafusion::datasource::file_format::csv::CsvFormat;
@@ -57,7 +57,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::error::{BoxError, Result, WardError};
 use crate::measure::Period;
-use crate::schema::{self, Table};
+use crate::schema::{self, Kind, Table};
 use crate::warehouse::Warehouse;
 
 /// The end of a condition's prevalence interval at day precision, following the
@@ -352,7 +352,7 @@ impl Shared {
                     df.write_parquet(
                         &format!("{}/", out.display()),
                         DataFrameWriteOptions::new().with_partition_by(vec![column.to_string()]),
-                        Some(scratch_options()),
+                        Some(scratch_options(table)),
                     )
                     .await
                     .map_err(err)?;
@@ -415,13 +415,29 @@ impl Shared {
     }
 }
 
-/// How [`Shared`] writes: files read back within the run, so the fastest
-/// compression (LZ4: a third less time than the default zstd writing the
-/// encounter memberships at 1M). Without dictionaries it wrote faster
-/// still, but the measures then held 1.5 GB more of the strings read back.
-fn scratch_options() -> TableParquetOptions {
+/// How [`Shared`] writes `table`'s rows: files read back within the run,
+/// so the fastest compression (LZ4: a third less time than the default
+/// zstd writing the encounter memberships at 1M), and dictionaries only
+/// for the columns whose values repeat. Identifiers, line numbers and
+/// times are nearly unique per row: a dictionary for them is hashed and
+/// then thrown away for every row group (at 1M, 2-3 s of the 5-6 s that
+/// writing the observation codings took). Without any dictionary the
+/// measures held 1.5 GB more of the repeated strings read back.
+fn scratch_options(table: Table) -> TableParquetOptions {
     let mut options = TableParquetOptions::default();
     options.global.compression = Some("lz4_raw".into());
+    let unique = table.columns().iter().filter(|c| match c.kind {
+        Kind::Id => c.name.ends_with("_id") || c.name == "mrn",
+        Kind::Line | Kind::Timestamp => true,
+        _ => false,
+    });
+    for name in unique.map(|c| c.name) {
+        let column = ParquetColumnOptions {
+            dictionary_enabled: Some(false),
+            ..Default::default()
+        };
+        options.column_specific_options.insert(name.into(), column);
+    }
     options
 }
 
@@ -461,7 +477,7 @@ async fn write_codings(
             .as_arrow()
             .clone(),
     );
-    let mut options = scratch_options();
+    let mut options = scratch_options(table);
     options.global.max_row_group_size = CODING_ROW_GROUP;
     // One file per core at a time, each in one partition: a file's sort
     // and write then need no merge.

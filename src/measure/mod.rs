@@ -959,6 +959,7 @@ pub fn care_gaps(
             &queries_dir,
         )
         .await?)?;
+        tracing::debug!(gaps = gaps.num_rows(), "care gaps ranked");
         if gaps.num_rows() == 0 {
             return Ok(());
         }
@@ -984,6 +985,10 @@ pub fn care_gaps(
             &queries_dir,
         )
         .await?)?;
+        tracing::debug!(
+            records = records.num_rows(),
+            "care-gap patient records read"
+        );
         join_care_gaps(&gaps, &records, &queries_dir, &mut each)
     })
 }

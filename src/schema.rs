@@ -94,6 +94,15 @@ pub struct Column {
     pub mappable: bool,
 }
 
+impl Column {
+    /// Whether it identifies a record or a patient (an [`Kind::Id`] named
+    /// `*_id`, or `mrn`): a value nearly unique per row, unlike identifiers
+    /// such as `source` that name a few things.
+    pub fn identifies_a_record(&self) -> bool {
+        self.kind == Kind::Id && (self.name.ends_with("_id") || self.name == "mrn")
+    }
+}
+
 const fn col(name: &'static str, kind: Kind) -> Column {
     Column {
         name,

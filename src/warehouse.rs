@@ -162,8 +162,7 @@ impl Warehouse {
         let mut props =
             parquet_properties().set_column_dictionary_enabled("source_line".into(), false);
         for c in table.columns() {
-            let identifier = c.kind == Kind::Id && (c.name.ends_with("_id") || c.name == "mrn");
-            if identifier || matches!(c.kind, Kind::Text | Kind::PostalCode) {
+            if c.identifies_a_record() || matches!(c.kind, Kind::Text | Kind::PostalCode) {
                 props = props.set_column_statistics_enabled(c.name.into(), EnabledStatistics::None);
             }
         }

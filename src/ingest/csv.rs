@@ -1,15 +1,16 @@
 //! Reading a delimited extract into text columns.
 //!
 //! One pass over the bytes, read a buffer at a time and parsed by
-//! `csv_core`, a slice of records at a time ([`CsvReader`]), finds every record's line number, quarantines
-//! records that cannot be trusted (wrong number of fields, a truncated last
-//! line, bytes that are not UTF-8, a quote that never closes) as rejects,
-//! marks exact duplicates of earlier records, and appends the cells of the
-//! others to one Arrow string column per header field; casting happens
-//! later, per column, with the mapping's formats. A quote left open
-//! swallows the lines after it: such a record is refused as
-//! `malformed_record` for its first line only, and reading resumes on the
-//! next line, so one stray quote costs one record, never the file.
+//! `csv_core`, a slice of records at a time ([`CsvReader`]), finds every
+//! record's line number, quarantines records that cannot be trusted
+//! (wrong number of fields, a truncated last line, bytes that are not
+//! UTF-8, a quote that never closes) as rejects, marks exact duplicates
+//! of earlier records, and appends the cells of the others to one Arrow
+//! string column per header field; casting happens later, per column,
+//! with the mapping's formats. A quote left open swallows the lines after
+//! it: such a record is refused as `malformed_record` for its first line
+//! only, and reading resumes on the next line, so one stray quote costs
+//! one record, never the file.
 
 use std::borrow::Cow;
 use std::collections::HashMap;

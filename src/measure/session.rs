@@ -427,11 +427,10 @@ impl Shared {
 fn scratch_options(table: Table) -> TableParquetOptions {
     let mut options = TableParquetOptions::default();
     options.global.compression = Some("lz4_raw".into());
-    let unique = table.columns().iter().filter(|c| match c.kind {
-        Kind::Id => c.name.ends_with("_id") || c.name == "mrn",
-        Kind::Line | Kind::Timestamp => true,
-        _ => false,
-    });
+    let unique = table
+        .columns()
+        .iter()
+        .filter(|c| c.identifies_a_record() || matches!(c.kind, Kind::Line | Kind::Timestamp));
     for name in unique.map(|c| c.name) {
         let column = ParquetColumnOptions {
             dictionary_enabled: Some(false),

@@ -159,22 +159,8 @@ pub(crate) async fn register_parquet(
     register_parquet_files(ctx, name, path, files, schema)
 }
 
-/// Registers the Parquet files under every folder of `dirs` as one table
-/// `name` (schema `schema`); errors name `about`, the table's place.
-pub(crate) fn register_parquet_in(
-    ctx: &SessionContext,
-    name: &str,
-    about: &std::path::Path,
-    dirs: &[std::path::PathBuf],
-    schema: datafusion::arrow::datatypes::SchemaRef,
-) -> Result<()> {
-    let mut files = Vec::new();
-    for dir in dirs {
-        files.extend(parquet_files(dir)?);
-    }
-    register_parquet_files(ctx, name, about, files, schema)
-}
-
+/// Registers the Parquet files `files` as one table `name` (schema
+/// `schema`; no file: an empty table); errors name `path`, its place.
 pub(crate) fn register_parquet_files(
     ctx: &SessionContext,
     name: &str,

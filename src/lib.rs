@@ -973,23 +973,31 @@ fn check_quality(
     let (config, previous) = (night.config, night.previous);
     let run_id = manifest.run_id.clone();
     let earlier: Vec<Vec<dq::DqRate>> = previous.history.iter().map(|h| h.dq.clone()).collect();
-    let loaded: std::collections::BTreeSet<(String, String)> = ingest
+    let loaded: std::collections::BTreeSet<(&str, &str)> = ingest
         .files
         .iter()
         .filter(|f| f.status == ingest::FileStatus::Loaded)
-        .map(|f| (f.source.clone(), f.file.clone()))
+        .map(|f| (f.source.as_str(), f.file.as_str()))
         .collect();
-    let mut staged = state
-        .sources
-        .iter()
-        .flat_map(|(s, files)| files.keys().map(move |f| (s.clone(), f.clone())));
-    let tonight = match staged.all(|f| loaded.contains(&f)) {
+    let staged = || {
+        state.sources.iter().flat_map(|(s, files)| {
+            files
+                .iter()
+                .map(move |(f, state)| ((s.as_str(), f.as_str()), state))
+        })
+    };
+    let tonight = match staged().all(|(f, _)| loaded.contains(&f)) {
         true => dq::Tonight::Everything,
-        false => dq::Tonight::Files(loaded),
+        false => dq::Tonight::Staged(
+            staged()
+                .filter(|(f, _)| loaded.contains(f))
+                .flat_map(|(_, f)| f.latest_outputs().map(str::to_string))
+                .collect(),
+        ),
     };
     // With nothing loaded tonight and the same staging, links and checks,
     // the counts are the current run's: only the judgement is redone.
-    let from = from.filter(|_| tonight == dq::Tonight::Files(Default::default()));
+    let from = from.filter(|_| tonight == dq::Tonight::Staged(Default::default()));
     let report_dir = report::report_dir(warehouse, &run_id);
     let mut reused_sources = Vec::new();
     let dq = stage_or_reuse(
@@ -1014,7 +1022,7 @@ fn check_quality(
                 &tonight,
                 previous.reusable(night, fingerprints, "dq.checks"),
             ) {
-                (dq::Tonight::Files(_), Some((dir, earlier_run))) => {
+                (dq::Tonight::Staged(_), Some((dir, earlier_run))) => {
                     let path = report::report_dir(&warehouse.with_output(dir), &earlier_run.run_id)
                         .join("dq.json");
                     // A source staged tonight or then, whose files differ.

@@ -659,6 +659,18 @@ pub struct FileState {
     pub loaded_at: String,
 }
 
+impl FileState {
+    /// The outputs of the file's last load, `<batch_id>.parquet`: all of
+    /// them but those of an earlier load its records were appended to.
+    pub fn latest_outputs(&self) -> impl Iterator<Item = &str> {
+        let name = format!("{}.parquet", self.batch_id);
+        self.outputs
+            .iter()
+            .map(String::as_str)
+            .filter(move |o| o.rsplit('/').next() == Some(name.as_str()))
+    }
+}
+
 /// Restricts a file or directory to its owner with `set` (Unix mode bits;
 /// nothing elsewhere).
 pub(crate) fn owner_only(

@@ -47,9 +47,9 @@ pub struct DqOptions {
     /// The baseline is the median rate of the source's last this many
     /// published runs.
     pub drift_runs: usize,
-    /// Tonight's rows (those of the files loaded in this run) are judged
-    /// on their own too, once a check has at least this many of them to
-    /// check: a change in a new delivery shows the night it arrives, not
+    /// Tonight's rows (those loaded in this run; of a file that grew, its
+    /// appended records) are judged on their own too, once a check has at
+    /// least this many of them to check: a change in a new delivery shows the night it arrives, not
     /// diluted by every row staged before.
     pub min_new_rows: u64,
     /// Per check id: the site's threshold and severity, over the catalogue's
@@ -188,9 +188,10 @@ pub enum Tonight {
     /// Every staged file was loaded in this run (a first night, a full
     /// reload): tonight's counts are the counts, computed once.
     Everything,
-    /// The files this run loaded: `(source, file relative to the source's
-    /// folder)`; empty when nothing new came.
-    Files(BTreeSet<(String, String)>),
+    /// The staged and rejected Parquet files this run wrote
+    /// (warehouse-relative; of a file that grew, those of its appended
+    /// records): empty when nothing new came.
+    Staged(BTreeSet<String>),
 }
 
 /// The counts of the current run that tonight can keep: its results, and
@@ -235,9 +236,9 @@ pub fn evaluate(
         };
         let new = async {
             match tonight {
-                Tonight::Files(files) if !files.is_empty() => Ok(Some(
+                Tonight::Staged(files) if !files.is_empty() => Ok(Some(
                     run_checks(
-                        &session(warehouse, sources, Rows::Files(files)).await?,
+                        &session(warehouse, sources, Rows::Staged(files)).await?,
                         checks,
                     )
                     .await?,
@@ -248,7 +249,7 @@ pub fn evaluate(
         let (all, new): (Counts, Option<Counts>) = futures::try_join!(all, new)?;
         let new = match tonight {
             Tonight::Everything => all.clone(),
-            Tonight::Files(_) => new.unwrap_or_default(),
+            Tonight::Staged(_) => new.unwrap_or_default(),
         };
         Ok((all, new))
     })?;
@@ -422,9 +423,10 @@ enum Rows<'a> {
     All,
     /// The rows of these sources, with every person link.
     Sources(&'a BTreeSet<String>),
-    /// The rows of these files, `(source, file)`, with no person link
-    /// (linkage is judged as a whole).
-    Files(&'a BTreeSet<(String, String)>),
+    /// The rows of these staged and rejected Parquet files
+    /// (warehouse-relative), with no person link (linkage is judged as a
+    /// whole).
+    Staged(&'a BTreeSet<String>),
 }
 
 /// The session checks run in (see the module documentation), over `rows`.
@@ -435,61 +437,44 @@ async fn session(
 ) -> Result<SessionContext> {
     let root = warehouse.root();
     let ctx = crate::engine::session(SessionConfig::new())?;
-    // Staged rows and rejects are kept per source folder: a restricted
-    // session reads its sources' folders only, and for tonight's files the
-    // views below then pick the files' rows.
-    let prefix = if matches!(rows, Rows::Files(_)) {
-        "dq_all_"
-    } else {
-        ""
-    };
-    let only: Option<BTreeSet<&str>> = match rows {
-        Rows::All => None,
-        Rows::Sources(names) => Some(names.iter().map(String::as_str).collect()),
-        Rows::Files(files) => Some(files.iter().map(|f| f.0.as_str()).collect()),
-    };
-    let dirs = |all: PathBuf, of: &dyn Fn(&str) -> PathBuf| match &only {
-        None => vec![all],
-        Some(names) => names.iter().map(|s| of(s)).collect(),
+    // Staged rows and rejects are kept per source folder (`all/`, then
+    // `<source>/`-like folders below it), their files named by `prefix`.
+    let files = |all: &Path, prefix: &str, of: &dyn Fn(&str) -> PathBuf| -> Result<Vec<PathBuf>> {
+        Ok(match rows {
+            Rows::All => crate::warehouse::parquet_files(all)?,
+            Rows::Sources(names) => {
+                let mut files = Vec::new();
+                for name in names {
+                    files.extend(crate::warehouse::parquet_files(&of(name))?);
+                }
+                files
+            }
+            Rows::Staged(outputs) => outputs
+                .iter()
+                .filter(|o| o.starts_with(prefix))
+                .map(|o| root.join(o))
+                .collect(),
+        })
     };
     for table in Table::ALL {
-        let name = format!("{prefix}staging_{}", table.name());
         let all = warehouse.staging_table_dir(table);
-        let dirs = dirs(all.clone(), &|s| warehouse.staging_dir(table, s));
-        crate::engine::register_parquet_in(&ctx, &name, &all, &dirs, table.schema())?;
+        let prefix = format!("staging/{}/", table.name());
+        let files = files(&all, &prefix, &|s| warehouse.staging_dir(table, s))?;
+        let name = format!("staging_{}", table.name());
+        crate::engine::register_parquet_files(&ctx, &name, &all, files, table.schema())?;
     }
-    let rejects = format!("{prefix}rejects");
+    let all = root.join("rejects");
+    let files = files(&all, "rejects/", &|s| warehouse.rejects_dir(s))?;
     let schema = crate::schema::rejects_schema();
-    let dirs = dirs(root.join("rejects"), &|s| warehouse.rejects_dir(s));
-    crate::engine::register_parquet_in(&ctx, &rejects, &root.join("rejects"), &dirs, schema)?;
+    crate::engine::register_parquet_files(&ctx, "rejects", &all, files, schema)?;
     let links = crate::schema::person_link_schema();
     let link_path = warehouse.out().join("core").join("person_link.parquet");
     match rows {
         Rows::All | Rows::Sources(_) => {
             crate::engine::register_parquet(&ctx, "person_link", &link_path, links).await?;
         }
-        Rows::Files(files) => {
-            register_batch(&ctx, "person_link", RecordBatch::new_empty(links), root)?;
-            // The views join the rows to a one-table list of the files.
-            let source: StringArray = files.iter().map(|f| Some(f.0.as_str())).collect();
-            let file: StringArray = files.iter().map(|f| Some(f.1.as_str())).collect();
-            let batch = RecordBatch::try_from_iter([
-                ("source", Arc::new(source) as ArrayRef),
-                ("source_file", Arc::new(file) as ArrayRef),
-            ])
-            .map_err(|e| WardError::data(PREPARING, root, e))?;
-            register_batch(&ctx, "dq_keep", batch, root)?;
-            let names = Table::ALL
-                .iter()
-                .map(|t| format!("staging_{}", t.name()))
-                .chain(["rejects".to_string()]);
-            for name in names {
-                let view = format!(
-                    "CREATE VIEW {name} AS SELECT t.* FROM dq_all_{name} t JOIN dq_keep n \
-                     ON n.source = t.source AND n.source_file = t.source_file"
-                );
-                crate::engine::collect_about(&ctx, &view, PREPARING, root).await?;
-            }
+        Rows::Staged(_) => {
+            register_batch(&ctx, "person_link", RecordBatch::new_empty(links), root)?
         }
     }
     register_batch(&ctx, "dq_layout", layout(sources)?, root)?;

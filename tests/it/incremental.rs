@@ -237,6 +237,19 @@ fn new_facts_keep_the_linkage_and_rebuild_the_rest_as_a_full_rebuild_would() {
     others.sort();
     assert!(!others.is_empty());
     assert_eq!(dq.reused_sources, others);
+    // Tonight's rows are the appended record, not the whole file.
+    let tonight = |check: &str| {
+        let r = second
+            .dq
+            .iter()
+            .find(|r| r.check == check && r.source == "northside_clinic")
+            .unwrap();
+        (r.new_checked, r.checked)
+    };
+    let (new, all) = tonight("hba1c_converted");
+    assert_eq!(new, 1);
+    assert!(all > 1);
+    assert_eq!(tonight("observation_code_invalid").0, 1);
     // The measures are computed for the one person with a new fact; the
     // others keep the first night's rows, but for the measure that is not
     // person-local: every person's row of it counts the new observation.

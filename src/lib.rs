@@ -335,19 +335,14 @@ fn fingerprints(
     };
     let dq = with_checks(after_build("dq")).finish();
     // What the checks count with, but the staged rows: a run with the same
-    // keeps the counts of each source whose staged files (`dq.source.<name>`)
-    // are the same.
+    // keeps the counts a check took of a source whose inputs it reads
+    // (`dq.source.<name>.<input>`) are the same.
     let dq_checks = with_checks(code.clone().part("stage", "dq").part("link", &link)).finish();
     let dq_sources: Vec<(String, String)> = state
         .sources
-        .keys()
-        .map(|source| {
-            let f = code
-                .clone()
-                .part("stage", "dq")
-                .staged_source(state, source)
-                .finish();
-            (format!("dq.source.{source}"), f)
+        .iter()
+        .flat_map(|(source, files)| {
+            dq_inputs(&code, source, files.values().flat_map(|f| &f.outputs))
         })
         .collect();
     let measures = after_build("measures")
@@ -405,6 +400,24 @@ fn fingerprints(
     .chain(tables)
     .chain(dq_sources)
     .collect())
+}
+
+/// `dq.source.<source>.<input>`: per check input (see [`dq::inputs`]) the
+/// source's files of `outputs`, its staged and rejected Parquet files. A
+/// file is named by its batch, which says what was loaded into it (the
+/// extract, its mapping, the patients checked against).
+fn dq_inputs<'a>(
+    code: &runs::Fingerprint,
+    source: &str,
+    outputs: impl IntoIterator<Item = &'a String>,
+) -> Vec<(String, String)> {
+    dq::inputs(outputs.into_iter().map(String::as_str))
+        .into_iter()
+        .map(|(input, files)| {
+            let f = code.clone().part("stage", "dq").part("files", files);
+            (format!("dq.source.{source}.{input}"), f.finish())
+        })
+        .collect()
 }
 
 /// Times a stage and measures its peak memory, inside a `stage` span (so
@@ -506,7 +519,7 @@ fn run_stages(
         .dq
         .apply(&mut checks)
         .map_err(|message| tomlfile::file_error(&config.path, message))?;
-    dq::validate(&checks)?;
+    dq::validate(&mut checks)?;
     let ingest = stage(manifest, "ingest", || {
         ingest::ingest(&config.warehouse, &config.sources, opts, progress)
     })?;
@@ -1016,25 +1029,48 @@ fn check_quality(
             Ok(results)
         },
         || {
-            // Same checks and links: the sources whose staged files did not
-            // change keep the current run's counts.
+            // Same checks and links: the current run's counts are kept
+            // where what a check reads of a source did not change.
             let kept = match (
                 &tonight,
                 previous.reusable(night, fingerprints, "dq.checks"),
+                runs::Fingerprint::code(),
             ) {
-                (dq::Tonight::Staged(_), Some((dir, earlier_run))) => {
+                (dq::Tonight::Staged(new), Some((dir, earlier_run)), Some(code)) => {
                     let path = report::report_dir(&warehouse.with_output(dir), &earlier_run.run_id)
                         .join("dq.json");
-                    // A source staged tonight or then, whose files differ.
-                    let before = &earlier_run.fingerprints;
-                    let changed: std::collections::BTreeSet<String> = fingerprints
-                        .keys()
-                        .chain(before.keys())
-                        .filter(|k| fingerprints.get(*k) != before.get(*k))
-                        .filter_map(|k| Some(k.strip_prefix("dq.source.")?.to_string()))
+                    // The inputs as they were but for tonight's files.
+                    let before_tonight: BTreeMap<String, String> = state
+                        .sources
+                        .iter()
+                        .flat_map(|(source, files)| {
+                            let outputs = files.values().flat_map(|f| &f.outputs);
+                            dq_inputs(&code, source, outputs.filter(|o| !new.contains(*o)))
+                        })
                         .collect();
+                    let before = &earlier_run.fingerprints;
+                    let mut changes: BTreeMap<String, BTreeMap<String, dq::Change>> =
+                        BTreeMap::new();
+                    for key in fingerprints.keys().chain(before.keys()) {
+                        let Some((source, input)) = key
+                            .strip_prefix("dq.source.")
+                            .and_then(|k| k.rsplit_once('.'))
+                        else {
+                            continue;
+                        };
+                        if fingerprints.get(key) != before.get(key) {
+                            let change = match before_tonight.get(key) == before.get(key) {
+                                true => dq::Change::Grew,
+                                false => dq::Change::Changed,
+                            };
+                            changes
+                                .entry(source.to_string())
+                                .or_default()
+                                .insert(input.to_string(), change);
+                        }
+                    }
                     match dq::read(&path) {
-                        Ok(results) => Some((results, changed)),
+                        Ok(results) => Some((results, changes)),
                         Err(e) => {
                             tracing::warn!(error = %e, "the current run's counts cannot be read: every source is counted");
                             None
@@ -1051,13 +1087,13 @@ fn check_quality(
                 &tonight,
                 &config.dq,
                 kept.as_ref()
-                    .map(|(results, changed)| dq::Kept { results, changed }),
+                    .map(|(results, changes)| dq::Kept { results, changes }),
             )?;
-            if let Some((_, changed)) = &kept {
+            if let Some((_, changes)) = &kept {
                 reused_sources = state
                     .sources
                     .keys()
-                    .filter(|s| !changed.contains(*s))
+                    .filter(|s| !changes.contains_key(*s))
                     .cloned()
                     .collect();
             }

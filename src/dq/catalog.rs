@@ -120,6 +120,17 @@ pub struct Check {
     pub drift_tolerance_pct: Option<f64>,
     /// The query: one row per source with `source`, `violating`, `checked`.
     pub sql: String,
+    /// Each row is counted on its own (its own columns, the source's
+    /// layout; never other rows or the person links): the counts of any
+    /// split of the rows add up, so a night that only adds rows adds
+    /// tonight's counts to the earlier ones instead of counting again.
+    pub per_row: bool,
+    /// The tables the query reads, through the views (`staging_<table>`,
+    /// `rejects`, `person_link`, `dq_layout`): known once [`validate`]d;
+    /// `None` counts as reading everything.
+    ///
+    /// [`validate`]: super::validate
+    pub reads: Option<BTreeSet<String>>,
     /// The TOML file that declares the check.
     pub file: PathBuf,
 }
@@ -134,6 +145,10 @@ struct RawFile {
     severity: Option<Severity>,
     threshold_pct: Option<f64>,
     drift_tolerance_pct: Option<f64>,
+    /// Whether the file's `sql` counts each row on its own (see
+    /// [`Check::per_row`]): said of the template, so it holds for the
+    /// instances that use the file's template, not those naming their own.
+    per_row: Option<bool>,
     /// Default parameters of every instance.
     #[serde(default)]
     params: BTreeMap<String, toml::Value>,
@@ -153,6 +168,7 @@ struct RawCheck {
     severity: Option<Severity>,
     threshold_pct: Option<f64>,
     drift_tolerance_pct: Option<f64>,
+    per_row: Option<bool>,
     #[serde(default)]
     params: BTreeMap<String, toml::Value>,
 }
@@ -277,6 +293,9 @@ fn load_file(path: &Path) -> Result<Vec<Check>> {
                 values.insert("column".into(), col.clone());
             }
             let sql = render(&templates[&sql_path], &values, &own).map_err(at)?;
+            let per_row = c
+                .per_row
+                .unwrap_or(c.sql.is_none() && raw.per_row == Some(true));
             Ok(Check {
                 description: c
                     .description
@@ -291,6 +310,8 @@ fn load_file(path: &Path) -> Result<Vec<Check>> {
                 column: c.column,
                 threshold_pct,
                 sql,
+                per_row,
+                reads: None,
                 file: path.to_path_buf(),
             })
         })

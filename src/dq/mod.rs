@@ -194,24 +194,80 @@ pub enum Tonight {
     Staged(BTreeSet<String>),
 }
 
+/// The files of `outputs` (warehouse-relative staged and rejected Parquet
+/// files) per check input they hold rows of: `staging_<table>`, `rejects`.
+pub fn inputs<'a>(
+    outputs: impl IntoIterator<Item = &'a str>,
+) -> BTreeMap<String, BTreeSet<&'a str>> {
+    let mut out: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
+    for o in outputs {
+        let mut parts = o.split('/');
+        let input = match (parts.next(), parts.next()) {
+            (Some("staging"), Some(table)) => format!("staging_{table}"),
+            (Some("rejects"), Some(_)) => "rejects".to_string(),
+            _ => continue,
+        };
+        out.entry(input).or_default().insert(o);
+    }
+    out
+}
+
+/// How a source's check input (`staging_<table>`, `rejects`) differs from
+/// what the kept counts counted; an input not listed is the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The same files and tonight's: only rows were added.
+    Grew,
+    /// Files were replaced or removed.
+    Changed,
+}
+
 /// The counts of the current run that tonight can keep: its results, and
-/// the sources whose staged rows changed since (the others keep theirs).
-/// Valid when the checks, their settings and the person links are the
-/// current run's, since every check counts a source from its own staged
-/// rows and rejects and the person links.
+/// per source the inputs whose files changed since. Valid when the checks,
+/// their settings and the person links are the current run's, since every
+/// check counts a source from its own staged rows and rejects and the
+/// person links: a check keeps a source's counts when nothing it reads
+/// changed, adds tonight's counts to them when it is [`Check::per_row`]
+/// and what it reads only grew, and counts the source again otherwise.
 #[derive(Debug, Clone, Copy)]
 pub struct Kept<'a> {
     pub results: &'a [CheckResult],
-    pub changed: &'a BTreeSet<String>,
+    /// Per source, its changed inputs; a source not listed is unchanged.
+    pub changes: &'a BTreeMap<String, BTreeMap<String, Change>>,
+}
+
+/// What a check does with a source's kept counts (see [`Kept`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recount {
+    Keep,
+    AddTonight,
+    Again,
+}
+
+impl Recount {
+    fn of(check: &Check, changes: Option<&BTreeMap<String, Change>>) -> Recount {
+        let mut read = changes
+            .into_iter()
+            .flatten()
+            .filter(|(input, _)| check.reads.as_ref().is_none_or(|r| r.contains(*input)))
+            .peekable();
+        if read.peek().is_none() {
+            Recount::Keep
+        } else if check.per_row && read.all(|(_, c)| *c == Change::Grew) {
+            Recount::AddTonight
+        } else {
+            Recount::Again
+        }
+    }
 }
 
 /// Runs every check over the warehouse's staging and rejects and the
 /// run's `core/person_link.parquet`, for every source of `sources` (and any
 /// other source a check reports) — once over everything staged, once over
-/// tonight's rows (see [`Tonight`]). With `kept`, only the changed
-/// sources' rows are counted, the other sources keep the current run's
-/// counts. `previous` holds the rates of earlier published runs, oldest
-/// first. Results are sorted by source, then check.
+/// tonight's rows (see [`Tonight`]). With `kept`, a source's rows are
+/// counted again only by the checks whose inputs changed (see [`Kept`]).
+/// `previous` holds the rates of earlier published runs, oldest first.
+/// Results are sorted by source, then check.
 pub fn evaluate(
     warehouse: &Warehouse,
     sources: &[SourceConfig],
@@ -222,17 +278,52 @@ pub fn evaluate(
     kept: Option<Kept>,
 ) -> Result<Vec<CheckResult>> {
     let (all, new) = crate::engine::block_on(async {
-        // Everything (or the changed sources) and tonight's files at once.
+        // Everything (or what changed) and tonight's files at once.
         let all = async {
-            Ok(match kept {
-                None => run_checks(&session(warehouse, sources, Rows::All).await?, checks).await?,
+            match kept {
+                None => run_checks(&session(warehouse, sources, Rows::All).await?, checks).await,
                 Some(kept) => {
-                    let rows = Rows::Sources(kept.changed);
-                    let counted =
-                        run_checks(&session(warehouse, sources, rows).await?, checks).await?;
-                    keep_counts(checks, counted, kept)
+                    let again =
+                        |c: &Check, s: &str| Recount::of(c, kept.changes.get(s)) == Recount::Again;
+                    let changed: BTreeSet<String> = kept
+                        .changes
+                        .keys()
+                        .filter(|s| checks.iter().any(|c| again(c, s)))
+                        .cloned()
+                        .collect();
+                    let recounted: Vec<bool> = checks
+                        .iter()
+                        .map(|c| changed.iter().any(|s| again(c, s)))
+                        .collect();
+                    let recount: Vec<Check> = checks
+                        .iter()
+                        .zip(&recounted)
+                        .filter(|(_, again)| **again)
+                        .map(|(c, _)| c.clone())
+                        .collect();
+                    tracing::debug!(
+                        checks = recount.len(),
+                        sources = changed.len(),
+                        "data-quality counts taken again"
+                    );
+                    let mut counted = match recount.is_empty() {
+                        true => Vec::new(),
+                        false => {
+                            let ctx = session(warehouse, sources, Rows::Sources(&changed)).await?;
+                            run_checks(&ctx, &recount).await?
+                        }
+                    }
+                    .into_iter();
+                    // Back in the order of `checks`.
+                    Ok(recounted
+                        .iter()
+                        .map(|again| match again {
+                            true => counted.next().unwrap_or_default(),
+                            false => Counted::new(),
+                        })
+                        .collect())
                 }
-            })
+            }
         };
         let new = async {
             match tonight {
@@ -251,28 +342,48 @@ pub fn evaluate(
             Tonight::Everything => all.clone(),
             Tonight::Staged(_) => new.unwrap_or_default(),
         };
+        let all = match kept {
+            Some(kept) => keep_counts(checks, all, &new, kept),
+            None => all,
+        };
         Ok((all, new))
     })?;
     Ok(judge(sources, checks, &all, &new, previous, opts))
 }
 
-/// Per check, the counts of the changed sources from `counted` and those
-/// of every other source from the kept results.
-fn keep_counts(checks: &[Check], counted: Counts, kept: Kept) -> Counts {
+/// Per check, each source's counts: kept, kept plus tonight's (`new`), or
+/// counted again (`counted`), as [`Recount::of`] says.
+fn keep_counts(checks: &[Check], counted: Counts, new: &[Counted], kept: Kept) -> Counts {
     checks
         .iter()
         .zip(counted)
-        .map(|(check, counted)| {
+        .enumerate()
+        .map(|(i, (check, counted))| {
+            let how = |source: &str| Recount::of(check, kept.changes.get(source));
+            let tonight = |source: &str| {
+                new.get(i)
+                    .and_then(|n| n.get(source))
+                    .copied()
+                    .unwrap_or_default()
+            };
             let mut out: Counted = counted
                 .into_iter()
-                .filter(|(source, _)| kept.changed.contains(source))
+                .filter(|(source, _)| how(source) == Recount::Again)
                 .collect();
-            out.extend(
-                kept.results
-                    .iter()
-                    .filter(|r| r.check == check.id && !kept.changed.contains(&r.source))
-                    .map(|r| (r.source.clone(), (r.violating, r.checked))),
-            );
+            for r in kept.results.iter().filter(|r| r.check == check.id) {
+                let (v, c) = match how(&r.source) {
+                    Recount::Keep => (0, 0),
+                    Recount::AddTonight => tonight(&r.source),
+                    Recount::Again => continue,
+                };
+                out.insert(r.source.clone(), (r.violating + v, r.checked + c));
+            }
+            // A source with no counts before: tonight's are all it has.
+            for source in kept.changes.keys() {
+                if how(source) == Recount::AddTonight && !out.contains_key(source) {
+                    out.insert(source.clone(), tonight(source));
+                }
+            }
             out
         })
         .collect()
@@ -585,8 +696,9 @@ fn facts_view() -> String {
 /// a check whose SQL does not parse, names a table or column that does not
 /// exist, or does not return `source`, `violating` and `checked` is a
 /// configuration error naming its file and id before any data is read
-/// (not after the night's linkage).
-pub fn validate(checks: &[Check]) -> Result<()> {
+/// (not after the night's linkage); records the tables each reads
+/// ([`Check::reads`]).
+pub fn validate(checks: &mut [Check]) -> Result<()> {
     crate::engine::block_on(async {
         // Planning only: never on a cluster.
         let ctx = crate::engine::local_session(SessionConfig::new());
@@ -621,9 +733,34 @@ pub fn validate(checks: &[Check]) -> Result<()> {
                     )));
                 }
             }
+            let mut reads = BTreeSet::new();
+            tables_read(plan.logical_plan(), &mut reads).map_err(|e| bad(e.to_string()))?;
+            check.reads = Some(reads);
         }
         Ok(())
     })
+}
+
+/// Adds to `out` the tables `plan` scans, those of the views it reads
+/// included.
+fn tables_read(
+    plan: &datafusion::logical_expr::LogicalPlan,
+    out: &mut BTreeSet<String>,
+) -> datafusion::error::Result<()> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    use datafusion::logical_expr::LogicalPlan;
+    plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            match scan.source.get_logical_plan() {
+                Some(view) => tables_read(&view, out)?,
+                None => {
+                    out.insert(scan.table_name.table().to_string());
+                }
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    Ok(())
 }
 
 /// Counts per source of every check, in order.
@@ -822,6 +959,8 @@ mod tests {
             threshold_pct,
             drift_tolerance_pct: None,
             sql: String::new(),
+            per_row: false,
+            reads: None,
             file: PathBuf::new(),
         }
     }
@@ -840,8 +979,32 @@ mod tests {
     #[test]
     fn the_shipped_checks_plan_and_a_broken_one_is_named() {
         let queries = Path::new(env!("CARGO_MANIFEST_DIR")).join("queries");
-        let shipped = catalog(&queries).unwrap();
-        validate(&shipped).unwrap();
+        let mut shipped = catalog(&queries).unwrap();
+        validate(&mut shipped).unwrap();
+        // What each reads, through the views.
+        let reads = |id: &str| {
+            let check = shipped.iter().find(|c| c.id == id).unwrap();
+            let reads = check.reads.clone().unwrap();
+            reads.into_iter().collect::<Vec<_>>().join(" ")
+        };
+        assert_eq!(reads("patients_found_nowhere_else"), "person_link");
+        assert_eq!(reads("bmi_implausible"), "staging_observation");
+        assert_eq!(
+            reads("patient_birth_date_missing"),
+            "dq_layout staging_patient"
+        );
+        let facts = reads("facts_encounter_unresolved");
+        assert!(
+            facts.contains("staging_encounter")
+                && facts.contains("staging_observation")
+                && !facts.contains("staging_patient"),
+            "{facts}"
+        );
+        let refused = reads("observation_code_invalid");
+        assert!(
+            refused.contains("rejects") && refused.contains("staging_patient"),
+            "{refused}"
+        );
         for (sql, expected) in [
             (
                 "SELECT source, 1 AS violating, COUNT(*) AS checked FROM staging_nope GROUP BY source",
@@ -858,7 +1021,7 @@ mod tests {
                 file: PathBuf::from("queries/checks/x.toml"),
                 ..check(Severity::Warn, 1.0)
             };
-            let e = validate(&[broken]).unwrap_err();
+            let e = validate(&mut [broken]).unwrap_err();
             assert!(e.is_config_error(), "{e}");
             let e = e.to_string();
             assert!(
@@ -928,5 +1091,123 @@ mod tests {
         let r = score(&c, "a", (50, 100), (0, 0), &[], &opts);
         assert!(!r.drift && r.baseline_pct.is_none());
         assert_eq!(median(&[1.0, 3.0]), Some(2.0));
+    }
+
+    /// A session over every staged row and reject, or over those of one
+    /// parity of their line number (`parity`): two halves of every file.
+    async fn half(
+        warehouse: &Warehouse,
+        sources: &[SourceConfig],
+        parity: Option<u8>,
+    ) -> SessionContext {
+        let ctx = crate::engine::session(SessionConfig::new()).unwrap();
+        let root = warehouse.root();
+        let where_ = |line: &str| match parity {
+            Some(p) => format!("WHERE COALESCE({line}, 0) % 2 = {p}"),
+            None => String::new(),
+        };
+        let mut tables: Vec<(String, PathBuf, SchemaRef, &str)> = Table::ALL
+            .iter()
+            .map(|t| {
+                let name = format!("staging_{}", t.name());
+                (
+                    name,
+                    warehouse.staging_table_dir(*t),
+                    t.schema(),
+                    "source_line",
+                )
+            })
+            .collect();
+        let rejects = crate::schema::rejects_schema();
+        tables.push(("rejects".into(), root.join("rejects"), rejects, "line"));
+        for (name, dir, schema, line) in tables {
+            let files = crate::warehouse::parquet_files(&dir).unwrap();
+            let all = format!("all_{name}");
+            crate::engine::register_parquet_files(&ctx, &all, &dir, files, schema).unwrap();
+            let view = format!("CREATE VIEW {name} AS SELECT * FROM {all} {}", where_(line));
+            ctx.sql(&view).await.unwrap();
+        }
+        let links = RecordBatch::new_empty(crate::schema::person_link_schema());
+        register_batch(&ctx, "person_link", links, root).unwrap();
+        register_batch(&ctx, "dq_layout", layout(sources).unwrap(), root).unwrap();
+        for view in [rows_view(), facts_view()] {
+            ctx.sql(&view).await.unwrap();
+        }
+        ctx
+    }
+
+    #[test]
+    fn per_row_checks_add_up_over_two_halves_of_every_file() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut checks = catalog(&repo.join("queries")).unwrap();
+        validate(&mut checks).unwrap();
+        assert!(checks.iter().filter(|c| c.per_row).count() >= 30);
+        let bad = tempfile::tempdir().unwrap();
+        std::fs::write(
+            bad.path().join("ward.toml"),
+            format!(
+                "warehouse = \"wh\"\nmeasurement_period = {{ start = 2025-01-01, end = 2025-12-31 }}\n\
+                 [[sources]]\nname = \"bad\"\nformat = \"csv\"\npath = \"{0}/csv/*.csv\"\n\
+                 mapping = \"{0}/mapping.toml\"\n\
+                 [[sources]]\nname = \"bad_fhir\"\nformat = \"fhir-ndjson\"\npath = \"{0}/fhir/*.ndjson\"\n",
+                repo.join("tests/fixtures/dq_bad").display()
+            ),
+        )
+        .unwrap();
+        let (mut apart, mut counted) = (BTreeSet::new(), BTreeSet::new());
+        for config in [
+            repo.join("sample_data/ward.toml"),
+            bad.path().join("ward.toml"),
+        ] {
+            let config = crate::config::PipelineConfig::load(&config).unwrap();
+            let wh = tempfile::tempdir().unwrap();
+            let opts = crate::ingest::IngestOptions {
+                today: chrono::NaiveDate::from_ymd_opt(2026, 1, 31).unwrap(),
+                ..Default::default()
+            };
+            crate::ingest::ingest(wh.path(), &config.sources, &opts, &()).unwrap();
+            let warehouse = Warehouse::new(wh.path());
+            let counts = |parity| {
+                crate::engine::block_on(async {
+                    run_checks(&half(&warehouse, &config.sources, parity).await, &checks).await
+                })
+                .unwrap()
+            };
+            let (all, even, odd) = (counts(None), counts(Some(0)), counts(Some(1)));
+            for (i, check) in checks.iter().enumerate() {
+                let sources: BTreeSet<&String> = all[i].keys().chain(even[i].keys()).collect();
+                let sum = |s: &String| {
+                    let (a, b) = (even[i].get(s).copied(), odd[i].get(s).copied());
+                    let (a, b) = (a.unwrap_or_default(), b.unwrap_or_default());
+                    (a.0 + b.0, a.1 + b.1)
+                };
+                let adds_up = sources
+                    .iter()
+                    .all(|s| all[i].get(*s).copied().unwrap_or_default() == sum(s));
+                if check.per_row {
+                    assert!(
+                        adds_up,
+                        "{}: {:?} {:?} {:?}",
+                        check.id, all[i], even[i], odd[i]
+                    );
+                    if all[i].values().any(|c| c.1 > 0) {
+                        counted.insert(check.id.clone());
+                    }
+                } else if !adds_up {
+                    apart.insert(check.id.clone());
+                }
+            }
+        }
+        let idle: Vec<&str> = checks
+            .iter()
+            .filter(|c| c.per_row && !counted.contains(&c.id))
+            .map(|c| c.id.as_str())
+            .collect();
+        assert!(idle.is_empty(), "no row to check: {idle:?}");
+        // The split sees what rows do together: checks that compare rows
+        // do not add up over it.
+        for id in ["observation_repeated", "facts_encounter_unresolved"] {
+            assert!(apart.contains(id), "{id}: {apart:?}");
+        }
     }
 }

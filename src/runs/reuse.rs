@@ -16,7 +16,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Result, WardError};
-use crate::warehouse::{FileState, IngestState};
+use crate::warehouse::IngestState;
 
 use super::manifest::OutputFile;
 
@@ -72,31 +72,15 @@ impl Fingerprint {
     /// reload is a change).
     pub fn staged(self, state: &IngestState, table: Option<&str>) -> Fingerprint {
         let prefix = table.map(|t| format!("staging/{t}/"));
-        self.staged_where("staged", state, |_, f| {
-            prefix
-                .as_ref()
-                .is_none_or(|p| f.outputs.iter().any(|o| o.starts_with(p.as_str())))
-        })
-    }
-
-    /// Adds the staged files of one source of `state` (as [`staged`] does).
-    ///
-    /// [`staged`]: Fingerprint::staged
-    pub fn staged_source(self, state: &IngestState, source: &str) -> Fingerprint {
-        self.staged_where("staged source", state, |s, _| s == source)
-    }
-
-    fn staged_where(
-        self,
-        label: &str,
-        state: &IngestState,
-        keep: impl Fn(&str, &FileState) -> bool,
-    ) -> Fingerprint {
         let files: Vec<_> = state
             .sources
             .iter()
             .flat_map(|(source, files)| files.iter().map(move |(file, f)| (source, file, f)))
-            .filter(|(source, _, f)| keep(source, f))
+            .filter(|(_, _, f)| {
+                prefix
+                    .as_ref()
+                    .is_none_or(|p| f.outputs.iter().any(|o| o.starts_with(p.as_str())))
+            })
             .map(|(source, file, f)| {
                 (
                     source,
@@ -109,7 +93,7 @@ impl Fingerprint {
                 )
             })
             .collect();
-        self.part(label, files)
+        self.part("staged", files)
     }
 
     /// Adds every file under `dir` (relative path and content), sorted; a

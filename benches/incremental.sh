@@ -9,8 +9,9 @@
 # results file, each followed by the same night with `--full` (the
 # reference for identical outputs). Prints each night's wall time, its
 # ratio to the full night, the stages it reused, and whether its core,
-# marts and research tables equal the full rebuild's (by bytes, else by
-# rows). Stage timings come from the manifests.
+# marts and research tables and data-quality counts equal the full
+# rebuild's (tables by bytes, else by rows). Stage timings come from the
+# manifests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 patients=${1:-100000}
@@ -125,17 +126,23 @@ def same_rows(run_a, run_b, table):
     n = con.sql(f"SELECT (SELECT count(*) FROM (FROM {a} EXCEPT ALL FROM {b})) + "
                 f"(SELECT count(*) FROM (FROM {b} EXCEPT ALL FROM {a}))").fetchall()[0][0]
     return n == 0
+def dq_counts(run):
+    # The data-quality counts (kept, added to or counted again by a night).
+    results = json.load(open(os.path.join(runs, run, "reports", run, "dq.json")))
+    return {(r["check"], r["source"]): (r["violating"], r["checked"]) for r in results}
 def compare(run_a, run_b):
     a, b = tables(run_a), tables(run_b)
     split = [t for t in sorted(set(a) | set(b)) if a.get(t) != b.get(t)]
-    if not split:
-        return "yes (bytes)"
     differ = [t for t in split if not same_rows(run_a, run_b, t)]
+    qa, qb = dq_counts(run_a), dq_counts(run_b)
+    dq = "" if qa == qb else f"; {sum(qa.get(k) != qb.get(k) for k in set(qa) | set(qb))} dq counts differ"
     if differ:
-        return f"{len(differ)} of {len(b)} tables differ: {', '.join(differ)}"
-    return f"yes (rows; {', '.join(split)} in other files)"
+        return f"{len(differ)} of {len(b)} tables differ: {', '.join(differ)}{dq}"
+    if not split:
+        return f"yes (bytes){dq}"
+    return f"yes (rows; {', '.join(split)} in other files){dq}"
 # Each incremental night against the --full night over the same inputs.
-print("| night | wall s | × its --full night | stages taken | derived tables equal to --full |")
+print("| night | wall s | × its --full night | stages taken | derived tables and dq counts equal to --full |")
 print("|---|---:|---:|---|---|")
 ref = {n: f"{n}-full" for n in ("unchanged", "facts-file", "facts-append")}
 by = {n[0]: n[2] for n in nights}

@@ -158,6 +158,14 @@ impl std::io::Read for ReadFrom<'_, '_> {
 /// record longer than it).
 const BUFFER: usize = 1 << 20;
 
+/// The longest record read: past it a record is refused for its first line
+/// and reading resumes on the next (a quote that never closes would
+/// otherwise hold the rest of the file in the buffer).
+const MAX_RECORD: u64 = 8 << 20;
+
+/// The most of a refused record's first line kept as its raw text.
+const MAX_RAW: usize = 64 << 10;
+
 /// Reads an extract's records in slices, so that what is held of a file
 /// follows the slice, not the file: a buffer of its bytes, the slice's
 /// text, and per row read so far a hash and position (24 bytes) for exact
@@ -197,6 +205,8 @@ pub struct CsvReader<'b> {
     ends_with_newline: bool,
     /// Whether a slice was returned.
     started: bool,
+    /// The longest record read ([`MAX_RECORD`]).
+    max_record: u64,
     /// Rows read so far by hash: the first row's line and byte offset.
     seen: HashMap<u64, (u64, u64), ahash::RandomState>,
     /// Rows whose hash was taken by a row with other cells.
@@ -207,15 +217,17 @@ pub struct CsvReader<'b> {
 impl<'b> CsvReader<'b> {
     /// Reads the header of `extract`.
     pub fn open(path: &'b Path, extract: Extract<'b>, mapping: &'b CsvMapping) -> Result<Self> {
-        Self::with_buffer(path, extract, mapping, BUFFER)
+        Self::with_buffer(path, extract, mapping, BUFFER, MAX_RECORD)
     }
 
-    /// [`CsvReader::open`] with a buffer of `buffer` bytes at first.
+    /// [`CsvReader::open`] with a buffer of `buffer` bytes at first and
+    /// records of `max_record` bytes at most.
     fn with_buffer(
         path: &'b Path,
         extract: Extract<'b>,
         mapping: &'b CsvMapping,
         buffer: usize,
+        max_record: u64,
     ) -> Result<Self> {
         let err = |line: Option<u64>, message: String| WardError::Extract {
             path: path.to_path_buf(),
@@ -252,6 +264,7 @@ impl<'b> CsvReader<'b> {
             header: Vec::new(),
             ends_with_newline: matches!(last[0], b'\n' | b'\r'),
             started: false,
+            max_record,
             seen: HashMap::default(),
             collided: HashMap::new(),
             hasher: ahash::RandomState::with_seeds(0x5741_5244, 1, 2, 3),
@@ -259,6 +272,12 @@ impl<'b> CsvReader<'b> {
         let Some(span) = reader.read_record()? else {
             return Err(err(None, "file is empty: no header line".into()));
         };
+        if span.overlong {
+            return Err(err(
+                Some(span.line),
+                format!("the header runs past {max_record} bytes: not a CSV header"),
+            ));
+        }
         if reader.body(&span).iter().all(u8::is_ascii_whitespace) {
             return Err(err(
                 Some(span.line),
@@ -292,6 +311,26 @@ impl<'b> CsvReader<'b> {
             let Some(span) = self.read_record()? else {
                 break;
             };
+            if span.overlong {
+                let from = (span.start - self.offset) as usize + span.leading;
+                let line = &self.buf[from..self.pos];
+                let line = &line[..line.iter().position(|b| *b == b'\n').unwrap_or(line.len())];
+                rejects.push(StructuralReject {
+                    line: span.line,
+                    rule: "malformed_record",
+                    message: format!(
+                        "the record runs past {} bytes (a quote that never closes?); \
+                         its first line was refused and reading resumed on the next",
+                        self.max_record
+                    ),
+                    raw: String::from_utf8_lossy(trim_terminator(&line[..line.len().min(MAX_RAW)]))
+                        .into_owned(),
+                });
+                self.skip_line(span.start + span.leading as u64)?;
+                self.core.reset();
+                self.core.set_line(span.line + 1);
+                continue;
+            }
             let is_last = span.end >= self.len;
             // A quoted field still open at the end of the file.
             let unclosed = is_last && {
@@ -374,6 +413,9 @@ impl<'b> CsvReader<'b> {
             nout += o;
             nend += e;
             match res {
+                InputEmpty if self.offset + self.pos as u64 - start > self.max_record => {
+                    return Ok(Some(self.span(start, first_line, true)));
+                }
                 InputEmpty => {}
                 OutputFull => self.fields.resize(self.fields.len() * 2, 0),
                 OutputEndsFull => self.ends.resize(self.ends.len() * 2, 0),
@@ -382,13 +424,7 @@ impl<'b> CsvReader<'b> {
             }
         }
         self.width = nend;
-        let end = self.offset + self.pos as u64;
-        let raw = &self.buf[(start - self.offset) as usize..self.pos];
-        let leading = raw
-            .iter()
-            .take_while(|b| matches!(b, b'\n' | b'\r'))
-            .count();
-        let newlines = raw[..leading].iter().filter(|b| **b == b'\n').count() as u64;
+        let span = self.span(start, first_line, false);
         // The fields as text (UTF-8: checked later), one range each.
         self.ranges.clear();
         if self.mapping.encoding == Encoding::Latin1 {
@@ -403,12 +439,45 @@ impl<'b> CsvReader<'b> {
             self.ranges
                 .extend((0..nend).map(|i| field_range(&self.ends, i)));
         }
-        Ok(Some(Span {
+        Ok(Some(span))
+    }
+
+    /// The span of the record read from byte `start` to `pos`, its parse
+    /// begun on line `first_line`.
+    fn span(&self, start: u64, first_line: u64, overlong: bool) -> Span {
+        let raw = &self.buf[(start - self.offset) as usize..self.pos];
+        let leading = raw
+            .iter()
+            .take_while(|b| matches!(b, b'\n' | b'\r'))
+            .count();
+        let newlines = raw[..leading].iter().filter(|b| **b == b'\n').count() as u64;
+        Span {
             start,
-            end,
+            end: self.offset + self.pos as u64,
             leading,
             line: first_line + newlines,
-        }))
+            overlong,
+        }
+    }
+
+    /// Moves `pos` past the end of the line that starts at byte `from`,
+    /// reading on without keeping what it passes; at the end of the
+    /// extract, to its end.
+    fn skip_line(&mut self, from: u64) -> Result<()> {
+        let mut at = from;
+        loop {
+            let i = (at - self.offset) as usize;
+            if let Some(eol) = self.buf[i..self.filled].iter().position(|b| *b == b'\n') {
+                self.pos = i + eol + 1;
+                return Ok(());
+            }
+            self.pos = self.filled;
+            at = self.offset + self.filled as u64;
+            if at >= self.len {
+                return Ok(());
+            }
+            self.fill(self.filled)?;
+        }
     }
 
     /// Makes more of the extract available past `buf[filled]`, keeping
@@ -576,6 +645,8 @@ struct Span {
     leading: usize,
     /// The line it starts on.
     line: u64,
+    /// Read no further than past [`MAX_RECORD`] bytes: not a record.
+    overlong: bool,
 }
 
 /// The header record's field names, trimmed; refused when not UTF-8 or
@@ -801,6 +872,71 @@ mod tests {
     }
 
     #[test]
+    fn a_record_past_the_longest_is_refused_for_its_first_line() {
+        let m = mapping(Encoding::Utf8);
+        let read = |bytes: &[u8], buffer: usize| {
+            let extract = Extract::Bytes(bytes);
+            let mut reader =
+                CsvReader::with_buffer(Path::new("f.csv"), extract, &m, buffer, 40).unwrap();
+            let tables: Vec<TextTable> =
+                std::iter::from_fn(|| reader.next_slice(2).unwrap()).collect();
+            let buffer = reader.buf.len();
+            (summary(&tables), tables, buffer)
+        };
+        // A quote that never closes, then 200 lines: the buffer stays
+        // small, the quote's line alone is refused.
+        let mut bytes = b"id,code,v\n1,\"abc,1\n".to_vec();
+        for i in 2..202 {
+            bytes.extend(format!("{i},def,{i}\n").bytes());
+        }
+        for buffer in [1, 7, 64] {
+            let ((rows, rejects), tables, held) = read(&bytes, buffer);
+            assert_eq!(rows.len(), 200, "buffer {buffer}");
+            assert_eq!(rows[0].0, 3);
+            assert_eq!(rows[0].1[1].as_deref(), Some("def"));
+            assert_eq!(rejects, [(2, "malformed_record")]);
+            let reject = tables.iter().flat_map(|t| &t.rejects).next().unwrap();
+            assert_eq!(reject.raw, "1,\"abc,1");
+            assert!(
+                reject.message.contains("runs past 40 bytes"),
+                "{}",
+                reject.message
+            );
+            assert!(held <= 256, "buffer {buffer} grew to {held}");
+        }
+        // One line longer than that, without any quote; then the last line
+        // with no line end.
+        let long = "x".repeat(100);
+        let bytes = format!("id,v\n1,{long}\n2,y\n3,{long}");
+        let ((rows, rejects), tables, _) = read(bytes.as_bytes(), 16);
+        let lines: Vec<u64> = rows.iter().map(|r| r.0).collect();
+        assert_eq!(lines, [3]);
+        assert_eq!(rejects, [(2, "malformed_record"), (4, "malformed_record")]);
+        let raw: Vec<&str> = tables
+            .iter()
+            .flat_map(|t| &t.rejects)
+            .map(|r| r.raw.as_str())
+            .collect();
+        // What was read of each: past the limit, never the line's rest.
+        for (raw, line) in raw.iter().zip([format!("1,{long}"), format!("3,{long}")]) {
+            assert!(
+                line.starts_with(raw) && raw.len() > 40 && raw.len() < line.len(),
+                "{raw}"
+            );
+        }
+        // A header past it is no header.
+        let bytes = format!("{long},v\n1,2\n");
+        let extract = Extract::Bytes(bytes.as_bytes());
+        let Err(e) = CsvReader::with_buffer(Path::new("f.csv"), extract, &m, 8, 40) else {
+            panic!("a header of 100 bytes is read")
+        };
+        assert!(
+            e.to_string() == "f.csv:1: the header runs past 40 bytes: not a CSV header",
+            "{e}"
+        );
+    }
+
+    #[test]
     fn errors_name_positions_not_values() {
         // A file without a header: its first record is taken as the header.
         let e = read_str(b"Jane,Jane,123-45-6789\n")
@@ -841,8 +977,14 @@ mod tests {
     /// buffer of `buffer` bytes.
     fn slices(bytes: &[u8], size: usize, buffer: usize) -> Vec<TextTable> {
         let m = mapping(Encoding::Utf8);
-        let mut reader =
-            CsvReader::with_buffer(Path::new("f.csv"), Extract::Bytes(bytes), &m, buffer).unwrap();
+        let mut reader = CsvReader::with_buffer(
+            Path::new("f.csv"),
+            Extract::Bytes(bytes),
+            &m,
+            buffer,
+            MAX_RECORD,
+        )
+        .unwrap();
         std::iter::from_fn(|| reader.next_slice(size).unwrap()).collect()
     }
 
@@ -902,7 +1044,7 @@ mod tests {
         for buffer in [1, 8, BUFFER] {
             let file = File::open(&path).unwrap();
             let mut reader =
-                CsvReader::with_buffer(&path, Extract::File(file), &m, buffer).unwrap();
+                CsvReader::with_buffer(&path, Extract::File(file), &m, buffer, MAX_RECORD).unwrap();
             assert_eq!(reader.size(), bytes.len() as u64);
             let sliced: Vec<TextTable> =
                 std::iter::from_fn(|| reader.next_slice(2).unwrap()).collect();
@@ -919,7 +1061,8 @@ mod tests {
         let m = mapping(Encoding::Latin1);
         let bytes = b"name,n\nJos\xe9,1\nJose,1\n\"Jos\xe9\",1\n";
         let mut reader =
-            CsvReader::with_buffer(Path::new("f.csv"), Extract::Bytes(bytes), &m, 4).unwrap();
+            CsvReader::with_buffer(Path::new("f.csv"), Extract::Bytes(bytes), &m, 4, MAX_RECORD)
+                .unwrap();
         let t = reader.next_slice(usize::MAX).unwrap().unwrap();
         assert_eq!(t.cell(0, 2), Some("José"));
         assert_eq!(t.duplicate_of, [None, None, Some(2)]);

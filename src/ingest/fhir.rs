@@ -862,7 +862,7 @@ fn medications<'a>(
 fn read_bundle(path: &Path, bytes: &[u8]) -> Result<Flat<'static>> {
     // The Bundle is read as serde_json's (owned) value, as its resources may
     // be completed (an id, a subject) before they are flattened.
-    let bundle: serde_json::Value =
+    let mut bundle: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| WardError::Extract {
             path: path.to_path_buf(),
             line: Some(e.line() as u64),
@@ -875,7 +875,11 @@ fn read_bundle(path: &Path, bytes: &[u8]) -> Result<Flat<'static>> {
             message: "not a FHIR Bundle (resourceType is not \"Bundle\")".into(),
         });
     }
-    let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
+    // Taken out of the Bundle, not copied: the entries are all of it.
+    let entries = match bundle.get_mut("entry").map(serde_json::Value::take) {
+        Some(serde_json::Value::Array(entries)) => entries,
+        _ => Vec::new(),
+    };
     let resources: Vec<Value> = entries
         .iter()
         .map(|e| Value::from(&e["resource"]))

@@ -996,7 +996,7 @@ fn check_quality(
         state.sources.iter().flat_map(|(s, files)| {
             files
                 .iter()
-                .map(move |(f, state)| ((s.as_str(), f.as_str()), state))
+                .map(move |(name, file)| ((s.as_str(), name.as_str()), file))
         })
     };
     let tonight = match staged().all(|(f, _)| loaded.contains(&f)) {

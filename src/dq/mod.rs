@@ -548,8 +548,9 @@ async fn session(
 ) -> Result<SessionContext> {
     let root = warehouse.root();
     let ctx = crate::engine::session(SessionConfig::new())?;
-    // Staged rows and rejects are kept per source folder (`all/`, then
-    // `<source>/`-like folders below it), their files named by `prefix`.
+    // The files a table reads: all under its folder `all`, those of the
+    // sources' folders (`of`), or tonight's (warehouse-relative paths that
+    // start with `prefix`).
     let files = |all: &Path, prefix: &str, of: &dyn Fn(&str) -> PathBuf| -> Result<Vec<PathBuf>> {
         Ok(match rows {
             Rows::All => crate::warehouse::parquet_files(all)?,
@@ -1076,6 +1077,42 @@ mod tests {
         assert_eq!(
             (r.new_rate_pct, r.status, r.drift),
             (None, Status::Pass, false)
+        );
+    }
+
+    #[test]
+    fn a_source_is_counted_again_only_by_the_checks_whose_inputs_changed() {
+        let reading = |per_row: bool, reads: Option<&[&str]>| Check {
+            per_row,
+            reads: reads.map(|r| r.iter().map(|t| t.to_string()).collect()),
+            ..check(Severity::Warn, 1.0)
+        };
+        let changes = |of: &[(&str, Change)]| -> BTreeMap<String, Change> {
+            of.iter().map(|(i, c)| (i.to_string(), *c)).collect()
+        };
+        let observations = Some(&["staging_observation", "dq_layout"][..]);
+        let grew = changes(&[("staging_observation", Change::Grew)]);
+        let elsewhere = changes(&[("staging_condition", Change::Changed)]);
+        let replaced = changes(&[
+            ("staging_observation", Change::Grew),
+            ("rejects", Change::Changed),
+        ]);
+        let of = |c: &Check, ch: &BTreeMap<String, Change>| Recount::of(c, Some(ch));
+        assert_eq!(of(&reading(true, observations), &grew), Recount::AddTonight);
+        assert_eq!(of(&reading(false, observations), &grew), Recount::Again);
+        assert_eq!(of(&reading(false, observations), &elsewhere), Recount::Keep);
+        assert_eq!(
+            Recount::of(&reading(false, observations), None),
+            Recount::Keep
+        );
+        // Unknown reads are everything.
+        assert_eq!(of(&reading(true, None), &elsewhere), Recount::Again);
+        assert_eq!(of(&reading(true, None), &grew), Recount::AddTonight);
+        let both = Some(&["staging_observation", "rejects"][..]);
+        assert_eq!(of(&reading(true, both), &replaced), Recount::Again);
+        assert_eq!(
+            of(&reading(true, observations), &replaced),
+            Recount::AddTonight
         );
     }
 

@@ -1045,31 +1045,60 @@ pub fn load_ndjson(
     check: PatientCheck,
     sink: &mut Sink,
 ) -> Result<FhirFile> {
-    load_ndjson_in_chunks(path, reader, ctx, check, sink, NDJSON_CHUNK)
+    load_ndjson_in_chunks(path, reader, ctx, check, sink, NDJSON_CHUNK, MAX_LINE)
 }
+
+/// The longest NDJSON line read: a longer one (a file that is not NDJSON,
+/// a whole JSON document on one line) is refused without being held, and
+/// reading resumes on the next line. A chunk of lines also ends once it
+/// holds this many bytes.
+const MAX_LINE: usize = 64 << 20;
 
 fn load_ndjson_in_chunks(
     path: &Path,
-    reader: impl BufRead,
+    mut reader: impl BufRead,
     ctx: &RowContext,
     check: PatientCheck,
     sink: &mut Sink,
     chunk_lines: usize,
+    max_line: usize,
 ) -> Result<FhirFile> {
     let mut out = FhirFile::default();
-    let mut lines = reader.split(b'\n');
     let mut line = 0u64;
     let mut patient_ids = rows::PatientIds::default();
     loop {
-        let mut chunk = Vec::with_capacity(chunk_lines);
-        while chunk.len() < chunk_lines {
-            let Some(next) = lines.next() else { break };
+        let mut chunk = Vec::with_capacity(chunk_lines.min(NDJSON_CHUNK));
+        let mut held = 0;
+        while chunk.len() < chunk_lines && held < max_line {
+            let next = next_line(&mut reader, max_line)
+                .map_err(|e| WardError::io("cannot read", path, e))?;
+            let mut bytes = match next {
+                NdjsonLine::End => break,
+                NdjsonLine::Line(bytes) => bytes,
+                NdjsonLine::TooLong(start) => {
+                    line += 1;
+                    out.read += 1;
+                    out.rejects.push(rows::RejectRow {
+                        line,
+                        table: None,
+                        column: None,
+                        rule: "malformed_record",
+                        message: format!(
+                            "the line runs past {max_line} bytes: not read as a resource; \
+                             reading resumed on the next line"
+                        ),
+                        errors: "*: malformed_record".into(),
+                        raw: String::from_utf8_lossy(&start).into_owned(),
+                    });
+                    continue;
+                }
+            };
             line += 1;
-            let mut bytes = next.map_err(|e| WardError::io("cannot read", path, e))?;
             if line == 1 && bytes.starts_with(b"\xEF\xBB\xBF") {
                 bytes.drain(..3); // a byte-order mark, as CSV files may carry
             }
             if !bytes.iter().all(u8::is_ascii_whitespace) {
+                held += bytes.len();
                 chunk.push((line, bytes));
             }
         }
@@ -1088,6 +1117,47 @@ fn load_ndjson_in_chunks(
     }
     out.rejects.sort_by_key(|r| r.line);
     Ok(out)
+}
+
+/// One line of an NDJSON file, read by [`next_line`].
+enum NdjsonLine {
+    End,
+    /// Its bytes, without the line feed.
+    Line(Vec<u8>),
+    /// A line past the longest read: its first 2,000 bytes.
+    TooLong(Vec<u8>),
+}
+
+/// Reads the next line of at most `max` bytes; a longer one is passed over
+/// to its end, only its start kept.
+fn next_line(reader: &mut impl BufRead, max: usize) -> std::io::Result<NdjsonLine> {
+    let mut bytes = Vec::new();
+    let n = std::io::Read::take(&mut *reader, max as u64 + 1).read_until(b'\n', &mut bytes)?;
+    if n == 0 {
+        return Ok(NdjsonLine::End);
+    }
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+        return Ok(NdjsonLine::Line(bytes));
+    }
+    if bytes.len() <= max {
+        return Ok(NdjsonLine::Line(bytes)); // the last line, with no line feed
+    }
+    loop {
+        let available = reader.fill_buf()?;
+        let Some(end) = available.iter().position(|b| *b == b'\n') else {
+            let n = available.len();
+            reader.consume(n);
+            if n == 0 {
+                break;
+            }
+            continue;
+        };
+        reader.consume(end + 1);
+        break;
+    }
+    bytes.truncate(2000);
+    Ok(NdjsonLine::TooLong(bytes))
 }
 
 /// Maps flattened resources (whole resources: none continues in a later
@@ -1209,7 +1279,7 @@ not json
             today: chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
             patients: None,
         };
-        let summary = |chunk: usize| {
+        let summary = |chunk: usize, max_line: usize| {
             let mut rows = BTreeMap::<Table, usize>::new();
             let mut sink = |t: Table, b: RecordBatch| {
                 *rows.entry(t).or_default() += b.num_rows();
@@ -1222,6 +1292,7 @@ not json
                 PatientCheck::Off,
                 &mut sink,
                 chunk,
+                max_line,
             )
             .unwrap();
             let rejects: Vec<(u64, &str)> = f.rejects.iter().map(|r| (r.line, r.rule)).collect();
@@ -1233,7 +1304,7 @@ not json
                 format!("{rejects:?}"),
             )
         };
-        let whole = summary(100);
+        let whole = summary(100, MAX_LINE);
         assert_eq!(whole.0, 5);
         assert_eq!(whole.1, 3);
         assert_eq!(whole.2, BTreeMap::from([("Claim".to_string(), 1)]));
@@ -1243,8 +1314,20 @@ not json
         );
         assert_eq!(whole.4, r#"[(3, "not_json")]"#);
         for chunk in [1, 2, 3] {
-            assert_eq!(summary(chunk), whole, "chunks of {chunk} lines");
+            assert_eq!(summary(chunk, MAX_LINE), whole, "chunks of {chunk} lines");
         }
+        // A line past the longest is refused unread, the rest read as before
+        // (chunks also end by their bytes).
+        // (The second line has 303 bytes, the last 217.)
+        let (read, accepted, skipped, rows, rejects) = summary(100, 250);
+        assert_eq!((read, accepted), (5, 2));
+        assert_eq!(skipped, whole.2);
+        assert_eq!(
+            rows,
+            BTreeMap::from([(Table::Patient, 1), (Table::Observation, 1)])
+        );
+        assert_eq!(rejects, r#"[(2, "malformed_record"), (3, "not_json")]"#);
+        assert_eq!(summary(1, 250), summary(100, 250));
     }
 
     #[test]

@@ -334,10 +334,11 @@ fn fingerprints(
             .part("dq", &config.dq)
     };
     let dq = with_checks(after_build("dq")).finish();
-    // What the checks count with, but the staged rows: a run with the same
-    // keeps the counts a check took of a source whose inputs it reads
-    // (`dq.source.<name>.<input>`) are the same.
-    let dq_checks = with_checks(code.clone().part("stage", "dq").part("link", &link)).finish();
+    // What the checks count with, but the staged rows and the person links:
+    // a run with the same keeps the counts a check took of a source whose
+    // inputs it reads (`dq.source.<name>.<input>`, and `link` for the
+    // person links) are the same.
+    let dq_checks = with_checks(code.clone().part("stage", "dq")).finish();
     let dq_sources: Vec<(String, String)> = state
         .sources
         .iter()
@@ -1067,6 +1068,16 @@ fn check_quality(
                                 .entry(source.to_string())
                                 .or_default()
                                 .insert(input.to_string(), change);
+                        }
+                    }
+                    // New links change what a check of the links counts of
+                    // every source.
+                    if fingerprints.get("link") != before.get("link") {
+                        for source in state.sources.keys() {
+                            changes.entry(source.clone()).or_default();
+                        }
+                        for inputs in changes.values_mut() {
+                            inputs.insert("person_link".into(), dq::Change::Changed);
                         }
                     }
                     match dq::read(&path) {

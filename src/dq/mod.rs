@@ -212,8 +212,9 @@ pub fn inputs<'a>(
     out
 }
 
-/// How a source's check input (`staging_<table>`, `rejects`) differs from
-/// what the kept counts counted; an input not listed is the same.
+/// How a source's check input (`staging_<table>`, `rejects`,
+/// `person_link`) differs from what the kept counts counted; an input not
+/// listed is the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
     /// The same files and tonight's: only rows were added.
@@ -223,12 +224,13 @@ pub enum Change {
 }
 
 /// The counts of the current run that tonight can keep: its results, and
-/// per source the inputs whose files changed since. Valid when the checks,
-/// their settings and the person links are the current run's, since every
-/// check counts a source from its own staged rows and rejects and the
-/// person links: a check keeps a source's counts when nothing it reads
-/// changed, adds tonight's counts to them when it is [`Check::per_row`]
-/// and what it reads only grew, and counts the source again otherwise.
+/// per source the inputs that changed since (`staging_<table>` and
+/// `rejects`: the source's files; `person_link`: the links). Valid when the
+/// checks and their settings are the current run's, since every check
+/// counts a source from its own staged rows and rejects and the person
+/// links: a check keeps a source's counts when nothing it reads changed,
+/// adds tonight's counts to them when it is [`Check::per_row`] and what it
+/// reads only grew, and counts the source again otherwise.
 #[derive(Debug, Clone, Copy)]
 pub struct Kept<'a> {
     pub results: &'a [CheckResult],

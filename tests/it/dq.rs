@@ -14,6 +14,31 @@ fn results_of(run_dir: &Path) -> Vec<CheckResult> {
     ward::dq::read(&run_dir.join("reports").join(id).join("dq.json")).unwrap()
 }
 
+/// Asserts that two runs' checks counted the same rows, naming the
+/// (check, source) pairs that differ.
+fn assert_same_counts(run: &ward::RunReport, reference: &ward::RunReport) {
+    let counts =
+        |run: &ward::RunReport| -> std::collections::BTreeMap<(String, String), (u64, u64)> {
+            run.dq
+                .iter()
+                .map(|r| {
+                    (
+                        (r.check.clone(), r.source.clone()),
+                        (r.violating, r.checked),
+                    )
+                })
+                .collect()
+        };
+    let (a, b) = (counts(run), counts(reference));
+    let differ: Vec<_> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| (k, a.get(k), b.get(k)))
+        .collect();
+    assert!(differ.is_empty(), "counts differ: {differ:?}");
+}
+
 /// The only run directory of the warehouse `wh`.
 fn only_run(wh: &Path) -> PathBuf {
     let runs: Vec<PathBuf> = fs::read_dir(wh.join("runs"))
@@ -275,11 +300,55 @@ fn a_switched_hba1c_unit_is_drift_the_next_night() {
     // the clinic again, the others kept its counts, and together they are
     // what counting everything gives.
     let full = run_with(&config, ward::runs::Rebuild::Full);
-    let counts = |run: &ward::RunReport| -> Vec<(String, String, u64, u64)> {
-        run.dq
-            .iter()
-            .map(|r| (r.check.clone(), r.source.clone(), r.violating, r.checked))
-            .collect()
+    assert_same_counts(&second, &full);
+}
+
+#[test]
+fn new_patients_count_again_only_what_reads_them_and_the_links() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config_path = copy_sample(tmp.path());
+    let config = ward::PipelineConfig::load(&config_path).unwrap();
+    let first = run_all(&config);
+    // A new patient of the clinic (linkage runs again) and one of the
+    // hospital whom the clinic knows, registered a second time there.
+    let data = tmp.path().join("sample_data");
+    let append = |file: &str, rows: &str| {
+        let path = data.join(file);
+        let mut text = fs::read_to_string(&path).unwrap();
+        text.push_str(rows);
+        fs::write(&path, text).unwrap();
     };
-    assert_eq!(counts(&second), counts(&full));
+    append(
+        "northside_clinic/patients.csv",
+        "ZZ0000911,Z911,Oriana,Velasquez-Holt,02/17/1971,F,White,Not Hispanic,9 Pine Rd,Mesa,AZ,85201,480-555-0911,,,Medicare\n",
+    );
+    let clinic = fs::read_to_string(data.join("northside_clinic/patients.csv")).unwrap();
+    let twice = clinic
+        .lines()
+        .nth(1)
+        .unwrap()
+        .replacen("AA0000002", "AA0000992", 1);
+    append("northside_clinic/patients.csv", &format!("{twice}\n"));
+    let second = run_all(&config);
+    let dq = &second.manifest.stages[3];
+    assert_eq!(dq.stage, "dq");
+    assert!(dq.reused_from.is_none());
+    let link = |run: &ward::RunReport| run.manifest.fingerprints["link"].clone();
+    assert_ne!(link(&second), link(&first), "the links changed");
+    // The checks' own fingerprint does not depend on the links: the counts
+    // of what does not read them are kept.
+    let checks = |run: &ward::RunReport| run.manifest.fingerprints["dq.checks"].clone();
+    assert_eq!(checks(&second), checks(&first));
+    let full = run_with(&config, ward::runs::Rebuild::Full);
+    assert_same_counts(&second, &full);
+    // The registration twice shows in the links' check.
+    let twice = |run: &ward::RunReport| {
+        let r = run
+            .dq
+            .iter()
+            .find(|r| r.check == "patients_registered_twice" && r.source == "northside_clinic")
+            .unwrap();
+        r.violating
+    };
+    assert!(twice(&second) >= 2, "{}", twice(&second));
 }

@@ -285,45 +285,45 @@ pub fn evaluate(
             match kept {
                 None => run_checks(&session(warehouse, sources, Rows::All).await?, checks).await,
                 Some(kept) => {
-                    let again =
-                        |c: &Check, s: &str| Recount::of(c, kept.changes.get(s)) == Recount::Again;
-                    let changed: BTreeSet<String> = kept
-                        .changes
-                        .keys()
-                        .filter(|s| checks.iter().any(|c| again(c, s)))
-                        .cloned()
-                        .collect();
-                    let recounted: Vec<bool> = checks
-                        .iter()
-                        .map(|c| changed.iter().any(|s| again(c, s)))
-                        .collect();
-                    let recount: Vec<Check> = checks
-                        .iter()
-                        .zip(&recounted)
-                        .filter(|(_, again)| **again)
-                        .map(|(c, _)| c.clone())
-                        .collect();
-                    tracing::debug!(
-                        checks = recount.len(),
-                        sources = changed.len(),
-                        "data-quality counts taken again"
-                    );
-                    let mut counted = match recount.is_empty() {
-                        true => Vec::new(),
-                        false => {
-                            let ctx = session(warehouse, sources, Rows::Sources(&changed)).await?;
-                            run_checks(&ctx, &recount).await?
+                    // The sources that count again the same checks, counted
+                    // together: new links make every source count the checks
+                    // of the links, not every check the others need again.
+                    let mut groups: BTreeMap<Vec<bool>, BTreeSet<String>> = BTreeMap::new();
+                    for source in kept.changes.keys() {
+                        let again: Vec<bool> = checks
+                            .iter()
+                            .map(|c| Recount::of(c, kept.changes.get(source)) == Recount::Again)
+                            .collect();
+                        if again.contains(&true) {
+                            groups.entry(again).or_default().insert(source.clone());
                         }
                     }
-                    .into_iter();
-                    // Back in the order of `checks`.
-                    Ok(recounted
-                        .iter()
-                        .map(|again| match again {
-                            true => counted.next().unwrap_or_default(),
-                            false => Counted::new(),
-                        })
-                        .collect())
+                    let mut counts = vec![Counted::new(); checks.len()];
+                    for (again, names) in &groups {
+                        let recount: Vec<Check> = checks
+                            .iter()
+                            .zip(again)
+                            .filter(|(_, again)| **again)
+                            .map(|(c, _)| c.clone())
+                            .collect();
+                        tracing::debug!(
+                            checks = recount.len(),
+                            sources = names.len(),
+                            "data-quality counts taken again"
+                        );
+                        let ctx = session(warehouse, sources, Rows::Sources(names)).await?;
+                        let counted = run_checks(&ctx, &recount).await?;
+                        let at = again
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, a)| **a)
+                            .map(|(i, _)| i);
+                        for (i, counted) in at.zip(counted) {
+                            counts[i]
+                                .extend(counted.into_iter().filter(|(s, _)| names.contains(s)));
+                        }
+                    }
+                    Ok(counts)
                 }
             }
         };

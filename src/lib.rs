@@ -440,6 +440,7 @@ fn stage<T>(manifest: &mut runs::Manifest, name: &str, f: impl FnOnce() -> Resul
         reused_tables: Vec::new(),
         appended_tables: Vec::new(),
         reused_sources: Vec::new(),
+        recounts: None,
         recomputed: None,
     });
     tracing::info!(seconds, ok = out.is_ok(), peak_bytes, "stage finished");
@@ -1013,7 +1014,7 @@ fn check_quality(
     // the counts are the current run's: only the judgement is redone.
     let from = from.filter(|_| tonight == dq::Tonight::Staged(Default::default()));
     let report_dir = report::report_dir(warehouse, &run_id);
-    let mut reused_sources = Vec::new();
+    let (mut reused_sources, mut recounts) = (Vec::new(), None);
     let dq = stage_or_reuse(
         manifest,
         "dq",
@@ -1100,7 +1101,8 @@ fn check_quality(
                 kept.as_ref()
                     .map(|(results, changes)| dq::Kept { results, changes }),
             )?;
-            if let Some((_, changes)) = &kept {
+            if let Some((results, changes)) = &kept {
+                recounts = Some(dq::Kept { results, changes }.recounts(checks));
                 reused_sources = state
                     .sources
                     .keys()
@@ -1114,6 +1116,7 @@ fn check_quality(
     )?;
     if let Some(stage) = manifest.stages.last_mut() {
         stage.reused_sources = reused_sources;
+        stage.recounts = recounts;
     }
     for r in dq.iter().filter(|r| r.drift) {
         let message = format!(

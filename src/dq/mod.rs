@@ -238,6 +238,34 @@ pub struct Kept<'a> {
     pub changes: &'a BTreeMap<String, BTreeMap<String, Change>>,
 }
 
+impl Kept<'_> {
+    /// Of the kept results, per check and source, how many `checks` keep,
+    /// add tonight's counts to, and count again.
+    pub fn recounts(&self, checks: &[Check]) -> Recounts {
+        let mut out = Recounts::default();
+        for check in checks {
+            for r in self.results.iter().filter(|r| r.check == check.id) {
+                *match Recount::of(check, self.changes.get(&r.source)) {
+                    Recount::Keep => &mut out.kept,
+                    Recount::AddTonight => &mut out.added_to,
+                    Recount::Again => &mut out.counted_again,
+                } += 1;
+            }
+        }
+        out
+    }
+}
+
+/// What became of the current run's counts, one per check and source (see
+/// [`Kept`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recounts {
+    pub kept: u64,
+    /// Tonight's counts added (a `per_row` check whose inputs only grew).
+    pub added_to: u64,
+    pub counted_again: u64,
+}
+
 /// What a check does with a source's kept counts (see [`Kept`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Recount {

@@ -230,6 +230,10 @@ pub struct StageInfo {
     /// took from the current run, their staged files being unchanged.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reused_sources: Vec<String>,
+    /// Of a stage that counted again only what changed (`dq`): what became
+    /// of the current run's counts, per check and source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recounts: Option<crate::dq::Recounts>,
     /// Of a stage computed only for the persons whose core rows changed
     /// (`measures`), how many, the rest being another run's.
     #[serde(default, skip_serializing_if = "Option::is_none")]

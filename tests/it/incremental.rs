@@ -497,4 +497,18 @@ fn the_cli_says_what_it_took_and_full_takes_nothing() {
             ),
         "{facts}"
     );
+    // Per check and source: the clinic's checks of its results either add
+    // tonight's row or count again; everything else is kept.
+    let line = facts
+        .lines()
+        .find_map(|l| l.strip_prefix("dq: of the previous run's counts (per check and source), "))
+        .unwrap_or_else(|| panic!("{facts}"));
+    let numbers: Vec<u64> = line
+        .split(", ")
+        .map(|part| part.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    let checks = ward::dq::catalog(&repo().join("queries")).unwrap().len() as u64;
+    assert_eq!(numbers.iter().sum::<u64>(), 3 * checks, "{line}");
+    assert!(numbers.iter().all(|n| *n > 0), "{line}");
+    assert!(numbers[0] > 2 * checks, "{line}");
 }

@@ -80,6 +80,12 @@ pub(crate) fn print_run(run: &ward::RunReport) {
                 s.stage, r.persons, r.of, r.rest_from
             );
         }
+        if let Some(r) = &s.recounts {
+            println!(
+                "{}: of the previous run's counts (per check and source), {} kept, {} added to with tonight's rows, {} counted again",
+                s.stage, r.kept, r.added_to, r.counted_again
+            );
+        }
         if !s.reused_sources.is_empty() {
             println!(
                 "{}: counts kept from the previous run for the sources whose files did not change: {}",

@@ -1091,6 +1091,9 @@ fn check_quality(
                 }
                 _ => None,
             };
+            let kept = kept
+                .as_ref()
+                .map(|(results, changes)| dq::Kept { results, changes });
             let results = dq::evaluate(
                 warehouse,
                 &config.sources,
@@ -1098,15 +1101,14 @@ fn check_quality(
                 &earlier,
                 &tonight,
                 &config.dq,
-                kept.as_ref()
-                    .map(|(results, changes)| dq::Kept { results, changes }),
+                kept,
             )?;
-            if let Some((results, changes)) = &kept {
-                recounts = Some(dq::Kept { results, changes }.recounts(checks));
+            if let Some(kept) = kept {
+                recounts = Some(kept.recounts(checks));
                 reused_sources = state
                     .sources
                     .keys()
-                    .filter(|s| !changes.contains_key(*s))
+                    .filter(|s| !kept.changes.contains_key(*s))
                     .cloned()
                     .collect();
             }

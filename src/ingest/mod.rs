@@ -16,7 +16,7 @@ mod source;
 
 pub use source::{IgnoredPath, SourceConfig, SourceFormat};
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -525,6 +525,11 @@ pub fn ingest(
         }
         report.files.push(file_report);
     }
+    // A file loaded again into a batch of the same name (same content,
+    // rules and patients: after the state's version changed) is no longer
+    // superseded.
+    let listed: BTreeSet<String> = state.all_outputs().into_iter().collect();
+    superseded.retain(|o| !listed.contains(o));
     if !opts.dry_run && (restat || !loaded_names.is_empty() || !superseded.is_empty()) {
         wh.save_state(&state)?;
         wh.remove(&superseded)?;

@@ -259,6 +259,31 @@ fn second_run_changes_nothing() {
 }
 
 #[test]
+fn a_state_of_another_ingest_version_reloads_every_file_and_keeps_them() {
+    let (dir, config) = ingested_sample();
+    let wh = dir.path().join("wh");
+    let before = snapshot(&wh);
+    let path = wh.join("state/ingest.json");
+    let mut state: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    state["version"] = serde_json::json!(ward::warehouse::INGEST_VERSION - 1);
+    fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+    // Every file is loaded again, into the files of the same names (a
+    // batch is named by its content): none may be removed as superseded.
+    let report = run_ingest(&config).unwrap();
+    assert!(report.files.iter().all(|f| f.status == FileStatus::Loaded));
+    // The same staged files (the state says when they were loaded).
+    let files = |mut s: std::collections::BTreeMap<PathBuf, String>| {
+        s.remove(Path::new("state/ingest.json")).unwrap();
+        s
+    };
+    assert_eq!(files(snapshot(&wh)), files(before));
+    let state = ward::warehouse::Warehouse::new(&wh).load_state().unwrap();
+    for output in state.all_outputs() {
+        assert!(wh.join(&output).is_file(), "{output} is listed, not staged");
+    }
+}
+
+#[test]
 fn a_settled_file_whose_stat_is_the_same_is_not_read_again() {
     let dir = tempfile::tempdir().unwrap();
     let config = copy_sample(dir.path());

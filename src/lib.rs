@@ -1060,16 +1060,23 @@ fn check_quality(
                         else {
                             continue;
                         };
-                        if fingerprints.get(key) != before.get(key) {
-                            let change = match before_tonight.get(key) == before.get(key) {
-                                true => dq::Change::Grew,
-                                false => dq::Change::Changed,
-                            };
-                            changes
-                                .entry(source.to_string())
-                                .or_default()
-                                .insert(input.to_string(), change);
-                        }
+                        // Tonight's files count as tonight's rows: an input
+                        // that holds some only grew when it was, without
+                        // them, what the kept counts counted (one loaded
+                        // again into the files it had is not: its rows
+                        // would be counted twice).
+                        let tonight = before_tonight.get(key) != fingerprints.get(key);
+                        let change = match (fingerprints.get(key) == before.get(key), tonight) {
+                            (true, false) => continue,
+                            (false, true) if before_tonight.get(key) == before.get(key) => {
+                                dq::Change::Grew
+                            }
+                            _ => dq::Change::Changed,
+                        };
+                        changes
+                            .entry(source.to_string())
+                            .or_default()
+                            .insert(input.to_string(), change);
                     }
                     // New links change what a check of the links counts of
                     // every source.

@@ -352,3 +352,34 @@ fn new_patients_count_again_only_what_reads_them_and_the_links() {
     };
     assert!(twice(&second) >= 2, "{}", twice(&second));
 }
+
+#[test]
+fn a_file_loaded_again_as_it_was_published_is_not_counted_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config_path = copy_sample(tmp.path());
+    let config = ward::PipelineConfig::load(&config_path).unwrap();
+    run_all(&config);
+    // A failed night: the clinic's diagnoses gain 2,000 broken records,
+    // over its reject gate; ingest keeps them staged, nothing is published.
+    let clinic = tmp.path().join("sample_data/northside_clinic");
+    let problems = clinic.join("problems.csv");
+    let published = fs::read(&problems).unwrap();
+    let mut broken = published.clone();
+    broken.extend("x\n".repeat(2000).bytes());
+    fs::write(&problems, &broken).unwrap();
+    let config_arg = config_path.to_str().unwrap();
+    let out = ward(tmp.path(), &["--config", config_arg, "run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    // The next night the file is as it was published, loaded again into
+    // the files the published counts counted, and the results grew.
+    fs::write(&problems, &published).unwrap();
+    let results = clinic.join("results.csv");
+    let mut text = fs::read_to_string(&results).unwrap();
+    text.push_str(
+        "AAE000000020R97,AA0000002,AAE000000020,05/03/2025 12:50,4548-4,Hemoglobin A1c,9.8,%\n",
+    );
+    fs::write(&results, text).unwrap();
+    let night = run_all(&config);
+    let full = run_with(&config, ward::runs::Rebuild::Full);
+    assert_same_counts(&night, &full);
+}

@@ -397,12 +397,19 @@ impl<'b> CsvReader<'b> {
     /// Reads the next record into `fields`/`ends`; `None` at the end.
     fn read_record(&mut self) -> Result<Option<Span>> {
         use csv_core::ReadRecordResult::*;
-        let start = self.offset + self.pos as u64;
-        let first_line = self.core.line();
+        let mut start = self.offset + self.pos as u64;
+        // The line the parse began on, and line ends passed before the record.
+        let mut first_line = self.core.line();
         let (mut nout, mut nend) = (0, 0);
-        loop {
+        let span = loop {
             if self.pos == self.filled {
-                // Keeps the record's bytes from `start` on.
+                // Keeps the record's bytes from `start` on; blank lines before
+                // it are not kept (a run of them costs no buffer).
+                let passed = &self.buf[(start - self.offset) as usize..self.pos];
+                if passed.iter().all(|b| matches!(b, b'\n' | b'\r')) {
+                    first_line += passed.iter().filter(|b| **b == b'\n').count() as u64;
+                    start = self.offset + self.pos as u64;
+                }
                 self.fill((start - self.offset) as usize)?;
             }
             let input = &self.buf[self.pos..self.filled];
@@ -413,18 +420,26 @@ impl<'b> CsvReader<'b> {
             nout += o;
             nend += e;
             match res {
-                InputEmpty if self.offset + self.pos as u64 - start > self.max_record => {
-                    return Ok(Some(self.span(start, first_line, true)));
+                InputEmpty | Record => {
+                    // Whether it ends in the buffer or not, a record past
+                    // the longest is refused.
+                    let span = self.span(start, first_line, false);
+                    if span.end - span.start - span.leading as u64 > self.max_record {
+                        return Ok(Some(Span {
+                            overlong: true,
+                            ..span
+                        }));
+                    }
+                    if res == Record {
+                        break span;
+                    }
                 }
-                InputEmpty => {}
                 OutputFull => self.fields.resize(self.fields.len() * 2, 0),
                 OutputEndsFull => self.ends.resize(self.ends.len() * 2, 0),
-                Record => break,
                 End => return Ok(None),
             }
-        }
+        };
         self.width = nend;
-        let span = self.span(start, first_line, false);
         // The fields as text (UTF-8: checked later), one range each.
         self.ranges.clear();
         if self.mapping.encoding == Encoding::Latin1 {
@@ -923,6 +938,19 @@ mod tests {
                 line.starts_with(raw) && raw.len() > 40 && raw.len() < line.len(),
                 "{raw}"
             );
+        }
+        // Refused whether the record ends within the buffer or not.
+        let ((_, rejects), _, _) = read(bytes.as_bytes(), 4096);
+        assert_eq!(rejects, [(2, "malformed_record"), (4, "malformed_record")]);
+        // Blank lines before a record are not part of it, nor kept: a run
+        // of them longer than the limit passes, its lines counted.
+        let bytes = format!("id,v\n{}1,a\r\n\r\n2,b\n", "\n".repeat(100));
+        for buffer in [1, 16, 4096] {
+            let ((rows, rejects), _, held) = read(bytes.as_bytes(), buffer);
+            let lines: Vec<u64> = rows.iter().map(|r| r.0).collect();
+            assert_eq!(lines, [102, 104], "buffer {buffer}");
+            assert!(rejects.is_empty(), "buffer {buffer}: {rejects:?}");
+            assert!(held <= buffer.max(32), "buffer {buffer} grew to {held}");
         }
         // A header past it is no header.
         let bytes = format!("{long},v\n1,2\n");

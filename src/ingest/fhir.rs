@@ -1049,9 +1049,9 @@ pub fn load_ndjson(
 }
 
 /// The longest NDJSON line read: a longer one (a file that is not NDJSON,
-/// a whole JSON document on one line) is refused without being held, and
-/// reading resumes on the next line. A chunk of lines also ends once it
-/// holds this many bytes.
+/// a whole JSON document on one line) is refused once this much of it is
+/// read, only its start kept, and reading resumes on the next line. A
+/// chunk of lines also ends once it holds this many bytes.
 const MAX_LINE: usize = 64 << 20;
 
 fn load_ndjson_in_chunks(
@@ -1157,6 +1157,7 @@ fn next_line(reader: &mut impl BufRead, max: usize) -> std::io::Result<NdjsonLin
         break;
     }
     bytes.truncate(2000);
+    bytes.shrink_to_fit();
     Ok(NdjsonLine::TooLong(bytes))
 }
 

@@ -69,6 +69,13 @@ pub fn ingested_sample() -> (tempfile::TempDir, PathBuf) {
     (dir, config)
 }
 
+/// Appends `rows` (lines, each with its line feed) to the file `path`.
+pub fn append_lines(path: &Path, rows: &str) {
+    let mut text = fs::read_to_string(path).unwrap();
+    text.push_str(rows);
+    fs::write(path, text).unwrap();
+}
+
 /// Copies `sample_data/` into `dir` with the warehouse inside `dir`;
 /// returns the config path.
 pub fn copy_sample(dir: &Path) -> PathBuf {

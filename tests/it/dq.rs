@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use ward::dq::{CheckResult, Severity, Status};
 
-use crate::common::{copy_dir, copy_sample, repo, run_all, run_with, sample_run, text, ward};
+use crate::common::{
+    append_lines, copy_dir, copy_sample, repo, run_all, run_with, sample_run, text, ward,
+};
 
 /// The `dq.json` of the run directory `run_dir`.
 fn results_of(run_dir: &Path) -> Vec<CheckResult> {
@@ -312,12 +314,7 @@ fn new_patients_count_again_only_what_reads_them_and_the_links() {
     // A new patient of the clinic (linkage runs again) and one of the
     // hospital whom the clinic knows, registered a second time there.
     let data = tmp.path().join("sample_data");
-    let append = |file: &str, rows: &str| {
-        let path = data.join(file);
-        let mut text = fs::read_to_string(&path).unwrap();
-        text.push_str(rows);
-        fs::write(&path, text).unwrap();
-    };
+    let append = |file: &str, rows: &str| append_lines(&data.join(file), rows);
     append(
         "northside_clinic/patients.csv",
         "ZZ0000911,Z911,Oriana,Velasquez-Holt,02/17/1971,F,White,Not Hispanic,9 Pine Rd,Mesa,AZ,85201,480-555-0911,,,Medicare\n",
@@ -373,12 +370,10 @@ fn a_file_loaded_again_as_it_was_published_is_not_counted_twice() {
     // The next night the file is as it was published, loaded again into
     // the files the published counts counted, and the results grew.
     fs::write(&problems, &published).unwrap();
-    let results = clinic.join("results.csv");
-    let mut text = fs::read_to_string(&results).unwrap();
-    text.push_str(
+    append_lines(
+        &clinic.join("results.csv"),
         "AAE000000020R97,AA0000002,AAE000000020,05/03/2025 12:50,4548-4,Hemoglobin A1c,9.8,%\n",
     );
-    fs::write(&results, text).unwrap();
     let night = run_all(&config);
     let full = run_with(&config, ward::runs::Rebuild::Full);
     assert_same_counts(&night, &full);

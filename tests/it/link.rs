@@ -585,12 +585,7 @@ fn noisy_cases_link_on_the_evidence_they_have() {
     let tmp = tempfile::tempdir().unwrap();
     let config_path = copy_sample(tmp.path());
     let data = tmp.path().join("sample_data");
-    let append = |file: &str, rows: &str| {
-        let path = data.join(file);
-        let mut text = fs::read_to_string(&path).unwrap();
-        text.push_str(rows);
-        fs::write(&path, text).unwrap();
-    };
+    let append = |file: &str, rows: &str| append_lines(&data.join(file), rows);
     append(
         "northside_clinic/patients.csv",
         "ZZ0000901,Z901,Quentin,Abernathy-Vold,03/14/1962,M,White,Not Hispanic,77 Quarry Rd,Tulsa,OK,74103,918-555-0901,q.av@example.org,,Medicare\n\

@@ -6,12 +6,13 @@
 # night on an empty warehouse, a night with nothing new, the same with
 # `--full`, a night after 1 % new results of one provider (new facts, no
 # new patients) delivered as a new file, then as rows appended to its
-# results file, each followed by the same night with `--full` (the
-# reference for identical outputs). Prints each night's wall time, its
-# ratio to the full night, the stages it reused, and whether its core,
-# marts and research tables and data-quality counts equal the full
-# rebuild's (tables by bytes, else by rows). Stage timings come from the
-# manifests.
+# results file, then 1 % new records with new patients (appended to its
+# patients and results files), each followed by the same night with
+# `--full` (the reference for identical outputs). Prints each night's
+# wall time, its ratio to the full night, the stages it reused, and
+# whether its core, marts and research tables and data-quality counts
+# equal the full rebuild's (tables by bytes, else by rows). Stage timings
+# come from the manifests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 patients=${1:-100000}
@@ -20,7 +21,11 @@ ward=${CARGO_TARGET_DIR:-$PWD/target}/release/ward
 if [ ! -f "$work/data/ward.toml" ]; then
     "$ward" -q synth --patients "$patients" --providers 10 --seed 1 --bad-rate 0.002 --out "$work/data"
 fi
-config="$work/data/ward.toml"
+# The generated config, keeping every night's run for the comparison below
+# (its source paths are relative to it, so the copy lives beside it).
+config="$work/data/.ward-incremental.toml"
+cp "$work/data/ward.toml" "$config"
+grep -q '^\[runs\]' "$config" || printf '\n[runs]\nkeep = 20\n' >> "$config"
 rm -rf "$work/warehouse"
 # The warehouse of the generated config.
 warehouse=$(sed -n 's/^warehouse *= *"\(.*\)"/\1/p' "$config")
@@ -92,6 +97,48 @@ deliver append
 night facts-append
 night facts-append-full --full
 
+# 1 % new records with new patients: a tenth of them patients of the same
+# provider (copies of its first patients under new ids, another family
+# name, born a year earlier: new persons), the rest their results, appended
+# to its patients.csv and results.csv. Linkage runs again.
+python3 - "$work/data" <<'PY'
+import csv, glob, os, sys
+data = sys.argv[1]
+total = 0
+for path in glob.glob(os.path.join(data, "*", "*")):
+    if path.endswith((".csv", ".ndjson")):
+        with open(path, "rb") as f:
+            total += sum(1 for _ in f) - (0 if path.endswith(".ndjson") else 1)
+folder = os.path.dirname(sorted(glob.glob(os.path.join(data, "*", "results.csv")))[0])
+want = total // 100
+with open(os.path.join(folder, "patients.csv"), newline="") as f:
+    reader = csv.reader(f)
+    next(reader)
+    patients = [r for _, r in zip(range(want // 10), reader)]
+new = {}
+for p in patients:
+    q = list(p)
+    q[0] += "N"; q[1] += "N"; q[3] += "ova"
+    parts = q[4].split("/")
+    if len(parts) == 3 and parts[2].isdigit():
+        q[4] = f"{parts[0]}/{parts[1]}/{int(parts[2]) - 1}"
+    q[12] = q[13] = q[14] = ""  # phone, e-mail, SSN
+    new[p[0]] = q
+results = []
+with open(os.path.join(folder, "results.csv"), newline="") as f:
+    reader = csv.reader(f)
+    next(reader)
+    for r in reader:
+        if r[1] in new and len(results) < want - len(new):
+            results.append([r[0] + "N", r[1] + "N", ""] + r[3:])
+for name, rows in (("patients.csv", new.values()), ("results.csv", results)):
+    with open(os.path.join(folder, name), "a", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+print(f"{len(new)} patients and {len(results)} of their results to {folder}", file=sys.stderr)
+PY
+night patients-append
+night patients-append-full --full
+
 # DuckDB (benches/.venv, from benches/run.sh) compares tables whose files
 # differ by their rows: an appended table splits them into other files.
 python=python3
@@ -144,7 +191,7 @@ def compare(run_a, run_b):
 # Each incremental night against the --full night over the same inputs.
 print("| night | wall s | × its --full night | stages taken | derived tables and dq counts equal to --full |")
 print("|---|---:|---:|---|---|")
-ref = {n: f"{n}-full" for n in ("unchanged", "facts-file", "facts-append")}
+ref = {n: f"{n}-full" for n in ("unchanged", "facts-file", "facts-append", "patients-append")}
 by = {n[0]: n[2] for n in nights}
 secs_of = {n[0]: float(n[1]) for n in nights}
 for name, secs, run in nights:

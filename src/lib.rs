@@ -421,6 +421,62 @@ fn dq_inputs<'a>(
         .collect()
 }
 
+/// Per source, how each check input (see [`dq_inputs`], and `person_link`)
+/// differs from the run whose fingerprints are `before`, tonight's staged
+/// and rejected files being `tonight` (see [`dq::Kept`]).
+fn dq_changes(
+    code: &runs::Fingerprint,
+    state: &warehouse::IngestState,
+    fingerprints: &BTreeMap<String, String>,
+    before: &BTreeMap<String, String>,
+    tonight: &std::collections::BTreeSet<String>,
+) -> BTreeMap<String, BTreeMap<String, dq::Change>> {
+    // The inputs as they are but for tonight's files.
+    let without_tonight: BTreeMap<String, String> = state
+        .sources
+        .iter()
+        .flat_map(|(source, files)| {
+            let outputs = files.values().flat_map(|f| &f.outputs);
+            dq_inputs(code, source, outputs.filter(|o| !tonight.contains(*o)))
+        })
+        .collect();
+    let keys: std::collections::BTreeSet<&String> =
+        fingerprints.keys().chain(before.keys()).collect();
+    let mut changes: BTreeMap<String, BTreeMap<String, dq::Change>> = BTreeMap::new();
+    for key in keys {
+        let Some((source, input)) = key
+            .strip_prefix("dq.source.")
+            .and_then(|k| k.rsplit_once('.'))
+        else {
+            continue;
+        };
+        // Tonight's files count as tonight's rows: an input that holds some
+        // only grew when it was, without them, what the kept counts counted
+        // (one loaded again into the files it had is not: its rows would be
+        // counted twice).
+        let holds_tonight = without_tonight.get(key) != fingerprints.get(key);
+        let change = match (fingerprints.get(key) == before.get(key), holds_tonight) {
+            (true, false) => continue,
+            (false, true) if without_tonight.get(key) == before.get(key) => dq::Change::Grew,
+            _ => dq::Change::Changed,
+        };
+        changes
+            .entry(source.to_string())
+            .or_default()
+            .insert(input.to_string(), change);
+    }
+    // New links change what a check of the links counts of every source.
+    if fingerprints.get("link") != before.get("link") {
+        for source in state.sources.keys() {
+            changes.entry(source.clone()).or_default();
+        }
+        for inputs in changes.values_mut() {
+            inputs.insert("person_link".into(), dq::Change::Changed);
+        }
+    }
+    changes
+}
+
 /// Times a stage and measures its peak memory, inside a `stage` span (so
 /// every log line of the stage names it).
 fn stage<T>(manifest: &mut runs::Manifest, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -1041,53 +1097,8 @@ fn check_quality(
                 (dq::Tonight::Staged(new), Some((dir, earlier_run)), Some(code)) => {
                     let path = report::report_dir(&warehouse.with_output(dir), &earlier_run.run_id)
                         .join("dq.json");
-                    // The inputs as they were but for tonight's files.
-                    let before_tonight: BTreeMap<String, String> = state
-                        .sources
-                        .iter()
-                        .flat_map(|(source, files)| {
-                            let outputs = files.values().flat_map(|f| &f.outputs);
-                            dq_inputs(&code, source, outputs.filter(|o| !new.contains(*o)))
-                        })
-                        .collect();
-                    let before = &earlier_run.fingerprints;
-                    let mut changes: BTreeMap<String, BTreeMap<String, dq::Change>> =
-                        BTreeMap::new();
-                    for key in fingerprints.keys().chain(before.keys()) {
-                        let Some((source, input)) = key
-                            .strip_prefix("dq.source.")
-                            .and_then(|k| k.rsplit_once('.'))
-                        else {
-                            continue;
-                        };
-                        // Tonight's files count as tonight's rows: an input
-                        // that holds some only grew when it was, without
-                        // them, what the kept counts counted (one loaded
-                        // again into the files it had is not: its rows
-                        // would be counted twice).
-                        let tonight = before_tonight.get(key) != fingerprints.get(key);
-                        let change = match (fingerprints.get(key) == before.get(key), tonight) {
-                            (true, false) => continue,
-                            (false, true) if before_tonight.get(key) == before.get(key) => {
-                                dq::Change::Grew
-                            }
-                            _ => dq::Change::Changed,
-                        };
-                        changes
-                            .entry(source.to_string())
-                            .or_default()
-                            .insert(input.to_string(), change);
-                    }
-                    // New links change what a check of the links counts of
-                    // every source.
-                    if fingerprints.get("link") != before.get("link") {
-                        for source in state.sources.keys() {
-                            changes.entry(source.clone()).or_default();
-                        }
-                        for inputs in changes.values_mut() {
-                            inputs.insert("person_link".into(), dq::Change::Changed);
-                        }
-                    }
+                    let changes =
+                        dq_changes(&code, state, fingerprints, &earlier_run.fingerprints, new);
                     match dq::read(&path) {
                         Ok(results) => Some((results, changes)),
                         Err(e) => {

@@ -49,8 +49,8 @@ pub struct DqOptions {
     pub drift_runs: usize,
     /// Tonight's rows (those loaded in this run; of a file that grew, its
     /// appended records) are judged on their own too, once a check has at
-    /// least this many of them to check: a change in a new delivery shows the night it arrives, not
-    /// diluted by every row staged before.
+    /// least this many of them to check: a change in a new delivery shows
+    /// the night it arrives, not diluted by every row staged before.
     pub min_new_rows: u64,
     /// Per check id: the site's threshold and severity, over the catalogue's
     /// (`[dq.checks.<id>]`).
@@ -578,10 +578,13 @@ async fn session(
 ) -> Result<SessionContext> {
     let root = warehouse.root();
     let ctx = crate::engine::session(SessionConfig::new())?;
-    // The files a table reads: all under its folder `all`, those of the
-    // sources' folders (`of`), or tonight's (warehouse-relative paths that
-    // start with `prefix`).
-    let files = |all: &Path, prefix: &str, of: &dyn Fn(&str) -> PathBuf| -> Result<Vec<PathBuf>> {
+    // The files a table (check input `input`) reads: all under its folder
+    // `all`, those of the sources' folders (`of`), or tonight's.
+    let tonight = match rows {
+        Rows::Staged(outputs) => inputs(outputs.iter().map(String::as_str)),
+        _ => BTreeMap::new(),
+    };
+    let files = |all: &Path, input: &str, of: &dyn Fn(&str) -> PathBuf| -> Result<Vec<PathBuf>> {
         Ok(match rows {
             Rows::All => crate::warehouse::parquet_files(all)?,
             Rows::Sources(names) => {
@@ -591,22 +594,22 @@ async fn session(
                 }
                 files
             }
-            Rows::Staged(outputs) => outputs
-                .iter()
-                .filter(|o| o.starts_with(prefix))
+            Rows::Staged(_) => tonight
+                .get(input)
+                .into_iter()
+                .flatten()
                 .map(|o| root.join(o))
                 .collect(),
         })
     };
     for table in Table::ALL {
         let all = warehouse.staging_table_dir(table);
-        let prefix = format!("staging/{}/", table.name());
-        let files = files(&all, &prefix, &|s| warehouse.staging_dir(table, s))?;
         let name = format!("staging_{}", table.name());
+        let files = files(&all, &name, &|s| warehouse.staging_dir(table, s))?;
         crate::engine::register_parquet_files(&ctx, &name, &all, files, table.schema())?;
     }
     let all = root.join("rejects");
-    let files = files(&all, "rejects/", &|s| warehouse.rejects_dir(s))?;
+    let files = files(&all, "rejects", &|s| warehouse.rejects_dir(s))?;
     let schema = crate::schema::rejects_schema();
     crate::engine::register_parquet_files(&ctx, "rejects", &all, files, schema)?;
     let links = crate::schema::person_link_schema();

@@ -312,9 +312,8 @@ impl<'b> CsvReader<'b> {
                 break;
             };
             if span.overlong {
-                let from = (span.start - self.offset) as usize + span.leading;
-                let line = &self.buf[from..self.pos];
-                let line = &line[..line.iter().position(|b| *b == b'\n').unwrap_or(line.len())];
+                let body = self.body(&span);
+                let line = &body[..body.iter().position(|b| *b == b'\n').unwrap_or(body.len())];
                 rejects.push(StructuralReject {
                     line: span.line,
                     rule: "malformed_record",
@@ -423,7 +422,7 @@ impl<'b> CsvReader<'b> {
                 InputEmpty | Record => {
                     // Whether it ends in the buffer or not, a record past
                     // the longest is refused.
-                    let span = self.span(start, first_line, false);
+                    let span = self.span(start, first_line);
                     if span.end - span.start - span.leading as u64 > self.max_record {
                         return Ok(Some(Span {
                             overlong: true,
@@ -459,7 +458,7 @@ impl<'b> CsvReader<'b> {
 
     /// The span of the record read from byte `start` to `pos`, its parse
     /// begun on line `first_line`.
-    fn span(&self, start: u64, first_line: u64, overlong: bool) -> Span {
+    fn span(&self, start: u64, first_line: u64) -> Span {
         let raw = &self.buf[(start - self.offset) as usize..self.pos];
         let leading = raw
             .iter()
@@ -471,7 +470,7 @@ impl<'b> CsvReader<'b> {
             end: self.offset + self.pos as u64,
             leading,
             line: first_line + newlines,
-            overlong,
+            overlong: false,
         }
     }
 

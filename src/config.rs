@@ -169,6 +169,7 @@ struct RawLink {
     comparison: Option<Vec<Spanned<RawComparison>>>,
     u_pairs: Option<usize>,
     seed: Option<u64>,
+    refit_growth: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -605,6 +606,16 @@ impl ConfigFile<'_> {
         }
         link.u_pairs = l.u_pairs.unwrap_or(link.u_pairs);
         link.seed = l.seed.unwrap_or(link.seed);
+        if let Some(g) = l.refit_growth {
+            if !(g >= 0.0 && g.is_finite()) {
+                return Err(self.err(
+                    span,
+                    "link.refit_growth",
+                    "must be a share of 0 or more (0.1 = 10 %)".into(),
+                ));
+            }
+            link.refit_growth = g;
+        }
         Ok(link)
     }
 

@@ -614,7 +614,14 @@ fn run_stages(
         || {
             let (previous_links, warning) = previous.links();
             links_warning = warning;
-            Ok(link::link(&warehouse, &config.link, &previous_links)?.report)
+            let core = previous.dir.as_ref().map(|d| d.join("core"));
+            let earlier = link::Earlier {
+                links: &previous_links,
+                core: core.as_deref(),
+                refit: night.rebuild == runs::Rebuild::Refit,
+                incremental: night.rebuild == runs::Rebuild::Incremental,
+            };
+            Ok(link::link(&warehouse, &config.link, &earlier)?.report)
         },
     )?;
     manifest.warnings.extend(links_warning);

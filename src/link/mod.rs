@@ -14,6 +14,7 @@
 pub mod build;
 pub mod model;
 pub mod standardize;
+pub mod state;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -66,6 +67,10 @@ pub struct LinkOptions {
     pub u_pairs: usize,
     /// Seed of the random pairs (linkage is deterministic for one seed).
     pub seed: u64,
+    /// The model is kept between runs ([`Earlier`]) until the patient
+    /// records grew or shrank by this share of those it was fitted on; then
+    /// it is fitted anew.
+    pub refit_growth: f64,
 }
 
 impl Default for LinkOptions {
@@ -80,6 +85,7 @@ impl Default for LinkOptions {
             blocking: default_blocking(),
             u_pairs: 1_000_000,
             seed: 1,
+            refit_growth: 0.1,
         }
     }
 }
@@ -148,6 +154,16 @@ pub struct LinkReport {
     pub em_iterations: usize,
     /// Estimated share of matches among candidate pairs.
     pub prior: f64,
+    /// Whether the model was fitted tonight or kept, and whether every
+    /// record was blocked or only the new ones.
+    #[serde(default)]
+    pub mode: LinkMode,
+    /// Records blocked tonight (all, or the new ones against all).
+    #[serde(default)]
+    pub blocked_records: u64,
+    /// Records the model was fitted on.
+    #[serde(default)]
+    pub model_records: u64,
 }
 
 /// One source patient record's person.
@@ -374,23 +390,13 @@ fn read_labels(path: &Path, recs: &[Rec], warnings: &mut Vec<String>) -> Result<
     Ok(labels)
 }
 
-/// Standardized records, candidate pairs and the fitted model: everything
-/// before pairs are scored and clustered.
-struct Fitted {
-    raw: Vec<RecordBatch>,
-    recs: Vec<Rec>,
-    pairs: Vec<(u32, u32, u8)>,
-    /// Comparison levels of each of `pairs`, computed once.
-    levels: Vec<model::Levels>,
-    model: Model,
-    report: LinkReport,
-}
-
-fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
-    let (raw, recs) = crate::engine::block_on(async {
+/// The staged patient records, in (source, id) order, and each one
+/// standardized.
+fn read_records(warehouse: &Warehouse) -> Result<(Vec<RecordBatch>, Vec<Rec>)> {
+    let raw = crate::engine::block_on(async {
         let ctx = crate::engine::session(SessionConfig::new())?;
         crate::engine::register_staging(&ctx, warehouse).await?;
-        let raw = crate::engine::collect_about(
+        crate::engine::collect_about(
             &ctx,
             "SELECT source, source_patient_id, given_name, family_name, birth_date, \
              birth_date_partial, sex, race, ethnicity, address_line, state, postal_code, phone, \
@@ -399,32 +405,20 @@ fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
             "reading the staged patients",
             &warehouse.staging_table_dir(crate::schema::Table::Patient),
         )
-        .await?;
-        Ok((raw.clone(), records(&raw)))
+        .await
     })?;
+    let recs = records(&raw);
     tracing::info!(records = recs.len(), "linkage: records standardized");
-    let pairs = block(&recs, &opts.blocking)?;
-    tracing::info!(pairs = pairs.len(), "linkage: candidate pairs blocked");
+    Ok((raw, recs))
+}
+
+/// The report's account of the records: how many, and which fields they
+/// lack.
+fn describe(recs: &[Rec], opts: &LinkOptions) -> LinkReport {
     let mut report = LinkReport {
         records: recs.len() as u64,
-        candidate_pairs: pairs.len() as u64,
         ..LinkReport::default()
     };
-    for (_, _, rule) in &pairs {
-        *report
-            .pairs_by_rule
-            .entry(rule_name(&opts.blocking, *rule).to_string())
-            .or_default() += 1;
-    }
-    for (rule, n) in &report.pairs_by_rule {
-        if *n > EXPLOSIVE_PAIRS_PER_RECORD * report.records.max(1) {
-            report.warnings.push(format!(
-                "blocking rule {rule} found {n} new candidate pairs for {} records: its key is \
-                 too common to block on",
-                report.records
-            ));
-        }
-    }
     report.records_without_birth_date = recs.iter().filter(|r| r.birth.is_none()).count() as u64;
     for c in &opts.comparisons {
         let name = c.column.name();
@@ -436,8 +430,25 @@ fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
             ));
         }
     }
-    // Each candidate pair compared once: the model is fitted on these
-    // levels and the pairs are scored with them.
+    report
+}
+
+/// Candidate pairs per blocking rule (a pair counts for the first rule
+/// that found it).
+fn pairs_by_rule(pairs: &[(u32, u32, u8)], opts: &LinkOptions) -> BTreeMap<String, u64> {
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    for (_, _, rule) in pairs {
+        *counts
+            .entry(rule_name(&opts.blocking, *rule).to_string())
+            .or_default() += 1;
+    }
+    counts
+}
+
+/// Fits the model on the candidate pairs; returns it with each pair's
+/// comparison levels (computed once: the model is fitted on them and the
+/// pairs are weighed with them).
+fn fit(recs: &[Rec], pairs: &[(u32, u32, u8)], opts: &LinkOptions) -> (Model, Vec<model::Levels>) {
     let levels: Vec<model::Levels> = pairs
         .par_iter()
         .map(|&(a, b, _)| model::compare(&opts.comparisons, &recs[a as usize], &recs[b as usize]))
@@ -461,7 +472,7 @@ fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
                 == b.birth.map(|d| chrono::Datelike::year(&d))
     };
     let model = Model::fit(
-        &recs,
+        recs,
         opts,
         &levels,
         &session(&same_birth),
@@ -475,46 +486,183 @@ fn fit(warehouse: &Warehouse, opts: &LinkOptions) -> Result<Fitted> {
     for (f, c) in opts.comparisons.iter().enumerate() {
         tracing::debug!(field = c.column.name(), m = ?model.m[f], u = ?model.u[f], "linkage model");
     }
+    (model, levels)
+}
+
+/// The files [`link`] writes under `core/`: the links, the persons, the
+/// review list and the state a later run links on from ([`state`]).
+pub const OUTPUTS: [&str; 6] = [
+    "person_link.parquet",
+    "person.parquet",
+    "link_review.csv",
+    state::FILES[0],
+    state::FILES[1],
+    state::FILES[2],
+];
+
+/// What an earlier run's linkage leaves to this one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Earlier<'a> {
+    /// Its links: persons keep their ids where their records were already
+    /// linked ([`read_person_links`]).
+    pub links: &'a [PersonLink],
+    /// Its `core/` folder, holding the state [`link`] keeps: the model is
+    /// kept from it while it holds for the code and the settings and the
+    /// records grew or shrank by less than [`LinkOptions::refit_growth`].
+    pub core: Option<&'a Path>,
+    /// Fit the model anew even when the kept one would do.
+    pub refit: bool,
+    /// Take the kept pairs when every kept record is still there unchanged
+    /// and block only the new records; otherwise every record is blocked
+    /// (a full rebuild).
+    pub incremental: bool,
+}
+
+/// How [`link`] went about it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkMode {
+    /// The model was fitted tonight; every record was blocked.
+    #[default]
+    Fitted,
+    /// The kept model; every record was blocked again.
+    ModelKept,
+    /// The kept model and pairs; only the new records were blocked, against
+    /// every record.
+    Incremental,
+}
+
+/// Links the staged patient records and writes `core/person_link.parquet`,
+/// `core/person.parquet`, `core/link_review.csv` and the state a later run
+/// links on from. Persons keep their ids from `earlier.links` where their
+/// records were already linked. With the model and pairs kept in
+/// `earlier.core`, the persons are those a linkage of every record with
+/// that model finds.
+pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Result<Linkage> {
+    let (raw, recs) = read_records(warehouse)?;
+    let hashes = state::record_hashes(&recs);
+    let mut report = describe(&recs, opts);
+    let key = state::key(opts);
+    let kept = match (&key, earlier.core) {
+        (Some(key), Some(core)) if !earlier.refit => match state::load(core, key) {
+            Ok(kept) => kept.filter(|k| {
+                let fitted = k.saved.fitted_records as f64;
+                let grown = (recs.len() as f64 - fitted).abs() / fitted.max(1.0);
+                let keep = grown < opts.refit_growth;
+                if !keep {
+                    tracing::info!(
+                        fitted = k.saved.fitted_records,
+                        records = recs.len(),
+                        "linkage: the records grew past refit_growth since the model was fitted: fitted anew"
+                    );
+                }
+                keep
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "the kept linkage state cannot be read: the model is fitted anew");
+                report.warnings.push(format!(
+                    "the kept linkage state cannot be read (the model was fitted anew): {e}"
+                ));
+                None
+            }
+        },
+        _ => None,
+    };
+    let (model, considered, fitted_records, by_rule) = match kept {
+        Some(kept) => {
+            let model = Model::from_params(&opts.comparisons, kept.saved.model.clone()).map_err(
+                |message| {
+                    WardError::data(
+                        "reading the linkage state",
+                        earlier.core.unwrap_or(Path::new("")).join(state::FILES[0]),
+                        message,
+                    )
+                },
+            )?;
+            let carried = earlier
+                .incremental
+                .then(|| kept.carry(&recs, &hashes))
+                .flatten();
+            let fitted_records = kept.saved.fitted_records;
+            match carried {
+                Some((mut considered, new)) => {
+                    report.mode = LinkMode::Incremental;
+                    report.blocked_records = new.len() as u64;
+                    let pairs = block(&recs, &opts.blocking, Some(&new))?;
+                    let mut by_rule = kept.saved.pairs_by_rule;
+                    for (rule, n) in pairs_by_rule(&pairs, opts) {
+                        *by_rule.entry(rule).or_default() += n;
+                    }
+                    considered.extend(consider(&recs, &pairs, None, &model, opts));
+                    (model, considered, fitted_records, by_rule)
+                }
+                None => {
+                    report.mode = LinkMode::ModelKept;
+                    report.blocked_records = recs.len() as u64;
+                    let pairs = block(&recs, &opts.blocking, None)?;
+                    let by_rule = pairs_by_rule(&pairs, opts);
+                    let considered = consider(&recs, &pairs, None, &model, opts);
+                    (model, considered, fitted_records, by_rule)
+                }
+            }
+        }
+        None => {
+            report.mode = LinkMode::Fitted;
+            report.blocked_records = recs.len() as u64;
+            let pairs = block(&recs, &opts.blocking, None)?;
+            let by_rule = pairs_by_rule(&pairs, opts);
+            let (model, levels) = fit(&recs, &pairs, opts);
+            let considered = consider(&recs, &pairs, Some(levels), &model, opts);
+            (model, considered, recs.len() as u64, by_rule)
+        }
+    };
+    // In one order whichever way they were found: a night that took the
+    // kept pairs writes the file a full rebuild writes.
+    let mut considered = considered;
+    considered.par_sort_unstable_by_key(|p| (p.1, p.2));
+    tracing::info!(
+        mode = ?report.mode,
+        blocked = report.blocked_records,
+        pairs = considered.len(),
+        "linkage: pairs scored"
+    );
+    report.candidate_pairs = by_rule.values().sum();
+    report.pairs_by_rule = by_rule;
+    for (rule, n) in &report.pairs_by_rule {
+        if *n > EXPLOSIVE_PAIRS_PER_RECORD * report.records.max(1) {
+            report.warnings.push(format!(
+                "blocking rule {rule} found {n} new candidate pairs for {} records: its key is \
+                 too common to block on",
+                report.records
+            ));
+        }
+    }
+    report.model_records = fitted_records;
     report.em_iterations = model.iterations;
     report.household_pairs = model.household_pairs;
     report.household_match_share = model.household_match_share;
     report.prior = model.prior;
-    Ok(Fitted {
-        raw,
-        recs,
-        pairs,
-        levels,
-        model,
-        report,
-    })
-}
+    if let Some(key) = key {
+        let saved = state::Saved {
+            version: state::VERSION,
+            key,
+            fitted_records,
+            pairs_by_rule: report.pairs_by_rule.clone(),
+            model: model.params(),
+        };
+        state::save(warehouse, &saved, &recs, &hashes, &considered)?;
+    }
+    drop(hashes);
 
-/// The files [`link`] writes under `core/`.
-pub const OUTPUTS: [&str; 3] = ["person_link.parquet", "person.parquet", "link_review.csv"];
-
-/// Links the staged patient records and writes `core/person_link.parquet`
-/// and `core/person.parquet`. Persons keep their ids from `previous` (the
-/// last run's links, [`read_person_links`]) where their records were
-/// already linked.
-pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) -> Result<Linkage> {
-    let Fitted {
-        raw,
-        recs,
-        pairs,
-        levels,
-        model,
-        mut report,
-    } = fit(warehouse, opts)?;
     let labels = match &opts.labels {
         Some(path) => read_labels(path, &recs, &mut report.warnings)?,
         None => Labels::default(),
     };
-    let (scored, mut review) = classify(&recs, &pairs, levels, &model, opts);
-    drop(pairs);
+    let (scored, mut review) = split(considered, opts);
     report.accepted_pairs = scored.len() as u64;
     let (roots, joined_by) = cluster(&recs, &scored, &labels, opts, &mut report, &mut review);
     drop(scored);
-    let links = person_links(&recs, &roots, &joined_by, previous, opts, &mut report);
+    let links = person_links(&recs, &roots, &joined_by, earlier.links, opts, &mut report);
 
     // Clerical review: what a reviewer should look at, most probable first,
     // without the pairs already labelled.
@@ -532,31 +680,46 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, previous: &[PersonLink]) 
     Ok(Linkage { report, links })
 }
 
+/// A pair worth keeping: match weight, the two records, the blocking rule,
+/// whether the household level weighed it.
+type Considered = (f64, u32, u32, u8, bool);
 /// A scored pair: match weight, the two records, the blocking rule.
 type ScoredPair = (f64, u32, u32, u8);
 /// A pair for clerical review: a scored pair and why it was not linked.
 type ReviewPair = (f64, u32, u32, u8, &'static str);
 
-/// Splits the candidate pairs into those at or above the match threshold
-/// (heaviest first) and those a reviewer should see (at or above the
-/// review threshold, with the reason they fell short).
-fn classify(
+/// The candidate pairs worth keeping: those at least as probable as the
+/// review threshold (or the threshold, if lower), weighed by `model`
+/// (`levels`: the pairs' comparison levels where already computed).
+fn consider(
     recs: &[Rec],
     pairs: &[(u32, u32, u8)],
-    levels: Vec<model::Levels>,
+    levels: Option<Vec<model::Levels>>,
     model: &Model,
     opts: &LinkOptions,
-) -> (Vec<ScoredPair>, Vec<ReviewPair>) {
-    let considered: Vec<(f64, u32, u32, u8, bool)> = pairs
-        .par_iter()
-        .zip(levels.par_iter())
-        .filter_map(|(&(a, b, rule), levels)| {
-            let w = model.weight(&recs[a as usize], levels);
-            (model::probability(w) >= opts.review_threshold.min(opts.threshold))
-                .then(|| (w, a, b, rule, model.is_household(levels)))
-        })
-        .collect();
-    drop(levels);
+) -> Vec<Considered> {
+    let from = state::kept_from(opts);
+    let keep = |&(a, b, rule): &(u32, u32, u8), levels: &model::Levels| {
+        let w = model.weight(&recs[a as usize], levels);
+        (model::probability(w) >= from).then(|| (w, a, b, rule, model.is_household(levels)))
+    };
+    match levels {
+        Some(levels) => pairs
+            .par_iter()
+            .zip(levels.par_iter())
+            .filter_map(|(p, l)| keep(p, l))
+            .collect(),
+        None => pairs
+            .par_iter()
+            .filter_map(|p| keep(p, &model.compare(&recs[p.0 as usize], &recs[p.1 as usize])))
+            .collect(),
+    }
+}
+
+/// Splits the kept pairs into those at or above the match threshold
+/// (heaviest first) and those a reviewer should see (at or above the
+/// review threshold, with the reason they fell short).
+fn split(considered: Vec<Considered>, opts: &LinkOptions) -> (Vec<ScoredPair>, Vec<ReviewPair>) {
     let (above, below): (Vec<_>, Vec<_>) = considered
         .into_iter()
         .partition(|p| model::probability(p.0) >= opts.threshold);
@@ -575,7 +738,7 @@ fn classify(
         .into_iter()
         .map(|(w, a, b, rule, _)| (w, a, b, rule))
         .collect();
-    scored.sort_by(|x, y| y.0.total_cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
+    scored.par_sort_by(|x, y| y.0.total_cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
     (scored, review)
 }
 
@@ -800,7 +963,8 @@ pub struct Explanation {
     pub threshold: f64,
 }
 
-/// Explains the fitted model's verdict on records `a` and `b`, each
+/// Explains the model's verdict (the one kept in `core/` of the warehouse's
+/// output, else one fitted now) on records `a` and `b`, each
 /// `(source, source_patient_id)` of the staged patients.
 pub fn explain(
     warehouse: &Warehouse,
@@ -808,11 +972,9 @@ pub fn explain(
     a: (&str, &str),
     b: (&str, &str),
 ) -> Result<Explanation> {
-    let fitted = fit(warehouse, opts)?;
+    let (_, recs) = read_records(warehouse)?;
     let find = |(source, id): (&str, &str)| {
-        fitted
-            .recs
-            .iter()
+        recs.iter()
             .position(|r| r.source == source && r.source_patient_id == id)
             .ok_or_else(|| WardError::Usage {
                 message: format!("--explain: no staged patient record {source}:{id}"),
@@ -820,8 +982,29 @@ pub fn explain(
     };
     let (i, j) = (find(a)?, find(b)?);
     let (lo, hi) = (i.min(j) as u32, i.max(j) as u32);
-    let (x, y) = (&fitted.recs[i], &fitted.recs[j]);
-    let model = &fitted.model;
+    // The kept model, else one fitted now.
+    let core = warehouse.out().join("core");
+    let kept = match state::key(opts) {
+        Some(key) => state::load(&core, &key)?,
+        None => None,
+    };
+    let model = match kept {
+        Some(kept) => {
+            Model::from_params(&opts.comparisons, kept.saved.model).map_err(|message| {
+                WardError::data(
+                    "reading the linkage state",
+                    core.join(state::FILES[0]),
+                    message,
+                )
+            })?
+        }
+        None => fit(&recs, &block(&recs, &opts.blocking, None)?, opts).0,
+    };
+    let pair = block(&recs, &opts.blocking, Some(&[lo]))?
+        .into_iter()
+        .find(|p| (p.0, p.1) == (lo, hi));
+    let (x, y) = (&recs[i], &recs[j]);
+    let model = &model;
     let levels = model.compare(x, y);
     let parts = model.contributions(x, &levels);
     let mut fields: Vec<FieldWeight> = model
@@ -852,16 +1035,12 @@ pub fn explain(
     }
     let weight = model.weight(x, &levels);
     Ok(Explanation {
-        prior_weight: fitted.model.prior_weight(),
+        prior_weight: model.prior_weight(),
         fields,
         weight,
         probability: model::probability(weight),
         household: parts.household.is_some(),
-        blocked_by: fitted
-            .pairs
-            .binary_search_by(|p| (p.0, p.1).cmp(&(lo, hi)))
-            .ok()
-            .map(|k| rule_name(&opts.blocking, fitted.pairs[k].2).to_string()),
+        blocked_by: pair.map(|p| rule_name(&opts.blocking, p.2).to_string()),
         threshold: opts.threshold,
     })
 }
@@ -1030,8 +1209,13 @@ fn records(batches: &[RecordBatch]) -> Vec<Rec> {
 }
 
 /// Candidate pairs `(a, b, rule)` with `a < b`, from every blocking rule,
-/// computed by DataFusion.
-fn block(recs: &[Rec], rules: &[(String, String)]) -> Result<Vec<(u32, u32, u8)>> {
+/// computed by DataFusion; with `touching`, only the pairs with at least
+/// one of those records (new records blocked against every record).
+fn block(
+    recs: &[Rec],
+    rules: &[(String, String)],
+    touching: Option<&[u32]>,
+) -> Result<Vec<(u32, u32, u8)>> {
     let initial = |s: &Option<String>| s.as_ref().and_then(|v| v.get(..1)).map(str::to_string);
     let str_col = |f: &dyn Fn(&Rec) -> Option<String>| -> ArrayRef {
         Arc::new(recs.iter().map(f).collect::<StringArray>())
@@ -1072,6 +1256,18 @@ fn block(recs: &[Rec], rules: &[(String, String)]) -> Result<Vec<(u32, u32, u8)>
         str_col(&|r| r.address.clone()),
     ];
     let batch = RecordBatch::try_new(schema.clone(), columns).map_err(engine_error)?;
+    let new = touching
+        .map(|rows| {
+            let rows = UInt32Array::from(rows.to_vec());
+            let columns = batch
+                .columns()
+                .iter()
+                .map(|c| datafusion::arrow::compute::take(c, &rows, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            RecordBatch::try_new(schema.clone(), columns)
+        })
+        .transpose()
+        .map_err(engine_error)?;
     // Each rule's pairs are streamed into (a << 32 | b, rule) keys, then
     // sorted: a pair found by several rules keeps the first rule.
     let mut keys: Vec<(u64, u8)> = Vec::new();
@@ -1080,13 +1276,31 @@ fn block(recs: &[Rec], rules: &[(String, String)]) -> Result<Vec<(u32, u32, u8)>
         crate::engine::register_batches(
             &ctx,
             "link_rec",
-            schema,
+            schema.clone(),
             vec![batch],
             Path::new("blocking"),
         )?;
-        for (i, (_, on)) in rules.iter().enumerate() {
+        // Either side of a pair may be the new record.
+        let sides: &[(&str, &str)] = match new {
+            Some(new) => {
+                crate::engine::register_batches(
+                    &ctx,
+                    "link_new",
+                    schema,
+                    vec![new],
+                    Path::new("blocking"),
+                )?;
+                &[("link_new", "link_rec"), ("link_rec", "link_new")]
+            }
+            None => &[("link_rec", "link_rec")],
+        };
+        for ((i, (_, on)), (left, right)) in rules
+            .iter()
+            .enumerate()
+            .flat_map(|rule| sides.iter().map(move |side| (rule, side)))
+        {
             let sql = format!(
-                "SELECT a.rid AS l, b.rid AS r FROM link_rec a JOIN link_rec b ON {on} WHERE a.rid < b.rid"
+                "SELECT a.rid AS l, b.rid AS r FROM {left} a JOIN {right} b ON {on} WHERE a.rid < b.rid"
             );
             let mut stream = ctx
                 .sql(&sql)

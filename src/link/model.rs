@@ -5,7 +5,7 @@
 //! term-frequency adjusted weights, and a household level for pairs that
 //! differ only in the given name (twins, siblings).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{Datelike, NaiveDate};
 use rand::{Rng, SeedableRng};
@@ -765,6 +765,175 @@ impl Model {
     }
 }
 
+/// What a fitted [`Model`] is made of besides its comparisons: what the
+/// linkage keeps between runs (`core/link_state.json`) so that a night
+/// weighs new records with the model the earlier ones were weighed with.
+/// Every number is written as text in its shortest exact form and read back
+/// exactly: a kept model gives the very weights it gave when it was fitted.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelParams {
+    #[serde(with = "exact::nested")]
+    pub m: Vec<Vec<f64>>,
+    #[serde(with = "exact::nested")]
+    pub u: Vec<Vec<f64>>,
+    #[serde(with = "exact::one")]
+    pub prior: f64,
+    pub iterations: usize,
+    pub household_pairs: u64,
+    #[serde(with = "exact::one")]
+    pub household_match_share: f64,
+    /// The household level's m and u (`None`: the level is off).
+    #[serde(with = "exact::pair")]
+    pub household: Option<(f64, f64)>,
+    /// Per comparison, each value's frequency among the records the model
+    /// was fitted on (term-frequency adjusted comparisons only).
+    #[serde(with = "exact::tables")]
+    pub tf: Vec<Option<BTreeMap<String, f64>>>,
+}
+
+impl Model {
+    /// The model's parameters, to keep ([`Model::from_params`] restores it).
+    pub fn params(&self) -> ModelParams {
+        ModelParams {
+            m: self.m.clone(),
+            u: self.u.clone(),
+            prior: self.prior,
+            iterations: self.iterations,
+            household_pairs: self.household_pairs,
+            household_match_share: self.household_match_share,
+            household: self.household.as_ref().map(|(_, m, u)| (*m, *u)),
+            tf: self
+                .tf
+                .iter()
+                .map(|t| {
+                    t.as_ref()
+                        .map(|t| t.iter().map(|(k, v)| (k.clone(), *v)).collect())
+                })
+                .collect(),
+        }
+    }
+
+    /// The model of `comparisons` with kept parameters; an error says why
+    /// they do not fit the comparisons (another configuration's model).
+    pub fn from_params(comparisons: &[Comparison], p: ModelParams) -> Result<Model, String> {
+        let shaped = |probs: &[Vec<f64>]| {
+            probs.len() == comparisons.len()
+                && probs
+                    .iter()
+                    .zip(comparisons)
+                    .all(|(p, c)| p.len() == c.level_count())
+        };
+        if !shaped(&p.m) || !shaped(&p.u) || p.tf.len() != comparisons.len() {
+            return Err("its levels are not those of the configured comparisons".into());
+        }
+        let household = match (p.household, Household::of(comparisons)) {
+            (Some((m, u)), Some(h)) => Some((h, m, u)),
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err("it has a household level these comparisons cannot have".into());
+            }
+        };
+        Ok(Model {
+            comparisons: comparisons.to_vec(),
+            m: p.m,
+            u: p.u,
+            prior: p.prior,
+            iterations: p.iterations,
+            household_pairs: p.household_pairs,
+            household_match_share: p.household_match_share,
+            household,
+            tf: p
+                .tf
+                .into_iter()
+                .map(|t| t.map(|t| t.into_iter().collect()))
+                .collect(),
+        })
+    }
+}
+
+/// Serde of `f64`s as text: Rust writes the shortest form that reads back
+/// to the same number and reads text correctly rounded (JSON numbers go
+/// through a parser that need not be exact).
+mod exact {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::BTreeMap;
+
+    fn parse<E: serde::de::Error>(text: &str) -> Result<f64, E> {
+        text.parse()
+            .map_err(|_| E::custom(format!("'{text}' is not a number")))
+    }
+
+    pub mod one {
+        use super::*;
+        pub fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(&x.to_string())
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+            parse(&String::deserialize(d)?)
+        }
+    }
+
+    pub mod nested {
+        use super::*;
+        pub fn serialize<S: Serializer>(x: &[Vec<f64>], s: S) -> Result<S::Ok, S::Error> {
+            let text: Vec<Vec<String>> = x
+                .iter()
+                .map(|v| v.iter().map(f64::to_string).collect())
+                .collect();
+            text.serialize(s)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<f64>>, D::Error> {
+            Vec::<Vec<String>>::deserialize(d)?
+                .iter()
+                .map(|v| v.iter().map(|t| parse(t)).collect())
+                .collect()
+        }
+    }
+
+    pub mod pair {
+        use super::*;
+        pub fn serialize<S: Serializer>(x: &Option<(f64, f64)>, s: S) -> Result<S::Ok, S::Error> {
+            x.map(|(a, b)| [a.to_string(), b.to_string()]).serialize(s)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<(f64, f64)>, D::Error> {
+            Option::<[String; 2]>::deserialize(d)?
+                .map(|[a, b]| Ok((parse(&a)?, parse(&b)?)))
+                .transpose()
+        }
+    }
+
+    type Tables = Vec<Option<BTreeMap<String, f64>>>;
+
+    pub mod tables {
+        use super::*;
+        pub fn serialize<S: Serializer>(x: &Tables, s: S) -> Result<S::Ok, S::Error> {
+            let text: Vec<Option<BTreeMap<&str, String>>> = x
+                .iter()
+                .map(|t| {
+                    t.as_ref()
+                        .map(|t| t.iter().map(|(k, v)| (k.as_str(), v.to_string())).collect())
+                })
+                .collect();
+            text.serialize(s)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Tables, D::Error> {
+            Vec::<Option<BTreeMap<String, String>>>::deserialize(d)?
+                .into_iter()
+                .map(|t| {
+                    t.map(|t| {
+                        t.into_iter()
+                            .map(|(k, v)| Ok((k, parse(&v)?)))
+                            .collect::<Result<BTreeMap<_, _>, _>>()
+                    })
+                    .transpose()
+                })
+                .collect()
+        }
+    }
+}
+
 /// The share of matches among pairs showing the household pattern, by EM
 /// on the comparisons the household level does not cover (their m and u
 /// fitted on all pairs). A household pair is a match only on evidence: the
@@ -1294,5 +1463,60 @@ mod tests {
         for threads in [2, 8] {
             assert_eq!(fit(threads), one, "{threads} threads");
         }
+    }
+
+    /// A kept model is the model: every number read back to the bit, so
+    /// a night that takes it weighs a pair as the night that fitted it.
+    #[test]
+    fn kept_parameters_give_the_same_weights() {
+        let comparisons = default_comparisons();
+        let odd = [
+            0.1 + 0.2,
+            6.367_415_985_778_723e-7,
+            1e-300,
+            1.0 / 3.0,
+            0.999_999_999_999_999_9,
+        ];
+        let probs = |shift: usize| -> Vec<Vec<f64>> {
+            comparisons
+                .iter()
+                .enumerate()
+                .map(|(f, c)| {
+                    (0..c.level_count())
+                        .map(|k| odd[(f + k + shift) % odd.len()])
+                        .collect()
+                })
+                .collect()
+        };
+        let mut tf = vec![None; comparisons.len()];
+        tf[0] = Some(BTreeMap::from([("jessica".to_string(), 2.0 / 7.0)]));
+        let params = ModelParams {
+            m: probs(0),
+            u: probs(1),
+            prior: odd[1],
+            iterations: 7,
+            household_pairs: 3,
+            household_match_share: odd[3],
+            household: Some((odd[0], odd[2])),
+            tf,
+        };
+        let model = Model::from_params(&comparisons, params.clone()).unwrap();
+        assert_eq!(model.params(), params);
+        let json = serde_json::to_string(&params).unwrap();
+        let back: ModelParams = serde_json::from_str(&json).unwrap();
+        let kept = Model::from_params(&comparisons, back).unwrap();
+        let (a, b) = (
+            rec("jessica", "jackson", "1977-07-20", Some("5162373")),
+            rec("jessica", "jackson", "1977-07-02", None),
+        );
+        let levels = model.compare(&a, &b);
+        assert_eq!(
+            kept.weight(&a, &levels).to_bits(),
+            model.weight(&a, &levels).to_bits()
+        );
+        assert_eq!(kept.params(), params);
+        // Another configuration's model is refused, not misread.
+        let fewer = &comparisons[..comparisons.len() - 1];
+        assert!(Model::from_params(fewer, params).is_err());
     }
 }

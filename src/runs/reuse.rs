@@ -26,8 +26,12 @@ pub enum Rebuild {
     /// Stages whose inputs did not change reuse the current run's outputs.
     #[default]
     Incremental,
-    /// Every stage recomputes from staging (`ward run --full`).
+    /// Every stage recomputes from staging (`ward run --full`); linkage
+    /// keeps its model ([`crate::link::Earlier`]).
     Full,
+    /// Every stage recomputes and the linkage model is fitted anew
+    /// (`ward run --refit`).
+    Refit,
 }
 
 /// A hash of everything one stage's outputs depend on, built part by part.

@@ -10,9 +10,11 @@ use ward::runs::Rebuild;
 
 use datafusion::arrow::datatypes::Int64Type;
 
+use ward::link::LinkMode;
+
 use crate::common::{
-    copy_dir, copy_sample, derived, primitives, read_parquet, repo, run_all, run_queries, run_with,
-    text, ward,
+    append_lines, copy_dir, copy_sample, derived, primitives, read_parquet, repo, run_all,
+    run_queries, run_with, text, ward,
 };
 
 /// The stages of a run that took their outputs from another run.
@@ -511,4 +513,97 @@ fn the_cli_says_what_it_took_and_full_takes_nothing() {
     assert_eq!(numbers.iter().sum::<u64>(), 3 * checks, "{line}");
     assert!(numbers.iter().all(|n| *n > 0), "{line}");
     assert!(numbers[0] > 2 * checks, "{line}");
+}
+
+/// The published linkage of a run: links, persons, review list and kept
+/// state, each as sorted rows or text.
+fn linkage_files(run: &ward::RunReport) -> BTreeMap<String, Vec<String>> {
+    derived(&run.run_dir)
+        .into_iter()
+        .filter(|(path, _)| path.starts_with("core/") && !path[5..].contains('/'))
+        .collect()
+}
+
+#[test]
+fn new_patients_are_linked_with_the_kept_model_as_a_full_rebuild_would() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = PipelineConfig::load(&copy_sample(tmp.path())).unwrap();
+    let first = run_all(&config);
+    let mode = |run: &ward::RunReport| {
+        let l = run.manifest.linkage.as_ref().unwrap();
+        (l.mode, l.blocked_records, l.model_records)
+    };
+    let records = first.manifest.linkage.as_ref().unwrap().records;
+    assert_eq!(mode(&first), (LinkMode::Fitted, records, records));
+    assert!(linkage_files(&first).contains_key("core/link_state.json"));
+
+    // A new person at the clinic, and a clinic patient seen for the first
+    // time at the endocrinologist's: one joins a person the first night
+    // found, through pairs only tonight's blocking can find.
+    let data = tmp.path().join("sample_data");
+    let clinic = fs::read_to_string(data.join("northside_clinic/patients.csv")).unwrap();
+    let known = clinic.lines().nth(1).unwrap();
+    let known_id = known.split(',').next().unwrap().to_string();
+    append_lines(
+        &data.join("northside_clinic/patients.csv"),
+        "ZZ0000911,Z911,Oriana,Velasquez-Holt,02/17/1971,F,White,Not Hispanic,9 Pine Rd,Mesa,AZ,85201,480-555-0911,,,Medicare\n",
+    );
+    append_lines(
+        &data.join("lakeside_endo/patients.csv"),
+        &format!("{}\n", known.replacen(&known_id, "AC0000991", 1)),
+    );
+    let second = run_all(&config);
+    assert_eq!(mode(&second), (LinkMode::Incremental, 2, records));
+    let person = |run: &ward::RunReport, source: &str, id: &str| {
+        ward::link::read_person_links(&run.run_dir.join("core/person_link.parquet"))
+            .unwrap()
+            .into_iter()
+            .find(|l| l.source == source && l.source_patient_id == id)
+            .unwrap()
+            .person_id
+    };
+    assert_eq!(
+        person(&second, "lakeside_endo", "AC0000991"),
+        person(&first, "northside_clinic", &known_id),
+        "the new record joins the person its clinic record is"
+    );
+    // A full rebuild blocks every record again with the kept model: the
+    // same pairs, persons, review list and state.
+    let full = run_with(&config, Rebuild::Full);
+    assert_eq!(mode(&full), (LinkMode::ModelKept, records + 2, records));
+    assert_eq!(linkage_files(&full), linkage_files(&second));
+    // (Ids carried forward count against each run's previous one.)
+    let report = |run: &ward::RunReport| {
+        let mut l = run.manifest.linkage.clone().unwrap();
+        (l.mode, l.blocked_records, l.ids_carried_forward) = (LinkMode::Fitted, 0, 0);
+        serde_json::to_value(l).unwrap()
+    };
+    assert_eq!(report(&full), report(&second));
+    assert_eq!(derived(&full.run_dir), derived(&second.run_dir));
+
+    // A changed record takes its pairs with it: every record is blocked
+    // again, still with the kept model.
+    let changed = clinic.lines().nth(2).unwrap();
+    let moved = changed.replacen("Maple Ln", "Cedar Ct", 1);
+    assert_ne!(moved, changed);
+    fs::write(
+        data.join("northside_clinic/patients.csv"),
+        fs::read_to_string(data.join("northside_clinic/patients.csv"))
+            .unwrap()
+            .replacen(changed, &moved, 1),
+    )
+    .unwrap();
+    let third = run_all(&config);
+    assert_eq!(mode(&third), (LinkMode::ModelKept, records + 2, records));
+    // `--refit`, or records grown past refit_growth, fit the model anew.
+    let refit = run_with(&config, Rebuild::Refit);
+    assert_eq!(mode(&refit), (LinkMode::Fitted, records + 2, records + 2));
+    let mut eager = config.clone();
+    eager.link.refit_growth = 0.0;
+    append_lines(
+        &data.join("northside_clinic/patients.csv"),
+        "ZZ0000912,Z912,Ansel,Brightwater,11/02/1988,M,White,Not Hispanic,4 Elm Rd,Mesa,AZ,85201,480-555-0912,,,Medicare\n",
+    );
+    let grown = run_all(&eager);
+    assert_eq!(mode(&grown), (LinkMode::Fitted, records + 3, records + 3));
 }

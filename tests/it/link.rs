@@ -19,7 +19,7 @@ fn linked_sample(dir: &Path) -> (ward::PipelineConfig, link::Linkage) {
     run_ingest(&config_path).unwrap();
     let config = ward::PipelineConfig::load(&config_path).unwrap();
     let wh = Warehouse::new(&config.warehouse);
-    let linkage = link::link(&wh, &config.link, &[]).unwrap();
+    let linkage = link::link(&wh, &config.link, &link::Earlier::default()).unwrap();
     link::build::build(&wh).unwrap();
     (config, linkage)
 }
@@ -119,7 +119,7 @@ fn linkage_is_deterministic_and_core_tables_are_rebuilt_identically() {
     let core = config.warehouse.join("core");
     let before = snapshot(&core);
     let wh = Warehouse::new(&config.warehouse);
-    link::link(&wh, &config.link, &[]).unwrap();
+    link::link(&wh, &config.link, &link::Earlier::default()).unwrap();
     link::build::build(&wh).unwrap();
     assert_eq!(before, snapshot(&core));
     // Every staged row of a fact table is in core, or merged into a row
@@ -182,7 +182,7 @@ fn a_fact_reported_by_two_providers_becomes_one() {
     run_ingest(&config_path).unwrap();
     let config = ward::PipelineConfig::load(&config_path).unwrap();
     let wh = Warehouse::new(&config.warehouse);
-    link::link(&wh, &config.link, &[]).unwrap();
+    link::link(&wh, &config.link, &link::Earlier::default()).unwrap();
     let tables: Vec<_> = link::build::fact_tables().collect();
     // One part, then many: the two reports meet in one part either way.
     for rows_per_part in [link::build::ROWS_PER_PART, 500] {
@@ -393,7 +393,12 @@ fn config_threshold_is_checked() {
         ["phone", "zip3+family"]
     );
     run_ingest(&config_path).unwrap();
-    let linkage = link::link(&Warehouse::new(&c.warehouse), &c.link, &[]).unwrap();
+    let linkage = link::link(
+        &Warehouse::new(&c.warehouse),
+        &c.link,
+        &link::Earlier::default(),
+    )
+    .unwrap();
     assert!(
         linkage
             .report
@@ -443,7 +448,12 @@ fn config_threshold_is_checked() {
         c.link.comparisons.len(),
         LinkOptions::default().comparisons.len() - 1
     );
-    let linkage = link::link(&Warehouse::new(&c.warehouse), &c.link, &[]).unwrap();
+    let linkage = link::link(
+        &Warehouse::new(&c.warehouse),
+        &c.link,
+        &link::Earlier::default(),
+    )
+    .unwrap();
     assert!(!linkage.report.records_missing.contains_key("phone"));
     assert!(linkage.report.linked_persons > 0);
     for (bad, needle) in [
@@ -636,7 +646,7 @@ fn noisy_cases_link_on_the_evidence_they_have() {
     );
     let config = ward::PipelineConfig::load(&config_path).unwrap();
     let wh = Warehouse::new(&config.warehouse);
-    let linkage = link::link(&wh, &config.link, &[]).unwrap();
+    let linkage = link::link(&wh, &config.link, &link::Earlier::default()).unwrap();
     let person = |source: &str, id: &str| {
         linkage
             .links
@@ -728,7 +738,7 @@ fn noisy_cases_link_on_the_evidence_they_have() {
     // kept them apart.
     let mut everything = config.link.clone();
     everything.review_threshold = 0.0;
-    link::link(&wh, &everything, &[]).unwrap();
+    link::link(&wh, &everything, &link::Earlier::default()).unwrap();
     let listed = fs::read_to_string(&review).unwrap();
     assert!(
         listed.lines().any(|l| l.contains("ZZ0000905")
@@ -750,7 +760,7 @@ fn noisy_cases_link_on_the_evidence_they_have() {
     .unwrap();
     let mut reviewed = config.link.clone();
     reviewed.labels = Some(labels.clone());
-    let again = link::link(&wh, &reviewed, &[]).unwrap();
+    let again = link::link(&wh, &reviewed, &link::Earlier::default()).unwrap();
     let person = |source: &str, id: &str| {
         again
             .links
@@ -794,7 +804,9 @@ fn noisy_cases_link_on_the_evidence_they_have() {
         ),
     )
     .unwrap();
-    let err = link::link(&wh, &reviewed, &[]).unwrap_err().to_string();
+    let err = link::link(&wh, &reviewed, &link::Earlier::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("labels.csv:3"), "{err}");
 }
 
@@ -826,7 +838,7 @@ fn hard_noise_population_links_with_high_precision_and_recall() {
     run_ingest(&config_path).unwrap();
     let config = ward::PipelineConfig::load(&config_path).unwrap();
     let wh = Warehouse::new(&config.warehouse);
-    let linkage = link::link(&wh, &config.link, &[]).unwrap();
+    let linkage = link::link(&wh, &config.link, &link::Earlier::default()).unwrap();
     assert!(
         linkage.report.within_source_merges > 10,
         "{:?}",

@@ -178,6 +178,11 @@ pub(crate) struct RunArgs {
     /// from it).
     #[arg(long)]
     pub(crate) full: bool,
+    /// Fit the linkage model anew and recompute every stage (by default the
+    /// model of the current run is kept until the patient records grow by
+    /// `[link] refit_growth`).
+    #[arg(long)]
+    pub(crate) refit: bool,
 }
 
 /// The measurement period; default: the config's, else the previous calendar year.
@@ -270,6 +275,11 @@ pub(crate) struct LinkArgs {
     /// probability and the blocking rule. Writes nothing.
     #[arg(long, num_args = 2, value_names = ["SOURCE:ID", "SOURCE:ID"], conflicts_with = "evaluate")]
     pub(crate) explain: Option<Vec<String>>,
+    /// Fit the linkage model anew (by default the one kept in the working
+    /// copy's core/ is used until the patient records grow by `[link]
+    /// refit_growth`, and only new records are blocked).
+    #[arg(long, conflicts_with = "explain")]
+    pub(crate) refit: bool,
 }
 
 /// `ward measure`.

@@ -414,9 +414,15 @@ pub(crate) fn link(settings: &Settings, args: &LinkArgs, quiet: bool) -> anyhow:
             config.warehouse.join("core").display()
         );
     }
-    let previous =
-        ward::link::read_person_links(&warehouse.out().join("core").join("person_link.parquet"))?;
-    let linkage = ward::link::link(&warehouse, &config.link, &previous)?;
+    let core = warehouse.out().join("core");
+    let previous = ward::link::read_person_links(&core.join("person_link.parquet"))?;
+    let earlier = ward::link::Earlier {
+        links: &previous,
+        core: Some(&core),
+        refit: args.refit,
+        incremental: true,
+    };
+    let linkage = ward::link::link(&warehouse, &config.link, &earlier)?;
     let core = ward::link::build::build(&warehouse)?;
     if !quiet {
         print::print_link(&linkage.report, &core);
@@ -475,9 +481,10 @@ pub(crate) fn run(settings: &Settings, args: &RunArgs, quiet: bool) -> anyhow::R
     let config = &settings.config;
     apply_group(settings)?;
     let period = period(settings, &args.period)?;
-    let rebuild = match args.full {
-        true => ward::runs::Rebuild::Full,
-        false => ward::runs::Rebuild::Incremental,
+    let rebuild = match (args.refit, args.full) {
+        (true, _) => ward::runs::Rebuild::Refit,
+        (false, true) => ward::runs::Rebuild::Full,
+        (false, false) => ward::runs::Rebuild::Incremental,
     };
     let key = deid_key(settings)?;
     let opts = ingest_options(settings, None);

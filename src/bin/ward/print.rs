@@ -328,6 +328,21 @@ pub(crate) fn print_link(report: &ward::link::LinkReport, core: &ward::link::bui
         report.records_without_birth_date,
         report.persons_without_birth_date
     );
+    use ward::link::LinkMode;
+    match report.mode {
+        LinkMode::Fitted => println!(
+            "link: model fitted on these {} records (kept until they grow by [link] refit_growth; `--refit` fits it anew)",
+            report.model_records
+        ),
+        LinkMode::ModelKept => println!(
+            "link: the model fitted on {} records kept; every record blocked again",
+            report.model_records
+        ),
+        LinkMode::Incremental => println!(
+            "link: the model fitted on {} records and the scored pairs of the last run kept; {} new records blocked against every record",
+            report.model_records, report.blocked_records
+        ),
+    }
     for w in &report.warnings {
         println!("warning: linkage: {w}");
     }

@@ -22,7 +22,8 @@ use std::sync::Arc;
 
 use chrono::NaiveDate;
 use datafusion::arrow::array::{
-    Array, Date32Array, RecordBatch, StringArray, StringBuilder, UInt64Builder,
+    Array, BooleanArray, Date32Array, RecordBatch, StringArray, StringBuilder, UInt64Array,
+    UInt64Builder,
 };
 use rayon::prelude::*;
 use serde::Serialize;
@@ -354,6 +355,59 @@ struct Staged<'w> {
     births: PatientLookup,
     /// The first write that failed: it fails the ingest, not just the file.
     error: Option<WardError>,
+    /// A file checked again because its source's patients grew: only the
+    /// rows its earlier load did not stage are written.
+    recheck: Option<Recheck>,
+}
+
+/// The rows of a fact file its earlier load staged: those of patients the
+/// source already had, up to the earlier load's last line.
+struct Recheck {
+    known: Arc<PatientLookup>,
+    through_line: u64,
+    /// The earlier load's rejects: line, rule and every failure.
+    rejected: HashSet<(u64, String, String)>,
+}
+
+impl Recheck {
+    /// The rows of `batch` not staged before.
+    fn new_rows(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+        let err = |message: &str| WardError::Data {
+            context: "checking a file again against grown patients",
+            path: PathBuf::new(),
+            source: message.to_string().into(),
+        };
+        let ids = batch
+            .column_by_name("source_patient_id")
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            .ok_or_else(|| err("no source_patient_id column"))?;
+        let lines = batch
+            .column_by_name("source_line")
+            .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
+            .ok_or_else(|| err("no source_line column"))?;
+        let keep: BooleanArray = (0..batch.num_rows())
+            .map(|i| {
+                Some(
+                    ids.is_null(i)
+                        || lines.value(i) > self.through_line
+                        || !self.known.contains_key(ids.value(i)),
+                )
+            })
+            .collect();
+        datafusion::arrow::compute::filter_record_batch(batch, &keep)
+            .map_err(|e| err(&e.to_string()))
+    }
+
+    /// `rejects` split into those the earlier load made too (each row
+    /// refused the same way) and tonight's own.
+    fn split<'r>(&self, rejects: &'r [RejectRow]) -> (Vec<&'r RejectRow>, Vec<&'r RejectRow>) {
+        rejects.iter().partition(|r| {
+            r.line <= self.through_line
+                && self
+                    .rejected
+                    .contains(&(r.line, r.rule.to_string(), r.errors.clone()))
+        })
+    }
 }
 
 impl<'w> Staged<'w> {
@@ -377,13 +431,16 @@ impl<'w> Staged<'w> {
             files: Vec::new(),
             births: PatientLookup::default(),
             error: None,
+            recheck: None,
         }
     }
 
     /// Writes accepted rows of `table` (keeping patients' birth dates).
-    fn write(&mut self, table: Table, batch: RecordBatch) -> Result<()> {
+    fn write(&mut self, table: Table, mut batch: RecordBatch) -> Result<()> {
         if table == Table::Patient {
             add_birth_dates(&batch, &mut self.births);
+        } else if let Some(recheck) = &self.recheck {
+            batch = recheck.new_rows(&batch)?;
         }
         if self.dry_run || batch.num_rows() == 0 {
             return Ok(());
@@ -753,6 +810,12 @@ struct SourcePatients {
     /// A hash of the source's patient files (names and contents): fact files
     /// checked against other patients are reloaded.
     fingerprints: HashMap<String, String>,
+    /// Sources whose patients only grew tonight (every earlier patient is
+    /// still there with the same birth date): the fingerprint their fact
+    /// files were checked against and those earlier patients. A fact file
+    /// checked against them is checked again, but only the rows it did not
+    /// stage then are staged ([`recheck`]).
+    grown: HashMap<String, (String, Arc<PatientLookup>)>,
 }
 
 /// Gathers each source's patients, from the patient files just loaded
@@ -775,6 +838,7 @@ fn source_patients(
             .filter(|(_, f)| f.table == Table::Patient.name())
             .map(|(rel, f)| (rel.clone(), f.sha256.clone()))
             .collect();
+        let before = files.clone();
         let mut lookup = PatientLookup::default();
         let mut fresh: Vec<_> = patient_results
             .iter_mut()
@@ -806,6 +870,34 @@ fn source_patients(
             }
         }
         if !files.is_empty() {
+            if !dry_run && !before.is_empty() && before != files {
+                // The patients the facts were checked against: every
+                // patient file's earlier staged rows (still there until the
+                // state is saved).
+                let mut earlier = PatientLookup::default();
+                for f in state
+                    .sources
+                    .get(&source.name)
+                    .into_iter()
+                    .flatten()
+                    .map(|(_, f)| f)
+                {
+                    if f.table == Table::Patient.name() {
+                        for out in f.outputs.iter().filter(|o| o.starts_with("staging/")) {
+                            read_birth_dates(&wh.root().join(out), &mut earlier)?;
+                        }
+                    }
+                }
+                if earlier
+                    .iter()
+                    .all(|(id, birth)| lookup.get(id) == Some(birth))
+                {
+                    out.grown.insert(
+                        source.name.clone(),
+                        (patients_fingerprint(&before), Arc::new(earlier)),
+                    );
+                }
+            }
             out.fingerprints
                 .insert(source.name.clone(), patients_fingerprint(&files));
             out.lookups.insert(source.name.clone(), lookup);
@@ -846,7 +938,13 @@ fn load_all<'a, T: Send>(
                 patients.fingerprints.get(source).map(String::as_str),
                 opts.dry_run,
             );
-            let result = load_file(input, opts, patients.lookups.get(source), &mut staged);
+            let result = load_file(
+                input,
+                opts,
+                patients.lookups.get(source),
+                patients.grown.get(source),
+                &mut staged,
+            );
             progress.advance(1);
             (*input, then(input, result))
         })
@@ -892,9 +990,10 @@ fn load_file(
     input: &Input,
     opts: &IngestOptions,
     patients: Option<&PatientLookup>,
+    grown: Option<&(String, Arc<PatientLookup>)>,
     staged: &mut Staged,
 ) -> Result<Result<Loaded>> {
-    let result = map_file(input, opts, patients, staged);
+    let result = map_file(input, opts, patients, grown, staged);
     if let Some(e) = staged.error.take() {
         return Err(e);
     }
@@ -903,8 +1002,16 @@ fn load_file(
     };
     if !staged.dry_run {
         loaded.outputs = staged.close()?;
-        if let Some(rejects) = write_rejects(staged, input, &loaded.rejects)? {
-            loaded.outputs.push(rejects);
+        // A file checked again keeps the rejects its earlier load made
+        // apart from tonight's: tonight's rows are the rows that changed.
+        let (kept, tonight) = match &staged.recheck {
+            Some(recheck) => recheck.split(&loaded.rejects),
+            None => (Vec::new(), loaded.rejects.iter().collect()),
+        };
+        for (rejects, suffix) in [(kept, "-kept"), (tonight, "")] {
+            if let Some(path) = write_rejects(staged, input, &rejects, suffix)? {
+                loaded.outputs.push(path);
+            }
         }
     }
     loaded.batch_id = std::mem::take(&mut staged.batch_id);
@@ -917,6 +1024,7 @@ fn map_file(
     input: &Input,
     opts: &IngestOptions,
     patients: Option<&PatientLookup>,
+    grown: Option<&(String, Arc<PatientLookup>)>,
     staged: &mut Staged,
 ) -> Result<Loaded> {
     let read =
@@ -956,6 +1064,12 @@ fn map_file(
             if let Some((_, lines)) = &base {
                 tracing::info!(source = %input.source.name, file = %input.rel, after_line = lines, "records appended: only they are read");
             }
+            let rechecked = match (&base, grown) {
+                (None, Some(grown)) if !opts.dry_run && entry.table != Table::Patient => {
+                    recheck(input, grown, Some(reader.size()), staged)?
+                }
+                _ => None,
+            };
             let mut patient_ids = rows::PatientIds::default();
             let slice = opts.slice_records.unwrap_or(CSV_SLICE).max(1);
             while let Some(text) = reader.next_slice(slice)? {
@@ -979,10 +1093,20 @@ fn map_file(
                     *loaded.flagged.entry(k).or_default() += n;
                 }
             }
-            loaded.base = base.map(|(b, _)| b);
+            loaded.base = base.map(|(b, _)| b).or(rechecked);
             loaded
         }
         FileKind::Ndjson | FileKind::Bundle => {
+            let rechecked = match grown {
+                Some(grown)
+                    if !opts.dry_run
+                        && matches!(input.kind, FileKind::Ndjson)
+                        && !ndjson_is_patients(&input.path) =>
+                {
+                    recheck(input, grown, None, staged)?
+                }
+                _ => None,
+            };
             let mut sink = |table, batch| staged.write(table, batch);
             let f = if let FileKind::Bundle = input.kind {
                 fhir::load_bundle(&input.path, &read()?, &ctx, &mut sink)?
@@ -1008,6 +1132,7 @@ fn map_file(
                 flagged: f.flagged,
                 read: f.read,
                 rejects: f.rejects,
+                base: rechecked,
                 ..Loaded::default()
             }
         }
@@ -1042,7 +1167,6 @@ fn appended_after(
     fingerprint: Option<&str>,
     len: u64,
 ) -> Result<Option<(FileState, u64)>> {
-    use std::io::Read;
     let Some(earlier) = input.earlier.as_ref() else {
         return Ok(None);
     };
@@ -1050,9 +1174,19 @@ fn appended_after(
         return Ok(None);
     };
     let same_load = earlier.mapping_sha256 == input.rules_hash()
-        && earlier.patients_fingerprint.as_deref() == fingerprint
-        && !earlier.rejects_by_rule.contains_key("malformed_record");
+        && earlier.patients_fingerprint.as_deref() == fingerprint;
     if !same_load {
+        return Ok(None);
+    }
+    Ok(lines_loaded(input, earlier, n)?.map(|lines| (earlier.clone(), lines)))
+}
+
+/// The lines of `input`'s first `n` bytes, when they are the file its
+/// `earlier` load read (same SHA-256, ending a line) and no record of them
+/// was cut off by an unbalanced quote (which appended bytes could close).
+fn lines_loaded(input: &Input, earlier: &FileState, n: u64) -> Result<Option<u64>> {
+    use std::io::Read;
+    if earlier.rejects_by_rule.contains_key("malformed_record") {
         return Ok(None);
     }
     let cannot = |e| WardError::io("cannot read", &input.path, e);
@@ -1069,19 +1203,111 @@ fn appended_after(
     if prefix.limit() > 0 || last != b'\n' || hex::encode(sha.finalize()) != earlier.sha256 {
         return Ok(None);
     }
-    Ok(Some((earlier.clone(), lines)))
+    Ok(Some(lines))
 }
 
-/// Writes a file's rejects (if any) next to its staged rows; returns the
-/// path written, relative to the warehouse.
-fn write_rejects(staged: &Staged, input: &Input, rejects: &[RejectRow]) -> Result<Option<String>> {
+/// When the fact file `input` (`len` bytes, for CSV) was last loaded, under
+/// the same rules, against the patients its source had before they grew
+/// (`grown`: their fingerprint and those patients) — the same file, or
+/// (CSV) with records appended — it is checked again against tonight's
+/// patients, but its earlier staged files stay: they hold the same rows a
+/// load now would stage for the earlier patients (each keeps its birth
+/// date), and `staged` writes only the others (rows of new patients, once
+/// rejected as unknown, and appended records). Returns the earlier load to
+/// build on: its staged files, none of its counts (the file is read whole).
+fn recheck(
+    input: &Input,
+    grown: &(String, Arc<PatientLookup>),
+    len: Option<u64>,
+    staged: &mut Staged,
+) -> Result<Option<FileState>> {
+    let Some(earlier) = input.earlier.as_ref() else {
+        return Ok(None);
+    };
+    if earlier.mapping_sha256 != input.rules_hash()
+        || earlier.patients_fingerprint.as_ref() != Some(&grown.0)
+    {
+        return Ok(None);
+    }
+    let through_line = if earlier.sha256 == input.sha256 {
+        u64::MAX
+    } else {
+        match (earlier.bytes, len) {
+            (Some(n), Some(len)) if (1..len).contains(&n) => {
+                match lines_loaded(input, earlier, n)? {
+                    Some(lines) => lines,
+                    None => return Ok(None),
+                }
+            }
+            _ => return Ok(None),
+        }
+    };
+    let mut rejected = HashSet::new();
+    for out in earlier.outputs.iter().filter(|o| o.starts_with("rejects/")) {
+        let path = staged.wh.root().join(out);
+        for b in crate::warehouse::read_parquet(&path, "reading a file's earlier rejects")? {
+            let text = |name: &str| {
+                b.column_by_name(name)
+                    .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            };
+            let lines = b
+                .column_by_name("line")
+                .and_then(|c| c.as_any().downcast_ref::<UInt64Array>());
+            let (Some(lines), Some(rules), Some(errors)) = (lines, text("rule"), text("errors"))
+            else {
+                return Ok(None);
+            };
+            for i in 0..b.num_rows() {
+                rejected.insert((
+                    lines.value(i),
+                    rules.value(i).to_string(),
+                    errors.value(i).to_string(),
+                ));
+            }
+        }
+    }
+    tracing::info!(
+        source = %input.source.name,
+        file = %input.rel,
+        "the source's patients grew: checked again, staging only the rows not staged before"
+    );
+    staged.recheck = Some(Recheck {
+        known: grown.1.clone(),
+        through_line,
+        rejected,
+    });
+    Ok(Some(FileState {
+        outputs: earlier
+            .outputs
+            .iter()
+            .filter(|o| o.starts_with("staging/"))
+            .cloned()
+            .collect(),
+        rows_read: 0,
+        rows_accepted: 0,
+        rows_rejected: 0,
+        rows_skipped: 0,
+        rejects_by_rule: BTreeMap::new(),
+        values_flagged: BTreeMap::new(),
+        ..earlier.clone()
+    }))
+}
+
+/// Writes a file's rejects (if any) to `<batch><suffix>.parquet` of its
+/// source's rejects; returns the path written, relative to the warehouse.
+fn write_rejects(
+    staged: &Staged,
+    input: &Input,
+    rejects: &[&RejectRow],
+    suffix: &str,
+) -> Result<Option<String>> {
     if rejects.is_empty() {
         return Ok(None);
     }
     let path = staged
         .wh
         .rejects_dir(&input.source.name)
-        .join(format!("{}.parquet", staged.batch_id));
+        .join(format!("{}{suffix}.parquet", staged.batch_id));
     let batch = rejects_batch(
         &input.source.name,
         &input.rel,
@@ -1140,7 +1366,7 @@ fn rejects_batch(
     source: &str,
     file: &str,
     table: &str,
-    rejects: &[RejectRow],
+    rejects: &[&RejectRow],
     path: &Path,
 ) -> Result<RecordBatch> {
     let n = rejects.len();

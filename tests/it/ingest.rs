@@ -512,6 +512,105 @@ fn removed_patient_rechecks_that_sources_facts() {
     );
 }
 
+/// Every staged table's rows (sorted), the rejects, and each file's
+/// counts in the state.
+type Loaded = (
+    Vec<(String, Vec<String>)>,
+    Vec<(String, String, u64, String)>,
+    Vec<(String, serde_json::Value)>,
+);
+
+fn loaded(wh: &Path) -> Loaded {
+    let mut tables: Vec<(String, Vec<String>)> = fs::read_dir(wh.join("staging"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, sorted_rows(&read_dir_batches(&p)))
+        })
+        .collect();
+    tables.sort();
+    let state: serde_json::Value =
+        serde_json::from_slice(&fs::read(wh.join("state/ingest.json")).unwrap()).unwrap();
+    let mut counts = Vec::new();
+    for (source, files) in state["sources"].as_object().unwrap() {
+        for (file, f) in files.as_object().unwrap() {
+            let keep = [
+                "rows_read",
+                "rows_accepted",
+                "rows_rejected",
+                "rejects_by_rule",
+            ];
+            let f: serde_json::Map<_, _> = f
+                .as_object()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| keep.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            counts.push((format!("{source}/{file}"), f.into()));
+        }
+    }
+    (tables, reject_keys(wh), counts)
+}
+
+#[test]
+fn grown_patients_stage_only_the_facts_they_resolve() {
+    let (dir, config) = ingested_sample();
+    let wh = dir.path().join("wh");
+    let clinic = dir.path().join("sample_data/northside_clinic");
+    let orphans = |wh: &Path| {
+        reject_keys(wh)
+            .into_iter()
+            .filter(|k| k.0 == "northside_clinic" && k.3 == "unknown_patient")
+            .count()
+    };
+    let (before, orphaned) = (snapshot(&wh), orphans(&wh));
+    // The patient the clinic's visits and results named, registered at
+    // last, and a new result of a patient it had.
+    append_lines(
+        &clinic.join("patients.csv"),
+        "AA0000261,A109999,Rosalind,Okafor,03/09/1962,F,White,Not Hispanic,12 Birch Rd,Tulsa,OK,74101,918-555-0261,,,Medicare\n",
+    );
+    append_lines(
+        &clinic.join("results.csv"),
+        "AAE000000020N2,AA0000002,AAE000000020,06/04/2025 09:15,4548-4,Hemoglobin A1c,8.7,%\n",
+    );
+    let report = run_ingest(&config).unwrap();
+    for f in &report.files {
+        let loaded = f.source == "northside_clinic";
+        assert_eq!(
+            f.status == FileStatus::Loaded,
+            loaded,
+            "{}/{}",
+            f.source,
+            f.file
+        );
+    }
+    assert!(
+        orphans(&wh) + 4 <= orphaned,
+        "{} of {orphaned}",
+        orphans(&wh)
+    );
+    // The facts staged before stay as they were; only the rows they did
+    // not hold are staged anew.
+    let after = snapshot(&wh);
+    let facts = |p: &Path| p.starts_with("staging") && !p.starts_with("staging/patient");
+    let kept: Vec<_> = before.iter().filter(|(p, _)| facts(p)).collect();
+    assert!(!kept.is_empty());
+    for (path, hash) in kept {
+        assert_eq!(after.get(path), Some(hash), "{}", path.display());
+    }
+    // What is staged, rejected and counted is what a load from scratch gives.
+    let grown = loaded(&wh);
+    fs::remove_dir_all(&wh).unwrap();
+    run_ingest(&config).unwrap();
+    let fresh = loaded(&wh);
+    assert_eq!(grown.0, fresh.0);
+    assert_eq!(grown.1, fresh.1);
+    assert_eq!(grown.2, fresh.2);
+}
+
 #[test]
 fn redelivered_file_under_a_new_name_is_skipped() {
     let (dir, config) = ingested_sample();

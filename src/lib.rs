@@ -614,7 +614,17 @@ fn run_stages(
         || {
             let (previous_links, warning) = previous.links();
             links_warning = warning;
-            let core = previous.dir.as_ref().map(|d| d.join("core"));
+            // The kept model and pairs, while they are what their run wrote.
+            let core = previous.dir.as_deref().zip(previous.manifest.as_ref()).and_then(|(dir, m)| {
+                let files = link::state::FILES.map(|f| format!("core/{f}"));
+                match runs::verify(dir, &files.each_ref().map(String::as_str), &m.outputs) {
+                    Ok(_) => Some(dir.join("core")),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the kept linkage state is not what its run wrote: the model is fitted anew");
+                        None
+                    }
+                }
+            });
             let earlier = link::Earlier {
                 links: &previous_links,
                 core: core.as_deref(),
@@ -636,7 +646,7 @@ fn run_stages(
     let core = build_core(
         night,
         &fingerprints,
-        link_reused,
+        (link_reused, linkage.links_changed == Some(0)),
         &state,
         &warehouse,
         manifest,
@@ -885,20 +895,27 @@ const RECOMPUTE_SHARE: f64 = 0.5;
 /// The build stage: each core table whose staged files (and linkage) are
 /// those of the current run is taken from it; one whose staged files are
 /// the current run's and more is taken and appended to (see
-/// [`appendable`]); the others are built. The stage counts as reused when
-/// every table was taken.
+/// [`appendable`]); the others are built. The linkage is the current run's
+/// when the link stage was reused, or (`links_kept`) when it linked again
+/// and every earlier record kept its person. The stage counts as reused
+/// when every table was taken.
 fn build_core(
     night: &Night,
     fingerprints: &BTreeMap<String, String>,
-    link_reused: bool,
+    (link_reused, links_kept): (bool, bool),
     state: &warehouse::IngestState,
     warehouse: &warehouse::Warehouse,
     manifest: &mut runs::Manifest,
 ) -> Result<link::build::BuildReport> {
-    let from = night
-        .previous
-        .reusable(night, fingerprints, "link")
-        .filter(|_| link_reused);
+    let from = match link_reused {
+        true => night.previous.reusable(night, fingerprints, "link"),
+        false if links_kept && night.rebuild == runs::Rebuild::Incremental => night
+            .previous
+            .dir
+            .as_deref()
+            .zip(night.previous.manifest.as_ref()),
+        false => None,
+    };
     let (mut taken, mut appended, mut warnings) = (Vec::new(), Vec::new(), Vec::new());
     let run_id = manifest.run_id.clone();
     let report = stage(manifest, "build", || {
@@ -926,6 +943,8 @@ fn build_core(
                 },
             };
             let path = format!("core/{}", table.name());
+            let new = new.filter(|files| !files.is_empty());
+            let same = same || new.is_none();
             let added = runs::adopt(dir, night.run_dir, &[&path], &m.outputs).and_then(|_| {
                 new.map_or(Ok(Some(0)), |new| {
                     let file = link::build::appended_file(&run_id);
@@ -986,9 +1005,10 @@ const APPEND_SHARE: f64 = 0.25;
 /// The staged files of `table` that the current run (manifest `m`, core
 /// tables in `core`, `rows` rows in this one) did not build from, when
 /// its table may be appended to with their rows: every staged file it was
-/// built from is still staged (none changed or went), there are new ones,
-/// and they are few enough ([`MAX_APPENDED`], [`APPEND_SHARE`]). `None`
-/// otherwise, and for a manifest that does not record its staged files.
+/// built from is still staged (none changed or went), and the new ones are
+/// few enough ([`MAX_APPENDED`], [`APPEND_SHARE`]); none when there are
+/// none (the table is taken as it is). `None` otherwise, and for a
+/// manifest that does not record its staged files.
 fn appendable(
     table: schema::Table,
     m: &runs::Manifest,
@@ -1013,8 +1033,12 @@ fn appendable(
         .flat_map(|f| &f.outputs)
         .filter(|f| f.starts_with(&prefix))
         .collect();
-    if !before.is_subset(&now) || before.len() == now.len() {
+    if !before.is_subset(&now) {
         return Ok(None);
+    }
+    if before.len() == now.len() {
+        // The same staged files (with the same links): the same table.
+        return Ok(Some(Vec::new()));
     }
     if link::build::appended_files(&core.join(table.name()))? >= MAX_APPENDED {
         tracing::info!(

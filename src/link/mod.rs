@@ -164,6 +164,12 @@ pub struct LinkReport {
     /// Records the model was fitted on.
     #[serde(default)]
     pub model_records: u64,
+    /// Records of the previous run's links that are gone or now belong to
+    /// another person (`None`: there were none). At 0 the core rows of
+    /// every earlier fact keep their person: the build may take and append
+    /// to the previous run's core tables.
+    #[serde(default)]
+    pub links_changed: Option<u64>,
 }
 
 /// One source patient record's person.
@@ -842,6 +848,26 @@ fn person_links(
 ) -> Vec<PersonLink> {
     let (person_ids, carried) = assign_person_ids(recs, roots, previous);
     report.ids_carried_forward = carried;
+    if !previous.is_empty() {
+        let now: HashMap<(&str, &str), &str> = recs
+            .iter()
+            .zip(roots)
+            .map(|(r, root)| {
+                (
+                    (r.source.as_str(), r.source_patient_id.as_str()),
+                    person_ids[root].as_str(),
+                )
+            })
+            .collect();
+        let changed = previous
+            .iter()
+            .filter(|l| {
+                now.get(&(l.source.as_str(), l.source_patient_id.as_str()))
+                    != Some(&l.person_id.as_str())
+            })
+            .count();
+        report.links_changed = Some(changed as u64);
+    }
     let mut links = Vec::with_capacity(recs.len());
     let mut members: HashMap<u32, usize> = HashMap::new();
     for (i, r) in recs.iter().enumerate() {

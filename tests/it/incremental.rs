@@ -431,10 +431,16 @@ fn an_output_changed_since_its_run_is_computed_again_not_taken() {
             && warning.contains("differs from what its run's manifest recorded"),
         "{warning}"
     );
-    // Linkage and the core are computed; what reads them is unchanged.
+    // Linkage is computed again; it gives every record its person again,
+    // so the core tables are taken, and what reads them is unchanged.
     assert_eq!(
         reused(&second),
-        stages(&["dq", "measures", "deid"], &first.run_id)
+        stages(&["build", "dq", "measures", "deid"], &first.run_id)
+    );
+    let linkage = second.manifest.linkage.as_ref().unwrap();
+    assert_eq!(
+        (linkage.mode, linkage.links_changed),
+        (LinkMode::Incremental, Some(0))
     );
     let full = run_with(&config, Rebuild::Full);
     assert_eq!(derived(&full.run_dir), derived(&second.run_dir));
@@ -552,8 +558,28 @@ fn new_patients_are_linked_with_the_kept_model_as_a_full_rebuild_would() {
         &data.join("lakeside_endo/patients.csv"),
         &format!("{}\n", known.replacen(&known_id, "AC0000991", 1)),
     );
+    // The new patient's first result.
+    append_lines(
+        &data.join("northside_clinic/results.csv"),
+        "ZZE000000911R1,ZZ0000911,,06/04/2025 09:15,4548-4,Hemoglobin A1c,8.7,%\n",
+    );
     let second = run_all(&config);
     assert_eq!(mode(&second), (LinkMode::Incremental, 2, records));
+    // Every earlier record kept its person: the core tables are the first
+    // night's, the observations appended to.
+    let linkage = second.manifest.linkage.as_ref().unwrap();
+    assert_eq!(linkage.links_changed, Some(0));
+    let build = &second.manifest.stages[2];
+    assert_eq!(build.stage, "build");
+    assert_eq!(build.appended_tables, ["observation"]);
+    assert_eq!(
+        build.reused_tables.len(),
+        ward::link::build::fact_tables().count() - 1
+    );
+    assert_eq!(
+        second.manifest.core["observation"],
+        first.manifest.core["observation"] + 1
+    );
     let person = |run: &ward::RunReport, source: &str, id: &str| {
         ward::link::read_person_links(&run.run_dir.join("core/person_link.parquet"))
             .unwrap()

@@ -116,61 +116,68 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
     let (before, after) = (core_tables(previous)?, core_tables(core)?);
     let mut keys = HashSet::new();
     for ((rel, old), (_, new)) in before.iter().zip(&after) {
-        if let Some(added) = added_files(old, new) {
-            // The same files (a table taken: not read), or the same and
-            // more (an appended table): the persons of the added rows,
-            // when the columns are the same.
-            if added.is_empty() {
-                continue;
-            }
-            let Some(added) = row_sums(&added)? else {
-                return Ok(None);
-            };
-            if added.schema.as_ref() != Some(&file_schema(&old[0])?) {
-                tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
-                return Ok(None);
-            }
-            keys.extend(added.sums.keys());
+        // Files the two share (hard-linked: taken) hold the same rows in
+        // both; a person changed where the rows of the files only one of
+        // them has differ (an appended table: the persons of the added
+        // rows; a table built anew: every file).
+        let (removed, added) = file_diff(old, new);
+        if removed.is_empty() && added.is_empty() {
             continue;
         }
-        let (Some(old), Some(new)) = (row_sums(old)?, row_sums(new)?) else {
+        if let (Some(a), Some(b)) = (old.first(), new.first())
+            && file_schema(a)? != file_schema(b)?
+        {
+            tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
+            return Ok(None);
+        }
+        let (Some(gone), Some(came)) = (row_sums(&removed)?, row_sums(&added)?) else {
             return Ok(None);
         };
-        if old.schema != new.schema {
+        let first = new.first().map(|f| file_schema(f)).transpose()?;
+        if came.schema.is_some() && came.schema != first {
             tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
             return Ok(None);
         }
         keys.extend(
-            old.sums
+            gone.sums
                 .iter()
-                .filter(|(k, s)| new.sums.get(k) != Some(s))
+                .filter(|(k, s)| came.sums.get(k) != Some(s))
                 .map(|(k, _)| *k),
         );
         keys.extend(
-            new.sums
-                .keys()
-                .filter(|k| !old.sums.contains_key(k))
-                .copied(),
+            came.sums
+                .iter()
+                .filter(|(k, s)| gone.sums.get(k) != Some(s))
+                .map(|(k, _)| *k),
         );
     }
     let persons = crate::warehouse::parquet_rows(&core.join("person.parquet"))?;
     Ok(Some(Touched { keys, persons }))
 }
 
-/// The files of `new` that are not in `old`, when every file of `old`
-/// (at least one) is in `new` (by device and inode: hard-linked).
-pub(crate) fn added_files(old: &[PathBuf], new: &[PathBuf]) -> Option<Vec<PathBuf>> {
+/// The files of `old` that `new` does not have and those of `new` that
+/// `old` does not have, by device and inode (a file taken is hard-linked;
+/// one whose metadata cannot be read counts as not shared).
+pub(crate) fn file_diff(old: &[PathBuf], new: &[PathBuf]) -> (Vec<PathBuf>, Vec<PathBuf>) {
     use std::os::unix::fs::MetadataExt;
     let id = |p: &PathBuf| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-    let old: HashSet<(u64, u64)> = old.iter().map(id).collect::<Option<_>>()?;
-    let (mut kept, mut added) = (0, Vec::new());
-    for f in new {
-        match id(f) {
-            Some(i) if old.contains(&i) => kept += 1,
-            _ => added.push(f.clone()),
-        }
-    }
-    (kept > 0 && kept == old.len()).then_some(added)
+    let ids = |files: &[PathBuf]| -> HashSet<(u64, u64)> { files.iter().filter_map(id).collect() };
+    let (old_ids, new_ids) = (ids(old), ids(new));
+    let only = |files: &[PathBuf], other: &HashSet<(u64, u64)>| -> Vec<PathBuf> {
+        files
+            .iter()
+            .filter(|f| id(f).is_none_or(|i| !other.contains(&i)))
+            .cloned()
+            .collect()
+    };
+    (only(old, &new_ids), only(new, &old_ids))
+}
+
+/// The files of `new` that are not in `old`, when every file of `old` (at
+/// least one) is in `new`.
+pub(crate) fn added_files(old: &[PathBuf], new: &[PathBuf]) -> Option<Vec<PathBuf>> {
+    let (removed, added) = file_diff(old, new);
+    (!old.is_empty() && removed.is_empty()).then_some(added)
 }
 
 fn file_schema(path: &Path) -> Result<SchemaRef> {

@@ -599,6 +599,8 @@ fn run_stages(
     // The report only: the links are in person_link.parquet, and the later
     // stages read them from there.
     let mut links_warning = None;
+    // The persons whose records moved, when linkage ran against earlier links.
+    let mut relinked = None;
     let linkage = stage_or_reuse(
         manifest,
         "link",
@@ -631,7 +633,9 @@ fn run_stages(
                 refit: night.rebuild == runs::Rebuild::Refit,
                 incremental: night.rebuild == runs::Rebuild::Incremental,
             };
-            Ok(link::link(&warehouse, &config.link, &earlier)?.report)
+            let linkage = link::link(&warehouse, &config.link, &earlier)?;
+            relinked = linkage.report.links_changed.map(|_| linkage.relinked);
+            Ok(linkage.report)
         },
     )?;
     manifest.warnings.extend(links_warning);
@@ -643,10 +647,14 @@ fn run_stages(
     manifest
         .warnings
         .extend(linkage.warnings.iter().map(|w| format!("linkage: {w}")));
+    let relinked = match link_reused {
+        true => Some(std::collections::BTreeSet::new()),
+        false => relinked,
+    };
     let core = build_core(
         night,
         &fingerprints,
-        (link_reused, linkage.links_changed == Some(0)),
+        (link_reused, relinked.as_ref()),
         &state,
         &warehouse,
         manifest,
@@ -896,26 +904,30 @@ const RECOMPUTE_SHARE: f64 = 0.5;
 /// those of the current run is taken from it; one whose staged files are
 /// the current run's and more is taken and appended to (see
 /// [`appendable`]); the others are built. The linkage is the current run's
-/// when the link stage was reused, or (`links_kept`) when it linked again
-/// and every earlier record kept its person. The stage counts as reused
-/// when every table was taken.
+/// when the link stage was reused; when it linked again against the
+/// current run's links, `relinked` names the persons whose records moved:
+/// their rows are built again in each table taken
+/// ([`link::build::rebuild_persons`]), every other person's stay. The
+/// stage counts as reused when every table was taken as it was.
 fn build_core(
     night: &Night,
     fingerprints: &BTreeMap<String, String>,
-    (link_reused, links_kept): (bool, bool),
+    (link_reused, relinked): (bool, Option<&std::collections::BTreeSet<String>>),
     state: &warehouse::IngestState,
     warehouse: &warehouse::Warehouse,
     manifest: &mut runs::Manifest,
 ) -> Result<link::build::BuildReport> {
-    let from = match link_reused {
-        true => night.previous.reusable(night, fingerprints, "link"),
-        false if links_kept && night.rebuild == runs::Rebuild::Incremental => night
+    let from = match (link_reused, relinked) {
+        (true, _) => night.previous.reusable(night, fingerprints, "link"),
+        (false, Some(_)) if night.rebuild == runs::Rebuild::Incremental => night
             .previous
             .dir
             .as_deref()
             .zip(night.previous.manifest.as_ref()),
-        false => None,
+        _ => None,
     };
+    let no_one = std::collections::BTreeSet::new();
+    let relinked = relinked.unwrap_or(&no_one);
     let (mut taken, mut appended, mut warnings) = (Vec::new(), Vec::new(), Vec::new());
     let run_id = manifest.run_id.clone();
     let report = stage(manifest, "build", || {
@@ -944,20 +956,34 @@ fn build_core(
             };
             let path = format!("core/{}", table.name());
             let new = new.filter(|files| !files.is_empty());
-            let same = same || new.is_none();
+            let mut same = same || new.is_none();
             let added = runs::adopt(dir, night.run_dir, &[&path], &m.outputs).and_then(|_| {
-                new.map_or(Ok(Some(0)), |new| {
-                    let file = link::build::appended_file(&run_id);
-                    link::build::append_table(warehouse, table, new, &file)
+                let mut rows = rows;
+                if !relinked.is_empty() {
+                    let file = link::build::relinked_file(&run_id);
+                    if let Some((removed, added)) =
+                        link::build::rebuild_persons(warehouse, table, relinked, &file)?
+                    {
+                        same = false;
+                        rows = rows.saturating_sub(removed) + added;
+                    }
+                }
+                Ok(match new {
+                    None => Some(rows),
+                    Some(new) => {
+                        let file = link::build::appended_file(&run_id);
+                        link::build::append_table(warehouse, table, new, &file, relinked)?
+                            .map(|added| rows + added)
+                    }
                 })
             });
             match added {
-                Ok(Some(added)) => {
+                Ok(Some(rows)) => {
                     match same {
                         true => taken.push(table.name().to_string()),
                         false => appended.push(table.name().to_string()),
                     }
-                    report.push((table, rows + added));
+                    report.push((table, rows));
                 }
                 Ok(None) => {
                     let _ = std::fs::remove_dir_all(night.run_dir.join(&path));

@@ -131,6 +131,12 @@ pub fn appended_file(run_id: &str) -> String {
     format!("part-{run_id}.parquet")
 }
 
+/// The file a night whose linkage moved records (run `run_id`) adds to a
+/// core table's folder with the rows of the persons concerned.
+pub fn relinked_file(run_id: &str) -> String {
+    format!("part-{run_id}-relinked.parquet")
+}
+
 /// How many of the files in the core table folder `dir` appending nights
 /// added (those that are not a build's numbered `part-<n>.parquet`).
 pub fn appended_files(dir: &Path) -> Result<usize> {
@@ -160,6 +166,7 @@ pub fn append_table(
     table: Table,
     new: Vec<std::path::PathBuf>,
     file: &str,
+    relinked: &std::collections::BTreeSet<String>,
 ) -> Result<Option<u64>> {
     let core = warehouse.out().join("core");
     let dir = core.join(table.name());
@@ -172,7 +179,16 @@ pub fn append_table(
         let staged = warehouse.staging_table_dir(table);
         crate::engine::register_parquet_files(&ctx, "staged_new", &staged, new, table.schema())?;
         register_links(&ctx, &core).await?;
-        let joined = ctx.sql(&linked_rows("staged_new", "")).await.map_err(err)?;
+        // The relinked persons' rows are built with theirs
+        // ([`rebuild_persons`]).
+        let filter = match relinked.is_empty() {
+            true => String::new(),
+            false => format!(" WHERE l.person_id NOT IN ({})", in_list(relinked)),
+        };
+        let joined = ctx
+            .sql(&format!("{}{filter}", linked_rows("staged_new", "")))
+            .await
+            .map_err(err)?;
         ctx.register_table("part_rows", joined.into_view())
             .map_err(err)?;
         if let Some(key) = fact_key(table) {
@@ -199,6 +215,170 @@ pub fn append_table(
         tracing::info!(table = table.name(), rows, file, "core table appended to");
         Ok(Some(rows))
     })
+}
+
+/// Builds again, in the core table `table` of the warehouse's output (the
+/// current run's files, taken), the rows of `persons`: those whose records
+/// were linked to another person tonight (see [`super::Linkage::relinked`]).
+/// Their rows leave the files that hold them (each such file is written
+/// anew without them; the others stay as they are), and every staged row
+/// now linked to one of them is built into the new file `file`, as a
+/// build of the whole table would build it: their facts are de-duplicated
+/// among themselves, and no other person's row can be one of their facts.
+/// Returns the rows removed and added, `None` when the table holds no row
+/// of them and gains none.
+pub fn rebuild_persons(
+    warehouse: &Warehouse,
+    table: Table,
+    persons: &std::collections::BTreeSet<String>,
+    file: &str,
+) -> Result<Option<(u64, u64)>> {
+    let core = warehouse.out().join("core");
+    let dir = core.join(table.name());
+    let mut removed = 0;
+    for path in crate::warehouse::parquet_files(&dir)? {
+        if holds_any(&path, persons)? {
+            removed += without_persons(warehouse, &path, persons)?;
+        }
+    }
+    let out = dir.join(file);
+    let err = |e: datafusion::error::DataFusionError| {
+        WardError::data("building persons' core rows again", &out, e)
+    };
+    let added = crate::engine::block_on(async {
+        let ctx = crate::engine::session(SessionConfig::new())?;
+        crate::engine::register_staging(&ctx, warehouse).await?;
+        register_links(&ctx, &core).await?;
+        let sql = format!(
+            "SELECT l.person_id, f.* FROM staging_{} f JOIN \
+             (SELECT * FROM person_link WHERE person_id IN ({})) l \
+             ON l.source = f.source AND l.source_patient_id = f.source_patient_id",
+            table.name(),
+            in_list(persons)
+        );
+        let joined = ctx.sql(&sql).await.map_err(err)?;
+        ctx.register_table("part_rows", joined.into_view())
+            .map_err(err)?;
+        let tmp = warehouse.tmp_path(&out);
+        let rows = write(&ctx, &part_sql(table), &tmp).await?;
+        match rows {
+            0 => std::fs::remove_file(&tmp).map_err(|e| WardError::io("cannot remove", &tmp, e))?,
+            _ => warehouse.publish_file(&tmp, &out)?,
+        }
+        Ok(rows)
+    })?;
+    tracing::info!(
+        table = table.name(),
+        persons = persons.len(),
+        removed,
+        added,
+        "core rows of relinked persons built again"
+    );
+    Ok((removed > 0 || added > 0).then_some((removed, added)))
+}
+
+/// `persons` as SQL string literals, comma-separated.
+fn in_list(persons: &std::collections::BTreeSet<String>) -> String {
+    persons
+        .iter()
+        .map(|p| format!("'{}'", p.replace('\'', "''")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Whether the core file `path` holds a row of one of `persons`: row groups
+/// whose `person_id` range holds none are not read.
+fn holds_any(path: &Path, persons: &std::collections::BTreeSet<String>) -> Result<bool> {
+    use datafusion::parquet::arrow::ProjectionMask;
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let err = |e: datafusion::parquet::errors::ParquetError| {
+        WardError::data("finding persons in a core table", path, e)
+    };
+    let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(err)?;
+    let Some(column) = builder
+        .parquet_schema()
+        .columns()
+        .iter()
+        .position(|c| c.name() == "person_id")
+    else {
+        return Ok(true);
+    };
+    let groups: Vec<usize> = builder
+        .metadata()
+        .row_groups()
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| {
+            let stats = g.column(column).statistics();
+            fn bound(b: Option<&[u8]>) -> Option<&str> {
+                b.and_then(|b| std::str::from_utf8(b).ok())
+            }
+            match stats.map(|s| (bound(s.min_bytes_opt()), bound(s.max_bytes_opt()))) {
+                Some((Some(min), Some(max))) => persons
+                    .range::<str, _>((
+                        std::ops::Bound::Included(min),
+                        std::ops::Bound::Included(max),
+                    ))
+                    .next()
+                    .is_some(),
+                _ => true,
+            }
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if groups.is_empty() {
+        return Ok(false);
+    }
+    let mask = ProjectionMask::leaves(builder.parquet_schema(), [column]);
+    let reader = builder
+        .with_row_groups(groups)
+        .with_projection(mask)
+        .build()
+        .map_err(err)?;
+    for batch in reader {
+        let batch =
+            batch.map_err(|e| WardError::data("finding persons in a core table", path, e))?;
+        let ids = crate::engine::text(batch.column(0))
+            .map_err(|e| WardError::data("finding persons in a core table", path, e))?;
+        if ids.iter().flatten().any(|id| persons.contains(id)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Writes the core file `path` anew without the rows of `persons` (a new
+/// file in its place: the run it was taken from keeps its own); returns
+/// the rows removed.
+fn without_persons(
+    warehouse: &Warehouse,
+    path: &Path,
+    persons: &std::collections::BTreeSet<String>,
+) -> Result<u64> {
+    use datafusion::arrow::array::{Array, BooleanArray};
+    let err = |e: String| WardError::data("removing persons' core rows", path, e);
+    let batches = crate::warehouse::read_parquet(path, "removing persons' core rows")?;
+    let Some(schema) = batches.first().map(|b| b.schema()) else {
+        return Ok(0);
+    };
+    let mut writer = warehouse.parquet_writer(path, schema)?;
+    let mut removed = 0;
+    for b in &batches {
+        let ids = b
+            .column_by_name("person_id")
+            .ok_or_else(|| err("no person_id column".into()))?;
+        let ids = crate::engine::text(ids).map_err(|e| err(e.to_string()))?;
+        let keep: BooleanArray = (0..ids.len())
+            .map(|i| Some(ids.is_null(i) || !persons.contains(ids.value(i))))
+            .collect();
+        let kept = datafusion::arrow::compute::filter_record_batch(b, &keep)
+            .map_err(|e| err(e.to_string()))?;
+        removed += (b.num_rows() - kept.num_rows()) as u64;
+        writer.write(&kept)?;
+    }
+    writer.finish()?;
+    Ok(removed)
 }
 
 /// Registers the linkage's `core/person_link.parquet` under `core` as

@@ -191,6 +191,10 @@ pub struct Linkage {
     pub report: LinkReport,
     /// One per staged patient record, in (source, id) order.
     pub links: Vec<PersonLink>,
+    /// The persons whose records changed: of each earlier record that is
+    /// gone or belongs to another person now, its person before and now.
+    /// Their core rows are built again; every other person's stay.
+    pub relinked: BTreeSet<String>,
 }
 
 /// Blocking rules: a pair is compared when any of them holds (keys on
@@ -668,7 +672,8 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
     report.accepted_pairs = scored.len() as u64;
     let (roots, joined_by) = cluster(&recs, &scored, &labels, opts, &mut report, &mut review);
     drop(scored);
-    let links = person_links(&recs, &roots, &joined_by, earlier.links, opts, &mut report);
+    let (links, relinked) =
+        person_links(&recs, &roots, &joined_by, earlier.links, opts, &mut report);
 
     // Clerical review: what a reviewer should look at, most probable first,
     // without the pairs already labelled.
@@ -683,7 +688,11 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
 
     drop((recs, roots, joined_by));
     write_outputs(warehouse, &raw, &links)?;
-    Ok(Linkage { report, links })
+    Ok(Linkage {
+        report,
+        links,
+        relinked,
+    })
 }
 
 /// A pair worth keeping: match weight, the two records, the blocking rule,
@@ -845,9 +854,12 @@ fn person_links(
     previous: &[PersonLink],
     opts: &LinkOptions,
     report: &mut LinkReport,
-) -> Vec<PersonLink> {
+) -> (Vec<PersonLink>, BTreeSet<String>) {
     let (person_ids, carried) = assign_person_ids(recs, roots, previous);
     report.ids_carried_forward = carried;
+    // The persons of the earlier records that are gone or moved: before
+    // and now.
+    let mut relinked = BTreeSet::new();
     if !previous.is_empty() {
         let now: HashMap<(&str, &str), &str> = recs
             .iter()
@@ -859,14 +871,16 @@ fn person_links(
                 )
             })
             .collect();
-        let changed = previous
-            .iter()
-            .filter(|l| {
-                now.get(&(l.source.as_str(), l.source_patient_id.as_str()))
-                    != Some(&l.person_id.as_str())
-            })
-            .count();
-        report.links_changed = Some(changed as u64);
+        let mut changed = 0;
+        for l in previous {
+            let person = now.get(&(l.source.as_str(), l.source_patient_id.as_str()));
+            if person != Some(&l.person_id.as_str()) {
+                changed += 1;
+                relinked.insert(l.person_id.clone());
+                relinked.extend(person.map(|p| p.to_string()));
+            }
+        }
+        report.links_changed = Some(changed);
     }
     let mut links = Vec::with_capacity(recs.len());
     let mut members: HashMap<u32, usize> = HashMap::new();
@@ -894,7 +908,7 @@ fn person_links(
         .collect();
     report.persons_without_birth_date = report.persons - dated.len() as u64;
     report.linked_persons = members.values().filter(|&&m| m > 1).count() as u64;
-    links
+    (links, relinked)
 }
 
 /// At most this many pairs in `core/link_review.csv`, most probable first.

@@ -633,3 +633,45 @@ fn new_patients_are_linked_with_the_kept_model_as_a_full_rebuild_would() {
     let grown = run_all(&eager);
     assert_eq!(mode(&grown), (LinkMode::Fitted, records + 3, records + 3));
 }
+
+#[test]
+fn persons_a_reviewer_joins_have_their_core_rows_built_again_and_no_one_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = PipelineConfig::load(&copy_sample(tmp.path())).unwrap();
+    let first = run_all(&config);
+    // A reviewer says two of the clinic's patients are one person.
+    let labels = tmp.path().join("labels.csv");
+    fs::write(
+        &labels,
+        "source_a,source_patient_id_a,source_b,source_patient_id_b,decision\n\
+         northside_clinic,AA0000002,northside_clinic,AA0000003,match\n",
+    )
+    .unwrap();
+    let mut reviewed = config.clone();
+    reviewed.link.labels = Some(labels);
+    let second = run_all(&reviewed);
+    let linkage = second.manifest.linkage.as_ref().unwrap();
+    assert_eq!(
+        (linkage.mode, linkage.blocked_records),
+        (LinkMode::Incremental, 0)
+    );
+    // The records of one of the two persons moved to the other.
+    assert!(linkage.links_changed.is_some_and(|n| n >= 1), "{linkage:?}");
+    // No core table is built whole: the two persons' rows are built again
+    // in the tables that hold them, the others are taken.
+    let build = &second.manifest.stages[2];
+    assert_eq!(build.stage, "build");
+    assert!(!build.appended_tables.is_empty());
+    assert!(build.appended_tables.iter().any(|t| t == "observation"));
+    assert_eq!(
+        build.appended_tables.len() + build.reused_tables.len(),
+        ward::link::build::fact_tables().count()
+    );
+    // The measures are computed for the persons whose rows changed.
+    let measures = &second.manifest.stages[4];
+    let recomputed = measures.recomputed.as_ref().unwrap();
+    assert!((1..=2).contains(&recomputed.persons), "{recomputed:?}");
+    let full = run_with(&reviewed, Rebuild::Full);
+    assert_eq!(derived(&full.run_dir), derived(&second.run_dir));
+    assert_eq!(figures(&full), figures(&second));
+}

@@ -958,36 +958,22 @@ fn build_core(
             let new = new.filter(|files| !files.is_empty());
             let mut same = same || new.is_none();
             let added = runs::adopt(dir, night.run_dir, &[&path], &m.outputs).and_then(|_| {
-                let mut rows = rows;
-                if !relinked.is_empty() {
-                    let file = link::build::relinked_file(&run_id);
-                    if let Some((removed, added)) =
-                        link::build::rebuild_persons(warehouse, table, relinked, &file)?
-                    {
-                        same = false;
-                        rows = rows.saturating_sub(removed) + added;
-                    }
+                if new.is_none() && relinked.is_empty() {
+                    return Ok(rows);
                 }
-                Ok(match new {
-                    None => Some(rows),
-                    Some(new) => {
-                        let file = link::build::appended_file(&run_id);
-                        link::build::append_table(warehouse, table, new, &file, relinked)?
-                            .map(|added| rows + added)
-                    }
-                })
+                let new = new.unwrap_or_default();
+                let changed = link::build::update_table(warehouse, table, new, relinked, &run_id)?;
+                same = changed.is_none();
+                let (removed, added) = changed.unwrap_or((0, 0));
+                Ok(rows.saturating_sub(removed) + added)
             });
             match added {
-                Ok(Some(rows)) => {
+                Ok(rows) => {
                     match same {
                         true => taken.push(table.name().to_string()),
                         false => appended.push(table.name().to_string()),
                     }
                     report.push((table, rows));
-                }
-                Ok(None) => {
-                    let _ = std::fs::remove_dir_all(night.run_dir.join(&path));
-                    build.push(table);
                 }
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(night.run_dir.join(&path));

@@ -151,83 +151,109 @@ pub fn appended_files(dir: &Path) -> Result<usize> {
         .count())
 }
 
-/// Adds to the core table `table` the core rows of the staged files `new`,
-/// as the one file `file` in its folder `core/<table>/`, which already
-/// holds a build of the other staged files with the same linkage (the
-/// current run's, taken). The rows added, or `None` (nothing written) when
-/// one of them is the same fact (person and [`fact_key`]) as a row already
-/// there: merging them changes that row, so the table is built again.
-///
-/// The table then holds what a build of every staged file would: the new
-/// rows' facts are de-duplicated among themselves as a build does, and
-/// share no fact with the rows already there.
-pub fn append_table(
+/// Brings a core table taken from the current run (in the warehouse's
+/// output, `core/<table>/`, built from the other staged files with the same
+/// links for everyone but `relinked`) up to a build of every staged file:
+/// the rows of `relinked` persons, and of persons a row of the staged files
+/// `new` repeats a fact of (same person and [`fact_key`]: merging them
+/// changes that row), are built again ([`rebuild_persons`], into
+/// [`relinked_file`]); the other new rows are appended as one file
+/// ([`appended_file`]), de-duplicated among themselves as a build does.
+/// Returns the rows removed and added; `None` when nothing changed.
+pub fn update_table(
     warehouse: &Warehouse,
     table: Table,
     new: Vec<std::path::PathBuf>,
-    file: &str,
     relinked: &std::collections::BTreeSet<String>,
-) -> Result<Option<u64>> {
+    run_id: &str,
+) -> Result<Option<(u64, u64)>> {
     let core = warehouse.out().join("core");
     let dir = core.join(table.name());
-    let out = dir.join(file);
+    let out = dir.join(appended_file(run_id));
     let err = |e: datafusion::error::DataFusionError| {
         WardError::data("appending to a core table", &out, e)
     };
     crate::engine::block_on(async {
         let ctx = crate::engine::session(SessionConfig::new())?;
-        let staged = warehouse.staging_table_dir(table);
-        crate::engine::register_parquet_files(&ctx, "staged_new", &staged, new, table.schema())?;
-        register_links(&ctx, &core).await?;
-        // The relinked persons' rows are built with theirs
-        // ([`rebuild_persons`]).
-        let filter = match relinked.is_empty() {
-            true => String::new(),
-            false => format!(" WHERE l.person_id NOT IN ({})", in_list(relinked)),
-        };
-        let joined = ctx
-            .sql(&format!("{}{filter}", linked_rows("staged_new", "")))
-            .await
-            .map_err(err)?;
-        ctx.register_table("part_rows", joined.into_view())
-            .map_err(err)?;
-        if let Some(key) = fact_key(table) {
-            ctx.register_parquet(
-                "core_rows",
-                format!("{}/", dir.display()),
-                datafusion::prelude::ParquetReadOptions::default(),
-            )
-            .await
-            .map_err(err)?;
-            let same = same_fact(&person_key(key));
-            let sql = format!("SELECT count(*) FROM part_rows j JOIN core_rows d ON {same}");
-            if count(&ctx, &sql, &dir).await? > 0 {
-                tracing::info!(
-                    table = table.name(),
-                    "new staged rows repeat facts already in the core table: built again"
+        let mut persons = relinked.clone();
+        if !new.is_empty() {
+            let staged = warehouse.staging_table_dir(table);
+            crate::engine::register_parquet_files(
+                &ctx,
+                "staged_new",
+                &staged,
+                new,
+                table.schema(),
+            )?;
+            register_links(&ctx, &core).await?;
+            let joined = ctx.sql(&linked_rows("staged_new", "")).await.map_err(err)?;
+            ctx.register_table("new_rows", joined.into_view())
+                .map_err(err)?;
+            if let Some(key) = fact_key(table) {
+                ctx.register_parquet(
+                    "core_rows",
+                    format!("{}/", dir.display()),
+                    datafusion::prelude::ParquetReadOptions::default(),
+                )
+                .await
+                .map_err(err)?;
+                let same = same_fact(&person_key(key));
+                let sql = format!(
+                    "SELECT DISTINCT j.person_id FROM new_rows j JOIN core_rows d ON {same}"
                 );
-                return Ok(None);
+                let repeated =
+                    crate::engine::collect_about(&ctx, &sql, "finding repeated facts", &dir)
+                        .await?;
+                for b in &repeated {
+                    let ids = crate::engine::text(b.column(0))
+                        .map_err(|e| WardError::data("finding repeated facts", &dir, e))?;
+                    persons.extend(ids.iter().flatten().map(str::to_string));
+                }
             }
         }
-        let tmp = warehouse.tmp_path(&out);
-        let rows = write(&ctx, &part_sql(table), &tmp).await?;
-        warehouse.publish_file(&tmp, &out)?;
-        tracing::info!(table = table.name(), rows, file, "core table appended to");
-        Ok(Some(rows))
+        let mut changed = match persons.is_empty() {
+            true => None,
+            false => {
+                rebuild_persons(&ctx, warehouse, table, &persons, &relinked_file(run_id)).await?
+            }
+        };
+        if ctx.table_exist("new_rows").map_err(err)? {
+            // The others' new rows.
+            let filter = match persons.is_empty() {
+                true => String::new(),
+                false => format!(" WHERE person_id NOT IN ({})", in_list(&persons)),
+            };
+            let rows = ctx
+                .sql(&format!("SELECT * FROM new_rows{filter}"))
+                .await
+                .map_err(err)?;
+            ctx.register_table("part_rows", rows.into_view())
+                .map_err(err)?;
+            let tmp = warehouse.tmp_path(&out);
+            let rows = write(&ctx, &part_sql(table), &tmp).await?;
+            if rows > 0 {
+                warehouse.publish_file(&tmp, &out)?;
+                tracing::info!(table = table.name(), rows, "core table appended to");
+                let (removed, added) = changed.unwrap_or((0, 0));
+                changed = Some((removed, added + rows));
+            } else {
+                std::fs::remove_file(&tmp).map_err(|e| WardError::io("cannot remove", &tmp, e))?;
+            }
+        }
+        Ok(changed)
     })
 }
 
 /// Builds again, in the core table `table` of the warehouse's output (the
-/// current run's files, taken), the rows of `persons`: those whose records
-/// were linked to another person tonight (see [`super::Linkage::relinked`]).
-/// Their rows leave the files that hold them (each such file is written
-/// anew without them; the others stay as they are), and every staged row
-/// now linked to one of them is built into the new file `file`, as a
-/// build of the whole table would build it: their facts are de-duplicated
-/// among themselves, and no other person's row can be one of their facts.
-/// Returns the rows removed and added, `None` when the table holds no row
-/// of them and gains none.
-pub fn rebuild_persons(
+/// current run's files, taken), the rows of `persons`: their rows leave
+/// the files that hold them (each such file is written anew without them;
+/// the others stay as they are), and every staged row now linked to one of
+/// them (read from the staging of the sources that have a record of them)
+/// is built into the new file `file`, de-duplicated among themselves as a
+/// build does. Returns the rows removed and added, `None` when the table
+/// holds no row of them and gains none.
+async fn rebuild_persons(
+    ctx: &SessionContext,
     warehouse: &Warehouse,
     table: Table,
     persons: &std::collections::BTreeSet<String>,
@@ -245,34 +271,52 @@ pub fn rebuild_persons(
     let err = |e: datafusion::error::DataFusionError| {
         WardError::data("building persons' core rows again", &out, e)
     };
-    let added = crate::engine::block_on(async {
-        let ctx = crate::engine::session(SessionConfig::new())?;
-        crate::engine::register_staging(&ctx, warehouse).await?;
-        register_links(&ctx, &core).await?;
-        let sql = format!(
-            "SELECT l.person_id, f.* FROM staging_{} f JOIN \
-             (SELECT * FROM person_link WHERE person_id IN ({})) l \
-             ON l.source = f.source AND l.source_patient_id = f.source_patient_id",
-            table.name(),
-            in_list(persons)
-        );
-        let joined = ctx.sql(&sql).await.map_err(err)?;
-        ctx.register_table("part_rows", joined.into_view())
-            .map_err(err)?;
-        let tmp = warehouse.tmp_path(&out);
-        let rows = write(&ctx, &part_sql(table), &tmp).await?;
-        match rows {
-            0 => std::fs::remove_file(&tmp).map_err(|e| WardError::io("cannot remove", &tmp, e))?,
-            _ => warehouse.publish_file(&tmp, &out)?,
+    if !ctx.table_exist("person_link").map_err(err)? {
+        register_links(ctx, &core).await?;
+    }
+    ctx.sql(&format!(
+        "CREATE VIEW relinked_links AS SELECT * FROM person_link WHERE person_id IN ({})",
+        in_list(persons)
+    ))
+    .await
+    .map_err(err)?;
+    let sources = crate::engine::collect_about(
+        ctx,
+        "SELECT DISTINCT source FROM relinked_links",
+        "finding persons' sources",
+        &dir,
+    )
+    .await?;
+    let mut files = Vec::new();
+    for b in &sources {
+        let names = crate::engine::text(b.column(0))
+            .map_err(|e| WardError::data("finding persons' sources", &dir, e))?;
+        for source in names.iter().flatten() {
+            files.extend(crate::warehouse::parquet_files(
+                &warehouse.staging_dir(table, source),
+            )?);
         }
-        Ok(rows)
-    })?;
+    }
+    let staged = warehouse.staging_table_dir(table);
+    crate::engine::register_parquet_files(ctx, "staged_relinked", &staged, files, table.schema())?;
+    let sql = "SELECT l.person_id, f.* FROM staged_relinked f JOIN relinked_links l \
+               ON l.source = f.source AND l.source_patient_id = f.source_patient_id";
+    let joined = ctx.sql(sql).await.map_err(err)?;
+    ctx.register_table("part_rows", joined.into_view())
+        .map_err(err)?;
+    let tmp = warehouse.tmp_path(&out);
+    let added = write(ctx, &part_sql(table), &tmp).await?;
+    ctx.deregister_table("part_rows").map_err(err)?;
+    match added {
+        0 => std::fs::remove_file(&tmp).map_err(|e| WardError::io("cannot remove", &tmp, e))?,
+        _ => warehouse.publish_file(&tmp, &out)?,
+    }
     tracing::info!(
         table = table.name(),
         persons = persons.len(),
         removed,
         added,
-        "core rows of relinked persons built again"
+        "core rows of persons built again"
     );
     Ok((removed > 0 || added > 0).then_some((removed, added)))
 }

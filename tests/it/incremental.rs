@@ -287,12 +287,13 @@ fn new_facts_keep_the_linkage_and_rebuild_the_rest_as_a_full_rebuild_would() {
     assert_eq!(json(&full), json(&second));
     assert_eq!(derived(&full.run_dir), derived(&second.run_dir));
     assert_eq!(figures(&full), figures(&second));
-    // A fact the core already holds (another id, the same result): the
-    // observations are built again, no person changed, nothing is computed.
+    // A fact the core already holds (another id, the same result): that
+    // person's observations are built again, they are what they were, and
+    // nothing is computed.
     add_hba1c(tmp.path(), "R98");
     let third = run_all(&config);
     assert_eq!(third.manifest.stages[2].reused_tables, tables);
-    assert!(third.manifest.stages[2].appended_tables.is_empty());
+    assert_eq!(third.manifest.stages[2].appended_tables, ["observation"]);
     assert_eq!(
         third.manifest.stages[4]
             .recomputed
@@ -393,19 +394,15 @@ fn a_new_file_of_facts_is_appended_and_publishes_what_a_full_rebuild_does() {
     assert_eq!(figures(&full), figures(&second));
 
     // A file repeating a fact the core holds (another id, the same
-    // result): appending would leave the fact twice, so the observations
-    // are built again, into what the full rebuild holds.
+    // result): appending would leave the fact twice, so that person's
+    // observations are built again, into what the full rebuild holds.
     deliver_hba1c(tmp.path(), "results_3.csv", "N2", "06/03/2025 09:15");
     let third = run_all(&config);
     let build = &third.manifest.stages[2];
     assert_eq!(build.reused_tables, others);
-    assert!(build.appended_tables.is_empty());
-    assert!(
-        files(&third, "core/observation")
-            .iter()
-            .all(|f| !f.contains('T')),
-        "a build writes numbered parts only"
-    );
+    assert_eq!(build.appended_tables, ["observation"]);
+    let relinked = ward::link::build::relinked_file(&third.run_id);
+    assert!(files(&third, "core/observation").contains(&relinked));
     assert_eq!(derived(&third.run_dir), derived(&full.run_dir));
 }
 
@@ -638,7 +635,7 @@ fn new_patients_are_linked_with_the_kept_model_as_a_full_rebuild_would() {
 fn persons_a_reviewer_joins_have_their_core_rows_built_again_and_no_one_else() {
     let tmp = tempfile::tempdir().unwrap();
     let config = PipelineConfig::load(&copy_sample(tmp.path())).unwrap();
-    let first = run_all(&config);
+    run_all(&config);
     // A reviewer says two of the clinic's patients are one person.
     let labels = tmp.path().join("labels.csv");
     fs::write(

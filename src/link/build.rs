@@ -153,13 +153,16 @@ pub fn appended_files(dir: &Path) -> Result<usize> {
 
 /// Brings a core table taken from the current run (in the warehouse's
 /// output, `core/<table>/`, built from the other staged files with the same
-/// links for everyone but `relinked`) up to a build of every staged file:
-/// the rows of `relinked` persons, and of persons a row of the staged files
-/// `new` repeats a fact of (same person and [`fact_key`]: merging them
-/// changes that row), are built again ([`rebuild_persons`], into
-/// [`relinked_file`]); the other new rows are appended as one file
-/// ([`appended_file`]), de-duplicated among themselves as a build does.
-/// Returns the rows removed and added; `None` when nothing changed.
+/// links for everyone but `relinked`) up to a build of every staged file.
+/// A row of the staged files `new` that repeats a fact the table holds
+/// (same person and [`fact_key`]) changes nothing when its source already
+/// reported the fact and a report of it comes first in (source, file, line)
+/// order (the row keeps its columns); otherwise it changes the row, and its
+/// person's rows are built again with the `relinked` persons' (
+/// [`rebuild_persons`], into [`relinked_file`]). The other new rows are
+/// appended as one file ([`appended_file`]), de-duplicated among themselves
+/// as a build does. Returns the rows removed and added; `None` when nothing
+/// changed.
 pub fn update_table(
     warehouse: &Warehouse,
     table: Table,
@@ -176,6 +179,9 @@ pub fn update_table(
     crate::engine::block_on(async {
         let ctx = crate::engine::session(SessionConfig::new())?;
         let mut persons = relinked.clone();
+        // The others' new rows, but those that repeat a fact the table
+        // holds without changing its row.
+        let mut appended = None;
         if !new.is_empty() {
             let staged = warehouse.staging_table_dir(table);
             crate::engine::register_parquet_files(
@@ -189,6 +195,7 @@ pub fn update_table(
             let joined = ctx.sql(&linked_rows("staged_new", "")).await.map_err(err)?;
             ctx.register_table("new_rows", joined.into_view())
                 .map_err(err)?;
+            let mut rows = "new_rows".to_string();
             if let Some(key) = fact_key(table) {
                 ctx.register_parquet(
                     "core_rows",
@@ -198,48 +205,61 @@ pub fn update_table(
                 .await
                 .map_err(err)?;
                 let same = same_fact(&person_key(key));
+                // A repeat changes the fact's row when its source is not
+                // among the row's reporters or it comes first in (source,
+                // file, line) order: its person is built again.
                 let sql = format!(
-                    "SELECT DISTINCT j.person_id FROM new_rows j JOIN core_rows d ON {same}"
+                    "SELECT DISTINCT j.person_id FROM new_rows j JOIN core_rows d ON {same} \
+                     WHERE NOT array_has(d.reported_by, j.source) OR j.source < d.source \
+                       OR (j.source = d.source AND (j.source_file < d.source_file \
+                         OR (j.source_file = d.source_file AND j.source_line < d.source_line)))"
                 );
-                let repeated =
+                let changing =
                     crate::engine::collect_about(&ctx, &sql, "finding repeated facts", &dir)
                         .await?;
-                for b in &repeated {
+                for b in &changing {
                     let ids = crate::engine::text(b.column(0))
                         .map_err(|e| WardError::data("finding repeated facts", &dir, e))?;
                     persons.extend(ids.iter().flatten().map(str::to_string));
                 }
+                rows = format!("(SELECT j.* FROM new_rows j LEFT ANTI JOIN core_rows d ON {same})");
             }
-        }
-        let mut changed = match persons.is_empty() {
-            true => None,
-            false => {
-                rebuild_persons(&ctx, warehouse, table, &persons, &relinked_file(run_id)).await?
+            if !persons.is_empty() {
+                rows = format!(
+                    "(SELECT * FROM {rows} WHERE person_id NOT IN ({}))",
+                    in_list(&persons)
+                );
             }
-        };
-        if ctx.table_exist("new_rows").map_err(err)? {
-            // The others' new rows.
-            let filter = match persons.is_empty() {
-                true => String::new(),
-                false => format!(" WHERE person_id NOT IN ({})", in_list(&persons)),
-            };
             let rows = ctx
-                .sql(&format!("SELECT * FROM new_rows{filter}"))
+                .sql(&format!("SELECT * FROM {rows}"))
                 .await
                 .map_err(err)?;
             ctx.register_table("part_rows", rows.into_view())
                 .map_err(err)?;
             let tmp = warehouse.tmp_path(&out);
             let rows = write(&ctx, &part_sql(table), &tmp).await?;
+            ctx.deregister_table("part_rows").map_err(err)?;
             if rows > 0 {
                 warehouse.publish_file(&tmp, &out)?;
                 tracing::info!(table = table.name(), rows, "core table appended to");
-                let (removed, added) = changed.unwrap_or((0, 0));
-                changed = Some((removed, added + rows));
+                appended = Some(rows);
             } else {
                 std::fs::remove_file(&tmp).map_err(|e| WardError::io("cannot remove", &tmp, e))?;
             }
         }
+        let rebuilt = match persons.is_empty() {
+            true => None,
+            false => {
+                rebuild_persons(&ctx, warehouse, table, &persons, &relinked_file(run_id)).await?
+            }
+        };
+        let changed = match (rebuilt, appended) {
+            (None, None) => None,
+            (rebuilt, appended) => {
+                let (removed, added) = rebuilt.unwrap_or((0, 0));
+                Some((removed, added + appended.unwrap_or(0)))
+            }
+        };
         Ok(changed)
     })
 }

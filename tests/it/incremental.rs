@@ -287,13 +287,15 @@ fn new_facts_keep_the_linkage_and_rebuild_the_rest_as_a_full_rebuild_would() {
     assert_eq!(json(&full), json(&second));
     assert_eq!(derived(&full.run_dir), derived(&second.run_dir));
     assert_eq!(figures(&full), figures(&second));
-    // A fact the core already holds (another id, the same result): that
-    // person's observations are built again, they are what they were, and
-    // nothing is computed.
+    // A fact the core already holds, reported again later in the same
+    // file (another id, the same result): its row does not change, so
+    // every core table is taken and nothing is computed.
     add_hba1c(tmp.path(), "R98");
     let third = run_all(&config);
-    assert_eq!(third.manifest.stages[2].reused_tables, tables);
-    assert_eq!(third.manifest.stages[2].appended_tables, ["observation"]);
+    assert_eq!(
+        third.manifest.stages[2].reused_from.as_deref(),
+        Some(full.run_id.as_str())
+    );
     assert_eq!(
         third.manifest.stages[4]
             .recomputed
@@ -394,16 +396,27 @@ fn a_new_file_of_facts_is_appended_and_publishes_what_a_full_rebuild_does() {
     assert_eq!(figures(&full), figures(&second));
 
     // A file repeating a fact the core holds (another id, the same
-    // result): appending would leave the fact twice, so that person's
-    // observations are built again, into what the full rebuild holds.
-    deliver_hba1c(tmp.path(), "results_3.csv", "N2", "06/03/2025 09:15");
+    // result) that comes first in (source, file, line) order: the fact's
+    // row takes its columns, so that person's observations are built
+    // again, into what a full rebuild holds.
+    deliver_hba1c(tmp.path(), "results-0.csv", "N2", "06/03/2025 09:15");
     let third = run_all(&config);
     let build = &third.manifest.stages[2];
     assert_eq!(build.reused_tables, others);
     assert_eq!(build.appended_tables, ["observation"]);
     let relinked = ward::link::build::relinked_file(&third.run_id);
     assert!(files(&third, "core/observation").contains(&relinked));
+    let full = run_with(&config, Rebuild::Full);
     assert_eq!(derived(&third.run_dir), derived(&full.run_dir));
+    assert_ne!(derived(&third.run_dir), derived(&second.run_dir));
+    // Reported once more, last: nothing changes, every table is taken.
+    deliver_hba1c(tmp.path(), "results_4.csv", "N3", "06/03/2025 09:15");
+    let fourth = run_all(&config);
+    assert_eq!(
+        fourth.manifest.stages[2].reused_from.as_deref(),
+        Some(full.run_id.as_str())
+    );
+    assert_eq!(derived(&fourth.run_dir), derived(&full.run_dir));
 }
 
 #[test]

@@ -477,14 +477,16 @@ pub fn deid_taking(
     for table in Table::ALL.into_iter().filter(|t| *t != Table::Patient) {
         let (core, out) = (core_dir.join(table.name()), tmp.join(table.name()));
         let files = parquet_files(&core)?;
-        // The earlier run's research files, and the core files added since.
-        let mut added = Vec::new();
+        // The earlier run's research files, and the core files added and
+        // gone since (a file written anew is both).
+        let (mut added, mut gone) = (Vec::new(), Vec::new());
         let mut took = None;
         if let Some(e) = earlier.filter(|_| !opts.suppress_small_classes) {
             let before = parquet_files(&e.run_dir.join("core").join(table.name()))?;
-            if let Some(new) = crate::delta::added_files(&before, &files) {
+            let (removed, new) = crate::delta::file_diff(&before, &files);
+            if !before.is_empty() {
                 match take_table(e, table, &out) {
-                    Ok(counts) => (took, added) = (counts, new),
+                    Ok(counts) => (took, added, gone) = (counts, new, removed),
                     Err(e) => {
                         tracing::warn!(
                             table = table.name(),
@@ -498,9 +500,23 @@ pub fn deid_taking(
         let (counts, below) = match took {
             Some(mut counts) => {
                 let name = table.name().to_string();
-                if added.is_empty() {
+                if added.is_empty() && gone.is_empty() {
                     taken.tables.push(name);
                 } else {
+                    // A gone file's research rows go with it (of the same
+                    // name), and so do its counts.
+                    let schema = table_schema(table, opts.mode);
+                    for part in &gone {
+                        let mut less = TableCounts::default();
+                        deid_part(table, part, &schema, &ids, &small, opts, &mut less)?;
+                        counts.rows_in = counts.rows_in.saturating_sub(less.rows_in);
+                        counts.rows_out = counts.rows_out.saturating_sub(less.rows_out);
+                        counts.values_withheld =
+                            counts.values_withheld.saturating_sub(less.values_withheld);
+                        let research = out.join(part.file_name().unwrap_or_default());
+                        fs::remove_file(&research)
+                            .map_err(|e| WardError::io("cannot remove", &research, e))?;
+                    }
                     let (more, _) = deid_files(table, &added, &out, &scratch, &ids, &small, opts)?;
                     counts.rows_in += more.rows_in;
                     counts.rows_out += more.rows_out;

@@ -173,13 +173,6 @@ pub(crate) fn file_diff(old: &[PathBuf], new: &[PathBuf]) -> (Vec<PathBuf>, Vec<
     (only(old, &new_ids), only(new, &old_ids))
 }
 
-/// The files of `new` that are not in `old`, when every file of `old` (at
-/// least one) is in `new`.
-pub(crate) fn added_files(old: &[PathBuf], new: &[PathBuf]) -> Option<Vec<PathBuf>> {
-    let (removed, added) = file_diff(old, new);
-    (!old.is_empty() && removed.is_empty()).then_some(added)
-}
-
 fn file_schema(path: &Path) -> Result<SchemaRef> {
     let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
@@ -435,12 +428,48 @@ mod tests {
         let old_files = crate::warehouse::parquet_files(&old.join("observation")).unwrap();
         let new_files = crate::warehouse::parquet_files(&new.join("observation")).unwrap();
         assert_eq!(
-            added_files(&old_files, &new_files),
-            Some(vec![new.join("observation/part-x.parquet")])
+            file_diff(&old_files, &new_files),
+            (vec![], vec![new.join("observation/part-x.parquet")])
         );
-        assert_eq!(added_files(&new_files, &old_files), None);
         let t = touched(&old, &new).unwrap().expect("comparable");
         assert!(!t.contains("a") && t.contains("b") && t.contains("c"));
         assert_eq!(t.len(), 2);
+    }
+
+    /// A file written anew (a person's rows moved to a file of their own)
+    /// touches only the persons whose rows differ.
+    #[test]
+    fn a_file_written_anew_touches_only_the_persons_whose_rows_differ() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (old, new) = (tmp.path().join("old"), tmp.path().join("new"));
+        write(&old.join("person.parquet"), &[("a", 0), ("b", 0), ("c", 0)]);
+        write(
+            &old.join("observation/part-0.parquet"),
+            &[("a", 1), ("b", 1)],
+        );
+        write(&old.join("observation/part-1.parquet"), &[("c", 1)]);
+        for f in ["person.parquet", "observation/part-1.parquet"] {
+            std::fs::create_dir_all(new.join(f).parent().unwrap()).unwrap();
+            std::fs::hard_link(old.join(f), new.join(f)).unwrap();
+        }
+        write(&new.join("observation/part-0.parquet"), &[("a", 1)]);
+        write(
+            &new.join("observation/part-x.parquet"),
+            &[("b", 1), ("c", 2)],
+        );
+        let files = |dir: &Path| crate::warehouse::parquet_files(&dir.join("observation")).unwrap();
+        assert_eq!(
+            file_diff(&files(&old), &files(&new)),
+            (
+                vec![old.join("observation/part-0.parquet")],
+                vec![
+                    new.join("observation/part-0.parquet"),
+                    new.join("observation/part-x.parquet")
+                ]
+            )
+        );
+        let t = touched(&old, &new).unwrap().expect("comparable");
+        assert!(!t.contains("a") && !t.contains("b") && t.contains("c"));
+        assert_eq!(t.len(), 1);
     }
 }

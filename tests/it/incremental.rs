@@ -681,7 +681,14 @@ fn persons_a_reviewer_joins_have_their_core_rows_built_again_and_no_one_else() {
     let measures = &second.manifest.stages[4];
     let recomputed = measures.recomputed.as_ref().unwrap();
     assert!((1..=2).contains(&recomputed.persons), "{recomputed:?}");
+    // So are their research rows: the research files of the core files
+    // written anew, the others are taken.
+    let deid = second.manifest.stages.last().unwrap();
+    assert_eq!(deid.stage, "deid");
+    assert_eq!(deid.appended_tables, build.appended_tables);
     let full = run_with(&reviewed, Rebuild::Full);
     assert_eq!(derived(&full.run_dir), derived(&second.run_dir));
     assert_eq!(figures(&full), figures(&second));
+    let research = |run: &ward::RunReport| serde_json::to_value(&run.research).unwrap();
+    assert_eq!(research(&full), research(&second));
 }

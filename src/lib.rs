@@ -616,6 +616,7 @@ fn run_stages(
         || {
             let (previous_links, warning) = previous.links();
             links_warning = warning;
+            tracing::debug!(links = previous_links.len(), "the current run's links read");
             // The kept model and pairs, while they are what their run wrote.
             let core = previous.dir.as_deref().zip(previous.manifest.as_ref()).and_then(|(dir, m)| {
                 let files = link::state::FILES.map(|f| format!("core/{f}"));

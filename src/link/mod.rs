@@ -661,6 +661,7 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
             model: model.params(),
         };
         state::save(warehouse, &saved, &recs, &hashes, &considered)?;
+        tracing::debug!("linkage: state kept");
     }
     drop(hashes);
 
@@ -672,8 +673,10 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
     report.accepted_pairs = scored.len() as u64;
     let (roots, joined_by) = cluster(&recs, &scored, &labels, opts, &mut report, &mut review);
     drop(scored);
+    tracing::debug!("linkage: clustered");
     let (links, relinked) =
         person_links(&recs, &roots, &joined_by, earlier.links, opts, &mut report);
+    tracing::debug!("linkage: person ids given");
 
     // Clerical review: what a reviewer should look at, most probable first,
     // without the pairs already labelled.
@@ -685,9 +688,10 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
     review.truncate(MAX_REVIEW_PAIRS);
     report.review_pairs = review.len() as u64;
     write_review(warehouse, &recs, &review, &roots, &opts.blocking)?;
+    tracing::debug!("linkage: review list written");
 
-    drop((recs, roots, joined_by));
-    write_outputs(warehouse, &raw, &links)?;
+    drop((recs, joined_by));
+    write_outputs(warehouse, &raw, &links, &roots)?;
     Ok(Linkage {
         report,
         links,
@@ -855,37 +859,39 @@ fn person_links(
     opts: &LinkOptions,
     report: &mut LinkReport,
 ) -> (Vec<PersonLink>, BTreeSet<String>) {
-    let (person_ids, carried) = assign_person_ids(recs, roots, previous);
+    let (previous_of, gone) = match_previous(recs, previous);
+    let (person_ids, carried) = assign_person_ids(recs, roots, previous, &previous_of);
     report.ids_carried_forward = carried;
+    let person = |i: usize| {
+        person_ids[roots[i] as usize]
+            .as_deref()
+            .expect("every cluster has an id")
+    };
     // The persons of the earlier records that are gone or moved: before
     // and now.
     let mut relinked = BTreeSet::new();
     if !previous.is_empty() {
-        let now: HashMap<(&str, &str), &str> = recs
-            .iter()
-            .zip(roots)
-            .map(|(r, root)| {
-                (
-                    (r.source.as_str(), r.source_patient_id.as_str()),
-                    person_ids[root].as_str(),
-                )
-            })
-            .collect();
-        let mut changed = 0;
-        for l in previous {
-            let person = now.get(&(l.source.as_str(), l.source_patient_id.as_str()));
-            if person != Some(&l.person_id.as_str()) {
+        let mut changed = gone.len() as u64;
+        relinked.extend(gone.iter().map(|j| previous[*j as usize].person_id.clone()));
+        for (i, j) in previous_of.iter().enumerate() {
+            let Some(before) = j.map(|j| &previous[j as usize].person_id) else {
+                continue;
+            };
+            if before != person(i) {
                 changed += 1;
-                relinked.insert(l.person_id.clone());
-                relinked.extend(person.map(|p| p.to_string()));
+                relinked.insert(before.clone());
+                relinked.insert(person(i).to_string());
             }
         }
         report.links_changed = Some(changed);
     }
     let mut links = Vec::with_capacity(recs.len());
-    let mut members: HashMap<u32, usize> = HashMap::new();
+    let mut members = vec![0u32; recs.len()];
+    let mut dated = vec![false; recs.len()];
     for (i, r) in recs.iter().enumerate() {
-        *members.entry(roots[i]).or_default() += 1;
+        let root = roots[i] as usize;
+        members[root] += 1;
+        dated[root] |= r.birth.is_some();
         let (w, rule) = match joined_by[i] {
             Some((w, rule)) => (
                 w.is_finite().then_some(w),
@@ -896,18 +902,18 @@ fn person_links(
         links.push(PersonLink {
             source: r.source.clone(),
             source_patient_id: r.source_patient_id.clone(),
-            person_id: person_ids[&roots[i]].clone(),
+            person_id: person(i).to_string(),
             match_weight: w,
             rule,
         });
     }
-    report.persons = members.len() as u64;
-    let dated: BTreeSet<u32> = (0..recs.len())
-        .filter(|i| recs[*i].birth.is_some())
-        .map(|i| roots[i])
-        .collect();
-    report.persons_without_birth_date = report.persons - dated.len() as u64;
-    report.linked_persons = members.values().filter(|&&m| m > 1).count() as u64;
+    report.persons = members.iter().filter(|&&m| m > 0).count() as u64;
+    report.persons_without_birth_date = members
+        .iter()
+        .zip(&dated)
+        .filter(|(m, d)| **m > 0 && !**d)
+        .count() as u64;
+    report.linked_persons = members.iter().filter(|&&m| m > 1).count() as u64;
     (links, relinked)
 }
 
@@ -1085,8 +1091,9 @@ pub fn explain(
     })
 }
 
-/// Person ids of the clusters (`roots[i]`: record `i`'s cluster), and how
-/// many clusters kept an id from `previous` (yesterday's links).
+/// Person ids of the clusters, by cluster root (`roots[i]`: record `i`'s
+/// cluster), and how many clusters kept an id from `previous` (yesterday's
+/// links; `previous_of[i]`: record `i`'s link there, [`match_previous`]).
 ///
 /// Ids are carried forward so that a person keeps one id across nights —
 /// research ids are derived from it — however their records change: each
@@ -1101,49 +1108,106 @@ fn assign_person_ids(
     recs: &[Rec],
     roots: &[u32],
     previous: &[PersonLink],
-) -> (HashMap<u32, String>, u64) {
-    let before = person_of(previous);
-    // (cluster, previous id) → records, and each cluster's first record.
-    let mut votes: BTreeMap<(u32, &str), usize> = BTreeMap::new();
-    let mut first: HashMap<u32, usize> = HashMap::new();
-    for (i, r) in recs.iter().enumerate() {
-        first.entry(roots[i]).or_insert(i);
-        if let Some(id) = before.get(&(r.source.as_str(), r.source_patient_id.as_str())) {
-            *votes.entry((roots[i], id)).or_default() += 1;
+    previous_of: &[Option<u32>],
+) -> (Vec<Option<String>>, u64) {
+    let n = recs.len();
+    // Each cluster's first record.
+    let mut first = vec![u32::MAX; n];
+    for (i, root) in roots.iter().enumerate() {
+        let f = &mut first[*root as usize];
+        if *f == u32::MAX {
+            *f = i as u32;
         }
     }
-    let mut candidates: Vec<((u32, &str), usize)> = votes.into_iter().collect();
-    candidates.sort_by(|((ca, ia), na), ((cb, ib), nb)| {
-        nb.cmp(na).then(first[ca].cmp(&first[cb])).then(ia.cmp(ib))
-    });
-    let mut ids: HashMap<u32, String> = HashMap::new();
-    let mut taken: std::collections::HashSet<String> = std::collections::HashSet::new();
-    for ((cluster, id), _) in candidates {
-        if !ids.contains_key(&cluster) && !taken.contains(id) {
-            taken.insert(id.to_string());
-            ids.insert(cluster, id.to_string());
-        }
-    }
-    let carried = ids.len() as u64;
-    let mut fresh: Vec<(usize, u32)> = first
+    // (cluster, previous id) → records.
+    let mut votes: Vec<(u32, &str)> = previous_of
         .iter()
-        .filter(|(c, _)| !ids.contains_key(c))
-        .map(|(c, i)| (*i, *c))
+        .enumerate()
+        .filter_map(|(i, j)| j.map(|j| (roots[i], previous[j as usize].person_id.as_str())))
         .collect();
-    fresh.sort_unstable();
-    for (i, cluster) in fresh {
+    votes.par_sort_unstable();
+    let mut candidates: Vec<(u32, &str, usize)> = votes
+        .chunk_by(|a, b| a == b)
+        .map(|g| (g[0].0, g[0].1, g.len()))
+        .collect();
+    drop(votes);
+    candidates.par_sort_unstable_by(|(ca, ia, na), (cb, ib, nb)| {
+        nb.cmp(na)
+            .then(first[*ca as usize].cmp(&first[*cb as usize]))
+            .then(ia.cmp(ib))
+    });
+    let mut ids: Vec<Option<String>> = vec![None; n];
+    let mut taken: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut carried = 0;
+    for (cluster, id, _) in candidates {
+        let slot = &mut ids[cluster as usize];
+        if slot.is_none() && taken.insert(id) {
+            *slot = Some(id.to_string());
+            carried += 1;
+        }
+    }
+    // The others, in the order of their first records.
+    let mut fresh: std::collections::HashSet<String> = std::collections::HashSet::new();
+    for (i, root) in roots.iter().enumerate() {
+        let root = *root as usize;
+        if first[root] != i as u32 || ids[root].is_some() {
+            continue;
+        }
         let mut seed = format!("{}/{}", recs[i].source, recs[i].source_patient_id);
         let id = loop {
             let id = format!("P{}", &hex::encode(Sha256::digest(&seed))[..16]);
-            if !taken.contains(&id) {
+            if !taken.contains(id.as_str()) && !fresh.contains(&id) {
                 break id;
             }
             seed.push('+');
         };
-        taken.insert(id.clone());
-        ids.insert(cluster, id);
+        fresh.insert(id.clone());
+        ids[root] = Some(id);
     }
     (ids, carried)
+}
+
+/// Each record's link in `previous` (its index there), and the links of
+/// records that are gone. Both are in (source, id) order as linkage writes
+/// them: they are merged in one pass (else matched by hashing).
+fn match_previous(recs: &[Rec], previous: &[PersonLink]) -> (Vec<Option<u32>>, Vec<u32>) {
+    fn rec_key(r: &Rec) -> (&str, &str) {
+        (&r.source, &r.source_patient_id)
+    }
+    fn link_key(l: &PersonLink) -> (&str, &str) {
+        (&l.source, &l.source_patient_id)
+    }
+    let mut of = vec![None; recs.len()];
+    let mut gone = Vec::new();
+    let sorted = recs.windows(2).all(|w| rec_key(&w[0]) < rec_key(&w[1]))
+        && previous
+            .windows(2)
+            .all(|w| link_key(&w[0]) < link_key(&w[1]));
+    if sorted {
+        let mut i = 0;
+        for (j, l) in previous.iter().enumerate() {
+            while i < recs.len() && rec_key(&recs[i]) < link_key(l) {
+                i += 1;
+            }
+            match recs.get(i).is_some_and(|r| rec_key(r) == link_key(l)) {
+                true => of[i] = Some(j as u32),
+                false => gone.push(j as u32),
+            }
+        }
+    } else {
+        let index: HashMap<(&str, &str), usize> = recs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (rec_key(r), i))
+            .collect();
+        for (j, l) in previous.iter().enumerate() {
+            match index.get(&link_key(l)) {
+                Some(&i) => of[i] = Some(j as u32),
+                None => gone.push(j as u32),
+            }
+        }
+    }
+    (of, gone)
 }
 
 /// Person id by (source, source_patient_id).
@@ -1379,7 +1443,12 @@ fn engine_error(e: impl Into<BoxError>) -> WardError {
     WardError::data("linking patient records", std::path::PathBuf::new(), e)
 }
 
-fn write_outputs(warehouse: &Warehouse, raw: &[RecordBatch], links: &[PersonLink]) -> Result<()> {
+fn write_outputs(
+    warehouse: &Warehouse,
+    raw: &[RecordBatch],
+    links: &[PersonLink],
+    roots: &[u32],
+) -> Result<()> {
     let schema = crate::schema::person_link_schema();
     let col = |f: fn(&PersonLink) -> Option<&str>| -> ArrayRef {
         Arc::new(links.iter().map(f).collect::<StringArray>())
@@ -1402,11 +1471,14 @@ fn write_outputs(warehouse: &Warehouse, raw: &[RecordBatch], links: &[PersonLink
     .map_err(engine_error)?;
     let core = warehouse.out().join("core");
     warehouse.write_parquet(&core.join("person_link.parquet"), schema, &[batch])?;
-    let person = person_table(raw, links)?;
+    tracing::debug!("linkage: links written");
+    let person = person_table(raw, links, roots)?;
     warehouse.write_parquet(&core.join("person.parquet"), person.schema(), &[person])
 }
 
-fn person_table(raw: &[RecordBatch], links: &[PersonLink]) -> Result<RecordBatch> {
+/// `core/person`: one row per person (cluster, `roots[i]` for record `i`),
+/// in person id order, each field the most frequent of the person's records.
+fn person_table(raw: &[RecordBatch], links: &[PersonLink], roots: &[u32]) -> Result<RecordBatch> {
     const TEXT: [&str; 8] = [
         "given_name",
         "family_name",
@@ -1440,11 +1512,40 @@ fn person_table(raw: &[RecordBatch], links: &[PersonLink]) -> Result<RecordBatch
                 .clone()
         })
         .collect();
-    // Records grouped by person, in record order within a person.
-    let mut order: Vec<usize> = (0..links.len()).collect();
-    order.sort_by(|a, b| links[*a].person_id.cmp(&links[*b].person_id));
+    // Records grouped by person (counting sort by cluster: record order
+    // within a person), the persons in id order.
+    let n = links.len();
+    let mut start = vec![0u32; n + 1];
+    for r in roots {
+        start[*r as usize + 1] += 1;
+    }
+    for i in 0..n {
+        start[i + 1] += start[i];
+    }
+    let mut order = vec![0u32; n];
+    let mut next = start.clone();
+    for (i, r) in roots.iter().enumerate() {
+        order[next[*r as usize] as usize] = i as u32;
+        next[*r as usize] += 1;
+    }
+    drop(next);
+    let mut groups: Vec<&[u32]> = (0..n)
+        .filter(|r| start[r + 1] > start[*r])
+        .map(|r| &order[start[r] as usize..start[r + 1] as usize])
+        .collect();
+    groups.par_sort_unstable_by(|a, b| {
+        links[a[0] as usize]
+            .person_id
+            .cmp(&links[b[0] as usize].person_id)
+    });
     /// The most frequent value; ties go to the earliest record.
-    fn most_frequent<T: PartialEq + Copy>(values: impl Iterator<Item = Option<T>>) -> Option<T> {
+    fn most_frequent<T: PartialEq + Copy>(
+        mut values: impl Iterator<Item = Option<T>>,
+        group: usize,
+    ) -> Option<T> {
+        if group == 1 {
+            return values.next().flatten();
+        }
         let mut counts: Vec<(T, usize)> = Vec::new();
         for v in values.flatten() {
             match counts.iter_mut().find(|(x, _)| *x == v) {
@@ -1455,23 +1556,46 @@ fn person_table(raw: &[RecordBatch], links: &[PersonLink]) -> Result<RecordBatch
         let best = counts.iter().map(|c| c.1).max()?;
         counts.into_iter().find(|c| c.1 == best).map(|c| c.0)
     }
+    // Each person's values, in parallel.
+    type PersonRow<'a> = ([Option<&'a str>; 8], [Option<i32>; 2], Vec<&'a str>);
+    let rows: Vec<PersonRow> = groups
+        .par_iter()
+        .map(|group| {
+            let text = std::array::from_fn(|c| {
+                let a = &text[c];
+                let values = group
+                    .iter()
+                    .map(|&i| (!a.is_null(i as usize)).then(|| a.value(i as usize)));
+                most_frequent(values, group.len())
+            });
+            let dates = std::array::from_fn(|c| {
+                let a = &dates[c];
+                let values = group
+                    .iter()
+                    .map(|&i| (!a.is_null(i as usize)).then(|| a.value(i as usize)));
+                most_frequent(values, group.len())
+            });
+            let sources: BTreeSet<&str> = group
+                .iter()
+                .map(|&i| links[i as usize].source.as_str())
+                .collect();
+            (text, dates, sources.into_iter().collect())
+        })
+        .collect();
     let mut ids = StringBuilder::new();
     let mut text_out: Vec<StringBuilder> = TEXT.iter().map(|_| StringBuilder::new()).collect();
-    let mut date_out: Vec<Vec<Option<i32>>> = vec![Vec::new(); DATES.len()];
+    let mut date_out: Vec<Vec<Option<i32>>> = vec![Vec::with_capacity(groups.len()); DATES.len()];
     let mut sources = ListBuilder::new(StringBuilder::new());
-    let mut records = Vec::new();
-    for group in order.chunk_by(|a, b| links[*a].person_id == links[*b].person_id) {
-        ids.append_value(&links[group[0]].person_id);
-        for (c, a) in text.iter().enumerate() {
-            let values = group.iter().map(|&i| (!a.is_null(i)).then(|| a.value(i)));
-            text_out[c].append_option(most_frequent(values));
+    let mut records = Vec::with_capacity(groups.len());
+    for (group, (text, dates, from)) in groups.iter().zip(&rows) {
+        ids.append_value(&links[group[0] as usize].person_id);
+        for (c, v) in text.iter().enumerate() {
+            text_out[c].append_option(*v);
         }
-        for (c, a) in dates.iter().enumerate() {
-            let values = group.iter().map(|&i| (!a.is_null(i)).then(|| a.value(i)));
-            date_out[c].push(most_frequent(values));
+        for (c, v) in dates.iter().enumerate() {
+            date_out[c].push(*v);
         }
-        let set: BTreeSet<&str> = group.iter().map(|&i| links[i].source.as_str()).collect();
-        for s in set {
+        for s in from {
             sources.values().append_value(s);
         }
         sources.append(true);
@@ -1650,8 +1774,15 @@ mod tests {
                 rule: None,
             })
             .collect();
-        let (by_root, carried) = assign_person_ids(&recs, roots, &previous);
-        (roots.iter().map(|r| by_root[r].clone()).collect(), carried)
+        let (previous_of, _) = match_previous(&recs, &previous);
+        let (by_root, carried) = assign_person_ids(&recs, roots, &previous, &previous_of);
+        (
+            roots
+                .iter()
+                .map(|r| by_root[*r as usize].clone().unwrap())
+                .collect(),
+            carried,
+        )
     }
 
     #[test]

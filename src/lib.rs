@@ -960,16 +960,30 @@ fn build_core(
             let mut same = same || new.is_none();
             let added = runs::adopt(dir, night.run_dir, &[&path], &m.outputs).and_then(|_| {
                 if new.is_none() && relinked.is_empty() {
-                    return Ok(rows);
+                    return Ok(Some(rows));
                 }
                 let new = new.unwrap_or_default();
-                let changed = link::build::update_table(warehouse, table, new, relinked, &run_id)?;
-                same = changed.is_none();
-                let (removed, added) = changed.unwrap_or((0, 0));
-                Ok(rows.saturating_sub(removed) + added)
+                use link::build::Update;
+                Ok(
+                    match link::build::update_table(warehouse, table, new, relinked, &run_id)? {
+                        Update::Unchanged => {
+                            same = true;
+                            Some(rows)
+                        }
+                        Update::Changed { removed, added } => {
+                            same = false;
+                            Some(rows.saturating_sub(removed) + added)
+                        }
+                        Update::BuildWhole => None,
+                    },
+                )
             });
             match added {
-                Ok(rows) => {
+                Ok(None) => {
+                    let _ = std::fs::remove_dir_all(night.run_dir.join(&path));
+                    build.push(table);
+                }
+                Ok(Some(rows)) => {
                     match same {
                         true => taken.push(table.name().to_string()),
                         false => appended.push(table.name().to_string()),

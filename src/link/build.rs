@@ -161,15 +161,18 @@ pub fn appended_files(dir: &Path) -> Result<usize> {
 /// person's rows are built again with the `relinked` persons' (
 /// [`rebuild_persons`], into [`relinked_file`]). The other new rows are
 /// appended as one file ([`appended_file`]), de-duplicated among themselves
-/// as a build does. Returns the rows removed and added; `None` when nothing
-/// changed.
+/// as a build does. Past [`MAX_REBUILT_PERSONS`] persons to build again it
+/// writes nothing and says so: the table is built whole.
 pub fn update_table(
     warehouse: &Warehouse,
     table: Table,
     new: Vec<std::path::PathBuf>,
     relinked: &std::collections::BTreeSet<String>,
     run_id: &str,
-) -> Result<Option<(u64, u64)>> {
+) -> Result<Update> {
+    if relinked.len() > MAX_REBUILT_PERSONS {
+        return Ok(Update::BuildWhole);
+    }
     let core = warehouse.out().join("core");
     let dir = core.join(table.name());
     let out = dir.join(appended_file(run_id));
@@ -224,6 +227,14 @@ pub fn update_table(
                 }
                 rows = format!("(SELECT j.* FROM new_rows j LEFT ANTI JOIN core_rows d ON {same})");
             }
+            if persons.len() > MAX_REBUILT_PERSONS {
+                tracing::info!(
+                    table = table.name(),
+                    persons = persons.len(),
+                    "too many persons' rows to build again: built whole"
+                );
+                return Ok(Update::BuildWhole);
+            }
             if !persons.is_empty() {
                 rows = format!(
                     "(SELECT * FROM {rows} WHERE person_id NOT IN ({}))",
@@ -253,16 +264,34 @@ pub fn update_table(
                 rebuild_persons(&ctx, warehouse, table, &persons, &relinked_file(run_id)).await?
             }
         };
-        let changed = match (rebuilt, appended) {
-            (None, None) => None,
+        Ok(match (rebuilt, appended) {
+            (None, None) => Update::Unchanged,
             (rebuilt, appended) => {
                 let (removed, added) = rebuilt.unwrap_or((0, 0));
-                Some((removed, added + appended.unwrap_or(0)))
+                Update::Changed {
+                    removed,
+                    added: added + appended.unwrap_or(0),
+                }
             }
-        };
-        Ok(changed)
+        })
     })
 }
+
+/// What [`update_table`] did to a core table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Update {
+    /// Nothing: it holds what a build would.
+    Unchanged,
+    /// Rows removed (of persons built again) and added.
+    Changed { removed: u64, added: u64 },
+    /// Nothing, but too many persons' rows change: build it whole.
+    BuildWhole,
+}
+
+/// Past this many persons whose rows change, a core table is built whole:
+/// their rows are in every file, and the query naming them all costs more
+/// than a build.
+pub const MAX_REBUILT_PERSONS: usize = 50_000;
 
 /// Builds again, in the core table `table` of the warehouse's output (the
 /// current run's files, taken), the rows of `persons`: their rows leave

@@ -628,11 +628,13 @@ fn run_stages(
                     }
                 }
             });
+            let code = runs::Fingerprint::code().map(runs::Fingerprint::finish);
             let earlier = link::Earlier {
                 links: &previous_links,
                 core: core.as_deref(),
                 refit: night.rebuild == runs::Rebuild::Refit,
                 incremental: night.rebuild == runs::Rebuild::Incremental,
+                code: code.as_deref(),
             };
             let linkage = link::link(&warehouse, &config.link, &earlier)?;
             relinked = linkage.report.links_changed.map(|_| linkage.relinked);

@@ -526,6 +526,9 @@ pub struct Earlier<'a> {
     /// and block only the new records; otherwise every record is blocked
     /// (a full rebuild).
     pub incremental: bool,
+    /// The running code's identity (`runs::Fingerprint::code`): a state is
+    /// kept only for the code that wrote it; `None`: nothing is kept.
+    pub code: Option<&'a str>,
 }
 
 /// How [`link`] went about it.
@@ -552,7 +555,7 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
     let (raw, recs) = read_records(warehouse)?;
     let hashes = state::record_hashes(&recs);
     let mut report = describe(&recs, opts);
-    let key = state::key(opts);
+    let key = earlier.code.map(|code| state::key(opts, code));
     let kept = match (&key, earlier.core) {
         (Some(key), Some(core)) if !earlier.refit => match state::load(core, key) {
             Ok(kept) => kept.filter(|k| {
@@ -1010,13 +1013,14 @@ pub struct Explanation {
 }
 
 /// Explains the model's verdict (the one kept in `core/` of the warehouse's
-/// output, else one fitted now) on records `a` and `b`, each
+/// output for the code `code`, else one fitted now) on records `a` and `b`, each
 /// `(source, source_patient_id)` of the staged patients.
 pub fn explain(
     warehouse: &Warehouse,
     opts: &LinkOptions,
     a: (&str, &str),
     b: (&str, &str),
+    code: Option<&str>,
 ) -> Result<Explanation> {
     let (_, recs) = read_records(warehouse)?;
     let find = |(source, id): (&str, &str)| {
@@ -1030,8 +1034,8 @@ pub fn explain(
     let (lo, hi) = (i.min(j) as u32, i.max(j) as u32);
     // The kept model, else one fitted now.
     let core = warehouse.out().join("core");
-    let kept = match state::key(opts) {
-        Some(key) => state::load(&core, &key)?,
+    let kept = match code {
+        Some(code) => state::load(&core, &state::key(opts, code))?,
         None => None,
     };
     let model = match kept {

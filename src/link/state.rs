@@ -57,21 +57,28 @@ pub struct Saved {
     pub model: ModelParams,
 }
 
-/// What a kept state is good for: the running code and the settings that
-/// shape the model and decide which pairs are kept (`None`: the code cannot
-/// be identified, so nothing is kept).
-pub fn key(opts: &LinkOptions) -> Option<String> {
-    Some(
-        crate::runs::Fingerprint::code()?
-            .part("link state", VERSION)
-            .part("comparisons", &opts.comparisons)
-            .part("household", opts.household)
-            .part("blocking", &opts.blocking)
-            .part("u_pairs", opts.u_pairs)
-            .part("seed", opts.seed)
-            .part("kept from", kept_from(opts))
-            .finish(),
-    )
+/// What a kept state is good for: the running code (`code`, an identity of
+/// the executable: another build fits anew) and the settings that shape the
+/// model and decide which pairs are kept.
+pub fn key(opts: &LinkOptions, code: &str) -> String {
+    let mut h = Sha256::new();
+    let parts = [
+        ("code", code.to_string()),
+        ("link state", VERSION.to_string()),
+        ("comparisons", format!("{:?}", opts.comparisons)),
+        ("household", opts.household.to_string()),
+        ("blocking", format!("{:?}", opts.blocking)),
+        ("u_pairs", opts.u_pairs.to_string()),
+        ("seed", opts.seed.to_string()),
+        ("kept from", kept_from(opts).to_string()),
+    ];
+    for (label, value) in parts {
+        for bytes in [label.as_bytes(), value.as_bytes()] {
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        }
+    }
+    hex::encode(h.finalize())
 }
 
 /// The probability from which a scored pair is kept: every pair that can

@@ -683,7 +683,7 @@ fn noisy_cases_link_on_the_evidence_they_have() {
     assert!(linkage.report.records_missing["identifier"] < linkage.report.records);
 
     // The explanation's parts add up to the weight, and say why.
-    let e = link::explain(&wh, &config.link, (n, "ZZ0000902"), (s, "ZB0000902")).unwrap();
+    let e = link::explain(&wh, &config.link, (n, "ZZ0000902"), (s, "ZB0000902"), None).unwrap();
     let sum: f64 = e.prior_weight + e.fields.iter().map(|f| f.weight).sum::<f64>();
     assert!((sum - e.weight).abs() < 1e-9);
     assert!(e.probability >= e.threshold && !e.household && e.blocked_by.is_some());
@@ -698,14 +698,15 @@ fn noisy_cases_link_on_the_evidence_they_have() {
     assert_eq!(level("given_name").as_deref(), Some("swapped"));
     assert_eq!(level("family_name"), None);
     // The garbled birth date is compared on the year it still shows.
-    let garbled = link::explain(&wh, &config.link, (n, "ZZ0000901"), (s, "ZB0000901")).unwrap();
+    let garbled =
+        link::explain(&wh, &config.link, (n, "ZZ0000901"), (s, "ZB0000901"), None).unwrap();
     let birth = garbled
         .fields
         .iter()
         .find(|f| f.field == "birth_date")
         .unwrap();
     assert!(birth.level.is_some() && birth.weight > 0.0, "{birth:?}");
-    let twins = link::explain(&wh, &config.link, (n, "ZZ0000905"), (n, "ZZ0000906")).unwrap();
+    let twins = link::explain(&wh, &config.link, (n, "ZZ0000905"), (n, "ZZ0000906"), None).unwrap();
     assert!(
         twins.household && twins.probability < twins.threshold,
         "{twins:#?}"
@@ -716,7 +717,7 @@ fn noisy_cases_link_on_the_evidence_they_have() {
         .find(|f| f.field == "household")
         .unwrap();
     assert!(household.m.is_some() && household.u.is_some());
-    assert!(link::explain(&wh, &config.link, (n, "nobody"), (s, "ZB0000902")).is_err());
+    assert!(link::explain(&wh, &config.link, (n, "nobody"), (s, "ZB0000902"), None).is_err());
 
     // Clerical review (owner-only), with the columns of a labels file; a
     // reviewer's labels are honoured by the next link.

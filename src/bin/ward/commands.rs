@@ -403,7 +403,14 @@ pub(crate) fn link(settings: &Settings, args: &LinkArgs, quiet: bool) -> anyhow:
                 })
         };
         let (a, b) = (record(&records[0])?, record(&records[1])?);
-        let e = ward::link::explain(&warehouse, &config.link, (&a.0, &a.1), (&b.0, &b.1))?;
+        let code = ward::runs::Fingerprint::code().map(ward::runs::Fingerprint::finish);
+        let e = ward::link::explain(
+            &warehouse,
+            &config.link,
+            (&a.0, &a.1),
+            (&b.0, &b.1),
+            code.as_deref(),
+        )?;
         print::print_explanation(&e, &records[0], &records[1]);
         return Ok(ExitCode::SUCCESS);
     }
@@ -416,11 +423,13 @@ pub(crate) fn link(settings: &Settings, args: &LinkArgs, quiet: bool) -> anyhow:
     }
     let core = warehouse.out().join("core");
     let previous = ward::link::read_person_links(&core.join("person_link.parquet"))?;
+    let code = ward::runs::Fingerprint::code().map(ward::runs::Fingerprint::finish);
     let earlier = ward::link::Earlier {
         links: &previous,
         core: Some(&core),
         refit: args.refit,
         incremental: true,
+        code: code.as_deref(),
     };
     let linkage = ward::link::link(&warehouse, &config.link, &earlier)?;
     let core = ward::link::build::build(&warehouse)?;

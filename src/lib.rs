@@ -910,7 +910,7 @@ const RECOMPUTE_SHARE: f64 = 0.5;
 /// when the link stage was reused; when it linked again against the
 /// current run's links, `relinked` names the persons whose records moved:
 /// their rows are built again in each table taken
-/// ([`link::build::rebuild_persons`]), every other person's stay. The
+/// ([`link::build::update_table`]), every other person's stay. The
 /// stage counts as reused when every table was taken as it was.
 fn build_core(
     night: &Night,

@@ -387,10 +387,11 @@ impl Recheck {
             .ok_or_else(|| err("no source_line column"))?;
         let keep: BooleanArray = (0..batch.num_rows())
             .map(|i| {
+                // A row without a patient did not depend on them: staged
+                // before unless appended.
                 Some(
-                    ids.is_null(i)
-                        || lines.value(i) > self.through_line
-                        || !self.known.contains_key(ids.value(i)),
+                    lines.value(i) > self.through_line
+                        || (ids.is_valid(i) && !self.known.contains_key(ids.value(i))),
                 )
             })
             .collect();

@@ -581,7 +581,7 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
         },
         _ => None,
     };
-    let (model, considered, fitted_records, by_rule) = match kept {
+    let (model, mut considered, fitted_records, by_rule) = match kept {
         Some(kept) => {
             let model = Model::from_params(&opts.comparisons, kept.saved.model.clone()).map_err(
                 |message| {
@@ -596,28 +596,22 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
                 .incremental
                 .then(|| kept.carry(&recs, &hashes))
                 .flatten();
-            let fitted_records = kept.saved.fitted_records;
-            match carried {
-                Some((mut considered, new)) => {
-                    report.mode = LinkMode::Incremental;
-                    report.blocked_records = new.len() as u64;
-                    let pairs = block(&recs, &opts.blocking, Some(&new))?;
-                    let mut by_rule = kept.saved.pairs_by_rule;
-                    for (rule, n) in pairs_by_rule(&pairs, opts) {
-                        *by_rule.entry(rule).or_default() += n;
-                    }
-                    considered.extend(consider(&recs, &pairs, None, &model, opts));
-                    (model, considered, fitted_records, by_rule)
-                }
-                None => {
-                    report.mode = LinkMode::ModelKept;
-                    report.blocked_records = recs.len() as u64;
-                    let pairs = block(&recs, &opts.blocking, None)?;
-                    let by_rule = pairs_by_rule(&pairs, opts);
-                    let considered = consider(&recs, &pairs, None, &model, opts);
-                    (model, considered, fitted_records, by_rule)
-                }
+            // The kept pairs and the new records, or every record.
+            let (mut considered, new, mut by_rule) = match carried {
+                Some((pairs, new)) => (pairs, Some(new), kept.saved.pairs_by_rule),
+                None => (Vec::new(), None, BTreeMap::new()),
+            };
+            report.mode = match new {
+                Some(_) => LinkMode::Incremental,
+                None => LinkMode::ModelKept,
+            };
+            report.blocked_records = new.as_ref().map_or(recs.len(), Vec::len) as u64;
+            let pairs = block(&recs, &opts.blocking, new.as_deref())?;
+            for (rule, n) in pairs_by_rule(&pairs, opts) {
+                *by_rule.entry(rule).or_default() += n;
             }
+            considered.extend(consider(&recs, &pairs, None, &model, opts));
+            (model, considered, kept.saved.fitted_records, by_rule)
         }
         None => {
             report.mode = LinkMode::Fitted;
@@ -631,7 +625,6 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
     };
     // In one order whichever way they were found: a night that took the
     // kept pairs writes the file a full rebuild writes.
-    let mut considered = considered;
     considered.par_sort_unstable_by_key(|p| (p.1, p.2));
     tracing::info!(
         mode = ?report.mode,

@@ -967,7 +967,14 @@ fn build_core(
                 let new = new.unwrap_or_default();
                 use link::build::Update;
                 Ok(
-                    match link::build::update_table(warehouse, table, new, relinked, &run_id)? {
+                    match link::build::update_table(
+                        warehouse,
+                        table,
+                        new,
+                        relinked,
+                        &run_id,
+                        link::build::MAX_REBUILT_PERSONS,
+                    )? {
                         Update::Unchanged => {
                             same = true;
                             Some(rows)

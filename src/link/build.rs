@@ -161,16 +161,18 @@ pub fn appended_files(dir: &Path) -> Result<usize> {
 /// person's rows are built again with the `relinked` persons' (
 /// [`rebuild_persons`], into [`relinked_file`]). The other new rows are
 /// appended as one file ([`appended_file`]), de-duplicated among themselves
-/// as a build does. Past [`MAX_REBUILT_PERSONS`] persons to build again it
-/// writes nothing and says so: the table is built whole.
+/// as a build does. Past `max_persons` persons to build again
+/// ([`MAX_REBUILT_PERSONS`]) it writes nothing and says so: the table is
+/// built whole.
 pub fn update_table(
     warehouse: &Warehouse,
     table: Table,
     new: Vec<std::path::PathBuf>,
     relinked: &std::collections::BTreeSet<String>,
     run_id: &str,
+    max_persons: usize,
 ) -> Result<Update> {
-    if relinked.len() > MAX_REBUILT_PERSONS {
+    if relinked.len() > max_persons {
         return Ok(Update::BuildWhole);
     }
     let core = warehouse.out().join("core");
@@ -227,7 +229,7 @@ pub fn update_table(
                 }
                 rows = format!("(SELECT j.* FROM new_rows j LEFT ANTI JOIN core_rows d ON {same})");
             }
-            if persons.len() > MAX_REBUILT_PERSONS {
+            if persons.len() > max_persons {
                 tracing::info!(
                     table = table.name(),
                     persons = persons.len(),

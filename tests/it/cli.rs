@@ -346,6 +346,23 @@ fn link_evaluates_against_the_truth() {
         "{stdout}"
     );
     assert!(dir.path().join("wh/core/person_link.parquet").is_file());
+    assert!(
+        stdout.contains("link: model fitted on these 450 records"),
+        "{stdout}"
+    );
+    // Linked again, the working copy's model and pairs are kept (nothing
+    // new to block); --refit fits the model anew.
+    let relink = |extra: &[&str]| {
+        let out = ward(dir.path(), &[&["--config", cfg, "link"], extra].concat());
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let again = relink(&[]);
+    assert!(
+        again.contains("link: the model fitted on 450 records and the scored pairs of the last run kept; 0 new records blocked"),
+        "{again}"
+    );
+    assert!(relink(&["--refit"]).contains("link: model fitted on these 450 records"));
 
     // --explain: the waterfall of two records of one person, levels only.
     let explain = |a: &str, b: &str| {

@@ -14,7 +14,7 @@ use ward::link::LinkMode;
 
 use crate::common::{
     append_lines, copy_dir, copy_sample, derived, primitives, read_parquet, repo, run_all,
-    run_queries, run_with, text, ward,
+    run_queries, run_with, snapshot, text, ward,
 };
 
 /// The stages of a run that took their outputs from another run.
@@ -691,4 +691,28 @@ fn persons_a_reviewer_joins_have_their_core_rows_built_again_and_no_one_else() {
     assert_eq!(figures(&full), figures(&second));
     let research = |run: &ward::RunReport| serde_json::to_value(&run.research).unwrap();
     assert_eq!(research(&full), research(&second));
+    // Past the most persons to build again, a table is left to be built
+    // whole, untouched.
+    let core = second.run_dir.join("core/observation");
+    let before = snapshot(&core);
+    let warehouse =
+        ward::warehouse::Warehouse::new(&reviewed.warehouse).with_output(&second.run_dir);
+    let persons: std::collections::BTreeSet<String> =
+        ward::link::read_person_links(&second.run_dir.join("core/person_link.parquet"))
+            .unwrap()
+            .into_iter()
+            .take(1)
+            .map(|l| l.person_id)
+            .collect();
+    let update = ward::link::build::update_table(
+        &warehouse,
+        ward::schema::Table::Observation,
+        Vec::new(),
+        &persons,
+        "later",
+        0,
+    )
+    .unwrap();
+    assert_eq!(update, ward::link::build::Update::BuildWhole);
+    assert_eq!(snapshot(&core), before);
 }

@@ -361,6 +361,7 @@ fn config_threshold_is_checked() {
             "within_source_threshold = 0.8",
             "link.within_source_threshold",
         ),
+        ("refit_growth = -0.1", "link.refit_growth"),
     ] {
         fs::write(&config_path, format!("{text}\n[link]\n{bad}\n")).unwrap();
         let err = ward::PipelineConfig::load(&config_path).unwrap_err();

@@ -601,6 +601,7 @@ fn run_stages(
     let mut links_warning = None;
     // The persons whose records moved, when linkage ran against earlier links.
     let mut relinked = None;
+    let mut state_warning = None;
     let linkage = stage_or_reuse(
         manifest,
         "link",
@@ -624,6 +625,9 @@ fn run_stages(
                     Ok(_) => Some(dir.join("core")),
                     Err(e) => {
                         tracing::warn!(error = %e, "the kept linkage state is not what its run wrote: the model is fitted anew");
+                        state_warning = Some(format!(
+                            "linkage: the kept model is not what its run wrote, so it was fitted anew: {e}"
+                        ));
                         None
                     }
                 }
@@ -642,6 +646,7 @@ fn run_stages(
         },
     )?;
     manifest.warnings.extend(links_warning);
+    manifest.warnings.extend(state_warning);
     let link_reused = manifest
         .stages
         .last()

@@ -642,6 +642,26 @@ fn new_patients_are_linked_with_the_kept_model_as_a_full_rebuild_would() {
     );
     let grown = run_all(&eager);
     assert_eq!(mode(&grown), (LinkMode::Fitted, records + 3, records + 3));
+    // A kept model that is not what its run wrote is not used: the next
+    // linkage fits anew and the manifest says why.
+    let state = grown.run_dir.join("core/link_state.json");
+    let mut bytes = fs::read(&state).unwrap();
+    bytes.push(b' ');
+    fs::remove_file(&state).unwrap();
+    fs::write(&state, bytes).unwrap();
+    append_lines(
+        &data.join("northside_clinic/patients.csv"),
+        "ZZ0000913,Z913,Imelda,Quarrington,05/06/1979,F,White,Not Hispanic,7 Ash Rd,Mesa,AZ,85201,480-555-0913,,,Medicare\n",
+    );
+    let after = run_all(&config);
+    assert_eq!(mode(&after), (LinkMode::Fitted, records + 4, records + 4));
+    assert!(
+        after.manifest.warnings.iter().any(|w| w
+            .starts_with("linkage: the kept model is not what its run wrote")
+            && w.contains("link_state.json")),
+        "{:?}",
+        after.manifest.warnings
+    );
 }
 
 #[test]

@@ -155,11 +155,12 @@ pub fn appended_files(dir: &Path) -> Result<usize> {
 /// output, `core/<table>/`, built from the other staged files with the same
 /// links for everyone but `relinked`) up to a build of every staged file.
 /// A row of the staged files `new` that repeats a fact the table holds
-/// (same person and [`fact_key`]) changes nothing when its source already
-/// reported the fact and a report of it comes first in (source, file, line)
-/// order (the row keeps its columns); otherwise it changes the row, and its
-/// person's rows are built again with the `relinked` persons' (
-/// [`rebuild_persons`], into [`relinked_file`]). The other new rows are
+/// (same person, code, time and value) changes nothing when its source
+/// already reported the fact and a report of it comes first in (source,
+/// file, line) order (the row keeps its columns); otherwise it changes the
+/// row, and its person's rows are built again with the `relinked` persons'
+/// (taken out of the files that hold them, built from every staged row now
+/// linked to them into [`relinked_file`]). The other new rows are
 /// appended as one file ([`appended_file`]), de-duplicated among themselves
 /// as a build does. Past `max_persons` persons to build again
 /// ([`MAX_REBUILT_PERSONS`]) it writes nothing and says so: the table is

@@ -632,6 +632,17 @@ fn run_stages(
                     }
                 }
             });
+            // Its persons, when they are what it wrote.
+            let person = previous
+                .dir
+                .as_deref()
+                .zip(previous.manifest.as_ref())
+                .and_then(|(dir, m)| {
+                    let path = "core/person.parquet";
+                    let listed =
+                        runs::verify(dir, &[path], &m.outputs).is_ok_and(|f| !f.is_empty());
+                    listed.then(|| dir.join(path))
+                });
             let code = runs::Fingerprint::code().map(runs::Fingerprint::finish);
             let earlier = link::Earlier {
                 links: &previous_links,
@@ -639,6 +650,7 @@ fn run_stages(
                 refit: night.rebuild == runs::Rebuild::Refit,
                 incremental: night.rebuild == runs::Rebuild::Incremental,
                 code: code.as_deref(),
+                person: person.as_deref(),
             };
             let linkage = link::link(&warehouse, &config.link, &earlier)?;
             relinked = linkage.report.links_changed.map(|_| linkage.relinked);

@@ -529,6 +529,9 @@ pub struct Earlier<'a> {
     /// The running code's identity (`runs::Fingerprint::code`): a state is
     /// kept only for the code that wrote it; `None`: nothing is kept.
     pub code: Option<&'a str>,
+    /// Its `person.parquet` (checked): when the kept pairs are taken, the
+    /// rows of persons whose records did not change are taken from it.
+    pub person: Option<&'a Path>,
 }
 
 /// How [`link`] went about it.
@@ -553,7 +556,7 @@ pub enum LinkMode {
 /// that model finds.
 pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Result<Linkage> {
     let (raw, recs) = read_records(warehouse)?;
-    let hashes = state::record_hashes(&recs);
+    let hashes = state::record_hashes(&raw)?;
     let mut report = describe(&recs, opts);
     let key = earlier.code.map(|code| state::key(opts, code));
     let kept = match (&key, earlier.core) {
@@ -581,6 +584,8 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
         },
         _ => None,
     };
+    // The records not kept from the earlier linkage (when it was taken).
+    let mut not_kept = None;
     let (model, mut considered, fitted_records, by_rule) = match kept {
         Some(kept) => {
             let model = Model::from_params(&opts.comparisons, kept.saved.model.clone()).map_err(
@@ -611,6 +616,7 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
                 *by_rule.entry(rule).or_default() += n;
             }
             considered.extend(consider(&recs, &pairs, None, &model, opts));
+            not_kept = new;
             (model, considered, kept.saved.fitted_records, by_rule)
         }
         None => {
@@ -687,7 +693,18 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
     tracing::debug!("linkage: review list written");
 
     drop((recs, joined_by));
-    write_outputs(warehouse, &raw, &links, &roots)?;
+    // The persons whose records changed, when the rest are the earlier
+    // run's: only their rows of the person table are computed.
+    let changed: Option<(&Path, std::collections::HashSet<&str>)> =
+        earlier.person.zip(not_kept.as_ref()).map(|(path, new)| {
+            let persons = new
+                .iter()
+                .map(|i| links[*i as usize].person_id.as_str())
+                .chain(relinked.iter().map(String::as_str))
+                .collect();
+            (path, persons)
+        });
+    write_outputs(warehouse, &raw, &links, &roots, changed)?;
     Ok(Linkage {
         report,
         links,
@@ -1445,6 +1462,7 @@ fn write_outputs(
     raw: &[RecordBatch],
     links: &[PersonLink],
     roots: &[u32],
+    changed: Option<(&Path, std::collections::HashSet<&str>)>,
 ) -> Result<()> {
     let schema = crate::schema::person_link_schema();
     let col = |f: fn(&PersonLink) -> Option<&str>| -> ArrayRef {
@@ -1469,13 +1487,76 @@ fn write_outputs(
     let core = warehouse.out().join("core");
     warehouse.write_parquet(&core.join("person_link.parquet"), schema, &[batch])?;
     tracing::debug!("linkage: links written");
-    let person = person_table(raw, links, roots)?;
+    let person = match changed {
+        Some((earlier, persons)) => match merged_persons(raw, links, roots, earlier, &persons) {
+            Ok(Some(person)) => person,
+            Ok(None) => person_table(raw, links, roots, None)?,
+            Err(e) => {
+                tracing::warn!(error = %e, "the earlier person table cannot be taken: computed whole");
+                person_table(raw, links, roots, None)?
+            }
+        },
+        None => person_table(raw, links, roots, None)?,
+    };
     warehouse.write_parquet(&core.join("person.parquet"), person.schema(), &[person])
+}
+
+/// The person table as the earlier run's (`earlier`, its person.parquet)
+/// without the rows of `persons` (whose records changed), with their rows
+/// computed anew, in person id order; `None` when the earlier file is not
+/// of this table's shape.
+fn merged_persons(
+    raw: &[RecordBatch],
+    links: &[PersonLink],
+    roots: &[u32],
+    earlier: &Path,
+    persons: &std::collections::HashSet<&str>,
+) -> Result<Option<RecordBatch>> {
+    let schema = crate::schema::person_schema();
+    let before = crate::warehouse::read_parquet(earlier, "reading the earlier persons")?;
+    if before
+        .iter()
+        .any(|b| b.schema().fields() != schema.fields())
+    {
+        return Ok(None);
+    }
+    let mut parts = Vec::with_capacity(before.len() + 1);
+    for b in &before {
+        let ids = crate::engine::text(b.column(0)).map_err(engine_error)?;
+        let keep: datafusion::arrow::array::BooleanArray = ids
+            .iter()
+            .map(|id| Some(id.is_some_and(|id| !persons.contains(id))))
+            .collect();
+        parts
+            .push(datafusion::arrow::compute::filter_record_batch(b, &keep).map_err(engine_error)?);
+    }
+    parts.push(person_table(raw, links, roots, Some(persons))?);
+    tracing::debug!(
+        persons = persons.len(),
+        "linkage: the earlier person table taken but for the persons whose records changed"
+    );
+    let all = datafusion::arrow::compute::concat_batches(&schema, &parts).map_err(engine_error)?;
+    let order = datafusion::arrow::compute::sort_to_indices(all.column(0), None, None)
+        .map_err(engine_error)?;
+    let columns = all
+        .columns()
+        .iter()
+        .map(|c| datafusion::arrow::compute::take(c, &order, None))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(engine_error)?;
+    RecordBatch::try_new(schema, columns)
+        .map(Some)
+        .map_err(engine_error)
 }
 
 /// `core/person`: one row per person (cluster, `roots[i]` for record `i`),
 /// in person id order, each field the most frequent of the person's records.
-fn person_table(raw: &[RecordBatch], links: &[PersonLink], roots: &[u32]) -> Result<RecordBatch> {
+fn person_table(
+    raw: &[RecordBatch],
+    links: &[PersonLink],
+    roots: &[u32],
+    only: Option<&std::collections::HashSet<&str>>,
+) -> Result<RecordBatch> {
     const TEXT: [&str; 8] = [
         "given_name",
         "family_name",
@@ -1529,6 +1610,7 @@ fn person_table(raw: &[RecordBatch], links: &[PersonLink], roots: &[u32]) -> Res
     let mut groups: Vec<&[u32]> = (0..n)
         .filter(|r| start[r + 1] > start[*r])
         .map(|r| &order[start[r] as usize..start[r + 1] as usize])
+        .filter(|g| only.is_none_or(|only| only.contains(links[g[0] as usize].person_id.as_str())))
         .collect();
     groups.par_sort_unstable_by(|a, b| {
         links[a[0] as usize]

@@ -40,7 +40,7 @@ pub const FILES: [&str; 3] = [
 ];
 
 /// Raised when what is kept changes meaning.
-pub(super) const VERSION: u32 = 1;
+pub(super) const VERSION: u32 = 2;
 
 /// The kept model and what it was fitted on.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -87,40 +87,35 @@ pub fn kept_from(opts: &LinkOptions) -> f64 {
     opts.review_threshold.min(opts.threshold)
 }
 
-/// A hash of a standardized record: what blocking and comparison see.
-pub fn record_hashes(recs: &[Rec]) -> Vec<u64> {
-    recs.par_iter()
-        .map(|r| {
-            let mut h = Sha256::new();
-            let mut text = |v: Option<&str>| match v {
-                Some(v) => {
-                    h.update((v.len() as u64 + 1).to_le_bytes());
-                    h.update(v.as_bytes());
-                }
-                None => h.update(0u64.to_le_bytes()),
-            };
-            text(Some(&r.source));
-            text(Some(&r.source_patient_id));
-            text(r.given.as_deref());
-            text(r.given_written.as_deref());
-            text(r.family.as_deref());
-            text(r.family_soundex.as_deref());
-            text(r.sex.as_deref());
-            text(r.zip.as_deref());
-            text(r.phone.as_deref());
-            text(r.email.as_deref());
-            text(r.ssn.as_deref());
-            text(r.address.as_deref());
-            text(r.birth.map(|d| d.to_string()).as_deref());
-            text(
-                r.birth_partial
-                    .map(|(y, m)| format!("{y}-{m:?}"))
-                    .as_deref(),
-            );
-            let digest = h.finalize();
+/// A hash of each staged patient record (every column linkage reads: what
+/// blocking and comparison see, and what the person table is made of), in
+/// the order of `raw`'s rows.
+pub fn record_hashes(raw: &[RecordBatch]) -> Result<Vec<u64>> {
+    use datafusion::arrow::row::{RowConverter, SortField};
+    let Some(first) = raw.first() else {
+        return Ok(Vec::new());
+    };
+    let err = |e: datafusion::arrow::error::ArrowError| {
+        WardError::data("hashing patient records", Path::new("staging/patient"), e)
+    };
+    let converter = RowConverter::new(
+        first
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect(),
+    )
+    .map_err(err)?;
+    let mut out = Vec::new();
+    for b in raw {
+        let rows = converter.convert_columns(b.columns()).map_err(err)?;
+        out.par_extend((0..rows.num_rows()).into_par_iter().map(|i| {
+            let digest = Sha256::digest(rows.row(i).as_ref());
             u64::from_le_bytes(digest[..8].try_into().expect("eight bytes"))
-        })
-        .collect()
+        }));
+    }
+    Ok(out)
 }
 
 /// A kept linkage: the model, the records it linked (in their order then)

@@ -423,6 +423,7 @@ pub(crate) fn link(settings: &Settings, args: &LinkArgs, quiet: bool) -> anyhow:
     }
     let core = warehouse.out().join("core");
     let previous = ward::link::read_person_links(&core.join("person_link.parquet"))?;
+    let person = core.join("person.parquet");
     let code = ward::runs::Fingerprint::code().map(ward::runs::Fingerprint::finish);
     let earlier = ward::link::Earlier {
         links: &previous,
@@ -430,6 +431,7 @@ pub(crate) fn link(settings: &Settings, args: &LinkArgs, quiet: bool) -> anyhow:
         refit: args.refit,
         incremental: true,
         code: code.as_deref(),
+        person: Some(&person),
     };
     let linkage = ward::link::link(&warehouse, &config.link, &earlier)?;
     let core = ward::link::build::build(&warehouse)?;

@@ -9,7 +9,7 @@
 //! ```text
 //! core/link_state.json       the model (m, u, prior, household level, value frequencies),
 //!                            what it holds for, candidate pairs per rule   (owner only)
-//! core/link_records.parquet  source, source_patient_id, hash of the standardized record
+//! core/link_records.parquet  source, source_patient_id, hash of the staged record
 //! core/link_pairs.parquet    a, b (rows of link_records), weight, rule, household
 //! ```
 

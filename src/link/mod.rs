@@ -1182,46 +1182,57 @@ fn assign_person_ids(
 }
 
 /// Each record's link in `previous` (its index there), and the links of
-/// records that are gone. Both are in (source, id) order as linkage writes
-/// them: they are merged in one pass (else matched by hashing).
+/// records that are gone (see [`match_keys`]).
 fn match_previous(recs: &[Rec], previous: &[PersonLink]) -> (Vec<Option<u32>>, Vec<u32>) {
+    fn key(l: &PersonLink) -> (&str, &str) {
+        (&l.source, &l.source_patient_id)
+    }
+    let (of, gone, _) = match_keys(recs, previous, key);
+    (of, gone)
+}
+
+/// Each record's match among `earlier` (by (source, id), `key`: its index
+/// there), the indices of `earlier` no record matches, and whether the
+/// records' keys are unique. Both lists are in (source, id) order as
+/// linkage writes them: they are merged in one pass (else matched by
+/// hashing).
+pub(crate) fn match_keys<T>(
+    recs: &[Rec],
+    earlier: &[T],
+    key: fn(&T) -> (&str, &str),
+) -> (Vec<Option<u32>>, Vec<u32>, bool) {
     fn rec_key(r: &Rec) -> (&str, &str) {
         (&r.source, &r.source_patient_id)
-    }
-    fn link_key(l: &PersonLink) -> (&str, &str) {
-        (&l.source, &l.source_patient_id)
     }
     let mut of = vec![None; recs.len()];
     let mut gone = Vec::new();
     let sorted = recs.windows(2).all(|w| rec_key(&w[0]) < rec_key(&w[1]))
-        && previous
-            .windows(2)
-            .all(|w| link_key(&w[0]) < link_key(&w[1]));
+        && earlier.windows(2).all(|w| key(&w[0]) < key(&w[1]));
     if sorted {
         let mut i = 0;
-        for (j, l) in previous.iter().enumerate() {
-            while i < recs.len() && rec_key(&recs[i]) < link_key(l) {
+        for (j, e) in earlier.iter().enumerate() {
+            while i < recs.len() && rec_key(&recs[i]) < key(e) {
                 i += 1;
             }
-            match recs.get(i).is_some_and(|r| rec_key(r) == link_key(l)) {
+            match recs.get(i).is_some_and(|r| rec_key(r) == key(e)) {
                 true => of[i] = Some(j as u32),
                 false => gone.push(j as u32),
             }
         }
-    } else {
-        let index: HashMap<(&str, &str), usize> = recs
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (rec_key(r), i))
-            .collect();
-        for (j, l) in previous.iter().enumerate() {
-            match index.get(&link_key(l)) {
-                Some(&i) => of[i] = Some(j as u32),
-                None => gone.push(j as u32),
-            }
+        return (of, gone, true);
+    }
+    let mut index: HashMap<(&str, &str), usize> = HashMap::with_capacity(recs.len());
+    let mut unique = true;
+    for (i, r) in recs.iter().enumerate() {
+        unique &= index.insert(rec_key(r), i).is_none();
+    }
+    for (j, e) in earlier.iter().enumerate() {
+        match index.get(&key(e)) {
+            Some(&i) => of[i] = Some(j as u32),
+            None => gone.push(j as u32),
         }
     }
-    (of, gone)
+    (of, gone, unique)
 }
 
 /// Person id by (source, source_patient_id).

@@ -13,7 +13,7 @@
 //! core/link_pairs.parquet    a, b (rows of link_records), weight, rule, household
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -203,24 +203,24 @@ impl Kept {
     /// when one was changed or removed (its pairs are gone: every record is
     /// blocked again).
     pub fn carry(&self, recs: &[Rec], hashes: &[u64]) -> Option<(Vec<Considered>, Vec<u32>)> {
-        let mut index: HashMap<(&str, &str), u32> = HashMap::with_capacity(recs.len());
-        for (i, r) in recs.iter().enumerate() {
-            if index
-                .insert((&r.source, &r.source_patient_id), i as u32)
-                .is_some()
-            {
-                return None;
-            }
+        fn key(k: &(String, String)) -> (&str, &str) {
+            (&k.0, &k.1)
         }
-        let mut now = Vec::with_capacity(self.keys.len());
-        let mut kept = vec![false; recs.len()];
-        for ((source, id), hash) in self.keys.iter().zip(&self.hashes) {
-            let i = *index.get(&(source.as_str(), id.as_str()))?;
-            if hashes[i as usize] != *hash {
-                return None;
+        let (of, gone, unique) = super::match_keys(recs, &self.keys, key);
+        // Every kept record matched, one to one.
+        let matched = of.iter().flatten().count();
+        if !unique || !gone.is_empty() || matched != self.keys.len() {
+            return None;
+        }
+        // Each kept record's index tonight.
+        let mut now = vec![0u32; self.keys.len()];
+        for (i, j) in of.iter().enumerate() {
+            if let Some(j) = j {
+                if hashes[i] != self.hashes[*j as usize] {
+                    return None;
+                }
+                now[*j as usize] = i as u32;
             }
-            kept[i as usize] = true;
-            now.push(i);
         }
         let pairs = self
             .pairs
@@ -231,7 +231,7 @@ impl Kept {
             })
             .collect();
         let new = (0..recs.len() as u32)
-            .filter(|i| !kept[*i as usize])
+            .filter(|i| of[*i as usize].is_none())
             .collect();
         Some((pairs, new))
     }

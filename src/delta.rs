@@ -114,40 +114,69 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
         return Ok(None);
     }
     let (before, after) = (core_tables(previous)?, core_tables(core)?);
-    let mut keys = HashSet::new();
+    // Files the two share (hard-linked: taken) hold the same rows in both;
+    // a person changed where the rows of the files only one of them has
+    // differ (an appended table: the persons of the added rows; a table
+    // built anew: every file). Those files' row groups are hashed all at
+    // once, whatever their table, so that both cores are busy.
+    let mut schemas = Vec::new();
+    let mut groups = Vec::new();
     for ((rel, old), (_, new)) in before.iter().zip(&after) {
-        // Files the two share (hard-linked: taken) hold the same rows in
-        // both; a person changed where the rows of the files only one of
-        // them has differ (an appended table: the persons of the added
-        // rows; a table built anew: every file).
         let (removed, added) = file_diff(old, new);
         if removed.is_empty() && added.is_empty() {
             continue;
         }
-        if let (Some(a), Some(b)) = (old.first(), new.first())
-            && file_schema(a)? != file_schema(b)?
-        {
-            tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
-            return Ok(None);
-        }
-        let (Some(gone), Some(came)) = (row_sums(&removed)?, row_sums(&added)?) else {
-            return Ok(None);
+        let schema = match (old.first(), new.first()) {
+            (Some(a), Some(b)) => {
+                let schema = file_schema(b)?;
+                if file_schema(a)? != schema {
+                    tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
+                    return Ok(None);
+                }
+                schema
+            }
+            (a, b) => match a.or(b) {
+                Some(f) => file_schema(f)?,
+                None => continue,
+            },
         };
-        let first = new.first().map(|f| file_schema(f)).transpose()?;
-        if came.schema.is_some() && came.schema != first {
+        schemas.push((rel, schema));
+        for (came, files) in [(false, removed), (true, added)] {
+            for file in files {
+                for group in 0..row_groups(&file)? {
+                    groups.push((schemas.len() - 1, came, file.clone(), group));
+                }
+            }
+        }
+    }
+    let parts: Vec<(usize, bool, Sums)> = groups
+        .into_par_iter()
+        .map(|(table, came, file, group)| Ok((table, came, file_sums(&file, group)?)))
+        .collect::<Result<_>>()?;
+    // Per table, the sums of the rows gone and of those that came.
+    let mut sums: Vec<[HashMap<u64, u64>; 2]> = vec![Default::default(); schemas.len()];
+    for (table, came, part) in parts {
+        let (rel, schema) = &schemas[table];
+        if part.schema != *schema {
             tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
             return Ok(None);
         }
+        let side = &mut sums[table][usize::from(came)];
+        for (k, s) in part.sums {
+            let sum = side.entry(k).or_insert(0);
+            *sum = sum.wrapping_add(s);
+        }
+    }
+    let mut keys = HashSet::new();
+    for [gone, came] in &sums {
         keys.extend(
-            gone.sums
-                .iter()
-                .filter(|(k, s)| came.sums.get(k) != Some(s))
+            gone.iter()
+                .filter(|(k, s)| came.get(k) != Some(s))
                 .map(|(k, _)| *k),
         );
         keys.extend(
-            came.sums
-                .iter()
-                .filter(|(k, s)| gone.sums.get(k) != Some(s))
+            came.iter()
+                .filter(|(k, s)| gone.get(k) != Some(s))
                 .map(|(k, _)| *k),
         );
     }
@@ -173,48 +202,29 @@ pub(crate) fn file_diff(old: &[PathBuf], new: &[PathBuf]) -> (Vec<PathBuf>, Vec<
     (only(old, &new_ids), only(new, &old_ids))
 }
 
-fn file_schema(path: &Path) -> Result<SchemaRef> {
+fn reader(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<std::fs::File>> {
     let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| WardError::data("comparing core rows", path, e))?;
-    Ok(reader.schema().clone())
+    ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| WardError::data("comparing core rows", path, e))
 }
 
-/// One table's per-person row hash sums, and its schema.
+fn file_schema(path: &Path) -> Result<SchemaRef> {
+    Ok(reader(path)?.schema().clone())
+}
+
+fn row_groups(path: &Path) -> Result<usize> {
+    Ok(reader(path)?.metadata().num_row_groups())
+}
+
+/// The per-person row hash sums of one row group of a file, and its schema.
 struct Sums {
-    schema: Option<SchemaRef>,
+    schema: SchemaRef,
     sums: HashMap<u64, u64>,
 }
 
-/// The per-person sums of a table's files (read in parallel); `None` when
-/// its files disagree on their columns.
-fn row_sums(files: &[PathBuf]) -> Result<Option<Sums>> {
-    let parts: Vec<Sums> = files
-        .par_iter()
-        .map(|f| file_sums(f))
-        .collect::<Result<_>>()?;
-    let mut out = Sums {
-        schema: None,
-        sums: HashMap::new(),
-    };
-    for part in parts {
-        match (&out.schema, &part.schema) {
-            (Some(a), Some(b)) if a != b => return Ok(None),
-            (None, _) => out.schema = part.schema,
-            _ => {}
-        }
-        for (k, s) in part.sums {
-            let sum = out.sums.entry(k).or_insert(0);
-            *sum = sum.wrapping_add(s);
-        }
-    }
-    Ok(Some(out))
-}
-
-fn file_sums(path: &Path) -> Result<Sums> {
+fn file_sums(path: &Path, group: usize) -> Result<Sums> {
     let err = |e: BoxError| WardError::data("comparing core rows", path, e);
-    let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.into()))?;
+    let reader = reader(path)?.with_row_groups(vec![group]);
     let schema = reader.schema().clone();
     let converter = RowConverter::new(
         schema
@@ -242,10 +252,7 @@ fn file_sums(path: &Path) -> Result<Sums> {
             *sum = sum.wrapping_add(hasher.hash_one(row.as_ref()));
         }
     }
-    Ok(Sums {
-        schema: Some(schema),
-        sums,
-    })
+    Ok(Sums { schema, sums })
 }
 
 /// Writes tonight's core tables under `core` to `out`, same layout, with
@@ -320,8 +327,12 @@ mod tests {
             ],
         )
         .unwrap();
-        let mut w =
-            ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None).unwrap();
+        // Two rows per row group: a file is compared group by group.
+        let props = datafusion::parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_row_count(Some(2))
+            .build();
+        let mut w = ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, Some(props))
+            .unwrap();
         w.write(&batch).unwrap();
         w.close().unwrap();
     }

@@ -417,6 +417,7 @@ fn read_records(warehouse: &Warehouse) -> Result<(Vec<RecordBatch>, Vec<Rec>)> {
         )
         .await
     })?;
+    tracing::debug!("linkage: staged patients read");
     let recs = records(&raw);
     tracing::info!(records = recs.len(), "linkage: records standardized");
     Ok((raw, recs))
@@ -1279,60 +1280,65 @@ pub fn read_person_links(path: &Path) -> Result<Vec<PersonLink>> {
 
 /// Standardized records from the staged patient rows (same order).
 fn records(batches: &[RecordBatch]) -> Vec<Rec> {
-    let mut out = Vec::new();
-    for b in batches {
-        let text = |name: &str| {
-            crate::engine::text(b.column_by_name(name).expect("selected")).expect("text columns")
-        };
-        let (source, spid, given, family, sex) = (
-            text("source"),
-            text("source_patient_id"),
-            text("given_name"),
-            text("family_name"),
-            text("sex"),
-        );
-        let partial = text("birth_date_partial");
-        let (address, zip, phone, email, ssn) = (
-            text("address_line"),
-            text("postal_code"),
-            text("phone"),
-            text("email"),
-            text("ssn"),
-        );
-        let birth = b
-            .column_by_name("birth_date")
-            .expect("selected")
-            .as_primitive::<Date32Type>()
-            .clone();
-        fn get(a: &StringArray, i: usize) -> Option<&str> {
-            (!a.is_null(i)).then(|| a.value(i))
-        }
-        for i in 0..b.num_rows() {
-            let family_name = standardize::name(get(&family, i));
-            let written = standardize::given_as_written(get(&given, i));
-            let full = written.as_deref().map(standardize::full_given);
-            out.push(Rec {
-                source: source.value(i).to_string(),
-                source_patient_id: spid.value(i).to_string(),
-                given_written: written.filter(|w| full.as_ref() != Some(w)),
-                given: full,
-                family_soundex: family_name.as_deref().and_then(standardize::soundex),
-                family: family_name,
-                birth: (!birth.is_null(i))
-                    .then(|| birth.value_as_date(i))
-                    .flatten(),
-                birth_partial: get(&partial, i).and_then(|p| {
-                    let (year, month) = p.split_once('-').unwrap_or((p, ""));
-                    Some((year.parse().ok()?, month.parse().ok()))
-                }),
-                sex: get(&sex, i).filter(|s| *s != "unknown").map(str::to_string),
-                zip: standardize::zip(get(&zip, i)),
-                phone: standardize::phone(get(&phone, i)),
-                email: standardize::email(get(&email, i)),
-                ssn: standardize::identifier(get(&ssn, i)),
-                address: standardize::address(get(&address, i)),
-            });
-        }
+    // Batch by batch in parallel, in the batches' order.
+    let parts: Vec<Vec<Rec>> = batches.par_iter().map(batch_records).collect();
+    parts.into_iter().flatten().collect()
+}
+
+/// The standardized records of one batch of staged patients.
+fn batch_records(b: &RecordBatch) -> Vec<Rec> {
+    let mut out = Vec::with_capacity(b.num_rows());
+    let text = |name: &str| {
+        crate::engine::text(b.column_by_name(name).expect("selected")).expect("text columns")
+    };
+    let (source, spid, given, family, sex) = (
+        text("source"),
+        text("source_patient_id"),
+        text("given_name"),
+        text("family_name"),
+        text("sex"),
+    );
+    let partial = text("birth_date_partial");
+    let (address, zip, phone, email, ssn) = (
+        text("address_line"),
+        text("postal_code"),
+        text("phone"),
+        text("email"),
+        text("ssn"),
+    );
+    let birth = b
+        .column_by_name("birth_date")
+        .expect("selected")
+        .as_primitive::<Date32Type>()
+        .clone();
+    fn get(a: &StringArray, i: usize) -> Option<&str> {
+        (!a.is_null(i)).then(|| a.value(i))
+    }
+    for i in 0..b.num_rows() {
+        let family_name = standardize::name(get(&family, i));
+        let written = standardize::given_as_written(get(&given, i));
+        let full = written.as_deref().map(standardize::full_given);
+        out.push(Rec {
+            source: source.value(i).to_string(),
+            source_patient_id: spid.value(i).to_string(),
+            given_written: written.filter(|w| full.as_ref() != Some(w)),
+            given: full,
+            family_soundex: family_name.as_deref().and_then(standardize::soundex),
+            family: family_name,
+            birth: (!birth.is_null(i))
+                .then(|| birth.value_as_date(i))
+                .flatten(),
+            birth_partial: get(&partial, i).and_then(|p| {
+                let (year, month) = p.split_once('-').unwrap_or((p, ""));
+                Some((year.parse().ok()?, month.parse().ok()))
+            }),
+            sex: get(&sex, i).filter(|s| *s != "unknown").map(str::to_string),
+            zip: standardize::zip(get(&zip, i)),
+            phone: standardize::phone(get(&phone, i)),
+            email: standardize::email(get(&email, i)),
+            ssn: standardize::identifier(get(&ssn, i)),
+            address: standardize::address(get(&address, i)),
+        });
     }
     out
 }

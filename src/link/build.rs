@@ -183,7 +183,12 @@ pub fn update_table(
         WardError::data("appending to a core table", &out, e)
     };
     crate::engine::block_on(async {
-        let ctx = crate::engine::session(SessionConfig::new())?;
+        // Filters applied while decoding: the few persons' rows wanted of
+        // whole staged and core files (by the joins' dynamic filters) are
+        // found by their key columns before the others are decoded.
+        let ctx = crate::engine::session(
+            SessionConfig::new().set_bool("datafusion.execution.parquet.pushdown_filters", true),
+        )?;
         let mut persons = relinked.clone();
         // The others' new rows, but those that repeat a fact the table
         // holds without changing its row.

@@ -146,7 +146,8 @@ impl Warehouse {
     /// and published by [`ParquetFile::finish`]; dropped unfinished, it
     /// leaves nothing behind.
     pub fn parquet_writer(&self, path: &Path, schema: SchemaRef) -> Result<ParquetFile> {
-        self.parquet_writer_with(path, schema, parquet_properties().build())
+        let props = parquet_properties().set_max_row_group_row_count(Some(ROW_GROUP));
+        self.parquet_writer_with(path, schema, props.build())
     }
 
     /// A [`Warehouse::parquet_writer`] for the staged rows of `table`.
@@ -457,20 +458,21 @@ pub fn read_parquet(path: &Path, context: &'static str) -> Result<Vec<RecordBatc
         .collect()
 }
 
-/// Rows per row group of the Parquet files Ward writes itself: a reader
-/// splits a file by row groups, so a file of a million rows (the person
-/// table at 1M persons) in one group is read by one thread.
+/// Rows per row group of the Parquet files Ward writes whole (the person
+/// table, links, marts, research tables): a reader splits a file by row
+/// groups, so a file of a million rows (the person table at 1M persons)
+/// in one group is read by one thread. Staged files keep the writer's
+/// default (1 Mi rows).
 pub const ROW_GROUP: usize = 256 * 1024;
 
 /// Ward's Parquet files: zstd level 1 (at 1M persons staging is 2 %
 /// larger than at level 3 and ingest 8 % faster; compression was 9 % of its
-/// CPU), row groups of at most [`ROW_GROUP`] rows, and who wrote them.
+/// CPU), and who wrote them.
 fn parquet_properties() -> WriterPropertiesBuilder {
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(1).expect("valid zstd level"),
         ))
-        .set_max_row_group_row_count(Some(ROW_GROUP))
         .set_created_by(format!("ward {}", env!("CARGO_PKG_VERSION")))
 }
 
@@ -701,6 +703,32 @@ mod tests {
     use datafusion::arrow::array::{Int32Array, RecordBatch};
     use datafusion::arrow::datatypes::{DataType, Field, Schema};
     use std::sync::Arc;
+
+    /// A file Ward writes whole is split into row groups a reader can share
+    /// out; ROW_GROUP rows and one more make two.
+    #[test]
+    fn a_file_written_whole_has_row_groups_of_row_group_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let wh = Warehouse::new(dir.path());
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int32, false)]));
+        let rows = Int32Array::from_iter_values(0..(ROW_GROUP as i32 + 1));
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(rows)]).unwrap();
+        let path = dir.path().join("core/person.parquet");
+        wh.write_parquet(&path, schema, &[batch]).unwrap();
+        let file = fs::File::open(&path).unwrap();
+        let reader =
+            datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                file,
+            )
+            .unwrap();
+        let groups: Vec<i64> = reader
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows())
+            .collect();
+        assert_eq!(groups, [ROW_GROUP as i64, 1]);
+    }
 
     #[test]
     fn parquet_is_published_atomically_and_unlisted_files_are_cleaned() {

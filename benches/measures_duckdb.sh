@@ -16,7 +16,7 @@ config=$(cd "$(dirname "$1")" && pwd)/$(basename "$1"); rounds=${2:-2}
 W=${CARGO_TARGET_DIR:-$PWD/target}/release/ward
 venv=benches/.venv
 if [ ! -x "$venv/bin/python" ]; then python3 -m venv "$venv"; fi
-"$venv/bin/python" -c "import duckdb" 2>/dev/null || "$venv/bin/pip" install --quiet duckdb
+"$venv/bin/python" -c "import duckdb, pyarrow" 2>/dev/null || "$venv/bin/pip" install --quiet duckdb pyarrow
 warehouse=$(sed -n 's/^warehouse *= *"\(.*\)"/\1/p' "$config")
 case "$warehouse" in /*) ;; *) warehouse="$(dirname "$config")/$warehouse" ;; esac
 run="$warehouse/runs/$(cat "$warehouse/runs/CURRENT")"

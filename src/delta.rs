@@ -119,8 +119,7 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
     // differ (an appended table: the persons of the added rows; a table
     // built anew: every file). Those files' row groups are hashed all at
     // once, whatever their table, so that both cores are busy.
-    let mut schemas = Vec::new();
-    let mut groups = Vec::new();
+    let (mut tables, mut groups) = (0, Vec::new());
     for ((rel, old), (_, new)) in before.iter().zip(&after) {
         let (removed, added) = file_diff(old, new);
         if removed.is_empty() && added.is_empty() {
@@ -140,29 +139,29 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
                 None => continue,
             },
         };
-        schemas.push((rel, schema));
         for (came, files) in [(false, removed), (true, added)] {
             for file in files {
-                for group in 0..row_groups(&file)? {
-                    groups.push((schemas.len() - 1, came, file.clone(), group));
+                let footer = reader(&file)?;
+                if *footer.schema() != schema {
+                    tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
+                    return Ok(None);
+                }
+                for group in 0..footer.metadata().num_row_groups() {
+                    groups.push((tables, came, file.clone(), group));
                 }
             }
         }
+        tables += 1;
     }
-    let parts: Vec<(usize, bool, Sums)> = groups
+    let parts: Vec<(usize, bool, HashMap<u64, u64>)> = groups
         .into_par_iter()
-        .map(|(table, came, file, group)| Ok((table, came, file_sums(&file, group)?)))
+        .map(|(table, came, file, group)| Ok((table, came, group_sums(&file, group)?)))
         .collect::<Result<_>>()?;
     // Per table, the sums of the rows gone and of those that came.
-    let mut sums: Vec<[HashMap<u64, u64>; 2]> = vec![Default::default(); schemas.len()];
+    let mut sums: Vec<[HashMap<u64, u64>; 2]> = vec![Default::default(); tables];
     for (table, came, part) in parts {
-        let (rel, schema) = &schemas[table];
-        if part.schema != *schema {
-            tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
-            return Ok(None);
-        }
         let side = &mut sums[table][usize::from(came)];
-        for (k, s) in part.sums {
+        for (k, s) in part {
             let sum = side.entry(k).or_insert(0);
             *sum = sum.wrapping_add(s);
         }
@@ -212,22 +211,13 @@ fn file_schema(path: &Path) -> Result<SchemaRef> {
     Ok(reader(path)?.schema().clone())
 }
 
-fn row_groups(path: &Path) -> Result<usize> {
-    Ok(reader(path)?.metadata().num_row_groups())
-}
-
-/// The per-person row hash sums of one row group of a file, and its schema.
-struct Sums {
-    schema: SchemaRef,
-    sums: HashMap<u64, u64>,
-}
-
-fn file_sums(path: &Path, group: usize) -> Result<Sums> {
+/// The per-person sums of the row hashes of one row group of a file.
+fn group_sums(path: &Path, group: usize) -> Result<HashMap<u64, u64>> {
     let err = |e: BoxError| WardError::data("comparing core rows", path, e);
     let reader = reader(path)?.with_row_groups(vec![group]);
-    let schema = reader.schema().clone();
     let converter = RowConverter::new(
-        schema
+        reader
+            .schema()
             .fields()
             .iter()
             .map(|f| SortField::new(f.data_type().clone()))
@@ -252,7 +242,7 @@ fn file_sums(path: &Path, group: usize) -> Result<Sums> {
             *sum = sum.wrapping_add(hasher.hash_one(row.as_ref()));
         }
     }
-    Ok(Sums { schema, sums })
+    Ok(sums)
 }
 
 /// Writes tonight's core tables under `core` to `out`, same layout, with

@@ -454,12 +454,34 @@ pub fn deid_taking(
         .iter()
         .filter(|p| !(suppress && small.contains(p.person_id)))
         .collect();
-    let person_batch = person_batch(&kept, &persons, opts.mode)?;
-    scratch.write_parquet(
-        &tmp.join("person.parquet"),
-        person_batch.schema(),
-        &[person_batch],
-    )?;
+    let ids: HashMap<&str, (&str, i32)> = people
+        .iter()
+        .map(|p| (p.person_id, (p.research_id(), p.shift)))
+        .collect();
+    // The person table and the fact tables in parallel (each is its own;
+    // a table's parts are again in parallel).
+    use rayon::prelude::*;
+    let facts: Vec<Table> = Table::ALL
+        .into_iter()
+        .filter(|t| *t != Table::Patient)
+        .collect();
+    let (person, done) = rayon::join(
+        || {
+            let batch = person_batch(&kept, &persons, opts.mode)?;
+            scratch.write_parquet(&tmp.join("person.parquet"), batch.schema(), &[batch])
+        },
+        || {
+            facts
+                .par_iter()
+                .map(|table| {
+                    research_table(
+                        *table, core_dir, &tmp, &scratch, &ids, &small, opts, earlier,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()
+        },
+    );
+    person?;
     let mut tables = vec![TableCounts {
         table: "person".into(),
         rows_in: people.len() as u64,
@@ -467,66 +489,14 @@ pub fn deid_taking(
         rows_suppressed: (people.len() - kept.len()) as u64,
         values_withheld: 0,
     }];
-
-    let ids: HashMap<&str, (&str, i32)> = people
-        .iter()
-        .map(|p| (p.person_id, (p.research_id(), p.shift)))
-        .collect();
     let mut records_below_k = 0;
     let mut taken = Taken::default();
-    for table in Table::ALL.into_iter().filter(|t| *t != Table::Patient) {
-        let (core, out) = (core_dir.join(table.name()), tmp.join(table.name()));
-        let files = parquet_files(&core)?;
-        // The earlier run's research files, and the core files added and
-        // gone since (a file written anew is both).
-        let (mut added, mut gone) = (Vec::new(), Vec::new());
-        let mut took = None;
-        if let Some(e) = earlier.filter(|_| !opts.suppress_small_classes) {
-            let before = parquet_files(&e.run_dir.join("core").join(table.name()))?;
-            let (removed, new) = crate::delta::file_diff(&before, &files);
-            if !before.is_empty() {
-                match take_table(e, table, &out) {
-                    Ok(counts) => (took, added, gone) = (counts, new, removed),
-                    Err(e) => {
-                        tracing::warn!(
-                            table = table.name(),
-                            "research table not taken, computed again: {e}"
-                        );
-                        let _ = fs::remove_dir_all(&out);
-                    }
-                }
-            }
+    for (counts, below, how) in done? {
+        match how {
+            Some(Took::Whole) => taken.tables.push(counts.table.clone()),
+            Some(Took::Appended) => taken.appended.push(counts.table.clone()),
+            None => {}
         }
-        let (counts, below) = match took {
-            Some(mut counts) => {
-                let name = table.name().to_string();
-                if added.is_empty() && gone.is_empty() {
-                    taken.tables.push(name);
-                } else {
-                    // A gone file's research rows go with it (of the same
-                    // name), and so do its counts.
-                    let schema = table_schema(table, opts.mode);
-                    for part in &gone {
-                        let mut less = TableCounts::default();
-                        deid_part(table, part, &schema, &ids, &small, opts, &mut less)?;
-                        counts.rows_in = counts.rows_in.saturating_sub(less.rows_in);
-                        counts.rows_out = counts.rows_out.saturating_sub(less.rows_out);
-                        counts.values_withheld =
-                            counts.values_withheld.saturating_sub(less.values_withheld);
-                        let research = out.join(part.file_name().unwrap_or_default());
-                        fs::remove_file(&research)
-                            .map_err(|e| WardError::io("cannot remove", &research, e))?;
-                    }
-                    let (more, _) = deid_files(table, &added, &out, &scratch, &ids, &small, opts)?;
-                    counts.rows_in += more.rows_in;
-                    counts.rows_out += more.rows_out;
-                    counts.values_withheld += more.values_withheld;
-                    taken.appended.push(name);
-                }
-                (counts, records_of(&core, &small)?)
-            }
-            None => deid_files(table, &files, &out, &scratch, &ids, &small, opts)?,
-        };
         records_below_k += below;
         tables.push(counts);
     }
@@ -582,6 +552,84 @@ pub fn deid_taking(
     Ok((report, taken))
 }
 
+/// How [`research_table`] made a research table of an earlier run's files.
+enum Took {
+    /// Taken whole.
+    Whole,
+    /// Taken, with files computed for the core files added since.
+    Appended,
+}
+
+/// The research table of the core table `table` of `core_dir`, into
+/// `tmp`: taken from `earlier` where it can be (see [`deid_taking`]),
+/// else computed. Its counts, its records of persons below k, and how it
+/// was taken.
+#[allow(clippy::too_many_arguments)]
+fn research_table(
+    table: Table,
+    core_dir: &Path,
+    tmp: &Path,
+    scratch: &Warehouse,
+    ids: &HashMap<&str, (&str, i32)>,
+    small: &HashSet<&str>,
+    opts: &DeidOptions,
+    earlier: Option<&Earlier>,
+) -> Result<(TableCounts, u64, Option<Took>)> {
+    let (core, out) = (core_dir.join(table.name()), tmp.join(table.name()));
+    let files = parquet_files(&core)?;
+    // The earlier run's research files, and the core files added and
+    // gone since (a file written anew is both).
+    let (mut added, mut gone) = (Vec::new(), Vec::new());
+    let mut took = None;
+    if let Some(e) = earlier.filter(|_| !opts.suppress_small_classes) {
+        let before = parquet_files(&e.run_dir.join("core").join(table.name()))?;
+        let (removed, new) = crate::delta::file_diff(&before, &files);
+        if !before.is_empty() {
+            match take_table(e, table, &out) {
+                Ok(counts) => (took, added, gone) = (counts, new, removed),
+                Err(e) => {
+                    tracing::warn!(
+                        table = table.name(),
+                        "research table not taken, computed again: {e}"
+                    );
+                    let _ = fs::remove_dir_all(&out);
+                }
+            }
+        }
+    }
+    let Some(mut counts) = took else {
+        let (counts, below) = deid_files(table, &files, &out, scratch, ids, small, opts)?;
+        return Ok((counts, below, None));
+    };
+    if added.is_empty() && gone.is_empty() {
+        return Ok((counts, records_of(&core, small)?, Some(Took::Whole)));
+    }
+    // A gone file's research rows go with it (of the same name), and so
+    // do its counts.
+    use rayon::prelude::*;
+    let schema = table_schema(table, opts.mode);
+    let less = gone
+        .par_iter()
+        .map(|part| {
+            let mut less = TableCounts::default();
+            deid_part(table, part, &schema, ids, small, opts, &mut less)?;
+            let research = out.join(part.file_name().unwrap_or_default());
+            fs::remove_file(&research).map_err(|e| WardError::io("cannot remove", &research, e))?;
+            Ok(less)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for less in less {
+        counts.rows_in = counts.rows_in.saturating_sub(less.rows_in);
+        counts.rows_out = counts.rows_out.saturating_sub(less.rows_out);
+        counts.values_withheld = counts.values_withheld.saturating_sub(less.values_withheld);
+    }
+    let (more, _) = deid_files(table, &added, &out, scratch, ids, small, opts)?;
+    counts.rows_in += more.rows_in;
+    counts.rows_out += more.rows_out;
+    counts.values_withheld += more.values_withheld;
+    Ok((counts, records_of(&core, small)?, Some(Took::Appended)))
+}
+
 /// Links `earlier`'s research files of `table` into `out`; its counts, or
 /// `None` when the earlier report has none for it.
 fn take_table(earlier: &Earlier, table: Table, out: &Path) -> Result<Option<TableCounts>> {
@@ -610,23 +658,29 @@ fn take_table(earlier: &Earlier, table: Table, out: &Path) -> Result<Option<Tabl
 fn records_of(core: &Path, small: &HashSet<&str>) -> Result<u64> {
     use datafusion::parquet::arrow::ProjectionMask;
     use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let mut n = 0;
-    for part in parquet_files(core)? {
-        let err = |e: crate::error::BoxError| WardError::data("reading a core table", &part, e);
-        let file = fs::File::open(&part).map_err(|e| WardError::io("cannot open", &part, e))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.into()))?;
-        let mask = ProjectionMask::columns(builder.parquet_schema(), ["person_id"]);
-        for b in builder
-            .with_projection(mask)
-            .build()
-            .map_err(|e| err(e.into()))?
-        {
-            let b = b.map_err(|e| err(e.into()))?;
-            let pid = as_text(column(&b, "person_id", &part)?, "person_id", &part)?;
-            n += pid.iter().flatten().filter(|p| small.contains(p)).count() as u64;
-        }
-    }
-    Ok(n)
+    use rayon::prelude::*;
+    let counts = parquet_files(core)?
+        .par_iter()
+        .map(|part| {
+            let err = |e: crate::error::BoxError| WardError::data("reading a core table", part, e);
+            let file = fs::File::open(part).map_err(|e| WardError::io("cannot open", part, e))?;
+            let builder =
+                ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.into()))?;
+            let mask = ProjectionMask::columns(builder.parquet_schema(), ["person_id"]);
+            let mut n = 0;
+            for b in builder
+                .with_projection(mask)
+                .build()
+                .map_err(|e| err(e.into()))?
+            {
+                let b = b.map_err(|e| err(e.into()))?;
+                let pid = as_text(column(&b, "person_id", part)?, "person_id", part)?;
+                n += pid.iter().flatten().filter(|p| small.contains(p)).count() as u64;
+            }
+            Ok(n)
+        })
+        .collect::<Result<Vec<u64>>>()?;
+    Ok(counts.into_iter().sum())
 }
 
 /// The report of the research tables in `research_dir`

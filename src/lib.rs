@@ -951,9 +951,16 @@ fn build_core(
     let (mut taken, mut appended, mut warnings) = (Vec::new(), Vec::new(), Vec::new());
     let run_id = manifest.run_id.clone();
     let report = stage(manifest, "build", || {
-        let mut report = Vec::new();
-        let mut build = Vec::new();
-        for table in link::build::fact_tables() {
+        // What becomes of each table: built, or taken (as it was, or
+        // updated: appended to, its relinked persons' rows built again),
+        // or built after a warning. The tables in parallel: each update
+        // is its own files and queries.
+        enum Outcome {
+            Build,
+            Taken { rows: u64, same: bool },
+            Warned(String),
+        }
+        let outcome = |table: schema::Table| -> Result<Outcome> {
             let key = format!("build.{}", table.name());
             let same = from
                 .and_then(|_| night.previous.reusable(night, fingerprints, &key))
@@ -961,17 +968,13 @@ fn build_core(
             let Some((dir, m, rows)) =
                 from.and_then(|(dir, m)| Some((dir, m, *m.core.get(table.name())?)))
             else {
-                build.push(table);
-                continue;
+                return Ok(Outcome::Build);
             };
             let new = match same {
                 true => None,
                 false => match appendable(table, m, state, warehouse, &dir.join("core"), rows)? {
                     Some(new) => Some(new),
-                    None => {
-                        build.push(table);
-                        continue;
-                    }
+                    None => return Ok(Outcome::Build),
                 },
             };
             let path = format!("core/{}", table.name());
@@ -1004,25 +1007,41 @@ fn build_core(
                     },
                 )
             });
-            match added {
+            Ok(match added {
                 Ok(None) => {
                     let _ = std::fs::remove_dir_all(night.run_dir.join(&path));
-                    build.push(table);
+                    Outcome::Build
                 }
-                Ok(Some(rows)) => {
+                Ok(Some(rows)) => Outcome::Taken { rows, same },
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(night.run_dir.join(&path));
+                    Outcome::Warned(format!(
+                        "stage build: core table {} of run {} cannot be taken, so it is built again: {e}",
+                        table.name(),
+                        m.run_id
+                    ))
+                }
+            })
+        };
+        use rayon::prelude::*;
+        let tables: Vec<schema::Table> = link::build::fact_tables().collect();
+        let outcomes = tables
+            .par_iter()
+            .map(|t| outcome(*t))
+            .collect::<Result<Vec<_>>>()?;
+        let (mut report, mut build) = (Vec::new(), Vec::new());
+        for (table, outcome) in tables.into_iter().zip(outcomes) {
+            match outcome {
+                Outcome::Build => build.push(table),
+                Outcome::Taken { rows, same } => {
                     match same {
                         true => taken.push(table.name().to_string()),
                         false => appended.push(table.name().to_string()),
                     }
                     report.push((table, rows));
                 }
-                Err(e) => {
-                    let _ = std::fs::remove_dir_all(night.run_dir.join(&path));
-                    warnings.push(format!(
-                        "stage build: core table {} of run {} cannot be taken, so it is built again: {e}",
-                        table.name(),
-                        m.run_id
-                    ));
+                Outcome::Warned(w) => {
+                    warnings.push(w);
                     build.push(table);
                 }
             }

@@ -16,7 +16,9 @@ pub mod model;
 pub mod standardize;
 pub mod state;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use ahash::{AHashMap as HashMap, AHashSet as HashSet};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -310,7 +312,7 @@ fn rule_name(rules: &[(String, String)], rule: u8) -> &str {
 #[derive(Debug, Default)]
 struct Labels {
     same: Vec<(u32, u32)>,
-    different: std::collections::HashSet<(u32, u32)>,
+    different: HashSet<(u32, u32)>,
 }
 
 impl Labels {
@@ -696,7 +698,7 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
     drop((recs, joined_by));
     // The persons whose records changed, when the rest are the earlier
     // run's: only their rows of the person table are computed.
-    let changed: Option<(&Path, std::collections::HashSet<&str>)> =
+    let changed: Option<(&Path, HashSet<&str>)> =
         earlier.person.zip(not_kept.as_ref()).map(|(path, new)| {
             let persons = new
                 .iter()
@@ -790,19 +792,18 @@ fn cluster(
 ) -> (Vec<u32>, Vec<Option<(f64, u8)>>) {
     let n = recs.len();
     let mut parent: Vec<u32> = (0..n as u32).collect();
-    // Each root knows its sources.
-    let source_ids: HashMap<&str, u16> = {
+    // Each root knows its sources: a bit set of `words` words per record.
+    let source_ids: HashMap<&str, usize> = {
         let names: BTreeSet<&str> = recs.iter().map(|r| r.source.as_str()).collect();
-        names
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| (s, i as u16))
-            .collect()
+        names.into_iter().enumerate().map(|(i, s)| (s, i)).collect()
     };
-    let mut sources: Vec<BTreeSet<u16>> = recs
-        .iter()
-        .map(|r| BTreeSet::from([source_ids[r.source.as_str()]]))
-        .collect();
+    let words = source_ids.len().div_ceil(64).max(1);
+    let mut sources = vec![0u64; n * words];
+    for (i, r) in recs.iter().enumerate() {
+        let s = source_ids[r.source.as_str()];
+        sources[i * words + s / 64] |= 1 << (s % 64);
+    }
+    let of = |root: u32| (root as usize * words)..(root as usize + 1) * words;
     let mut joined_by: Vec<Option<(f64, u8)>> = vec![None; n];
     fn find(parent: &mut [u32], mut x: u32) -> u32 {
         while parent[x as usize] != x {
@@ -834,7 +835,11 @@ fn cluster(
         }
         if rule == LABEL_RULE {
             report.labelled_links += 1;
-        } else if !sources[ra as usize].is_disjoint(&sources[rb as usize]) {
+        } else if sources[of(ra)]
+            .iter()
+            .zip(&sources[of(rb)])
+            .any(|(x, y)| x & y != 0)
+        {
             // Two records of one provider: a duplicate registration only on
             // stronger evidence. This also keeps chains of weaker links
             // from joining two people one provider tells apart.
@@ -849,8 +854,9 @@ fn cluster(
         }
         let (keep, gone) = if ra < rb { (ra, rb) } else { (rb, ra) };
         parent[gone as usize] = keep;
-        let moved = std::mem::take(&mut sources[gone as usize]);
-        sources[keep as usize].extend(moved);
+        for w in 0..words {
+            sources[keep as usize * words + w] |= sources[gone as usize * words + w];
+        }
         if let Some(moved) = constrained.remove(&gone) {
             constrained.entry(keep).or_default().extend(moved);
         }
@@ -899,28 +905,34 @@ fn person_links(
         }
         report.links_changed = Some(changed);
     }
-    let mut links = Vec::with_capacity(recs.len());
     let mut members = vec![0u32; recs.len()];
     let mut dated = vec![false; recs.len()];
     for (i, r) in recs.iter().enumerate() {
         let root = roots[i] as usize;
         members[root] += 1;
         dated[root] |= r.birth.is_some();
-        let (w, rule) = match joined_by[i] {
-            Some((w, rule)) => (
-                w.is_finite().then_some(w),
-                Some(rule_name(&opts.blocking, rule).to_string()),
-            ),
-            None => (None, None),
-        };
-        links.push(PersonLink {
-            source: r.source.clone(),
-            source_patient_id: r.source_patient_id.clone(),
-            person_id: person(i).to_string(),
-            match_weight: w,
-            rule,
-        });
     }
+    // A few strings per record: in parallel, in the records' order.
+    let links: Vec<PersonLink> = recs
+        .par_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let (w, rule) = match joined_by[i] {
+                Some((w, rule)) => (
+                    w.is_finite().then_some(w),
+                    Some(rule_name(&opts.blocking, rule).to_string()),
+                ),
+                None => (None, None),
+            };
+            PersonLink {
+                source: r.source.clone(),
+                source_patient_id: r.source_patient_id.clone(),
+                person_id: person(i).to_string(),
+                match_weight: w,
+                rule,
+            }
+        })
+        .collect();
     report.persons = members.iter().filter(|&&m| m > 0).count() as u64;
     report.persons_without_birth_date = members
         .iter()
@@ -1119,12 +1131,12 @@ pub fn explain(
 /// cluster without a previous id gets `P` + 16 hex digits of the SHA-256 of
 /// its first record (records are in source, id order), never one already
 /// given out.
-fn assign_person_ids(
+fn assign_person_ids<'a>(
     recs: &[Rec],
     roots: &[u32],
-    previous: &[PersonLink],
+    previous: &'a [PersonLink],
     previous_of: &[Option<u32>],
-) -> (Vec<Option<String>>, u64) {
+) -> (Vec<Option<Cow<'a, str>>>, u64) {
     let n = recs.len();
     // Each cluster's first record.
     let mut first = vec![u32::MAX; n];
@@ -1151,18 +1163,18 @@ fn assign_person_ids(
             .then(first[*ca as usize].cmp(&first[*cb as usize]))
             .then(ia.cmp(ib))
     });
-    let mut ids: Vec<Option<String>> = vec![None; n];
-    let mut taken: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut ids: Vec<Option<Cow<'a, str>>> = vec![None; n];
+    let mut taken: HashSet<&str> = HashSet::with_capacity(candidates.len());
     let mut carried = 0;
     for (cluster, id, _) in candidates {
         let slot = &mut ids[cluster as usize];
         if slot.is_none() && taken.insert(id) {
-            *slot = Some(id.to_string());
+            *slot = Some(Cow::Borrowed(id));
             carried += 1;
         }
     }
     // The others, in the order of their first records.
-    let mut fresh: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut fresh: HashSet<String> = HashSet::new();
     for (i, root) in roots.iter().enumerate() {
         let root = *root as usize;
         if first[root] != i as u32 || ids[root].is_some() {
@@ -1177,7 +1189,7 @@ fn assign_person_ids(
             seed.push('+');
         };
         fresh.insert(id.clone());
-        ids[root] = Some(id);
+        ids[root] = Some(Cow::Owned(id));
     }
     (ids, carried)
 }
@@ -1479,7 +1491,7 @@ fn write_outputs(
     raw: &[RecordBatch],
     links: &[PersonLink],
     roots: &[u32],
-    changed: Option<(&Path, std::collections::HashSet<&str>)>,
+    changed: Option<(&Path, HashSet<&str>)>,
 ) -> Result<()> {
     let schema = crate::schema::person_link_schema();
     let col = |f: fn(&PersonLink) -> Option<&str>| -> ArrayRef {
@@ -1527,7 +1539,7 @@ fn merged_persons(
     links: &[PersonLink],
     roots: &[u32],
     earlier: &Path,
-    persons: &std::collections::HashSet<&str>,
+    persons: &HashSet<&str>,
 ) -> Result<Option<RecordBatch>> {
     let schema = crate::schema::person_schema();
     let before = crate::warehouse::read_parquet(earlier, "reading the earlier persons")?;
@@ -1572,7 +1584,7 @@ fn person_table(
     raw: &[RecordBatch],
     links: &[PersonLink],
     roots: &[u32],
-    only: Option<&std::collections::HashSet<&str>>,
+    only: Option<&HashSet<&str>>,
 ) -> Result<RecordBatch> {
     const TEXT: [&str; 8] = [
         "given_name",
@@ -1795,7 +1807,7 @@ pub fn evaluate(links: &[PersonLink], truth: &Path) -> Result<Evaluation> {
     let mut by_pred: HashMap<String, u64> = HashMap::new();
     let mut by_both: HashMap<(&str, String), u64> = HashMap::new();
     let mut not_linked = 0;
-    let mut in_truth = std::collections::HashSet::new();
+    let mut in_truth = HashSet::new();
     for (source, id, t) in &truth_rows {
         in_truth.insert((source.as_str(), id.as_str()));
         let p = match predicted.get(&(source.as_str(), id.as_str())) {
@@ -1875,7 +1887,7 @@ mod tests {
         (
             roots
                 .iter()
-                .map(|r| by_root[*r as usize].clone().unwrap())
+                .map(|r| by_root[*r as usize].clone().unwrap().into_owned())
                 .collect(),
             carried,
         )

@@ -5,7 +5,8 @@
 //! term-frequency adjusted weights, and a household level for pairs that
 //! differ only in the given name (twins, siblings).
 
-use std::collections::{BTreeMap, HashMap};
+use ahash::AHashMap as HashMap;
+use std::collections::BTreeMap;
 
 use chrono::{Datelike, NaiveDate};
 use rand::{Rng, SeedableRng};

@@ -8,20 +8,40 @@ use unicode_normalization::UnicodeNormalization;
 /// Letters and digits only, lower-case ASCII, single spaces; diacritics
 /// removed (`Zoë` → `zoe`). `None` when nothing is left.
 pub fn name(raw: Option<&str>) -> Option<String> {
-    let folded: String = raw?
-        .nfd()
-        .filter(|c| !unicode_normalization::char::is_combining_mark(*c))
-        .map(|c| {
-            if c.is_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                ' '
-            }
-        })
-        .filter(|c| c.is_ascii())
-        .collect();
-    let joined = folded.split_whitespace().collect::<Vec<_>>().join(" ");
-    (!joined.is_empty()).then_some(joined)
+    let raw = raw?;
+    match raw.is_ascii() {
+        // Nothing to decompose.
+        true => fold(raw.chars(), raw.len()),
+        false => fold(
+            raw.nfd()
+                .filter(|c| !unicode_normalization::char::is_combining_mark(*c)),
+            raw.len(),
+        ),
+    }
+}
+
+/// [`name`] of decomposed characters without combining marks: letters and
+/// digits lower-cased, other ASCII-less letters dropped, any run of other
+/// characters one space between words.
+fn fold(chars: impl Iterator<Item = char>, capacity: usize) -> Option<String> {
+    let mut out = String::with_capacity(capacity);
+    let mut gap = false;
+    for c in chars {
+        if !c.is_alphanumeric() {
+            gap = true;
+            continue;
+        }
+        let c = c.to_ascii_lowercase();
+        if !c.is_ascii() {
+            continue;
+        }
+        if gap && !out.is_empty() {
+            out.push(' ');
+        }
+        gap = false;
+        out.push(c);
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// A given name with common nicknames mapped to the full name.
@@ -40,8 +60,11 @@ pub fn full_given(first: &str) -> String {
 
 /// The first word of a given name, folded as [`name`], nickname kept.
 pub fn given_as_written(raw: Option<&str>) -> Option<String> {
-    let n = name(raw)?;
-    Some(n.split(' ').next().unwrap_or(&n).to_string())
+    let mut n = name(raw)?;
+    if let Some(space) = n.find(' ') {
+        n.truncate(space);
+    }
+    Some(n)
 }
 
 /// Common English nicknames → full given name.
@@ -224,6 +247,42 @@ mod tests {
         assert_eq!(given(Some("BILL")).as_deref(), Some("william"));
         assert_eq!(given(Some("Liz Ann")).as_deref(), Some("elizabeth"));
         assert_eq!(given(Some("José")).as_deref(), Some("jose"));
+    }
+
+    #[test]
+    fn names_fold_as_decompose_map_and_split_would() {
+        // The plain definition: decompose, drop marks, map, split, join.
+        fn reference(raw: &str) -> Option<String> {
+            let folded: String = raw
+                .nfd()
+                .filter(|c| !unicode_normalization::char::is_combining_mark(*c))
+                .map(|c| match c.is_alphanumeric() {
+                    true => c.to_ascii_lowercase(),
+                    false => ' ',
+                })
+                .filter(|c| c.is_ascii())
+                .collect();
+            let joined = folded.split_whitespace().collect::<Vec<_>>().join(" ");
+            (!joined.is_empty()).then_some(joined)
+        }
+        for raw in [
+            "",
+            " ",
+            "Ann",
+            "  Mary\tJo  ",
+            "D'Angelo--Smith",
+            "Jøn SSmith",
+            "Zoë Ørsted",
+            "Åsa-Björk",
+            "李 小龙",
+            "Nguyễn Văn",
+            "42nd st.",
+            "a\u{301}b",
+            "x\u{2003}y",
+            "..,,",
+        ] {
+            assert_eq!(name(Some(raw)), reference(raw), "{raw:?}");
+        }
     }
 
     #[test]

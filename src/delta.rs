@@ -12,6 +12,12 @@
 //! share a hash are touched together, and the same test that selects a
 //! person for recomputing drops their previous results. The one miss — a
 //! changed person whose row sums collide — has odds of 2⁻⁶⁴.
+//!
+//! A core file written as a file of the current run with only some
+//! persons' rows changed (the person table linkage takes but for the
+//! persons whose records changed, a part without its relinked persons'
+//! rows) says so in its footer ([`derived_from`]): those persons are
+//! touched, and neither file is read.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -102,6 +108,62 @@ fn core_tables(core: &Path) -> Result<Vec<(PathBuf, Vec<PathBuf>)>> {
     Ok(tables)
 }
 
+/// Footer key of a file written as another with only some persons' rows
+/// changed: the other file's identity (see [`identity`]).
+const DERIVED_FROM: &str = "ward.derived_from";
+/// Footer key: those persons' ids, a JSON array.
+const DERIVED_PERSONS: &str = "ward.derived_persons";
+/// Past this many persons a file does not name them (its footer would be
+/// read by every query): it is compared row by row.
+const MAX_DERIVED_PERSONS: usize = 20_000;
+
+/// A file's device, inode and size: what [`derived_from`] names it by. A
+/// file of a kept run is never written again, so while it exists no other
+/// file has its identity.
+fn identity(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(format!("{}:{}:{}", m.dev(), m.ino(), m.size()))
+}
+
+/// The footer entries of a core file written as the file now at `from`
+/// with only the rows of `persons` changed (removed, added or different);
+/// none when `from` cannot be read or the persons are too many to name.
+pub fn derived_from<'a>(
+    from: &Path,
+    persons: impl ExactSizeIterator<Item = &'a str>,
+) -> Vec<datafusion::parquet::file::metadata::KeyValue> {
+    use datafusion::parquet::file::metadata::KeyValue;
+    if persons.len() > MAX_DERIVED_PERSONS {
+        return Vec::new();
+    }
+    let Some(id) = identity(from) else {
+        return Vec::new();
+    };
+    let persons: Vec<&str> = persons.collect();
+    let persons = serde_json::to_string(&persons).expect("strings serialize");
+    vec![
+        KeyValue::new(DERIVED_FROM.to_string(), id),
+        KeyValue::new(DERIVED_PERSONS.to_string(), persons),
+    ]
+}
+
+/// What a file's footer says it was derived from: the identity of that
+/// file and the persons whose rows changed.
+fn derivation(
+    footer: &ParquetRecordBatchReaderBuilder<std::fs::File>,
+) -> Option<(String, Vec<String>)> {
+    let entries = footer.metadata().file_metadata().key_value_metadata()?;
+    let get = |key: &str| {
+        entries
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.clone())
+    };
+    let persons = serde_json::from_str(&get(DERIVED_PERSONS)?).ok()?;
+    Some((get(DERIVED_FROM)?, persons))
+}
+
 /// The persons whose rows differ between the core tables under `previous`
 /// (the current run's `core/`) and under `core` (tonight's); `None` when
 /// they cannot be compared row for row (a table's columns changed, or a
@@ -119,7 +181,7 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
     // differ (an appended table: the persons of the added rows; a table
     // built anew: every file). Those files' row groups are hashed all at
     // once, whatever their table, so that both cores are busy.
-    let (mut tables, mut groups) = (0, Vec::new());
+    let (mut tables, mut groups, mut derived) = (0, Vec::new(), Vec::new());
     for ((rel, old), (_, new)) in before.iter().zip(&after) {
         let (removed, added) = file_diff(old, new);
         if removed.is_empty() && added.is_empty() {
@@ -139,16 +201,42 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
                 None => continue,
             },
         };
-        for (came, files) in [(false, removed), (true, added)] {
-            for file in files {
-                let footer = reader(&file)?;
-                if *footer.schema() != schema {
-                    tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
-                    return Ok(None);
+        // The files that came say which of those that went they are,
+        // but for some persons' rows: theirs are touched, neither is read.
+        let mut gone: Vec<(Option<String>, PathBuf)> =
+            removed.into_iter().map(|f| (identity(&f), f)).collect();
+        let mut came = Vec::new();
+        for file in added {
+            let footer = reader(&file)?;
+            if footer.schema().fields() != schema.fields() {
+                tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
+                return Ok(None);
+            }
+            let from = derivation(&footer).and_then(|(from, persons)| {
+                let at = gone.iter().position(|(id, _)| id.as_ref() == Some(&from))?;
+                Some((at, persons))
+            });
+            match from {
+                Some((at, persons)) => {
+                    gone.swap_remove(at);
+                    derived.extend(persons.iter().map(|p| key(p)));
                 }
-                for group in 0..footer.metadata().num_row_groups() {
-                    groups.push((tables, came, file.clone(), group));
-                }
+                None => came.push((file, footer.metadata().num_row_groups())),
+            }
+        }
+        for (_, file) in gone {
+            let footer = reader(&file)?;
+            if footer.schema().fields() != schema.fields() {
+                tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
+                return Ok(None);
+            }
+            for group in 0..footer.metadata().num_row_groups() {
+                groups.push((tables, false, file.clone(), group));
+            }
+        }
+        for (file, row_groups) in came {
+            for group in 0..row_groups {
+                groups.push((tables, true, file.clone(), group));
             }
         }
         tables += 1;
@@ -166,7 +254,7 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
             *sum = sum.wrapping_add(s);
         }
     }
-    let mut keys = HashSet::new();
+    let mut keys: HashSet<u64> = derived.into_iter().collect();
     for [gone, came] in &sums {
         keys.extend(
             gone.iter()
@@ -207,8 +295,12 @@ fn reader(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<std::fs::File>>
         .map_err(|e| WardError::data("comparing core rows", path, e))
 }
 
+/// A file's columns (without the footer's metadata, which differs from
+/// file to file: see [`derived_from`]).
 fn file_schema(path: &Path) -> Result<SchemaRef> {
-    Ok(reader(path)?.schema().clone())
+    Ok(std::sync::Arc::new(
+        datafusion::arrow::datatypes::Schema::new(reader(path)?.schema().fields().clone()),
+    ))
 }
 
 /// The per-person sums of the row hashes of one row group of a file.
@@ -301,6 +393,7 @@ mod tests {
     use super::*;
     use datafusion::arrow::array::{Int64Array, StringArray};
     use datafusion::arrow::datatypes::{Field, Schema};
+    use datafusion::parquet::file::metadata::KeyValue;
     use std::sync::Arc;
 
     fn write(path: &Path, rows: &[(&str, i64)]) {
@@ -325,6 +418,75 @@ mod tests {
             .unwrap();
         w.write(&batch).unwrap();
         w.close().unwrap();
+    }
+
+    /// [`write`], with footer entries.
+    fn write_noted(path: &Path, rows: &[(&str, i64)], note: Vec<KeyValue>) {
+        write(path, rows);
+        let file = std::fs::File::open(path).unwrap();
+        let batches: Vec<RecordBatch> = ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+            .map(|b| b.unwrap())
+            .collect();
+        let mut w = ArrowWriter::try_new(
+            std::fs::File::create(path).unwrap(),
+            batches[0].schema(),
+            None,
+        )
+        .unwrap();
+        for kv in note {
+            w.append_key_value_metadata(kv);
+        }
+        for b in &batches {
+            w.write(b).unwrap();
+        }
+        w.close().unwrap();
+    }
+
+    #[test]
+    fn a_file_noted_as_derived_touches_its_noted_persons_unread() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (old, new) = (tmp.path().join("old"), tmp.path().join("new"));
+        let people = [("a", 0), ("b", 0), ("c", 0)];
+        write(&old.join("person.parquet"), &people);
+        std::fs::create_dir_all(&new).unwrap();
+        std::fs::hard_link(old.join("person.parquet"), new.join("person.parquet")).unwrap();
+        let before = old.join("observation/part-0.parquet");
+        write(&before, &[("a", 1), ("b", 1), ("c", 1)]);
+        // Written as the old file but for b's rows, and saying so; c's row
+        // differs too, unsaid: the note is what is read, not the rows.
+        let note = derived_from(&before, ["b"].into_iter());
+        assert_eq!(note.len(), 2);
+        let after = new.join("observation/part-0.parquet");
+        write_noted(&after, &[("a", 1), ("c", 9)], note);
+        let t = touched(&old, &new).unwrap().expect("comparable");
+        let names: Vec<&str> = ["a", "b", "c"]
+            .into_iter()
+            .filter(|p| t.contains(p))
+            .collect();
+        assert_eq!(names, ["b"]);
+
+        // A note naming another file (not the one that went) is no note:
+        // the rows are compared.
+        let elsewhere = tmp.path().join("elsewhere.parquet");
+        write(&elsewhere, &[("a", 1)]);
+        write_noted(
+            &after,
+            &[("a", 1), ("c", 9)],
+            derived_from(&elsewhere, ["b"].into_iter()),
+        );
+        let t = touched(&old, &new).unwrap().expect("comparable");
+        let names: Vec<&str> = ["a", "b", "c"]
+            .into_iter()
+            .filter(|p| t.contains(p))
+            .collect();
+        assert_eq!(names, ["b", "c"]);
+
+        // Too many persons to name: no note.
+        let many: Vec<String> = (0..=MAX_DERIVED_PERSONS).map(|i| i.to_string()).collect();
+        assert!(derived_from(&before, many.iter().map(String::as_str)).is_empty());
     }
 
     fn persons(core: &Path) -> Vec<String> {

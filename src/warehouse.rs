@@ -352,6 +352,14 @@ impl ParquetFile {
             .map_err(|e| WardError::data("writing parquet", &self.path, BoxError::from(e)))
     }
 
+    /// Adds entries to the file's footer (key-value metadata).
+    pub fn note(&mut self, entries: Vec<datafusion::parquet::file::metadata::KeyValue>) {
+        let writer = self.writer.as_mut().expect("noted before finish");
+        for kv in entries {
+            writer.append_key_value_metadata(kv);
+        }
+    }
+
     /// Closes the file, syncs it and renames it into place.
     pub fn finish(mut self) -> Result<()> {
         let writer = self.writer.take().expect("finished once");

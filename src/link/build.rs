@@ -9,6 +9,8 @@
 
 use std::path::Path;
 
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::Schema;
 use datafusion::config::TableParquetOptions;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -460,10 +462,17 @@ fn without_persons(
     use datafusion::arrow::array::{Array, BooleanArray};
     let err = |e: String| WardError::data("removing persons' core rows", path, e);
     let batches = crate::warehouse::read_parquet(path, "removing persons' core rows")?;
-    let Some(schema) = batches.first().map(|b| b.schema()) else {
+    // Its columns, not the earlier file's footer notes.
+    let Some(schema) = batches
+        .first()
+        .map(|b| std::sync::Arc::new(Schema::new(b.schema().fields().clone())))
+    else {
         return Ok(0);
     };
-    let mut writer = warehouse.parquet_writer(path, schema)?;
+    // Said in its footer, for `delta::touched`: only their rows changed.
+    let note = crate::delta::derived_from(path, persons.iter().map(String::as_str));
+    let mut writer = warehouse.parquet_writer(path, schema.clone())?;
+    writer.note(note);
     let mut removed = 0;
     for b in &batches {
         let ids = b
@@ -476,6 +485,8 @@ fn without_persons(
         let kept = datafusion::arrow::compute::filter_record_batch(b, &keep)
             .map_err(|e| err(e.to_string()))?;
         removed += (b.num_rows() - kept.num_rows()) as u64;
+        let kept = RecordBatch::try_new(schema.clone(), kept.columns().to_vec())
+            .map_err(|e| err(e.to_string()))?;
         writer.write(&kept)?;
     }
     writer.finish()?;

@@ -1516,18 +1516,26 @@ fn write_outputs(
     let core = warehouse.out().join("core");
     warehouse.write_parquet(&core.join("person_link.parquet"), schema, &[batch])?;
     tracing::debug!("linkage: links written");
-    let person = match changed {
+    // A person table taken but for some persons says so in its footer
+    // (see `delta`).
+    let (person, note) = match changed {
         Some((earlier, persons)) => match merged_persons(raw, links, roots, earlier, &persons) {
-            Ok(Some(person)) => person,
-            Ok(None) => person_table(raw, links, roots, None)?,
+            Ok(Some(person)) => (
+                person,
+                crate::delta::derived_from(earlier, persons.iter().copied()),
+            ),
+            Ok(None) => (person_table(raw, links, roots, None)?, Vec::new()),
             Err(e) => {
                 tracing::warn!(error = %e, "the earlier person table cannot be taken: computed whole");
-                person_table(raw, links, roots, None)?
+                (person_table(raw, links, roots, None)?, Vec::new())
             }
         },
-        None => person_table(raw, links, roots, None)?,
+        None => (person_table(raw, links, roots, None)?, Vec::new()),
     };
-    warehouse.write_parquet(&core.join("person.parquet"), person.schema(), &[person])
+    let mut writer = warehouse.parquet_writer(&core.join("person.parquet"), person.schema())?;
+    writer.note(note);
+    writer.write(&person)?;
+    writer.finish()
 }
 
 /// The person table as the earlier run's (`earlier`, its person.parquet)

@@ -1363,8 +1363,11 @@ fn block(
     rules: &[(String, String)],
     touching: Option<&[u32]>,
 ) -> Result<Vec<(u32, u32, u8)>> {
-    let initial = |s: &Option<String>| s.as_ref().and_then(|v| v.get(..1)).map(str::to_string);
-    let str_col = |f: &dyn Fn(&Rec) -> Option<String>| -> ArrayRef {
+    fn initial(s: &Option<String>) -> Option<&str> {
+        s.as_deref().and_then(|v| v.get(..1))
+    }
+    // The records' values as they are (not copied one by one).
+    let str_col = |f: fn(&Rec) -> Option<&str>| -> ArrayRef {
         Arc::new(recs.iter().map(f).collect::<StringArray>())
     };
     let epoch = NaiveDate::default();
@@ -1390,17 +1393,21 @@ fn block(
                 .map(|r| r.birth.map(|d| (d - epoch).num_days() as i32))
                 .collect::<Date32Array>(),
         ),
-        str_col(&|r| r.birth_year().map(|y| y.to_string())),
-        str_col(&|r| r.given.clone()),
-        str_col(&|r| initial(&r.given)),
-        str_col(&|r| initial(&r.family)),
-        str_col(&|r| r.family_soundex.clone()),
-        str_col(&|r| r.ssn.clone()),
-        str_col(&|r| r.phone.clone()),
-        str_col(&|r| r.email.clone()),
-        str_col(&|r| r.family.clone()),
-        str_col(&|r| r.zip.clone()),
-        str_col(&|r| r.address.clone()),
+        Arc::new(
+            recs.iter()
+                .map(|r| r.birth_year().map(|y| y.to_string()))
+                .collect::<StringArray>(),
+        ),
+        str_col(|r| r.given.as_deref()),
+        str_col(|r| initial(&r.given)),
+        str_col(|r| initial(&r.family)),
+        str_col(|r| r.family_soundex.as_deref()),
+        str_col(|r| r.ssn.as_deref()),
+        str_col(|r| r.phone.as_deref()),
+        str_col(|r| r.email.as_deref()),
+        str_col(|r| r.family.as_deref()),
+        str_col(|r| r.zip.as_deref()),
+        str_col(|r| r.address.as_deref()),
     ];
     let batch = RecordBatch::try_new(schema.clone(), columns).map_err(engine_error)?;
     let new = touching

@@ -218,24 +218,51 @@ pub fn update_table(
                 .await
                 .map_err(err)?;
                 let same = same_fact(&person_key(key));
-                // A repeat changes the fact's row when its source is not
-                // among the row's reporters or it comes first in (source,
-                // file, line) order: its person is built again.
-                let sql = format!(
-                    "SELECT DISTINCT j.person_id FROM new_rows j JOIN core_rows d ON {same} \
-                     WHERE NOT array_has(d.reported_by, j.source) OR j.source < d.source \
-                       OR (j.source = d.source AND (j.source_file < d.source_file \
-                         OR (j.source_file = d.source_file AND j.source_line < d.source_line)))"
-                );
-                let changing =
-                    crate::engine::collect_about(&ctx, &sql, "finding repeated facts", &dir)
-                        .await?;
+                // One pass over the core: each new row, whether it repeats
+                // a fact the table holds, and whether the repeat changes
+                // the fact's row (its source is not among the row's
+                // reporters or comes first in (source, file, line) order:
+                // its person is built again). A core row is one fact of
+                // its person, so each new row matches at most one.
+                let columns: Vec<String> = ctx
+                    .table("new_rows")
+                    .await
+                    .map_err(err)?
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| format!("\"{}\"", f.name()))
+                    .collect();
+                let matched = ctx
+                    .sql(&format!(
+                        "SELECT j.*, d.person_id IS NOT NULL AS repeat_, \
+                           (NOT array_has(d.reported_by, j.source) OR j.source < d.source \
+                             OR (j.source = d.source AND (j.source_file < d.source_file \
+                               OR (j.source_file = d.source_file \
+                                 AND j.source_line < d.source_line)))) AS changes_ \
+                         FROM new_rows j LEFT JOIN core_rows d ON {same}"
+                    ))
+                    .await
+                    .map_err(err)?;
+                let schema = std::sync::Arc::new(matched.schema().as_arrow().clone());
+                let matched = matched.collect().await.map_err(err)?;
+                crate::engine::register_batches(&ctx, "matched_rows", schema, matched, &dir)?;
+                let changing = crate::engine::collect_about(
+                    &ctx,
+                    "SELECT DISTINCT person_id FROM matched_rows WHERE repeat_ AND changes_",
+                    "finding repeated facts",
+                    &dir,
+                )
+                .await?;
                 for b in &changing {
                     let ids = crate::engine::text(b.column(0))
                         .map_err(|e| WardError::data("finding repeated facts", &dir, e))?;
                     persons.extend(ids.iter().flatten().map(str::to_string));
                 }
-                rows = format!("(SELECT j.* FROM new_rows j LEFT ANTI JOIN core_rows d ON {same})");
+                rows = format!(
+                    "(SELECT {} FROM matched_rows WHERE NOT repeat_)",
+                    columns.join(", ")
+                );
             }
             if persons.len() > max_persons {
                 tracing::info!(

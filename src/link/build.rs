@@ -222,8 +222,8 @@ pub fn update_table(
                 // a fact the table holds, and whether the repeat changes
                 // the fact's row (its source is not among the row's
                 // reporters or comes first in (source, file, line) order:
-                // its person is built again). A core row is one fact of
-                // its person, so each new row matches at most one.
+                // its person is built again). Only rows that match none
+                // are appended.
                 let columns: Vec<String> = ctx
                     .table("new_rows")
                     .await

@@ -1352,35 +1352,45 @@ fn write_reports(warehouse: &warehouse::Warehouse, input: &ReportInput) -> Resul
         );
         out
     }
-    let strata = timed("strata", || measure::strata(warehouse, queries, period))?;
-    let cells = timed("summary", || {
-        Ok(report::summarize(measures, &strata, config.min_cell_size))
-    })?;
-    let report_dir = timed("summary files", || report::write(warehouse, run_id, &cells))?;
-    let html = report::html::HtmlInput {
-        trend: &trend,
-        metadata: &metadata,
-        warnings: &manifest.warnings,
-        dq: input.dq,
-        dq_trend: &dq_trend,
-        ..report::html::HtmlInput::new(
-            run_id,
-            period,
-            config.min_cell_size,
-            measures,
-            &cells,
-            &quality,
-        )
-    };
-    let report_html = timed("report.html", || report::html::write(&report_dir, &html))?;
-    let measure_reports = timed("MeasureReports", || {
-        report::fhir::write(warehouse, run_id, measures, &cells, chrono::Utc::now())
-    })?;
-    let care_gaps = timed("care gaps", || {
-        let mut files = report::CareGapFiles::new(warehouse, run_id)?;
-        measure::care_gaps(warehouse, queries, measures, |batch| files.write(&batch))?;
-        files.finish()
-    })?;
+    // The care-gap lists need nothing of the rest: written meanwhile.
+    let (summary, care_gaps) = rayon::join(
+        || -> Result<_> {
+            let strata = timed("strata", || measure::strata(warehouse, queries, period))?;
+            let cells = timed("summary", || {
+                Ok(report::summarize(measures, &strata, config.min_cell_size))
+            })?;
+            let report_dir = timed("summary files", || report::write(warehouse, run_id, &cells))?;
+            let html = report::html::HtmlInput {
+                trend: &trend,
+                metadata: &metadata,
+                warnings: &manifest.warnings,
+                dq: input.dq,
+                dq_trend: &dq_trend,
+                ..report::html::HtmlInput::new(
+                    run_id,
+                    period,
+                    config.min_cell_size,
+                    measures,
+                    &cells,
+                    &quality,
+                )
+            };
+            let report_html = timed("report.html", || report::html::write(&report_dir, &html))?;
+            let measure_reports = timed("MeasureReports", || {
+                report::fhir::write(warehouse, run_id, measures, &cells, chrono::Utc::now())
+            })?;
+            Ok((cells, report_dir, report_html, measure_reports))
+        },
+        || {
+            timed("care gaps", || {
+                let mut files = report::CareGapFiles::new(warehouse, run_id)?;
+                measure::care_gaps(warehouse, queries, measures, |batch| files.write(&batch))?;
+                files.finish()
+            })
+        },
+    );
+    let (cells, report_dir, report_html, measure_reports) = summary?;
+    let care_gaps = care_gaps?;
     Ok(Reports {
         summary: cells,
         report_dir,

@@ -1500,49 +1500,61 @@ fn write_outputs(
     roots: &[u32],
     changed: Option<(&Path, HashSet<&str>)>,
 ) -> Result<()> {
-    let schema = crate::schema::person_link_schema();
-    let col = |f: fn(&PersonLink) -> Option<&str>| -> ArrayRef {
-        Arc::new(links.iter().map(f).collect::<StringArray>())
-    };
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            col(|l| Some(&l.source)),
-            col(|l| Some(&l.source_patient_id)),
-            col(|l| Some(&l.person_id)),
-            Arc::new(
-                links
-                    .iter()
-                    .map(|l| l.match_weight)
-                    .collect::<Float64Array>(),
-            ),
-            col(|l| l.rule.as_deref()),
-        ],
-    )
-    .map_err(engine_error)?;
     let core = warehouse.out().join("core");
-    warehouse.write_parquet(&core.join("person_link.parquet"), schema, &[batch])?;
-    tracing::debug!("linkage: links written");
-    // A person table taken but for some persons says so in its footer
-    // (see `delta`).
-    let (person, note) = match changed {
-        Some((earlier, persons)) => match merged_persons(raw, links, roots, earlier, &persons) {
-            Ok(Some(person)) => (
-                person,
-                crate::delta::derived_from(earlier, persons.iter().copied()),
-            ),
-            Ok(None) => (person_table(raw, links, roots, None)?, Vec::new()),
-            Err(e) => {
-                tracing::warn!(error = %e, "the earlier person table cannot be taken: computed whole");
-                (person_table(raw, links, roots, None)?, Vec::new())
-            }
+    // The links and the person table, each written on its own.
+    let (written, person) = rayon::join(
+        || {
+            let schema = crate::schema::person_link_schema();
+            let col = |f: fn(&PersonLink) -> Option<&str>| -> ArrayRef {
+                Arc::new(links.iter().map(f).collect::<StringArray>())
+            };
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    col(|l| Some(&l.source)),
+                    col(|l| Some(&l.source_patient_id)),
+                    col(|l| Some(&l.person_id)),
+                    Arc::new(
+                        links
+                            .iter()
+                            .map(|l| l.match_weight)
+                            .collect::<Float64Array>(),
+                    ),
+                    col(|l| l.rule.as_deref()),
+                ],
+            )
+            .map_err(engine_error)?;
+            warehouse.write_parquet(&core.join("person_link.parquet"), schema, &[batch])?;
+            tracing::debug!("linkage: links written");
+            Ok::<_, WardError>(())
         },
-        None => (person_table(raw, links, roots, None)?, Vec::new()),
-    };
-    let mut writer = warehouse.parquet_writer(&core.join("person.parquet"), person.schema())?;
-    writer.note(note);
-    writer.write(&person)?;
-    writer.finish()
+        || {
+            // A person table taken but for some persons says so in its
+            // footer (see `delta`).
+            let (person, note) = match changed {
+                Some((earlier, persons)) => {
+                    match merged_persons(raw, links, roots, earlier, &persons) {
+                        Ok(Some(person)) => (
+                            person,
+                            crate::delta::derived_from(earlier, persons.iter().copied()),
+                        ),
+                        Ok(None) => (person_table(raw, links, roots, None)?, Vec::new()),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the earlier person table cannot be taken: computed whole");
+                            (person_table(raw, links, roots, None)?, Vec::new())
+                        }
+                    }
+                }
+                None => (person_table(raw, links, roots, None)?, Vec::new()),
+            };
+            let mut writer =
+                warehouse.parquet_writer(&core.join("person.parquet"), person.schema())?;
+            writer.note(note);
+            writer.write(&person)?;
+            writer.finish()
+        },
+    );
+    written.and(person)
 }
 
 /// The person table as the earlier run's (`earlier`, its person.parquet)

@@ -602,7 +602,7 @@ fn research_table(
         return Ok((counts, below, None));
     };
     if added.is_empty() && gone.is_empty() {
-        return Ok((counts, records_of(&core, small)?, Some(Took::Whole)));
+        return Ok((counts, records_of(&files, small)?, Some(Took::Whole)));
     }
     // A gone file's research rows go with it (of the same name), and so
     // do its counts.
@@ -623,11 +623,14 @@ fn research_table(
         counts.rows_out = counts.rows_out.saturating_sub(less.rows_out);
         counts.values_withheld = counts.values_withheld.saturating_sub(less.values_withheld);
     }
-    let (more, _) = deid_files(table, &added, &out, scratch, ids, small, opts)?;
+    let (more, more_below) = deid_files(table, &added, &out, scratch, ids, small, opts)?;
     counts.rows_in += more.rows_in;
     counts.rows_out += more.rows_out;
     counts.values_withheld += more.values_withheld;
-    Ok((counts, records_of(&core, small)?, Some(Took::Appended)))
+    // The added files' records below k were counted as they were read.
+    let kept: Vec<PathBuf> = files.into_iter().filter(|f| !added.contains(f)).collect();
+    let below = records_of(&kept, small)? + more_below;
+    Ok((counts, below, Some(Took::Appended)))
 }
 
 /// Links `earlier`'s research files of `table` into `out`; its counts, or
@@ -654,12 +657,12 @@ fn take_table(earlier: &Earlier, table: Table, out: &Path) -> Result<Option<Tabl
     Ok(Some(counts.clone()))
 }
 
-/// Rows of the core table in `core` whose person is in `small`.
-fn records_of(core: &Path, small: &HashSet<&str>) -> Result<u64> {
+/// Rows of the core files `files` whose person is in `small`.
+fn records_of(files: &[PathBuf], small: &HashSet<&str>) -> Result<u64> {
     use datafusion::parquet::arrow::ProjectionMask;
     use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use rayon::prelude::*;
-    let counts = parquet_files(core)?
+    let counts = files
         .par_iter()
         .map(|part| {
             let err = |e: crate::error::BoxError| WardError::data("reading a core table", part, e);

@@ -205,11 +205,17 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
         // but for some persons' rows: theirs are touched, neither is read.
         let mut gone: Vec<(Option<String>, PathBuf)> =
             removed.into_iter().map(|f| (identity(&f), f)).collect();
+        let changed_columns = |footer: &ParquetRecordBatchReaderBuilder<std::fs::File>| {
+            let changed = footer.schema().fields() != schema.fields();
+            if changed {
+                tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
+            }
+            changed
+        };
         let mut came = Vec::new();
         for file in added {
             let footer = reader(&file)?;
-            if footer.schema().fields() != schema.fields() {
-                tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
+            if changed_columns(&footer) {
                 return Ok(None);
             }
             let from = derivation(&footer).and_then(|(from, persons)| {
@@ -226,8 +232,7 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
         }
         for (_, file) in gone {
             let footer = reader(&file)?;
-            if footer.schema().fields() != schema.fields() {
-                tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
+            if changed_columns(&footer) {
                 return Ok(None);
             }
             for group in 0..footer.metadata().num_row_groups() {

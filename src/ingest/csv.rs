@@ -60,21 +60,34 @@ impl TextTable {
         self.columns.iter().map(|c| c.iter().collect()).collect()
     }
 
-    /// The records after line `line` (well-formed or not); `None` when
-    /// there are none.
-    pub fn after_line(self, line: u64) -> Option<TextTable> {
-        let at = self.lines.partition_point(|l| *l <= line);
+    /// The records whose (first) line `keep` takes, well-formed or not;
+    /// `None` when there are none.
+    pub fn only(self, keep: impl Fn(u64) -> bool) -> Option<TextTable> {
+        let rows: Vec<usize> = (0..self.lines.len())
+            .filter(|r| keep(self.lines[*r]))
+            .collect();
         let rejects: Vec<StructuralReject> =
-            self.rejects.into_iter().filter(|r| r.line > line).collect();
-        if at == self.lines.len() && rejects.is_empty() {
+            self.rejects.into_iter().filter(|r| keep(r.line)).collect();
+        if rows.is_empty() && rejects.is_empty() {
             return None;
         }
-        let rows = self.lines.len() - at;
+        let columns = if rows.len() == self.lines.len() {
+            self.columns
+        } else {
+            self.columns
+                .iter()
+                .map(|c| {
+                    rows.iter()
+                        .map(|r| c.is_valid(*r).then(|| c.value(*r)))
+                        .collect()
+                })
+                .collect()
+        };
         Some(TextTable {
             header: self.header,
-            columns: self.columns.iter().map(|c| c.slice(at, rows)).collect(),
-            lines: self.lines[at..].to_vec(),
-            duplicate_of: self.duplicate_of[at..].to_vec(),
+            columns,
+            lines: rows.iter().map(|r| self.lines[*r]).collect(),
+            duplicate_of: rows.iter().map(|r| self.duplicate_of[*r]).collect(),
             rejects,
         })
     }

@@ -367,9 +367,28 @@ struct Recheck {
     through_line: u64,
     /// The earlier load's rejects: line, rule and every failure.
     rejected: HashSet<(u64, String, String)>,
+    /// CSV: only the records that can come out otherwise are mapped again.
+    again: Option<Again>,
+}
+
+/// Of the earlier load's records (up to its last line), the ones a load
+/// against the grown patients may map otherwise: those it refused naming
+/// an unknown patient. Every other record names a patient the source
+/// already had (with the same birth date) or none, and its row or reject
+/// is the earlier load's, so its reject is kept as written.
+#[derive(Default)]
+struct Again {
+    lines: HashSet<u64>,
+    /// The earlier load's rejects of the other records.
+    kept: Vec<RecordBatch>,
 }
 
 impl Recheck {
+    /// Whether the record on `line` is mapped tonight.
+    fn maps(&self, line: u64) -> bool {
+        line > self.through_line || self.again.as_ref().is_none_or(|a| a.lines.contains(&line))
+    }
+
     /// The rows of `batch` not staged before.
     fn new_rows(&self, batch: &RecordBatch) -> Result<RecordBatch> {
         let err = |message: &str| WardError::Data {
@@ -1009,8 +1028,13 @@ fn load_file(
             Some(recheck) => recheck.split(&loaded.rejects),
             None => (Vec::new(), loaded.rejects.iter().collect()),
         };
-        for (rejects, suffix) in [(kept, "-kept"), (tonight, "")] {
-            if let Some(path) = write_rejects(staged, input, &rejects, suffix)? {
+        let unmapped = staged
+            .recheck
+            .as_ref()
+            .and_then(|r| r.again.as_ref())
+            .map_or(&[][..], |a| &a.kept[..]);
+        for (rejects, earlier, suffix) in [(kept, unmapped, "-kept"), (tonight, &[][..], "")] {
+            if let Some(path) = write_rejects(staged, input, &rejects, earlier, suffix)? {
                 loaded.outputs.push(path);
             }
         }
@@ -1075,14 +1099,14 @@ fn map_file(
             let slice = opts.slice_records.unwrap_or(CSV_SLICE).max(1);
             while let Some(text) = reader.next_slice(slice)? {
                 // The earlier records are read (they are what appended
-                // records may repeat) but not mapped again.
-                let text = match &base {
-                    Some((_, lines)) => match text.after_line(*lines) {
-                        Some(text) => text,
-                        None => continue,
-                    },
-                    None => text,
+                // records may repeat) but mapped again only when they may
+                // come out otherwise.
+                let text = match (&base, &staged.recheck) {
+                    (Some((_, lines)), _) => text.only(|line| line > *lines),
+                    (None, Some(recheck)) => text.only(|line| recheck.maps(line)),
+                    (None, None) => Some(text),
                 };
+                let Some(text) = text else { continue };
                 let mapped = rows::map_rows(&text, entry, &ctx, &mut patient_ids)?;
                 loaded.read += text.records();
                 loaded.accepted += mapped.accepted() as u64;
@@ -1215,7 +1239,8 @@ fn lines_loaded(input: &Input, earlier: &FileState, n: u64) -> Result<Option<u64
 /// load now would stage for the earlier patients (each keeps its birth
 /// date), and `staged` writes only the others (rows of new patients, once
 /// rejected as unknown, and appended records). Returns the earlier load to
-/// build on: its staged files, none of its counts (the file is read whole).
+/// build on: its staged files and, for CSV, its counts but for the records
+/// mapped again ([`Again`]); for NDJSON, read whole, none of its counts.
 fn recheck(
     input: &Input,
     grown: &(String, Arc<PatientLookup>),
@@ -1243,10 +1268,25 @@ fn recheck(
             _ => return Ok(None),
         }
     };
-    let mut rejected = HashSet::new();
+    // CSV files map only the records that can come out otherwise
+    // ([`Again`]); the others keep the earlier load's outcome and counts.
+    let selective = len.is_some();
+    let (mut rejected, mut again) = (HashSet::new(), Again::default());
+    let mut base = FileState {
+        outputs: earlier
+            .outputs
+            .iter()
+            .filter(|o| o.starts_with("staging/"))
+            .cloned()
+            .collect(),
+        ..earlier.clone()
+    };
     for out in earlier.outputs.iter().filter(|o| o.starts_with("rejects/")) {
         let path = staged.wh.root().join(out);
         for b in crate::warehouse::read_parquet(&path, "reading a file's earlier rejects")? {
+            if b.schema().fields() != rejects_schema().fields() {
+                return Ok(None);
+            }
             let text = |name: &str| {
                 b.column_by_name(name)
                     .and_then(|c| c.as_any().downcast_ref::<StringArray>())
@@ -1258,64 +1298,95 @@ fn recheck(
             else {
                 return Ok(None);
             };
+            let mut keep = Vec::with_capacity(b.num_rows());
             for i in 0..b.num_rows() {
-                rejected.insert((
-                    lines.value(i),
-                    rules.value(i).to_string(),
-                    errors.value(i).to_string(),
-                ));
+                let (line, rule, errors) = (lines.value(i), rules.value(i), errors.value(i));
+                let unknown = errors.split("; ").any(|e| e.ends_with(": unknown_patient"));
+                keep.push(!unknown);
+                if unknown && selective {
+                    again.lines.insert(line);
+                    base.rows_read = base.rows_read.saturating_sub(1);
+                    base.rows_rejected = base.rows_rejected.saturating_sub(1);
+                    if let Some(n) = base.rejects_by_rule.get_mut(rule) {
+                        *n -= 1;
+                        if *n == 0 {
+                            base.rejects_by_rule.remove(rule);
+                        }
+                    }
+                }
+                rejected.insert((line, rule.to_string(), errors.to_string()));
+            }
+            if selective {
+                let keep = BooleanArray::from(keep);
+                again.kept.push(
+                    datafusion::arrow::compute::filter_record_batch(&b, &keep).map_err(|e| {
+                        WardError::data("reading a file's earlier rejects", &path, e)
+                    })?,
+                );
             }
         }
     }
     tracing::info!(
         source = %input.source.name,
         file = %input.rel,
+        again = selective.then_some(again.lines.len()),
         "the source's patients grew: checked again, staging only the rows not staged before"
     );
     staged.recheck = Some(Recheck {
         known: grown.1.clone(),
         through_line,
         rejected,
+        again: selective.then_some(again),
     });
-    Ok(Some(FileState {
-        outputs: earlier
-            .outputs
-            .iter()
-            .filter(|o| o.starts_with("staging/"))
-            .cloned()
-            .collect(),
-        rows_read: 0,
-        rows_accepted: 0,
-        rows_rejected: 0,
-        rows_skipped: 0,
-        rejects_by_rule: BTreeMap::new(),
-        values_flagged: BTreeMap::new(),
-        ..earlier.clone()
-    }))
+    if !selective {
+        // The file is read whole: none of the earlier counts stand.
+        base = FileState {
+            rows_read: 0,
+            rows_accepted: 0,
+            rows_rejected: 0,
+            rows_skipped: 0,
+            rejects_by_rule: BTreeMap::new(),
+            values_flagged: BTreeMap::new(),
+            ..base
+        };
+    }
+    Ok(Some(base))
 }
 
-/// Writes a file's rejects (if any) to `<batch><suffix>.parquet` of its
-/// source's rejects; returns the path written, relative to the warehouse.
+/// Writes a file's rejects (if any) — `rejects` and the rows of `earlier`,
+/// reject batches of the file written before, in line order — to
+/// `<batch><suffix>.parquet` of its source's rejects; returns the path
+/// written, relative to the warehouse.
 fn write_rejects(
     staged: &Staged,
     input: &Input,
     rejects: &[&RejectRow],
+    earlier: &[RecordBatch],
     suffix: &str,
 ) -> Result<Option<String>> {
-    if rejects.is_empty() {
+    if rejects.is_empty() && earlier.iter().all(|b| b.num_rows() == 0) {
         return Ok(None);
     }
     let path = staged
         .wh
         .rejects_dir(&input.source.name)
         .join(format!("{}{suffix}.parquet", staged.batch_id));
-    let batch = rejects_batch(
+    let mut batch = rejects_batch(
         &input.source.name,
         &input.rel,
         input.table(),
         rejects,
         &path,
     )?;
+    if !earlier.is_empty() {
+        use datafusion::arrow::compute;
+        let err = |e| WardError::data("writing rejects", &path, e);
+        let all = compute::concat_batches(&rejects_schema(), earlier.iter().chain([&batch]))
+            .map_err(err)?;
+        let line = all.column_by_name("line").expect("the rejects schema");
+        let order = compute::sort_to_indices(line, None, None).map_err(err)?;
+        batch = compute::take_record_batch(&all, &order).map_err(err)?;
+    }
     staged.wh.write_parquet(&path, rejects_schema(), &[batch])?;
     Ok(Some(staged.wh.relative(&path)))
 }

@@ -540,6 +540,7 @@ fn loaded(wh: &Path) -> Loaded {
                 "rows_accepted",
                 "rows_rejected",
                 "rejects_by_rule",
+                "values_flagged",
             ];
             let f: serde_json::Map<_, _> = f
                 .as_object()

@@ -539,7 +539,14 @@ pub fn ingest(
         .into_iter()
         .map(|(input, result)| Ok((input, result?)))
         .collect::<Result<Vec<_>>>()?;
-    let patients = source_patients(sources, &state, &wh, opts.dry_run, &mut patient_results)?;
+    let patients = source_patients(
+        sources,
+        &state,
+        &wh,
+        opts,
+        &fact_inputs,
+        &mut patient_results,
+    )?;
     let patient_done = patient_results
         .into_iter()
         .map(|(input, result)| Ok((input, finish(input, result, None, opts))))
@@ -840,36 +847,55 @@ struct SourcePatients {
 
 /// Gathers each source's patients, from the patient files just loaded
 /// (taking their birth dates) and (unless a dry run) from staging for the
-/// others.
+/// others. Only sources with fact files to load tonight (of `facts`) have
+/// their patients gathered; every source's patient files are fingerprinted.
 fn source_patients(
     sources: &[SourceConfig],
     state: &IngestState,
     wh: &Warehouse,
-    dry_run: bool,
+    opts: &IngestOptions,
+    facts: &[&Input],
     patient_results: &mut [(&Input, Result<Loaded>)],
 ) -> Result<SourcePatients> {
     let mut out = SourcePatients::default();
     for source in sources {
-        let mut files: BTreeMap<String, String> = state
-            .sources
-            .get(&source.name)
-            .into_iter()
-            .flatten()
-            .filter(|(_, f)| f.table == Table::Patient.name())
+        let earlier_files = || {
+            state
+                .sources
+                .get(&source.name)
+                .into_iter()
+                .flatten()
+                .filter(|(_, f)| f.table == Table::Patient.name())
+        };
+        let before: BTreeMap<String, String> = earlier_files()
             .map(|(rel, f)| (rel.clone(), f.sha256.clone()))
             .collect();
-        let before = files.clone();
-        let mut lookup = PatientLookup::default();
+        let mut files = before.clone();
         let mut fresh: Vec<_> = patient_results
             .iter_mut()
-            .filter(|(i, _)| i.source.name == source.name)
+            .filter(|(i, r)| i.source.name == source.name && r.is_ok())
             .collect();
-        if !dry_run {
+        for (input, _) in &fresh {
+            if input.table() == Table::Patient.name() {
+                files.insert(input.rel.clone(), input.sha256.clone());
+            }
+        }
+        if files.is_empty() {
+            continue;
+        }
+        let fingerprint = patients_fingerprint(&files);
+        let wanted = facts
+            .iter()
+            .any(|i| i.source.name == source.name && needs_load(opts, state, i, Some(&fingerprint)));
+        out.fingerprints.insert(source.name.clone(), fingerprint);
+        if !wanted {
+            continue;
+        }
+        let mut lookup = PatientLookup::default();
+        if !opts.dry_run {
             // Unchanged (or failed-to-reload) patient files: their birth dates come from staging.
-            for (rel, f) in state.sources.get(&source.name).into_iter().flatten() {
-                if f.table == Table::Patient.name()
-                    && !fresh.iter().any(|(i, r)| i.rel == *rel && r.is_ok())
-                {
+            for (rel, f) in earlier_files() {
+                if !fresh.iter().any(|(i, _)| i.rel == *rel) {
                     for out in f.outputs.iter().filter(|o| o.starts_with("staging/")) {
                         read_birth_dates(&wh.root().join(out), &mut lookup)?;
                     }
@@ -880,7 +906,6 @@ fn source_patients(
             if let Ok(loaded) = result
                 && input.table() == Table::Patient.name()
             {
-                files.insert(input.rel.clone(), input.sha256.clone());
                 let births = std::mem::take(&mut loaded.births);
                 if lookup.is_empty() {
                     lookup = births;
@@ -889,39 +914,27 @@ fn source_patients(
                 }
             }
         }
-        if !files.is_empty() {
-            if !dry_run && !before.is_empty() && before != files {
-                // The patients the facts were checked against: every
-                // patient file's earlier staged rows (still there until the
-                // state is saved).
-                let mut earlier = PatientLookup::default();
-                for f in state
-                    .sources
-                    .get(&source.name)
-                    .into_iter()
-                    .flatten()
-                    .map(|(_, f)| f)
-                {
-                    if f.table == Table::Patient.name() {
-                        for out in f.outputs.iter().filter(|o| o.starts_with("staging/")) {
-                            read_birth_dates(&wh.root().join(out), &mut earlier)?;
-                        }
-                    }
-                }
-                if earlier
-                    .iter()
-                    .all(|(id, birth)| lookup.get(id) == Some(birth))
-                {
-                    out.grown.insert(
-                        source.name.clone(),
-                        (patients_fingerprint(&before), Arc::new(earlier)),
-                    );
+        if !opts.dry_run && !before.is_empty() && before != files {
+            // The patients the facts were checked against: every patient
+            // file's earlier staged rows (still there until the state is
+            // saved).
+            let mut earlier = PatientLookup::default();
+            for (_, f) in earlier_files() {
+                for out in f.outputs.iter().filter(|o| o.starts_with("staging/")) {
+                    read_birth_dates(&wh.root().join(out), &mut earlier)?;
                 }
             }
-            out.fingerprints
-                .insert(source.name.clone(), patients_fingerprint(&files));
-            out.lookups.insert(source.name.clone(), lookup);
+            if earlier
+                .iter()
+                .all(|(id, birth)| lookup.get(id) == Some(birth))
+            {
+                out.grown.insert(
+                    source.name.clone(),
+                    (patients_fingerprint(&before), Arc::new(earlier)),
+                );
+            }
         }
+        out.lookups.insert(source.name.clone(), lookup);
     }
     Ok(out)
 }

@@ -20,8 +20,8 @@ is loaded the way `ward ingest` stages it, as far as a COPY can:
 - FHIR NDJSON: `read_json` with its schema inference, the resources as
   nested structs, not flattened to Ward's canonical columns.
 
-Each file's result is written to OUT_DIR/<source>/<file>.parquet with ZSTD,
-as Ward writes its staged Parquet. What DuckDB does not do here that Ward
+Each file's result is written to OUT_DIR/<source>/<file>.parquet with
+LZ4_RAW, as Ward writes its staged Parquet. What DuckDB does not do here that Ward
 does: the checks behind reject rows (required fields, code systems, value
 ranges, dates in the future, duplicate ids), reject files, FHIR flattening,
 unit conversion, content hashes for re-runs, the manifest. So this is a
@@ -158,7 +158,7 @@ def main():
                           "header = true, all_varchar = true, quote = '\"', escape = '\"', "
                           "ignore_errors = true)")
                 sql = f"SELECT {', '.join(cols)} FROM {reader}"
-            con.execute(f"COPY ({sql}) TO {lit(target)} (FORMAT parquet, COMPRESSION zstd)")
+            con.execute(f"COPY ({sql}) TO {lit(target)} (FORMAT parquet, COMPRESSION lz4_raw)")
             rows += con.execute(
                 f"SELECT count(*) FROM read_parquet({lit(target)})").fetchone()[0]
             files += 1

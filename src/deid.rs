@@ -429,7 +429,7 @@ pub fn deid_taking(
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let scratch = Warehouse::new(&parent);
+    let scratch = Warehouse::for_export(&parent);
     let tmp = scratch.tmp_path(research_dir);
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| WardError::io("cannot remove", &tmp, e))?;

@@ -99,6 +99,7 @@ fn tuned(config: SessionConfig) -> SessionConfig {
         .execution
         .parquet
         .allow_single_file_parallelism = false;
+    config.options_mut().execution.parquet.compression = Some("lz4_raw".into());
     config
 }
 

@@ -884,9 +884,9 @@ fn source_patients(
             continue;
         }
         let fingerprint = patients_fingerprint(&files);
-        let wanted = facts
-            .iter()
-            .any(|i| i.source.name == source.name && needs_load(opts, state, i, Some(&fingerprint)));
+        let wanted = facts.iter().any(|i| {
+            i.source.name == source.name && needs_load(opts, state, i, Some(&fingerprint))
+        });
         out.fingerprints.insert(source.name.clone(), fingerprint);
         if !wanted {
             continue;

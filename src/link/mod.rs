@@ -23,6 +23,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use chrono::NaiveDate;
+use compact_str::CompactString;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Date32Array, Float64Array, ListBuilder, RecordBatch, StringArray,
     StringBuilder, UInt32Array,
@@ -925,8 +926,8 @@ fn person_links(
                 None => (None, None),
             };
             PersonLink {
-                source: r.source.clone(),
-                source_patient_id: r.source_patient_id.clone(),
+                source: r.source.to_string(),
+                source_patient_id: r.source_patient_id.to_string(),
                 person_id: person(i).to_string(),
                 match_weight: w,
                 rule,
@@ -1331,8 +1332,8 @@ fn batch_records(b: &RecordBatch) -> Vec<Rec> {
         let written = standardize::given_as_written(get(&given, i));
         let full = written.as_deref().map(standardize::full_given);
         out.push(Rec {
-            source: source.value(i).to_string(),
-            source_patient_id: spid.value(i).to_string(),
+            source: source.value(i).into(),
+            source_patient_id: spid.value(i).into(),
             given_written: written.filter(|w| full.as_ref() != Some(w)),
             given: full,
             family_soundex: family_name.as_deref().and_then(standardize::soundex),
@@ -1344,7 +1345,7 @@ fn batch_records(b: &RecordBatch) -> Vec<Rec> {
                 let (year, month) = p.split_once('-').unwrap_or((p, ""));
                 Some((year.parse().ok()?, month.parse().ok()))
             }),
-            sex: get(&sex, i).filter(|s| *s != "unknown").map(str::to_string),
+            sex: get(&sex, i).filter(|s| *s != "unknown").map(Into::into),
             zip: standardize::zip(get(&zip, i)),
             phone: standardize::phone(get(&phone, i)),
             email: standardize::email(get(&email, i)),
@@ -1363,7 +1364,7 @@ fn block(
     rules: &[(String, String)],
     touching: Option<&[u32]>,
 ) -> Result<Vec<(u32, u32, u8)>> {
-    fn initial(s: &Option<String>) -> Option<&str> {
+    fn initial(s: &Option<CompactString>) -> Option<&str> {
         s.as_deref().and_then(|v| v.get(..1))
     }
     // The records' values as they are (not copied one by one).
@@ -1902,8 +1903,8 @@ mod tests {
         let previous: Vec<PersonLink> = previous
             .iter()
             .map(|(i, p)| PersonLink {
-                source: recs[*i].source.clone(),
-                source_patient_id: recs[*i].source_patient_id.clone(),
+                source: recs[*i].source.to_string(),
+                source_patient_id: recs[*i].source_patient_id.to_string(),
                 person_id: p.to_string(),
                 match_weight: None,
                 rule: None,

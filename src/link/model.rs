@@ -9,6 +9,7 @@ use ahash::AHashMap as HashMap;
 use std::collections::BTreeMap;
 
 use chrono::{Datelike, NaiveDate};
+use compact_str::CompactString;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -17,26 +18,26 @@ use strsim::{damerau_levenshtein, jaro_winkler};
 /// One standardized source patient record.
 #[derive(Debug, Clone, Default)]
 pub struct Rec {
-    pub source: String,
-    pub source_patient_id: String,
-    pub given: Option<String>,
+    pub source: CompactString,
+    pub source_patient_id: CompactString,
+    pub given: Option<CompactString>,
     /// The given name as written when `given` is a nickname's full name
     /// (`betty` for `elizabeth`), so that a typo in a nickname (`betyt`)
     /// is still compared with it; `None` otherwise.
-    pub given_written: Option<String>,
-    pub family: Option<String>,
+    pub given_written: Option<CompactString>,
+    pub family: Option<CompactString>,
     /// Soundex of `family` (a blocking key).
-    pub family_soundex: Option<String>,
+    pub family_soundex: Option<CompactString>,
     pub birth: Option<NaiveDate>,
     /// Year and month (when known) of a birth date too partial or garbled
     /// to use (`1970-05`, `19450493`); `None` when `birth` is known.
     pub birth_partial: Option<(i32, Option<u32>)>,
-    pub sex: Option<String>,
-    pub zip: Option<String>,
-    pub phone: Option<String>,
-    pub email: Option<String>,
-    pub ssn: Option<String>,
-    pub address: Option<String>,
+    pub sex: Option<CompactString>,
+    pub zip: Option<CompactString>,
+    pub phone: Option<CompactString>,
+    pub email: Option<CompactString>,
+    pub ssn: Option<CompactString>,
+    pub address: Option<CompactString>,
 }
 
 impl Rec {
@@ -1131,7 +1132,7 @@ mod tests {
             family: Some(family.into()),
             birth: NaiveDate::parse_from_str(birth, "%Y-%m-%d").ok(),
             sex: Some("female".into()),
-            ssn: ssn.map(str::to_string),
+            ssn: ssn.map(Into::into),
             ..Rec::default()
         }
     }

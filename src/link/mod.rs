@@ -178,14 +178,14 @@ pub struct LinkReport {
 /// One source patient record's person.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PersonLink {
-    pub source: String,
-    pub source_patient_id: String,
-    pub person_id: String,
+    pub source: CompactString,
+    pub source_patient_id: CompactString,
+    pub person_id: CompactString,
     /// Weight of the link that joined the record to its person (none for a
     /// person's first record).
     pub match_weight: Option<f64>,
     /// Blocking rule that found that link.
-    pub rule: Option<String>,
+    pub rule: Option<CompactString>,
 }
 
 /// Record → person assignment.
@@ -893,14 +893,17 @@ fn person_links(
     let mut relinked = BTreeSet::new();
     if !previous.is_empty() {
         let mut changed = gone.len() as u64;
-        relinked.extend(gone.iter().map(|j| previous[*j as usize].person_id.clone()));
+        relinked.extend(
+            gone.iter()
+                .map(|j| previous[*j as usize].person_id.to_string()),
+        );
         for (i, j) in previous_of.iter().enumerate() {
             let Some(before) = j.map(|j| &previous[j as usize].person_id) else {
                 continue;
             };
             if before != person(i) {
                 changed += 1;
-                relinked.insert(before.clone());
+                relinked.insert(before.to_string());
                 relinked.insert(person(i).to_string());
             }
         }
@@ -921,14 +924,14 @@ fn person_links(
             let (w, rule) = match joined_by[i] {
                 Some((w, rule)) => (
                     w.is_finite().then_some(w),
-                    Some(rule_name(&opts.blocking, rule).to_string()),
+                    Some(rule_name(&opts.blocking, rule).into()),
                 ),
                 None => (None, None),
             };
             PersonLink {
-                source: r.source.to_string(),
-                source_patient_id: r.source_patient_id.to_string(),
-                person_id: person(i).to_string(),
+                source: r.source.clone(),
+                source_patient_id: r.source_patient_id.clone(),
+                person_id: person(i).into(),
                 match_weight: w,
                 rule,
             }
@@ -1280,9 +1283,9 @@ pub fn read_person_links(path: &Path) -> Result<Vec<PersonLink>> {
         let (source, spid, person) = (col("source")?, col("source_patient_id")?, col("person_id")?);
         for i in 0..b.num_rows() {
             links.push(PersonLink {
-                source: source.value(i).to_string(),
-                source_patient_id: spid.value(i).to_string(),
-                person_id: person.value(i).to_string(),
+                source: source.value(i).into(),
+                source_patient_id: spid.value(i).into(),
+                person_id: person.value(i).into(),
                 match_weight: None,
                 rule: None,
             });
@@ -1903,9 +1906,9 @@ mod tests {
         let previous: Vec<PersonLink> = previous
             .iter()
             .map(|(i, p)| PersonLink {
-                source: recs[*i].source.to_string(),
-                source_patient_id: recs[*i].source_patient_id.to_string(),
-                person_id: p.to_string(),
+                source: recs[*i].source.clone(),
+                source_patient_id: recs[*i].source_patient_id.clone(),
+                person_id: (*p).into(),
                 match_weight: None,
                 rule: None,
             })

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use compact_str::CompactString;
 use datafusion::arrow::array::{
     ArrayRef, AsArray, BooleanArray, Float64Array, RecordBatch, StringArray, UInt8Array,
     UInt32Array, UInt64Array,
@@ -122,7 +123,7 @@ pub fn record_hashes(raw: &[RecordBatch]) -> Result<Vec<u64>> {
 /// and their scored pairs.
 pub struct Kept {
     pub saved: Saved,
-    keys: Vec<(String, String)>,
+    keys: Vec<(CompactString, CompactString)>,
     hashes: Vec<u64>,
     pairs: Vec<Considered>,
 }
@@ -153,7 +154,7 @@ pub fn load(core: &Path, key: &str) -> Result<Option<Kept>> {
             .as_primitive_opt::<UInt64Type>()
             .ok_or_else(|| err(&path, "column hash is not UInt64".into()))?;
         for i in 0..b.num_rows() {
-            keys.push((source.value(i).to_string(), id.value(i).to_string()));
+            keys.push((source.value(i).into(), id.value(i).into()));
         }
         hashes.extend(hash.values().iter().copied());
     }
@@ -203,7 +204,7 @@ impl Kept {
     /// when one was changed or removed (its pairs are gone: every record is
     /// blocked again).
     pub fn carry(&self, recs: &[Rec], hashes: &[u64]) -> Option<(Vec<Considered>, Vec<u32>)> {
-        fn key(k: &(String, String)) -> (&str, &str) {
+        fn key(k: &(CompactString, CompactString)) -> (&str, &str) {
             (&k.0, &k.1)
         }
         let (of, gone, unique) = super::match_keys(recs, &self.keys, key);

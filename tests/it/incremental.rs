@@ -722,7 +722,7 @@ fn persons_a_reviewer_joins_have_their_core_rows_built_again_and_no_one_else() {
             .unwrap()
             .into_iter()
             .take(1)
-            .map(|l| l.person_id)
+            .map(|l| l.person_id.to_string())
             .collect();
     let update = ward::link::build::update_table(
         &warehouse,

@@ -45,15 +45,15 @@ fn sample_persons_match_the_ground_truth() {
     let (_, linkage) = linked_sample(tmp.path());
     let found = clusters(linkage.links.iter().map(|l| {
         (
-            l.source.clone(),
-            l.source_patient_id.clone(),
-            l.person_id.clone(),
+            l.source.to_string(),
+            l.source_patient_id.to_string(),
+            l.person_id.to_string(),
         )
     }));
     let staged: BTreeSet<(String, String)> = linkage
         .links
         .iter()
-        .map(|l| (l.source.clone(), l.source_patient_id.clone()))
+        .map(|l| (l.source.to_string(), l.source_patient_id.to_string()))
         .collect();
     let mut reader = csv::Reader::from_path(repo().join("sample_data/truth.csv")).unwrap();
     let truth = clusters(
@@ -524,7 +524,12 @@ fn person_ids_survive_a_withdrawn_first_record() {
         link::read_person_links(&run.run_dir.join("core/person_link.parquet"))
             .unwrap()
             .into_iter()
-            .map(|l| ((l.source, l.source_patient_id), l.person_id))
+            .map(|l| {
+                (
+                    (l.source.to_string(), l.source_patient_id.to_string()),
+                    l.person_id.to_string(),
+                )
+            })
             .collect()
     };
     let before = links(&first);
@@ -793,7 +798,7 @@ fn noisy_cases_link_on_the_evidence_they_have() {
             .flatten()
     };
     assert!(
-        [rule("ZZ0000905"), rule("ZZ0000906")].contains(&Some("label".to_string())),
+        [rule("ZZ0000905"), rule("ZZ0000906")].contains(&Some("label".into())),
         "the labelled link is named"
     );
     // Contradictory labels: an error naming the line.

@@ -658,31 +658,41 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
     report.household_pairs = model.household_pairs;
     report.household_match_share = model.household_match_share;
     report.prior = model.prior;
-    if let Some(key) = key {
-        let saved = state::Saved {
-            version: state::VERSION,
-            key,
-            fitted_records,
-            pairs_by_rule: report.pairs_by_rule.clone(),
-            model: model.params(),
-        };
-        state::save(warehouse, &saved, &recs, &hashes, &considered)?;
-        tracing::debug!("linkage: state kept");
-    }
-    drop(hashes);
-
+    let saved = key.map(|key| state::Saved {
+        version: state::VERSION,
+        key,
+        fitted_records,
+        pairs_by_rule: report.pairs_by_rule.clone(),
+        model: model.params(),
+    });
     let labels = match &opts.labels {
         Some(path) => read_labels(path, &recs, &mut report.warnings)?,
         None => Labels::default(),
     };
-    let (scored, mut review) = split(considered, opts);
-    report.accepted_pairs = scored.len() as u64;
-    let (roots, joined_by) = cluster(&recs, &scored, &labels, opts, &mut report, &mut review);
-    drop(scored);
-    tracing::debug!("linkage: clustered");
-    let (links, relinked) =
-        person_links(&recs, &roots, &joined_by, earlier.links, opts, &mut report);
-    tracing::debug!("linkage: person ids given");
+    // The state is written while the records are clustered.
+    let (kept, (links, relinked, roots, joined_by, mut review)) = rayon::join(
+        || {
+            saved
+                .map(|saved| state::save(warehouse, &saved, &recs, &hashes, &considered))
+                .transpose()
+        },
+        || {
+            let (scored, mut review) = split(&considered, opts);
+            report.accepted_pairs = scored.len() as u64;
+            let (roots, joined_by) =
+                cluster(&recs, &scored, &labels, opts, &mut report, &mut review);
+            drop(scored);
+            tracing::debug!("linkage: clustered");
+            let (links, relinked) =
+                person_links(&recs, &roots, &joined_by, earlier.links, opts, &mut report);
+            tracing::debug!("linkage: person ids given");
+            (links, relinked, roots, joined_by, review)
+        },
+    );
+    if kept?.is_some() {
+        tracing::debug!("linkage: state kept");
+    }
+    drop((hashes, considered));
 
     // Clerical review: what a reviewer should look at, most probable first,
     // without the pairs already labelled.
@@ -755,9 +765,9 @@ fn consider(
 /// Splits the kept pairs into those at or above the match threshold
 /// (heaviest first) and those a reviewer should see (at or above the
 /// review threshold, with the reason they fell short).
-fn split(considered: Vec<Considered>, opts: &LinkOptions) -> (Vec<ScoredPair>, Vec<ReviewPair>) {
-    let (above, below): (Vec<_>, Vec<_>) = considered
-        .into_iter()
+fn split(considered: &[Considered], opts: &LinkOptions) -> (Vec<ScoredPair>, Vec<ReviewPair>) {
+    let (above, below): (Vec<Considered>, Vec<Considered>) = considered
+        .iter()
         .partition(|p| model::probability(p.0) >= opts.threshold);
     let review = below
         .into_iter()

@@ -23,7 +23,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use chrono::NaiveDate;
-use compact_str::CompactString;
+use compact_str::{CompactString, ToCompactString};
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Date32Array, Float64Array, ListBuilder, RecordBatch, StringArray,
     StringBuilder, UInt32Array,
@@ -406,6 +406,14 @@ fn read_labels(path: &Path, recs: &[Rec], warnings: &mut Vec<String>) -> Result<
 /// The staged patient records, in (source, id) order, and each one
 /// standardized.
 fn read_records(warehouse: &Warehouse) -> Result<(Vec<RecordBatch>, Vec<Rec>)> {
+    let raw = read_staged(warehouse)?;
+    let recs = records(&raw);
+    tracing::info!(records = recs.len(), "linkage: records standardized");
+    Ok((raw, recs))
+}
+
+/// The staged patient records, in (source, id) order.
+fn read_staged(warehouse: &Warehouse) -> Result<Vec<RecordBatch>> {
     let raw = crate::engine::block_on(async {
         let ctx = crate::engine::session(SessionConfig::new())?;
         crate::engine::register_staging(&ctx, warehouse).await?;
@@ -421,9 +429,7 @@ fn read_records(warehouse: &Warehouse) -> Result<(Vec<RecordBatch>, Vec<Rec>)> {
         .await
     })?;
     tracing::debug!("linkage: staged patients read");
-    let recs = records(&raw);
-    tracing::info!(records = recs.len(), "linkage: records standardized");
-    Ok((raw, recs))
+    Ok(raw)
 }
 
 /// The report's account of the records: how many, and which fields they
@@ -559,12 +565,23 @@ pub enum LinkMode {
 /// `earlier.core`, the persons are those a linkage of every record with
 /// that model finds.
 pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Result<Linkage> {
-    let (raw, recs) = read_records(warehouse)?;
-    let hashes = state::record_hashes(&raw)?;
-    let mut report = describe(&recs, opts);
     let key = earlier.code.map(|code| state::key(opts, code));
-    let kept = match (&key, earlier.core) {
-        (Some(key), Some(core)) if !earlier.refit => match state::load(core, key) {
+    // The kept state is read while the records are; they are standardized
+    // while they are hashed.
+    let (raw, loaded) = rayon::join(
+        || read_staged(warehouse),
+        || match (&key, earlier.core) {
+            (Some(key), Some(core)) if !earlier.refit => Some(state::load(core, key)),
+            _ => None,
+        },
+    );
+    let raw = raw?;
+    let (recs, hashes) = rayon::join(|| records(&raw), || state::record_hashes(&raw));
+    let hashes = hashes?;
+    tracing::info!(records = recs.len(), "linkage: records standardized");
+    let mut report = describe(&recs, opts);
+    let kept = match loaded {
+        Some(loaded) => match loaded {
             Ok(kept) => kept.filter(|k| {
                 let fitted = k.saved.fitted_records as f64;
                 let grown = (recs.len() as f64 - fitted).abs() / fitted.max(1.0);
@@ -586,7 +603,7 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
                 None
             }
         },
-        _ => None,
+        None => None,
     };
     // The records not kept from the earlier linkage (when it was taken).
     let mut not_kept = None;
@@ -1400,29 +1417,36 @@ fn block(
         Field::new("zip", DataType::Utf8, true),
         Field::new("address", DataType::Utf8, true),
     ]));
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(UInt32Array::from_iter_values(0..recs.len() as u32)),
-        Arc::new(
-            recs.iter()
-                .map(|r| r.birth.map(|d| (d - epoch).num_days() as i32))
-                .collect::<Date32Array>(),
-        ),
-        Arc::new(
-            recs.iter()
-                .map(|r| r.birth_year().map(|y| y.to_string()))
-                .collect::<StringArray>(),
-        ),
-        str_col(|r| r.given.as_deref()),
-        str_col(|r| initial(&r.given)),
-        str_col(|r| initial(&r.family)),
-        str_col(|r| r.family_soundex.as_deref()),
-        str_col(|r| r.ssn.as_deref()),
-        str_col(|r| r.phone.as_deref()),
-        str_col(|r| r.email.as_deref()),
-        str_col(|r| r.family.as_deref()),
-        str_col(|r| r.zip.as_deref()),
-        str_col(|r| r.address.as_deref()),
+    // The columns side by side, each in one pass over the records.
+    type Column<'r> = Box<dyn Fn() -> ArrayRef + Send + Sync + 'r>;
+    let columns: Vec<Column> = vec![
+        Box::new(|| Arc::new(UInt32Array::from_iter_values(0..recs.len() as u32))),
+        Box::new(|| {
+            Arc::new(
+                recs.iter()
+                    .map(|r| r.birth.map(|d| (d - epoch).num_days() as i32))
+                    .collect::<Date32Array>(),
+            )
+        }),
+        Box::new(|| {
+            Arc::new(
+                recs.iter()
+                    .map(|r| r.birth_year().map(|y| y.to_compact_string()))
+                    .collect::<StringArray>(),
+            )
+        }),
+        Box::new(|| str_col(|r| r.given.as_deref())),
+        Box::new(|| str_col(|r| initial(&r.given))),
+        Box::new(|| str_col(|r| initial(&r.family))),
+        Box::new(|| str_col(|r| r.family_soundex.as_deref())),
+        Box::new(|| str_col(|r| r.ssn.as_deref())),
+        Box::new(|| str_col(|r| r.phone.as_deref())),
+        Box::new(|| str_col(|r| r.email.as_deref())),
+        Box::new(|| str_col(|r| r.family.as_deref())),
+        Box::new(|| str_col(|r| r.zip.as_deref())),
+        Box::new(|| str_col(|r| r.address.as_deref())),
     ];
+    let columns: Vec<ArrayRef> = columns.par_iter().map(|column| column()).collect();
     let batch = RecordBatch::try_new(schema.clone(), columns).map_err(engine_error)?;
     let new = touching
         .map(|rows| {

@@ -581,28 +581,26 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
     tracing::info!(records = recs.len(), "linkage: records standardized");
     let mut report = describe(&recs, opts);
     let kept = match loaded {
-        Some(loaded) => match loaded {
-            Ok(kept) => kept.filter(|k| {
-                let fitted = k.saved.fitted_records as f64;
-                let grown = (recs.len() as f64 - fitted).abs() / fitted.max(1.0);
-                let keep = grown < opts.refit_growth;
-                if !keep {
-                    tracing::info!(
-                        fitted = k.saved.fitted_records,
-                        records = recs.len(),
-                        "linkage: the records grew past refit_growth since the model was fitted: fitted anew"
-                    );
-                }
-                keep
-            }),
-            Err(e) => {
-                tracing::warn!(error = %e, "the kept linkage state cannot be read: the model is fitted anew");
-                report.warnings.push(format!(
-                    "the kept linkage state cannot be read (the model was fitted anew): {e}"
-                ));
-                None
+        Some(Ok(kept)) => kept.filter(|k| {
+            let fitted = k.saved.fitted_records as f64;
+            let grown = (recs.len() as f64 - fitted).abs() / fitted.max(1.0);
+            let keep = grown < opts.refit_growth;
+            if !keep {
+                tracing::info!(
+                    fitted = k.saved.fitted_records,
+                    records = recs.len(),
+                    "linkage: the records grew past refit_growth since the model was fitted: fitted anew"
+                );
             }
-        },
+            keep
+        }),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "the kept linkage state cannot be read: the model is fitted anew");
+            report.warnings.push(format!(
+                "the kept linkage state cannot be read (the model was fitted anew): {e}"
+            ));
+            None
+        }
         None => None,
     };
     // The records not kept from the earlier linkage (when it was taken).

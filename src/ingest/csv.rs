@@ -62,17 +62,21 @@ impl TextTable {
 
     /// The records whose (first) line `keep` takes, well-formed or not;
     /// `None` when there are none.
-    pub fn only(self, keep: impl Fn(u64) -> bool) -> Option<TextTable> {
+    pub fn only(&self, keep: impl Fn(u64) -> bool) -> Option<TextTable> {
         let rows: Vec<usize> = (0..self.lines.len())
             .filter(|r| keep(self.lines[*r]))
             .collect();
-        let rejects: Vec<StructuralReject> =
-            self.rejects.into_iter().filter(|r| keep(r.line)).collect();
+        let rejects: Vec<StructuralReject> = self
+            .rejects
+            .iter()
+            .filter(|r| keep(r.line))
+            .cloned()
+            .collect();
         if rows.is_empty() && rejects.is_empty() {
             return None;
         }
         let columns = if rows.len() == self.lines.len() {
-            self.columns
+            self.columns.clone()
         } else {
             self.columns
                 .iter()
@@ -84,7 +88,7 @@ impl TextTable {
                 .collect()
         };
         Some(TextTable {
-            header: self.header,
+            header: self.header.clone(),
             columns,
             lines: rows.iter().map(|r| self.lines[*r]).collect(),
             duplicate_of: rows.iter().map(|r| self.duplicate_of[*r]).collect(),

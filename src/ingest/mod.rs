@@ -906,6 +906,12 @@ fn source_patients(
             if let Ok(loaded) = result
                 && input.table() == Table::Patient.name()
             {
+                // A file with patients appended: the earlier ones are staged.
+                for out in loaded.base.iter().flat_map(|b| &b.outputs) {
+                    if out.starts_with("staging/") {
+                        read_birth_dates(&wh.root().join(out), &mut lookup)?;
+                    }
+                }
                 let births = std::mem::take(&mut loaded.births);
                 if lookup.is_empty() {
                     lookup = births;
@@ -1095,7 +1101,7 @@ fn map_file(
                 bytes: Some(reader.size()),
                 ..Loaded::default()
             };
-            let base = (!opts.dry_run && entry.table != Table::Patient)
+            let base = (!opts.dry_run)
                 .then(|| appended_after(input, staged.fingerprint.as_deref(), reader.size()))
                 .transpose()?
                 .flatten();
@@ -1115,7 +1121,16 @@ fn map_file(
                 // records may repeat) but mapped again only when they may
                 // come out otherwise.
                 let text = match (&base, &staged.recheck) {
-                    (Some((_, lines)), _) => text.only(|line| line > *lines),
+                    (Some((_, lines)), _) => {
+                        // Patients: the ids of the rows loaded before stay
+                        // taken (`duplicate_patient_id`).
+                        if entry.table == Table::Patient
+                            && let Some(before) = text.only(|line| line <= *lines)
+                        {
+                            rows::note_patient_ids(&before, entry, &ctx, &mut patient_ids)?;
+                        }
+                        text.only(|line| line > *lines)
+                    }
                     (None, Some(recheck)) => text.only(|line| recheck.maps(line)),
                     (None, None) => Some(text),
                 };

@@ -377,6 +377,32 @@ pub fn map_rows(
     ctx: &RowContext,
     patient_ids: &mut PatientIds,
 ) -> Result<MappedFile> {
+    with_rows(text, fm, ctx, |input, plan| {
+        map_input(input, plan, ctx, patient_ids)
+    })?
+}
+
+/// Registers the patient ids of `text`'s rows in `patient_ids` (with their
+/// line, the first of an id wins) without mapping them: the rows a load
+/// of the same file mapped before, which later rows' ids must not repeat.
+pub fn note_patient_ids(
+    text: &TextTable,
+    fm: &FileMapping,
+    ctx: &RowContext,
+    patient_ids: &mut PatientIds,
+) -> Result<()> {
+    with_rows(text, fm, ctx, |input, plan| {
+        patient_ids_seen(input, plan, patient_ids);
+    })
+}
+
+/// `then` of `text`'s rows (with the fields `fm` derives) and `fm`'s plan.
+fn with_rows<R>(
+    text: &TextTable,
+    fm: &FileMapping,
+    ctx: &RowContext,
+    then: impl FnOnce(&RowInput, &Plan) -> R,
+) -> Result<R> {
     let derived = derived_specs(fm);
     let plan = plan(text, fm, &derived, ctx)?;
     let computed = derived
@@ -398,7 +424,7 @@ pub fn map_rows(
         raw: &raw,
         structural: &text.rejects,
     };
-    map_input(&input, &plan, ctx, patient_ids)
+    Ok(then(&input, &plan))
 }
 
 /// A plan for input whose columns are the table's own columns, in schema

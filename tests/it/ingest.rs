@@ -568,10 +568,12 @@ fn grown_patients_stage_only_the_facts_they_resolve() {
     };
     let (before, orphaned) = (snapshot(&wh), orphans(&wh));
     // The patient the clinic's visits and results named, registered at
-    // last, and a new result of a patient it had.
+    // last (and the id of its first patient again, refused), and a new
+    // result of a patient it had.
     append_lines(
         &clinic.join("patients.csv"),
-        "AA0000261,A109999,Rosalind,Okafor,03/09/1962,F,White,Not Hispanic,12 Birch Rd,Tulsa,OK,74101,918-555-0261,,,Medicare\n",
+        "AA0000261,A109999,Rosalind,Okafor,03/09/1962,F,White,Not Hispanic,12 Birch Rd,Tulsa,OK,74101,918-555-0261,,,Medicare\n\
+         AA0000002,A109998,Kasey,Saunders,07/21/1977,F,White,Hispanic,1 Elm St,Buffalo,NY,14276,,,,Commercial\n",
     );
     append_lines(
         &clinic.join("results.csv"),
@@ -593,11 +595,27 @@ fn grown_patients_stage_only_the_facts_they_resolve() {
         "{} of {orphaned}",
         orphans(&wh)
     );
-    // The facts staged before stay as they were; only the rows they did
+    // The patients appended were the only ones read: one staged, one
+    // refused for an id the file gave before.
+    let patients = report
+        .files
+        .iter()
+        .find(|f| f.source == "northside_clinic" && f.file == "patients.csv")
+        .unwrap();
+    assert_eq!(
+        (patients.rows_read, patients.rows_accepted),
+        (2, 1),
+        "{patients:?}"
+    );
+    assert_eq!(
+        patients.rejects_by_rule.get("duplicate_patient_id"),
+        Some(&1)
+    );
+    // The rows staged before stay as they were; only the rows they did
     // not hold are staged anew.
     let after = snapshot(&wh);
-    let facts = |p: &Path| p.starts_with("staging") && !p.starts_with("staging/patient");
-    let kept: Vec<_> = before.iter().filter(|(p, _)| facts(p)).collect();
+    let staged = |p: &Path| p.starts_with("staging/");
+    let kept: Vec<_> = before.iter().filter(|(p, _)| staged(p)).collect();
     assert!(!kept.is_empty());
     for (path, hash) in kept {
         assert_eq!(after.get(path), Some(hash), "{}", path.display());

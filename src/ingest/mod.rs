@@ -1208,7 +1208,7 @@ fn map_file(
     Ok(loaded)
 }
 
-/// When the CSV fact file `input` (`len` bytes) is its last load's file
+/// When the CSV file `input` (`len` bytes) is its last load's file
 /// with records appended, that load's state and the file's lines then: its
 /// first bytes are the ones loaded (same size and SHA-256, ending a line),
 /// under the same rules and patients (`fingerprint`), and no record of them

@@ -893,9 +893,13 @@ fn source_patients(
         }
         let mut lookup = PatientLookup::default();
         if !opts.dry_run {
-            // Unchanged (or failed-to-reload) patient files: their birth dates come from staging.
+            // Patient files unchanged, failed to reload or with patients
+            // appended: their (earlier) birth dates come from staging.
             for (rel, f) in earlier_files() {
-                if !fresh.iter().any(|(i, _)| i.rel == *rel) {
+                let loaded_whole = fresh
+                    .iter()
+                    .any(|(i, r)| i.rel == *rel && r.as_ref().is_ok_and(|l| l.base.is_none()));
+                if !loaded_whole {
                     for out in f.outputs.iter().filter(|o| o.starts_with("staging/")) {
                         read_birth_dates(&wh.root().join(out), &mut lookup)?;
                     }
@@ -906,12 +910,6 @@ fn source_patients(
             if let Ok(loaded) = result
                 && input.table() == Table::Patient.name()
             {
-                // A file with patients appended: the earlier ones are staged.
-                for out in loaded.base.iter().flat_map(|b| &b.outputs) {
-                    if out.starts_with("staging/") {
-                        read_birth_dates(&wh.root().join(out), &mut lookup)?;
-                    }
-                }
                 let births = std::mem::take(&mut loaded.births);
                 if lookup.is_empty() {
                     lookup = births;

@@ -186,6 +186,30 @@ fn assert_no_leak(wh: &Path, run_dir: &Path) {
     assert!(files >= 10, "{files} research files");
 }
 
+/// The compression codecs of every column chunk of the Parquet files under
+/// `dir`.
+fn compressions(dir: &Path) -> BTreeSet<String> {
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let mut out = BTreeSet::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(compressions(&path));
+        } else if path.extension().is_some_and(|e| e == "parquet") {
+            let footer =
+                ParquetRecordBatchReaderBuilder::try_new(fs::File::open(&path).unwrap()).unwrap();
+            for group in footer.metadata().row_groups() {
+                for column in group.columns() {
+                    // The codec, not a level (the footer does not keep it).
+                    let codec = format!("{:?}", column.compression());
+                    out.insert(codec.split('(').next().unwrap().to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
 fn deid_json(research: &Path) -> serde_json::Value {
     serde_json::from_str(&fs::read_to_string(research.join("deid.json")).unwrap()).unwrap()
 }
@@ -202,6 +226,20 @@ fn the_sample_run_publishes_research_tables_without_identifiers() {
         research.canonicalize().unwrap()
     );
     assert_no_leak(&wh, &run.run_dir);
+    // The research tables are handed out, compressed for size; what Ward
+    // reads back itself is compressed for speed.
+    assert_eq!(
+        compressions(&research),
+        BTreeSet::from(["ZSTD".to_string()])
+    );
+    for own in [run.run_dir.join("core"), wh.join("staging")] {
+        assert_eq!(
+            compressions(&own),
+            BTreeSet::from(["LZ4_RAW".to_string()]),
+            "{}",
+            own.display()
+        );
+    }
 
     // deid.json: the demo key, Safe Harbor, counts that reconcile with core.
     let json = deid_json(&research);

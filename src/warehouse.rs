@@ -19,10 +19,12 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use datafusion::arrow::array::BooleanArray;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
+use datafusion::parquet::file::metadata::KeyValue;
 use datafusion::parquet::file::properties::{
     EnabledStatistics, WriterProperties, WriterPropertiesBuilder,
 };
@@ -199,6 +201,32 @@ impl Warehouse {
             tmp,
             writer: Some(writer),
         })
+    }
+
+    /// Writes the Parquet file at `path` anew (a new file in its place: a
+    /// run that hard-linked the old one keeps it) with, of its row groups
+    /// `groups`, only the rows `keep` selects; its other row groups are
+    /// copied as they are encoded (pages, statistics, page index), not
+    /// decoded, so the cost is that of the groups named. `note` replaces
+    /// the footer's entries. Returns the rows removed.
+    pub fn filter_row_groups(
+        &self,
+        path: &Path,
+        groups: &BTreeSet<usize>,
+        keep: impl Fn(&RecordBatch) -> std::result::Result<BooleanArray, BoxError>,
+        note: Vec<KeyValue>,
+    ) -> Result<u64> {
+        let tmp = self.tmp_path(path);
+        match filter_row_groups(path, &tmp, groups, keep, note, self.export) {
+            Ok(removed) => {
+                self.publish_file(&tmp, path)?;
+                Ok(removed)
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(WardError::data("rewriting parquet", path, e))
+            }
+        }
     }
 
     /// Writes a file under `.tmp/`, syncs it and renames it to `path`.
@@ -397,8 +425,6 @@ impl Drop for ParquetFile {
     }
 }
 
-/// Every record batch of one Parquet file; `context` names what is read
-/// in errors ("reading person links").
 /// The id of group `name` (a group name, or a numeric id), or `None` when
 /// the system has no such group.
 #[cfg(unix)]
@@ -468,6 +494,105 @@ pub fn apply_group(root: &Path, gid: u32) -> Result<u64> {
     Ok(changed)
 }
 
+/// [`Warehouse::filter_row_groups`], written to `tmp`.
+fn filter_row_groups(
+    path: &Path,
+    tmp: &Path,
+    groups: &BTreeSet<usize>,
+    keep: impl Fn(&RecordBatch) -> std::result::Result<BooleanArray, BoxError>,
+    note: Vec<KeyValue>,
+    export: bool,
+) -> std::result::Result<u64, BoxError> {
+    use datafusion::arrow::compute::filter_record_batch;
+    use datafusion::parquet::arrow::arrow_reader::{
+        ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+    };
+    use datafusion::parquet::arrow::arrow_writer::{ArrowWriterOptions, compute_leaves};
+    use datafusion::parquet::column::writer::ColumnCloseResult;
+    use datafusion::parquet::file::metadata::PageIndexPolicy;
+    use datafusion::parquet::file::page_index::column_index::ColumnIndexMetaData;
+    let file = fs::File::open(path)?;
+    let footer = ParquetRecordBatchReaderBuilder::try_new_with_options(
+        file.try_clone()?,
+        ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Optional),
+    )?;
+    let metadata = footer.metadata().clone();
+    // Its columns, not the old footer's entries.
+    let schema = std::sync::Arc::new(datafusion::arrow::datatypes::Schema::new(
+        footer.schema().fields().clone(),
+    ));
+    let descr = metadata.file_metadata().schema_descr();
+    // The copied column chunks keep their encoding: the new file's Parquet
+    // schema is the old one's.
+    let options = ArrowWriterOptions::new()
+        .with_properties(
+            parquet_properties(export)
+                .set_key_value_metadata(Some(note))
+                .build(),
+        )
+        .with_parquet_schema(descr.clone());
+    let (mut writer, factory) =
+        ArrowWriter::try_new_with_options(fs::File::create(tmp)?, schema.clone(), options)?
+            .into_serialized_writer()?;
+    let mut removed = 0;
+    for (g, group) in metadata.row_groups().iter().enumerate() {
+        if !groups.contains(&g) {
+            let mut out = writer.next_row_group()?;
+            for (c, column) in group.columns().iter().enumerate() {
+                let column_index = metadata
+                    .column_index()
+                    .map(|i| i[g][c].clone())
+                    .filter(|i| !matches!(i, ColumnIndexMetaData::NONE));
+                out.append_column(
+                    &file,
+                    ColumnCloseResult {
+                        bytes_written: column.compressed_size() as u64,
+                        rows_written: group.num_rows() as u64,
+                        metadata: column.clone(),
+                        bloom_filter: None,
+                        column_index,
+                        offset_index: metadata.offset_index().map(|i| i[g][c].clone()),
+                    },
+                )?;
+            }
+            out.close()?;
+            continue;
+        }
+        let mut columns = factory.create_column_writers(writer.flushed_row_groups().len())?;
+        let mut kept = 0;
+        let batches = ParquetRecordBatchReaderBuilder::try_new(file.try_clone()?)?
+            .with_row_groups(vec![g])
+            .build()?;
+        for batch in batches {
+            let batch = batch?;
+            let rows = batch.num_rows();
+            let batch = filter_record_batch(&batch, &keep(&batch)?)?;
+            removed += (rows - batch.num_rows()) as u64;
+            kept += batch.num_rows();
+            let mut writers = columns.iter_mut();
+            for (field, column) in schema.fields().iter().zip(batch.columns()) {
+                for leaf in compute_leaves(field, column)? {
+                    writers
+                        .next()
+                        .ok_or("more leaf columns than the file's")?
+                        .write(&leaf)?;
+                }
+            }
+        }
+        if kept > 0 {
+            let mut out = writer.next_row_group()?;
+            for column in columns {
+                column.close()?.append_to_row_group(&mut out)?;
+            }
+            out.close()?;
+        }
+    }
+    writer.close()?;
+    Ok(removed)
+}
+
+/// Every record batch of one Parquet file; `context` names what is read
+/// in errors ("reading person links").
 pub fn read_parquet(path: &Path, context: &'static str) -> Result<Vec<RecordBatch>> {
     use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let err = |source: BoxError| WardError::data(context, path, source);
@@ -754,6 +879,164 @@ mod tests {
             .map(|g| g.num_rows())
             .collect();
         assert_eq!(groups, [ROW_GROUP as i64, 1]);
+    }
+
+    /// Only the row groups named are decoded and filtered; the others keep
+    /// their bytes and a page index a reader can seek with, and a group
+    /// left without rows is dropped.
+    #[test]
+    fn filtering_row_groups_copies_the_others_as_encoded() {
+        use datafusion::arrow::array::{Array, StringArray};
+        use datafusion::parquet::arrow::arrow_reader::{
+            ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
+        };
+        use datafusion::parquet::file::metadata::PageIndexPolicy;
+        let dir = tempfile::tempdir().unwrap();
+        let wh = Warehouse::new(dir.path());
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("person_id", DataType::Utf8, false),
+            Field::new("value", DataType::Int32, true),
+        ]));
+        let path = dir.path().join("core/observation/part-00000.parquet");
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let props = parquet_properties(false)
+            .set_max_row_group_row_count(Some(4))
+            .set_key_value_metadata(Some(vec![KeyValue::new("old".into(), "x".to_string())]))
+            .build();
+        let mut w = ArrowWriter::try_new(
+            fs::File::create(&path).unwrap(),
+            schema.clone(),
+            Some(props),
+        )
+        .unwrap();
+        let ids: Vec<String> = (0..12).map(|i| format!("p{:02}", i / 2)).collect();
+        let values = Int32Array::from_iter((0..12).map(|i| (i != 3).then_some(i)));
+        w.write(
+            &RecordBatch::try_new(
+                schema.clone(),
+                vec![Arc::new(StringArray::from(ids.clone())), Arc::new(values)],
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        w.close().unwrap();
+        let footer = |path: &Path| {
+            ParquetRecordBatchReaderBuilder::try_new_with_options(
+                fs::File::open(path).unwrap(),
+                ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Required),
+            )
+            .unwrap()
+        };
+        let chunk = |path: &Path, group: usize, column: usize| {
+            let meta = footer(path)
+                .metadata()
+                .row_group(group)
+                .column(column)
+                .clone();
+            let start = meta
+                .dictionary_page_offset()
+                .unwrap_or(meta.data_page_offset()) as usize;
+            fs::read(path).unwrap()[start..start + meta.compressed_size() as usize].to_vec()
+        };
+        let before: Vec<Vec<u8>> = (0..2).map(|c| chunk(&path, 2, c)).collect();
+        // Person p05's rows (10, 11) are in group 2, p02's (4, 5) in 1.
+        let without = |persons: &'static [&'static str]| {
+            move |b: &RecordBatch| -> std::result::Result<BooleanArray, BoxError> {
+                let ids = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+                Ok(ids
+                    .iter()
+                    .map(|id| Some(!persons.contains(&id.unwrap())))
+                    .collect())
+            }
+        };
+        let note = vec![KeyValue::new("note".into(), "y".to_string())];
+        let removed = wh
+            .filter_row_groups(&path, &BTreeSet::from([1]), without(&["p02"]), note)
+            .unwrap();
+        assert_eq!(removed, 2);
+        let read = footer(&path);
+        let groups: Vec<i64> = read
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows())
+            .collect();
+        assert_eq!(groups, [4, 2, 4]);
+        let entries = read
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .unwrap();
+        assert!(entries.iter().any(|kv| kv.key == "note"));
+        assert!(!entries.iter().any(|kv| kv.key == "old"));
+        assert_eq!(
+            (0..2).map(|c| chunk(&path, 2, c)).collect::<Vec<_>>(),
+            before
+        );
+        // The copied group's page index still locates its pages: read only
+        // the last row through it.
+        let last = read
+            .with_row_selection(RowSelection::from(vec![
+                RowSelector::skip(9),
+                RowSelector::select(1),
+            ]))
+            .build()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            last.column(1)
+                .as_any()
+                .downcast_ref::<Int32Array>()
+                .unwrap()
+                .value(0),
+            11
+        );
+        // Every row but p02's, in order, nulls kept.
+        let rows: Vec<(String, Option<i32>)> = read_parquet(&path, "test")
+            .unwrap()
+            .iter()
+            .flat_map(|b| {
+                let ids = b
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .unwrap()
+                    .clone();
+                let v = b
+                    .column(1)
+                    .as_any()
+                    .downcast_ref::<Int32Array>()
+                    .unwrap()
+                    .clone();
+                (0..b.num_rows())
+                    .map(|i| {
+                        (
+                            ids.value(i).to_string(),
+                            (!v.is_null(i)).then(|| v.value(i)),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let expected: Vec<(String, Option<i32>)> = (0..12)
+            .filter(|i| !(4..6).contains(i))
+            .map(|i| (ids[i as usize].clone(), (i != 3).then_some(i)))
+            .collect();
+        assert_eq!(rows, expected);
+        // A group left empty is dropped.
+        let removed = wh
+            .filter_row_groups(
+                &path,
+                &BTreeSet::from([2]),
+                without(&["p04", "p05"]),
+                Vec::new(),
+            )
+            .unwrap();
+        assert_eq!(removed, 4);
+        assert_eq!(parquet_rows(&path).unwrap(), 6);
+        assert_eq!(footer(&path).metadata().num_row_groups(), 2);
     }
 
     #[test]

@@ -7,10 +7,10 @@
 //! A table is built in parts, one per bucket of persons, to bound memory:
 //! see [`build_in_parts`].
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::Schema;
 use datafusion::config::TableParquetOptions;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -171,7 +171,7 @@ pub fn update_table(
     warehouse: &Warehouse,
     table: Table,
     new: Vec<std::path::PathBuf>,
-    relinked: &std::collections::BTreeSet<String>,
+    relinked: &BTreeSet<String>,
     run_id: &str,
     max_persons: usize,
 ) -> Result<Update> {
@@ -342,15 +342,16 @@ async fn rebuild_persons(
     ctx: &SessionContext,
     warehouse: &Warehouse,
     table: Table,
-    persons: &std::collections::BTreeSet<String>,
+    persons: &BTreeSet<String>,
     file: &str,
 ) -> Result<Option<(u64, u64)>> {
     let core = warehouse.out().join("core");
     let dir = core.join(table.name());
     let mut removed = 0;
     for path in crate::warehouse::parquet_files(&dir)? {
-        if holds_any(&path, persons)? {
-            removed += without_persons(warehouse, &path, persons)?;
+        let groups = groups_holding(&path, persons)?;
+        if !groups.is_empty() {
+            removed += without_persons(warehouse, &path, persons, &groups)?;
         }
     }
     let out = dir.join(file);
@@ -408,7 +409,7 @@ async fn rebuild_persons(
 }
 
 /// `persons` as SQL string literals, comma-separated.
-fn in_list(persons: &std::collections::BTreeSet<String>) -> String {
+fn in_list(persons: &BTreeSet<String>) -> String {
     persons
         .iter()
         .map(|p| format!("'{}'", p.replace('\'', "''")))
@@ -416,9 +417,9 @@ fn in_list(persons: &std::collections::BTreeSet<String>) -> String {
         .join(", ")
 }
 
-/// Whether the core file `path` holds a row of one of `persons`: row groups
-/// whose `person_id` range holds none are not read.
-fn holds_any(path: &Path, persons: &std::collections::BTreeSet<String>) -> Result<bool> {
+/// The row groups of the core file `path` that hold a row of one of
+/// `persons`: those whose `person_id` range holds none are not read.
+fn groups_holding(path: &Path, persons: &BTreeSet<String>) -> Result<BTreeSet<usize>> {
     use datafusion::parquet::arrow::ProjectionMask;
     use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let err = |e: datafusion::parquet::errors::ParquetError| {
@@ -426,21 +427,18 @@ fn holds_any(path: &Path, persons: &std::collections::BTreeSet<String>) -> Resul
     };
     let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(err)?;
+    let groups = 0..builder.metadata().num_row_groups();
     let Some(column) = builder
         .parquet_schema()
         .columns()
         .iter()
         .position(|c| c.name() == "person_id")
     else {
-        return Ok(true);
+        return Ok(groups.collect());
     };
-    let groups: Vec<usize> = builder
-        .metadata()
-        .row_groups()
-        .iter()
-        .enumerate()
-        .filter(|(_, g)| {
-            let stats = g.column(column).statistics();
+    let candidates: Vec<usize> = groups
+        .filter(|&g| {
+            let stats = builder.metadata().row_group(g).column(column).statistics();
             fn bound(b: Option<&[u8]>) -> Option<&str> {
                 b.and_then(|b| std::str::from_utf8(b).ok())
             }
@@ -455,69 +453,53 @@ fn holds_any(path: &Path, persons: &std::collections::BTreeSet<String>) -> Resul
                 _ => true,
             }
         })
-        .map(|(i, _)| i)
         .collect();
-    if groups.is_empty() {
-        return Ok(false);
-    }
+    let mut holding = BTreeSet::new();
     let mask = ProjectionMask::leaves(builder.parquet_schema(), [column]);
-    let reader = builder
-        .with_row_groups(groups)
-        .with_projection(mask)
-        .build()
-        .map_err(err)?;
-    for batch in reader {
-        let batch =
-            batch.map_err(|e| WardError::data("finding persons in a core table", path, e))?;
-        let ids = crate::engine::text(batch.column(0))
-            .map_err(|e| WardError::data("finding persons in a core table", path, e))?;
-        if ids.iter().flatten().any(|id| persons.contains(id)) {
-            return Ok(true);
+    let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
+    for g in candidates {
+        let file = file
+            .try_clone()
+            .map_err(|e| WardError::io("cannot open", path, e))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(err)?
+            .with_row_groups(vec![g])
+            .with_projection(mask.clone())
+            .build()
+            .map_err(err)?;
+        for batch in reader {
+            let ids = batch
+                .and_then(|b| crate::engine::text(b.column(0)))
+                .map_err(|e| WardError::data("finding persons in a core table", path, e))?;
+            if ids.iter().flatten().any(|id| persons.contains(id)) {
+                holding.insert(g);
+                break;
+            }
         }
     }
-    Ok(false)
+    Ok(holding)
 }
 
-/// Writes the core file `path` anew without the rows of `persons` (a new
-/// file in its place: the run it was taken from keeps its own); returns
-/// the rows removed.
+/// Writes the core file `path` anew without the rows of `persons`, which
+/// only its row groups `groups` hold (see [`Warehouse::filter_row_groups`]:
+/// the others are copied undecoded); returns the rows removed.
 fn without_persons(
     warehouse: &Warehouse,
     path: &Path,
-    persons: &std::collections::BTreeSet<String>,
+    persons: &BTreeSet<String>,
+    groups: &BTreeSet<usize>,
 ) -> Result<u64> {
     use datafusion::arrow::array::{Array, BooleanArray};
-    let err = |e: String| WardError::data("removing persons' core rows", path, e);
-    let batches = crate::warehouse::read_parquet(path, "removing persons' core rows")?;
-    // Its columns, not the earlier file's footer notes.
-    let Some(schema) = batches
-        .first()
-        .map(|b| std::sync::Arc::new(Schema::new(b.schema().fields().clone())))
-    else {
-        return Ok(0);
-    };
     // Said in its footer, for `delta::touched`: only their rows changed.
     let note = crate::delta::derived_from(path, persons.iter().map(String::as_str));
-    let mut writer = warehouse.parquet_writer(path, schema.clone())?;
-    writer.note(note);
-    let mut removed = 0;
-    for b in &batches {
-        let ids = b
-            .column_by_name("person_id")
-            .ok_or_else(|| err("no person_id column".into()))?;
-        let ids = crate::engine::text(ids).map_err(|e| err(e.to_string()))?;
-        let keep: BooleanArray = (0..ids.len())
+    let keep = |b: &RecordBatch| -> std::result::Result<BooleanArray, crate::error::BoxError> {
+        let ids = b.column_by_name("person_id").ok_or("no person_id column")?;
+        let ids = crate::engine::text(ids)?;
+        Ok((0..ids.len())
             .map(|i| Some(ids.is_null(i) || !persons.contains(ids.value(i))))
-            .collect();
-        let kept = datafusion::arrow::compute::filter_record_batch(b, &keep)
-            .map_err(|e| err(e.to_string()))?;
-        removed += (b.num_rows() - kept.num_rows()) as u64;
-        let kept = RecordBatch::try_new(schema.clone(), kept.columns().to_vec())
-            .map_err(|e| err(e.to_string()))?;
-        writer.write(&kept)?;
-    }
-    writer.finish()?;
-    Ok(removed)
+            .collect())
+    };
+    warehouse.filter_row_groups(path, groups, keep, note)
 }
 
 /// Registers the linkage's `core/person_link.parquet` under `core` as
@@ -661,16 +643,25 @@ fn same_fact(key: &[String]) -> String {
         .join(" AND ")
 }
 
-/// Runs `sql` into the Parquet file `path`.
+/// Rows per row group of a core file. A night that moves a few persons'
+/// records rewrites only the row groups holding their rows (the others
+/// are copied undecoded: [`Warehouse::filter_row_groups`]), and a core
+/// file is sorted by person, so a group is a narrow range of persons.
+pub const CORE_ROW_GROUP: usize = 64 * 1024;
+
+/// Runs `sql` into the Parquet file `path` (row groups of
+/// [`CORE_ROW_GROUP`] rows).
 async fn write(ctx: &SessionContext, sql: &str, path: &Path) -> Result<u64> {
     let err =
         |e: datafusion::error::DataFusionError| WardError::data("building a core table", path, e);
     let df = ctx.sql(sql).await.map_err(err)?;
+    let mut options = ctx.state().default_table_options().parquet;
+    options.global.max_row_group_size = CORE_ROW_GROUP;
     let written = df
         .write_parquet(
             &path.display().to_string(),
             DataFrameWriteOptions::new().with_single_file_output(true),
-            None,
+            Some(options),
         )
         .await
         .map_err(err)?;

@@ -23,7 +23,7 @@
 //! year removed; ZIP codes keep their first three digits, and the three-digit
 //! areas of fewer than 20,000 people become `000`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 // Maps keyed by a million person ids: a fast hash, not SipHash.
 use ahash::{AHashMap as HashMap, AHashSet as HashSet};
@@ -610,10 +610,29 @@ fn research_table(
     if added.is_empty() && gone.is_empty() {
         return Ok((counts, records_of(&files, small)?, Some(Took::Whole)));
     }
+    // A file written as a gone one without some persons' rows (build's
+    // relinked persons) keeps its research file without their rows; a file
+    // derived otherwise counts as gone and added.
+    let (derived, mut added, mut gone) = crate::delta::pair_derived(added, gone)?;
+    let mut without = Vec::new();
+    for d in derived {
+        let persons: BTreeSet<String> = d.persons.iter().cloned().collect();
+        match crate::warehouse::groups_holding(&d.file, "person_id", &persons)?.is_empty() {
+            true => without.push((d, persons)),
+            false => {
+                added.push(d.file);
+                gone.push(d.from);
+            }
+        }
+    }
     // A gone file's research rows go with it (of the same name), and so
     // do its counts.
     use rayon::prelude::*;
     let schema = table_schema(table, opts.mode);
+    let less_without = without
+        .par_iter()
+        .map(|(d, persons)| research_without(table, d, persons, &out, scratch, &schema, ids, opts))
+        .collect::<Result<Vec<_>>>()?;
     let less = gone
         .par_iter()
         .map(|part| {
@@ -624,7 +643,7 @@ fn research_table(
             Ok(less)
         })
         .collect::<Result<Vec<_>>>()?;
-    for less in less {
+    for less in less.into_iter().chain(less_without) {
         counts.rows_in = counts.rows_in.saturating_sub(less.rows_in);
         counts.rows_out = counts.rows_out.saturating_sub(less.rows_out);
         counts.values_withheld = counts.values_withheld.saturating_sub(less.values_withheld);
@@ -637,6 +656,86 @@ fn research_table(
     let kept: Vec<PathBuf> = files.into_iter().filter(|f| !added.contains(f)).collect();
     let below = records_of(&kept, small)? + more_below;
     Ok((counts, below, Some(Took::Appended)))
+}
+
+/// Writes the research file (in `out`, taken) of the core file `d.from`
+/// anew for `d.file`, which was written as it without the rows of
+/// `persons`: without their research rows (only the row groups holding
+/// them are rewritten). Returns the counts of the rows removed.
+#[allow(clippy::too_many_arguments)]
+fn research_without(
+    table: Table,
+    d: &crate::delta::Derived,
+    persons: &BTreeSet<String>,
+    out: &Path,
+    scratch: &Warehouse,
+    schema: &SchemaRef,
+    ids: &HashMap<&str, (&str, i32)>,
+    opts: &DeidOptions,
+) -> Result<TableCounts> {
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let err = |e: crate::error::BoxError| WardError::data("reading a core table", &d.from, e);
+    let mut less = TableCounts::default();
+    let groups = crate::warehouse::groups_holding(&d.from, "person_id", persons)?;
+    if groups.is_empty() {
+        return Ok(less);
+    }
+    // Their rows as they were de-identified, for their counts.
+    let file = fs::File::open(&d.from).map_err(|e| WardError::io("cannot open", &d.from, e))?;
+    let rows = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|r| r.with_row_groups(groups.into_iter().collect()).build())
+        .map_err(|e| err(e.into()))?;
+    for b in rows {
+        let b = b.map_err(|e| err(e.into()))?;
+        let pid = as_text(column(&b, "person_id", &d.from)?, "person_id", &d.from)?;
+        let theirs: BooleanArray = pid
+            .iter()
+            .map(|p| Some(p.is_some_and(|p| persons.contains(p))))
+            .collect();
+        let b = filter_record_batch(&b, &theirs).map_err(|e| err(e.into()))?;
+        less.rows_in += b.num_rows() as u64;
+        less.rows_out += b.num_rows() as u64;
+        deid_batch(
+            table,
+            &b,
+            &d.from,
+            schema,
+            ids,
+            opts,
+            &mut less.values_withheld,
+        )?;
+    }
+    let research = out.join(d.file.file_name().unwrap_or_default());
+    let theirs: BTreeSet<String> = persons
+        .iter()
+        .map(|p| match ids.get(p.as_str()) {
+            Some((r, _)) => r.to_string(),
+            None => research_id(&opts.key, p),
+        })
+        .collect();
+    let groups = crate::warehouse::groups_holding(&research, "research_id", &theirs)?;
+    let keep = |b: &RecordBatch| -> std::result::Result<BooleanArray, crate::error::BoxError> {
+        let ids = b
+            .column_by_name("research_id")
+            .ok_or("no research_id column")?;
+        let ids = crate::engine::text(ids)?;
+        Ok(ids
+            .iter()
+            .map(|r| Some(!r.is_some_and(|r| theirs.contains(r))))
+            .collect())
+    };
+    let removed = scratch.filter_row_groups(&research, &groups, keep, Vec::new())?;
+    if removed != less.rows_out {
+        return Err(WardError::data(
+            "removing persons' research rows",
+            &research,
+            format!(
+                "{removed} rows removed where its core file had {} of those persons",
+                less.rows_out
+            ),
+        ));
+    }
+    Ok(less)
 }
 
 /// Links `earlier`'s research files of `table` into `out`; its counts, or
@@ -1055,8 +1154,15 @@ fn deid_files(
         .map(|part| {
             let mut counts = zero();
             let (batches, below) = deid_part(table, part, &schema, ids, small, opts, &mut counts)?;
+            // Row groups like the core's, so that a core file rewritten
+            // without some persons' rows rewrites few of them here too.
             let path = out.join(part.file_name().unwrap_or_default());
-            scratch.write_parquet(&path, schema.clone(), &batches)?;
+            scratch.write_parquet_in_groups(
+                &path,
+                schema.clone(),
+                &batches,
+                crate::link::build::CORE_ROW_GROUP,
+            )?;
             Ok((counts, below))
         })
         .collect::<Result<_>>()?;

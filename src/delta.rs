@@ -164,6 +164,44 @@ fn derivation(
     Some((get(DERIVED_FROM)?, persons))
 }
 
+/// A core file written as another with only some persons' rows changed
+/// (see [`derived_from`]).
+pub struct Derived {
+    /// The file it was written as.
+    pub from: PathBuf,
+    pub file: PathBuf,
+    /// The persons whose rows changed.
+    pub persons: Vec<String>,
+}
+
+/// Of the files `added` to a core table since the files `gone` went, those
+/// whose footer says they were written as one of `gone` with only some
+/// persons' rows changed, with it; then the added and gone files no pair
+/// holds.
+pub fn pair_derived(
+    added: Vec<PathBuf>,
+    gone: Vec<PathBuf>,
+) -> Result<(Vec<Derived>, Vec<PathBuf>, Vec<PathBuf>)> {
+    let mut gone: Vec<(Option<String>, PathBuf)> =
+        gone.into_iter().map(|f| (identity(&f), f)).collect();
+    let (mut pairs, mut came) = (Vec::new(), Vec::new());
+    for file in added {
+        let from = derivation(&reader(&file)?).and_then(|(from, persons)| {
+            let at = gone.iter().position(|(id, _)| id.as_ref() == Some(&from))?;
+            Some((at, persons))
+        });
+        match from {
+            Some((at, persons)) => pairs.push(Derived {
+                from: gone.swap_remove(at).1,
+                file,
+                persons,
+            }),
+            None => came.push(file),
+        }
+    }
+    Ok((pairs, came, gone.into_iter().map(|(_, f)| f).collect()))
+}
+
 /// The persons whose rows differ between the core tables under `previous`
 /// (the current run's `core/`) and under `core` (tonight's); `None` when
 /// they cannot be compared row for row (a table's columns changed, or a
@@ -201,47 +239,28 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
                 None => continue,
             },
         };
-        // The files that came say which of those that went they are,
-        // but for some persons' rows: theirs are touched, neither is read.
-        let mut gone: Vec<(Option<String>, PathBuf)> =
-            removed.into_iter().map(|f| (identity(&f), f)).collect();
-        let changed_columns = |footer: &ParquetRecordBatchReaderBuilder<std::fs::File>| {
-            let changed = footer.schema().fields() != schema.fields();
+        let changed_columns = |file: &PathBuf| -> Result<bool> {
+            let changed = file_schema(file)?.fields() != schema.fields();
             if changed {
                 tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
             }
-            changed
+            Ok(changed)
         };
-        let mut came = Vec::new();
-        for file in added {
-            let footer = reader(&file)?;
-            if changed_columns(&footer) {
+        // The files that came say which of those that went they are,
+        // but for some persons' rows: theirs are touched, neither is read.
+        let (pairs, added, removed) = pair_derived(added, removed)?;
+        let files = added.iter().chain(&removed);
+        for file in files.chain(pairs.iter().map(|d| &d.file)) {
+            if changed_columns(file)? {
                 return Ok(None);
             }
-            let from = derivation(&footer).and_then(|(from, persons)| {
-                let at = gone.iter().position(|(id, _)| id.as_ref() == Some(&from))?;
-                Some((at, persons))
-            });
-            match from {
-                Some((at, persons)) => {
-                    gone.swap_remove(at);
-                    derived.extend(persons.iter().map(|p| key(p)));
+        }
+        derived.extend(pairs.iter().flat_map(|d| d.persons.iter().map(|p| key(p))));
+        for (came, files) in [(false, removed), (true, added)] {
+            for file in files {
+                for group in 0..reader(&file)?.metadata().num_row_groups() {
+                    groups.push((tables, came, file.clone(), group));
                 }
-                None => came.push((file, footer.metadata().num_row_groups())),
-            }
-        }
-        for (_, file) in gone {
-            let footer = reader(&file)?;
-            if changed_columns(&footer) {
-                return Ok(None);
-            }
-            for group in 0..footer.metadata().num_row_groups() {
-                groups.push((tables, false, file.clone(), group));
-            }
-        }
-        for (file, row_groups) in came {
-            for group in 0..row_groups {
-                groups.push((tables, true, file.clone(), group));
             }
         }
         tables += 1;

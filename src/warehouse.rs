@@ -150,7 +150,19 @@ impl Warehouse {
         schema: SchemaRef,
         batches: &[RecordBatch],
     ) -> Result<()> {
-        let mut writer = self.parquet_writer(path, schema)?;
+        self.write_parquet_in_groups(path, schema, batches, ROW_GROUP)
+    }
+
+    /// [`Warehouse::write_parquet`] in row groups of `rows` rows.
+    pub fn write_parquet_in_groups(
+        &self,
+        path: &Path,
+        schema: SchemaRef,
+        batches: &[RecordBatch],
+        rows: usize,
+    ) -> Result<()> {
+        let props = parquet_properties(self.export).set_max_row_group_row_count(Some(rows));
+        let mut writer = self.parquet_writer_with(path, schema, props.build())?;
         for b in batches {
             writer.write(b)?;
         }
@@ -492,6 +504,74 @@ pub fn apply_group(root: &Path, gid: u32) -> Result<u64> {
         changed += u64::from(touched);
     }
     Ok(changed)
+}
+
+/// The row groups of the Parquet file `path` where its text column `column`
+/// holds one of `values` (every group, if it has no such column): groups
+/// whose statistics' range holds none of them are not read.
+pub fn groups_holding(
+    path: &Path,
+    column: &str,
+    values: &BTreeSet<String>,
+) -> Result<BTreeSet<usize>> {
+    use datafusion::parquet::arrow::ProjectionMask;
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let err = |e: datafusion::parquet::errors::ParquetError| {
+        WardError::data("finding rows in a parquet file", path, e)
+    };
+    let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(err)?;
+    let groups = 0..builder.metadata().num_row_groups();
+    let Some(at) = builder
+        .parquet_schema()
+        .columns()
+        .iter()
+        .position(|c| c.name() == column)
+    else {
+        return Ok(groups.collect());
+    };
+    let candidates: Vec<usize> = groups
+        .filter(|&g| {
+            let stats = builder.metadata().row_group(g).column(at).statistics();
+            fn bound(b: Option<&[u8]>) -> Option<&str> {
+                b.and_then(|b| std::str::from_utf8(b).ok())
+            }
+            match stats.map(|s| (bound(s.min_bytes_opt()), bound(s.max_bytes_opt()))) {
+                Some((Some(min), Some(max))) => values
+                    .range::<str, _>((
+                        std::ops::Bound::Included(min),
+                        std::ops::Bound::Included(max),
+                    ))
+                    .next()
+                    .is_some(),
+                _ => true,
+            }
+        })
+        .collect();
+    let mut holding = BTreeSet::new();
+    let mask = ProjectionMask::leaves(builder.parquet_schema(), [at]);
+    let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
+    for g in candidates {
+        let file = file
+            .try_clone()
+            .map_err(|e| WardError::io("cannot open", path, e))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(err)?
+            .with_row_groups(vec![g])
+            .with_projection(mask.clone())
+            .build()
+            .map_err(err)?;
+        for batch in reader {
+            let ids = batch
+                .and_then(|b| crate::engine::text(b.column(0)))
+                .map_err(|e| WardError::data("finding rows in a parquet file", path, e))?;
+            if ids.iter().flatten().any(|id| values.contains(id)) {
+                holding.insert(g);
+                break;
+            }
+        }
+    }
+    Ok(holding)
 }
 
 /// [`Warehouse::filter_row_groups`], written to `tmp`.

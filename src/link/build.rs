@@ -349,7 +349,7 @@ async fn rebuild_persons(
     let dir = core.join(table.name());
     let mut removed = 0;
     for path in crate::warehouse::parquet_files(&dir)? {
-        let groups = groups_holding(&path, persons)?;
+        let groups = crate::warehouse::groups_holding(&path, "person_id", persons)?;
         if !groups.is_empty() {
             removed += without_persons(warehouse, &path, persons, &groups)?;
         }
@@ -415,69 +415,6 @@ fn in_list(persons: &BTreeSet<String>) -> String {
         .map(|p| format!("'{}'", p.replace('\'', "''")))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// The row groups of the core file `path` that hold a row of one of
-/// `persons`: those whose `person_id` range holds none are not read.
-fn groups_holding(path: &Path, persons: &BTreeSet<String>) -> Result<BTreeSet<usize>> {
-    use datafusion::parquet::arrow::ProjectionMask;
-    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let err = |e: datafusion::parquet::errors::ParquetError| {
-        WardError::data("finding persons in a core table", path, e)
-    };
-    let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(err)?;
-    let groups = 0..builder.metadata().num_row_groups();
-    let Some(column) = builder
-        .parquet_schema()
-        .columns()
-        .iter()
-        .position(|c| c.name() == "person_id")
-    else {
-        return Ok(groups.collect());
-    };
-    let candidates: Vec<usize> = groups
-        .filter(|&g| {
-            let stats = builder.metadata().row_group(g).column(column).statistics();
-            fn bound(b: Option<&[u8]>) -> Option<&str> {
-                b.and_then(|b| std::str::from_utf8(b).ok())
-            }
-            match stats.map(|s| (bound(s.min_bytes_opt()), bound(s.max_bytes_opt()))) {
-                Some((Some(min), Some(max))) => persons
-                    .range::<str, _>((
-                        std::ops::Bound::Included(min),
-                        std::ops::Bound::Included(max),
-                    ))
-                    .next()
-                    .is_some(),
-                _ => true,
-            }
-        })
-        .collect();
-    let mut holding = BTreeSet::new();
-    let mask = ProjectionMask::leaves(builder.parquet_schema(), [column]);
-    let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
-    for g in candidates {
-        let file = file
-            .try_clone()
-            .map_err(|e| WardError::io("cannot open", path, e))?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(err)?
-            .with_row_groups(vec![g])
-            .with_projection(mask.clone())
-            .build()
-            .map_err(err)?;
-        for batch in reader {
-            let ids = batch
-                .and_then(|b| crate::engine::text(b.column(0)))
-                .map_err(|e| WardError::data("finding persons in a core table", path, e))?;
-            if ids.iter().flatten().any(|id| persons.contains(id)) {
-                holding.insert(g);
-                break;
-            }
-        }
-    }
-    Ok(holding)
 }
 
 /// Writes the core file `path` anew without the rows of `persons`, which

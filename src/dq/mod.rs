@@ -316,21 +316,46 @@ pub fn evaluate(
                     // The sources that count again the same checks, counted
                     // together: new links make every source count the checks
                     // of the links, not every check the others need again.
+                    // A check of the links alone counts every source from
+                    // the same rows (the links are not split by source): it
+                    // runs once, for every source that needs it, in a session
+                    // without staged rows.
+                    let again = |i: usize, source: &str| {
+                        Recount::of(&checks[i], kept.changes.get(source)) == Recount::Again
+                    };
+                    let links_only = |c: &Check| {
+                        c.reads
+                            .as_ref()
+                            .is_some_and(|r| r.iter().eq([LINKS].iter()))
+                    };
                     let mut groups: BTreeMap<Vec<bool>, BTreeSet<String>> = BTreeMap::new();
+                    let mut of_links = vec![false; checks.len()];
                     for source in kept.changes.keys() {
-                        let again: Vec<bool> = checks
-                            .iter()
-                            .map(|c| Recount::of(c, kept.changes.get(source)) == Recount::Again)
-                            .collect();
-                        if again.contains(&true) {
-                            groups.entry(again).or_default().insert(source.clone());
+                        let mut own = vec![false; checks.len()];
+                        for (i, check) in checks.iter().enumerate() {
+                            match (again(i, source), links_only(check)) {
+                                (true, true) => of_links[i] = true,
+                                (true, false) => own[i] = true,
+                                _ => {}
+                            }
+                        }
+                        if own.contains(&true) {
+                            groups.entry(own).or_default().insert(source.clone());
                         }
                     }
+                    // (checks, sources whose rows are read, whether it is the
+                    // checks of the links, whose counts are every source's).
+                    let none = BTreeSet::new();
+                    let mut runs: Vec<(&Vec<bool>, &BTreeSet<String>, bool)> =
+                        groups.iter().map(|(c, s)| (c, s, false)).collect();
+                    if of_links.contains(&true) {
+                        runs.push((&of_links, &none, true));
+                    }
                     let mut counts = vec![Counted::new(); checks.len()];
-                    for (again, names) in &groups {
+                    for (recounted, names, every_source) in runs {
                         let recount: Vec<Check> = checks
                             .iter()
-                            .zip(again)
+                            .zip(recounted)
                             .filter(|(_, again)| **again)
                             .map(|(c, _)| c.clone())
                             .collect();
@@ -341,14 +366,18 @@ pub fn evaluate(
                         );
                         let ctx = session(warehouse, sources, Rows::Sources(names)).await?;
                         let counted = run_checks(&ctx, &recount).await?;
-                        let at = again
+                        let at = recounted
                             .iter()
                             .enumerate()
                             .filter(|(_, a)| **a)
                             .map(|(i, _)| i);
                         for (i, counted) in at.zip(counted) {
-                            counts[i]
-                                .extend(counted.into_iter().filter(|(s, _)| names.contains(s)));
+                            counts[i].extend(counted.into_iter().filter(
+                                |(s, _)| match every_source {
+                                    true => again(i, s),
+                                    false => names.contains(s),
+                                },
+                            ));
                         }
                     }
                     Ok(counts)
@@ -616,11 +645,9 @@ async fn session(
     let link_path = warehouse.out().join("core").join("person_link.parquet");
     match rows {
         Rows::All | Rows::Sources(_) => {
-            crate::engine::register_parquet(&ctx, "person_link", &link_path, links).await?;
+            crate::engine::register_parquet(&ctx, LINKS, &link_path, links).await?;
         }
-        Rows::Staged(_) => {
-            register_batch(&ctx, "person_link", RecordBatch::new_empty(links), root)?
-        }
+        Rows::Staged(_) => register_batch(&ctx, LINKS, RecordBatch::new_empty(links), root)?,
     }
     register_batch(&ctx, "dq_layout", layout(sources)?, root)?;
     for view in [rows_view(), facts_view()] {
@@ -630,6 +657,10 @@ async fn session(
 }
 
 const PREPARING: &str = "preparing the data-quality checks";
+
+/// The check input of the person links, whole in every session but
+/// tonight's (not split by source).
+const LINKS: &str = "person_link";
 
 /// Registers one in-memory batch as table `name`.
 fn register_batch(ctx: &SessionContext, name: &str, batch: RecordBatch, root: &Path) -> Result<()> {

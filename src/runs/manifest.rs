@@ -262,23 +262,27 @@ pub struct OutputFile {
 /// Every file under `run_dir` (but the manifest), sorted, with size and
 /// SHA-256.
 pub fn list_outputs(run_dir: &Path) -> Result<Vec<OutputFile>> {
-    let mut files = Vec::new();
-    for path in walk(run_dir)?.0 {
-        let rel = path
-            .strip_prefix(run_dir)
-            .unwrap_or(&path)
-            .to_string_lossy()
-            .replace('\\', "/");
-        if rel == MANIFEST {
-            continue;
-        }
-        let (sha256, bytes) = crate::warehouse::sha256_file(&path)?;
-        files.push(OutputFile {
-            path: rel,
-            bytes,
-            sha256,
-        });
-    }
+    use rayon::prelude::*;
+    // Hashed in parallel: a night writes hundreds of megabytes anew.
+    let mut files = walk(run_dir)?
+        .0
+        .into_par_iter()
+        .filter_map(|path| {
+            let rel = path
+                .strip_prefix(run_dir)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .replace('\\', "/");
+            (rel != MANIFEST).then(|| {
+                let (sha256, bytes) = crate::warehouse::sha256_file(&path)?;
+                Ok(OutputFile {
+                    path: rel,
+                    bytes,
+                    sha256,
+                })
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(files)
 }

@@ -91,13 +91,16 @@ fn remove_run(dir: &Path) -> Result<()> {
 /// publishes it: after a power loss the pointer must not name a run whose
 /// files are not there).
 pub fn sync_tree(dir: &Path) -> Result<()> {
+    use rayon::prelude::*;
     let (files, dirs) = walk(dir)?;
-    for path in files.iter().chain(&dirs) {
+    // The files first, in parallel, then the directories that name them.
+    let sync = |path: &PathBuf| {
         fs::File::open(path)
             .and_then(|f| f.sync_all())
-            .map_err(|e| WardError::io("cannot sync", path, e))?;
-    }
-    Ok(())
+            .map_err(|e| WardError::io("cannot sync", path, e))
+    };
+    files.par_iter().try_for_each(sync)?;
+    dirs.iter().try_for_each(sync)
 }
 
 /// The files and the directories (`dir` included) under `dir`.

@@ -519,8 +519,12 @@ pub fn groups_holding(
     let err = |e: datafusion::parquet::errors::ParquetError| {
         WardError::data("finding rows in a parquet file", path, e)
     };
-    let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(err)?;
+    let open = |file: &fs::File| {
+        file.try_clone()
+            .map_err(|e| WardError::io("cannot open", path, e))
+    };
+    let file = fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(open(&file)?).map_err(err)?;
     let groups = 0..builder.metadata().num_row_groups();
     let Some(at) = builder
         .parquet_schema()
@@ -550,22 +554,29 @@ pub fn groups_holding(
         .collect();
     let mut holding = BTreeSet::new();
     let mask = ProjectionMask::leaves(builder.parquet_schema(), [at]);
-    let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
     for g in candidates {
-        let file = file
-            .try_clone()
-            .map_err(|e| WardError::io("cannot open", path, e))?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        let reader = ParquetRecordBatchReaderBuilder::try_new(open(&file)?)
             .map_err(err)?
             .with_row_groups(vec![g])
             .with_projection(mask.clone())
             .build()
             .map_err(err)?;
         for batch in reader {
+            use datafusion::arrow::array::AsArray;
             let ids = batch
-                .and_then(|b| crate::engine::text(b.column(0)))
+                .and_then(|b| {
+                    datafusion::arrow::compute::cast(
+                        b.column(0),
+                        &datafusion::arrow::datatypes::DataType::Utf8,
+                    )
+                })
                 .map_err(|e| WardError::data("finding rows in a parquet file", path, e))?;
-            if ids.iter().flatten().any(|id| values.contains(id)) {
+            if ids
+                .as_string::<i32>()
+                .iter()
+                .flatten()
+                .any(|id| values.contains(id))
+            {
                 holding.insert(g);
                 break;
             }

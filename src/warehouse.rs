@@ -515,7 +515,9 @@ pub fn groups_holding(
     values: &BTreeSet<String>,
 ) -> Result<BTreeSet<usize>> {
     use datafusion::parquet::arrow::ProjectionMask;
-    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use datafusion::parquet::arrow::arrow_reader::{
+        ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+    };
     let err = |e: datafusion::parquet::errors::ParquetError| {
         WardError::data("finding rows in a parquet file", path, e)
     };
@@ -524,7 +526,9 @@ pub fn groups_holding(
             .map_err(|e| WardError::io("cannot open", path, e))
     };
     let file = fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(open(&file)?).map_err(err)?;
+    // The footer read once, for every group read.
+    let footer = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(err)?;
+    let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(open(&file)?, footer.clone());
     let groups = 0..builder.metadata().num_row_groups();
     let Some(at) = builder
         .parquet_schema()
@@ -555,12 +559,12 @@ pub fn groups_holding(
     let mut holding = BTreeSet::new();
     let mask = ProjectionMask::leaves(builder.parquet_schema(), [at]);
     for g in candidates {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(open(&file)?)
-            .map_err(err)?
-            .with_row_groups(vec![g])
-            .with_projection(mask.clone())
-            .build()
-            .map_err(err)?;
+        let reader =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(open(&file)?, footer.clone())
+                .with_row_groups(vec![g])
+                .with_projection(mask.clone())
+                .build()
+                .map_err(err)?;
         for batch in reader {
             use datafusion::arrow::array::AsArray;
             let ids = batch
@@ -596,15 +600,16 @@ fn filter_row_groups(
 ) -> std::result::Result<u64, BoxError> {
     use datafusion::arrow::compute::filter_record_batch;
     use datafusion::parquet::arrow::arrow_reader::{
-        ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+        ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
     };
     use datafusion::parquet::arrow::arrow_writer::{ArrowWriterOptions, compute_leaves};
     use datafusion::parquet::column::writer::ColumnCloseResult;
     use datafusion::parquet::file::metadata::PageIndexPolicy;
     use datafusion::parquet::file::page_index::column_index::ColumnIndexMetaData;
     let file = fs::File::open(path)?;
-    let footer = ParquetRecordBatchReaderBuilder::try_new_with_options(
-        file.try_clone()?,
+    // The footer (with the page index the copied groups keep) read once.
+    let footer = ArrowReaderMetadata::load(
+        &file,
         ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Optional),
     )?;
     let metadata = footer.metadata().clone();
@@ -651,9 +656,10 @@ fn filter_row_groups(
         }
         let mut columns = factory.create_column_writers(writer.flushed_row_groups().len())?;
         let mut kept = 0;
-        let batches = ParquetRecordBatchReaderBuilder::try_new(file.try_clone()?)?
-            .with_row_groups(vec![g])
-            .build()?;
+        let batches =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(file.try_clone()?, footer.clone())
+                .with_row_groups(vec![g])
+                .build()?;
         for batch in batches {
             let batch = batch?;
             let rows = batch.num_rows();

@@ -403,13 +403,11 @@ fn read_labels(path: &Path, recs: &[Rec], warnings: &mut Vec<String>) -> Result<
     Ok(labels)
 }
 
-/// The staged patient records, in (source, id) order, and each one
-/// standardized.
-fn read_records(warehouse: &Warehouse) -> Result<(Vec<RecordBatch>, Vec<Rec>)> {
-    let raw = read_staged(warehouse)?;
-    let recs = records(&raw);
+/// The staged patient records, in (source, id) order, standardized.
+fn read_records(warehouse: &Warehouse) -> Result<Vec<Rec>> {
+    let recs = records(&read_staged(warehouse)?);
     tracing::info!(records = recs.len(), "linkage: records standardized");
-    Ok((raw, recs))
+    Ok(recs)
 }
 
 /// The staged patient records, in (source, id) order.
@@ -1074,7 +1072,7 @@ pub fn explain(
     b: (&str, &str),
     code: Option<&str>,
 ) -> Result<Explanation> {
-    let (_, recs) = read_records(warehouse)?;
+    let recs = read_records(warehouse)?;
     let find = |(source, id): (&str, &str)| {
         recs.iter()
             .position(|r| r.source == source && r.source_patient_id == id)

@@ -1187,8 +1187,8 @@ fn assign_person_ids<'a>(
     drop(votes);
     candidates.par_sort_unstable_by(|(ca, ia, na), (cb, ib, nb)| {
         nb.cmp(na)
-            .then(first[*ca as usize].cmp(&first[*cb as usize]))
-            .then(ia.cmp(ib))
+            .then_with(|| first[*ca as usize].cmp(&first[*cb as usize]))
+            .then_with(|| ia.cmp(ib))
     });
     let mut ids: Vec<Option<Cow<'a, str>>> = vec![None; n];
     let mut taken: HashSet<&str> = HashSet::with_capacity(candidates.len());
@@ -1244,23 +1244,48 @@ pub(crate) fn match_keys<T>(
     fn rec_key(r: &Rec) -> (&str, &str) {
         (&r.source, &r.source_patient_id)
     }
+    use std::cmp::Ordering;
     let mut of = vec![None; recs.len()];
     let mut gone = Vec::new();
-    let sorted = recs.windows(2).all(|w| rec_key(&w[0]) < rec_key(&w[1]))
-        && earlier.windows(2).all(|w| key(&w[0]) < key(&w[1]));
-    if sorted {
+    // Merged in one pass, each list checked to be in strict order as it is
+    // walked (every adjacent pair compared once).
+    let merged = (|| {
         let mut i = 0;
         for (j, e) in earlier.iter().enumerate() {
-            while i < recs.len() && rec_key(&recs[i]) < key(e) {
-                i += 1;
+            let k = key(e);
+            if j > 0 && key(&earlier[j - 1]) >= k {
+                return false;
             }
-            match recs.get(i).is_some_and(|r| rec_key(r) == key(e)) {
+            let mut found = false;
+            while let Some(r) = recs.get(i) {
+                match rec_key(r).cmp(&k) {
+                    Ordering::Less => {
+                        if i > 0 && rec_key(&recs[i - 1]) >= rec_key(r) {
+                            return false;
+                        }
+                        i += 1;
+                    }
+                    Ordering::Equal => {
+                        found = true;
+                        break;
+                    }
+                    Ordering::Greater => break,
+                }
+            }
+            match found {
                 true => of[i] = Some(j as u32),
                 false => gone.push(j as u32),
             }
         }
+        recs[i.saturating_sub(1)..]
+            .windows(2)
+            .all(|w| rec_key(&w[0]) < rec_key(&w[1]))
+    })();
+    if merged {
         return (of, gone, true);
     }
+    of.fill(None);
+    gone.clear();
     let mut index: HashMap<(&str, &str), usize> = HashMap::with_capacity(recs.len());
     let mut unique = true;
     for (i, r) in recs.iter().enumerate() {
@@ -1317,69 +1342,102 @@ pub fn read_person_links(path: &Path) -> Result<Vec<PersonLink>> {
     Ok(links)
 }
 
-/// Standardized records from the staged patient rows (same order).
+/// Standardized records from the staged patient rows (same order),
+/// standardized in parallel and written in place (a record is a few hundred
+/// bytes: gathering per-batch vectors moved every one of them again).
 fn records(batches: &[RecordBatch]) -> Vec<Rec> {
-    // Batch by batch in parallel, in the batches' order.
-    let parts: Vec<Vec<Rec>> = batches.par_iter().map(batch_records).collect();
-    parts.into_iter().flatten().collect()
+    let columns: Vec<StagedColumns> = batches.iter().map(StagedColumns::of).collect();
+    // Where each batch's rows start among all.
+    let mut starts = Vec::with_capacity(batches.len());
+    let mut total = 0;
+    for b in batches {
+        starts.push(total);
+        total += b.num_rows();
+    }
+    (0..total)
+        .into_par_iter()
+        .map(|i| {
+            // The last batch starting at or before `i` (an empty batch
+            // starts where the next does).
+            let b = starts.partition_point(|&s| s <= i) - 1;
+            columns[b].rec(i - starts[b])
+        })
+        .collect()
 }
 
-/// The standardized records of one batch of staged patients.
-fn batch_records(b: &RecordBatch) -> Vec<Rec> {
-    let mut out = Vec::with_capacity(b.num_rows());
-    let text = |name: &str| {
-        crate::engine::text(b.column_by_name(name).expect("selected")).expect("text columns")
-    };
-    let (source, spid, given, family, sex) = (
-        text("source"),
-        text("source_patient_id"),
-        text("given_name"),
-        text("family_name"),
-        text("sex"),
-    );
-    let partial = text("birth_date_partial");
-    let (address, zip, phone, email, ssn) = (
-        text("address_line"),
-        text("postal_code"),
-        text("phone"),
-        text("email"),
-        text("ssn"),
-    );
-    let birth = b
-        .column_by_name("birth_date")
-        .expect("selected")
-        .as_primitive::<Date32Type>()
-        .clone();
-    fn get(a: &StringArray, i: usize) -> Option<&str> {
-        (!a.is_null(i)).then(|| a.value(i))
+/// The columns of a batch of staged patients that records are made of.
+struct StagedColumns {
+    source: StringArray,
+    spid: StringArray,
+    given: StringArray,
+    family: StringArray,
+    sex: StringArray,
+    partial: StringArray,
+    address: StringArray,
+    zip: StringArray,
+    phone: StringArray,
+    email: StringArray,
+    ssn: StringArray,
+    birth: Date32Array,
+}
+
+impl StagedColumns {
+    fn of(b: &RecordBatch) -> StagedColumns {
+        let text = |name: &str| {
+            crate::engine::text(b.column_by_name(name).expect("selected")).expect("text columns")
+        };
+        StagedColumns {
+            source: text("source"),
+            spid: text("source_patient_id"),
+            given: text("given_name"),
+            family: text("family_name"),
+            sex: text("sex"),
+            partial: text("birth_date_partial"),
+            address: text("address_line"),
+            zip: text("postal_code"),
+            phone: text("phone"),
+            email: text("email"),
+            ssn: text("ssn"),
+            birth: b
+                .column_by_name("birth_date")
+                .expect("selected")
+                .as_primitive::<Date32Type>()
+                .clone(),
+        }
     }
-    for i in 0..b.num_rows() {
-        let family_name = standardize::name(get(&family, i));
-        let written = standardize::given_as_written(get(&given, i));
+
+    /// The standardized record of row `i`.
+    fn rec(&self, i: usize) -> Rec {
+        fn get(a: &StringArray, i: usize) -> Option<&str> {
+            (!a.is_null(i)).then(|| a.value(i))
+        }
+        let family_name = standardize::name(get(&self.family, i));
+        let written = standardize::given_as_written(get(&self.given, i));
         let full = written.as_deref().map(standardize::full_given);
-        out.push(Rec {
-            source: source.value(i).into(),
-            source_patient_id: spid.value(i).into(),
+        Rec {
+            source: self.source.value(i).into(),
+            source_patient_id: self.spid.value(i).into(),
             given_written: written.filter(|w| full.as_ref() != Some(w)),
             given: full,
             family_soundex: family_name.as_deref().and_then(standardize::soundex),
             family: family_name,
-            birth: (!birth.is_null(i))
-                .then(|| birth.value_as_date(i))
+            birth: (!self.birth.is_null(i))
+                .then(|| self.birth.value_as_date(i))
                 .flatten(),
-            birth_partial: get(&partial, i).and_then(|p| {
+            birth_partial: get(&self.partial, i).and_then(|p| {
                 let (year, month) = p.split_once('-').unwrap_or((p, ""));
                 Some((year.parse().ok()?, month.parse().ok()))
             }),
-            sex: get(&sex, i).filter(|s| *s != "unknown").map(Into::into),
-            zip: standardize::zip(get(&zip, i)),
-            phone: standardize::phone(get(&phone, i)),
-            email: standardize::email(get(&email, i)),
-            ssn: standardize::identifier(get(&ssn, i)),
-            address: standardize::address(get(&address, i)),
-        });
+            sex: get(&self.sex, i)
+                .filter(|s| *s != "unknown")
+                .map(Into::into),
+            zip: standardize::zip(get(&self.zip, i)),
+            phone: standardize::phone(get(&self.phone, i)),
+            email: standardize::email(get(&self.email, i)),
+            ssn: standardize::identifier(get(&self.ssn, i)),
+            address: standardize::address(get(&self.address, i)),
+        }
     }
-    out
 }
 
 /// Candidate pairs `(a, b, rule)` with `a < b`, from every blocking rule,
@@ -1952,6 +2010,67 @@ mod tests {
                 .collect(),
             carried,
         )
+    }
+
+    #[test]
+    fn keys_match_as_hashing_would_whether_or_not_in_order() {
+        // The reference: a map of the records' keys (the last of equal
+        // keys wins), every earlier key looked up.
+        fn reference(recs: &[Rec], earlier: &[Rec]) -> (Vec<Option<u32>>, Vec<u32>, bool) {
+            let mut index = std::collections::HashMap::new();
+            let mut unique = true;
+            for (i, r) in recs.iter().enumerate() {
+                unique &= index
+                    .insert((r.source.clone(), r.source_patient_id.clone()), i)
+                    .is_none();
+            }
+            let (mut of, mut gone) = (vec![None; recs.len()], Vec::new());
+            for (j, e) in earlier.iter().enumerate() {
+                match index.get(&(e.source.clone(), e.source_patient_id.clone())) {
+                    Some(&i) => of[i] = Some(j as u32),
+                    None => gone.push(j as u32),
+                }
+            }
+            (of, gone, unique)
+        }
+        fn key(r: &Rec) -> (&str, &str) {
+            (&r.source, &r.source_patient_id)
+        }
+        let mut seed = 7u64;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for case in 0..400 {
+            let (n_recs, n_earlier) = (next(12), next(12));
+            let mut list = |len: u64| -> Vec<Rec> {
+                let mut v: Vec<Rec> = (0..len)
+                    .map(|_| Rec {
+                        source: ["a", "b", "c"][next(3) as usize].into(),
+                        source_patient_id: next(8).to_string().into(),
+                        ..Rec::default()
+                    })
+                    .collect();
+                // Most cases in order (strictly, or with repeats), some not.
+                match case % 4 {
+                    0 => {}
+                    1 => v.sort_by(|x, y| key(x).cmp(&key(y))),
+                    _ => {
+                        v.sort_by(|x, y| key(x).cmp(&key(y)));
+                        v.dedup_by(|x, y| key(x) == key(y));
+                    }
+                }
+                v
+            };
+            let (recs, earlier) = (list(n_recs), list(n_earlier));
+            assert_eq!(
+                match_keys(&recs, &earlier, key),
+                reference(&recs, &earlier),
+                "case {case}"
+            );
+        }
     }
 
     #[test]

@@ -11,7 +11,8 @@ use unicode_normalization::UnicodeNormalization;
 pub fn name(raw: Option<&str>) -> Option<CompactString> {
     let raw = raw?;
     match raw.is_ascii() {
-        // Nothing to decompose.
+        // Nothing to decompose: folded byte by byte on the stack.
+        true if raw.len() <= ASCII_ON_STACK => fold_ascii(raw.as_bytes()),
         true => fold(raw.chars(), raw.len()),
         false => fold(
             raw.nfd()
@@ -19,6 +20,31 @@ pub fn name(raw: Option<&str>) -> Option<CompactString> {
             raw.len(),
         ),
     }
+}
+
+/// The longest ASCII name [`fold_ascii`] folds (longer ones are rare).
+const ASCII_ON_STACK: usize = 64;
+
+/// [`fold`] of ASCII bytes (at most [`ASCII_ON_STACK`]), in a buffer on the
+/// stack: a name is a few bytes, and pushing them one by one into a
+/// `CompactString` cost more than folding them.
+fn fold_ascii(raw: &[u8]) -> Option<CompactString> {
+    let mut out = [0u8; ASCII_ON_STACK];
+    let (mut n, mut gap) = (0, false);
+    for &b in raw {
+        if !b.is_ascii_alphanumeric() {
+            gap = true;
+            continue;
+        }
+        if gap && n > 0 {
+            out[n] = b' ';
+            n += 1;
+        }
+        gap = false;
+        out[n] = b.to_ascii_lowercase();
+        n += 1;
+    }
+    (n > 0).then(|| CompactString::from_utf8(&out[..n]).expect("ASCII"))
 }
 
 /// [`name`] of decomposed characters without combining marks: letters and
@@ -288,6 +314,9 @@ mod tests {
             "a\u{301}b",
             "x\u{2003}y",
             "..,,",
+            // Past the stack buffer of ASCII names (64 bytes), and at it.
+            "Maximilian-Alexander Fitzgerald-Montgomery Worthington-Smythe III, Esq.",
+            "Maximilian Alexander Fitzgerald Montgomery Worthington Smythe..!",
         ] {
             assert_eq!(
                 name(Some(raw)).as_deref(),

@@ -19,8 +19,9 @@
 //! rows) says so in its footer ([`derived_from`]): those persons are
 //! touched, and neither file is read.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
@@ -39,11 +40,44 @@ const PERSON: &str = "person_id";
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Touched {
     keys: HashSet<u64>,
+    /// Of `keys`, the persons whose only change is to these columns of
+    /// their person row (no row of theirs added, removed or changed in any
+    /// other table), when the person table's footer says so (see
+    /// [`changed_columns`]).
+    person_columns: HashMap<u64, Arc<BTreeSet<String>>>,
     /// Persons in tonight's core (`core/person.parquet` rows).
     pub persons: u64,
 }
 
 impl Touched {
+    /// The touched persons a reader of `columns` of the person table (and
+    /// of every other core table) sees changed: a person whose only change
+    /// is to other columns of their person row is left out.
+    pub fn seen_by(&self, columns: &BTreeSet<String>) -> Touched {
+        let seen = |k: &u64| {
+            self.person_columns
+                .get(k)
+                .is_none_or(|changed| !changed.is_disjoint(columns))
+        };
+        let keys: HashSet<u64> = self.keys.iter().copied().filter(seen).collect();
+        Touched {
+            person_columns: self
+                .person_columns
+                .iter()
+                .filter(|(k, _)| keys.contains(k))
+                .map(|(k, c)| (*k, c.clone()))
+                .collect(),
+            keys,
+            persons: self.persons,
+        }
+    }
+
+    /// Whether some touched person changed only in columns of their
+    /// person row (so [`Touched::seen_by`] may leave them out).
+    pub fn has_person_only_changes(&self) -> bool {
+        !self.person_columns.is_empty()
+    }
+
     /// How many persons (by id hash) changed: added, removed or with any
     /// row added, removed or different in any core table.
     pub fn len(&self) -> usize {
@@ -113,6 +147,9 @@ fn core_tables(core: &Path) -> Result<Vec<(PathBuf, Vec<PathBuf>)>> {
 const DERIVED_FROM: &str = "ward.derived_from";
 /// Footer key: those persons' ids, a JSON array.
 const DERIVED_PERSONS: &str = "ward.derived_persons";
+/// Footer key: per person of [`DERIVED_PERSONS`], which columns of their
+/// row changed ([`ColumnChanges`], JSON); optional.
+const DERIVED_COLUMNS: &str = "ward.derived_columns";
 /// Past this many persons a file does not name them (its footer would be
 /// read by every query): it is compared row by row.
 const MAX_DERIVED_PERSONS: usize = 20_000;
@@ -148,11 +185,87 @@ pub fn derived_from<'a>(
     ]
 }
 
+/// The columns whose values changed, per person a footer names (in the
+/// order of [`DERIVED_PERSONS`]): `of[i]` indexes `sets`, the distinct
+/// column sets (a few, for thousands of persons); `None`: the person's row
+/// was added or removed (every column).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct ColumnChanges {
+    sets: Vec<Vec<String>>,
+    of: Vec<Option<u32>>,
+}
+
+/// The footer entry saying, per person of those [`derived_from`] was given
+/// (in that order), which columns of their row changed (`None`: the row was
+/// added or removed); see [`changed_columns`].
+pub fn derived_columns(
+    changes: &[Option<Vec<String>>],
+) -> datafusion::parquet::file::metadata::KeyValue {
+    let mut out = ColumnChanges::default();
+    for change in changes {
+        out.of.push(change.as_ref().map(
+            |columns| match out.sets.iter().position(|s| s == columns) {
+                Some(i) => i as u32,
+                None => {
+                    out.sets.push(columns.clone());
+                    (out.sets.len() - 1) as u32
+                }
+            },
+        ));
+    }
+    let json = serde_json::to_string(&out).expect("strings serialize");
+    datafusion::parquet::file::metadata::KeyValue::new(DERIVED_COLUMNS.to_string(), json)
+}
+
+/// Per person of `persons`, the columns whose values differ between their
+/// row in `before` and in `after` (batches of one schema, one row per
+/// person, keyed by `person_id`); `None` for a person with a row on one
+/// side only.
+pub fn changed_columns(
+    persons: &[&str],
+    before: &RecordBatch,
+    after: &RecordBatch,
+) -> std::result::Result<Vec<Option<Vec<String>>>, BoxError> {
+    let rows_of = |batch: &RecordBatch| -> std::result::Result<HashMap<String, usize>, BoxError> {
+        let ids = person_ids(batch)?;
+        let ids = ids.as_string::<i32>();
+        Ok((0..ids.len())
+            .filter(|i| ids.is_valid(*i))
+            .map(|i| (ids.value(i).to_string(), i))
+            .collect())
+    };
+    let (old, new) = (rows_of(before)?, rows_of(after)?);
+    let schema = after.schema();
+    // Each column's values as comparable bytes, on both sides.
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    for (i, field) in schema.fields().iter().enumerate() {
+        let converter = RowConverter::new(vec![SortField::new(field.data_type().clone())])?;
+        let a = converter.convert_columns(&[before.column(i).clone()])?;
+        let b = converter.convert_columns(&[after.column(i).clone()])?;
+        columns.push((field.name().clone(), a, b));
+    }
+    Ok(persons
+        .iter()
+        .map(|p| {
+            let (i, j) = (old.get(*p)?, new.get(*p)?);
+            Some(
+                columns
+                    .iter()
+                    .filter(|(_, a, b)| a.row(*i) != b.row(*j))
+                    .map(|(name, _, _)| name.clone())
+                    .collect(),
+            )
+        })
+        .collect())
+}
+
 /// What a file's footer says it was derived from: the identity of that
-/// file and the persons whose rows changed.
+/// file, the persons whose rows changed and, when it says so, which
+/// columns of each (see [`ColumnChanges`]; ignored when it does not match
+/// the persons).
 fn derivation(
     footer: &ParquetRecordBatchReaderBuilder<std::fs::File>,
-) -> Option<(String, Vec<String>)> {
+) -> Option<(String, Vec<String>, Option<PersonColumns>)> {
     let entries = footer.metadata().file_metadata().key_value_metadata()?;
     let get = |key: &str| {
         entries
@@ -160,9 +273,29 @@ fn derivation(
             .find(|kv| kv.key == key)
             .and_then(|kv| kv.value.clone())
     };
-    let persons = serde_json::from_str(&get(DERIVED_PERSONS)?).ok()?;
-    Some((get(DERIVED_FROM)?, persons))
+    let persons: Vec<String> = serde_json::from_str(&get(DERIVED_PERSONS)?).ok()?;
+    let columns = get(DERIVED_COLUMNS)
+        .and_then(|json| serde_json::from_str::<ColumnChanges>(&json).ok())
+        .filter(|c| c.of.len() == persons.len())
+        .and_then(|c| {
+            let sets: Vec<Arc<BTreeSet<String>>> = c
+                .sets
+                .into_iter()
+                .map(|s| Arc::new(s.into_iter().collect()))
+                .collect();
+            c.of.iter()
+                .map(|i| match i {
+                    Some(i) => sets.get(*i as usize).cloned().map(Some),
+                    None => Some(None),
+                })
+                .collect::<Option<Vec<_>>>()
+        });
+    Some((get(DERIVED_FROM)?, persons, columns))
 }
+
+/// Per person a footer names, the columns of their row that changed
+/// (`None`: every column).
+pub type PersonColumns = Vec<Option<Arc<BTreeSet<String>>>>;
 
 /// A core file written as another with only some persons' rows changed
 /// (see [`derived_from`]).
@@ -172,6 +305,9 @@ pub struct Derived {
     pub file: PathBuf,
     /// The persons whose rows changed.
     pub persons: Vec<String>,
+    /// Per person of `persons`, which columns of their row changed, when
+    /// the footer says so.
+    pub columns: Option<PersonColumns>,
 }
 
 /// Of the files `added` to a core table since the files `gone` went, those
@@ -186,15 +322,16 @@ pub fn pair_derived(
         gone.into_iter().map(|f| (identity(&f), f)).collect();
     let (mut pairs, mut came) = (Vec::new(), Vec::new());
     for file in added {
-        let from = derivation(&reader(&file)?).and_then(|(from, persons)| {
+        let from = derivation(&reader(&file)?).and_then(|(from, persons, columns)| {
             let at = gone.iter().position(|(id, _)| id.as_ref() == Some(&from))?;
-            Some((at, persons))
+            Some((at, persons, columns))
         });
         match from {
-            Some((at, persons)) => pairs.push(Derived {
+            Some((at, persons, columns)) => pairs.push(Derived {
                 from: gone.swap_remove(at).1,
                 file,
                 persons,
+                columns,
             }),
             None => came.push(file),
         }
@@ -220,6 +357,8 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
     // built anew: every file). Those files' row groups are hashed all at
     // once, whatever their table, so that both cores are busy.
     let (mut tables, mut groups, mut derived) = (0, Vec::new(), Vec::new());
+    // Persons whose person row alone changed, and in which columns.
+    let mut person_columns: HashMap<u64, Arc<BTreeSet<String>>> = HashMap::new();
     for ((rel, old), (_, new)) in before.iter().zip(&after) {
         let (removed, added) = file_diff(old, new);
         if removed.is_empty() && added.is_empty() {
@@ -255,7 +394,20 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
                 return Ok(None);
             }
         }
-        derived.extend(pairs.iter().flat_map(|d| d.persons.iter().map(|p| key(p))));
+        let person_table = rel == Path::new("person.parquet");
+        for d in &pairs {
+            for (i, p) in d.persons.iter().enumerate() {
+                let columns = d.columns.as_ref().and_then(|c| c[i].clone());
+                match columns.filter(|_| person_table) {
+                    Some(columns) => {
+                        // Two persons of one hash: the columns of both.
+                        let known = person_columns.entry(key(p)).or_default();
+                        Arc::make_mut(known).extend(columns.iter().cloned());
+                    }
+                    None => derived.push(key(p)),
+                }
+            }
+        }
         for (came, files) in [(false, removed), (true, added)] {
             for file in files {
                 for group in 0..reader(&file)?.metadata().num_row_groups() {
@@ -291,8 +443,15 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
                 .map(|(k, _)| *k),
         );
     }
+    // A person whose rows changed elsewhere too is touched whatever is read.
+    person_columns.retain(|k, _| !keys.contains(k));
+    keys.extend(person_columns.keys().copied());
     let persons = crate::warehouse::parquet_rows(&core.join("person.parquet"))?;
-    Ok(Some(Touched { keys, persons }))
+    Ok(Some(Touched {
+        keys,
+        person_columns,
+        persons,
+    }))
 }
 
 /// The files of `old` that `new` does not have and those of `new` that
@@ -511,6 +670,80 @@ mod tests {
         // Too many persons to name: no note.
         let many: Vec<String> = (0..=MAX_DERIVED_PERSONS).map(|i| i.to_string()).collect();
         assert!(derived_from(&before, many.iter().map(String::as_str)).is_empty());
+    }
+
+    #[test]
+    fn a_person_whose_person_row_alone_changed_is_touched_only_where_its_columns_are_read() {
+        let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
+            datafusion::arrow::datatypes::Field::new(PERSON, DataType::Utf8, false),
+            datafusion::arrow::datatypes::Field::new("value", DataType::Int64, false),
+        ]));
+        let batch = |rows: &[(&str, i64)]| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                ],
+            )
+            .unwrap()
+        };
+        // Per person, the columns whose values differ; none for a person
+        // on one side only.
+        let (before, after) = (
+            batch(&[("a", 0), ("b", 0), ("c", 0), ("e", 0)]),
+            batch(&[("e", 0), ("b", 5), ("a", 0), ("d", 1)]),
+        );
+        let changes = changed_columns(&["a", "b", "c", "d", "e"], &before, &after).unwrap();
+        let value = || Some(vec!["value".to_string()]);
+        assert_eq!(changes, [Some(vec![]), value(), None, None, Some(vec![])]);
+
+        let tmp = tempfile::tempdir().unwrap();
+        let (old, new) = (tmp.path().join("old"), tmp.path().join("new"));
+        let was = old.join("person.parquet");
+        write(&was, &[("a", 0), ("b", 0), ("c", 0), ("e", 0)]);
+        // a's facts changed too; b's value changed; c was removed; e's
+        // row is the same.
+        write(&old.join("observation/part-0.parquet"), &[("a", 1)]);
+        write(&new.join("observation/part-0.parquet"), &[("a", 2)]);
+        let persons = ["a", "b", "c", "e"];
+        let mut note = derived_from(&was, persons.into_iter());
+        note.push(derived_columns(&[
+            Some(vec![]),
+            value(),
+            None,
+            Some(vec![]),
+        ]));
+        write_noted(
+            &new.join("person.parquet"),
+            &[("a", 0), ("b", 5), ("e", 0)],
+            note,
+        );
+        let t = touched(&old, &new).unwrap().expect("comparable");
+        let names = |t: &Touched| -> Vec<&str> {
+            ["a", "b", "c", "e"]
+                .into_iter()
+                .filter(|p| t.contains(p))
+                .collect()
+        };
+        assert_eq!(names(&t), ["a", "b", "c", "e"]);
+        assert!(t.has_person_only_changes());
+        let columns = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
+        // A reader of the person ids alone: b's and e's changes are not seen.
+        assert_eq!(names(&t.seen_by(&columns(&[PERSON]))), ["a", "c"]);
+        let of_value = t.seen_by(&columns(&[PERSON, "value"]));
+        assert_eq!(names(&of_value), ["a", "b", "c"]);
+        assert_eq!(of_value.persons, t.persons);
+
+        // Without the columns in the footer, every noted person counts.
+        write_noted(
+            &new.join("person.parquet"),
+            &[("a", 0), ("b", 5), ("e", 0)],
+            derived_from(&was, persons.into_iter()),
+        );
+        let t = touched(&old, &new).unwrap().expect("comparable");
+        assert!(!t.has_person_only_changes());
+        assert_eq!(names(&t.seen_by(&columns(&[PERSON]))), ["a", "b", "c", "e"]);
     }
 
     fn persons(core: &Path) -> Vec<String> {

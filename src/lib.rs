@@ -578,6 +578,7 @@ fn run_stages(
         .apply(&mut checks)
         .map_err(|message| tomlfile::file_error(&config.path, message))?;
     dq::validate(&mut checks)?;
+    let mut person_columns = plan_person_columns(night, &defs);
     let ingest = stage(manifest, "ingest", || {
         ingest::ingest(&config.warehouse, &config.sources, opts, progress)
     })?;
@@ -731,9 +732,11 @@ fn run_stages(
             let changed = match previous.reusable(night, &fingerprints, "measures.queries") {
                 // The marts kept for the others must be the ones their run wrote.
                 Some((dir, earlier)) => {
-                    match runs::verify(dir, &[MARTS], &earlier.outputs)
-                        .and_then(|_| changed_persons(dir, run_dir, &warehouse))
-                    {
+                    match runs::verify(dir, &[MARTS], &earlier.outputs).and_then(|_| {
+                        changed_persons(dir, run_dir, &warehouse, || {
+                            person_columns.take()?.join().ok().flatten()
+                        })
+                    }) {
                         Ok(changed) => changed.map(|changed| (dir, &earlier.run_id, changed)),
                         Err(e) => {
                             tracing::warn!(error = %e, "the current run's results cannot be kept: computed for every person");
@@ -878,26 +881,64 @@ struct Changed {
     _scratch: tempfile::TempDir,
 }
 
+/// The columns of the person table the person-local measures read
+/// ([`measure::person_columns_read`]), planned on a thread of its own while
+/// the first stages run (planning every measure takes a while, and reads no
+/// rows), over the current run's core: its tables have tonight's columns.
+/// Planned for an incremental night only, where the measures stage may ask
+/// ([`changed_persons`]).
+fn plan_person_columns(
+    night: &Night,
+    defs: &[measure::MeasureDef],
+) -> Option<std::thread::JoinHandle<Option<std::collections::BTreeSet<String>>>> {
+    if night.rebuild != runs::Rebuild::Incremental {
+        return None;
+    }
+    let current = night.previous.dir.as_ref()?;
+    let warehouse = warehouse::Warehouse::new(&night.config.warehouse).with_output(current);
+    let local: Vec<measure::MeasureDef> = defs.iter().filter(|d| d.person_local).cloned().collect();
+    let (queries, period) = (night.queries.to_path_buf(), night.period);
+    let planning = move || {
+        let local: Vec<&measure::MeasureDef> = local.iter().collect();
+        measure::person_columns_read(&warehouse, &queries, &local, period)
+    };
+    std::thread::Builder::new()
+        .name("person-columns".into())
+        .spawn(planning)
+        .ok()
+}
+
 /// The persons whose core rows changed since the run in `previous` (see
-/// [`delta::touched`]), with the core restricted to them; `None` when the
-/// cores cannot be compared or too many persons changed
-/// ([`RECOMPUTE_SHARE`]), so the stage computes for everyone.
+/// [`delta::touched`]) where the stage reads them (`person_columns`: the
+/// columns of the person table it reads, asked only when some person's
+/// person row alone changed; `None`: every column), with the core
+/// restricted to them; `None` when the cores cannot be compared or too
+/// many persons changed ([`RECOMPUTE_SHARE`]), so the stage computes for
+/// everyone.
 fn changed_persons(
     previous: &std::path::Path,
     run_dir: &std::path::Path,
     warehouse: &warehouse::Warehouse,
+    person_columns: impl FnOnce() -> Option<std::collections::BTreeSet<String>>,
 ) -> Result<Option<Changed>> {
     let started = std::time::Instant::now();
     let core = run_dir.join("core");
-    let Some(touched) = delta::touched(&previous.join("core"), &core)? else {
+    let Some(mut touched) = delta::touched(&previous.join("core"), &core)? else {
         tracing::info!("the cores cannot be compared: computed for every person");
         return Ok(None);
     };
+    let changed = touched.len();
+    if touched.has_person_only_changes()
+        && let Some(columns) = person_columns()
+    {
+        touched = touched.seen_by(&columns);
+    }
     tracing::info!(
+        changed,
         touched = touched.len(),
         persons = touched.persons,
         seconds = started.elapsed().as_secs_f64(),
-        "persons whose core rows changed"
+        "persons whose core rows changed (touched: where the stage reads them)"
     );
     if touched.len() as f64 > RECOMPUTE_SHARE * touched.persons as f64 {
         return Ok(None);

@@ -1626,10 +1626,16 @@ fn write_outputs(
             let (person, note) = match changed {
                 Some((earlier, persons)) => {
                     match merged_persons(raw, links, roots, earlier, &persons) {
-                        Ok(Some(person)) => (
-                            person,
-                            crate::delta::derived_from(earlier, persons.iter().copied()),
-                        ),
+                        Ok(Some((person, ordered, columns))) => {
+                            // And which columns of each changed: a stage
+                            // that reads none of them need not recompute them.
+                            let mut note =
+                                crate::delta::derived_from(earlier, ordered.iter().copied());
+                            if !note.is_empty() {
+                                note.push(crate::delta::derived_columns(&columns));
+                            }
+                            (person, note)
+                        }
                         Ok(None) => (person_table(raw, links, roots, None)?, Vec::new()),
                         Err(e) => {
                             tracing::warn!(error = %e, "the earlier person table cannot be taken: computed whole");
@@ -1649,17 +1655,22 @@ fn write_outputs(
     written.and(person)
 }
 
+/// A person table, the persons whose rows were computed anew (in some
+/// order) and, per person in that order, the columns of their row that
+/// changed (`None`: added or removed).
+type MergedPersons<'a> = (RecordBatch, Vec<&'a str>, Vec<Option<Vec<String>>>);
+
 /// The person table as the earlier run's (`earlier`, its person.parquet)
 /// without the rows of `persons` (whose records changed), with their rows
 /// computed anew, in person id order; `None` when the earlier file is not
 /// of this table's shape.
-fn merged_persons(
+fn merged_persons<'a>(
     raw: &[RecordBatch],
     links: &[PersonLink],
     roots: &[u32],
     earlier: &Path,
-    persons: &HashSet<&str>,
-) -> Result<Option<RecordBatch>> {
+    persons: &HashSet<&'a str>,
+) -> Result<Option<MergedPersons<'a>>> {
     let schema = crate::schema::person_schema();
     let before = crate::warehouse::read_parquet(earlier, "reading the earlier persons")?;
     if before
@@ -1669,16 +1680,25 @@ fn merged_persons(
         return Ok(None);
     }
     let mut parts = Vec::with_capacity(before.len() + 1);
+    let mut replaced = Vec::new();
     for b in &before {
         let ids = crate::engine::text(b.column(0)).map_err(engine_error)?;
         let keep: datafusion::arrow::array::BooleanArray = ids
             .iter()
             .map(|id| Some(id.is_some_and(|id| !persons.contains(id))))
             .collect();
-        parts
-            .push(datafusion::arrow::compute::filter_record_batch(b, &keep).map_err(engine_error)?);
+        let filter = datafusion::arrow::compute::filter_record_batch;
+        parts.push(filter(b, &keep).map_err(engine_error)?);
+        let gone = datafusion::arrow::compute::not(&keep).map_err(engine_error)?;
+        replaced.push(filter(b, &gone).map_err(engine_error)?);
     }
-    parts.push(person_table(raw, links, roots, Some(persons))?);
+    let fresh = person_table(raw, links, roots, Some(persons))?;
+    let replaced =
+        datafusion::arrow::compute::concat_batches(&schema, &replaced).map_err(engine_error)?;
+    let ordered: Vec<&str> = persons.iter().copied().collect();
+    let changed = crate::delta::changed_columns(&ordered, &replaced, &fresh)
+        .map_err(|e| WardError::data("comparing the persons", earlier, e))?;
+    parts.push(fresh);
     tracing::debug!(
         persons = persons.len(),
         "linkage: the earlier person table taken but for the persons whose records changed"
@@ -1692,9 +1712,8 @@ fn merged_persons(
         .map(|c| datafusion::arrow::compute::take(c, &order, None))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(engine_error)?;
-    RecordBatch::try_new(schema, columns)
-        .map(Some)
-        .map_err(engine_error)
+    let table = RecordBatch::try_new(schema, columns).map_err(engine_error)?;
+    Ok(Some((table, ordered, changed)))
 }
 
 /// `core/person`: one row per person (cluster, `roots[i]` for record `i`),

@@ -1193,6 +1193,76 @@ pub fn run_for_persons(
     Ok(out)
 }
 
+/// The columns of the person table (`patient`, over `core_person`) that
+/// the queries of `defs` read, as DataFusion plans them: views inlined,
+/// only the columns a query uses scanned (its filters' included). `None`
+/// when that cannot be told: a query that does not plan as one statement
+/// (it runs as written, see [`cte`]), or no linked core. Planning reads no
+/// rows.
+pub fn person_columns_read(
+    warehouse: &Warehouse,
+    queries: &Path,
+    defs: &[&MeasureDef],
+    period: Period,
+) -> Option<std::collections::BTreeSet<String>> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    use datafusion::logical_expr::LogicalPlan;
+    let read = crate::engine::block_on(async {
+        let mut sessions: Vec<(&str, SessionContext)> = Vec::new();
+        let mut columns = std::collections::BTreeSet::new();
+        for def in defs {
+            let i = match sessions.iter().position(|(l, _)| *l == def.library()) {
+                Some(i) => i,
+                None => {
+                    let ctx =
+                        session::session(warehouse, queries, period, def.library(), None).await?;
+                    // One optimizer pass: what a plan scans is all that
+                    // is asked.
+                    let mut state = ctx.state();
+                    state.config_mut().options_mut().optimizer.max_passes = 1;
+                    sessions.push((def.library(), SessionContext::new_with_state(state)));
+                    sessions.len() - 1
+                }
+            };
+            let err = |source: BoxError| WardError::data("planning a measure", &def.sql, source);
+            let sql = std::fs::read_to_string(&def.sql)
+                .map_err(|e| WardError::io("cannot read", &def.sql, e))?;
+            let plan = sessions[i]
+                .1
+                .sql(&sql)
+                .await
+                .and_then(|df| df.into_optimized_plan())
+                .map_err(|e| err(e.into()))?;
+            plan.apply_with_subqueries(|node| {
+                if let LogicalPlan::TableScan(scan) = node
+                    && scan.table_name.table() == "core_person"
+                {
+                    columns.extend(
+                        scan.projected_schema
+                            .fields()
+                            .iter()
+                            .map(|f| f.name().clone()),
+                    );
+                    for filter in &scan.filters {
+                        columns.extend(filter.column_refs().into_iter().map(|c| c.name.clone()));
+                    }
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+            .map_err(|e| err(e.into()))?;
+        }
+        Ok::<_, WardError>(columns)
+    });
+    match read {
+        Ok(columns) if warehouse.reads_core() => Some(columns),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "the person columns the measures read cannot be told: every column counts");
+            None
+        }
+    }
+}
+
 /// `r` (the touched persons' rows) merged with the rows of the previous
 /// mart of its key whose persons are not touched, in the order of a whole
 /// run (by subject), and counted; `None` when that mart is missing or has

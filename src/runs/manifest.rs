@@ -243,7 +243,9 @@ pub struct StageInfo {
 /// A stage computed for some persons only (see [`StageInfo::recomputed`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Recomputed {
-    /// Persons computed tonight: those whose core rows changed.
+    /// Persons computed tonight: those whose core rows changed where the
+    /// stage reads them (a person whose person row changed only in
+    /// columns no query of the stage reads keeps their results).
     pub persons: u64,
     /// Persons in tonight's core.
     pub of: u64,

@@ -616,6 +616,11 @@ fn new_patients_are_linked_with_the_kept_model_as_a_full_rebuild_would() {
     };
     assert_eq!(report(&full), report(&second));
     assert_eq!(derived(&full.run_dir), derived(&second.run_dir));
+    // The measures are computed for the new person alone: the person the
+    // endocrinologist's record joined changed only in columns no measure
+    // reads (its record count and providers), and keeps its results.
+    let recomputed = second.manifest.stages[4].recomputed.as_ref().unwrap();
+    assert_eq!(recomputed.persons, 1, "{recomputed:?}");
     // Two sources grew and the links changed: the checks of the links
     // count every source once, the grown sources' other checks again.
     assert_eq!(figures(&full), figures(&second));

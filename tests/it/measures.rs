@@ -1258,3 +1258,48 @@ fn shared_value_set_membership_and_codings_are_the_views_they_replace() {
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Which columns of the person table the measures read is told from their
+/// plans (views inlined, CTEs included): the bundled measures read birth
+/// dates but not names, record counts or providers; a measure reading the
+/// providers reads `sources`; SQL that is not one statement cannot be told.
+#[test]
+fn the_person_columns_measures_read_are_told_from_their_plans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = ward::PipelineConfig::load(&copy_sample(tmp.path())).unwrap();
+    let run = run_all(&config);
+    let wh = Warehouse::new(&config.warehouse).with_output(&run.run_dir);
+    let defs = measure::catalog(&queries()).unwrap();
+    let all: Vec<&measure::MeasureDef> = defs.iter().collect();
+    let read = measure::person_columns_read(&wh, &queries(), &all, period_2025()).unwrap();
+    for column in ["person_id", "birth_date"] {
+        assert!(read.contains(column), "{read:?}");
+    }
+    for column in ["given_name", "family_name", "records", "sources"] {
+        assert!(!read.contains(column), "{read:?}");
+    }
+
+    let q = tmp.path().join("q");
+    copy_dir(&queries(), &q);
+    fs::write(
+        q.join("measures/multi.toml"),
+        "id = \"MULTI\"\ntitle = \"MULTI\"\nsteward = \"test\"\nscoring = \"proportion\"\n\
+         improvement = \"increase\"\ndescription = \"seen by several providers\"\n",
+    )
+    .unwrap();
+    let multi = |sql: &str| {
+        fs::write(q.join("measures/multi.sql"), sql).unwrap();
+        let defs = measure::catalog(&q).unwrap();
+        let multi: Vec<&measure::MeasureDef> = defs.iter().filter(|d| d.id == "MULTI").collect();
+        assert_eq!(multi.len(), 1);
+        measure::person_columns_read(&wh, &q, &multi, period_2025())
+    };
+    let read = multi(
+        "WITH seen AS (SELECT person_id, array_length(sources) > 1 AS many FROM patient) \
+         SELECT person_id, true AS initial_population, true AS denominator, \
+         false AS denominator_exclusion, many AS numerator FROM seen",
+    );
+    let expected = ["person_id", "sources"].map(String::from);
+    assert_eq!(read, Some(expected.into_iter().collect()));
+    assert_eq!(multi("SELECT 1; SELECT 2"), None);
+}

@@ -76,7 +76,7 @@ pub(crate) fn print_run(run: &ward::RunReport) {
     for s in stages {
         if let Some(r) = &s.recomputed {
             println!(
-                "{}: computed for the {} of {} persons whose records changed; the others' results are run {}'s",
+                "{}: computed for the {} of {} persons whose records changed where the measures read them; the others' results are run {}'s",
                 s.stage, r.persons, r.of, r.rest_from
             );
         }

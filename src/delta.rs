@@ -45,6 +45,10 @@ pub struct Touched {
     /// other table), when the person table's footer says so (see
     /// [`changed_columns`]).
     person_columns: HashMap<u64, Arc<BTreeSet<String>>>,
+    /// The ids of `keys` (two for two persons of one hash), where every
+    /// touched person's is known: a core file is then restricted to them
+    /// reading only the row groups whose statistics can hold them.
+    ids: HashMap<u64, Vec<String>>,
     /// Persons in tonight's core (`core/person.parquet` rows).
     pub persons: u64,
 }
@@ -60,16 +64,26 @@ impl Touched {
                 .is_none_or(|changed| !changed.is_disjoint(columns))
         };
         let keys: HashSet<u64> = self.keys.iter().copied().filter(seen).collect();
+        let of_keys = |k: &&u64| keys.contains(*k);
         Touched {
             person_columns: self
                 .person_columns
                 .iter()
-                .filter(|(k, _)| keys.contains(k))
+                .filter(|(k, _)| of_keys(k))
                 .map(|(k, c)| (*k, c.clone()))
+                .collect(),
+            ids: (self.ids.iter())
+                .filter(|(k, _)| of_keys(k))
+                .map(|(k, i)| (*k, i.clone()))
                 .collect(),
             keys,
             persons: self.persons,
         }
+    }
+
+    /// The touched persons' ids, when every one is known.
+    fn known_ids(&self) -> Option<BTreeSet<String>> {
+        (self.ids.len() == self.keys.len()).then(|| self.ids.values().flatten().cloned().collect())
     }
 
     /// Whether some touched person changed only in columns of their
@@ -357,6 +371,13 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
     // built anew: every file). Those files' row groups are hashed all at
     // once, whatever their table, so that both cores are busy.
     let (mut tables, mut groups, mut derived) = (0, Vec::new(), Vec::new());
+    let mut ids: HashMap<u64, Vec<String>> = HashMap::new();
+    let mut name = |id: &str| {
+        let known = ids.entry(key(id)).or_default();
+        if !known.iter().any(|k| k == id) {
+            known.push(id.to_string());
+        }
+    };
     // Persons whose person row alone changed, and in which columns.
     let mut person_columns: HashMap<u64, Arc<BTreeSet<String>>> = HashMap::new();
     for ((rel, old), (_, new)) in before.iter().zip(&after) {
@@ -397,6 +418,7 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
         let person_table = rel == Path::new("person.parquet");
         for d in &pairs {
             for (i, p) in d.persons.iter().enumerate() {
+                name(p);
                 let columns = d.columns.as_ref().and_then(|c| c[i].clone());
                 match columns.filter(|_| person_table) {
                     Some(columns) => {
@@ -417,7 +439,7 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
         }
         tables += 1;
     }
-    let parts: Vec<(usize, bool, HashMap<u64, u64>)> = groups
+    let parts: Vec<(usize, bool, GroupSums)> = groups
         .into_par_iter()
         .map(|(table, came, file, group)| Ok((table, came, group_sums(&file, group)?)))
         .collect::<Result<_>>()?;
@@ -425,9 +447,12 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
     let mut sums: Vec<[HashMap<u64, u64>; 2]> = vec![Default::default(); tables];
     for (table, came, part) in parts {
         let side = &mut sums[table][usize::from(came)];
-        for (k, s) in part {
+        for (k, (s, id)) in part {
             let sum = side.entry(k).or_insert(0);
             *sum = sum.wrapping_add(s);
+            if let Some(id) = id {
+                name(&id);
+            }
         }
     }
     let mut keys: HashSet<u64> = derived.into_iter().collect();
@@ -446,10 +471,12 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
     // A person whose rows changed elsewhere too is touched whatever is read.
     person_columns.retain(|k, _| !keys.contains(k));
     keys.extend(person_columns.keys().copied());
+    ids.retain(|k, _| keys.contains(k));
     let persons = crate::warehouse::parquet_rows(&core.join("person.parquet"))?;
     Ok(Some(Touched {
         keys,
         person_columns,
+        ids,
         persons,
     }))
 }
@@ -486,8 +513,12 @@ fn file_schema(path: &Path) -> Result<SchemaRef> {
     ))
 }
 
+/// Per person (by id hash): the sum of their rows' hashes, and their id
+/// (none for the rows without one).
+type GroupSums = HashMap<u64, (u64, Option<String>)>;
+
 /// The per-person sums of the row hashes of one row group of a file.
-fn group_sums(path: &Path, group: usize) -> Result<HashMap<u64, u64>> {
+fn group_sums(path: &Path, group: usize) -> Result<GroupSums> {
     let err = |e: BoxError| WardError::data("comparing core rows", path, e);
     let reader = reader(path)?.with_row_groups(vec![group]);
     let converter = RowConverter::new(
@@ -500,7 +531,7 @@ fn group_sums(path: &Path, group: usize) -> Result<HashMap<u64, u64>> {
     )
     .map_err(|e| err(e.into()))?;
     let hasher = hasher();
-    let mut sums: HashMap<u64, u64> = HashMap::new();
+    let mut sums: GroupSums = HashMap::new();
     for batch in reader.build().map_err(|e| err(e.into()))? {
         let batch = batch.map_err(|e| err(e.into()))?;
         let rows = converter
@@ -509,11 +540,10 @@ fn group_sums(path: &Path, group: usize) -> Result<HashMap<u64, u64>> {
         let persons = person_ids(&batch).map_err(err)?;
         let persons = persons.as_string::<i32>();
         for (i, row) in rows.iter().enumerate() {
-            let person = match persons.is_null(i) {
-                true => 0,
-                false => key(persons.value(i)),
-            };
-            let sum = sums.entry(person).or_insert(0);
+            let id = persons.is_valid(i).then(|| persons.value(i));
+            let (sum, _) = sums
+                .entry(id.map_or(0, key))
+                .or_insert_with(|| (0, id.map(str::to_string)));
             *sum = sum.wrapping_add(hasher.hash_one(row.as_ref()));
         }
     }
@@ -551,7 +581,13 @@ fn restrict_file(from: &Path, touched: &std::sync::Arc<Touched>, to: &Path) -> R
         std::fs::create_dir_all(dir).map_err(|e| WardError::io("cannot create", dir, e))?;
     }
     let file = std::fs::File::open(from).map_err(|e| WardError::io("cannot open", from, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.into()))?;
+    let mut reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.into()))?;
+    // The touched persons named: only the row groups that can hold them
+    // are read (a core file is sorted by person).
+    if let Some(ids) = touched.known_ids() {
+        let groups = crate::warehouse::groups_in_range(reader.metadata(), PERSON, &ids);
+        reader = reader.with_row_groups(groups);
+    }
     let person = ProjectionMask::columns(reader.parquet_schema(), [PERSON]);
     let touched = touched.clone();
     let predicate = ArrowPredicateFn::new(person, move |batch: RecordBatch| {
@@ -813,6 +849,19 @@ mod tests {
         assert_eq!(persons(&out.join("observation")), ["b", "c", "d"]);
         assert_eq!(persons(&out.join("condition")), Vec::<String>::new());
         assert!(out.join("person.parquet").is_file());
+        // The ids were known: only the row groups that can hold them were
+        // read; not knowing them, every group is, to the same rows.
+        assert_eq!(t.known_ids().unwrap().len(), 3);
+        let unnamed = Touched {
+            ids: HashMap::new(),
+            ..t.clone()
+        };
+        assert_eq!(unnamed.known_ids(), None);
+        let every = tmp.path().join("every-group");
+        restrict(&new, &unnamed, &every).unwrap();
+        for table in ["observation", "condition"] {
+            assert_eq!(persons(&every.join(table)), persons(&out.join(table)));
+        }
 
         // Columns that changed cannot be compared: everything recomputes.
         write(&new.join("person.parquet"), &people);

@@ -506,6 +506,52 @@ pub fn apply_group(root: &Path, gid: u32) -> Result<u64> {
     Ok(changed)
 }
 
+/// The index of the top-level column `column` among a file's leaf columns.
+fn column_index(
+    metadata: &datafusion::parquet::file::metadata::ParquetMetaData,
+    column: &str,
+) -> Option<usize> {
+    metadata
+        .file_metadata()
+        .schema_descr()
+        .columns()
+        .iter()
+        .position(|c| c.name() == column)
+}
+
+/// The row groups of a file (`metadata`: its footer) whose statistics'
+/// range of the text column `column` holds one of `values`, or that have
+/// no such statistics (every group, if there is no such column): the only
+/// groups that can hold one of them.
+pub fn groups_in_range(
+    metadata: &datafusion::parquet::file::metadata::ParquetMetaData,
+    column: &str,
+    values: &BTreeSet<String>,
+) -> Vec<usize> {
+    let groups = 0..metadata.num_row_groups();
+    let Some(at) = column_index(metadata, column) else {
+        return groups.collect();
+    };
+    groups
+        .filter(|&g| {
+            let stats = metadata.row_group(g).column(at).statistics();
+            fn bound(b: Option<&[u8]>) -> Option<&str> {
+                b.and_then(|b| std::str::from_utf8(b).ok())
+            }
+            match stats.map(|s| (bound(s.min_bytes_opt()), bound(s.max_bytes_opt()))) {
+                Some((Some(min), Some(max))) if min <= max => values
+                    .range::<str, _>((
+                        std::ops::Bound::Included(min),
+                        std::ops::Bound::Included(max),
+                    ))
+                    .next()
+                    .is_some(),
+                _ => true,
+            }
+        })
+        .collect()
+}
+
 /// The row groups of the Parquet file `path` where its text column `column`
 /// holds one of `values` (every group, if it has no such column): groups
 /// whose statistics' range holds none of them are not read.
@@ -529,33 +575,10 @@ pub fn groups_holding(
     // The footer read once, for every group read.
     let footer = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(err)?;
     let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(open(&file)?, footer.clone());
-    let groups = 0..builder.metadata().num_row_groups();
-    let Some(at) = builder
-        .parquet_schema()
-        .columns()
-        .iter()
-        .position(|c| c.name() == column)
-    else {
-        return Ok(groups.collect());
+    let Some(at) = column_index(builder.metadata(), column) else {
+        return Ok((0..builder.metadata().num_row_groups()).collect());
     };
-    let candidates: Vec<usize> = groups
-        .filter(|&g| {
-            let stats = builder.metadata().row_group(g).column(at).statistics();
-            fn bound(b: Option<&[u8]>) -> Option<&str> {
-                b.and_then(|b| std::str::from_utf8(b).ok())
-            }
-            match stats.map(|s| (bound(s.min_bytes_opt()), bound(s.max_bytes_opt()))) {
-                Some((Some(min), Some(max))) => values
-                    .range::<str, _>((
-                        std::ops::Bound::Included(min),
-                        std::ops::Bound::Included(max),
-                    ))
-                    .next()
-                    .is_some(),
-                _ => true,
-            }
-        })
-        .collect();
+    let candidates = groups_in_range(builder.metadata(), column, values);
     let mut holding = BTreeSet::new();
     let mask = ProjectionMask::leaves(builder.parquet_schema(), [at]);
     for g in candidates {
@@ -1024,6 +1047,16 @@ mod tests {
             )
             .unwrap()
         };
+        // The groups whose statistics can hold some ids (p00-p01, p02-p03,
+        // p04-p05): without the column, every group.
+        let in_range = |column: &str, ids: &[&str]| {
+            let ids = ids.iter().map(|i| i.to_string()).collect();
+            groups_in_range(footer(&path).metadata(), column, &ids)
+        };
+        assert_eq!(in_range("person_id", &["p03"]), [1]);
+        assert_eq!(in_range("person_id", &["p00", "p05", "p99"]), [0, 2]);
+        assert_eq!(in_range("person_id", &["p99"]), Vec::<usize>::new());
+        assert_eq!(in_range("no_such_column", &["p03"]), [0, 1, 2]);
         let chunk = |path: &Path, group: usize, column: usize| {
             let meta = footer(path)
                 .metadata()

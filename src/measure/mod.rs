@@ -798,6 +798,32 @@ pub fn run_profiled(
     period: Period,
     profile: Option<&Path>,
 ) -> Result<Vec<MeasureResult>> {
+    run_measures(warehouse, queries, defs, period, profile, Population::Whole)
+}
+
+/// Whom a run of the measures is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Population {
+    /// Everyone: one measure at a time (each holds its own joins and
+    /// sorts), an empty denominator explained.
+    Whole,
+    /// The few persons of a restricted core ([`run_for_persons`]), whose
+    /// results are merged and counted again: planning is most of each
+    /// measure's time, so as many run at once as there are cores, and an
+    /// empty denominator (most are, for a handful of persons) is not
+    /// explained.
+    Few,
+}
+
+fn run_measures(
+    warehouse: &Warehouse,
+    queries: &Path,
+    defs: &[&MeasureDef],
+    period: Period,
+    profile: Option<&Path>,
+    population: Population,
+) -> Result<Vec<MeasureResult>> {
+    use futures::{StreamExt, TryStreamExt};
     if let Some(dir) = profile {
         std::fs::create_dir_all(dir).map_err(|e| WardError::io("cannot create", dir, e))?;
     }
@@ -805,8 +831,8 @@ pub fn run_profiled(
         // One session per library version, in the order measures need them.
         // Their value-set memberships are computed once, for all of them.
         let mut shared = session::Shared::new(warehouse)?;
-        let mut sessions: Vec<(&str, datafusion::prelude::SessionContext)> = Vec::new();
-        let mut results = Vec::new();
+        let mut sessions: Vec<(&str, SessionContext)> = Vec::new();
+        let mut runs = Vec::new();
         for def in defs {
             let i = match sessions.iter().position(|(l, _)| *l == def.library()) {
                 Some(i) => i,
@@ -823,17 +849,39 @@ pub fn run_profiled(
                     sessions.len() - 1
                 }
             };
-            let started = std::time::Instant::now();
-            let done = run_one(&sessions[i].1, def, period, profile).await?;
-            tracing::info!(
-                measure = %def.id,
-                subjects = done.iter().map(|r| r.counts.initial_population).sum::<u64>(),
-                seconds = started.elapsed().as_secs_f64(),
-                "measure finished"
-            );
-            results.extend(done);
+            let (ctx, def) = (sessions[i].1.clone(), (*def).clone());
+            let profile = profile.map(Path::to_path_buf);
+            runs.push(async move {
+                let started = std::time::Instant::now();
+                let id = def.id.clone();
+                let explain = population == Population::Whole;
+                let one =
+                    async move { run_one(&ctx, &def, period, profile.as_deref(), explain).await };
+                let done = match population {
+                    Population::Whole => one.await,
+                    // On a worker of its own, beside the others.
+                    Population::Few => tokio::spawn(one)
+                        .await
+                        .map_err(|e| WardError::data("running measures", queries, e))?,
+                }?;
+                tracing::info!(
+                    measure = %id,
+                    subjects = done.iter().map(|r| r.counts.initial_population).sum::<u64>(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "measure finished"
+                );
+                Ok::<_, WardError>(done)
+            });
         }
-        Ok(results)
+        let at_once = match population {
+            Population::Whole => 1,
+            Population::Few => rayon::current_num_threads().max(1),
+        };
+        let done: Vec<Vec<MeasureResult>> = futures::stream::iter(runs)
+            .buffered(at_once)
+            .try_collect()
+            .await?;
+        Ok(done.into_iter().flatten().collect())
     })
 }
 
@@ -1138,7 +1186,8 @@ pub fn run_for_persons(
         true => Vec::new(),
         false => defs.iter().copied().filter(|d| d.person_local).collect(),
     };
-    let mut computed = run(restricted, queries, &local, period)?.into_iter();
+    let mut computed =
+        run_measures(restricted, queries, &local, period, None, Population::Few)?.into_iter();
     // Each measure's computed results (one per group), then the measures
     // merged with their marts in parallel (reading, sorting and counting a
     // mart of a million rows is a measure's own work).
@@ -1395,11 +1444,14 @@ pub fn read_marts(
     Ok((!results.iter().all(|r| r.counts.denominator == 0)).then_some(results))
 }
 
+/// Runs one measure; with `explain`, a measure whose every denominator is
+/// empty says why ([`MeasureResult::empty`]).
 async fn run_one(
     ctx: &SessionContext,
     def: &MeasureDef,
     period: Period,
     profile: Option<&Path>,
+    explain: bool,
 ) -> Result<Vec<MeasureResult>> {
     let err = |source: BoxError| WardError::data("running measure", def.sql.clone(), source);
     let sql =
@@ -1462,7 +1514,7 @@ async fn run_one(
         };
         results.push(tally(result).map_err(|m| err(m.into()))?);
     }
-    if results.iter().all(|r| r.counts.denominator == 0) {
+    if explain && results.iter().all(|r| r.counts.denominator == 0) {
         let empty = empty_denominator(ctx, &sql)
             .await
             .map_err(|e| err(format!("explaining the empty denominator: {e}").into()))?;

@@ -522,14 +522,26 @@ impl<'a> CareGapFiles<'a> {
         let Some(provider) = texts.first() else {
             return Ok(());
         };
-        let mut rows: BTreeMap<std::borrow::Cow<str>, Vec<usize>> = BTreeMap::new();
+        // The rows of each provider (a few providers, a million rows:
+        // grouped by the value as it is, named once per provider).
+        let mut by_value: HashMap<&str, Vec<usize>> = HashMap::new();
         for i in 0..provider.len() {
             let name = if provider.is_null(i) {
                 ""
             } else {
                 provider.value(i)
             };
-            rows.entry(spreadsheet_safe(name)).or_default().push(i);
+            by_value.entry(name).or_default().push(i);
+        }
+        let mut rows: BTreeMap<std::borrow::Cow<str>, Vec<usize>> = BTreeMap::new();
+        for (name, at) in by_value {
+            let of = rows.entry(spreadsheet_safe(name)).or_default();
+            // Two values one name (`=x` and `'=x`): rows in batch order.
+            let merged = !of.is_empty();
+            of.extend(at);
+            if merged {
+                of.sort_unstable();
+            }
         }
         for name in rows.keys() {
             if !self.files.contains_key(name.as_ref()) {
@@ -545,7 +557,9 @@ impl<'a> CareGapFiles<'a> {
             .into_par_iter()
             .map(|(rows, (path, _, file))| {
                 let bad = |e: csv::Error| WardError::data("writing care gaps", path.clone(), e);
-                let mut csv = csv::Writer::from_writer(Vec::new());
+                // Sized for the rows (about 300 bytes each at 1M), not
+                // grown by copying.
+                let mut csv = csv::Writer::from_writer(Vec::with_capacity(rows.len() * 320));
                 for &i in rows {
                     for a in texts {
                         let cell = if a.is_null(i) { "" } else { a.value(i) };
@@ -621,6 +635,47 @@ pub fn spreadsheet_safe(cell: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each provider's rows go to its file in the order given, batch after
+    /// batch; two provider values that make one safe name share its file.
+    #[test]
+    fn care_gap_rows_reach_their_providers_file_in_order() {
+        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        let dir = tempfile::tempdir().unwrap();
+        let wh = Warehouse::new(dir.path());
+        let schema = std::sync::Arc::new(Schema::new(vec![
+            Field::new("provider", DataType::Utf8, true),
+            Field::new("row", DataType::Utf8, true),
+        ]));
+        let batch = |rows: &[(&str, &str)]| {
+            let (providers, values): (Vec<&str>, Vec<&str>) = rows.iter().copied().unzip();
+            let column = |v: Vec<&str>| -> datafusion::arrow::array::ArrayRef {
+                Arc::new(StringArray::from(v))
+            };
+            RecordBatch::try_new(schema.clone(), vec![column(providers), column(values)]).unwrap()
+        };
+        let mut files = CareGapFiles::new(&wh, "r1").unwrap();
+        files
+            .write(&batch(&[
+                ("=x", "1"),
+                ("a", "2"),
+                ("'=x", "3"),
+                ("=x", "4"),
+            ]))
+            .unwrap();
+        files.write(&batch(&[("a", "5"), ("'=x", "6")])).unwrap();
+        let written = files.finish().unwrap();
+        assert_eq!(written.len(), 2);
+        let read = |name: &str| {
+            let path = report_dir(&wh, "r1").join("phi").join(name);
+            std::fs::read_to_string(path).unwrap()
+        };
+        assert_eq!(read("care_gaps_a.csv"), "provider,row\na,2\na,5\n");
+        assert_eq!(
+            read("care_gaps_'=x.csv"),
+            "provider,row\n'=x,1\n'=x,3\n'=x,4\n'=x,6\n"
+        );
+    }
 
     #[test]
     fn formulas_are_neutralized_numbers_are_not() {

@@ -578,7 +578,6 @@ fn run_stages(
         .apply(&mut checks)
         .map_err(|message| tomlfile::file_error(&config.path, message))?;
     dq::validate(&mut checks)?;
-    let mut person_columns = plan_person_columns(night, &defs);
     let ingest = stage(manifest, "ingest", || {
         ingest::ingest(&config.warehouse, &config.sources, opts, progress)
     })?;
@@ -596,6 +595,11 @@ fn run_stages(
     let fingerprints = fingerprints(night, &state, &checks)?;
     manifest.fingerprints = fingerprints.clone();
     let reusable = |stage: &str| previous.reusable(night, &fingerprints, stage);
+    // Linkage runs again: persons' rows may change in some columns only.
+    let mut person_columns = match reusable("link") {
+        Some(_) => None,
+        None => plan_person_columns(night, &defs),
+    };
 
     // The report only: the links are in person_link.parquet, and the later
     // stages read them from there.
@@ -883,8 +887,8 @@ struct Changed {
 
 /// The columns of the person table the person-local measures read
 /// ([`measure::person_columns_read`]), planned on a thread of its own while
-/// the first stages run (planning every measure takes a while, and reads no
-/// rows), over the current run's core: its tables have tonight's columns.
+/// linkage runs (planning every measure takes a while, and reads no rows),
+/// over the current run's core: its tables have tonight's columns.
 /// Planned for an incremental night only, where the measures stage may ask
 /// ([`changed_persons`]).
 fn plan_person_columns(

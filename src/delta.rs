@@ -399,19 +399,18 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
                 None => continue,
             },
         };
-        let changed_columns = |file: &PathBuf| -> Result<bool> {
-            let changed = file_schema(file)?.fields() != schema.fields();
-            if changed {
+        let columns_differ = |footer: &ParquetRecordBatchReaderBuilder<std::fs::File>| {
+            let differ = footer.schema().fields() != schema.fields();
+            if differ {
                 tracing::info!(table = %rel.display(), "core columns changed: every person is recomputed");
             }
-            Ok(changed)
+            differ
         };
         // The files that came say which of those that went they are,
         // but for some persons' rows: theirs are touched, neither is read.
         let (pairs, added, removed) = pair_derived(added, removed)?;
-        let files = added.iter().chain(&removed);
-        for file in files.chain(pairs.iter().map(|d| &d.file)) {
-            if changed_columns(file)? {
+        for d in &pairs {
+            if columns_differ(&reader(&d.file)?) {
                 return Ok(None);
             }
         }
@@ -432,7 +431,12 @@ pub fn touched(previous: &Path, core: &Path) -> Result<Option<Touched>> {
         }
         for (came, files) in [(false, removed), (true, added)] {
             for file in files {
-                for group in 0..reader(&file)?.metadata().num_row_groups() {
+                // Its footer read once: its columns, then its groups.
+                let footer = reader(&file)?;
+                if columns_differ(&footer) {
+                    return Ok(None);
+                }
+                for group in 0..footer.metadata().num_row_groups() {
                     groups.push((tables, came, file.clone(), group));
                 }
             }
@@ -562,17 +566,24 @@ pub fn restrict(core: &Path, touched: &Touched, out: &Path) -> Result<()> {
             (f, out.join(rel))
         })
         .collect();
+    let ids = touched.known_ids();
     let touched = std::sync::Arc::new(touched.clone());
     files
         .par_iter()
-        .try_for_each(|(from, to)| restrict_file(from, &touched, to))
+        .try_for_each(|(from, to)| restrict_file(from, &touched, ids.as_ref(), to))
 }
 
 /// Copies the rows of `from` whose person is touched to `to`. The reader
 /// decodes `person_id` first and the other columns only where it selects
 /// rows (a core table is sorted by person: the touched persons' rows come
-/// in runs, and pages without any are skipped).
-fn restrict_file(from: &Path, touched: &std::sync::Arc<Touched>, to: &Path) -> Result<()> {
+/// in runs, and pages without any are skipped). With `ids`, every touched
+/// person's id, only the row groups that can hold them are read.
+fn restrict_file(
+    from: &Path,
+    touched: &std::sync::Arc<Touched>,
+    ids: Option<&BTreeSet<String>>,
+    to: &Path,
+) -> Result<()> {
     use datafusion::arrow::error::ArrowError;
     use datafusion::parquet::arrow::ProjectionMask;
     use datafusion::parquet::arrow::arrow_reader::{ArrowPredicateFn, RowFilter};
@@ -582,10 +593,9 @@ fn restrict_file(from: &Path, touched: &std::sync::Arc<Touched>, to: &Path) -> R
     }
     let file = std::fs::File::open(from).map_err(|e| WardError::io("cannot open", from, e))?;
     let mut reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.into()))?;
-    // The touched persons named: only the row groups that can hold them
-    // are read (a core file is sorted by person).
-    if let Some(ids) = touched.known_ids() {
-        let groups = crate::warehouse::groups_in_range(reader.metadata(), PERSON, &ids);
+    // A core file is sorted by person: few groups hold a few persons.
+    if let Some(ids) = ids {
+        let groups = crate::warehouse::groups_in_range(reader.metadata(), PERSON, ids);
         reader = reader.with_row_groups(groups);
     }
     let person = ProjectionMask::columns(reader.parquet_schema(), [PERSON]);

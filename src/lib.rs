@@ -1247,6 +1247,9 @@ fn check_quality(
                         .join("dq.json");
                     let changes =
                         dq_changes(&code, state, fingerprints, &earlier_run.fingerprints, new);
+                    for (source, inputs) in &changes {
+                        tracing::debug!(source, ?inputs, "data-quality inputs changed");
+                    }
                     match dq::read(&path) {
                         Ok(results) => Some((results, changes)),
                         Err(e) => {

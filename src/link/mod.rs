@@ -1645,11 +1645,12 @@ fn write_outputs(
                 }
                 None => (person_table(raw, links, roots, None)?, Vec::new()),
             };
-            let mut writer =
-                warehouse.parquet_writer(&core.join("person.parquet"), person.schema())?;
-            writer.note(note);
-            writer.write(&person)?;
-            writer.finish()
+            warehouse.write_parquet_noted(
+                &core.join("person.parquet"),
+                person.schema(),
+                &[person],
+                note,
+            )
         },
     );
     written.and(person)

@@ -361,6 +361,16 @@ pub fn date_shift_days(key: &DeidKey, person_id: &str) -> i32 {
     if n < 365 { n - 365 } else { n - 364 }
 }
 
+/// The date shift a person's dates take in `opts.mode`: theirs
+/// ([`date_shift_days`]) when dates are shifted, none when they become
+/// years (a keyed hash a million times a night is not free).
+fn shift_of(opts: &DeidOptions, person_id: &str) -> i32 {
+    match opts.mode {
+        DeidMode::DateShift => date_shift_days(&opts.key, person_id),
+        DeidMode::SafeHarbor => 0,
+    }
+}
+
 /// Whole years of age at `reference` (`None` when born after it). A 29
 /// February birthday is reached on 1 March in common years.
 pub fn age_at(birth: NaiveDate, reference: NaiveDate) -> Option<i32> {
@@ -831,6 +841,7 @@ struct Person<'a> {
     at: (usize, usize),
     person_id: &'a str,
     research_id: [u8; 64],
+    /// Its date shift ([`shift_of`]).
     shift: i32,
     state: Option<&'a str>,
     age: Option<i32>,
@@ -947,7 +958,7 @@ fn person_rows<'a>(columns: &'a [PersonColumns], opts: &DeidOptions) -> Vec<Pers
                 at: (k, i),
                 person_id,
                 research_id: research_id_hex(&opts.key, person_id),
-                shift: date_shift_days(&opts.key, person_id),
+                shift: shift_of(opts, person_id),
                 state: opt(&c.state, i),
                 age,
                 birth_date: (!c.birth.is_null(i) && !pooled).then(|| c.birth.value(i)),
@@ -1239,7 +1250,7 @@ fn deid_batch(
             let p = pid.value(i);
             match ids.get(p) {
                 Some((r, s)) => (r.to_string(), *s),
-                None => (research_id(&opts.key, p), date_shift_days(&opts.key, p)),
+                None => (research_id(&opts.key, p), shift_of(opts, p)),
             }
         })
         .collect();

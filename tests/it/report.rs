@@ -199,7 +199,87 @@ fn run_writes_a_suppressed_stratified_summary() {
     assert_eq!(csv_rows, n);
 
     check_age_standardized(&run, &batches, 11);
+    check_dimensions(&run, &batches);
     check_measure_reports(&run, &json);
+}
+
+/// Every published count of Ward's dimensions, counted here member by
+/// member from the persons' strata: a member counts in each provider
+/// that knows their person and in their person's value of every other
+/// dimension; a member whose person has no strata is `unknown` in all.
+fn check_dimensions(run: &ward::RunReport, batches: &[datafusion::arrow::array::RecordBatch]) {
+    let dimensions = ward::report::DIMENSIONS;
+    let strata_rows = ward::measure::strata(
+        &ward::warehouse::Warehouse::new(run.run_dir.ancestors().nth(2).unwrap())
+            .with_output(&run.run_dir),
+        &repo().join("queries"),
+        run.measures[0].period,
+    )
+    .unwrap();
+    let persons = strings(&strata_rows, "person_id");
+    let columns: Vec<Vec<Option<String>>> = dimensions
+        .iter()
+        .map(|d| strings(&strata_rows, d))
+        .collect();
+    // Per person: the providers, then the value of each other dimension.
+    let mut of_person: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
+    for (i, p) in persons.iter().enumerate() {
+        let e = of_person.entry(p.clone().unwrap()).or_insert_with(|| {
+            let values = columns[1..]
+                .iter()
+                .map(|c| c[i].clone().unwrap_or_default());
+            (Vec::new(), values.collect())
+        });
+        e.0.extend(columns[0][i].clone());
+    }
+    let unknown = (
+        vec!["unknown".to_string()],
+        vec!["unknown".to_string(); dimensions.len() - 1],
+    );
+    type Key = (String, String, String);
+    let mut expected: BTreeMap<Key, [u64; 5]> = BTreeMap::new();
+    for r in &run.measures {
+        for m in r.members() {
+            let (providers, values) = of_person.get(&m.person).unwrap_or(&unknown);
+            let strata = providers
+                .iter()
+                .map(|v| (dimensions[0], v))
+                .chain(dimensions[1..].iter().copied().zip(values));
+            for (d, v) in strata {
+                let counts = expected
+                    .entry((r.key(), d.to_string(), v.clone()))
+                    .or_default();
+                for (c, f) in counts.iter_mut().zip(m.flags) {
+                    *c += u64::from(f);
+                }
+            }
+        }
+    }
+    let (measure, dimension, stratum) = (
+        strings(batches, "measure"),
+        strings(batches, "dimension"),
+        strings(batches, "stratum"),
+    );
+    let columns = [
+        "initial_population",
+        "denominator",
+        "denominator_exclusion",
+        "denominator_exception",
+        "numerator",
+    ]
+    .map(|c| primitives::<UInt64Type>(batches, c));
+    let mut compared = 0;
+    for i in 0..rows(batches) {
+        let d = dimension[i].clone().unwrap();
+        if !dimensions.contains(&d.as_str()) || columns[0][i].is_none() {
+            continue;
+        }
+        let key = (measure[i].clone().unwrap(), d, stratum[i].clone().unwrap());
+        let got: Vec<u64> = columns.iter().map(|c| c[i].unwrap()).collect();
+        assert_eq!(got, expected[&key], "{key:?}");
+        compared += 1;
+    }
+    assert!(compared >= 20, "{compared} cells compared");
 }
 
 /// Age-standardized columns: only for flagged measures, only where the

@@ -386,13 +386,21 @@ pub fn evaluate(
         };
         let new = async {
             match tonight {
-                Tonight::Staged(files) if !files.is_empty() => Ok(Some(
-                    run_checks(
-                        &session(warehouse, sources, Rows::Staged(files)).await?,
-                        checks,
-                    )
-                    .await?,
-                )),
+                Tonight::Staged(files) if !files.is_empty() => {
+                    // Only the checks that read tonight's rows: the others
+                    // would count none (none for every source).
+                    let rows = inputs(files.iter().map(String::as_str));
+                    let at: Vec<usize> = (0..checks.len())
+                        .filter(|i| reads_any(&checks[*i], &rows))
+                        .collect();
+                    let reading: Vec<Check> = at.iter().map(|i| checks[*i].clone()).collect();
+                    let ctx = session(warehouse, sources, Rows::Staged(files)).await?;
+                    let mut counts = vec![Counted::new(); checks.len()];
+                    for (i, counted) in at.into_iter().zip(run_checks(&ctx, &reading).await?) {
+                        counts[i] = counted;
+                    }
+                    Ok(Some(counts))
+                }
                 _ => Ok(None),
             }
         };
@@ -408,6 +416,19 @@ pub fn evaluate(
         Ok((all, new))
     })?;
     Ok(judge(sources, checks, &all, &new, previous, opts))
+}
+
+/// Whether `check` reads any of the rows of `tonight` (check inputs, see
+/// [`inputs`]): what it reads of the staged rows, the rejects and the
+/// links, the views over them included, holds some of them (`dq_layout`,
+/// the sources' layouts, holds no rows of anyone's). A check whose
+/// inputs are unknown reads them.
+fn reads_any(check: &Check, tonight: &BTreeMap<String, BTreeSet<&str>>) -> bool {
+    let rows = |t: &&String| t.starts_with("staging_") || *t == "rejects" || *t == LINKS;
+    check.reads.as_ref().is_none_or(|r| {
+        let mut read = r.iter().filter(rows).peekable();
+        read.peek().is_none() || read.any(|t| tonight.contains_key(t))
+    })
 }
 
 /// Per check, each source's counts: kept, kept plus tonight's (`new`), or
@@ -1317,6 +1338,57 @@ mod tests {
             "{}",
             checks[1].id
         );
+    }
+
+    /// Tonight's counts leave out the checks that read none of tonight's
+    /// rows: run over tonight's files, every one of them counts nothing.
+    #[test]
+    fn checks_that_read_none_of_tonight_s_rows_count_none() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut checks = catalog(&repo.join("queries")).unwrap();
+        validate(&mut checks).unwrap();
+        let config =
+            crate::config::PipelineConfig::load(&repo.join("sample_data/ward.toml")).unwrap();
+        let wh = tempfile::tempdir().unwrap();
+        let opts = crate::ingest::IngestOptions {
+            today: chrono::NaiveDate::from_ymd_opt(2026, 1, 31).unwrap(),
+            ..Default::default()
+        };
+        crate::ingest::ingest(wh.path(), &config.sources, &opts, &()).unwrap();
+        let warehouse = Warehouse::new(wh.path());
+        // Tonight: one source's patients and rejects.
+        let source = "northside_clinic";
+        let files: BTreeSet<String> = [
+            warehouse.staging_dir(Table::Patient, source),
+            warehouse.rejects_dir(source),
+        ]
+        .iter()
+        .flat_map(|d| crate::warehouse::parquet_files(d).unwrap())
+        .map(|f| warehouse.relative(&f))
+        .collect();
+        let rows = inputs(files.iter().map(String::as_str));
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        let (read, skipped): (Vec<Check>, Vec<Check>) =
+            checks.into_iter().partition(|c| reads_any(c, &rows));
+        assert!(read.iter().any(|c| c.id == "patient_birth_date_missing"));
+        assert!(skipped.iter().any(|c| c.id == "bmi_implausible"));
+        assert!(
+            skipped
+                .iter()
+                .any(|c| c.id == "patients_found_nowhere_else")
+        );
+        let counts = crate::engine::block_on(async {
+            let ctx = session(&warehouse, &config.sources, Rows::Staged(&files)).await?;
+            run_checks(&ctx, &skipped).await
+        })
+        .unwrap();
+        for (check, counted) in skipped.iter().zip(counts) {
+            assert!(
+                counted.values().all(|c| *c == (0, 0)),
+                "{}: {counted:?}",
+                check.id
+            );
+        }
     }
 
     #[test]

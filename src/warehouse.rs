@@ -178,9 +178,9 @@ impl Warehouse {
 
     /// Writes batches already in memory as one Parquet file, atomically, in
     /// row groups of `rows` rows: each group's columns are encoded at once
-    /// (on the rayon pool), into the bytes a [`ParquetFile`] writing them
-    /// one after another gives. (A million-row table is otherwise encoded
-    /// on one core while the other waits.)
+    /// (on the rayon pool), into the bytes one `ArrowWriter` writing them
+    /// column after column gives. (A million-row table is otherwise
+    /// encoded on one core while the other waits.)
     fn write_held(
         &self,
         path: &Path,

@@ -1271,6 +1271,19 @@ mod tests {
         ctx
     }
 
+    /// `config`'s sources ingested into a new warehouse (kept while the
+    /// directory is).
+    fn ingested(config: &crate::config::PipelineConfig) -> (tempfile::TempDir, Warehouse) {
+        let wh = tempfile::tempdir().unwrap();
+        let opts = crate::ingest::IngestOptions {
+            today: chrono::NaiveDate::from_ymd_opt(2026, 1, 31).unwrap(),
+            ..Default::default()
+        };
+        crate::ingest::ingest(wh.path(), &config.sources, &opts, &()).unwrap();
+        let warehouse = Warehouse::new(wh.path());
+        (wh, warehouse)
+    }
+
     /// The checks of the links count what they say on links made by hand:
     /// records of persons no other source reports, and records of persons
     /// the same source registered more than once.
@@ -1349,13 +1362,7 @@ mod tests {
         validate(&mut checks).unwrap();
         let config =
             crate::config::PipelineConfig::load(&repo.join("sample_data/ward.toml")).unwrap();
-        let wh = tempfile::tempdir().unwrap();
-        let opts = crate::ingest::IngestOptions {
-            today: chrono::NaiveDate::from_ymd_opt(2026, 1, 31).unwrap(),
-            ..Default::default()
-        };
-        crate::ingest::ingest(wh.path(), &config.sources, &opts, &()).unwrap();
-        let warehouse = Warehouse::new(wh.path());
+        let (_wh, warehouse) = ingested(&config);
         // Tonight: one source's patients and rejects.
         let source = "northside_clinic";
         let files: BTreeSet<String> = [
@@ -1415,13 +1422,7 @@ mod tests {
             bad.path().join("ward.toml"),
         ] {
             let config = crate::config::PipelineConfig::load(&config).unwrap();
-            let wh = tempfile::tempdir().unwrap();
-            let opts = crate::ingest::IngestOptions {
-                today: chrono::NaiveDate::from_ymd_opt(2026, 1, 31).unwrap(),
-                ..Default::default()
-            };
-            crate::ingest::ingest(wh.path(), &config.sources, &opts, &()).unwrap();
-            let warehouse = Warehouse::new(wh.path());
+            let (_wh, warehouse) = ingested(&config);
             let counts = |parity| {
                 crate::engine::block_on(async {
                     run_checks(&half(&warehouse, &config.sources, parity).await, &checks).await

@@ -1626,16 +1626,7 @@ fn write_outputs(
             let (person, note) = match changed {
                 Some((earlier, persons)) => {
                     match merged_persons(raw, links, roots, earlier, &persons) {
-                        Ok(Some((person, ordered, columns))) => {
-                            // And which columns of each changed: a stage
-                            // that reads none of them need not recompute them.
-                            let mut note =
-                                crate::delta::derived_from(earlier, ordered.iter().copied());
-                            if !note.is_empty() {
-                                note.push(crate::delta::derived_columns(&columns));
-                            }
-                            (person, note)
-                        }
+                        Ok(Some(merged)) => merged,
                         Ok(None) => (person_table(raw, links, roots, None)?, Vec::new()),
                         Err(e) => {
                             tracing::warn!(error = %e, "the earlier person table cannot be taken: computed whole");
@@ -1656,22 +1647,25 @@ fn write_outputs(
     written.and(person)
 }
 
-/// A person table, the persons whose rows were computed anew (in some
-/// order) and, per person in that order, the columns of their row that
-/// changed (`None`: added or removed).
-type MergedPersons<'a> = (RecordBatch, Vec<&'a str>, Vec<Option<Vec<String>>>);
-
 /// The person table as the earlier run's (`earlier`, its person.parquet)
 /// without the rows of `persons` (whose records changed), with their rows
-/// computed anew, in person id order; `None` when the earlier file is not
-/// of this table's shape.
-fn merged_persons<'a>(
+/// computed anew, in person id order, and the footer saying so
+/// ([`crate::delta::derived_from`]: unless they are too many to name,
+/// the persons and which columns of each one's row changed — a stage that
+/// reads none of them need not recompute them); `None` when the earlier
+/// file is not of this table's shape.
+fn merged_persons(
     raw: &[RecordBatch],
     links: &[PersonLink],
     roots: &[u32],
     earlier: &Path,
-    persons: &HashSet<&'a str>,
-) -> Result<Option<MergedPersons<'a>>> {
+    persons: &HashSet<&str>,
+) -> Result<
+    Option<(
+        RecordBatch,
+        Vec<datafusion::parquet::file::metadata::KeyValue>,
+    )>,
+> {
     let schema = crate::schema::person_schema();
     let before = crate::warehouse::read_parquet(earlier, "reading the earlier persons")?;
     if before
@@ -1680,6 +1674,11 @@ fn merged_persons<'a>(
     {
         return Ok(None);
     }
+    let ordered: Vec<&str> = persons.iter().copied().collect();
+    let mut note = crate::delta::derived_from(earlier, ordered.iter().copied());
+    // The rows replaced, compared with their new rows when the footer
+    // names the persons.
+    let named = !note.is_empty();
     let mut parts = Vec::with_capacity(before.len() + 1);
     let mut replaced = Vec::new();
     for b in &before {
@@ -1690,15 +1689,19 @@ fn merged_persons<'a>(
             .collect();
         let filter = datafusion::arrow::compute::filter_record_batch;
         parts.push(filter(b, &keep).map_err(engine_error)?);
-        let gone = datafusion::arrow::compute::not(&keep).map_err(engine_error)?;
-        replaced.push(filter(b, &gone).map_err(engine_error)?);
+        if named {
+            let gone = datafusion::arrow::compute::not(&keep).map_err(engine_error)?;
+            replaced.push(filter(b, &gone).map_err(engine_error)?);
+        }
     }
     let fresh = person_table(raw, links, roots, Some(persons))?;
-    let replaced =
-        datafusion::arrow::compute::concat_batches(&schema, &replaced).map_err(engine_error)?;
-    let ordered: Vec<&str> = persons.iter().copied().collect();
-    let changed = crate::delta::changed_columns(&ordered, &replaced, &fresh)
-        .map_err(|e| WardError::data("comparing the persons", earlier, e))?;
+    if named {
+        let replaced =
+            datafusion::arrow::compute::concat_batches(&schema, &replaced).map_err(engine_error)?;
+        let changed = crate::delta::changed_columns(&ordered, &replaced, &fresh)
+            .map_err(|e| WardError::data("comparing the persons", earlier, e))?;
+        note.push(crate::delta::derived_columns(&changed));
+    }
     parts.push(fresh);
     tracing::debug!(
         persons = persons.len(),
@@ -1714,7 +1717,7 @@ fn merged_persons<'a>(
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(engine_error)?;
     let table = RecordBatch::try_new(schema, columns).map_err(engine_error)?;
-    Ok(Some((table, ordered, changed)))
+    Ok(Some((table, note)))
 }
 
 /// `core/person`: one row per person (cluster, `roots[i]` for record `i`),

@@ -203,19 +203,25 @@ fn run_writes_a_suppressed_stratified_summary() {
     check_measure_reports(&run, &json);
 }
 
+/// The persons' report strata of `run`, from its own core tables
+/// (runs/<run_id>/ under the warehouse).
+fn strata_of(run: &ward::RunReport) -> Vec<datafusion::arrow::array::RecordBatch> {
+    ward::measure::strata(
+        &ward::warehouse::Warehouse::new(run.run_dir.ancestors().nth(2).unwrap())
+            .with_output(&run.run_dir),
+        &repo().join("queries"),
+        run.measures[0].period,
+    )
+    .unwrap()
+}
+
 /// Every published count of Ward's dimensions, counted here member by
 /// member from the persons' strata: a member counts in each provider
 /// that knows their person and in their person's value of every other
 /// dimension; a member whose person has no strata is `unknown` in all.
 fn check_dimensions(run: &ward::RunReport, batches: &[datafusion::arrow::array::RecordBatch]) {
     let dimensions = ward::report::DIMENSIONS;
-    let strata_rows = ward::measure::strata(
-        &ward::warehouse::Warehouse::new(run.run_dir.ancestors().nth(2).unwrap())
-            .with_output(&run.run_dir),
-        &repo().join("queries"),
-        run.measures[0].period,
-    )
-    .unwrap();
+    let strata_rows = strata_of(run);
     let persons = strings(&strata_rows, "person_id");
     let columns: Vec<Vec<Option<String>>> = dimensions
         .iter()
@@ -326,14 +332,7 @@ fn check_age_standardized(
             measure[i].as_deref() == Some("DM-PREV") && dimension[i].as_deref() == Some("overall")
         })
         .unwrap();
-    let strata_rows = ward::measure::strata(
-        // The run's own core tables: runs/<run_id>/ under the warehouse.
-        &ward::warehouse::Warehouse::new(run.run_dir.ancestors().nth(2).unwrap())
-            .with_output(&run.run_dir),
-        &repo().join("queries"),
-        prev.period,
-    )
-    .unwrap();
+    let strata_rows = strata_of(run);
     let band_of: BTreeMap<String, String> = strings(&strata_rows, "person_id")
         .into_iter()
         .zip(strings(&strata_rows, "age_band"))

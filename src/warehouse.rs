@@ -775,6 +775,16 @@ fn write_groups(
         // Per batch, its leaf columns in the order of the column writers.
         let mut leaves = Vec::with_capacity(group.len());
         for b in group.drain(..) {
+            // A leaf for every column writer, or an error (never an index
+            // out of bounds below).
+            if b.num_columns() != schema.fields().len() {
+                return Err(format!(
+                    "a batch of {} columns for a file of {}",
+                    b.num_columns(),
+                    schema.fields().len()
+                )
+                .into());
+            }
             let mut of_batch = Vec::new();
             for (field, column) in schema.fields().iter().zip(b.columns()) {
                 of_batch.extend(compute_leaves(field, column)?);
@@ -1128,6 +1138,18 @@ mod tests {
             writer.append_key_value_metadata(kv);
         }
         writer.close().unwrap();
+        // A batch that does not fit the file is an error, and leaves no file.
+        let short = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![schema.field(0).clone()])),
+            vec![batches[0].column(0).clone()],
+        )
+        .unwrap();
+        let bad = dir.path().join("bad.parquet");
+        assert!(
+            wh.write_held(&bad, schema.clone(), &[short], 1000, Vec::new())
+                .is_err()
+        );
+        assert!(!bad.exists());
         let (a, b) = (fs::read(&at_once).unwrap(), fs::read(&in_turn).unwrap());
         assert!(a == b, "{} and {} bytes differ", a.len(), b.len());
         let reader =

@@ -1168,7 +1168,7 @@ fn deid_files(
             // Row groups like the core's, so that a core file rewritten
             // without some persons' rows rewrites few of them here too.
             let path = out.join(part.file_name().unwrap_or_default());
-            scratch.write_parquet_in_groups(
+            scratch.write_person_sorted(
                 &path,
                 schema.clone(),
                 &batches,

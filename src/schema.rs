@@ -101,6 +101,37 @@ impl Column {
     pub fn identifies_a_record(&self) -> bool {
         self.kind == Kind::Id && (self.name.ends_with("_id") || self.name == "mrn")
     }
+
+    /// Whether its values are new on nearly every row: a record's
+    /// identifier ([`Column::identifies_a_record`]) or its line. A Parquet
+    /// dictionary for such a column is all its values again: hashed, and
+    /// then dropped once it outgrows its page (see [`without_dictionary`]).
+    pub fn nearly_unique(&self) -> bool {
+        self.identifies_a_record() || self.kind == Kind::Line
+    }
+}
+
+/// The columns of `names` that get no Parquet dictionary when Ward writes
+/// a file of them: those nearly unique per row in any table
+/// ([`Column::nearly_unique`]), and `person_id` when `person_ids_repeat`
+/// is false (a file with a row per person or per record in no person
+/// order; in a table sorted by person, in small row groups, a person's
+/// rows share the dictionary entry).
+///
+/// Writing without them costs nothing in size: Parquet writers fall back
+/// to plain values once a dictionary outgrows its page (1 MB), which a
+/// column of 256k identifiers does within a row group.
+pub fn without_dictionary<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    person_ids_repeat: bool,
+) -> impl Iterator<Item = &'a str> {
+    names.into_iter().filter(move |name| {
+        (*name == "person_id" && !person_ids_repeat)
+            || Table::ALL
+                .iter()
+                .flat_map(|t| t.columns())
+                .any(|c| c.name == *name && c.nearly_unique())
+    })
 }
 
 const fn col(name: &'static str, kind: Kind) -> Column {

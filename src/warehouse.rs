@@ -150,18 +150,20 @@ impl Warehouse {
         schema: SchemaRef,
         batches: &[RecordBatch],
     ) -> Result<()> {
-        self.write_parquet_in_groups(path, schema, batches, ROW_GROUP)
+        self.write_held(path, schema, batches, ROW_GROUP, false, Vec::new())
     }
 
-    /// [`Warehouse::write_parquet`] in row groups of `rows` rows.
-    pub fn write_parquet_in_groups(
+    /// [`Warehouse::write_parquet`] of a table sorted by person, in row
+    /// groups of `rows` rows: its `person_id` column keeps a dictionary
+    /// (see [`crate::schema::without_dictionary`]).
+    pub fn write_person_sorted(
         &self,
         path: &Path,
         schema: SchemaRef,
         batches: &[RecordBatch],
         rows: usize,
     ) -> Result<()> {
-        self.write_held(path, schema, batches, rows, Vec::new())
+        self.write_held(path, schema, batches, rows, true, Vec::new())
     }
 
     /// [`Warehouse::write_parquet`] with `note` in the file's footer
@@ -173,25 +175,30 @@ impl Warehouse {
         batches: &[RecordBatch],
         note: Vec<KeyValue>,
     ) -> Result<()> {
-        self.write_held(path, schema, batches, ROW_GROUP, note)
+        self.write_held(path, schema, batches, ROW_GROUP, false, note)
     }
 
     /// Writes batches already in memory as one Parquet file, atomically, in
     /// row groups of `rows` rows: each group's columns are encoded at once
     /// (on the rayon pool), into the bytes one `ArrowWriter` writing them
     /// column after column gives. (A million-row table is otherwise
-    /// encoded on one core while the other waits.)
+    /// encoded on one core while the other waits.) No dictionary for the
+    /// columns nearly unique per row ([`crate::schema::without_dictionary`]).
     fn write_held(
         &self,
         path: &Path,
         schema: SchemaRef,
         batches: &[RecordBatch],
         rows: usize,
+        person_ids_repeat: bool,
         note: Vec<KeyValue>,
     ) -> Result<()> {
-        let props = parquet_properties(self.export)
-            .set_max_row_group_row_count(Some(rows))
-            .build();
+        let mut props = parquet_properties(self.export).set_max_row_group_row_count(Some(rows));
+        let names = schema.fields().iter().map(|f| f.name().as_str());
+        for name in crate::schema::without_dictionary(names, person_ids_repeat) {
+            props = props.set_column_dictionary_enabled(name.into(), false);
+        }
+        let props = props.build();
         let tmp = self.tmp_path(path);
         let file = fs::File::create(&tmp).map_err(|e| WardError::io("cannot create", &tmp, e))?;
         match write_groups(file, schema, props, batches, rows.max(1), note) {
@@ -214,10 +221,14 @@ impl Warehouse {
     /// numbers, which checks and measures on unlinked staging filter on,
     /// keep theirs. (At 1M persons statistics for every column cost ingest
     /// 7 % of its CPU; without any, the dq stage lost 1.3–3 s a night.) No
-    /// dictionary for `source_line`, a new value on every row.
+    /// dictionary for the identifiers and lines, new on every row
+    /// ([`crate::schema::without_dictionary`]).
     pub fn staging_writer(&self, path: &Path, table: Table) -> Result<ParquetFile> {
-        let mut props = parquet_properties(self.export)
-            .set_column_dictionary_enabled("source_line".into(), false);
+        let mut props = parquet_properties(self.export);
+        let names = table.columns().iter().map(|c| c.name);
+        for name in crate::schema::without_dictionary(names, true) {
+            props = props.set_column_dictionary_enabled(name.into(), false);
+        }
         for c in table.columns() {
             if c.identifies_a_record() || matches!(c.kind, Kind::Text | Kind::PostalCode) {
                 props = props.set_column_statistics_enabled(c.name.into(), EnabledStatistics::None);
@@ -664,12 +675,15 @@ fn filter_row_groups(
     let descr = metadata.file_metadata().schema_descr();
     // The copied column chunks keep their encoding: the new file's Parquet
     // schema is the old one's.
+    // The rewritten groups as the file's writer wrote them: the tables
+    // filtered are sorted by person.
+    let mut props = parquet_properties(export).set_key_value_metadata(Some(note));
+    let names = schema.fields().iter().map(|f| f.name().as_str());
+    for name in crate::schema::without_dictionary(names, true) {
+        props = props.set_column_dictionary_enabled(name.into(), false);
+    }
     let options = ArrowWriterOptions::new()
-        .with_properties(
-            parquet_properties(export)
-                .set_key_value_metadata(Some(note))
-                .build(),
-        )
+        .with_properties(props.build())
         .with_parquet_schema(descr.clone());
     let (mut writer, factory) =
         ArrowWriter::try_new_with_options(fs::File::create(tmp)?, schema.clone(), options)?

@@ -594,6 +594,14 @@ async fn write(ctx: &SessionContext, sql: &str, path: &Path) -> Result<u64> {
     let df = ctx.sql(sql).await.map_err(err)?;
     let mut options = ctx.state().default_table_options().parquet;
     options.global.max_row_group_size = CORE_ROW_GROUP;
+    let names = df.schema().fields().iter().map(|f| f.name().as_str());
+    for name in crate::schema::without_dictionary(names, true) {
+        let column = datafusion::config::ParquetColumnOptions {
+            dictionary_enabled: Some(false),
+            ..Default::default()
+        };
+        options.column_specific_options.insert(name.into(), column);
+    }
     let written = df
         .write_parquet(
             &path.display().to_string(),

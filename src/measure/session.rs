@@ -430,7 +430,7 @@ fn scratch_options(table: Table) -> TableParquetOptions {
     let unique = table
         .columns()
         .iter()
-        .filter(|c| c.identifies_a_record() || matches!(c.kind, Kind::Line | Kind::Timestamp));
+        .filter(|c| c.nearly_unique() || c.kind == Kind::Timestamp);
     for name in unique.map(|c| c.name) {
         let column = ParquetColumnOptions {
             dictionary_enabled: Some(false),

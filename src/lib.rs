@@ -700,6 +700,9 @@ fn run_stages(
     )?;
     let run_id = manifest.run_id.clone();
     let mut recomputed = None;
+    // The persons whose core rows changed since the current run, when the
+    // measures were computed for some of them only.
+    let mut changed_since = None;
     let measures = stage_or_reuse(
         manifest,
         "measures",
@@ -757,7 +760,7 @@ fn run_stages(
                         of: changed.touched.persons,
                         rest_from: rest_from.clone(),
                     });
-                    measure::run_for_persons(
+                    let measures = measure::run_for_persons(
                         &warehouse,
                         &changed.warehouse,
                         dir,
@@ -765,7 +768,9 @@ fn run_stages(
                         &all,
                         period,
                         &changed.touched,
-                    )?
+                    )?;
+                    changed_since = Some((changed.all, changed.touched));
+                    measures
                 }
                 None => measure::run(&warehouse, queries, &all, period)?,
             };
@@ -773,6 +778,47 @@ fn run_stages(
             Ok(measures)
         },
     )?;
+    // The results are the current run's, or theirs but for the persons
+    // whose core rows changed: so are the care-gap lists of the providers
+    // none of those persons has a record at, where the patients' records
+    // are.
+    let measures_reused = manifest
+        .stages
+        .last()
+        .is_some_and(|s| s.reused_from.is_some());
+    let changed_since = match measures_reused {
+        true => Some(Default::default()),
+        false => changed_since,
+    };
+    let core_dir = run_dir.join("core");
+    // (A measure that compares persons has every person's results anew.)
+    let gaps_person_local = measures
+        .iter()
+        .all(|r| r.care_gap().is_none() || r.def.person_local);
+    let kept_care_gaps = match (
+        &changed_since,
+        &relinked,
+        previous.dir.as_deref(),
+        &previous.manifest,
+    ) {
+        (Some((changed, recomputed)), Some(relinked), Some(dir), Some(earlier))
+            if gaps_person_local =>
+        {
+            patients_appended(&state, &ingest, &fingerprints, &earlier.fingerprints).map(|grown| {
+                report::KeptCareGaps {
+                    run_dir: dir,
+                    run_id: &earlier.run_id,
+                    outputs: &earlier.outputs,
+                    core: &core_dir,
+                    changed,
+                    recomputed,
+                    relinked,
+                    grown,
+                }
+            })
+        }
+        _ => None,
+    };
     if let Some(stage) = manifest.stages.last_mut() {
         stage.recomputed = recomputed;
     }
@@ -789,6 +835,7 @@ fn run_stages(
             linkage: &linkage,
             measures: &measures,
             dq: &dq,
+            kept_care_gaps: kept_care_gaps.as_ref(),
         };
         write_reports(&warehouse, &input)
     })?;
@@ -879,7 +926,10 @@ fn earlier_research<'a>(
 /// The persons whose core rows changed since a run, and tonight's
 /// warehouse with its core restricted to them.
 struct Changed {
+    /// Where the stage reads them.
     touched: delta::Touched,
+    /// Every person whose core rows changed.
+    all: delta::Touched,
     warehouse: warehouse::Warehouse,
     /// Where the restricted core is; removed when dropped.
     _scratch: tempfile::TempDir,
@@ -927,16 +977,16 @@ fn changed_persons(
 ) -> Result<Option<Changed>> {
     let started = std::time::Instant::now();
     let core = run_dir.join("core");
-    let Some(mut touched) = delta::touched(&previous.join("core"), &core)? else {
+    let Some(all) = delta::touched(&previous.join("core"), &core)? else {
         tracing::info!("the cores cannot be compared: computed for every person");
         return Ok(None);
     };
-    let changed = touched.len();
-    if touched.has_person_only_changes()
-        && let Some(columns) = person_columns()
-    {
-        touched = touched.seen_by(&columns);
+    let changed = all.len();
+    let touched = match all.has_person_only_changes() {
+        true => person_columns().map(|columns| all.seen_by(&columns)),
+        false => None,
     }
+    .unwrap_or_else(|| all.clone());
     tracing::info!(
         changed,
         touched = touched.len(),
@@ -953,6 +1003,7 @@ fn changed_persons(
     }
     Ok(Some(Changed {
         touched,
+        all,
         warehouse: warehouse.with_output(scratch.path()),
         _scratch: scratch,
     }))
@@ -1192,28 +1243,7 @@ fn check_quality(
     let (config, previous) = (night.config, night.previous);
     let run_id = manifest.run_id.clone();
     let earlier: Vec<Vec<dq::DqRate>> = previous.history.iter().map(|h| h.dq.clone()).collect();
-    let loaded: std::collections::BTreeSet<(&str, &str)> = ingest
-        .files
-        .iter()
-        .filter(|f| f.status == ingest::FileStatus::Loaded)
-        .map(|f| (f.source.as_str(), f.file.as_str()))
-        .collect();
-    let staged = || {
-        state.sources.iter().flat_map(|(s, files)| {
-            files
-                .iter()
-                .map(move |(name, file)| ((s.as_str(), name.as_str()), file))
-        })
-    };
-    let tonight = match staged().all(|(f, _)| loaded.contains(&f)) {
-        true => dq::Tonight::Everything,
-        false => dq::Tonight::Staged(
-            staged()
-                .filter(|(f, _)| loaded.contains(f))
-                .flat_map(|(_, f)| f.latest_outputs().map(str::to_string))
-                .collect(),
-        ),
-    };
+    let tonight = tonight_files(state, ingest);
     // With nothing loaded tonight and the same staging, links and checks,
     // the counts are the current run's: only the judgement is redone.
     let from = from.filter(|_| tonight == dq::Tonight::Staged(Default::default()));
@@ -1308,6 +1338,59 @@ fn check_quality(
     Ok(dq)
 }
 
+/// The staged and rejected files this run wrote (see [`dq::Tonight`]).
+fn tonight_files(state: &warehouse::IngestState, ingest: &IngestReport) -> dq::Tonight {
+    let loaded: std::collections::BTreeSet<(&str, &str)> = ingest
+        .files
+        .iter()
+        .filter(|f| f.status == ingest::FileStatus::Loaded)
+        .map(|f| (f.source.as_str(), f.file.as_str()))
+        .collect();
+    let staged = || {
+        state.sources.iter().flat_map(|(s, files)| {
+            files
+                .iter()
+                .map(move |(name, file)| ((s.as_str(), name.as_str()), file))
+        })
+    };
+    match staged().all(|(f, _)| loaded.contains(&f)) {
+        true => dq::Tonight::Everything,
+        false => dq::Tonight::Staged(
+            staged()
+                .filter(|(f, _)| loaded.contains(f))
+                .flat_map(|(_, f)| f.latest_outputs().map(str::to_string))
+                .collect(),
+        ),
+    }
+}
+
+/// When every source's staged patient records are those of the run whose
+/// fingerprints are `before`, or those and records appended since (none
+/// changed or removed), the sources with records appended.
+fn patients_appended(
+    state: &warehouse::IngestState,
+    ingest: &IngestReport,
+    fingerprints: &BTreeMap<String, String>,
+    before: &BTreeMap<String, String>,
+) -> Option<std::collections::BTreeSet<String>> {
+    let (dq::Tonight::Staged(new), Some(code)) =
+        (tonight_files(state, ingest), runs::Fingerprint::code())
+    else {
+        return None;
+    };
+    let mut grown = std::collections::BTreeSet::new();
+    for (source, inputs) in dq_changes(&code, state, fingerprints, before, &new) {
+        match inputs.get("staging_patient") {
+            Some(dq::Change::Changed) => return None,
+            Some(dq::Change::Grew) => {
+                grown.insert(source);
+            }
+            None => {}
+        }
+    }
+    Some(grown)
+}
+
 /// Records `gates` in the manifest, logs them and adds a warning for each
 /// that warns; fails the run when any fails (naming every failure).
 fn record_gates(manifest: &mut runs::Manifest, gates: Vec<runs::GateResult>) -> Result<()> {
@@ -1347,6 +1430,8 @@ struct ReportInput<'a> {
     linkage: &'a link::LinkReport,
     measures: &'a [measure::MeasureResult],
     dq: &'a [dq::CheckResult],
+    /// The current run's care-gap lists tonight's may take.
+    kept_care_gaps: Option<&'a report::KeptCareGaps<'a>>,
 }
 
 /// What the report stage wrote.
@@ -1432,8 +1517,24 @@ fn write_reports(warehouse: &warehouse::Warehouse, input: &ReportInput) -> Resul
         || {
             timed("care gaps", || {
                 let mut files = report::CareGapFiles::new(warehouse, run_id)?;
-                measure::care_gaps(warehouse, queries, measures, |batch| files.write(&batch))?;
-                files.finish()
+                let kept = input.kept_care_gaps;
+                let select = |persons: &_| kept.map_or(Ok(None), |k| k.providers_to_write(persons));
+                let only = kept.map(|_| &select as measure::ProvidersOf);
+                let only = measure::care_gaps(warehouse, queries, measures, only, |batch| {
+                    files.write(&batch)
+                })?;
+                let phi = files.dir().to_path_buf();
+                let mut written = files.finish()?;
+                if let (Some(kept), Some(only)) = (kept, only) {
+                    let taken = kept.take(&only, &phi)?;
+                    tracing::debug!(
+                        written = written.len(),
+                        taken = taken.len(),
+                        "care-gap lists of providers without changed persons taken from the current run"
+                    );
+                    written.extend(taken);
+                }
+                Ok(written)
             })
         },
     );

@@ -709,6 +709,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn identifiers_and_lines_get_no_dictionary_person_ids_only_where_they_do_not_repeat() {
+        let names = [
+            "source_patient_id",
+            "source_observation_id",
+            "mrn",
+            "source_line",
+            "person_id",
+            "source",
+            "code",
+            "effective_time",
+            "value_num",
+        ];
+        let off = |repeat| without_dictionary(names, repeat).collect::<Vec<_>>();
+        assert_eq!(
+            off(true),
+            [
+                "source_patient_id",
+                "source_observation_id",
+                "mrn",
+                "source_line"
+            ]
+        );
+        assert_eq!(
+            off(false),
+            [
+                "source_patient_id",
+                "source_observation_id",
+                "mrn",
+                "source_line",
+                "person_id"
+            ]
+        );
+    }
+
+    #[test]
     fn every_table_has_lineage_and_unique_columns() {
         for t in Table::ALL {
             let schema = t.schema();

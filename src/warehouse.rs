@@ -1137,7 +1137,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let wh = Warehouse::new(dir.path());
         let at_once = dir.path().join("at_once.parquet");
-        wh.write_held(&at_once, schema.clone(), &batches, 1000, note.clone())
+        wh.write_held(&at_once, schema.clone(), &batches, 1000, true, note.clone())
             .unwrap();
         let props = parquet_properties(false)
             .set_max_row_group_row_count(Some(1000))
@@ -1160,7 +1160,7 @@ mod tests {
         .unwrap();
         let bad = dir.path().join("bad.parquet");
         assert!(
-            wh.write_held(&bad, schema.clone(), &[short], 1000, Vec::new())
+            wh.write_held(&bad, schema.clone(), &[short], 1000, true, Vec::new())
                 .is_err()
         );
         assert!(!bad.exists());

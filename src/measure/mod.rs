@@ -904,15 +904,20 @@ pub fn strata(warehouse: &Warehouse, queries: &Path, period: Period) -> Result<V
 /// Care gaps of the measures that define them, one row per provider record
 /// of each person who needs action (see [`MeasureDef::care_gap`]), most
 /// urgent first per provider, handed to `each` batch by batch (rows of
-/// one provider in that order). Identified data: name, birth date, MRN.
+/// one provider in that order). With `only`, only of the providers it
+/// names given the ranked gaps' `person_id` column (those whose lists are
+/// written anew: see `report::KeptCareGaps`; `None`: every provider),
+/// which are returned.
+/// Identified data: name, birth date, MRN.
 pub fn care_gaps(
     warehouse: &Warehouse,
     queries: &Path,
     results: &[MeasureResult],
+    only: Option<ProvidersOf<'_>>,
     mut each: impl FnMut(RecordBatch) -> Result<()>,
-) -> Result<()> {
+) -> Result<Option<std::collections::BTreeSet<String>>> {
     let Some(first) = results.first() else {
-        return Ok(());
+        return Ok(None);
     };
     crate::engine::block_on(async {
         let ctx = session::session(warehouse, queries, first.period, DEFAULT_LIBRARY, None).await?;
@@ -979,7 +984,7 @@ pub fn care_gaps(
             ));
         }
         if branches.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let queries_dir = queries.join("measures");
         let one = |batches: Vec<RecordBatch>| -> Result<RecordBatch> {
@@ -1009,7 +1014,18 @@ pub fn care_gaps(
         .await?)?;
         tracing::debug!(gaps = gaps.num_rows(), "care gaps ranked");
         if gaps.num_rows() == 0 {
-            return Ok(());
+            return Ok(None);
+        }
+        let only = match only {
+            Some(only) => {
+                let persons = crate::engine::text(gaps.column(4))
+                    .map_err(|e| WardError::data("care gaps", &queries_dir, e))?;
+                only(&persons)?
+            }
+            None => None,
+        };
+        if only.as_ref().is_some_and(|only| only.is_empty()) {
+            return Ok(only);
         }
         crate::engine::register_batches(
             &ctx,
@@ -1018,9 +1034,20 @@ pub fn care_gaps(
             vec![gaps.clone()],
             &queries_dir,
         )?;
+        let providers = match &only {
+            Some(only) => {
+                let names: Vec<String> = only
+                    .iter()
+                    .map(|p| format!("'{}'", p.replace('\'', "''")))
+                    .collect();
+                format!("WHERE l.source IN ({})", names.join(", "))
+            }
+            None => String::new(),
+        };
         let records = one(crate::engine::collect_about(
             &ctx,
-            "SELECT l.person_id, l.source AS provider, pt.source_patient_id, pt.mrn, \
+            &format!(
+                "SELECT l.person_id, l.source AS provider, pt.source_patient_id, pt.mrn, \
                    pt.given_name, pt.family_name, pt.birth_date, \
                    array_to_string(array_remove(p.sources, l.source), ';') AS other_providers \
                  FROM (SELECT DISTINCT person_id FROM care_gap) g \
@@ -1028,7 +1055,9 @@ pub fn care_gaps(
                  JOIN staging_patient pt \
                    ON pt.source = l.source AND pt.source_patient_id = l.source_patient_id \
                  JOIN patient p ON p.person_id = l.person_id \
-                 ORDER BY l.person_id, provider, pt.source_patient_id",
+                 {providers} \
+                 ORDER BY l.person_id, provider, pt.source_patient_id"
+            ),
             "care gaps",
             &queries_dir,
         )
@@ -1037,9 +1066,15 @@ pub fn care_gaps(
             records = records.num_rows(),
             "care-gap patient records read"
         );
-        join_care_gaps(&gaps, &records, &queries_dir, &mut each)
+        join_care_gaps(&gaps, &records, &queries_dir, &mut each)?;
+        Ok(only)
     })
 }
+
+/// The providers whose care-gap lists are written, given the persons with
+/// a gap (see [`care_gaps`]).
+pub type ProvidersOf<'a> =
+    &'a dyn Fn(&StringArray) -> Result<Option<std::collections::BTreeSet<String>>>;
 
 /// Rows of care gaps per output batch (a gap has a row per provider record):
 /// enough for each provider's share to be written in one piece.

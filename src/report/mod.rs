@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 // Maps keyed by a million person ids: a fast hash, not SipHash.
 use ahash::AHashMap as HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -585,7 +585,7 @@ impl<'a> CareGapFiles<'a> {
         batch: &RecordBatch,
     ) -> Result<(PathBuf, PathBuf, std::fs::File)> {
         use std::io::Write;
-        let path = self.dir.join(format!("care_gaps_{provider}.csv"));
+        let path = self.dir.join(care_gap_file(provider));
         let tmp = self.warehouse.tmp_path(&path);
         let mut file =
             std::fs::File::create(&tmp).map_err(|e| WardError::io("cannot create", &tmp, e))?;
@@ -603,6 +603,11 @@ impl<'a> CareGapFiles<'a> {
         Ok((path, tmp, file))
     }
 
+    /// The `phi/` directory the lists are published in.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// Publishes every file written; returns their paths.
     pub fn finish(self) -> Result<Vec<PathBuf>> {
         use rayon::prelude::*;
@@ -618,6 +623,154 @@ impl<'a> CareGapFiles<'a> {
             })
             .collect()
     }
+}
+
+/// The current run's care-gap lists, of which tonight takes those no
+/// change reaches. A provider's list is, for each person with a gap and a
+/// record there, their gaps (most urgent first), their records there and
+/// their other providers: it is the same when no such person's results
+/// changed, no record there was added or moved to another person, and no
+/// such person gained or lost a provider. Only valid when the measures'
+/// queries and period are the same as that run's, every person's results
+/// but those of `recomputed` are that run's, and every provider's staged
+/// patient records are that run's, or those and records appended
+/// (`grown`: the providers with appended records).
+pub struct KeptCareGaps<'a> {
+    /// The current run's directory and id.
+    pub run_dir: &'a Path,
+    pub run_id: &'a str,
+    /// Its manifest's outputs (to check a list is what it wrote).
+    pub outputs: &'a [crate::runs::OutputFile],
+    /// Tonight's core.
+    pub core: &'a Path,
+    /// The persons whose core rows differ from that run's (see
+    /// [`crate::delta::touched`]).
+    pub changed: &'a crate::delta::Touched,
+    /// Of them, those whose results were computed again.
+    pub recomputed: &'a crate::delta::Touched,
+    /// Of them, those some of whose records linkage moved to or from
+    /// another person.
+    pub relinked: &'a BTreeSet<String>,
+    /// The providers with staged patient records appended since that run.
+    pub grown: BTreeSet<String>,
+}
+
+impl KeptCareGaps<'_> {
+    /// The providers whose lists are written tonight (given `gap_persons`,
+    /// the persons with a gap tonight; with the same results, they had one
+    /// then): those with appended patient records, and the providers, then
+    /// and now, of each person whose results were computed again, and of
+    /// each person with a gap whose records moved or whose providers
+    /// changed. `None` (every list written) when that run's person table
+    /// is not what it wrote.
+    pub fn providers_to_write(
+        &self,
+        gap_persons: &StringArray,
+    ) -> Result<Option<BTreeSet<String>>> {
+        let gap: std::collections::HashSet<&str> = gap_persons
+            .iter()
+            .flatten()
+            .filter(|p| self.changed.contains(p))
+            .collect();
+        let mut write = self.grown.clone();
+        if gap.is_empty() && self.recomputed.is_empty() {
+            return Ok(Some(write));
+        }
+        let person = "core/person.parquet";
+        if let Err(e) = crate::runs::verify(self.run_dir, &[person], self.outputs) {
+            tracing::warn!(error = %e, "the current run's care-gap lists cannot be kept: every list is written");
+            return Ok(None);
+        }
+        let of_interest = |p: &str| self.recomputed.contains(p) || gap.contains(p);
+        let now = providers_of(&self.core.join("person.parquet"), &of_interest)?;
+        let then = providers_of(&self.run_dir.join(person), &of_interest)?;
+        let none = BTreeSet::new();
+        for person in now.keys().chain(then.keys()) {
+            let (now, then) = (
+                now.get(person).unwrap_or(&none),
+                then.get(person).unwrap_or(&none),
+            );
+            if now != then
+                || self.recomputed.contains(person)
+                || self.relinked.contains(person.as_str())
+            {
+                write.extend(now.iter().chain(then).cloned());
+            }
+        }
+        Ok(Some(write))
+    }
+
+    /// Links the lists of the providers not in `written` into tonight's
+    /// `phi` directory, each checked to be what its run wrote; returns
+    /// their paths.
+    pub fn take(&self, written: &BTreeSet<String>, phi: &Path) -> Result<Vec<PathBuf>> {
+        let written: BTreeSet<String> = written.iter().map(|p| care_gap_file(p)).collect();
+        let dir = format!("reports/{}/phi/", self.run_id);
+        let kept: Vec<&str> = self
+            .outputs
+            .iter()
+            .map(|o| o.path.as_str())
+            .filter(|p| {
+                p.strip_prefix(dir.as_str())
+                    .is_some_and(|name| name.starts_with("care_gaps_") && !written.contains(name))
+            })
+            .collect();
+        let mut taken = Vec::new();
+        for output in crate::runs::verify(self.run_dir, &kept, self.outputs)? {
+            let name = output.path.rsplit('/').next().unwrap_or_default();
+            let path = phi.join(name);
+            crate::runs::link_or_copy(&self.run_dir.join(&output.path), &path)?;
+            taken.push(path);
+        }
+        Ok(taken)
+    }
+}
+
+/// The providers (`sources`) of each person of the person table at `path`
+/// that `of_interest` selects.
+fn providers_of(
+    path: &Path,
+    of_interest: &dyn Fn(&str) -> bool,
+) -> Result<HashMap<String, BTreeSet<String>>> {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::parquet::arrow::ProjectionMask;
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let err = |e: crate::error::BoxError| {
+        WardError::data("reading the changed persons' providers", path, e)
+    };
+    let file = std::fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.into()))?;
+    let roots = ["person_id", "sources"].map(|name| builder.schema().index_of(name));
+    let [Ok(person), Ok(sources)] = roots else {
+        return Err(err("it has no person_id or sources column".into()));
+    };
+    let mask = ProjectionMask::roots(builder.parquet_schema(), [person, sources]);
+    let mut providers = HashMap::new();
+    for batch in builder
+        .with_projection(mask)
+        .build()
+        .map_err(|e| err(e.into()))?
+    {
+        let batch = batch.map_err(|e| err(e.into()))?;
+        let persons = crate::engine::text(batch.column(0)).map_err(|e| err(e.into()))?;
+        let sources = batch
+            .column(1)
+            .as_list_opt::<i32>()
+            .ok_or_else(|| err("sources is not a list".into()))?;
+        for i in 0..batch.num_rows() {
+            if persons.is_valid(i) && of_interest(persons.value(i)) {
+                let of = crate::engine::text(&sources.value(i)).map_err(|e| err(e.into()))?;
+                let of = of.iter().flatten().map(str::to_string).collect();
+                providers.insert(persons.value(i).to_string(), of);
+            }
+        }
+    }
+    Ok(providers)
+}
+
+/// The file name of a provider's care-gap list.
+fn care_gap_file(provider: &str) -> String {
+    format!("care_gaps_{}.csv", spreadsheet_safe(provider))
 }
 
 /// A cell that a spreadsheet would run as a formula (it starts with `=`,

@@ -402,7 +402,8 @@ pub fn list_len(batch: &RecordBatch, column: &str, row: usize) -> usize {
 /// Everything a run derived from staging, by table: a table's Parquet
 /// files (`part-*.parquet` in its folder, however its rows are split) as
 /// their sorted rows (with the column names first), other Parquet files as
-/// theirs, other files as text. The reports are left out: they name the
+/// theirs, other files as text; and the care-gap lists (`phi/<file>`, as
+/// text, byte for byte). The other reports are left out: they name the
 /// run.
 pub fn derived(run_dir: &Path) -> BTreeMap<String, Vec<String>> {
     let mut batches: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
@@ -428,6 +429,22 @@ pub fn derived(run_dir: &Path) -> BTreeMap<String, Vec<String>> {
         }
     }
     out.extend(batches.into_iter().map(|(rel, b)| (rel, sorted_rows(&b))));
+    // The care-gap lists, whatever the run's id.
+    let reports = run_dir.join("reports");
+    let lists = if reports.is_dir() {
+        walkdir(&reports)
+    } else {
+        Vec::new()
+    };
+    for entry in lists {
+        if entry.parent().is_some_and(|p| p.ends_with("phi")) {
+            let name = entry.file_name().unwrap().to_string_lossy();
+            out.insert(
+                format!("phi/{name}"),
+                vec![fs::read_to_string(&entry).unwrap()],
+            );
+        }
+    }
     out
 }
 

@@ -274,6 +274,33 @@ fn new_facts_keep_the_linkage_and_rebuild_the_rest_as_a_full_rebuild_would() {
     let before = first.manifest.core["observation"] as i64;
     assert!(observations(&first).iter().all(|c| *c == Some(before)));
     assert!(observations(&second).iter().all(|c| *c == Some(before + 1)));
+    // The care-gap lists of the providers the person has no record at are
+    // the first night's files (the full rebuild below checks every list).
+    let lists = |run: &ward::RunReport| -> BTreeMap<String, u64> {
+        use std::os::unix::fs::MetadataExt;
+        run.care_gaps
+            .iter()
+            .map(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                (name, fs::metadata(p).unwrap().ino())
+            })
+            .collect()
+    };
+    let (then, now) = (lists(&first), lists(&second));
+    assert_eq!(
+        then.keys().collect::<Vec<_>>(),
+        now.keys().collect::<Vec<_>>()
+    );
+    let taken: Vec<&String> = now
+        .iter()
+        .filter(|(name, ino)| then.get(*name) == Some(ino))
+        .map(|(name, _)| name)
+        .collect();
+    assert!(
+        !taken.is_empty() && taken.len() < now.len(),
+        "{taken:?} of {now:?}"
+    );
+    assert!(!taken.contains(&&"care_gaps_northside_clinic.csv".to_string()));
 
     let full = run_with(&config, Rebuild::Full);
     assert!(full.manifest.stages.iter().all(|s| s.recomputed.is_none()));

@@ -248,23 +248,25 @@ impl Previous {
         Ok(previous)
     }
 
-    /// Its record → person links, so that persons keep their ids (read only
-    /// when linkage runs: 1.6M links hold about 300 MB). Links that cannot
-    /// be read are none, with the warning returned.
+    /// Its record → person links, so that persons keep their ids (1.6M
+    /// links hold about 300 MB). Links that cannot be read are none, with
+    /// the warning returned.
     fn links(&self) -> (Vec<link::PersonLink>, Option<String>) {
-        let Some(dir) = &self.dir else {
-            return (Vec::new(), None);
-        };
-        match link::read_person_links(&dir.join("core").join("person_link.parquet")) {
-            Ok(links) => (links, None),
-            Err(e) => {
-                tracing::warn!(error = %e, "the current run's person links cannot be read; going on without them");
-                let warning = format!(
-                    "the current run's person links (person ids start afresh) cannot be read: {e}"
-                );
-                (Vec::new(), Some(warning))
-            }
+        match &self.dir {
+            Some(dir) => read_links(dir),
+            None => (Vec::new(), None),
         }
+    }
+
+    /// [`Previous::links`] read on a thread of its own, begun now.
+    fn links_meanwhile(
+        &self,
+    ) -> Option<std::thread::JoinHandle<(Vec<link::PersonLink>, Option<String>)>> {
+        let dir = self.dir.clone()?;
+        std::thread::Builder::new()
+            .name("current-links".into())
+            .spawn(move || read_links(&dir))
+            .ok()
     }
 
     /// The current run's directory and manifest when tonight's `stage` has
@@ -281,6 +283,20 @@ impl Previous {
         (night.rebuild == runs::Rebuild::Incremental
             && manifest.fingerprints.get(stage) == Some(tonight))
         .then_some((self.dir.as_deref()?, manifest))
+    }
+}
+
+/// The links of the run in `dir` (see [`Previous::links`]).
+fn read_links(dir: &std::path::Path) -> (Vec<link::PersonLink>, Option<String>) {
+    match link::read_person_links(&dir.join("core").join("person_link.parquet")) {
+        Ok(links) => (links, None),
+        Err(e) => {
+            tracing::warn!(error = %e, "the current run's person links cannot be read; going on without them");
+            let warning = format!(
+                "the current run's person links (person ids start afresh) cannot be read: {e}"
+            );
+            (Vec::new(), Some(warning))
+        }
     }
 }
 
@@ -578,6 +594,14 @@ fn run_stages(
         .apply(&mut checks)
         .map_err(|message| tomlfile::file_error(&config.path, message))?;
     dq::validate(&mut checks)?;
+    // What linkage needs of the current run, when it runs again on an
+    // incremental night, is read and planned while tonight's files are
+    // ingested (ingest leaves a core idle): its links, and the columns of
+    // the person table the measures read (persons' rows may change in some
+    // columns only). A night that takes the links drops them unused.
+    let incremental = night.rebuild == runs::Rebuild::Incremental;
+    let mut links_meanwhile = incremental.then(|| previous.links_meanwhile()).flatten();
+    let mut person_columns = plan_person_columns(night, &defs);
     let ingest = stage(manifest, "ingest", || {
         ingest::ingest(&config.warehouse, &config.sources, opts, progress)
     })?;
@@ -595,11 +619,6 @@ fn run_stages(
     let fingerprints = fingerprints(night, &state, &checks)?;
     manifest.fingerprints = fingerprints.clone();
     let reusable = |stage: &str| previous.reusable(night, &fingerprints, stage);
-    // Linkage runs again: persons' rows may change in some columns only.
-    let mut person_columns = match reusable("link") {
-        Some(_) => None,
-        None => plan_person_columns(night, &defs),
-    };
 
     // The report only: the links are in person_link.parquet, and the later
     // stages read them from there.
@@ -620,7 +639,10 @@ fn run_stages(
             })
         },
         || {
-            let (previous_links, warning) = previous.links();
+            let read = links_meanwhile
+                .take()
+                .and_then(|reading| reading.join().ok());
+            let (previous_links, warning) = read.unwrap_or_else(|| previous.links());
             links_warning = warning;
             tracing::debug!(links = previous_links.len(), "the current run's links read");
             // The kept model and pairs, while they are what their run wrote.
@@ -937,7 +959,7 @@ struct Changed {
 
 /// The columns of the person table the person-local measures read
 /// ([`measure::person_columns_read`]), planned on a thread of its own while
-/// linkage runs (planning every measure takes a while, and reads no rows),
+/// the night goes on (planning every measure takes a while, and reads no rows),
 /// over the current run's core: its tables have tonight's columns.
 /// Planned for an incremental night only, where the measures stage may ask
 /// ([`changed_persons`]).

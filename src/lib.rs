@@ -800,10 +800,9 @@ fn run_stages(
             Ok(measures)
         },
     )?;
-    // The results are the current run's, or theirs but for the persons
-    // whose core rows changed: so are the care-gap lists of the providers
-    // none of those persons has a record at, where the patients' records
-    // are.
+    // The current run's care-gap lists tonight's may take (see
+    // `report::KeptCareGaps`): when the results are that run's (the stage
+    // took them), or theirs but for the persons computed again.
     let measures_reused = manifest
         .stages
         .last()

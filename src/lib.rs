@@ -823,19 +823,21 @@ fn run_stages(
         &previous.manifest,
     ) {
         (Some((changed, recomputed)), Some(relinked), Some(dir), Some(earlier))
-            if gaps_person_local =>
+            if gaps_person_local
+                && runs::verify(dir, &["core/person.parquet"], &earlier.outputs)
+                    .is_ok_and(|f| !f.is_empty()) =>
         {
             patients_appended(&state, &ingest, &fingerprints, &earlier.fingerprints).map(|grown| {
-                report::KeptCareGaps {
+                let kept = report::KeptCareGaps {
                     run_dir: dir,
                     run_id: &earlier.run_id,
-                    outputs: &earlier.outputs,
                     core: &core_dir,
                     changed,
                     recomputed,
                     relinked,
                     grown,
-                }
+                };
+                (kept, earlier.outputs.as_slice())
             })
         }
         _ => None,
@@ -856,7 +858,7 @@ fn run_stages(
             linkage: &linkage,
             measures: &measures,
             dq: &dq,
-            kept_care_gaps: kept_care_gaps.as_ref(),
+            kept_care_gaps: kept_care_gaps.as_ref().map(|(k, o)| (k, *o)),
         };
         write_reports(&warehouse, &input)
     })?;
@@ -1451,8 +1453,9 @@ struct ReportInput<'a> {
     linkage: &'a link::LinkReport,
     measures: &'a [measure::MeasureResult],
     dq: &'a [dq::CheckResult],
-    /// The current run's care-gap lists tonight's may take.
-    kept_care_gaps: Option<&'a report::KeptCareGaps<'a>>,
+    /// The current run's care-gap lists tonight's may take, and its
+    /// manifest's outputs.
+    kept_care_gaps: Option<(&'a report::KeptCareGaps<'a>, &'a [runs::OutputFile])>,
 }
 
 /// What the report stage wrote.
@@ -1539,15 +1542,28 @@ fn write_reports(warehouse: &warehouse::Warehouse, input: &ReportInput) -> Resul
             timed("care gaps", || {
                 let mut files = report::CareGapFiles::new(warehouse, run_id)?;
                 let kept = input.kept_care_gaps;
-                let select = |persons: &_| kept.map_or(Ok(None), |k| k.providers_to_write(persons));
+                let select = |persons: &_| {
+                    kept.map_or(Ok(Default::default()), |(k, _)| {
+                        k.providers_to_write(persons)
+                    })
+                };
                 let only = kept.map(|_| &select as measure::ProvidersOf);
                 let only = measure::care_gaps(warehouse, queries, measures, only, |batch| {
                     files.write(&batch)
                 })?;
                 let phi = files.dir().to_path_buf();
                 let mut written = files.finish()?;
-                if let (Some(kept), Some(only)) = (kept, only) {
-                    let taken = kept.take(&only, &phi)?;
+                if let (Some((kept, outputs)), Some(only)) = (kept, only) {
+                    // Each checked to be what its run wrote.
+                    let paths = outputs.iter().map(|o| o.path.as_str());
+                    let lists = kept.lists_to_take(&only, paths);
+                    let mut taken = Vec::new();
+                    for output in runs::verify(kept.run_dir, &lists, outputs)? {
+                        let name = output.path.rsplit('/').next().unwrap_or_default();
+                        let path = phi.join(name);
+                        runs::link_or_copy(&kept.run_dir.join(&output.path), &path)?;
+                        taken.push(path);
+                    }
                     tracing::debug!(
                         written = written.len(),
                         taken = taken.len(),

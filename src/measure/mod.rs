@@ -906,8 +906,7 @@ pub fn strata(warehouse: &Warehouse, queries: &Path, period: Period) -> Result<V
 /// urgent first per provider, handed to `each` batch by batch (rows of
 /// one provider in that order). With `only`, only of the providers it
 /// names given the ranked gaps' `person_id` column (those whose lists are
-/// written anew: see `report::KeptCareGaps`; `None`: every provider),
-/// which are returned.
+/// written anew: see `report::KeptCareGaps`), which are returned.
 /// Identified data: name, birth date, MRN.
 pub fn care_gaps(
     warehouse: &Warehouse,
@@ -1020,7 +1019,7 @@ pub fn care_gaps(
             Some(only) => {
                 let persons = crate::engine::text(gaps.column(4))
                     .map_err(|e| WardError::data("care gaps", &queries_dir, e))?;
-                only(&persons)?
+                Some(only(&persons)?)
             }
             None => None,
         };
@@ -1073,8 +1072,7 @@ pub fn care_gaps(
 
 /// The providers whose care-gap lists are written, given the persons with
 /// a gap (see [`care_gaps`]).
-pub type ProvidersOf<'a> =
-    &'a dyn Fn(&StringArray) -> Result<Option<std::collections::BTreeSet<String>>>;
+pub type ProvidersOf<'a> = &'a dyn Fn(&StringArray) -> Result<std::collections::BTreeSet<String>>;
 
 /// Rows of care gaps per output batch (a gap has a row per provider record):
 /// enough for each provider's share to be written in one piece.

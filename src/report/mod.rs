@@ -634,13 +634,12 @@ impl<'a> CareGapFiles<'a> {
 /// queries and period are the same as that run's, every person's results
 /// but those of `recomputed` are that run's, and every provider's staged
 /// patient records are that run's, or those and records appended
-/// (`grown`: the providers with appended records).
+/// (`grown`: the providers with appended records), and its person table
+/// is what it wrote.
 pub struct KeptCareGaps<'a> {
     /// The current run's directory and id.
     pub run_dir: &'a Path,
     pub run_id: &'a str,
-    /// Its manifest's outputs (to check a list is what it wrote).
-    pub outputs: &'a [crate::runs::OutputFile],
     /// Tonight's core.
     pub core: &'a Path,
     /// The persons whose core rows differ from that run's (see
@@ -661,12 +660,8 @@ impl KeptCareGaps<'_> {
     /// then): those with appended patient records, and the providers, then
     /// and now, of each person whose results were computed again, and of
     /// each person with a gap whose records moved or whose providers
-    /// changed. `None` (every list written) when that run's person table
-    /// is not what it wrote.
-    pub fn providers_to_write(
-        &self,
-        gap_persons: &StringArray,
-    ) -> Result<Option<BTreeSet<String>>> {
+    /// changed.
+    pub fn providers_to_write(&self, gap_persons: &StringArray) -> Result<BTreeSet<String>> {
         let gap: std::collections::HashSet<&str> = gap_persons
             .iter()
             .flatten()
@@ -674,16 +669,12 @@ impl KeptCareGaps<'_> {
             .collect();
         let mut write = self.grown.clone();
         if gap.is_empty() && self.recomputed.is_empty() {
-            return Ok(Some(write));
-        }
-        let person = "core/person.parquet";
-        if let Err(e) = crate::runs::verify(self.run_dir, &[person], self.outputs) {
-            tracing::warn!(error = %e, "the current run's care-gap lists cannot be kept: every list is written");
-            return Ok(None);
+            return Ok(write);
         }
         let of_interest = |p: &str| self.recomputed.contains(p) || gap.contains(p);
-        let now = providers_of(&self.core.join("person.parquet"), &of_interest)?;
-        let then = providers_of(&self.run_dir.join(person), &of_interest)?;
+        let person = "person.parquet";
+        let now = providers_of(&self.core.join(person), &of_interest)?;
+        let then = providers_of(&self.run_dir.join("core").join(person), &of_interest)?;
         let none = BTreeSet::new();
         for person in now.keys().chain(then.keys()) {
             let (now, then) = (
@@ -697,32 +688,25 @@ impl KeptCareGaps<'_> {
                 write.extend(now.iter().chain(then).cloned());
             }
         }
-        Ok(Some(write))
+        Ok(write)
     }
 
-    /// Links the lists of the providers not in `written` into tonight's
-    /// `phi` directory, each checked to be what its run wrote; returns
-    /// their paths.
-    pub fn take(&self, written: &BTreeSet<String>, phi: &Path) -> Result<Vec<PathBuf>> {
+    /// Of that run's outputs (`outputs`: paths in its directory), its lists
+    /// of the providers not in `written`.
+    pub fn lists_to_take<'o>(
+        &self,
+        written: &BTreeSet<String>,
+        outputs: impl IntoIterator<Item = &'o str>,
+    ) -> Vec<&'o str> {
         let written: BTreeSet<String> = written.iter().map(|p| care_gap_file(p)).collect();
         let dir = format!("reports/{}/phi/", self.run_id);
-        let kept: Vec<&str> = self
-            .outputs
-            .iter()
-            .map(|o| o.path.as_str())
+        outputs
+            .into_iter()
             .filter(|p| {
                 p.strip_prefix(dir.as_str())
                     .is_some_and(|name| name.starts_with("care_gaps_") && !written.contains(name))
             })
-            .collect();
-        let mut taken = Vec::new();
-        for output in crate::runs::verify(self.run_dir, &kept, self.outputs)? {
-            let name = output.path.rsplit('/').next().unwrap_or_default();
-            let path = phi.join(name);
-            crate::runs::link_or_copy(&self.run_dir.join(&output.path), &path)?;
-            taken.push(path);
-        }
-        Ok(taken)
+            .collect()
     }
 }
 

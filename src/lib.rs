@@ -1541,7 +1541,18 @@ fn write_reports(warehouse: &warehouse::Warehouse, input: &ReportInput) -> Resul
         || {
             timed("care gaps", || {
                 let mut files = report::CareGapFiles::new(warehouse, run_id)?;
-                let kept = input.kept_care_gaps;
+                // Every list of the current run checked first: one changed
+                // since it was written has every list written anew.
+                let kept = input.kept_care_gaps.filter(|(kept, outputs)| {
+                    let lists = format!("reports/{}/phi", kept.run_id);
+                    match runs::verify(kept.run_dir, &[&lists], outputs) {
+                        Ok(_) => true,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the current run's care-gap lists are not what it wrote: every list is written");
+                            false
+                        }
+                    }
+                });
                 let select = |persons: &_| {
                     kept.map_or(Ok(Default::default()), |(k, _)| {
                         k.providers_to_write(persons)
@@ -1554,7 +1565,6 @@ fn write_reports(warehouse: &warehouse::Warehouse, input: &ReportInput) -> Resul
                 let phi = files.dir().to_path_buf();
                 let mut written = files.finish()?;
                 if let (Some((kept, outputs)), Some(only)) = (kept, only) {
-                    // Each checked to be what its run wrote.
                     let paths = outputs.iter().map(|o| o.path.as_str());
                     let lists = kept.lists_to_take(&only, paths);
                     let mut taken = Vec::new();

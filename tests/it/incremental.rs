@@ -484,6 +484,38 @@ fn an_output_changed_since_its_run_is_computed_again_not_taken() {
 }
 
 #[test]
+fn a_care_gap_list_changed_since_its_run_has_every_list_written_anew() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = PipelineConfig::load(&copy_sample(tmp.path())).unwrap();
+    let first = run_all(&config);
+    let list = first
+        .care_gaps
+        .first()
+        .expect("the sample has care gaps")
+        .clone();
+    let original = fs::read_to_string(&list).unwrap();
+    fs::remove_file(&list).unwrap();
+    fs::write(&list, format!("{original}edited\n")).unwrap();
+
+    // Nothing else changed: every other stage is taken, and the lists are
+    // written, as a full rebuild writes them.
+    let second = run_all(&config);
+    assert_eq!(
+        reused(&second),
+        stages(&["link", "build", "dq", "measures", "deid"], &first.run_id)
+    );
+    let name = list.file_name().unwrap();
+    let again = second
+        .care_gaps
+        .iter()
+        .find(|p| p.file_name() == Some(name))
+        .unwrap();
+    assert_eq!(fs::read_to_string(again).unwrap(), original);
+    let full = run_with(&config, Rebuild::Full);
+    assert_eq!(derived(&full.run_dir), derived(&second.run_dir));
+}
+
+#[test]
 fn a_mart_changed_since_its_run_is_not_kept_for_anyone() {
     let tmp = tempfile::tempdir().unwrap();
     let config = PipelineConfig::load(&copy_sample(tmp.path())).unwrap();

@@ -1553,12 +1553,8 @@ fn write_reports(warehouse: &warehouse::Warehouse, input: &ReportInput) -> Resul
                         }
                     }
                 });
-                let select = |persons: &_| {
-                    kept.map_or(Ok(Default::default()), |(k, _)| {
-                        k.providers_to_write(persons)
-                    })
-                };
-                let only = kept.map(|_| &select as measure::ProvidersOf);
+                let select = kept.map(|(k, _)| move |persons: &_| k.providers_to_write(persons));
+                let only = select.as_ref().map(|f| f as measure::ProvidersOf);
                 let only = measure::care_gaps(warehouse, queries, measures, only, |batch| {
                     files.write(&batch)
                 })?;

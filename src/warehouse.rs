@@ -193,12 +193,10 @@ impl Warehouse {
         person_ids_repeat: bool,
         note: Vec<KeyValue>,
     ) -> Result<()> {
-        let mut props = parquet_properties(self.export).set_max_row_group_row_count(Some(rows));
         let names = schema.fields().iter().map(|f| f.name().as_str());
-        for name in crate::schema::without_dictionary(names, person_ids_repeat) {
-            props = props.set_column_dictionary_enabled(name.into(), false);
-        }
-        let props = props.build();
+        let props = without_dictionaries(parquet_properties(self.export), names, person_ids_repeat)
+            .set_max_row_group_row_count(Some(rows))
+            .build();
         let tmp = self.tmp_path(path);
         let file = fs::File::create(&tmp).map_err(|e| WardError::io("cannot create", &tmp, e))?;
         match write_groups(file, schema, props, batches, rows.max(1), note) {
@@ -224,11 +222,8 @@ impl Warehouse {
     /// dictionary for the identifiers and lines, new on every row
     /// ([`crate::schema::without_dictionary`]).
     pub fn staging_writer(&self, path: &Path, table: Table) -> Result<ParquetFile> {
-        let mut props = parquet_properties(self.export);
         let names = table.columns().iter().map(|c| c.name);
-        for name in crate::schema::without_dictionary(names, true) {
-            props = props.set_column_dictionary_enabled(name.into(), false);
-        }
+        let mut props = without_dictionaries(parquet_properties(self.export), names, true);
         for c in table.columns() {
             if c.identifies_a_record() || matches!(c.kind, Kind::Text | Kind::PostalCode) {
                 props = props.set_column_statistics_enabled(c.name.into(), EnabledStatistics::None);
@@ -674,16 +669,14 @@ fn filter_row_groups(
     ));
     let descr = metadata.file_metadata().schema_descr();
     // The copied column chunks keep their encoding: the new file's Parquet
-    // schema is the old one's.
-    // The rewritten groups as the file's writer wrote them: the tables
-    // filtered are sorted by person.
-    let mut props = parquet_properties(export).set_key_value_metadata(Some(note));
+    // schema is the old one's. The rewritten groups are encoded as the
+    // file's writer encoded them (the tables filtered are sorted by person).
     let names = schema.fields().iter().map(|f| f.name().as_str());
-    for name in crate::schema::without_dictionary(names, true) {
-        props = props.set_column_dictionary_enabled(name.into(), false);
-    }
+    let props = without_dictionaries(parquet_properties(export), names, true)
+        .set_key_value_metadata(Some(note))
+        .build();
     let options = ArrowWriterOptions::new()
-        .with_properties(props.build())
+        .with_properties(props)
         .with_parquet_schema(descr.clone());
     let (mut writer, factory) =
         ArrowWriter::try_new_with_options(fs::File::create(tmp)?, schema.clone(), options)?
@@ -860,6 +853,19 @@ fn parquet_properties(export: bool) -> WriterPropertiesBuilder {
     WriterProperties::builder()
         .set_compression(compression)
         .set_created_by(format!("ward {}", env!("CARGO_PKG_VERSION")))
+}
+
+/// `props` without a dictionary for the columns of `names` nearly unique
+/// per row (see [`crate::schema::without_dictionary`]).
+fn without_dictionaries<'a>(
+    mut props: WriterPropertiesBuilder,
+    names: impl IntoIterator<Item = &'a str>,
+    person_ids_repeat: bool,
+) -> WriterPropertiesBuilder {
+    for name in crate::schema::without_dictionary(names, person_ids_repeat) {
+        props = props.set_column_dictionary_enabled(name.into(), false);
+    }
+    props
 }
 
 /// A file's SHA-256 (hex) and size in bytes, read as a stream.

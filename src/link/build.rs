@@ -367,28 +367,46 @@ async fn rebuild_persons(
     ))
     .await
     .map_err(err)?;
-    let sources = crate::engine::collect_about(
+    // Their records: the sources whose staged files are read, and the ids
+    // their rows are found by. Named in the query, not only joined: a
+    // literal list lets the Parquet reader skip the pages (by their
+    // statistics) that hold none of them.
+    let records = crate::engine::collect_about(
         ctx,
-        "SELECT DISTINCT source FROM relinked_links",
-        "finding persons' sources",
+        "SELECT DISTINCT source, source_patient_id FROM relinked_links",
+        "finding persons' records",
         &dir,
     )
     .await?;
+    let mut sources = BTreeSet::new();
+    let mut ids = BTreeSet::new();
+    for b in &records {
+        let text = |i| {
+            crate::engine::text(b.column(i))
+                .map_err(|e| WardError::data("finding persons' records", &dir, e))
+        };
+        let (source, id) = (text(0)?, text(1)?);
+        sources.extend(source.iter().flatten().map(str::to_string));
+        ids.extend(id.iter().flatten().map(str::to_string));
+    }
     let mut files = Vec::new();
-    for b in &sources {
-        let names = crate::engine::text(b.column(0))
-            .map_err(|e| WardError::data("finding persons' sources", &dir, e))?;
-        for source in names.iter().flatten() {
-            files.extend(crate::warehouse::parquet_files(
-                &warehouse.staging_dir(table, source),
-            )?);
-        }
+    for source in &sources {
+        files.extend(crate::warehouse::parquet_files(
+            &warehouse.staging_dir(table, source),
+        )?);
     }
     let staged = warehouse.staging_table_dir(table);
     crate::engine::register_parquet_files(ctx, "staged_relinked", &staged, files, table.schema())?;
-    let sql = "SELECT l.person_id, f.* FROM staged_relinked f JOIN relinked_links l \
-               ON l.source = f.source AND l.source_patient_id = f.source_patient_id";
-    let joined = ctx.sql(sql).await.map_err(err)?;
+    let named = match ids.len() {
+        0 => String::new(),
+        n if n > MAX_NAMED_RECORDS => String::new(),
+        _ => format!("WHERE f.source_patient_id IN ({})", in_list(&ids)),
+    };
+    let sql = format!(
+        "SELECT l.person_id, f.* FROM staged_relinked f JOIN relinked_links l \
+         ON l.source = f.source AND l.source_patient_id = f.source_patient_id {named}"
+    );
+    let joined = ctx.sql(&sql).await.map_err(err)?;
     ctx.register_table("part_rows", joined.into_view())
         .map_err(err)?;
     let tmp = warehouse.tmp_path(&out);
@@ -408,9 +426,14 @@ async fn rebuild_persons(
     Ok((removed > 0 || added > 0).then_some((removed, added)))
 }
 
-/// `persons` as SQL string literals, comma-separated.
-fn in_list(persons: &BTreeSet<String>) -> String {
-    persons
+/// Past this many records of the persons built again, their staged rows
+/// are found by the join alone (a longer literal list costs more to plan
+/// than the pages it skips).
+const MAX_NAMED_RECORDS: usize = 10_000;
+
+/// `values` as SQL string literals, comma-separated.
+fn in_list(values: &BTreeSet<String>) -> String {
+    values
         .iter()
         .map(|p| format!("'{}'", p.replace('\'', "''")))
         .collect::<Vec<_>>()

@@ -224,10 +224,13 @@ fn staged_files_keep_statistics_where_queries_filter() {
         "effective_time",
         "value_num",
         "value_code",
+        // Extracts written patient by patient: a few patients' rows are
+        // found by the pages' ranges (persons built again).
+        "source_patient_id",
     ] {
         assert!(chunk(name).statistics().is_some(), "{name}");
     }
-    for name in ["source_patient_id", "source_encounter_id", "description"] {
+    for name in ["source_encounter_id", "description"] {
         assert!(chunk(name).statistics().is_none(), "{name}");
     }
     let dictionary = |name| {

@@ -28,7 +28,7 @@ use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Date32Array, Float64Array, ListBuilder, RecordBatch, StringArray,
     StringBuilder, UInt32Array,
 };
-use datafusion::arrow::datatypes::{DataType, Date32Type, Field, Schema};
+use datafusion::arrow::datatypes::{DataType, Date32Type, Field, Schema, SchemaRef};
 use datafusion::prelude::SessionConfig;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -1707,17 +1707,68 @@ fn merged_persons(
         persons = persons.len(),
         "linkage: the earlier person table taken but for the persons whose records changed"
     );
-    let all = datafusion::arrow::compute::concat_batches(&schema, &parts).map_err(engine_error)?;
-    let order = datafusion::arrow::compute::sort_to_indices(all.column(0), None, None)
-        .map_err(engine_error)?;
+    Ok(Some((in_person_order(&schema, &parts)?, note)))
+}
+
+/// `parts` (the earlier rows kept, then the fresh ones) as one batch in
+/// person id order: merged when the kept rows and the fresh ones are each
+/// in that order, as written (sorted otherwise).
+fn in_person_order(schema: &SchemaRef, parts: &[RecordBatch]) -> Result<RecordBatch> {
+    use datafusion::arrow::compute::{concat_batches, interleave, sort_to_indices, take};
+    let ids: Vec<StringArray> = parts
+        .iter()
+        .map(|b| crate::engine::text(b.column(0)).map_err(engine_error))
+        .collect::<Result<_>>()?;
+    let (fresh, kept) = ids.split_last().expect("the fresh rows are a part");
+    let kept = kept
+        .iter()
+        .enumerate()
+        .flat_map(|(b, ids)| ids.iter().enumerate().map(move |(r, id)| (b, r, id)));
+    let fresh = fresh
+        .iter()
+        .enumerate()
+        .map(|(r, id)| (parts.len() - 1, r, id));
+    // Two runs in order, merged; each checked as it is walked.
+    let mut order = Vec::with_capacity(parts.iter().map(RecordBatch::num_rows).sum());
+    let (mut kept, mut fresh) = (kept.peekable(), fresh.peekable());
+    let mut last: [Option<&str>; 2] = [None, None];
+    let mut sorted = true;
+    while sorted {
+        let from_kept = match (kept.peek(), fresh.peek()) {
+            (Some(k), Some(f)) => k.2 <= f.2,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        let (b, r, id) = match from_kept {
+            true => kept.next(),
+            false => fresh.next(),
+        }
+        .expect("peeked");
+        let last = &mut last[usize::from(!from_kept)];
+        sorted = id.is_some() && *last < id;
+        *last = id;
+        order.push((b, r));
+    }
+    if sorted {
+        let columns = (0..schema.fields().len())
+            .map(|c| {
+                let arrays: Vec<&dyn Array> = parts.iter().map(|b| b.column(c).as_ref()).collect();
+                interleave(&arrays, &order)
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(engine_error)?;
+        return RecordBatch::try_new(schema.clone(), columns).map_err(engine_error);
+    }
+    let all = concat_batches(schema, parts).map_err(engine_error)?;
+    let order = sort_to_indices(all.column(0), None, None).map_err(engine_error)?;
     let columns = all
         .columns()
         .iter()
-        .map(|c| datafusion::arrow::compute::take(c, &order, None))
+        .map(|c| take(c, &order, None))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(engine_error)?;
-    let table = RecordBatch::try_new(schema, columns).map_err(engine_error)?;
-    Ok(Some((table, note)))
+    RecordBatch::try_new(schema.clone(), columns).map_err(engine_error)
 }
 
 /// `core/person`: one row per person (cluster, `roots[i]` for record `i`),
@@ -1739,28 +1790,49 @@ fn person_table(
         "payer",
     ];
     const DATES: [&str; 2] = ["birth_date", "deceased_date"];
-    let schema = raw.first().map(RecordBatch::schema);
-    let all = match schema {
-        Some(schema) => {
-            datafusion::arrow::compute::concat_batches(&schema, raw).map_err(engine_error)?
-        }
-        None => return Ok(RecordBatch::new_empty(crate::schema::person_schema())),
-    };
-    let text: Vec<StringArray> = TEXT
+    if raw.is_empty() {
+        return Ok(RecordBatch::new_empty(crate::schema::person_schema()));
+    }
+    // Each batch's columns, read where the records are (not copied into
+    // one batch: on a night that changed few persons, few are read).
+    let text: Vec<[StringArray; 8]> = raw
         .iter()
-        .map(|c| {
-            crate::engine::text(all.column_by_name(c).expect("selected")).map_err(engine_error)
+        .map(|b| {
+            let columns = TEXT
+                .iter()
+                .map(|c| {
+                    crate::engine::text(b.column_by_name(c).expect("selected"))
+                        .map_err(engine_error)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(columns.try_into().expect("eight text columns"))
         })
         .collect::<Result<_>>()?;
-    let dates: Vec<Date32Array> = DATES
+    let dates: Vec<[Date32Array; 2]> = raw
         .iter()
-        .map(|c| {
-            all.column_by_name(c)
-                .expect("selected")
-                .as_primitive::<Date32Type>()
-                .clone()
+        .map(|b| {
+            DATES.map(|c| {
+                b.column_by_name(c)
+                    .expect("selected")
+                    .as_primitive::<Date32Type>()
+                    .clone()
+            })
         })
         .collect();
+    // Where each batch's rows start among all.
+    let starts: Vec<usize> = raw
+        .iter()
+        .scan(0, |at, b| {
+            let start = *at;
+            *at += b.num_rows();
+            Some(start)
+        })
+        .collect();
+    let at = |i: u32| {
+        let i = i as usize;
+        let b = starts.partition_point(|&s| s <= i) - 1;
+        (b, i - starts[b])
+    };
     // Records grouped by person (counting sort by cluster: record order
     // within a person), the persons in id order.
     let n = links.len();
@@ -1811,18 +1883,19 @@ fn person_table(
     let rows: Vec<PersonRow> = groups
         .par_iter()
         .map(|group| {
+            let rows: Vec<(usize, usize)> = group.iter().map(|&i| at(i)).collect();
             let text = std::array::from_fn(|c| {
-                let a = &text[c];
-                let values = group
-                    .iter()
-                    .map(|&i| (!a.is_null(i as usize)).then(|| a.value(i as usize)));
+                let values = rows.iter().map(|&(b, r)| {
+                    let a = &text[b][c];
+                    (!a.is_null(r)).then(|| a.value(r))
+                });
                 most_frequent(values, group.len())
             });
             let dates = std::array::from_fn(|c| {
-                let a = &dates[c];
-                let values = group
-                    .iter()
-                    .map(|&i| (!a.is_null(i as usize)).then(|| a.value(i as usize)));
+                let values = rows.iter().map(|&(b, r)| {
+                    let a = &dates[b][c];
+                    (!a.is_null(r)).then(|| a.value(r))
+                });
                 most_frequent(values, group.len())
             });
             let sources: BTreeSet<&str> = group
@@ -1999,6 +2072,48 @@ pub fn evaluate(links: &[PersonLink], truth: &Path) -> Result<Evaluation> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn person_rows_kept_and_fresh_come_out_in_id_order_merged_or_sorted() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("person_id", DataType::Utf8, false),
+            Field::new("n", DataType::UInt32, false),
+        ]));
+        let part = |ids: &[&str], n: &[u32]| {
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(StringArray::from(ids.to_vec())),
+                Arc::new(UInt32Array::from(n.to_vec())),
+            ];
+            RecordBatch::try_new(schema.clone(), columns).unwrap()
+        };
+        let ordered = |parts: &[RecordBatch]| {
+            let all = in_person_order(&schema, parts).unwrap();
+            let ids = all.column(0).as_string::<i32>();
+            let n = all
+                .column(1)
+                .as_primitive::<datafusion::arrow::datatypes::UInt32Type>();
+            (0..all.num_rows())
+                .map(|i| (ids.value(i).to_string(), n.value(i)))
+                .collect::<Vec<_>>()
+        };
+        let want: Vec<(String, u32)> = [("P1", 1), ("P2", 2), ("P3", 3), ("P4", 4), ("P5", 5)]
+            .iter()
+            .map(|(p, n)| (p.to_string(), *n))
+            .collect();
+        // Kept rows in two batches, the fresh rows last: merged.
+        let merged = [
+            part(&["P1", "P3"], &[1, 3]),
+            part(&["P5"], &[5]),
+            part(&["P2", "P4"], &[2, 4]),
+        ];
+        assert_eq!(ordered(&merged), want);
+        // Kept rows out of order (a file Ward did not write): sorted.
+        let unordered = [
+            part(&["P3", "P1", "P5"], &[3, 1, 5]),
+            part(&["P4", "P2"], &[4, 2]),
+        ];
+        assert_eq!(ordered(&unordered), want);
+    }
 
     /// Records `a/1`, `a/2`, ... in (source, id) order, clustered by `roots`;
     /// `previous` as (record index, person id).

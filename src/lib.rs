@@ -782,7 +782,7 @@ fn run_stages(
                         of: changed.touched.persons,
                         rest_from: rest_from.clone(),
                     });
-                    let measures = measure::run_for_persons(
+                    let (measures, unchanged) = measure::run_for_persons(
                         &warehouse,
                         &changed.warehouse,
                         dir,
@@ -792,11 +792,16 @@ fn run_stages(
                         &changed.touched,
                     )?;
                     changed_since = Some((changed.all, changed.touched));
+                    // The marts verified above, unchanged: taken.
+                    measure::write_marts_keeping(&warehouse, &measures, dir, &unchanged)?;
                     measures
                 }
-                None => measure::run(&warehouse, queries, &all, period)?,
+                None => {
+                    let measures = measure::run(&warehouse, queries, &all, period)?;
+                    measure::write_marts(&warehouse, &measures)?;
+                    measures
+                }
             };
-            measure::write_marts(&warehouse, &measures)?;
             Ok(measures)
         },
     )?;

@@ -1168,9 +1168,49 @@ fn join_care_gaps(
 /// that equal rows make equal files (a mart merged by [`run_for_persons`]
 /// is byte for byte the one a whole run writes).
 pub fn write_marts(warehouse: &Warehouse, results: &[MeasureResult]) -> Result<Vec<PathBuf>> {
+    write_marts_but(warehouse, results, &Default::default())
+}
+
+/// [`write_marts`] but for the results whose key `kept` holds: the marts
+/// of the run in `previous`, unchanged (see [`run_for_persons`]), taken
+/// as they are (hard-linked: written anew they would be the same bytes).
+pub fn write_marts_keeping(
+    warehouse: &Warehouse,
+    results: &[MeasureResult],
+    previous: &Path,
+    kept: &std::collections::BTreeSet<String>,
+) -> Result<Vec<PathBuf>> {
+    let mut paths = write_marts_but(warehouse, results, kept)?;
+    for key in kept {
+        let (from, to) = (mart_path(previous, key), mart_path(warehouse.out(), key));
+        if let Some(dir) = to.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| WardError::io("cannot create", dir, e))?;
+        }
+        // A file already there (another link to it?) is replaced, never
+        // written through.
+        match std::fs::remove_file(&to) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(WardError::io("cannot replace", &to, e));
+            }
+            _ => {}
+        }
+        if std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to).map_err(|e| WardError::io("cannot copy", &from, e))?;
+        }
+        paths.push(to);
+    }
+    Ok(paths)
+}
+
+fn write_marts_but(
+    warehouse: &Warehouse,
+    results: &[MeasureResult],
+    but: &std::collections::BTreeSet<String>,
+) -> Result<Vec<PathBuf>> {
     use rayon::prelude::*;
     results
         .par_iter()
+        .filter(|r| !but.contains(&r.key()))
         .map(|r| {
             let path = mart_path(warehouse.out(), &r.key());
             let all = datafusion::arrow::compute::concat_batches(&r.schema, &r.rows)
@@ -1204,7 +1244,9 @@ fn slices(batch: &RecordBatch) -> Vec<RecordBatch> {
 /// them ([`crate::delta::restrict`]). A measure that is not person-local,
 /// whose mart `previous` lacks or wrote with other columns, or whose
 /// merged denominators are all empty (the explanation needs the whole
-/// data), is run on `warehouse` whole.
+/// data), is run on `warehouse` whole. Also returns the keys of the results
+/// that are their previous marts' rows unchanged: those files can be taken
+/// as they are (see [`write_marts`]).
 pub fn run_for_persons(
     warehouse: &Warehouse,
     restricted: &Warehouse,
@@ -1213,7 +1255,7 @@ pub fn run_for_persons(
     defs: &[&MeasureDef],
     period: Period,
     touched: &crate::delta::Touched,
-) -> Result<Vec<MeasureResult>> {
+) -> Result<(Vec<MeasureResult>, std::collections::BTreeSet<String>)> {
     // No one changed (new facts that duplicate known ones): nothing to run.
     let local: Vec<&MeasureDef> = match touched.is_empty() {
         true => Vec::new(),
@@ -1232,7 +1274,9 @@ pub fn run_for_persons(
         })
         .collect();
     use rayon::prelude::*;
-    let merged: Vec<Option<Vec<MeasureResult>>> = defs
+    // Each merged result, and whether it is its mart unchanged.
+    type Merged = Vec<(MeasureResult, bool)>;
+    let merged: Vec<Option<Merged>> = defs
         .par_iter()
         .zip(computed)
         .map(|(def, computed)| {
@@ -1240,17 +1284,19 @@ pub fn run_for_persons(
                 return Ok(None);
             }
             if touched.is_empty() {
-                return Ok(read_marts(previous, def, period).unwrap_or_else(|e| {
+                let read = read_marts(previous, def, period).unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "{MART_UNREADABLE}");
                     None
-                }));
+                });
+                return Ok(read.map(|rs| rs.into_iter().map(|r| (r, true)).collect()));
             }
             let n = def.groups.len().max(1);
             let mut results = Vec::new();
             for r in computed {
                 results.extend(merge(r, previous, touched)?);
             }
-            let merged_all = results.len() == n && results.iter().any(|r| r.counts.denominator > 0);
+            let merged_all =
+                results.len() == n && results.iter().any(|(r, _)| r.counts.denominator > 0);
             Ok(merged_all.then_some(results))
         })
         .collect::<Result<_>>()?;
@@ -1267,12 +1313,22 @@ pub fn run_for_persons(
         );
     }
     let mut rest = run(warehouse, queries, &rest, period)?.into_iter();
-    let mut out = Vec::new();
+    let (mut out, mut unchanged) = (Vec::new(), std::collections::BTreeSet::new());
     for (def, m) in defs.iter().zip(merged) {
         let n = def.groups.len().max(1);
-        out.extend(m.unwrap_or_else(|| rest.by_ref().take(n).collect()));
+        match m {
+            Some(merged) => {
+                for (r, same) in merged {
+                    if same {
+                        unchanged.insert(r.key());
+                    }
+                    out.push(r);
+                }
+            }
+            None => out.extend(rest.by_ref().take(n)),
+        }
     }
-    Ok(out)
+    Ok((out, unchanged))
 }
 
 /// The columns of the person table (`patient`, over `core_person`) that
@@ -1347,14 +1403,15 @@ pub fn person_columns_read(
 
 /// `r` (the touched persons' rows) merged with the rows of the previous
 /// mart of its key whose persons are not touched, in the order of a whole
-/// run (by subject), and counted; `None` when that mart is missing or has
-/// other columns.
+/// run (by subject), and counted, with whether it is that mart's rows
+/// unchanged (no touched person's row before or now); `None` when that
+/// mart is missing or has other columns.
 fn merge(
     r: MeasureResult,
     previous: &Path,
     touched: &crate::delta::Touched,
-) -> Result<Option<MeasureResult>> {
-    use datafusion::arrow::compute::{SortOptions, filter_record_batch, sort_to_indices};
+) -> Result<Option<(MeasureResult, bool)>> {
+    use datafusion::arrow::compute::filter_record_batch;
     let path = mart_path(previous, &r.key());
     let (schema, old) = match read_mart(&path) {
         Ok(Some(mart)) => mart,
@@ -1368,46 +1425,115 @@ fn merge(
         return Ok(None);
     }
     let err = |source: BoxError| WardError::data("merging a measure mart", &path, source);
-    let mut rows = Vec::with_capacity(old.len() + r.rows.len());
+    let mut rows = Vec::with_capacity(old.len());
+    let mut dropped = false;
     for b in old {
         let drop = touched.mask(&b).map_err(err)?;
-        let keep = datafusion::arrow::compute::not(&drop).map_err(|e| err(e.into()))?;
-        rows.push(filter_record_batch(&b, &keep).map_err(|e| err(e.into()))?);
+        match drop.true_count() {
+            0 => rows.push(b),
+            _ => {
+                dropped = true;
+                let keep = datafusion::arrow::compute::not(&drop).map_err(|e| err(e.into()))?;
+                rows.push(filter_record_batch(&b, &keep).map_err(|e| err(e.into()))?);
+            }
+        }
     }
-    rows.extend(r.rows.iter().cloned());
-    let all =
-        datafusion::arrow::compute::concat_batches(&r.schema, &rows).map_err(|e| err(e.into()))?;
-    // A whole run orders by subject, ascending, nulls last (one group per
-    // mart, so its group_id is one value).
-    let subject = all
-        .column_by_name(r.def.basis.subject_column())
-        .ok_or_else(|| err("no subject column".into()))?;
-    let order = sort_to_indices(
-        subject,
-        Some(SortOptions {
-            descending: false,
-            nulls_first: false,
-        }),
-        None,
-    )
-    .map_err(|e| err(e.into()))?;
-    // Taken slice by slice: each batch owns its buffers (a slice of one
-    // large batch would count the whole batch's memory wherever it goes).
-    let rows = (0..order.len())
-        .step_by(MART_BATCH)
-        .map(|at| {
-            let order = order.slice(at, MART_BATCH.min(order.len() - at));
-            datafusion::arrow::compute::take_record_batch(&all, &order)
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| err(e.into()))?;
+    // No row of the touched persons before or now: the mart as it was.
+    let unchanged = !dropped && r.rows.iter().all(|b| b.num_rows() == 0);
+    let rows = match unchanged {
+        true => rows,
+        false => {
+            let column = r.def.basis.subject_column();
+            merged_by_subject(&r.schema, column, &r.rows, rows).map_err(err)?
+        }
+    };
     let result = MeasureResult {
         rows,
         counts: Counts::default(),
         empty: None,
         ..r
     };
-    Ok(Some(tally(result).map_err(|m| err(m.into()))?))
+    Ok(Some((tally(result).map_err(|m| err(m.into()))?, unchanged)))
+}
+
+/// The kept rows of a mart (`kept`, in a whole run's order: by the subject
+/// `column`, ascending, nulls last) with the computed rows `fresh`, in that
+/// order and in slices of [`MART_BATCH`]: merged, or sorted when the kept
+/// rows are not in order.
+fn merged_by_subject(
+    schema: &SchemaRef,
+    column: &str,
+    fresh: &[RecordBatch],
+    kept: Vec<RecordBatch>,
+) -> std::result::Result<Vec<RecordBatch>, BoxError> {
+    use datafusion::arrow::compute::{
+        SortOptions, concat_batches, interleave_record_batch, sort_to_indices, take_record_batch,
+    };
+    let options = Some(SortOptions {
+        descending: false,
+        nulls_first: false,
+    });
+    let fresh = concat_batches(schema, fresh)?;
+    let order = sort_to_indices(
+        fresh.column_by_name(column).ok_or("no subject column")?,
+        options,
+        None,
+    )?;
+    let fresh = take_record_batch(&fresh, &order)?;
+    let mut inputs: Vec<&RecordBatch> = kept.iter().collect();
+    inputs.push(&fresh);
+    let subjects: Vec<&StringArray> = inputs
+        .iter()
+        .map(|b| {
+            b.column_by_name(column)
+                .and_then(|c| c.as_string_opt::<i32>())
+                .ok_or("the subject column is not text")
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    let subject = |(b, i): (usize, usize)| subjects[b].is_valid(i).then(|| subjects[b].value(i));
+    // Ascending, nulls last.
+    let before = |a: Option<&str>, b: Option<&str>| match (a, b) {
+        (Some(a), Some(b)) => a <= b,
+        (a, b) => b.is_none() || a.is_some(),
+    };
+    let fresh_at = inputs.len() - 1;
+    let mut kept_rows = kept
+        .iter()
+        .enumerate()
+        .flat_map(|(b, batch)| (0..batch.num_rows()).map(move |i| (b, i)))
+        .peekable();
+    let mut fresh_rows = (0..fresh.num_rows()).map(|i| (fresh_at, i)).peekable();
+    let mut order = Vec::with_capacity(inputs.iter().map(|b| b.num_rows()).sum());
+    let mut last_kept = None;
+    loop {
+        let at = match (kept_rows.peek(), fresh_rows.peek()) {
+            (Some(&k), Some(&f)) if before(subject(k), subject(f)) => kept_rows.next(),
+            (Some(_), Some(_)) | (None, Some(_)) => fresh_rows.next(),
+            (Some(_), None) => kept_rows.next(),
+            (None, None) => break,
+        }
+        .expect("peeked");
+        if at.0 != fresh_at {
+            if last_kept.is_some_and(|last| !before(subject(last), subject(at))) {
+                // Not a whole run's order: sorted instead.
+                let all = concat_batches(schema, inputs)?;
+                let order = sort_to_indices(
+                    all.column_by_name(column).ok_or("no subject column")?,
+                    options,
+                    None,
+                )?;
+                return Ok(slices(&take_record_batch(&all, &order)?));
+            }
+            last_kept = Some(at);
+        }
+        order.push(at);
+    }
+    // Taken slice by slice: each batch owns its buffers (a slice of one
+    // large batch would count the whole batch's memory wherever it goes).
+    Ok(order
+        .chunks(MART_BATCH)
+        .map(|at| interleave_record_batch(&inputs, at))
+        .collect::<std::result::Result<_, _>>()?)
 }
 
 /// A mart's schema and rows, `None` when there is no file.
@@ -1807,19 +1933,33 @@ fn split_by_group(
 fn tally(mut result: MeasureResult) -> std::result::Result<MeasureResult, String> {
     let def = &result.def;
     let subjects: usize = result.rows.iter().map(RecordBatch::num_rows).sum();
-    let mut distinct = std::collections::HashSet::with_capacity(subjects);
-    for b in &result.rows {
-        let column = b
-            .column_by_name(def.basis.subject_column())
-            .expect("scored rows")
-            .as_string::<i32>();
-        distinct.extend((0..column.len()).map(|i| column.value(i)));
-    }
-    if distinct.len() != subjects {
+    let columns: Vec<&StringArray> = result
+        .rows
+        .iter()
+        .map(|b| {
+            b.column_by_name(def.basis.subject_column())
+                .expect("scored rows")
+                .as_string::<i32>()
+        })
+        .collect();
+    let values = || {
+        columns
+            .iter()
+            .flat_map(|c| (0..c.len()).map(|i| c.value(i)))
+    };
+    // In strict order (as marts are written), they are distinct; else
+    // counted.
+    let mut last = None;
+    let ordered = values().all(|v| last.replace(v).is_none_or(|last| last < v));
+    let distinct = match ordered {
+        true => subjects,
+        false => values().collect::<std::collections::HashSet<_>>().len(),
+    };
+    if distinct != subjects {
         return Err(format!(
             "the query returns {} rows for {} {}{}: one row per subject is required",
             subjects,
-            distinct.len(),
+            distinct,
             def.basis.noun(),
             result
                 .group
@@ -1827,7 +1967,6 @@ fn tally(mut result: MeasureResult) -> std::result::Result<MeasureResult, String
                 .map_or(String::new(), |g| format!(" of group '{}'", g.id)),
         ));
     }
-    drop(distinct);
     let mut counts = Counts::default();
     let mut observations = Vec::new();
     // Per stratifier, per value: counts and observations.
@@ -2039,6 +2178,59 @@ mod tests {
                 .map(|(name, values)| (name.to_string(), text_column(values))),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn mart_rows_kept_and_computed_come_out_in_subject_order_merged_or_sorted() {
+        let rows = |out: Vec<RecordBatch>| -> Vec<(Option<String>, String)> {
+            out.iter()
+                .flat_map(|b| {
+                    let (s, v) = (
+                        crate::engine::text(b.column(0)).unwrap(),
+                        crate::engine::text(b.column(1)).unwrap(),
+                    );
+                    (0..b.num_rows())
+                        .map(|i| {
+                            let s = s.is_valid(i).then(|| s.value(i).to_string());
+                            (s, v.value(i).to_string())
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let schema = Arc::new(Schema::new(vec![
+            datafusion::arrow::datatypes::Field::new("subject", DataType::Utf8, true),
+            datafusion::arrow::datatypes::Field::new("v", DataType::Utf8, true),
+        ]));
+        let part = |subjects: &[Option<&str>], values: &[Option<&str>]| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![text_column(subjects), text_column(values)],
+            )
+            .unwrap()
+        };
+        let want = vec![
+            (Some("a".to_string()), "1".to_string()),
+            (Some("b".to_string()), "2".to_string()),
+            (Some("c".to_string()), "3".to_string()),
+            (Some("d".to_string()), "4".to_string()),
+            (None, "5".to_string()),
+        ];
+        // Kept in order over two batches, the computed rows in any order.
+        let kept = vec![
+            part(&[Some("a"), Some("c")], &[Some("1"), Some("3")]),
+            part(&[None], &[Some("5")]),
+        ];
+        let fresh = [part(&[Some("d"), Some("b")], &[Some("4"), Some("2")])];
+        let merged = merged_by_subject(&schema, "subject", &fresh, kept).unwrap();
+        assert_eq!(rows(merged), want);
+        // Kept out of order (not a file Ward wrote): sorted.
+        let kept = vec![part(
+            &[Some("c"), None, Some("a")],
+            &[Some("3"), Some("5"), Some("1")],
+        )];
+        let sorted = merged_by_subject(&schema, "subject", &fresh, kept).unwrap();
+        assert_eq!(rows(sorted), want);
     }
 
     #[test]

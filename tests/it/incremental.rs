@@ -301,6 +301,34 @@ fn new_facts_keep_the_linkage_and_rebuild_the_rest_as_a_full_rebuild_would() {
         "{taken:?} of {now:?}"
     );
     assert!(!taken.contains(&&"care_gaps_northside_clinic.csv".to_string()));
+    // So are the marts the person has no row in (the full rebuild below
+    // compares every mart); not the one computed for everyone.
+    let marts = |run: &ward::RunReport| -> BTreeMap<String, u64> {
+        use std::os::unix::fs::MetadataExt;
+        fs::read_dir(run.run_dir.join("marts/measure_patient"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let name = e.file_name().to_string_lossy().into_owned();
+                (name, e.metadata().unwrap().ino())
+            })
+            .collect()
+    };
+    let (then, now) = (marts(&first), marts(&second));
+    assert_eq!(
+        then.keys().collect::<Vec<_>>(),
+        now.keys().collect::<Vec<_>>()
+    );
+    let taken: Vec<&String> = now
+        .iter()
+        .filter(|(name, ino)| then.get(*name) == Some(ino))
+        .map(|(name, _)| name)
+        .collect();
+    assert!(
+        !taken.is_empty() && taken.len() < now.len(),
+        "{taken:?} of {now:?}"
+    );
+    assert!(!taken.contains(&&"WIDE.parquet".to_string()));
 
     let full = run_with(&config, Rebuild::Full);
     assert!(full.manifest.stages.iter().all(|s| s.recomputed.is_none()));

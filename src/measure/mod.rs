@@ -1039,7 +1039,10 @@ pub fn care_gaps(
                     .iter()
                     .map(|p| format!("'{}'", p.replace('\'', "''")))
                     .collect();
-                format!("WHERE l.source IN ({})", names.join(", "))
+                // Named on both sides: the staged patients of the other
+                // providers (partitions by source) are not read.
+                let names = names.join(", ");
+                format!("WHERE l.source IN ({names}) AND pt.source IN ({names})")
             }
             None => String::new(),
         };

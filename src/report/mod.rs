@@ -139,9 +139,10 @@ struct PersonStrata<'a> {
     values: Vec<Vec<&'a str>>,
     /// Per dimension, the index of `unknown` in `values`.
     unknown: Vec<u32>,
-    /// Per person: their value of each dimension but the provider, and
-    /// the providers that know them.
-    by_person: HashMap<&'a str, Person>,
+    /// Per person, in id order: their value of each dimension but the
+    /// provider, and the providers that know them. Members visited in id
+    /// order are found by walking forward (see [`PersonStrata::find`]).
+    persons: Vec<(&'a str, Person)>,
 }
 
 struct Person {
@@ -162,31 +163,57 @@ impl<'a> PersonStrata<'a> {
         let unknown: Vec<u32> = (0..DIMENSIONS.len())
             .map(|d| intern(d, "unknown"))
             .collect();
-        let rows = texts.iter().map(|c| c[0].len()).sum();
-        let mut by_person: HashMap<&'a str, Person> = HashMap::with_capacity(rows);
-        for columns in texts {
-            let (person, provider) = (&columns[0], &columns[1]);
-            for i in 0..person.len() {
-                let p = by_person.entry(person.value(i)).or_insert_with(|| {
-                    let mut values = [0; DIMENSIONS.len() - 1];
-                    for (d, v) in values.iter_mut().enumerate() {
-                        *v = intern(d + 1, columns[d + 2].value(i));
-                    }
-                    Person {
-                        values,
-                        providers: Vec::new(),
-                    }
-                });
-                if !provider.is_null(i) {
-                    p.providers.push(intern(0, provider.value(i)));
-                }
+        use rayon::prelude::*;
+        // The strata rows by person (each person's in their order).
+        let mut rows: Vec<(&'a str, u32, u32)> = texts
+            .iter()
+            .enumerate()
+            .flat_map(|(b, columns)| {
+                let person = &columns[0];
+                (0..person.len()).map(move |i| (person.value(i), b as u32, i as u32))
+            })
+            .collect();
+        rows.par_sort_unstable();
+        let mut persons: Vec<(&'a str, Person)> = Vec::new();
+        for group in rows.chunk_by(|a, b| a.0 == b.0) {
+            let (id, b, i) = group[0];
+            let columns = &texts[b as usize];
+            let mut values = [0; DIMENSIONS.len() - 1];
+            for (d, v) in values.iter_mut().enumerate() {
+                *v = intern(d + 1, columns[d + 2].value(i as usize));
             }
+            let providers = group
+                .iter()
+                .map(|&(_, b, i)| (&texts[b as usize][1], i as usize))
+                .filter(|(provider, i)| !provider.is_null(*i))
+                .map(|(provider, i)| intern(0, provider.value(i)))
+                .collect();
+            persons.push((id, Person { values, providers }));
         }
         PersonStrata {
             values,
             unknown,
-            by_person,
+            persons,
         }
+    }
+
+    /// The person `id`; `at` is where the last one found was (start at 0):
+    /// when persons are looked up in id order, the next is a few steps on.
+    fn find(&self, id: &str, at: &mut usize) -> Option<&Person> {
+        for k in *at..(*at + 8).min(self.persons.len()) {
+            let (p, person) = &self.persons[k];
+            match (*p).cmp(id) {
+                std::cmp::Ordering::Less => continue,
+                std::cmp::Ordering::Equal => {
+                    *at = k + 1;
+                    return Some(person);
+                }
+                std::cmp::Ordering::Greater => break,
+            }
+        }
+        let k = self.persons.binary_search_by(|(p, _)| (*p).cmp(id)).ok()?;
+        *at = k + 1;
+        Some(&self.persons[k].1)
     }
 }
 
@@ -220,8 +247,9 @@ fn count_strata(r: &MeasureResult, ps: &PersonStrata) -> (StratumCounts, BandCou
     // Ward's dimensions by value index; the measure's stratifiers by value.
     let mut ward: Vec<Vec<Option<Tally>>> = ps.values.iter().map(|v| vec![None; v.len()]).collect();
     let mut own: Vec<BTreeMap<String, Tally>> = vec![BTreeMap::new(); r.def.stratifiers.len()];
+    let mut at = 0;
     r.visit_members(|m| {
-        let person = ps.by_person.get(m.person);
+        let person = ps.find(m.person, &mut at);
         let in_performance = m.flags[1] && !m.flags[2] && !m.flags[3];
         let band = (r.def.age_standardize && in_performance)
             .then(|| person.map_or(ps.unknown[age], |p| p.values[age - 1]));
@@ -779,6 +807,35 @@ pub fn spreadsheet_safe(cell: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn persons_are_found_in_order_out_of_order_or_not_at_all() {
+        // p1 at two providers, p2 and p4 at one.
+        let column = |v: &[&str]| StringArray::from(v.to_vec());
+        let strata = |persons: &[&str], providers: &[&str]| {
+            let mut columns = vec![column(persons), column(providers)];
+            let sexes: Vec<&str> = persons.iter().map(|p| &p[1..]).collect();
+            columns.extend((1..DIMENSIONS.len()).map(|_| column(&sexes)));
+            vec![columns]
+        };
+        // Rows out of id order, as the strata query gives them.
+        let texts = strata(&["p4", "p1", "p2", "p1"], &["y", "x", "x", "y"]);
+        let ps = PersonStrata::new(&texts);
+        let value = |p: Option<&Person>| p.map(|p| ps.values[1][p.values[0] as usize]);
+        let mut at = 0;
+        assert_eq!(value(ps.find("p1", &mut at)), Some("1"));
+        let providers = &ps.find("p1", &mut 0).unwrap().providers;
+        let names: Vec<&str> = providers
+            .iter()
+            .map(|v| ps.values[0][*v as usize])
+            .collect();
+        assert_eq!(names, ["x", "y"]);
+        assert_eq!(value(ps.find("p3", &mut at)), None);
+        assert_eq!(value(ps.find("p4", &mut at)), Some("4"));
+        assert_eq!(value(ps.find("p2", &mut at)), Some("2"));
+        assert_eq!(value(ps.find("p0", &mut at)), None);
+        assert_eq!(value(ps.find("p5", &mut at)), None);
+    }
 
     /// Each provider's rows go to its file in the order given, batch after
     /// batch; two provider values that make one safe name share its file.

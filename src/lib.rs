@@ -1546,30 +1546,33 @@ fn write_reports(warehouse: &warehouse::Warehouse, input: &ReportInput) -> Resul
         || {
             timed("care gaps", || {
                 let mut files = report::CareGapFiles::new(warehouse, run_id)?;
-                // Every list of the current run checked first: one changed
-                // since it was written has every list written anew.
-                let kept = input.kept_care_gaps.filter(|(kept, outputs)| {
+                // Every list of the current run checked first (once: the
+                // ones taken are among them): one changed since it was
+                // written has every list written anew.
+                let kept = input.kept_care_gaps.and_then(|(kept, outputs)| {
                     let lists = format!("reports/{}/phi", kept.run_id);
                     match runs::verify(kept.run_dir, &[&lists], outputs) {
-                        Ok(_) => true,
+                        Ok(verified) => Some((kept, verified)),
                         Err(e) => {
                             tracing::warn!(error = %e, "the current run's care-gap lists are not what it wrote: every list is written");
-                            false
+                            None
                         }
                     }
                 });
-                let select = kept.map(|(k, _)| move |persons: &_| k.providers_to_write(persons));
+                let select = kept
+                    .as_ref()
+                    .map(|(k, _)| move |persons: &_| k.providers_to_write(persons));
                 let only = select.as_ref().map(|f| f as measure::ProvidersOf);
                 let only = measure::care_gaps(warehouse, queries, measures, only, |batch| {
                     files.write(&batch)
                 })?;
                 let phi = files.dir().to_path_buf();
                 let mut written = files.finish()?;
-                if let (Some((kept, outputs)), Some(only)) = (kept, only) {
-                    let paths = outputs.iter().map(|o| o.path.as_str());
+                if let (Some((kept, verified)), Some(only)) = (kept, only) {
+                    let paths = verified.iter().map(|o| o.path.as_str());
                     let lists = kept.lists_to_take(&only, paths);
                     let mut taken = Vec::new();
-                    for output in runs::verify(kept.run_dir, &lists, outputs)? {
+                    for output in verified.iter().filter(|o| lists.contains(&o.path.as_str())) {
                         let name = output.path.rsplit('/').next().unwrap_or_default();
                         let path = phi.join(name);
                         runs::link_or_copy(&kept.run_dir.join(&output.path), &path)?;

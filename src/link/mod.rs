@@ -603,6 +603,8 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
     };
     // The records not kept from the earlier linkage (when it was taken).
     let mut not_kept = None;
+    // Each record's index among the earlier links, when already known.
+    let mut previous_of = None;
     let (model, mut considered, fitted_records, by_rule) = match kept {
         Some(kept) => {
             let model = Model::from_params(&opts.comparisons, kept.saved.model.clone()).map_err(
@@ -618,9 +620,15 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
                 .incremental
                 .then(|| kept.carry(&recs, &hashes))
                 .flatten();
-            // The kept pairs and the new records, or every record.
+            // The kept pairs and the new records, or every record; each
+            // record's earlier link, when the kept records are the links'.
             let (mut considered, new, mut by_rule) = match carried {
-                Some((pairs, new)) => (pairs, Some(new), kept.saved.pairs_by_rule),
+                Some((pairs, new, of)) => {
+                    if kept.same_records(earlier.links) {
+                        previous_of = Some(of);
+                    }
+                    (pairs, Some(new), kept.saved.pairs_by_rule)
+                }
                 None => (Vec::new(), None, BTreeMap::new()),
             };
             report.mode = match new {
@@ -696,8 +704,14 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
                 cluster(&recs, &scored, &labels, opts, &mut report, &mut review);
             drop(scored);
             tracing::debug!("linkage: clustered");
-            let (links, relinked) =
-                person_links(&recs, &roots, &joined_by, earlier.links, opts, &mut report);
+            let (links, relinked) = person_links(
+                &recs,
+                &roots,
+                &joined_by,
+                (earlier.links, previous_of),
+                opts,
+                &mut report,
+            );
             tracing::debug!("linkage: person ids given");
             (links, relinked, roots, joined_by, review)
         },
@@ -894,16 +908,23 @@ fn cluster(
 
 /// One link per record with its person id (carried forward from
 /// `previous` where the person's records were already linked, else a hash
-/// of the cluster's first record), and the person counts of the report.
+/// of the cluster's first record), and the person counts of the report;
+/// `previous_of`, when known, is each record's index in `previous` (every
+/// one of which is matched).
 fn person_links(
     recs: &[Rec],
     roots: &[u32],
     joined_by: &[Option<(f64, u8)>],
-    previous: &[PersonLink],
+    (previous, previous_of): (&[PersonLink], Option<Vec<Option<u32>>>),
     opts: &LinkOptions,
     report: &mut LinkReport,
 ) -> (Vec<PersonLink>, BTreeSet<String>) {
-    let (previous_of, gone) = match_previous(recs, previous);
+    // Each record's earlier link: known when every earlier record is still
+    // there (none gone), else matched by key.
+    let (previous_of, gone) = match previous_of {
+        Some(of) => (of, Vec::new()),
+        None => match_previous(recs, previous),
+    };
     let (person_ids, carried) = assign_person_ids(recs, roots, previous, &previous_of);
     report.ids_carried_forward = carried;
     let person = |i: usize| {

@@ -199,11 +199,22 @@ pub fn load(core: &Path, key: &str) -> Result<Option<Kept>> {
 }
 
 impl Kept {
-    /// The kept pairs in tonight's numbering of `recs` and the records that
-    /// are new, when every kept record is still there unchanged; `None`
-    /// when one was changed or removed (its pairs are gone: every record is
-    /// blocked again).
-    pub fn carry(&self, recs: &[Rec], hashes: &[u64]) -> Option<(Vec<Considered>, Vec<u32>)> {
+    /// Whether the kept records are `links`' records, in their order (the
+    /// state and the links written by one linkage).
+    pub fn same_records(&self, links: &[super::PersonLink]) -> bool {
+        self.keys.len() == links.len()
+            && self
+                .keys
+                .iter()
+                .zip(links)
+                .all(|(k, l)| k.0 == l.source && k.1 == l.source_patient_id)
+    }
+
+    /// The kept pairs in tonight's numbering of `recs`, the records that
+    /// are new, and each record's index among the kept ones, when every
+    /// kept record is still there unchanged; `None` when one was changed
+    /// or removed (its pairs are gone: every record is blocked again).
+    pub fn carry(&self, recs: &[Rec], hashes: &[u64]) -> Option<Carried> {
         fn key(k: &(CompactString, CompactString)) -> (&str, &str) {
             (&k.0, &k.1)
         }
@@ -234,9 +245,13 @@ impl Kept {
         let new = (0..recs.len() as u32)
             .filter(|i| of[*i as usize].is_none())
             .collect();
-        Some((pairs, new))
+        Some((pairs, new, of))
     }
 }
+
+/// What [`Kept::carry`] gives: the kept pairs, the new records, each
+/// record's index among the kept ones.
+pub type Carried = (Vec<Considered>, Vec<u32>, Vec<Option<u32>>);
 
 /// Writes the state: `saved`, the records with their hashes and the
 /// scored pairs (`a`, `b` index `recs`).

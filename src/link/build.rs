@@ -398,9 +398,8 @@ async fn rebuild_persons(
     let staged = warehouse.staging_table_dir(table);
     crate::engine::register_parquet_files(ctx, "staged_relinked", &staged, files, table.schema())?;
     let named = match ids.len() {
-        0 => String::new(),
-        n if n > MAX_NAMED_RECORDS => String::new(),
-        _ => format!("WHERE f.source_patient_id IN ({})", in_list(&ids)),
+        1..=MAX_NAMED_RECORDS => format!("WHERE f.source_patient_id IN ({})", in_list(&ids)),
+        _ => String::new(),
     };
     let sql = format!(
         "SELECT l.person_id, f.* FROM staged_relinked f JOIN relinked_links l \

@@ -1472,17 +1472,18 @@ fn merged_by_subject(
     use datafusion::arrow::compute::{
         SortOptions, concat_batches, interleave_record_batch, sort_to_indices, take_record_batch,
     };
-    let options = Some(SortOptions {
-        descending: false,
-        nulls_first: false,
-    });
-    let fresh = concat_batches(schema, fresh)?;
-    let order = sort_to_indices(
-        fresh.column_by_name(column).ok_or("no subject column")?,
-        options,
-        None,
-    )?;
-    let fresh = take_record_batch(&fresh, &order)?;
+    // Rows sorted by subject as a whole run orders them.
+    let sorted = |batches: &[&RecordBatch]| -> std::result::Result<RecordBatch, BoxError> {
+        let all = concat_batches(schema, batches.iter().copied())?;
+        let options = SortOptions {
+            descending: false,
+            nulls_first: false,
+        };
+        let subjects = all.column_by_name(column).ok_or("no subject column")?;
+        let order = sort_to_indices(subjects, Some(options), None)?;
+        Ok(take_record_batch(&all, &order)?)
+    };
+    let fresh = sorted(&fresh.iter().collect::<Vec<_>>())?;
     let mut inputs: Vec<&RecordBatch> = kept.iter().collect();
     inputs.push(&fresh);
     let subjects: Vec<&StringArray> = inputs
@@ -1519,13 +1520,7 @@ fn merged_by_subject(
         if at.0 != fresh_at {
             if last_kept.is_some_and(|last| !before(subject(last), subject(at))) {
                 // Not a whole run's order: sorted instead.
-                let all = concat_batches(schema, inputs)?;
-                let order = sort_to_indices(
-                    all.column_by_name(column).ok_or("no subject column")?,
-                    options,
-                    None,
-                )?;
-                return Ok(slices(&take_record_batch(&all, &order)?));
+                return Ok(slices(&sorted(&inputs)?));
             }
             last_kept = Some(at);
         }

@@ -1035,13 +1035,9 @@ pub fn care_gaps(
         )?;
         let providers = match &only {
             Some(only) => {
-                let names: Vec<String> = only
-                    .iter()
-                    .map(|p| format!("'{}'", p.replace('\'', "''")))
-                    .collect();
                 // Named on both sides: the staged patients of the other
                 // providers (partitions by source) are not read.
-                let names = names.join(", ");
+                let names = crate::engine::sql_text_list(only.iter().map(String::as_str));
                 format!("WHERE l.source IN ({names}) AND pt.source IN ({names})")
             }
             None => String::new(),
@@ -1174,38 +1170,9 @@ pub fn write_marts(warehouse: &Warehouse, results: &[MeasureResult]) -> Result<V
     write_marts_but(warehouse, results, &Default::default())
 }
 
-/// [`write_marts`] but for the results whose key `kept` holds: the marts
-/// of the run in `previous`, unchanged (see [`run_for_persons`]), taken
-/// as they are (hard-linked: written anew they would be the same bytes).
-pub fn write_marts_keeping(
-    warehouse: &Warehouse,
-    results: &[MeasureResult],
-    previous: &Path,
-    kept: &std::collections::BTreeSet<String>,
-) -> Result<Vec<PathBuf>> {
-    let mut paths = write_marts_but(warehouse, results, kept)?;
-    for key in kept {
-        let (from, to) = (mart_path(previous, key), mart_path(warehouse.out(), key));
-        if let Some(dir) = to.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| WardError::io("cannot create", dir, e))?;
-        }
-        // A file already there (another link to it?) is replaced, never
-        // written through.
-        match std::fs::remove_file(&to) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(WardError::io("cannot replace", &to, e));
-            }
-            _ => {}
-        }
-        if std::fs::hard_link(&from, &to).is_err() {
-            std::fs::copy(&from, &to).map_err(|e| WardError::io("cannot copy", &from, e))?;
-        }
-        paths.push(to);
-    }
-    Ok(paths)
-}
-
-fn write_marts_but(
+/// [`write_marts`] but for the results whose key `but` holds (marts taken
+/// as they are: see [`run_for_persons`]).
+pub fn write_marts_but(
     warehouse: &Warehouse,
     results: &[MeasureResult],
     but: &std::collections::BTreeSet<String>,

@@ -152,8 +152,15 @@ pub fn adopt(from: &Path, to: &Path, paths: &[&str], outputs: &[OutputFile]) -> 
 }
 
 /// Hard-links `source` to `dest`, or copies it where the file system
-/// refuses links.
+/// refuses links. A file already at `dest` (perhaps another link to
+/// `source`) is replaced, never written through.
 pub fn link_or_copy(source: &Path, dest: &Path) -> Result<()> {
+    match std::fs::remove_file(dest) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(WardError::io("cannot replace", dest, e));
+        }
+        _ => {}
+    }
     if std::fs::hard_link(source, dest).is_err() {
         std::fs::copy(source, dest).map_err(|e| WardError::io("cannot copy", source, e))?;
     }

@@ -250,6 +250,15 @@ pub(crate) fn text(
     Ok(utf8.as_string::<i32>().clone())
 }
 
+/// `values` as SQL string literals, comma-separated (for an `IN` list).
+pub(crate) fn sql_text_list<'a>(values: impl IntoIterator<Item = &'a str>) -> String {
+    values
+        .into_iter()
+        .map(|v| format!("'{}'", v.replace('\'', "''")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Runs `sql` and collects its batches; errors say what was being done
 /// (`context`) and with which file or directory (the SQL file, the tables
 /// read).

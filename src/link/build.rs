@@ -432,11 +432,7 @@ const MAX_NAMED_RECORDS: usize = 10_000;
 
 /// `values` as SQL string literals, comma-separated.
 fn in_list(values: &BTreeSet<String>) -> String {
-    values
-        .iter()
-        .map(|p| format!("'{}'", p.replace('\'', "''")))
-        .collect::<Vec<_>>()
-        .join(", ")
+    crate::engine::sql_text_list(values.iter().map(String::as_str))
 }
 
 /// Writes the core file `path` anew without the rows of `persons`, which

@@ -1382,22 +1382,41 @@ pub fn read_person_links(path: &Path) -> Result<Vec<PersonLink>> {
 /// bytes: gathering per-batch vectors moved every one of them again).
 fn records(batches: &[RecordBatch]) -> Vec<Rec> {
     let columns: Vec<StagedColumns> = batches.iter().map(StagedColumns::of).collect();
-    // Where each batch's rows start among all.
-    let mut starts = Vec::with_capacity(batches.len());
-    let mut total = 0;
-    for b in batches {
-        starts.push(total);
-        total += b.num_rows();
-    }
-    (0..total)
+    let rows = Rows::of(batches);
+    (0..rows.total)
         .into_par_iter()
         .map(|i| {
-            // The last batch starting at or before `i` (an empty batch
-            // starts where the next does).
-            let b = starts.partition_point(|&s| s <= i) - 1;
-            columns[b].rec(i - starts[b])
+            let (b, r) = rows.at(i);
+            columns[b].rec(r)
         })
         .collect()
+}
+
+/// Where each of a list of batches' rows start among all of them: row `i`
+/// of all is row [`Rows::at`] of one batch.
+struct Rows {
+    starts: Vec<usize>,
+    total: usize,
+}
+
+impl Rows {
+    fn of(batches: &[RecordBatch]) -> Rows {
+        let mut starts = Vec::with_capacity(batches.len());
+        let mut total = 0;
+        for b in batches {
+            starts.push(total);
+            total += b.num_rows();
+        }
+        Rows { starts, total }
+    }
+
+    /// The batch holding row `i` of all, and its row there.
+    fn at(&self, i: usize) -> (usize, usize) {
+        // The last batch starting at or before `i` (an empty batch starts
+        // where the next does).
+        let b = self.starts.partition_point(|&s| s <= i) - 1;
+        (b, i - self.starts[b])
+    }
 }
 
 /// The columns of a batch of staged patients that records are made of.
@@ -1854,20 +1873,7 @@ fn person_table(
             })
         })
         .collect();
-    // Where each batch's rows start among all.
-    let starts: Vec<usize> = raw
-        .iter()
-        .scan(0, |at, b| {
-            let start = *at;
-            *at += b.num_rows();
-            Some(start)
-        })
-        .collect();
-    let at = |i: u32| {
-        let i = i as usize;
-        let b = starts.partition_point(|&s| s <= i) - 1;
-        (b, i - starts[b])
-    };
+    let staged = Rows::of(raw);
     // Records grouped by person (counting sort by cluster: record order
     // within a person), the persons in id order.
     let n = links.len();
@@ -1918,7 +1924,7 @@ fn person_table(
     let rows: Vec<PersonRow> = groups
         .par_iter()
         .map(|group| {
-            let rows: Vec<(usize, usize)> = group.iter().map(|&i| at(i)).collect();
+            let rows: Vec<(usize, usize)> = group.iter().map(|&i| staged.at(i as usize)).collect();
             let text = std::array::from_fn(|c| {
                 let values = rows.iter().map(|&(b, r)| {
                     let a = &text[b][c];

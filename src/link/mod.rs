@@ -405,29 +405,45 @@ fn read_labels(path: &Path, recs: &[Rec], warnings: &mut Vec<String>) -> Result<
 
 /// The staged patient records, in (source, id) order, standardized.
 fn read_records(warehouse: &Warehouse) -> Result<Vec<Rec>> {
-    let recs = records(&read_staged(warehouse)?);
+    let recs = records(&Staged::read(warehouse)?);
     tracing::info!(records = recs.len(), "linkage: records standardized");
     Ok(recs)
 }
 
-/// The staged patient records, in (source, id) order.
-fn read_staged(warehouse: &Warehouse) -> Result<Vec<RecordBatch>> {
-    let raw = crate::engine::block_on(async {
-        let ctx = crate::engine::session(SessionConfig::new())?;
-        crate::engine::register_staging(&ctx, warehouse).await?;
-        crate::engine::collect_about(
-            &ctx,
-            "SELECT source, source_patient_id, given_name, family_name, birth_date, \
-             birth_date_partial, sex, race, ethnicity, address_line, state, postal_code, phone, \
-             email, ssn, deceased_date, payer FROM staging_patient \
-             ORDER BY source, source_patient_id",
-            "reading the staged patients",
-            &warehouse.staging_table_dir(crate::schema::Table::Patient),
-        )
-        .await
-    })?;
-    tracing::debug!("linkage: staged patients read");
-    Ok(raw)
+/// The staged patient rows as read, and their (source, id) order.
+struct Staged {
+    batches: Vec<RecordBatch>,
+    rows: Rows,
+}
+
+impl Staged {
+    /// Reads the staged patients. They are put in order by a sort of their
+    /// keys, not of the rows (every column of 1.6M rows copied): the rows
+    /// stay where the reader put them.
+    fn read(warehouse: &Warehouse) -> Result<Staged> {
+        let dir = warehouse.staging_table_dir(crate::schema::Table::Patient);
+        let err = |e| WardError::data("reading the staged patients", &dir, e);
+        let partitions = crate::engine::block_on(async {
+            let ctx = crate::engine::session(SessionConfig::new())?;
+            crate::engine::register_staging(&ctx, warehouse).await?;
+            ctx.sql(
+                "SELECT source, source_patient_id, given_name, family_name, birth_date, \
+                 birth_date_partial, sex, race, ethnicity, address_line, state, postal_code, \
+                 phone, email, ssn, deceased_date, payer FROM staging_patient",
+            )
+            .await
+            .map_err(err)?
+            // Each partition's rows in file order, the partitions in
+            // theirs: the same rows come in the same order every time.
+            .collect_partitioned()
+            .await
+            .map_err(err)
+        })?;
+        let batches: Vec<RecordBatch> = partitions.into_iter().flatten().collect();
+        let rows = Rows::of(&batches)?;
+        tracing::debug!("linkage: staged patients read");
+        Ok(Staged { batches, rows })
+    }
 }
 
 /// The report's account of the records: how many, and which fields they
@@ -567,7 +583,7 @@ pub fn link(warehouse: &Warehouse, opts: &LinkOptions, earlier: &Earlier) -> Res
     // The kept state is read while the records are; they are standardized
     // while they are hashed.
     let (raw, loaded) = rayon::join(
-        || read_staged(warehouse),
+        || Staged::read(warehouse),
         || match (&key, earlier.core) {
             (Some(key), Some(core)) if !earlier.refit => Some(state::load(core, key)),
             _ => None,
@@ -1380,42 +1396,62 @@ pub fn read_person_links(path: &Path) -> Result<Vec<PersonLink>> {
 /// Standardized records from the staged patient rows (same order),
 /// standardized in parallel and written in place (a record is a few hundred
 /// bytes: gathering per-batch vectors moved every one of them again).
-fn records(batches: &[RecordBatch]) -> Vec<Rec> {
-    let columns: Vec<StagedColumns> = batches.iter().map(StagedColumns::of).collect();
-    let rows = Rows::of(batches);
-    (0..rows.total)
+fn records(staged: &Staged) -> Vec<Rec> {
+    let columns: Vec<StagedColumns> = staged.batches.iter().map(StagedColumns::of).collect();
+    (0..staged.rows.len())
         .into_par_iter()
         .map(|i| {
-            let (b, r) = rows.at(i);
+            let (b, r) = staged.rows.at(i);
             columns[b].rec(r)
         })
         .collect()
 }
 
-/// Where each of a list of batches' rows start among all of them: row `i`
-/// of all is row [`Rows::at`] of one batch.
+/// The rows of a list of staged patient batches in (source, id) order:
+/// record `i` is row [`Rows::at`] of one batch.
 struct Rows {
-    starts: Vec<usize>,
-    total: usize,
+    order: Vec<(u32, u32)>,
 }
 
 impl Rows {
-    fn of(batches: &[RecordBatch]) -> Rows {
-        let mut starts = Vec::with_capacity(batches.len());
-        let mut total = 0;
-        for b in batches {
-            starts.push(total);
-            total += b.num_rows();
+    /// The rows of `batches` in (source, source_patient_id) order; rows of
+    /// the same key keep their order in `batches`. Rows already in order
+    /// (one source's file, as most extracts are) are not sorted.
+    fn of(batches: &[RecordBatch]) -> Result<Rows> {
+        let keys = batches
+            .iter()
+            .map(|b| {
+                let text = |c: &str| {
+                    crate::engine::text(b.column_by_name(c).expect("selected"))
+                        .map_err(engine_error)
+                };
+                Ok((text("source")?, text("source_patient_id")?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut order: Vec<(u32, u32)> = batches
+            .iter()
+            .enumerate()
+            .flat_map(|(b, batch)| (0..batch.num_rows() as u32).map(move |r| (b as u32, r)))
+            .collect();
+        let key = |&(b, r): &(u32, u32)| {
+            let (source, id) = &keys[b as usize];
+            (source.value(r as usize), id.value(r as usize))
+        };
+        if !order.windows(2).all(|w| key(&w[0]) <= key(&w[1])) {
+            order.par_sort_by(|x, y| key(x).cmp(&key(y)));
         }
-        Rows { starts, total }
+        Ok(Rows { order })
     }
 
-    /// The batch holding row `i` of all, and its row there.
+    /// How many rows.
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// The batch holding row `i` of all (in order), and its row there.
     fn at(&self, i: usize) -> (usize, usize) {
-        // The last batch starting at or before `i` (an empty batch starts
-        // where the next does).
-        let b = self.starts.partition_point(|&s| s <= i) - 1;
-        (b, i - self.starts[b])
+        let (b, r) = self.order[i];
+        (b as usize, r as usize)
     }
 }
 
@@ -1641,7 +1677,7 @@ fn engine_error(e: impl Into<BoxError>) -> WardError {
 
 fn write_outputs(
     warehouse: &Warehouse,
-    raw: &[RecordBatch],
+    raw: &Staged,
     links: &[PersonLink],
     roots: &[u32],
     changed: Option<(&Path, HashSet<&str>)>,
@@ -1709,7 +1745,7 @@ fn write_outputs(
 /// reads none of them need not recompute them); `None` when the earlier
 /// file is not of this table's shape.
 fn merged_persons(
-    raw: &[RecordBatch],
+    raw: &Staged,
     links: &[PersonLink],
     roots: &[u32],
     earlier: &Path,
@@ -1828,7 +1864,7 @@ fn in_person_order(schema: &SchemaRef, parts: &[RecordBatch]) -> Result<RecordBa
 /// `core/person`: one row per person (cluster, `roots[i]` for record `i`),
 /// in person id order, each field the most frequent of the person's records.
 fn person_table(
-    raw: &[RecordBatch],
+    raw: &Staged,
     links: &[PersonLink],
     roots: &[u32],
     only: Option<&HashSet<&str>>,
@@ -1844,12 +1880,13 @@ fn person_table(
         "payer",
     ];
     const DATES: [&str; 2] = ["birth_date", "deceased_date"];
-    if raw.is_empty() {
+    if raw.batches.is_empty() {
         return Ok(RecordBatch::new_empty(crate::schema::person_schema()));
     }
     // Each batch's columns, read where the records are (not copied into
     // one batch: on a night that changed few persons, few are read).
     let text: Vec<[StringArray; 8]> = raw
+        .batches
         .iter()
         .map(|b| {
             let columns = TEXT
@@ -1863,6 +1900,7 @@ fn person_table(
         })
         .collect::<Result<_>>()?;
     let dates: Vec<[Date32Array; 2]> = raw
+        .batches
         .iter()
         .map(|b| {
             DATES.map(|c| {
@@ -1873,7 +1911,7 @@ fn person_table(
             })
         })
         .collect();
-    let staged = Rows::of(raw);
+    let staged = &raw.rows;
     // Records grouped by person (counting sort by cluster: record order
     // within a person), the persons in id order.
     let n = links.len();
@@ -2154,6 +2192,55 @@ mod tests {
             part(&["P4", "P2"], &[4, 2]),
         ];
         assert_eq!(ordered(&unordered), want);
+    }
+
+    #[test]
+    fn staged_rows_are_put_in_source_and_id_order_and_hashed_in_it() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("source", DataType::Utf8, false),
+            Field::new("source_patient_id", DataType::Utf8, false),
+        ]));
+        let batch = |rows: &[(&str, &str)]| {
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(rows.iter().map(|r| Some(r.0)).collect::<StringArray>()),
+                Arc::new(rows.iter().map(|r| Some(r.1)).collect::<StringArray>()),
+            ];
+            RecordBatch::try_new(schema.clone(), columns).unwrap()
+        };
+        let keys = |staged: &Staged| -> Vec<String> {
+            (0..staged.rows.len())
+                .map(|i| {
+                    let (b, r) = staged.rows.at(i);
+                    let text = |c| staged.batches[b].column(c).as_string::<i32>().value(r);
+                    format!("{}/{}", text(0), text(1))
+                })
+                .collect()
+        };
+        let staged = |batches: Vec<RecordBatch>| {
+            let rows = Rows::of(&batches).unwrap();
+            Staged { batches, rows }
+        };
+        // In order already (one source's file, then the next's).
+        let ordered = staged(vec![batch(&[("a", "1"), ("a", "2")]), batch(&[("b", "1")])]);
+        assert_eq!(keys(&ordered), ["a/1", "a/2", "b/1"]);
+        // Rows appended out of order, sources read in any order.
+        let read = staged(vec![
+            batch(&[("b", "2"), ("a", "2")]),
+            batch(&[("b", "1"), ("a", "10"), ("a", "1")]),
+        ]);
+        assert_eq!(keys(&read), ["a/1", "a/10", "a/2", "b/1", "b/2"]);
+        // The hashes follow the records, however the rows were read.
+        let again = staged(vec![
+            batch(&[("a", "1"), ("a", "10"), ("a", "2")]),
+            batch(&[("b", "1"), ("b", "2")]),
+        ]);
+        let hashes = state::record_hashes(&read).unwrap();
+        assert_eq!(hashes, state::record_hashes(&again).unwrap());
+        assert_eq!(
+            hashes.iter().collect::<HashSet<_>>().len(),
+            5,
+            "one hash per record"
+        );
     }
 
     /// Records `a/1`, `a/2`, ... in (source, id) order, clustered by `roots`;

@@ -90,33 +90,45 @@ pub fn kept_from(opts: &LinkOptions) -> f64 {
 
 /// A hash of each staged patient record (every column linkage reads: what
 /// blocking and comparison see, and what the person table is made of), in
-/// the order of `raw`'s rows.
-pub fn record_hashes(raw: &[RecordBatch]) -> Result<Vec<u64>> {
+/// the records' (source, id) order.
+pub(super) fn record_hashes(staged: &super::Staged) -> Result<Vec<u64>> {
     use datafusion::arrow::row::{RowConverter, SortField};
-    let Some(first) = raw.first() else {
+    let Some(first) = staged.batches.first() else {
         return Ok(Vec::new());
     };
     let err = |e: datafusion::arrow::error::ArrowError| {
         WardError::data("hashing patient records", Path::new("staging/patient"), e)
     };
-    let converter = RowConverter::new(
-        first
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| SortField::new(f.data_type().clone()))
-            .collect(),
-    )
-    .map_err(err)?;
-    let mut out = Vec::new();
-    for b in raw {
-        let rows = converter.convert_columns(b.columns()).map_err(err)?;
-        out.par_extend((0..rows.num_rows()).into_par_iter().map(|i| {
-            let digest = Sha256::digest(rows.row(i).as_ref());
-            u64::from_le_bytes(digest[..8].try_into().expect("eight bytes"))
-        }));
-    }
-    Ok(out)
+    let fields: Vec<SortField> = first
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| SortField::new(f.data_type().clone()))
+        .collect();
+    // Each batch's rows hashed as read, then put in the records' order.
+    let per_batch = staged
+        .batches
+        .par_iter()
+        .map(|b| {
+            let rows = RowConverter::new(fields.clone())
+                .and_then(|c| c.convert_columns(b.columns()))
+                .map_err(err)?;
+            Ok(rows
+                .iter()
+                .map(|row| {
+                    let digest = Sha256::digest(row.as_ref());
+                    u64::from_le_bytes(digest[..8].try_into().expect("eight bytes"))
+                })
+                .collect::<Vec<u64>>())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((0..staged.rows.len())
+        .into_par_iter()
+        .map(|i| {
+            let (b, r) = staged.rows.at(i);
+            per_batch[b][r]
+        })
+        .collect())
 }
 
 /// A kept linkage: the model, the records it linked (in their order then)

@@ -41,7 +41,7 @@ pub const FILES: [&str; 3] = [
 ];
 
 /// Raised when what is kept changes meaning.
-pub(super) const VERSION: u32 = 2;
+pub(super) const VERSION: u32 = 3;
 
 /// The kept model and what it was fitted on.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -115,10 +115,7 @@ pub(super) fn record_hashes(staged: &super::Staged) -> Result<Vec<u64>> {
                 .map_err(err)?;
             Ok(rows
                 .iter()
-                .map(|row| {
-                    let digest = Sha256::digest(row.as_ref());
-                    u64::from_le_bytes(digest[..8].try_into().expect("eight bytes"))
-                })
+                .map(|row| twox_hash::XxHash3_64::oneshot(row.as_ref()))
                 .collect::<Vec<u64>>())
         })
         .collect::<Result<Vec<_>>>()?;

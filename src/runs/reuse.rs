@@ -168,31 +168,36 @@ pub fn link_or_copy(source: &Path, dest: &Path) -> Result<()> {
 }
 
 /// The files that `outputs` (the manifest of the run in `from`) lists
-/// under each of `paths`, each checked to still have the size and SHA-256
-/// recorded; the first that does not is an error naming it.
+/// under each of `paths`, each checked (in parallel) to still have the size
+/// and SHA-256 recorded; one that does not is an error naming it.
 pub fn verify<'a>(
     from: &Path,
     paths: &[&str],
     outputs: &'a [OutputFile],
 ) -> Result<Vec<&'a OutputFile>> {
-    let wanted = outputs.iter().filter(|o| {
-        paths
-            .iter()
-            .any(|p| o.path == *p || (o.path.starts_with(p) && o.path[p.len()..].starts_with('/')))
-    });
-    let mut checked = Vec::new();
-    for output in wanted {
-        let source = from.join(&output.path);
-        let (sha256, bytes) = crate::warehouse::sha256_file(&source)?;
-        if (sha256.as_str(), bytes) != (output.sha256.as_str(), output.bytes) {
-            return Err(WardError::State {
-                path: source,
-                message: "differs from what its run's manifest recorded".into(),
-            });
-        }
-        checked.push(output);
-    }
-    Ok(checked)
+    use rayon::prelude::*;
+    let wanted: Vec<&OutputFile> = outputs
+        .iter()
+        .filter(|o| {
+            paths.iter().any(|p| {
+                o.path == *p || (o.path.starts_with(p) && o.path[p.len()..].starts_with('/'))
+            })
+        })
+        .collect();
+    wanted
+        .into_par_iter()
+        .map(|output| {
+            let source = from.join(&output.path);
+            let (sha256, bytes) = crate::warehouse::sha256_file(&source)?;
+            if (sha256.as_str(), bytes) != (output.sha256.as_str(), output.bytes) {
+                return Err(WardError::State {
+                    path: source,
+                    message: "differs from what its run's manifest recorded".into(),
+                });
+            }
+            Ok(output)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -152,6 +152,11 @@ pub fn run(
         ));
     }
     let previous = Previous::load(root, &mut manifest.warnings)?;
+    // A cache: without it, the files taken from the current run are read
+    // to be checked.
+    if let Err(e) = runs::remember_kept_hashes(root) {
+        tracing::warn!(error = %e, "the kept file hashes cannot be read: files taken are hashed");
+    }
     let night = Night {
         config,
         opts,
@@ -207,6 +212,9 @@ pub fn run(
     tracing::info!(run_dir = %run_dir.display(), "run published");
     for id in runs::prune(root, config.keep_runs)? {
         tracing::info!(removed = %id, "old run removed ([runs] keep)");
+    }
+    if let Err(e) = runs::keep_hashes(root, &run_dir, &manifest.outputs) {
+        tracing::warn!(error = %e, "the file hashes cannot be kept: the next night hashes again");
     }
     report.manifest = manifest;
     Ok(report)

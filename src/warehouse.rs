@@ -872,27 +872,38 @@ fn without_dictionaries<'a>(
     props
 }
 
+/// A file as [`sha256_file`] knows it: device, inode, size and
+/// modification time (seconds, nanoseconds).
+type Identity = (u64, u64, u64, i64, i64);
+
+/// The hashes of the files this process hashed (or was told of by
+/// [`remember_hashes`]), by the identity each file had when hashed.
+static HASHED: std::sync::Mutex<BTreeMap<Identity, String>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// A file's identity, when it was last modified a while ago (see
+/// [`settled`]): while it is the same, so is its content.
+fn identity(m: &fs::Metadata) -> Option<Identity> {
+    use std::os::unix::fs::MetadataExt;
+    settled(nanos(m.mtime(), m.mtime_nsec()))
+        .then(|| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+}
+
 /// A file's SHA-256 (hex) and size in bytes, read as a stream.
 ///
-/// A file this process has hashed before, unchanged since (same device,
-/// inode, size and modification time), is not read again: a night hashes
-/// each file it takes from the current run (hard-linked) when it takes
-/// it, and again when it lists its own outputs. Only files last modified
-/// a while before they were hashed are remembered: a file rewritten in
-/// place within the file system's timestamp granularity keeps its
-/// modification time (as git's index treats "racily clean" files).
+/// A file hashed before, unchanged since (same device, inode, size and
+/// modification time), is not read again: a night hashes each file it
+/// takes from the current run (hard-linked) when it takes it, and again
+/// when it lists its own outputs; the hashes of a published run's files
+/// are kept for the next night ([`known_hashes`], [`remember_hashes`]).
+/// Only files last modified a while before they were hashed are
+/// remembered: a file rewritten in place within the file system's
+/// timestamp granularity keeps its modification time (as git's index
+/// treats "racily clean" files).
 pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     use sha2::Digest;
-    use std::os::unix::fs::MetadataExt;
-    type Identity = (u64, u64, u64, i64, i64);
-    static HASHED: std::sync::Mutex<BTreeMap<Identity, String>> =
-        std::sync::Mutex::new(BTreeMap::new());
     let mut file = fs::File::open(path).map_err(|e| WardError::io("cannot open", path, e))?;
-    let identity = file
-        .metadata()
-        .ok()
-        .filter(|m| settled(nanos(m.mtime(), m.mtime_nsec())))
-        .map(|m| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()));
+    let identity = file.metadata().ok().as_ref().and_then(identity);
     let known = |id: &Identity| HASHED.lock().ok()?.get(id).cloned();
     if let Some(id) = identity
         && let Some(sha) = known(&id)
@@ -907,6 +918,57 @@ pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
         hashed.insert(id, sha.clone());
     }
     Ok((sha, bytes))
+}
+
+/// A file's SHA-256 as [`sha256_file`] took it, with the identity the
+/// file had then: kept beside the runs, it spares the next process
+/// reading the file again while the file keeps that identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownHash {
+    /// Where the file was (for people reading the list; not compared).
+    pub path: String,
+    pub device: u64,
+    pub inode: u64,
+    pub bytes: u64,
+    pub modified_s: i64,
+    pub modified_ns: i64,
+    pub sha256: String,
+}
+
+/// Of the files `names` under `dir`, those whose hash this process took
+/// (or was told of) while they had the identity they have now.
+pub fn known_hashes<'a>(dir: &Path, names: impl IntoIterator<Item = &'a str>) -> Vec<KnownHash> {
+    let Ok(hashed) = HASHED.lock() else {
+        return Vec::new();
+    };
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let id = identity(&fs::metadata(dir.join(name)).ok()?)?;
+            let sha256 = hashed.get(&id)?.clone();
+            let (device, inode, bytes, modified_s, modified_ns) = id;
+            Some(KnownHash {
+                path: name.to_string(),
+                device,
+                inode,
+                bytes,
+                modified_s,
+                modified_ns,
+                sha256,
+            })
+        })
+        .collect()
+}
+
+/// Tells [`sha256_file`] the hashes `known` (see [`known_hashes`]): a file
+/// with one of their identities is not read to be hashed.
+pub fn remember_hashes(known: &[KnownHash]) {
+    if let Ok(mut hashed) = HASHED.lock() {
+        for k in known {
+            let id = (k.device, k.inode, k.bytes, k.modified_s, k.modified_ns);
+            hashed.insert(id, k.sha256.clone());
+        }
+    }
 }
 
 /// All `*.parquet` files under a directory, recursively, sorted.
@@ -1013,13 +1075,19 @@ fn nanos(seconds: i64, nanoseconds: i64) -> i128 {
 }
 
 /// Whether a file last changed at `changed_ns` (see [`nanos`]) changed
-/// over two seconds ago: longer than any file system's timestamp
-/// granularity, so a change now would give it another time.
+/// longer ago than its file system's timestamp granularity, so that a
+/// change now would give it another time: over two seconds ago (FAT's
+/// granularity, the coarsest), or, for a time with a fraction of a second
+/// (a file system that keeps them: at worst every 10 ms, Linux's coarse
+/// clock at 100 Hz), over a tenth of a second ago.
 fn settled(changed_ns: i128) -> bool {
-    const SETTLED_NS: i128 = 2_000_000_000;
+    let margin: i128 = match changed_ns % 1_000_000_000 {
+        0 => 2_000_000_000,
+        _ => 100_000_000,
+    };
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .is_ok_and(|now| now.as_nanos() as i128 - changed_ns > SETTLED_NS)
+        .is_ok_and(|now| now.as_nanos() as i128 - changed_ns > margin)
 }
 
 /// One input file's load: what it was, what it produced.

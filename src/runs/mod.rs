@@ -7,6 +7,7 @@
 //! <warehouse>/runs/<run_id>/manifest.json   what the run read, did, wrote (written last)
 //! <warehouse>/runs/<run_id>/history.json    headline figures of every published run up to this one
 //! <warehouse>/runs/CURRENT              id of the last published run
+//! <warehouse>/runs/file_hashes.json     its files' SHA-256 by identity (a cache, see keep_hashes)
 //! ```
 //!
 //! A run writes everything into its own directory; publication is one
@@ -119,9 +120,12 @@ mod tests {
         fs::create_dir_all(runs_dir(wh).join(".trash-r0/core")).unwrap(); // removal cut short
         publish(wh, "r4").unwrap();
         fs::write(runs_dir(wh).join(".CURRENT.1"), "r6").unwrap(); // killed while publishing
+        let hashes_aside = runs_dir(wh).join(format!("{HASHES}.tmp"));
+        fs::write(&hashes_aside, "[").unwrap(); // killed while keeping the hashes
         assert_eq!(current(wh).unwrap().as_deref(), Some("r4"));
         assert_eq!(remove_interrupted(wh, "r7").unwrap(), vec!["r6"]);
         assert!(!runs_dir(wh).join(".CURRENT.1").exists());
+        assert!(!hashes_aside.exists());
         assert!(!runs_dir(wh).join(".trash-r0").exists());
         assert_eq!(current(wh).unwrap().as_deref(), Some("r4"));
         // Keep 2 published (r4 current, r2); r1 is one too many; r3 failed
@@ -283,6 +287,57 @@ mod tests {
         assert_eq!(h.len(), HISTORY_LIMIT);
         assert_eq!(h.last().unwrap().run_id, "last");
         assert_eq!(h[0].run_id, "1");
+    }
+
+    #[test]
+    fn hashes_kept_for_the_next_night_hold_while_the_files_are_unchanged() {
+        let wh = tempfile::tempdir().unwrap();
+        let run = runs_dir(wh.path()).join("r1");
+        fs::create_dir_all(&run).unwrap();
+        let (old, new) = (run.join("old.csv"), run.join("new.csv"));
+        fs::write(&old, "abc").unwrap();
+        fs::write(&new, "xyz").unwrap();
+        // `old` was written a while ago; `new` as good as now (its time not
+        // yet past): its time could still be the one a change gives it.
+        let now = std::time::SystemTime::now();
+        let ten = std::time::Duration::from_secs(10);
+        for (path, time) in [(&old, now - ten), (&new, now + ten)] {
+            fs::File::options()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_modified(time)
+                .unwrap();
+        }
+        let outputs = list_outputs(&run).unwrap();
+        keep_hashes(wh.path(), &run, &outputs).unwrap();
+        let kept: Vec<crate::warehouse::KnownHash> =
+            serde_json::from_slice(&fs::read(runs_dir(wh.path()).join(HASHES)).unwrap()).unwrap();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!((kept[0].path.as_str(), kept[0].bytes), ("old.csv", 3));
+        assert_eq!(kept[0].sha256, outputs[1].sha256);
+        // The next night is told the kept hash, not the file's: it does not
+        // read the file while the file is as it was.
+        let mut told = kept.clone();
+        told[0].sha256 = "0".repeat(64);
+        fs::write(
+            runs_dir(wh.path()).join(HASHES),
+            serde_json::to_vec(&told).unwrap(),
+        )
+        .unwrap();
+        remember_kept_hashes(wh.path()).unwrap();
+        let hash = |p: &Path| crate::warehouse::sha256_file(p).unwrap().0;
+        assert_eq!(hash(&old), "0".repeat(64));
+        // Changed (its time is another), it is read again.
+        fs::write(&old, "abd").unwrap();
+        assert_ne!(hash(&old), "0".repeat(64));
+        // A warehouse without kept hashes, or with an unreadable list.
+        let other = tempfile::tempdir().unwrap();
+        remember_kept_hashes(other.path()).unwrap();
+        fs::create_dir_all(runs_dir(other.path())).unwrap();
+        fs::write(runs_dir(other.path()).join(HASHES), "[{").unwrap();
+        let e = remember_kept_hashes(other.path()).unwrap_err().to_string();
+        assert!(e.contains(HASHES), "{e}");
     }
 
     #[test]

@@ -50,15 +50,15 @@ pub fn new_run_id(warehouse: &Path) -> String {
 }
 
 /// Removes run directories without a manifest (runs that were killed),
-/// except `keep`, and pointer files a killed publication left; returns the
-/// ids of the runs removed. Call with the lock held.
+/// except `keep`, and pointer and hash files a killed publication left;
+/// returns the ids of the runs removed. Call with the lock held.
 pub fn remove_interrupted(warehouse: &Path, keep: &str) -> Result<Vec<String>> {
     let runs = runs_dir(warehouse);
     if let Ok(entries) = fs::read_dir(&runs) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
-            if name.starts_with(&format!(".{CURRENT}.")) {
+            if name.starts_with(&format!(".{CURRENT}.")) || name == format!("{HASHES}.tmp") {
                 fs::remove_file(&path).map_err(|e| WardError::io("cannot remove", &path, e))?;
             } else if name.starts_with(".trash-") {
                 fs::remove_dir_all(&path).map_err(|e| WardError::io("cannot remove", &path, e))?;
@@ -155,6 +155,41 @@ pub fn publish(warehouse: &Path, run_id: &str) -> Result<()> {
     fs::File::open(&runs)
         .and_then(|d| d.sync_all())
         .map_err(|e| WardError::io("cannot sync", &runs, e))
+}
+
+/// The hashes of the current run's files as the last night took them
+/// (see [`keep_hashes`]), under `runs/`.
+pub const HASHES: &str = "file_hashes.json";
+
+/// Keeps for the next night the hashes this process took of the files
+/// `outputs` of the run in `run_dir` (its manifest's), each with the
+/// identity the file had then: while a file keeps it, the next night
+/// takes the file from this run without reading it to check its SHA-256
+/// ([`crate::warehouse::sha256_file`]). `runs/file_hashes.json`, replaced.
+pub fn keep_hashes(warehouse: &Path, run_dir: &Path, outputs: &[super::OutputFile]) -> Result<()> {
+    let known = crate::warehouse::known_hashes(run_dir, outputs.iter().map(|o| o.path.as_str()));
+    let path = runs_dir(warehouse).join(HASHES);
+    // Aside, then renamed (one killed here leaves the aside file, which
+    // the next run removes).
+    let tmp = runs_dir(warehouse).join(format!("{HASHES}.tmp"));
+    fs::write(&tmp, serde_json::to_vec(&known).expect("serializable"))
+        .map_err(|e| WardError::io("cannot write", &tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| WardError::io("cannot publish", &path, e))
+}
+
+/// Tells [`crate::warehouse::sha256_file`] the hashes the last night kept
+/// ([`keep_hashes`]); none when it kept none.
+pub fn remember_kept_hashes(warehouse: &Path) -> Result<()> {
+    let path = runs_dir(warehouse).join(HASHES);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(WardError::io("cannot read", path, e)),
+    };
+    let known: Vec<crate::warehouse::KnownHash> = serde_json::from_slice(&bytes)
+        .map_err(|e| WardError::data("reading the kept file hashes", &path, e))?;
+    crate::warehouse::remember_hashes(&known);
+    Ok(())
 }
 
 /// Keeps the newest `keep` published runs (those the current run's history

@@ -804,12 +804,8 @@ fn run_stages(
                     // anew they would be the same bytes).
                     measure::write_marts_but(&warehouse, &measures, &unchanged)?;
                     for key in &unchanged {
-                        let to = measure::mart_path(warehouse.out(), key);
-                        if let Some(parent) = to.parent() {
-                            std::fs::create_dir_all(parent)
-                                .map_err(|e| WardError::io("cannot create", parent, e))?;
-                        }
-                        runs::link_or_copy(&measure::mart_path(dir, key), &to)?;
+                        let rel = measure::mart_path(std::path::Path::new(""), key);
+                        runs::take(dir, warehouse.out(), &rel)?;
                     }
                     measures
                 }

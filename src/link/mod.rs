@@ -1393,8 +1393,8 @@ pub fn read_person_links(path: &Path) -> Result<Vec<PersonLink>> {
     Ok(links)
 }
 
-/// Standardized records from the staged patient rows (same order),
-/// standardized in parallel and written in place (a record is a few hundred
+/// Standardized records from the staged patient rows (in their
+/// [`Rows`] order), standardized in parallel and written in place (a record is a few hundred
 /// bytes: gathering per-batch vectors moved every one of them again).
 fn records(staged: &Staged) -> Vec<Rec> {
     let columns: Vec<StagedColumns> = staged.batches.iter().map(StagedColumns::of).collect();

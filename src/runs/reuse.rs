@@ -141,14 +141,20 @@ impl Fingerprint {
 pub fn adopt(from: &Path, to: &Path, paths: &[&str], outputs: &[OutputFile]) -> Result<usize> {
     let wanted = verify(from, paths, outputs)?;
     for output in &wanted {
-        let (source, dest) = (from.join(&output.path), to.join(&output.path));
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| WardError::io("cannot create", parent, e))?;
-        }
-        link_or_copy(&source, &dest)?;
+        take(from, to, Path::new(&output.path))?;
     }
     Ok(wanted.len())
+}
+
+/// Takes the file `rel` (relative to the run directories) of the run in
+/// `from` into `to` ([`link_or_copy`]), its directory made as needed;
+/// unchecked: see [`adopt`].
+pub fn take(from: &Path, to: &Path, rel: &Path) -> Result<()> {
+    let dest = to.join(rel);
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| WardError::io("cannot create", parent, e))?;
+    }
+    link_or_copy(&from.join(rel), &dest)
 }
 
 /// Hard-links `source` to `dest`, or copies it where the file system
